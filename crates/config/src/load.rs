@@ -1,0 +1,344 @@
+//! Parse step: walks a directory tree of YAML files, splits documents, dispatches on
+//! `apiVersion`/`kind`, and deserializes each resource strictly (unknown fields are errors).
+//! Other Kubernetes kinds are skipped with an informational note.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::diag::{Diagnostic, Diagnostics, Severity, Source};
+use crate::types::ObjectMeta;
+use crate::yaml::{self, Document};
+use crate::{validate, Config, Resource};
+
+/// The result of loading: whatever parsed, and every problem found while parsing and validating.
+#[derive(Debug, Clone, Default)]
+pub struct Loaded {
+    pub config: Config,
+    pub diagnostics: Diagnostics,
+}
+
+impl Loaded {
+    pub fn has_errors(&self) -> bool {
+        self.diagnostics.has_errors()
+    }
+
+    /// The config if it has no errors, else every diagnostic.
+    pub fn into_result(self) -> Result<(Config, Diagnostics), Diagnostics> {
+        if self.diagnostics.has_errors() {
+            Err(self.diagnostics)
+        } else {
+            Ok((self.config, self.diagnostics))
+        }
+    }
+}
+
+/// Loads and validates every `*.yaml` / `*.yml` file under `path` (a directory, walked
+/// recursively in name order, or a single file).
+pub fn load(path: &Path) -> Loaded {
+    let mut files = Vec::new();
+    let mut diags = Diagnostics::default();
+    if let Err(e) = collect_files(path, &mut files) {
+        diags.push(file_diag(path, format!("cannot read: {e}")));
+    }
+    files.sort();
+    let mut loader = Loader::default();
+    for file in &files {
+        match std::fs::read_to_string(file) {
+            Ok(src) => loader.add(&file.display().to_string(), &src),
+            Err(e) => loader
+                .diags
+                .push(file_diag(file, format!("cannot read: {e}"))),
+        }
+    }
+    loader.diags.extend(diags);
+    loader.finish()
+}
+
+/// Loads and validates YAML held in memory; `name` stands for the file in diagnostics.
+pub fn load_str(name: &str, src: &str) -> Loaded {
+    let mut loader = Loader::default();
+    loader.add(name, src);
+    loader.finish()
+}
+
+fn file_diag(path: &Path, message: String) -> Diagnostic {
+    Diagnostic {
+        severity: Severity::Error,
+        code: "io",
+        file: path.display().to_string().into(),
+        line: 0,
+        column: 0,
+        resource: None,
+        path: String::new(),
+        message,
+    }
+}
+
+fn collect_files(path: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+    let meta = std::fs::metadata(path)?;
+    if meta.is_file() {
+        out.push(path.to_path_buf());
+        return Ok(());
+    }
+    for entry in std::fs::read_dir(path)? {
+        let p = entry?.path();
+        let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        if name.starts_with('.') {
+            continue; // editor swap files, `..data` symlinks of ConfigMaps
+        }
+        if p.is_dir() {
+            collect_files(&p, out)?;
+        } else if name.ends_with(".yaml") || name.ends_with(".yml") {
+            out.push(p);
+        }
+    }
+    Ok(())
+}
+
+#[derive(Default)]
+struct Loader {
+    config: Config,
+    diags: Diagnostics,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct Envelope<T> {
+    #[allow(dead_code)]
+    api_version: String,
+    #[allow(dead_code)]
+    kind: String,
+    #[serde(default)]
+    metadata: ObjectMeta,
+    spec: T,
+    /// Written by Kubernetes; ignored.
+    #[serde(default)]
+    #[allow(dead_code)]
+    status: Option<Value>,
+}
+
+enum Kind {
+    ServiceEntry,
+    WorkloadEntry,
+    VirtualService,
+    DestinationRule,
+    AuthorizationPolicy,
+    PeerAuthentication,
+    MeshConfig,
+}
+
+impl Loader {
+    fn add(&mut self, file: &str, src: &str) {
+        let file: Arc<str> = file.into();
+        let docs = match yaml::parse_documents(src) {
+            Ok(d) => d,
+            Err(e) => {
+                self.diags.push(Diagnostic {
+                    severity: Severity::Error,
+                    code: "yaml-syntax",
+                    file,
+                    line: e.pos.line,
+                    column: e.pos.column,
+                    resource: None,
+                    path: String::new(),
+                    message: e.message,
+                });
+                return;
+            }
+        };
+        for doc in docs {
+            self.add_document(&file, Arc::new(doc));
+        }
+    }
+
+    fn add_document(&mut self, file: &Arc<str>, doc: Arc<Document>) {
+        let api_version = doc
+            .value
+            .get("apiVersion")
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        let kind_name = doc.value.get("kind").and_then(Value::as_str).unwrap_or("");
+        let name = doc
+            .value
+            .pointer("/metadata/name")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
+        let namespace = doc
+            .value
+            .pointer("/metadata/namespace")
+            .and_then(Value::as_str)
+            .unwrap_or("default")
+            .to_string();
+        let source = Source {
+            file: file.clone(),
+            doc: doc.clone(),
+            resource: format!("{kind_name} {namespace}/{name}"),
+        };
+        if !doc.value.is_object() || api_version.is_empty() || kind_name.is_empty() {
+            self.diags.error(
+                "not-a-resource",
+                &source,
+                "",
+                "document is not a Kubernetes resource: `apiVersion` and `kind` are required",
+            );
+            return;
+        }
+        let (group, version) = api_version.rsplit_once('/').unwrap_or(("", api_version));
+        let kind = match (group, kind_name) {
+            ("networking.istio.io", k) => match k {
+                "ServiceEntry" => Some(Kind::ServiceEntry),
+                "WorkloadEntry" => Some(Kind::WorkloadEntry),
+                "VirtualService" => Some(Kind::VirtualService),
+                "DestinationRule" => Some(Kind::DestinationRule),
+                _ => None,
+            },
+            ("security.istio.io", "AuthorizationPolicy") => Some(Kind::AuthorizationPolicy),
+            ("security.istio.io", "PeerAuthentication") => Some(Kind::PeerAuthentication),
+            ("hypha.dev", "MeshConfig") => Some(Kind::MeshConfig),
+            _ => None,
+        };
+        let Some(kind) = kind else {
+            self.diags.at(
+                Severity::Info,
+                "skipped-kind",
+                &source,
+                "kind",
+                format!("{api_version} {kind_name} is not a kind Hypha reads; skipped"),
+            );
+            return;
+        };
+        let versions: &[&str] = match kind {
+            Kind::ServiceEntry
+            | Kind::WorkloadEntry
+            | Kind::VirtualService
+            | Kind::DestinationRule => &["v1", "v1beta1", "v1alpha3"],
+            Kind::AuthorizationPolicy | Kind::PeerAuthentication => &["v1", "v1beta1"],
+            Kind::MeshConfig => &["v1alpha1"],
+        };
+        if !versions.contains(&version) {
+            self.diags.error(
+                "api-version",
+                &source,
+                "apiVersion",
+                format!(
+                    "unsupported apiVersion {api_version:?} for {kind_name}; expected {}",
+                    versions
+                        .iter()
+                        .map(|v| format!("{group}/{v}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            );
+            return;
+        }
+        match kind {
+            Kind::ServiceEntry => push(&mut self.config.service_entries, &mut self.diags, source),
+            Kind::WorkloadEntry => push(&mut self.config.workload_entries, &mut self.diags, source),
+            Kind::VirtualService => {
+                push(&mut self.config.virtual_services, &mut self.diags, source);
+            }
+            Kind::DestinationRule => {
+                push(&mut self.config.destination_rules, &mut self.diags, source);
+            }
+            Kind::AuthorizationPolicy => {
+                push(
+                    &mut self.config.authorization_policies,
+                    &mut self.diags,
+                    source,
+                );
+            }
+            Kind::PeerAuthentication => {
+                push(
+                    &mut self.config.peer_authentications,
+                    &mut self.diags,
+                    source,
+                );
+            }
+            Kind::MeshConfig => {
+                if let Some(prev) = &self.config.mesh_source {
+                    let msg = format!(
+                        "a second MeshConfig; the first is in {} line {}",
+                        prev.file,
+                        prev.pos("").line
+                    );
+                    self.diags.error("duplicate-mesh-config", &source, "", msg);
+                    return;
+                }
+                if let Some(r) = parse::<crate::MeshConfig>(&mut self.diags, source) {
+                    self.config.mesh = r.spec;
+                    self.config.mesh_source = Some(r.source);
+                }
+            }
+        }
+    }
+
+    fn finish(mut self) -> Loaded {
+        validate(&self.config, &mut self.diags);
+        Loaded {
+            config: self.config,
+            diagnostics: self.diags,
+        }
+    }
+}
+
+fn push<T: DeserializeOwned>(out: &mut Vec<Resource<T>>, diags: &mut Diagnostics, source: Source) {
+    if let Some(r) = parse(diags, source) {
+        out.push(r);
+    }
+}
+
+fn parse<T: DeserializeOwned>(diags: &mut Diagnostics, source: Source) -> Option<Resource<T>> {
+    let value = source.doc.value.clone();
+    match serde_path_to_error::deserialize::<_, Envelope<T>>(value) {
+        Ok(env) => {
+            if env.metadata.name.is_empty() {
+                diags.error(
+                    "missing-name",
+                    &source,
+                    "metadata.name",
+                    "metadata.name is required",
+                );
+                return None;
+            }
+            Some(Resource {
+                name: env.metadata.name,
+                namespace: env.metadata.namespace.unwrap_or_else(|| "default".into()),
+                labels: env.metadata.labels,
+                annotations: env.metadata.annotations,
+                spec: env.spec,
+                source,
+            })
+        }
+        Err(e) => {
+            let mut path = e.path().to_string();
+            if path == "." {
+                path.clear();
+            }
+            let message = e.inner().to_string();
+            // Make sure the path ends at the unknown key itself, not only its parent.
+            if message.starts_with("unknown field `") {
+                let field = message.split('`').nth(1).unwrap_or_default();
+                if !path.ends_with(field) {
+                    if !path.is_empty() {
+                        path.push('.');
+                    }
+                    path.push_str(field);
+                }
+            }
+            let code = if message.starts_with("unknown field") {
+                "unknown-field"
+            } else if message.starts_with("missing field") {
+                "missing-field"
+            } else {
+                "invalid-value"
+            };
+            diags.error(code, &source, path, message);
+            None
+        }
+    }
+}

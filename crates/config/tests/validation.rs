@@ -1,0 +1,377 @@
+//! Validation: each kind of problem is reported with its exact file, line, column and field
+//! path, all at once, and good config passes.
+
+use hypha_config::{load, load_str, Severity};
+
+/// (code, line, column, path) of every error.
+fn errors(src: &str) -> Vec<(&'static str, usize, usize, String)> {
+    let loaded = load_str("test.yaml", src);
+    loaded
+        .diagnostics
+        .into_sorted()
+        .into_iter()
+        .filter(|d| d.severity == Severity::Error)
+        .map(|d| {
+            assert_eq!(&*d.file, "test.yaml");
+            (d.code, d.line, d.column, d.path)
+        })
+        .collect()
+}
+
+fn e(code: &'static str, line: usize, column: usize, path: &str) -> (&'static str, usize, usize, String) {
+    (code, line, column, path.to_string())
+}
+
+const SERVICES: &str = "\
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: web, namespace: shop}
+spec:
+  hosts: [web.shop.svc.cluster.local]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports:
+  - {number: 80, name: http, protocol: HTTP}
+  - {number: 81, name: admin, protocol: HTTP}
+  workloadSelector: {labels: {app: web}}
+---
+apiVersion: networking.istio.io/v1beta1
+kind: DestinationRule
+metadata: {name: web, namespace: shop}
+spec:
+  host: web
+  subsets:
+  - {name: v1, labels: {version: v1}}
+---
+";
+
+#[test]
+fn the_example_mesh_is_valid() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/bookinfo");
+    let loaded = load(std::path::Path::new(dir));
+    let problems: Vec<String> = loaded.diagnostics.iter().map(ToString::to_string).collect();
+    assert!(problems.is_empty(), "{problems:#?}");
+    let c = &loaded.config;
+    assert_eq!(c.service_entries.len(), 4);
+    assert_eq!(c.workload_entries.len(), 6);
+    assert_eq!(c.virtual_services.len(), 4);
+    assert_eq!(c.destination_rules.len(), 3);
+    assert_eq!(c.authorization_policies.len(), 1);
+    assert_eq!(c.peer_authentications.len(), 1);
+    assert_eq!(c.mesh.tenants.len(), 2);
+    assert_eq!(c.mesh.tenant_of("bookinfo").unwrap().signer, "bookinfo");
+    assert_eq!(c.mesh.tenant_of("elsewhere").unwrap().name, "default");
+}
+
+#[test]
+fn bad_regex() {
+    let src = format!(
+        "{SERVICES}apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: web, namespace: shop}}
+spec:
+  hosts: [web]
+  http:
+  - match:
+    - uri: {{regex: \"/a(b\"}}
+    route:
+    - destination: {{host: web}}
+"
+    );
+    assert_eq!(
+        errors(&src),
+        vec![e("invalid-regex", 28, 13, "spec.http[0].match[0].uri.regex")]
+    );
+}
+
+#[test]
+fn weights_must_sum_to_100_and_stay_in_range() {
+    let src = format!(
+        "{SERVICES}apiVersion: networking.istio.io/v1alpha3
+kind: VirtualService
+metadata: {{name: web, namespace: shop}}
+spec:
+  hosts: [web]
+  http:
+  - route:
+    - destination: {{host: web, subset: v1}}
+      weight: 60
+    - destination: {{host: web}}
+      weight: 30
+  - route:
+    - destination: {{host: web}}
+      weight: 101
+    - destination: {{host: web}}
+      weight: -1
+"
+    );
+    assert_eq!(
+        errors(&src),
+        vec![
+            e("weights-sum", 31, 7, "spec.http[0].route[1].weight"),
+            e("invalid-weight", 34, 7, "spec.http[1].route[0].weight"),
+            e("invalid-weight", 36, 7, "spec.http[1].route[1].weight"),
+        ]
+    );
+}
+
+#[test]
+fn unknown_hosts_subsets_and_ports() {
+    let src = format!(
+        "{SERVICES}apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: web, namespace: shop}}
+spec:
+  hosts: [web]
+  http:
+  - route:
+    - destination:
+        host: nowhere
+      weight: 50
+    - destination:
+        host: web.shop.svc.cluster.local
+        subset: v9
+        port: {{number: 8080}}
+      weight: 50
+"
+    );
+    assert_eq!(
+        errors(&src),
+        vec![
+            e("unknown-host", 29, 9, "spec.http[0].route[0].destination.host"),
+            e("unknown-subset", 33, 9, "spec.http[0].route[1].destination.subset"),
+            e("unknown-port", 34, 16, "spec.http[0].route[1].destination.port.number"),
+        ]
+    );
+}
+
+#[test]
+fn duplicate_names() {
+    let src = format!(
+        "{SERVICES}apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata:
+  name: web
+  namespace: shop
+spec:
+  host: web
+  subsets:
+  - {{name: v2}}
+  - {{name: v2}}
+"
+    );
+    assert_eq!(
+        errors(&src),
+        vec![
+            e("duplicate-name", 24, 3, "metadata.name"),
+            e("duplicate-name", 30, 6, "spec.subsets[1].name"),
+        ]
+    );
+}
+
+#[test]
+fn bad_ports_addresses_and_cidrs() {
+    let src = "\
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: db, namespace: shop}
+spec:
+  hosts: [db.example.com]
+  addresses: [10.0.0.300, \"fd00::/129\", 10.1.0.0/16, \"fd00:1::/64\"]
+  ports:
+  - {number: 0, name: a}
+  - {number: 70000, name: b}
+  - {number: 5432, name: c, targetPort: 99999}
+  resolution: STATIC
+  endpoints:
+  - address: 1.2.3
+  - address: \"fd00::zz\"
+  - address: \"fd00::1\"
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: p, namespace: shop}
+spec:
+  rules:
+  - from:
+    - source:
+        ipBlocks: [10.0.0.0/8, 300.1.1.1]
+        notRemoteIpBlocks: [\"::1/200\"]
+    to:
+    - operation:
+        ports: [\"8080\", \"http\", \"0\"]
+";
+    assert_eq!(
+        errors(src),
+        vec![
+            e("invalid-address", 6, 15, "spec.addresses[0]"),
+            e("invalid-address", 6, 27, "spec.addresses[1]"),
+            e("invalid-port", 8, 6, "spec.ports[0].number"),
+            e("invalid-port", 9, 6, "spec.ports[1].number"),
+            e("invalid-port", 10, 29, "spec.ports[2].targetPort"),
+            e("invalid-address", 13, 5, "spec.endpoints[0].address"),
+            e("invalid-address", 14, 5, "spec.endpoints[1].address"),
+            e("invalid-cidr", 24, 32, "spec.rules[0].from[0].source.ipBlocks[1]"),
+            e("invalid-cidr", 25, 29, "spec.rules[0].from[0].source.notRemoteIpBlocks[0]"),
+            e("invalid-port", 28, 25, "spec.rules[0].to[0].operation.ports[1]"),
+            e("invalid-port", 28, 33, "spec.rules[0].to[0].operation.ports[2]"),
+        ]
+    );
+}
+
+#[test]
+fn workload_in_no_tenant() {
+    let src = "\
+apiVersion: hypha.dev/v1alpha1
+kind: MeshConfig
+metadata: {name: mesh}
+spec:
+  signers: [{name: a}]
+  tenants:
+  - {name: shop, namespaces: [shop], signer: a}
+  - {name: pay, namespaces: [shop], signer: nope, trustTenants: [ghost]}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata:
+  name: w
+  namespace: lost
+  annotations: {hypha.dev/addresses: \"fd00::5, 10.0.0.5, bogus\"}
+spec:
+  address: 10.0.0.5
+";
+    assert_eq!(
+        errors(src),
+        vec![
+            e("namespace-in-two-tenants", 8, 30, "spec.tenants[1].namespaces[0]"),
+            e("unknown-signer", 8, 37, "spec.tenants[1].signer"),
+            e("unknown-tenant", 8, 66, "spec.tenants[1].trustTenants[0]"),
+            e("no-tenant", 14, 3, "metadata.namespace"),
+            e("duplicate-address", 15, 17, "metadata.annotations.hypha.dev/addresses"),
+            e("invalid-address", 15, 17, "metadata.annotations.hypha.dev/addresses"),
+        ]
+    );
+}
+
+#[test]
+fn unknown_fields_and_wrong_types_are_errors() {
+    let src = "\
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: d}
+spec:
+  host: x.example.com
+  trafficPolicy:
+    loadBalancer:
+      simpel: ROUND_ROBIN
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: w}
+spec:
+  address: 10.0.0.1
+  weight: heavy
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: v}
+spec:
+  hosts: [x]
+  http:
+  - timeout: soon
+    route: [{destination: {host: x}}]
+";
+    let got = errors(src);
+    assert_eq!(
+        got,
+        vec![
+            e("unknown-field", 8, 7, "spec.trafficPolicy.loadBalancer.simpel"),
+            e("invalid-value", 15, 3, "spec.weight"),
+            e("invalid-value", 23, 5, "spec.http[0].timeout"),
+        ]
+    );
+}
+
+#[test]
+fn other_kinds_are_skipped_with_a_note_and_bad_versions_rejected() {
+    let src = "\
+apiVersion: v1
+kind: Service
+metadata: {name: s}
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: g}
+---
+apiVersion: security.istio.io/v1alpha3
+kind: PeerAuthentication
+metadata: {name: p}
+spec: {}
+";
+    let loaded = load_str("test.yaml", src);
+    let all: Vec<_> = loaded.diagnostics.into_sorted();
+    let summary: Vec<_> = all.iter().map(|d| (d.severity, d.code, d.line)).collect();
+    assert_eq!(
+        summary,
+        vec![
+            (Severity::Info, "skipped-kind", 2),
+            (Severity::Info, "skipped-kind", 6),
+            (Severity::Error, "api-version", 9),
+        ]
+    );
+}
+
+#[test]
+fn routes_and_policies_checked_field_by_field() {
+    let src = format!(
+        "{SERVICES}apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: web, namespace: shop}}
+spec:
+  hosts: [web]
+  http:
+  - match:
+    - uri: {{exact: /a, prefix: /b}}
+      headers:
+        X-Upper: {{exact: v}}
+      queryParams:
+        q: {{prefix: x}}
+    route: [{{destination: {{host: web}}}}]
+    redirect: {{uri: /x}}
+    retries: {{attempts: 2, retryOn: \"5xx,sometimes\"}}
+    fault:
+      abort: {{httpStatus: 700, percentage: {{value: 150}}}}
+  - directResponse: {{status: 42}}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {{name: pa, namespace: shop}}
+spec:
+  portLevelMtls:
+    \"8080\": {{mode: DISABLE}}
+"
+    );
+    let codes: Vec<_> = errors(&src).into_iter().map(|(c, l, _, p)| (c, l, p)).collect();
+    assert_eq!(
+        codes,
+        vec![
+            ("route-action", 27, "spec.http[0]".to_string()),
+            ("invalid-match", 28, "spec.http[0].match[0].uri".to_string()),
+            ("invalid-header", 30, "spec.http[0].match[0].headers.X-Upper".to_string()),
+            ("invalid-match", 32, "spec.http[0].match[0].queryParams.q".to_string()),
+            ("invalid-retry-on", 35, "spec.http[0].retries.retryOn".to_string()),
+            ("invalid-status", 37, "spec.http[0].fault.abort.httpStatus".to_string()),
+            ("invalid-percent", 37, "spec.http[0].fault.abort.percentage.value".to_string()),
+            ("invalid-status", 38, "spec.http[1].directResponse.status".to_string()),
+            ("missing-selector", 44, "spec.portLevelMtls".to_string()),
+        ]
+    );
+}
+
+#[test]
+fn yaml_syntax_errors_have_a_position() {
+    let got = errors("apiVersion: v1\nkind: [unclosed\n");
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].0, "yaml-syntax");
+    assert!(got[0].1 >= 2, "{got:?}");
+}

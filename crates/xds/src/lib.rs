@@ -1,0 +1,1 @@
+//! Envoy xDS plumbing (in progress).
