@@ -60,8 +60,15 @@ pub fn load(path: &Path) -> Loaded {
 
 /// Loads and validates YAML held in memory; `name` stands for the file in diagnostics.
 pub fn load_str(name: &str, src: &str) -> Loaded {
+    load_sources([(name, src)])
+}
+
+/// Loads and validates several in-memory files, `(name, contents)`, as one config.
+pub fn load_sources<'a>(files: impl IntoIterator<Item = (&'a str, &'a str)>) -> Loaded {
     let mut loader = Loader::default();
-    loader.add(name, src);
+    for (name, src) in files {
+        loader.add(name, src);
+    }
     loader.finish()
 }
 

@@ -1522,7 +1522,10 @@ fn is_wildcard_ok(s: &str) -> bool {
     if s == "*" {
         return true;
     }
-    let inner = s.strip_prefix('*').or_else(|| s.strip_suffix('*')).unwrap_or(s);
+    let inner = s
+        .strip_prefix('*')
+        .or_else(|| s.strip_suffix('*'))
+        .unwrap_or(s);
     !inner.contains('*')
 }
 

@@ -18,7 +18,12 @@ fn errors(src: &str) -> Vec<(&'static str, usize, usize, String)> {
         .collect()
 }
 
-fn e(code: &'static str, line: usize, column: usize, path: &str) -> (&'static str, usize, usize, String) {
+fn e(
+    code: &'static str,
+    line: usize,
+    column: usize,
+    path: &str,
+) -> (&'static str, usize, usize, String) {
     (code, line, column, path.to_string())
 }
 
@@ -80,7 +85,12 @@ spec:
     );
     assert_eq!(
         errors(&src),
-        vec![e("invalid-regex", 28, 13, "spec.http[0].match[0].uri.regex")]
+        vec![e(
+            "invalid-regex",
+            28,
+            13,
+            "spec.http[0].match[0].uri.regex"
+        )]
     );
 }
 
@@ -138,9 +148,24 @@ spec:
     assert_eq!(
         errors(&src),
         vec![
-            e("unknown-host", 29, 9, "spec.http[0].route[0].destination.host"),
-            e("unknown-subset", 33, 9, "spec.http[0].route[1].destination.subset"),
-            e("unknown-port", 34, 16, "spec.http[0].route[1].destination.port.number"),
+            e(
+                "unknown-host",
+                29,
+                9,
+                "spec.http[0].route[0].destination.host"
+            ),
+            e(
+                "unknown-subset",
+                33,
+                9,
+                "spec.http[0].route[1].destination.subset"
+            ),
+            e(
+                "unknown-port",
+                34,
+                16,
+                "spec.http[0].route[1].destination.port.number"
+            ),
         ]
     );
 }
@@ -211,10 +236,30 @@ spec:
             e("invalid-port", 10, 29, "spec.ports[2].targetPort"),
             e("invalid-address", 13, 5, "spec.endpoints[0].address"),
             e("invalid-address", 14, 5, "spec.endpoints[1].address"),
-            e("invalid-cidr", 24, 32, "spec.rules[0].from[0].source.ipBlocks[1]"),
-            e("invalid-cidr", 25, 29, "spec.rules[0].from[0].source.notRemoteIpBlocks[0]"),
-            e("invalid-port", 28, 25, "spec.rules[0].to[0].operation.ports[1]"),
-            e("invalid-port", 28, 33, "spec.rules[0].to[0].operation.ports[2]"),
+            e(
+                "invalid-cidr",
+                24,
+                32,
+                "spec.rules[0].from[0].source.ipBlocks[1]"
+            ),
+            e(
+                "invalid-cidr",
+                25,
+                29,
+                "spec.rules[0].from[0].source.notRemoteIpBlocks[0]"
+            ),
+            e(
+                "invalid-port",
+                28,
+                25,
+                "spec.rules[0].to[0].operation.ports[1]"
+            ),
+            e(
+                "invalid-port",
+                28,
+                33,
+                "spec.rules[0].to[0].operation.ports[2]"
+            ),
         ]
     );
 }
@@ -243,12 +288,27 @@ spec:
     assert_eq!(
         errors(src),
         vec![
-            e("namespace-in-two-tenants", 8, 30, "spec.tenants[1].namespaces[0]"),
+            e(
+                "namespace-in-two-tenants",
+                8,
+                30,
+                "spec.tenants[1].namespaces[0]"
+            ),
             e("unknown-signer", 8, 37, "spec.tenants[1].signer"),
             e("unknown-tenant", 8, 66, "spec.tenants[1].trustTenants[0]"),
             e("no-tenant", 14, 3, "metadata.namespace"),
-            e("duplicate-address", 15, 17, "metadata.annotations.hypha.dev/addresses"),
-            e("invalid-address", 15, 17, "metadata.annotations.hypha.dev/addresses"),
+            e(
+                "duplicate-address",
+                15,
+                17,
+                "metadata.annotations.hypha.dev/addresses"
+            ),
+            e(
+                "invalid-address",
+                15,
+                17,
+                "metadata.annotations.hypha.dev/addresses"
+            ),
         ]
     );
 }
@@ -285,7 +345,12 @@ spec:
     assert_eq!(
         got,
         vec![
-            e("unknown-field", 8, 7, "spec.trafficPolicy.loadBalancer.simpel"),
+            e(
+                "unknown-field",
+                8,
+                7,
+                "spec.trafficPolicy.loadBalancer.simpel"
+            ),
             e("invalid-value", 15, 3, "spec.weight"),
             e("invalid-value", 23, 5, "spec.http[0].timeout"),
         ]
@@ -351,18 +416,45 @@ spec:
     \"8080\": {{mode: DISABLE}}
 "
     );
-    let codes: Vec<_> = errors(&src).into_iter().map(|(c, l, _, p)| (c, l, p)).collect();
+    let codes: Vec<_> = errors(&src)
+        .into_iter()
+        .map(|(c, l, _, p)| (c, l, p))
+        .collect();
     assert_eq!(
         codes,
         vec![
             ("route-action", 27, "spec.http[0]".to_string()),
             ("invalid-match", 28, "spec.http[0].match[0].uri".to_string()),
-            ("invalid-header", 30, "spec.http[0].match[0].headers.X-Upper".to_string()),
-            ("invalid-match", 32, "spec.http[0].match[0].queryParams.q".to_string()),
-            ("invalid-retry-on", 35, "spec.http[0].retries.retryOn".to_string()),
-            ("invalid-status", 37, "spec.http[0].fault.abort.httpStatus".to_string()),
-            ("invalid-percent", 37, "spec.http[0].fault.abort.percentage.value".to_string()),
-            ("invalid-status", 38, "spec.http[1].directResponse.status".to_string()),
+            (
+                "invalid-header",
+                30,
+                "spec.http[0].match[0].headers.X-Upper".to_string()
+            ),
+            (
+                "invalid-match",
+                32,
+                "spec.http[0].match[0].queryParams.q".to_string()
+            ),
+            (
+                "invalid-retry-on",
+                35,
+                "spec.http[0].retries.retryOn".to_string()
+            ),
+            (
+                "invalid-status",
+                37,
+                "spec.http[0].fault.abort.httpStatus".to_string()
+            ),
+            (
+                "invalid-percent",
+                37,
+                "spec.http[0].fault.abort.percentage.value".to_string()
+            ),
+            (
+                "invalid-status",
+                38,
+                "spec.http[1].directResponse.status".to_string()
+            ),
             ("missing-selector", 44, "spec.portLevelMtls".to_string()),
         ]
     );

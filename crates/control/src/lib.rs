@@ -1,1 +1,16 @@
-//! placeholder
+//! Hypha's control plane (istiod's job): a registry of services built from the config,
+//! translation of the config into Envoy xDS resources per proxy, and the server that watches a
+//! config directory and pushes every change to connected proxies over ADS.
+
+#![forbid(unsafe_code)]
+
+mod envoy;
+pub mod node;
+pub mod registry;
+mod routes;
+pub mod server;
+pub mod translate;
+
+pub use node::ProxyInfo;
+pub use server::{initial_config, run, ControlPlane, Generation, RunError, EMBEDDED_CONFIG};
+pub use translate::Translation;

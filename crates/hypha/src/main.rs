@@ -130,6 +130,5 @@ fn init_tracing() {
 }
 
 async fn control(config: Option<PathBuf>, listen: Vec<SocketAddr>) -> anyhow::Result<()> {
-    let _ = (config, listen);
-    anyhow::bail!("the control plane is not wired yet")
+    Ok(hypha_control::run(config, &listen).await?)
 }

@@ -53,7 +53,9 @@ impl Resource {
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
     version: String,
-    types: BTreeMap<String, BTreeMap<String, Arc<Resource>>>,
+    /// Per type, shared between snapshots until one of them changes it (copy on write), so a
+    /// snapshot built from a common base costs a few reference counts, not a copy.
+    types: BTreeMap<String, Arc<BTreeMap<String, Arc<Resource>>>>,
 }
 
 impl Snapshot {
@@ -68,15 +70,16 @@ impl Snapshot {
     /// Adds a resource under its type URL, replacing one of the same type and name.
     pub fn insert(&mut self, resource: impl Into<Arc<Resource>>) {
         let resource = resource.into();
-        self.types
+        let map = self
+            .types
             .entry(resource.type_url().to_owned())
-            .or_default()
-            .insert(resource.name.clone(), resource);
+            .or_default();
+        Arc::make_mut(map).insert(resource.name.clone(), resource);
     }
 
     /// The resources of one type, by name.
     pub fn resources(&self, type_url: &str) -> Option<&BTreeMap<String, Arc<Resource>>> {
-        self.types.get(type_url)
+        self.types.get(type_url).map(|m| &**m)
     }
 
     /// The type URLs this snapshot has resources for.
@@ -85,6 +88,11 @@ impl Snapshot {
     }
 
     /// The snapshot's label.
+    /// Renames the snapshot (a copy of a shared base gets the proxy's own version label).
+    pub fn set_version(&mut self, version: impl Into<String>) {
+        self.version = version.into();
+    }
+
     pub fn version(&self) -> &str {
         &self.version
     }

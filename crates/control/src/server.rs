@@ -1,0 +1,324 @@
+//! The running control plane: holds the current config generation, hands each connecting
+//! proxy a watch of its snapshot, and on every accepted config change recomputes and pushes
+//! the snapshots. A config change with errors is reported in full and never replaces the last
+//! good generation.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use envoy_types::pb::envoy::config::core::v3::Node;
+use hypha_config::{Config, Diagnostics, Severity};
+use hypha_xds::{AdsServer, Snapshot, SnapshotSource};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::node::ProxyInfo;
+use crate::translate::Translation;
+
+/// The bookinfo example, compiled in: what `hypha control` serves without `--config`.
+pub const EMBEDDED_CONFIG: &[(&str, &str)] = &[
+    (
+        "embedded:mesh.yaml",
+        include_str!("../../../examples/bookinfo/mesh.yaml"),
+    ),
+    (
+        "embedded:services.yaml",
+        include_str!("../../../examples/bookinfo/services.yaml"),
+    ),
+    (
+        "embedded:workloads.yaml",
+        include_str!("../../../examples/bookinfo/workloads.yaml"),
+    ),
+    (
+        "embedded:routing.yaml",
+        include_str!("../../../examples/bookinfo/routing.yaml"),
+    ),
+    (
+        "embedded:destinations.yaml",
+        include_str!("../../../examples/bookinfo/destinations.yaml"),
+    ),
+    (
+        "embedded:security.yaml",
+        include_str!("../../../examples/bookinfo/security.yaml"),
+    ),
+];
+
+/// What an accepted config change did.
+#[derive(Debug, Clone)]
+pub struct Generation {
+    pub number: u64,
+    pub resources: usize,
+    pub proxies: usize,
+    pub took: Duration,
+}
+
+struct Subscriber {
+    proxy: ProxyInfo,
+    tx: watch::Sender<Arc<Snapshot>>,
+}
+
+/// The control plane's state, shared by the xDS server and the config watcher.
+#[derive(Clone)]
+pub struct ControlPlane {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    current: RwLock<Arc<Translation>>,
+    generation: AtomicU64,
+    rejected: AtomicU64,
+    subscribers: Mutex<Vec<Subscriber>>,
+}
+
+impl ControlPlane {
+    /// Starts from a validated config.
+    pub fn new(cfg: Config) -> ControlPlane {
+        ControlPlane {
+            inner: Arc::new(Inner {
+                current: RwLock::new(Arc::new(Translation::new(Arc::new(cfg), "1"))),
+                generation: AtomicU64::new(1),
+                rejected: AtomicU64::new(0),
+                subscribers: Mutex::new(Vec::new()),
+            }),
+        }
+    }
+
+    pub fn current(&self) -> Arc<Translation> {
+        self.inner
+            .current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// How many config changes were rejected for errors (the old config kept serving).
+    pub fn rejected_changes(&self) -> u64 {
+        self.inner.rejected.load(Ordering::SeqCst)
+    }
+
+    /// Connected proxy streams.
+    pub fn subscribers(&self) -> usize {
+        let mut subs = self
+            .inner
+            .subscribers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        subs.retain(|s| !s.tx.is_closed());
+        subs.len()
+    }
+
+    /// Replaces the config with a new validated one and pushes every proxy's new snapshot.
+    pub fn update(&self, cfg: Config) -> Generation {
+        let start = Instant::now();
+        let number = self.inner.generation.fetch_add(1, Ordering::SeqCst) + 1;
+        let resources = cfg.resource_count();
+        let t = Arc::new(Translation::new(Arc::new(cfg), number.to_string()));
+        *self
+            .inner
+            .current
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = t.clone();
+        let mut subs = self
+            .inner
+            .subscribers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        subs.retain(|s| !s.tx.is_closed());
+        for s in subs.iter() {
+            s.tx.send_replace(Arc::new(t.snapshot(&s.proxy)));
+        }
+        let g = Generation {
+            number,
+            resources,
+            proxies: subs.len(),
+            took: start.elapsed(),
+        };
+        tracing::info!(
+            generation = g.number,
+            resources = g.resources,
+            proxies = g.proxies,
+            took_ms = g.took.as_millis() as u64,
+            "config generation {} pushed to {} proxies",
+            g.number,
+            g.proxies
+        );
+        g
+    }
+
+    /// Serves ADS (delta and state of the world) on `listener` until the task is dropped.
+    pub async fn serve(&self, listener: TcpListener) -> Result<(), tonic::transport::Error> {
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        tonic::transport::Server::builder()
+            .add_service(AdsServer::new(Arc::new(self.clone())).into_service())
+            .serve_with_incoming(incoming)
+            .await
+    }
+
+    /// Watches `dir` (polling; works on every filesystem and in containers) and applies each
+    /// change once it has settled. Invalid changes are logged with every problem and ignored.
+    pub async fn watch_dir(&self, dir: PathBuf, poll: Duration) {
+        let mut last = fingerprint(&dir);
+        loop {
+            tokio::time::sleep(poll).await;
+            let now = fingerprint(&dir);
+            if now == last {
+                continue;
+            }
+            // Debounce: wait until a whole poll interval passes with no further change.
+            let mut settled = now;
+            loop {
+                tokio::time::sleep(poll).await;
+                let again = fingerprint(&dir);
+                if again == settled {
+                    break;
+                }
+                settled = again;
+            }
+            last = settled;
+            let d = dir.clone();
+            let loaded = match tokio::task::spawn_blocking(move || hypha_config::load(&d)).await {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::error!("config load panicked: {e}");
+                    continue;
+                }
+            };
+            log_diagnostics(&loaded.diagnostics);
+            if loaded.has_errors() {
+                let n = loaded.diagnostics.errors().count();
+                self.inner.rejected.fetch_add(1, Ordering::SeqCst);
+                tracing::error!(
+                    errors = n,
+                    "config change in {} rejected; still serving generation {}",
+                    dir.display(),
+                    self.current().version()
+                );
+                continue;
+            }
+            let cp = self.clone();
+            let _ = tokio::task::spawn_blocking(move || cp.update(loaded.config)).await;
+        }
+    }
+}
+
+impl SnapshotSource for ControlPlane {
+    fn watch(&self, node: &Node) -> Result<watch::Receiver<Arc<Snapshot>>, tonic::Status> {
+        if node.id.is_empty() {
+            return Err(tonic::Status::invalid_argument("node.id is required"));
+        }
+        let proxy = ProxyInfo::from_node(node);
+        let snap = Arc::new(self.current().snapshot(&proxy));
+        let (tx, rx) = watch::channel(snap);
+        tracing::info!(
+            node = %proxy.id,
+            namespace = %proxy.namespace,
+            workload = %proxy.workload_name,
+            "proxy connected"
+        );
+        let mut subs = self
+            .inner
+            .subscribers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        subs.retain(|s| !s.tx.is_closed());
+        // A generation may have been installed between the snapshot above and this lock.
+        let current = self.current();
+        if current.version() != rx.borrow().version() {
+            tx.send_replace(Arc::new(current.snapshot(&proxy)));
+        }
+        subs.push(Subscriber { proxy, tx });
+        Ok(rx)
+    }
+}
+
+/// Logs every diagnostic at its severity.
+pub fn log_diagnostics(diags: &Diagnostics) {
+    for d in diags.iter() {
+        match d.severity {
+            Severity::Error => tracing::error!("{d}"),
+            Severity::Warning => tracing::warn!("{d}"),
+            Severity::Info => tracing::debug!("{d}"),
+        }
+    }
+}
+
+/// Paths, sizes and modification times of every file under `dir`.
+fn fingerprint(dir: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            match e.metadata() {
+                Ok(m) if m.is_dir() => stack.push(p),
+                Ok(m) => out.push((p, m.len(), m.modified().ok())),
+                Err(_) => {}
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Loads the initial config: `dir`, or the embedded example. Errors list every problem.
+pub fn initial_config(dir: Option<&Path>) -> Result<Config, Diagnostics> {
+    let loaded = match dir {
+        Some(d) => hypha_config::load(d),
+        None => hypha_config::load_sources(EMBEDDED_CONFIG.iter().copied()),
+    };
+    log_diagnostics(&loaded.diagnostics);
+    loaded.into_result().map(|(cfg, _)| cfg)
+}
+
+/// `hypha control`: load, serve on every address, watch the directory.
+pub async fn run(dir: Option<PathBuf>, listen: &[SocketAddr]) -> Result<(), RunError> {
+    let cfg = initial_config(dir.as_deref()).map_err(|d| RunError::Config(d.errors().count()))?;
+    let cp = ControlPlane::new(cfg);
+    let mut tasks = tokio::task::JoinSet::new();
+    for addr in listen {
+        let l = TcpListener::bind(addr)
+            .await
+            .map_err(|e| RunError::Bind(*addr, e))?;
+        tracing::info!(
+            "serving xDS (ADS, delta and state of the world) on {}",
+            l.local_addr().map_err(|e| RunError::Bind(*addr, e))?
+        );
+        let cp = cp.clone();
+        tasks.spawn(async move {
+            if let Err(e) = cp.serve(l).await {
+                tracing::error!("xDS server stopped: {e}");
+            }
+        });
+    }
+    match dir {
+        Some(d) => {
+            tracing::info!("watching {} for changes", d.display());
+            let cp = cp.clone();
+            tasks.spawn(async move { cp.watch_dir(d, Duration::from_millis(100)).await });
+        }
+        None => {
+            tracing::info!("serving the embedded bookinfo example (use --config DIR for your own)")
+        }
+    }
+    tokio::select! {
+        _ = tasks.join_next() => Ok(()),
+        _ = tokio::signal::ctrl_c() => {
+            tracing::info!("shutting down");
+            Ok(())
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("the config has {0} error(s); see above")]
+    Config(usize),
+    #[error("cannot listen on {0}: {1}")]
+    Bind(SocketAddr, std::io::Error),
+}

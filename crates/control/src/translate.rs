@@ -1,0 +1,1023 @@
+//! Config → Envoy xDS resources for one proxy, named the way istiod names them:
+//!
+//! - Clusters `outbound|<port>|<subset>|<host>` (EDS, with the DestinationRule's load balancer,
+//!   connection pool and outlier detection) and `inbound|<port>||` (the local app), plus
+//!   `PassthroughCluster` and `BlackHoleCluster`;
+//! - ClusterLoadAssignments for every EDS cluster, endpoints carrying all their addresses;
+//! - Listeners: `0.0.0.0_<port>` per HTTP service port (RDS route `<port>`), `<vip>_<port>` per
+//!   TCP service port, `virtualOutbound` (15001) and `virtualInbound` (15006) for captured
+//!   traffic, and `api_listener`s named `<host>:<port>` for proxyless gRPC clients;
+//! - RouteConfigurations `<port>` (one virtual host per service) and `<host>:<port>`.
+//!
+//! The outbound half depends only on the proxy's namespace (and labels, when a VirtualService
+//! matches on `sourceLabels`), so it is computed once per generation and shared by every proxy
+//! with the same key; the inbound half is per workload.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+
+use envoy_types::pb::envoy::config::cluster::v3::{
+    circuit_breakers::Thresholds, cluster, CircuitBreakers, Cluster,
+    OutlierDetection as EnvoyOutlier,
+};
+use envoy_types::pb::envoy::config::core::v3::{
+    Http1ProtocolOptions, Http2ProtocolOptions, HttpProtocolOptions as CoreHttpOptions, Locality,
+    TrafficDirection,
+};
+use envoy_types::pb::envoy::config::endpoint::v3::{
+    endpoint, lb_endpoint, ClusterLoadAssignment, Endpoint as EnvoyEndpoint, LbEndpoint,
+    LocalityLbEndpoints,
+};
+use envoy_types::pb::envoy::config::listener::v3::{
+    filter, ApiListener, Filter, FilterChain, FilterChainMatch, Listener,
+};
+use envoy_types::pb::envoy::config::route::v3::{
+    route_action::{hash_policy, HashPolicy},
+    RouteConfiguration, VirtualHost,
+};
+use envoy_types::pb::envoy::extensions::filters::http::fault::v3::HttpFault;
+use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
+    http_connection_manager::{CodecType, RouteSpecifier},
+    http_filter, HttpConnectionManager, HttpFilter, Rds,
+};
+use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{tcp_proxy, TcpProxy};
+use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
+    http_protocol_options::{
+        explicit_http_config::ProtocolConfig, ExplicitHttpConfig, UpstreamProtocolOptions,
+    },
+    HttpProtocolOptions,
+};
+use hypha_config::mesh::IpFamily;
+use hypha_config::networking::{
+    ConnectionPoolSettings, DestinationRule, LoadBalancerSettings, OutlierDetection, Resolution,
+    SimpleLb, TrafficPolicy, VirtualService,
+};
+use hypha_config::{Config, Resource};
+use hypha_xds::{Resource as XdsResource, Snapshot};
+
+use crate::envoy::{self, any, boolv, secs, socket, u32v};
+use crate::node::ProxyInfo;
+use crate::registry::{Endpoint, Port, Protocol, Registry, Service};
+use crate::routes::{http_routes, labels_key};
+
+pub const PASSTHROUGH: &str = "PassthroughCluster";
+pub const BLACKHOLE: &str = "BlackHoleCluster";
+pub const VIRTUAL_OUTBOUND_PORT: u32 = 15001;
+pub const VIRTUAL_INBOUND_PORT: u32 = 15006;
+
+/// `outbound|<port>|<subset>|<host>`.
+pub fn outbound_cluster_name(host: &str, port: u32, subset: Option<&str>) -> String {
+    format!("outbound|{port}|{}|{host}", subset.unwrap_or(""))
+}
+
+/// One validated config generation, ready to produce snapshots for proxies.
+pub struct Translation {
+    pub cfg: Arc<Config>,
+    pub registry: Registry,
+    version: String,
+    uses_source_labels: bool,
+    outbound_cache: Mutex<HashMap<String, Arc<Snapshot>>>,
+}
+
+impl Translation {
+    pub fn new(cfg: Arc<Config>, version: impl Into<String>) -> Translation {
+        let registry = Registry::build(&cfg);
+        let uses_source_labels = cfg.virtual_services.iter().any(|vs| {
+            vs.spec
+                .http
+                .iter()
+                .flat_map(|r| &r.matches)
+                .any(|m| !m.source_labels.is_empty())
+        });
+        Translation {
+            cfg,
+            registry,
+            version: version.into(),
+            uses_source_labels,
+            outbound_cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn version(&self) -> &str {
+        &self.version
+    }
+
+    /// Everything `proxy` should see: the shared outbound snapshot of its namespace plus its
+    /// own inbound resources (copy on write, so the shared part is not copied).
+    pub fn snapshot(&self, proxy: &ProxyInfo) -> Snapshot {
+        let mut snap = (*self.outbound_shared(proxy)).clone();
+        for r in self.inbound(proxy) {
+            snap.insert(r);
+        }
+        snap
+    }
+
+    fn outbound_shared(&self, proxy: &ProxyInfo) -> Arc<Snapshot> {
+        let mut key = proxy.namespace.clone();
+        if self.uses_source_labels {
+            key.push('|');
+            key.push_str(&labels_key(&proxy.labels));
+        }
+        if let Some(hit) = self
+            .outbound_cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+        {
+            return hit.clone();
+        }
+        let mut snap = Snapshot::new(self.version.clone());
+        for r in self.outbound(proxy) {
+            snap.insert(r);
+        }
+        let snap = Arc::new(snap);
+        self.outbound_cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key, snap.clone());
+        snap
+    }
+
+    fn families(&self) -> (bool, bool) {
+        let f = &self.cfg.mesh.ip_families;
+        (f.contains(&IpFamily::IPv4), f.contains(&IpFamily::IPv6))
+    }
+
+    /// A listener address on every configured family: the first is the primary, the rest go to
+    /// `additional_addresses`.
+    fn wildcard_listener(&self, name: String, port: u32, direction: TrafficDirection) -> Listener {
+        let (v4, v6) = self.families();
+        let mut addrs = Vec::new();
+        if v4 {
+            addrs.push("0.0.0.0");
+        }
+        if v6 {
+            addrs.push("::");
+        }
+        Listener {
+            name,
+            address: Some(socket(addrs[0], port)),
+            additional_addresses: addrs[1..]
+                .iter()
+                .map(
+                    |a| envoy_types::pb::envoy::config::listener::v3::AdditionalAddress {
+                        address: Some(socket(a, port)),
+                        ..Default::default()
+                    },
+                )
+                .collect(),
+            traffic_direction: direction as i32,
+            ..Default::default()
+        }
+    }
+
+    /// Resources every proxy with this namespace (and labels) shares.
+    fn outbound(&self, proxy: &ProxyInfo) -> Vec<XdsResource> {
+        let ctx = Outbound {
+            cfg: &self.cfg,
+            reg: &self.registry,
+            ns: &proxy.namespace,
+        };
+        let mut out = Vec::new();
+        out.push(XdsResource::encode(PASSTHROUGH, &passthrough_cluster()));
+        out.push(XdsResource::encode(
+            BLACKHOLE,
+            &Cluster {
+                name: BLACKHOLE.into(),
+                cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(
+                    cluster::DiscoveryType::Static as i32,
+                )),
+                connect_timeout: Some(secs(10)),
+                ..Default::default()
+            },
+        ));
+        // Virtual hosts per HTTP port, and the ports TCP listeners already hold.
+        let mut http_ports: BTreeMap<u32, Vec<VirtualHost>> = BTreeMap::new();
+        let mut domains_used: HashMap<u32, HashSet<String>> = HashMap::new();
+        let mut tcp_listeners: BTreeMap<String, Listener> = BTreeMap::new();
+        let services: Vec<&Service> = self
+            .registry
+            .services
+            .iter()
+            .filter(|s| s.visibility.visible_to(&proxy.namespace))
+            .collect();
+        for s in &services {
+            let dr = ctx.destination_rule(&s.hostname);
+            for port in &s.ports {
+                let subsets: Vec<Option<&str>> = std::iter::once(None)
+                    .chain(
+                        dr.iter()
+                            .flat_map(|d| d.spec.subsets.iter().map(|x| Some(x.name.as_str()))),
+                    )
+                    .collect();
+                for subset in subsets {
+                    let name = outbound_cluster_name(&s.hostname, port.number, subset);
+                    let policy = dr.map(|d| effective_policy(&d.spec, port.number, subset));
+                    let (c, cla) =
+                        self.cluster(&name, s, port, subset, dr.map(|d| &d.spec), policy.as_ref());
+                    out.push(XdsResource::encode(name.clone(), &c));
+                    if let Some(cla) = cla {
+                        out.push(XdsResource::encode(name, &cla));
+                    }
+                }
+                if port.protocol.is_http() {
+                    let vs = ctx.virtual_service(&s.hostname);
+                    let routes = http_routes(&ctx, proxy, vs, &s.hostname, port.number);
+                    let used = domains_used.entry(port.number).or_default();
+                    let domains: Vec<String> = domains(s, port.number, &proxy.namespace)
+                        .into_iter()
+                        .filter(|d| used.insert(d.clone()))
+                        .collect();
+                    let vh_name = format!("{}:{}", s.hostname, port.number);
+                    if !domains.is_empty() {
+                        http_ports
+                            .entry(port.number)
+                            .or_default()
+                            .push(VirtualHost {
+                                name: vh_name.clone(),
+                                domains,
+                                routes: routes.clone(),
+                                ..Default::default()
+                            });
+                    }
+                    // Proxyless gRPC: an api_listener and a route table per service port.
+                    out.push(XdsResource::encode(
+                        vh_name.clone(),
+                        &RouteConfiguration {
+                            name: vh_name.clone(),
+                            virtual_hosts: vec![VirtualHost {
+                                name: vh_name.clone(),
+                                domains: vec![vh_name.clone(), s.hostname.clone()],
+                                routes,
+                                ..Default::default()
+                            }],
+                            ..Default::default()
+                        },
+                    ));
+                    out.push(XdsResource::encode(
+                        vh_name.clone(),
+                        &Listener {
+                            name: vh_name.clone(),
+                            api_listener: Some(ApiListener {
+                                api_listener: Some(any(&hcm(&vh_name, &vh_name))),
+                            }),
+                            ..Default::default()
+                        },
+                    ));
+                } else {
+                    let cluster = ctx.tcp_cluster(s, port.number);
+                    let chain = tcp_chain(&format!("{}_{}", s.hostname, port.number), &cluster);
+                    if let Some((first, rest)) = s.vips.split_first() {
+                        let name = format!("{first}_{}", port.number);
+                        let mut l = Listener {
+                            name: name.clone(),
+                            address: Some(socket(&first.to_string(), port.number)),
+                            additional_addresses: rest
+                                .iter()
+                                .map(|ip| envoy_types::pb::envoy::config::listener::v3::AdditionalAddress {
+                                    address: Some(socket(&ip.to_string(), port.number)),
+                                    ..Default::default()
+                                })
+                                .collect(),
+                            traffic_direction: TrafficDirection::Outbound as i32,
+                            filter_chains: vec![chain],
+                            ..Default::default()
+                        };
+                        l.bind_to_port = Some(boolv(false));
+                        tcp_listeners.entry(name).or_insert(l);
+                    } else {
+                        let name = format!("0.0.0.0_{}", port.number);
+                        let mut l = self.wildcard_listener(
+                            name.clone(),
+                            port.number,
+                            TrafficDirection::Outbound,
+                        );
+                        l.filter_chains = vec![chain];
+                        l.bind_to_port = Some(boolv(false));
+                        tcp_listeners.entry(name).or_insert(l);
+                    }
+                }
+            }
+        }
+        for (port, mut vhosts) in http_ports {
+            vhosts.push(VirtualHost {
+                name: "allow_any".into(),
+                domains: vec!["*".into()],
+                routes: vec![envoy_types::pb::envoy::config::route::v3::Route {
+                    name: "allow_any".into(),
+                    r#match: Some(envoy_types::pb::envoy::config::route::v3::RouteMatch {
+                        path_specifier: Some(
+                            envoy_types::pb::envoy::config::route::v3::route_match::PathSpecifier::Prefix("/".into()),
+                        ),
+                        ..Default::default()
+                    }),
+                    action: Some(envoy_types::pb::envoy::config::route::v3::route::Action::Route(
+                        envoy_types::pb::envoy::config::route::v3::RouteAction {
+                            cluster_specifier: Some(
+                                envoy_types::pb::envoy::config::route::v3::route_action::ClusterSpecifier::Cluster(
+                                    PASSTHROUGH.into(),
+                                ),
+                            ),
+                            timeout: Some(secs(0)),
+                            ..Default::default()
+                        },
+                    )),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            });
+            let name = port.to_string();
+            out.push(XdsResource::encode(
+                name.clone(),
+                &RouteConfiguration {
+                    name: name.clone(),
+                    virtual_hosts: vhosts,
+                    validate_clusters: Some(boolv(false)),
+                    ..Default::default()
+                },
+            ));
+            let lname = format!("0.0.0.0_{port}");
+            if tcp_listeners.contains_key(&lname) {
+                tracing::warn!(port, "an HTTP and a TCP service without VIPs share port {port}; the TCP service is not reachable on the wildcard listener");
+            }
+            let mut l = self.wildcard_listener(lname.clone(), port, TrafficDirection::Outbound);
+            l.bind_to_port = Some(boolv(false));
+            l.filter_chains = vec![FilterChain {
+                name: lname.clone(),
+                filters: vec![Filter {
+                    name: envoy::HCM.into(),
+                    config_type: Some(filter::ConfigType::TypedConfig(any(&hcm(&lname, &name)))),
+                }],
+                ..Default::default()
+            }];
+            tcp_listeners.insert(lname, l);
+        }
+        for (name, l) in tcp_listeners {
+            out.push(XdsResource::encode(name, &l));
+        }
+        let mut vo = self.wildcard_listener(
+            "virtualOutbound".into(),
+            VIRTUAL_OUTBOUND_PORT,
+            TrafficDirection::Outbound,
+        );
+        vo.use_original_dst = Some(boolv(true));
+        vo.filter_chains = vec![tcp_chain("virtualOutbound-catchall-tcp", PASSTHROUGH)];
+        out.push(XdsResource::encode("virtualOutbound", &vo));
+        out
+    }
+
+    /// The proxy's own instances: inbound clusters and the `virtualInbound` listener.
+    fn inbound(&self, proxy: &ProxyInfo) -> Vec<XdsResource> {
+        let mine: Vec<&Endpoint> = self
+            .registry
+            .workloads
+            .iter()
+            .filter(|w| {
+                w.namespace == proxy.namespace
+                    && ((!proxy.workload_name.is_empty() && w.workload_name == proxy.workload_name)
+                        || w.addresses
+                            .iter()
+                            .any(|a| a.parse::<IpAddr>().is_ok_and(|ip| proxy.ips.contains(&ip))))
+            })
+            .collect();
+        // target port → protocol, from every service port the workload backs.
+        let mut ports: BTreeMap<u32, Protocol> = BTreeMap::new();
+        let mut loopback = "127.0.0.1";
+        for w in &mine {
+            if w.addresses
+                .iter()
+                .all(|a| a.parse::<IpAddr>().is_ok_and(|ip| ip.is_ipv6()))
+            {
+                loopback = "::1";
+            }
+            for s in &self.registry.services {
+                if !s
+                    .endpoints
+                    .iter()
+                    .any(|e| e.workload_name == w.workload_name && e.namespace == w.namespace)
+                {
+                    continue;
+                }
+                for p in &s.ports {
+                    ports.entry(w.port_for(p)).or_insert(p.protocol);
+                }
+            }
+        }
+        let mut out = Vec::new();
+        let mut chains = Vec::new();
+        for (&port, &protocol) in &ports {
+            let cname = format!("inbound|{port}||");
+            let mut c = Cluster {
+                name: cname.clone(),
+                cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(
+                    cluster::DiscoveryType::Static as i32,
+                )),
+                connect_timeout: Some(secs(10)),
+                load_assignment: Some(ClusterLoadAssignment {
+                    cluster_name: cname.clone(),
+                    endpoints: vec![LocalityLbEndpoints {
+                        lb_endpoints: vec![lb_endpoint(loopback, port, &[], None)],
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
+            if protocol == Protocol::Http2 {
+                c.typed_extension_protocol_options.insert(
+                    envoy::UPSTREAM_HTTP_OPTIONS.into(),
+                    any(&upstream_http_options(true, None)),
+                );
+            }
+            out.push(XdsResource::encode(cname.clone(), &c));
+            let chain_match = FilterChainMatch {
+                destination_port: Some(u32v(port)),
+                ..Default::default()
+            };
+            let chain = if protocol.is_http() {
+                let rc = RouteConfiguration {
+                    name: format!("inbound|{port}||"),
+                    virtual_hosts: vec![VirtualHost {
+                        name: format!("inbound|http|{port}"),
+                        domains: vec!["*".into()],
+                        routes: vec![envoy_types::pb::envoy::config::route::v3::Route {
+                            name: "default".into(),
+                            r#match: Some(envoy_types::pb::envoy::config::route::v3::RouteMatch {
+                                path_specifier: Some(
+                                    envoy_types::pb::envoy::config::route::v3::route_match::PathSpecifier::Prefix("/".into()),
+                                ),
+                                ..Default::default()
+                            }),
+                            action: Some(envoy_types::pb::envoy::config::route::v3::route::Action::Route(
+                                envoy_types::pb::envoy::config::route::v3::RouteAction {
+                                    cluster_specifier: Some(
+                                        envoy_types::pb::envoy::config::route::v3::route_action::ClusterSpecifier::Cluster(cname.clone()),
+                                    ),
+                                    timeout: Some(secs(0)),
+                                    ..Default::default()
+                                },
+                            )),
+                            ..Default::default()
+                        }],
+                        ..Default::default()
+                    }],
+                    validate_clusters: Some(boolv(false)),
+                    ..Default::default()
+                };
+                let mut h = hcm_base(&format!("inbound_0.0.0.0_{port}"));
+                h.route_specifier = Some(RouteSpecifier::RouteConfig(rc));
+                FilterChain {
+                    name: format!("inbound_{port}"),
+                    filter_chain_match: Some(chain_match),
+                    filters: vec![Filter {
+                        name: envoy::HCM.into(),
+                        config_type: Some(filter::ConfigType::TypedConfig(any(&h))),
+                    }],
+                    ..Default::default()
+                }
+            } else {
+                let mut chain = tcp_chain(&format!("inbound_{port}"), &cname);
+                chain.filter_chain_match = Some(chain_match);
+                chain
+            };
+            chains.push(chain);
+        }
+        let mut vi = self.wildcard_listener(
+            "virtualInbound".into(),
+            VIRTUAL_INBOUND_PORT,
+            TrafficDirection::Inbound,
+        );
+        vi.use_original_dst = Some(boolv(true));
+        vi.filter_chains = chains;
+        vi.default_filter_chain = Some(tcp_chain("virtualInbound-catchall-tcp", PASSTHROUGH));
+        out.push(XdsResource::encode("virtualInbound", &vi));
+        out
+    }
+
+    fn cluster(
+        &self,
+        name: &str,
+        s: &Service,
+        port: &Port,
+        subset: Option<&str>,
+        dr: Option<&DestinationRule>,
+        policy: Option<&Policy>,
+    ) -> (Cluster, Option<ClusterLoadAssignment>) {
+        let subset_labels = subset
+            .and_then(|sub| dr?.subsets.iter().find(|x| x.name == sub))
+            .map(|x| &x.labels);
+        let endpoints: Vec<&Endpoint> = s
+            .endpoints
+            .iter()
+            .filter(|e| {
+                subset_labels.is_none_or(|l| hypha_config::types::labels_match(l, &e.labels))
+            })
+            .collect();
+        let mut c = Cluster {
+            name: name.to_string(),
+            connect_timeout: Some(secs(10)),
+            ..Default::default()
+        };
+        let mut cla = load_assignment(name, &endpoints, port);
+        let dns = matches!(s.resolution, Resolution::Dns | Resolution::DnsRoundRobin);
+        if dns {
+            c.cluster_discovery_type = Some(cluster::ClusterDiscoveryType::Type(
+                if s.resolution == Resolution::Dns {
+                    cluster::DiscoveryType::StrictDns as i32
+                } else {
+                    cluster::DiscoveryType::LogicalDns as i32
+                },
+            ));
+            c.dns_lookup_family = cluster::DnsLookupFamily::All as i32;
+            if s.endpoints.is_empty() {
+                // A DNS service without endpoints resolves its own host name.
+                cla.endpoints = vec![LocalityLbEndpoints {
+                    lb_endpoints: vec![lb_endpoint(&s.hostname, port.number, &[], None)],
+                    ..Default::default()
+                }];
+            }
+            c.load_assignment = Some(cla.clone());
+        } else if s.resolution == Resolution::None && s.endpoints.is_empty() {
+            c.cluster_discovery_type = Some(cluster::ClusterDiscoveryType::Type(
+                cluster::DiscoveryType::OriginalDst as i32,
+            ));
+            c.lb_policy = cluster::LbPolicy::ClusterProvided as i32;
+        } else {
+            c.cluster_discovery_type = Some(cluster::ClusterDiscoveryType::Type(
+                cluster::DiscoveryType::Eds as i32,
+            ));
+            c.eds_cluster_config = Some(cluster::EdsClusterConfig {
+                eds_config: Some(envoy::ads()),
+                service_name: name.to_string(),
+            });
+        }
+        let pool = policy.and_then(|p| p.connection_pool.as_ref());
+        if let Some(t) = pool
+            .and_then(|p| p.tcp.as_ref())
+            .and_then(|t| t.connect_timeout)
+        {
+            c.connect_timeout = Some(envoy::duration(t.as_std()));
+        }
+        if c.lb_policy != cluster::LbPolicy::ClusterProvided as i32 {
+            c.lb_policy = lb_policy(policy.and_then(|p| p.load_balancer.as_ref())) as i32;
+        }
+        c.circuit_breakers = Some(circuit_breakers(pool));
+        let http = pool.and_then(|p| p.http.as_ref());
+        if port.protocol.is_http() {
+            let h2 = port.protocol == Protocol::Http2
+                || http.and_then(|h| h.h2_upgrade_policy.as_deref()) == Some("UPGRADE");
+            c.typed_extension_protocol_options.insert(
+                envoy::UPSTREAM_HTTP_OPTIONS.into(),
+                any(&upstream_http_options(h2, pool)),
+            );
+        }
+        if let Some(od) = policy.and_then(|p| p.outlier_detection.as_ref()) {
+            c.outlier_detection = Some(outlier(od));
+        }
+        let eds = c.eds_cluster_config.is_some();
+        (c, eds.then_some(cla))
+    }
+}
+
+/// Context for translating one namespace's view of the mesh.
+pub(crate) struct Outbound<'a> {
+    pub cfg: &'a Config,
+    pub reg: &'a Registry,
+    pub ns: &'a str,
+}
+
+impl Outbound<'_> {
+    pub fn service(&self, host: &str) -> Option<&Service> {
+        self.reg.service(host, self.ns)
+    }
+
+    /// The DestinationRule for `host` as this namespace sees it: its own namespace's first,
+    /// then the service's namespace, then any other visible one (Istio's lookup order).
+    pub fn destination_rule(&self, host: &str) -> Option<&Resource<DestinationRule>> {
+        let svc_ns = self.service(host).map(|s| s.namespace.as_str());
+        let candidates: Vec<&Resource<DestinationRule>> = self
+            .cfg
+            .destination_rules
+            .iter()
+            .filter(|d| self.cfg.resolve_host(&d.spec.host, &d.namespace) == host)
+            .filter(|d| {
+                crate::registry::Visibility::from_export_to(&d.spec.export_to, &d.namespace)
+                    .visible_to(self.ns)
+            })
+            .collect();
+        candidates
+            .iter()
+            .find(|d| d.namespace == self.ns)
+            .or_else(|| {
+                candidates
+                    .iter()
+                    .find(|d| Some(d.namespace.as_str()) == svc_ns)
+            })
+            .or_else(|| candidates.first())
+            .copied()
+    }
+
+    pub fn virtual_service(&self, host: &str) -> Option<&Resource<VirtualService>> {
+        let mut matching = self.cfg.virtual_services.iter().filter(|vs| {
+            crate::registry::Visibility::from_export_to(&vs.spec.export_to, &vs.namespace)
+                .visible_to(self.ns)
+                && (vs.spec.gateways.is_empty() || vs.spec.gateways.iter().any(|g| g == "mesh"))
+                && !vs.spec.http.is_empty()
+                && vs
+                    .spec
+                    .hosts
+                    .iter()
+                    .any(|h| self.cfg.resolve_host(h, &vs.namespace) == host)
+        });
+        let all: Vec<_> = matching.by_ref().collect();
+        all.iter()
+            .find(|vs| vs.namespace == self.ns)
+            .or_else(|| all.first())
+            .copied()
+    }
+
+    pub fn cluster_for(&self, host: &str, port: u32, subset: Option<&str>, _vs_ns: &str) -> String {
+        if self.service(host).is_none() {
+            return BLACKHOLE.into();
+        }
+        outbound_cluster_name(host, port, subset)
+    }
+
+    pub fn tcp_cluster(&self, s: &Service, port: u32) -> String {
+        // A TCP VirtualService's first route wins: weighted TCP splits are not expressed per
+        // listener yet, so they use the first destination.
+        for vs in &self.cfg.virtual_services {
+            if !vs
+                .spec
+                .hosts
+                .iter()
+                .any(|h| self.cfg.resolve_host(h, &vs.namespace) == s.hostname)
+            {
+                continue;
+            }
+            for r in &vs.spec.tcp {
+                if r.matches.iter().all(|m| m.port.is_some_and(|p| p != port))
+                    && !r.matches.is_empty()
+                {
+                    continue;
+                }
+                if let Some(d) = r.route.first() {
+                    let host = self.cfg.resolve_host(&d.destination.host, &vs.namespace);
+                    let p = d.destination.port.map_or(port, |p| p.number);
+                    return self.cluster_for(
+                        &host,
+                        p,
+                        d.destination.subset.as_deref(),
+                        &vs.namespace,
+                    );
+                }
+            }
+        }
+        outbound_cluster_name(&s.hostname, port, None)
+    }
+
+    /// Consistent-hash keys of the DestinationRule for `host`/`port`/`subset`.
+    pub fn hash_policy(&self, host: &str, port: u32, subset: Option<&str>) -> Vec<HashPolicy> {
+        let Some(dr) = self.destination_rule(host) else {
+            return Vec::new();
+        };
+        let policy = effective_policy(&dr.spec, port, subset);
+        let Some(ch) = policy
+            .load_balancer
+            .as_ref()
+            .and_then(|lb| lb.consistent_hash.as_ref())
+        else {
+            return Vec::new();
+        };
+        let spec = if let Some(h) = &ch.http_header_name {
+            hash_policy::PolicySpecifier::Header(hash_policy::Header {
+                header_name: h.clone(),
+                ..Default::default()
+            })
+        } else if let Some(c) = &ch.http_cookie {
+            hash_policy::PolicySpecifier::Cookie(hash_policy::Cookie {
+                name: c.name.clone(),
+                path: c.path.clone().unwrap_or_default(),
+                ttl: c.ttl.map(|t| envoy::duration(t.as_std())),
+                ..Default::default()
+            })
+        } else if ch.use_source_ip == Some(true) {
+            hash_policy::PolicySpecifier::ConnectionProperties(hash_policy::ConnectionProperties {
+                source_ip: true,
+            })
+        } else if let Some(q) = &ch.http_query_parameter_name {
+            hash_policy::PolicySpecifier::QueryParameter(hash_policy::QueryParameter {
+                name: q.clone(),
+            })
+        } else {
+            return Vec::new();
+        };
+        vec![HashPolicy {
+            policy_specifier: Some(spec),
+            ..Default::default()
+        }]
+    }
+}
+
+/// The traffic policy that applies to one port of one subset: subset settings override the
+/// top level, port-level settings override both (Istio's merge).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Policy {
+    pub load_balancer: Option<LoadBalancerSettings>,
+    pub connection_pool: Option<ConnectionPoolSettings>,
+    pub outlier_detection: Option<OutlierDetection>,
+}
+
+fn effective_policy(dr: &DestinationRule, port: u32, subset: Option<&str>) -> Policy {
+    let mut p = Policy::default();
+    let mut apply = |tp: &TrafficPolicy| {
+        if tp.load_balancer.is_some() {
+            p.load_balancer.clone_from(&tp.load_balancer);
+        }
+        if tp.connection_pool.is_some() {
+            p.connection_pool.clone_from(&tp.connection_pool);
+        }
+        if tp.outlier_detection.is_some() {
+            p.outlier_detection.clone_from(&tp.outlier_detection);
+        }
+        if let Some(pl) = tp
+            .port_level_settings
+            .iter()
+            .find(|pl| pl.port.is_some_and(|x| x.number == port))
+        {
+            if pl.load_balancer.is_some() {
+                p.load_balancer.clone_from(&pl.load_balancer);
+            }
+            if pl.connection_pool.is_some() {
+                p.connection_pool.clone_from(&pl.connection_pool);
+            }
+            if pl.outlier_detection.is_some() {
+                p.outlier_detection.clone_from(&pl.outlier_detection);
+            }
+        }
+    };
+    if let Some(tp) = &dr.traffic_policy {
+        apply(tp);
+    }
+    if let Some(tp) = subset
+        .and_then(|s| dr.subsets.iter().find(|x| x.name == s))
+        .and_then(|x| x.traffic_policy.as_ref())
+    {
+        apply(tp);
+    }
+    p
+}
+
+fn lb_policy(lb: Option<&LoadBalancerSettings>) -> cluster::LbPolicy {
+    let Some(lb) = lb else {
+        return cluster::LbPolicy::LeastRequest; // Istio's default since 1.14
+    };
+    if let Some(ch) = &lb.consistent_hash {
+        return if ch.maglev.is_some() {
+            cluster::LbPolicy::Maglev
+        } else {
+            cluster::LbPolicy::RingHash
+        };
+    }
+    match lb.simple {
+        Some(SimpleLb::RoundRobin) => cluster::LbPolicy::RoundRobin,
+        Some(SimpleLb::Random) => cluster::LbPolicy::Random,
+        Some(SimpleLb::Passthrough) => cluster::LbPolicy::ClusterProvided,
+        _ => cluster::LbPolicy::LeastRequest,
+    }
+}
+
+fn circuit_breakers(pool: Option<&ConnectionPoolSettings>) -> CircuitBreakers {
+    // Istio's defaults are effectively unlimited; limits apply only where the user set them.
+    let limit = |v: Option<i64>| {
+        Some(u32v(
+            v.and_then(|v| u32::try_from(v).ok()).unwrap_or(u32::MAX),
+        ))
+    };
+    let tcp = pool.and_then(|p| p.tcp.as_ref());
+    let http = pool.and_then(|p| p.http.as_ref());
+    CircuitBreakers {
+        thresholds: vec![Thresholds {
+            max_connections: limit(tcp.and_then(|t| t.max_connections)),
+            max_pending_requests: limit(http.and_then(|h| h.http1_max_pending_requests)),
+            max_requests: limit(http.and_then(|h| h.http2_max_requests)),
+            max_retries: limit(http.and_then(|h| h.max_retries)),
+            track_remaining: true,
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+fn upstream_http_options(h2: bool, pool: Option<&ConnectionPoolSettings>) -> HttpProtocolOptions {
+    let http = pool.and_then(|p| p.http.as_ref());
+    let common = CoreHttpOptions {
+        idle_timeout: http
+            .and_then(|h| h.idle_timeout)
+            .map(|d| envoy::duration(d.as_std())),
+        max_requests_per_connection: http
+            .and_then(|h| h.max_requests_per_connection)
+            .and_then(|v| u32::try_from(v).ok())
+            .map(u32v),
+        ..Default::default()
+    };
+    let protocol = if h2 {
+        ProtocolConfig::Http2ProtocolOptions(Http2ProtocolOptions {
+            max_concurrent_streams: http
+                .and_then(|h| h.max_concurrent_streams)
+                .and_then(|v| u32::try_from(v).ok())
+                .map(u32v),
+            ..Default::default()
+        })
+    } else {
+        ProtocolConfig::HttpProtocolOptions(Http1ProtocolOptions::default())
+    };
+    HttpProtocolOptions {
+        common_http_protocol_options: Some(common),
+        upstream_protocol_options: Some(UpstreamProtocolOptions::ExplicitHttpConfig(
+            ExplicitHttpConfig {
+                protocol_config: Some(protocol),
+            },
+        )),
+        ..Default::default()
+    }
+}
+
+fn outlier(od: &OutlierDetection) -> EnvoyOutlier {
+    let five = od.consecutive_5xx_errors.or(od.consecutive_errors);
+    let gw = od.consecutive_gateway_errors;
+    EnvoyOutlier {
+        // An unset count disables that kind of ejection (Istio sets enforcement to 0).
+        consecutive_5xx: Some(u32v(five.unwrap_or(0))),
+        enforcing_consecutive_5xx: Some(u32v(if five.is_some_and(|n| n > 0) { 100 } else { 0 })),
+        consecutive_gateway_failure: gw.map(u32v),
+        enforcing_consecutive_gateway_failure: gw.map(|n| u32v(if n > 0 { 100 } else { 0 })),
+        interval: od.interval.map(|d| envoy::duration(d.as_std())),
+        base_ejection_time: od.base_ejection_time.map(|d| envoy::duration(d.as_std())),
+        max_ejection_percent: od
+            .max_ejection_percent
+            .and_then(|v| u32::try_from(v).ok())
+            .map(u32v),
+        split_external_local_origin_errors: od.split_external_local_origin_errors.unwrap_or(false),
+        consecutive_local_origin_failure: od.consecutive_local_origin_failures.map(u32v),
+        ..Default::default()
+    }
+}
+
+fn load_assignment(name: &str, endpoints: &[&Endpoint], port: &Port) -> ClusterLoadAssignment {
+    let mut by_locality: BTreeMap<&str, Vec<LbEndpoint>> = BTreeMap::new();
+    for e in endpoints {
+        let Some((first, rest)) = e.addresses.split_first() else {
+            continue;
+        };
+        by_locality
+            .entry(e.locality.as_str())
+            .or_default()
+            .push(lb_endpoint(first, e.port_for(port), rest, e.weight));
+    }
+    ClusterLoadAssignment {
+        cluster_name: name.to_string(),
+        endpoints: by_locality
+            .into_iter()
+            .map(|(loc, lb_endpoints)| {
+                let mut parts = loc.splitn(3, '/');
+                let locality = (!loc.is_empty()).then(|| Locality {
+                    region: parts.next().unwrap_or_default().to_string(),
+                    zone: parts.next().unwrap_or_default().to_string(),
+                    sub_zone: parts.next().unwrap_or_default().to_string(),
+                });
+                LocalityLbEndpoints {
+                    locality,
+                    lb_endpoints,
+                    ..Default::default()
+                }
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
+
+fn lb_endpoint(addr: &str, port: u32, others: &[String], weight: Option<u32>) -> LbEndpoint {
+    LbEndpoint {
+        host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(EnvoyEndpoint {
+            address: Some(socket(addr, port)),
+            additional_addresses: others
+                .iter()
+                .map(|a| endpoint::AdditionalAddress {
+                    address: Some(socket(a, port)),
+                })
+                .collect(),
+            ..Default::default()
+        })),
+        load_balancing_weight: weight.filter(|w| *w > 0).map(u32v),
+        ..Default::default()
+    }
+}
+
+fn passthrough_cluster() -> Cluster {
+    Cluster {
+        name: PASSTHROUGH.into(),
+        cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(
+            cluster::DiscoveryType::OriginalDst as i32,
+        )),
+        lb_policy: cluster::LbPolicy::ClusterProvided as i32,
+        connect_timeout: Some(secs(10)),
+        ..Default::default()
+    }
+}
+
+fn hcm_base(stat_prefix: &str) -> HttpConnectionManager {
+    HttpConnectionManager {
+        stat_prefix: stat_prefix.to_string(),
+        codec_type: CodecType::Auto as i32,
+        http_filters: vec![
+            HttpFilter {
+                name: envoy::FAULT.into(),
+                config_type: Some(http_filter::ConfigType::TypedConfig(any(
+                    &HttpFault::default(),
+                ))),
+                ..Default::default()
+            },
+            HttpFilter {
+                name: envoy::ROUTER.into(),
+                config_type: Some(http_filter::ConfigType::TypedConfig(
+                    any(&Router::default()),
+                )),
+                ..Default::default()
+            },
+        ],
+        ..Default::default()
+    }
+}
+
+fn hcm(stat_prefix: &str, route_config: &str) -> HttpConnectionManager {
+    let mut h = hcm_base(stat_prefix);
+    h.route_specifier = Some(RouteSpecifier::Rds(Rds {
+        config_source: Some(envoy::ads()),
+        route_config_name: route_config.to_string(),
+    }));
+    h
+}
+
+fn tcp_chain(name: &str, cluster: &str) -> FilterChain {
+    FilterChain {
+        name: name.to_string(),
+        filters: vec![Filter {
+            name: envoy::TCP_PROXY.into(),
+            config_type: Some(filter::ConfigType::TypedConfig(any(&TcpProxy {
+                stat_prefix: cluster.to_string(),
+                cluster_specifier: Some(tcp_proxy::ClusterSpecifier::Cluster(cluster.to_string())),
+                ..Default::default()
+            }))),
+        }],
+        ..Default::default()
+    }
+}
+
+/// Host names a request for this service may carry: the full host, the short forms Kubernetes
+/// DNS allows from `proxy_ns`, and the VIPs, each with and without the port.
+fn domains(s: &Service, port: u32, proxy_ns: &str) -> Vec<String> {
+    let mut names = vec![s.hostname.clone()];
+    let parts: Vec<&str> = s.hostname.split('.').collect();
+    if parts.len() >= 3 && parts[2] == "svc" {
+        names.push(format!("{}.{}.svc", parts[0], parts[1]));
+        names.push(format!("{}.{}", parts[0], parts[1]));
+        if parts[1] == proxy_ns {
+            names.push(parts[0].to_string());
+        }
+    }
+    let mut out = Vec::new();
+    for n in names {
+        out.push(format!("{n}:{port}"));
+        out.push(n);
+    }
+    for ip in &s.vips {
+        match ip {
+            IpAddr::V4(v4) => {
+                out.push(format!("{v4}:{port}"));
+                out.push(v4.to_string());
+            }
+            IpAddr::V6(v6) => {
+                out.push(format!("[{v6}]:{port}"));
+                out.push(format!("[{v6}]"));
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cluster_names() {
+        assert_eq!(
+            outbound_cluster_name("a.b.svc.cluster.local", 80, Some("v1")),
+            "outbound|80|v1|a.b.svc.cluster.local"
+        );
+        assert_eq!(outbound_cluster_name("a", 80, None), "outbound|80||a");
+    }
+}
