@@ -99,6 +99,66 @@ impl ControlPlane {
         self.inner.rejected.load(Ordering::SeqCst)
     }
 
+    /// A readable account of what is being served: services, endpoints by address family, and
+    /// what one sidecar of each namespace receives.
+    pub fn describe(&self) -> String {
+        use std::fmt::Write;
+        let t = self.current();
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "generation {}: {} resources, trust domain {}, {} tenant(s)",
+            t.version(),
+            t.cfg.resource_count(),
+            t.cfg.mesh.trust_domain,
+            t.cfg.mesh.tenants.len()
+        );
+        let mut namespaces = std::collections::BTreeSet::new();
+        for s in &t.registry.services {
+            namespaces.insert(s.namespace.clone());
+            let (mut v4, mut v6) = (0, 0);
+            for e in &s.endpoints {
+                for a in &e.addresses {
+                    match a.parse::<std::net::IpAddr>() {
+                        Ok(std::net::IpAddr::V4(_)) => v4 += 1,
+                        Ok(std::net::IpAddr::V6(_)) => v6 += 1,
+                        Err(_) => {}
+                    }
+                }
+            }
+            let ports: Vec<String> = s
+                .ports
+                .iter()
+                .map(|p| format!("{}/{:?}", p.number, p.protocol))
+                .collect();
+            let _ = writeln!(
+                out,
+                "  service {} ports {} endpoints {} (IPv4 addresses {v4}, IPv6 {v6})",
+                s.hostname,
+                ports.join(","),
+                s.endpoints.len()
+            );
+        }
+        for ns in namespaces {
+            let proxy = ProxyInfo {
+                id: format!("sidecar~0.0.0.0~describe.{ns}~{ns}.svc"),
+                namespace: ns.clone(),
+                ..Default::default()
+            };
+            let snap = t.snapshot(&proxy);
+            let count = |u: &str| snap.resources(u).map_or(0, |m| m.len());
+            let _ = writeln!(
+                out,
+                "  a sidecar in namespace {ns} gets {} listeners, {} routes, {} clusters, {} endpoint sets",
+                count(hypha_xds::type_url::LISTENER),
+                count(hypha_xds::type_url::ROUTE),
+                count(hypha_xds::type_url::CLUSTER),
+                count(hypha_xds::type_url::ENDPOINT)
+            );
+        }
+        out
+    }
+
     /// Connected proxy streams.
     pub fn subscribers(&self) -> usize {
         let mut subs = self
@@ -280,6 +340,9 @@ pub fn initial_config(dir: Option<&Path>) -> Result<Config, Diagnostics> {
 pub async fn run(dir: Option<PathBuf>, listen: &[SocketAddr]) -> Result<(), RunError> {
     let cfg = initial_config(dir.as_deref()).map_err(|d| RunError::Config(d.errors().count()))?;
     let cp = ControlPlane::new(cfg);
+    for line in cp.describe().lines() {
+        tracing::info!("{line}");
+    }
     let mut tasks = tokio::task::JoinSet::new();
     for addr in listen {
         let l = TcpListener::bind(addr)
