@@ -48,19 +48,12 @@ pub(crate) fn http_routes(
     port: u32,
 ) -> Vec<Route> {
     let Some(vs) = vs else {
-        let cluster = ctx.cluster_for(host, port, None, &vs_ns_default(host));
-        return vec![Route {
-            name: "default".into(),
-            r#match: Some(prefix_match("/")),
-            action: Some(route::Action::Route(RouteAction {
-                cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(cluster)),
-                timeout: Some(envoy::secs(0)),
-                retry_policy: Some(retry(None)),
-                hash_policy: ctx.hash_policy(host, port, None),
-                ..Default::default()
-            })),
-            ..Default::default()
-        }];
+        let mut route = catch_all("default", ctx.cluster_for(host, port, None));
+        if let Some(route::Action::Route(ra)) = &mut route.action {
+            ra.retry_policy = Some(retry(None));
+            ra.hash_policy = ctx.hash_policy(host, port, None);
+        }
+        return vec![route];
     };
     let mut out = Vec::new();
     for (i, r) in vs.spec.http.iter().enumerate() {
@@ -114,9 +107,18 @@ pub(crate) fn http_routes(
     out
 }
 
-fn vs_ns_default(host: &str) -> String {
-    // `host` is fully qualified here, so the namespace used to resolve it does not matter.
-    host.split('.').nth(1).unwrap_or("default").to_string()
+/// A route sending everything to `cluster`, with no route timeout (Istio's default).
+pub(crate) fn catch_all(name: &str, cluster: String) -> Route {
+    Route {
+        name: name.to_string(),
+        r#match: Some(prefix_match("/")),
+        action: Some(route::Action::Route(RouteAction {
+            cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(cluster)),
+            timeout: Some(envoy::secs(0)),
+            ..Default::default()
+        })),
+        ..Default::default()
+    }
 }
 
 fn prefix_match(p: &str) -> RouteMatch {
@@ -324,7 +326,7 @@ fn destination_cluster(
 ) -> String {
     let host = ctx.cfg.resolve_host(&d.host, vs_ns);
     let port = dest_port(ctx, &host, d.port.map(|p| p.number), listener_port);
-    ctx.cluster_for(&host, port, d.subset.as_deref(), vs_ns)
+    ctx.cluster_for(&host, port, d.subset.as_deref())
 }
 
 fn retry(r: Option<&hypha_config::networking::HttpRetry>) -> RetryPolicy {

@@ -159,15 +159,20 @@ impl ControlPlane {
         out
     }
 
-    /// Connected proxy streams.
-    pub fn subscribers(&self) -> usize {
+    /// The subscriber list, locked, with closed streams dropped.
+    fn live_subscribers(&self) -> std::sync::MutexGuard<'_, Vec<Subscriber>> {
         let mut subs = self
             .inner
             .subscribers
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         subs.retain(|s| !s.tx.is_closed());
-        subs.len()
+        subs
+    }
+
+    /// Connected proxy streams.
+    pub fn subscribers(&self) -> usize {
+        self.live_subscribers().len()
     }
 
     /// Replaces the config with a new validated one and pushes every proxy's new snapshot.
@@ -181,12 +186,7 @@ impl ControlPlane {
             .current
             .write()
             .unwrap_or_else(|e| e.into_inner()) = t.clone();
-        let mut subs = self
-            .inner
-            .subscribers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        subs.retain(|s| !s.tx.is_closed());
+        let subs = self.live_subscribers();
         for s in subs.iter() {
             s.tx.send_replace(Arc::new(t.snapshot(&s.proxy)));
         }
@@ -278,12 +278,7 @@ impl SnapshotSource for ControlPlane {
             workload = %proxy.workload_name,
             "proxy connected"
         );
-        let mut subs = self
-            .inner
-            .subscribers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        subs.retain(|s| !s.tx.is_closed());
+        let mut subs = self.live_subscribers();
         // A generation may have been installed between the snapshot above and this lock.
         let current = self.current();
         if current.version() != rx.borrow().version() {

@@ -60,7 +60,7 @@ use hypha_xds::{Resource as XdsResource, Snapshot};
 use crate::envoy::{self, any, boolv, secs, socket, u32v};
 use crate::node::ProxyInfo;
 use crate::registry::{Endpoint, Port, Protocol, Registry, Service};
-use crate::routes::{http_routes, labels_key};
+use crate::routes::{catch_all, http_routes, labels_key};
 
 pub const PASSTHROUGH: &str = "PassthroughCluster";
 pub const BLACKHOLE: &str = "BlackHoleCluster";
@@ -305,27 +305,7 @@ impl Translation {
             vhosts.push(VirtualHost {
                 name: "allow_any".into(),
                 domains: vec!["*".into()],
-                routes: vec![envoy_types::pb::envoy::config::route::v3::Route {
-                    name: "allow_any".into(),
-                    r#match: Some(envoy_types::pb::envoy::config::route::v3::RouteMatch {
-                        path_specifier: Some(
-                            envoy_types::pb::envoy::config::route::v3::route_match::PathSpecifier::Prefix("/".into()),
-                        ),
-                        ..Default::default()
-                    }),
-                    action: Some(envoy_types::pb::envoy::config::route::v3::route::Action::Route(
-                        envoy_types::pb::envoy::config::route::v3::RouteAction {
-                            cluster_specifier: Some(
-                                envoy_types::pb::envoy::config::route::v3::route_action::ClusterSpecifier::Cluster(
-                                    PASSTHROUGH.into(),
-                                ),
-                            ),
-                            timeout: Some(secs(0)),
-                            ..Default::default()
-                        },
-                    )),
-                    ..Default::default()
-                }],
+                routes: vec![catch_all("allow_any", PASSTHROUGH.into())],
                 ..Default::default()
             });
             let name = port.to_string();
@@ -442,25 +422,7 @@ impl Translation {
                     virtual_hosts: vec![VirtualHost {
                         name: format!("inbound|http|{port}"),
                         domains: vec!["*".into()],
-                        routes: vec![envoy_types::pb::envoy::config::route::v3::Route {
-                            name: "default".into(),
-                            r#match: Some(envoy_types::pb::envoy::config::route::v3::RouteMatch {
-                                path_specifier: Some(
-                                    envoy_types::pb::envoy::config::route::v3::route_match::PathSpecifier::Prefix("/".into()),
-                                ),
-                                ..Default::default()
-                            }),
-                            action: Some(envoy_types::pb::envoy::config::route::v3::route::Action::Route(
-                                envoy_types::pb::envoy::config::route::v3::RouteAction {
-                                    cluster_specifier: Some(
-                                        envoy_types::pb::envoy::config::route::v3::route_action::ClusterSpecifier::Cluster(cname.clone()),
-                                    ),
-                                    timeout: Some(secs(0)),
-                                    ..Default::default()
-                                },
-                            )),
-                            ..Default::default()
-                        }],
+                        routes: vec![catch_all("default", cname.clone())],
                         ..Default::default()
                     }],
                     validate_clusters: Some(boolv(false)),
@@ -620,25 +582,29 @@ impl Outbound<'_> {
     }
 
     pub fn virtual_service(&self, host: &str) -> Option<&Resource<VirtualService>> {
-        let mut matching = self.cfg.virtual_services.iter().filter(|vs| {
-            crate::registry::Visibility::from_export_to(&vs.spec.export_to, &vs.namespace)
-                .visible_to(self.ns)
-                && (vs.spec.gateways.is_empty() || vs.spec.gateways.iter().any(|g| g == "mesh"))
-                && !vs.spec.http.is_empty()
-                && vs
-                    .spec
-                    .hosts
-                    .iter()
-                    .any(|h| self.cfg.resolve_host(h, &vs.namespace) == host)
-        });
-        let all: Vec<_> = matching.by_ref().collect();
+        let all: Vec<&Resource<VirtualService>> = self
+            .cfg
+            .virtual_services
+            .iter()
+            .filter(|vs| {
+                crate::registry::Visibility::from_export_to(&vs.spec.export_to, &vs.namespace)
+                    .visible_to(self.ns)
+                    && (vs.spec.gateways.is_empty() || vs.spec.gateways.iter().any(|g| g == "mesh"))
+                    && !vs.spec.http.is_empty()
+                    && vs
+                        .spec
+                        .hosts
+                        .iter()
+                        .any(|h| self.cfg.resolve_host(h, &vs.namespace) == host)
+            })
+            .collect();
         all.iter()
             .find(|vs| vs.namespace == self.ns)
             .or_else(|| all.first())
             .copied()
     }
 
-    pub fn cluster_for(&self, host: &str, port: u32, subset: Option<&str>, _vs_ns: &str) -> String {
+    pub fn cluster_for(&self, host: &str, port: u32, subset: Option<&str>) -> String {
         if self.service(host).is_none() {
             return BLACKHOLE.into();
         }
@@ -666,12 +632,7 @@ impl Outbound<'_> {
                 if let Some(d) = r.route.first() {
                     let host = self.cfg.resolve_host(&d.destination.host, &vs.namespace);
                     let p = d.destination.port.map_or(port, |p| p.number);
-                    return self.cluster_for(
-                        &host,
-                        p,
-                        d.destination.subset.as_deref(),
-                        &vs.namespace,
-                    );
+                    return self.cluster_for(&host, p, d.destination.subset.as_deref());
                 }
             }
         }
