@@ -20,7 +20,7 @@ pub mod yaml;
 use std::collections::BTreeMap;
 
 pub use diag::{Diagnostic, Diagnostics, Severity, Source};
-pub use load::{load, load_sources, load_str, Loaded};
+pub use load::{load, load_cached, load_sources, load_str, LoadCache, Loaded};
 pub use mesh::MeshConfig;
 pub use validate::{grpc_code, is_valid_cidr, protocol_kind, validate};
 

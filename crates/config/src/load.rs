@@ -2,8 +2,10 @@
 //! `apiVersion`/`kind`, and deserializes each resource strictly (unknown fields are errors).
 //! Other Kubernetes kinds are skipped with an informational note.
 
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -39,6 +41,24 @@ impl Loaded {
 /// Loads and validates every `*.yaml` / `*.yml` file under `path` (a directory, walked
 /// recursively in name order, or a single file).
 pub fn load(path: &Path) -> Loaded {
+    load_cached(path, &mut LoadCache::default())
+}
+
+/// Parsed files kept between loads of the same path, so that a reload parses again only the
+/// files that changed (by size, modification time and inode); validation always sees the
+/// whole config.
+#[derive(Default)]
+pub struct LoadCache {
+    files: HashMap<PathBuf, CachedFile>,
+}
+
+struct CachedFile {
+    stamp: (u64, Option<SystemTime>, u64),
+    parsed: Loader,
+}
+
+/// [`load`], reusing what `cache` holds for files that did not change since it was filled.
+pub fn load_cached(path: &Path, cache: &mut LoadCache) -> Loaded {
     let mut files = Vec::new();
     let mut diags = Diagnostics::default();
     if let Err(e) = collect_files(path, &mut files) {
@@ -46,14 +66,42 @@ pub fn load(path: &Path) -> Loaded {
     }
     files.sort();
     let mut loader = Loader::default();
+    let mut seen = HashSet::new();
     for file in &files {
-        match std::fs::read_to_string(file) {
-            Ok(src) => loader.add(&file.display().to_string(), &src),
-            Err(e) => loader
-                .diags
-                .push(file_diag(file, format!("cannot read: {e}"))),
+        let stamp = match std::fs::metadata(file) {
+            Ok(m) => (
+                m.len(),
+                m.modified().ok(),
+                std::os::unix::fs::MetadataExt::ino(&m),
+            ),
+            Err(e) => {
+                loader
+                    .diags
+                    .push(file_diag(file, format!("cannot read: {e}")));
+                continue;
+            }
+        };
+        seen.insert(file.clone());
+        if let Some(hit) = cache.files.get(file).filter(|c| c.stamp == stamp) {
+            loader.absorb(&hit.parsed);
+            continue;
         }
+        let mut parsed = Loader::default();
+        match std::fs::read_to_string(file) {
+            Ok(src) => parsed.add(&file.display().to_string(), &src),
+            Err(e) => {
+                loader
+                    .diags
+                    .push(file_diag(file, format!("cannot read: {e}")));
+                continue;
+            }
+        }
+        loader.absorb(&parsed);
+        cache
+            .files
+            .insert(file.clone(), CachedFile { stamp, parsed });
     }
+    cache.files.retain(|f, _| seen.contains(f));
     loader.diags.extend(diags);
     loader.finish()
 }
@@ -267,19 +315,47 @@ impl Loader {
                 );
             }
             Kind::MeshConfig => {
-                if let Some(prev) = &self.config.mesh_source {
-                    let msg = format!(
-                        "a second MeshConfig; the first is in {} line {}",
-                        prev.file,
-                        prev.pos("").line
-                    );
-                    self.diags.error("duplicate-mesh-config", &source, "", msg);
+                if self.config.mesh_source.is_some() {
+                    self.duplicate_mesh(&source);
                     return;
                 }
                 if let Some(r) = parse::<crate::MeshConfig>(&mut self.diags, source) {
                     self.config.mesh = r.spec;
                     self.config.mesh_source = Some(r.source);
                 }
+            }
+        }
+    }
+
+    fn duplicate_mesh(&mut self, second: &Source) {
+        if let Some(prev) = &self.config.mesh_source {
+            let msg = format!(
+                "a second MeshConfig; the first is in {} line {}",
+                prev.file,
+                prev.pos("").line
+            );
+            self.diags.error("duplicate-mesh-config", second, "", msg);
+        }
+    }
+
+    /// Appends what another loader parsed (one file), as if its documents came next.
+    fn absorb(&mut self, other: &Loader) {
+        let (c, o) = (&mut self.config, &other.config);
+        c.service_entries.extend_from_slice(&o.service_entries);
+        c.workload_entries.extend_from_slice(&o.workload_entries);
+        c.virtual_services.extend_from_slice(&o.virtual_services);
+        c.destination_rules.extend_from_slice(&o.destination_rules);
+        c.authorization_policies
+            .extend_from_slice(&o.authorization_policies);
+        c.peer_authentications
+            .extend_from_slice(&o.peer_authentications);
+        self.diags.extend(other.diags.clone());
+        if let Some(source) = &o.mesh_source {
+            if self.config.mesh_source.is_some() {
+                self.duplicate_mesh(source);
+            } else {
+                self.config.mesh = o.mesh.clone();
+                self.config.mesh_source = Some(source.clone());
             }
         }
     }

@@ -1,7 +1,7 @@
 //! The service registry: services and their endpoints, built from ServiceEntry (hosts, VIPs,
 //! ports) and WorkloadEntry / inline endpoints (addresses of both families, labels, identity).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 
 use hypha_config::networking::{Location, Resolution, WorkloadEntry};
@@ -122,12 +122,22 @@ impl Endpoint {
     }
 }
 
-/// Every service, by host, built once per config generation.
+/// Every service, by host, built once per config generation, with the indexes translation
+/// needs so that no per-proxy or per-namespace step scans every service or workload.
 #[derive(Debug, Clone, Default)]
 pub struct Registry {
+    /// Sorted by hostname.
     pub services: Vec<Service>,
     /// Workloads (WorkloadEntry resources), for finding a proxy's own instances.
     pub workloads: Vec<Endpoint>,
+    /// Indexes into `services` of wildcard hosts (`*.example.com`).
+    wildcards: Vec<usize>,
+    /// (namespace, workload name) → indexes into `workloads`.
+    workloads_by_name: HashMap<(String, String), Vec<usize>>,
+    /// Address → indexes into `workloads`.
+    workloads_by_ip: HashMap<IpAddr, Vec<usize>>,
+    /// (namespace, workload name) → indexes into `services` that have it as an endpoint.
+    services_by_workload: HashMap<(String, String), Vec<usize>>,
 }
 
 impl Registry {
@@ -140,6 +150,15 @@ impl Registry {
                 endpoint(&we.spec, extra, &we.namespace, &we.name)
             })
             .collect();
+        // (namespace, label, value) → workloads, so a selector looks at its candidates only.
+        let mut by_label: HashMap<(&str, &str, &str), Vec<usize>> = HashMap::new();
+        let mut by_namespace: HashMap<&str, Vec<usize>> = HashMap::new();
+        for (i, w) in workloads.iter().enumerate() {
+            by_namespace.entry(&w.namespace).or_default().push(i);
+            for (k, v) in &w.labels {
+                by_label.entry((&w.namespace, k, v)).or_default().push(i);
+            }
+        }
         let mut services = Vec::new();
         for se in &cfg.service_entries {
             let s = &se.spec;
@@ -160,13 +179,17 @@ impl Registry {
                 .map(|(i, ep)| endpoint(ep, None, &se.namespace, &format!("{}-{i}", se.name)))
                 .collect();
             if let Some(sel) = &s.workload_selector {
+                let ns = se.namespace.as_str();
+                let candidates = match sel.labels.iter().next() {
+                    Some((k, v)) => by_label.get(&(ns, k.as_str(), v.as_str())),
+                    None => by_namespace.get(ns),
+                };
                 endpoints.extend(
-                    workloads
-                        .iter()
-                        .filter(|w| {
-                            w.namespace == se.namespace
-                                && hypha_config::types::labels_match(&sel.labels, &w.labels)
-                        })
+                    candidates
+                        .into_iter()
+                        .flatten()
+                        .map(|&i| &workloads[i])
+                        .filter(|w| hypha_config::types::labels_match(&sel.labels, &w.labels))
                         .cloned(),
                 );
             }
@@ -185,25 +208,94 @@ impl Registry {
             }
         }
         services.sort_by(|a, b| a.hostname.cmp(&b.hostname));
+        let wildcards = (0..services.len())
+            .filter(|&i| services[i].hostname.starts_with('*'))
+            .collect();
+        let mut workloads_by_name: HashMap<_, Vec<usize>> = HashMap::new();
+        let mut workloads_by_ip: HashMap<_, Vec<usize>> = HashMap::new();
+        for (i, w) in workloads.iter().enumerate() {
+            workloads_by_name
+                .entry((w.namespace.clone(), w.workload_name.clone()))
+                .or_default()
+                .push(i);
+            for ip in w.addresses.iter().filter_map(|a| a.parse::<IpAddr>().ok()) {
+                let entry = workloads_by_ip.entry(ip).or_default();
+                if entry.last() != Some(&i) {
+                    entry.push(i);
+                }
+            }
+        }
+        let mut services_by_workload: HashMap<_, Vec<usize>> = HashMap::new();
+        for (i, s) in services.iter().enumerate() {
+            for e in &s.endpoints {
+                let entry = services_by_workload
+                    .entry((e.namespace.clone(), e.workload_name.clone()))
+                    .or_default();
+                if entry.last() != Some(&i) {
+                    entry.push(i);
+                }
+            }
+        }
         Registry {
             services,
             workloads,
+            wildcards,
+            workloads_by_name,
+            workloads_by_ip,
+            services_by_workload,
         }
+    }
+
+    /// The workloads in `ns` called `name` (if not empty) or having one of `ips`, in
+    /// config order.
+    pub fn workloads_of(&self, ns: &str, name: &str, ips: &[IpAddr]) -> Vec<&Endpoint> {
+        let mut found: Vec<usize> = Vec::new();
+        if !name.is_empty() {
+            let key = (ns.to_owned(), name.to_owned());
+            found.extend(self.workloads_by_name.get(&key).into_iter().flatten());
+        }
+        for ip in ips {
+            found.extend(self.workloads_by_ip.get(ip).into_iter().flatten());
+        }
+        found.sort_unstable();
+        found.dedup();
+        found
+            .into_iter()
+            .map(|i| &self.workloads[i])
+            .filter(|w| w.namespace == ns)
+            .collect()
+    }
+
+    /// The services that have `workload` as an endpoint.
+    pub fn services_backed_by(&self, workload: &Endpoint) -> impl Iterator<Item = &Service> {
+        let key = (workload.namespace.clone(), workload.workload_name.clone());
+        self.services_by_workload
+            .get(&key)
+            .into_iter()
+            .flatten()
+            .map(|&i| &self.services[i])
     }
 
     /// The service `host` (fully qualified) names, as seen from `ns`; wildcard hosts match.
     pub fn service(&self, host: &str, ns: &str) -> Option<&Service> {
         let visible = |s: &&Service| s.visibility.visible_to(ns);
-        self.services
+        let from = self
+            .services
+            .partition_point(|s| s.hostname.as_str() < host);
+        self.services[from..]
             .iter()
-            .filter(visible)
-            .find(|s| s.hostname == host)
+            .take_while(|s| s.hostname == host)
+            .find(visible)
             .or_else(|| {
-                self.services.iter().filter(visible).find(|s| {
-                    s.hostname
-                        .strip_prefix('*')
-                        .is_some_and(|suffix| host.ends_with(suffix))
-                })
+                self.wildcards
+                    .iter()
+                    .map(|&i| &self.services[i])
+                    .filter(visible)
+                    .find(|s| {
+                        s.hostname
+                            .strip_prefix('*')
+                            .is_some_and(|suffix| host.ends_with(suffix))
+                    })
             })
     }
 }

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use envoy_types::pb::envoy::config::core::v3::Node;
-use hypha_config::{Config, Diagnostics, Severity};
+use hypha_config::{Config, Diagnostics, LoadCache, Severity};
 use hypha_xds::{AdsServer, Snapshot, SnapshotSource};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -52,6 +52,8 @@ pub struct Generation {
     pub number: u64,
     pub resources: usize,
     pub proxies: usize,
+    /// Proxies whose view changed (the others were not sent anything).
+    pub changed: usize,
     pub took: Duration,
 }
 
@@ -180,30 +182,54 @@ impl ControlPlane {
         let start = Instant::now();
         let number = self.inner.generation.fetch_add(1, Ordering::SeqCst) + 1;
         let resources = cfg.resource_count();
-        let t = Arc::new(Translation::new(Arc::new(cfg), number.to_string()));
+        let previous = self.current();
+        let t = Arc::new(Translation::after(
+            Arc::new(cfg),
+            number.to_string(),
+            Some(&previous),
+        ));
+        drop(previous);
+        let built = start.elapsed();
         *self
             .inner
             .current
             .write()
             .unwrap_or_else(|e| e.into_inner()) = t.clone();
         let subs = self.live_subscribers();
+        t.prepare(subs.iter().map(|s| &s.proxy));
+        let prepared = start.elapsed();
+        let mut changed = 0;
         for s in subs.iter() {
-            s.tx.send_replace(Arc::new(t.snapshot(&s.proxy)));
+            let mut snap = t.snapshot(&s.proxy);
+            // Unchanged parts keep their identity, so streams skip them without a diff, and
+            // a proxy whose view did not change is not woken at all.
+            let old = s.tx.borrow().clone();
+            snap.reuse_own(&old);
+            if !snap.same_as(&old) {
+                s.tx.send_replace(Arc::new(snap));
+                changed += 1;
+            }
         }
+        t.forget_previous();
         let g = Generation {
             number,
             resources,
             proxies: subs.len(),
+            changed,
             took: start.elapsed(),
         };
         tracing::info!(
             generation = g.number,
             resources = g.resources,
             proxies = g.proxies,
+            changed = g.changed,
+            registry_ms = built.as_millis() as u64,
+            outbound_ms = (prepared - built).as_millis() as u64,
             took_ms = g.took.as_millis() as u64,
-            "config generation {} pushed to {} proxies",
+            "config generation {} pushed to {} proxies ({} changed)",
             g.number,
-            g.proxies
+            g.proxies,
+            g.changed
         );
         g
     }
@@ -221,6 +247,16 @@ impl ControlPlane {
     /// change once it has settled. Invalid changes are logged with every problem and ignored.
     pub async fn watch_dir(&self, dir: PathBuf, poll: Duration) {
         let mut last = fingerprint(&dir);
+        // Parsed files, so that a change re-parses only the files it touched. Filled here
+        // (off the path of any change) rather than threaded through from the initial load.
+        let d = dir.clone();
+        let mut cache = tokio::task::spawn_blocking(move || {
+            let mut cache = LoadCache::default();
+            hypha_config::load_cached(&d, &mut cache);
+            cache
+        })
+        .await
+        .unwrap_or_default();
         loop {
             tokio::time::sleep(poll).await;
             let now = fingerprint(&dir);
@@ -239,8 +275,13 @@ impl ControlPlane {
             }
             last = settled;
             let d = dir.clone();
-            let loaded = match tokio::task::spawn_blocking(move || hypha_config::load(&d)).await {
-                Ok(l) => l,
+            let mut c = std::mem::take(&mut cache);
+            let load = move || (hypha_config::load_cached(&d, &mut c), c);
+            let loaded = match tokio::task::spawn_blocking(load).await {
+                Ok((l, c)) => {
+                    cache = c;
+                    l
+                }
                 Err(e) => {
                     tracing::error!("config load panicked: {e}");
                     continue;

@@ -15,6 +15,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use envoy_types::pb::envoy::config::cluster::v3::{
@@ -72,18 +73,114 @@ pub fn outbound_cluster_name(host: &str, port: u32, subset: Option<&str>) -> Str
     format!("outbound|{port}|{}|{host}", subset.unwrap_or(""))
 }
 
+/// DestinationRules and VirtualServices by the fully qualified host they name, in config
+/// order, so a lookup per service does not resolve every rule's hosts again.
+#[derive(Default)]
+pub(crate) struct RuleIndex {
+    destination_rules: HashMap<String, Vec<usize>>,
+    virtual_services: HashMap<String, Vec<usize>>,
+}
+
+impl RuleIndex {
+    fn build(cfg: &Config) -> RuleIndex {
+        let mut index = RuleIndex::default();
+        for (i, dr) in cfg.destination_rules.iter().enumerate() {
+            let host = cfg.resolve_host(&dr.spec.host, &dr.namespace);
+            index.destination_rules.entry(host).or_default().push(i);
+        }
+        for (i, vs) in cfg.virtual_services.iter().enumerate() {
+            for h in &vs.spec.hosts {
+                let entry = index
+                    .virtual_services
+                    .entry(cfg.resolve_host(h, &vs.namespace))
+                    .or_default();
+                if entry.last() != Some(&i) {
+                    entry.push(i);
+                }
+            }
+        }
+        index
+    }
+}
+
+/// What one HTTP service port contributes to the outbound routes.
+struct ServiceRoutes {
+    /// `<host>:<port>`: the virtual host's name.
+    name: String,
+    routes: Vec<envoy_types::pb::envoy::config::route::v3::Route>,
+    /// The `<host>:<port>` RouteConfiguration and Listener (proxyless gRPC).
+    route_config: Arc<XdsResource>,
+    api_listener: Arc<XdsResource>,
+}
+
+/// Whether every namespace sees the same routes for a service: every service, DestinationRule
+/// and VirtualService is exported everywhere, no host has two DestinationRules or two
+/// VirtualServices to choose between by namespace, and no route matches on its source.
+fn namespace_independent(cfg: &Config, registry: &Registry, rules: &RuleIndex) -> bool {
+    use crate::registry::Visibility;
+    let everywhere = |export_to: &[String], ns: &str| {
+        Visibility::from_export_to(export_to, ns) == Visibility::All
+    };
+    registry
+        .services
+        .iter()
+        .all(|s| s.visibility == Visibility::All)
+        && cfg
+            .destination_rules
+            .iter()
+            .all(|d| everywhere(&d.spec.export_to, &d.namespace))
+        && cfg.virtual_services.iter().all(|vs| {
+            everywhere(&vs.spec.export_to, &vs.namespace)
+                && vs
+                    .spec
+                    .http
+                    .iter()
+                    .flat_map(|r| &r.matches)
+                    .all(|m| m.source_labels.is_empty() && m.source_namespace.is_none())
+        })
+        && rules.destination_rules.values().all(|v| v.len() <= 1)
+        && rules.virtual_services.values().all(|v| v.len() <= 1)
+}
+
+/// (service index, port, subset, DestinationRule index): what an outbound cluster depends on.
+type ClusterKey = (usize, u32, Option<String>, Option<usize>);
+
+/// A Cluster and, for EDS, its ClusterLoadAssignment.
+type ClusterPair = (Arc<XdsResource>, Option<Arc<XdsResource>>);
+
 /// One validated config generation, ready to produce snapshots for proxies.
 pub struct Translation {
     pub cfg: Arc<Config>,
     pub registry: Registry,
+    rules: RuleIndex,
     version: String,
     uses_source_labels: bool,
     outbound_cache: Mutex<HashMap<String, Arc<Snapshot>>>,
+    clusters: Mutex<HashMap<ClusterKey, ClusterPair>>,
+    /// See [`namespace_independent`].
+    namespace_independent: bool,
+    /// (service index, port) → routes, when namespace independent.
+    service_routes: Mutex<HashMap<(usize, u32), Arc<ServiceRoutes>>>,
+    /// The previous generation's shared outbound snapshots, whose unchanged parts new ones
+    /// take over (see [`Snapshot::reuse`]); emptied by [`Translation::forget_previous`].
+    previous: Mutex<HashMap<String, Arc<Snapshot>>>,
 }
 
 impl Translation {
     pub fn new(cfg: Arc<Config>, version: impl Into<String>) -> Translation {
+        Translation::after(cfg, version, None)
+    }
+
+    /// Like [`Translation::new`], but what did not change since `previous` keeps its identity,
+    /// so proxy streams can tell at a glance that there is nothing new to push.
+    pub fn after(
+        cfg: Arc<Config>,
+        version: impl Into<String>,
+        previous: Option<&Translation>,
+    ) -> Translation {
         let registry = Registry::build(&cfg);
+        let rules = RuleIndex::build(&cfg);
+        let namespace_independent = namespace_independent(&cfg, &registry, &rules);
         let uses_source_labels = cfg.virtual_services.iter().any(|vs| {
             vs.spec
                 .http
@@ -91,13 +188,26 @@ impl Translation {
                 .flat_map(|r| &r.matches)
                 .any(|m| !m.source_labels.is_empty())
         });
+        let previous = previous
+            .map(|p| lock(&p.outbound_cache).clone())
+            .unwrap_or_default();
         Translation {
             cfg,
             registry,
+            rules,
+            namespace_independent,
             version: version.into(),
             uses_source_labels,
             outbound_cache: Mutex::new(HashMap::new()),
+            clusters: Mutex::new(HashMap::new()),
+            service_routes: Mutex::new(HashMap::new()),
+            previous: Mutex::new(previous),
         }
+    }
+
+    /// Drops the previous generation's shared snapshots once every proxy has its new one.
+    pub fn forget_previous(&self) {
+        lock(&self.previous).clear();
     }
 
     pub fn version(&self) -> &str {
@@ -114,29 +224,49 @@ impl Translation {
         snap
     }
 
-    fn outbound_shared(&self, proxy: &ProxyInfo) -> Arc<Snapshot> {
+    /// Computes the shared outbound snapshots of these proxies up front, on every core.
+    pub fn prepare<'a>(&self, proxies: impl IntoIterator<Item = &'a ProxyInfo>) {
+        let mut todo: HashMap<String, &ProxyInfo> = HashMap::new();
+        for p in proxies {
+            todo.entry(self.outbound_key(p)).or_insert(p);
+        }
+        let todo: Vec<&ProxyInfo> = todo.into_values().collect();
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        std::thread::scope(|scope| {
+            for _ in 0..threads.min(todo.len()) {
+                scope.spawn(|| {
+                    while let Some(p) = todo.get(next.fetch_add(1, Ordering::Relaxed)) {
+                        self.outbound_shared(p);
+                    }
+                });
+            }
+        });
+    }
+
+    /// Proxies with the same key share their outbound resources.
+    fn outbound_key(&self, proxy: &ProxyInfo) -> String {
         let mut key = proxy.namespace.clone();
         if self.uses_source_labels {
             key.push('|');
             key.push_str(&labels_key(&proxy.labels));
         }
-        if let Some(hit) = self
-            .outbound_cache
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&key)
-        {
+        key
+    }
+
+    fn outbound_shared(&self, proxy: &ProxyInfo) -> Arc<Snapshot> {
+        let key = self.outbound_key(proxy);
+        if let Some(hit) = lock(&self.outbound_cache).get(&key) {
             return hit.clone();
         }
         let mut snap = Snapshot::new(self.version.clone());
-        for r in self.outbound(proxy) {
-            snap.insert(r);
+        self.outbound(proxy, &mut snap);
+        let mut snap = snap.into_shared();
+        if let Some(previous) = lock(&self.previous).remove(&key) {
+            snap.reuse(&previous);
         }
         let snap = Arc::new(snap);
-        self.outbound_cache
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(key, snap.clone());
+        lock(&self.outbound_cache).insert(key, snap.clone());
         snap
     }
 
@@ -174,15 +304,15 @@ impl Translation {
     }
 
     /// Resources every proxy with this namespace (and labels) shares.
-    fn outbound(&self, proxy: &ProxyInfo) -> Vec<XdsResource> {
+    fn outbound(&self, proxy: &ProxyInfo, out: &mut Snapshot) {
         let ctx = Outbound {
             cfg: &self.cfg,
             reg: &self.registry,
+            rules: &self.rules,
             ns: &proxy.namespace,
         };
-        let mut out = Vec::new();
-        out.push(XdsResource::encode(PASSTHROUGH, &passthrough_cluster()));
-        out.push(XdsResource::encode(
+        out.insert(XdsResource::encode(PASSTHROUGH, &passthrough_cluster()));
+        out.insert(XdsResource::encode(
             BLACKHOLE,
             &Cluster {
                 name: BLACKHOLE.into(),
@@ -197,14 +327,16 @@ impl Translation {
         let mut http_ports: BTreeMap<u32, Vec<VirtualHost>> = BTreeMap::new();
         let mut domains_used: HashMap<u32, HashSet<String>> = HashMap::new();
         let mut tcp_listeners: BTreeMap<String, Listener> = BTreeMap::new();
-        let services: Vec<&Service> = self
+        let services: Vec<(usize, &Service)> = self
             .registry
             .services
             .iter()
-            .filter(|s| s.visibility.visible_to(&proxy.namespace))
+            .enumerate()
+            .filter(|(_, s)| s.visibility.visible_to(&proxy.namespace))
             .collect();
-        for s in &services {
-            let dr = ctx.destination_rule(&s.hostname);
+        for (si, s) in &services {
+            let dri = ctx.destination_rule_index(&s.hostname);
+            let dr = dri.map(|i| &self.cfg.destination_rules[i]);
             for port in &s.ports {
                 let subsets: Vec<Option<&str>> = std::iter::once(None)
                     .chain(
@@ -213,59 +345,32 @@ impl Translation {
                     )
                     .collect();
                 for subset in subsets {
-                    let name = outbound_cluster_name(&s.hostname, port.number, subset);
-                    let policy = dr.map(|d| effective_policy(&d.spec, port.number, subset));
-                    let (c, cla) =
-                        self.cluster(&name, s, port, subset, dr.map(|d| &d.spec), policy.as_ref());
-                    out.push(XdsResource::encode(name.clone(), &c));
+                    let (c, cla) = self.cached_cluster(*si, s, port, subset, dri);
+                    out.insert(c);
                     if let Some(cla) = cla {
-                        out.push(XdsResource::encode(name, &cla));
+                        out.insert(cla);
                     }
                 }
                 if port.protocol.is_http() {
-                    let vs = ctx.virtual_service(&s.hostname);
-                    let routes = http_routes(&ctx, proxy, vs, &s.hostname, port.number);
+                    let per_service = self.service_routes(&ctx, proxy, *si, s, port.number);
+                    out.insert(per_service.route_config.clone());
+                    out.insert(per_service.api_listener.clone());
                     let used = domains_used.entry(port.number).or_default();
                     let domains: Vec<String> = domains(s, port.number, &proxy.namespace)
                         .into_iter()
                         .filter(|d| used.insert(d.clone()))
                         .collect();
-                    let vh_name = format!("{}:{}", s.hostname, port.number);
                     if !domains.is_empty() {
                         http_ports
                             .entry(port.number)
                             .or_default()
                             .push(VirtualHost {
-                                name: vh_name.clone(),
+                                name: per_service.name.clone(),
                                 domains,
-                                routes: routes.clone(),
+                                routes: per_service.routes.clone(),
                                 ..Default::default()
                             });
                     }
-                    // Proxyless gRPC: an api_listener and a route table per service port.
-                    out.push(XdsResource::encode(
-                        vh_name.clone(),
-                        &RouteConfiguration {
-                            name: vh_name.clone(),
-                            virtual_hosts: vec![VirtualHost {
-                                name: vh_name.clone(),
-                                domains: vec![vh_name.clone(), s.hostname.clone()],
-                                routes,
-                                ..Default::default()
-                            }],
-                            ..Default::default()
-                        },
-                    ));
-                    out.push(XdsResource::encode(
-                        vh_name.clone(),
-                        &Listener {
-                            name: vh_name.clone(),
-                            api_listener: Some(ApiListener {
-                                api_listener: Some(any(&hcm(&vh_name, &vh_name))),
-                            }),
-                            ..Default::default()
-                        },
-                    ));
                 } else {
                     let cluster = ctx.tcp_cluster(s, port.number);
                     let chain = tcp_chain(&format!("{}_{}", s.hostname, port.number), &cluster);
@@ -309,7 +414,7 @@ impl Translation {
                 ..Default::default()
             });
             let name = port.to_string();
-            out.push(XdsResource::encode(
+            out.insert(XdsResource::encode(
                 name.clone(),
                 &RouteConfiguration {
                     name: name.clone(),
@@ -335,7 +440,7 @@ impl Translation {
             tcp_listeners.insert(lname, l);
         }
         for (name, l) in tcp_listeners {
-            out.push(XdsResource::encode(name, &l));
+            out.insert(XdsResource::encode(name, &l));
         }
         let mut vo = self.wildcard_listener(
             "virtualOutbound".into(),
@@ -344,24 +449,14 @@ impl Translation {
         );
         vo.use_original_dst = Some(boolv(true));
         vo.filter_chains = vec![tcp_chain("virtualOutbound-catchall-tcp", PASSTHROUGH)];
-        out.push(XdsResource::encode("virtualOutbound", &vo));
-        out
+        out.insert(XdsResource::encode("virtualOutbound", &vo));
     }
 
     /// The proxy's own instances: inbound clusters and the `virtualInbound` listener.
     fn inbound(&self, proxy: &ProxyInfo) -> Vec<XdsResource> {
-        let mine: Vec<&Endpoint> = self
+        let mine = self
             .registry
-            .workloads
-            .iter()
-            .filter(|w| {
-                w.namespace == proxy.namespace
-                    && ((!proxy.workload_name.is_empty() && w.workload_name == proxy.workload_name)
-                        || w.addresses
-                            .iter()
-                            .any(|a| a.parse::<IpAddr>().is_ok_and(|ip| proxy.ips.contains(&ip))))
-            })
-            .collect();
+            .workloads_of(&proxy.namespace, &proxy.workload_name, &proxy.ips);
         // target port → protocol, from every service port the workload backs.
         let mut ports: BTreeMap<u32, Protocol> = BTreeMap::new();
         let mut loopback = "127.0.0.1";
@@ -372,14 +467,7 @@ impl Translation {
             {
                 loopback = "::1";
             }
-            for s in &self.registry.services {
-                if !s
-                    .endpoints
-                    .iter()
-                    .any(|e| e.workload_name == w.workload_name && e.namespace == w.namespace)
-                {
-                    continue;
-                }
+            for s in self.registry.services_backed_by(w) {
                 for p in &s.ports {
                     ports.entry(w.port_for(p)).or_insert(p.protocol);
                 }
@@ -456,6 +544,87 @@ impl Translation {
         vi.default_filter_chain = Some(tcp_chain("virtualInbound-catchall-tcp", PASSTHROUGH));
         out.push(XdsResource::encode("virtualInbound", &vi));
         out
+    }
+
+    /// The routes of one service port, and the route table and `api_listener` proxyless gRPC
+    /// clients use for it. When no rule depends on the namespace looking (see
+    /// [`namespace_independent`]), built once per generation for every namespace.
+    fn service_routes(
+        &self,
+        ctx: &Outbound<'_>,
+        proxy: &ProxyInfo,
+        service: usize,
+        s: &Service,
+        port: u32,
+    ) -> Arc<ServiceRoutes> {
+        if self.namespace_independent {
+            if let Some(hit) = lock(&self.service_routes).get(&(service, port)) {
+                return hit.clone();
+            }
+        }
+        let vs = ctx.virtual_service(&s.hostname);
+        let routes = http_routes(ctx, proxy, vs, &s.hostname, port);
+        let name = format!("{}:{port}", s.hostname);
+        let route_config = XdsResource::encode(
+            name.clone(),
+            &RouteConfiguration {
+                name: name.clone(),
+                virtual_hosts: vec![VirtualHost {
+                    name: name.clone(),
+                    domains: vec![name.clone(), s.hostname.clone()],
+                    routes: routes.clone(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+        );
+        let api_listener = XdsResource::encode(
+            name.clone(),
+            &Listener {
+                name: name.clone(),
+                api_listener: Some(ApiListener {
+                    api_listener: Some(any(&hcm(&name, &name))),
+                }),
+                ..Default::default()
+            },
+        );
+        let built = Arc::new(ServiceRoutes {
+            name,
+            routes,
+            route_config: Arc::new(route_config),
+            api_listener: Arc::new(api_listener),
+        });
+        if self.namespace_independent {
+            lock(&self.service_routes).insert((service, port), built.clone());
+        }
+        built
+    }
+
+    /// The Cluster (and its ClusterLoadAssignment, for EDS) of one service port and subset
+    /// under one DestinationRule, built once per generation and shared by every namespace
+    /// that sees the same rule for the service.
+    fn cached_cluster(
+        &self,
+        service: usize,
+        s: &Service,
+        port: &Port,
+        subset: Option<&str>,
+        dr: Option<usize>,
+    ) -> ClusterPair {
+        let key = (service, port.number, subset.map(str::to_owned), dr);
+        if let Some(hit) = lock(&self.clusters).get(&key) {
+            return hit.clone();
+        }
+        let name = outbound_cluster_name(&s.hostname, port.number, subset);
+        let dr = dr.map(|i| &self.cfg.destination_rules[i].spec);
+        let policy = dr.map(|d| effective_policy(d, port.number, subset));
+        let (c, cla) = self.cluster(&name, s, port, subset, dr, policy.as_ref());
+        let built = (
+            Arc::new(XdsResource::encode(name.clone(), &c)),
+            cla.map(|cla| Arc::new(XdsResource::encode(name, &cla))),
+        );
+        lock(&self.clusters).insert(key, built.clone());
+        built
     }
 
     fn cluster(
@@ -547,6 +716,7 @@ impl Translation {
 pub(crate) struct Outbound<'a> {
     pub cfg: &'a Config,
     pub reg: &'a Registry,
+    pub rules: &'a RuleIndex,
     pub ns: &'a str,
 }
 
@@ -558,24 +728,34 @@ impl Outbound<'_> {
     /// The DestinationRule for `host` as this namespace sees it: its own namespace's first,
     /// then the service's namespace, then any other visible one (Istio's lookup order).
     pub fn destination_rule(&self, host: &str) -> Option<&Resource<DestinationRule>> {
+        self.destination_rule_index(host)
+            .map(|i| &self.cfg.destination_rules[i])
+    }
+
+    /// The index in `cfg.destination_rules` of [`Outbound::destination_rule`].
+    pub fn destination_rule_index(&self, host: &str) -> Option<usize> {
         let svc_ns = self.service(host).map(|s| s.namespace.as_str());
-        let candidates: Vec<&Resource<DestinationRule>> = self
-            .cfg
+        let rules = &self.cfg.destination_rules;
+        let candidates: Vec<usize> = self
+            .rules
             .destination_rules
-            .iter()
-            .filter(|d| self.cfg.resolve_host(&d.spec.host, &d.namespace) == host)
-            .filter(|d| {
+            .get(host)
+            .into_iter()
+            .flatten()
+            .copied()
+            .filter(|&i| {
+                let d = &rules[i];
                 crate::registry::Visibility::from_export_to(&d.spec.export_to, &d.namespace)
                     .visible_to(self.ns)
             })
             .collect();
         candidates
             .iter()
-            .find(|d| d.namespace == self.ns)
+            .find(|&&i| rules[i].namespace == self.ns)
             .or_else(|| {
                 candidates
                     .iter()
-                    .find(|d| Some(d.namespace.as_str()) == svc_ns)
+                    .find(|&&i| Some(rules[i].namespace.as_str()) == svc_ns)
             })
             .or_else(|| candidates.first())
             .copied()
@@ -583,25 +763,28 @@ impl Outbound<'_> {
 
     pub fn virtual_service(&self, host: &str) -> Option<&Resource<VirtualService>> {
         let all: Vec<&Resource<VirtualService>> = self
-            .cfg
-            .virtual_services
-            .iter()
+            .virtual_services_of(host)
             .filter(|vs| {
                 crate::registry::Visibility::from_export_to(&vs.spec.export_to, &vs.namespace)
                     .visible_to(self.ns)
                     && (vs.spec.gateways.is_empty() || vs.spec.gateways.iter().any(|g| g == "mesh"))
                     && !vs.spec.http.is_empty()
-                    && vs
-                        .spec
-                        .hosts
-                        .iter()
-                        .any(|h| self.cfg.resolve_host(h, &vs.namespace) == host)
             })
             .collect();
         all.iter()
             .find(|vs| vs.namespace == self.ns)
             .or_else(|| all.first())
             .copied()
+    }
+
+    /// Every VirtualService naming `host`, in config order.
+    fn virtual_services_of(&self, host: &str) -> impl Iterator<Item = &Resource<VirtualService>> {
+        self.rules
+            .virtual_services
+            .get(host)
+            .into_iter()
+            .flatten()
+            .map(|&i| &self.cfg.virtual_services[i])
     }
 
     pub fn cluster_for(&self, host: &str, port: u32, subset: Option<&str>) -> String {
@@ -614,15 +797,7 @@ impl Outbound<'_> {
     pub fn tcp_cluster(&self, s: &Service, port: u32) -> String {
         // A TCP VirtualService's first route wins: weighted TCP splits are not expressed per
         // listener yet, so they use the first destination.
-        for vs in &self.cfg.virtual_services {
-            if !vs
-                .spec
-                .hosts
-                .iter()
-                .any(|h| self.cfg.resolve_host(h, &vs.namespace) == s.hostname)
-            {
-                continue;
-            }
+        for vs in self.virtual_services_of(&s.hostname) {
             for r in &vs.spec.tcp {
                 if r.matches.iter().all(|m| m.port.is_some_and(|p| p != port))
                     && !r.matches.is_empty()
@@ -680,6 +855,10 @@ impl Outbound<'_> {
             ..Default::default()
         }]
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The traffic policy that applies to one port of one subset: subset settings override the

@@ -49,7 +49,7 @@ fn dur(d: &Option<envoy_types::pb::google::protobuf::Duration>) -> String {
 
 fn render(snap: &Snapshot) -> String {
     let mut out = String::new();
-    let each = |t: &str| snap.resources(t).into_iter().flat_map(|m| m.values());
+    let each = |t: &str| snap.resources(t).into_iter().flat_map(|m| m.iter());
     writeln!(out, "# clusters").unwrap();
     for r in each(type_url::CLUSTER) {
         let c = Cluster::decode(&*r.body.value).unwrap();

@@ -17,7 +17,7 @@ use envoy_types::pb::google::protobuf::Any;
 use tonic::Status;
 use tracing::debug;
 
-use crate::resource::Snapshot;
+use crate::resource::{Resources, Snapshot};
 use crate::server::{check_type_limit, Protocol, StreamCtx};
 use crate::type_url::is_legacy_wildcard;
 
@@ -36,6 +36,9 @@ struct TypeState {
     /// What the client has: a version, or `None` once told the name does not exist.
     known: HashMap<String, Option<String>>,
     in_flight: VecDeque<(u64, Vec<Sent>)>,
+    /// The resources the last push looked at; while a new snapshot holds the same layers,
+    /// there is nothing new for this client.
+    pushed: Option<Resources>,
 }
 
 impl TypeState {
@@ -88,6 +91,7 @@ impl TypeState {
             .map(|(name, version, _)| (Some(name.as_str()), version.as_str()))
             .collect();
         ctx.nack(type_url, &rejected, &error.message);
+        self.pushed = None;
         for (name, version, previous) in sent {
             // Roll back only if no later response has replaced this version meanwhile.
             if self.known.get(&name) == Some(&Some(version)) {
@@ -147,7 +151,9 @@ impl Protocol for Delta {
 
     fn on_snapshot(&mut self, snapshot: &Snapshot, out: &mut Vec<DeltaDiscoveryResponse>) {
         for (type_url, state) in &mut self.types {
-            push(&mut self.ctx, type_url, state, snapshot, false, out);
+            if !snapshot.still_holds(type_url, state.pushed.as_ref()) {
+                push(&mut self.ctx, type_url, state, snapshot, false, out);
+            }
         }
     }
 }
@@ -163,10 +169,9 @@ fn push(
     first: bool,
     out: &mut Vec<DeltaDiscoveryResponse>,
 ) {
-    let empty = Default::default();
-    let all = snapshot.resources(type_url).unwrap_or(&empty);
+    let all = snapshot.resources(type_url).cloned().unwrap_or_default();
     let in_scope: Vec<_> = if state.wildcard {
-        all.values().collect()
+        all.iter().collect()
     } else {
         state.explicit.iter().filter_map(|n| all.get(n)).collect()
     };
@@ -193,16 +198,17 @@ fn push(
     let mut removed: Vec<String> = state
         .known
         .iter()
-        .filter(|(name, version)| version.is_some() && !all.contains_key(*name))
+        .filter(|(name, version)| version.is_some() && !all.contains_key(name))
         .map(|(name, _)| name.clone())
         .collect();
     removed.extend(
         state
             .explicit
             .iter()
-            .filter(|name| !all.contains_key(*name) && !state.known.contains_key(*name))
+            .filter(|name| !all.contains_key(name) && !state.known.contains_key(*name))
             .cloned(),
     );
+    state.pushed = Some(all.clone());
     if resources.is_empty() && removed.is_empty() && !first {
         return;
     }

@@ -15,7 +15,7 @@ mod server;
 mod sotw;
 
 pub use client::{ClientError, DeltaClient, SotwClient, Update, Versions};
-pub use resource::{Resource, Snapshot};
+pub use resource::{Resource, ResourceMap, Resources, Snapshot};
 pub use server::{AdsServer, AdsStats, SnapshotSource};
 
 /// Type URLs of the resource types Hypha serves.

@@ -11,7 +11,7 @@ use envoy_types::pb::google::protobuf::Any;
 use tonic::Status;
 use tracing::debug;
 
-use crate::resource::{Fnv, Snapshot};
+use crate::resource::{Fnv, Resources, Snapshot};
 use crate::server::{check_type_limit, Protocol, StreamCtx};
 use crate::type_url::is_legacy_wildcard;
 
@@ -43,6 +43,8 @@ struct TypeState {
     version: String,
     /// Nonce of the latest response; requests carrying another one are stale.
     nonce: String,
+    /// The resources the last push looked at (see the delta state machine).
+    pushed: Option<Resources>,
 }
 
 pub(crate) struct Sotw {
@@ -79,6 +81,7 @@ impl Protocol for Sotw {
                 subscription: Subscription::from_request(&type_url, &request.resource_names, None),
                 version: request.version_info,
                 nonce: String::new(),
+                pushed: None,
             };
             let state = self.types.entry(type_url.clone()).or_insert(state);
             push(&mut self.ctx, &type_url, state, snapshot, out);
@@ -110,7 +113,9 @@ impl Protocol for Sotw {
 
     fn on_snapshot(&mut self, snapshot: &Snapshot, out: &mut Vec<DiscoveryResponse>) {
         for (type_url, state) in &mut self.types {
-            push(&mut self.ctx, type_url, state, snapshot, out);
+            if !snapshot.still_holds(type_url, state.pushed.as_ref()) {
+                push(&mut self.ctx, type_url, state, snapshot, out);
+            }
         }
     }
 }
@@ -124,9 +129,10 @@ fn push(
     out: &mut Vec<DiscoveryResponse>,
 ) {
     let all = snapshot.resources(type_url);
+    state.pushed = all.cloned();
     let resources: Vec<_> = match (&state.subscription, all) {
         (_, None) => Vec::new(),
-        (Subscription::Wildcard, Some(all)) => all.values().collect(),
+        (Subscription::Wildcard, Some(all)) => all.iter().collect(),
         (Subscription::Names(names), Some(all)) => {
             names.iter().filter_map(|name| all.get(name)).collect()
         }

@@ -1,0 +1,97 @@
+//! What one namespace's sidecars see must not leak into another's: routes that depend on the
+//! source namespace, and services exported to one namespace only, are translated per
+//! namespace even though the translation shares everything it can between namespaces.
+
+use std::sync::Arc;
+
+use envoy_types::pb::envoy::config::route::v3::{route, route_action, RouteConfiguration};
+use hypha_control::{ProxyInfo, Translation};
+use hypha_xds::type_url;
+use prost::Message;
+
+const CONFIG: &str = "\
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: web, namespace: shop}
+spec:
+  hosts: [web.shop.svc.cluster.local]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  endpoints: [{address: 10.0.0.1, labels: {version: v1}}, {address: 10.0.0.2, labels: {version: v2}}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: secret, namespace: shop}
+spec:
+  hosts: [secret.shop.svc.cluster.local]
+  exportTo: [\".\"]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  endpoints: [{address: 10.0.0.3}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: web, namespace: shop}
+spec:
+  host: web
+  subsets: [{name: v1, labels: {version: v1}}, {name: v2, labels: {version: v2}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: web, namespace: shop}
+spec:
+  hosts: [web]
+  http:
+  - match: [{sourceNamespace: canary}]
+    route: [{destination: {host: web, subset: v2}}]
+  - route: [{destination: {host: web, subset: v1}}]
+";
+
+fn proxy(ns: &str) -> ProxyInfo {
+    ProxyInfo {
+        id: format!("sidecar~10.9.0.1~client.{ns}~{ns}.svc.cluster.local"),
+        namespace: ns.into(),
+        ..Default::default()
+    }
+}
+
+/// The clusters the `web.shop.svc.cluster.local:80` route table sends to, in order, and
+/// whether the port-80 table has a virtual host for `secret`.
+fn view(t: &Translation, ns: &str) -> (Vec<String>, bool) {
+    let snap = t.snapshot(&proxy(ns));
+    let routes = snap.resources(type_url::ROUTE).unwrap();
+    let rc =
+        |name: &str| RouteConfiguration::decode(&*routes.get(name).unwrap().body.value).unwrap();
+    let clusters = rc("web.shop.svc.cluster.local:80").virtual_hosts[0]
+        .routes
+        .iter()
+        .map(|r| match &r.action {
+            Some(route::Action::Route(ra)) => match &ra.cluster_specifier {
+                Some(route_action::ClusterSpecifier::Cluster(c)) => c.clone(),
+                other => format!("{other:?}"),
+            },
+            other => format!("{other:?}"),
+        })
+        .collect();
+    let secret = rc("80")
+        .virtual_hosts
+        .iter()
+        .any(|vh| vh.name.starts_with("secret."));
+    (clusters, secret)
+}
+
+#[test]
+fn source_namespace_routes_and_export_to_stay_per_namespace() {
+    let loaded = hypha_config::load_str("ns.yaml", CONFIG);
+    assert!(!loaded.has_errors(), "{:?}", loaded.diagnostics);
+    let t = Translation::new(Arc::new(loaded.config), "1");
+    let v1 = "outbound|80|v1|web.shop.svc.cluster.local".to_string();
+    let v2 = "outbound|80|v2|web.shop.svc.cluster.local".to_string();
+    // Asked in an order where a translation shared between namespaces would hand the first
+    // namespace's answer to the next.
+    assert_eq!(view(&t, "canary"), (vec![v2, v1.clone()], false));
+    assert_eq!(view(&t, "other"), (vec![v1.clone()], false));
+    assert_eq!(view(&t, "shop"), (vec![v1], true));
+}
