@@ -1418,8 +1418,15 @@ fn string_match(
     }
 }
 
+/// The size limit the proxy's matcher compiles each regex with (`hypha-matcher`), so a pattern
+/// that passes here is not refused by the proxy.
+const REGEX_SIZE_LIMIT: usize = 1 << 20;
+
 fn regex(src: &Source, path: &str, pattern: &str, diags: &mut Diagnostics) {
-    if let Err(e) = regex::Regex::new(pattern) {
+    let compiled = regex::RegexBuilder::new(pattern)
+        .size_limit(REGEX_SIZE_LIMIT)
+        .build();
+    if let Err(e) = compiled {
         let detail = e.to_string();
         let last = detail.lines().last().unwrap_or("").trim().to_string();
         diags.error(

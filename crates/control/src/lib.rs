@@ -5,12 +5,11 @@
 #![forbid(unsafe_code)]
 
 mod envoy;
-pub mod node;
 pub mod registry;
 mod routes;
 pub mod server;
 pub mod translate;
 
-pub use node::ProxyInfo;
+pub use hypha_xds::ProxyInfo;
 pub use server::{initial_config, run, ControlPlane, Generation, RunError, EMBEDDED_CONFIG};
 pub use translate::Translation;

@@ -30,8 +30,8 @@ use hypha_config::networking::{
 use hypha_config::Resource;
 
 use crate::envoy::{self, any, boolv, duration, u32v};
-use crate::node::ProxyInfo;
 use crate::translate::Outbound;
+use hypha_xds::ProxyInfo;
 
 /// Istio's default retry policy, used when a route says nothing about retries.
 const DEFAULT_RETRY_ON: &str =

@@ -15,8 +15,8 @@ use hypha_xds::{AdsServer, Snapshot, SnapshotSource};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::node::ProxyInfo;
 use crate::translate::Translation;
+use hypha_xds::ProxyInfo;
 
 /// The bookinfo example, compiled in: what `hypha control` serves without `--config`.
 pub const EMBEDDED_CONFIG: &[(&str, &str)] = &[

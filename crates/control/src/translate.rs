@@ -59,9 +59,9 @@ use hypha_config::{Config, Resource};
 use hypha_xds::{Resource as XdsResource, Snapshot};
 
 use crate::envoy::{self, any, boolv, secs, socket, u32v};
-use crate::node::ProxyInfo;
 use crate::registry::{Endpoint, Port, Protocol, Registry, Service};
 use crate::routes::{catch_all, http_routes, labels_key};
+use hypha_xds::ProxyInfo;
 
 pub const PASSTHROUGH: &str = "PassthroughCluster";
 pub const BLACKHOLE: &str = "BlackHoleCluster";

@@ -36,12 +36,75 @@ enum Command {
         #[arg(long, default_values_t = [SocketAddr::from(([127, 0, 0, 1], 15010))])]
         listen: Vec<SocketAddr>,
     },
+    /// Run a sidecar proxy: delta ADS from the control plane, the app's outbound traffic
+    /// (HTTP proxy mode or a local port per service port), and inbound traffic to the app.
+    Proxy(Box<ProxyArgs>),
     /// Start the mesh demo (for now: the control plane on the bookinfo example).
     Demo {
         /// Address to serve xDS on.
         #[arg(long, default_values_t = [SocketAddr::from(([127, 0, 0, 1], 15010))])]
         listen: Vec<SocketAddr>,
     },
+}
+
+#[derive(clap::Args)]
+struct ProxyArgs {
+    /// The control plane's xDS address.
+    #[arg(
+        long,
+        env = "HYPHA_CONTROL_PLANE",
+        default_value = "http://127.0.0.1:15010"
+    )]
+    control_plane: String,
+    /// The workload's namespace.
+    #[arg(long, env = "HYPHA_NAMESPACE", default_value = "default")]
+    namespace: String,
+    /// The workload's service account.
+    #[arg(long, env = "HYPHA_SERVICE_ACCOUNT", default_value = "default")]
+    service_account: String,
+    /// The workload's name (its WorkloadEntry).
+    #[arg(long, env = "HYPHA_WORKLOAD")]
+    workload: String,
+    /// A workload label, `key=value`; repeat for several.
+    #[arg(long = "label", value_parser = parse_label)]
+    labels: Vec<(String, String)>,
+    /// The workload's IP addresses; repeat for several.
+    #[arg(long = "ip")]
+    ips: Vec<std::net::IpAddr>,
+    /// The xDS node id (default `sidecar~<ip>~<workload>.<namespace>~<namespace>.svc.cluster.local`).
+    #[arg(long, env = "HYPHA_NODE_ID")]
+    node_id: Option<String>,
+    /// Serve the app's outbound traffic as an HTTP proxy here (`HTTP_PROXY`); repeatable.
+    #[arg(long)]
+    http_proxy: Vec<SocketAddr>,
+    /// A local port for one service port, `HOST:PORT=LISTEN_ADDR`; repeatable.
+    #[arg(long = "service", value_parser = parse_service)]
+    services: Vec<(String, SocketAddr)>,
+    /// Accept the mesh's traffic for the app here; repeatable (IPv4 and IPv6).
+    #[arg(long)]
+    inbound: Vec<SocketAddr>,
+    /// The workload port the mesh addresses (defaults to the first --inbound port).
+    #[arg(long)]
+    inbound_port: Option<u16>,
+    /// Where the app listens.
+    #[arg(long)]
+    app: Option<SocketAddr>,
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("expected key=value, got {s:?}"))
+}
+
+fn parse_service(s: &str) -> Result<(String, SocketAddr), String> {
+    let (authority, listen) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected HOST:PORT=LISTEN_ADDR, got {s:?}"))?;
+    let listen = listen
+        .parse()
+        .map_err(|e| format!("bad listen address {listen:?}: {e}"))?;
+    Ok((authority.to_owned(), listen))
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -55,6 +118,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Check { path, output } => check(&path, output),
         Command::Control { config, listen } => run(control(config, listen)),
+        Command::Proxy(args) => run(proxy(*args)),
         Command::Demo { listen } => run(control(None, listen)),
     }
 }
@@ -131,4 +195,35 @@ fn init_tracing() {
 
 async fn control(config: Option<PathBuf>, listen: Vec<SocketAddr>) -> anyhow::Result<()> {
     Ok(hypha_control::run(config, &listen).await?)
+}
+
+async fn proxy(a: ProxyArgs) -> anyhow::Result<()> {
+    let ip = a
+        .ips
+        .first()
+        .map_or("127.0.0.1".to_owned(), ToString::to_string);
+    let node = hypha_xds::ProxyInfo {
+        id: a.node_id.unwrap_or_else(|| {
+            format!(
+                "sidecar~{ip}~{}.{ns}~{ns}.svc.cluster.local",
+                a.workload,
+                ns = a.namespace
+            )
+        }),
+        namespace: a.namespace,
+        service_account: a.service_account,
+        workload_name: a.workload,
+        labels: a.labels.into_iter().collect(),
+        ips: a.ips,
+    };
+    let opts = hypha_proxy::Options {
+        node,
+        control_plane: a.control_plane,
+        http_proxy: a.http_proxy,
+        services: a.services.into_iter().map(|(h, l)| (l, h)).collect(),
+        inbound: a.inbound,
+        inbound_port: a.inbound_port,
+        app: a.app,
+    };
+    Ok(hypha_proxy::run(opts).await?)
 }

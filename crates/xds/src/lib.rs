@@ -10,11 +10,13 @@
 
 mod client;
 mod delta;
+mod node;
 mod resource;
 mod server;
 mod sotw;
 
 pub use client::{ClientError, DeltaClient, SotwClient, Update, Versions};
+pub use node::ProxyInfo;
 pub use resource::{Resource, ResourceMap, Resources, Snapshot};
 pub use server::{AdsServer, AdsStats, SnapshotSource};
 

@@ -8,7 +8,7 @@ use std::net::IpAddr;
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::google::protobuf::{value::Kind, Struct, Value};
 
-/// The facts about one proxy that translation depends on.
+/// The facts about one proxy that translation depends on, as its xDS `Node` carries them.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
 pub struct ProxyInfo {
     pub id: String,

@@ -1,0 +1,77 @@
+//! Inbound: peers reach the local app through the proxy. The inbound listener's port picks the
+//! `virtualInbound` filter chain the control plane sent for it: HTTP chains are served as HTTP
+//! (HTTP/1.1 or HTTP/2 in, the app's protocol out), anything else is proxied as TCP bytes. The
+//! app is at `app` (loopback and the app's own port), whatever port the chain names.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use http::{Request, Response};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use tokio::net::TcpListener;
+use tracing::debug;
+
+use crate::http::{self as h, Body};
+use crate::model::{Config, Inbound as Chain};
+use crate::upstream::Upstreams;
+
+#[derive(Clone)]
+pub struct Inbound {
+    pub config: Arc<ArcSwap<Config>>,
+    pub upstreams: Upstreams,
+    /// The chain to use (the workload's port as the mesh knows it).
+    pub port: u16,
+    /// Where the app listens.
+    pub app: SocketAddr,
+}
+
+impl Inbound {
+    async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+        let cfg = self.config.load();
+        let http2 = match cfg.inbound.get(&self.port) {
+            Some(Chain::Http { cluster }) => cfg.clusters.get(cluster).is_some_and(|c| c.http2),
+            _ => false,
+        };
+        let (parts, body) = req.into_parts();
+        match self
+            .upstreams
+            .send_direct(http2, self.app, parts, h::incoming(body))
+            .await
+        {
+            Ok(resp) => resp.map(|b| b.boxed()),
+            Err(flag) => h::local_reply(flag),
+        }
+    }
+}
+
+/// Serves the inbound side on `listener` until the task is dropped.
+pub async fn serve(inbound: Inbound, listener: TcpListener) {
+    loop {
+        let (mut stream, peer) = h::accept(&listener).await;
+        let is_http = matches!(
+            inbound.config.load().inbound.get(&inbound.port),
+            Some(Chain::Http { .. })
+        );
+        let inbound = inbound.clone();
+        if is_http {
+            tokio::spawn(h::serve_connection(stream, peer, move |req, _| {
+                let i = inbound.clone();
+                async move { i.handle(req).await }
+            }));
+        } else {
+            tokio::spawn(async move {
+                match tokio::net::TcpStream::connect(inbound.app).await {
+                    Ok(mut app) => {
+                        let _ = app.set_nodelay(true);
+                        if let Err(e) = tokio::io::copy_bidirectional(&mut stream, &mut app).await {
+                            debug!(%peer, error = %e, "inbound TCP connection ended");
+                        }
+                    }
+                    Err(e) => debug!(%peer, error = %e, "cannot reach the app"),
+                }
+            });
+        }
+    }
+}

@@ -1,0 +1,175 @@
+//! The Hypha sidecar proxy (`hypha proxy`): consumes the control plane's xDS over delta ADS,
+//! compiles each update into one immutable runtime config, and carries the workload's traffic.
+//!
+//! - [`xds`]: the ADS client; [`compile`] turns Envoy resources into the runtime [`model`],
+//!   refusing (NACKing) what Hypha does not support with the resource and field named;
+//!   [`state`] holds what was accepted and assembles the config the data path reads through
+//!   one atomic pointer swap (`arc-swap`), never a lock.
+//! - [`outbound`]: the app's requests to the mesh (HTTP proxy mode, or a local port per service
+//!   port); [`router`] picks the route and cluster; [`upstream`] sends to an endpoint.
+//! - [`inbound`]: peers' requests to the local app.
+
+#![forbid(unsafe_code)]
+
+pub mod compile;
+mod http;
+pub mod inbound;
+pub mod model;
+pub mod outbound;
+mod rand;
+pub mod router;
+pub mod state;
+pub mod upstream;
+pub mod xds;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use hypha_xds::ProxyInfo;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+pub use crate::http::Flag;
+
+/// How to start a proxy: who it is, where the control plane is, and what to listen on. Any
+/// listen port may be 0 (the OS picks one; see [`Running`]).
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub node: ProxyInfo,
+    /// e.g. `http://127.0.0.1:15010`.
+    pub control_plane: String,
+    /// HTTP proxy listeners for the app (`HTTP_PROXY`).
+    pub http_proxy: Vec<SocketAddr>,
+    /// A local listener per service port: (listen address, `host:port`).
+    pub services: Vec<(SocketAddr, String)>,
+    /// Inbound listeners (typically the same port on IPv4 and IPv6 loopback or the pod IPs).
+    pub inbound: Vec<SocketAddr>,
+    /// The workload port the mesh sends inbound traffic to, which picks the inbound chain;
+    /// defaults to the first inbound listener's port.
+    pub inbound_port: Option<u16>,
+    /// Where the app listens.
+    pub app: Option<SocketAddr>,
+}
+
+/// A started proxy: the addresses it actually listens on, readiness, and counters. Dropping it
+/// stops every task.
+pub struct Running {
+    pub http_proxy: Vec<SocketAddr>,
+    pub services: Vec<SocketAddr>,
+    pub inbound: Vec<SocketAddr>,
+    /// True once the first complete config is applied.
+    pub ready: watch::Receiver<bool>,
+    pub xds: Arc<xds::XdsStats>,
+    pub config: Arc<ArcSwap<model::Config>>,
+    pub tasks: JoinSet<()>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {0}: {1}")]
+    Bind(SocketAddr, std::io::Error),
+    #[error("a service listener needs `host:port`, got {0:?}")]
+    ServiceAuthority(String),
+    #[error("inbound listeners need the app's address (--app)")]
+    NoApp,
+    #[error("cannot watch for SIGTERM: {0}")]
+    Signal(std::io::Error),
+}
+
+async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), StartError> {
+    let l = TcpListener::bind(addr)
+        .await
+        .map_err(|e| StartError::Bind(addr, e))?;
+    let local = l.local_addr().map_err(|e| StartError::Bind(addr, e))?;
+    Ok((l, local))
+}
+
+/// Binds every listener, starts the xDS client, and serves until the result is dropped.
+pub async fn start(opts: Options) -> Result<Running, StartError> {
+    let config = Arc::new(ArcSwap::from_pointee(model::Config::default()));
+    let upstreams = upstream::Upstreams::default();
+    let (ready_tx, ready) = watch::channel(false);
+    let stats = Arc::new(xds::XdsStats::default());
+    let mut tasks = JoinSet::new();
+    let out = outbound::Outbound {
+        config: config.clone(),
+        upstreams: upstreams.clone(),
+    };
+    let mut running = Running {
+        http_proxy: Vec::new(),
+        services: Vec::new(),
+        inbound: Vec::new(),
+        ready,
+        xds: stats.clone(),
+        config: config.clone(),
+        tasks: JoinSet::new(),
+    };
+    for addr in &opts.http_proxy {
+        let (l, local) = bind(*addr).await?;
+        running.http_proxy.push(local);
+        tasks.spawn(outbound::serve(out.clone(), l, outbound::Mode::HttpProxy));
+    }
+    for (addr, authority) in &opts.services {
+        let port = authority
+            .rsplit_once(':')
+            .and_then(|(_, p)| p.parse().ok())
+            .ok_or_else(|| StartError::ServiceAuthority(authority.clone()))?;
+        let (l, local) = bind(*addr).await?;
+        running.services.push(local);
+        let mode = outbound::Mode::Service {
+            authority: authority.to_ascii_lowercase(),
+            port,
+        };
+        tasks.spawn(outbound::serve(out.clone(), l, mode));
+    }
+    if !opts.inbound.is_empty() {
+        let app = opts.app.ok_or(StartError::NoApp)?;
+        let mut port = opts.inbound_port;
+        for addr in &opts.inbound {
+            let (l, local) = bind(*addr).await?;
+            running.inbound.push(local);
+            let port = *port.get_or_insert(local.port());
+            let inbound = inbound::Inbound {
+                config: config.clone(),
+                upstreams: upstreams.clone(),
+                port,
+                app,
+            };
+            tasks.spawn(inbound::serve(inbound, l));
+        }
+    }
+    tasks.spawn(xds::run(
+        opts.control_plane.clone(),
+        opts.node.clone(),
+        config,
+        ready_tx,
+        stats,
+    ));
+    running.tasks = tasks;
+    Ok(running)
+}
+
+/// `hypha proxy`: starts, says where it listens, and runs until SIGINT or SIGTERM.
+pub async fn run(opts: Options) -> Result<(), StartError> {
+    let mut running = start(opts.clone()).await?;
+    tracing::info!(
+        node = %opts.node.id,
+        control_plane = %opts.control_plane,
+        http_proxy = ?running.http_proxy,
+        services = ?running.services,
+        inbound = ?running.inbound,
+        app = ?opts.app,
+        "proxy started"
+    );
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(StartError::Signal)?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+        _ = running.tasks.join_next() => {}
+    }
+    tracing::info!("proxy stopping");
+    Ok(())
+}

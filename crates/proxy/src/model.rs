@@ -1,0 +1,241 @@
+//! The proxy's runtime config: what `compile` makes of the xDS resources, read by every
+//! request through one `Arc` swapped whole when an update is applied. Nothing here is parsed
+//! or locked on the request path.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hypha_matcher::Table;
+
+/// One applied config generation.
+#[derive(Debug, Default)]
+pub struct Config {
+    /// Route tables by name (RDS names such as `9080`, and `<host>:<port>`).
+    pub routes: HashMap<String, Arc<RouteTable>>,
+    pub clusters: HashMap<String, Arc<Cluster>>,
+    /// EDS endpoints by cluster name.
+    pub endpoints: HashMap<String, Arc<[Endpoint]>>,
+    /// Every cluster's endpoints (EDS or static) with its load-balancing state.
+    pub endpoint_sets: HashMap<String, Arc<EndpointSet>>,
+    /// Service port → route table, from the `0.0.0.0_<port>` HTTP listeners.
+    pub http_by_port: HashMap<u16, String>,
+    /// VIP and port (or any address on a port) → cluster, from the TCP listeners.
+    pub tcp: HashMap<ListenAddr, String>,
+    /// Outbound listeners by name (`0.0.0.0_<port>`, `<vip>_<port>`): the address they stand
+    /// for and what traffic for it does.
+    pub outbound: HashMap<String, (ListenAddr, Outbound)>,
+    /// Inbound filter chains by destination port (from `virtualInbound`).
+    pub inbound: HashMap<u16, Inbound>,
+}
+
+/// The destination an outbound listener stands for: a service VIP and port, or any address
+/// on a port (`0.0.0.0_<port>`, HTTP services and TCP services without VIPs).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum ListenAddr {
+    Vip(std::net::IpAddr, u16),
+    AnyOn(u16),
+}
+
+/// What the outbound side does with traffic for one service port.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outbound {
+    /// HTTP: route with the route table of this name.
+    Http { route_table: String },
+    /// Plain TCP to this cluster.
+    Tcp { cluster: String },
+}
+
+/// What the inbound side does with traffic for one local port.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Inbound {
+    /// HTTP to the local app through this cluster (`inbound|<port>||`).
+    Http {
+        cluster: String,
+    },
+    Tcp {
+        cluster: String,
+    },
+}
+
+#[derive(Debug)]
+pub struct RouteTable {
+    pub name: String,
+    pub virtual_hosts: Vec<VirtualHost>,
+    /// Lower-case domain → virtual host index, for exact domains.
+    pub exact: HashMap<String, usize>,
+    /// (`*.example.com` as `.example.com`, index), longest suffix first.
+    pub suffixes: Vec<(String, usize)>,
+    /// (`example.*` as `example.`, index), longest prefix first.
+    pub prefixes: Vec<(String, usize)>,
+    /// The `*` virtual host.
+    pub any: Option<usize>,
+}
+
+impl RouteTable {
+    /// Envoy's virtual host selection: exact domain, then the longest suffix wildcard, then
+    /// the longest prefix wildcard, then `*`. `authority` must be lower-case.
+    pub fn virtual_host(&self, authority: &str) -> Option<&VirtualHost> {
+        let i = self
+            .exact
+            .get(authority)
+            .copied()
+            .or_else(|| {
+                self.suffixes
+                    .iter()
+                    .find(|(s, _)| authority.len() > s.len() && authority.ends_with(s.as_str()))
+                    .map(|(_, i)| *i)
+            })
+            .or_else(|| {
+                self.prefixes
+                    .iter()
+                    .find(|(p, _)| authority.len() > p.len() && authority.starts_with(p.as_str()))
+                    .map(|(_, i)| *i)
+            })
+            .or(self.any)?;
+        self.virtual_hosts.get(i)
+    }
+}
+
+#[derive(Debug)]
+pub struct VirtualHost {
+    pub name: String,
+    pub routes: Vec<Route>,
+    /// One rule per route, in order.
+    pub table: Table,
+}
+
+#[derive(Debug)]
+pub struct Route {
+    pub name: String,
+    pub action: Action,
+    pub headers: HeaderOps,
+    pub fault: Option<Fault>,
+}
+
+#[derive(Debug)]
+pub enum Action {
+    Forward(Forward),
+    Redirect(Redirect),
+    Direct { status: u16, body: bytes::Bytes },
+}
+
+#[derive(Debug)]
+pub struct Forward {
+    pub clusters: Vec<WeightedCluster>,
+    /// Sum of the weights.
+    pub total_weight: u32,
+    /// `None`: no route timeout (Envoy's 0).
+    pub timeout: Option<Duration>,
+    pub retry: Option<RetryPolicy>,
+    pub prefix_rewrite: Option<String>,
+    pub regex_rewrite: Option<(regex::Regex, String)>,
+    pub host_rewrite: Option<String>,
+    /// The length of the prefix the route matched, for `prefix_rewrite`.
+    pub matched_prefix: Option<usize>,
+}
+
+#[derive(Debug)]
+pub struct WeightedCluster {
+    pub name: String,
+    pub weight: u32,
+    pub headers: HeaderOps,
+}
+
+/// Envoy's `HeaderValueOption.append_action`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeaderAppend {
+    /// Add a value, keeping existing ones.
+    Append,
+    AddIfAbsent,
+    /// Replace existing values, or add.
+    Overwrite,
+    /// Replace existing values; add nothing if there are none.
+    OverwriteIfExists,
+}
+
+pub type HeaderAdd = (http::HeaderName, http::HeaderValue, HeaderAppend);
+
+#[derive(Debug, Default)]
+pub struct HeaderOps {
+    pub request_add: Vec<HeaderAdd>,
+    pub request_remove: Vec<http::HeaderName>,
+    pub response_add: Vec<HeaderAdd>,
+    pub response_remove: Vec<http::HeaderName>,
+}
+
+#[derive(Debug, Clone)]
+pub struct RetryPolicy {
+    pub attempts: u32,
+    pub per_try_timeout: Option<Duration>,
+    pub on_5xx: bool,
+    pub on_gateway_error: bool,
+    pub on_connect_failure: bool,
+    pub on_reset: bool,
+    /// Status codes retried on (`retriable-status-codes`).
+    pub on_status: Vec<u16>,
+    pub base_interval: Duration,
+    pub max_interval: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct Fault {
+    /// (delay, percentage in millionths)
+    pub delay: Option<(Duration, u32)>,
+    /// (status, percentage in millionths)
+    pub abort: Option<(u16, u32)>,
+}
+
+#[derive(Debug)]
+pub struct Redirect {
+    pub scheme: Option<String>,
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    pub path: Option<String>,
+    pub status: u16,
+}
+
+#[derive(Debug)]
+pub struct Cluster {
+    pub name: String,
+    pub kind: ClusterKind,
+    pub lb: Lb,
+    pub connect_timeout: Duration,
+    /// Speak HTTP/2 to the upstream.
+    pub http2: bool,
+}
+
+#[derive(Debug)]
+pub enum ClusterKind {
+    /// Endpoints from EDS (the ClusterLoadAssignment of the same name).
+    Eds,
+    /// Endpoints in the cluster itself.
+    Static(Arc<[Endpoint]>),
+    /// To wherever the connection was going (captured traffic; explicit mode has no original
+    /// destination, so it is refused).
+    OriginalDst,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lb {
+    RoundRobin,
+    LeastRequest,
+    Random,
+    RingHash,
+    Maglev,
+}
+
+/// A cluster's endpoints and its round-robin position (an atomic, not a lock).
+#[derive(Debug, Default)]
+pub struct EndpointSet {
+    pub endpoints: Arc<[Endpoint]>,
+    pub next: std::sync::atomic::AtomicUsize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Endpoint {
+    /// Every address of the endpoint, primary first (dual stack).
+    pub addresses: Vec<SocketAddr>,
+    pub weight: u32,
+}

@@ -1,0 +1,207 @@
+//! Outbound: the app's requests to other services. Without transparent capture the app reaches
+//! the mesh explicitly, in one of two ways a user can run without root:
+//!
+//! - **HTTP proxy** (`HTTP_PROXY=http://127.0.0.1:15080`): requests in absolute form or with a
+//!   `Host` header; the port of the authority picks the route table (`0.0.0.0_<port>`'s RDS).
+//! - **A local port per service port** (`--service reviews.bookinfo.svc.cluster.local:9080=127.0.0.1:19080`):
+//!   everything arriving there is for that service, whatever the `Host` header says.
+//!
+//! Then: route → fault → rewrites and header operations → cluster → upstream.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use http::header::HOST;
+use http::{HeaderValue, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::{Body as _, Incoming};
+
+use crate::http::{self as h, Body, Flag, View};
+use crate::model::{Action, Config, Fault, Forward, Redirect, Route};
+use crate::router;
+use crate::upstream::{Plan, Upstreams};
+
+/// What an outbound listener is for.
+#[derive(Debug, Clone)]
+pub enum Mode {
+    /// Route by the request's authority.
+    HttpProxy,
+    /// Every request is for this `host:port`.
+    Service { authority: String, port: u16 },
+}
+
+/// The shared state of the outbound side.
+#[derive(Clone)]
+pub struct Outbound {
+    pub config: Arc<ArcSwap<Config>>,
+    pub upstreams: Upstreams,
+}
+
+impl Outbound {
+    pub async fn handle(&self, mode: &Mode, req: Request<Incoming>) -> Response<Body> {
+        let cfg = self.config.load_full();
+        let (mut parts, body) = req.into_parts();
+        let (authority, port) = match mode {
+            Mode::Service { authority, port } => (authority.clone(), *port),
+            Mode::HttpProxy => match request_authority(&parts) {
+                Some(a) => a,
+                None => return h::local_reply(Flag::BadRequest),
+            },
+        };
+        // Absolute-form targets become origin-form for the upstream.
+        if parts.uri.scheme().is_some() {
+            let pq = parts
+                .uri
+                .path_and_query()
+                .map_or("/", |pq| pq.as_str())
+                .to_owned();
+            match pq.parse() {
+                Ok(uri) => parts.uri = uri,
+                Err(_) => return h::local_reply(Flag::BadRequest),
+            }
+        }
+        let Some(table) = cfg.http_by_port.get(&port) else {
+            return h::local_reply(Flag::NoRoute);
+        };
+        let view = View {
+            parts: &parts,
+            authority: &authority,
+        };
+        let Some(route) = router::select(&cfg, table, &view) else {
+            return h::local_reply(Flag::NoRoute);
+        };
+        let route: &Route = route;
+        match &route.action {
+            Action::Direct { status, body } => {
+                let mut r = Response::new(h::full(body.clone()));
+                *r.status_mut() = StatusCode::from_u16(*status).unwrap_or(StatusCode::OK);
+                router::apply(r.headers_mut(), &route.headers, false);
+                r
+            }
+            Action::Redirect(rd) => redirect(rd, &authority, &parts),
+            Action::Forward(f) => {
+                if let Some(reply) = fault(route.fault.as_ref()).await {
+                    return reply;
+                }
+                self.forward(&cfg, route, f, parts, body, &authority).await
+            }
+        }
+    }
+
+    async fn forward(
+        &self,
+        cfg: &Config,
+        route: &Route,
+        f: &Forward,
+        mut parts: http::request::Parts,
+        body: Incoming,
+        authority: &str,
+    ) -> Response<Body> {
+        let wc = router::pick_cluster(f);
+        if let Some(pq) = router::rewrite_path(f, &parts.uri) {
+            match pq.parse() {
+                Ok(uri) => parts.uri = uri,
+                Err(_) => return h::local_reply(Flag::BadRequest),
+            }
+        }
+        let host = f.host_rewrite.as_deref().unwrap_or(authority);
+        if let Ok(v) = HeaderValue::from_str(host) {
+            parts.headers.insert(HOST, v);
+        }
+        router::apply(&mut parts.headers, &route.headers, true);
+        router::apply(&mut parts.headers, &wc.headers, true);
+        let empty = body.is_end_stream();
+        let plan = Plan {
+            cluster: &wc.name,
+            original: Some(authority),
+            timeout: f.timeout,
+            retry: f.retry.as_ref(),
+        };
+        match self
+            .upstreams
+            .send(cfg, &plan, parts, h::incoming(body), empty)
+            .await
+        {
+            Ok(resp) => {
+                let (mut rp, rb) = resp.into_parts();
+                router::apply(&mut rp.headers, &route.headers, false);
+                router::apply(&mut rp.headers, &wc.headers, false);
+                Response::from_parts(rp, rb.boxed())
+            }
+            Err(flag) => h::local_reply(flag),
+        }
+    }
+}
+
+/// The authority and port a request is for: the absolute-form target, else `Host`.
+fn request_authority(parts: &http::request::Parts) -> Option<(String, u16)> {
+    let authority = match parts.uri.authority() {
+        Some(a) => a.as_str().to_owned(),
+        None => parts.headers.get(HOST)?.to_str().ok()?.to_owned(),
+    }
+    .to_ascii_lowercase();
+    let port = match authority.rsplit_once(':') {
+        Some((host, p)) if !host.ends_with(':') && (!host.contains(':') || host.ends_with(']')) => {
+            p.parse().ok()?
+        }
+        _ => 80,
+    };
+    Some((authority, port))
+}
+
+fn redirect(rd: &Redirect, authority: &str, parts: &http::request::Parts) -> Response<Body> {
+    let scheme = rd.scheme.as_deref().unwrap_or("http");
+    let host = match (&rd.host, rd.port) {
+        (Some(h), Some(p)) => format!("{h}:{p}"),
+        (Some(h), None) => h.clone(),
+        (None, Some(p)) => {
+            let bare = authority.rsplit_once(':').map_or(authority, |(h, _)| h);
+            format!("{bare}:{p}")
+        }
+        (None, None) => authority.to_owned(),
+    };
+    let path = rd.path.clone().unwrap_or_else(|| {
+        parts
+            .uri
+            .path_and_query()
+            .map_or("/".into(), |pq| pq.as_str().to_owned())
+    });
+    let mut r = Response::new(h::full(""));
+    *r.status_mut() = StatusCode::from_u16(rd.status).unwrap_or(StatusCode::MOVED_PERMANENTLY);
+    if let Ok(v) = HeaderValue::from_str(&format!("{scheme}://{host}{path}")) {
+        r.headers_mut().insert(http::header::LOCATION, v);
+    }
+    r
+}
+
+/// Applies a route's fault: maybe a delay, then maybe an abort reply.
+async fn fault(f: Option<&Fault>) -> Option<Response<Body>> {
+    let f = f?;
+    if let Some((delay, millionths)) = f.delay {
+        if crate::rand::below(1_000_000) < u64::from(millionths) {
+            tokio::time::sleep(delay).await;
+        }
+    }
+    if let Some((status, millionths)) = f.abort {
+        if crate::rand::below(1_000_000) < u64::from(millionths) {
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+            return Some(h::local_reply_with(
+                status,
+                Flag::FaultInjected,
+                "fault filter abort",
+            ));
+        }
+    }
+    None
+}
+
+/// Serves the outbound side on `listener` in `mode` until the task is dropped.
+pub async fn serve(outbound: Outbound, listener: tokio::net::TcpListener, mode: Mode) {
+    let mode = Arc::new(mode);
+    crate::http::serve(listener, move |req, _peer: SocketAddr| {
+        let (o, m) = (outbound.clone(), mode.clone());
+        async move { o.handle(&m, req).await }
+    })
+    .await;
+}

@@ -1,0 +1,144 @@
+//! What the proxy has accepted from xDS, per type, already compiled; and the runtime config
+//! assembled from it. An update is applied to a copy and only replaces the state when every
+//! resource in it compiled, so a refused update changes nothing.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+
+use hypha_xds::{type_url, Resource};
+
+use crate::compile::{self, ListenerParts, Refused};
+use crate::model::{
+    Cluster, ClusterKind, Config, Endpoint, EndpointSet, ListenAddr, Outbound, RouteTable,
+};
+
+/// The accepted resources, compiled.
+#[derive(Debug, Default, Clone)]
+pub struct State {
+    clusters: HashMap<String, Arc<Cluster>>,
+    endpoints: HashMap<String, Arc<[Endpoint]>>,
+    listeners: HashMap<String, ListenerParts>,
+    routes: HashMap<String, Arc<RouteTable>>,
+}
+
+/// The outcome of applying one update.
+#[derive(Debug)]
+pub struct Applied {
+    pub config: Arc<Config>,
+    /// Route tables and EDS clusters the config now refers to, for RDS/EDS subscriptions.
+    pub wanted_routes: BTreeSet<String>,
+    pub wanted_endpoints: BTreeSet<String>,
+}
+
+impl State {
+    /// Applies an update of one type: changed resources and removed names. On error nothing
+    /// changes and the reasons (every refused resource) are returned for the NACK.
+    pub fn apply(
+        &mut self,
+        type_url: &str,
+        resources: &[Resource],
+        removed: &[String],
+    ) -> Result<(), Vec<Refused>> {
+        let mut refused = Vec::new();
+        macro_rules! update {
+            ($map:expr, $compile:expr) => {{
+                let mut compiled = Vec::new();
+                for r in resources {
+                    match $compile(&r.name, &r.body.value) {
+                        Ok(c) => compiled.push((r.name.clone(), c)),
+                        Err(e) => refused.push(e),
+                    }
+                }
+                if refused.is_empty() {
+                    for name in removed {
+                        $map.remove(name);
+                    }
+                    $map.extend(compiled);
+                }
+            }};
+        }
+        match type_url {
+            type_url::CLUSTER => update!(self.clusters, |n: &str, b: &[u8]| compile::cluster(n, b)
+                .map(Arc::new)),
+            type_url::ENDPOINT => update!(self.endpoints, compile::endpoints),
+            type_url::LISTENER => update!(self.listeners, compile::listener),
+            type_url::ROUTE => update!(self.routes, |n: &str, b: &[u8]| compile::route_table(n, b)
+                .map(Arc::new)),
+            other => refused.push(Refused {
+                kind: "type",
+                name: other.to_owned(),
+                reason: "resource type not supported by the Hypha proxy".into(),
+            }),
+        }
+        if refused.is_empty() {
+            Ok(())
+        } else {
+            Err(refused)
+        }
+    }
+
+    /// The runtime config for the current state.
+    pub fn assemble(&self) -> Applied {
+        let mut config = Config {
+            routes: self.routes.clone(),
+            clusters: self.clusters.clone(),
+            endpoints: self.endpoints.clone(),
+            ..Default::default()
+        };
+        let mut wanted_routes = BTreeSet::new();
+        for (name, c) in &self.clusters {
+            let endpoints = match &c.kind {
+                ClusterKind::Eds => self.endpoints.get(name).cloned(),
+                ClusterKind::Static(e) => Some(e.clone()),
+                ClusterKind::OriginalDst => None,
+            };
+            if let Some(endpoints) = endpoints {
+                config.endpoint_sets.insert(
+                    name.clone(),
+                    Arc::new(EndpointSet {
+                        endpoints,
+                        next: Default::default(),
+                    }),
+                );
+            }
+        }
+        for (name, parts) in &self.listeners {
+            if let Some((addr, o)) = &parts.outbound {
+                match o {
+                    Outbound::Http { route_table } => {
+                        let (ListenAddr::AnyOn(port) | ListenAddr::Vip(_, port)) = addr;
+                        config.http_by_port.insert(*port, route_table.clone());
+                    }
+                    Outbound::Tcp { cluster } => {
+                        config.tcp.insert(addr.clone(), cluster.clone());
+                    }
+                }
+                config
+                    .outbound
+                    .insert(name.clone(), (addr.clone(), o.clone()));
+            }
+            config.inbound.extend(parts.inbound.iter().cloned());
+            wanted_routes.extend(parts.rds.iter().cloned());
+        }
+        let wanted_endpoints = self
+            .clusters
+            .iter()
+            .filter(|(_, c)| matches!(c.kind, ClusterKind::Eds))
+            .map(|(n, _)| n.clone())
+            .collect();
+        Applied {
+            config: Arc::new(config),
+            wanted_routes,
+            wanted_endpoints,
+        }
+    }
+}
+
+/// A NACK's error detail: every refused resource, one per line.
+pub fn nack_message(refused: &[Refused]) -> String {
+    refused
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("\n")
+}

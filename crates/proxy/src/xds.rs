@@ -1,0 +1,207 @@
+//! The proxy's xDS client: one delta ADS stream to the control plane, wildcard for clusters
+//! and listeners, and named subscriptions for the route tables and endpoint sets the config
+//! refers to. Each update is compiled and applied as a whole (or NACKed with every reason);
+//! the data path sees the result through one atomic pointer swap. When the control plane goes
+//! away the proxy keeps serving its last good config and reconnects with backoff, telling the
+//! server what it already has.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use hypha_xds::{type_url, ClientError, DeltaClient, ProxyInfo, Versions};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::model::Config;
+use crate::state::{nack_message, State};
+
+const BACKOFF_START: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// Counters of the xDS client, for metrics and tests.
+#[derive(Debug, Default)]
+pub struct XdsStats {
+    pub updates_applied: std::sync::atomic::AtomicU64,
+    pub updates_rejected: std::sync::atomic::AtomicU64,
+    pub connects: std::sync::atomic::AtomicU64,
+}
+
+/// Runs the client until the task is dropped. `config` is replaced after every applied update;
+/// `ready` turns true once clusters, listeners and everything they refer to have arrived.
+pub async fn run(
+    control_plane: String,
+    proxy: ProxyInfo,
+    config: Arc<ArcSwap<Config>>,
+    ready: watch::Sender<bool>,
+    stats: Arc<XdsStats>,
+) {
+    let mut state = State::default();
+    let mut versions = Versions::new();
+    let mut backoff = BACKOFF_START;
+    loop {
+        stats
+            .connects
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        match session(
+            &control_plane,
+            &proxy,
+            &mut state,
+            &mut versions,
+            &config,
+            &ready,
+            &stats,
+        )
+        .await
+        {
+            Ok(()) => {
+                info!(
+                    control_plane,
+                    "control plane ended the xDS stream; reconnecting"
+                );
+                backoff = BACKOFF_START;
+            }
+            Err((e, got_updates)) => {
+                if got_updates {
+                    backoff = BACKOFF_START;
+                }
+                warn!(control_plane, error = %e, retry_in_ms = backoff.as_millis() as u64,
+                    "xDS stream failed; serving the last good config");
+            }
+        }
+        tokio::time::sleep(jitter(backoff)).await;
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+/// One stream: until it ends or fails. The error carries whether any update arrived.
+async fn session(
+    control_plane: &str,
+    proxy: &ProxyInfo,
+    state: &mut State,
+    versions: &mut Versions,
+    config: &ArcSwap<Config>,
+    ready: &watch::Sender<bool>,
+    stats: &XdsStats,
+) -> Result<(), (ClientError, bool)> {
+    let mut client =
+        DeltaClient::connect_with_versions(control_plane, proxy.to_node(), versions.clone())
+            .await
+            .map_err(|e| (e, false))?;
+    // What the current state refers to, subscribed again on the new stream.
+    let applied = state.assemble();
+    let mut routes = BTreeSet::new();
+    let mut endpoints = BTreeSet::new();
+    let mut got = false;
+    resubscribe(
+        &mut client,
+        &mut routes,
+        &applied.wanted_routes,
+        type_url::ROUTE,
+    )
+    .await
+    .map_err(|e| (e, got))?;
+    resubscribe(
+        &mut client,
+        &mut endpoints,
+        &applied.wanted_endpoints,
+        type_url::ENDPOINT,
+    )
+    .await
+    .map_err(|e| (e, got))?;
+    let mut seen_types = BTreeSet::new();
+    loop {
+        let update = match client.next().await {
+            Ok(Some(u)) => u,
+            Ok(None) => return Ok(()),
+            Err(e) => return Err((e, got)),
+        };
+        got = true;
+        let mut next = state.clone();
+        let result = next
+            .apply(&update.type_url, &update.resources, &update.removed)
+            .map_err(|refused| nack_message(&refused));
+        match &result {
+            Ok(()) => {
+                *state = next;
+                let applied = state.assemble();
+                config.store(applied.config.clone());
+                stats
+                    .updates_applied
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                seen_types.insert(update.type_url.clone());
+                info!(type_url = %update.type_url, version = %update.system_version,
+                    resources = update.resources.len(), removed = update.removed.len(),
+                    "xDS update applied");
+                resubscribe(
+                    &mut client,
+                    &mut routes,
+                    &applied.wanted_routes,
+                    type_url::ROUTE,
+                )
+                .await
+                .map_err(|e| (e, got))?;
+                resubscribe(
+                    &mut client,
+                    &mut endpoints,
+                    &applied.wanted_endpoints,
+                    type_url::ENDPOINT,
+                )
+                .await
+                .map_err(|e| (e, got))?;
+                let complete = seen_types.contains(type_url::CLUSTER)
+                    && seen_types.contains(type_url::LISTENER)
+                    && applied
+                        .wanted_routes
+                        .iter()
+                        .all(|r| applied.config.routes.contains_key(r))
+                    && applied
+                        .wanted_endpoints
+                        .iter()
+                        .all(|e| applied.config.endpoints.contains_key(e));
+                if complete && !*ready.borrow() {
+                    info!("xDS config complete; proxy ready");
+                    ready.send_replace(true);
+                }
+            }
+            Err(reason) => {
+                stats
+                    .updates_rejected
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                warn!(type_url = %update.type_url, version = %update.system_version, %reason,
+                    "xDS update rejected (NACK); keeping the last good config");
+            }
+        }
+        client
+            .ack_or_nack(&update, result)
+            .await
+            .map_err(|e| (e, got))?;
+        *versions = client.accepted_versions().clone();
+    }
+}
+
+/// Brings the named subscription of one type in line with what the config refers to.
+async fn resubscribe(
+    client: &mut DeltaClient,
+    current: &mut BTreeSet<String>,
+    wanted: &BTreeSet<String>,
+    type_url: &str,
+) -> Result<(), ClientError> {
+    let add: Vec<String> = wanted.difference(current).cloned().collect();
+    let remove: Vec<String> = current.difference(wanted).cloned().collect();
+    if !add.is_empty() {
+        client.subscribe(type_url, add).await?;
+    }
+    if !remove.is_empty() {
+        client.unsubscribe(type_url, remove).await?;
+    }
+    current.clone_from(wanted);
+    Ok(())
+}
+
+/// ±25 % so that many proxies do not reconnect in lockstep.
+fn jitter(d: Duration) -> Duration {
+    let r = crate::rand::below(500) as u32; // 0..500 → 0.75..1.25
+    d * (750 + r) / 1000
+}
