@@ -89,6 +89,9 @@ struct ProxyArgs {
     /// Where the app listens.
     #[arg(long)]
     app: Option<SocketAddr>,
+    /// Admin listener: /ready, /metrics, /config_dump, /clusters.
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    admin: Option<SocketAddr>,
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -224,6 +227,7 @@ async fn proxy(a: ProxyArgs) -> anyhow::Result<()> {
         inbound: a.inbound,
         inbound_port: a.inbound_port,
         app: a.app,
+        admin: a.admin,
     };
     Ok(hypha_proxy::run(opts).await?)
 }

@@ -181,3 +181,104 @@ impl hypha_matcher::Request for View<'_> {
         hypha_matcher::query_param(self.parts.uri.query().unwrap_or("").as_bytes(), name)
     }
 }
+
+/// A body that counts the bytes it yields and calls `done` with the count once, when it ends
+/// or is dropped (a client that goes away mid-response still gets its request counted).
+pub struct Counted {
+    inner: Body,
+    bytes: u64,
+    done: Option<Box<dyn FnOnce(u64) + Send + Sync>>,
+}
+
+impl Counted {
+    pub fn new(inner: Body, done: impl FnOnce(u64) + Send + Sync + 'static) -> Counted {
+        Counted {
+            inner,
+            bytes: 0,
+            done: Some(Box::new(done)),
+        }
+    }
+
+    fn finish(&mut self) {
+        if let Some(done) = self.done.take() {
+            done(self.bytes);
+        }
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+impl hyper::body::Body for Counted {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let polled = std::pin::Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            std::task::Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.bytes += data.len() as u64;
+                }
+            }
+            std::task::Poll::Ready(None) => this.finish(),
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The request body size when known up front (`content-length` or an exact size hint).
+pub fn request_size(parts: &http::request::Parts, body: &impl hyper::body::Body) -> u64 {
+    parts
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse().ok())
+        .or_else(|| body.size_hint().exact())
+        .unwrap_or(0)
+}
+
+/// The response flags of a reply: the proxy's own (`x-hypha-response-flags`) or `-`.
+pub fn response_flags(resp: &Response<Body>) -> &'static str {
+    match resp
+        .headers()
+        .get("x-hypha-response-flags")
+        .map(http::HeaderValue::as_bytes)
+    {
+        Some(b"NR") => Flag::NoRoute.as_str(),
+        Some(b"NC") => Flag::NoCluster.as_str(),
+        Some(b"UH") => Flag::NoHealthyUpstream.as_str(),
+        Some(b"UF") => Flag::ConnectFailure.as_str(),
+        Some(b"UT") => Flag::Timeout.as_str(),
+        Some(b"UR") => Flag::Reset.as_str(),
+        Some(b"FI") => Flag::FaultInjected.as_str(),
+        Some(b"DC") => Flag::BadRequest.as_str(),
+        _ => "-",
+    }
+}
+
+/// Wraps a finished response so that `observe(code, flags, response bytes)` runs when its
+/// body is done.
+pub fn observed(
+    resp: Response<Body>,
+    observe: impl FnOnce(u16, &'static str, u64) + Send + Sync + 'static,
+) -> Response<Body> {
+    let code = resp.status().as_u16();
+    let flags = response_flags(&resp);
+    resp.map(|b| Counted::new(b, move |bytes| observe(code, flags, bytes)).boxed())
+}

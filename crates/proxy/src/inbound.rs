@@ -5,6 +5,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use http::{Request, Response};
@@ -15,12 +16,14 @@ use tracing::debug;
 
 use crate::http::{self as h, Body};
 use crate::model::{Config, Inbound as Chain};
+use crate::telemetry::{Observation, Reporter, Telemetry};
 use crate::upstream::Upstreams;
 
 #[derive(Clone)]
 pub struct Inbound {
     pub config: Arc<ArcSwap<Config>>,
     pub upstreams: Upstreams,
+    pub telemetry: Arc<Telemetry>,
     /// The chain to use (the workload's port as the mesh knows it).
     pub port: u16,
     /// Where the app listens.
@@ -29,20 +32,34 @@ pub struct Inbound {
 
 impl Inbound {
     async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+        let start = Instant::now();
         let cfg = self.config.load();
-        let http2 = match cfg.inbound.get(&self.port) {
-            Some(Chain::Http { cluster }) => cfg.clusters.get(cluster).is_some_and(|c| c.http2),
-            _ => false,
+        let (http2, cluster) = match cfg.inbound.get(&self.port) {
+            Some(Chain::Http { cluster }) => (
+                cfg.clusters.get(cluster).is_some_and(|c| c.http2),
+                cluster.clone(),
+            ),
+            _ => (false, String::new()),
         };
         let (parts, body) = req.into_parts();
-        match self
+        let request_bytes = h::request_size(&parts, &body);
+        let resp = match self
             .upstreams
             .send_direct(http2, self.app, parts, h::incoming(body))
             .await
         {
             Ok(resp) => resp.map(|b| b.boxed()),
             Err(flag) => h::local_reply(flag),
-        }
+        };
+        let telemetry = self.telemetry.clone();
+        h::observed(resp, move |code, flags, response_bytes| {
+            let o = Observation {
+                duration_ms: start.elapsed().as_secs_f64() * 1000.0,
+                request_bytes,
+                response_bytes,
+            };
+            telemetry.observe(Reporter::Destination, &cluster, code, flags, &o);
+        })
     }
 }
 
@@ -62,11 +79,18 @@ pub async fn serve(inbound: Inbound, listener: TcpListener) {
             }));
         } else {
             tokio::spawn(async move {
+                let metrics = &inbound.telemetry.metrics;
                 match tokio::net::TcpStream::connect(inbound.app).await {
                     Ok(mut app) => {
                         let _ = app.set_nodelay(true);
-                        if let Err(e) = tokio::io::copy_bidirectional(&mut stream, &mut app).await {
-                            debug!(%peer, error = %e, "inbound TCP connection ended");
+                        metrics.tcp_opened();
+                        match tokio::io::copy_bidirectional(&mut stream, &mut app).await {
+                            // Received from the peer, sent back to it.
+                            Ok((received, sent)) => metrics.tcp_closed(sent, received),
+                            Err(e) => {
+                                metrics.tcp_closed(0, 0);
+                                debug!(%peer, error = %e, "inbound TCP connection ended");
+                            }
                         }
                     }
                     Err(e) => debug!(%peer, error = %e, "cannot reach the app"),

@@ -11,6 +11,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod compile;
 mod http;
 pub mod inbound;
@@ -19,6 +20,7 @@ pub mod outbound;
 mod rand;
 pub mod router;
 pub mod state;
+pub mod telemetry;
 pub mod upstream;
 pub mod xds;
 
@@ -51,6 +53,8 @@ pub struct Options {
     pub inbound_port: Option<u16>,
     /// Where the app listens.
     pub app: Option<SocketAddr>,
+    /// The admin listener (`/ready`, `/metrics`, `/config_dump`, `/clusters`).
+    pub admin: Option<SocketAddr>,
 }
 
 /// A started proxy: the addresses it actually listens on, readiness, and counters. Dropping it
@@ -59,10 +63,12 @@ pub struct Running {
     pub http_proxy: Vec<SocketAddr>,
     pub services: Vec<SocketAddr>,
     pub inbound: Vec<SocketAddr>,
+    pub admin: Option<SocketAddr>,
     /// True once the first complete config is applied.
     pub ready: watch::Receiver<bool>,
     pub xds: Arc<xds::XdsStats>,
     pub config: Arc<ArcSwap<model::Config>>,
+    pub telemetry: Arc<telemetry::Telemetry>,
     pub tasks: JoinSet<()>,
 }
 
@@ -93,19 +99,50 @@ pub async fn start(opts: Options) -> Result<Running, StartError> {
     let (ready_tx, ready) = watch::channel(false);
     let stats = Arc::new(xds::XdsStats::default());
     let mut tasks = JoinSet::new();
+    let label = |k: &str| {
+        opts.node
+            .labels
+            .get(k)
+            .cloned()
+            .unwrap_or_else(|| "unknown".into())
+    };
+    let telemetry = Arc::new(telemetry::Telemetry {
+        metrics: telemetry::Metrics::default(),
+        me: telemetry::Identity {
+            workload: opts.node.workload_name.clone(),
+            namespace: opts.node.namespace.clone(),
+            app: label("app"),
+            version: label("version"),
+        },
+    });
     let out = outbound::Outbound {
         config: config.clone(),
         upstreams: upstreams.clone(),
+        telemetry: telemetry.clone(),
     };
     let mut running = Running {
         http_proxy: Vec::new(),
         services: Vec::new(),
         inbound: Vec::new(),
-        ready,
+        admin: None,
+        ready: ready.clone(),
         xds: stats.clone(),
         config: config.clone(),
+        telemetry: telemetry.clone(),
         tasks: JoinSet::new(),
     };
+    let versions = Arc::new(ArcSwap::from_pointee(Vec::new()));
+    if let Some(addr) = opts.admin {
+        let (l, local) = bind(addr).await?;
+        running.admin = Some(local);
+        let admin = admin::Admin {
+            config: config.clone(),
+            telemetry: telemetry.clone(),
+            ready,
+            versions: versions.clone(),
+        };
+        tasks.spawn(admin::serve(admin, l));
+    }
     for addr in &opts.http_proxy {
         let (l, local) = bind(*addr).await?;
         running.http_proxy.push(local);
@@ -134,6 +171,7 @@ pub async fn start(opts: Options) -> Result<Running, StartError> {
             let inbound = inbound::Inbound {
                 config: config.clone(),
                 upstreams: upstreams.clone(),
+                telemetry: telemetry.clone(),
                 port,
                 app,
             };
@@ -143,9 +181,12 @@ pub async fn start(opts: Options) -> Result<Running, StartError> {
     tasks.spawn(xds::run(
         opts.control_plane.clone(),
         opts.node.clone(),
-        config,
-        ready_tx,
-        stats,
+        xds::Shared {
+            config,
+            ready: ready_tx,
+            stats,
+            versions,
+        },
     ));
     running.tasks = tasks;
     Ok(running)
@@ -160,6 +201,7 @@ pub async fn run(opts: Options) -> Result<(), StartError> {
         http_proxy = ?running.http_proxy,
         services = ?running.services,
         inbound = ?running.inbound,
+        admin = ?running.admin,
         app = ?opts.app,
         "proxy started"
     );

@@ -10,6 +10,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use http::header::HOST;
@@ -18,8 +19,9 @@ use http_body_util::BodyExt;
 use hyper::body::{Body as _, Incoming};
 
 use crate::http::{self as h, Body, Flag, View};
-use crate::model::{Action, Config, Fault, Forward, Redirect, Route};
+use crate::model::{Action, Config, Fault, Forward, Redirect, Route, WeightedCluster};
 use crate::router;
+use crate::telemetry::{Observation, Reporter, Telemetry};
 use crate::upstream::{Plan, Upstreams};
 
 /// What an outbound listener is for.
@@ -36,17 +38,36 @@ pub enum Mode {
 pub struct Outbound {
     pub config: Arc<ArcSwap<Config>>,
     pub upstreams: Upstreams,
+    pub telemetry: Arc<Telemetry>,
 }
 
 impl Outbound {
     pub async fn handle(&self, mode: &Mode, req: Request<Incoming>) -> Response<Body> {
+        let start = Instant::now();
+        let (parts, body) = req.into_parts();
+        let request_bytes = h::request_size(&parts, &body);
+        let (resp, cluster) = self.dispatch(mode, Request::from_parts(parts, body)).await;
+        let telemetry = self.telemetry.clone();
+        h::observed(resp, move |code, flags, response_bytes| {
+            let o = Observation {
+                duration_ms: start.elapsed().as_secs_f64() * 1000.0,
+                request_bytes,
+                response_bytes,
+            };
+            telemetry.observe(Reporter::Source, &cluster, code, flags, &o);
+        })
+    }
+
+    /// The response, and the cluster the request went to (empty if none).
+    async fn dispatch(&self, mode: &Mode, req: Request<Incoming>) -> (Response<Body>, String) {
+        let none = String::new;
         let cfg = self.config.load_full();
         let (mut parts, body) = req.into_parts();
         let (authority, port) = match mode {
             Mode::Service { authority, port } => (authority.clone(), *port),
             Mode::HttpProxy => match request_authority(&parts) {
                 Some(a) => a,
-                None => return h::local_reply(Flag::BadRequest),
+                None => return (h::local_reply(Flag::BadRequest), none()),
             },
         };
         // Absolute-form targets become origin-form for the upstream.
@@ -58,18 +79,18 @@ impl Outbound {
                 .to_owned();
             match pq.parse() {
                 Ok(uri) => parts.uri = uri,
-                Err(_) => return h::local_reply(Flag::BadRequest),
+                Err(_) => return (h::local_reply(Flag::BadRequest), none()),
             }
         }
         let Some(table) = cfg.http_by_port.get(&port) else {
-            return h::local_reply(Flag::NoRoute);
+            return (h::local_reply(Flag::NoRoute), none());
         };
         let view = View {
             parts: &parts,
             authority: &authority,
         };
         let Some(route) = router::select(&cfg, table, &view) else {
-            return h::local_reply(Flag::NoRoute);
+            return (h::local_reply(Flag::NoRoute), none());
         };
         let route: &Route = route;
         match &route.action {
@@ -77,28 +98,33 @@ impl Outbound {
                 let mut r = Response::new(h::full(body.clone()));
                 *r.status_mut() = StatusCode::from_u16(*status).unwrap_or(StatusCode::OK);
                 router::apply(r.headers_mut(), &route.headers, false);
-                r
+                (r, none())
             }
-            Action::Redirect(rd) => redirect(rd, &authority, &parts),
+            Action::Redirect(rd) => (redirect(rd, &authority, &parts), none()),
             Action::Forward(f) => {
+                let wc = router::pick_cluster(f);
                 if let Some(reply) = fault(route.fault.as_ref()).await {
-                    return reply;
+                    return (reply, wc.name.clone());
                 }
-                self.forward(&cfg, route, f, parts, body, &authority).await
+                let resp = self
+                    .forward(&cfg, route, f, wc, parts, body, &authority)
+                    .await;
+                (resp, wc.name.clone())
             }
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn forward(
         &self,
         cfg: &Config,
         route: &Route,
         f: &Forward,
+        wc: &WeightedCluster,
         mut parts: http::request::Parts,
         body: Incoming,
         authority: &str,
     ) -> Response<Body> {
-        let wc = router::pick_cluster(f);
         if let Some(pq) = router::rewrite_path(f, &parts.uri) {
             match pq.parse() {
                 Ok(uri) => parts.uri = uri,

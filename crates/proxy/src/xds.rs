@@ -28,33 +28,28 @@ pub struct XdsStats {
     pub connects: std::sync::atomic::AtomicU64,
 }
 
-/// Runs the client until the task is dropped. `config` is replaced after every applied update;
-/// `ready` turns true once clusters, listeners and everything they refer to have arrived.
-pub async fn run(
-    control_plane: String,
-    proxy: ProxyInfo,
-    config: Arc<ArcSwap<Config>>,
-    ready: watch::Sender<bool>,
-    stats: Arc<XdsStats>,
-) {
+/// What the client shares with the rest of the proxy.
+pub struct Shared {
+    /// Replaced after every applied update.
+    pub config: Arc<ArcSwap<Config>>,
+    /// Turns true once clusters, listeners and everything they refer to have arrived.
+    pub ready: watch::Sender<bool>,
+    pub stats: Arc<XdsStats>,
+    /// (type URL, name, version) of every accepted resource, for `/config_dump`.
+    pub versions: Arc<ArcSwap<Vec<(String, String, String)>>>,
+}
+
+/// Runs the client until the task is dropped.
+pub async fn run(control_plane: String, proxy: ProxyInfo, shared: Shared) {
     let mut state = State::default();
     let mut versions = Versions::new();
     let mut backoff = BACKOFF_START;
     loop {
-        stats
+        shared
+            .stats
             .connects
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        match session(
-            &control_plane,
-            &proxy,
-            &mut state,
-            &mut versions,
-            &config,
-            &ready,
-            &stats,
-        )
-        .await
-        {
+        match session(&control_plane, &proxy, &mut state, &mut versions, &shared).await {
             Ok(()) => {
                 info!(
                     control_plane,
@@ -81,10 +76,14 @@ async fn session(
     proxy: &ProxyInfo,
     state: &mut State,
     versions: &mut Versions,
-    config: &ArcSwap<Config>,
-    ready: &watch::Sender<bool>,
-    stats: &XdsStats,
+    shared: &Shared,
 ) -> Result<(), (ClientError, bool)> {
+    let Shared {
+        config,
+        ready,
+        stats,
+        versions: dump,
+    } = shared;
     let mut client =
         DeltaClient::connect_with_versions(control_plane, proxy.to_node(), versions.clone())
             .await
@@ -178,6 +177,16 @@ async fn session(
             .await
             .map_err(|e| (e, got))?;
         *versions = client.accepted_versions().clone();
+        let mut list: Vec<(String, String, String)> = versions
+            .iter()
+            .flat_map(|(t, names)| {
+                names
+                    .iter()
+                    .map(move |(n, v)| (t.clone(), n.clone(), v.clone()))
+            })
+            .collect();
+        list.sort();
+        dump.store(Arc::new(list));
     }
 }
 

@@ -270,6 +270,7 @@ async fn mesh() -> Mesh {
         inbound: vec!["127.0.0.1:0".parse().unwrap()],
         inbound_port: None,
         app: Some(v1.addr),
+        admin: Some("127.0.0.1:0".parse().unwrap()),
     })
     .await
     .unwrap();
@@ -281,6 +282,7 @@ async fn mesh() -> Mesh {
         inbound: vec![],
         inbound_port: None,
         app: None,
+        admin: Some("127.0.0.1:0".parse().unwrap()),
     })
     .await
     .unwrap();
@@ -301,6 +303,25 @@ async fn mesh() -> Mesh {
     };
     ready(&mut mesh.client).await;
     ready(&mut mesh._server).await;
+    // Ready means complete for what was pushed so far, which may be the empty mesh: wait for
+    // the pushed config itself (every table and endpoint set it refers to).
+    let inbound_port = mesh._server.inbound[0].port();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let c = mesh.client.config.load();
+        let s = mesh._server.config.load();
+        let client_done = ["80", "8080", "9090"]
+            .iter()
+            .all(|t| c.routes.contains_key(*t))
+            && c.clusters
+                .keys()
+                .all(|k| !k.starts_with("outbound|") || c.endpoint_sets.contains_key(k));
+        if client_done && s.inbound.contains_key(&inbound_port) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the mesh config never arrived");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     mesh
 }
 
@@ -432,4 +453,123 @@ async fn route_changes_apply_without_losing_requests() {
     );
     assert_eq!(codes.get(&200), Some(&2000), "{codes:?}");
     assert_eq!(m.client.xds.updates_rejected.load(Ordering::Relaxed), 0);
+}
+
+/// Plain GET on an admin endpoint.
+async fn admin(addr: SocketAddr, path: &str) -> (u16, String) {
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let resp = client
+        .get(format!("http://{addr}{path}").parse().unwrap())
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// The value of the first sample of `metric` whose labels contain every `want` pair.
+fn sample(text: &str, metric: &str, want: &[(&str, &str)]) -> Option<f64> {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{metric}{{")))
+        .find(|l| {
+            want.iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_and_admin_match_the_traffic() {
+    let m = mesh().await;
+    let p = m.client.http_proxy[0];
+    let web = "http://web.shop.svc.cluster.local";
+    for i in 0..7 {
+        let (s, _, _) = get(p, &format!("{web}/legacy/{i}"), &[]).await;
+        assert_eq!(s, 200);
+    }
+    for _ in 0..3 {
+        let (s, _, _) = get(p, &format!("{web}/broken"), &[]).await;
+        assert_eq!(s, 418);
+    }
+    let client_admin = m.client.admin.unwrap();
+    let server_admin = m._server.admin.unwrap();
+    assert_eq!(admin(client_admin, "/ready").await.0, 200);
+
+    // Bodies are counted when they end; the client has read them all by now, but the
+    // proxy's side of the body may finish an instant later.
+    let deadline = Instant::now() + WAIT;
+    let (client_text, server_text) = loop {
+        let c = admin(client_admin, "/metrics").await.1;
+        let s = admin(server_admin, "/metrics").await.1;
+        let done = sample(
+            &c,
+            "istio_requests_total",
+            &[("destination_version", "v1"), ("response_code", "200")],
+        ) == Some(7.0)
+            && sample(
+                &s,
+                "istio_requests_total",
+                &[("reporter", "destination"), ("response_code", "200")],
+            ) == Some(7.0);
+        if done || Instant::now() > deadline {
+            break (c, s);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let v1_ok = [
+        ("reporter", "source"),
+        ("source_workload", "client"),
+        ("source_workload_namespace", "shop"),
+        ("destination_service", "web.shop.svc.cluster.local"),
+        ("destination_version", "v1"),
+        ("response_code", "200"),
+        ("response_flags", "-"),
+    ];
+    assert_eq!(
+        sample(&client_text, "istio_requests_total", &v1_ok),
+        Some(7.0),
+        "{client_text}"
+    );
+    assert_eq!(
+        sample(
+            &client_text,
+            "istio_request_duration_milliseconds_count",
+            &v1_ok
+        ),
+        Some(7.0)
+    );
+    assert!(
+        sample(&client_text, "istio_response_bytes_sum", &v1_ok).unwrap() > 7.0 * 10.0,
+        "each response body is `v1 /modern/N rewritten`"
+    );
+    let aborted = [("response_code", "418"), ("response_flags", "FI")];
+    assert_eq!(
+        sample(&client_text, "istio_requests_total", &aborted),
+        Some(3.0)
+    );
+    // The server sidecar saw only the 7 that reached it, as the destination reporter.
+    let inbound = [
+        ("reporter", "destination"),
+        ("destination_workload", "web-v1"),
+        ("destination_app", "web"),
+        ("response_code", "200"),
+    ];
+    assert_eq!(
+        sample(&server_text, "istio_requests_total", &inbound),
+        Some(7.0),
+        "{server_text}"
+    );
+    assert_eq!(sample(&server_text, "istio_requests_total", &aborted), None);
+
+    // Admin views of the config.
+    let (s, clusters) = admin(client_admin, "/clusters").await;
+    assert_eq!(s, 200);
+    assert!(
+        clusters.contains("outbound|80|v1|web.shop.svc.cluster.local type=eds"),
+        "{clusters}"
+    );
+    assert!(clusters.contains(&format!("127.0.0.1:{}", m._server.inbound[0].port())));
+    let (_, dump) = admin(client_admin, "/config_dump").await;
+    assert!(dump.contains("# type.googleapis.com/envoy.config.route.v3.RouteConfiguration"));
+    assert!(dump.lines().any(|l| l.starts_with("80 ")), "{dump}");
 }

@@ -1,0 +1,101 @@
+//! The admin listener: `/ready` (200 once the first complete config is applied, else 503),
+//! `/metrics` (Prometheus text, Istio's metric names), `/config_dump` (the applied resources,
+//! by type, with versions), `/clusters` (each cluster's endpoints). Plain HTTP on loopback by
+//! default.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::http::{self as h, Body};
+use crate::model::{ClusterKind, Config};
+use crate::telemetry::Telemetry;
+
+#[derive(Clone)]
+pub struct Admin {
+    pub config: Arc<ArcSwap<Config>>,
+    pub telemetry: Arc<Telemetry>,
+    pub ready: watch::Receiver<bool>,
+    /// (type URL, name, version) of every applied resource.
+    pub versions: Arc<ArcSwap<Vec<(String, String, String)>>>,
+}
+
+impl Admin {
+    fn handle(&self, req: &Request<Incoming>) -> Response<Body> {
+        let (status, body) = match req.uri().path() {
+            "/ready" | "/healthz/ready" => {
+                if *self.ready.borrow() {
+                    (StatusCode::OK, "LIVE\n".to_owned())
+                } else {
+                    (StatusCode::SERVICE_UNAVAILABLE, "NOT READY\n".to_owned())
+                }
+            }
+            "/metrics" | "/stats/prometheus" => (StatusCode::OK, self.telemetry.metrics.render()),
+            "/config_dump" => (StatusCode::OK, self.config_dump()),
+            "/clusters" => (StatusCode::OK, self.clusters()),
+            _ => (
+                StatusCode::NOT_FOUND,
+                "admin: /ready /metrics /config_dump /clusters\n".to_owned(),
+            ),
+        };
+        let mut r = Response::new(h::full(body));
+        *r.status_mut() = status;
+        r
+    }
+
+    fn config_dump(&self) -> String {
+        let mut out = String::new();
+        let versions = self.versions.load();
+        let mut last_type = "";
+        for (t, name, version) in versions.iter() {
+            if t != last_type {
+                let _ = writeln!(out, "# {t}");
+                last_type = t;
+            }
+            let _ = writeln!(out, "{name} {version}");
+        }
+        out
+    }
+
+    fn clusters(&self) -> String {
+        let cfg = self.config.load();
+        let mut names: Vec<&String> = cfg.clusters.keys().collect();
+        names.sort();
+        let mut out = String::new();
+        for name in names {
+            let c = &cfg.clusters[name];
+            let kind = match c.kind {
+                ClusterKind::Eds => "eds",
+                ClusterKind::Static(_) => "static",
+                ClusterKind::OriginalDst => "original_dst",
+            };
+            let _ = writeln!(out, "{name} type={kind} lb={:?} http2={}", c.lb, c.http2);
+            if let Some(set) = cfg.endpoint_sets.get(name) {
+                for e in set.endpoints.iter() {
+                    let addrs: Vec<String> = e.addresses.iter().map(ToString::to_string).collect();
+                    let _ = writeln!(
+                        out,
+                        "  {} weight={} health=healthy",
+                        addrs.join(","),
+                        e.weight
+                    );
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Serves the admin endpoints until the task is dropped.
+pub async fn serve(admin: Admin, listener: TcpListener) {
+    h::serve(listener, move |req, _| {
+        let resp = admin.handle(&req);
+        async move { resp }
+    })
+    .await;
+}

@@ -1,0 +1,400 @@
+//! Request metrics with Istio's names and labels, kept without locks: a fixed open-addressing
+//! table of series, each slot claimed once by compare-and-swap on its key and then updated
+//! with atomic adds. A new series (a new combination of service, response code and flags)
+//! allocates its label set once; a request on a known series touches only atomics. The
+//! Prometheus text is rendered from the table on scrape.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+
+/// Istio's `istio_request_duration_milliseconds` buckets.
+const DURATION_BUCKETS_MS: [f64; 19] = [
+    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
+    60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
+];
+/// Istio's `istio_request_bytes` / `istio_response_bytes` buckets.
+const SIZE_BUCKETS: [f64; 8] = [
+    1.0, 10.0, 100.0, 1000.0, 10000.0, 100000.0, 1000000.0, 10000000.0,
+];
+/// Series slots; past this many distinct label sets new ones are counted in `overflow`.
+const SLOTS: usize = 4096;
+
+/// Who reports: the client's sidecar (`source`) or the server's (`destination`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reporter {
+    Source,
+    Destination,
+}
+
+/// The labels of one series, in Istio's vocabulary. Built once per new series.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Labels {
+    pub reporter: Reporter,
+    pub source_workload: String,
+    pub source_namespace: String,
+    pub source_app: String,
+    pub source_version: String,
+    pub source_principal: String,
+    pub destination_workload: String,
+    pub destination_namespace: String,
+    pub destination_app: String,
+    pub destination_version: String,
+    pub destination_principal: String,
+    pub destination_service: String,
+    pub request_protocol: &'static str,
+    pub response_code: u16,
+    pub response_flags: &'static str,
+    pub connection_security_policy: &'static str,
+}
+
+impl Labels {
+    fn render(&self, out: &mut String) {
+        let service_name = self
+            .destination_service
+            .split('.')
+            .next()
+            .unwrap_or("unknown");
+        let service_ns = self
+            .destination_service
+            .split('.')
+            .nth(1)
+            .unwrap_or("unknown");
+        let reporter = match self.reporter {
+            Reporter::Source => "source",
+            Reporter::Destination => "destination",
+        };
+        let _ = write!(
+            out,
+            "reporter=\"{reporter}\",source_workload=\"{}\",source_workload_namespace=\"{}\",\
+source_app=\"{}\",source_version=\"{}\",source_principal=\"{}\",destination_workload=\"{}\",\
+destination_workload_namespace=\"{}\",destination_app=\"{}\",destination_version=\"{}\",\
+destination_principal=\"{}\",destination_service=\"{}\",destination_service_name=\"{}\",\
+destination_service_namespace=\"{}\",request_protocol=\"{}\",response_code=\"{}\",\
+grpc_response_status=\"\",response_flags=\"{}\",connection_security_policy=\"{}\"",
+            esc(&self.source_workload),
+            esc(&self.source_namespace),
+            esc(&self.source_app),
+            esc(&self.source_version),
+            esc(&self.source_principal),
+            esc(&self.destination_workload),
+            esc(&self.destination_namespace),
+            esc(&self.destination_app),
+            esc(&self.destination_version),
+            esc(&self.destination_principal),
+            esc(&self.destination_service),
+            esc(service_name),
+            esc(service_ns),
+            self.request_protocol,
+            self.response_code,
+            self.response_flags,
+            self.connection_security_policy,
+        );
+    }
+}
+
+fn esc(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.contains(['"', '\\', '\n']) {
+        s.replace('\\', "\\\\")
+            .replace('"', "\\\"")
+            .replace('\n', "\\n")
+            .into()
+    } else {
+        s.into()
+    }
+}
+
+struct Histogram<const N: usize> {
+    buckets: [AtomicU64; N],
+    /// Sum in the unit's thousandths (µs for durations), to stay integral.
+    sum_milli: AtomicU64,
+}
+
+impl<const N: usize> Default for Histogram<N> {
+    fn default() -> Self {
+        Histogram {
+            buckets: std::array::from_fn(|_| AtomicU64::new(0)),
+            sum_milli: AtomicU64::new(0),
+        }
+    }
+}
+
+impl<const N: usize> Histogram<N> {
+    fn observe(&self, bounds: &[f64; N], value: f64) {
+        // Only the first bucket holding the value is counted; rendering accumulates.
+        if let Some(i) = bounds.iter().position(|b| value <= *b) {
+            self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.sum_milli
+            .fetch_add((value * 1000.0) as u64, Ordering::Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, labels: &str, bounds: &[f64; N], count: u64) {
+        let mut cumulative = 0;
+        for (b, bound) in self.buckets.iter().zip(bounds) {
+            cumulative += b.load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{bound}\"}} {cumulative}");
+        }
+        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {count}");
+        let sum = self.sum_milli.load(Ordering::Relaxed) as f64 / 1000.0;
+        let _ = writeln!(out, "{name}_sum{{{labels}}} {sum}");
+        let _ = writeln!(out, "{name}_count{{{labels}}} {count}");
+    }
+}
+
+#[derive(Default)]
+struct Slot {
+    /// 0: free. Otherwise the series' hash (never 0).
+    key: AtomicU64,
+    labels: OnceLock<Arc<Labels>>,
+    requests: AtomicU64,
+    duration: Histogram<19>,
+    request_bytes: Histogram<8>,
+    response_bytes: Histogram<8>,
+}
+
+/// One request's outcome.
+pub struct Observation {
+    pub duration_ms: f64,
+    pub request_bytes: u64,
+    pub response_bytes: u64,
+}
+
+/// The proxy's metrics.
+pub struct Metrics {
+    slots: Box<[Slot]>,
+    overflow: AtomicU64,
+    tcp_opened: AtomicU64,
+    tcp_closed: AtomicU64,
+    tcp_sent: AtomicU64,
+    tcp_received: AtomicU64,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            slots: (0..SLOTS).map(|_| Slot::default()).collect(),
+            overflow: AtomicU64::new(0),
+            tcp_opened: AtomicU64::new(0),
+            tcp_closed: AtomicU64::new(0),
+            tcp_sent: AtomicU64::new(0),
+            tcp_received: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Metrics {
+    /// Records a request on the series `key` identifies; `labels` builds the series' labels
+    /// the first time it is seen. `key` must identify the label set (see [`series_key`]).
+    pub fn record(&self, key: u64, labels: impl FnOnce() -> Labels, o: &Observation) {
+        let key = key.max(1);
+        let start = (key as usize) % SLOTS;
+        for probe in 0..SLOTS {
+            let slot = &self.slots[(start + probe) % SLOTS];
+            let current = slot.key.load(Ordering::Acquire);
+            let mine = if current == key {
+                true
+            } else if current == 0 {
+                match slot
+                    .key
+                    .compare_exchange(0, key, Ordering::AcqRel, Ordering::Acquire)
+                {
+                    Ok(_) => true,
+                    Err(other) => other == key,
+                }
+            } else {
+                false
+            };
+            if !mine {
+                continue;
+            }
+            slot.labels.get_or_init(|| Arc::new(labels()));
+            slot.requests.fetch_add(1, Ordering::Relaxed);
+            slot.duration.observe(&DURATION_BUCKETS_MS, o.duration_ms);
+            slot.request_bytes
+                .observe(&SIZE_BUCKETS, o.request_bytes as f64);
+            slot.response_bytes
+                .observe(&SIZE_BUCKETS, o.response_bytes as f64);
+            return;
+        }
+        self.overflow.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn tcp_opened(&self) {
+        self.tcp_opened.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn tcp_closed(&self, sent: u64, received: u64) {
+        self.tcp_closed.fetch_add(1, Ordering::Relaxed);
+        self.tcp_sent.fetch_add(sent, Ordering::Relaxed);
+        self.tcp_received.fetch_add(received, Ordering::Relaxed);
+    }
+
+    /// Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let mut series = Vec::new();
+        for slot in self.slots.iter() {
+            if let Some(labels) = slot.labels.get() {
+                let mut l = String::new();
+                labels.render(&mut l);
+                series.push((l, slot));
+            }
+        }
+        series.sort_by(|a, b| a.0.cmp(&b.0));
+        out.push_str("# TYPE istio_requests_total counter\n");
+        for (l, s) in &series {
+            let _ = writeln!(
+                out,
+                "istio_requests_total{{{l}}} {}",
+                s.requests.load(Ordering::Relaxed)
+            );
+        }
+        for (name, pick) in [
+            ("istio_request_duration_milliseconds", 0),
+            ("istio_request_bytes", 1),
+            ("istio_response_bytes", 2),
+        ] {
+            let _ = writeln!(out, "# TYPE {name} histogram");
+            for (l, s) in &series {
+                let count = s.requests.load(Ordering::Relaxed);
+                match pick {
+                    0 => s
+                        .duration
+                        .render(&mut out, name, l, &DURATION_BUCKETS_MS, count),
+                    1 => s
+                        .request_bytes
+                        .render(&mut out, name, l, &SIZE_BUCKETS, count),
+                    _ => s
+                        .response_bytes
+                        .render(&mut out, name, l, &SIZE_BUCKETS, count),
+                }
+            }
+        }
+        for (name, v) in [
+            ("istio_tcp_connections_opened_total", &self.tcp_opened),
+            ("istio_tcp_connections_closed_total", &self.tcp_closed),
+            ("istio_tcp_sent_bytes_total", &self.tcp_sent),
+            ("istio_tcp_received_bytes_total", &self.tcp_received),
+            ("hypha_metrics_series_overflow_total", &self.overflow),
+        ] {
+            let _ = writeln!(
+                out,
+                "# TYPE {name} counter\n{name} {}",
+                v.load(Ordering::Relaxed)
+            );
+        }
+        out
+    }
+}
+
+/// A series key from the parts that vary per request; the rest of the labels are fixed per
+/// proxy. FNV-1a, so equal parts always give the same key.
+pub fn series_key(reporter: Reporter, service: &str, code: u16, flags: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |bytes: &[u8]| {
+        for &b in bytes {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        h ^= 0xff;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    };
+    eat(&[reporter as u8]);
+    eat(service.as_bytes());
+    eat(&code.to_le_bytes());
+    eat(flags.as_bytes());
+    h
+}
+
+/// The proxy's own workload, for the `source_*` (outbound) or `destination_*` (inbound) labels.
+#[derive(Debug, Clone, Default)]
+pub struct Identity {
+    pub workload: String,
+    pub namespace: String,
+    pub app: String,
+    pub version: String,
+}
+
+/// Metrics plus who this proxy is.
+#[derive(Default)]
+pub struct Telemetry {
+    pub metrics: Metrics,
+    pub me: Identity,
+}
+
+impl Telemetry {
+    /// Counts a finished request. `cluster` is the cluster it went to (`outbound|80|v1|host`),
+    /// or empty when the proxy answered itself before choosing one.
+    pub fn observe(
+        &self,
+        reporter: Reporter,
+        cluster: &str,
+        code: u16,
+        flags: &'static str,
+        o: &Observation,
+    ) {
+        let key = series_key(reporter, cluster, code, flags);
+        self.metrics.record(
+            key,
+            || {
+                let service = cluster.rsplit('|').next().unwrap_or("");
+                let service = if service.is_empty() {
+                    "unknown"
+                } else {
+                    service
+                };
+                let subset = cluster.split('|').nth(2).filter(|s| !s.is_empty());
+                let me = &self.me;
+                let unknown = || "unknown".to_owned();
+                let (source, destination) = match reporter {
+                    Reporter::Source => (
+                        (
+                            me.workload.clone(),
+                            me.namespace.clone(),
+                            me.app.clone(),
+                            me.version.clone(),
+                        ),
+                        (
+                            unknown(),
+                            service
+                                .split('.')
+                                .nth(1)
+                                .map_or_else(unknown, str::to_owned),
+                            unknown(),
+                            subset.map_or_else(unknown, str::to_owned),
+                        ),
+                    ),
+                    Reporter::Destination => (
+                        (unknown(), unknown(), unknown(), unknown()),
+                        (
+                            me.workload.clone(),
+                            me.namespace.clone(),
+                            me.app.clone(),
+                            me.version.clone(),
+                        ),
+                    ),
+                };
+                Labels {
+                    reporter,
+                    source_workload: source.0,
+                    source_namespace: source.1,
+                    source_app: source.2,
+                    source_version: source.3,
+                    source_principal: "unknown".into(),
+                    destination_workload: destination.0,
+                    destination_namespace: destination.1,
+                    destination_app: destination.2,
+                    destination_version: destination.3,
+                    destination_principal: "unknown".into(),
+                    destination_service: service.to_owned(),
+                    request_protocol: "http",
+                    response_code: code,
+                    response_flags: flags,
+                    connection_security_policy: "none",
+                }
+            },
+            o,
+        );
+    }
+}
