@@ -235,8 +235,57 @@ async fn get(
     (status, String::from_utf8_lossy(&body).into_owned(), headers)
 }
 
+/// The control plane's xDS server on a runtime of its own, so a test can kill it outright
+/// (every stream with it) and start it again on the same address.
+struct CpServer {
+    cp: ControlPlane,
+    addr: SocketAddr,
+    rt: Option<tokio::runtime::Runtime>,
+}
+
+impl CpServer {
+    fn start(cp: ControlPlane, listener: std::net::TcpListener) -> CpServer {
+        let addr = listener.local_addr().unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let serving = cp.clone();
+        rt.spawn(async move {
+            let l = TcpListener::from_std(listener).unwrap();
+            serving.serve(l).await
+        });
+        CpServer {
+            cp,
+            addr,
+            rt: Some(rt),
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+
+    fn restart(&mut self) {
+        self.kill();
+        let l = std::net::TcpListener::bind(self.addr).unwrap();
+        l.set_nonblocking(true).unwrap();
+        *self = CpServer::start(self.cp.clone(), l);
+    }
+}
+
+impl Drop for CpServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
 struct Mesh {
     cp: ControlPlane,
+    cp_server: CpServer,
     client: Running,
     _server: Running,
     v1: App,
@@ -258,8 +307,7 @@ async fn mesh() -> Mesh {
     let cp = ControlPlane::new(config(
         "apiVersion: hypha.dev/v1alpha1\nkind: MeshConfig\nmetadata: {name: m}\nspec: {trustDomain: test.local}\n",
     ));
-    let serving = cp.clone();
-    tokio::spawn(async move { serving.serve(cp_listener).await });
+    let cp_server = CpServer::start(cp.clone(), cp_listener.into_std().unwrap());
     let control_plane = format!("http://{cp_addr}");
 
     let server = hypha_proxy::start(Options {
@@ -294,6 +342,7 @@ async fn mesh() -> Mesh {
     )));
     let mut mesh = Mesh {
         cp,
+        cp_server,
         client,
         _server: server,
         v1,
@@ -572,4 +621,184 @@ async fn metrics_and_admin_match_the_traffic() {
     let (_, dump) = admin(client_admin, "/config_dump").await;
     assert!(dump.contains("# type.googleapis.com/envoy.config.route.v3.RouteConfiguration"));
     assert!(dump.lines().any(|l| l.starts_with("80 ")), "{dump}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_plane_away_keeps_serving_then_reconnects() {
+    let mut m = mesh().await;
+    let p = m.client.http_proxy[0];
+    let web = "http://web.shop.svc.cluster.local";
+    let connects = m.client.xds.connects.load(Ordering::Relaxed);
+
+    m.cp_server.kill();
+    // Traffic keeps flowing on the last good config, through both sidecars.
+    for i in 0..50 {
+        let (s, body, _) = get(p, &format!("{web}/legacy/{i}"), &[]).await;
+        assert_eq!((s, &body[..2]), (200, "v1"));
+    }
+    // A change made while the proxies are disconnected reaches them after the restart.
+    let yaml = mesh_yaml(
+        m._server.inbound[0].port(),
+        m.v2.addr.port(),
+        m.v6.addr.port(),
+        (1, 2),
+    )
+    .replace(
+        "directResponse: {status: 200, body: {string: ok}}",
+        "directResponse: {status: 200, body: {string: back}}",
+    );
+    m.cp.update(config(&yaml));
+    m.cp_server.restart();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (s, body, _) = get(p, &format!("{web}/healthz"), &[]).await;
+        assert_eq!(s, 200);
+        if body == "back" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the proxy never picked up the change"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(m.client.xds.connects.load(Ordering::Relaxed) > connects);
+    assert_eq!(m.client.xds.updates_rejected.load(Ordering::Relaxed), 0);
+}
+
+/// gRPC through two sidecars: bidirectional streaming with trailers over HTTP/2 on every hop.
+/// The app is a second Hypha control plane (its ADS service is a streaming gRPC service) and
+/// the client a delta ADS client pointed at a sidecar's local port for that service.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_streaming_through_two_sidecars() {
+    let m = mesh().await;
+    let control_plane = format!("http://{}", m.cp_server.addr);
+
+    // The app: an ADS server with the bookinfo config.
+    let app_cp = ControlPlane::new(hypha_control::initial_config(None).unwrap());
+    let app_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app_addr = app_listener.local_addr().unwrap();
+    let serving = app_cp.clone();
+    tokio::spawn(async move { serving.serve(app_listener).await });
+
+    let mut server = hypha_proxy::start(Options {
+        node: node("ads-1", &[("app", "ads")]),
+        control_plane: control_plane.clone(),
+        http_proxy: vec![],
+        services: vec![],
+        inbound: vec!["127.0.0.1:0".parse().unwrap()],
+        inbound_port: None,
+        app: Some(app_addr),
+        admin: None,
+    })
+    .await
+    .unwrap();
+    let mut client = hypha_proxy::start(Options {
+        node: node("ads-client", &[("app", "ads-client")]),
+        control_plane,
+        http_proxy: vec![],
+        services: vec![(
+            "127.0.0.1:0".parse().unwrap(),
+            "ads.shop.svc.cluster.local:15010".into(),
+        )],
+        inbound: vec![],
+        inbound_port: None,
+        app: None,
+        admin: None,
+    })
+    .await
+    .unwrap();
+    let grpc_service = format!(
+        r#"
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: ads, namespace: shop}}
+spec:
+  hosts: [ads.shop.svc.cluster.local]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports: [{{number: 15010, name: grpc, protocol: GRPC}}]
+  workloadSelector: {{labels: {{app: ads}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {{name: ads-1, namespace: shop}}
+spec: {{address: 127.0.0.1, labels: {{app: ads}}, ports: {{grpc: {}}}}}
+"#,
+        server.inbound[0].port()
+    );
+    let yaml = mesh_yaml(
+        m._server.inbound[0].port(),
+        m.v2.addr.port(),
+        m.v6.addr.port(),
+        (1, 2),
+    ) + &grpc_service;
+    m.cp.update(config(&yaml));
+    ready(&mut client).await;
+    ready(&mut server).await;
+    let deadline = Instant::now() + WAIT;
+    while !client.config.load().routes.contains_key("15010")
+        || !server
+            .config
+            .load()
+            .inbound
+            .contains_key(&server.inbound[0].port())
+    {
+        assert!(
+            Instant::now() < deadline,
+            "gRPC service config never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    // Both sidecars speak HTTP/2 upstream for this service (gRPC needs it for trailers).
+    assert!(client.config.load().clusters["outbound|15010||ads.shop.svc.cluster.local"].http2);
+    let inbound_cluster = format!("inbound|{}||", server.inbound[0].port());
+    assert!(server.config.load().clusters[&inbound_cluster].http2);
+
+    // The stream: a subscription, pushes from the app, ACKs back, a change pushed mid-stream.
+    let app_node = ProxyInfo {
+        id: "sidecar~10.10.0.10~productpage-v1.bookinfo~bookinfo.svc.cluster.local".into(),
+        namespace: "bookinfo".into(),
+        workload_name: "productpage-v1".into(),
+        ..Default::default()
+    };
+    let uri = format!("http://{}", client.services[0]);
+    let mut ads = tokio::time::timeout(
+        WAIT,
+        hypha_xds::DeltaClient::connect(uri, app_node.to_node()),
+    )
+    .await
+    .expect("connected in time")
+    .expect("gRPC stream through the sidecars");
+    let mut got = HashMap::new();
+    while got.len() < 2 {
+        let update = tokio::time::timeout(WAIT, ads.next())
+            .await
+            .expect("update in time")
+            .unwrap()
+            .expect("stream open");
+        got.insert(update.type_url.clone(), update.resources.len());
+        ads.ack_or_nack(&update, Ok(())).await.unwrap();
+    }
+    assert!(got[hypha_xds::type_url::CLUSTER] > 5, "{got:?}");
+    assert!(got[hypha_xds::type_url::LISTENER] > 2, "{got:?}");
+    // A change on the app side (the reviews subsets go away) arrives on the same stream.
+    let mut changed = hypha_control::initial_config(None).unwrap();
+    changed.destination_rules.retain(|d| d.name != "reviews");
+    app_cp.update(changed);
+    let update = tokio::time::timeout(WAIT, ads.next())
+        .await
+        .expect("pushed update in time")
+        .unwrap()
+        .expect("stream still open");
+    assert_eq!(update.type_url, hypha_xds::type_url::CLUSTER.to_string());
+    assert!(
+        update
+            .removed
+            .contains(&"outbound|9080|v2|reviews.bookinfo.svc.cluster.local".to_string()),
+        "{:?}",
+        update.removed
+    );
 }
