@@ -33,9 +33,9 @@ use hypha_matcher::{Attr, Condition, Pattern, Rule, StringMatch, Table, Test};
 use prost::Message;
 
 use crate::model::{
-    Action, Cluster, ClusterKind, Endpoint, Fault, Forward, HeaderAdd, HeaderAppend, HeaderOps,
-    Inbound, Lb, ListenAddr, Outbound, Redirect, RetryPolicy, Route, RouteTable, VirtualHost,
-    WeightedCluster,
+    Action, Cluster, ClusterKind, Endpoint, Fault, Forward, HashKey, HeaderAdd, HeaderAppend,
+    HeaderOps, Inbound, Lb, Limits, ListenAddr, Outbound, OutlierPolicy, Redirect, RetryPolicy,
+    Route, RouteTable, VirtualHost, WeightedCluster,
 };
 
 const HCM: &str = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
@@ -151,6 +151,59 @@ fn cluster_inner(bytes: &[u8]) -> Result<Cluster> {
             None => false,
         };
     }
+    let mut limits = Limits::default();
+    if let Some(cb) = &c.circuit_breakers {
+        match cb.thresholds.as_slice() {
+            [] => {}
+            [t] if t.priority == 0 => {
+                let v = |w: &Option<envoy_types::pb::google::protobuf::UInt32Value>, d: u32| {
+                    w.as_ref().map_or(d, |w| w.value)
+                };
+                limits = Limits {
+                    max_connections: v(&t.max_connections, limits.max_connections),
+                    max_pending_requests: v(&t.max_pending_requests, limits.max_pending_requests),
+                    max_requests: v(&t.max_requests, limits.max_requests),
+                    max_retries: v(&t.max_retries, limits.max_retries),
+                };
+            }
+            _ => {
+                return Err(unsupported(
+                    "circuit_breakers.thresholds (non-default priority)",
+                ))
+            }
+        }
+    }
+    let outlier = c.outlier_detection.as_ref().map(|od| {
+        type U32 = Option<envoy_types::pb::google::protobuf::UInt32Value>;
+        let enforced = |n: &U32, enforcing: &U32, default: u32| {
+            if enforcing.as_ref().is_some_and(|e| e.value == 0) {
+                0
+            } else {
+                n.as_ref().map_or(default, |n| n.value)
+            }
+        };
+        OutlierPolicy {
+            consecutive_5xx: enforced(&od.consecutive_5xx, &od.enforcing_consecutive_5xx, 5),
+            // Envoy enforces gateway failures at 0 % unless told otherwise.
+            consecutive_gateway: if od.enforcing_consecutive_gateway_failure.is_none() {
+                0
+            } else {
+                enforced(
+                    &od.consecutive_gateway_failure,
+                    &od.enforcing_consecutive_gateway_failure,
+                    5,
+                )
+            },
+            base_ejection: od
+                .base_ejection_time
+                .as_ref()
+                .map_or(Duration::from_secs(30), dur),
+            max_ejection_percent: od
+                .max_ejection_percent
+                .as_ref()
+                .map_or(10, |p| p.value.min(100)),
+        }
+    });
     Ok(Cluster {
         name: c.name,
         kind,
@@ -160,6 +213,8 @@ fn cluster_inner(bytes: &[u8]) -> Result<Cluster> {
             .as_ref()
             .map_or(Duration::from_secs(5), dur),
         http2,
+        limits,
+        outlier,
     })
 }
 
@@ -756,7 +811,22 @@ fn forward(
         }
         None => None,
     };
+    let mut hash = Vec::new();
+    for hp in &ra.hash_policy {
+        use route_action::hash_policy::PolicySpecifier;
+        hash.push(match &hp.policy_specifier {
+            Some(PolicySpecifier::Header(h)) => HashKey::Header(
+                http::HeaderName::from_bytes(h.header_name.as_bytes())
+                    .map_err(|_| format!("invalid hash header {:?}", h.header_name))?,
+            ),
+            Some(PolicySpecifier::Cookie(c)) => HashKey::Cookie(c.name.clone()),
+            Some(PolicySpecifier::ConnectionProperties(p)) if p.source_ip => HashKey::SourceIp,
+            Some(PolicySpecifier::QueryParameter(q)) => HashKey::Query(q.name.clone()),
+            other => return Err(format!("hash policy {other:?} is not supported")),
+        });
+    }
     Ok(Forward {
+        hash,
         clusters,
         total_weight,
         timeout: ra.timeout.as_ref().map(dur).filter(|d| !d.is_zero()),

@@ -47,6 +47,8 @@ pub enum Flag {
     FaultInjected,
     /// DC: downstream connection problem (bad request).
     BadRequest,
+    /// UO: the cluster's circuit breaker (connection pool) is full.
+    Overflow,
 }
 
 impl Flag {
@@ -60,6 +62,7 @@ impl Flag {
             Flag::Reset => "UR",
             Flag::FaultInjected => "FI",
             Flag::BadRequest => "DC",
+            Flag::Overflow => "UO",
         }
     }
 
@@ -79,6 +82,10 @@ impl Flag {
             ),
             Flag::FaultInjected => (StatusCode::SERVICE_UNAVAILABLE, "fault filter abort"),
             Flag::BadRequest => (StatusCode::BAD_REQUEST, "bad request"),
+            Flag::Overflow => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "upstream connect error or disconnect/reset before headers. reset reason: overflow",
+            ),
         }
     }
 }
@@ -268,6 +275,7 @@ pub fn response_flags(resp: &Response<Body>) -> &'static str {
         Some(b"UR") => Flag::Reset.as_str(),
         Some(b"FI") => Flag::FaultInjected.as_str(),
         Some(b"DC") => Flag::BadRequest.as_str(),
+        Some(b"UO") => Flag::Overflow.as_str(),
         _ => "-",
     }
 }

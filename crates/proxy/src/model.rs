@@ -134,6 +134,17 @@ pub struct Forward {
     pub host_rewrite: Option<String>,
     /// The length of the prefix the route matched, for `prefix_rewrite`.
     pub matched_prefix: Option<usize>,
+    /// Consistent-hash keys, tried in order (the first one present is used).
+    pub hash: Vec<HashKey>,
+}
+
+/// Where a consistent-hash load balancer takes its key from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HashKey {
+    Header(http::HeaderName),
+    Cookie(String),
+    SourceIp,
+    Query(String),
 }
 
 #[derive(Debug)]
@@ -204,6 +215,85 @@ pub struct Cluster {
     pub connect_timeout: Duration,
     /// Speak HTTP/2 to the upstream.
     pub http2: bool,
+    pub limits: Limits,
+    pub outlier: Option<OutlierPolicy>,
+}
+
+/// Circuit-breaker thresholds (Envoy's defaults when unset: 1024 each).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub max_connections: u32,
+    pub max_pending_requests: u32,
+    pub max_requests: u32,
+    pub max_retries: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 1024,
+            max_pending_requests: 1024,
+            max_requests: 1024,
+            max_retries: 3,
+        }
+    }
+}
+
+impl Limits {
+    /// Requests the cluster may have in flight at once: over HTTP/1.1 each needs a
+    /// connection, and the pending queue holds the rest; over HTTP/2, `max_requests`.
+    pub fn concurrency(&self, http2: bool) -> u64 {
+        if http2 {
+            u64::from(self.max_requests)
+        } else {
+            u64::from(self.max_connections) + u64::from(self.max_pending_requests)
+        }
+    }
+}
+
+/// Outlier detection (consecutive errors eject an endpoint for base time × ejections).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutlierPolicy {
+    /// 0: off.
+    pub consecutive_5xx: u32,
+    /// 0: off.
+    pub consecutive_gateway: u32,
+    pub base_ejection: Duration,
+    pub max_ejection_percent: u32,
+}
+
+/// A cluster's live state, carried from one config generation to the next.
+#[derive(Debug, Default)]
+pub struct ClusterRuntime {
+    /// Requests in flight.
+    pub active: std::sync::atomic::AtomicU64,
+    /// Retries in flight.
+    pub retries: std::sync::atomic::AtomicU64,
+    /// Requests refused for the limits (`upstream_rq_pending_overflow`).
+    pub overflows: std::sync::atomic::AtomicU64,
+}
+
+/// An endpoint's live state, carried across generations by address.
+#[derive(Debug, Default)]
+pub struct EndpointState {
+    /// Requests in flight (least request).
+    pub active: std::sync::atomic::AtomicU64,
+    pub consecutive_5xx: std::sync::atomic::AtomicU32,
+    pub consecutive_gateway: std::sync::atomic::AtomicU32,
+    /// Ejected until this many nanoseconds after [`epoch`]; 0 when not ejected.
+    pub ejected_until: std::sync::atomic::AtomicU64,
+    pub ejections: std::sync::atomic::AtomicU32,
+}
+
+/// The proxy's monotonic time origin for ejection deadlines.
+pub fn epoch() -> std::time::Instant {
+    static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    *EPOCH.get_or_init(std::time::Instant::now)
+}
+
+/// Nanoseconds since [`epoch`].
+pub fn now_nanos() -> u64 {
+    epoch().elapsed().as_nanos() as u64
 }
 
 #[derive(Debug)]
@@ -226,10 +316,14 @@ pub enum Lb {
     Maglev,
 }
 
-/// A cluster's endpoints and its round-robin position (an atomic, not a lock).
+/// A cluster's endpoints with their live state, and its round-robin position (atomics, not
+/// locks).
 #[derive(Debug, Default)]
 pub struct EndpointSet {
     pub endpoints: Arc<[Endpoint]>,
+    /// One per endpoint, in the same order.
+    pub states: Box<[Arc<EndpointState>]>,
+    pub runtime: Arc<ClusterRuntime>,
     pub next: std::sync::atomic::AtomicUsize,
 }
 

@@ -19,7 +19,7 @@ use http_body_util::BodyExt;
 use hyper::body::{Body as _, Incoming};
 
 use crate::http::{self as h, Body, Flag, View};
-use crate::model::{Action, Config, Fault, Forward, Redirect, Route, WeightedCluster};
+use crate::model::{Action, Config, Fault, Forward, HashKey, Redirect, Route, WeightedCluster};
 use crate::router;
 use crate::telemetry::{Observation, Reporter, Telemetry};
 use crate::upstream::{Plan, Upstreams};
@@ -42,11 +42,18 @@ pub struct Outbound {
 }
 
 impl Outbound {
-    pub async fn handle(&self, mode: &Mode, req: Request<Incoming>) -> Response<Body> {
+    pub async fn handle(
+        &self,
+        mode: &Mode,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Response<Body> {
         let start = Instant::now();
         let (parts, body) = req.into_parts();
         let request_bytes = h::request_size(&parts, &body);
-        let (resp, cluster) = self.dispatch(mode, Request::from_parts(parts, body)).await;
+        let (resp, cluster) = self
+            .dispatch(mode, Request::from_parts(parts, body), peer)
+            .await;
         let telemetry = self.telemetry.clone();
         h::observed(resp, move |code, flags, response_bytes| {
             let o = Observation {
@@ -59,7 +66,12 @@ impl Outbound {
     }
 
     /// The response, and the cluster the request went to (empty if none).
-    async fn dispatch(&self, mode: &Mode, req: Request<Incoming>) -> (Response<Body>, String) {
+    async fn dispatch(
+        &self,
+        mode: &Mode,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> (Response<Body>, String) {
         let none = String::new;
         let cfg = self.config.load_full();
         let (mut parts, body) = req.into_parts();
@@ -106,8 +118,9 @@ impl Outbound {
                 if let Some(reply) = fault(route.fault.as_ref()).await {
                     return (reply, wc.name.clone());
                 }
+                let hash = hash_key(&f.hash, &parts, peer);
                 let resp = self
-                    .forward(&cfg, route, f, wc, parts, body, &authority)
+                    .forward(&cfg, route, f, wc, parts, body, &authority, hash)
                     .await;
                 (resp, wc.name.clone())
             }
@@ -124,6 +137,7 @@ impl Outbound {
         mut parts: http::request::Parts,
         body: Incoming,
         authority: &str,
+        hash: Option<u64>,
     ) -> Response<Body> {
         if let Some(pq) = router::rewrite_path(f, &parts.uri) {
             match pq.parse() {
@@ -143,6 +157,7 @@ impl Outbound {
             original: Some(authority),
             timeout: f.timeout,
             retry: f.retry.as_ref(),
+            hash,
         };
         match self
             .upstreams
@@ -158,6 +173,32 @@ impl Outbound {
             Err(flag) => h::local_reply(flag),
         }
     }
+}
+
+/// The consistent-hash key of a request: the first hash policy whose input the request has.
+fn hash_key(keys: &[HashKey], parts: &http::request::Parts, peer: SocketAddr) -> Option<u64> {
+    let fnv = |bytes: &[u8]| {
+        bytes.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, &b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+        })
+    };
+    keys.iter().find_map(|k| match k {
+        HashKey::Header(name) => parts.headers.get(name).map(|v| fnv(v.as_bytes())),
+        HashKey::Cookie(name) => parts
+            .headers
+            .get_all(http::header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .find_map(|c| {
+                let (k, v) = c.trim().split_once('=')?;
+                (k == name).then(|| fnv(v.as_bytes()))
+            }),
+        HashKey::SourceIp => Some(fnv(peer.ip().to_string().as_bytes())),
+        HashKey::Query(name) => {
+            hypha_matcher::query_param(parts.uri.query().unwrap_or("").as_bytes(), name).map(fnv)
+        }
+    })
 }
 
 /// The authority and port a request is for: the absolute-form target, else `Host`.
@@ -225,9 +266,9 @@ async fn fault(f: Option<&Fault>) -> Option<Response<Body>> {
 /// Serves the outbound side on `listener` in `mode` until the task is dropped.
 pub async fn serve(outbound: Outbound, listener: tokio::net::TcpListener, mode: Mode) {
     let mode = Arc::new(mode);
-    crate::http::serve(listener, move |req, _peer: SocketAddr| {
+    crate::http::serve(listener, move |req, peer: SocketAddr| {
         let (o, m) = (outbound.clone(), mode.clone());
-        async move { o.handle(&m, req).await }
+        async move { o.handle(&m, req, peer).await }
     })
     .await;
 }

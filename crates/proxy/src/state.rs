@@ -3,13 +3,15 @@
 //! resource in it compiled, so a refused update changes nothing.
 
 use std::collections::{BTreeSet, HashMap};
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use hypha_xds::{type_url, Resource};
 
 use crate::compile::{self, ListenerParts, Refused};
 use crate::model::{
-    Cluster, ClusterKind, Config, Endpoint, EndpointSet, ListenAddr, Outbound, RouteTable,
+    Cluster, ClusterKind, ClusterRuntime, Config, Endpoint, EndpointSet, EndpointState, ListenAddr,
+    Outbound, RouteTable,
 };
 
 /// The accepted resources, compiled.
@@ -19,6 +21,10 @@ pub struct State {
     endpoints: HashMap<String, Arc<[Endpoint]>>,
     listeners: HashMap<String, ListenerParts>,
     routes: HashMap<String, Arc<RouteTable>>,
+    /// Live state carried from one assembled config to the next: per cluster, and per
+    /// endpoint by (cluster, primary address).
+    cluster_runtime: HashMap<String, Arc<ClusterRuntime>>,
+    endpoint_states: HashMap<(String, SocketAddr), Arc<EndpointState>>,
 }
 
 /// The outcome of applying one update.
@@ -77,8 +83,11 @@ impl State {
         }
     }
 
-    /// The runtime config for the current state.
-    pub fn assemble(&self) -> Applied {
+    /// The runtime config for the current state. Live state (requests in flight, ejections)
+    /// of clusters and endpoints that still exist carries over.
+    pub fn assemble(&mut self) -> Applied {
+        let mut runtime = HashMap::new();
+        let mut states = HashMap::new();
         let mut config = Config {
             routes: self.routes.clone(),
             clusters: self.clusters.clone(),
@@ -93,15 +102,30 @@ impl State {
                 ClusterKind::OriginalDst => None,
             };
             if let Some(endpoints) = endpoints {
+                let rt = self.cluster_runtime.get(name).cloned().unwrap_or_default();
+                runtime.insert(name.clone(), rt.clone());
+                let endpoint_states = endpoints
+                    .iter()
+                    .map(|e| {
+                        let key = (name.clone(), e.addresses[0]);
+                        let st = self.endpoint_states.get(&key).cloned().unwrap_or_default();
+                        states.insert(key, st.clone());
+                        st
+                    })
+                    .collect();
                 config.endpoint_sets.insert(
                     name.clone(),
                     Arc::new(EndpointSet {
                         endpoints,
+                        states: endpoint_states,
+                        runtime: rt,
                         next: Default::default(),
                     }),
                 );
             }
         }
+        self.cluster_runtime = runtime;
+        self.endpoint_states = states;
         for (name, parts) in &self.listeners {
             if let Some((addr, o)) = &parts.outbound {
                 match o {

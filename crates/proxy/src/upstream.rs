@@ -4,7 +4,7 @@
 //! exponential backoff.
 
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use http::request::Parts;
@@ -14,7 +14,9 @@ use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
 
 use crate::http::{Body, Flag};
-use crate::model::{ClusterKind, Config, Endpoint, Lb, RetryPolicy};
+use crate::model::{
+    now_nanos, ClusterKind, Config, EndpointSet, EndpointState, Lb, OutlierPolicy, RetryPolicy,
+};
 
 /// Connection pools to upstreams, shared by every config generation so a config change does
 /// not drop established connections.
@@ -48,6 +50,8 @@ pub struct Plan<'a> {
     pub original: Option<&'a str>,
     pub timeout: Option<Duration>,
     pub retry: Option<&'a RetryPolicy>,
+    /// The consistent-hash key, when the route has a hash policy and the request its input.
+    pub hash: Option<u64>,
 }
 
 impl Upstreams {
@@ -62,31 +66,56 @@ impl Upstreams {
         body: Body,
         body_is_empty: bool,
     ) -> Result<Response<Incoming>, Flag> {
+        let Some(cluster) = cfg.clusters.get(plan.cluster) else {
+            return Err(Flag::NoCluster);
+        };
+        let set = cfg.endpoint_sets.get(plan.cluster);
+        // The circuit breaker: requests in flight against the cluster's limits.
+        let _in_flight = match set {
+            Some(set) => {
+                let rt = &set.runtime;
+                let limit = cluster.limits.concurrency(cluster.http2);
+                if rt.active.fetch_add(1, Ordering::AcqRel) >= limit {
+                    rt.active.fetch_sub(1, Ordering::AcqRel);
+                    rt.overflows.fetch_add(1, Ordering::Relaxed);
+                    return Err(Flag::Overflow);
+                }
+                Some(Decrement(&rt.active))
+            }
+            None => None,
+        };
         let attempt_all = async {
-            let Some(cluster) = cfg.clusters.get(plan.cluster) else {
-                return Err(Flag::NoCluster);
-            };
             let client = if cluster.http2 { &self.h2 } else { &self.h1 };
             let retry = plan.retry.filter(|_| body_is_empty);
             let attempts = 1 + retry.map_or(0, |r| r.attempts);
             let mut body = Some(body);
             let mut last = Err(Flag::NoHealthyUpstream);
+            let mut tried = [usize::MAX; 4];
             for attempt in 0..attempts {
-                if attempt > 0 {
-                    tokio::time::sleep(backoff(retry, attempt)).await;
-                }
-                let targets = match &cluster.kind {
-                    ClusterKind::OriginalDst => original_targets(plan.original).await?,
-                    _ => {
-                        let set = cfg
-                            .endpoint_sets
-                            .get(plan.cluster)
-                            .ok_or(Flag::NoHealthyUpstream)?;
-                        pick(&set.endpoints, &set.next, cluster.lb)
-                            .ok_or(Flag::NoHealthyUpstream)?
-                            .addresses
-                            .clone()
+                // The retry budget: retries in flight per cluster (`max_retries`).
+                let _retrying = if attempt > 0 {
+                    let Some(set) = set else { break };
+                    let retries = &set.runtime.retries;
+                    if retries.fetch_add(1, Ordering::AcqRel)
+                        >= u64::from(cluster.limits.max_retries)
+                    {
+                        retries.fetch_sub(1, Ordering::AcqRel);
+                        break;
                     }
+                    tokio::time::sleep(backoff(retry, attempt)).await;
+                    Some(Decrement(retries))
+                } else {
+                    None
+                };
+                let (targets, state) = match (&cluster.kind, set) {
+                    (ClusterKind::OriginalDst, _) => (original_targets(plan.original).await?, None),
+                    (_, Some(set)) => {
+                        let i = pick(set, cluster.lb, plan.hash, &tried)
+                            .ok_or(Flag::NoHealthyUpstream)?;
+                        tried[attempt as usize % tried.len()] = i;
+                        (set.endpoints[i].addresses.clone(), Some(&set.states[i]))
+                    }
+                    (_, None) => return Err(Flag::NoHealthyUpstream),
                 };
                 let b = body.take().unwrap_or_else(|| crate::http::full(""));
                 // A body can be sent once: with one, only the first address is tried.
@@ -95,6 +124,10 @@ impl Upstreams {
                 } else {
                     &targets[..targets.len().min(1)]
                 };
+                let _endpoint_active = state.map(|st| {
+                    st.active.fetch_add(1, Ordering::AcqRel);
+                    Decrement(&st.active)
+                });
                 let result = try_targets(
                     client,
                     targets,
@@ -103,6 +136,9 @@ impl Upstreams {
                     retry.and_then(|r| r.per_try_timeout),
                 )
                 .await;
+                if let (Some(st), Some(set)) = (state, set) {
+                    outlier(cluster.outlier.as_ref(), set, st, &result);
+                }
                 let again = match (&result, retry) {
                     (_, None) => false,
                     (Ok(resp), Some(r)) => retriable_status(r, resp.status().as_u16()),
@@ -127,6 +163,74 @@ impl Upstreams {
             None => attempt_all.await,
         }
     }
+}
+
+/// Decrements a counter when dropped, however the request ends.
+struct Decrement<'a>(&'a AtomicU64);
+
+impl Drop for Decrement<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Outlier detection: consecutive 5xx (and, where enforced, gateway errors: 502/503/504 and
+/// connection failures) eject the endpoint for base time × its ejection count, unless that
+/// would eject more than the allowed share of the cluster (at least one may always go).
+fn outlier(
+    policy: Option<&OutlierPolicy>,
+    set: &EndpointSet,
+    st: &EndpointState,
+    result: &Result<Response<Incoming>, Flag>,
+) {
+    let Some(p) = policy else { return };
+    let (five, gateway) = match result {
+        Ok(r) => {
+            let code = r.status().as_u16();
+            (code >= 500, matches!(code, 502..=504))
+        }
+        Err(Flag::ConnectFailure | Flag::Reset | Flag::Timeout) => (true, true),
+        Err(_) => return,
+    };
+    if !five {
+        st.consecutive_5xx.store(0, Ordering::Relaxed);
+        st.consecutive_gateway.store(0, Ordering::Relaxed);
+        return;
+    }
+    let n5 = st.consecutive_5xx.fetch_add(1, Ordering::AcqRel) + 1;
+    let ng = if gateway {
+        st.consecutive_gateway.fetch_add(1, Ordering::AcqRel) + 1
+    } else {
+        st.consecutive_gateway.store(0, Ordering::Relaxed);
+        0
+    };
+    let tripped = (p.consecutive_5xx > 0 && n5 >= p.consecutive_5xx)
+        || (p.consecutive_gateway > 0 && ng >= p.consecutive_gateway);
+    if !tripped {
+        return;
+    }
+    let now = now_nanos();
+    if st.ejected_until.load(Ordering::Acquire) > now {
+        return; // already out
+    }
+    let ejected = set
+        .states
+        .iter()
+        .filter(|s| s.ejected_until.load(Ordering::Relaxed) > now)
+        .count();
+    let allowed = (set.states.len() * p.max_ejection_percent as usize / 100).max(1);
+    if ejected >= allowed {
+        return;
+    }
+    let times = st.ejections.fetch_add(1, Ordering::AcqRel) + 1;
+    let until = now + (p.base_ejection * times).as_nanos() as u64;
+    st.ejected_until.store(until, Ordering::Release);
+    st.consecutive_5xx.store(0, Ordering::Relaxed);
+    st.consecutive_gateway.store(0, Ordering::Relaxed);
+    tracing::info!(
+        ejection_ms = (p.base_ejection * times).as_millis() as u64,
+        "outlier ejected an endpoint"
+    );
 }
 
 impl Upstreams {
@@ -160,21 +264,62 @@ fn backoff(retry: Option<&RetryPolicy>, attempt: u32) -> Duration {
     Duration::from_millis(crate::rand::below(ms + 1))
 }
 
-/// The next endpoint: round robin (least request and the hash policies also take turns until
-/// they have their own state), random for `RANDOM`.
-fn pick<'e>(
-    endpoints: &'e [Endpoint],
-    next: &std::sync::atomic::AtomicUsize,
-    lb: Lb,
-) -> Option<&'e Endpoint> {
-    if endpoints.is_empty() {
+/// The endpoint to use, among those not ejected (all of them if every one is): round robin,
+/// least request (the less busy of two random ones), random, or for the hash policies the
+/// highest-scoring endpoint for the request's key (rendezvous hashing: consistent, and only
+/// the keys of a removed endpoint move).
+///
+/// Endpoints in `tried` (earlier attempts of this request) are avoided while others are
+/// usable, as Istio's retry policy does (`previous_hosts`).
+fn pick(set: &EndpointSet, lb: Lb, hash: Option<u64>, tried: &[usize]) -> Option<usize> {
+    let n = set.endpoints.len();
+    if n == 0 {
         return None;
     }
-    let i = match lb {
-        Lb::Random => crate::rand::below(endpoints.len() as u64) as usize,
-        _ => next.fetch_add(1, Ordering::Relaxed) % endpoints.len(),
+    let now = now_nanos();
+    let up = |i: usize| set.states[i].ejected_until.load(Ordering::Relaxed) <= now;
+    let fresh = |i: usize| up(i) && !tried.contains(&i);
+    let usable: &dyn Fn(usize) -> bool = if (0..n).any(fresh) {
+        &fresh
+    } else if (0..n).any(up) {
+        &up
+    } else {
+        &|_| true
     };
-    endpoints.get(i)
+    match (lb, hash) {
+        (Lb::RingHash | Lb::Maglev, Some(key)) => (0..n).filter(|&i| usable(i)).max_by_key(|&i| {
+            let weight = u64::from(set.endpoints[i].weight.max(1));
+            mix(key ^ mix(i as u64 + 1)) / weight.max(1) * weight
+        }),
+        (Lb::LeastRequest, _) if n > 1 => {
+            let a = crate::rand::below(n as u64) as usize;
+            let b = crate::rand::below(n as u64) as usize;
+            let load = |i: usize| set.states[i].active.load(Ordering::Relaxed);
+            match (usable(a), usable(b)) {
+                (true, true) => Some(if load(b) < load(a) { b } else { a }),
+                (true, false) => Some(a),
+                (false, true) => Some(b),
+                (false, false) => (0..n).find(|&i| usable(i)),
+            }
+        }
+        (Lb::Random, _) => {
+            let start = crate::rand::below(n as u64) as usize;
+            (0..n).map(|k| (start + k) % n).find(|&i| usable(i))
+        }
+        _ => {
+            let start = set.next.fetch_add(1, Ordering::Relaxed);
+            (0..n).map(|k| (start + k) % n).find(|&i| usable(i))
+        }
+    }
+}
+
+/// A 64-bit finalizer (splitmix64) to spread hash keys.
+fn mix(mut x: u64) -> u64 {
+    x ^= x >> 30;
+    x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x ^= x >> 27;
+    x = x.wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
 }
 
 /// For `PassthroughCluster`: the addresses of the authority the request named.

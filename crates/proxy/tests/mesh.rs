@@ -802,3 +802,200 @@ spec: {{address: 127.0.0.1, labels: {{app: ads}}, ports: {{grpc: {}}}}}
         update.removed
     );
 }
+
+/// Services for the cluster features: `od` (a good and a failing endpoint, outlier
+/// detection, no retries), `pool` (one connection plus one pending request), `sticky`
+/// (consistent hash on a header over two endpoints).
+fn cluster_features_yaml(good: u16, bad: u16, slow: u16, a: u16, b: u16) -> String {
+    format!(
+        r#"
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: od, namespace: shop}}
+spec:
+  hosts: [od.shop.svc.cluster.local]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports: [{{number: 7001, name: http, protocol: HTTP}}]
+  endpoints: [{{address: 127.0.0.1, ports: {{http: {good}}}}}, {{address: 127.0.0.1, ports: {{http: {bad}}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: od, namespace: shop}}
+spec:
+  hosts: [od]
+  http: [{{route: [{{destination: {{host: od}}}}], retries: {{attempts: 0}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: od, namespace: shop}}
+spec:
+  host: od
+  trafficPolicy:
+    outlierDetection: {{consecutive5xxErrors: 2, interval: 1s, baseEjectionTime: 1s, maxEjectionPercent: 100}}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: pool, namespace: shop}}
+spec:
+  hosts: [pool.shop.svc.cluster.local]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports: [{{number: 7002, name: http, protocol: HTTP}}]
+  endpoints: [{{address: 127.0.0.1, ports: {{http: {slow}}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: pool, namespace: shop}}
+spec:
+  host: pool
+  trafficPolicy:
+    connectionPool: {{tcp: {{maxConnections: 1}}, http: {{http1MaxPendingRequests: 1}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: sticky, namespace: shop}}
+spec:
+  hosts: [sticky.shop.svc.cluster.local]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports: [{{number: 7003, name: http, protocol: HTTP}}]
+  endpoints: [{{address: 127.0.0.1, ports: {{http: {a}}}}}, {{address: 127.0.0.1, ports: {{http: {b}}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: sticky, namespace: shop}}
+spec:
+  host: sticky
+  trafficPolicy:
+    loadBalancer: {{consistentHash: {{httpHeaderName: x-user}}}}
+"#
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outlier_detection_pool_limits_and_consistent_hash() {
+    let m = mesh().await;
+    let p = m.client.http_proxy[0];
+    let good = app("127.0.0.1:0", "good", false).await;
+    let bad = app("127.0.0.1:0", "bad", true).await;
+    let slow = app("127.0.0.1:0", "slow", false).await;
+    let a = app("127.0.0.1:0", "a", false).await;
+    let b = app("127.0.0.1:0", "b", false).await;
+    let yaml = mesh_yaml(
+        m._server.inbound[0].port(),
+        m.v2.addr.port(),
+        m.v6.addr.port(),
+        (1, 2),
+    ) + &cluster_features_yaml(
+        good.addr.port(),
+        bad.addr.port(),
+        slow.addr.port(),
+        a.addr.port(),
+        b.addr.port(),
+    );
+    m.cp.update(config(&yaml));
+    let deadline = Instant::now() + WAIT;
+    while !["7001", "7002", "7003"]
+        .iter()
+        .all(|t| m.client.config.load().routes.contains_key(*t))
+    {
+        assert!(Instant::now() < deadline, "config never arrived");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    // Outlier detection: two consecutive 5xx eject the failing endpoint for 1 s; after that
+    // it is tried again and ejected again after two more.
+    let od = "http://od.shop.svc.cluster.local:7001";
+    let round = |n: usize| async move {
+        let mut failed = 0;
+        for i in 0..n {
+            let (s, _, _) = get(p, &format!("{od}/{i}"), &[]).await;
+            if s != 200 {
+                failed += 1;
+            }
+        }
+        failed
+    };
+    let start = Instant::now();
+    assert_eq!(round(40).await, 2, "ejected after its second failure");
+    assert_eq!(bad.hits.load(Ordering::Relaxed), 2);
+    assert!(
+        start.elapsed() < Duration::from_millis(900),
+        "the round must fit in the ejection"
+    );
+    tokio::time::sleep(Duration::from_millis(1100).saturating_sub(start.elapsed())).await;
+    assert_eq!(
+        round(60).await,
+        2,
+        "back after the ejection, then ejected again"
+    );
+    assert_eq!(bad.hits.load(Ordering::Relaxed), 4);
+    assert!(good.hits.load(Ordering::Relaxed) >= 90);
+
+    // Pool limits: one connection and one pending request; 6 slow requests at once.
+    let pool = "http://pool.shop.svc.cluster.local:7002/slow";
+    let all = futures_join(
+        (0..6)
+            .map(|_| async move { get(p, pool, &[]).await })
+            .collect(),
+    )
+    .await;
+    let ok = all.iter().filter(|(s, _, _)| *s == 200).count();
+    let overflow: Vec<_> = all
+        .iter()
+        .filter(|(s, _, h)| *s == 503 && h["x-hypha-response-flags"] == "UO")
+        .collect();
+    assert_eq!(ok, 2, "{:?}", all.iter().map(|r| r.0).collect::<Vec<_>>());
+    assert_eq!(overflow.len(), 4);
+    assert_eq!(slow.hits.load(Ordering::Relaxed), 2);
+    let set =
+        m.client.config.load().endpoint_sets["outbound|7002||pool.shop.svc.cluster.local"].clone();
+    assert_eq!(set.runtime.overflows.load(Ordering::Relaxed), 4);
+    assert_eq!(
+        set.runtime.active.load(Ordering::Relaxed),
+        0,
+        "nothing leaked"
+    );
+    let metrics = admin(m.client.admin.unwrap(), "/metrics").await.1;
+    assert_eq!(
+        sample(
+            &metrics,
+            "istio_requests_total",
+            &[
+                ("destination_service", "pool.shop.svc.cluster.local"),
+                ("response_flags", "UO")
+            ]
+        ),
+        Some(4.0),
+        "{metrics}"
+    );
+
+    // Consistent hash: a user always lands on the same endpoint; users spread over both.
+    let sticky = "http://sticky.shop.svc.cluster.local:7003/";
+    let mut seen = std::collections::HashSet::new();
+    for user in 0..20 {
+        let user = format!("user-{user}");
+        let (_, first, _) = get(p, sticky, &[("x-user", &user)]).await;
+        for _ in 0..5 {
+            let (_, again, _) = get(p, sticky, &[("x-user", &user)]).await;
+            assert_eq!(first[..1], again[..1], "{user} moved");
+        }
+        seen.insert(first[..1].to_owned());
+    }
+    assert_eq!(seen.len(), 2, "20 users all hashed to one endpoint");
+}
+
+/// Runs futures concurrently and returns their outputs in order.
+async fn futures_join<F: std::future::Future + Send + 'static>(futs: Vec<F>) -> Vec<F::Output>
+where
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = futs.into_iter().map(tokio::spawn).collect();
+    let mut out = Vec::new();
+    for h in handles {
+        out.push(h.await.unwrap());
+    }
+    out
+}
