@@ -290,3 +290,35 @@ pub fn observed(
     let flags = response_flags(&resp);
     resp.map(|b| Counted::new(b, move |bytes| observe(code, flags, bytes)).boxed())
 }
+
+/// For a request asking to switch protocols (WebSocket and other `Upgrade`s over HTTP/1.1):
+/// takes the downstream half out of the request, to be joined with the upstream's half once
+/// the upstream agrees.
+pub fn take_upgrade(parts: &mut http::request::Parts) -> Option<hyper::upgrade::OnUpgrade> {
+    if !parts.headers.contains_key(http::header::UPGRADE) {
+        return None;
+    }
+    parts.extensions.remove::<hyper::upgrade::OnUpgrade>()
+}
+
+/// When the upstream answered `101 Switching Protocols`, splices the two upgraded
+/// connections and copies bytes both ways until either side closes.
+pub fn splice(downstream: Option<hyper::upgrade::OnUpgrade>, resp: &mut Response<Incoming>) {
+    if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        return;
+    }
+    let Some(downstream) = downstream else {
+        return;
+    };
+    let upstream = hyper::upgrade::on(resp);
+    tokio::spawn(async move {
+        let (Ok(d), Ok(u)) = tokio::join!(downstream, upstream) else {
+            debug!("upgrade failed on one side");
+            return;
+        };
+        let (mut d, mut u) = (TokioIo::new(d), TokioIo::new(u));
+        if let Err(e) = tokio::io::copy_bidirectional(&mut d, &mut u).await {
+            debug!(error = %e, "upgraded connection ended");
+        }
+    });
+}

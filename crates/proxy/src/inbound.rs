@@ -41,14 +41,18 @@ impl Inbound {
             ),
             _ => (false, String::new()),
         };
-        let (parts, body) = req.into_parts();
+        let (mut parts, body) = req.into_parts();
         let request_bytes = h::request_size(&parts, &body);
+        let upgrade = h::take_upgrade(&mut parts);
         let resp = match self
             .upstreams
             .send_direct(http2, self.app, parts, h::incoming(body))
             .await
         {
-            Ok(resp) => resp.map(|b| b.boxed()),
+            Ok(mut resp) => {
+                h::splice(upgrade, &mut resp);
+                resp.map(|b| b.boxed())
+            }
             Err(flag) => h::local_reply(flag),
         };
         let telemetry = self.telemetry.clone();

@@ -94,6 +94,11 @@ impl Outbound {
                 Err(_) => return (h::local_reply(Flag::BadRequest), none()),
             }
         }
+        if !parts.headers.contains_key(REQUEST_ID) {
+            if let Ok(v) = HeaderValue::from_str(&request_id()) {
+                parts.headers.insert(REQUEST_ID, v);
+            }
+        }
         let Some(table) = cfg.http_by_port.get(&port) else {
             return (h::local_reply(Flag::NoRoute), none());
         };
@@ -152,6 +157,7 @@ impl Outbound {
         router::apply(&mut parts.headers, &route.headers, true);
         router::apply(&mut parts.headers, &wc.headers, true);
         let empty = body.is_end_stream();
+        let upgrade = h::take_upgrade(&mut parts);
         let plan = Plan {
             cluster: &wc.name,
             original: Some(authority),
@@ -164,7 +170,8 @@ impl Outbound {
             .send(cfg, &plan, parts, h::incoming(body), empty)
             .await
         {
-            Ok(resp) => {
+            Ok(mut resp) => {
+                h::splice(upgrade, &mut resp);
                 let (mut rp, rb) = resp.into_parts();
                 router::apply(&mut rp.headers, &route.headers, false);
                 router::apply(&mut rp.headers, &wc.headers, false);
@@ -173,6 +180,21 @@ impl Outbound {
             Err(flag) => h::local_reply(flag),
         }
     }
+}
+
+const REQUEST_ID: &str = "x-request-id";
+
+/// A random UUID (version 4) for `x-request-id`, as Envoy generates for requests without one.
+fn request_id() -> String {
+    let (a, b) = (crate::rand::next(), crate::rand::next());
+    format!(
+        "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
+        a >> 32,
+        (a >> 16) & 0xffff,
+        a & 0x0fff,
+        (b >> 48) & 0x3fff | 0x8000,
+        b & 0xffff_ffff_ffff
+    )
 }
 
 /// The consistent-hash key of a request: the first hash policy whose input the request has.
@@ -263,12 +285,55 @@ async fn fault(f: Option<&Fault>) -> Option<Response<Body>> {
     None
 }
 
-/// Serves the outbound side on `listener` in `mode` until the task is dropped.
+/// Serves the outbound side on `listener` in `mode` until the task is dropped. A service
+/// port listener for a service whose port is not HTTP proxies TCP bytes to its cluster.
 pub async fn serve(outbound: Outbound, listener: tokio::net::TcpListener, mode: Mode) {
     let mode = Arc::new(mode);
-    crate::http::serve(listener, move |req, peer: SocketAddr| {
+    loop {
+        let (stream, peer) = h::accept(&listener).await;
+        let tcp_cluster = match &*mode {
+            Mode::Service { authority, port }
+                if !outbound.config.load().http_by_port.contains_key(port) =>
+            {
+                let host = authority
+                    .rsplit_once(':')
+                    .map_or(authority.as_str(), |(h, _)| h);
+                Some(format!("outbound|{port}||{host}"))
+            }
+            _ => None,
+        };
         let (o, m) = (outbound.clone(), mode.clone());
-        async move { o.handle(&m, req, peer).await }
-    })
-    .await;
+        match tcp_cluster {
+            Some(cluster) => {
+                tokio::spawn(tcp_proxy(o, cluster, stream));
+            }
+            None => {
+                tokio::spawn(h::serve_connection(stream, peer, move |req, peer| {
+                    let (o, m) = (o.clone(), m.clone());
+                    async move { o.handle(&m, req, peer).await }
+                }));
+            }
+        }
+    }
+}
+
+async fn tcp_proxy(o: Outbound, cluster: String, mut downstream: tokio::net::TcpStream) {
+    let cfg = o.config.load_full();
+    let mut upstream = match crate::upstream::connect_tcp(&cfg, &cluster).await {
+        Ok(u) => u,
+        Err(flag) => {
+            tracing::debug!(cluster, flag = flag.as_str(), "TCP proxy: no upstream");
+            return;
+        }
+    };
+    let metrics = &o.telemetry.metrics;
+    metrics.tcp_opened();
+    match tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await {
+        // From the app (sent to the peer), and back.
+        Ok((sent, received)) => metrics.tcp_closed(sent, received),
+        Err(e) => {
+            metrics.tcp_closed(0, 0);
+            tracing::debug!(cluster, error = %e, "TCP proxy connection ended");
+        }
+    }
 }

@@ -233,6 +233,28 @@ fn outlier(
     );
 }
 
+/// Connects to an endpoint of `cluster` for plain TCP proxying (every address of the chosen
+/// endpoint in turn; an ejected or failing endpoint is skipped like for HTTP).
+pub async fn connect_tcp(cfg: &Config, cluster: &str) -> Result<tokio::net::TcpStream, Flag> {
+    let c = cfg.clusters.get(cluster).ok_or(Flag::NoCluster)?;
+    let set = cfg
+        .endpoint_sets
+        .get(cluster)
+        .ok_or(Flag::NoHealthyUpstream)?;
+    let i = pick(set, c.lb, None, &[]).ok_or(Flag::NoHealthyUpstream)?;
+    for addr in &set.endpoints[i].addresses {
+        match tokio::time::timeout(c.connect_timeout, tokio::net::TcpStream::connect(addr)).await {
+            Ok(Ok(stream)) => {
+                let _ = stream.set_nodelay(true);
+                return Ok(stream);
+            }
+            Ok(Err(e)) => tracing::debug!(%addr, error = %e, "TCP upstream connect failed"),
+            Err(_) => tracing::debug!(%addr, "TCP upstream connect timed out"),
+        }
+    }
+    Err(Flag::ConnectFailure)
+}
+
 impl Upstreams {
     /// Sends straight to `target` (the local app, for inbound traffic).
     pub async fn send_direct(

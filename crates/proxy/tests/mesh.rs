@@ -50,6 +50,9 @@ async fn app(bind: &str, name: &'static str, failing: bool) -> App {
                             .map_or("-".into(), |v| v.to_str().unwrap().to_owned());
                         let body = format!("{name} {} {x}", req.uri());
                         let mut resp = Response::new(Full::new(Bytes::from(body)));
+                        if let Some(id) = req.headers().get("x-request-id") {
+                            resp.headers_mut().insert("x-seen-request-id", id.clone());
+                        }
                         if failing {
                             *resp.status_mut() = hyper::StatusCode::SERVICE_UNAVAILABLE;
                         }
@@ -386,6 +389,20 @@ async fn routing_features_end_to_end() {
     let (s, _, h) = get(p, &format!("{web}/old-page"), &[]).await;
     assert_eq!(s, 302);
     assert_eq!(h["location"], "http://web.shop.svc.cluster.local/new-page");
+
+    // x-request-id: generated when absent (a UUID), passed through when present.
+    let (_, _, h) = get(p, &format!("{web}/id"), &[]).await;
+    let id = h["x-seen-request-id"].to_str().unwrap().to_owned();
+    assert_eq!(id.len(), 36, "{id}");
+    assert_eq!(id.matches('-').count(), 4, "{id}");
+    let (_, _, h2) = get(p, &format!("{web}/id"), &[]).await;
+    assert_ne!(
+        h2["x-seen-request-id"],
+        id.as_str(),
+        "a fresh id per request"
+    );
+    let (_, _, h) = get(p, &format!("{web}/id"), &[("x-request-id", "mine-1")]).await;
+    assert_eq!(h["x-seen-request-id"], "mine-1");
 
     // Header route to v2 (reached directly), and v1 through the server sidecar's inbound.
     let (s, body, _) = get(p, &format!("{web}/a"), &[("end-user", "jason")]).await;
@@ -998,4 +1015,232 @@ where
         out.push(h.await.unwrap());
     }
     out
+}
+
+/// An app that accepts `Upgrade: echo` with 101 and then echoes every byte.
+async fn upgrade_app() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    |mut req: Request<hyper::body::Incoming>| async move {
+                        let mut resp = Response::new(Full::new(Bytes::new()));
+                        if req.headers().get("upgrade").is_some_and(|v| v == "echo") {
+                            let on = hyper::upgrade::on(&mut req);
+                            tokio::spawn(async move {
+                                let io = on.await.unwrap();
+                                let (mut r, mut w) = tokio::io::split(TokioIo::new(io));
+                                let _ = tokio::io::copy(&mut r, &mut w).await;
+                            });
+                            *resp.status_mut() = hyper::StatusCode::SWITCHING_PROTOCOLS;
+                            resp.headers_mut()
+                                .insert("upgrade", "echo".parse().unwrap());
+                            resp.headers_mut()
+                                .insert("connection", "upgrade".parse().unwrap());
+                        }
+                        Ok::<_, Infallible>(resp)
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .with_upgrades()
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrade_passthrough_through_two_sidecars() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let m = mesh().await;
+    let echo = upgrade_app().await;
+    let mut sidecar = hypha_proxy::start(Options {
+        node: node("ws-1", &[("app", "ws")]),
+        control_plane: format!("http://{}", m.cp_server.addr),
+        http_proxy: vec![],
+        services: vec![],
+        inbound: vec!["127.0.0.1:0".parse().unwrap()],
+        inbound_port: None,
+        app: Some(echo),
+        admin: None,
+    })
+    .await
+    .unwrap();
+    let ws = format!(
+        r#"
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: ws, namespace: shop}}
+spec:
+  hosts: [ws.shop.svc.cluster.local]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports: [{{number: 7010, name: http, protocol: HTTP}}]
+  workloadSelector: {{labels: {{app: ws}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {{name: ws-1, namespace: shop}}
+spec: {{address: 127.0.0.1, labels: {{app: ws}}, ports: {{http: {}}}}}
+"#,
+        sidecar.inbound[0].port()
+    );
+    let yaml = mesh_yaml(
+        m._server.inbound[0].port(),
+        m.v2.addr.port(),
+        m.v6.addr.port(),
+        (1, 2),
+    ) + &ws;
+    m.cp.update(config(&yaml));
+    ready(&mut sidecar).await;
+    let port = sidecar.inbound[0].port();
+    let deadline = Instant::now() + WAIT;
+    while !m.client.config.load().routes.contains_key("7010")
+        || !sidecar.config.load().inbound.contains_key(&port)
+    {
+        assert!(Instant::now() < deadline, "config never arrived");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    let mut conn = tokio::net::TcpStream::connect(m.client.http_proxy[0])
+        .await
+        .unwrap();
+    conn.write_all(
+        b"GET http://ws.shop.svc.cluster.local:7010/chat HTTP/1.1\r\nHost: ws.shop.svc.cluster.local:7010\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        tokio::time::timeout(WAIT, conn.read_exact(&mut byte))
+            .await
+            .expect("101 in time")
+            .unwrap();
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head);
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    // Bytes both ways, larger than one read, then a half-close ends the echo.
+    let payload: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    let (mut r, mut w) = conn.into_split();
+    let sent = payload.clone();
+    let writer = tokio::spawn(async move {
+        w.write_all(&sent).await.unwrap();
+        w.shutdown().await.unwrap();
+    });
+    let mut echoed = vec![0u8; payload.len()];
+    tokio::time::timeout(WAIT, r.read_exact(&mut echoed))
+        .await
+        .expect("echo in time")
+        .unwrap();
+    writer.await.unwrap();
+    assert!(echoed == payload, "upgraded bytes came back changed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_service_port_proxies_bytes() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let m = mesh().await;
+    // A raw TCP echo app.
+    let echo = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let echo_addr = echo.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = echo.accept().await.unwrap();
+            tokio::spawn(async move {
+                let (mut r, mut w) = stream.into_split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    let tcp = format!(
+        r#"
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: tcpsvc, namespace: shop}}
+spec:
+  hosts: [tcpsvc.shop.svc.cluster.local]
+  addresses: [240.240.0.9]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports: [{{number: 7020, name: tcp, protocol: TCP}}]
+  endpoints: [{{address: 127.0.0.1, ports: {{tcp: {}}}}}]
+"#,
+        echo_addr.port()
+    );
+    let yaml = mesh_yaml(
+        m._server.inbound[0].port(),
+        m.v2.addr.port(),
+        m.v6.addr.port(),
+        (1, 2),
+    ) + &tcp;
+    m.cp.update(config(&yaml));
+    let mut client = hypha_proxy::start(Options {
+        node: node("tcp-client", &[("app", "tcp-client")]),
+        control_plane: format!("http://{}", m.cp_server.addr),
+        http_proxy: vec![],
+        services: vec![(
+            "127.0.0.1:0".parse().unwrap(),
+            "tcpsvc.shop.svc.cluster.local:7020".into(),
+        )],
+        inbound: vec![],
+        inbound_port: None,
+        app: None,
+        admin: None,
+    })
+    .await
+    .unwrap();
+    ready(&mut client).await;
+    let deadline = Instant::now() + WAIT;
+    while !client
+        .config
+        .load()
+        .endpoint_sets
+        .contains_key("outbound|7020||tcpsvc.shop.svc.cluster.local")
+    {
+        assert!(Instant::now() < deadline, "config never arrived");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let conn = tokio::net::TcpStream::connect(client.services[0])
+        .await
+        .unwrap();
+    let (mut r, mut w) = conn.into_split();
+    let payload: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+    let sent = payload.clone();
+    let writer = tokio::spawn(async move {
+        w.write_all(&sent).await.unwrap();
+        w.shutdown().await.unwrap();
+    });
+    let mut back = Vec::new();
+    tokio::time::timeout(WAIT, r.read_to_end(&mut back))
+        .await
+        .expect("echo and close in time")
+        .unwrap();
+    writer.await.unwrap();
+    assert!(back == payload, "bytes changed on the way");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let text = client.telemetry.metrics.render();
+        if text.contains("istio_tcp_sent_bytes_total 300000") {
+            assert!(
+                text.contains("istio_tcp_received_bytes_total 300000"),
+                "{text}"
+            );
+            assert!(
+                text.contains("istio_tcp_connections_opened_total 1"),
+                "{text}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "{text}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
