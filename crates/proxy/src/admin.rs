@@ -23,13 +23,15 @@ pub struct Admin {
     pub ready: watch::Receiver<bool>,
     /// (type URL, name, version) of every applied resource.
     pub versions: Arc<ArcSwap<Vec<(String, String, String)>>>,
+    /// The data listeners' drain: not ready while draining.
+    pub draining: h::Drain,
 }
 
 impl Admin {
     fn handle(&self, req: &Request<Incoming>) -> Response<Body> {
         let (status, body) = match req.uri().path() {
             "/ready" | "/healthz/ready" => {
-                if *self.ready.borrow() {
+                if *self.ready.borrow() && !self.draining.is_draining() {
                     (StatusCode::OK, "LIVE\n".to_owned())
                 } else {
                     (StatusCode::SERVICE_UNAVAILABLE, "NOT READY\n".to_owned())
@@ -92,8 +94,8 @@ impl Admin {
 }
 
 /// Serves the admin endpoints until the task is dropped.
-pub async fn serve(admin: Admin, listener: TcpListener) {
-    h::serve(listener, move |req, _| {
+pub async fn serve(admin: Admin, listener: TcpListener, drain: h::Drain) {
+    h::serve(listener, drain, move |req, _| {
         let resp = admin.handle(&req);
         async move { resp }
     })

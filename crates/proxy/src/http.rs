@@ -5,6 +5,8 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -110,51 +112,140 @@ pub fn local_reply_with(status: StatusCode, flag: Flag, text: &str) -> Response<
     r
 }
 
-/// Accepts connections on `listener` and serves each with `handle` (HTTP/1.1, or HTTP/2 when
-/// the client starts with the HTTP/2 preface), until the task is dropped.
-pub async fn serve<H, F>(listener: TcpListener, handle: H)
-where
-    H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
-    F: Future<Output = Response<Body>> + Send + 'static,
-{
-    loop {
-        let (stream, peer) = accept(&listener).await;
-        tokio::spawn(serve_connection(stream, peer, handle.clone()));
+/// Graceful shutdown, the listeners' side: once draining, listeners stop accepting, HTTP
+/// connections finish the request in flight and close (HTTP/1.1 `Connection: close`, HTTP/2
+/// GOAWAY), and [`DrainTrigger::drain`] waits for the connections still open.
+#[derive(Clone)]
+pub struct Drain {
+    rx: tokio::sync::watch::Receiver<bool>,
+    open: Arc<AtomicUsize>,
+}
+
+/// Graceful shutdown, the owner's side.
+pub struct DrainTrigger {
+    tx: tokio::sync::watch::Sender<bool>,
+    open: Arc<AtomicUsize>,
+}
+
+/// Counts an open connection until dropped.
+pub struct Open(Arc<AtomicUsize>);
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
-/// The next connection; accept errors (out of descriptors and the like) back off instead of
-/// spinning.
-pub async fn accept(listener: &TcpListener) -> (TcpStream, SocketAddr) {
-    loop {
-        match listener.accept().await {
-            Ok((stream, peer)) => {
-                let _ = stream.set_nodelay(true);
-                return (stream, peer);
+impl DrainTrigger {
+    pub fn new() -> (DrainTrigger, Drain) {
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        let open = Arc::new(AtomicUsize::new(0));
+        (
+            DrainTrigger {
+                tx,
+                open: open.clone(),
+            },
+            Drain { rx, open },
+        )
+    }
+
+    /// Starts draining and waits until every connection closed or `deadline` passed;
+    /// returns how many were still open.
+    pub async fn drain(&self, deadline: std::time::Duration) -> usize {
+        self.tx.send_replace(true);
+        let until = tokio::time::Instant::now() + deadline;
+        loop {
+            let open = self.open.load(Ordering::Acquire);
+            if open == 0 || tokio::time::Instant::now() >= until {
+                return open;
             }
-            Err(e) => {
-                debug!(error = %e, "accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
     }
 }
 
-/// Serves one downstream connection with `handle`.
-pub async fn serve_connection<H, F>(stream: TcpStream, peer: SocketAddr, handle: H)
+impl Drain {
+    pub fn is_draining(&self) -> bool {
+        *self.rx.borrow()
+    }
+
+    /// Resolves once draining starts.
+    pub async fn started(&mut self) {
+        let _ = self.rx.wait_for(|d| *d).await;
+    }
+
+    /// Counts a connection as open until the returned guard is dropped.
+    pub fn open(&self) -> Open {
+        self.open.fetch_add(1, Ordering::AcqRel);
+        Open(self.open.clone())
+    }
+}
+
+/// Accepts connections on `listener` and serves each with `handle` (HTTP/1.1, or HTTP/2 when
+/// the client starts with the HTTP/2 preface), until draining starts.
+pub async fn serve<H, F>(listener: TcpListener, drain: Drain, handle: H)
+where
+    H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<Body>> + Send + 'static,
+{
+    while let Some((stream, peer)) = accept(&listener, &drain).await {
+        tokio::spawn(serve_connection(
+            stream,
+            peer,
+            drain.clone(),
+            handle.clone(),
+        ));
+    }
+}
+
+/// The next connection, or `None` once draining starts. Accept errors (out of descriptors
+/// and the like) back off instead of spinning.
+pub async fn accept(listener: &TcpListener, drain: &Drain) -> Option<(TcpStream, SocketAddr)> {
+    let mut drain = drain.clone();
+    loop {
+        if drain.is_draining() {
+            return None;
+        }
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    return Some((stream, peer));
+                }
+                Err(e) => {
+                    debug!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+            },
+            () = drain.started() => return None,
+        }
+    }
+}
+
+/// Serves one downstream connection with `handle`; when draining starts, finishes the
+/// request in flight and closes.
+pub async fn serve_connection<H, F>(stream: TcpStream, peer: SocketAddr, drain: Drain, handle: H)
 where
     H: Fn(Request<Incoming>, SocketAddr) -> F + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
+    let _open = drain.open();
     let service = hyper::service::service_fn(move |req| {
         let response = handle(req, peer);
         async move { Ok::<_, Infallible>(response.await) }
     });
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    if let Err(e) = builder
-        .serve_connection_with_upgrades(TokioIo::new(stream), service)
-        .await
-    {
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+    tokio::pin!(conn);
+    let mut drain = drain;
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        () = drain.started() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
         debug!(%peer, error = %e, "downstream connection ended with an error");
     }
 }

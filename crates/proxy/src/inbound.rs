@@ -68,21 +68,27 @@ impl Inbound {
 }
 
 /// Serves the inbound side on `listener` until the task is dropped.
-pub async fn serve(inbound: Inbound, listener: TcpListener) {
-    loop {
-        let (mut stream, peer) = h::accept(&listener).await;
+pub async fn serve(inbound: Inbound, listener: TcpListener, drain: h::Drain) {
+    while let Some((mut stream, peer)) = h::accept(&listener, &drain).await {
         let is_http = matches!(
             inbound.config.load().inbound.get(&inbound.port),
             Some(Chain::Http { .. })
         );
         let inbound = inbound.clone();
         if is_http {
-            tokio::spawn(h::serve_connection(stream, peer, move |req, _| {
-                let i = inbound.clone();
-                async move { i.handle(req).await }
-            }));
+            tokio::spawn(h::serve_connection(
+                stream,
+                peer,
+                drain.clone(),
+                move |req, _| {
+                    let i = inbound.clone();
+                    async move { i.handle(req).await }
+                },
+            ));
         } else {
+            let open = drain.open();
             tokio::spawn(async move {
+                let _open = open;
                 let metrics = &inbound.telemetry.metrics;
                 match tokio::net::TcpStream::connect(inbound.app).await {
                     Ok(mut app) => {

@@ -33,7 +33,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-pub use crate::http::Flag;
+pub use crate::http::{Drain, DrainTrigger, Flag};
 
 /// How to start a proxy: who it is, where the control plane is, and what to listen on. Any
 /// listen port may be 0 (the OS picks one; see [`Running`]).
@@ -70,6 +70,17 @@ pub struct Running {
     pub config: Arc<ArcSwap<model::Config>>,
     pub telemetry: Arc<telemetry::Telemetry>,
     pub tasks: JoinSet<()>,
+    drain: http::DrainTrigger,
+    /// The admin listener drains last, separately.
+    _admin_drain: http::DrainTrigger,
+}
+
+impl Running {
+    /// Graceful shutdown: stop accepting, let requests in flight finish and connections
+    /// close, for at most `deadline`. Returns how many connections were still open.
+    pub async fn drain(&self, deadline: std::time::Duration) -> usize {
+        self.drain.drain(deadline).await
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -99,6 +110,8 @@ pub async fn start(opts: Options) -> Result<Running, StartError> {
     let (ready_tx, ready) = watch::channel(false);
     let stats = Arc::new(xds::XdsStats::default());
     let mut tasks = JoinSet::new();
+    let (drain_trigger, drain) = http::DrainTrigger::new();
+    let (admin_trigger, admin_drain) = http::DrainTrigger::new();
     let label = |k: &str| {
         opts.node
             .labels
@@ -130,6 +143,8 @@ pub async fn start(opts: Options) -> Result<Running, StartError> {
         config: config.clone(),
         telemetry: telemetry.clone(),
         tasks: JoinSet::new(),
+        drain: drain_trigger,
+        _admin_drain: admin_trigger,
     };
     let versions = Arc::new(ArcSwap::from_pointee(Vec::new()));
     if let Some(addr) = opts.admin {
@@ -140,13 +155,19 @@ pub async fn start(opts: Options) -> Result<Running, StartError> {
             telemetry: telemetry.clone(),
             ready,
             versions: versions.clone(),
+            draining: drain.clone(),
         };
-        tasks.spawn(admin::serve(admin, l));
+        tasks.spawn(admin::serve(admin, l, admin_drain));
     }
     for addr in &opts.http_proxy {
         let (l, local) = bind(*addr).await?;
         running.http_proxy.push(local);
-        tasks.spawn(outbound::serve(out.clone(), l, outbound::Mode::HttpProxy));
+        tasks.spawn(outbound::serve(
+            out.clone(),
+            l,
+            outbound::Mode::HttpProxy,
+            drain.clone(),
+        ));
     }
     for (addr, authority) in &opts.services {
         let port = authority
@@ -159,7 +180,7 @@ pub async fn start(opts: Options) -> Result<Running, StartError> {
             authority: authority.to_ascii_lowercase(),
             port,
         };
-        tasks.spawn(outbound::serve(out.clone(), l, mode));
+        tasks.spawn(outbound::serve(out.clone(), l, mode, drain.clone()));
     }
     if !opts.inbound.is_empty() {
         let app = opts.app.ok_or(StartError::NoApp)?;
@@ -175,7 +196,7 @@ pub async fn start(opts: Options) -> Result<Running, StartError> {
                 port,
                 app,
             };
-            tasks.spawn(inbound::serve(inbound, l));
+            tasks.spawn(inbound::serve(inbound, l, drain.clone()));
         }
     }
     tasks.spawn(xds::run(
@@ -191,6 +212,9 @@ pub async fn start(opts: Options) -> Result<Running, StartError> {
     running.tasks = tasks;
     Ok(running)
 }
+
+/// How long a stopping proxy lets requests in flight finish (Istio's default drain time).
+pub const DRAIN: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// `hypha proxy`: starts, says where it listens, and runs until SIGINT or SIGTERM.
 pub async fn run(opts: Options) -> Result<(), StartError> {
@@ -212,6 +236,11 @@ pub async fn run(opts: Options) -> Result<(), StartError> {
         _ = term.recv() => {}
         _ = running.tasks.join_next() => {}
     }
-    tracing::info!("proxy stopping");
+    tracing::info!(
+        deadline_s = DRAIN.as_secs(),
+        "proxy draining: no new connections, finishing requests in flight"
+    );
+    let left = running.drain(DRAIN).await;
+    tracing::info!(connections_left = left, "proxy stopped");
     Ok(())
 }

@@ -287,10 +287,14 @@ async fn fault(f: Option<&Fault>) -> Option<Response<Body>> {
 
 /// Serves the outbound side on `listener` in `mode` until the task is dropped. A service
 /// port listener for a service whose port is not HTTP proxies TCP bytes to its cluster.
-pub async fn serve(outbound: Outbound, listener: tokio::net::TcpListener, mode: Mode) {
+pub async fn serve(
+    outbound: Outbound,
+    listener: tokio::net::TcpListener,
+    mode: Mode,
+    drain: h::Drain,
+) {
     let mode = Arc::new(mode);
-    loop {
-        let (stream, peer) = h::accept(&listener).await;
+    while let Some((stream, peer)) = h::accept(&listener, &drain).await {
         let tcp_cluster = match &*mode {
             Mode::Service { authority, port }
                 if !outbound.config.load().http_by_port.contains_key(port) =>
@@ -305,13 +309,22 @@ pub async fn serve(outbound: Outbound, listener: tokio::net::TcpListener, mode: 
         let (o, m) = (outbound.clone(), mode.clone());
         match tcp_cluster {
             Some(cluster) => {
-                tokio::spawn(tcp_proxy(o, cluster, stream));
+                let open = drain.open();
+                tokio::spawn(async move {
+                    let _open = open;
+                    tcp_proxy(o, cluster, stream).await;
+                });
             }
             None => {
-                tokio::spawn(h::serve_connection(stream, peer, move |req, peer| {
-                    let (o, m) = (o.clone(), m.clone());
-                    async move { o.handle(&m, req, peer).await }
-                }));
+                tokio::spawn(h::serve_connection(
+                    stream,
+                    peer,
+                    drain.clone(),
+                    move |req, peer| {
+                        let (o, m) = (o.clone(), m.clone());
+                        async move { o.handle(&m, req, peer).await }
+                    },
+                ));
             }
         }
     }

@@ -41,7 +41,7 @@ async fn app(bind: &str, name: &'static str, failing: bool) -> App {
                 let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                     counter.fetch_add(1, Ordering::Relaxed);
                     async move {
-                        if req.uri().path() == "/slow" {
+                        if req.uri().path().starts_with("/slow") {
                             tokio::time::sleep(Duration::from_millis(500)).await;
                         }
                         let x = req
@@ -1243,4 +1243,46 @@ spec:
         assert!(Instant::now() < deadline, "{text}");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_finishes_requests_in_flight_and_refuses_new_ones() {
+    let m = mesh().await;
+    let p = m.client.http_proxy[0];
+    let admin_addr = m.client.admin.unwrap();
+    // A 500 ms request (split route, no timeout) in flight when the drain starts.
+    let in_flight =
+        tokio::spawn(
+            async move { get(p, "http://web.shop.svc.cluster.local/slow-drain", &[]).await },
+        );
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let started = Instant::now();
+    let (left, ()) = tokio::join!(m.client.drain(Duration::from_secs(5)), async {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // While draining: not ready, and no new connections.
+        assert_eq!(admin(admin_addr, "/ready").await.0, 503);
+        let refused = match tokio::net::TcpStream::connect(p).await {
+            Err(_) => true,
+            Ok(mut s) => {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let _ = s
+                    .write_all(b"GET http://web.shop.svc.cluster.local/x HTTP/1.1\r\nHost: web.shop.svc.cluster.local\r\n\r\n")
+                    .await;
+                let mut buf = [0u8; 1];
+                matches!(
+                    tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf)).await,
+                    Ok(Ok(0) | Err(_))
+                )
+            }
+        };
+        assert!(refused, "a new connection was served while draining");
+    });
+    assert_eq!(left, 0, "every connection closed before the deadline");
+    assert!(started.elapsed() < Duration::from_secs(3));
+    let (s, body, _) = in_flight.await.unwrap();
+    assert_eq!(s, 200, "the request in flight finished");
+    assert!(
+        body.starts_with("v1 /slow-drain") || body.starts_with("v2 /slow-drain"),
+        "{body}"
+    );
 }
