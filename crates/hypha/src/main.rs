@@ -92,6 +92,9 @@ struct ProxyArgs {
     /// Admin listener: /ready, /metrics, /config_dump, /clusters.
     #[arg(long, default_value = "127.0.0.1:15000")]
     admin: Option<SocketAddr>,
+    /// JSON access log, one line per request: a file, or `-` for stdout.
+    #[arg(long)]
+    access_log: Option<PathBuf>,
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -228,6 +231,7 @@ async fn proxy(a: ProxyArgs) -> anyhow::Result<()> {
         inbound_port: a.inbound_port,
         app: a.app,
         admin: a.admin,
+        access_log: a.access_log,
     };
     Ok(hypha_proxy::run(opts).await?)
 }

@@ -16,7 +16,7 @@ use tracing::debug;
 
 use crate::http::{self as h, Body};
 use crate::model::{Config, Inbound as Chain};
-use crate::telemetry::{Observation, Reporter, Telemetry};
+use crate::telemetry::{AccessEntry, Observation, Reporter, Telemetry};
 use crate::upstream::Upstreams;
 
 #[derive(Clone)]
@@ -31,7 +31,7 @@ pub struct Inbound {
 }
 
 impl Inbound {
-    async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+    async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
         let start = Instant::now();
         let cfg = self.config.load();
         let (http2, cluster) = match cfg.inbound.get(&self.port) {
@@ -43,6 +43,11 @@ impl Inbound {
         };
         let (mut parts, body) = req.into_parts();
         let request_bytes = h::request_size(&parts, &body);
+        let entry = self
+            .telemetry
+            .access_log
+            .as_ref()
+            .map(|_| AccessEntry::new(&parts, peer));
         let upgrade = h::take_upgrade(&mut parts);
         let resp = match self
             .upstreams
@@ -63,6 +68,9 @@ impl Inbound {
                 response_bytes,
             };
             telemetry.observe(Reporter::Destination, &cluster, code, flags, &o);
+            if let (Some(log), Some(entry)) = (&telemetry.access_log, entry) {
+                log.write(&entry, Reporter::Destination, &cluster, code, flags, &o);
+            }
         })
     }
 }
@@ -80,9 +88,9 @@ pub async fn serve(inbound: Inbound, listener: TcpListener, drain: h::Drain) {
                 stream,
                 peer,
                 drain.clone(),
-                move |req, _| {
+                move |req, peer| {
                     let i = inbound.clone();
-                    async move { i.handle(req).await }
+                    async move { i.handle(req, peer).await }
                 },
             ));
         } else {

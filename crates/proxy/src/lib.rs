@@ -55,6 +55,8 @@ pub struct Options {
     pub app: Option<SocketAddr>,
     /// The admin listener (`/ready`, `/metrics`, `/config_dump`, `/clusters`).
     pub admin: Option<SocketAddr>,
+    /// JSON access log, one line per request: a file to append to, or `-` for stdout.
+    pub access_log: Option<std::path::PathBuf>,
 }
 
 /// A started proxy: the addresses it actually listens on, readiness, and counters. Dropping it
@@ -93,6 +95,8 @@ pub enum StartError {
     NoApp,
     #[error("cannot watch for SIGTERM: {0}")]
     Signal(std::io::Error),
+    #[error("cannot open the access log {0}: {1}")]
+    AccessLog(std::path::PathBuf, std::io::Error),
 }
 
 async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), StartError> {
@@ -119,7 +123,20 @@ pub async fn start(opts: Options) -> Result<Running, StartError> {
             .cloned()
             .unwrap_or_else(|| "unknown".into())
     };
+    let access_log = match &opts.access_log {
+        None => None,
+        Some(p) if p.as_os_str() == "-" => Some(telemetry::AccessLog::start(std::io::stdout())),
+        Some(p) => {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .map_err(|e| StartError::AccessLog(p.clone(), e))?;
+            Some(telemetry::AccessLog::start(std::io::BufWriter::new(file)))
+        }
+    };
     let telemetry = Arc::new(telemetry::Telemetry {
+        access_log,
         metrics: telemetry::Metrics::default(),
         me: telemetry::Identity {
             workload: opts.node.workload_name.clone(),

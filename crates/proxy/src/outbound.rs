@@ -21,7 +21,7 @@ use hyper::body::{Body as _, Incoming};
 use crate::http::{self as h, Body, Flag, View};
 use crate::model::{Action, Config, Fault, Forward, HashKey, Redirect, Route, WeightedCluster};
 use crate::router;
-use crate::telemetry::{Observation, Reporter, Telemetry};
+use crate::telemetry::{AccessEntry, Observation, Reporter, Telemetry};
 use crate::upstream::{Plan, Upstreams};
 
 /// What an outbound listener is for.
@@ -49,8 +49,18 @@ impl Outbound {
         peer: SocketAddr,
     ) -> Response<Body> {
         let start = Instant::now();
-        let (parts, body) = req.into_parts();
+        let (mut parts, body) = req.into_parts();
+        if !parts.headers.contains_key(REQUEST_ID) {
+            if let Ok(v) = HeaderValue::from_str(&request_id()) {
+                parts.headers.insert(REQUEST_ID, v);
+            }
+        }
         let request_bytes = h::request_size(&parts, &body);
+        let entry = self
+            .telemetry
+            .access_log
+            .as_ref()
+            .map(|_| AccessEntry::new(&parts, peer));
         let (resp, cluster) = self
             .dispatch(mode, Request::from_parts(parts, body), peer)
             .await;
@@ -62,6 +72,9 @@ impl Outbound {
                 response_bytes,
             };
             telemetry.observe(Reporter::Source, &cluster, code, flags, &o);
+            if let (Some(log), Some(entry)) = (&telemetry.access_log, entry) {
+                log.write(&entry, Reporter::Source, &cluster, code, flags, &o);
+            }
         })
     }
 
@@ -92,11 +105,6 @@ impl Outbound {
             match pq.parse() {
                 Ok(uri) => parts.uri = uri,
                 Err(_) => return (h::local_reply(Flag::BadRequest), none()),
-            }
-        }
-        if !parts.headers.contains_key(REQUEST_ID) {
-            if let Ok(v) = HeaderValue::from_str(&request_id()) {
-                parts.headers.insert(REQUEST_ID, v);
             }
         }
         let Some(table) = cfg.http_by_port.get(&port) else {

@@ -316,11 +316,114 @@ pub struct Identity {
     pub version: String,
 }
 
-/// Metrics plus who this proxy is.
+/// Metrics plus who this proxy is, and the access log when enabled.
 #[derive(Default)]
 pub struct Telemetry {
     pub metrics: Metrics,
     pub me: Identity,
+    pub access_log: Option<AccessLog>,
+}
+
+/// What an access log line needs from the request, captured when it arrives (only when the
+/// access log is on).
+pub struct AccessEntry {
+    start: std::time::SystemTime,
+    method: String,
+    path: String,
+    authority: String,
+    request_id: String,
+    user_agent: String,
+    peer: std::net::SocketAddr,
+}
+
+impl AccessEntry {
+    pub fn new(parts: &http::request::Parts, peer: std::net::SocketAddr) -> AccessEntry {
+        let header = |name: &str| {
+            parts
+                .headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("-")
+                .to_owned()
+        };
+        AccessEntry {
+            start: std::time::SystemTime::now(),
+            method: parts.method.to_string(),
+            path: parts
+                .uri
+                .path_and_query()
+                .map_or("/".into(), |pq| pq.as_str().to_owned()),
+            authority: parts
+                .uri
+                .authority()
+                .map_or_else(|| header("host"), |a| a.as_str().to_owned()),
+            request_id: header("x-request-id"),
+            user_agent: header("user-agent"),
+            peer,
+        }
+    }
+}
+
+/// JSON access log lines, one per request, written by a task of their own so the request path
+/// never waits on stdout; when the writer falls behind, lines are dropped and counted.
+pub struct AccessLog {
+    tx: tokio::sync::mpsc::Sender<String>,
+    pub dropped: AtomicU64,
+}
+
+impl AccessLog {
+    /// Starts the writer task (on the current runtime); lines go to `out`.
+    pub fn start(mut out: impl std::io::Write + Send + 'static) -> AccessLog {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<String>(4096);
+        tokio::task::spawn_blocking(move || {
+            while let Some(line) = rx.blocking_recv() {
+                let _ = writeln!(out, "{line}");
+                // Flush when the queue is empty: batches under load, prompt when idle.
+                if rx.is_empty() {
+                    let _ = out.flush();
+                }
+            }
+        });
+        AccessLog {
+            tx,
+            dropped: AtomicU64::new(0),
+        }
+    }
+
+    pub fn write(
+        &self,
+        e: &AccessEntry,
+        reporter: Reporter,
+        cluster: &str,
+        code: u16,
+        flags: &str,
+        o: &Observation,
+    ) {
+        let start = e
+            .start
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let line = serde_json::json!({
+            "start_time_unix_ms": start.as_millis() as u64,
+            "reporter": match reporter { Reporter::Source => "source", Reporter::Destination => "destination" },
+            "method": e.method,
+            "path": e.path,
+            "authority": e.authority,
+            "response_code": code,
+            "response_flags": flags,
+            "bytes_received": o.request_bytes,
+            "bytes_sent": o.response_bytes,
+            "duration_ms": (o.duration_ms * 1000.0).round() / 1000.0,
+            "upstream_cluster": cluster,
+            "x_request_id": e.request_id,
+            "user_agent": e.user_agent,
+            "downstream_remote_address": e.peer.to_string(),
+        })
+        .to_string();
+        if self.tx.try_send(line).is_err() {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
 impl Telemetry {

@@ -322,6 +322,7 @@ async fn mesh() -> Mesh {
         inbound_port: None,
         app: Some(v1.addr),
         admin: Some("127.0.0.1:0".parse().unwrap()),
+        access_log: None,
     })
     .await
     .unwrap();
@@ -334,6 +335,7 @@ async fn mesh() -> Mesh {
         inbound_port: None,
         app: None,
         admin: Some("127.0.0.1:0".parse().unwrap()),
+        access_log: None,
     })
     .await
     .unwrap();
@@ -707,6 +709,7 @@ async fn grpc_streaming_through_two_sidecars() {
         inbound_port: None,
         app: Some(app_addr),
         admin: None,
+        access_log: None,
     })
     .await
     .unwrap();
@@ -722,6 +725,7 @@ async fn grpc_streaming_through_two_sidecars() {
         inbound_port: None,
         app: None,
         admin: None,
+        access_log: None,
     })
     .await
     .unwrap();
@@ -1068,6 +1072,7 @@ async fn upgrade_passthrough_through_two_sidecars() {
         inbound_port: None,
         app: Some(echo),
         admin: None,
+        access_log: None,
     })
     .await
     .unwrap();
@@ -1195,6 +1200,7 @@ spec:
         inbound_port: None,
         app: None,
         admin: None,
+        access_log: None,
     })
     .await
     .unwrap();
@@ -1285,4 +1291,73 @@ async fn drain_finishes_requests_in_flight_and_refuses_new_ones() {
         body.starts_with("v1 /slow-drain") || body.starts_with("v2 /slow-drain"),
         "{body}"
     );
+}
+
+/// An IPv6-only client reaches IPv4-only workloads, and each request leaves one JSON access
+/// log line with what happened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipv6_client_and_access_log() {
+    let m = mesh().await;
+    let log = std::env::temp_dir().join(format!(
+        "hypha-access-{}-{}.log",
+        std::process::id(),
+        Instant::now().elapsed().as_nanos()
+    ));
+    let _ = std::fs::remove_file(&log);
+    let mut client = hypha_proxy::start(Options {
+        node: node("v6-client", &[("app", "v6-client")]),
+        control_plane: format!("http://{}", m.cp_server.addr),
+        http_proxy: vec!["[::1]:0".parse().unwrap()],
+        services: vec![],
+        inbound: vec![],
+        inbound_port: None,
+        app: None,
+        admin: None,
+        access_log: Some(log.clone()),
+    })
+    .await
+    .unwrap();
+    ready(&mut client).await;
+    let p = client.http_proxy[0];
+    assert!(p.is_ipv6());
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (s, body, _) = get(
+            p,
+            "http://web.shop.svc.cluster.local/legacy/v6",
+            &[("x-request-id", "r-6")],
+        )
+        .await;
+        if s == 200 {
+            assert_eq!(body, "v1 /modern/v6 rewritten");
+            break;
+        }
+        assert!(Instant::now() < deadline, "never routed: {s}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let deadline = Instant::now() + WAIT;
+    let line = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if let Some(l) = text.lines().find(|l| l.contains("\"r-6\"")) {
+            break l.to_owned();
+        }
+        assert!(Instant::now() < deadline, "no access log line: {text}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(v["response_code"], 200);
+    assert_eq!(v["response_flags"], "-");
+    assert_eq!(v["method"], "GET");
+    assert_eq!(v["path"], "/legacy/v6");
+    assert_eq!(v["reporter"], "source");
+    assert_eq!(
+        v["upstream_cluster"],
+        "outbound|80|v1|web.shop.svc.cluster.local"
+    );
+    assert_eq!(v["bytes_sent"], "v1 /modern/v6 rewritten".len());
+    assert!(v["downstream_remote_address"]
+        .as_str()
+        .unwrap()
+        .starts_with("[::1]:"));
+    let _ = std::fs::remove_file(&log);
 }
