@@ -5,7 +5,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use http::{Request, Response};
@@ -16,7 +15,7 @@ use tracing::debug;
 
 use crate::http::{self as h, Body};
 use crate::model::{Config, Inbound as Chain};
-use crate::telemetry::{AccessEntry, Observation, Reporter, Telemetry};
+use crate::telemetry::{Reporter, Telemetry};
 use crate::upstream::Upstreams;
 
 #[derive(Clone)]
@@ -32,7 +31,6 @@ pub struct Inbound {
 
 impl Inbound {
     async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
-        let start = Instant::now();
         let cfg = self.config.load();
         let (http2, cluster) = match cfg.inbound.get(&self.port) {
             Some(Chain::Http { cluster }) => (
@@ -42,12 +40,9 @@ impl Inbound {
             _ => (false, String::new()),
         };
         let (mut parts, body) = req.into_parts();
-        let request_bytes = h::request_size(&parts, &body);
-        let entry = self
+        let request = self
             .telemetry
-            .access_log
-            .as_ref()
-            .map(|_| AccessEntry::new(&parts, peer));
+            .begin(&parts, h::request_size(&parts, &body), peer);
         let upgrade = h::take_upgrade(&mut parts);
         let resp = match self
             .upstreams
@@ -61,16 +56,8 @@ impl Inbound {
             Err(flag) => h::local_reply(flag),
         };
         let telemetry = self.telemetry.clone();
-        h::observed(resp, move |code, flags, response_bytes| {
-            let o = Observation {
-                duration_ms: start.elapsed().as_secs_f64() * 1000.0,
-                request_bytes,
-                response_bytes,
-            };
-            telemetry.observe(Reporter::Destination, &cluster, code, flags, &o);
-            if let (Some(log), Some(entry)) = (&telemetry.access_log, entry) {
-                log.write(&entry, Reporter::Destination, &cluster, code, flags, &o);
-            }
+        h::observed(resp, move |code, flags, bytes| {
+            telemetry.end(request, Reporter::Destination, &cluster, code, flags, bytes);
         })
     }
 }

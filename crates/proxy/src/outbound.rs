@@ -10,7 +10,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use http::header::HOST;
@@ -21,7 +20,7 @@ use hyper::body::{Body as _, Incoming};
 use crate::http::{self as h, Body, Flag, View};
 use crate::model::{Action, Config, Fault, Forward, HashKey, Redirect, Route, WeightedCluster};
 use crate::router;
-use crate::telemetry::{AccessEntry, Observation, Reporter, Telemetry};
+use crate::telemetry::{Reporter, Telemetry};
 use crate::upstream::{Plan, Upstreams};
 
 /// What an outbound listener is for.
@@ -48,33 +47,21 @@ impl Outbound {
         req: Request<Incoming>,
         peer: SocketAddr,
     ) -> Response<Body> {
-        let start = Instant::now();
         let (mut parts, body) = req.into_parts();
         if !parts.headers.contains_key(REQUEST_ID) {
             if let Ok(v) = HeaderValue::from_str(&request_id()) {
                 parts.headers.insert(REQUEST_ID, v);
             }
         }
-        let request_bytes = h::request_size(&parts, &body);
-        let entry = self
+        let request = self
             .telemetry
-            .access_log
-            .as_ref()
-            .map(|_| AccessEntry::new(&parts, peer));
+            .begin(&parts, h::request_size(&parts, &body), peer);
         let (resp, cluster) = self
             .dispatch(mode, Request::from_parts(parts, body), peer)
             .await;
         let telemetry = self.telemetry.clone();
-        h::observed(resp, move |code, flags, response_bytes| {
-            let o = Observation {
-                duration_ms: start.elapsed().as_secs_f64() * 1000.0,
-                request_bytes,
-                response_bytes,
-            };
-            telemetry.observe(Reporter::Source, &cluster, code, flags, &o);
-            if let (Some(log), Some(entry)) = (&telemetry.access_log, entry) {
-                log.write(&entry, Reporter::Source, &cluster, code, flags, &o);
-            }
+        h::observed(resp, move |code, flags, bytes| {
+            telemetry.end(request, Reporter::Source, &cluster, code, flags, bytes);
         })
     }
 

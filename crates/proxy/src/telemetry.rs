@@ -426,7 +426,53 @@ impl AccessLog {
     }
 }
 
+/// A request being served, to be counted (and logged) when its response ends.
+pub struct InFlight {
+    start: std::time::Instant,
+    request_bytes: u64,
+    entry: Option<AccessEntry>,
+}
+
 impl Telemetry {
+    /// Starts accounting for a request (captures what the access log needs, if it is on).
+    pub fn begin(
+        &self,
+        parts: &http::request::Parts,
+        request_bytes: u64,
+        peer: std::net::SocketAddr,
+    ) -> InFlight {
+        InFlight {
+            start: std::time::Instant::now(),
+            request_bytes,
+            entry: self
+                .access_log
+                .as_ref()
+                .map(|_| AccessEntry::new(parts, peer)),
+        }
+    }
+
+    /// Counts (and logs) the request once its response, with `code` and `flags`, has sent
+    /// `response_bytes`.
+    pub fn end(
+        &self,
+        r: InFlight,
+        reporter: Reporter,
+        cluster: &str,
+        code: u16,
+        flags: &'static str,
+        response_bytes: u64,
+    ) {
+        let o = Observation {
+            duration_ms: r.start.elapsed().as_secs_f64() * 1000.0,
+            request_bytes: r.request_bytes,
+            response_bytes,
+        };
+        self.observe(reporter, cluster, code, flags, &o);
+        if let (Some(log), Some(entry)) = (&self.access_log, r.entry) {
+            log.write(&entry, reporter, cluster, code, flags, &o);
+        }
+    }
+
     /// Counts a finished request. `cluster` is the cluster it went to (`outbound|80|v1|host`),
     /// or empty when the proxy answered itself before choosing one.
     pub fn observe(

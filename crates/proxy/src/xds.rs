@@ -93,22 +93,9 @@ async fn session(
     let mut routes = BTreeSet::new();
     let mut endpoints = BTreeSet::new();
     let mut got = false;
-    resubscribe(
-        &mut client,
-        &mut routes,
-        &applied.wanted_routes,
-        type_url::ROUTE,
-    )
-    .await
-    .map_err(|e| (e, got))?;
-    resubscribe(
-        &mut client,
-        &mut endpoints,
-        &applied.wanted_endpoints,
-        type_url::ENDPOINT,
-    )
-    .await
-    .map_err(|e| (e, got))?;
+    follow(&mut client, &mut routes, &mut endpoints, &applied)
+        .await
+        .map_err(|e| (e, got))?;
     let mut seen_types = BTreeSet::new();
     loop {
         let update = match client.next().await {
@@ -133,22 +120,9 @@ async fn session(
                 info!(type_url = %update.type_url, version = %update.system_version,
                     resources = update.resources.len(), removed = update.removed.len(),
                     "xDS update applied");
-                resubscribe(
-                    &mut client,
-                    &mut routes,
-                    &applied.wanted_routes,
-                    type_url::ROUTE,
-                )
-                .await
-                .map_err(|e| (e, got))?;
-                resubscribe(
-                    &mut client,
-                    &mut endpoints,
-                    &applied.wanted_endpoints,
-                    type_url::ENDPOINT,
-                )
-                .await
-                .map_err(|e| (e, got))?;
+                follow(&mut client, &mut routes, &mut endpoints, &applied)
+                    .await
+                    .map_err(|e| (e, got))?;
                 let complete = seen_types.contains(type_url::CLUSTER)
                     && seen_types.contains(type_url::LISTENER)
                     && applied
@@ -188,6 +162,23 @@ async fn session(
         list.sort();
         dump.store(Arc::new(list));
     }
+}
+
+/// Keeps the RDS and EDS subscriptions in line with what the applied config refers to.
+async fn follow(
+    client: &mut DeltaClient,
+    routes: &mut BTreeSet<String>,
+    endpoints: &mut BTreeSet<String>,
+    applied: &crate::state::Applied,
+) -> Result<(), ClientError> {
+    resubscribe(client, routes, &applied.wanted_routes, type_url::ROUTE).await?;
+    resubscribe(
+        client,
+        endpoints,
+        &applied.wanted_endpoints,
+        type_url::ENDPOINT,
+    )
+    .await
 }
 
 /// Brings the named subscription of one type in line with what the config refers to.

@@ -203,6 +203,31 @@ async fn ready(p: &mut Running) {
         .unwrap();
 }
 
+/// A sidecar of workload `name` in namespace `shop` that listens on nothing yet; tests set
+/// the listeners they need with struct update syntax.
+fn sidecar(control_plane: &str, name: &str, labels: &[(&str, &str)]) -> Options {
+    Options {
+        node: node(name, labels),
+        control_plane: control_plane.to_owned(),
+        http_proxy: vec![],
+        services: vec![],
+        inbound: vec![],
+        inbound_port: None,
+        app: None,
+        admin: None,
+        access_log: None,
+    }
+}
+
+/// Waits (bounded) until `cond` holds.
+async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !cond() {
+        assert!(Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// GET through the HTTP proxy listener: (status, body, headers).
 async fn get(
     proxy: SocketAddr,
@@ -297,6 +322,23 @@ struct Mesh {
     flaky_bad: App,
 }
 
+impl Mesh {
+    fn control_plane(&self) -> String {
+        format!("http://{}", self.cp_server.addr)
+    }
+
+    /// Pushes the base mesh (with placeholder flaky ports) plus more YAML documents.
+    fn push(&self, extra: &str) {
+        let base = mesh_yaml(
+            self._server.inbound[0].port(),
+            self.v2.addr.port(),
+            self.v6.addr.port(),
+            (1, 2),
+        );
+        self.cp.update(config(&(base + extra)));
+    }
+}
+
 async fn mesh() -> Mesh {
     let v1 = app("127.0.0.1:0", "v1", false).await;
     let v2 = app("127.0.0.1:0", "v2", false).await;
@@ -314,28 +356,21 @@ async fn mesh() -> Mesh {
     let control_plane = format!("http://{cp_addr}");
 
     let server = hypha_proxy::start(Options {
-        node: node("web-v1", &[("app", "web"), ("version", "v1")]),
-        control_plane: control_plane.clone(),
-        http_proxy: vec![],
-        services: vec![],
         inbound: vec!["127.0.0.1:0".parse().unwrap()],
-        inbound_port: None,
         app: Some(v1.addr),
         admin: Some("127.0.0.1:0".parse().unwrap()),
-        access_log: None,
+        ..sidecar(
+            &control_plane,
+            "web-v1",
+            &[("app", "web"), ("version", "v1")],
+        )
     })
     .await
     .unwrap();
     let client = hypha_proxy::start(Options {
-        node: node("client", &[("app", "client")]),
-        control_plane,
         http_proxy: vec!["127.0.0.1:0".parse().unwrap()],
-        services: vec![],
-        inbound: vec![],
-        inbound_port: None,
-        app: None,
         admin: Some("127.0.0.1:0".parse().unwrap()),
-        access_log: None,
+        ..sidecar(&control_plane, "client", &[("app", "client")])
     })
     .await
     .unwrap();
@@ -701,31 +736,18 @@ async fn grpc_streaming_through_two_sidecars() {
     tokio::spawn(async move { serving.serve(app_listener).await });
 
     let mut server = hypha_proxy::start(Options {
-        node: node("ads-1", &[("app", "ads")]),
-        control_plane: control_plane.clone(),
-        http_proxy: vec![],
-        services: vec![],
         inbound: vec!["127.0.0.1:0".parse().unwrap()],
-        inbound_port: None,
         app: Some(app_addr),
-        admin: None,
-        access_log: None,
+        ..sidecar(&control_plane, "ads-1", &[("app", "ads")])
     })
     .await
     .unwrap();
     let mut client = hypha_proxy::start(Options {
-        node: node("ads-client", &[("app", "ads-client")]),
-        control_plane,
-        http_proxy: vec![],
         services: vec![(
             "127.0.0.1:0".parse().unwrap(),
             "ads.shop.svc.cluster.local:15010".into(),
         )],
-        inbound: vec![],
-        inbound_port: None,
-        app: None,
-        admin: None,
-        access_log: None,
+        ..sidecar(&control_plane, "ads-client", &[("app", "ads-client")])
     })
     .await
     .unwrap();
@@ -749,29 +771,18 @@ spec: {{address: 127.0.0.1, labels: {{app: ads}}, ports: {{grpc: {}}}}}
 "#,
         server.inbound[0].port()
     );
-    let yaml = mesh_yaml(
-        m._server.inbound[0].port(),
-        m.v2.addr.port(),
-        m.v6.addr.port(),
-        (1, 2),
-    ) + &grpc_service;
-    m.cp.update(config(&yaml));
+    m.push(&grpc_service);
     ready(&mut client).await;
     ready(&mut server).await;
-    let deadline = Instant::now() + WAIT;
-    while !client.config.load().routes.contains_key("15010")
-        || !server
-            .config
-            .load()
-            .inbound
-            .contains_key(&server.inbound[0].port())
-    {
-        assert!(
-            Instant::now() < deadline,
-            "gRPC service config never arrived"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually("gRPC service config never arrived", || {
+        client.config.load().routes.contains_key("15010")
+            || !server
+                .config
+                .load()
+                .inbound
+                .contains_key(&server.inbound[0].port())
+    })
+    .await;
 
     // Both sidecars speak HTTP/2 upstream for this service (gRPC needs it for trailers).
     assert!(client.config.load().clusters["outbound|15010||ads.shop.svc.cluster.local"].http2);
@@ -904,27 +915,19 @@ async fn outlier_detection_pool_limits_and_consistent_hash() {
     let slow = app("127.0.0.1:0", "slow", false).await;
     let a = app("127.0.0.1:0", "a", false).await;
     let b = app("127.0.0.1:0", "b", false).await;
-    let yaml = mesh_yaml(
-        m._server.inbound[0].port(),
-        m.v2.addr.port(),
-        m.v6.addr.port(),
-        (1, 2),
-    ) + &cluster_features_yaml(
+    m.push(&cluster_features_yaml(
         good.addr.port(),
         bad.addr.port(),
         slow.addr.port(),
         a.addr.port(),
         b.addr.port(),
-    );
-    m.cp.update(config(&yaml));
-    let deadline = Instant::now() + WAIT;
-    while !["7001", "7002", "7003"]
-        .iter()
-        .all(|t| m.client.config.load().routes.contains_key(*t))
-    {
-        assert!(Instant::now() < deadline, "config never arrived");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    ));
+    eventually("config never arrived", || {
+        ["7001", "7002", "7003"]
+            .iter()
+            .all(|t| m.client.config.load().routes.contains_key(*t))
+    })
+    .await;
 
     // Outlier detection: two consecutive 5xx eject the failing endpoint for 1 s; after that
     // it is tried again and ejected again after two more.
@@ -1063,16 +1066,10 @@ async fn upgrade_passthrough_through_two_sidecars() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let m = mesh().await;
     let echo = upgrade_app().await;
-    let mut sidecar = hypha_proxy::start(Options {
-        node: node("ws-1", &[("app", "ws")]),
-        control_plane: format!("http://{}", m.cp_server.addr),
-        http_proxy: vec![],
-        services: vec![],
+    let mut ws_sidecar = hypha_proxy::start(Options {
         inbound: vec!["127.0.0.1:0".parse().unwrap()],
-        inbound_port: None,
         app: Some(echo),
-        admin: None,
-        access_log: None,
+        ..sidecar(&m.control_plane(), "ws-1", &[("app", "ws")])
     })
     .await
     .unwrap();
@@ -1094,24 +1091,16 @@ kind: WorkloadEntry
 metadata: {{name: ws-1, namespace: shop}}
 spec: {{address: 127.0.0.1, labels: {{app: ws}}, ports: {{http: {}}}}}
 "#,
-        sidecar.inbound[0].port()
+        ws_sidecar.inbound[0].port()
     );
-    let yaml = mesh_yaml(
-        m._server.inbound[0].port(),
-        m.v2.addr.port(),
-        m.v6.addr.port(),
-        (1, 2),
-    ) + &ws;
-    m.cp.update(config(&yaml));
-    ready(&mut sidecar).await;
-    let port = sidecar.inbound[0].port();
-    let deadline = Instant::now() + WAIT;
-    while !m.client.config.load().routes.contains_key("7010")
-        || !sidecar.config.load().inbound.contains_key(&port)
-    {
-        assert!(Instant::now() < deadline, "config never arrived");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    m.push(&ws);
+    ready(&mut ws_sidecar).await;
+    let port = ws_sidecar.inbound[0].port();
+    eventually("config never arrived", || {
+        m.client.config.load().routes.contains_key("7010")
+            || !ws_sidecar.config.load().inbound.contains_key(&port)
+    })
+    .await;
 
     let mut conn = tokio::net::TcpStream::connect(m.client.http_proxy[0])
         .await
@@ -1181,40 +1170,25 @@ spec:
 "#,
         echo_addr.port()
     );
-    let yaml = mesh_yaml(
-        m._server.inbound[0].port(),
-        m.v2.addr.port(),
-        m.v6.addr.port(),
-        (1, 2),
-    ) + &tcp;
-    m.cp.update(config(&yaml));
+    m.push(&tcp);
     let mut client = hypha_proxy::start(Options {
-        node: node("tcp-client", &[("app", "tcp-client")]),
-        control_plane: format!("http://{}", m.cp_server.addr),
-        http_proxy: vec![],
         services: vec![(
             "127.0.0.1:0".parse().unwrap(),
             "tcpsvc.shop.svc.cluster.local:7020".into(),
         )],
-        inbound: vec![],
-        inbound_port: None,
-        app: None,
-        admin: None,
-        access_log: None,
+        ..sidecar(&m.control_plane(), "tcp-client", &[("app", "tcp-client")])
     })
     .await
     .unwrap();
     ready(&mut client).await;
-    let deadline = Instant::now() + WAIT;
-    while !client
-        .config
-        .load()
-        .endpoint_sets
-        .contains_key("outbound|7020||tcpsvc.shop.svc.cluster.local")
-    {
-        assert!(Instant::now() < deadline, "config never arrived");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually("config never arrived", || {
+        client
+            .config
+            .load()
+            .endpoint_sets
+            .contains_key("outbound|7020||tcpsvc.shop.svc.cluster.local")
+    })
+    .await;
     let conn = tokio::net::TcpStream::connect(client.services[0])
         .await
         .unwrap();
@@ -1305,15 +1279,9 @@ async fn ipv6_client_and_access_log() {
     ));
     let _ = std::fs::remove_file(&log);
     let mut client = hypha_proxy::start(Options {
-        node: node("v6-client", &[("app", "v6-client")]),
-        control_plane: format!("http://{}", m.cp_server.addr),
         http_proxy: vec!["[::1]:0".parse().unwrap()],
-        services: vec![],
-        inbound: vec![],
-        inbound_port: None,
-        app: None,
-        admin: None,
         access_log: Some(log.clone()),
+        ..sidecar(&m.control_plane(), "v6-client", &[("app", "v6-client")])
     })
     .await
     .unwrap();
