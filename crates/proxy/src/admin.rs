@@ -75,6 +75,7 @@ impl Admin {
                 ClusterKind::Eds => "eds",
                 ClusterKind::Static(_) => "static",
                 ClusterKind::OriginalDst => "original_dst",
+                ClusterKind::Dns(_) => "dns",
             };
             let _ = writeln!(out, "{name} type={kind} lb={:?} http2={}", c.lb, c.http2);
             if let Some(set) = cfg.endpoint_sets.get(name) {

@@ -107,7 +107,9 @@ fn cluster_inner(bytes: &[u8]) -> Result<Cluster> {
                         .unwrap_or_default(),
                 ),
                 cluster::DiscoveryType::OriginalDst => ClusterKind::OriginalDst,
-                other => return Err(format!("discovery type {other:?} is not supported")),
+                cluster::DiscoveryType::StrictDns | cluster::DiscoveryType::LogicalDns => {
+                    ClusterKind::Dns(dns_targets(c.load_assignment.as_ref())?)
+                }
             }
         }
         Some(cluster::ClusterDiscoveryType::ClusterType(ct)) => {
@@ -241,6 +243,39 @@ fn endpoints_of(cla: &ClusterLoadAssignment) -> Result<Arc<[Endpoint]>> {
                 weight: lb.load_balancing_weight.map_or(1, |w| w.value.max(1)),
             });
         }
+    }
+    Ok(out.into())
+}
+
+/// The host names and ports of a DNS cluster's endpoints.
+fn dns_targets(cla: Option<&ClusterLoadAssignment>) -> Result<Arc<[(String, u16)]>> {
+    let mut out = Vec::new();
+    for lb in cla
+        .iter()
+        .flat_map(|c| &c.endpoints)
+        .flat_map(|l| &l.lb_endpoints)
+    {
+        let Some(lb_endpoint::HostIdentifier::Endpoint(e)) = &lb.host_identifier else {
+            return Err(unsupported("lb_endpoints.endpoint_name"));
+        };
+        match e.address.as_ref().and_then(|a| a.address.as_ref()) {
+            Some(address::Address::SocketAddress(s)) => {
+                let port = match s.port_specifier {
+                    Some(socket_address::PortSpecifier::PortValue(p)) => {
+                        u16::try_from(p).map_err(|_| format!("port {p} out of range"))?
+                    }
+                    _ => return Err(unsupported("socket_address.named_port")),
+                };
+                if s.address.is_empty() {
+                    return Err("a DNS endpoint needs a host name".into());
+                }
+                out.push((s.address.clone(), port));
+            }
+            _ => return Err("only socket addresses are supported".into()),
+        }
+    }
+    if out.is_empty() {
+        return Err("a DNS cluster needs at least one endpoint in load_assignment".into());
     }
     Ok(out.into())
 }

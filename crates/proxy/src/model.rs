@@ -302,9 +302,12 @@ pub enum ClusterKind {
     Eds,
     /// Endpoints in the cluster itself.
     Static(Arc<[Endpoint]>),
-    /// To wherever the connection was going (captured traffic; explicit mode has no original
-    /// destination, so it is refused).
+    /// To wherever the connection was going (captured traffic); in explicit mode, to the
+    /// authority the request named.
     OriginalDst,
+    /// Endpoints named by DNS (`STRICT_DNS` / `LOGICAL_DNS`): host and port, resolved when
+    /// connecting.
+    Dns(Arc<[(String, u16)]>),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

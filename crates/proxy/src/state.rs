@@ -99,7 +99,7 @@ impl State {
             let endpoints = match &c.kind {
                 ClusterKind::Eds => self.endpoints.get(name).cloned(),
                 ClusterKind::Static(e) => Some(e.clone()),
-                ClusterKind::OriginalDst => None,
+                ClusterKind::OriginalDst | ClusterKind::Dns(_) => None,
             };
             if let Some(endpoints) = endpoints {
                 let rt = self.cluster_runtime.get(name).cloned().unwrap_or_default();

@@ -109,6 +109,7 @@ impl Upstreams {
                 };
                 let (targets, state) = match (&cluster.kind, set) {
                     (ClusterKind::OriginalDst, _) => (original_targets(plan.original).await?, None),
+                    (ClusterKind::Dns(hosts), _) => (dns_targets(hosts, attempt).await?, None),
                     (_, Some(set)) => {
                         let i = pick(set, cluster.lb, plan.hash, &tried)
                             .ok_or(Flag::NoHealthyUpstream)?;
@@ -237,12 +238,18 @@ fn outlier(
 /// endpoint in turn; an ejected or failing endpoint is skipped like for HTTP).
 pub async fn connect_tcp(cfg: &Config, cluster: &str) -> Result<tokio::net::TcpStream, Flag> {
     let c = cfg.clusters.get(cluster).ok_or(Flag::NoCluster)?;
-    let set = cfg
-        .endpoint_sets
-        .get(cluster)
-        .ok_or(Flag::NoHealthyUpstream)?;
-    let i = pick(set, c.lb, None, &[]).ok_or(Flag::NoHealthyUpstream)?;
-    for addr in &set.endpoints[i].addresses {
+    let targets = match &c.kind {
+        ClusterKind::Dns(hosts) => dns_targets(hosts, 0).await?,
+        _ => {
+            let set = cfg
+                .endpoint_sets
+                .get(cluster)
+                .ok_or(Flag::NoHealthyUpstream)?;
+            let i = pick(set, c.lb, None, &[]).ok_or(Flag::NoHealthyUpstream)?;
+            set.endpoints[i].addresses.clone()
+        }
+    };
+    for addr in &targets {
         match tokio::time::timeout(c.connect_timeout, tokio::net::TcpStream::connect(addr)).await {
             Ok(Ok(stream)) => {
                 let _ = stream.set_nodelay(true);
@@ -342,6 +349,20 @@ fn mix(mut x: u64) -> u64 {
     x ^= x >> 27;
     x = x.wrapping_mul(0x94d0_49bb_1331_11eb);
     x ^ (x >> 31)
+}
+
+/// For a DNS cluster: the addresses of one of its hosts (taking turns across attempts),
+/// resolved now (the system resolver caches as it is configured to).
+async fn dns_targets(hosts: &[(String, u16)], attempt: u32) -> Result<Vec<SocketAddr>, Flag> {
+    let (host, port) = &hosts[attempt as usize % hosts.len()];
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), *port))
+        .await
+        .map_err(|_| Flag::NoHealthyUpstream)?
+        .collect();
+    if addrs.is_empty() {
+        return Err(Flag::NoHealthyUpstream);
+    }
+    Ok(addrs)
 }
 
 /// For `PassthroughCluster`: the addresses of the authority the request named.

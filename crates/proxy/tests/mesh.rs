@@ -1329,3 +1329,38 @@ async fn ipv6_client_and_access_log() {
         .starts_with("[::1]:"));
     let _ = std::fs::remove_file(&log);
 }
+
+/// A ServiceEntry with `resolution: DNS` gives a STRICT_DNS cluster; its host name is resolved
+/// when connecting (here `localhost`, which also names `::1` where nothing listens: the next
+/// address is tried).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_resolved_service() {
+    let m = mesh().await;
+    let p = m.client.http_proxy[0];
+    m.push(&format!(
+        r#"
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: dns, namespace: shop}}
+spec:
+  hosts: [dns.example.com]
+  location: MESH_EXTERNAL
+  resolution: DNS
+  ports: [{{number: 7030, name: http, protocol: HTTP}}]
+  endpoints: [{{address: localhost, ports: {{http: {}}}}}]
+"#,
+        m.v2.addr.port()
+    ));
+    let client = &m.client;
+    eventually("DNS cluster never arrived", || {
+        client
+            .config
+            .load()
+            .clusters
+            .contains_key("outbound|7030||dns.example.com")
+    })
+    .await;
+    let (s, body, _) = get(p, "http://dns.example.com:7030/resolved", &[]).await;
+    assert_eq!((s, body.as_str()), (200, "v2 /resolved -"));
+}
