@@ -775,8 +775,11 @@ spec: {{address: 127.0.0.1, labels: {{app: ads}}, ports: {{grpc: {}}}}}
     ready(&mut client).await;
     ready(&mut server).await;
     eventually("gRPC service config never arrived", || {
-        client.config.load().routes.contains_key("15010")
-            || !server
+        let c = client.config.load();
+        c.routes.contains_key("15010")
+            && c.endpoint_sets
+                .contains_key("outbound|15010||ads.shop.svc.cluster.local")
+            && server
                 .config
                 .load()
                 .inbound
@@ -1097,8 +1100,11 @@ spec: {{address: 127.0.0.1, labels: {{app: ws}}, ports: {{http: {}}}}}
     ready(&mut ws_sidecar).await;
     let port = ws_sidecar.inbound[0].port();
     eventually("config never arrived", || {
-        m.client.config.load().routes.contains_key("7010")
-            || !ws_sidecar.config.load().inbound.contains_key(&port)
+        let c = m.client.config.load();
+        c.routes.contains_key("7010")
+            && c.endpoint_sets
+                .contains_key("outbound|7010||ws.shop.svc.cluster.local")
+            && ws_sidecar.config.load().inbound.contains_key(&port)
     })
     .await;
 
