@@ -39,11 +39,31 @@ enum Command {
     /// Run a sidecar proxy: delta ADS from the control plane, the app's outbound traffic
     /// (HTTP proxy mode or a local port per service port), and inbound traffic to the app.
     Proxy(Box<ProxyArgs>),
-    /// Start the mesh demo (for now: the control plane on the bookinfo example).
+    /// Run bookinfo on this machine: the control plane, each app behind its own sidecar and a
+    /// client sidecar as separate processes on loopback (no root); drive traffic and print what
+    /// the mesh did.
     Demo {
-        /// Address to serve xDS on.
-        #[arg(long, default_values_t = [SocketAddr::from(([127, 0, 0, 1], 15010))])]
-        listen: Vec<SocketAddr>,
+        /// Keep the mesh running after the traffic, with URLs to try, until Ctrl-C.
+        #[arg(long)]
+        serve: bool,
+        /// Page views of productpage to send (a third as `end-user: jason`).
+        #[arg(long, default_value_t = 300)]
+        requests: usize,
+        /// Requests in flight at once.
+        #[arg(long, default_value_t = 8)]
+        concurrency: usize,
+    },
+    /// One of the demo's sample apps (started by `hypha demo`).
+    #[command(hide = true)]
+    DemoApp {
+        #[arg(long, value_parser = |s: &str| s.parse::<hypha_demo::Role>())]
+        role: hypha_demo::Role,
+        /// Where to listen.
+        #[arg(long)]
+        listen: SocketAddr,
+        /// The sidecar's HTTP proxy listener, for calls to other services.
+        #[arg(long)]
+        proxy: SocketAddr,
     },
 }
 
@@ -125,8 +145,43 @@ fn main() -> ExitCode {
         Command::Check { path, output } => check(&path, output),
         Command::Control { config, listen } => run(control(config, listen)),
         Command::Proxy(args) => run(proxy(*args)),
-        Command::Demo { listen } => run(control(None, listen)),
+        Command::Demo {
+            serve,
+            requests,
+            concurrency,
+        } => demo(serve, requests, concurrency),
+        Command::DemoApp {
+            role,
+            listen,
+            proxy,
+        } => run(async move { Ok(hypha_demo::app::run(role, listen, proxy).await?) }),
     }
+}
+
+/// `hypha demo`: every process is this binary; progress and summary go to stdout.
+fn demo(serve: bool, requests: usize, concurrency: usize) -> ExitCode {
+    let exe = match std::env::current_exe() {
+        Ok(exe) => exe,
+        Err(e) => {
+            eprintln!("hypha: cannot find the hypha binary itself: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let opts = hypha_demo::Options {
+        exe,
+        requests,
+        concurrency,
+        serve,
+        // Not `println!`: a closed stdout (`hypha demo | head`) must not panic the demo.
+        progress: std::sync::Arc::new(|line: &str| {
+            use std::io::Write as _;
+            let _ = writeln!(std::io::stdout(), "{line}");
+        }),
+    };
+    run(async move {
+        hypha_demo::run(opts).await?;
+        Ok(())
+    })
 }
 
 fn check(path: &std::path::Path, output: Output) -> ExitCode {

@@ -1,0 +1,161 @@
+//! HTTP clients for the demo: one that reaches the mesh through a sidecar's HTTP proxy
+//! listener the way `HTTP_PROXY` clients do (absolute-form request target, pooled keep-alive
+//! connections), and a plain one for admin endpoints.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, StatusCode, Uri};
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpStream;
+
+/// A response read to the end.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// Why a request got no reply.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("bad request: {0}")]
+    Request(#[from] http::Error),
+    #[error("{0}")]
+    Send(#[from] hyper_util::client::legacy::Error),
+    #[error("reading the body: {0}")]
+    Body(#[from] hyper::Error),
+    #[error("no reply within {0:?}")]
+    Timeout(Duration),
+}
+
+/// Connects every request to one HTTP proxy, whatever its URI says, and marks the connection
+/// as proxied so hyper sends absolute-form targets.
+#[derive(Clone)]
+pub struct ViaProxy(pub SocketAddr);
+
+pub struct ProxiedStream(TokioIo<TcpStream>);
+
+impl tonic::codegen::Service<Uri> for ViaProxy {
+    type Response = ProxiedStream;
+    type Error = io::Error;
+    type Future = Pin<Box<dyn Future<Output = io::Result<ProxiedStream>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: Uri) -> Self::Future {
+        let proxy = self.0;
+        Box::pin(async move {
+            let stream = TcpStream::connect(proxy).await?;
+            stream.set_nodelay(true)?;
+            Ok(ProxiedStream(TokioIo::new(stream)))
+        })
+    }
+}
+
+impl Connection for ProxiedStream {
+    fn connected(&self) -> Connected {
+        Connected::new().proxy(true)
+    }
+}
+
+impl hyper::rt::Read for ProxiedStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for ProxiedStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
+    }
+}
+
+type EmptyBody = Empty<Bytes>;
+
+/// GETs through a sidecar's HTTP proxy listener.
+#[derive(Clone)]
+pub struct ProxyClient {
+    client: Client<ViaProxy, EmptyBody>,
+    timeout: Duration,
+}
+
+impl ProxyClient {
+    pub fn new(proxy: SocketAddr, timeout: Duration) -> ProxyClient {
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build(ViaProxy(proxy));
+        ProxyClient { client, timeout }
+    }
+
+    /// `GET url` with `headers`, the body read to the end.
+    pub async fn get(&self, url: &str, headers: &HeaderMap) -> Result<Reply, ClientError> {
+        let mut req = Request::get(url).body(EmptyBody::new())?;
+        req.headers_mut().extend(headers.clone());
+        send(&self.client, req, self.timeout).await
+    }
+}
+
+/// GETs a plain URL (admin endpoints).
+pub async fn get(url: &str, timeout: Duration) -> Result<Reply, ClientError> {
+    let client: Client<HttpConnector, EmptyBody> =
+        Client::builder(TokioExecutor::new()).build_http();
+    let req = Request::get(url).body(EmptyBody::new())?;
+    send(&client, req, timeout).await
+}
+
+async fn send<C>(
+    client: &Client<C, EmptyBody>,
+    req: Request<EmptyBody>,
+    timeout: Duration,
+) -> Result<Reply, ClientError>
+where
+    C: hyper_util::client::legacy::connect::Connect + Clone + Send + Sync + 'static,
+{
+    let exchange = async {
+        let resp = client.request(req).await?;
+        let (parts, body) = resp.into_parts();
+        let body = body.collect().await?.to_bytes();
+        Ok(Reply {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        })
+    };
+    tokio::time::timeout(timeout, exchange)
+        .await
+        .unwrap_or(Err(ClientError::Timeout(timeout)))
+}

@@ -1,0 +1,198 @@
+//! `hypha demo`: bookinfo on one machine, no root and no setup. The control plane, one app and
+//! one sidecar per bookinfo workload, and a client sidecar run as separate processes of the
+//! `hypha` binary on loopback; the demo drives traffic through them and prints what the mesh
+//! did (routes, canary split, faults, retries, metrics).
+//!
+//! - [`topology`]: the workloads and the ports every process listens on.
+//! - [`config`]: `examples/bookinfo` with WorkloadEntries pointing at the sidecars.
+//! - [`app`]: the sample app (`hypha demo-app --role ...`), ratings in gRPC.
+//! - [`mesh`]: starting the processes and waiting for them; [`process`]: each child, killed
+//!   when dropped.
+//! - [`traffic`]: the load and the [`Summary`].
+
+#![forbid(unsafe_code)]
+
+pub mod app;
+mod client;
+pub mod config;
+pub mod mesh;
+pub mod metrics;
+pub mod process;
+pub mod topology;
+pub mod traffic;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use crate::mesh::Mesh;
+pub use crate::topology::Role;
+pub use crate::traffic::Summary;
+
+/// Where progress lines go (the binary prints them; tests may collect them).
+pub type Progress = Arc<dyn Fn(&str) + Send + Sync>;
+
+/// How to run the demo.
+#[derive(Clone)]
+pub struct Options {
+    /// The `hypha` binary every process runs (the demo's own, normally).
+    pub exe: PathBuf,
+    /// Page views of productpage to send (plus a few other requests).
+    pub requests: usize,
+    pub concurrency: usize,
+    /// Keep the mesh running after the traffic, until Ctrl-C.
+    pub serve: bool,
+    pub progress: Progress,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    #[error("{0}: {1}")]
+    Io(PathBuf, std::io::Error),
+    #[error("no free loopback port: {0}")]
+    Ports(std::io::Error),
+    #[error("the generated config is invalid:\n{0}")]
+    Config(String),
+    #[error("cannot start {name} ({exe}): {source}")]
+    Spawn {
+        name: String,
+        exe: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{name} exited ({status}); the end of {log}:\n{tail}", log = .log.display())]
+    Exited {
+        name: String,
+        status: String,
+        log: PathBuf,
+        tail: String,
+    },
+    #[error("{name} not ready after {waited:?}; the end of {log}:\n{tail}", log = .log.display())]
+    NotReady {
+        name: String,
+        waited: Duration,
+        log: PathBuf,
+        tail: String,
+    },
+    #[error("productpage did not answer through the mesh within {waited:?} (last: {last}); logs in {logs}", logs = .logs.display())]
+    NoTraffic {
+        waited: Duration,
+        last: String,
+        logs: PathBuf,
+    },
+    #[error("cannot watch for signals: {0}")]
+    Signal(std::io::Error),
+    #[error("interrupted")]
+    Interrupted,
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn interrupted() -> Result<(), DemoError> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(DemoError::Signal)?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    Ok(())
+}
+
+/// Runs the demo: start the mesh, drive traffic, print the summary (and with `serve`, keep
+/// running until Ctrl-C). Every process is stopped when this returns, error or not. The temp
+/// directory (config and logs) is removed on success and kept on failure.
+pub async fn run(opts: Options) -> Result<Summary, DemoError> {
+    let say = opts.progress.clone();
+    let dir = std::env::temp_dir().join(format!("hypha-demo-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    say(&format!(
+        "hypha demo: bookinfo as {} processes on loopback; config and logs in {}",
+        topology::WORKLOADS.len() * 2 + 2,
+        dir.display()
+    ));
+    let work = async {
+        let mut mesh = Mesh::start(&opts.exe, dir.clone(), &say).await?;
+        let summary = traffic::drive(&mesh, opts.requests, opts.concurrency).await;
+        mesh.check_alive()?;
+        Ok::<_, DemoError>((mesh, summary))
+    };
+    let result = tokio::select! {
+        biased;
+        r = interrupted() => r.and(Err(DemoError::Interrupted)),
+        r = work => r,
+    };
+    let (mut mesh, summary) = match result {
+        Ok(done) => done,
+        Err(e) => {
+            say(&format!("logs kept in {}", dir.join("logs").display()));
+            return Err(e);
+        }
+    };
+    say("");
+    say(summary.to_string().trim_end());
+    if opts.serve {
+        say("");
+        say(&serve_help(&mesh));
+        let stop = interrupted();
+        tokio::pin!(stop);
+        tokio::select! {
+            r = &mut stop => r?,
+            e = watch(&mut mesh) => {
+                // Ctrl-C in a terminal reaches the children too (one process group): one of
+                // them exiting just before the demo sees the signal is no failure.
+                match tokio::time::timeout(Duration::from_millis(500), &mut stop).await {
+                    Ok(r) => r?,
+                    Err(_) => return Err(e),
+                }
+            }
+        }
+        say("stopping");
+    }
+    drop(mesh);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(summary)
+}
+
+/// Resolves with an error when a process of the mesh exits.
+async fn watch(mesh: &mut Mesh) -> DemoError {
+    loop {
+        if let Err(e) = mesh.check_alive() {
+            return e;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// What to try while the mesh runs.
+fn serve_help(mesh: &Mesh) -> String {
+    let proxy = mesh.plan.client_proxy;
+    let page = Mesh::productpage_url("/productpage");
+    let mut out = format!(
+        "The mesh keeps running until Ctrl-C. Try (the {} sidecar is the HTTP proxy):\n",
+        topology::CLIENT
+    );
+    for line in [
+        format!("curl -x http://{proxy} {page} -H 'end-user: jason'"),
+        format!("curl -x http://{proxy} {page}"),
+        format!(
+            "curl -x http://{proxy} {}",
+            Mesh::productpage_url("/healthz")
+        ),
+        format!(
+            "curl -i -x http://{proxy} {}",
+            Mesh::productpage_url("/index.html")
+        ),
+        format!("curl http://{}/metrics", mesh.plan.client_admin),
+    ] {
+        out.push_str(&format!("  {line}\n"));
+    }
+    out.push_str("Sidecar admin endpoints (/ready /metrics /clusters /config_dump):\n");
+    for (name, admin) in mesh.admins() {
+        out.push_str(&format!("  {name:<15} http://{admin}\n"));
+    }
+    out.push_str(&format!(
+        "Edit the config live in {} (e.g. the canary weights in routing.yaml): the control\n\
+         plane pushes each valid change to the sidecars. Logs: {}",
+        mesh.config_dir().display(),
+        mesh.log_dir().display()
+    ));
+    out
+}

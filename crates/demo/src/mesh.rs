@@ -1,0 +1,395 @@
+//! Starting the demo mesh as separate processes of the `hypha` binary: the control plane on
+//! the generated config, then per workload its app (`hypha demo-app`) and its sidecar
+//! (`hypha proxy`), then the traffic client's sidecar; each waited for (TCP for the control
+//! plane and the apps, the admin `/ready` for sidecars), then one page through the whole mesh.
+//! A process that lost a port picked up front to someone else is restarted on new ports (for a
+//! sidecar's inbound port that means rewriting its WorkloadEntry; the control plane watches).
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use http::{HeaderMap, HeaderValue};
+use tokio::net::TcpStream;
+
+use crate::client::{self, ProxyClient};
+use crate::process::Proc;
+use crate::topology::{host, Plan, Planned, CLIENT, NAMESPACE, SERVICE_PORT};
+use crate::{config, DemoError, Progress};
+
+/// How long a process may take to be ready (debug builds on a busy machine included).
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often a process is restarted on new ports before giving up.
+const ATTEMPTS: usize = 3;
+
+/// The running mesh. Dropping it kills every process.
+pub struct Mesh {
+    pub plan: Plan,
+    /// Config (`config/`) and logs (`logs/`).
+    pub dir: PathBuf,
+    // Dropped (killed) in this order: traffic first, control plane last.
+    client: Option<Proc>,
+    workloads: Vec<(Proc, Proc)>,
+    control: Option<Proc>,
+}
+
+impl Mesh {
+    pub fn config_dir(&self) -> PathBuf {
+        self.dir.join("config")
+    }
+
+    pub fn log_dir(&self) -> PathBuf {
+        self.dir.join("logs")
+    }
+
+    /// Every sidecar's admin address, by workload name (the client last).
+    pub fn admins(&self) -> Vec<(String, SocketAddr)> {
+        let mut out: Vec<(String, SocketAddr)> = self
+            .plan
+            .workloads
+            .iter()
+            .map(|w| (w.workload.name.to_owned(), w.ports.admin))
+            .collect();
+        out.push((CLIENT.to_owned(), self.plan.client_admin));
+        out
+    }
+
+    /// Starts everything and waits until a page goes through the whole mesh.
+    pub async fn start(exe: &Path, dir: PathBuf, say: &Progress) -> Result<Mesh, DemoError> {
+        let plan = Plan::allocate().map_err(DemoError::Ports)?;
+        let mut mesh = Mesh {
+            plan,
+            dir,
+            client: None,
+            workloads: Vec::new(),
+            control: None,
+        };
+        std::fs::create_dir_all(mesh.log_dir()).map_err(|e| DemoError::Io(mesh.log_dir(), e))?;
+        let cfg = config::write(&mesh.config_dir(), &mesh.plan)?;
+        say(&format!(
+            "config: {} resources from examples/bookinfo, workloads on loopback ({}), valid",
+            cfg.resource_count(),
+            if mesh.plan.ipv6 {
+                "IPv4 and IPv6"
+            } else {
+                "IPv4 only: ::1 is not available here"
+            },
+        ));
+        mesh.start_control(exe, say).await?;
+        mesh.start_workloads(exe, say).await?;
+        mesh.start_client(exe, say).await?;
+        mesh.wait_for_traffic(say).await?;
+        Ok(mesh)
+    }
+
+    async fn start_control(&mut self, exe: &Path, say: &Progress) -> Result<(), DemoError> {
+        for attempt in 1..=ATTEMPTS {
+            let args = vec![
+                "control".into(),
+                "--config".into(),
+                self.config_dir().display().to_string(),
+                "--listen".into(),
+                self.plan.control.to_string(),
+            ];
+            let log = self.log_dir().join("control.log");
+            let mut p = Proc::spawn("control plane", exe, &args, &log)?;
+            say(&format!(
+                "started control plane         pid {:<7} xDS on {}",
+                p.pid(),
+                self.plan.control
+            ));
+            let started = Instant::now();
+            let addr = self.plan.control;
+            match wait(&mut [&mut p], || connects(addr)).await {
+                Ok(()) => {
+                    say(&ready_line("control plane", started));
+                    self.control = Some(p);
+                    return Ok(());
+                }
+                Err(e) if attempt < ATTEMPTS && p.lost_a_port() => {
+                    say(&format!(
+                        "control plane lost its port ({e}); trying other ports"
+                    ));
+                    self.plan.reallocate_control().map_err(DemoError::Ports)?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        unreachable!("the last attempt returns")
+    }
+
+    fn control_url(&self) -> String {
+        format!("http://{}", self.plan.control)
+    }
+
+    fn spawn_workload(
+        &self,
+        exe: &Path,
+        w: &Planned,
+        say: &Progress,
+    ) -> Result<(Proc, Proc), DemoError> {
+        let name = w.workload.name;
+        let app_args = vec![
+            "demo-app".into(),
+            "--role".into(),
+            w.workload.role.to_string(),
+            "--listen".into(),
+            w.ports.app.to_string(),
+            "--proxy".into(),
+            w.ports.http_proxy.to_string(),
+        ];
+        let app = Proc::spawn(
+            &format!("{name} app"),
+            exe,
+            &app_args,
+            &self.log_dir().join(format!("{name}.app.log")),
+        )?;
+        say(&format!(
+            "started {:<21} pid {:<7} {} on {}",
+            format!("{name} app"),
+            app.pid(),
+            w.workload.role,
+            w.ports.app
+        ));
+        let mut args: Vec<String> = vec![
+            "proxy".into(),
+            "--control-plane".into(),
+            self.control_url(),
+            "--namespace".into(),
+            NAMESPACE.into(),
+            "--service-account".into(),
+            w.workload.service_account.into(),
+            "--workload".into(),
+            name.into(),
+            "--label".into(),
+            format!("app={}", w.workload.app),
+            "--label".into(),
+            format!("version={}", w.workload.version),
+        ];
+        for ip in w.ips() {
+            args.extend(["--ip".into(), ip.to_string()]);
+        }
+        args.extend(["--http-proxy".into(), w.ports.http_proxy.to_string()]);
+        for addr in w.inbound() {
+            args.extend(["--inbound".into(), addr.to_string()]);
+        }
+        args.extend([
+            "--app".into(),
+            w.ports.app.to_string(),
+            "--admin".into(),
+            w.ports.admin.to_string(),
+        ]);
+        let sidecar = Proc::spawn(
+            &format!("{name} sidecar"),
+            exe,
+            &args,
+            &self.log_dir().join(format!("{name}.sidecar.log")),
+        )?;
+        let inbound: Vec<String> = w.inbound().iter().map(ToString::to_string).collect();
+        say(&format!(
+            "started {:<21} pid {:<7} inbound {}, proxy {}, admin {}",
+            format!("{name} sidecar"),
+            sidecar.pid(),
+            inbound.join(" "),
+            w.ports.http_proxy,
+            w.ports.admin
+        ));
+        Ok((app, sidecar))
+    }
+
+    async fn start_workloads(&mut self, exe: &Path, say: &Progress) -> Result<(), DemoError> {
+        // Start them all, then wait for each: they come up in parallel.
+        let started = Instant::now();
+        let mut pairs = Vec::new();
+        for w in &self.plan.workloads {
+            pairs.push(self.spawn_workload(exe, w, say)?);
+        }
+        for (i, (mut app, mut sidecar)) in pairs.into_iter().enumerate() {
+            let mut attempt = 1;
+            loop {
+                let w = &self.plan.workloads[i];
+                let (app_addr, admin) = (w.ports.app, w.ports.admin);
+                let r = wait(&mut [&mut app, &mut sidecar], || async move {
+                    connects(app_addr).await && sidecar_ready(admin).await
+                })
+                .await;
+                match r {
+                    Ok(()) => break,
+                    Err(_)
+                        if attempt < ATTEMPTS && (app.lost_a_port() || sidecar.lost_a_port()) =>
+                    {
+                        let name = w.workload.name;
+                        say(&format!(
+                            "{name}: a port was taken meanwhile; trying others"
+                        ));
+                        drop((app, sidecar));
+                        self.plan.reallocate(i).map_err(DemoError::Ports)?;
+                        config::write(&self.config_dir(), &self.plan)?;
+                        (app, sidecar) = self.spawn_workload(exe, &self.plan.workloads[i], say)?;
+                        attempt += 1;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            say(&ready_line(
+                &format!("{} app and sidecar", self.plan.workloads[i].workload.name),
+                started,
+            ));
+            self.workloads.push((app, sidecar));
+        }
+        Ok(())
+    }
+
+    async fn start_client(&mut self, exe: &Path, say: &Progress) -> Result<(), DemoError> {
+        for attempt in 1..=ATTEMPTS {
+            let args = vec![
+                "proxy".into(),
+                "--control-plane".into(),
+                self.control_url(),
+                "--namespace".into(),
+                NAMESPACE.into(),
+                "--workload".into(),
+                CLIENT.into(),
+                "--label".into(),
+                format!("app={CLIENT}"),
+                "--label".into(),
+                "version=v1".into(),
+                "--http-proxy".into(),
+                self.plan.client_proxy.to_string(),
+                "--admin".into(),
+                self.plan.client_admin.to_string(),
+            ];
+            let log = self.log_dir().join(format!("{CLIENT}.sidecar.log"));
+            let mut p = Proc::spawn(&format!("{CLIENT} sidecar"), exe, &args, &log)?;
+            say(&format!(
+                "started {:<21} pid {:<7} proxy {}, admin {} (the traffic goes in here)",
+                format!("{CLIENT} sidecar"),
+                p.pid(),
+                self.plan.client_proxy,
+                self.plan.client_admin
+            ));
+            let started = Instant::now();
+            let admin = self.plan.client_admin;
+            match wait(&mut [&mut p], || sidecar_ready(admin)).await {
+                Ok(()) => {
+                    say(&ready_line(&format!("{CLIENT} sidecar"), started));
+                    self.client = Some(p);
+                    return Ok(());
+                }
+                Err(_) if attempt < ATTEMPTS && p.lost_a_port() => {
+                    say(&format!(
+                        "{CLIENT}: a port was taken meanwhile; trying others"
+                    ));
+                    self.plan.reallocate_client().map_err(DemoError::Ports)?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        unreachable!("the last attempt returns")
+    }
+
+    /// The URL of a productpage path, as the client asks for it.
+    pub fn productpage_url(path: &str) -> String {
+        format!("http://{}:{SERVICE_PORT}{path}", host("productpage"))
+    }
+
+    /// Waits until productpage answers 200 through the mesh, for jason and for anyone.
+    async fn wait_for_traffic(&mut self, say: &Progress) -> Result<(), DemoError> {
+        let started = Instant::now();
+        let client = ProxyClient::new(self.plan.client_proxy, Duration::from_secs(5));
+        let url = Mesh::productpage_url("/productpage");
+        let mut jason = HeaderMap::new();
+        jason.insert("end-user", HeaderValue::from_static("jason"));
+        let mut last = String::new();
+        while started.elapsed() < READY_TIMEOUT {
+            self.check_alive()?;
+            let mut ok = true;
+            for headers in [&jason, &HeaderMap::new()] {
+                match client.get(&url, headers).await {
+                    Ok(r) if r.status.is_success() => {}
+                    Ok(r) => {
+                        ok = false;
+                        last = format!("{}: {}", r.status, r.text().trim());
+                    }
+                    Err(e) => {
+                        ok = false;
+                        last = e.to_string();
+                    }
+                }
+            }
+            if ok {
+                say(&format!(
+                    "mesh ready: productpage answers through the {CLIENT} sidecar ({} ms)",
+                    started.elapsed().as_millis()
+                ));
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Err(DemoError::NoTraffic {
+            waited: READY_TIMEOUT,
+            last,
+            logs: self.log_dir(),
+        })
+    }
+
+    /// An error if any process has exited.
+    pub fn check_alive(&mut self) -> Result<(), DemoError> {
+        let all = self
+            .control
+            .iter_mut()
+            .chain(self.workloads.iter_mut().flat_map(|(a, s)| [a, s]))
+            .chain(self.client.iter_mut());
+        for p in all {
+            if let Some(status) = p.exited() {
+                return Err(p.exit_error(status));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn ready_line(what: &str, since: Instant) -> String {
+    format!("ready   {what:<21} ({} ms)", since.elapsed().as_millis())
+}
+
+/// Polls `ready` until it says yes; an error as soon as one of `procs` exits, or after
+/// [`READY_TIMEOUT`].
+async fn wait<F, Fut>(procs: &mut [&mut Proc], mut ready: F) -> Result<(), DemoError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        for p in procs.iter_mut() {
+            if let Some(status) = p.exited() {
+                return Err(p.exit_error(status));
+            }
+        }
+        if ready().await {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            let p = &procs[procs.len() - 1];
+            return Err(DemoError::NotReady {
+                name: p.name.clone(),
+                waited: READY_TIMEOUT,
+                log: p.log.clone(),
+                tail: p.tail(15),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn connects(addr: SocketAddr) -> bool {
+    TcpStream::connect(addr).await.is_ok()
+}
+
+async fn sidecar_ready(admin: SocketAddr) -> bool {
+    client::get(&format!("http://{admin}/ready"), Duration::from_secs(2))
+        .await
+        .is_ok_and(|r| r.status.is_success())
+}

@@ -1,0 +1,333 @@
+//! What the demo runs: bookinfo's six workloads (as in `examples/bookinfo/workloads.yaml`), the
+//! client that drives traffic, and the loopback ports each process listens on.
+//!
+//! Ports are picked up front (bind port 0, keep the listener until every port is chosen, then
+//! release them all) because the WorkloadEntries must name each sidecar's inbound port before
+//! the control plane starts. A process that then loses its port to someone else is restarted
+//! on new ones (see `run`).
+
+use std::fmt;
+use std::io;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener};
+use std::str::FromStr;
+
+/// The namespace every demo workload lives in.
+pub const NAMESPACE: &str = "bookinfo";
+/// The service port every bookinfo service exposes (`examples/bookinfo/services.yaml`).
+pub const SERVICE_PORT: u16 = 9080;
+/// The workload that drives traffic: a sidecar only, in HTTP proxy mode.
+pub const CLIENT: &str = "demo-client";
+
+/// The role a `hypha demo-app` process plays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Productpage,
+    Details,
+    ReviewsV1,
+    ReviewsV2,
+    ReviewsV3,
+    Ratings,
+}
+
+impl Role {
+    pub const ALL: [Role; 6] = [
+        Role::Productpage,
+        Role::Details,
+        Role::ReviewsV1,
+        Role::ReviewsV2,
+        Role::ReviewsV3,
+        Role::Ratings,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Productpage => "productpage",
+            Role::Details => "details",
+            Role::ReviewsV1 => "reviews-v1",
+            Role::ReviewsV2 => "reviews-v2",
+            Role::ReviewsV3 => "reviews-v3",
+            Role::Ratings => "ratings",
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Role {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Role, String> {
+        Role::ALL
+            .into_iter()
+            .find(|r| r.as_str() == s)
+            .ok_or_else(|| {
+                let names: Vec<&str> = Role::ALL.iter().map(|r| r.as_str()).collect();
+                format!("unknown role {s:?}; one of {}", names.join(", "))
+            })
+    }
+}
+
+/// The address families a workload has, as in the bookinfo example: details is IPv4-only,
+/// ratings IPv6-only, the others dual-stack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    V4,
+    V6,
+    Dual,
+}
+
+/// One bookinfo workload: its WorkloadEntry, the app role behind it and its sidecar.
+#[derive(Debug, Clone, Copy)]
+pub struct Workload {
+    pub name: &'static str,
+    pub app: &'static str,
+    pub version: &'static str,
+    pub service_account: &'static str,
+    /// The name of its service's port (`http`, or `grpc` for ratings): the key of the
+    /// WorkloadEntry's `ports` map.
+    pub port_name: &'static str,
+    pub family: Family,
+    pub role: Role,
+}
+
+const fn workload(
+    name: &'static str,
+    app: &'static str,
+    version: &'static str,
+    service_account: &'static str,
+    port_name: &'static str,
+    family: Family,
+    role: Role,
+) -> Workload {
+    Workload {
+        name,
+        app,
+        version,
+        service_account,
+        port_name,
+        family,
+        role,
+    }
+}
+
+/// The workloads, in start order (callees before callers).
+pub const WORKLOADS: [Workload; 6] = [
+    workload(
+        "ratings-v1",
+        "ratings",
+        "v1",
+        "bookinfo-ratings",
+        "grpc",
+        Family::V6,
+        Role::Ratings,
+    ),
+    workload(
+        "details-v1",
+        "details",
+        "v1",
+        "bookinfo-details",
+        "http",
+        Family::V4,
+        Role::Details,
+    ),
+    workload(
+        "reviews-v1",
+        "reviews",
+        "v1",
+        "bookinfo-reviews",
+        "http",
+        Family::Dual,
+        Role::ReviewsV1,
+    ),
+    workload(
+        "reviews-v2",
+        "reviews",
+        "v2",
+        "bookinfo-reviews",
+        "http",
+        Family::Dual,
+        Role::ReviewsV2,
+    ),
+    workload(
+        "reviews-v3",
+        "reviews",
+        "v3",
+        "bookinfo-reviews",
+        "http",
+        Family::Dual,
+        Role::ReviewsV3,
+    ),
+    workload(
+        "productpage-v1",
+        "productpage",
+        "v1",
+        "bookinfo-productpage",
+        "http",
+        Family::Dual,
+        Role::Productpage,
+    ),
+];
+
+/// A service's mesh name, e.g. `reviews.bookinfo.svc.cluster.local`.
+pub fn host(app: &str) -> String {
+    format!("{app}.{NAMESPACE}.svc.cluster.local")
+}
+
+/// Where one workload's processes listen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkloadPorts {
+    /// The app (`hypha demo-app --listen`).
+    pub app: SocketAddr,
+    /// The sidecar's HTTP proxy listener, the app's way out (`--http-proxy`).
+    pub http_proxy: SocketAddr,
+    /// The sidecar's inbound port, the same on every loopback address the workload has; the
+    /// WorkloadEntry's `ports` map points here.
+    pub inbound: u16,
+    /// The sidecar's admin listener.
+    pub admin: SocketAddr,
+}
+
+/// One workload and its ports.
+#[derive(Debug, Clone)]
+pub struct Planned {
+    pub workload: Workload,
+    /// The workload's family on this machine (dual-stack falls back to IPv4 without `::1`).
+    pub family: Family,
+    pub ports: WorkloadPorts,
+}
+
+impl Planned {
+    /// The workload's addresses: primary first.
+    pub fn ips(&self) -> Vec<std::net::IpAddr> {
+        let v4 = Ipv4Addr::LOCALHOST.into();
+        let v6 = Ipv6Addr::LOCALHOST.into();
+        match self.family {
+            Family::V4 => vec![v4],
+            Family::V6 => vec![v6],
+            Family::Dual => vec![v4, v6],
+        }
+    }
+
+    /// The sidecar's inbound listeners.
+    pub fn inbound(&self) -> Vec<SocketAddr> {
+        self.ips()
+            .into_iter()
+            .map(|ip| SocketAddr::new(ip, self.ports.inbound))
+            .collect()
+    }
+}
+
+/// Every port of the demo.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// The control plane's xDS listener.
+    pub control: SocketAddr,
+    pub workloads: Vec<Planned>,
+    /// The traffic client's sidecar: its HTTP proxy listener and admin.
+    pub client_proxy: SocketAddr,
+    pub client_admin: SocketAddr,
+    /// Whether `::1` works here; without it every workload is IPv4-only.
+    pub ipv6: bool,
+}
+
+impl Plan {
+    /// Picks free loopback ports for everything.
+    pub fn allocate() -> io::Result<Plan> {
+        let ipv6 = std::net::TcpListener::bind((Ipv6Addr::LOCALHOST, 0)).is_ok();
+        let mut a = Allocator::default();
+        let control = a.v4()?;
+        let workloads = WORKLOADS
+            .iter()
+            .map(|w| {
+                let family = if ipv6 { w.family } else { Family::V4 };
+                Ok(Planned {
+                    workload: *w,
+                    family,
+                    ports: a.workload(family)?,
+                })
+            })
+            .collect::<io::Result<Vec<_>>>()?;
+        let client_proxy = a.v4()?;
+        let client_admin = a.v4()?;
+        Ok(Plan {
+            control,
+            workloads,
+            client_proxy,
+            client_admin,
+            ipv6,
+        })
+    }
+
+    /// New ports for one workload (after it lost one of its ports to another process).
+    pub fn reallocate(&mut self, index: usize) -> io::Result<()> {
+        let w = &mut self.workloads[index];
+        w.ports = Allocator::default().workload(w.family)?;
+        Ok(())
+    }
+
+    pub fn reallocate_control(&mut self) -> io::Result<()> {
+        self.control = Allocator::default().v4()?;
+        Ok(())
+    }
+
+    pub fn reallocate_client(&mut self) -> io::Result<()> {
+        let mut a = Allocator::default();
+        self.client_proxy = a.v4()?;
+        self.client_admin = a.v4()?;
+        Ok(())
+    }
+}
+
+/// Holds every port it hands out until dropped, so no port is handed out twice.
+#[derive(Default)]
+struct Allocator {
+    held: Vec<TcpListener>,
+}
+
+impl Allocator {
+    fn hold(&mut self, addr: SocketAddr) -> io::Result<SocketAddr> {
+        let l = TcpListener::bind(addr)?;
+        let local = l.local_addr()?;
+        self.held.push(l);
+        Ok(local)
+    }
+
+    fn v4(&mut self) -> io::Result<SocketAddr> {
+        self.hold((Ipv4Addr::LOCALHOST, 0).into())
+    }
+
+    fn v6(&mut self) -> io::Result<SocketAddr> {
+        self.hold((Ipv6Addr::LOCALHOST, 0).into())
+    }
+
+    /// A port free on both loopback addresses.
+    fn dual(&mut self) -> io::Result<u16> {
+        let mut last = None;
+        for _ in 0..50 {
+            let v4 = self.v4()?;
+            match self.hold((Ipv6Addr::LOCALHOST, v4.port()).into()) {
+                Ok(_) => return Ok(v4.port()),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| io::Error::other("no port free on both 127.0.0.1 and ::1")))
+    }
+
+    fn workload(&mut self, family: Family) -> io::Result<WorkloadPorts> {
+        let (app, inbound) = match family {
+            Family::V4 => (self.v4()?, self.v4()?.port()),
+            Family::V6 => (self.v6()?, self.v6()?.port()),
+            Family::Dual => (self.v4()?, self.dual()?),
+        };
+        Ok(WorkloadPorts {
+            app,
+            http_proxy: self.v4()?,
+            inbound,
+            admin: self.v4()?,
+        })
+    }
+}

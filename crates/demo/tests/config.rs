@@ -1,0 +1,155 @@
+//! The demo's generated config: valid, everything but the workloads taken from
+//! `examples/bookinfo` unchanged, and every service endpoint (as the control plane's registry
+//! resolves it) at the sidecar inbound port and loopback addresses the demo starts the
+//! workload's sidecar with.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use hypha_control::registry::Registry;
+use hypha_demo::topology::{host, Family, Plan, NAMESPACE, SERVICE_PORT, WORKLOADS};
+
+/// A fresh directory under the system temp dir, removed when dropped.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn generated_config_is_valid_and_points_at_the_sidecars() {
+    let plan = Plan::allocate().unwrap();
+    let dir = TempDir::new("hypha-demo-config");
+    let cfg = hypha_demo::config::write(&dir.0, &plan).expect("the generated config is valid");
+    assert_eq!(cfg.workload_entries.len(), WORKLOADS.len());
+
+    // Everything but the workloads is the example, byte for byte.
+    for (name, yaml) in hypha_control::EMBEDDED_CONFIG {
+        let file = name.rsplit(':').next().unwrap();
+        let written = std::fs::read_to_string(dir.0.join(file)).unwrap();
+        if file == "workloads.yaml" {
+            assert_ne!(&written, yaml);
+        } else {
+            assert_eq!(&written, yaml, "{file}");
+        }
+    }
+
+    let registry = Registry::build(&cfg);
+    for w in &plan.workloads {
+        let wl = &w.workload;
+        let service = registry
+            .service(&host(wl.app), NAMESPACE)
+            .unwrap_or_else(|| panic!("service {}", wl.app));
+        let port = service.port(u32::from(SERVICE_PORT)).unwrap();
+        assert_eq!(port.name, wl.port_name);
+        let endpoint = service
+            .endpoints
+            .iter()
+            .find(|e| e.workload_name == wl.name)
+            .unwrap_or_else(|| panic!("{} is an endpoint of {}", wl.name, wl.app));
+        assert_eq!(
+            endpoint.port_for(port),
+            u32::from(w.ports.inbound),
+            "{}: the service port goes to the sidecar's inbound port",
+            wl.name
+        );
+        let addresses: Vec<IpAddr> = endpoint
+            .addresses
+            .iter()
+            .map(|a| a.parse().unwrap())
+            .collect();
+        assert_eq!(addresses, w.ips(), "{}", wl.name);
+        assert!(addresses.iter().all(IpAddr::is_loopback));
+        // The sidecar listens on exactly those addresses, at that port.
+        let inbound: Vec<(IpAddr, u16)> = w.inbound().iter().map(|a| (a.ip(), a.port())).collect();
+        let expected: Vec<(IpAddr, u16)> =
+            addresses.iter().map(|ip| (*ip, w.ports.inbound)).collect();
+        assert_eq!(inbound, expected);
+        assert_eq!(endpoint.labels["app"], wl.app);
+        assert_eq!(endpoint.labels["version"], wl.version);
+        assert_eq!(endpoint.service_account, wl.service_account);
+    }
+
+    // The families of the example: details IPv4 only, ratings IPv6 only, the rest both.
+    if plan.ipv6 {
+        let family = |name: &str| {
+            plan.workloads
+                .iter()
+                .find(|w| w.workload.name == name)
+                .unwrap()
+                .family
+        };
+        assert_eq!(family("details-v1"), Family::V4);
+        assert_eq!(family("ratings-v1"), Family::V6);
+        assert_eq!(family("reviews-v2"), Family::Dual);
+        assert_eq!(family("productpage-v1"), Family::Dual);
+    }
+
+    // Every port is different.
+    let mut ports = vec![
+        plan.control.port(),
+        plan.client_proxy.port(),
+        plan.client_admin.port(),
+    ];
+    for w in &plan.workloads {
+        ports.extend([
+            w.ports.app.port(),
+            w.ports.http_proxy.port(),
+            w.ports.inbound,
+            w.ports.admin.port(),
+        ]);
+    }
+    let n = ports.len();
+    ports.sort_unstable();
+    ports.dedup();
+    assert_eq!(ports.len(), n, "ports are unique");
+}
+
+#[test]
+fn an_invalid_config_is_refused_with_every_error() {
+    let dir = TempDir::new("hypha-demo-invalid");
+    std::fs::create_dir_all(&dir.0).unwrap();
+    std::fs::write(
+        dir.0.join("bad.yaml"),
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: x, namespace: bookinfo}\n\
+         spec:\n  hosts: [x]\n  http:\n  - route: [{destination: {host: x}, weight: 300}]\n",
+    )
+    .unwrap();
+    let err = hypha_demo::config::validate(&dir.0).unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.starts_with("the generated config is invalid"),
+        "{text}"
+    );
+    assert!(text.contains("bad.yaml"), "{text}");
+}
+
+#[tokio::test]
+async fn a_missing_binary_fails_clearly() {
+    let opts = hypha_demo::Options {
+        exe: "/nonexistent/hypha".into(),
+        requests: 1,
+        concurrency: 1,
+        serve: false,
+        progress: std::sync::Arc::new(|_: &str| {}),
+    };
+    let err = hypha_demo::run(opts).await.expect_err("fails");
+    assert!(
+        matches!(err, hypha_demo::DemoError::Spawn { ref name, .. } if name == "control plane"),
+        "{err}"
+    );
+    // A failed demo keeps its directory for the logs; this one has nothing worth keeping.
+    let _ = std::fs::remove_dir_all(
+        std::env::temp_dir().join(format!("hypha-demo-{}", std::process::id())),
+    );
+}
