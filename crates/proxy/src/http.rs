@@ -280,26 +280,36 @@ impl hypha_matcher::Request for View<'_> {
     }
 }
 
-/// A body that counts the bytes it yields and calls `done` with the count once, when it ends
-/// or is dropped (a client that goes away mid-response still gets its request counted).
+/// A body that counts the bytes it yields, notes the gRPC status its trailers carry, and calls
+/// `done` with both once, when it ends or is dropped (a client that goes away mid-response
+/// still gets its request counted).
 pub struct Counted {
     inner: Body,
     bytes: u64,
-    done: Option<Box<dyn FnOnce(u64) + Send + Sync>>,
+    grpc_status: Option<u16>,
+    done: Option<Done>,
 }
 
+/// Called with the body's byte count and gRPC status.
+type Done = Box<dyn FnOnce(u64, Option<u16>) + Send + Sync>;
+
 impl Counted {
-    pub fn new(inner: Body, done: impl FnOnce(u64) + Send + Sync + 'static) -> Counted {
+    pub fn new(
+        inner: Body,
+        grpc_status: Option<u16>,
+        done: impl FnOnce(u64, Option<u16>) + Send + Sync + 'static,
+    ) -> Counted {
         Counted {
             inner,
             bytes: 0,
+            grpc_status,
             done: Some(Box::new(done)),
         }
     }
 
     fn finish(&mut self) {
         if let Some(done) = self.done.take() {
-            done(self.bytes);
+            done(self.bytes, self.grpc_status);
         }
     }
 }
@@ -324,6 +334,8 @@ impl hyper::body::Body for Counted {
             std::task::Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     this.bytes += data.len() as u64;
+                } else if let Some(trailers) = frame.trailers_ref() {
+                    this.grpc_status = grpc_status(trailers).or(this.grpc_status);
                 }
             }
             std::task::Poll::Ready(None) => this.finish(),
@@ -339,6 +351,52 @@ impl hyper::body::Body for Counted {
     fn size_hint(&self) -> hyper::body::SizeHint {
         self.inner.size_hint()
     }
+}
+
+fn grpc_status(headers: &http::HeaderMap) -> Option<u16> {
+    headers.get("grpc-status")?.to_str().ok()?.parse().ok()
+}
+
+/// Whether a request is gRPC (its replies must then be gRPC too).
+pub fn is_grpc(parts: &http::request::Parts) -> bool {
+    parts
+        .headers
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// Turns the proxy's own reply to a gRPC request into what a gRPC client expects: HTTP 200,
+/// trailers-only, `grpc-status` mapped from the HTTP status as Envoy maps it (503 →
+/// UNAVAILABLE, 504 → UNAVAILABLE, 404 → UNIMPLEMENTED, ...). Replies from the app pass.
+pub fn grpc_local_reply(resp: Response<Body>) -> Response<Body> {
+    let Some(flags) = resp.headers().get("x-hypha-response-flags").cloned() else {
+        return resp;
+    };
+    let code: u16 = match resp.status().as_u16() {
+        400 => 13,
+        401 => 16,
+        403 => 7,
+        404 => 12,
+        429 | 502..=504 => 14,
+        _ => 2,
+    };
+    let message = resp
+        .status()
+        .canonical_reason()
+        .unwrap_or("proxy error")
+        .to_owned();
+    let mut r = Response::new(full(""));
+    let h = r.headers_mut();
+    h.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/grpc"),
+    );
+    h.insert("grpc-status", http::HeaderValue::from(code));
+    if let Ok(v) = http::HeaderValue::from_str(&message) {
+        h.insert("grpc-message", v);
+    }
+    h.insert("x-hypha-response-flags", flags);
+    r
 }
 
 /// The request body size when known up front (`content-length` or an exact size hint).
@@ -375,11 +433,33 @@ pub fn response_flags(resp: &Response<Body>) -> &'static str {
 /// body is done.
 pub fn observed(
     resp: Response<Body>,
-    observe: impl FnOnce(u16, &'static str, u64) + Send + Sync + 'static,
+    observe: impl FnOnce(Outcome) + Send + Sync + 'static,
 ) -> Response<Body> {
     let code = resp.status().as_u16();
     let flags = response_flags(&resp);
-    resp.map(|b| Counted::new(b, move |bytes| observe(code, flags, bytes)).boxed())
+    let grpc = grpc_status(resp.headers());
+    resp.map(|b| {
+        Counted::new(b, grpc, move |bytes, grpc_status| {
+            observe(Outcome {
+                code,
+                flags,
+                grpc_status,
+                bytes,
+            });
+        })
+        .boxed()
+    })
+}
+
+/// How a response ended, for metrics and logs.
+#[derive(Debug, Clone, Copy)]
+pub struct Outcome {
+    pub code: u16,
+    pub flags: &'static str,
+    /// From the response headers (trailers-only) or trailers.
+    pub grpc_status: Option<u16>,
+    /// Response body bytes.
+    pub bytes: u64,
 }
 
 /// For a request asking to switch protocols (WebSocket and other `Upgrade`s over HTTP/1.1):

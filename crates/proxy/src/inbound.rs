@@ -44,6 +44,7 @@ impl Inbound {
             .telemetry
             .begin(&parts, h::request_size(&parts, &body), peer);
         let upgrade = h::take_upgrade(&mut parts);
+        let grpc = h::is_grpc(&parts);
         let resp = match self
             .upstreams
             .send_direct(http2, self.app, parts, h::incoming(body))
@@ -53,11 +54,12 @@ impl Inbound {
                 h::splice(upgrade, &mut resp);
                 resp.map(|b| b.boxed())
             }
+            Err(flag) if grpc => h::grpc_local_reply(h::local_reply(flag)),
             Err(flag) => h::local_reply(flag),
         };
         let telemetry = self.telemetry.clone();
-        h::observed(resp, move |code, flags, bytes| {
-            telemetry.end(request, Reporter::Destination, &cluster, code, flags, bytes);
+        h::observed(resp, move |out| {
+            telemetry.end(request, Reporter::Destination, &cluster, out);
         })
     }
 }

@@ -56,12 +56,16 @@ impl Outbound {
         let request = self
             .telemetry
             .begin(&parts, h::request_size(&parts, &body), peer);
-        let (resp, cluster) = self
+        let grpc = h::is_grpc(&parts);
+        let (mut resp, cluster) = self
             .dispatch(mode, Request::from_parts(parts, body), peer)
             .await;
+        if grpc {
+            resp = h::grpc_local_reply(resp);
+        }
         let telemetry = self.telemetry.clone();
-        h::observed(resp, move |code, flags, bytes| {
-            telemetry.end(request, Reporter::Source, &cluster, code, flags, bytes);
+        h::observed(resp, move |out| {
+            telemetry.end(request, Reporter::Source, &cluster, out);
         })
     }
 

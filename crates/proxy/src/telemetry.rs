@@ -8,6 +8,8 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
+use crate::http::Outcome;
+
 /// Istio's `istio_request_duration_milliseconds` buckets.
 const DURATION_BUCKETS_MS: [f64; 19] = [
     0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
@@ -44,6 +46,7 @@ pub struct Labels {
     pub destination_service: String,
     pub request_protocol: &'static str,
     pub response_code: u16,
+    pub grpc_response_status: Option<u16>,
     pub response_flags: &'static str,
     pub connection_security_policy: &'static str,
 }
@@ -71,7 +74,7 @@ source_app=\"{}\",source_version=\"{}\",source_principal=\"{}\",destination_work
 destination_workload_namespace=\"{}\",destination_app=\"{}\",destination_version=\"{}\",\
 destination_principal=\"{}\",destination_service=\"{}\",destination_service_name=\"{}\",\
 destination_service_namespace=\"{}\",request_protocol=\"{}\",response_code=\"{}\",\
-grpc_response_status=\"\",response_flags=\"{}\",connection_security_policy=\"{}\"",
+grpc_response_status=\"{}\",response_flags=\"{}\",connection_security_policy=\"{}\"",
             esc(&self.source_workload),
             esc(&self.source_namespace),
             esc(&self.source_app),
@@ -87,6 +90,8 @@ grpc_response_status=\"\",response_flags=\"{}\",connection_security_policy=\"{}\
             esc(service_ns),
             self.request_protocol,
             self.response_code,
+            self.grpc_response_status
+                .map_or(String::new(), |g| g.to_string()),
             self.response_flags,
             self.connection_security_policy,
         );
@@ -158,6 +163,7 @@ pub struct Observation {
     pub duration_ms: f64,
     pub request_bytes: u64,
     pub response_bytes: u64,
+    pub grpc_status: Option<u16>,
 }
 
 /// The proxy's metrics.
@@ -290,7 +296,13 @@ impl Metrics {
 
 /// A series key from the parts that vary per request; the rest of the labels are fixed per
 /// proxy. FNV-1a, so equal parts always give the same key.
-pub fn series_key(reporter: Reporter, service: &str, code: u16, flags: &str) -> u64 {
+pub fn series_key(
+    reporter: Reporter,
+    service: &str,
+    code: u16,
+    flags: &str,
+    grpc_status: Option<u16>,
+) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     let mut eat = |bytes: &[u8]| {
         for &b in bytes {
@@ -304,6 +316,7 @@ pub fn series_key(reporter: Reporter, service: &str, code: u16, flags: &str) -> 
     eat(service.as_bytes());
     eat(&code.to_le_bytes());
     eat(flags.as_bytes());
+    eat(&grpc_status.map_or([0xff, 0xff], u16::to_le_bytes));
     h
 }
 
@@ -411,6 +424,7 @@ impl AccessLog {
             "authority": e.authority,
             "response_code": code,
             "response_flags": flags,
+            "grpc_status": o.grpc_status,
             "bytes_received": o.request_bytes,
             "bytes_sent": o.response_bytes,
             "duration_ms": (o.duration_ms * 1000.0).round() / 1000.0,
@@ -453,23 +467,16 @@ impl Telemetry {
 
     /// Counts (and logs) the request once its response, with `code` and `flags`, has sent
     /// `response_bytes`.
-    pub fn end(
-        &self,
-        r: InFlight,
-        reporter: Reporter,
-        cluster: &str,
-        code: u16,
-        flags: &'static str,
-        response_bytes: u64,
-    ) {
+    pub fn end(&self, r: InFlight, reporter: Reporter, cluster: &str, out: Outcome) {
         let o = Observation {
             duration_ms: r.start.elapsed().as_secs_f64() * 1000.0,
             request_bytes: r.request_bytes,
-            response_bytes,
+            response_bytes: out.bytes,
+            grpc_status: out.grpc_status,
         };
-        self.observe(reporter, cluster, code, flags, &o);
+        self.observe(reporter, cluster, out.code, out.flags, &o);
         if let (Some(log), Some(entry)) = (&self.access_log, r.entry) {
-            log.write(&entry, reporter, cluster, code, flags, &o);
+            log.write(&entry, reporter, cluster, out.code, out.flags, &o);
         }
     }
 
@@ -483,7 +490,7 @@ impl Telemetry {
         flags: &'static str,
         o: &Observation,
     ) {
-        let key = series_key(reporter, cluster, code, flags);
+        let key = series_key(reporter, cluster, code, flags, o.grpc_status);
         self.metrics.record(
             key,
             || {
@@ -537,8 +544,13 @@ impl Telemetry {
                     destination_version: destination.3,
                     destination_principal: "unknown".into(),
                     destination_service: service.to_owned(),
-                    request_protocol: "http",
+                    request_protocol: if o.grpc_status.is_some() {
+                        "grpc"
+                    } else {
+                        "http"
+                    },
                     response_code: code,
+                    grpc_response_status: o.grpc_status,
                     response_flags: flags,
                     connection_security_policy: "none",
                 }

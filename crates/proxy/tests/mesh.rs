@@ -836,6 +836,49 @@ spec: {{address: 127.0.0.1, labels: {{app: ads}}, ports: {{grpc: {}}}}}
         "{:?}",
         update.removed
     );
+
+    // A fault abort on a gRPC route answers as gRPC: trailers-only, UNAVAILABLE for 503.
+    let abort = r#"
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: ads, namespace: shop}
+spec:
+  hosts: [ads]
+  http:
+  - fault: {abort: {httpStatus: 503, percentage: {value: 100}}}
+    route: [{destination: {host: ads}}]
+"#;
+    m.push(&(grpc_service.clone() + abort));
+    let deadline = Instant::now() + WAIT;
+    let status = loop {
+        let uri = format!("http://{}", client.services[0]);
+        match hypha_xds::DeltaClient::connect(uri, app_node.to_node()).await {
+            Err(hypha_xds::ClientError::Stream(status)) => break status,
+            Ok(mut c) => {
+                // Not aborted yet; the stream may still fail on its first message.
+                if let Ok(Err(hypha_xds::ClientError::Stream(status))) =
+                    tokio::time::timeout(Duration::from_millis(200), c.next()).await
+                {
+                    break status;
+                }
+            }
+            Err(e) => panic!("{e}"),
+        }
+        assert!(Instant::now() < deadline, "the abort never applied");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    let metrics = client.telemetry.metrics.render();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("istio_requests_total{")
+                && l.contains("grpc_response_status=\"14\"")
+                && l.contains("response_flags=\"FI\"")
+                && l.contains("request_protocol=\"grpc\"")),
+        "{metrics}"
+    );
 }
 
 /// Services for the cluster features: `od` (a good and a failing endpoint, outlier
