@@ -246,16 +246,19 @@ impl Registry {
         }
     }
 
-    /// The workloads in `ns` called `name` (if not empty) or having one of `ips`, in
-    /// config order.
+    /// A proxy's own workloads, in config order: the ones in `ns` called `name` when the
+    /// proxy names its workload, else the ones in `ns` with one of its `ips`. (A named proxy
+    /// never takes a workload by address: several workloads can share an address, as on one
+    /// host or in the demo on loopback.)
     pub fn workloads_of(&self, ns: &str, name: &str, ips: &[IpAddr]) -> Vec<&Endpoint> {
         let mut found: Vec<usize> = Vec::new();
         if !name.is_empty() {
             let key = (ns.to_owned(), name.to_owned());
             found.extend(self.workloads_by_name.get(&key).into_iter().flatten());
-        }
-        for ip in ips {
-            found.extend(self.workloads_by_ip.get(ip).into_iter().flatten());
+        } else {
+            for ip in ips {
+                found.extend(self.workloads_by_ip.get(ip).into_iter().flatten());
+            }
         }
         found.sort_unstable();
         found.dedup();

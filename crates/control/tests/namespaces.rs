@@ -95,3 +95,34 @@ fn source_namespace_routes_and_export_to_stay_per_namespace() {
     assert_eq!(view(&t, "other"), (vec![v1.clone()], false));
     assert_eq!(view(&t, "shop"), (vec![v1], true));
 }
+
+/// A sidecar finds its own workload by name; by address only when it names none (two
+/// workloads on one host share addresses).
+#[test]
+fn own_workload_by_name_then_by_address() {
+    let cfg = hypha_control::initial_config(None).unwrap();
+    let t = Translation::new(Arc::new(cfg), "1");
+    let inbound_clusters = |p: &ProxyInfo| -> Vec<String> {
+        let snap = t.snapshot(p);
+        snap.resources(type_url::CLUSTER)
+            .unwrap()
+            .iter()
+            .filter(|r| r.name.starts_with("inbound|"))
+            .map(|r| r.name.clone())
+            .collect()
+    };
+    let details_ip = ProxyInfo {
+        id: "sidecar~10.10.0.20~x.bookinfo~bookinfo.svc.cluster.local".into(),
+        namespace: "bookinfo".into(),
+        ips: vec!["10.10.0.20".parse().unwrap()],
+        ..Default::default()
+    };
+    // No name: the workload at its address (details).
+    assert_eq!(inbound_clusters(&details_ip), ["inbound|9080||"]);
+    // A name that has no WorkloadEntry: nothing, even at details' address.
+    let named = ProxyInfo {
+        workload_name: "a-client".into(),
+        ..details_ip.clone()
+    };
+    assert!(inbound_clusters(&named).is_empty());
+}
