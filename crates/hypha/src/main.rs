@@ -115,6 +115,10 @@ struct ProxyArgs {
     /// JSON access log, one line per request: a file, or `-` for stdout.
     #[arg(long)]
     access_log: Option<PathBuf>,
+    /// Worker threads (Istio's sidecar concurrency; its default is 2). With 1, the proxy runs
+    /// on a single-threaded runtime, the cheapest per request.
+    #[arg(long, env = "HYPHA_WORKERS", default_value_t = 2)]
+    workers: usize,
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -144,7 +148,10 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Check { path, output } => check(&path, output),
         Command::Control { config, listen } => run(control(config, listen)),
-        Command::Proxy(args) => run(proxy(*args)),
+        Command::Proxy(args) => {
+            let workers = args.workers;
+            run_on(workers, proxy(*args))
+        }
         Command::Demo {
             serve,
             requests,
@@ -225,11 +232,23 @@ fn check(path: &std::path::Path, output: Output) -> ExitCode {
 }
 
 fn run(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
+    run_on(0, fut)
+}
+
+/// Runs `fut` on a runtime with `workers` threads (0: one per core; 1: single-threaded).
+fn run_on(workers: usize, fut: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
     init_tracing();
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let built = match workers {
+        1 => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        0 => tokio::runtime::Builder::new_multi_thread().enable_all().build(),
+        n => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n)
+            .enable_all()
+            .build(),
+    };
+    let rt = match built {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("hypha: cannot start the runtime: {e}");

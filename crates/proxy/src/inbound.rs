@@ -8,7 +8,6 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use http::{Request, Response};
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::net::TcpListener;
 use tracing::debug;
@@ -52,7 +51,7 @@ impl Inbound {
         {
             Ok(mut resp) => {
                 h::splice(upgrade, &mut resp);
-                resp.map(|b| b.boxed())
+                h::small_body_whole(resp).await
             }
             Err(flag) if grpc => h::grpc_local_reply(h::local_reply(flag)),
             Err(flag) => h::local_reply(flag),

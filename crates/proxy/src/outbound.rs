@@ -14,7 +14,6 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use http::header::HOST;
 use http::{HeaderValue, Request, Response, StatusCode};
-use http_body_util::BodyExt;
 use hyper::body::{Body as _, Incoming};
 
 use crate::http::{self as h, Body, Flag, View};
@@ -171,10 +170,11 @@ impl Outbound {
         {
             Ok(mut resp) => {
                 h::splice(upgrade, &mut resp);
+                let resp = h::small_body_whole(resp).await;
                 let (mut rp, rb) = resp.into_parts();
                 router::apply(&mut rp.headers, &route.headers, false);
                 router::apply(&mut rp.headers, &wc.headers, false);
-                Response::from_parts(rp, rb.boxed())
+                Response::from_parts(rp, rb)
             }
             Err(flag) => h::local_reply(flag),
         }
