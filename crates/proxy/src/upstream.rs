@@ -355,28 +355,26 @@ fn mix(mut x: u64) -> u64 {
 /// resolved now (the system resolver caches as it is configured to).
 async fn dns_targets(hosts: &[(String, u16)], attempt: u32) -> Result<Vec<SocketAddr>, Flag> {
     let (host, port) = &hosts[attempt as usize % hosts.len()];
-    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), *port))
-        .await
-        .map_err(|_| Flag::NoHealthyUpstream)?
-        .collect();
-    if addrs.is_empty() {
-        return Err(Flag::NoHealthyUpstream);
-    }
-    Ok(addrs)
+    resolve((host.as_str(), *port)).await
 }
 
 /// For `PassthroughCluster`: the addresses of the authority the request named.
 async fn original_targets(authority: Option<&str>) -> Result<Vec<SocketAddr>, Flag> {
     let authority = authority.ok_or(Flag::NoHealthyUpstream)?;
-    let with_port = if authority
+    let has_port = authority
         .rsplit_once(':')
-        .is_some_and(|(h, p)| p.parse::<u16>().is_ok() && (!h.contains(':') || h.ends_with(']')))
-    {
-        authority.to_owned()
+        .is_some_and(|(h, p)| p.parse::<u16>().is_ok() && (!h.contains(':') || h.ends_with(']')));
+    if has_port {
+        resolve(authority).await
     } else {
-        format!("{authority}:80")
-    };
-    let addrs: Vec<SocketAddr> = tokio::net::lookup_host(with_port)
+        // `[v6]` must stay bracketed: host and port as one string.
+        resolve(format!("{authority}:80")).await
+    }
+}
+
+/// Every address a name resolves to; none is "no healthy upstream".
+async fn resolve(target: impl tokio::net::ToSocketAddrs) -> Result<Vec<SocketAddr>, Flag> {
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host(target)
         .await
         .map_err(|_| Flag::NoHealthyUpstream)?
         .collect();
