@@ -4,6 +4,7 @@
 //! default.
 
 use std::fmt::Write as _;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -79,13 +80,27 @@ impl Admin {
             };
             let _ = writeln!(out, "{name} type={kind} lb={:?} http2={}", c.lb, c.http2);
             if let Some(set) = cfg.endpoint_sets.get(name) {
-                for e in set.endpoints.iter() {
+                let now = crate::model::now_nanos();
+                let _ = writeln!(
+                    out,
+                    "  active_requests={} overflows={}",
+                    set.runtime.active.load(Ordering::Relaxed),
+                    set.runtime.overflows.load(Ordering::Relaxed)
+                );
+                for (e, st) in set.endpoints.iter().zip(set.states.iter()) {
                     let addrs: Vec<String> = e.addresses.iter().map(ToString::to_string).collect();
+                    let until = st.ejected_until.load(Ordering::Relaxed);
+                    let health = if until > now {
+                        format!("ejected for {} ms", (until - now) / 1_000_000)
+                    } else {
+                        "healthy".to_owned()
+                    };
                     let _ = writeln!(
                         out,
-                        "  {} weight={} health=healthy",
+                        "  {} weight={} active={} health={health}",
                         addrs.join(","),
-                        e.weight
+                        e.weight,
+                        st.active.load(Ordering::Relaxed)
                     );
                 }
             }

@@ -991,6 +991,21 @@ async fn outlier_detection_pool_limits_and_consistent_hash() {
     let start = Instant::now();
     assert_eq!(round(40).await, 2, "ejected after its second failure");
     assert_eq!(bad.hits.load(Ordering::Relaxed), 2);
+    let clusters = admin(m.client.admin.unwrap(), "/clusters").await.1;
+    let od_block: String = clusters
+        .split("\noutbound|")
+        .find(|b| b.starts_with("7001||od."))
+        .unwrap_or_default()
+        .to_owned();
+    let ejected: Vec<&str> = od_block
+        .lines()
+        .filter(|l| l.contains("health=ejected"))
+        .collect();
+    assert_eq!(ejected.len(), 1, "{clusters}");
+    assert!(
+        ejected[0].contains(&format!("127.0.0.1:{} ", bad.addr.port())),
+        "{clusters}"
+    );
     assert!(
         start.elapsed() < Duration::from_millis(900),
         "the round must fit in the ejection"
