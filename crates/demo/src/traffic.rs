@@ -488,7 +488,7 @@ impl fmt::Display for Summary {
         )?;
         writeln!(
             f,
-            "  {} gRPC calls to ratings: {} delayed, {} aborted (503, flag FI), {} other errors",
+            "  {} gRPC calls to ratings: {} delayed, {} aborted (gRPC UNAVAILABLE, flag FI), {} other errors",
             self.ratings_calls, self.ratings_delayed, self.ratings_aborted, self.ratings_failed
         )?;
         writeln!(

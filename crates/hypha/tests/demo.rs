@@ -77,8 +77,9 @@ async fn demo_runs_bookinfo_through_the_mesh() {
     let aborted: f64 = s
         .source_metrics
         .iter()
-        .filter(|((_, svc, _, code, flags), _)| {
-            svc == "ratings.bookinfo.svc.cluster.local" && code == "503" && flags == "FI"
+        // gRPC: the abort is a trailers-only reply (HTTP 200, grpc-status 14) with flag FI.
+        .filter(|((_, svc, _, _, flags), _)| {
+            svc == "ratings.bookinfo.svc.cluster.local" && flags == "FI"
         })
         .map(|(_, v)| *v)
         .sum();
