@@ -17,6 +17,7 @@ mod http;
 pub mod inbound;
 pub mod model;
 pub mod outbound;
+mod pool;
 mod rand;
 pub mod router;
 pub mod state;

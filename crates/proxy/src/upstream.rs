@@ -22,7 +22,7 @@ use crate::model::{
 /// not drop established connections.
 #[derive(Clone)]
 pub struct Upstreams {
-    h1: Client<HttpConnector, Body>,
+    /// HTTP/2; HTTP/1.1 goes through `pool`.
     h2: Client<HttpConnector, Body>,
 }
 
@@ -32,14 +32,11 @@ impl Default for Upstreams {
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(10)));
         connector.enforce_http(true);
-        let h1 = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .build(connector.clone());
         let h2 = Client::builder(TokioExecutor::new())
             .http2_only(true)
             .pool_idle_timeout(Duration::from_secs(60))
             .build(connector);
-        Upstreams { h1, h2 }
+        Upstreams { h2 }
     }
 }
 
@@ -85,7 +82,7 @@ impl Upstreams {
             None => None,
         };
         let attempt_all = async {
-            let client = if cluster.http2 { &self.h2 } else { &self.h1 };
+            let h2 = cluster.http2.then_some(&self.h2);
             let retry = plan.retry.filter(|_| body_is_empty);
             let attempts = 1 + retry.map_or(0, |r| r.attempts);
             let mut body = Some(body);
@@ -130,11 +127,12 @@ impl Upstreams {
                     Decrement(&st.active)
                 });
                 let result = try_targets(
-                    client,
+                    h2,
                     targets,
                     &parts,
                     b,
                     retry.and_then(|r| r.per_try_timeout),
+                    cluster.connect_timeout,
                 )
                 .await;
                 if let (Some(st), Some(set)) = (state, set) {
@@ -271,8 +269,8 @@ impl Upstreams {
         parts: Parts,
         body: Body,
     ) -> Result<Response<Incoming>, Flag> {
-        let client = if http2 { &self.h2 } else { &self.h1 };
-        try_targets(client, &[target], &parts, body, None).await
+        let h2 = http2.then_some(&self.h2);
+        try_targets(h2, &[target], &parts, body, None, Duration::from_secs(10)).await
     }
 }
 
@@ -386,24 +384,43 @@ async fn resolve(target: impl tokio::net::ToSocketAddrs) -> Result<Vec<SocketAdd
 
 /// Tries the endpoint's addresses in order until one connects.
 async fn try_targets(
-    client: &Client<HttpConnector, Body>,
+    h2: Option<&Client<HttpConnector, Body>>,
     targets: &[SocketAddr],
     parts: &Parts,
     body: Body,
     per_try: Option<Duration>,
+    connect_timeout: Duration,
 ) -> Result<Response<Incoming>, Flag> {
     let mut body = Some(body);
     let mut last = Err(Flag::NoHealthyUpstream);
-    for addr in targets {
-        let pq = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-        let uri: Uri = format!("http://{addr}{pq}")
-            .parse()
-            .map_err(|_| Flag::BadRequest)?;
+    for &addr in targets {
         let mut req = Request::new(body.take().unwrap_or_else(|| crate::http::full("")));
         *req.method_mut() = parts.method.clone();
-        *req.uri_mut() = uri;
         *req.headers_mut() = parts.headers.clone();
-        let sent = client.request(req);
+        let sent = async {
+            match h2 {
+                // HTTP/2: one multiplexed connection per address (hyper_util's pool, which
+                // wants an absolute URI).
+                Some(client) => {
+                    let pq = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+                    *req.uri_mut() = format!("http://{addr}{pq}")
+                        .parse::<Uri>()
+                        .map_err(|_| Flag::BadRequest)?;
+                    client.request(req).await.map_err(|e| {
+                        tracing::debug!(%addr, error = %e, "upstream request failed");
+                        if e.is_connect() {
+                            Flag::ConnectFailure
+                        } else {
+                            Flag::Reset
+                        }
+                    })
+                }
+                None => {
+                    *req.uri_mut() = parts.uri.clone();
+                    crate::pool::send(addr, req, connect_timeout).await
+                }
+            }
+        };
         let result = match per_try {
             Some(t) => match tokio::time::timeout(t, sent).await {
                 Ok(r) => r,
@@ -412,16 +429,9 @@ async fn try_targets(
             None => sent.await,
         };
         match result {
-            Ok(resp) => return Ok(resp),
-            Err(e) if e.is_connect() => {
-                tracing::debug!(%addr, error = %e, "upstream connect failed");
-                // Only requests without a body reach a second address (see `send`).
-                last = Err(Flag::ConnectFailure);
-            }
-            Err(e) => {
-                tracing::debug!(%addr, error = %e, "upstream request failed");
-                return Err(Flag::Reset);
-            }
+            // Only requests without a body reach a second address (see `send`).
+            Err(Flag::ConnectFailure) => last = Err(Flag::ConnectFailure),
+            other => return other,
         }
     }
     last
