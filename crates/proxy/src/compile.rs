@@ -762,7 +762,7 @@ fn forward(
     }
     let clusters = match ra.cluster_specifier {
         Some(route_action::ClusterSpecifier::Cluster(c)) => vec![WeightedCluster {
-            name: c,
+            name: c.into(),
             weight: 1,
             headers: HeaderOps::default(),
         }],
@@ -778,7 +778,7 @@ fn forward(
                         response_remove: header_names(&c.response_headers_to_remove)?,
                     },
                     weight: c.weight.map_or(0, |w| w.value),
-                    name: c.name,
+                    name: c.name.into(),
                 })
             })
             .collect::<Result<Vec<_>>>()?,

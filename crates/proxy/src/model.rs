@@ -149,7 +149,8 @@ pub enum HashKey {
 
 #[derive(Debug)]
 pub struct WeightedCluster {
-    pub name: String,
+    /// Shared, so requests can carry it to their metrics without copying.
+    pub name: Arc<str>,
     pub weight: u32,
     pub headers: HeaderOps,
 }

@@ -48,7 +48,7 @@ impl Outbound {
     ) -> Response<Body> {
         let (mut parts, body) = req.into_parts();
         if !parts.headers.contains_key(REQUEST_ID) {
-            if let Ok(v) = HeaderValue::from_str(&request_id()) {
+            if let Some(v) = request_id() {
                 parts.headers.insert(REQUEST_ID, v);
             }
         }
@@ -64,18 +64,23 @@ impl Outbound {
         }
         let telemetry = self.telemetry.clone();
         h::observed(resp, move |out| {
-            telemetry.end(request, Reporter::Source, &cluster, out);
+            telemetry.end(
+                request,
+                Reporter::Source,
+                cluster.as_deref().unwrap_or(""),
+                out,
+            );
         })
     }
 
-    /// The response, and the cluster the request went to (empty if none).
+    /// The response, and the cluster the request went to, if it got that far.
     async fn dispatch(
         &self,
         mode: &Mode,
         req: Request<Incoming>,
         peer: SocketAddr,
-    ) -> (Response<Body>, String) {
-        let none = String::new;
+    ) -> (Response<Body>, Option<Arc<str>>) {
+        let none = || None;
         let cfg = self.config.load_full();
         let (mut parts, body) = req.into_parts();
         let (authority, port) = match mode {
@@ -119,13 +124,13 @@ impl Outbound {
             Action::Forward(f) => {
                 let wc = router::pick_cluster(f);
                 if let Some(reply) = fault(route.fault.as_ref()).await {
-                    return (reply, wc.name.clone());
+                    return (reply, Some(wc.name.clone()));
                 }
                 let hash = hash_key(&f.hash, &parts, peer);
                 let resp = self
                     .forward(&cfg, route, f, wc, parts, body, &authority, hash)
                     .await;
-                (resp, wc.name.clone())
+                (resp, Some(wc.name.clone()))
             }
         }
     }
@@ -183,17 +188,24 @@ impl Outbound {
 
 const REQUEST_ID: &str = "x-request-id";
 
-/// A random UUID (version 4) for `x-request-id`, as Envoy generates for requests without one.
-fn request_id() -> String {
-    let (a, b) = (crate::rand::next(), crate::rand::next());
-    format!(
-        "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
-        a >> 32,
-        (a >> 16) & 0xffff,
-        a & 0x0fff,
-        (b >> 48) & 0x3fff | 0x8000,
-        b & 0xffff_ffff_ffff
-    )
+/// A random UUID (version 4) for `x-request-id`, as Envoy generates for requests without one,
+/// formatted on the stack.
+fn request_id() -> Option<HeaderValue> {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut v = (u128::from(crate::rand::next()) << 64) | u128::from(crate::rand::next());
+    v = (v & !(0xf << 76)) | (0x4 << 76); // version 4
+    v = (v & !(0x3 << 62)) | (0x2 << 62); // RFC 4122 variant
+    let mut out = [0u8; 36];
+    let mut j = 0;
+    for i in 0..32 {
+        if matches!(i, 8 | 12 | 16 | 20) {
+            out[j] = b'-';
+            j += 1;
+        }
+        out[j] = HEX[((v >> (124 - 4 * i)) & 0xf) as usize];
+        j += 1;
+    }
+    HeaderValue::from_bytes(&out).ok()
 }
 
 /// The consistent-hash key of a request: the first hash policy whose input the request has.

@@ -432,6 +432,11 @@ async fn routing_features_end_to_end() {
     let id = h["x-seen-request-id"].to_str().unwrap().to_owned();
     assert_eq!(id.len(), 36, "{id}");
     assert_eq!(id.matches('-').count(), 4, "{id}");
+    assert_eq!(&id[14..15], "4", "a version 4 UUID: {id}");
+    assert!(
+        id.chars().all(|c| c == '-' || c.is_ascii_hexdigit()),
+        "{id}"
+    );
     let (_, _, h2) = get(p, &format!("{web}/id"), &[]).await;
     assert_ne!(
         h2["x-seen-request-id"],
