@@ -7,7 +7,7 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use http::{Request, Response};
 use hyper::body::Incoming;
@@ -18,10 +18,15 @@ use crate::http::{Body, Flag};
 
 /// Idle connections kept per address and thread; more are closed when they come back.
 const IDLE_PER_ADDR: usize = 64;
+/// An idle connection older than this is closed instead of reused (Envoy's default HTTP
+/// idle timeout is one hour; servers usually close sooner, which `is_closed` notices).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// An idle connection and when it was put back.
+type Idle = (SendRequest<Body>, Instant);
 
 thread_local! {
-    static IDLE: RefCell<HashMap<SocketAddr, Vec<SendRequest<Body>>>> =
-        RefCell::new(HashMap::new());
+    static IDLE: RefCell<HashMap<SocketAddr, Vec<Idle>>> = RefCell::new(HashMap::new());
 }
 
 /// An idle connection to `addr` that can take a request now, if there is one. Closed ones
@@ -30,9 +35,10 @@ fn take_idle(addr: SocketAddr) -> Option<SendRequest<Body>> {
     IDLE.with(|idle| {
         let mut idle = idle.borrow_mut();
         let list = idle.get_mut(&addr)?;
-        list.retain(|s| !s.is_closed());
-        let i = list.iter().rposition(SendRequest::is_ready)?;
-        Some(list.swap_remove(i))
+        let now = Instant::now();
+        list.retain(|(s, since)| !s.is_closed() && now.duration_since(*since) < IDLE_TIMEOUT);
+        let i = list.iter().rposition(|(s, _)| s.is_ready())?;
+        Some(list.swap_remove(i).0)
     })
 }
 
@@ -41,7 +47,7 @@ fn put_idle(addr: SocketAddr, sender: SendRequest<Body>) {
         let mut idle = idle.borrow_mut();
         let list = idle.entry(addr).or_default();
         if list.len() < IDLE_PER_ADDR {
-            list.push(sender);
+            list.push((sender, Instant::now()));
         }
     });
 }
