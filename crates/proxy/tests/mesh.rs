@@ -219,6 +219,30 @@ fn sidecar(control_plane: &str, name: &str, labels: &[(&str, &str)]) -> Options 
     }
 }
 
+/// A service `<app>.shop` on one port, served by the workload `<app>-1` (labels `app: <app>`)
+/// whose sidecar takes the mesh's traffic on `inbound`.
+fn sidecar_service(app: &str, port: u16, port_name: &str, protocol: &str, inbound: u16) -> String {
+    format!(
+        r#"
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: {app}, namespace: shop}}
+spec:
+  hosts: [{app}.shop.svc.cluster.local]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports: [{{number: {port}, name: {port_name}, protocol: {protocol}}}]
+  workloadSelector: {{labels: {{app: {app}}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {{name: {app}-1, namespace: shop}}
+spec: {{address: 127.0.0.1, labels: {{app: {app}}}, ports: {{{port_name}: {inbound}}}}}
+"#
+    )
+}
+
 /// Waits (bounded) until `cond` holds.
 async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + WAIT;
@@ -756,26 +780,7 @@ async fn grpc_streaming_through_two_sidecars() {
     })
     .await
     .unwrap();
-    let grpc_service = format!(
-        r#"
----
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {{name: ads, namespace: shop}}
-spec:
-  hosts: [ads.shop.svc.cluster.local]
-  location: MESH_INTERNAL
-  resolution: STATIC
-  ports: [{{number: 15010, name: grpc, protocol: GRPC}}]
-  workloadSelector: {{labels: {{app: ads}}}}
----
-apiVersion: networking.istio.io/v1
-kind: WorkloadEntry
-metadata: {{name: ads-1, namespace: shop}}
-spec: {{address: 127.0.0.1, labels: {{app: ads}}, ports: {{grpc: {}}}}}
-"#,
-        server.inbound[0].port()
-    );
+    let grpc_service = sidecar_service("ads", 15010, "grpc", "GRPC", server.inbound[0].port());
     m.push(&grpc_service);
     ready(&mut client).await;
     ready(&mut server).await;
@@ -1139,26 +1144,7 @@ async fn upgrade_passthrough_through_two_sidecars() {
     })
     .await
     .unwrap();
-    let ws = format!(
-        r#"
----
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {{name: ws, namespace: shop}}
-spec:
-  hosts: [ws.shop.svc.cluster.local]
-  location: MESH_INTERNAL
-  resolution: STATIC
-  ports: [{{number: 7010, name: http, protocol: HTTP}}]
-  workloadSelector: {{labels: {{app: ws}}}}
----
-apiVersion: networking.istio.io/v1
-kind: WorkloadEntry
-metadata: {{name: ws-1, namespace: shop}}
-spec: {{address: 127.0.0.1, labels: {{app: ws}}, ports: {{http: {}}}}}
-"#,
-        ws_sidecar.inbound[0].port()
-    );
+    let ws = sidecar_service("ws", 7010, "http", "HTTP", ws_sidecar.inbound[0].port());
     m.push(&ws);
     ready(&mut ws_sidecar).await;
     let port = ws_sidecar.inbound[0].port();
