@@ -358,7 +358,9 @@ fn listener_inner(bytes: &[u8]) -> Result<ListenerParts> {
                 };
                 let inbound = match chain_kind(chain)? {
                     ChainKind::Http { cluster, .. } => Inbound::Http {
-                        cluster: cluster.ok_or("an inbound HTTP chain needs an inline route")?,
+                        cluster: cluster
+                            .ok_or("an inbound HTTP chain needs an inline route")?
+                            .into(),
                     },
                     ChainKind::Tcp(cluster) => Inbound::Tcp { cluster },
                 };

@@ -474,7 +474,7 @@ pub fn take_upgrade(parts: &mut http::request::Parts) -> Option<hyper::upgrade::
 
 /// When the upstream answered `101 Switching Protocols`, splices the two upgraded
 /// connections and copies bytes both ways until either side closes.
-pub fn splice(downstream: Option<hyper::upgrade::OnUpgrade>, resp: &mut Response<Incoming>) {
+pub fn splice<B>(downstream: Option<hyper::upgrade::OnUpgrade>, resp: &mut Response<B>) {
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
         return;
     }
@@ -497,25 +497,31 @@ pub fn splice(downstream: Option<hyper::upgrade::OnUpgrade>, resp: &mut Response
 /// Largest response body read whole before it is passed on.
 const SMALL_BODY: u64 = 64 * 1024;
 
-/// A response from upstream, its body read whole first when it is small and its length known
-/// (most API responses): the downstream then gets head and body in one write instead of
-/// two, and the upstream connection is free for the next request sooner. Larger and
-/// streamed bodies (gRPC, chunked, upgrades) pass through as they come.
-pub async fn small_body_whole(resp: Response<Incoming>) -> Response<Body> {
-    let small = resp
-        .headers()
-        .get(http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
-        .is_some_and(|n| n <= SMALL_BODY);
-    if !small || resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-        return resp.map(incoming);
+/// Whether a response's body is small enough to read whole first: its length known and at
+/// most [`SMALL_BODY`] (most API responses), and the response no protocol switch. The
+/// downstream then gets head and body in one write instead of two, and the upstream
+/// connection is free for the next request sooner. Larger and streamed bodies (gRPC,
+/// chunked, upgrades) pass through as they come.
+pub fn small_body<B>(resp: &Response<B>) -> bool {
+    resp.status() != StatusCode::SWITCHING_PROTOCOLS
+        && resp
+            .headers()
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+            .is_some_and(|n| n <= SMALL_BODY)
+}
+
+/// A response from upstream, its body read whole first when [`small_body`] says so.
+pub async fn small_body_whole(resp: Response<Incoming>) -> Result<Response<Body>, Flag> {
+    if !small_body(&resp) {
+        return Ok(resp.map(incoming));
     }
     let (parts, body) = resp.into_parts();
     match body.collect().await {
-        Ok(collected) => Response::from_parts(parts, full(collected.to_bytes())),
+        Ok(collected) => Ok(Response::from_parts(parts, full(collected.to_bytes()))),
         Err(e) => {
             debug!(error = %e, "upstream reset while sending the response body");
-            local_reply(Flag::Reset)
+            Err(Flag::Reset)
         }
     }
 }

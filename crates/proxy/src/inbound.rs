@@ -33,10 +33,10 @@ impl Inbound {
         let cfg = self.config.load();
         let (http2, cluster) = match cfg.inbound.get(&self.port) {
             Some(Chain::Http { cluster }) => (
-                cfg.clusters.get(cluster).is_some_and(|c| c.http2),
+                cfg.clusters.get(&**cluster).is_some_and(|c| c.http2),
                 cluster.clone(),
             ),
-            _ => (false, String::new()),
+            _ => (false, Arc::from("")),
         };
         let (mut parts, body) = req.into_parts();
         let request = self
@@ -51,7 +51,7 @@ impl Inbound {
         {
             Ok(mut resp) => {
                 h::splice(upgrade, &mut resp);
-                h::small_body_whole(resp).await
+                resp
             }
             Err(flag) if grpc => h::grpc_local_reply(h::local_reply(flag)),
             Err(flag) => h::local_reply(flag),
@@ -65,6 +65,8 @@ impl Inbound {
 
 /// Serves the inbound side on `listener` until the task is dropped.
 pub async fn serve(inbound: Inbound, listener: TcpListener, drain: h::Drain) {
+    // One allocation per listener: requests clone this `Arc`, not the state it holds.
+    let inbound = Arc::new(inbound);
     while let Some((mut stream, peer)) = h::accept(&listener, &drain).await {
         let is_http = matches!(
             inbound.config.load().inbound.get(&inbound.port),

@@ -194,10 +194,8 @@ pub async fn start(opts: Options) -> Result<Running, StartError> {
             .ok_or_else(|| StartError::ServiceAuthority(authority.clone()))?;
         let (l, local) = bind(*addr).await?;
         running.services.push(local);
-        let mode = outbound::Mode::Service {
-            authority: authority.to_ascii_lowercase(),
-            port,
-        };
+        let mode = outbound::Mode::service(authority, port)
+            .ok_or_else(|| StartError::ServiceAuthority(authority.clone()))?;
         tasks.spawn(outbound::serve(out.clone(), l, mode, drain.clone()));
     }
     if !opts.inbound.is_empty() {

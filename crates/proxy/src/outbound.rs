@@ -27,8 +27,16 @@ use crate::upstream::{Plan, Upstreams};
 pub enum Mode {
     /// Route by the request's authority.
     HttpProxy,
-    /// Every request is for this `host:port`.
-    Service { authority: String, port: u16 },
+    /// Every request is for this `host:port` (kept as the `Host` value requests get).
+    Service { authority: HeaderValue, port: u16 },
+}
+
+impl Mode {
+    /// A service-port mode for `authority` (`host:port`, lower-cased here).
+    pub fn service(authority: &str, port: u16) -> Option<Mode> {
+        let authority = HeaderValue::from_str(&authority.to_ascii_lowercase()).ok()?;
+        Some(Mode::Service { authority, port })
+    }
 }
 
 /// The shared state of the outbound side.
@@ -90,6 +98,8 @@ impl Outbound {
                 None => return (h::local_reply(Flag::BadRequest), none()),
             },
         };
+        let host = authority;
+        let authority = host.to_str().unwrap_or_default();
         // Absolute-form targets become origin-form for the upstream.
         if parts.uri.scheme().is_some() {
             let pq = parts
@@ -107,7 +117,7 @@ impl Outbound {
         };
         let view = View {
             parts: &parts,
-            authority: &authority,
+            authority,
         };
         let Some(route) = router::select(&cfg, table, &view) else {
             return (h::local_reply(Flag::NoRoute), none());
@@ -120,7 +130,7 @@ impl Outbound {
                 router::apply(r.headers_mut(), &route.headers, false);
                 (r, none())
             }
-            Action::Redirect(rd) => (redirect(rd, &authority, &parts), none()),
+            Action::Redirect(rd) => (redirect(rd, authority, &parts), none()),
             Action::Forward(f) => {
                 let wc = router::pick_cluster(f);
                 if let Some(reply) = fault(route.fault.as_ref()).await {
@@ -128,7 +138,7 @@ impl Outbound {
                 }
                 let hash = hash_key(&f.hash, &parts, peer);
                 let resp = self
-                    .forward(&cfg, route, f, wc, parts, body, &authority, hash)
+                    .forward(&cfg, route, f, wc, parts, body, &host, hash)
                     .await;
                 (resp, Some(wc.name.clone()))
             }
@@ -144,7 +154,7 @@ impl Outbound {
         wc: &WeightedCluster,
         mut parts: http::request::Parts,
         body: Incoming,
-        authority: &str,
+        host: &HeaderValue,
         hash: Option<u64>,
     ) -> Response<Body> {
         if let Some(pq) = router::rewrite_path(f, &parts.uri) {
@@ -153,9 +163,16 @@ impl Outbound {
                 Err(_) => return h::local_reply(Flag::BadRequest),
             }
         }
-        let host = f.host_rewrite.as_deref().unwrap_or(authority);
-        if let Ok(v) = HeaderValue::from_str(host) {
-            parts.headers.insert(HOST, v);
+        let authority = host.to_str().unwrap_or_default();
+        match &f.host_rewrite {
+            Some(rewrite) => {
+                if let Ok(v) = HeaderValue::from_str(rewrite) {
+                    parts.headers.insert(HOST, v);
+                }
+            }
+            None => {
+                parts.headers.insert(HOST, host.clone());
+            }
         }
         router::apply(&mut parts.headers, &route.headers, true);
         router::apply(&mut parts.headers, &wc.headers, true);
@@ -175,7 +192,6 @@ impl Outbound {
         {
             Ok(mut resp) => {
                 h::splice(upgrade, &mut resp);
-                let resp = h::small_body_whole(resp).await;
                 let (mut rp, rb) = resp.into_parts();
                 router::apply(&mut rp.headers, &route.headers, false);
                 router::apply(&mut rp.headers, &wc.headers, false);
@@ -234,20 +250,28 @@ fn hash_key(keys: &[HashKey], parts: &http::request::Parts, peer: SocketAddr) ->
     })
 }
 
-/// The authority and port a request is for: the absolute-form target, else `Host`.
-fn request_authority(parts: &http::request::Parts) -> Option<(String, u16)> {
-    let authority = match parts.uri.authority() {
-        Some(a) => a.as_str().to_owned(),
-        None => parts.headers.get(HOST)?.to_str().ok()?.to_owned(),
-    }
-    .to_ascii_lowercase();
+/// The authority and port a request is for: the absolute-form target, else `Host`;
+/// lower-cased, as the `Host` value the upstream gets (the request's own when it already was).
+fn request_authority(parts: &http::request::Parts) -> Option<(HeaderValue, u16)> {
+    let (text, value) = match parts.uri.authority() {
+        Some(a) => (a.as_str(), None),
+        None => {
+            let v = parts.headers.get(HOST)?;
+            (v.to_str().ok()?, Some(v))
+        }
+    };
+    let value = match value {
+        Some(v) if !text.bytes().any(|b| b.is_ascii_uppercase()) => v.clone(),
+        _ => HeaderValue::from_str(&text.to_ascii_lowercase()).ok()?,
+    };
+    let authority = value.to_str().ok()?;
     let port = match authority.rsplit_once(':') {
         Some((host, p)) if !host.ends_with(':') && (!host.contains(':') || host.ends_with(']')) => {
             p.parse().ok()?
         }
         _ => 80,
     };
-    Some((authority, port))
+    Some((value, port))
 }
 
 fn redirect(rd: &Redirect, authority: &str, parts: &http::request::Parts) -> Response<Body> {
@@ -304,15 +328,15 @@ pub async fn serve(
     mode: Mode,
     drain: h::Drain,
 ) {
-    let mode = Arc::new(mode);
+    // One allocation per listener: requests clone these `Arc`s, not the state they hold.
+    let (outbound, mode) = (Arc::new(outbound), Arc::new(mode));
     while let Some((stream, peer)) = h::accept(&listener, &drain).await {
         let tcp_cluster = match &*mode {
             Mode::Service { authority, port }
                 if !outbound.config.load().http_by_port.contains_key(port) =>
             {
-                let host = authority
-                    .rsplit_once(':')
-                    .map_or(authority.as_str(), |(h, _)| h);
+                let authority = authority.to_str().unwrap_or_default();
+                let host = authority.rsplit_once(':').map_or(authority, |(h, _)| h);
                 Some(format!("outbound|{port}||{host}"))
             }
             _ => None,
@@ -341,7 +365,7 @@ pub async fn serve(
     }
 }
 
-async fn tcp_proxy(o: Outbound, cluster: String, mut downstream: tokio::net::TcpStream) {
+async fn tcp_proxy(o: Arc<Outbound>, cluster: String, mut downstream: tokio::net::TcpStream) {
     let cfg = o.config.load_full();
     let mut upstream = match crate::upstream::connect_tcp(&cfg, &cluster).await {
         Ok(u) => u,

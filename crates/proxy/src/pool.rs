@@ -1,58 +1,125 @@
 //! Upstream HTTP/1.1 connections. Idle keep-alive connections are kept per address and per
-//! worker thread, so taking one and putting it back touches no lock and no other thread: the
-//! request path owns its connection from `send` to the response head, and hyper's connection
-//! task carries the rest. (HTTP/2 multiplexes over one shared connection instead; see
-//! `upstream`.)
+//! worker thread, so taking one and putting it back touches no lock and no other thread.
+//!
+//! The request path drives its connection itself: hyper's connection future is polled by the
+//! request that uses it, beside the response future, instead of by a task of its own. A small
+//! response (see [`small_body`](crate::http::small_body)) is read whole the same way, and the
+//! connection goes back to the pool with its future, ready for the next request: one task
+//! wake-up per direction instead of three hand-offs between tasks. Responses that stream
+//! (unknown or large length) or switch protocols hand the connection to a task, which drives
+//! it from then on, as hyper's own pool does. (HTTP/2 multiplexes over one shared connection
+//! instead; see `upstream`.)
 
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::future::{poll_fn, Future};
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use http::{Request, Response};
-use hyper::body::Incoming;
+use http_body_util::BodyExt;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 
 use crate::http::{Body, Flag};
+use crate::model::FastMap;
 
 /// Idle connections kept per address and thread; more are closed when they come back.
 const IDLE_PER_ADDR: usize = 64;
 /// An idle connection older than this is closed instead of reused (Envoy's default HTTP
-/// idle timeout is one hour; servers usually close sooner, which `is_closed` notices).
+/// idle timeout is one hour; servers usually close sooner, which `take_idle` notices).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// An idle connection and when it was put back.
-type Idle = (SendRequest<Body>, Instant);
+/// hyper's connection future (its type is not nameable, hence the box).
+type Driver = Pin<Box<dyn Future<Output = hyper::Result<()>> + Send>>;
 
-thread_local! {
-    static IDLE: RefCell<HashMap<SocketAddr, Vec<Idle>>> = RefCell::new(HashMap::new());
+/// A keep-alive connection: the handle requests are sent on, and the future that does its
+/// I/O while nobody else drives it (`None` once a task drives it).
+struct Conn {
+    sender: SendRequest<Body>,
+    driver: Option<Driver>,
 }
 
-/// An idle connection to `addr` that can take a request now, if there is one. Closed ones
-/// are dropped; busy ones (still reading a previous response body) stay for later.
-fn take_idle(addr: SocketAddr) -> Option<SendRequest<Body>> {
+/// An idle connection and when it was put back.
+type Idle = (Conn, Instant);
+
+thread_local! {
+    static IDLE: RefCell<FastMap<SocketAddr, Vec<Idle>>> = RefCell::default();
+}
+
+impl Conn {
+    /// Lets the connection notice what happened while it sat idle (the server closed it, or
+    /// it finished the last response), without waiting. Returns whether it can take a request.
+    fn ready_now(&mut self) -> bool {
+        if let Some(driver) = &mut self.driver {
+            let mut cx = Context::from_waker(Waker::noop());
+            if driver.as_mut().poll(&mut cx).is_ready() {
+                self.driver = None; // closed (or failed): the sender now says so
+            }
+        }
+        !self.sender.is_closed() && self.sender.is_ready()
+    }
+
+    /// Polls `fut` to completion while driving the connection.
+    async fn drive<F: Future>(&mut self, fut: F) -> F::Output {
+        let mut fut = std::pin::pin!(fut);
+        poll_fn(|cx| {
+            if let Some(driver) = &mut self.driver {
+                if let Poll::Ready(result) = driver.as_mut().poll(cx) {
+                    self.driver = None;
+                    if let Err(e) = result {
+                        tracing::debug!(error = %e, "upstream connection ended with an error");
+                    }
+                }
+            }
+            fut.as_mut().poll(cx)
+        })
+        .await
+    }
+
+    /// From now on a task drives the connection.
+    fn detach(&mut self, addr: SocketAddr) {
+        if let Some(driver) = self.driver.take() {
+            tokio::spawn(async move {
+                if let Err(e) = driver.await {
+                    tracing::debug!(%addr, error = %e, "upstream connection ended with an error");
+                }
+            });
+        }
+    }
+}
+
+/// An idle connection to `addr` that can take a request now, if there is one. Closed and
+/// expired ones are dropped; busy ones (a task still reading a previous response body) stay
+/// for later.
+fn take_idle(addr: SocketAddr) -> Option<Conn> {
     IDLE.with(|idle| {
         let mut idle = idle.borrow_mut();
         let list = idle.get_mut(&addr)?;
         let now = Instant::now();
-        list.retain(|(s, since)| !s.is_closed() && now.duration_since(*since) < IDLE_TIMEOUT);
-        let i = list.iter().rposition(|(s, _)| s.is_ready())?;
+        list.retain(|(c, since)| {
+            !c.sender.is_closed() && now.duration_since(*since) < IDLE_TIMEOUT
+        });
+        let i = list.iter_mut().rposition(|(c, _)| c.ready_now())?;
         Some(list.swap_remove(i).0)
     })
 }
 
-fn put_idle(addr: SocketAddr, sender: SendRequest<Body>) {
+fn put_idle(addr: SocketAddr, conn: Conn) {
+    if conn.sender.is_closed() {
+        return;
+    }
     IDLE.with(|idle| {
         let mut idle = idle.borrow_mut();
         let list = idle.entry(addr).or_default();
         if list.len() < IDLE_PER_ADDR {
-            list.push((sender, Instant::now()));
+            list.push((conn, Instant::now()));
         }
     });
 }
 
-async fn connect(addr: SocketAddr, timeout: Duration) -> Result<SendRequest<Body>, Flag> {
+async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Conn, Flag> {
     let stream = match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
@@ -69,28 +136,24 @@ async fn connect(addr: SocketAddr, timeout: Duration) -> Result<SendRequest<Body
         .handshake(TokioIo::new(stream))
         .await
         .map_err(|_| Flag::ConnectFailure)?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.with_upgrades().await {
-            tracing::debug!(%addr, error = %e, "upstream connection ended with an error");
-        }
-    });
-    Ok(sender)
+    Ok(Conn {
+        sender,
+        driver: Some(Box::pin(conn.with_upgrades())),
+    })
 }
 
 /// Sends `req` (origin-form URI, `Host` set) to `addr` over an idle keep-alive connection, or
 /// a new one. A reused connection the server closed meanwhile hands the request back unsent,
-/// and the next connection gets it.
+/// and the next connection gets it. A small response comes back with its body read whole.
 pub async fn send(
     addr: SocketAddr,
     mut req: Request<Body>,
     connect_timeout: Duration,
-) -> Result<Response<Incoming>, Flag> {
-    while let Some(mut sender) = take_idle(addr) {
-        match sender.try_send_request(req).await {
-            Ok(resp) => {
-                put_idle(addr, sender);
-                return Ok(resp);
-            }
+) -> Result<Response<Body>, Flag> {
+    while let Some(mut conn) = take_idle(addr) {
+        let sent = conn.sender.try_send_request(req);
+        match conn.drive(sent).await {
+            Ok(resp) => return respond(addr, conn, resp).await,
             Err(mut e) => match e.take_message() {
                 Some(unsent) => req = unsent,
                 None => {
@@ -100,15 +163,148 @@ pub async fn send(
             },
         }
     }
-    let mut sender = connect(addr, connect_timeout).await?;
-    match sender.send_request(req).await {
-        Ok(resp) => {
-            put_idle(addr, sender);
-            Ok(resp)
-        }
+    let mut conn = connect(addr, connect_timeout).await?;
+    let sent = conn.sender.send_request(req);
+    match conn.drive(sent).await {
+        Ok(resp) => respond(addr, conn, resp).await,
         Err(e) => {
             tracing::debug!(%addr, error = %e, "upstream request failed");
             Err(Flag::Reset)
         }
+    }
+}
+
+/// The response to pass on; the connection goes back to the pool (or to a task that drives
+/// it while the body streams).
+async fn respond(
+    addr: SocketAddr,
+    mut conn: Conn,
+    resp: Response<hyper::body::Incoming>,
+) -> Result<Response<Body>, Flag> {
+    if !crate::http::small_body(&resp) {
+        conn.detach(addr);
+        // An upgraded connection is the client's now, never the pool's.
+        if resp.status() != http::StatusCode::SWITCHING_PROTOCOLS {
+            put_idle(addr, conn);
+        }
+        return Ok(resp.map(crate::http::incoming));
+    }
+    let (parts, body) = resp.into_parts();
+    match conn.drive(body.collect()).await {
+        Ok(collected) => {
+            put_idle(addr, conn);
+            Ok(Response::from_parts(
+                parts,
+                crate::http::full(collected.to_bytes()),
+            ))
+        }
+        Err(e) => {
+            tracing::debug!(%addr, error = %e, "upstream reset while sending the response body");
+            Err(Flag::Reset)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    /// A raw HTTP/1.1 server: answers each request on a connection with `body`, and closes the
+    /// connection after `per_conn` responses. Counts the connections it accepted.
+    async fn server(body: Vec<u8>, per_conn: usize) -> (SocketAddr, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        let body = Arc::new(body);
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                let body = body.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    for _ in 0..per_conn {
+                        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                            let mut chunk = [0u8; 1024];
+                            match s.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                        }
+                        buf.clear();
+                        let head =
+                            format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len());
+                        if s.write_all(head.as_bytes()).await.is_err()
+                            || s.write_all(&body).await.is_err()
+                        {
+                            return;
+                        }
+                    }
+                    // Closes without `Connection: close`, as an idle timeout does.
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    fn get() -> Request<Body> {
+        let mut req = Request::new(crate::http::full(""));
+        req.headers_mut()
+            .insert(http::header::HOST, http::HeaderValue::from_static("t"));
+        req
+    }
+
+    async fn body_of(resp: Response<Body>) -> Vec<u8> {
+        resp.into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec()
+    }
+
+    const T: Duration = Duration::from_secs(5);
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn small_responses_reuse_one_connection() {
+        let (addr, accepted) = server(b"hello".to_vec(), usize::MAX).await;
+        for _ in 0..50 {
+            let resp = send(addr, get(), T).await.unwrap();
+            assert_eq!(body_of(resp).await, b"hello");
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_connection_the_server_closed_while_idle_is_not_used() {
+        // One response per connection, then the server closes it.
+        let (addr, accepted) = server(b"x".to_vec(), 1).await;
+        for _ in 0..5 {
+            let resp = send(addr, get(), T)
+                .await
+                .expect("no error after an idle close");
+            assert_eq!(body_of(resp).await, b"x");
+            // Let the close arrive before the next request takes the connection.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 5);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn large_responses_stream_and_the_connection_comes_back() {
+        let big: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let (addr, accepted) = server(big.clone(), usize::MAX).await;
+        for _ in 0..3 {
+            let resp = send(addr, get(), T).await.unwrap();
+            assert_eq!(body_of(resp).await, big);
+            // The task driving the connection sees the body end, then it is idle again.
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
     }
 }

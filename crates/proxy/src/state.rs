@@ -10,17 +10,17 @@ use hypha_xds::{type_url, Resource};
 
 use crate::compile::{self, ListenerParts, Refused};
 use crate::model::{
-    Cluster, ClusterKind, ClusterRuntime, Config, Endpoint, EndpointSet, EndpointState, ListenAddr,
-    Outbound, RouteTable,
+    Cluster, ClusterKind, ClusterRuntime, Config, Endpoint, EndpointSet, EndpointState, FastMap,
+    ListenAddr, Outbound, RouteTable,
 };
 
 /// The accepted resources, compiled.
 #[derive(Debug, Default, Clone)]
 pub struct State {
-    clusters: HashMap<String, Arc<Cluster>>,
+    clusters: FastMap<String, Arc<Cluster>>,
     endpoints: HashMap<String, Arc<[Endpoint]>>,
     listeners: HashMap<String, ListenerParts>,
-    routes: HashMap<String, Arc<RouteTable>>,
+    routes: FastMap<String, Arc<RouteTable>>,
     /// Live state carried from one assembled config to the next: per cluster, and per
     /// endpoint by (cluster, primary address).
     cluster_runtime: HashMap<String, Arc<ClusterRuntime>>,

@@ -3,13 +3,13 @@
 //! dual-stack endpoint tried in turn, per-try and route timeouts, and retries with jittered
 //! exponential backoff.
 
+use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use http::request::Parts;
 use http::{Request, Response, Uri};
-use hyper::body::Incoming;
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
 
@@ -62,7 +62,7 @@ impl Upstreams {
         parts: Parts,
         body: Body,
         body_is_empty: bool,
-    ) -> Result<Response<Incoming>, Flag> {
+    ) -> Result<Response<Body>, Flag> {
         let Some(cluster) = cfg.clusters.get(plan.cluster) else {
             return Err(Flag::NoCluster);
         };
@@ -104,14 +104,21 @@ impl Upstreams {
                 } else {
                     None
                 };
-                let (targets, state) = match (&cluster.kind, set) {
-                    (ClusterKind::OriginalDst, _) => (original_targets(plan.original).await?, None),
-                    (ClusterKind::Dns(hosts), _) => (dns_targets(hosts, attempt).await?, None),
+                let (targets, state): (Cow<'_, [SocketAddr]>, _) = match (&cluster.kind, set) {
+                    (ClusterKind::OriginalDst, _) => {
+                        (original_targets(plan.original).await?.into(), None)
+                    }
+                    (ClusterKind::Dns(hosts), _) => {
+                        (dns_targets(hosts, attempt).await?.into(), None)
+                    }
                     (_, Some(set)) => {
                         let i = pick(set, cluster.lb, plan.hash, &tried)
                             .ok_or(Flag::NoHealthyUpstream)?;
                         tried[attempt as usize % tried.len()] = i;
-                        (set.endpoints[i].addresses.clone(), Some(&set.states[i]))
+                        (
+                            Cow::Borrowed(&set.endpoints[i].addresses[..]),
+                            Some(&set.states[i]),
+                        )
                     }
                     (_, None) => return Err(Flag::NoHealthyUpstream),
                 };
@@ -180,7 +187,7 @@ fn outlier(
     policy: Option<&OutlierPolicy>,
     set: &EndpointSet,
     st: &EndpointState,
-    result: &Result<Response<Incoming>, Flag>,
+    result: &Result<Response<Body>, Flag>,
 ) {
     let Some(p) = policy else { return };
     let (five, gateway) = match result {
@@ -268,7 +275,7 @@ impl Upstreams {
         target: SocketAddr,
         parts: Parts,
         body: Body,
-    ) -> Result<Response<Incoming>, Flag> {
+    ) -> Result<Response<Body>, Flag> {
         let h2 = http2.then_some(&self.h2);
         try_targets(h2, &[target], &parts, body, None, Duration::from_secs(10)).await
     }
@@ -390,7 +397,7 @@ async fn try_targets(
     body: Body,
     per_try: Option<Duration>,
     connect_timeout: Duration,
-) -> Result<Response<Incoming>, Flag> {
+) -> Result<Response<Body>, Flag> {
     let mut body = Some(body);
     let mut last = Err(Flag::NoHealthyUpstream);
     for &addr in targets {
@@ -406,14 +413,15 @@ async fn try_targets(
                     *req.uri_mut() = format!("http://{addr}{pq}")
                         .parse::<Uri>()
                         .map_err(|_| Flag::BadRequest)?;
-                    client.request(req).await.map_err(|e| {
+                    let resp = client.request(req).await.map_err(|e| {
                         tracing::debug!(%addr, error = %e, "upstream request failed");
                         if e.is_connect() {
                             Flag::ConnectFailure
                         } else {
                             Flag::Reset
                         }
-                    })
+                    })?;
+                    crate::http::small_body_whole(resp).await
                 }
                 None => {
                     *req.uri_mut() = parts.uri.clone();
