@@ -30,6 +30,12 @@ pub fn incoming(body: Incoming) -> Body {
     body.boxed()
 }
 
+/// Header names the request path looks up, parsed once (a `&str` name is parsed and checked
+/// on every lookup).
+const RESPONSE_FLAGS: http::HeaderName = http::HeaderName::from_static("x-hypha-response-flags");
+const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
+const GRPC_MESSAGE: http::HeaderName = http::HeaderName::from_static("grpc-message");
+
 /// Why the proxy answered a request itself: Envoy's response flags, for logs and metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Flag {
@@ -106,7 +112,7 @@ pub fn local_reply_with(status: StatusCode, flag: Flag, text: &str) -> Response<
         http::HeaderValue::from_static("text/plain"),
     );
     r.headers_mut().insert(
-        "x-hypha-response-flags",
+        RESPONSE_FLAGS,
         http::HeaderValue::from_static(flag.as_str()),
     );
     r
@@ -283,27 +289,21 @@ impl hypha_matcher::Request for View<'_> {
 /// A body that counts the bytes it yields, notes the gRPC status its trailers carry, and calls
 /// `done` with both once, when it ends or is dropped (a client that goes away mid-response
 /// still gets its request counted).
-pub struct Counted {
+pub struct Counted<F: FnOnce(u64, Option<u16>)> {
     inner: Body,
     bytes: u64,
     grpc_status: Option<u16>,
-    done: Option<Done>,
+    /// Called with the body's byte count and gRPC status.
+    done: Option<F>,
 }
 
-/// Called with the body's byte count and gRPC status.
-type Done = Box<dyn FnOnce(u64, Option<u16>) + Send + Sync>;
-
-impl Counted {
-    pub fn new(
-        inner: Body,
-        grpc_status: Option<u16>,
-        done: impl FnOnce(u64, Option<u16>) + Send + Sync + 'static,
-    ) -> Counted {
+impl<F: FnOnce(u64, Option<u16>)> Counted<F> {
+    pub fn new(inner: Body, grpc_status: Option<u16>, done: F) -> Counted<F> {
         Counted {
             inner,
             bytes: 0,
             grpc_status,
-            done: Some(Box::new(done)),
+            done: Some(done),
         }
     }
 
@@ -314,13 +314,16 @@ impl Counted {
     }
 }
 
-impl Drop for Counted {
+impl<F: FnOnce(u64, Option<u16>)> Drop for Counted<F> {
     fn drop(&mut self) {
         self.finish();
     }
 }
 
-impl hyper::body::Body for Counted {
+// `done` is never pinned: it is only taken out and called.
+impl<F: FnOnce(u64, Option<u16>)> Unpin for Counted<F> {}
+
+impl<F: FnOnce(u64, Option<u16>)> hyper::body::Body for Counted<F> {
     type Data = Bytes;
     type Error = hyper::Error;
 
@@ -354,7 +357,7 @@ impl hyper::body::Body for Counted {
 }
 
 fn grpc_status(headers: &http::HeaderMap) -> Option<u16> {
-    headers.get("grpc-status")?.to_str().ok()?.parse().ok()
+    headers.get(GRPC_STATUS)?.to_str().ok()?.parse().ok()
 }
 
 /// Whether a request is gRPC (its replies must then be gRPC too).
@@ -369,7 +372,7 @@ pub fn is_grpc(parts: &http::request::Parts) -> bool {
 /// trailers-only, `grpc-status` mapped from the HTTP status as Envoy maps it (503 →
 /// UNAVAILABLE, 504 → UNAVAILABLE, 404 → UNIMPLEMENTED, ...). Replies from the app pass.
 pub fn grpc_local_reply(resp: Response<Body>) -> Response<Body> {
-    let Some(flags) = resp.headers().get("x-hypha-response-flags").cloned() else {
+    let Some(flags) = resp.headers().get(RESPONSE_FLAGS).cloned() else {
         return resp;
     };
     let code: u16 = match resp.status().as_u16() {
@@ -391,11 +394,11 @@ pub fn grpc_local_reply(resp: Response<Body>) -> Response<Body> {
         http::header::CONTENT_TYPE,
         http::HeaderValue::from_static("application/grpc"),
     );
-    h.insert("grpc-status", http::HeaderValue::from(code));
+    h.insert(GRPC_STATUS, http::HeaderValue::from(code));
     if let Ok(v) = http::HeaderValue::from_str(&message) {
-        h.insert("grpc-message", v);
+        h.insert(GRPC_MESSAGE, v);
     }
-    h.insert("x-hypha-response-flags", flags);
+    h.insert(RESPONSE_FLAGS, flags);
     r
 }
 
@@ -413,7 +416,7 @@ pub fn request_size(parts: &http::request::Parts, body: &impl hyper::body::Body)
 pub fn response_flags(resp: &Response<Body>) -> &'static str {
     match resp
         .headers()
-        .get("x-hypha-response-flags")
+        .get(RESPONSE_FLAGS)
         .map(http::HeaderValue::as_bytes)
     {
         Some(b"NR") => Flag::NoRoute.as_str(),

@@ -55,7 +55,7 @@ impl Outbound {
         peer: SocketAddr,
     ) -> Response<Body> {
         let (mut parts, body) = req.into_parts();
-        if !parts.headers.contains_key(REQUEST_ID) {
+        if !parts.headers.contains_key(&REQUEST_ID) {
             if let Some(v) = request_id() {
                 parts.headers.insert(REQUEST_ID, v);
             }
@@ -202,7 +202,7 @@ impl Outbound {
     }
 }
 
-const REQUEST_ID: &str = "x-request-id";
+const REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
 
 /// A random UUID (version 4) for `x-request-id`, as Envoy generates for requests without one,
 /// formatted on the stack.

@@ -49,9 +49,15 @@ thread_local! {
 }
 
 impl Conn {
-    /// Lets the connection notice what happened while it sat idle (the server closed it, or
-    /// it finished the last response), without waiting. Returns whether it can take a request.
+    /// Whether the connection can take a request now. One that does not say so yet gets to
+    /// notice, without waiting, what happened while it sat idle (it finished the last
+    /// response, or the server closed it).
     fn ready_now(&mut self) -> bool {
+        if self.sender.is_ready() {
+            // A close that arrived meanwhile is seen when the request is sent, which then
+            // comes back unsent (see `send`).
+            return true;
+        }
         if let Some(driver) = &mut self.driver {
             let mut cx = Context::from_waker(Waker::noop());
             if driver.as_mut().poll(&mut cx).is_ready() {
