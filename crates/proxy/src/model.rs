@@ -247,6 +247,20 @@ pub struct RetryPolicy {
     pub on_status: Vec<u16>,
     pub base_interval: Duration,
     pub max_interval: Duration,
+    /// `refused-stream`: retry when the upstream refuses the HTTP/2 stream. Carried, not yet
+    /// acted on by `upstream` (a refused stream is retried only as a `reset`).
+    pub on_refused_stream: bool,
+    /// gRPC status codes retried on, as a set of bits (bit 14: `unavailable`; also
+    /// `cancelled` 1, `deadline-exceeded` 4, `resource-exhausted` 8, `internal` 13), read
+    /// from the response's `grpc-status`. Carried, not yet acted on by `upstream`.
+    pub on_grpc_status: u32,
+}
+
+impl RetryPolicy {
+    /// Whether a response with this `grpc-status` is retried.
+    pub fn on_grpc(&self, status: u32) -> bool {
+        status < 32 && self.on_grpc_status & (1 << status) != 0
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -276,6 +290,17 @@ pub struct Cluster {
     pub http2: bool,
     pub limits: Limits,
     pub outlier: Option<OutlierPolicy>,
+    /// Close an upstream connection idle this long (`common_http_protocol_options.idle_timeout`,
+    /// Envoy's default one hour); `None`: never (Envoy's 0). Carried, not yet applied: `pool`
+    /// closes idle HTTP/1.1 connections after its own fixed time.
+    pub idle_timeout: Option<Duration>,
+    /// Close an upstream connection after this many requests
+    /// (`common_http_protocol_options.max_requests_per_connection`); `None`: no limit.
+    /// Carried, not yet applied.
+    pub max_requests_per_connection: Option<u32>,
+    /// HTTP/2 streams at once per upstream connection (`max_concurrent_streams` of the
+    /// HTTP/2 options); `None`: Envoy's default, 2^31 - 1. Carried, not yet applied.
+    pub max_concurrent_streams: Option<u32>,
 }
 
 /// Circuit-breaker thresholds (Envoy's defaults when unset: 1024 each).
@@ -319,6 +344,10 @@ pub struct OutlierPolicy {
     pub consecutive_gateway: u32,
     pub base_ejection: Duration,
     pub max_ejection_percent: u32,
+    /// Envoy's ejection sweep (`interval`, default 10 s): an ejection ends, and an endpoint's
+    /// ejection count decays, at a sweep. Carried, not yet applied: ejections end exactly at
+    /// base × count, and counts never decay.
+    pub interval: Duration,
 }
 
 /// A cluster's live state, carried from one config generation to the next.

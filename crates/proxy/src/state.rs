@@ -134,7 +134,9 @@ impl State {
                         config.http_by_port.insert(*port, route_table.clone());
                     }
                     Outbound::Tcp { cluster } => {
-                        config.tcp.insert(addr.clone(), cluster.clone());
+                        for a in std::iter::once(addr).chain(&parts.additional) {
+                            config.tcp.insert(a.clone(), cluster.clone());
+                        }
                     }
                 }
                 config

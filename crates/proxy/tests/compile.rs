@@ -1,17 +1,32 @@
-//! The proxy compiles everything Hypha's control plane sends a bookinfo sidecar, and refuses
-//! what it does not support with the resource and field named, leaving its state unchanged.
+//! The proxy compiles everything Hypha's control plane sends, and refuses what it does not
+//! support with the resource and field named, leaving its state unchanged.
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use envoy_types::pb::envoy::config::cluster::v3::Cluster;
-use envoy_types::pb::envoy::config::core::v3::TransportSocket;
-use envoy_types::pb::envoy::config::route::v3::{route_match, RouteConfiguration};
+use envoy_types::pb::envoy::config::cluster::v3::{cluster, Cluster};
+use envoy_types::pb::envoy::config::core::v3::{
+    HttpProtocolOptions as CommonHttpOptions, TransportSocket,
+};
+use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+use envoy_types::pb::envoy::config::listener::v3::{filter, Listener};
+use envoy_types::pb::envoy::config::route::v3::{
+    retry_policy, route, route_action, route_match, RouteAction, RouteConfiguration,
+};
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
+    http_connection_manager::RouteSpecifier, HttpConnectionManager,
+};
+use envoy_types::pb::envoy::extensions::upstreams::http::v3::HttpProtocolOptions;
+use envoy_types::pb::google::protobuf::{Any, UInt32Value};
 use hypha_control::{ProxyInfo, Translation};
 use hypha_matcher::SimpleRequest;
-use hypha_proxy::model::{Action, ClusterKind, Inbound, ListenAddr, Outbound};
-use hypha_proxy::state::State;
+use hypha_proxy::compile::Refused;
+use hypha_proxy::model::{Action, ClusterKind, HashKey, Inbound, Lb, ListenAddr, Outbound};
+use hypha_proxy::state::{nack_message, State};
 use hypha_xds::{type_url, Resource, Snapshot};
 use prost::Message;
+
+const UPSTREAM_HTTP_OPTIONS: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
 
 fn bookinfo_snapshot() -> Snapshot {
     let cfg = hypha_control::initial_config(None).unwrap();
@@ -199,7 +214,7 @@ fn unsupported_fields_are_refused_by_name_and_change_nothing() {
             &[],
         )
         .unwrap_err();
-    let text = hypha_proxy::state::nack_message(&err);
+    let text = nack_message(&err);
     assert!(
         text.contains("route table \"9080\"") && text.contains("match.runtime_fraction"),
         "{text}"
@@ -225,4 +240,583 @@ fn unsupported_fields_are_refused_by_name_and_change_nothing() {
         .apply(type_url::LISTENER, &[garbage], &[])
         .unwrap_err();
     assert!(err[0].reason.contains("cannot decode"), "{}", err[0]);
+}
+
+/// A sidecar for each workload the control plane knows.
+fn sidecars(t: &Translation) -> Vec<ProxyInfo> {
+    t.registry
+        .workloads
+        .iter()
+        .map(|w| ProxyInfo {
+            id: format!(
+                "sidecar~{}~{}.{}~{}.svc.cluster.local",
+                w.addresses[0], w.workload_name, w.namespace, w.namespace
+            ),
+            namespace: w.namespace.clone(),
+            service_account: w.service_account.clone(),
+            workload_name: w.workload_name.clone(),
+            labels: w.labels.clone(),
+            ips: w.addresses.iter().filter_map(|a| a.parse().ok()).collect(),
+        })
+        .collect()
+}
+
+const TYPES: [&str; 4] = [
+    type_url::CLUSTER,
+    type_url::ENDPOINT,
+    type_url::LISTENER,
+    type_url::ROUTE,
+];
+
+/// Every resource of `snap`, compiled: the refusals, and the state when there are none.
+fn compile_all(snap: &Snapshot) -> (Vec<Refused>, State) {
+    let mut state = State::default();
+    let mut refused = Vec::new();
+    for t in TYPES {
+        let resources = all(snap, t);
+        assert!(!resources.is_empty(), "no {t}");
+        if let Err(e) = state.apply(t, &resources, &[]) {
+            refused.extend(e);
+        }
+    }
+    (refused, state)
+}
+
+/// Whatever the control plane sends a bookinfo sidecar, for every workload, is accepted: each
+/// field is acted on or known to be informational, none is refused.
+#[test]
+fn every_resource_the_control_plane_sends_for_bookinfo_compiles() {
+    let t = Translation::new(Arc::new(hypha_control::initial_config(None).unwrap()), "1");
+    let mut proxies = sidecars(&t);
+    assert!(proxies.len() >= 6, "{proxies:?}");
+    // And a client with no workload of its own.
+    proxies.push(ProxyInfo {
+        id: "sidecar~10.9.0.1~client.default~default.svc.cluster.local".into(),
+        namespace: "default".into(),
+        ..Default::default()
+    });
+    for p in &proxies {
+        let (refused, _) = compile_all(&t.snapshot(p));
+        assert!(refused.is_empty(), "{}: {}", p.id, nack_message(&refused));
+    }
+}
+
+/// Control-plane features bookinfo does not use: DNS, ORIGINAL_DST and TCP services (one with
+/// a VIP per family), connection pool settings, every consistent-hash key, redirects, regex
+/// rewrites, query and header matches, per-destination headers and Istio's default retries.
+const FEATURES: &str = r#"
+apiVersion: hypha.dev/v1alpha1
+kind: MeshConfig
+metadata: {name: mesh}
+spec: {trustDomain: test.local, ipFamilies: [IPv4, IPv6]}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: api, namespace: lab}
+spec:
+  hosts: [api.lab.svc.cluster.local]
+  addresses: [240.0.0.1, "2001:db8::1"]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports: [{number: 80, name: http, protocol: HTTP}, {number: 81, name: grpc, protocol: GRPC}]
+  endpoints:
+  - {address: 10.0.0.1, labels: {version: v1}, weight: 3, locality: r1/z1/s1}
+  - {address: 10.0.0.2, labels: {version: v2}}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: db, namespace: lab}
+spec:
+  hosts: [db.lab.svc.cluster.local]
+  addresses: [240.0.0.2, "2001:db8::2"]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports: [{number: 5432, name: tcp, protocol: TCP}]
+  endpoints: [{address: 10.0.0.3}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: cache, namespace: lab}
+spec:
+  hosts: [cache.lab.svc.cluster.local]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports: [{number: 6379, name: tcp, protocol: TCP}]
+  endpoints: [{address: 10.0.0.4}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: ext, namespace: lab}
+spec:
+  hosts: [ext.example.com]
+  location: MESH_EXTERNAL
+  resolution: DNS
+  ports: [{number: 8080, name: http, protocol: HTTP}]
+  endpoints: [{address: ext-a.example.com}, {address: ext-b.example.com}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: ext-rr, namespace: lab}
+spec:
+  hosts: [rr.example.com]
+  location: MESH_EXTERNAL
+  resolution: DNS_ROUND_ROBIN
+  ports: [{number: 8081, name: http, protocol: HTTP}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: anything, namespace: lab}
+spec:
+  hosts: [anything.example.com]
+  location: MESH_EXTERNAL
+  resolution: NONE
+  ports: [{number: 9000, name: http, protocol: HTTP}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: api, namespace: lab}
+spec:
+  host: api
+  trafficPolicy:
+    loadBalancer: {consistentHash: {httpCookie: {name: session, path: /}, maglev: {tableSize: 65537}}}
+    connectionPool:
+      tcp: {maxConnections: 10, connectTimeout: 2s}
+      http:
+        http1MaxPendingRequests: 5
+        http2MaxRequests: 50
+        maxRequestsPerConnection: 100
+        maxRetries: 4
+        idleTimeout: 30s
+        maxConcurrentStreams: 20
+    outlierDetection:
+      consecutive5xxErrors: 2
+      consecutiveGatewayErrors: 3
+      interval: 2s
+      baseEjectionTime: 5s
+      maxEjectionPercent: 30
+    portLevelSettings:
+    - port: {number: 81}
+      loadBalancer: {consistentHash: {useSourceIp: true}}
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - name: v2
+    labels: {version: v2}
+    trafficPolicy:
+      loadBalancer: {consistentHash: {httpQueryParameterName: user}}
+      connectionPool: {http: {h2UpgradePolicy: UPGRADE, maxConcurrentStreams: 20}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: api, namespace: lab}
+spec:
+  hosts: [api]
+  http:
+  - name: query
+    match:
+    - uri: {prefix: /Debug}
+      ignoreUriCase: true
+      queryParams: {debug: {exact: "1"}, trace: {regex: ".*"}}
+      withoutHeaders: {x-skip: {exact: "yes"}}
+    route: [{destination: {host: api, subset: v2}}]
+  - name: moved
+    match: [{uri: {regex: "/old/.*"}}]
+    redirect: {uri: /new, authority: new.example.com, port: 8443, scheme: https, redirectCode: 308}
+  - name: rewrite
+    match: [{uri: {prefix: /v1/}, method: {exact: POST}, authority: {prefix: api}, scheme: {exact: http}}]
+    rewrite: {uriRegexRewrite: {match: "^/v1/(.*)$", rewrite: "/\\1"}, authority: api-internal}
+    route: [{destination: {host: api, subset: v1}}]
+  - name: blob
+    match: [{uri: {exact: /blob}}]
+    directResponse: {status: 503, body: {bytes: aGVsbG8=}}
+  - name: split
+    fault: {delay: {fixedDelay: 1s, percentage: {value: 0.5}}}
+    timeout: 5s
+    route:
+    - destination: {host: api, subset: v1}
+      weight: 90
+      headers: {request: {set: {x-v: "1"}}, response: {remove: [x-internal]}}
+    - destination: {host: api, subset: v2}
+      weight: 10
+    retries:
+      attempts: 4
+      perTryTimeout: 1s
+      retryOn: gateway-error,refused-stream,unavailable,cancelled,deadline-exceeded,internal,resource-exhausted,http3-post-connect-failure,503
+"#;
+
+fn features() -> (Translation, ProxyInfo) {
+    let loaded = hypha_config::load_str("features.yaml", FEATURES);
+    assert!(!loaded.has_errors(), "{:?}", loaded.diagnostics);
+    let t = Translation::new(Arc::new(loaded.config), "1");
+    let client = ProxyInfo {
+        id: "sidecar~10.0.0.9~client.lab~lab.svc.cluster.local".into(),
+        namespace: "lab".into(),
+        ..Default::default()
+    };
+    (t, client)
+}
+
+/// What the control plane sends for features bookinfo does not use is accepted too, and what
+/// the proxy does not act on yet is carried in the model rather than dropped.
+#[test]
+fn every_control_plane_feature_compiles_and_is_carried() {
+    let (t, client) = features();
+    let (refused, mut state) = compile_all(&t.snapshot(&client));
+    assert!(refused.is_empty(), "{}", nack_message(&refused));
+    let cfg = state.assemble().config;
+
+    let api = &cfg.clusters["outbound|80||api.lab.svc.cluster.local"];
+    assert_eq!(api.lb, Lb::Maglev);
+    assert_eq!(api.idle_timeout, Some(Duration::from_secs(30)));
+    assert_eq!(api.max_requests_per_connection, Some(100));
+    assert_eq!(api.outlier.unwrap().interval, Duration::from_secs(2));
+    let v2 = &cfg.clusters["outbound|80|v2|api.lab.svc.cluster.local"];
+    assert!(v2.http2, "h2UpgradePolicy: UPGRADE");
+    assert_eq!(v2.max_concurrent_streams, Some(20));
+    // Envoy's default idle timeout where none is set.
+    let ext = &cfg.clusters["outbound|8080||ext.example.com"];
+    assert_eq!(ext.idle_timeout, Some(Duration::from_secs(3600)));
+    assert!(matches!(&ext.kind, ClusterKind::Dns(hosts) if hosts.len() == 2));
+    assert!(matches!(
+        cfg.clusters["outbound|9000||anything.example.com"].kind,
+        ClusterKind::OriginalDst
+    ));
+
+    // The TCP service answers on both of its VIPs.
+    let db = "outbound|5432||db.lab.svc.cluster.local";
+    for vip in ["240.0.0.2", "2001:db8::2"] {
+        assert_eq!(
+            cfg.tcp.get(&ListenAddr::Vip(vip.parse().unwrap(), 5432)),
+            Some(&db.to_string())
+        );
+    }
+
+    let table = &cfg.routes["80"];
+    let vh = table.virtual_host("api.lab.svc.cluster.local").unwrap();
+    let split = vh.routes.iter().find(|r| r.name == "split").unwrap();
+    let Action::Forward(f) = &split.action else {
+        panic!("split forwards")
+    };
+    let retry = f.retry.as_ref().unwrap();
+    assert!(retry.on_gateway_error && retry.on_refused_stream);
+    let grpc: Vec<u32> = (0..17).filter(|c| retry.on_grpc(*c)).collect();
+    assert_eq!(grpc, [1, 4, 8, 13, 14]);
+    assert_eq!(retry.on_status, [503]);
+    assert_eq!(f.hash, [HashKey::Cookie("session".into())]);
+    // No VirtualService: Istio's default retries, which include gRPC `unavailable`.
+    let default = &cfg.routes["8080"]
+        .virtual_host("ext.example.com")
+        .unwrap()
+        .routes[0];
+    let Action::Forward(f) = &default.action else {
+        panic!("default forwards")
+    };
+    let retry = f.retry.as_ref().unwrap();
+    assert!(retry.on_connect_failure && retry.on_refused_stream && !retry.on_5xx);
+    let grpc: Vec<u32> = (0..17).filter(|c| retry.on_grpc(*c)).collect();
+    assert_eq!(grpc, [1, 14], "cancelled, unavailable");
+    assert_eq!(retry.on_status, [503]);
+}
+
+/// A DestinationRule cookie with a `ttl` asks Envoy to set the cookie when a request has
+/// none; the proxy sets no cookie, so it refuses the route rather than hash on nothing.
+#[test]
+fn a_generated_hash_cookie_is_refused_by_name() {
+    let yaml = FEATURES.replace(
+        "httpCookie: {name: session, path: /}",
+        "httpCookie: {name: session, path: /, ttl: 60s}",
+    );
+    let loaded = hypha_config::load_str("features.yaml", &yaml);
+    assert!(!loaded.has_errors(), "{:?}", loaded.diagnostics);
+    let t = Translation::new(Arc::new(loaded.config), "1");
+    let (_, client) = features();
+    let (refused, _) = compile_all(&t.snapshot(&client));
+    let text = nack_message(&refused);
+    assert!(
+        text.contains("field `route.hash_policy.cookie.ttl` is not supported by Hypha"),
+        "{text}"
+    );
+}
+
+/// A resource the control plane sends for bookinfo, decoded from the snapshot.
+fn sent<M: Message + Default>(t: &str, name: &str) -> M {
+    let snap = bookinfo_snapshot();
+    M::decode(&*snap.resources(t).unwrap().get(name).unwrap().body.value).unwrap()
+}
+
+fn cluster_refusal(c: &Cluster) -> String {
+    hypha_proxy::compile::cluster(&c.name, &c.encode_to_vec())
+        .map(|_| ())
+        .unwrap_err()
+        .to_string()
+}
+
+fn route_refusal(rc: &RouteConfiguration) -> String {
+    hypha_proxy::compile::route_table(&rc.name, &rc.encode_to_vec())
+        .map(|_| ())
+        .unwrap_err()
+        .to_string()
+}
+
+fn listener_refusal(l: &Listener) -> String {
+    hypha_proxy::compile::listener(&l.name, &l.encode_to_vec())
+        .map(|_| ())
+        .unwrap_err()
+        .to_string()
+}
+
+/// Fields that used to be ignored without a word are refused by name: on a resource the
+/// control plane sends, set one more field and the proxy must say which.
+#[test]
+fn fields_nobody_acts_on_are_refused_by_name() {
+    const REVIEWS: &str = "outbound|9080||reviews.bookinfo.svc.cluster.local";
+    let reviews: Cluster = sent(type_url::CLUSTER, REVIEWS);
+    hypha_proxy::compile::cluster(REVIEWS, &reviews.encode_to_vec()).unwrap();
+    let with = |f: &dyn Fn(&mut Cluster)| {
+        let mut c = reviews.clone();
+        f(&mut c);
+        c
+    };
+    let expect = |c: Cluster, field: &str| {
+        let e = cluster_refusal(&c);
+        assert_eq!(
+            e,
+            format!("cluster {REVIEWS:?}: field `{field}` is not supported by Hypha"),
+        );
+    };
+    expect(
+        with(&|c| c.upstream_bind_config = Some(Default::default())),
+        "upstream_bind_config",
+    );
+    expect(
+        with(&|c| c.wait_for_warm_on_init = Some(Default::default())),
+        "wait_for_warm_on_init",
+    );
+    expect(
+        with(&|c| {
+            c.common_lb_config = Some(cluster::CommonLbConfig {
+                healthy_panic_threshold: Some(Default::default()),
+                ..Default::default()
+            })
+        }),
+        "common_lb_config.healthy_panic_threshold",
+    );
+    expect(
+        with(&|c| c.lb_config = Some(cluster::LbConfig::LeastRequestLbConfig(Default::default()))),
+        "least_request_lb_config",
+    );
+    // A value the proxy cannot honour is named with the field.
+    let e = cluster_refusal(&with(&|c| {
+        c.dns_lookup_family = cluster::DnsLookupFamily::V4Only as i32
+    }));
+    assert!(
+        e.contains("field `dns_lookup_family` = V4_ONLY is not supported"),
+        "{e}"
+    );
+    // Inside the upstream HTTP options.
+    let mut options = HttpProtocolOptions::decode(
+        &*reviews.typed_extension_protocol_options[UPSTREAM_HTTP_OPTIONS].value,
+    )
+    .unwrap();
+    options
+        .common_http_protocol_options
+        .get_or_insert_default()
+        .max_connection_duration = Some(Default::default());
+    let e = cluster_refusal(&with(&|c| {
+        c.typed_extension_protocol_options
+            .get_mut(UPSTREAM_HTTP_OPTIONS)
+            .unwrap()
+            .value = options.encode_to_vec();
+    }));
+    assert!(
+        e.contains(
+            "field `HttpProtocolOptions.common_http_protocol_options.max_connection_duration`"
+        ),
+        "{e}"
+    );
+
+    // Ring and table sizes are informational: rendezvous hashing has neither.
+    let ring = with(&|c| {
+        c.lb_policy = cluster::LbPolicy::RingHash as i32;
+        c.lb_config = Some(cluster::LbConfig::RingHashLbConfig(
+            cluster::RingHashLbConfig {
+                minimum_ring_size: Some(envoy_types::pb::google::protobuf::UInt64Value {
+                    value: 1024,
+                }),
+                ..Default::default()
+            },
+        ));
+    });
+    hypha_proxy::compile::cluster(REVIEWS, &ring.encode_to_vec()).unwrap();
+    // The deprecated Cluster-level HTTP options are read like the new ones.
+    #[allow(deprecated)]
+    let old = with(&|c| {
+        c.typed_extension_protocol_options.clear();
+        c.http2_protocol_options = Some(Default::default());
+        c.common_http_protocol_options = Some(CommonHttpOptions {
+            idle_timeout: Some(envoy_types::pb::google::protobuf::Duration {
+                seconds: 7,
+                nanos: 0,
+            }),
+            ..Default::default()
+        });
+        c.max_requests_per_connection = Some(UInt32Value { value: 9 });
+    });
+    let old = hypha_proxy::compile::cluster(REVIEWS, &old.encode_to_vec()).unwrap();
+    assert!(old.http2);
+    assert_eq!(old.idle_timeout, Some(Duration::from_secs(7)));
+    assert_eq!(old.max_requests_per_connection, Some(9));
+
+    // Endpoints: a priority would mean failover, which the proxy does not do.
+    let mut cla: ClusterLoadAssignment = sent(type_url::ENDPOINT, REVIEWS);
+    cla.endpoints[0].priority = 1;
+    let e = hypha_proxy::compile::endpoints(REVIEWS, &cla.encode_to_vec())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("field `endpoints.priority` is not supported"),
+        "{e}"
+    );
+
+    // Routes: RouteAction, RetryPolicy and RouteMatch fields.
+    let rc: RouteConfiguration = sent(type_url::ROUTE, "9080");
+    let route_with = |f: &dyn Fn(&mut RouteAction)| {
+        let mut rc = rc.clone();
+        let Some(route::Action::Route(ra)) = &mut rc.virtual_hosts[0].routes[0].action else {
+            panic!("the first route forwards")
+        };
+        f(ra);
+        rc
+    };
+    let e = route_refusal(&route_with(&|ra| {
+        ra.idle_timeout = Some(Default::default())
+    }));
+    assert!(
+        e.contains("field `route.idle_timeout` is not supported by Hypha"),
+        "{e}"
+    );
+    let e = route_refusal(&route_with(&|ra| {
+        ra.cluster_specifier = Some(route_action::ClusterSpecifier::ClusterHeader(
+            "x-cluster".into(),
+        ))
+    }));
+    assert!(
+        e.contains("field `route.cluster_header` is not supported by Hypha"),
+        "{e}"
+    );
+    let e = route_refusal(&route_with(&|ra| {
+        ra.retry_policy.get_or_insert_default().retry_priority = Some(Default::default())
+    }));
+    assert!(
+        e.contains("field `route.retry_policy.retry_priority` is not supported"),
+        "{e}"
+    );
+    let e = route_refusal(&route_with(&|ra| {
+        ra.retry_policy.get_or_insert_default().retry_on = "5xx,retriable-4xx".into()
+    }));
+    assert!(
+        e.contains("route.retry_policy.retry_on: condition \"retriable-4xx\" is not supported"),
+        "{e}"
+    );
+    // The previous_hosts predicate is what the proxy does; any other is refused.
+    let predicate = |name: &str, config: Option<Any>| {
+        route_with(&|ra| {
+            let rp = ra.retry_policy.get_or_insert_default();
+            rp.host_selection_retry_max_attempts = 3;
+            rp.retry_host_predicate = vec![retry_policy::RetryHostPredicate {
+                name: name.into(),
+                config_type: config
+                    .clone()
+                    .map(retry_policy::retry_host_predicate::ConfigType::TypedConfig),
+            }];
+        })
+    };
+    let previous_hosts = Any {
+        type_url: "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate".into(),
+        value: Vec::new(),
+    };
+    for ok in [
+        predicate("envoy.retry_host_predicates.previous_hosts", None),
+        predicate("anything", Some(previous_hosts)),
+    ] {
+        hypha_proxy::compile::route_table("9080", &ok.encode_to_vec()).unwrap();
+    }
+    let e = route_refusal(&predicate(
+        "envoy.retry_host_predicates.omit_canary_hosts",
+        None,
+    ));
+    assert!(
+        e.contains("only envoy.retry_host_predicates.previous_hosts is supported"),
+        "{e}"
+    );
+    let mut strip = rc.clone();
+    strip.virtual_hosts[0].routes[0]
+        .r#match
+        .as_mut()
+        .unwrap()
+        .filter_state = vec![Default::default()];
+    let e = route_refusal(&strip);
+    assert!(e.contains("field `match.filter_state`"), "{e}");
+    let mut vh = rc.clone();
+    vh.virtual_hosts[0].include_request_attempt_count = true;
+    let e = route_refusal(&vh);
+    assert!(e.contains("field `include_request_attempt_count`"), "{e}");
+
+    // Listeners: the HTTP connection manager's timeouts and address handling.
+    let listener: Listener = sent(type_url::LISTENER, "0.0.0.0_9080");
+    let hcm_with = |f: &dyn Fn(&mut HttpConnectionManager)| {
+        let mut l = listener.clone();
+        let Some(filter::ConfigType::TypedConfig(any)) =
+            &mut l.filter_chains[0].filters[0].config_type
+        else {
+            panic!("a typed filter")
+        };
+        let mut h = HttpConnectionManager::decode(&*any.value).unwrap();
+        f(&mut h);
+        any.value = h.encode_to_vec();
+        l
+    };
+    let e = listener_refusal(&hcm_with(&|h| {
+        h.stream_idle_timeout = Some(Default::default())
+    }));
+    assert!(
+        e.contains("field `stream_idle_timeout` is not supported by Hypha"),
+        "{e}"
+    );
+    let e = listener_refusal(&hcm_with(&|h| {
+        h.use_remote_address = Some(Default::default());
+        h.request_timeout = Some(Default::default());
+    }));
+    assert!(
+        e.contains("fields `request_timeout`, `use_remote_address` are not supported"),
+        "{e}"
+    );
+    let mut l = listener.clone();
+    l.listener_filters = vec![Default::default()];
+    assert!(listener_refusal(&l).contains("field `listener_filters`"));
+
+    // The inbound chains' inline route goes straight to the app: a timeout there would be
+    // ignored, so it is refused.
+    let mut inbound: Listener = sent(type_url::LISTENER, "virtualInbound");
+    let Some(filter::ConfigType::TypedConfig(any)) =
+        &mut inbound.filter_chains[0].filters[0].config_type
+    else {
+        panic!("a typed filter")
+    };
+    let mut h = HttpConnectionManager::decode(&*any.value).unwrap();
+    let Some(RouteSpecifier::RouteConfig(rc)) = &mut h.route_specifier else {
+        panic!("an inline route table")
+    };
+    let Some(route::Action::Route(ra)) = &mut rc.virtual_hosts[0].routes[0].action else {
+        panic!("the inline route forwards")
+    };
+    ra.timeout = Some(envoy_types::pb::google::protobuf::Duration {
+        seconds: 5,
+        nanos: 0,
+    });
+    any.value = h.encode_to_vec();
+    let e = listener_refusal(&inbound);
+    assert!(
+        e.contains("an inline route table other than one route to one cluster"),
+        "{e}"
+    );
 }
