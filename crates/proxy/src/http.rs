@@ -356,7 +356,7 @@ impl<F: FnOnce(u64, Option<u16>)> hyper::body::Body for Counted<F> {
     }
 }
 
-fn grpc_status(headers: &http::HeaderMap) -> Option<u16> {
+pub fn grpc_status(headers: &http::HeaderMap) -> Option<u16> {
     headers.get(GRPC_STATUS)?.to_str().ok()?.parse().ok()
 }
 

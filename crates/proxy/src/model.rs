@@ -247,12 +247,13 @@ pub struct RetryPolicy {
     pub on_status: Vec<u16>,
     pub base_interval: Duration,
     pub max_interval: Duration,
-    /// `refused-stream`: retry when the upstream refuses the HTTP/2 stream. Carried, not yet
-    /// acted on by `upstream` (a refused stream is retried only as a `reset`).
+    /// `refused-stream`: retry when the upstream refuses the HTTP/2 stream. Carried, not
+    /// acted on by `upstream` itself: hyper_util's HTTP/2 client retries a refused stream
+    /// on its own, and anything else reset is retried as a `reset`.
     pub on_refused_stream: bool,
     /// gRPC status codes retried on, as a set of bits (bit 14: `unavailable`; also
     /// `cancelled` 1, `deadline-exceeded` 4, `resource-exhausted` 8, `internal` 13), read
-    /// from the response's `grpc-status`. Carried, not yet acted on by `upstream`.
+    /// from the `grpc-status` of a trailers-only response.
     pub on_grpc_status: u32,
 }
 
@@ -291,12 +292,12 @@ pub struct Cluster {
     pub limits: Limits,
     pub outlier: Option<OutlierPolicy>,
     /// Close an upstream connection idle this long (`common_http_protocol_options.idle_timeout`,
-    /// Envoy's default one hour); `None`: never (Envoy's 0). Carried, not yet applied: `pool`
-    /// closes idle HTTP/1.1 connections after its own fixed time.
+    /// Envoy's default one hour); `None`: never (Envoy's 0). The HTTP/1.1 pool applies it,
+    /// capped at its own 60 s.
     pub idle_timeout: Option<Duration>,
     /// Close an upstream connection after this many requests
     /// (`common_http_protocol_options.max_requests_per_connection`); `None`: no limit.
-    /// Carried, not yet applied.
+    /// Applied by the HTTP/1.1 pool.
     pub max_requests_per_connection: Option<u32>,
     /// HTTP/2 streams at once per upstream connection (`max_concurrent_streams` of the
     /// HTTP/2 options); `None`: Envoy's default, 2^31 - 1. Carried, not yet applied.
@@ -344,9 +345,9 @@ pub struct OutlierPolicy {
     pub consecutive_gateway: u32,
     pub base_ejection: Duration,
     pub max_ejection_percent: u32,
-    /// Envoy's ejection sweep (`interval`, default 10 s): an ejection ends, and an endpoint's
-    /// ejection count decays, at a sweep. Carried, not yet applied: ejections end exactly at
-    /// base × count, and counts never decay.
+    /// Envoy's ejection sweep (`interval`, default 10 s): an endpoint's ejection count drops
+    /// by one for each interval it has been back. (Ejections end exactly at base × count,
+    /// not at the next sweep.)
     pub interval: Duration,
 }
 

@@ -27,9 +27,40 @@ use crate::model::FastMap;
 
 /// Idle connections kept per address and thread; more are closed when they come back.
 const IDLE_PER_ADDR: usize = 64;
-/// An idle connection older than this is closed instead of reused (Envoy's default HTTP
-/// idle timeout is one hour; servers usually close sooner, which `take_idle` notices).
+/// An idle connection older than this is closed instead of reused, whatever the cluster
+/// allows (Envoy's default HTTP idle timeout is one hour; servers usually close sooner, and
+/// a connection they closed is not reused either).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How a cluster's connections are used (`common_http_protocol_options`).
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    pub connect_timeout: Duration,
+    /// Closed after idling this long (at most [`IDLE_TIMEOUT`]).
+    pub idle_timeout: Duration,
+    /// Closed after this many requests.
+    pub max_requests: Option<u32>,
+}
+
+impl Settings {
+    pub fn of(c: &crate::model::Cluster) -> Settings {
+        Settings {
+            connect_timeout: c.connect_timeout,
+            idle_timeout: c.idle_timeout.map_or(IDLE_TIMEOUT, |t| t.min(IDLE_TIMEOUT)),
+            max_requests: c.max_requests_per_connection,
+        }
+    }
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            connect_timeout: Duration::from_secs(10),
+            idle_timeout: IDLE_TIMEOUT,
+            max_requests: None,
+        }
+    }
+}
 
 /// hyper's connection future (its type is not nameable, hence the box).
 type Driver = Pin<Box<dyn Future<Output = hyper::Result<()>> + Send>>;
@@ -39,9 +70,11 @@ type Driver = Pin<Box<dyn Future<Output = hyper::Result<()>> + Send>>;
 struct Conn {
     sender: SendRequest<Body>,
     driver: Option<Driver>,
+    /// Requests sent on it.
+    requests: u32,
 }
 
-/// An idle connection and when it was put back.
+/// An idle connection and when it stops being reusable.
 type Idle = (Conn, Instant);
 
 thread_local! {
@@ -104,23 +137,22 @@ fn take_idle(addr: SocketAddr) -> Option<Conn> {
         let mut idle = idle.borrow_mut();
         let list = idle.get_mut(&addr)?;
         let now = Instant::now();
-        list.retain(|(c, since)| {
-            !c.sender.is_closed() && now.duration_since(*since) < IDLE_TIMEOUT
-        });
+        list.retain(|(c, until)| !c.sender.is_closed() && now < *until);
         let i = list.iter_mut().rposition(|(c, _)| c.ready_now())?;
         Some(list.swap_remove(i).0)
     })
 }
 
-fn put_idle(addr: SocketAddr, conn: Conn) {
-    if conn.sender.is_closed() {
+/// Keeps a connection for the next request, unless it is closed or has served its share.
+fn put_idle(addr: SocketAddr, conn: Conn, settings: &Settings) {
+    if conn.sender.is_closed() || settings.max_requests.is_some_and(|n| conn.requests >= n) {
         return;
     }
     IDLE.with(|idle| {
         let mut idle = idle.borrow_mut();
         let list = idle.entry(addr).or_default();
         if list.len() < IDLE_PER_ADDR {
-            list.push((conn, Instant::now()));
+            list.push((conn, Instant::now() + settings.idle_timeout));
         }
     });
 }
@@ -145,6 +177,7 @@ async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Conn, Flag> {
     Ok(Conn {
         sender,
         driver: Some(Box::pin(conn.with_upgrades())),
+        requests: 0,
     })
 }
 
@@ -154,12 +187,13 @@ async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Conn, Flag> {
 pub async fn send(
     addr: SocketAddr,
     mut req: Request<Body>,
-    connect_timeout: Duration,
+    settings: &Settings,
 ) -> Result<Response<Body>, Flag> {
     while let Some(mut conn) = take_idle(addr) {
+        conn.requests += 1;
         let sent = conn.sender.try_send_request(req);
         match conn.drive(sent).await {
-            Ok(resp) => return respond(addr, conn, resp).await,
+            Ok(resp) => return respond(addr, conn, resp, settings).await,
             Err(mut e) => match e.take_message() {
                 Some(unsent) => req = unsent,
                 None => {
@@ -169,10 +203,11 @@ pub async fn send(
             },
         }
     }
-    let mut conn = connect(addr, connect_timeout).await?;
+    let mut conn = connect(addr, settings.connect_timeout).await?;
+    conn.requests += 1;
     let sent = conn.sender.send_request(req);
     match conn.drive(sent).await {
-        Ok(resp) => respond(addr, conn, resp).await,
+        Ok(resp) => respond(addr, conn, resp, settings).await,
         Err(e) => {
             tracing::debug!(%addr, error = %e, "upstream request failed");
             Err(Flag::Reset)
@@ -186,19 +221,20 @@ async fn respond(
     addr: SocketAddr,
     mut conn: Conn,
     resp: Response<hyper::body::Incoming>,
+    settings: &Settings,
 ) -> Result<Response<Body>, Flag> {
     if !crate::http::small_body(&resp) {
         conn.detach(addr);
         // An upgraded connection is the client's now, never the pool's.
         if resp.status() != http::StatusCode::SWITCHING_PROTOCOLS {
-            put_idle(addr, conn);
+            put_idle(addr, conn, settings);
         }
         return Ok(resp.map(crate::http::incoming));
     }
     let (parts, body) = resp.into_parts();
     match conn.drive(body.collect()).await {
         Ok(collected) => {
-            put_idle(addr, conn);
+            put_idle(addr, conn, settings);
             Ok(Response::from_parts(
                 parts,
                 crate::http::full(collected.to_bytes()),
@@ -274,16 +310,46 @@ mod tests {
             .to_vec()
     }
 
-    const T: Duration = Duration::from_secs(5);
+    const S: Settings = Settings {
+        connect_timeout: Duration::from_secs(5),
+        idle_timeout: IDLE_TIMEOUT,
+        max_requests: None,
+    };
 
     #[tokio::test(flavor = "current_thread")]
     async fn small_responses_reuse_one_connection() {
         let (addr, accepted) = server(b"hello".to_vec(), usize::MAX).await;
         for _ in 0..50 {
-            let resp = send(addr, get(), T).await.unwrap();
+            let resp = send(addr, get(), &S).await.unwrap();
             assert_eq!(body_of(resp).await, b"hello");
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_connection_serves_at_most_max_requests_and_idles_at_most_idle_timeout() {
+        let (addr, accepted) = server(b"hello".to_vec(), usize::MAX).await;
+        let three = Settings {
+            max_requests: Some(3),
+            ..S
+        };
+        for _ in 0..9 {
+            let resp = send(addr, get(), &three).await.unwrap();
+            assert_eq!(body_of(resp).await, b"hello");
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 3);
+
+        let (addr, accepted) = server(b"hello".to_vec(), usize::MAX).await;
+        let short = Settings {
+            idle_timeout: Duration::from_millis(50),
+            ..S
+        };
+        for _ in 0..3 {
+            let resp = send(addr, get(), &short).await.unwrap();
+            assert_eq!(body_of(resp).await, b"hello");
+            tokio::time::sleep(Duration::from_millis(80)).await;
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 3);
     }
 
     #[tokio::test(flavor = "current_thread")]
@@ -291,7 +357,7 @@ mod tests {
         // One response per connection, then the server closes it.
         let (addr, accepted) = server(b"x".to_vec(), 1).await;
         for _ in 0..5 {
-            let resp = send(addr, get(), T)
+            let resp = send(addr, get(), &S)
                 .await
                 .expect("no error after an idle close");
             assert_eq!(body_of(resp).await, b"x");
@@ -306,7 +372,7 @@ mod tests {
         let big: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
         let (addr, accepted) = server(big.clone(), usize::MAX).await;
         for _ in 0..3 {
-            let resp = send(addr, get(), T).await.unwrap();
+            let resp = send(addr, get(), &S).await.unwrap();
             assert_eq!(body_of(resp).await, big);
             // The task driving the connection sees the body end, then it is idle again.
             tokio::task::yield_now().await;

@@ -81,6 +81,7 @@ impl Upstreams {
             }
             None => None,
         };
+        let settings = crate::pool::Settings::of(cluster);
         let attempt_all = async {
             let h2 = cluster.http2.then_some(&self.h2);
             let retry = plan.retry.filter(|_| body_is_empty);
@@ -139,7 +140,7 @@ impl Upstreams {
                     &parts,
                     b,
                     retry.and_then(|r| r.per_try_timeout),
-                    cluster.connect_timeout,
+                    &settings,
                 )
                 .await;
                 if let (Some(st), Some(set)) = (state, set) {
@@ -147,7 +148,7 @@ impl Upstreams {
                 }
                 let again = match (&result, retry) {
                     (_, None) => false,
-                    (Ok(resp), Some(r)) => retriable_status(r, resp.status().as_u16()),
+                    (Ok(resp), Some(r)) => retriable(r, resp),
                     (Err(Flag::ConnectFailure), Some(r)) => {
                         r.on_connect_failure || r.on_5xx || r.on_gateway_error
                     }
@@ -228,7 +229,17 @@ fn outlier(
     if ejected >= allowed {
         return;
     }
-    let times = st.ejections.fetch_add(1, Ordering::AcqRel) + 1;
+    // The ejection count decays by one for every sweep interval the endpoint has been back
+    // since its last ejection ended, as Envoy's does: an endpoint that failed once long ago
+    // is not ejected for longer and longer.
+    let last_until = st.ejected_until.load(Ordering::Acquire);
+    let mut times = st.ejections.load(Ordering::Acquire);
+    if last_until > 0 {
+        let healthy = (now - last_until) / (p.interval.as_nanos() as u64).max(1);
+        times = times.saturating_sub(u32::try_from(healthy).unwrap_or(u32::MAX));
+    }
+    let times = times + 1;
+    st.ejections.store(times, Ordering::Release);
     let until = now + (p.base_ejection * times).as_nanos() as u64;
     st.ejected_until.store(until, Ordering::Release);
     st.consecutive_5xx.store(0, Ordering::Relaxed);
@@ -277,14 +288,20 @@ impl Upstreams {
         body: Body,
     ) -> Result<Response<Body>, Flag> {
         let h2 = http2.then_some(&self.h2);
-        try_targets(h2, &[target], &parts, body, None, Duration::from_secs(10)).await
+        let settings = crate::pool::Settings::default();
+        try_targets(h2, &[target], &parts, body, None, &settings).await
     }
 }
 
-fn retriable_status(r: &RetryPolicy, status: u16) -> bool {
+/// Whether a response is retried: its status, or the `grpc-status` of a trailers-only gRPC
+/// response (Envoy reads it from the headers too; a status in trailers comes too late).
+fn retriable(r: &RetryPolicy, resp: &Response<Body>) -> bool {
+    let status = resp.status().as_u16();
     (r.on_5xx && status >= 500)
         || (r.on_gateway_error && matches!(status, 502..=504))
         || r.on_status.contains(&status)
+        || (r.on_grpc_status != 0
+            && crate::http::grpc_status(resp.headers()).is_some_and(|g| r.on_grpc(u32::from(g))))
 }
 
 fn backoff(retry: Option<&RetryPolicy>, attempt: u32) -> Duration {
@@ -396,7 +413,7 @@ async fn try_targets(
     parts: &Parts,
     body: Body,
     per_try: Option<Duration>,
-    connect_timeout: Duration,
+    settings: &crate::pool::Settings,
 ) -> Result<Response<Body>, Flag> {
     let mut body = Some(body);
     let mut last = Err(Flag::NoHealthyUpstream);
@@ -425,7 +442,7 @@ async fn try_targets(
                 }
                 None => {
                     *req.uri_mut() = parts.uri.clone();
-                    crate::pool::send(addr, req, connect_timeout).await
+                    crate::pool::send(addr, req, settings).await
                 }
             }
         };
@@ -443,4 +460,95 @@ async fn try_targets(
         }
     }
     last
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::model::{epoch, Endpoint};
+
+    fn set(n: usize) -> EndpointSet {
+        let endpoints: Vec<Endpoint> = (0..n)
+            .map(|i| Endpoint {
+                addresses: vec![SocketAddr::from(([127, 0, 0, 1], 1000 + i as u16))],
+                weight: 1,
+            })
+            .collect();
+        EndpointSet {
+            endpoints: endpoints.into(),
+            states: (0..n).map(|_| Arc::default()).collect(),
+            ..Default::default()
+        }
+    }
+
+    fn status(code: u16) -> Result<Response<Body>, Flag> {
+        let mut r = Response::new(crate::http::full(""));
+        *r.status_mut() = http::StatusCode::from_u16(code).unwrap();
+        Ok(r)
+    }
+
+    #[test]
+    fn ejections_lengthen_while_recent_and_decay_by_interval() {
+        let policy = OutlierPolicy {
+            consecutive_5xx: 1,
+            consecutive_gateway: 0,
+            base_ejection: Duration::from_secs(1),
+            max_ejection_percent: 100,
+            interval: Duration::from_millis(10),
+        };
+        let set = set(4);
+        let st = &set.states[0];
+        // Ejection times are counted from the proxy's epoch: let 100 ms pass since it.
+        std::thread::sleep(Duration::from_millis(100).saturating_sub(epoch().elapsed()));
+        outlier(Some(&policy), &set, st, &status(500));
+        assert_eq!(st.ejections.load(Ordering::Relaxed), 1);
+        assert!(st.ejected_until.load(Ordering::Relaxed) > now_nanos());
+
+        // Back just now (less than an interval): the next ejection is twice as long.
+        st.ejected_until.store(now_nanos() - 1, Ordering::Relaxed);
+        outlier(Some(&policy), &set, st, &status(503));
+        assert_eq!(st.ejections.load(Ordering::Relaxed), 2);
+
+        // Back for five intervals: the count decays to zero before this ejection counts.
+        st.ejected_until
+            .store(now_nanos() - 5 * 10_000_000, Ordering::Relaxed);
+        outlier(Some(&policy), &set, st, &status(500));
+        assert_eq!(st.ejections.load(Ordering::Relaxed), 1);
+
+        // A success resets the consecutive count, so one 5xx does not eject the next one.
+        let other = &set.states[1];
+        outlier(Some(&policy), &set, other, &status(200));
+        assert_eq!(other.ejections.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn grpc_status_in_headers_is_retried_when_the_policy_says_so() {
+        let policy = RetryPolicy {
+            attempts: 2,
+            per_try_timeout: None,
+            on_5xx: false,
+            on_gateway_error: false,
+            on_connect_failure: true,
+            on_reset: false,
+            on_status: vec![503],
+            base_interval: Duration::from_millis(25),
+            max_interval: Duration::from_millis(250),
+            on_refused_stream: false,
+            on_grpc_status: (1 << 14) | (1 << 1), // unavailable, cancelled
+        };
+        let grpc = |code: &'static str| {
+            let mut r = Response::new(crate::http::full(""));
+            r.headers_mut()
+                .insert("grpc-status", http::HeaderValue::from_static(code));
+            r
+        };
+        assert!(retriable(&policy, &grpc("14")));
+        assert!(retriable(&policy, &grpc("1")));
+        assert!(!retriable(&policy, &grpc("0")));
+        assert!(!retriable(&policy, &grpc("13")));
+        assert!(retriable(&policy, &status(503).unwrap()));
+        assert!(!retriable(&policy, &status(500).unwrap()));
+    }
 }
