@@ -237,22 +237,84 @@ where
 {
     let _open = drain.open();
     let service = hyper::service::service_fn(move |req| {
-        let response = handle(req, peer);
+        // Boxed once: the request's future holds the whole route-to-upstream state (KiBs),
+        // and hyper moves what `call` returns several times.
+        let response = Box::pin(handle(req, peer));
         async move { Ok::<_, Infallible>(response.await) }
     });
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-    tokio::pin!(conn);
+    let mut conn = std::pin::pin!(conn);
     let mut drain = drain;
-    let result = tokio::select! {
-        r = conn.as_mut() => r,
-        () = drain.started() => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
+    let started = drain.started();
+    let mut started = std::pin::pin!(started);
+    // The drain signal is polled when it wakes, not every time the connection does (four
+    // times per request).
+    let signal = Arc::new(DrainSignal::default());
+    let mut shutting_down = false;
+    let result = std::future::poll_fn(|cx| {
+        if !shutting_down && signal.woken.swap(false, Ordering::AcqRel) {
+            signal.register(cx.waker());
+            let waker = std::task::Waker::from(signal.clone());
+            if started
+                .as_mut()
+                .poll(&mut std::task::Context::from_waker(&waker))
+                .is_ready()
+            {
+                conn.as_mut().graceful_shutdown();
+                shutting_down = true;
+            }
         }
-    };
+        conn.as_mut().poll(cx)
+    })
+    .await;
     if let Err(e) = result {
         debug!(%peer, error = %e, "downstream connection ended with an error");
+    }
+}
+
+/// Wakes a connection's task for its drain signal, and remembers that it was this signal.
+struct DrainSignal {
+    woken: std::sync::atomic::AtomicBool,
+    task: std::sync::Mutex<Option<std::task::Waker>>,
+}
+
+impl Default for DrainSignal {
+    fn default() -> Self {
+        DrainSignal {
+            // Polled once at the start, to register.
+            woken: std::sync::atomic::AtomicBool::new(true),
+            task: std::sync::Mutex::new(None),
+        }
+    }
+}
+
+impl DrainSignal {
+    fn register(&self, waker: &std::task::Waker) {
+        let mut task = self
+            .task
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !task.as_ref().is_some_and(|w| w.will_wake(waker)) {
+            *task = Some(waker.clone());
+        }
+    }
+}
+
+impl std::task::Wake for DrainSignal {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::Release);
+        let task = self
+            .task
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(w) = task.as_ref() {
+            w.wake_by_ref();
+        }
     }
 }
 
