@@ -5,6 +5,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -242,17 +243,68 @@ where
         let response = Box::pin(handle(req, peer));
         async move { Ok::<_, Infallible>(response.await) }
     });
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-    let mut conn = std::pin::pin!(conn);
     let mut drain = drain;
+    // HTTP/2 with prior knowledge or HTTP/1.1, told apart once by peeking at the first bytes,
+    // then served by hyper's own connection for that version (no per-read sniffing layer).
+    let h2 = tokio::select! {
+        h2 = starts_with_h2_preface(&stream) => match h2 {
+            Ok(h2) => h2,
+            Err(e) => {
+                debug!(%peer, error = %e, "downstream connection ended before a request");
+                return;
+            }
+        },
+        () = drain.started() => return,
+    };
+    let io = TokioIo::new(stream);
+    let result = if h2 {
+        let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .serve_connection(io, service);
+        until_drained(conn, &mut drain, |c| c.graceful_shutdown()).await
+    } else {
+        let conn = hyper::server::conn::http1::Builder::new()
+            .serve_connection(io, service)
+            .with_upgrades();
+        until_drained(conn, &mut drain, |c| c.graceful_shutdown()).await
+    };
+    if let Err(e) = result {
+        debug!(%peer, error = %e, "downstream connection ended with an error");
+    }
+}
+
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Whether the client starts with the HTTP/2 connection preface, read without consuming it.
+/// `false` as soon as the bytes differ (an HTTP/1.1 request line), or the client closes.
+async fn starts_with_h2_preface(stream: &TcpStream) -> std::io::Result<bool> {
+    let mut buf = [0u8; 24];
+    loop {
+        let n = stream.peek(&mut buf).await?;
+        if n == 0 || buf[..n] != H2_PREFACE[..n] {
+            return Ok(false);
+        }
+        if n == H2_PREFACE.len() {
+            return Ok(true);
+        }
+        // Part of the preface so far (clients send it in one piece; this is rare): peeking
+        // again returns at once, so wait a little for the rest.
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+}
+
+/// Runs a connection to its end; when draining starts, asks it once to finish the request
+/// in flight and close. The drain signal is polled when it wakes, not every time the
+/// connection does (four times per request).
+async fn until_drained<C, E>(conn: C, drain: &mut Drain, shutdown: fn(Pin<&mut C>)) -> Result<(), E>
+where
+    C: Future<Output = Result<(), E>>,
+{
+    let mut conn = std::pin::pin!(conn);
     let started = drain.started();
     let mut started = std::pin::pin!(started);
-    // The drain signal is polled when it wakes, not every time the connection does (four
-    // times per request).
     let signal = Arc::new(DrainSignal::default());
     let mut shutting_down = false;
-    let result = std::future::poll_fn(|cx| {
+    std::future::poll_fn(|cx| {
         if !shutting_down && signal.woken.swap(false, Ordering::AcqRel) {
             signal.register(cx.waker());
             let waker = std::task::Waker::from(signal.clone());
@@ -261,16 +313,13 @@ where
                 .poll(&mut std::task::Context::from_waker(&waker))
                 .is_ready()
             {
-                conn.as_mut().graceful_shutdown();
+                shutdown(conn.as_mut());
                 shutting_down = true;
             }
         }
         conn.as_mut().poll(cx)
     })
-    .await;
-    if let Err(e) = result {
-        debug!(%peer, error = %e, "downstream connection ended with an error");
-    }
+    .await
 }
 
 /// Wakes a connection's task for its drain signal, and remembers that it was this signal.
@@ -588,5 +637,41 @@ pub async fn small_body_whole(resp: Response<Incoming>) -> Result<Response<Body>
             debug!(error = %e, "upstream reset while sending the response body");
             Err(Flag::Reset)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::AsyncWriteExt;
+
+    use super::*;
+
+    /// What `starts_with_h2_preface` says of a client that writes `parts`, 20 ms apart.
+    async fn sniff(parts: &[&'static [u8]]) -> bool {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let parts = parts.to_vec();
+        let client = tokio::spawn(async move {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            for p in parts {
+                s.write_all(p).await.unwrap();
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            // Then closes: what was written stays readable.
+        });
+        let (server, _) = listener.accept().await.unwrap();
+        let h2 = starts_with_h2_preface(&server).await.unwrap();
+        client.await.unwrap();
+        h2
+    }
+
+    #[tokio::test]
+    async fn the_http2_preface_is_told_from_http1_without_consuming_it() {
+        assert!(sniff(&[H2_PREFACE]).await);
+        assert!(sniff(&[b"PRI * HT", b"TP/2.0\r\n\r\nSM\r\n\r\n"]).await);
+        assert!(!sniff(&[b"GET / HTTP/1.1\r\nhost: a\r\n\r\n"]).await);
+        assert!(!sniff(&[b"PUT / HTTP/1.1\r\n"]).await);
+        assert!(!sniff(&[b"PRI", b" / HTTP/1.1\r\n\r\n"]).await);
+        assert!(!sniff(&[]).await); // closed before a byte
     }
 }
