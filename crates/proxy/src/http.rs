@@ -367,6 +367,58 @@ impl std::task::Wake for DrainSignal {
     }
 }
 
+/// Removes the hop-by-hop headers a proxy must not pass on (RFC 9110 §7.6.1): `connection`
+/// and every header it names, `keep-alive`, `proxy-connection`, `transfer-encoding` (hyper
+/// frames the body itself) and `te` other than `trailers` (gRPC needs that one); `upgrade`
+/// too unless the message is switching protocols. One pass over the names when there is
+/// nothing to remove, the usual case.
+pub fn strip_hop_by_hop(headers: &mut http::HeaderMap, upgrading: bool) {
+    use http::header::{CONNECTION, TE, TRANSFER_ENCODING, UPGRADE};
+    let hop = |n: &http::HeaderName| {
+        n == CONNECTION
+            || n == TRANSFER_ENCODING
+            || n == TE
+            || (n == UPGRADE && !upgrading)
+            || n.as_str() == "keep-alive"
+            || n.as_str() == "proxy-connection"
+    };
+    if !headers.keys().any(hop) {
+        return;
+    }
+    let named: Vec<http::HeaderName> = headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| http::HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .filter(|n| !(upgrading && (n == UPGRADE || n == CONNECTION)))
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    let trailers = headers
+        .get_all(TE)
+        .iter()
+        .any(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    for name in [
+        TRANSFER_ENCODING,
+        TE,
+        http::HeaderName::from_static("keep-alive"),
+    ] {
+        headers.remove(name);
+    }
+    headers.remove("proxy-connection");
+    if upgrading {
+        headers.insert(CONNECTION, http::HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(CONNECTION);
+        headers.remove(UPGRADE);
+    }
+    if trailers {
+        headers.insert(TE, http::HeaderValue::from_static("trailers"));
+    }
+}
+
 /// The matcher's view of a request: borrowed from the request head, nothing allocated.
 pub struct View<'a> {
     pub parts: &'a http::request::Parts,

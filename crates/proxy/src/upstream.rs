@@ -59,10 +59,11 @@ impl Upstreams {
         &self,
         cfg: &Config,
         plan: &Plan<'_>,
-        parts: Parts,
+        mut parts: Parts,
         body: Body,
         body_is_empty: bool,
     ) -> Result<Response<Body>, Flag> {
+        strip_request(&mut parts);
         let Some(cluster) = cfg.clusters.get(plan.cluster) else {
             return Err(Flag::NoCluster);
         };
@@ -284,13 +285,21 @@ impl Upstreams {
         &self,
         http2: bool,
         target: SocketAddr,
-        parts: Parts,
+        mut parts: Parts,
         body: Body,
     ) -> Result<Response<Body>, Flag> {
+        strip_request(&mut parts);
         let h2 = http2.then_some(&self.h2);
         let settings = crate::pool::Settings::default();
         try_targets(h2, &[target], &parts, body, None, &settings).await
     }
+}
+
+/// The request's hop-by-hop headers stay on the downstream hop; an upgrade request keeps
+/// what the upstream needs to agree to it.
+fn strip_request(parts: &mut Parts) {
+    let upgrading = parts.headers.contains_key(http::header::UPGRADE);
+    crate::http::strip_hop_by_hop(&mut parts.headers, upgrading);
 }
 
 /// Whether a response is retried: its status, or the `grpc-status` of a trailers-only gRPC
@@ -454,6 +463,11 @@ async fn try_targets(
             None => sent.await,
         };
         match result {
+            Ok(mut resp) => {
+                let upgrading = resp.status() == http::StatusCode::SWITCHING_PROTOCOLS;
+                crate::http::strip_hop_by_hop(resp.headers_mut(), upgrading);
+                return Ok(resp);
+            }
             // Only requests without a body reach a second address (see `send`).
             Err(Flag::ConnectFailure) => last = Err(Flag::ConnectFailure),
             other => return other,

@@ -53,6 +53,18 @@ async fn app(bind: &str, name: &'static str, failing: bool) -> App {
                         if let Some(id) = req.headers().get("x-request-id") {
                             resp.headers_mut().insert("x-seen-request-id", id.clone());
                         }
+                        if req.uri().path() == "/hop" {
+                            // Which hop-by-hop headers reached the app, and some of its own.
+                            let seen: Vec<&str> = ["x-secret", "keep-alive", "proxy-connection"]
+                                .into_iter()
+                                .filter(|h| req.headers().contains_key(*h))
+                                .collect();
+                            let h = resp.headers_mut();
+                            h.insert("x-seen-hop", seen.join(",").parse().unwrap());
+                            h.insert("connection", "keep-alive, x-app-hop".parse().unwrap());
+                            h.insert("x-app-hop", "1".parse().unwrap());
+                            h.insert("keep-alive", "timeout=5".parse().unwrap());
+                        }
                         if failing {
                             *resp.status_mut() = hyper::StatusCode::SERVICE_UNAVAILABLE;
                         }
@@ -469,6 +481,24 @@ async fn routing_features_end_to_end() {
     );
     let (_, _, h) = get(p, &format!("{web}/id"), &[("x-request-id", "mine-1")]).await;
     assert_eq!(h["x-seen-request-id"], "mine-1");
+
+    // Hop-by-hop headers stay on their hop, both ways, through two sidecars.
+    let (s, _, h) = get(
+        p,
+        &format!("{web}/hop"),
+        &[
+            ("connection", "x-secret"),
+            ("x-secret", "1"),
+            ("keep-alive", "timeout=9"),
+            ("proxy-connection", "keep-alive"),
+        ],
+    )
+    .await;
+    assert_eq!(s, 200);
+    assert_eq!(h["x-seen-hop"], "", "the app saw hop-by-hop headers");
+    for hop in ["x-app-hop", "keep-alive"] {
+        assert!(!h.contains_key(hop), "{hop} reached the client: {h:?}");
+    }
 
     // Header route to v2 (reached directly), and v1 through the server sidecar's inbound.
     let (s, body, _) = get(p, &format!("{web}/a"), &[("end-user", "jason")]).await;
