@@ -596,7 +596,8 @@ pub fn response_flags(resp: &Response<Body>) -> &'static str {
 }
 
 /// Wraps a finished response so that `observe(code, flags, response bytes)` runs when its
-/// body is done.
+/// body is done. A small body is already whole in memory (see [`small_body`]) and leaves with
+/// the head in one write: it is observed now, without wrapping.
 pub fn observed(
     resp: Response<Body>,
     observe: impl FnOnce(Outcome) + Send + Sync + 'static,
@@ -604,6 +605,16 @@ pub fn observed(
     let code = resp.status().as_u16();
     let flags = response_flags(&resp);
     let grpc = grpc_status(resp.headers());
+    let size = hyper::body::Body::size_hint(resp.body()).exact();
+    if let Some(bytes) = size.filter(|&n| n <= SMALL_BODY) {
+        observe(Outcome {
+            code,
+            flags,
+            grpc_status: grpc,
+            bytes,
+        });
+        return resp;
+    }
     resp.map(|b| {
         Counted::new(b, grpc, move |bytes, grpc_status| {
             observe(Outcome {
