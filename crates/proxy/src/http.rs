@@ -419,6 +419,116 @@ pub fn strip_hop_by_hop(headers: &mut http::HeaderMap, upgrading: bool) {
     }
 }
 
+/// Largest request body kept so that a retry can send it again (Envoy buffers up to its
+/// connection buffer limit for the same reason).
+const REPLAY_LIMIT: usize = 64 * 1024;
+
+/// A request body on its way upstream: whole in memory, so every attempt can send it (retries
+/// and a dual-stack endpoint's second address), or streaming, so it can be sent once.
+pub enum RequestBody {
+    Whole {
+        data: Vec<Bytes>,
+        trailers: Option<http::HeaderMap>,
+    },
+    Streaming(Option<Body>),
+}
+
+impl RequestBody {
+    /// A body of known length that fits in [`REPLAY_LIMIT`] is read whole (it is coming, and
+    /// small). Of any other body, takes what the client has already sent, without waiting:
+    /// when that is the whole body (as with unary gRPC calls, whose message usually arrives
+    /// with the head) and it fits, it can be sent again; otherwise the part taken is sent
+    /// first and the rest streams behind it.
+    pub async fn from_incoming(mut body: Incoming) -> RequestBody {
+        use hyper::body::Body as _;
+        let mut data = Vec::new();
+        let mut size = 0;
+        if body.is_end_stream() {
+            return RequestBody::Whole {
+                data,
+                trailers: None,
+            };
+        }
+        let known = body.size_hint().exact();
+        if known.is_some_and(|n| n <= REPLAY_LIMIT as u64) {
+            return match body.collect().await {
+                Ok(whole) => {
+                    let trailers = whole.trailers().cloned();
+                    RequestBody::Whole {
+                        data: vec![whole.to_bytes()],
+                        trailers,
+                    }
+                }
+                // The client went away mid-body: what reaches upstream ends in the same error.
+                Err(e) => RequestBody::Streaming(Some(
+                    http_body_util::StreamBody::new(tokio_stream::iter([Err(e)])).boxed(),
+                )),
+            };
+        }
+        let ended = std::future::poll_fn(|cx| loop {
+            match std::pin::Pin::new(&mut body).poll_frame(cx) {
+                std::task::Poll::Ready(None) => return std::task::Poll::Ready(Ok(None)),
+                std::task::Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(d) => {
+                        size += d.len();
+                        data.push(d);
+                        if size > REPLAY_LIMIT {
+                            return std::task::Poll::Ready(Err(None));
+                        }
+                    }
+                    Err(frame) => {
+                        return std::task::Poll::Ready(Ok(frame.into_trailers().ok()));
+                    }
+                },
+                // An error is the rest's to report, in order.
+                std::task::Poll::Ready(Some(Err(e))) => {
+                    return std::task::Poll::Ready(Err(Some(e)))
+                }
+                std::task::Poll::Pending => return std::task::Poll::Ready(Err(None)),
+            }
+        })
+        .await;
+        match ended {
+            Ok(trailers) => RequestBody::Whole { data, trailers },
+            Err(error) => {
+                use tokio_stream::StreamExt as _;
+                let taken: Vec<_> = data
+                    .into_iter()
+                    .map(|d| Ok(hyper::body::Frame::data(d)))
+                    .chain(error.map(Err))
+                    .collect();
+                let rest = tokio_stream::iter(taken).chain(http_body_util::BodyStream::new(body));
+                RequestBody::Streaming(Some(http_body_util::StreamBody::new(rest).boxed()))
+            }
+        }
+    }
+
+    /// Whether [`take`](Self::take) can give the body again.
+    pub fn replayable(&self) -> bool {
+        matches!(self, RequestBody::Whole { .. })
+    }
+
+    /// The body for one attempt (for a streaming body, the first only; then empty).
+    pub fn take(&mut self) -> Body {
+        match self {
+            RequestBody::Whole { data, trailers } if trailers.is_none() && data.len() <= 1 => {
+                full(data.first().cloned().unwrap_or_default())
+            }
+            RequestBody::Whole { data, trailers } => {
+                let frames = data
+                    .iter()
+                    .cloned()
+                    .map(hyper::body::Frame::data)
+                    .chain(trailers.clone().map(hyper::body::Frame::trailers))
+                    .map(Ok);
+                http_body_util::StreamBody::new(tokio_stream::iter(frames.collect::<Vec<_>>()))
+                    .boxed()
+            }
+            RequestBody::Streaming(body) => body.take().unwrap_or_else(|| full("")),
+        }
+    }
+}
+
 /// The matcher's view of a request: borrowed from the request head, nothing allocated.
 pub struct View<'a> {
     pub parts: &'a http::request::Parts,

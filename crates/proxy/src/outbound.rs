@@ -14,7 +14,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use http::header::HOST;
 use http::{HeaderValue, Request, Response, StatusCode};
-use hyper::body::{Body as _, Incoming};
+use hyper::body::Incoming;
 
 use crate::http::{self as h, Body, Flag, View};
 use crate::model::{Action, Config, Fault, Forward, HashKey, Redirect, Route, WeightedCluster};
@@ -176,7 +176,6 @@ impl Outbound {
         }
         router::apply(&mut parts.headers, &route.headers, true);
         router::apply(&mut parts.headers, &wc.headers, true);
-        let empty = body.is_end_stream();
         let upgrade = h::take_upgrade(&mut parts);
         let plan = Plan {
             cluster: &wc.name,
@@ -187,7 +186,7 @@ impl Outbound {
         };
         match self
             .upstreams
-            .send(cfg, &plan, parts, h::incoming(body), empty)
+            .send(cfg, &plan, parts, h::RequestBody::from_incoming(body).await)
             .await
         {
             Ok(mut resp) => {

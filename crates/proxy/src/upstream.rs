@@ -13,7 +13,7 @@ use http::{Request, Response, Uri};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
 
-use crate::http::{Body, Flag};
+use crate::http::{Body, Flag, RequestBody};
 use crate::model::{
     now_nanos, ClusterKind, Config, EndpointSet, EndpointState, Lb, OutlierPolicy, RetryPolicy,
 };
@@ -52,16 +52,15 @@ pub struct Plan<'a> {
 }
 
 impl Upstreams {
-    /// Sends the request (origin-form URI in `parts`) per `plan`. The body is sent once; a
-    /// request with a body is not retried (its bytes are gone), as Envoy does beyond its
-    /// buffer limit.
+    /// Sends the request (origin-form URI in `parts`) per `plan`. A body held whole can be
+    /// sent by every attempt; a streaming one only by the first, so such a request is not
+    /// retried (its bytes are gone), as Envoy does beyond its buffer limit.
     pub async fn send(
         &self,
         cfg: &Config,
         plan: &Plan<'_>,
         mut parts: Parts,
-        body: Body,
-        body_is_empty: bool,
+        mut body: RequestBody,
     ) -> Result<Response<Body>, Flag> {
         strip_request(&mut parts);
         let Some(cluster) = cfg.clusters.get(plan.cluster) else {
@@ -85,9 +84,9 @@ impl Upstreams {
         let settings = crate::pool::Settings::of(cluster);
         let attempt_all = async {
             let h2 = cluster.http2.then_some(&self.h2);
-            let retry = plan.retry.filter(|_| body_is_empty);
+            let replayable = body.replayable();
+            let retry = plan.retry.filter(|_| replayable);
             let attempts = 1 + retry.map_or(0, |r| r.attempts);
-            let mut body = Some(body);
             let mut last = Err(Flag::NoHealthyUpstream);
             let mut tried = [usize::MAX; 4];
             for attempt in 0..attempts {
@@ -124,9 +123,8 @@ impl Upstreams {
                     }
                     (_, None) => return Err(Flag::NoHealthyUpstream),
                 };
-                let b = body.take().unwrap_or_else(|| crate::http::full(""));
-                // A body can be sent once: with one, only the first address is tried.
-                let targets = if body_is_empty {
+                // A streaming body can be sent once: only the first address is tried.
+                let targets = if replayable {
                     &targets[..]
                 } else {
                     &targets[..targets.len().min(1)]
@@ -139,7 +137,7 @@ impl Upstreams {
                     h2,
                     targets,
                     &parts,
-                    b,
+                    &mut body,
                     retry.and_then(|r| r.per_try_timeout),
                     &settings,
                 )
@@ -291,7 +289,8 @@ impl Upstreams {
         strip_request(&mut parts);
         let h2 = http2.then_some(&self.h2);
         let settings = crate::pool::Settings::default();
-        try_targets(h2, &[target], &parts, body, None, &settings).await
+        let mut body = RequestBody::Streaming(Some(body));
+        try_targets(h2, &[target], &parts, &mut body, None, &settings).await
     }
 }
 
@@ -420,14 +419,13 @@ async fn try_targets(
     h2: Option<&Client<HttpConnector, Body>>,
     targets: &[SocketAddr],
     parts: &Parts,
-    body: Body,
+    body: &mut RequestBody,
     per_try: Option<Duration>,
     settings: &crate::pool::Settings,
 ) -> Result<Response<Body>, Flag> {
-    let mut body = Some(body);
     let mut last = Err(Flag::NoHealthyUpstream);
     for &addr in targets {
-        let mut req = Request::new(body.take().unwrap_or_else(|| crate::http::full("")));
+        let mut req = Request::new(body.take());
         *req.method_mut() = parts.method.clone();
         *req.headers_mut() = parts.headers.clone();
         let sent = async {
@@ -468,7 +466,7 @@ async fn try_targets(
                 crate::http::strip_hop_by_hop(resp.headers_mut(), upgrading);
                 return Ok(resp);
             }
-            // Only requests without a body reach a second address (see `send`).
+            // Only requests whose body is held whole reach a second address (see `send`).
             Err(Flag::ConnectFailure) => last = Err(Flag::ConnectFailure),
             other => return other,
         }

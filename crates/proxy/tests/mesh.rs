@@ -48,7 +48,18 @@ async fn app(bind: &str, name: &'static str, failing: bool) -> App {
                             .headers()
                             .get("x-test")
                             .map_or("-".into(), |v| v.to_str().unwrap().to_owned());
-                        let body = format!("{name} {} {x}", req.uri());
+                        let mut body = format!("{name} {} {x}", req.uri());
+                        let (head, sent) = req.into_parts();
+                        let req = Request::from_parts(head, ());
+                        // A request body is echoed after the rest.
+                        let sent = sent
+                            .collect()
+                            .await
+                            .map(|b| b.to_bytes())
+                            .unwrap_or_default();
+                        if !sent.is_empty() {
+                            body = format!("{body} {}", String::from_utf8_lossy(&sent));
+                        }
                         let mut resp = Response::new(Full::new(Bytes::from(body)));
                         if let Some(id) = req.headers().get("x-request-id") {
                             resp.headers_mut().insert("x-seen-request-id", id.clone());
@@ -297,6 +308,35 @@ async fn get(
     let headers = resp.headers().clone();
     let body = resp.into_body().collect().await.unwrap().to_bytes();
     (status, String::from_utf8_lossy(&body).into_owned(), headers)
+}
+
+async fn post(proxy: SocketAddr, url: &str, body: String) -> (u16, String) {
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let req = Request::post(url)
+        .body(Full::new(Bytes::from(body)))
+        .unwrap();
+    let (mut head, body) = req.into_parts();
+    // Absolute-form through the proxy.
+    head.uri = format!("http://{proxy}{}", head.uri.path())
+        .parse()
+        .unwrap();
+    head.headers.insert(
+        http::header::HOST,
+        url.parse::<http::Uri>()
+            .unwrap()
+            .authority()
+            .unwrap()
+            .as_str()
+            .parse()
+            .unwrap(),
+    );
+    let resp = tokio::time::timeout(WAIT, client.request(Request::from_parts(head, body)))
+        .await
+        .expect("response in time")
+        .unwrap();
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
 }
 
 /// The control plane's xDS server on a runtime of its own, so a test can kill it outright
@@ -557,6 +597,22 @@ async fn routing_features_end_to_end() {
         assert_eq!((s, &body[..4]), (200, "good"), "request {i}");
     }
     assert!(m.flaky_bad.hits.load(Ordering::Relaxed) >= 5);
+    // Requests with a body are retried too: the body is sent again, whole.
+    let bad_before = m.flaky_bad.hits.load(Ordering::Relaxed);
+    for i in 0..20 {
+        let (s, body) = post(
+            p,
+            &format!("http://flaky.shop.svc.cluster.local:9090/p{i}"),
+            format!("payload {i} {}", "x".repeat(i * 500)),
+        )
+        .await;
+        assert_eq!(s, 200, "request {i}: {body}");
+        assert_eq!(
+            body,
+            format!("good /p{i} - payload {i} {}", "x".repeat(i * 500))
+        );
+    }
+    assert!(m.flaky_bad.hits.load(Ordering::Relaxed) >= bad_before + 5);
 
     // Unknown routes: a service port nobody has.
     let (s, _, h) = get(p, "http://nowhere.example:7777/", &[]).await;
