@@ -423,6 +423,14 @@ pub fn strip_hop_by_hop(headers: &mut http::HeaderMap, upgrading: bool) {
 /// connection buffer limit for the same reason).
 const REPLAY_LIMIT: usize = 64 * 1024;
 
+/// What [`RequestBody::from_incoming`] found without waiting.
+enum Took {
+    Ended(Option<http::HeaderMap>),
+    Failed(hyper::Error),
+    TooLarge,
+    Waiting,
+}
+
 /// A request body on its way upstream: whole in memory, so every attempt can send it (retries
 /// and a dual-stack endpoint's second address), or streaming, so it can be sent once.
 pub enum RequestBody {
@@ -435,10 +443,10 @@ pub enum RequestBody {
 
 impl RequestBody {
     /// A body of known length that fits in [`REPLAY_LIMIT`] is read whole (it is coming, and
-    /// small). Of any other body, takes what the client has already sent, without waiting:
-    /// when that is the whole body (as with unary gRPC calls, whose message usually arrives
-    /// with the head) and it fits, it can be sent again; otherwise the part taken is sent
-    /// first and the rest streams behind it.
+    /// small). Of any other body, takes what the client has already sent, waiting for
+    /// nothing but one yield to hyper's connection: when that is the whole body (as with
+    /// unary gRPC calls, whose message usually arrives with the head) and it fits, it can be
+    /// sent again; otherwise the part taken is sent first and the rest streams behind it.
     pub async fn from_incoming(mut body: Incoming) -> RequestBody {
         use hyper::body::Body as _;
         let mut data = Vec::new();
@@ -465,33 +473,52 @@ impl RequestBody {
                 )),
             };
         }
-        let ended = std::future::poll_fn(|cx| loop {
-            match std::pin::Pin::new(&mut body).poll_frame(cx) {
-                std::task::Poll::Ready(None) => return std::task::Poll::Ready(Ok(None)),
-                std::task::Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+        // What is there now; hyper hands over what it has already read when its connection
+        // runs again, so a body that is not complete yet gets one yield before it streams.
+        let mut yielded = false;
+        let took = loop {
+            let took = std::future::poll_fn(|cx| loop {
+                let frame = match std::pin::Pin::new(&mut body).poll_frame(cx) {
+                    std::task::Poll::Ready(None) => {
+                        return std::task::Poll::Ready(Took::Ended(None))
+                    }
+                    std::task::Poll::Ready(Some(Ok(frame))) => frame,
+                    // An error is the rest's to report, in order.
+                    std::task::Poll::Ready(Some(Err(e))) => {
+                        return std::task::Poll::Ready(Took::Failed(e))
+                    }
+                    std::task::Poll::Pending => return std::task::Poll::Ready(Took::Waiting),
+                };
+                match frame.into_data() {
                     Ok(d) => {
                         size += d.len();
                         data.push(d);
                         if size > REPLAY_LIMIT {
-                            return std::task::Poll::Ready(Err(None));
+                            return std::task::Poll::Ready(Took::TooLarge);
                         }
                     }
                     Err(frame) => {
-                        return std::task::Poll::Ready(Ok(frame.into_trailers().ok()));
+                        return std::task::Poll::Ready(Took::Ended(frame.into_trailers().ok()));
                     }
-                },
-                // An error is the rest's to report, in order.
-                std::task::Poll::Ready(Some(Err(e))) => {
-                    return std::task::Poll::Ready(Err(Some(e)))
                 }
-                std::task::Poll::Pending => return std::task::Poll::Ready(Err(None)),
+            })
+            .await;
+            match took {
+                Took::Waiting if !yielded => {
+                    yielded = true;
+                    tokio::task::yield_now().await;
+                }
+                took => break took,
             }
-        })
-        .await;
-        match ended {
-            Ok(trailers) => RequestBody::Whole { data, trailers },
-            Err(error) => {
+        };
+        match took {
+            Took::Ended(trailers) => RequestBody::Whole { data, trailers },
+            took => {
                 use tokio_stream::StreamExt as _;
+                let error = match took {
+                    Took::Failed(e) => Some(e),
+                    _ => None,
+                };
                 let taken: Vec<_> = data
                     .into_iter()
                     .map(|d| Ok(hyper::body::Frame::data(d)))
@@ -836,6 +863,73 @@ mod tests {
         let h2 = starts_with_h2_preface(&server).await.unwrap();
         client.await.unwrap();
         h2
+    }
+
+    /// Sends `head` then each of `chunks` (20 ms apart) as one HTTP/1.1 request to a server
+    /// that turns the body into a [`RequestBody`]; returns whether it was held whole and the
+    /// bytes it carried.
+    async fn request_body(head: &'static str, chunks: &[&'static str]) -> (bool, Vec<u8>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let chunks = chunks.to_vec();
+        tokio::spawn(async move {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            s.write_all(head.as_bytes()).await.unwrap();
+            for c in chunks {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                s.write_all(c.as_bytes()).await.unwrap();
+            }
+            let mut sink = Vec::new();
+            let _ = tokio::io::AsyncReadExt::read_to_end(&mut s, &mut sink).await;
+        });
+        let (stream, _) = listener.accept().await.unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let tx = std::sync::Mutex::new(Some(tx));
+        let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+            let tx = tx.lock().unwrap().take();
+            async move {
+                let mut body = RequestBody::from_incoming(req.into_body()).await;
+                let whole = body.replayable();
+                let bytes = body.take().collect().await.unwrap().to_bytes().to_vec();
+                if let Some(tx) = tx {
+                    let _ = tx.send((whole, bytes));
+                }
+                Ok::<_, Infallible>(Response::new(full("")))
+            }
+        });
+        tokio::spawn(
+            hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service),
+        );
+        rx.await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn request_bodies_are_held_whole_when_small_and_known_or_already_complete() {
+        // Known length, small: read whole even though it comes in pieces.
+        let (whole, bytes) = request_body(
+            "POST / HTTP/1.1\r\nhost: a\r\ncontent-length: 10\r\n\r\n01234",
+            &["56789"],
+        )
+        .await;
+        assert!(whole);
+        assert_eq!(bytes, b"0123456789");
+        // Chunked, still arriving when routed: streams, nothing lost.
+        let (whole, bytes) = request_body(
+            "POST / HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n",
+            &["6\r\n world\r\n", "0\r\n\r\n"],
+        )
+        .await;
+        assert!(!whole);
+        assert_eq!(bytes, b"hello world");
+        // Chunked but already complete: held whole.
+        let (whole, bytes) = request_body(
+            "POST / HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+            &[],
+        )
+        .await;
+        assert!(whole);
+        assert_eq!(bytes, b"hello");
     }
 
     #[tokio::test]
