@@ -408,3 +408,49 @@ fn from_mesh_config_maps_namespaces_to_tenants() {
         again.trust_bundle("default").unwrap()
     );
 }
+
+/// A key holder outside the CA's reach: the shape of the PKCS#11 signer to come. Issuing must
+/// go through `sign` alone.
+struct CountingSigner {
+    inner: FileSigner,
+    signs: std::sync::atomic::AtomicUsize,
+}
+
+impl Signer for CountingSigner {
+    fn certificate(&self) -> &X509 {
+        self.inner.certificate()
+    }
+    fn sign(&self, tbs: &[u8]) -> Result<Vec<u8>, CaError> {
+        self.signs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.inner.sign(tbs)
+    }
+}
+
+#[test]
+fn issuing_needs_only_the_signer_seam() {
+    let dir = tempfile::tempdir().unwrap();
+    let signer = Arc::new(CountingSigner {
+        inner: FileSigner::open_or_create(dir.path(), TD, "root").unwrap(),
+        signs: 0.into(),
+    });
+    let ca = Ca::new(
+        TD,
+        vec![TenantCa {
+            name: "t".into(),
+            namespaces: vec!["*".into()],
+            trust_tenants: vec![],
+            signer: signer.clone(),
+            max_validity: Duration::from_secs(3600),
+        }],
+    )
+    .unwrap();
+    let issued = ca
+        .issue(
+            &Caller::new("ns", "sa"),
+            &csr(&p256(), &[San::Uri(&id("ns", "sa"))]),
+            Duration::ZERO,
+        )
+        .unwrap();
+    assert_eq!(signer.signs.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert!(verifies(&issued.chain, &ca.trust_bundle("t").unwrap()));
+}
