@@ -1,0 +1,64 @@
+//! Errors of the CA: each says what was wrong with a request or with the CA's own state, so the
+//! gRPC service can map request errors to `InvalidArgument`/`PermissionDenied` and the rest to
+//! `Internal`.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaError {
+    #[error("CSR is not a PEM certificate request: {0}")]
+    BadCsr(String),
+    #[error("CSR signature does not verify with the CSR's own public key")]
+    BadSignature,
+    #[error("CSR requests no subject alternative name; expected the URI SAN {expected}")]
+    NoSan { expected: String },
+    #[error("CSR requests identity {requested} but the caller is {caller}")]
+    IdentityMismatch { requested: String, caller: String },
+    #[error("CSR requests names other than the caller's identity {caller}: {extra:?}")]
+    ExtraSan { caller: String, extra: Vec<String> },
+    #[error("unsupported CSR key: {0} (accepted: ECDSA P-256, RSA of at least 2048 bits)")]
+    UnsupportedKey(String),
+    #[error(
+        "invalid caller identity: namespace {namespace:?}, service account {service_account:?}"
+    )]
+    BadCaller {
+        namespace: String,
+        service_account: String,
+    },
+    #[error("namespace {0:?} belongs to no tenant")]
+    NoTenant(String),
+    #[error("unknown tenant {0:?}")]
+    UnknownTenant(String),
+    #[error("tenant {tenant:?} trusts unknown tenant {trusted:?}")]
+    UnknownTrustedTenant { tenant: String, trusted: String },
+    #[error("tenant {tenant:?} names unknown signer {signer:?}")]
+    UnknownSigner { tenant: String, signer: String },
+    #[error("signer {0:?}: PKCS#11 keys are not supported yet (file keys only)")]
+    SignerKindUnsupported(String),
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: CA key file is readable by group or others (mode {mode:o}); expected 0600", path.display())]
+    KeyFileMode { path: PathBuf, mode: u32 },
+    #[error("{} exists but {} does not; restore it or remove both to start a new CA", present.display(), missing.display())]
+    Incomplete { present: PathBuf, missing: PathBuf },
+    #[error("{}: CA certificate does not belong to the CA key", path.display())]
+    KeyMismatch { path: PathBuf },
+    #[error("the CA certificate has expired")]
+    CaExpired,
+    #[error("malformed certificate encoding: {0}")]
+    Encoding(&'static str),
+    #[error("signer failed: {0}")]
+    Sign(String),
+    #[error("crypto library: {0}")]
+    Crypto(#[from] boring::error::ErrorStack),
+}
+
+impl CaError {
+    pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> CaError {
+        let path = path.into();
+        move |source| CaError::Io { path, source }
+    }
+}

@@ -1,0 +1,164 @@
+//! [`Ca`]: the mesh CA as the control plane holds it. One signer (and root) per tenant, the
+//! namespace → tenant mapping of the mesh config, and per tenant the trust bundle its workloads
+//! get: its own root plus the roots of the tenants it trusts (`trustTenants` in
+//! `hypha_config::MeshConfig`).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hypha_config::MeshConfig;
+
+use crate::issue::{issue, Caller, Issued};
+use crate::{CaError, FileSigner, Signer};
+
+/// One tenant as the CA sees it.
+#[derive(Clone)]
+pub struct TenantCa {
+    pub name: String,
+    /// Namespace names; `*` covers every namespace no other tenant lists.
+    pub namespaces: Vec<String>,
+    /// Tenants whose roots this tenant's workloads also trust (one direction).
+    pub trust_tenants: Vec<String>,
+    pub signer: Arc<dyn Signer>,
+    /// Cap on issued validity.
+    pub max_validity: Duration,
+}
+
+impl std::fmt::Debug for TenantCa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TenantCa")
+            .field("name", &self.name)
+            .field("namespaces", &self.namespaces)
+            .field("trust_tenants", &self.trust_tenants)
+            .field("max_validity", &self.max_validity)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The mesh CA: tenants, their signers and trust bundles.
+#[derive(Debug)]
+pub struct Ca {
+    trust_domain: String,
+    tenants: BTreeMap<String, TenantCa>,
+}
+
+impl Ca {
+    /// A CA over already-opened signers. Every `trust_tenants` entry must name a tenant.
+    pub fn new(trust_domain: impl Into<String>, tenants: Vec<TenantCa>) -> Result<Ca, CaError> {
+        let tenants: BTreeMap<_, _> = tenants.into_iter().map(|t| (t.name.clone(), t)).collect();
+        for t in tenants.values() {
+            if let Some(missing) = t.trust_tenants.iter().find(|n| !tenants.contains_key(*n)) {
+                return Err(CaError::UnknownTrustedTenant {
+                    tenant: t.name.clone(),
+                    trusted: missing.clone(),
+                });
+            }
+        }
+        Ok(Ca {
+            trust_domain: trust_domain.into(),
+            tenants,
+        })
+    }
+
+    /// A CA for a (validated) mesh config: file signers under `data_dir/<signer name>` (or the
+    /// signer's configured dir), created on first start. Tenants sharing a signer share its root.
+    pub fn from_mesh(mesh: &MeshConfig, data_dir: &Path) -> Result<Ca, CaError> {
+        let mut signers: HashMap<&str, (Arc<dyn Signer>, Duration)> = HashMap::new();
+        let mut tenants = Vec::new();
+        for t in &mesh.tenants {
+            let (signer, max) = if let Some(s) = signers.get(t.signer.as_str()) {
+                s.clone()
+            } else {
+                let cfg = mesh
+                    .signer(&t.signer)
+                    .ok_or_else(|| CaError::UnknownSigner {
+                        tenant: t.name.clone(),
+                        signer: t.signer.clone(),
+                    })?;
+                if cfg.key.pkcs11.is_some() {
+                    return Err(CaError::SignerKindUnsupported(cfg.name.clone()));
+                }
+                let dir = match cfg.key.file.as_ref().and_then(|f| f.dir.as_deref()) {
+                    Some(d) => Path::new(d).to_path_buf(),
+                    None => data_dir.join(&cfg.name),
+                };
+                let signer: Arc<dyn Signer> = Arc::new(FileSigner::open_or_create(
+                    &dir,
+                    &mesh.trust_domain,
+                    &format!("Hypha mesh CA {}", cfg.name),
+                )?);
+                let entry = (signer, cfg.max_certificate_ttl.0);
+                signers.insert(&cfg.name, entry.clone());
+                entry
+            };
+            tenants.push(TenantCa {
+                name: t.name.clone(),
+                namespaces: t.namespaces.clone(),
+                trust_tenants: t.trust_tenants.clone(),
+                signer,
+                max_validity: max,
+            });
+        }
+        Ca::new(mesh.trust_domain.clone(), tenants)
+    }
+
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
+    pub fn tenant(&self, name: &str) -> Option<&TenantCa> {
+        self.tenants.get(name)
+    }
+
+    /// The tenant of a namespace: an exact listing wins over `*`.
+    pub fn tenant_of(&self, namespace: &str) -> Option<&TenantCa> {
+        let lists = |t: &&TenantCa, n: &str| t.namespaces.iter().any(|x| x == n);
+        self.tenants
+            .values()
+            .find(|t| lists(t, namespace))
+            .or_else(|| self.tenants.values().find(|t| lists(t, "*")))
+    }
+
+    /// Issues a certificate for `caller` from its tenant's signer. See [`crate::issue::issue`].
+    pub fn issue(
+        &self,
+        caller: &Caller,
+        csr_pem: &[u8],
+        requested: Duration,
+    ) -> Result<Issued, CaError> {
+        let id = caller.spiffe_id(&self.trust_domain)?;
+        let tenant = self
+            .tenant_of(&caller.namespace)
+            .ok_or_else(|| CaError::NoTenant(caller.namespace.clone()))?;
+        let issued = issue(
+            tenant.signer.as_ref(),
+            csr_pem,
+            requested,
+            tenant.max_validity,
+            &id,
+        )?;
+        tracing::info!(identity = %id, tenant = %tenant.name, validity_s = issued.validity.as_secs(), "issued certificate");
+        Ok(issued)
+    }
+
+    /// PEM roots a tenant's workloads trust: its own first, then those of the tenants it
+    /// trusts, without duplicates (tenants may share a signer).
+    pub fn trust_bundle(&self, tenant: &str) -> Result<Vec<String>, CaError> {
+        let t = self
+            .tenants
+            .get(tenant)
+            .ok_or_else(|| CaError::UnknownTenant(tenant.into()))?;
+        let mut out: Vec<String> = Vec::new();
+        let own = std::iter::once(t);
+        let shared = t.trust_tenants.iter().filter_map(|n| self.tenants.get(n));
+        for s in own.chain(shared) {
+            let pem = String::from_utf8_lossy(&s.signer.certificate().to_pem()?).into_owned();
+            if !out.contains(&pem) {
+                out.push(pem);
+            }
+        }
+        Ok(out)
+    }
+}
