@@ -281,12 +281,26 @@ async fn get(
     url: &str,
     headers: &[(&str, &str)],
 ) -> (u16, String, http::HeaderMap) {
+    request(proxy, http::Method::GET, url, headers, Bytes::new()).await
+}
+
+async fn post(proxy: SocketAddr, url: &str, body: String) -> (u16, String) {
+    let (status, body, _) = request(proxy, http::Method::POST, url, &[], body.into()).await;
+    (status, body)
+}
+
+/// A request to `url` through `proxy` in absolute form, as curl sends it with HTTP_PROXY.
+async fn request(
+    proxy: SocketAddr,
+    method: http::Method,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: Bytes,
+) -> (u16, String, http::HeaderMap) {
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
-    // Absolute-form through the proxy, as curl does with HTTP_PROXY.
-    let mut req = Request::get(format!("http://{proxy}/"))
-        .body(Full::new(Bytes::new()))
-        .unwrap();
     let target: http::Uri = url.parse().unwrap();
+    let mut req = Request::new(Full::new(body));
+    *req.method_mut() = method;
     *req.uri_mut() = format!("http://{proxy}{}", target.path_and_query().unwrap())
         .parse()
         .unwrap();
@@ -308,35 +322,6 @@ async fn get(
     let headers = resp.headers().clone();
     let body = resp.into_body().collect().await.unwrap().to_bytes();
     (status, String::from_utf8_lossy(&body).into_owned(), headers)
-}
-
-async fn post(proxy: SocketAddr, url: &str, body: String) -> (u16, String) {
-    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
-    let req = Request::post(url)
-        .body(Full::new(Bytes::from(body)))
-        .unwrap();
-    let (mut head, body) = req.into_parts();
-    // Absolute-form through the proxy.
-    head.uri = format!("http://{proxy}{}", head.uri.path())
-        .parse()
-        .unwrap();
-    head.headers.insert(
-        http::header::HOST,
-        url.parse::<http::Uri>()
-            .unwrap()
-            .authority()
-            .unwrap()
-            .as_str()
-            .parse()
-            .unwrap(),
-    );
-    let resp = tokio::time::timeout(WAIT, client.request(Request::from_parts(head, body)))
-        .await
-        .expect("response in time")
-        .unwrap();
-    let status = resp.status().as_u16();
-    let body = resp.into_body().collect().await.unwrap().to_bytes();
-    (status, String::from_utf8_lossy(&body).into_owned())
 }
 
 /// The control plane's xDS server on a runtime of its own, so a test can kill it outright
