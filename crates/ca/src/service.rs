@@ -1,0 +1,319 @@
+//! Istio's CA API, `istio.v1.auth.IstioCertificateService/CreateCertificate`, over [`Ca`]: the
+//! gRPC service the control plane serves to workloads (and their proxies) asking for a
+//! certificate. Who is asking comes from an [`Authenticator`], never from the CSR; what they
+//! get is their own SPIFFE identity from their tenant's signer, or a status saying why not.
+//!
+//! The one authenticator so far is [`JoinTokens`] (bootstrap: a per-workload token the
+//! operator writes). Renewal by the caller's current client certificate needs the TLS layer
+//! under this service; it will be a second [`Authenticator`] reading the verified peer chain
+//! from the request's extensions, which is why the trait is handed them.
+
+use std::collections::HashMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use boring::hash::{hash, MessageDigest};
+use tonic::metadata::MetadataMap;
+use tonic::{Extensions, Request, Response, Status};
+
+use crate::{Ca, CaError, Caller};
+
+/// Code generated from `proto/istio/v1/auth/ca.proto`.
+#[allow(clippy::all)]
+pub mod pb {
+    tonic::include_proto!("istio.v1.auth");
+}
+
+use pb::istio_certificate_service_server::{
+    IstioCertificateService, IstioCertificateServiceServer,
+};
+use pb::{IstioCertificateRequest, IstioCertificateResponse};
+
+/// Why a request's credentials were not accepted. Every variant is `UNAUTHENTICATED`; the
+/// messages never contain the credential itself.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("no credentials: expected `authorization: Bearer <token>`")]
+    Missing,
+    #[error("malformed credentials: {0}")]
+    Malformed(&'static str),
+    #[error("unknown token")]
+    UnknownToken,
+}
+
+/// Establishes who is calling from what the transport and the request's metadata carry.
+///
+/// `extensions` is where the TLS layer will put the verified peer certificate chain, for the
+/// renewal authenticator (a workload authenticated by its current certificate).
+pub trait Authenticator: Send + Sync + 'static {
+    fn authenticate(
+        &self,
+        metadata: &MetadataMap,
+        extensions: &Extensions,
+    ) -> Result<Caller, AuthError>;
+}
+
+/// Errors loading a join-token directory.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: expected a file named <namespace>.<service account>.token", .0.display())]
+    BadName(PathBuf),
+    #[error("{}: not a valid identity: {source}", path.display())]
+    BadIdentity { path: PathBuf, source: CaError },
+    #[error("{}: token file is empty", .0.display())]
+    Empty(PathBuf),
+    #[error("{}: token file is readable by group or others (mode {mode:o}); expected 0600", path.display())]
+    Mode { path: PathBuf, mode: u32 },
+    #[error("the same token is given to {first} and {second}")]
+    Duplicate { first: String, second: String },
+}
+
+/// Join tokens: bootstrap credentials, one per workload identity, presented as
+/// `authorization: Bearer <token>`.
+///
+/// Only SHA-256 digests of the tokens are kept; a presented token is hashed and compared with
+/// every entry in constant time, so neither timing nor a memory dump gives a token away.
+pub struct JoinTokens {
+    entries: Vec<([u8; 32], Caller)>,
+}
+
+impl std::fmt::Debug for JoinTokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let callers: Vec<_> = self.entries.iter().map(|(_, c)| c).collect();
+        f.debug_struct("JoinTokens")
+            .field("identities", &callers)
+            .finish_non_exhaustive()
+    }
+}
+
+fn digest(token: &[u8]) -> [u8; 32] {
+    let d = hash(MessageDigest::sha256(), token).expect("SHA-256 does not fail");
+    let mut out = [0; 32];
+    out.copy_from_slice(&d);
+    out
+}
+
+impl JoinTokens {
+    /// A table from `(token, caller)` pairs (tests, or tokens from another store). Each
+    /// caller must be a valid identity and no token may be given to two callers.
+    pub fn new(
+        pairs: impl IntoIterator<Item = (impl AsRef<[u8]>, Caller)>,
+    ) -> Result<JoinTokens, TokenError> {
+        let mut seen: HashMap<[u8; 32], Caller> = HashMap::new();
+        let mut entries = Vec::new();
+        for (token, caller) in pairs {
+            let d = digest(token.as_ref());
+            if let Some(first) = seen.get(&d) {
+                return Err(TokenError::Duplicate {
+                    first: format!("{}/{}", first.namespace, first.service_account),
+                    second: format!("{}/{}", caller.namespace, caller.service_account),
+                });
+            }
+            seen.insert(d, caller.clone());
+            entries.push((d, caller));
+        }
+        Ok(JoinTokens { entries })
+    }
+
+    /// Reads every `<namespace>.<service account>.token` file in `dir` (mode 0600; the
+    /// token is the file's content without surrounding whitespace). Namespaces cannot contain
+    /// a dot, so the name splits at the first one; service accounts may contain dots.
+    pub fn from_dir(dir: &Path) -> Result<JoinTokens, TokenError> {
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| TokenError::Io { path, source }
+        };
+        let mut pairs = Vec::new();
+        let mut names: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(io(dir))?
+            .map(|e| e.map(|e| e.path()))
+            .collect::<Result<_, _>>()
+            .map_err(io(dir))?;
+        names.sort();
+        for path in names {
+            let Some(stem) = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".token"))
+            else {
+                continue;
+            };
+            let Some((ns, sa)) = stem.split_once('.') else {
+                return Err(TokenError::BadName(path));
+            };
+            let caller = Caller::new(ns, sa);
+            // The trust domain does not matter here, only that both parts are valid.
+            if let Err(source) = caller.spiffe_id("check") {
+                return Err(TokenError::BadIdentity { path, source });
+            }
+            let mode = std::fs::metadata(&path)
+                .map_err(io(&path))?
+                .permissions()
+                .mode()
+                & 0o777;
+            if mode & 0o077 != 0 {
+                return Err(TokenError::Mode { path, mode });
+            }
+            let content = std::fs::read(&path).map_err(io(&path))?;
+            let token = content.trim_ascii();
+            if token.is_empty() {
+                return Err(TokenError::Empty(path));
+            }
+            pairs.push((token.to_vec(), caller));
+        }
+        JoinTokens::new(pairs)
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The caller a token belongs to. Every entry is compared (no early exit).
+    pub fn lookup(&self, token: &[u8]) -> Option<&Caller> {
+        let d = digest(token);
+        let mut found = None;
+        for (entry, caller) in &self.entries {
+            if boring::memcmp::eq(entry, &d) {
+                found = Some(caller);
+            }
+        }
+        found
+    }
+}
+
+impl Authenticator for JoinTokens {
+    fn authenticate(
+        &self,
+        metadata: &MetadataMap,
+        _extensions: &Extensions,
+    ) -> Result<Caller, AuthError> {
+        let value = metadata.get("authorization").ok_or(AuthError::Missing)?;
+        let value = value
+            .to_str()
+            .map_err(|_| AuthError::Malformed("authorization is not ASCII"))?;
+        let (scheme, token) = value
+            .split_once(' ')
+            .ok_or(AuthError::Malformed("expected `Bearer <token>`"))?;
+        if !scheme.eq_ignore_ascii_case("bearer") {
+            return Err(AuthError::Malformed("expected the Bearer scheme"));
+        }
+        let token = token.trim();
+        if token.is_empty() {
+            return Err(AuthError::Malformed("empty bearer token"));
+        }
+        self.lookup(token.as_bytes())
+            .cloned()
+            .ok_or(AuthError::UnknownToken)
+    }
+}
+
+/// The `IstioCertificateService` implementation.
+#[derive(Clone)]
+pub struct CaService {
+    ca: Arc<Ca>,
+    auth: Arc<dyn Authenticator>,
+}
+
+impl std::fmt::Debug for CaService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CaService")
+            .field("ca", &self.ca)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CaService {
+    pub fn new(ca: Arc<Ca>, auth: Arc<dyn Authenticator>) -> CaService {
+        CaService { ca, auth }
+    }
+
+    /// The tonic service, ready for `Server::add_service`.
+    pub fn into_server(self) -> IstioCertificateServiceServer<CaService> {
+        IstioCertificateServiceServer::new(self)
+    }
+}
+
+/// Request errors say what was wrong; the CA's own failures are logged here and reach the
+/// caller only as `INTERNAL`.
+fn status(err: CaError) -> Status {
+    match err {
+        CaError::BadCsr(_)
+        | CaError::BadSignature
+        | CaError::NoSan { .. }
+        | CaError::UnsupportedKey(_) => Status::invalid_argument(err.to_string()),
+        CaError::IdentityMismatch { .. }
+        | CaError::ExtraSan { .. }
+        | CaError::BadCaller { .. }
+        | CaError::NoTenant(_) => Status::permission_denied(err.to_string()),
+        other => {
+            tracing::error!(error = %other, "certificate issuance failed");
+            Status::internal("the certificate authority failed; see its log")
+        }
+    }
+}
+
+/// Istio puts an identity to act for here (node agents); nothing is trusted to do that yet.
+const IMPERSONATED_IDENTITY: &str = "ImpersonatedIdentity";
+
+#[tonic::async_trait]
+impl IstioCertificateService for CaService {
+    async fn create_certificate(
+        &self,
+        request: Request<IstioCertificateRequest>,
+    ) -> Result<Response<IstioCertificateResponse>, Status> {
+        let caller = self
+            .auth
+            .authenticate(request.metadata(), request.extensions())
+            .map_err(|e| {
+                tracing::info!(reason = %e, "CreateCertificate: unauthenticated");
+                Status::unauthenticated(e.to_string())
+            })?;
+        let req = request.into_inner();
+        if req
+            .metadata
+            .as_ref()
+            .is_some_and(|m| m.fields.contains_key(IMPERSONATED_IDENTITY))
+        {
+            return Err(Status::permission_denied(
+                "ImpersonatedIdentity is not allowed for this caller",
+            ));
+        }
+        let requested = u64::try_from(req.validity_duration)
+            .map(Duration::from_secs)
+            .map_err(|_| Status::invalid_argument("validity_duration is negative"))?;
+        let ca = self.ca.clone();
+        // Signing may block (a PKCS#11 token, next issue): keep it off the async workers.
+        let issued = tokio::task::spawn_blocking(move || {
+            ca.issue(&caller, req.csr.as_bytes(), requested)
+                .map_err(|e| (caller, e))
+        })
+        .await
+        .map_err(|e| {
+            tracing::error!(error = %e, "CreateCertificate: issuing task failed");
+            Status::internal("the certificate authority failed; see its log")
+        })?
+        .map_err(|(caller, e)| {
+            tracing::info!(
+                namespace = %caller.namespace,
+                service_account = %caller.service_account,
+                error = %e,
+                "CreateCertificate: refused"
+            );
+            status(e)
+        })?;
+        Ok(Response::new(IstioCertificateResponse {
+            cert_chain: issued.chain,
+        }))
+    }
+}
