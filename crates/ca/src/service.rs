@@ -3,10 +3,10 @@
 //! certificate. Who is asking comes from an [`Authenticator`], never from the CSR; what they
 //! get is their own SPIFFE identity from their tenant's signer, or a status saying why not.
 //!
-//! The one authenticator so far is [`JoinTokens`] (bootstrap: a per-workload token the
-//! operator writes). Renewal by the caller's current client certificate needs the TLS layer
-//! under this service; it will be a second [`Authenticator`] reading the verified peer chain
-//! from the request's extensions, which is why the trait is handed them.
+//! The authenticator here is [`JoinTokens`] (bootstrap: a per-workload token the operator
+//! writes). Renewal by the caller's current client certificate is `hypha_identity`'s
+//! `WorkloadAuth`, which reads the verified peer identity the TLS layer puts in the request's
+//! extensions, which is why the trait is handed them.
 
 use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
@@ -35,12 +35,14 @@ use pb::{IstioCertificateRequest, IstioCertificateResponse};
 /// messages never contain the credential itself.
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
-    #[error("no credentials: expected `authorization: Bearer <token>`")]
+    #[error("no credentials: expected `authorization: Bearer <token>` or a client certificate")]
     Missing,
     #[error("malformed credentials: {0}")]
     Malformed(&'static str),
     #[error("unknown token")]
     UnknownToken,
+    #[error("the client certificate's identity {0} is not a workload of this trust domain")]
+    NotAWorkload(String),
 }
 
 /// Establishes who is calling from what the transport and the request's metadata carry.

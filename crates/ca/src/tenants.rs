@@ -143,6 +143,19 @@ impl Ca {
         Ok(issued)
     }
 
+    /// Every tenant's root, without duplicates: what the CA's own endpoint trusts for
+    /// renewals, since workloads of every tenant renew there.
+    pub fn all_roots(&self) -> Result<Vec<String>, CaError> {
+        let mut out: Vec<String> = Vec::new();
+        for t in self.tenants.values() {
+            let pem = String::from_utf8_lossy(&t.signer.certificate().to_pem()?).into_owned();
+            if !out.contains(&pem) {
+                out.push(pem);
+            }
+        }
+        Ok(out)
+    }
+
     /// PEM roots a tenant's workloads trust: its own first, then those of the tenants it
     /// trusts, without duplicates (tenants may share a signer).
     pub fn trust_bundle(&self, tenant: &str) -> Result<Vec<String>, CaError> {

@@ -638,7 +638,7 @@ impl<F: FnOnce(u64, Option<u16>)> hyper::body::Body for Counted<F> {
                 if let Some(data) = frame.data_ref() {
                     this.bytes += data.len() as u64;
                 } else if let Some(trailers) = frame.trailers_ref() {
-                    this.grpc_status = grpc_status(trailers).or(this.grpc_status);
+                    this.grpc_status = status_field(trailers).or(this.grpc_status);
                 }
             }
             std::task::Poll::Ready(None) => this.finish(),
@@ -656,7 +656,17 @@ impl<F: FnOnce(u64, Option<u16>)> hyper::body::Body for Counted<F> {
     }
 }
 
+/// The `grpc-status` of a gRPC response's headers (a trailers-only response). Responses that
+/// are not gRPC are not searched for it: most traffic is not, and the lookup of a custom
+/// header name costs more than that of `content-type`.
 pub fn grpc_status(headers: &http::HeaderMap) -> Option<u16> {
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+        .then(|| status_field(headers))?
+}
+
+fn status_field(headers: &http::HeaderMap) -> Option<u16> {
     headers.get(GRPC_STATUS)?.to_str().ok()?.parse().ok()
 }
 

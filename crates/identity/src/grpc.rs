@@ -1,0 +1,174 @@
+//! gRPC (tonic) over BoringSSL: a server's stream of accepted TLS connections, each carrying
+//! the peer's verified identity into every request's extensions ([`PeerInfo`]), and client
+//! channels that check the server's SPIFFE ID.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use boring::ssl::SslConnector;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_boring::SslStream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::server::Connected;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+use crate::tls::{self, Peer, ALPN_H2};
+use crate::Credentials;
+
+/// A slow or silent client gets this long to finish its handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Handshaken connections waiting for the server to take them.
+const BACKLOG: usize = 64;
+
+/// What a request's extensions say about its connection.
+#[derive(Debug, Clone)]
+pub struct PeerInfo {
+    pub remote: SocketAddr,
+    /// The client certificate's SPIFFE ID, verified against the server's roots; `None` when
+    /// the client presented no certificate.
+    pub identity: Option<String>,
+}
+
+/// An accepted TLS connection, for tonic's `serve_with_incoming`.
+pub struct TlsIo {
+    stream: SslStream<TcpStream>,
+    info: PeerInfo,
+}
+
+impl Connected for TlsIo {
+    type ConnectInfo = PeerInfo;
+
+    fn connect_info(&self) -> PeerInfo {
+        self.info.clone()
+    }
+}
+
+impl AsyncRead for TlsIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TlsIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+/// Accepts on `listener` and handshakes each connection on its own task with the server
+/// context of the credentials `current()` returns at that moment (so a rotated certificate serves new connections at
+/// once). Connections that fail their handshake are logged and dropped; the stream yields the
+/// rest. The accept loop ends when the stream is dropped.
+pub fn incoming(
+    listener: TcpListener,
+    current: impl Fn() -> Arc<Credentials> + Send + Sync + 'static,
+) -> ReceiverStream<io::Result<TlsIo>> {
+    let (tx, rx) = mpsc::channel(BACKLOG);
+    tokio::spawn(async move {
+        loop {
+            let (tcp, remote) = tokio::select! {
+                () = tx.closed() => return,
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let _ = tcp.set_nodelay(true);
+            let credentials = current();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let handshake = tls::accept(&credentials.server, tcp);
+                let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        tracing::info!(%remote, error = %e, "TLS handshake refused");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::info!(%remote, "TLS handshake timed out");
+                        return;
+                    }
+                };
+                let identity = tls::peer_id(stream.ssl());
+                let info = PeerInfo { remote, identity };
+                let _ = tx.send(Ok(TlsIo { stream, info })).await;
+            });
+        }
+    });
+    ReceiverStream::new(rx)
+}
+
+/// A gRPC channel to `uri` (`https://host:port`; the scheme is not used) over TLS with
+/// `connector`, connecting only to a server whose identity `allowed` accepts. Connects now,
+/// so that an unreachable or wrong server is an error here.
+pub async fn channel(
+    uri: &str,
+    connector: SslConnector,
+    allowed: Peer,
+) -> Result<Channel, crate::IdentityError> {
+    let failed = |reason: String| crate::IdentityError::Connect {
+        uri: uri.to_owned(),
+        reason,
+    };
+    let endpoint = Endpoint::from_shared(uri.to_owned()).map_err(|e| failed(e.to_string()))?;
+    let connect = tower::service_fn(move |uri: Uri| {
+        let connector = connector.clone();
+        let allowed = allowed.clone();
+        async move {
+            let authority = uri
+                .authority()
+                .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no authority"))?
+                .as_str()
+                .to_owned();
+            let tcp = TcpStream::connect(&authority).await?;
+            let _ = tcp.set_nodelay(true);
+            let stream = tls::connect(&connector, tcp, &allowed, ALPN_H2)
+                .await
+                .map_err(io::Error::other)?;
+            Ok::<_, io::Error>(TokioIo::new(stream))
+        }
+    });
+    endpoint
+        .connect_with_connector(connect)
+        .await
+        .map_err(|e| failed(error_chain(&e)))
+}
+
+/// An error with its sources, for messages that say what actually failed.
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}

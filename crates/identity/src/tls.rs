@@ -1,0 +1,183 @@
+//! BoringSSL contexts for the mesh: TLS 1.2+ with the workload's certificate, peers verified
+//! against the trusted roots (never against DNS names: mesh identities are SPIFFE IDs), and
+//! the peer's SPIFFE ID checked against the identities the caller allows ([`Peer`]).
+
+use std::sync::Arc;
+
+use boring::ssl::{
+    AlpnError, SslAcceptor, SslConnector, SslMethod, SslRef, SslVerifyMode, SslVersion,
+};
+use boring::x509::X509;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_boring::SslStream;
+
+use crate::{Identity, IdentityError};
+
+/// ALPN protocol lists in wire format.
+pub const ALPN_H2: &[u8] = b"\x02h2";
+pub const ALPN_HTTP11: &[u8] = b"\x08http/1.1";
+pub const ALPN_H2_HTTP11: &[u8] = b"\x02h2\x08http/1.1";
+
+/// Which peer identities a connection accepts, once the chain verified against the roots.
+#[derive(Debug, Clone)]
+pub enum Peer {
+    /// Any SPIFFE ID the roots vouch for.
+    Any,
+    /// Exactly one of these SPIFFE IDs (the identities a cluster's endpoints run as).
+    OneOf(Arc<[String]>),
+    /// Any SPIFFE ID whose service account is this one (`.../sa/<name>`), e.g. the control
+    /// plane's before the proxy knows its trust domain.
+    ServiceAccount(Arc<str>),
+}
+
+impl Peer {
+    pub fn allows(&self, id: &str) -> bool {
+        match self {
+            Peer::Any => true,
+            Peer::OneOf(ids) => ids.iter().any(|i| i == id),
+            Peer::ServiceAccount(sa) => id
+                .rsplit_once("/sa/")
+                .is_some_and(|(_, name)| name == &**sa),
+        }
+    }
+}
+
+/// Why a TLS connection was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("TLS handshake failed: {0}")]
+    Handshake(String),
+    #[error("the peer presented no SPIFFE identity")]
+    NoPeerIdentity,
+    #[error("the peer is {got}, which is not allowed here ({allowed:?})")]
+    UnexpectedPeer { got: String, allowed: Peer },
+    #[error("TLS library: {0}")]
+    Ssl(#[from] boring::error::ErrorStack),
+}
+
+fn add_roots(
+    store: &mut boring::x509::store::X509StoreBuilderRef,
+    roots: &[X509],
+) -> Result<(), IdentityError> {
+    for r in roots {
+        store.add_cert(r.clone())?;
+    }
+    Ok(())
+}
+
+/// Whether a server wants client certificates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientCert {
+    /// Mutual TLS: a client certificate chaining to the roots is required.
+    Require,
+    /// Asked for and verified when presented; a client without one is let through (the CA's
+    /// endpoint, where a workload's first call has only a join token).
+    Optional,
+}
+
+/// A server context presenting `identity`, verifying client certificates against its roots.
+///
+/// ALPN: the server picks h2 when the client offers it, else http/1.1.
+pub fn server(identity: &Identity, clients: ClientCert) -> Result<SslAcceptor, IdentityError> {
+    let mut b = SslAcceptor::mozilla_intermediate_v5(SslMethod::tls())?;
+    b.set_min_proto_version(Some(SslVersion::TLS1_2))?;
+    b.set_private_key(identity.key())?;
+    let (leaf, rest) = identity
+        .chain()
+        .split_first()
+        .ok_or(IdentityError::NoCertificate("the chain"))?;
+    b.set_certificate(leaf)?;
+    for c in rest {
+        b.add_extra_chain_cert(c.clone())?;
+    }
+    b.check_private_key()?;
+    add_roots(b.cert_store_mut(), identity.roots())?;
+    b.set_verify(match clients {
+        ClientCert::Require => SslVerifyMode::PEER | SslVerifyMode::FAIL_IF_NO_PEER_CERT,
+        ClientCert::Optional => SslVerifyMode::PEER,
+    });
+    b.set_alpn_select_callback(|_, offered| {
+        boring::ssl::select_next_proto(ALPN_H2_HTTP11, offered).ok_or(AlpnError::NOACK)
+    });
+    Ok(b.build())
+}
+
+/// A client context verifying servers against `roots`, presenting `identity` when given
+/// (mutual TLS) and nothing otherwise (a workload's first call to the CA).
+pub fn client(identity: Option<&Identity>, roots: &[X509]) -> Result<SslConnector, IdentityError> {
+    let mut b = SslConnector::builder(SslMethod::tls())?;
+    b.set_min_proto_version(Some(SslVersion::TLS1_2))?;
+    if let Some(id) = identity {
+        b.set_private_key(id.key())?;
+        let (leaf, rest) = id
+            .chain()
+            .split_first()
+            .ok_or(IdentityError::NoCertificate("the chain"))?;
+        b.set_certificate(leaf)?;
+        for c in rest {
+            b.add_extra_chain_cert(c.clone())?;
+        }
+        b.check_private_key()?;
+    }
+    add_roots(b.cert_store_mut(), roots)?;
+    b.set_verify(SslVerifyMode::PEER);
+    Ok(b.build())
+}
+
+/// The verified peer's SPIFFE ID.
+pub fn peer_id(ssl: &SslRef) -> Option<String> {
+    ssl.peer_certificate().and_then(|c| crate::spiffe_id(&c))
+}
+
+/// Checks the verified peer of an established connection against `allowed`.
+pub fn check_peer(ssl: &SslRef, allowed: &Peer) -> Result<String, TlsError> {
+    let id = peer_id(ssl).ok_or(TlsError::NoPeerIdentity)?;
+    if allowed.allows(&id) {
+        Ok(id)
+    } else {
+        Err(TlsError::UnexpectedPeer {
+            got: id,
+            allowed: allowed.clone(),
+        })
+    }
+}
+
+/// Connects over `stream` as a client, offering `alpn`, and checks the server is `allowed`.
+pub async fn connect<S>(
+    connector: &SslConnector,
+    stream: S,
+    allowed: &Peer,
+    alpn: &[u8],
+) -> Result<SslStream<S>, TlsError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut cfg = connector.configure()?;
+    // Mesh peers are named by SPIFFE ID, checked below; there is no DNS name to match.
+    cfg.set_verify_hostname(false);
+    cfg.set_use_server_name_indication(false);
+    cfg.set_alpn_protos(alpn)?;
+    let stream = tokio_boring::connect(cfg, "", stream)
+        .await
+        .map_err(|e| TlsError::Handshake(describe(&e)))?;
+    check_peer(stream.ssl(), allowed)?;
+    Ok(stream)
+}
+
+/// Accepts a TLS connection on `stream`; the caller checks the peer (if it asked for one).
+pub async fn accept<S>(acceptor: &SslAcceptor, stream: S) -> Result<SslStream<S>, TlsError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    tokio_boring::accept(acceptor, stream)
+        .await
+        .map_err(|e| TlsError::Handshake(describe(&e)))
+}
+
+/// A handshake error with the certificate verification result when that is what failed.
+fn describe<S>(e: &tokio_boring::HandshakeError<S>) -> String {
+    match e.ssl().map(SslRef::verify_result) {
+        Some(Err(v)) => format!("{e}: certificate: {}", v.error_string()),
+        _ => e.to_string(),
+    }
+}

@@ -1,0 +1,221 @@
+//! The workload side of Istio's CA API: generate a key, send a CSR for the workload's SPIFFE
+//! ID, get the chain back, and renew at half life; and, for the CA's side, [`WorkloadAuth`]:
+//! who a caller is, from its join token or its current certificate.
+
+use std::time::{Duration, SystemTime};
+
+use boring::x509::X509;
+use hypha_ca::service::pb::istio_certificate_service_client::IstioCertificateServiceClient;
+use hypha_ca::service::pb::IstioCertificateRequest;
+use hypha_ca::service::AuthError;
+use hypha_ca::{Authenticator, Ca, Caller, JoinTokens};
+use tonic::metadata::MetadataMap;
+use tonic::Extensions;
+
+use crate::grpc::PeerInfo;
+use crate::tls::{ClientCert, Peer};
+use crate::{Credentials, Identity, IdentityError, KeyKind, Store};
+
+/// Retries of a failed renewal start here and double up to [`RETRY_MAX`].
+const RETRY_MIN: Duration = Duration::from_millis(500);
+const RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// A workload asking the CA for its certificate.
+#[derive(Clone)]
+pub struct Workload {
+    /// The CA's address, e.g. `https://127.0.0.1:15012`.
+    pub ca: String,
+    /// Roots that verify the CA's own certificate.
+    pub ca_roots: Vec<X509>,
+    /// Who the CA must be.
+    pub ca_identity: Peer,
+    /// The join token for the first certificate (and for renewal if the certificate lapsed).
+    pub token: Option<String>,
+    /// The identity asked for: `spiffe://<trust-domain>/ns/<ns>/sa/<sa>`.
+    pub spiffe_id: String,
+    pub key_kind: KeyKind,
+    /// The validity asked for (the CA caps it).
+    pub validity: Duration,
+}
+
+impl std::fmt::Debug for Workload {
+    // Never the token.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Workload")
+            .field("ca", &self.ca)
+            .field("spiffe_id", &self.spiffe_id)
+            .field("key_kind", &self.key_kind)
+            .field("validity", &self.validity)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Workload {
+    /// The first certificate, authenticated by the join token.
+    pub async fn bootstrap(&self) -> Result<Identity, IdentityError> {
+        let connector = crate::tls::client(None, &self.ca_roots)?;
+        self.request(connector, self.token.as_deref()).await
+    }
+
+    /// A new certificate (and key), authenticated by the current one. Keeps the current
+    /// trusted roots (they may have been updated since the first certificate).
+    pub async fn renew(&self, current: &Identity) -> Result<Identity, IdentityError> {
+        let connector = crate::tls::client(Some(current), &self.ca_roots)?;
+        let fresh = self.request(connector, None).await?;
+        fresh.with_roots(current.roots().to_vec())
+    }
+
+    async fn request(
+        &self,
+        connector: boring::ssl::SslConnector,
+        token: Option<&str>,
+    ) -> Result<Identity, IdentityError> {
+        let key = self.key_kind.generate()?;
+        let csr = crate::csr_pem(&key, &self.spiffe_id)?;
+        let channel = crate::grpc::channel(&self.ca, connector, self.ca_identity.clone()).await?;
+        let mut client = IstioCertificateServiceClient::new(channel);
+        let mut req = tonic::Request::new(IstioCertificateRequest {
+            csr: String::from_utf8_lossy(&csr).into_owned(),
+            validity_duration: i64::try_from(self.validity.as_secs()).unwrap_or(i64::MAX),
+            metadata: None,
+        });
+        if let Some(token) = token {
+            let value = format!("Bearer {token}")
+                .parse()
+                .map_err(|_| IdentityError::Refused {
+                    code: tonic::Code::InvalidArgument,
+                    message: "the join token is not valid header text".into(),
+                })?;
+            req.metadata_mut().insert("authorization", value);
+        }
+        let chain = client
+            .create_certificate(req)
+            .await
+            .map_err(|s| IdentityError::Refused {
+                code: s.code(),
+                message: s.message().to_owned(),
+            })?
+            .into_inner()
+            .cert_chain;
+        let mut certs = Vec::new();
+        for pem in &chain {
+            certs.extend(X509::stack_from_pem(pem.as_bytes())?);
+        }
+        // The chain ends at the tenant's root: the first trust bundle. The control plane
+        // sends the whole bundle (shared roots too) later.
+        let root = certs
+            .last()
+            .cloned()
+            .ok_or(IdentityError::NoCertificate("the CA's reply"))?;
+        let identity = Identity::new(key, certs, vec![root])?;
+        if identity.id() != self.spiffe_id {
+            return Err(IdentityError::WrongIdentity {
+                got: identity.id().to_owned(),
+                want: self.spiffe_id.clone(),
+            });
+        }
+        Ok(identity)
+    }
+
+    /// Keeps `store` current: renews at half life by the current certificate (by the join
+    /// token if that fails and one is configured), retrying with backoff until it succeeds.
+    /// Runs until dropped.
+    pub async fn rotate(self, store: Store, clients: ClientCert) {
+        loop {
+            let current = store.load();
+            let wait = current
+                .identity
+                .renew_at()
+                .duration_since(SystemTime::now())
+                .unwrap_or_default();
+            tokio::time::sleep(wait).await;
+            let mut retry = RETRY_MIN;
+            let fresh = loop {
+                let attempt = match self.renew(&current.identity).await {
+                    Err(e) if self.token.is_some() => {
+                        tracing::warn!(error = %e, "certificate renewal failed; trying the join token");
+                        match self.bootstrap().await {
+                            Ok(id) => id.with_roots(current.identity.roots().to_vec()),
+                            Err(e) => Err(e),
+                        }
+                    }
+                    other => other,
+                };
+                match attempt.and_then(|id| Credentials::new(id, clients)) {
+                    Ok(c) => break c,
+                    Err(e) => {
+                        tracing::warn!(error = %e, retry_in = ?retry, "certificate renewal failed");
+                        tokio::time::sleep(retry).await;
+                        retry = (retry * 2).min(RETRY_MAX);
+                    }
+                }
+            };
+            tracing::info!(
+                identity = %fresh.identity.id(),
+                not_after = ?fresh.identity.not_after(),
+                "certificate rotated"
+            );
+            store.replace(fresh);
+        }
+    }
+}
+
+/// An identity for `caller` issued by `ca` in this process (the control plane's own serving
+/// certificate): the same checks as a remote request, without the network.
+pub fn issue_local(
+    ca: &Ca,
+    caller: &Caller,
+    validity: Duration,
+    roots: &[String],
+) -> Result<Identity, IdentityError> {
+    let key = KeyKind::EcdsaP256.generate()?;
+    let csr = crate::csr_pem(&key, &caller.spiffe_id(ca.trust_domain())?)?;
+    let issued = ca.issue(caller, &csr, validity)?;
+    let roots: Vec<u8> = roots.concat().into_bytes();
+    Identity::from_pem(key, &issued.chain, &roots)
+}
+
+/// The CA's authenticator for workloads: a bearer join token when the request has one,
+/// otherwise the SPIFFE ID of the verified client certificate (renewal), which must be a
+/// workload identity of the CA's trust domain.
+pub struct WorkloadAuth {
+    tokens: Option<JoinTokens>,
+    trust_domain: String,
+}
+
+impl WorkloadAuth {
+    pub fn new(tokens: Option<JoinTokens>, trust_domain: impl Into<String>) -> WorkloadAuth {
+        WorkloadAuth {
+            tokens,
+            trust_domain: trust_domain.into(),
+        }
+    }
+}
+
+impl Authenticator for WorkloadAuth {
+    fn authenticate(
+        &self,
+        metadata: &MetadataMap,
+        extensions: &Extensions,
+    ) -> Result<Caller, AuthError> {
+        if metadata.contains_key("authorization") {
+            return match &self.tokens {
+                Some(tokens) => tokens.authenticate(metadata, extensions),
+                None => Err(AuthError::UnknownToken),
+            };
+        }
+        let id = extensions
+            .get::<PeerInfo>()
+            .and_then(|p| p.identity.as_deref())
+            .ok_or(AuthError::Missing)?;
+        let not_a_workload = || AuthError::NotAWorkload(id.to_owned());
+        let path = id
+            .strip_prefix("spiffe://")
+            .and_then(|rest| rest.strip_prefix(self.trust_domain.as_str()))
+            .ok_or_else(not_a_workload)?;
+        match path.split('/').collect::<Vec<_>>()[..] {
+            ["", "ns", ns, "sa", sa] if !ns.is_empty() && !sa.is_empty() => Ok(Caller::new(ns, sa)),
+            _ => Err(not_a_workload()),
+        }
+    }
+}
