@@ -552,8 +552,12 @@ mod tests {
         };
         let grpc = |code: &'static str| {
             let mut r = Response::new(crate::http::full(""));
-            r.headers_mut()
-                .insert("grpc-status", http::HeaderValue::from_static(code));
+            let h = r.headers_mut();
+            h.insert("grpc-status", http::HeaderValue::from_static(code));
+            h.insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/grpc"),
+            );
             r
         };
         assert!(retriable(&policy, &grpc("14")));
@@ -562,5 +566,11 @@ mod tests {
         assert!(!retriable(&policy, &grpc("13")));
         assert!(retriable(&policy, &status(503).unwrap()));
         assert!(!retriable(&policy, &status(500).unwrap()));
+        // A grpc-status on a response that is not gRPC is not one.
+        let mut not_grpc = status(200).unwrap();
+        not_grpc
+            .headers_mut()
+            .insert("grpc-status", http::HeaderValue::from_static("14"));
+        assert!(!retriable(&policy, &not_grpc));
     }
 }
