@@ -7,9 +7,12 @@
 mod envoy;
 pub mod registry;
 mod routes;
+pub mod security;
 pub mod server;
 pub mod translate;
 
 pub use hypha_xds::ProxyInfo;
-pub use server::{initial_config, run, ControlPlane, Generation, RunError, EMBEDDED_CONFIG};
+pub use server::{
+    initial_config, run, ControlPlane, Generation, RunError, Security, EMBEDDED_CONFIG,
+};
 pub use translate::Translation;

@@ -306,11 +306,16 @@ impl ControlPlane {
 }
 
 impl SnapshotSource for ControlPlane {
-    fn watch(&self, node: &Node) -> Result<watch::Receiver<Arc<Snapshot>>, tonic::Status> {
+    fn watch(
+        &self,
+        node: &Node,
+        connection: &tonic::Extensions,
+    ) -> Result<watch::Receiver<Arc<Snapshot>>, tonic::Status> {
         if node.id.is_empty() {
             return Err(tonic::Status::invalid_argument("node.id is required"));
         }
         let proxy = ProxyInfo::from_node(node);
+        crate::security::authorize_node(&proxy, connection)?;
         let snap = Arc::new(self.current().snapshot(&proxy));
         let (tx, rx) = watch::channel(snap);
         tracing::info!(
@@ -372,9 +377,36 @@ pub fn initial_config(dir: Option<&Path>) -> Result<Config, Diagnostics> {
     loaded.into_result().map(|(cfg, _)| cfg)
 }
 
+/// The secure endpoint's settings (`hypha control --listen-tls`).
+#[derive(Debug, Clone)]
+pub struct Security {
+    /// CA signer keys (created on first start) and `root-cert.pem`.
+    pub data_dir: PathBuf,
+    /// Join tokens, `<namespace>.<service account>.token`.
+    pub join_tokens: Option<PathBuf>,
+    /// Addresses serving xDS and the CA API over TLS.
+    pub listen: Vec<SocketAddr>,
+}
+
 /// `hypha control`: load, serve on every address, watch the directory.
-pub async fn run(dir: Option<PathBuf>, listen: &[SocketAddr]) -> Result<(), RunError> {
+pub async fn run(
+    dir: Option<PathBuf>,
+    listen: &[SocketAddr],
+    security: Option<Security>,
+) -> Result<(), RunError> {
     let cfg = initial_config(dir.as_deref()).map_err(|d| RunError::Config(d.errors().count()))?;
+    let secure = match &security {
+        Some(s) => {
+            std::fs::create_dir_all(&s.data_dir)
+                .map_err(|e| RunError::DataDir(s.data_dir.clone(), e))?;
+            Some(Arc::new(crate::security::Secure::open(
+                &cfg.mesh,
+                &s.data_dir,
+                s.join_tokens.as_deref(),
+            )?))
+        }
+        None => None,
+    };
     let cp = ControlPlane::new(cfg);
     for line in cp.describe().lines() {
         tracing::info!("{line}");
@@ -394,6 +426,25 @@ pub async fn run(dir: Option<PathBuf>, listen: &[SocketAddr]) -> Result<(), RunE
                 tracing::error!("xDS server stopped: {e}");
             }
         });
+    }
+    if let (Some(secure), Some(security)) = (&secure, &security) {
+        for addr in &security.listen {
+            let l = TcpListener::bind(addr)
+                .await
+                .map_err(|e| RunError::Bind(*addr, e))?;
+            tracing::info!(
+                "serving xDS and the CA over TLS on {}",
+                l.local_addr().map_err(|e| RunError::Bind(*addr, e))?
+            );
+            let (cp, secure) = (cp.clone(), secure.clone());
+            tasks.spawn(async move {
+                if let Err(e) = secure.serve(&cp, l).await {
+                    tracing::error!("secure xDS/CA server stopped: {e}");
+                }
+            });
+        }
+        let secure = secure.clone();
+        tasks.spawn(async move { secure.rotate_own().await });
     }
     match dir {
         Some(d) => {
@@ -420,4 +471,8 @@ pub enum RunError {
     Config(usize),
     #[error("cannot listen on {0}: {1}")]
     Bind(SocketAddr, std::io::Error),
+    #[error("data directory {0}: {1}")]
+    DataDir(PathBuf, std::io::Error),
+    #[error(transparent)]
+    Security(#[from] crate::security::SecurityError),
 }

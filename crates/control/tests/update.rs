@@ -36,7 +36,10 @@ fn prost_types_struct(fields: &[(&str, &str)]) -> envoy_types::pb::google::proto
 fn unchanged_views_are_not_pushed_and_unchanged_types_keep_identity() {
     let cfg = initial_config(None).unwrap();
     let cp = ControlPlane::new(cfg.clone());
-    let mut rx = cp.watch(&node("bookinfo", "productpage-v1")).unwrap();
+    let plaintext = tonic::Extensions::default();
+    let mut rx = cp
+        .watch(&node("bookinfo", "productpage-v1"), &plaintext)
+        .unwrap();
     let before = rx.borrow_and_update().clone();
 
     let same = cp.update(cfg.clone());

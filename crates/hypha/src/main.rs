@@ -35,6 +35,18 @@ enum Command {
         /// Address to serve xDS on; repeat for several (IPv4 and IPv6).
         #[arg(long, default_values_t = [SocketAddr::from(([127, 0, 0, 1], 15010))])]
         listen: Vec<SocketAddr>,
+        /// Address to serve xDS and the CA API over TLS on (Istio's 15012); repeatable.
+        /// Needs --data-dir.
+        #[arg(long, requires = "data_dir")]
+        listen_tls: Vec<SocketAddr>,
+        /// Where the CA keeps its signer keys (created on first start, 0600) and writes
+        /// `root-cert.pem`, the root proxies verify the control plane with.
+        #[arg(long, env = "HYPHA_DATA_DIR")]
+        data_dir: Option<PathBuf>,
+        /// Directory of join tokens, `<namespace>.<service account>.token` (0600): the
+        /// credential a workload presents for its first certificate.
+        #[arg(long)]
+        join_tokens: Option<PathBuf>,
     },
     /// Run a sidecar proxy: delta ADS from the control plane, the app's outbound traffic
     /// (HTTP proxy mode or a local port per service port), and inbound traffic to the app.
@@ -115,6 +127,23 @@ struct ProxyArgs {
     /// JSON access log, one line per request: a file, or `-` for stdout.
     #[arg(long)]
     access_log: Option<PathBuf>,
+    /// The root certificate that verifies the control plane (its data dir's `root-cert.pem`).
+    /// With it, the proxy gets its workload certificate from the control plane's CA and
+    /// `--control-plane` is the TLS endpoint (`https://...:15012`), spoken over mutual TLS.
+    #[arg(long, env = "HYPHA_CA_ROOT")]
+    ca_root: Option<PathBuf>,
+    /// The join token file for the first certificate.
+    #[arg(long, env = "HYPHA_JOIN_TOKEN", requires = "ca_root")]
+    join_token: Option<PathBuf>,
+    /// The mesh's trust domain (SPIFFE IDs are `spiffe://<trust domain>/ns/<ns>/sa/<sa>`).
+    #[arg(long, env = "HYPHA_TRUST_DOMAIN", default_value = "cluster.local")]
+    trust_domain: String,
+    /// The workload key: ecdsa-p256, rsa-2048 or rsa-3072.
+    #[arg(long, default_value = "ecdsa-p256", value_parser = |s: &str| s.parse::<hypha_identity::KeyKind>().map_err(|e| e.to_string()))]
+    key: hypha_identity::KeyKind,
+    /// Certificate validity to ask for, in seconds (the CA caps it; renewed at half life).
+    #[arg(long, default_value_t = 24 * 3600)]
+    cert_validity_secs: u64,
     /// Worker threads (Istio's sidecar concurrency; its default is 2). With 1, the proxy runs
     /// on a single-threaded runtime, the cheapest per request.
     #[arg(long, env = "HYPHA_WORKERS", default_value_t = 2)]
@@ -147,7 +176,20 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Check { path, output } => check(&path, output),
-        Command::Control { config, listen } => run(control(config, listen)),
+        Command::Control {
+            config,
+            listen,
+            listen_tls,
+            data_dir,
+            join_tokens,
+        } => {
+            let security = data_dir.map(|data_dir| hypha_control::Security {
+                data_dir,
+                join_tokens,
+                listen: listen_tls,
+            });
+            run(control(config, listen, security))
+        }
         Command::Proxy(args) => {
             let workers = args.workers;
             run_on(workers, proxy(*args))
@@ -275,8 +317,12 @@ fn init_tracing() {
         .init();
 }
 
-async fn control(config: Option<PathBuf>, listen: Vec<SocketAddr>) -> anyhow::Result<()> {
-    Ok(hypha_control::run(config, &listen).await?)
+async fn control(
+    config: Option<PathBuf>,
+    listen: Vec<SocketAddr>,
+    security: Option<hypha_control::Security>,
+) -> anyhow::Result<()> {
+    Ok(hypha_control::run(config, &listen, security).await?)
 }
 
 async fn proxy(a: ProxyArgs) -> anyhow::Result<()> {
@@ -308,6 +354,15 @@ async fn proxy(a: ProxyArgs) -> anyhow::Result<()> {
         app: a.app,
         admin: a.admin,
         access_log: a.access_log,
+        identity: a
+            .ca_root
+            .map(|ca_root| hypha_proxy::identity::IdentityOptions {
+                ca_root,
+                join_token: a.join_token,
+                trust_domain: a.trust_domain,
+                key_kind: a.key,
+                validity: std::time::Duration::from_secs(a.cert_validity_secs),
+            }),
     };
     Ok(hypha_proxy::run(opts).await?)
 }

@@ -14,6 +14,7 @@
 pub mod admin;
 pub mod compile;
 mod http;
+pub mod identity;
 pub mod inbound;
 pub mod model;
 pub mod outbound;
@@ -58,6 +59,9 @@ pub struct Options {
     pub admin: Option<SocketAddr>,
     /// JSON access log, one line per request: a file to append to, or `-` for stdout.
     pub access_log: Option<std::path::PathBuf>,
+    /// The workload identity from the control plane's CA; with it, `control_plane` is the
+    /// TLS endpoint (`https://...:15012`) and xDS runs over mutual TLS.
+    pub identity: Option<identity::IdentityOptions>,
 }
 
 /// A started proxy: the addresses it actually listens on, readiness, and counters. Dropping it
@@ -72,6 +76,8 @@ pub struct Running {
     pub xds: Arc<xds::XdsStats>,
     pub config: Arc<ArcSwap<model::Config>>,
     pub telemetry: Arc<telemetry::Telemetry>,
+    /// The workload's current certificate, when it has a mesh identity.
+    pub identity: Option<hypha_identity::Store>,
     pub tasks: JoinSet<()>,
     drain: http::DrainTrigger,
     /// The admin listener drains last, separately.
@@ -98,6 +104,8 @@ pub enum StartError {
     Signal(std::io::Error),
     #[error("cannot open the access log {0}: {1}")]
     AccessLog(std::path::PathBuf, std::io::Error),
+    #[error(transparent)]
+    Identity(#[from] identity::IdentityStartError),
 }
 
 async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), StartError> {
@@ -110,11 +118,25 @@ async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), StartError>
 
 /// Binds every listener, starts the xDS client, and serves until the result is dropped.
 pub async fn start(opts: Options) -> Result<Running, StartError> {
+    let mut tasks = JoinSet::new();
+    let mesh = match &opts.identity {
+        Some(id) => {
+            let (mesh, rotation) = identity::bootstrap(
+                &opts.control_plane,
+                &opts.node.namespace,
+                &opts.node.service_account,
+                id,
+            )
+            .await?;
+            tasks.spawn(rotation);
+            Some(mesh)
+        }
+        None => None,
+    };
     let config = Arc::new(ArcSwap::from_pointee(model::Config::default()));
     let upstreams = upstream::Upstreams::default();
     let (ready_tx, ready) = watch::channel(false);
     let stats = Arc::new(xds::XdsStats::default());
-    let mut tasks = JoinSet::new();
     let (drain_trigger, drain) = http::DrainTrigger::new();
     let (admin_trigger, admin_drain) = http::DrainTrigger::new();
     let label = |k: &str| {
@@ -160,6 +182,7 @@ pub async fn start(opts: Options) -> Result<Running, StartError> {
         xds: stats.clone(),
         config: config.clone(),
         telemetry: telemetry.clone(),
+        identity: None,
         tasks: JoinSet::new(),
         drain: drain_trigger,
         _admin_drain: admin_trigger,
@@ -215,9 +238,11 @@ pub async fn start(opts: Options) -> Result<Running, StartError> {
             tasks.spawn(inbound::serve(inbound, l, drain.clone()));
         }
     }
+    running.identity = mesh.as_ref().map(|m| m.store.clone());
     tasks.spawn(xds::run(
         opts.control_plane.clone(),
         opts.node.clone(),
+        mesh,
         xds::Shared {
             config,
             ready: ready_tx,

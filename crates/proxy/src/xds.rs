@@ -39,8 +39,23 @@ pub struct Shared {
     pub versions: Arc<ArcSwap<Vec<(String, String, String)>>>,
 }
 
-/// Runs the client until the task is dropped.
-pub async fn run(control_plane: String, proxy: ProxyInfo, shared: Shared) {
+/// Why a stream could not be opened or ended.
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error(transparent)]
+    Xds(#[from] ClientError),
+    #[error(transparent)]
+    Tls(#[from] hypha_identity::IdentityError),
+}
+
+/// Runs the client until the task is dropped. With `mesh`, over mutual TLS with the proxy's
+/// current certificate (each reconnection uses the latest).
+pub async fn run(
+    control_plane: String,
+    proxy: ProxyInfo,
+    mesh: Option<crate::identity::Mesh>,
+    shared: Shared,
+) {
     let mut state = State::default();
     let mut versions = Versions::new();
     let mut backoff = BACKOFF_START;
@@ -49,7 +64,15 @@ pub async fn run(control_plane: String, proxy: ProxyInfo, shared: Shared) {
             .stats
             .connects
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        match session(&control_plane, &proxy, &mut state, &mut versions, &shared).await {
+        let session = session(
+            &control_plane,
+            mesh.as_ref(),
+            &proxy,
+            &mut state,
+            &mut versions,
+            &shared,
+        );
+        match session.await {
             Ok(()) => {
                 info!(
                     control_plane,
@@ -73,21 +96,32 @@ pub async fn run(control_plane: String, proxy: ProxyInfo, shared: Shared) {
 /// One stream: until it ends or fails. The error carries whether any update arrived.
 async fn session(
     control_plane: &str,
+    mesh: Option<&crate::identity::Mesh>,
     proxy: &ProxyInfo,
     state: &mut State,
     versions: &mut Versions,
     shared: &Shared,
-) -> Result<(), (ClientError, bool)> {
+) -> Result<(), (SessionError, bool)> {
     let Shared {
         config,
         ready,
         stats,
         versions: dump,
     } = shared;
-    let mut client =
-        DeltaClient::connect_with_versions(control_plane, proxy.to_node(), versions.clone())
-            .await
-            .map_err(|e| (e, false))?;
+    let connected = match mesh {
+        Some(mesh) => {
+            let channel = mesh
+                .control_plane(control_plane)
+                .await
+                .map_err(|e| (e.into(), false))?;
+            DeltaClient::over(channel, proxy.to_node(), versions.clone()).await
+        }
+        None => {
+            DeltaClient::connect_with_versions(control_plane, proxy.to_node(), versions.clone())
+                .await
+        }
+    };
+    let mut client = connected.map_err(|e| (e.into(), false))?;
     // What the current state refers to, subscribed again on the new stream.
     let applied = state.assemble();
     let mut routes = BTreeSet::new();
@@ -95,13 +129,13 @@ async fn session(
     let mut got = false;
     follow(&mut client, &mut routes, &mut endpoints, &applied)
         .await
-        .map_err(|e| (e, got))?;
+        .map_err(|e| (e.into(), got))?;
     let mut seen_types = BTreeSet::new();
     loop {
         let update = match client.next().await {
             Ok(Some(u)) => u,
             Ok(None) => return Ok(()),
-            Err(e) => return Err((e, got)),
+            Err(e) => return Err((e.into(), got)),
         };
         got = true;
         let mut next = state.clone();
@@ -122,7 +156,7 @@ async fn session(
                     "xDS update applied");
                 follow(&mut client, &mut routes, &mut endpoints, &applied)
                     .await
-                    .map_err(|e| (e, got))?;
+                    .map_err(|e| (e.into(), got))?;
                 let complete = seen_types.contains(type_url::CLUSTER)
                     && seen_types.contains(type_url::LISTENER)
                     && applied
@@ -149,7 +183,7 @@ async fn session(
         client
             .ack_or_nack(&update, result)
             .await
-            .map_err(|e| (e, got))?;
+            .map_err(|e| (e.into(), got))?;
         *versions = client.accepted_versions().clone();
         let mut list: Vec<(String, String, String)> = versions
             .iter()

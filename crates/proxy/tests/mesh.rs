@@ -239,6 +239,7 @@ fn sidecar(control_plane: &str, name: &str, labels: &[(&str, &str)]) -> Options 
         app: None,
         admin: None,
         access_log: None,
+        identity: None,
     }
 }
 

@@ -106,7 +106,18 @@ impl DeltaClient {
         node: Node,
         versions: Versions,
     ) -> Result<Self, ClientError> {
-        let mut ads = ads_client(uri.into()).await?;
+        let channel = channel(uri.into()).await?;
+        Self::over(channel, node, versions).await
+    }
+
+    /// Like [`connect_with_versions`](Self::connect_with_versions), over a channel the caller
+    /// made (e.g. mutual TLS).
+    pub async fn over(
+        channel: Channel,
+        node: Node,
+        versions: Versions,
+    ) -> Result<Self, ClientError> {
+        let mut ads = AggregatedDiscoveryServiceClient::new(channel);
         let (requests, rx) = mpsc::channel(REQUEST_QUEUE);
         let mut initial = versions.clone();
         // Queued before the call so the server sees the node as soon as the stream opens.
@@ -345,9 +356,12 @@ impl SotwClient {
     }
 }
 
-async fn ads_client(uri: String) -> Result<AggregatedDiscoveryServiceClient<Channel>, ClientError> {
-    let channel = async { Endpoint::from_shared(uri.clone())?.connect().await }
+async fn channel(uri: String) -> Result<Channel, ClientError> {
+    async { Endpoint::from_shared(uri.clone())?.connect().await }
         .await
-        .map_err(|source| ClientError::Connect { uri, source })?;
-    Ok(AggregatedDiscoveryServiceClient::new(channel))
+        .map_err(|source| ClientError::Connect { uri, source })
+}
+
+async fn ads_client(uri: String) -> Result<AggregatedDiscoveryServiceClient<Channel>, ClientError> {
+    Ok(AggregatedDiscoveryServiceClient::new(channel(uri).await?))
 }

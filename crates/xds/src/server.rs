@@ -48,8 +48,14 @@ pub(crate) fn check_type_limit(tracked: usize, is_new: bool) -> Result<(), Statu
 /// What the control plane provides to the xDS server.
 pub trait SnapshotSource: Send + Sync + 'static {
     /// Given the `Node` of the first request on a stream, a receiver of that proxy's
-    /// snapshots. An error status ends the stream with that status.
-    fn watch(&self, node: &Node) -> Result<watch::Receiver<Arc<Snapshot>>, Status>;
+    /// snapshots. An error status ends the stream with that status. `connection` holds what
+    /// the transport knows of the caller (e.g. its verified TLS identity), to authorize the
+    /// node against.
+    fn watch(
+        &self,
+        node: &Node,
+        connection: &tonic::Extensions,
+    ) -> Result<watch::Receiver<Arc<Snapshot>>, Status>;
 }
 
 /// Counters of the xDS server, for metrics and tests.
@@ -253,14 +259,15 @@ impl<S: SnapshotSource> AdsServer<S> {
     /// client gets response headers before it has sent anything.
     fn spawn<P: Protocol>(
         &self,
-        inbound: Streaming<P::Request>,
+        request: Request<Streaming<P::Request>>,
     ) -> ReceiverStream<Result<P::Response, Status>> {
         let (tx, rx) = mpsc::channel(RESPONSE_QUEUE);
+        let (_, connection, inbound) = request.into_parts();
         tokio::spawn(run_stream::<P, S>(
             self.source.clone(),
             self.stats.clone(),
             self.rejections.clone(),
-            inbound,
+            (inbound, connection),
             tx,
         ));
         ReceiverStream::new(rx)
@@ -276,14 +283,14 @@ impl<S: SnapshotSource> AggregatedDiscoveryService for AdsServer<S> {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
-        Ok(Response::new(self.spawn::<Sotw>(request.into_inner())))
+        Ok(Response::new(self.spawn::<Sotw>(request)))
     }
 
     async fn delta_aggregated_resources(
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
-        Ok(Response::new(self.spawn::<Delta>(request.into_inner())))
+        Ok(Response::new(self.spawn::<Delta>(request)))
     }
 }
 
@@ -292,7 +299,7 @@ async fn run_stream<P: Protocol, S: SnapshotSource>(
     source: Arc<S>,
     stats: Arc<AdsStats>,
     rejections: Arc<Rejections>,
-    mut inbound: Streaming<P::Request>,
+    (mut inbound, connection): (Streaming<P::Request>, tonic::Extensions),
     tx: mpsc::Sender<Result<P::Response, Status>>,
 ) {
     let first = match inbound.message().await {
@@ -305,7 +312,7 @@ async fn run_stream<P: Protocol, S: SnapshotSource>(
         let _ = tx.send(Err(status)).await;
         return;
     };
-    let mut snapshots = match source.watch(node) {
+    let mut snapshots = match source.watch(node, &connection) {
         Ok(rx) => rx,
         Err(status) => {
             let _ = tx.send(Err(status)).await;

@@ -46,7 +46,11 @@ async fn within<F: Future>(future: F) -> F::Output {
 struct Source(watch::Sender<Arc<Snapshot>>);
 
 impl SnapshotSource for Source {
-    fn watch(&self, _node: &Node) -> Result<watch::Receiver<Arc<Snapshot>>, Status> {
+    fn watch(
+        &self,
+        _node: &Node,
+        _connection: &tonic::Extensions,
+    ) -> Result<watch::Receiver<Arc<Snapshot>>, Status> {
         Ok(self.0.subscribe())
     }
 }

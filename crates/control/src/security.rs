@@ -1,0 +1,172 @@
+//! The control plane's secure endpoint (Istio's port 15012): xDS and the CA API over TLS,
+//! with the control plane's own certificate issued by its CA in process and renewed at half
+//! life. Workloads present a join token for their first certificate (no client certificate
+//! yet) and their certificate afterwards, for renewals and for xDS (mutual TLS).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use hypha_ca::{Ca, CaService, Caller, JoinTokens};
+use hypha_config::MeshConfig;
+use hypha_identity::grpc::PeerInfo;
+use hypha_identity::tls::ClientCert;
+use hypha_identity::{grpc, issue_local, Credentials, Identity, Store, WorkloadAuth};
+use hypha_xds::AdsServer;
+use hypha_xds::ProxyInfo;
+use tokio::net::TcpListener;
+use tonic::{Extensions, Status};
+
+use crate::ControlPlane;
+
+/// The control plane's service account; its identity is
+/// `spiffe://<trust domain>/ns/<root namespace>/sa/hypha-control`.
+pub const SERVICE_ACCOUNT: &str = "hypha-control";
+
+/// The file (in the data directory) with the root that verifies the control plane's
+/// certificate: what a proxy's `--ca-root` points at (Istio's `root-cert.pem`).
+pub const ROOT_CERT_FILE: &str = "root-cert.pem";
+
+/// Validity of the control plane's own certificate.
+const OWN_VALIDITY: Duration = Duration::from_secs(24 * 3600);
+
+/// Errors setting up the secure endpoint.
+#[derive(Debug, thiserror::Error)]
+pub enum SecurityError {
+    #[error("CA: {0}")]
+    Ca(#[from] hypha_ca::CaError),
+    #[error("join tokens: {0}")]
+    Tokens(#[from] hypha_ca::service::TokenError),
+    #[error("the control plane's certificate: {0}")]
+    Identity(#[from] hypha_identity::IdentityError),
+    #[error("{0}: {1}")]
+    Write(PathBuf, std::io::Error),
+}
+
+/// Over TLS, a proxy gets the config of its own identity only: the namespace and service
+/// account its node claims must be those of its client certificate (as istiod checks).
+/// Plaintext connections (the `--listen` port) carry no identity and are not checked.
+pub fn authorize_node(proxy: &ProxyInfo, connection: &Extensions) -> Result<(), Status> {
+    let Some(peer) = connection.get::<PeerInfo>() else {
+        return Ok(());
+    };
+    let id = peer.identity.as_deref().ok_or_else(|| {
+        Status::unauthenticated("xDS over TLS needs the workload's client certificate")
+    })?;
+    let claimed = format!("/ns/{}/sa/{}", proxy.namespace, proxy.service_account);
+    let own = id
+        .strip_prefix("spiffe://")
+        .and_then(|rest| rest.find('/').map(|i| &rest[i..]));
+    if own == Some(claimed.as_str()) {
+        Ok(())
+    } else {
+        tracing::warn!(node = %proxy.id, identity = %id, "xDS: node does not match its certificate");
+        Err(Status::permission_denied(format!(
+            "the client certificate is {id}, not namespace {} service account {}",
+            proxy.namespace, proxy.service_account
+        )))
+    }
+}
+
+/// The CA with the control plane's own credentials.
+pub struct Secure {
+    ca: Arc<Ca>,
+    auth: Arc<WorkloadAuth>,
+    own: Store,
+    caller: Caller,
+    roots: Vec<String>,
+}
+
+impl std::fmt::Debug for Secure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Secure")
+            .field("ca", &self.ca)
+            .field("identity", &self.own.load().identity.id())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Secure {
+    /// Opens (or creates on first start) the CA's signers under `data_dir`, reads the join
+    /// tokens, issues the control plane's certificate and writes `data_dir/root-cert.pem`.
+    pub fn open(
+        mesh: &MeshConfig,
+        data_dir: &Path,
+        join_tokens: Option<&Path>,
+    ) -> Result<Secure, SecurityError> {
+        let ca = Arc::new(Ca::from_mesh(mesh, data_dir)?);
+        let tokens = join_tokens.map(JoinTokens::from_dir).transpose()?;
+        if let Some(t) = &tokens {
+            tracing::info!("{} join token(s) loaded", t.len());
+        }
+        let auth = Arc::new(WorkloadAuth::new(tokens, mesh.trust_domain.clone()));
+        let caller = Caller::new(mesh.root_namespace.clone(), SERVICE_ACCOUNT);
+        // Workloads of every tenant renew here: trust every tenant's root.
+        let roots = ca.all_roots()?;
+        let own = issue_local(&ca, &caller, OWN_VALIDITY, &roots)?;
+        let root = own
+            .chain()
+            .last()
+            .and_then(|c| c.to_pem().ok())
+            .unwrap_or_default();
+        let path = data_dir.join(ROOT_CERT_FILE);
+        std::fs::write(&path, root).map_err(|e| SecurityError::Write(path.clone(), e))?;
+        tracing::info!(identity = %own.id(), root = %path.display(), "control plane certificate issued");
+        let own = Store::new(Credentials::new(own, ClientCert::Optional)?);
+        Ok(Secure {
+            ca,
+            auth,
+            own,
+            caller,
+            roots,
+        })
+    }
+
+    pub fn identity(&self) -> Arc<Credentials> {
+        self.own.load()
+    }
+
+    /// Serves ADS and the CA API over TLS on `listener` until dropped.
+    pub async fn serve(
+        &self,
+        cp: &ControlPlane,
+        listener: TcpListener,
+    ) -> Result<(), tonic::transport::Error> {
+        let own = self.own.clone();
+        let incoming = grpc::incoming(listener, move || own.load());
+        tonic::transport::Server::builder()
+            .add_service(AdsServer::new(Arc::new(cp.clone())).into_service())
+            .add_service(CaService::new(self.ca.clone(), self.auth.clone()).into_server())
+            .serve_with_incoming(incoming)
+            .await
+    }
+
+    /// Renews the control plane's own certificate at half life. Runs until dropped.
+    pub async fn rotate_own(&self) {
+        loop {
+            let wait = self
+                .own
+                .load()
+                .identity
+                .renew_at()
+                .duration_since(SystemTime::now())
+                .unwrap_or_default();
+            tokio::time::sleep(wait).await;
+            match self.reissue() {
+                Ok(c) => {
+                    tracing::info!(identity = %c.identity.id(), "control plane certificate rotated");
+                    self.own.replace(c);
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "renewing the control plane certificate failed");
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                }
+            }
+        }
+    }
+
+    fn reissue(&self) -> Result<Credentials, SecurityError> {
+        let own: Identity = issue_local(&self.ca, &self.caller, OWN_VALIDITY, &self.roots)?;
+        Ok(Credentials::new(own, ClientCert::Optional)?)
+    }
+}

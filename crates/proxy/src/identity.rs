@@ -1,0 +1,124 @@
+//! The proxy's workload identity: its first certificate from the control plane's CA (join
+//! token), renewal at half life, and the mutual-TLS channel to the control plane for xDS.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use boring::x509::X509;
+use hypha_identity::tls::{ClientCert, Peer};
+use hypha_identity::{grpc, Credentials, IdentityError, KeyKind, Store, Workload};
+
+/// The control plane's service account (see `hypha_control::security`).
+const CONTROL_SERVICE_ACCOUNT: &str = "hypha-control";
+
+/// How long a starting proxy keeps trying to reach the CA before giving up.
+const BOOTSTRAP_PATIENCE: Duration = Duration::from_secs(60);
+
+/// Where the proxy's identity comes from.
+#[derive(Debug, Clone)]
+pub struct IdentityOptions {
+    /// The root that verifies the control plane (its `root-cert.pem`).
+    pub ca_root: PathBuf,
+    /// The join token for the first certificate.
+    pub join_token: Option<PathBuf>,
+    pub trust_domain: String,
+    pub key_kind: KeyKind,
+    /// Certificate validity asked for (the CA caps it).
+    pub validity: Duration,
+}
+
+/// Errors obtaining the proxy's identity.
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityStartError {
+    #[error("{0}: {1}")]
+    Read(PathBuf, std::io::Error),
+    #[error("{0}: no certificate in it")]
+    NoRoot(PathBuf),
+    #[error("workload identity: {0}")]
+    Identity(IdentityError),
+}
+
+impl From<IdentityError> for IdentityStartError {
+    fn from(e: IdentityError) -> IdentityStartError {
+        IdentityStartError::Identity(e)
+    }
+}
+
+/// The mesh identity of a running proxy and how to reach the control plane with it.
+#[derive(Debug, Clone)]
+pub struct Mesh {
+    pub store: Store,
+    ca_roots: Vec<X509>,
+}
+
+impl Mesh {
+    /// A mutual-TLS gRPC channel to the control plane with the current certificate.
+    pub async fn control_plane(
+        &self,
+        uri: &str,
+    ) -> Result<tonic::transport::Channel, IdentityError> {
+        let connector =
+            hypha_identity::tls::client(Some(&self.store.load().identity), &self.ca_roots)?;
+        grpc::channel(uri, connector, control_plane_peer()).await
+    }
+}
+
+fn control_plane_peer() -> Peer {
+    Peer::ServiceAccount(CONTROL_SERVICE_ACCOUNT.into())
+}
+
+/// Gets the first certificate for `spiffe://<td>/ns/<ns>/sa/<sa>` from the CA at
+/// `control_plane`, retrying while the CA cannot be reached (it may be starting too), and
+/// returns the identity with its renewal task, which the caller runs.
+pub async fn bootstrap(
+    control_plane: &str,
+    namespace: &str,
+    service_account: &str,
+    opts: &IdentityOptions,
+) -> Result<(Mesh, impl std::future::Future<Output = ()>), IdentityStartError> {
+    let read = |p: &PathBuf| std::fs::read(p).map_err(|e| IdentityStartError::Read(p.clone(), e));
+    let ca_roots = X509::stack_from_pem(&read(&opts.ca_root)?).map_err(IdentityError::from)?;
+    if ca_roots.is_empty() {
+        return Err(IdentityStartError::NoRoot(opts.ca_root.clone()));
+    }
+    let token = match &opts.join_token {
+        Some(p) => Some(String::from_utf8_lossy(&read(p)?).trim().to_owned()),
+        None => None,
+    };
+    let workload = Workload {
+        ca: control_plane.to_owned(),
+        ca_roots: ca_roots.clone(),
+        ca_identity: control_plane_peer(),
+        token,
+        spiffe_id: format!(
+            "spiffe://{}/ns/{namespace}/sa/{service_account}",
+            opts.trust_domain
+        ),
+        key_kind: opts.key_kind,
+        validity: opts.validity,
+    };
+    let deadline = tokio::time::Instant::now() + BOOTSTRAP_PATIENCE;
+    let mut retry = Duration::from_millis(100);
+    let identity = loop {
+        match workload.bootstrap().await {
+            Ok(id) => break id,
+            Err(IdentityError::Connect { uri, reason })
+                if tokio::time::Instant::now() + retry < deadline =>
+            {
+                tracing::info!(%uri, %reason, "CA not reachable yet; retrying");
+                tokio::time::sleep(retry).await;
+                retry = (retry * 2).min(Duration::from_secs(2));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
+    let valid_s = identity
+        .not_after()
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or_default()
+        .as_secs();
+    tracing::info!(identity = %identity.id(), valid_s, "certificate issued");
+    let store = Store::new(Credentials::new(identity, ClientCert::Require)?);
+    let rotation = workload.rotate(store.clone(), ClientCert::Require);
+    Ok((Mesh { store, ca_roots }, rotation))
+}
