@@ -184,7 +184,7 @@ fn serve_help(mesh: &Mesh) -> String {
     ] {
         out.push_str(&format!("  {line}\n"));
     }
-    out.push_str("Sidecar admin endpoints (/ready /metrics /clusters /config_dump):\n");
+    out.push_str("Sidecar admin endpoints (/ready /metrics /clusters /config_dump /certs):\n");
     for (name, admin) in mesh.admins() {
         out.push_str(&format!("  {name:<15} http://{admin}\n"));
     }

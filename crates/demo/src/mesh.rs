@@ -20,6 +20,8 @@ use crate::{config, DemoError, Progress};
 
 /// How long a process may take to be ready (debug builds on a busy machine included).
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// The traffic client's service account.
+const CLIENT_SERVICE_ACCOUNT: &str = "default";
 /// How often a process is restarted on new ports before giving up.
 const ATTEMPTS: usize = 3;
 
@@ -41,6 +43,73 @@ impl Mesh {
 
     pub fn log_dir(&self) -> PathBuf {
         self.dir.join("logs")
+    }
+
+    /// The CA's data directory (signer keys, `root-cert.pem`).
+    pub fn ca_dir(&self) -> PathBuf {
+        self.dir.join("ca")
+    }
+
+    /// Join tokens, one per service account (`<namespace>.<service account>.token`).
+    pub fn token_dir(&self) -> PathBuf {
+        self.dir.join("tokens")
+    }
+
+    fn token(&self, service_account: &str) -> PathBuf {
+        self.token_dir()
+            .join(format!("{NAMESPACE}.{service_account}.token"))
+    }
+
+    /// Writes a random join token (0600) for every service account of the mesh: what an
+    /// operator hands each workload for its first certificate.
+    fn write_tokens(&self) -> Result<(), DemoError> {
+        use std::io::Read;
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        let dir = self.token_dir();
+        std::fs::create_dir_all(&dir).map_err(|e| DemoError::Io(dir.clone(), e))?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| DemoError::Io(dir.clone(), e))?;
+        let mut accounts: Vec<&str> = self
+            .plan
+            .workloads
+            .iter()
+            .map(|w| w.workload.service_account)
+            .collect();
+        accounts.push(CLIENT_SERVICE_ACCOUNT);
+        accounts.sort_unstable();
+        accounts.dedup();
+        for sa in accounts {
+            let mut raw = [0u8; 24];
+            let urandom = Path::new("/dev/urandom");
+            std::fs::File::open(urandom)
+                .and_then(|mut f| f.read_exact(&mut raw))
+                .map_err(|e| DemoError::Io(urandom.into(), e))?;
+            let token: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+            let path = self.token(sa);
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+                .and_then(|mut f| std::io::Write::write_all(&mut f, token.as_bytes()))
+                .map_err(|e| DemoError::Io(path.clone(), e))?;
+        }
+        Ok(())
+    }
+
+    /// The flags that give a sidecar its identity: the CA's root, its join token, TLS to
+    /// the control plane.
+    fn identity_args(&self, service_account: &str) -> Vec<String> {
+        vec![
+            "--control-plane".into(),
+            self.control_url(),
+            "--ca-root".into(),
+            self.ca_dir().join("root-cert.pem").display().to_string(),
+            "--join-token".into(),
+            self.token(service_account).display().to_string(),
+            "--service-account".into(),
+            service_account.into(),
+        ]
     }
 
     /// Every sidecar's admin address, by workload name (the client last).
@@ -76,6 +145,7 @@ impl Mesh {
                 "IPv4 only: ::1 is not available here"
             },
         ));
+        mesh.write_tokens()?;
         mesh.start_control(exe, say).await?;
         mesh.start_workloads(exe, say).await?;
         mesh.start_client(exe, say).await?;
@@ -89,13 +159,17 @@ impl Mesh {
                 "control".into(),
                 "--config".into(),
                 self.config_dir().display().to_string(),
-                "--listen".into(),
+                "--listen-tls".into(),
                 self.plan.control.to_string(),
+                "--data-dir".into(),
+                self.ca_dir().display().to_string(),
+                "--join-tokens".into(),
+                self.token_dir().display().to_string(),
             ];
             let log = self.log_dir().join("control.log");
             let mut p = Proc::spawn("control plane", exe, &args, &log)?;
             say(&format!(
-                "started control plane         pid {:<7} xDS on {}",
+                "started control plane         pid {:<7} xDS and CA over TLS on {}",
                 p.pid(),
                 self.plan.control
             ));
@@ -120,7 +194,7 @@ impl Mesh {
     }
 
     fn control_url(&self) -> String {
-        format!("http://{}", self.plan.control)
+        format!("https://{}", self.plan.control)
     }
 
     fn spawn_workload(
@@ -152,21 +226,18 @@ impl Mesh {
             w.workload.role,
             w.ports.app
         ));
-        let mut args: Vec<String> = vec![
-            "proxy".into(),
-            "--control-plane".into(),
-            self.control_url(),
+        let mut args: Vec<String> = vec!["proxy".into()];
+        args.extend(self.identity_args(w.workload.service_account));
+        args.extend([
             "--namespace".into(),
             NAMESPACE.into(),
-            "--service-account".into(),
-            w.workload.service_account.into(),
             "--workload".into(),
             name.into(),
             "--label".into(),
             format!("app={}", w.workload.app),
             "--label".into(),
             format!("version={}", w.workload.version),
-        ];
+        ]);
         for ip in w.ips() {
             args.extend(["--ip".into(), ip.to_string()]);
         }
@@ -243,10 +314,9 @@ impl Mesh {
 
     async fn start_client(&mut self, exe: &Path, say: &Progress) -> Result<(), DemoError> {
         for attempt in 1..=ATTEMPTS {
-            let args = vec![
-                "proxy".into(),
-                "--control-plane".into(),
-                self.control_url(),
+            let mut args: Vec<String> = vec!["proxy".into()];
+            args.extend(self.identity_args(CLIENT_SERVICE_ACCOUNT));
+            args.extend([
                 "--namespace".into(),
                 NAMESPACE.into(),
                 "--workload".into(),
@@ -259,7 +329,7 @@ impl Mesh {
                 self.plan.client_proxy.to_string(),
                 "--admin".into(),
                 self.plan.client_admin.to_string(),
-            ];
+            ]);
             let log = self.log_dir().join(format!("{CLIENT}.sidecar.log"));
             let mut p = Proc::spawn(&format!("{CLIENT} sidecar"), exe, &args, &log)?;
             say(&format!(

@@ -179,6 +179,9 @@ pub struct Summary {
     pub source_metrics: BTreeMap<(String, String, String, String, String), f64>,
     /// As the serving sidecars reported it: (destination workload, code, flags) → requests.
     pub destination_metrics: BTreeMap<(String, String, String), f64>,
+    /// Each sidecar's workload identity from its `/certs`: (workload, SPIFFE ID, the issuing
+    /// root's name); `-` where a sidecar reported none.
+    pub identities: Vec<(String, String, String)>,
 }
 
 impl Summary {
@@ -339,6 +342,16 @@ async fn scrape(mesh: &Mesh, s: &mut Summary, expected: f64) {
     let deadline = Instant::now() + Duration::from_secs(3);
     while client_counted(mesh).await < expected && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for (name, admin) in mesh.admins() {
+        let certs = client::get(&format!("http://{admin}/certs"), Duration::from_secs(5))
+            .await
+            .map(|r| r.text())
+            .unwrap_or_default();
+        let v: serde_json::Value = serde_json::from_str(&certs).unwrap_or_default();
+        let field = |x: &serde_json::Value| x.as_str().unwrap_or("-").to_owned();
+        s.identities
+            .push((name, field(&v["identity"]), field(&v["roots"][0])));
     }
     let mut texts = Vec::new();
     for (_, admin) in mesh.admins() {
@@ -508,6 +521,13 @@ impl fmt::Display for Summary {
                 c.failed_tries,
                 c.errors
             )?;
+        }
+        writeln!(
+            f,
+            "Identities: each sidecar's certificate from the mesh CA (join token, then renewal at half life; xDS over mutual TLS)"
+        )?;
+        for (workload, id, root) in &self.identities {
+            writeln!(f, "  {workload:<15} {id:<58} issued by {root}")?;
         }
         writeln!(
             f,

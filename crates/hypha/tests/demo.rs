@@ -1,6 +1,6 @@
 //! `hypha demo` end to end with the real binary: the control plane, six apps, seven sidecars as
 //! separate processes on loopback, 60 page views, and the summary checked against the bookinfo
-//! routing rules. Also checks that no process outlives the demo.
+//! routing rules and the identities the CA issued. Also checks that no process outlives the demo.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -60,6 +60,19 @@ async fn demo_runs_bookinfo_through_the_mesh() {
     assert!(details.failed_tries >= 4.0, "{details:?}");
     assert!(details.retries() >= details.failed_tries, "{details:?}");
     assert_eq!(details.errors, 0.0, "{details:?}");
+
+    // Every sidecar got its own identity from the bookinfo tenant's signer.
+    assert_eq!(s.identities.len(), 7, "{:?}", s.identities);
+    for (workload, id, root) in &s.identities {
+        let app = workload.split('-').next().unwrap();
+        let want = if workload == "demo-client" {
+            "spiffe://cluster.local/ns/bookinfo/sa/default".to_owned()
+        } else {
+            format!("spiffe://cluster.local/ns/bookinfo/sa/bookinfo-{app}")
+        };
+        assert_eq!(id, &want, "{workload}");
+        assert!(root.contains("bookinfo"), "{workload}: {root}");
+    }
 
     // The sidecars' metrics agree with what the apps reported.
     let v2 = s

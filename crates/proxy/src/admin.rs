@@ -1,7 +1,8 @@
 //! The admin listener: `/ready` (200 once the first complete config is applied, else 503),
 //! `/metrics` (Prometheus text, Istio's metric names), `/config_dump` (the applied resources,
-//! by type, with versions), `/clusters` (each cluster's endpoints). Plain HTTP on loopback by
-//! default.
+//! by type, with versions), `/clusters` (each cluster's endpoints), `/certs` (the workload
+//! certificate: identity, serial, expiry, and the trusted roots; never the key). Plain HTTP on
+//! loopback by default.
 
 use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
@@ -26,6 +27,8 @@ pub struct Admin {
     pub versions: Arc<ArcSwap<Vec<(String, String, String)>>>,
     /// The data listeners' drain: not ready while draining.
     pub draining: h::Drain,
+    /// The workload certificate, when the proxy has a mesh identity.
+    pub identity: Option<hypha_identity::Store>,
 }
 
 impl Admin {
@@ -41,9 +44,10 @@ impl Admin {
             "/metrics" | "/stats/prometheus" => (StatusCode::OK, self.telemetry.metrics.render()),
             "/config_dump" => (StatusCode::OK, self.config_dump()),
             "/clusters" => (StatusCode::OK, self.clusters()),
+            "/certs" => (StatusCode::OK, self.certs()),
             _ => (
                 StatusCode::NOT_FOUND,
-                "admin: /ready /metrics /config_dump /clusters\n".to_owned(),
+                "admin: /ready /metrics /config_dump /clusters /certs\n".to_owned(),
             ),
         };
         let mut r = Response::new(h::full(body));
@@ -62,6 +66,45 @@ impl Admin {
             }
             let _ = writeln!(out, "{name} {version}");
         }
+        out
+    }
+
+    /// JSON: `{"identity", "serial", "expires_in_s", "roots": [subject...]}`, or
+    /// `{"identity": null}` without a mesh identity.
+    fn certs(&self) -> String {
+        let Some(store) = &self.identity else {
+            return "{\"identity\":null}\n".to_owned();
+        };
+        let creds = store.load();
+        let id = &creds.identity;
+        let serial = id.chain()[0]
+            .serial_number()
+            .to_bn()
+            .and_then(|b| b.to_hex_str().map(|s| s.to_string()))
+            .unwrap_or_default();
+        let expires_in_s = id
+            .not_after()
+            .duration_since(std::time::SystemTime::now())
+            .map_or(0, |d| d.as_secs());
+        let roots: Vec<String> = id
+            .roots()
+            .iter()
+            .map(|r| {
+                r.subject_name()
+                    .entries()
+                    .filter_map(|e| e.data().as_utf8().ok().map(|s| s.to_string()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            })
+            .collect();
+        let mut out = serde_json::json!({
+            "identity": id.id(),
+            "serial": serial,
+            "expires_in_s": expires_in_s,
+            "roots": roots,
+        })
+        .to_string();
+        out.push('\n');
         out
     }
 

@@ -197,6 +197,7 @@ pub async fn start(opts: Options) -> Result<Running, StartError> {
             ready,
             versions: versions.clone(),
             draining: drain.clone(),
+            identity: mesh.as_ref().map(|m| m.store.clone()),
         };
         tasks.spawn(admin::serve(admin, l, admin_drain));
     }

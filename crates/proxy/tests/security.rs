@@ -93,9 +93,12 @@ fn sidecar(s: &Secured, ns: &str, sa: &str, token: &str) -> Options {
 #[tokio::test]
 async fn a_sidecar_gets_its_certificate_and_its_config_over_mutual_tls() {
     let s = secured().await;
-    let mut p = hypha_proxy::start(sidecar(&s, "shop", "web", "web-secret"))
-        .await
-        .unwrap();
+    let mut p = hypha_proxy::start(Options {
+        admin: Some("127.0.0.1:0".parse().unwrap()),
+        ..sidecar(&s, "shop", "web", "web-secret")
+    })
+    .await
+    .unwrap();
     tokio::time::timeout(WAIT, p.ready.wait_for(|r| *r))
         .await
         .expect("ready over mutual TLS")
@@ -106,6 +109,25 @@ async fn a_sidecar_gets_its_certificate_and_its_config_over_mutual_tls() {
     let root = boring::x509::X509::from_pem(&std::fs::read(s.root()).unwrap()).unwrap();
     let leaf = &creds.identity.chain()[0];
     assert!(leaf.verify(&root.public_key().unwrap()).unwrap());
+
+    // The admin endpoint shows the identity and its expiry, never the key.
+    let certs = admin_get(p.admin.unwrap(), "/certs").await;
+    let v: serde_json::Value = serde_json::from_str(certs.split("\r\n\r\n").nth(1).unwrap())
+        .unwrap_or_else(|e| panic!("{e}: {certs}"));
+    assert_eq!(v["identity"], format!("spiffe://{TD}/ns/shop/sa/web"));
+    let expires = v["expires_in_s"].as_u64().unwrap();
+    assert!((3500..=3600).contains(&expires), "{expires}");
+    assert!(!certs.contains("PRIVATE KEY"));
+}
+
+async fn admin_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!("GET {path} HTTP/1.1\r\nhost: admin\r\nconnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
 }
 
 fn refusal(r: Result<hypha_proxy::Running, StartError>) -> String {
