@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 mod envoy;
+pub mod mtls;
 pub mod registry;
 mod routes;
 pub mod security;

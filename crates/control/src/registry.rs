@@ -109,6 +109,10 @@ pub struct Endpoint {
     pub weight: Option<u32>,
     pub locality: String,
     pub workload_name: String,
+    /// The endpoint runs a sidecar that speaks the mesh's mutual TLS: a WorkloadEntry, unless
+    /// its label `security.istio.io/tlsMode` says otherwise (`istio` marks a ServiceEntry's
+    /// inline endpoint as one too).
+    pub sidecar: bool,
 }
 
 impl Endpoint {
@@ -147,7 +151,7 @@ impl Registry {
             .iter()
             .map(|we| {
                 let extra = we.annotations.get(ADDRESSES_ANNOTATION).map(String::as_str);
-                endpoint(&we.spec, extra, &we.namespace, &we.name)
+                endpoint(&we.spec, extra, &we.namespace, &we.name, true)
             })
             .collect();
         // (namespace, label, value) → workloads, so a selector looks at its candidates only.
@@ -176,7 +180,9 @@ impl Registry {
                 .endpoints
                 .iter()
                 .enumerate()
-                .map(|(i, ep)| endpoint(ep, None, &se.namespace, &format!("{}-{i}", se.name)))
+                .map(|(i, ep)| {
+                    endpoint(ep, None, &se.namespace, &format!("{}-{i}", se.name), false)
+                })
                 .collect();
             if let Some(sel) = &s.workload_selector {
                 let ns = se.namespace.as_str();
@@ -303,7 +309,16 @@ impl Registry {
     }
 }
 
-fn endpoint(w: &WorkloadEntry, extra: Option<&str>, ns: &str, name: &str) -> Endpoint {
+/// The label Istio marks endpoints with sidecars by.
+const TLS_MODE_LABEL: &str = "security.istio.io/tlsMode";
+
+fn endpoint(
+    w: &WorkloadEntry,
+    extra: Option<&str>,
+    ns: &str,
+    name: &str,
+    workload_entry: bool,
+) -> Endpoint {
     let mut addresses = vec![w.address.clone()];
     for a in extra.unwrap_or_default().split(',').map(str::trim) {
         if !a.is_empty() && !addresses.iter().any(|x| x == a) {
@@ -323,5 +338,9 @@ fn endpoint(w: &WorkloadEntry, extra: Option<&str>, ns: &str, name: &str) -> End
         weight: w.weight,
         locality: w.locality.clone(),
         workload_name: name.to_string(),
+        sidecar: w
+            .labels
+            .get(TLS_MODE_LABEL)
+            .map_or(workload_entry, |m| m == "istio"),
     }
 }

@@ -76,11 +76,21 @@ struct Inner {
 }
 
 impl ControlPlane {
-    /// Starts from a validated config.
+    /// Starts from a validated config, for sidecars without workload certificates.
     pub fn new(cfg: Config) -> ControlPlane {
+        ControlPlane::start(Translation::new(Arc::new(cfg), "1"))
+    }
+
+    /// Starts from a validated config, for sidecars with workload certificates from the
+    /// control plane's CA: traffic between them is mutual TLS (PeerAuthentication decides).
+    pub fn with_mtls(cfg: Config) -> ControlPlane {
+        ControlPlane::start(Translation::with_mtls(Arc::new(cfg), "1"))
+    }
+
+    fn start(first: Translation) -> ControlPlane {
         ControlPlane {
             inner: Arc::new(Inner {
-                current: RwLock::new(Arc::new(Translation::new(Arc::new(cfg), "1"))),
+                current: RwLock::new(Arc::new(first)),
                 generation: AtomicU64::new(1),
                 rejected: AtomicU64::new(0),
                 subscribers: Mutex::new(Vec::new()),
@@ -407,7 +417,11 @@ pub async fn run(
         }
         None => None,
     };
-    let cp = ControlPlane::new(cfg);
+    let cp = if secure.is_some() {
+        ControlPlane::with_mtls(cfg)
+    } else {
+        ControlPlane::new(cfg)
+    };
     for line in cp.describe().lines() {
         tracing::info!("{line}");
     }

@@ -52,9 +52,10 @@ use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
 };
 use hypha_config::mesh::IpFamily;
 use hypha_config::networking::{
-    ConnectionPoolSettings, DestinationRule, LoadBalancerSettings, OutlierDetection, Resolution,
-    SimpleLb, TrafficPolicy, VirtualService,
+    ClientTlsSettings, ConnectionPoolSettings, DestinationRule, LoadBalancerSettings, Location,
+    OutlierDetection, Resolution, SimpleLb, TlsMode, TrafficPolicy, VirtualService,
 };
+use hypha_config::security::MtlsMode;
 use hypha_config::{Config, Resource};
 use hypha_xds::{Resource as XdsResource, Snapshot};
 
@@ -164,11 +165,23 @@ pub struct Translation {
     /// The previous generation's shared outbound snapshots, whose unchanged parts new ones
     /// take over (see [`Snapshot::reuse`]); emptied by [`Translation::forget_previous`].
     previous: Mutex<HashMap<String, Arc<Snapshot>>>,
+    /// Sidecars have workload certificates (the control plane runs the CA): traffic between
+    /// them is mutual TLS as PeerAuthentication and DestinationRules say (see `mtls`).
+    mtls: bool,
 }
 
 impl Translation {
     pub fn new(cfg: Arc<Config>, version: impl Into<String>) -> Translation {
         Translation::after(cfg, version, None)
+    }
+
+    /// A first generation for sidecars with workload certificates (mutual TLS between them);
+    /// the generations [`after`](Self::after) it keep the setting.
+    pub fn with_mtls(cfg: Arc<Config>, version: impl Into<String>) -> Translation {
+        Translation {
+            mtls: true,
+            ..Translation::after(cfg, version, None)
+        }
     }
 
     /// Like [`Translation::new`], but what did not change since `previous` keeps its identity,
@@ -188,6 +201,7 @@ impl Translation {
                 .flat_map(|r| &r.matches)
                 .any(|m| !m.source_labels.is_empty())
         });
+        let mtls = previous.is_some_and(|p| p.mtls);
         let previous = previous
             .map(|p| lock(&p.outbound_cache).clone())
             .unwrap_or_default();
@@ -202,6 +216,7 @@ impl Translation {
             clusters: Mutex::new(HashMap::new()),
             service_routes: Mutex::new(HashMap::new()),
             previous: Mutex::new(previous),
+            mtls,
         }
     }
 
@@ -475,6 +490,7 @@ impl Translation {
         }
         let mut out = Vec::new();
         let mut chains = Vec::new();
+        let labels = &proxy.labels;
         for (&port, &protocol) in &ports {
             let cname = format!("inbound|{port}||");
             let mut c = Cluster {
@@ -532,7 +548,31 @@ impl Translation {
                 chain.filter_chain_match = Some(chain_match);
                 chain
             };
-            chains.push(chain);
+            let mode = if self.mtls {
+                crate::mtls::mode(&self.cfg, &proxy.namespace, labels, port)
+            } else {
+                MtlsMode::Disable
+            };
+            // PERMISSIVE: a TLS chain and a plaintext one, told apart by the first bytes;
+            // STRICT: TLS only (plaintext is refused); DISABLE: plaintext only.
+            if matches!(mode, MtlsMode::Permissive | MtlsMode::Strict) {
+                let mut tls = chain.clone();
+                tls.name = format!("{}_mtls", chain.name);
+                if let Some(m) = &mut tls.filter_chain_match {
+                    m.transport_protocol = "tls".into();
+                }
+                tls.transport_socket = Some(crate::mtls::downstream());
+                chains.push(tls);
+            }
+            if matches!(mode, MtlsMode::Permissive | MtlsMode::Disable) {
+                let mut plain = chain;
+                if mode == MtlsMode::Permissive {
+                    if let Some(m) = &mut plain.filter_chain_match {
+                        m.transport_protocol = "raw_buffer".into();
+                    }
+                }
+                chains.push(plain);
+            }
         }
         let mut vi = self.wildcard_listener(
             "virtualInbound".into(),
@@ -540,6 +580,9 @@ impl Translation {
             TrafficDirection::Inbound,
         );
         vi.use_original_dst = Some(boolv(true));
+        if chains.iter().any(|c| c.transport_socket.is_some()) {
+            vi.listener_filters = vec![crate::mtls::tls_inspector()];
+        }
         vi.filter_chains = chains;
         vi.default_filter_chain = Some(tcp_chain("virtualInbound-catchall-tcp", PASSTHROUGH));
         out.push(XdsResource::encode("virtualInbound", &vi));
@@ -651,7 +694,15 @@ impl Translation {
             connect_timeout: Some(secs(10)),
             ..Default::default()
         };
-        let mut cla = load_assignment(name, &endpoints, port);
+        let mesh_internal = s.location == Location::MeshInternal;
+        let tls_endpoint = |e: &Endpoint| {
+            self.mtls
+                && mesh_internal
+                && e.sidecar
+                && crate::mtls::mode(&self.cfg, &e.namespace, &e.labels, e.port_for(port))
+                    != MtlsMode::Disable
+        };
+        let mut cla = load_assignment(name, &endpoints, port, tls_endpoint);
         let dns = matches!(s.resolution, Resolution::Dns | Resolution::DnsRoundRobin);
         if dns {
             c.cluster_discovery_type = Some(cluster::ClusterDiscoveryType::Type(
@@ -708,6 +759,30 @@ impl Translation {
             c.outlier_detection = Some(outlier(od));
         }
         let eds = c.eds_cluster_config.is_some();
+        if self.mtls && eds && mesh_internal {
+            let h2 = port.protocol == Protocol::Http2
+                || http.and_then(|h| h.h2_upgrade_policy.as_deref()) == Some("UPGRADE");
+            let alpn: &[&str] = match (port.protocol.is_http(), h2) {
+                (false, _) => &[],
+                (true, true) => &["h2"],
+                (true, false) => &["http/1.1"],
+            };
+            let sni = format!(
+                "outbound_.{}_.{}_.{}",
+                port.number,
+                subset.unwrap_or(""),
+                s.hostname
+            );
+            let ids = identities(&self.cfg.mesh.trust_domain, s);
+            let tls = crate::mtls::upstream(&ids, alpn, &sni);
+            match policy.and_then(|p| p.tls.as_ref()).and_then(|t| t.mode) {
+                Some(TlsMode::Disable) => {}
+                Some(TlsMode::IstioMutual) => c.transport_socket = Some(tls),
+                // Auto mTLS (SIMPLE and MUTUAL origination to external servers are for
+                // MESH_EXTERNAL services, which get none here).
+                _ => c.transport_socket_matches = crate::mtls::auto_matches(tls),
+            }
+        }
         (c, eds.then_some(cla))
     }
 }
@@ -868,6 +943,7 @@ pub(crate) struct Policy {
     pub load_balancer: Option<LoadBalancerSettings>,
     pub connection_pool: Option<ConnectionPoolSettings>,
     pub outlier_detection: Option<OutlierDetection>,
+    pub tls: Option<ClientTlsSettings>,
 }
 
 fn effective_policy(dr: &DestinationRule, port: u32, subset: Option<&str>) -> Policy {
@@ -882,6 +958,9 @@ fn effective_policy(dr: &DestinationRule, port: u32, subset: Option<&str>) -> Po
         if tp.outlier_detection.is_some() {
             p.outlier_detection.clone_from(&tp.outlier_detection);
         }
+        if tp.tls.is_some() {
+            p.tls.clone_from(&tp.tls);
+        }
         if let Some(pl) = tp
             .port_level_settings
             .iter()
@@ -895,6 +974,9 @@ fn effective_policy(dr: &DestinationRule, port: u32, subset: Option<&str>) -> Po
             }
             if pl.outlier_detection.is_some() {
                 p.outlier_detection.clone_from(&pl.outlier_detection);
+            }
+            if pl.tls.is_some() {
+                p.tls.clone_from(&pl.tls);
             }
         }
     };
@@ -1006,16 +1088,42 @@ fn outlier(od: &OutlierDetection) -> EnvoyOutlier {
     }
 }
 
-fn load_assignment(name: &str, endpoints: &[&Endpoint], port: &Port) -> ClusterLoadAssignment {
+/// The SPIFFE IDs a service's sidecars run as: what a client checks the server against.
+fn identities(trust_domain: &str, s: &Service) -> Vec<String> {
+    let mut ids: Vec<String> = s
+        .endpoints
+        .iter()
+        .filter(|e| e.sidecar)
+        .map(|e| {
+            format!(
+                "spiffe://{trust_domain}/ns/{}/sa/{}",
+                e.namespace, e.service_account
+            )
+        })
+        .collect();
+    ids.sort();
+    ids.dedup();
+    ids
+}
+
+/// Endpoints by locality; those for which `tls` says so carry the `tlsMode: istio` metadata
+/// auto mTLS matches on.
+fn load_assignment(
+    name: &str,
+    endpoints: &[&Endpoint],
+    port: &Port,
+    tls: impl Fn(&Endpoint) -> bool,
+) -> ClusterLoadAssignment {
     let mut by_locality: BTreeMap<&str, Vec<LbEndpoint>> = BTreeMap::new();
     for e in endpoints {
         let Some((first, rest)) = e.addresses.split_first() else {
             continue;
         };
-        by_locality
-            .entry(e.locality.as_str())
-            .or_default()
-            .push(lb_endpoint(first, e.port_for(port), rest, e.weight));
+        let mut lb = lb_endpoint(first, e.port_for(port), rest, e.weight);
+        if tls(e) {
+            lb.metadata = Some(crate::mtls::endpoint_metadata());
+        }
+        by_locality.entry(e.locality.as_str()).or_default().push(lb);
     }
     ClusterLoadAssignment {
         cluster_name: name.to_string(),

@@ -179,6 +179,9 @@ pub struct Summary {
     pub source_metrics: BTreeMap<(String, String, String, String, String), f64>,
     /// As the serving sidecars reported it: (destination workload, code, flags) → requests.
     pub destination_metrics: BTreeMap<(String, String, String), f64>,
+    /// How each serving sidecar saw its callers: (destination workload, the caller's
+    /// verified SPIFFE ID, `connection_security_policy`) → requests.
+    pub security: BTreeMap<(String, String, String), f64>,
     /// Each sidecar's workload identity from its `/certs`: (workload, SPIFFE ID, the issuing
     /// root's name); `-` where a sidecar reported none.
     pub identities: Vec<(String, String, String)>,
@@ -390,6 +393,12 @@ async fn scrape(mesh: &Mesh, s: &mut Summary, expected: f64) {
                     l("response_flags"),
                 );
                 *s.destination_metrics.entry(key).or_default() += x.value;
+                let key = (
+                    l("destination_workload"),
+                    l("source_principal"),
+                    l("connection_security_policy"),
+                );
+                *s.security.entry(key).or_default() += x.value;
                 let c = s.calls.entry(l("destination_app")).or_default();
                 c.tries += x.value;
                 if !ok {
@@ -556,6 +565,14 @@ impl fmt::Display for Summary {
         }
         for chunk in line.chunks(4) {
             writeln!(f, "  {}", chunk.join(", "))?;
+        }
+        writeln!(
+            f,
+            "Between sidecars, as each serving sidecar saw its callers (verified client certificate):"
+        )?;
+        for ((workload, principal, policy), v) in &self.security {
+            let caller = principal.rsplit("/sa/").next().unwrap_or(principal);
+            writeln!(f, "  {workload:<15} ← {caller:<22} {policy:<11} ×{v}")?;
         }
         Ok(())
     }

@@ -74,6 +74,20 @@ async fn demo_runs_bookinfo_through_the_mesh() {
         assert!(root.contains("bookinfo"), "{workload}: {root}");
     }
 
+    // Every hop between sidecars was mutual TLS, and each server saw its real caller.
+    assert!(!s.security.is_empty());
+    for ((workload, principal, policy), v) in &s.security {
+        assert_eq!(policy, "mutual_tls", "{workload} ← {principal} ×{v}");
+        let caller = principal.rsplit("/sa/").next().unwrap();
+        let want = match workload.split('-').next().unwrap() {
+            "productpage" => "default",
+            "details" | "reviews" => "bookinfo-productpage",
+            "ratings" => "bookinfo-reviews",
+            other => panic!("unexpected workload {other}"),
+        };
+        assert_eq!(caller, want, "{workload} ← {principal}");
+    }
+
     // The sidecars' metrics agree with what the apps reported.
     let v2 = s
         .source_metrics

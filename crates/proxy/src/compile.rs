@@ -24,10 +24,13 @@ use envoy_types::pb::envoy::config::core::v3::{
     HeaderValueOption, HealthStatus, Http2ProtocolOptions,
     HttpProtocolOptions as CommonHttpOptions,
 };
+use envoy_types::pb::envoy::config::core::v3::{transport_socket, TransportSocket};
 use envoy_types::pb::envoy::config::endpoint::v3::{
     lb_endpoint, ClusterLoadAssignment, Endpoint as EnvoyEndpoint,
 };
-use envoy_types::pb::envoy::config::listener::v3::{filter, FilterChain, Listener};
+use envoy_types::pb::envoy::config::listener::v3::{
+    filter, listener_filter, FilterChain, FilterChainMatch, Listener,
+};
 use envoy_types::pb::envoy::config::route::v3::{
     header_matcher::HeaderMatchSpecifier, query_parameter_matcher::QueryParameterMatchSpecifier,
     redirect_action, retry_policy, route, route_action, route_match::PathSpecifier, HeaderMatcher,
@@ -36,11 +39,17 @@ use envoy_types::pb::envoy::config::route::v3::{
 };
 use envoy_types::pb::envoy::extensions::filters::http::fault::v3::HttpFault;
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
+use envoy_types::pb::envoy::extensions::filters::listener::tls_inspector::v3::TlsInspector;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
     http_connection_manager::RouteSpecifier, http_filter, HttpConnectionManager, HttpFilter,
 };
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{tcp_proxy, TcpProxy};
 use envoy_types::pb::envoy::extensions::retry::host::previous_hosts::v3::PreviousHostsPredicate;
+use envoy_types::pb::envoy::extensions::transport_sockets::raw_buffer::v3::RawBuffer;
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
+    common_tls_context::ValidationContextType, subject_alt_name_matcher::SanType, CommonTlsContext,
+    DownstreamTlsContext, SdsSecretConfig, UpstreamTlsContext,
+};
 use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
     http_protocol_options::{explicit_http_config::ProtocolConfig, UpstreamProtocolOptions},
     HttpProtocolOptions,
@@ -56,7 +65,7 @@ use prost::{Message, Name};
 use crate::model::{
     Action, Cluster, ClusterKind, Endpoint, Fault, Forward, HashKey, HeaderAdd, HeaderAppend,
     HeaderOps, Inbound, Lb, Limits, ListenAddr, Outbound, OutlierPolicy, Redirect, RetryPolicy,
-    Route, RouteTable, VirtualHost, WeightedCluster,
+    Route, RouteTable, UpstreamTls, VirtualHost, WeightedCluster,
 };
 
 const HCM: &str = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
@@ -376,9 +385,11 @@ fn cluster_inner(bytes: &[u8]) -> Result<Cluster> {
             "http_protocol_options",
             "http2_protocol_options",
             "max_requests_per_connection",
-            // Informational: a stats name; metadata, which only subset load balancing and
-            // transport socket matching read (both refused); and a buffer size hint (hyper
-            // and tokio apply their own backpressure).
+            "transport_socket",
+            "transport_socket_matches",
+            // Informational: a stats name; metadata, which only subset load balancing reads
+            // (refused); and a buffer size hint (hyper and tokio apply their own
+            // backpressure).
             "alt_stat_name",
             "metadata",
             "per_connection_buffer_limit_bytes",
@@ -516,6 +527,7 @@ fn cluster_inner(bytes: &[u8]) -> Result<Cluster> {
         }
     }
     let outlier = c.outlier_detection.as_ref().map(outlier).transpose()?;
+    let tls = upstream_tls(c.transport_socket.as_ref(), &c.transport_socket_matches)?;
     Ok(Cluster {
         name: c.name,
         kind,
@@ -530,7 +542,274 @@ fn cluster_inner(bytes: &[u8]) -> Result<Cluster> {
         idle_timeout: http.idle_timeout,
         max_requests_per_connection: http.max_requests_per_connection,
         max_concurrent_streams: http.max_concurrent_streams,
+        tls,
     })
+}
+
+// ---------------------------------------------------------------------------------------------
+// TLS: Envoy's transport sockets, as Istio sends them for mutual TLS between sidecars.
+
+const TRANSPORT_SOCKET_MATCH: &str = "envoy.transport_socket_match";
+/// Istio's SDS names: the workload certificate, and the trust bundle.
+const SDS_CERT: &str = "default";
+const SDS_ROOTS: &str = "ROOTCA";
+
+/// What a transport socket is: TLS with this context, or plaintext (`raw_buffer`).
+enum Socket<T> {
+    Tls(T),
+    Plain,
+}
+
+fn socket<T: Message + Default + Name>(ts: &TransportSocket, at: &str) -> Result<Socket<T>> {
+    // The name is a label: the typed config says what the socket is.
+    only(ts, at, &["name", "config_type"])?;
+    let Some(transport_socket::ConfigType::TypedConfig(any)) = &ts.config_type else {
+        return Err(format!("{at}: a typed config is required"));
+    };
+    if any.type_url == RawBuffer::type_url() {
+        let raw: RawBuffer = decode(&any.value, "RawBuffer")?;
+        only(&raw, at, &[])?;
+        return Ok(Socket::Plain);
+    }
+    typed::<T>(any, at).map(Socket::Tls)
+}
+
+/// A cluster's TLS: `transport_socket` (every endpoint), or Istio's auto-mTLS pair of
+/// `transport_socket_matches` (TLS where the endpoint's metadata says `tlsMode: istio`,
+/// plaintext elsewhere). Other matches are refused: Hypha matches on nothing else.
+fn upstream_tls(
+    ts: Option<&TransportSocket>,
+    matches: &[cluster::TransportSocketMatch],
+) -> Result<Option<UpstreamTls>> {
+    if let Some(ts) = ts {
+        if !matches.is_empty() {
+            return Err("both transport_socket and transport_socket_matches are set".into());
+        }
+        return match socket::<UpstreamTlsContext>(ts, "transport_socket")? {
+            Socket::Plain => Ok(None),
+            Socket::Tls(ctx) => upstream_context(&ctx, "transport_socket").map(|mut t| {
+                t.only_istio_endpoints = false;
+                Some(t)
+            }),
+        };
+    }
+    let mut tls = None;
+    let mut plain_fallback = false;
+    for (i, m) in matches.iter().enumerate() {
+        let at = format!("transport_socket_matches[{i}]");
+        // The name is a stats label.
+        only(m, &at, &["name", "match", "transport_socket"])?;
+        let fields = m.r#match.as_ref().map(|s| &s.fields);
+        let istio = fields.is_some_and(|f| {
+            f.len() == 1
+                && f.get("tlsMode").and_then(|v| v.kind.as_ref())
+                    == Some(
+                        &envoy_types::pb::google::protobuf::value::Kind::StringValue(
+                            "istio".into(),
+                        ),
+                    )
+        });
+        let empty = fields.is_none_or(|f| f.is_empty());
+        let Some(ts) = &m.transport_socket else {
+            return Err(format!("{at}: no transport_socket"));
+        };
+        match (
+            socket::<UpstreamTlsContext>(ts, &path(&at, "transport_socket"))?,
+            istio,
+            empty,
+        ) {
+            (Socket::Tls(ctx), true, _) if tls.is_none() && !plain_fallback => {
+                tls = Some(upstream_context(&ctx, &path(&at, "transport_socket"))?);
+            }
+            (Socket::Plain, _, true) => plain_fallback = true,
+            _ => {
+                return Err(format!(
+                    "{at}: only Istio's auto-mTLS matches are supported (TLS for \
+                     `tlsMode: istio`, then plaintext for the rest)"
+                ))
+            }
+        }
+    }
+    Ok(tls.map(|mut t| {
+        t.only_istio_endpoints = true;
+        t
+    }))
+}
+
+/// An SDS reference, which must be `name` over ADS.
+fn sds(cfg: &SdsSecretConfig, name: &str, at: &str) -> Result<()> {
+    only(cfg, at, &["name", "sds_config"])?;
+    if cfg.name != name {
+        return Err(unsupported_value(
+            &path(at, "name"),
+            format_args!(
+                "{:?} (Hypha serves the workload certificate as {SDS_CERT:?} and the trust \
+                 bundle as {SDS_ROOTS:?})",
+                cfg.name
+            ),
+        ));
+    }
+    if let Some(cs) = &cfg.sds_config {
+        ads_source(cs, &path(at, "sds_config"))?;
+    }
+    Ok(())
+}
+
+/// The common part of both sides: the workload certificate, the trust bundle, peer SPIFFE IDs
+/// and ALPN. Returns (identities, ALPN in wire format).
+fn common_tls(c: Option<&CommonTlsContext>, at: &str) -> Result<(Vec<String>, Vec<u8>)> {
+    let at = path(at, "common_tls_context");
+    let Some(c) = c else {
+        return Err(format!(
+            "{at}: the workload certificate ({SDS_CERT:?}) is required"
+        ));
+    };
+    // Informational: TLS versions and ciphers; Hypha's contexts allow TLS 1.2 and 1.3 with
+    // BoringSSL's defaults.
+    only(
+        c,
+        &at,
+        &[
+            "tls_certificate_sds_secret_configs",
+            "validation_context_type",
+            "alpn_protocols",
+            "tls_params",
+        ],
+    )?;
+    match c.tls_certificate_sds_secret_configs.as_slice() {
+        [one] => sds(
+            one,
+            SDS_CERT,
+            &path(&at, "tls_certificate_sds_secret_configs"),
+        )?,
+        _ => {
+            return Err(format!(
+                "{at}: exactly one tls_certificate_sds_secret_configs ({SDS_CERT:?}) is required"
+            ))
+        }
+    }
+    let mut identities = Vec::new();
+    match &c.validation_context_type {
+        Some(ValidationContextType::ValidationContextSdsSecretConfig(cfg)) => {
+            sds(
+                cfg,
+                SDS_ROOTS,
+                &path(&at, "validation_context_sds_secret_config"),
+            )?;
+        }
+        Some(ValidationContextType::CombinedValidationContext(combined)) => {
+            let at = path(&at, "combined_validation_context");
+            only(
+                combined,
+                &at,
+                &[
+                    "default_validation_context",
+                    "validation_context_sds_secret_config",
+                ],
+            )?;
+            match &combined.validation_context_sds_secret_config {
+                Some(cfg) => sds(
+                    cfg,
+                    SDS_ROOTS,
+                    &path(&at, "validation_context_sds_secret_config"),
+                )?,
+                None => {
+                    return Err(format!(
+                        "{at}: the trust bundle ({SDS_ROOTS:?}) is required"
+                    ))
+                }
+            }
+            if let Some(v) = &combined.default_validation_context {
+                let at = path(&at, "default_validation_context");
+                only(v, &at, &["match_typed_subject_alt_names"])?;
+                for m in &v.match_typed_subject_alt_names {
+                    let at = path(&at, "match_typed_subject_alt_names");
+                    only(m, &at, &["san_type", "matcher"])?;
+                    if m.san_type != SanType::Uri as i32 {
+                        return Err(unsupported_value(&path(&at, "san_type"), m.san_type));
+                    }
+                    match m.matcher.as_ref().and_then(|x| x.match_pattern.as_ref()) {
+                        Some(MatchPattern::Exact(id))
+                            if !m.matcher.as_ref().is_some_and(|x| x.ignore_case) =>
+                        {
+                            identities.push(id.clone());
+                        }
+                        _ => {
+                            return Err(format!(
+                                "{at}: only exact, case-sensitive SPIFFE IDs are supported"
+                            ))
+                        }
+                    }
+                }
+            }
+        }
+        Some(ValidationContextType::ValidationContext(_)) => {
+            return Err(unsupported(&path(&at, "validation_context"))
+                + ": inline roots; Hypha verifies peers against the mesh trust bundle (ROOTCA)")
+        }
+        Some(other) => return Err(unsupported(&path(&at, &variant(other)))),
+        None => {
+            return Err(format!(
+                "{at}: the trust bundle ({SDS_ROOTS:?}) is required"
+            ))
+        }
+    }
+    let mut alpn = Vec::new();
+    for p in &c.alpn_protocols {
+        match p.as_str() {
+            "h2" | "http/1.1" => {
+                alpn.push(u8::try_from(p.len()).unwrap_or(0));
+                alpn.extend_from_slice(p.as_bytes());
+            }
+            // Istio's markers for its metadata exchange, which Hypha does not do: the peer's
+            // identity comes from its certificate.
+            "istio" | "istio-peer-exchange" | "istio-http/1.0" | "istio-http/1.1" | "istio-h2" => {}
+            other => {
+                return Err(unsupported_value(
+                    &path(&at, "alpn_protocols"),
+                    format_args!("{other:?}"),
+                ))
+            }
+        }
+    }
+    Ok((identities, alpn))
+}
+
+fn upstream_context(ctx: &UpstreamTlsContext, at: &str) -> Result<UpstreamTls> {
+    // Informational: SNI, which Istio sets to the cluster name for its own routing of
+    // passthrough traffic; Hypha checks the server by its SPIFFE ID, not a name.
+    only(ctx, at, &["common_tls_context", "sni"])?;
+    let (identities, alpn) = common_tls(ctx.common_tls_context.as_ref(), at)?;
+    Ok(UpstreamTls {
+        identities: identities.into(),
+        alpn: alpn.into(),
+        only_istio_endpoints: false,
+    })
+}
+
+/// An inbound chain's TLS: a DownstreamTlsContext that requires client certificates.
+fn downstream_tls(ts: &TransportSocket, at: &str) -> Result<bool> {
+    match socket::<DownstreamTlsContext>(ts, at)? {
+        Socket::Plain => Ok(false),
+        Socket::Tls(ctx) => {
+            only(
+                &ctx,
+                at,
+                &["common_tls_context", "require_client_certificate"],
+            )?;
+            if !ctx.require_client_certificate.is_some_and(|b| b.value) {
+                return Err(format!(
+                    "{at}: require_client_certificate must be true (mutual TLS only)"
+                ));
+            }
+            let (identities, _alpn) = common_tls(ctx.common_tls_context.as_ref(), at)?;
+            if !identities.is_empty() {
+                return Err(unsupported(&path(at, "match_typed_subject_alt_names"))
+                    + " on the server side: authorization policy decides who may call");
+            }
+            Ok(true)
+        }
+    }
 }
 
 /// `envoy.extensions.upstreams.http.v3.HttpProtocolOptions`.
@@ -675,7 +954,7 @@ pub fn endpoints(name: &str, bytes: &[u8]) -> std::result::Result<Arc<[Endpoint]
 
 fn endpoints_of(cla: ClusterLoadAssignment, at: &str) -> Result<Arc<[Endpoint]>> {
     let mut out = Vec::new();
-    for (e, weight) in lb_endpoints(cla, at)? {
+    for (e, weight, istio_tls) in lb_endpoints(cla, at)? {
         let at = path(at, "endpoints.lb_endpoints.endpoint");
         let mut addresses = vec![socket_addr(e.address.as_ref(), &path(&at, "address"))?];
         for extra in &e.additional_addresses {
@@ -683,14 +962,21 @@ fn endpoints_of(cla: ClusterLoadAssignment, at: &str) -> Result<Arc<[Endpoint]>>
             only(extra, &at, &["address"])?;
             addresses.push(socket_addr(extra.address.as_ref(), &at)?);
         }
-        out.push(Endpoint { addresses, weight });
+        out.push(Endpoint {
+            addresses,
+            weight,
+            istio_tls,
+        });
     }
     Ok(out.into())
 }
 
-/// Every endpoint of a ClusterLoadAssignment, with its weight, once every message on the way
-/// is checked.
-fn lb_endpoints(mut cla: ClusterLoadAssignment, at: &str) -> Result<Vec<(EnvoyEndpoint, u32)>> {
+/// Every endpoint of a ClusterLoadAssignment, with its weight and whether its metadata says
+/// it speaks Istio's mutual TLS, once every message on the way is checked.
+fn lb_endpoints(
+    mut cla: ClusterLoadAssignment,
+    at: &str,
+) -> Result<Vec<(EnvoyEndpoint, u32, bool)>> {
     // Lists are taken out before a check, so it does not render every endpoint.
     let localities = std::mem::take(&mut cla.endpoints);
     // `cluster_name` is informational: the resource's name (or the cluster's) is what counts.
@@ -709,8 +995,8 @@ fn lb_endpoints(mut cla: ClusterLoadAssignment, at: &str) -> Result<Vec<(EnvoyEn
         let at = path(&at, "lb_endpoints");
         for mut lb in lbs {
             let host = lb.host_identifier.take();
-            // Informational: metadata, read only by subset load balancing and transport
-            // socket matching (both refused).
+            // Metadata: `envoy.transport_socket_match` is read below; the rest only by subset
+            // load balancing (refused).
             only(
                 &lb,
                 &at,
@@ -745,7 +1031,22 @@ fn lb_endpoints(mut cla: ClusterLoadAssignment, at: &str) -> Result<Vec<(EnvoyEn
                 &path(&at, "endpoint"),
                 &["address", "additional_addresses"],
             )?;
-            out.push((e, lb.load_balancing_weight.map_or(1, |w| w.value.max(1))));
+            let istio_tls = lb
+                .metadata
+                .as_ref()
+                .and_then(|m| m.filter_metadata.get(TRANSPORT_SOCKET_MATCH))
+                .and_then(|m| m.fields.get("tlsMode"))
+                .and_then(|v| v.kind.as_ref())
+                .is_some_and(|k| {
+                    *k == envoy_types::pb::google::protobuf::value::Kind::StringValue(
+                        "istio".into(),
+                    )
+                });
+            out.push((
+                e,
+                lb.load_balancing_weight.map_or(1, |w| w.value.max(1)),
+                istio_tls,
+            ));
         }
     }
     Ok(out)
@@ -755,7 +1056,7 @@ fn lb_endpoints(mut cla: ClusterLoadAssignment, at: &str) -> Result<Vec<(EnvoyEn
 fn dns_targets(cla: Option<ClusterLoadAssignment>) -> Result<Arc<[(String, u16)]>> {
     const AT: &str = "load_assignment";
     let mut out = Vec::new();
-    for (e, _weight) in cla
+    for (e, _weight, _) in cla
         .map(|c| lb_endpoints(c, AT))
         .transpose()?
         .unwrap_or_default()
@@ -821,7 +1122,8 @@ pub struct ListenerParts {
     pub outbound: Option<(ListenAddr, Outbound)>,
     /// The outbound listener's further addresses (a dual-stack service's other VIPs).
     pub additional: Vec<ListenAddr>,
-    pub inbound: Vec<(u16, Inbound)>,
+    /// Inbound chains: destination port, whether the chain is mutual TLS, what it does.
+    pub inbound: Vec<(u16, bool, Inbound)>,
     /// Route tables the listener refers to (to subscribe to over RDS).
     pub rds: Vec<String>,
 }
@@ -855,6 +1157,7 @@ fn listener_inner(bytes: &[u8]) -> Result<ListenerParts> {
             "additional_addresses",
             "filter_chains",
             "default_filter_chain",
+            "listener_filters",
             // Informational: the proxy binds no address a listener names and captures no
             // traffic (the app reaches it explicitly, see `outbound`); a listener only says
             // what traffic for its address does. Whether Envoy would bind it, hand captured
@@ -880,6 +1183,35 @@ fn listener_inner(bytes: &[u8]) -> Result<ListenerParts> {
             parts.additional.push(addr);
         }
     }
+    for (i, f) in l.listener_filters.iter().enumerate() {
+        let at = format!("listener_filters[{i}]");
+        // The name is a label; the typed config says what the filter is.
+        only(f, &at, &["name", "config_type"])?;
+        match &f.config_type {
+            // Hypha tells TLS from plaintext by the first byte on every inbound connection,
+            // which is what the TLS inspector is for.
+            Some(listener_filter::ConfigType::TypedConfig(any))
+                if any.type_url == TlsInspector::type_url() =>
+            {
+                let t: TlsInspector = decode(&any.value, "TlsInspector")?;
+                // Informational: JA3/JA4 fingerprints for logs, and the peek buffer size.
+                only(
+                    &t,
+                    &at,
+                    &[
+                        "enable_ja3_fingerprinting",
+                        "enable_ja4_fingerprinting",
+                        "initial_read_buffer_size",
+                    ],
+                )?;
+            }
+            _ => {
+                return Err(format!(
+                    "{at}: only the TLS inspector listener filter is supported"
+                ))
+            }
+        }
+    }
     match l.name.as_str() {
         "virtualInbound" => {
             for chain in &l.filter_chains {
@@ -889,7 +1221,7 @@ fn listener_inner(bytes: &[u8]) -> Result<ListenerParts> {
                         chain.name
                     ));
                 };
-                only(m, "filter_chain_match", &["destination_port"])?;
+                let tls = inbound_chain_tls(chain, m)?;
                 let Some(port) = m
                     .destination_port
                     .as_ref()
@@ -909,7 +1241,17 @@ fn listener_inner(bytes: &[u8]) -> Result<ListenerParts> {
                     }
                     ChainKind::Tcp(cluster) => Inbound::Tcp { cluster },
                 };
-                parts.inbound.push((port, inbound));
+                if parts
+                    .inbound
+                    .iter()
+                    .any(|(p, t, _)| *p == port && *t == tls)
+                {
+                    return Err(format!(
+                        "two inbound filter chains for port {port} ({})",
+                        if tls { "TLS" } else { "plaintext" }
+                    ));
+                }
+                parts.inbound.push((port, tls, inbound));
             }
             // Inbound traffic for a port without a chain goes to the app as TCP bytes, which
             // is what a default chain passing through to the original destination does.
@@ -917,6 +1259,7 @@ fn listener_inner(bytes: &[u8]) -> Result<ListenerParts> {
                 if let Some(m) = &chain.filter_chain_match {
                     only(m, "default_filter_chain.filter_chain_match", &[])?;
                 }
+                plain_chain(chain)?;
                 match chain_kind(chain)? {
                     ChainKind::Tcp(c) if c == PASSTHROUGH => {}
                     _ => {
@@ -935,6 +1278,7 @@ fn listener_inner(bytes: &[u8]) -> Result<ListenerParts> {
                 if let Some(m) = &chain.filter_chain_match {
                     only(m, "filter_chain_match", &["destination_port"])?;
                 }
+                plain_chain(chain)?;
                 chain_kind(chain)?;
             }
         }
@@ -948,6 +1292,7 @@ fn listener_inner(bytes: &[u8]) -> Result<ListenerParts> {
             if let Some(m) = &chain.filter_chain_match {
                 only(m, "filter_chain_match", &[])?;
             }
+            plain_chain(chain)?;
             let outbound = match chain_kind(chain)? {
                 ChainKind::Rds(rds) => {
                     parts.rds.push(rds.clone());
@@ -962,6 +1307,46 @@ fn listener_inner(bytes: &[u8]) -> Result<ListenerParts> {
         }
     }
     Ok(parts)
+}
+
+/// Outbound chains and the inbound default chain carry no TLS of their own: the app speaks
+/// plaintext to its sidecar, and the sidecar's TLS to upstreams is the cluster's.
+fn plain_chain(chain: &FilterChain) -> Result<()> {
+    match &chain.transport_socket {
+        Some(_) => Err(format!(
+            "filter chain {:?}: {} outside virtualInbound's chains",
+            chain.name,
+            unsupported("transport_socket")
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Whether an inbound chain is for mutual-TLS connections: `transport_protocol: tls` with a
+/// DownstreamTlsContext; plaintext with neither (or `raw_buffer`). Its match may name the
+/// destination port and the transport protocol, nothing else.
+fn inbound_chain_tls(chain: &FilterChain, m: &FilterChainMatch) -> Result<bool> {
+    only(
+        m,
+        "filter_chain_match",
+        &["destination_port", "transport_protocol"],
+    )?;
+    let tls_socket = match &chain.transport_socket {
+        Some(ts) => downstream_tls(
+            ts,
+            &format!("filter chain {:?}: transport_socket", chain.name),
+        )?,
+        None => false,
+    };
+    match (m.transport_protocol.as_str(), tls_socket) {
+        ("tls", true) => Ok(true),
+        ("" | "raw_buffer", false) => Ok(false),
+        (proto, _) => Err(format!(
+            "filter chain {:?}: transport_protocol {proto:?} with{} a TLS transport socket",
+            chain.name,
+            if tls_socket { "" } else { "out" }
+        )),
+    }
 }
 
 /// A listener address: any address on a port (`0.0.0.0`, `::`), or one VIP and port.
@@ -986,7 +1371,13 @@ enum ChainKind {
 fn chain_kind(chain: &FilterChain) -> Result<ChainKind> {
     let prefix = |e: String| format!("filter chain {:?}: {e}", chain.name);
     // The chain's name is a label (`config_dump`, stats).
-    only(chain, "", &["name", "filters", "filter_chain_match"]).map_err(prefix)?;
+    // `transport_socket` is the caller's to check (inbound chains only; see below).
+    only(
+        chain,
+        "",
+        &["name", "filters", "filter_chain_match", "transport_socket"],
+    )
+    .map_err(prefix)?;
     let [f] = chain.filters.as_slice() else {
         return Err(format!(
             "filter chain {:?} must have exactly one typed network filter",

@@ -256,6 +256,33 @@ where
         },
         () = drain.started() => return,
     };
+    serve_io(stream, h2, peer, drain, service).await;
+}
+
+/// Serves HTTP/2 (`h2`) or HTTP/1.1 on an established downstream connection (a TLS one, whose
+/// ALPN said which), with `handle`, until it closes or draining finishes it.
+pub async fn serve_tls<S, H, F>(stream: S, h2: bool, peer: SocketAddr, drain: Drain, handle: H)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    H: Fn(Request<Incoming>, SocketAddr) -> F + Send + Sync + 'static,
+    F: Future<Output = Response<Body>> + Send + 'static,
+{
+    let _open = drain.open();
+    let service = hyper::service::service_fn(move |req| {
+        let response = Box::pin(handle(req, peer));
+        async move { Ok::<_, Infallible>(response.await) }
+    });
+    serve_io(stream, h2, peer, drain, service).await;
+}
+
+async fn serve_io<S, Svc>(stream: S, h2: bool, peer: SocketAddr, mut drain: Drain, service: Svc)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    Svc: hyper::service::Service<Request<Incoming>, Response = Response<Body>, Error = Infallible>
+        + Send
+        + 'static,
+    Svc::Future: Send + 'static,
+{
     let io = TokioIo::new(stream);
     let result = if h2 {
         let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())

@@ -2,20 +2,33 @@
 //! `virtualInbound` filter chain the control plane sent for it: HTTP chains are served as HTTP
 //! (HTTP/1.1 or HTTP/2 in, the app's protocol out), anything else is proxied as TCP bytes. The
 //! app is at `app` (loopback and the app's own port), whatever port the chain names.
+//!
+//! A port can have a mutual-TLS chain, a plaintext one, or both (Istio's PERMISSIVE). Where it
+//! has a TLS chain, the first byte of each connection tells them apart (a TLS record starts
+//! with 0x16): TLS connections are terminated with the workload certificate, the client's
+//! certificate required and verified, and its SPIFFE ID recorded for metrics and logs.
+//! Plaintext on a port with only a TLS chain (STRICT) is closed.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use http::{Request, Response};
 use hyper::body::Incoming;
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
 use tracing::debug;
 
 use crate::http::{self as h, Body};
 use crate::model::{Config, Inbound as Chain};
 use crate::telemetry::{Reporter, Telemetry};
 use crate::upstream::Upstreams;
+
+/// A client that opens a connection to a TLS port must start its handshake within this.
+const FIRST_BYTE: Duration = Duration::from_secs(10);
+/// The first byte of a TLS record (handshake).
+const TLS_HANDSHAKE: u8 = 0x16;
 
 #[derive(Clone)]
 pub struct Inbound {
@@ -26,12 +39,32 @@ pub struct Inbound {
     pub port: u16,
     /// Where the app listens.
     pub app: SocketAddr,
+    /// The workload certificate, for mutual-TLS chains.
+    pub identity: Option<hypha_identity::Store>,
+}
+
+/// Who is calling, as far as the connection says.
+#[derive(Clone)]
+struct Caller {
+    tls: bool,
+    /// The verified SPIFFE ID of a mutual-TLS client.
+    principal: Option<Arc<str>>,
 }
 
 impl Inbound {
-    async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    async fn handle(
+        &self,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+        caller: &Caller,
+    ) -> Response<Body> {
         let cfg = self.config.load();
-        let (http2, cluster) = match cfg.inbound.get(&self.port) {
+        let chains = if caller.tls {
+            &cfg.inbound_tls
+        } else {
+            &cfg.inbound
+        };
+        let (http2, cluster) = match chains.get(&self.port) {
             Some(Chain::Http { cluster }) => (
                 cfg.clusters.get(&**cluster).is_some_and(|c| c.http2),
                 cluster.clone(),
@@ -57,9 +90,110 @@ impl Inbound {
             Err(flag) => h::local_reply(flag),
         };
         let telemetry = self.telemetry.clone();
+        let principal = caller.principal.clone();
         h::observed(resp, move |out| {
-            telemetry.end(request, Reporter::Destination, &cluster, out);
+            telemetry.end(
+                request,
+                Reporter::Destination,
+                &cluster,
+                out,
+                principal.as_deref(),
+            );
         })
+    }
+
+    /// One accepted connection: TLS or plaintext, then HTTP or TCP by the port's chain.
+    async fn connection(self: Arc<Self>, stream: TcpStream, peer: SocketAddr, drain: h::Drain) {
+        let cfg = self.config.load_full();
+        let has_tls = cfg.inbound_tls.contains_key(&self.port);
+        let tls = has_tls && {
+            let mut first = [0u8; 1];
+            match tokio::time::timeout(FIRST_BYTE, stream.peek(&mut first)).await {
+                Ok(Ok(1)) => first[0] == TLS_HANDSHAKE,
+                _ => return,
+            }
+        };
+        if !tls {
+            match cfg.inbound.get(&self.port) {
+                Some(Chain::Http { .. }) => {
+                    let caller = Caller {
+                        tls: false,
+                        principal: None,
+                    };
+                    h::serve_connection(stream, peer, drain, move |req, peer| {
+                        let (i, caller) = (self.clone(), caller.clone());
+                        async move { i.handle(req, peer, &caller).await }
+                    })
+                    .await;
+                }
+                None if has_tls => {
+                    debug!(%peer, port = self.port, "plaintext refused: the port requires mutual TLS");
+                    self.telemetry.metrics.plaintext_refused();
+                }
+                // A TCP chain, or no chain: the bytes go to the app.
+                _ => self.to_app(stream, peer, &drain).await,
+            }
+            return;
+        }
+        let Some(store) = &self.identity else {
+            return; // refused when the chain arrived (see `state`)
+        };
+        let credentials = store.load();
+        let accepted = tokio::time::timeout(
+            FIRST_BYTE,
+            hypha_identity::tls::accept(&credentials.server, stream),
+        )
+        .await;
+        let stream = match accepted {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                debug!(%peer, error = %e, "inbound mutual TLS refused");
+                self.telemetry.metrics.tls_refused();
+                return;
+            }
+            Err(_) => return,
+        };
+        let caller = Caller {
+            tls: true,
+            principal: hypha_identity::tls::peer_id(stream.ssl()).map(Arc::from),
+        };
+        let h2 = stream.ssl().selected_alpn_protocol() == Some(b"h2".as_slice());
+        match cfg.inbound_tls.get(&self.port) {
+            Some(Chain::Http { .. }) => {
+                h::serve_tls(stream, h2, peer, drain, move |req, peer| {
+                    let (i, caller) = (self.clone(), caller.clone());
+                    async move { i.handle(req, peer, &caller).await }
+                })
+                .await;
+            }
+            _ => self.to_app(stream, peer, &drain).await,
+        }
+    }
+
+    /// Proxies the connection's bytes to the app.
+    async fn to_app<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        mut stream: S,
+        peer: SocketAddr,
+        drain: &h::Drain,
+    ) {
+        let _open = drain.open();
+        let metrics = &self.telemetry.metrics;
+        match TcpStream::connect(self.app).await {
+            Ok(mut app) => {
+                let _ = app.set_nodelay(true);
+                metrics.tcp_opened();
+                match tokio::io::copy_bidirectional(&mut stream, &mut app).await {
+                    // Received from the peer, sent back to it.
+                    Ok((received, sent)) => metrics.tcp_closed(sent, received),
+                    Err(e) => {
+                        metrics.tcp_closed(0, 0);
+                        debug!(%peer, error = %e, "inbound TCP connection ended");
+                    }
+                }
+            }
+            Err(e) => debug!(%peer, error = %e, "cannot reach the app"),
+        }
     }
 }
 
@@ -67,43 +201,7 @@ impl Inbound {
 pub async fn serve(inbound: Inbound, listener: TcpListener, drain: h::Drain) {
     // One allocation per listener: requests clone this `Arc`, not the state it holds.
     let inbound = Arc::new(inbound);
-    while let Some((mut stream, peer)) = h::accept(&listener, &drain).await {
-        let is_http = matches!(
-            inbound.config.load().inbound.get(&inbound.port),
-            Some(Chain::Http { .. })
-        );
-        let inbound = inbound.clone();
-        if is_http {
-            tokio::spawn(h::serve_connection(
-                stream,
-                peer,
-                drain.clone(),
-                move |req, peer| {
-                    let i = inbound.clone();
-                    async move { i.handle(req, peer).await }
-                },
-            ));
-        } else {
-            let open = drain.open();
-            tokio::spawn(async move {
-                let _open = open;
-                let metrics = &inbound.telemetry.metrics;
-                match tokio::net::TcpStream::connect(inbound.app).await {
-                    Ok(mut app) => {
-                        let _ = app.set_nodelay(true);
-                        metrics.tcp_opened();
-                        match tokio::io::copy_bidirectional(&mut stream, &mut app).await {
-                            // Received from the peer, sent back to it.
-                            Ok((received, sent)) => metrics.tcp_closed(sent, received),
-                            Err(e) => {
-                                metrics.tcp_closed(0, 0);
-                                debug!(%peer, error = %e, "inbound TCP connection ended");
-                            }
-                        }
-                    }
-                    Err(e) => debug!(%peer, error = %e, "cannot reach the app"),
-                }
-            });
-        }
+    while let Some((stream, peer)) = h::accept(&listener, &drain).await {
+        tokio::spawn(inbound.clone().connection(stream, peer, drain.clone()));
     }
 }

@@ -134,7 +134,8 @@ pub async fn start(opts: Options) -> Result<Running, StartError> {
         None => None,
     };
     let config = Arc::new(ArcSwap::from_pointee(model::Config::default()));
-    let upstreams = upstream::Upstreams::default();
+    let mut upstreams = upstream::Upstreams::default();
+    upstreams.identity = mesh.as_ref().map(|m| m.store.clone());
     let (ready_tx, ready) = watch::channel(false);
     let stats = Arc::new(xds::XdsStats::default());
     let (drain_trigger, drain) = http::DrainTrigger::new();
@@ -235,6 +236,7 @@ pub async fn start(opts: Options) -> Result<Running, StartError> {
                 telemetry: telemetry.clone(),
                 port,
                 app,
+                identity: mesh.as_ref().map(|m| m.store.clone()),
             };
             tasks.spawn(inbound::serve(inbound, l, drain.clone()));
         }

@@ -83,8 +83,12 @@ pub struct Config {
     /// Outbound listeners by name (`0.0.0.0_<port>`, `<vip>_<port>`): the address they stand
     /// for and what traffic for it does.
     pub outbound: HashMap<String, (ListenAddr, Outbound)>,
-    /// Inbound filter chains by destination port (from `virtualInbound`).
+    /// Inbound filter chains by destination port (from `virtualInbound`), for plaintext
+    /// connections (`transport_protocol` unset or `raw_buffer`).
     pub inbound: FastMap<u16, Inbound>,
+    /// The same for mutual-TLS connections (`transport_protocol: tls` with a
+    /// DownstreamTlsContext): the workload certificate, a client certificate required.
+    pub inbound_tls: FastMap<u16, Inbound>,
 }
 
 /// The destination an outbound listener stands for: a service VIP and port, or any address
@@ -302,6 +306,22 @@ pub struct Cluster {
     /// HTTP/2 streams at once per upstream connection (`max_concurrent_streams` of the
     /// HTTP/2 options); `None`: Envoy's default, 2^31 - 1. Carried, not yet applied.
     pub max_concurrent_streams: Option<u32>,
+    /// Mutual TLS with the workload certificate, and to which endpoints.
+    pub tls: Option<UpstreamTls>,
+}
+
+/// Mutual TLS to upstreams: Envoy's UpstreamTlsContext with Istio's SDS names (`default`, the
+/// workload certificate; `ROOTCA`, the trust bundle).
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpstreamTls {
+    /// The SPIFFE IDs the server may present (`match_typed_subject_alt_names`, exact URI
+    /// matchers); empty: any identity the roots vouch for.
+    pub identities: Arc<[String]>,
+    /// ALPN offered, in wire format (`h2`, `http/1.1`).
+    pub alpn: Arc<[u8]>,
+    /// Every endpoint (`transport_socket`), or only those whose metadata says
+    /// `tlsMode: istio` (`transport_socket_matches`, Istio's auto mTLS).
+    pub only_istio_endpoints: bool,
 }
 
 /// Circuit-breaker thresholds (Envoy's defaults when unset: 1024 each).
@@ -424,4 +444,7 @@ pub struct Endpoint {
     /// Every address of the endpoint, primary first (dual stack).
     pub addresses: Vec<SocketAddr>,
     pub weight: u32,
+    /// The endpoint runs a sidecar that speaks mutual TLS (metadata
+    /// `envoy.transport_socket_match: {tlsMode: istio}`).
+    pub istio_tls: bool,
 }

@@ -77,6 +77,7 @@ impl Outbound {
                 Reporter::Source,
                 cluster.as_deref().unwrap_or(""),
                 out,
+                None,
             );
         })
     }
@@ -366,7 +367,7 @@ pub async fn serve(
 
 async fn tcp_proxy(o: Arc<Outbound>, cluster: String, mut downstream: tokio::net::TcpStream) {
     let cfg = o.config.load_full();
-    let mut upstream = match crate::upstream::connect_tcp(&cfg, &cluster).await {
+    let upstream = match o.upstreams.connect_tcp(&cfg, &cluster).await {
         Ok(u) => u,
         Err(flag) => {
             tracing::debug!(cluster, flag = flag.as_str(), "TCP proxy: no upstream");
@@ -375,7 +376,15 @@ async fn tcp_proxy(o: Arc<Outbound>, cluster: String, mut downstream: tokio::net
     };
     let metrics = &o.telemetry.metrics;
     metrics.tcp_opened();
-    match tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await {
+    let copied = match upstream {
+        crate::upstream::TcpUpstream::Plain(mut u) => {
+            tokio::io::copy_bidirectional(&mut downstream, &mut u).await
+        }
+        crate::upstream::TcpUpstream::Tls(mut u) => {
+            tokio::io::copy_bidirectional(&mut downstream, &mut *u).await
+        }
+    };
+    match copied {
         // From the app (sent to the peer), and back.
         Ok((sent, received)) => metrics.tcp_closed(sent, received),
         Err(e) => {

@@ -8,7 +8,12 @@
 //! wake-up per direction instead of three hand-offs between tasks. Responses that stream
 //! (unknown or large length) or switch protocols hand the connection to a task, which drives
 //! it from then on, as hyper's own pool does. (HTTP/2 multiplexes over one shared connection
-//! instead; see `upstream`.)
+//! instead; see `upstream`, and [`send_h2`] for HTTP/2 over mutual TLS.)
+//!
+//! Connections to sidecars are mutual TLS ([`Tls`]): the workload certificate is presented,
+//! the server's SPIFFE ID checked against the identities the cluster allows, and the verified
+//! identity kept with the connection, so a pooled connection is only reused where its server
+//! is allowed.
 
 use std::cell::RefCell;
 use std::future::{poll_fn, Future};
@@ -17,10 +22,15 @@ use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
+use std::sync::Arc;
+
 use http::{Request, Response};
 use http_body_util::BodyExt;
 use hyper::client::conn::http1::{self, SendRequest};
-use hyper_util::rt::TokioIo;
+use hyper::client::conn::http2;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hypha_identity::tls::Peer;
+use hypha_identity::Credentials;
 
 use crate::http::{Body, Flag};
 use crate::model::FastMap;
@@ -62,6 +72,15 @@ impl Default for Settings {
     }
 }
 
+/// Mutual TLS for an upstream connection: the credentials to present, who the server must be,
+/// and the ALPN to offer (wire format).
+#[derive(Clone)]
+pub struct Tls {
+    pub credentials: Arc<Credentials>,
+    pub peer: Peer,
+    pub alpn: Arc<[u8]>,
+}
+
 /// hyper's connection future (its type is not nameable, hence the box).
 type Driver = Pin<Box<dyn Future<Output = hyper::Result<()>> + Send>>;
 
@@ -72,13 +91,23 @@ struct Conn {
     driver: Option<Driver>,
     /// Requests sent on it.
     requests: u32,
+    /// The server's verified SPIFFE ID, for a mutual-TLS connection.
+    peer: Option<Arc<str>>,
 }
+
+/// Plaintext and mutual-TLS connections to one address are pooled apart.
+type Key = (SocketAddr, bool);
+
+/// A multiplexed HTTP/2 connection and its server's verified identity.
+type H2Conn = (http2::SendRequest<Body>, Arc<str>);
 
 /// An idle connection and when it stops being reusable.
 type Idle = (Conn, Instant);
 
 thread_local! {
-    static IDLE: RefCell<FastMap<SocketAddr, Vec<Idle>>> = RefCell::default();
+    static IDLE: RefCell<FastMap<Key, Vec<Idle>>> = RefCell::default();
+    /// One multiplexed HTTP/2 mutual-TLS connection per address, with its server's identity.
+    static H2: RefCell<FastMap<SocketAddr, H2Conn>> = RefCell::default();
 }
 
 impl Conn {
@@ -132,13 +161,20 @@ impl Conn {
 /// An idle connection to `addr` that can take a request now, if there is one. Closed and
 /// expired ones are dropped; busy ones (a task still reading a previous response body) stay
 /// for later.
-fn take_idle(addr: SocketAddr) -> Option<Conn> {
+fn take_idle(addr: SocketAddr, tls: Option<&Tls>) -> Option<Conn> {
     IDLE.with(|idle| {
         let mut idle = idle.borrow_mut();
-        let list = idle.get_mut(&addr)?;
+        let list = idle.get_mut(&(addr, tls.is_some()))?;
         let now = Instant::now();
         list.retain(|(c, until)| !c.sender.is_closed() && now < *until);
-        let i = list.iter_mut().rposition(|(c, _)| c.ready_now())?;
+        let allowed = |c: &Conn| match (tls, &c.peer) {
+            (Some(t), Some(id)) => t.peer.allows(id),
+            (None, None) => true,
+            _ => false,
+        };
+        let i = list
+            .iter_mut()
+            .rposition(|(c, _)| allowed(c) && c.ready_now())?;
         Some(list.swap_remove(i).0)
     })
 }
@@ -150,14 +186,60 @@ fn put_idle(addr: SocketAddr, conn: Conn, settings: &Settings) {
     }
     IDLE.with(|idle| {
         let mut idle = idle.borrow_mut();
-        let list = idle.entry(addr).or_default();
+        let list = idle.entry((addr, conn.peer.is_some())).or_default();
         if list.len() < IDLE_PER_ADDR {
             list.push((conn, Instant::now() + settings.idle_timeout));
         }
     });
 }
 
-async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Conn, Flag> {
+async fn connect(addr: SocketAddr, timeout: Duration, tls: Option<&Tls>) -> Result<Conn, Flag> {
+    let stream = tcp(addr, timeout).await?;
+    let Some(tls) = tls else {
+        let (sender, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|_| Flag::ConnectFailure)?;
+        return Ok(Conn {
+            sender,
+            driver: Some(Box::pin(conn.with_upgrades())),
+            requests: 0,
+            peer: None,
+        });
+    };
+    let (stream, peer) = handshake(addr, stream, tls).await?;
+    let (sender, conn) = http1::Builder::new()
+        .handshake(TokioIo::new(stream))
+        .await
+        .map_err(|_| Flag::ConnectFailure)?;
+    Ok(Conn {
+        sender,
+        driver: Some(Box::pin(conn.with_upgrades())),
+        requests: 0,
+        peer: Some(peer),
+    })
+}
+
+/// The client side of mutual TLS on `stream`; the server's verified identity.
+async fn handshake(
+    addr: SocketAddr,
+    stream: tokio::net::TcpStream,
+    tls: &Tls,
+) -> Result<(tokio_boring::SslStream<tokio::net::TcpStream>, Arc<str>), Flag> {
+    match hypha_identity::tls::connect(&tls.credentials.client, stream, &tls.peer, &tls.alpn).await
+    {
+        Ok(s) => {
+            let id = hypha_identity::tls::peer_id(s.ssl()).unwrap_or_default();
+            Ok((s, id.into()))
+        }
+        Err(e) => {
+            tracing::warn!(%addr, error = %e, "upstream mutual TLS refused");
+            Err(Flag::ConnectFailure)
+        }
+    }
+}
+
+async fn tcp(addr: SocketAddr, timeout: Duration) -> Result<tokio::net::TcpStream, Flag> {
     let stream = match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
@@ -170,15 +252,7 @@ async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Conn, Flag> {
         }
     };
     let _ = stream.set_nodelay(true);
-    let (sender, conn) = http1::Builder::new()
-        .handshake(TokioIo::new(stream))
-        .await
-        .map_err(|_| Flag::ConnectFailure)?;
-    Ok(Conn {
-        sender,
-        driver: Some(Box::pin(conn.with_upgrades())),
-        requests: 0,
-    })
+    Ok(stream)
 }
 
 /// Sends `req` (origin-form URI, `Host` set) to `addr` over an idle keep-alive connection, or
@@ -188,8 +262,9 @@ pub async fn send(
     addr: SocketAddr,
     mut req: Request<Body>,
     settings: &Settings,
+    tls: Option<&Tls>,
 ) -> Result<Response<Body>, Flag> {
-    while let Some(mut conn) = take_idle(addr) {
+    while let Some(mut conn) = take_idle(addr, tls) {
         conn.requests += 1;
         let sent = conn.sender.try_send_request(req);
         match conn.drive(sent).await {
@@ -203,7 +278,7 @@ pub async fn send(
             },
         }
     }
-    let mut conn = connect(addr, settings.connect_timeout).await?;
+    let mut conn = connect(addr, settings.connect_timeout, tls).await?;
     conn.requests += 1;
     let sent = conn.sender.send_request(req);
     match conn.drive(sent).await {
@@ -213,6 +288,49 @@ pub async fn send(
             Err(Flag::Reset)
         }
     }
+}
+
+/// Sends `req` (absolute URI) over this thread's multiplexed HTTP/2 mutual-TLS connection to
+/// `addr`, made (ALPN h2) when there is none or the last one closed. A small response comes
+/// back with its body read whole.
+pub async fn send_h2(
+    addr: SocketAddr,
+    req: Request<Body>,
+    settings: &Settings,
+    tls: &Tls,
+) -> Result<Response<Body>, Flag> {
+    let cached = H2.with(|h2| {
+        let h2 = h2.borrow();
+        h2.get(&addr)
+            .filter(|(s, id)| !s.is_closed() && tls.peer.allows(id))
+            .map(|(s, _)| s.clone())
+    });
+    let mut sender = match cached {
+        Some(s) => s,
+        None => {
+            let stream = tcp(addr, settings.connect_timeout).await?;
+            let (stream, peer) = handshake(addr, stream, tls).await?;
+            let (sender, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                .await
+                .map_err(|e| {
+                    tracing::debug!(%addr, error = %e, "upstream HTTP/2 handshake failed");
+                    Flag::ConnectFailure
+                })?;
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(%addr, error = %e, "upstream HTTP/2 connection ended");
+                }
+            });
+            H2.with(|h2| h2.borrow_mut().insert(addr, (sender.clone(), peer)));
+            sender
+        }
+    };
+    sender.ready().await.map_err(|_| Flag::Reset)?;
+    let resp = sender.send_request(req).await.map_err(|e| {
+        tracing::debug!(%addr, error = %e, "upstream HTTP/2 request failed");
+        Flag::Reset
+    })?;
+    crate::http::small_body_whole(resp).await
 }
 
 /// The response to pass on; the connection goes back to the pool (or to a task that drives
@@ -320,7 +438,7 @@ mod tests {
     async fn small_responses_reuse_one_connection() {
         let (addr, accepted) = server(b"hello".to_vec(), usize::MAX).await;
         for _ in 0..50 {
-            let resp = send(addr, get(), &S).await.unwrap();
+            let resp = send(addr, get(), &S, None).await.unwrap();
             assert_eq!(body_of(resp).await, b"hello");
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
@@ -334,7 +452,7 @@ mod tests {
             ..S
         };
         for _ in 0..9 {
-            let resp = send(addr, get(), &three).await.unwrap();
+            let resp = send(addr, get(), &three, None).await.unwrap();
             assert_eq!(body_of(resp).await, b"hello");
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 3);
@@ -345,7 +463,7 @@ mod tests {
             ..S
         };
         for _ in 0..3 {
-            let resp = send(addr, get(), &short).await.unwrap();
+            let resp = send(addr, get(), &short, None).await.unwrap();
             assert_eq!(body_of(resp).await, b"hello");
             tokio::time::sleep(Duration::from_millis(80)).await;
         }
@@ -357,7 +475,7 @@ mod tests {
         // One response per connection, then the server closes it.
         let (addr, accepted) = server(b"x".to_vec(), 1).await;
         for _ in 0..5 {
-            let resp = send(addr, get(), &S)
+            let resp = send(addr, get(), &S, None)
                 .await
                 .expect("no error after an idle close");
             assert_eq!(body_of(resp).await, b"x");
@@ -372,7 +490,7 @@ mod tests {
         let big: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
         let (addr, accepted) = server(big.clone(), usize::MAX).await;
         for _ in 0..3 {
-            let resp = send(addr, get(), &S).await.unwrap();
+            let resp = send(addr, get(), &S, None).await.unwrap();
             assert_eq!(body_of(resp).await, big);
             // The task driving the connection sees the body end, then it is idle again.
             tokio::task::yield_now().await;

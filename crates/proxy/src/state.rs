@@ -25,6 +25,9 @@ pub struct State {
     /// endpoint by (cluster, primary address).
     cluster_runtime: HashMap<String, Arc<ClusterRuntime>>,
     endpoint_states: HashMap<(String, SocketAddr), Arc<EndpointState>>,
+    /// Whether the proxy has a workload certificate: without one, resources that need mutual
+    /// TLS are refused.
+    identity: bool,
 }
 
 /// The outcome of applying one update.
@@ -37,6 +40,14 @@ pub struct Applied {
 }
 
 impl State {
+    /// An empty state for a proxy with (or without) a workload certificate.
+    pub fn new(identity: bool) -> State {
+        State {
+            identity,
+            ..State::default()
+        }
+    }
+
     /// Applies an update of one type: changed resources and removed names. On error nothing
     /// changes and the reasons (every refused resource) are returned for the NACK.
     pub fn apply(
@@ -63,11 +74,31 @@ impl State {
                 }
             }};
         }
+        let identity = self.identity;
+        let no_identity = |kind: &'static str, name: &str| Refused {
+            kind,
+            name: name.to_owned(),
+            reason: "needs mutual TLS with the workload certificate, and this proxy has none \
+                     (start it with --ca-root and a join token)"
+                .into(),
+        };
         match type_url {
             type_url::CLUSTER => update!(self.clusters, |n: &str, b: &[u8]| compile::cluster(n, b)
-                .map(Arc::new)),
+                .and_then(|c| match c.tls {
+                    Some(_) if !identity => Err(no_identity("cluster", n)),
+                    _ => Ok(Arc::new(c)),
+                })),
             type_url::ENDPOINT => update!(self.endpoints, compile::endpoints),
-            type_url::LISTENER => update!(self.listeners, compile::listener),
+            type_url::LISTENER => {
+                update!(self.listeners, |n: &str, b: &[u8]| compile::listener(n, b)
+                    .and_then(|l| {
+                        if !identity && l.inbound.iter().any(|(_, tls, _)| *tls) {
+                            Err(no_identity("listener", n))
+                        } else {
+                            Ok(l)
+                        }
+                    }))
+            }
             type_url::ROUTE => update!(self.routes, |n: &str, b: &[u8]| compile::route_table(n, b)
                 .map(Arc::new)),
             other => refused.push(Refused {
@@ -143,7 +174,14 @@ impl State {
                     .outbound
                     .insert(name.clone(), (addr.clone(), o.clone()));
             }
-            config.inbound.extend(parts.inbound.iter().cloned());
+            for (port, tls, chain) in &parts.inbound {
+                let map = if *tls {
+                    &mut config.inbound_tls
+                } else {
+                    &mut config.inbound
+                };
+                map.insert(*port, chain.clone());
+            }
             wanted_routes.extend(parts.rds.iter().cloned());
         }
         let wanted_endpoints = self

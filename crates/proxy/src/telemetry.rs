@@ -174,6 +174,10 @@ pub struct Metrics {
     tcp_closed: AtomicU64,
     tcp_sent: AtomicU64,
     tcp_received: AtomicU64,
+    /// Plaintext connections closed on ports that require mutual TLS (STRICT).
+    plaintext_refused: AtomicU64,
+    /// Inbound TLS handshakes that failed (no or an untrusted client certificate, ...).
+    tls_refused: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -185,6 +189,8 @@ impl Default for Metrics {
             tcp_closed: AtomicU64::new(0),
             tcp_sent: AtomicU64::new(0),
             tcp_received: AtomicU64::new(0),
+            plaintext_refused: AtomicU64::new(0),
+            tls_refused: AtomicU64::new(0),
         }
     }
 }
@@ -236,6 +242,14 @@ impl Metrics {
         self.tcp_received.fetch_add(received, Ordering::Relaxed);
     }
 
+    pub fn plaintext_refused(&self) {
+        self.plaintext_refused.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn tls_refused(&self) {
+        self.tls_refused.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();
@@ -283,6 +297,14 @@ impl Metrics {
             ("istio_tcp_sent_bytes_total", &self.tcp_sent),
             ("istio_tcp_received_bytes_total", &self.tcp_received),
             ("hypha_metrics_series_overflow_total", &self.overflow),
+            (
+                "hypha_inbound_plaintext_refused_total",
+                &self.plaintext_refused,
+            ),
+            (
+                "hypha_inbound_tls_handshake_errors_total",
+                &self.tls_refused,
+            ),
         ] {
             let _ = writeln!(
                 out,
@@ -302,6 +324,7 @@ pub fn series_key(
     code: u16,
     flags: &str,
     grpc_status: Option<u16>,
+    peer: Option<&str>,
 ) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     let mut eat = |bytes: &[u8]| {
@@ -317,6 +340,7 @@ pub fn series_key(
     eat(&code.to_le_bytes());
     eat(flags.as_bytes());
     eat(&grpc_status.map_or([0xff, 0xff], u16::to_le_bytes));
+    eat(peer.unwrap_or("").as_bytes());
     h
 }
 
@@ -466,22 +490,30 @@ impl Telemetry {
     }
 
     /// Counts (and logs) the request once its response, with `code` and `flags`, has sent
-    /// `response_bytes`.
-    pub fn end(&self, r: InFlight, reporter: Reporter, cluster: &str, out: Outcome) {
+    /// `response_bytes`. `peer` is the other side's verified SPIFFE ID, when the connection
+    /// was mutual TLS (the caller's, for the destination reporter).
+    pub fn end(
+        &self,
+        r: InFlight,
+        reporter: Reporter,
+        cluster: &str,
+        out: Outcome,
+        peer: Option<&str>,
+    ) {
         let o = Observation {
             duration_ms: r.start.elapsed().as_secs_f64() * 1000.0,
             request_bytes: r.request_bytes,
             response_bytes: out.bytes,
             grpc_status: out.grpc_status,
         };
-        self.observe(reporter, cluster, out.code, out.flags, &o);
+        self.observe(reporter, cluster, out.code, out.flags, &o, peer);
         if let (Some(log), Some(entry)) = (&self.access_log, r.entry) {
             log.write(&entry, reporter, cluster, out.code, out.flags, &o);
         }
     }
 
     /// Counts a finished request. `cluster` is the cluster it went to (`outbound|80|v1|host`),
-    /// or empty when the proxy answered itself before choosing one.
+    /// or empty when the proxy answered itself before choosing one. `peer`: see [`Self::end`].
     pub fn observe(
         &self,
         reporter: Reporter,
@@ -489,8 +521,9 @@ impl Telemetry {
         code: u16,
         flags: &'static str,
         o: &Observation,
+        peer: Option<&str>,
     ) {
-        let key = series_key(reporter, cluster, code, flags, o.grpc_status);
+        let key = series_key(reporter, cluster, code, flags, o.grpc_status, peer);
         self.metrics.record(
             key,
             || {
@@ -522,7 +555,15 @@ impl Telemetry {
                         ),
                     ),
                     Reporter::Destination => (
-                        (unknown(), unknown(), unknown(), unknown()),
+                        (
+                            unknown(),
+                            // The caller's namespace, from its SPIFFE ID.
+                            peer.and_then(|p| p.split("/ns/").nth(1))
+                                .and_then(|rest| rest.split('/').next())
+                                .map_or_else(unknown, str::to_owned),
+                            unknown(),
+                            unknown(),
+                        ),
                         (
                             me.workload.clone(),
                             me.namespace.clone(),
@@ -537,7 +578,10 @@ impl Telemetry {
                     source_namespace: source.1,
                     source_app: source.2,
                     source_version: source.3,
-                    source_principal: "unknown".into(),
+                    source_principal: match reporter {
+                        Reporter::Destination => peer.map_or_else(unknown, str::to_owned),
+                        Reporter::Source => unknown(),
+                    },
                     destination_workload: destination.0,
                     destination_namespace: destination.1,
                     destination_app: destination.2,
@@ -552,7 +596,12 @@ impl Telemetry {
                     response_code: code,
                     grpc_response_status: o.grpc_status,
                     response_flags: flags,
-                    connection_security_policy: "none",
+                    // Istio reports the policy on the destination side only.
+                    connection_security_policy: match (reporter, peer) {
+                        (Reporter::Destination, Some(_)) => "mutual_tls",
+                        (Reporter::Destination, None) => "none",
+                        (Reporter::Source, _) => "unknown",
+                    },
                 }
             },
             o,

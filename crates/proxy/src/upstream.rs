@@ -22,8 +22,10 @@ use crate::model::{
 /// not drop established connections.
 #[derive(Clone)]
 pub struct Upstreams {
-    /// HTTP/2; HTTP/1.1 goes through `pool`.
+    /// Plaintext HTTP/2; HTTP/1.1 and mutual TLS go through `pool`.
     h2: Client<HttpConnector, Body>,
+    /// The workload certificate, for clusters that speak mutual TLS.
+    pub identity: Option<hypha_identity::Store>,
 }
 
 impl Default for Upstreams {
@@ -36,7 +38,7 @@ impl Default for Upstreams {
             .http2_only(true)
             .pool_idle_timeout(Duration::from_secs(60))
             .build(connector);
-        Upstreams { h2 }
+        Upstreams { h2, identity: None }
     }
 }
 
@@ -105,23 +107,30 @@ impl Upstreams {
                 } else {
                     None
                 };
-                let (targets, state): (Cow<'_, [SocketAddr]>, _) = match (&cluster.kind, set) {
-                    (ClusterKind::OriginalDst, _) => {
-                        (original_targets(plan.original).await?.into(), None)
-                    }
-                    (ClusterKind::Dns(hosts), _) => {
-                        (dns_targets(hosts, attempt).await?.into(), None)
-                    }
-                    (_, Some(set)) => {
-                        let i = pick(set, cluster.lb, plan.hash, &tried)
-                            .ok_or(Flag::NoHealthyUpstream)?;
-                        tried[attempt as usize % tried.len()] = i;
-                        (
-                            Cow::Borrowed(&set.endpoints[i].addresses[..]),
-                            Some(&set.states[i]),
-                        )
-                    }
-                    (_, None) => return Err(Flag::NoHealthyUpstream),
+                let (targets, state, istio): (Cow<'_, [SocketAddr]>, _, _) =
+                    match (&cluster.kind, set) {
+                        (ClusterKind::OriginalDst, _) => {
+                            (original_targets(plan.original).await?.into(), None, false)
+                        }
+                        (ClusterKind::Dns(hosts), _) => {
+                            (dns_targets(hosts, attempt).await?.into(), None, false)
+                        }
+                        (_, Some(set)) => {
+                            let i = pick(set, cluster.lb, plan.hash, &tried)
+                                .ok_or(Flag::NoHealthyUpstream)?;
+                            tried[attempt as usize % tried.len()] = i;
+                            let e = &set.endpoints[i];
+                            (
+                                Cow::Borrowed(&e.addresses[..]),
+                                Some(&set.states[i]),
+                                e.istio_tls,
+                            )
+                        }
+                        (_, None) => return Err(Flag::NoHealthyUpstream),
+                    };
+                let tls = match &cluster.tls {
+                    Some(t) if istio || !t.only_istio_endpoints => Some(self.tls(t)?),
+                    _ => None,
                 };
                 // A streaming body can be sent once: only the first address is tried.
                 let targets = if replayable {
@@ -140,6 +149,7 @@ impl Upstreams {
                     &mut body,
                     retry.and_then(|r| r.per_try_timeout),
                     &settings,
+                    tls.as_ref(),
                 )
                 .await;
                 if let (Some(st), Some(set)) = (state, set) {
@@ -249,32 +259,64 @@ fn outlier(
     );
 }
 
-/// Connects to an endpoint of `cluster` for plain TCP proxying (every address of the chosen
-/// endpoint in turn; an ejected or failing endpoint is skipped like for HTTP).
-pub async fn connect_tcp(cfg: &Config, cluster: &str) -> Result<tokio::net::TcpStream, Flag> {
-    let c = cfg.clusters.get(cluster).ok_or(Flag::NoCluster)?;
-    let targets = match &c.kind {
-        ClusterKind::Dns(hosts) => dns_targets(hosts, 0).await?,
-        _ => {
-            let set = cfg
-                .endpoint_sets
-                .get(cluster)
-                .ok_or(Flag::NoHealthyUpstream)?;
-            let i = pick(set, c.lb, None, &[]).ok_or(Flag::NoHealthyUpstream)?;
-            set.endpoints[i].addresses.clone()
-        }
-    };
-    for addr in &targets {
-        match tokio::time::timeout(c.connect_timeout, tokio::net::TcpStream::connect(addr)).await {
-            Ok(Ok(stream)) => {
-                let _ = stream.set_nodelay(true);
-                return Ok(stream);
+/// An upstream TCP connection: plaintext, or mutual TLS to a sidecar.
+pub enum TcpUpstream {
+    Plain(tokio::net::TcpStream),
+    Tls(Box<tokio_boring::SslStream<tokio::net::TcpStream>>),
+}
+
+impl Upstreams {
+    /// Connects to an endpoint of `cluster` for TCP proxying (every address of the chosen
+    /// endpoint in turn; an ejected or failing endpoint is skipped like for HTTP), with mutual
+    /// TLS where the cluster says so for that endpoint.
+    pub async fn connect_tcp(&self, cfg: &Config, cluster: &str) -> Result<TcpUpstream, Flag> {
+        let c = cfg.clusters.get(cluster).ok_or(Flag::NoCluster)?;
+        let (targets, istio) = match &c.kind {
+            ClusterKind::Dns(hosts) => (dns_targets(hosts, 0).await?, false),
+            _ => {
+                let set = cfg
+                    .endpoint_sets
+                    .get(cluster)
+                    .ok_or(Flag::NoHealthyUpstream)?;
+                let i = pick(set, c.lb, None, &[]).ok_or(Flag::NoHealthyUpstream)?;
+                let e = &set.endpoints[i];
+                (e.addresses.clone(), e.istio_tls)
             }
-            Ok(Err(e)) => tracing::debug!(%addr, error = %e, "TCP upstream connect failed"),
-            Err(_) => tracing::debug!(%addr, "TCP upstream connect timed out"),
+        };
+        let tls = match &c.tls {
+            Some(t) if istio || !t.only_istio_endpoints => Some(self.tls(t)?),
+            _ => None,
+        };
+        for addr in &targets {
+            match tokio::time::timeout(c.connect_timeout, tokio::net::TcpStream::connect(addr))
+                .await
+            {
+                Ok(Ok(stream)) => {
+                    let _ = stream.set_nodelay(true);
+                    let Some(tls) = &tls else {
+                        return Ok(TcpUpstream::Plain(stream));
+                    };
+                    return match hypha_identity::tls::connect(
+                        &tls.credentials.client,
+                        stream,
+                        &tls.peer,
+                        &tls.alpn,
+                    )
+                    .await
+                    {
+                        Ok(s) => Ok(TcpUpstream::Tls(Box::new(s))),
+                        Err(e) => {
+                            tracing::warn!(%addr, error = %e, "upstream mutual TLS refused");
+                            Err(Flag::ConnectFailure)
+                        }
+                    };
+                }
+                Ok(Err(e)) => tracing::debug!(%addr, error = %e, "TCP upstream connect failed"),
+                Err(_) => tracing::debug!(%addr, "TCP upstream connect timed out"),
+            }
         }
+        Err(Flag::ConnectFailure)
     }
-    Err(Flag::ConnectFailure)
 }
 
 impl Upstreams {
@@ -290,7 +332,25 @@ impl Upstreams {
         let h2 = http2.then_some(&self.h2);
         let settings = crate::pool::Settings::default();
         let mut body = RequestBody::Streaming(Some(body));
-        try_targets(h2, &[target], &parts, &mut body, None, &settings).await
+        try_targets(h2, &[target], &parts, &mut body, None, &settings, None).await
+    }
+
+    /// What mutual TLS to a cluster's endpoint takes: the current certificate (a connection
+    /// keeps the one it started with), the identities allowed, the ALPN.
+    fn tls(&self, t: &crate::model::UpstreamTls) -> Result<crate::pool::Tls, Flag> {
+        let Some(store) = &self.identity else {
+            // Refused when the cluster arrived (see `state`); never reached.
+            return Err(Flag::ConnectFailure);
+        };
+        Ok(crate::pool::Tls {
+            credentials: store.load(),
+            peer: if t.identities.is_empty() {
+                hypha_identity::tls::Peer::Any
+            } else {
+                hypha_identity::tls::Peer::OneOf(t.identities.clone())
+            },
+            alpn: t.alpn.clone(),
+        })
     }
 }
 
@@ -422,6 +482,7 @@ async fn try_targets(
     body: &mut RequestBody,
     per_try: Option<Duration>,
     settings: &crate::pool::Settings,
+    tls: Option<&crate::pool::Tls>,
 ) -> Result<Response<Body>, Flag> {
     let mut last = Err(Flag::NoHealthyUpstream);
     for &addr in targets {
@@ -429,10 +490,18 @@ async fn try_targets(
         *req.method_mut() = parts.method.clone();
         *req.headers_mut() = parts.headers.clone();
         let sent = async {
-            match h2 {
+            match (h2, tls) {
+                // HTTP/2 over mutual TLS: the pool's multiplexed connection per address.
+                (Some(_), Some(tls)) => {
+                    let pq = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+                    *req.uri_mut() = format!("http://{addr}{pq}")
+                        .parse::<Uri>()
+                        .map_err(|_| Flag::BadRequest)?;
+                    crate::pool::send_h2(addr, req, settings, tls).await
+                }
                 // HTTP/2: one multiplexed connection per address (hyper_util's pool, which
                 // wants an absolute URI).
-                Some(client) => {
+                (Some(client), None) => {
                     let pq = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
                     *req.uri_mut() = format!("http://{addr}{pq}")
                         .parse::<Uri>()
@@ -447,9 +516,9 @@ async fn try_targets(
                     })?;
                     crate::http::small_body_whole(resp).await
                 }
-                None => {
+                (None, _) => {
                     *req.uri_mut() = parts.uri.clone();
-                    crate::pool::send(addr, req, settings).await
+                    crate::pool::send(addr, req, settings, tls).await
                 }
             }
         };
@@ -486,6 +555,7 @@ mod tests {
             .map(|i| Endpoint {
                 addresses: vec![SocketAddr::from(([127, 0, 0, 1], 1000 + i as u16))],
                 weight: 1,
+                istio_tls: false,
             })
             .collect();
         EndpointSet {

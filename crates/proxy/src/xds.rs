@@ -56,7 +56,7 @@ pub async fn run(
     mesh: Option<crate::identity::Mesh>,
     shared: Shared,
 ) {
-    let mut state = State::default();
+    let mut state = State::new(mesh.is_some());
     let mut versions = Versions::new();
     let mut backoff = BACKOFF_START;
     loop {

@@ -30,7 +30,16 @@ const UPSTREAM_HTTP_OPTIONS: &str = "envoy.extensions.upstreams.http.v3.HttpProt
 
 fn bookinfo_snapshot() -> Snapshot {
     let cfg = hypha_control::initial_config(None).unwrap();
-    let t = Translation::new(Arc::new(cfg), "1");
+    productpage_view(&Translation::new(Arc::new(cfg), "1"))
+}
+
+/// What productpage's sidecar gets from a control plane whose sidecars have certificates.
+fn bookinfo_mtls_snapshot() -> Snapshot {
+    let cfg = hypha_control::initial_config(None).unwrap();
+    productpage_view(&Translation::with_mtls(Arc::new(cfg), "1"))
+}
+
+fn productpage_view(t: &Translation) -> Snapshot {
     t.snapshot(&ProxyInfo {
         id: "sidecar~10.10.0.10~productpage-v1.bookinfo~bookinfo.svc.cluster.local".into(),
         namespace: "bookinfo".into(),
@@ -48,8 +57,10 @@ fn all(snap: &Snapshot, t: &str) -> Vec<Resource> {
 }
 
 fn loaded() -> State {
-    let snap = bookinfo_snapshot();
-    let mut state = State::default();
+    load(&bookinfo_snapshot(), State::default())
+}
+
+fn load(snap: &Snapshot, mut state: State) -> State {
     for t in [
         type_url::CLUSTER,
         type_url::ENDPOINT,
@@ -57,10 +68,115 @@ fn loaded() -> State {
         type_url::ROUTE,
     ] {
         state
-            .apply(t, &all(&snap, t), &[])
+            .apply(t, &all(snap, t), &[])
             .unwrap_or_else(|e| panic!("{t}: {e:?}"));
     }
     state
+}
+
+#[test]
+fn compiles_mutual_tls_between_sidecars() {
+    let snap = bookinfo_mtls_snapshot();
+    let cfg = load(&snap, State::new(true)).assemble().config;
+    // Auto mTLS to reviews: only endpoints marked `tlsMode: istio` (all of bookinfo's), and
+    // the server must be reviews' identity.
+    let reviews = &cfg.clusters["outbound|9080||reviews.bookinfo.svc.cluster.local"];
+    let tls = reviews.tls.as_ref().expect("reviews speaks mutual TLS");
+    assert!(tls.only_istio_endpoints);
+    assert_eq!(
+        &*tls.identities,
+        ["spiffe://cluster.local/ns/bookinfo/sa/bookinfo-reviews".to_owned()]
+    );
+    assert_eq!(&*tls.alpn, b"\x08http/1.1");
+    let eps = &cfg.endpoint_sets["outbound|9080||reviews.bookinfo.svc.cluster.local"];
+    assert!(eps.endpoints.iter().all(|e| e.istio_tls));
+    // gRPC to ratings offers h2.
+    let ratings = &cfg.clusters["outbound|9080||ratings.bookinfo.svc.cluster.local"];
+    assert_eq!(&*ratings.tls.as_ref().unwrap().alpn, b"\x02h2");
+    // External services and the passthrough cluster stay plaintext.
+    assert!(cfg.clusters["PassthroughCluster"].tls.is_none());
+    // Bookinfo's mesh-wide PeerAuthentication is STRICT: a TLS chain only.
+    assert!(cfg.inbound_tls.contains_key(&9080), "{:?}", cfg.inbound_tls);
+    assert!(!cfg.inbound.contains_key(&9080));
+
+    // A proxy without a workload certificate refuses what needs one, by name and reason.
+    let mut plain = State::default();
+    let err = plain
+        .apply(type_url::CLUSTER, &all(&snap, type_url::CLUSTER), &[])
+        .unwrap_err();
+    assert!(
+        err.iter().any(|r| r
+            .reason
+            .contains("needs mutual TLS with the workload certificate")),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn tls_shapes_hypha_does_not_serve_are_refused_by_name() {
+    use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
+        common_tls_context::ValidationContextType, CertificateValidationContext, UpstreamTlsContext,
+    };
+    let snap = bookinfo_mtls_snapshot();
+    let name = "outbound|9080||reviews.bookinfo.svc.cluster.local";
+    let sent: Cluster = Message::decode(
+        &*snap
+            .resources(type_url::CLUSTER)
+            .unwrap()
+            .get(name)
+            .unwrap()
+            .body
+            .value,
+    )
+    .unwrap();
+    let with_context = |edit: &dyn Fn(&mut UpstreamTlsContext)| {
+        let mut c = sent.clone();
+        let ts = c.transport_socket_matches[0]
+            .transport_socket
+            .as_mut()
+            .unwrap();
+        let Some(
+            envoy_types::pb::envoy::config::core::v3::transport_socket::ConfigType::TypedConfig(
+                any,
+            ),
+        ) = &mut ts.config_type
+        else {
+            panic!("typed config")
+        };
+        let mut ctx = UpstreamTlsContext::decode(&*any.value).unwrap();
+        edit(&mut ctx);
+        any.value = ctx.encode_to_vec();
+        cluster_refusal(&c)
+    };
+    // Inline certificates: Hypha presents the workload certificate only.
+    let e = with_context(&|ctx| {
+        ctx.common_tls_context.as_mut().unwrap().tls_certificates = vec![Default::default()];
+    });
+    assert!(e.contains("tls_certificates"), "{e}");
+    // Another SDS secret name.
+    let e = with_context(&|ctx| {
+        ctx.common_tls_context
+            .as_mut()
+            .unwrap()
+            .tls_certificate_sds_secret_configs[0]
+            .name = "file-cert".into();
+    });
+    assert!(e.contains("\"file-cert\""), "{e}");
+    // Inline roots instead of the trust bundle.
+    let e = with_context(&|ctx| {
+        ctx.common_tls_context
+            .as_mut()
+            .unwrap()
+            .validation_context_type = Some(ValidationContextType::ValidationContext(
+            CertificateValidationContext::default(),
+        ));
+    });
+    assert!(e.contains("validation_context"), "{e}");
+    // A match on anything but Istio's tlsMode.
+    let mut c = sent.clone();
+    c.transport_socket_matches.swap(0, 1);
+    let e = cluster_refusal(&c);
+    assert!(e.contains("auto-mTLS"), "{e}");
 }
 
 #[test]
@@ -792,7 +908,11 @@ fn fields_nobody_acts_on_are_refused_by_name() {
     );
     let mut l = listener.clone();
     l.listener_filters = vec![Default::default()];
-    assert!(listener_refusal(&l).contains("field `listener_filters`"));
+    let e = listener_refusal(&l);
+    assert!(
+        e.contains("listener_filters[0]: only the TLS inspector"),
+        "{e}"
+    );
 
     // The inbound chains' inline route goes straight to the app: a timeout there would be
     // ignored, so it is refused.

@@ -1,0 +1,212 @@
+//! Mutual TLS between sidecars: the PeerAuthentication mode of a workload's port (Istio's
+//! precedence), and the Envoy TLS resources that carry it, shaped as Istio sends them (SDS
+//! secrets `default` and `ROOTCA`, auto-mTLS transport socket matches on `tlsMode: istio`).
+
+use std::collections::BTreeMap;
+
+use envoy_types::pb::envoy::config::cluster::v3::cluster::TransportSocketMatch;
+use envoy_types::pb::envoy::config::core::v3::{transport_socket, Metadata, TransportSocket};
+use envoy_types::pb::envoy::config::listener::v3::{listener_filter, ListenerFilter};
+use envoy_types::pb::envoy::extensions::filters::listener::tls_inspector::v3::TlsInspector;
+use envoy_types::pb::envoy::extensions::transport_sockets::raw_buffer::v3::RawBuffer;
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
+    common_tls_context::{CombinedCertificateValidationContext, ValidationContextType},
+    subject_alt_name_matcher::SanType,
+    CertificateValidationContext, CommonTlsContext, DownstreamTlsContext, SdsSecretConfig,
+    SubjectAltNameMatcher, UpstreamTlsContext,
+};
+use envoy_types::pb::envoy::r#type::matcher::v3::{string_matcher::MatchPattern, StringMatcher};
+use envoy_types::pb::google::protobuf::{value::Kind, Struct, Value};
+use hypha_config::security::MtlsMode;
+use hypha_config::types::labels_match;
+use hypha_config::Config;
+
+use crate::envoy::{self, any, boolv};
+
+const TRANSPORT_SOCKET_MATCH: &str = "envoy.transport_socket_match";
+
+/// A port's effective mode (never `Unset`).
+///
+/// Istio's precedence: a policy selecting the workload in its namespace, then the
+/// namespace's policy without a selector, then the mesh-wide one (root namespace, no
+/// selector); `UNSET` inherits from the next; PERMISSIVE when nothing says otherwise. The
+/// selecting policy's `portLevelMtls` for the port overrides its own mode. Several policies
+/// at one level: the first by name wins (Istio takes the oldest).
+pub fn mode(
+    cfg: &Config,
+    namespace: &str,
+    labels: &BTreeMap<String, String>,
+    port: u32,
+) -> MtlsMode {
+    let mut policies: Vec<_> = cfg.peer_authentications.iter().collect();
+    policies.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    let workload = policies.iter().find(|p| {
+        p.namespace == namespace
+            && p.spec.selector.as_ref().is_some_and(|s| {
+                !s.match_labels.is_empty() && labels_match(&s.match_labels, labels)
+            })
+    });
+    let no_selector = |ns: &str| {
+        policies.iter().find(|p| {
+            p.namespace == ns
+                && p.spec
+                    .selector
+                    .as_ref()
+                    .is_none_or(|s| s.match_labels.is_empty())
+        })
+    };
+    let root = cfg.mesh.root_namespace.as_str();
+    let levels = [
+        workload.and_then(|p| {
+            let port_mode = p
+                .spec
+                .port_level_mtls
+                .get(&port.to_string())
+                .map(|m| m.mode);
+            port_mode
+                .filter(|m| *m != MtlsMode::Unset)
+                .or(p.spec.mtls.as_ref().map(|m| m.mode))
+        }),
+        no_selector(namespace).and_then(|p| p.spec.mtls.as_ref().map(|m| m.mode)),
+        (namespace != root)
+            .then(|| no_selector(root))
+            .flatten()
+            .and_then(|p| p.spec.mtls.as_ref().map(|m| m.mode)),
+    ];
+    levels
+        .into_iter()
+        .flatten()
+        .find(|m| *m != MtlsMode::Unset)
+        .unwrap_or(MtlsMode::Permissive)
+}
+
+fn sds(name: &str) -> SdsSecretConfig {
+    SdsSecretConfig {
+        name: name.into(),
+        sds_config: Some(envoy::ads()),
+    }
+}
+
+/// The workload certificate (`default`), the trust bundle (`ROOTCA`), the SPIFFE IDs a server
+/// may present (client side; empty on the server), and ALPN.
+fn common(identities: &[String], alpn: &[&str]) -> CommonTlsContext {
+    let default_validation_context =
+        (!identities.is_empty()).then(|| CertificateValidationContext {
+            match_typed_subject_alt_names: identities
+                .iter()
+                .map(|id| SubjectAltNameMatcher {
+                    san_type: SanType::Uri as i32,
+                    matcher: Some(StringMatcher {
+                        match_pattern: Some(MatchPattern::Exact(id.clone())),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        });
+    CommonTlsContext {
+        tls_certificate_sds_secret_configs: vec![sds("default")],
+        validation_context_type: Some(ValidationContextType::CombinedValidationContext(
+            CombinedCertificateValidationContext {
+                default_validation_context,
+                validation_context_sds_secret_config: Some(sds("ROOTCA")),
+                ..Default::default()
+            },
+        )),
+        alpn_protocols: alpn.iter().map(|s| (*s).to_owned()).collect(),
+        ..Default::default()
+    }
+}
+
+/// The client side: mutual TLS to a server that must be one of `identities`.
+pub fn upstream(identities: &[String], alpn: &[&str], sni: &str) -> TransportSocket {
+    TransportSocket {
+        name: "envoy.transport_sockets.tls".into(),
+        config_type: Some(transport_socket::ConfigType::TypedConfig(any(
+            &UpstreamTlsContext {
+                common_tls_context: Some(common(identities, alpn)),
+                sni: sni.into(),
+                ..Default::default()
+            },
+        ))),
+    }
+}
+
+/// The server side: mutual TLS, a client certificate required.
+pub fn downstream() -> TransportSocket {
+    TransportSocket {
+        name: "envoy.transport_sockets.tls".into(),
+        config_type: Some(transport_socket::ConfigType::TypedConfig(any(
+            &DownstreamTlsContext {
+                common_tls_context: Some(common(&[], &["h2", "http/1.1"])),
+                require_client_certificate: Some(boolv(true)),
+                ..Default::default()
+            },
+        ))),
+    }
+}
+
+fn raw_buffer() -> TransportSocket {
+    TransportSocket {
+        name: "envoy.transport_sockets.raw_buffer".into(),
+        config_type: Some(transport_socket::ConfigType::TypedConfig(any(
+            &RawBuffer::default(),
+        ))),
+    }
+}
+
+fn string(s: &str) -> Value {
+    Value {
+        kind: Some(Kind::StringValue(s.into())),
+    }
+}
+
+/// Istio's auto mTLS: TLS to endpoints labelled `tlsMode: istio` (see [`endpoint_metadata`]),
+/// plaintext to the rest.
+pub fn auto_matches(tls: TransportSocket) -> Vec<TransportSocketMatch> {
+    vec![
+        TransportSocketMatch {
+            name: "tlsMode-istio".into(),
+            r#match: Some(Struct {
+                fields: [("tlsMode".to_owned(), string("istio"))]
+                    .into_iter()
+                    .collect(),
+            }),
+            transport_socket: Some(tls),
+        },
+        TransportSocketMatch {
+            name: "tlsMode-disabled".into(),
+            r#match: Some(Struct::default()),
+            transport_socket: Some(raw_buffer()),
+        },
+    ]
+}
+
+/// The metadata of an endpoint whose sidecar speaks mutual TLS.
+pub fn endpoint_metadata() -> Metadata {
+    Metadata {
+        filter_metadata: [(
+            TRANSPORT_SOCKET_MATCH.to_owned(),
+            Struct {
+                fields: [("tlsMode".to_owned(), string("istio"))]
+                    .into_iter()
+                    .collect(),
+            },
+        )]
+        .into_iter()
+        .collect(),
+        ..Default::default()
+    }
+}
+
+/// Tells TLS from plaintext on inbound connections.
+pub fn tls_inspector() -> ListenerFilter {
+    ListenerFilter {
+        name: "envoy.filters.listener.tls_inspector".into(),
+        config_type: Some(listener_filter::ConfigType::TypedConfig(any(
+            &TlsInspector::default(),
+        ))),
+        ..Default::default()
+    }
+}
