@@ -1,6 +1,7 @@
 //! The proxy's mesh identity end to end, in process: the control plane's secure endpoint
 //! (xDS and the CA over TLS), a sidecar bootstrapping its certificate with a join token and
-//! taking its config over mutual TLS, and the refusals around that.
+//! taking its config over mutual TLS, mutual TLS between sidecars under PeerAuthentication,
+//! and the refusals around all that.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -14,16 +15,20 @@ use hypha_identity::{KeyKind, Workload};
 use hypha_proxy::identity::IdentityOptions;
 use hypha_proxy::{Options, StartError};
 use hypha_xds::{DeltaClient, ProxyInfo, Versions};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
-const WAIT: Duration = Duration::from_secs(15);
+mod common;
+use common::{admin, app, config, get, sample, sidecar_service, WAIT};
+
 const TD: &str = "cluster.local";
 
-/// The embedded config's control plane serving xDS and the CA over TLS, with join tokens for
-/// `shop/web` and `shop/reviews`.
+/// A control plane serving xDS and the CA over TLS, for sidecars with certificates, with
+/// join tokens for `shop/<account>` (`<account>-secret`).
 struct Secured {
     uri: String,
     data: tempfile::TempDir,
+    cp: ControlPlane,
 }
 
 fn write_token(dir: &Path, name: &str, token: &str) -> PathBuf {
@@ -33,19 +38,29 @@ fn write_token(dir: &Path, name: &str, token: &str) -> PathBuf {
     p
 }
 
+/// The embedded bookinfo config, tokens for `shop/web` and `shop/reviews`.
 async fn secured() -> Secured {
+    secured_on(
+        hypha_control::initial_config(None).unwrap(),
+        &["web", "reviews"],
+    )
+    .await
+}
+
+async fn secured_on(cfg: hypha_config::Config, accounts: &[&str]) -> Secured {
     let data = tempfile::tempdir().unwrap();
     let tokens = data.path().join("tokens");
     std::fs::create_dir(&tokens).unwrap();
-    write_token(&tokens, "shop.web.token", "web-secret");
-    write_token(&tokens, "shop.reviews.token", "reviews-secret");
-    let cfg = hypha_control::initial_config(None).unwrap();
+    for a in accounts {
+        write_token(&tokens, &format!("shop.{a}.token"), &format!("{a}-secret"));
+    }
     let secure = Arc::new(Secure::open(&cfg.mesh, &data.path().join("ca"), Some(&tokens)).unwrap());
-    let cp = ControlPlane::new(cfg);
+    let cp = ControlPlane::with_mtls(cfg);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let uri = format!("https://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { secure.serve(&cp, listener).await });
-    Secured { uri, data }
+    let serving = cp.clone();
+    tokio::spawn(async move { secure.serve(&serving, listener).await });
+    Secured { uri, data, cp }
 }
 
 impl Secured {
@@ -65,12 +80,17 @@ impl Secured {
 }
 
 fn node(ns: &str, sa: &str) -> ProxyInfo {
+    workload_node(ns, sa, sa)
+}
+
+/// The sidecar of workload `<app>-1` (label `app: <app>`) running as service account `sa`.
+fn workload_node(ns: &str, sa: &str, app: &str) -> ProxyInfo {
     ProxyInfo {
-        id: format!("sidecar~127.0.0.1~{sa}-1.{ns}~{ns}.svc.cluster.local"),
+        id: format!("sidecar~127.0.0.1~{app}-1.{ns}~{ns}.svc.cluster.local"),
         namespace: ns.into(),
         service_account: sa.into(),
-        workload_name: format!("{sa}-1"),
-        labels: [("app".to_owned(), sa.to_owned())].into_iter().collect(),
+        workload_name: format!("{app}-1"),
+        labels: [("app".to_owned(), app.to_owned())].into_iter().collect(),
         ips: vec!["127.0.0.1".parse().unwrap()],
     }
 }
@@ -218,5 +238,179 @@ async fn xds_over_tls_serves_only_the_node_its_certificate_names() {
             assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
         }
         other => panic!("expected a refused stream, got {other:?}"),
+    }
+}
+
+const MESH: &str = "apiVersion: hypha.dev/v1alpha1\nkind: MeshConfig\nmetadata: {name: m}\nspec: {trustDomain: cluster.local}\n";
+
+/// Service `web.shop` (port 80, HTTP) served by `web-1`, whose sidecar listens on `inbound`
+/// and whose WorkloadEntry says it runs as `shop/web`; and a PeerAuthentication for `shop`.
+fn web_yaml(inbound: u16, mode: &str) -> String {
+    let web = sidecar_service("web", 80, "http", "HTTP", inbound).replace(
+        "spec: {address: 127.0.0.1,",
+        "spec: {address: 127.0.0.1, serviceAccount: web,",
+    );
+    format!(
+        "{MESH}{web}---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\n\
+         metadata: {{name: default, namespace: shop}}\nspec: {{mtls: {{mode: {mode}}}}}\n"
+    )
+}
+
+/// A plaintext HTTP/1.1 request straight to a sidecar's inbound port: what it answers, or
+/// `""` when it closes the connection first.
+async fn plaintext(addr: std::net::SocketAddr) -> String {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /plain HTTP/1.1\r\nhost: web\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(WAIT, s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A server sidecar for `web` (as `sa`, with `<sa>-secret`) in front of an app, and a client
+/// sidecar (`shop/client`), both ready, the config pointing at the server's inbound port.
+struct Pair {
+    server: hypha_proxy::Running,
+    client: hypha_proxy::Running,
+    hits: Arc<std::sync::atomic::AtomicU64>,
+}
+
+async fn pair(s: &Secured, server_sa: &str, mode: &str) -> Pair {
+    let web = app("127.0.0.1:0", "web", false).await;
+    let mut server = hypha_proxy::start(Options {
+        node: workload_node("shop", server_sa, "web"),
+        http_proxy: vec![],
+        inbound: vec!["127.0.0.1:0".parse().unwrap()],
+        app: Some(web.addr),
+        admin: Some("127.0.0.1:0".parse().unwrap()),
+        ..sidecar(s, "shop", server_sa, &format!("{server_sa}-secret"))
+    })
+    .await
+    .unwrap();
+    s.cp.update(config(&web_yaml(server.inbound[0].port(), mode)));
+    let mut client = hypha_proxy::start(Options {
+        admin: Some("127.0.0.1:0".parse().unwrap()),
+        ..sidecar(s, "shop", "client", "client-secret")
+    })
+    .await
+    .unwrap();
+    for p in [&mut server, &mut client] {
+        tokio::time::timeout(WAIT, p.ready.wait_for(|r| *r))
+            .await
+            .expect("ready")
+            .unwrap();
+    }
+    Pair {
+        server,
+        client,
+        hits: web.hits,
+    }
+}
+
+#[tokio::test]
+async fn sidecars_speak_mutual_tls_strict_refuses_plaintext_permissive_takes_both() {
+    let s = secured_on(config(&web_yaml(1, "STRICT")), &["web", "client"]).await;
+    let p = pair(&s, "web", "STRICT").await;
+    let url = "http://web.shop.svc.cluster.local/hello";
+    let (status, body, _) = get(p.client.http_proxy[0], url, &[]).await;
+    assert_eq!((status, body.as_str()), (200, "web /hello -"));
+
+    // The server saw the client's verified identity over mutual TLS.
+    let (_, metrics) = admin(p.server.admin.unwrap(), "/metrics").await;
+    let seen = sample(
+        &metrics,
+        "istio_requests_total",
+        &[
+            ("reporter", "destination"),
+            (
+                "source_principal",
+                "spiffe://cluster.local/ns/shop/sa/client",
+            ),
+            ("source_workload_namespace", "shop"),
+            ("connection_security_policy", "mutual_tls"),
+        ],
+    );
+    assert_eq!(seen, Some(1.0), "{metrics}");
+
+    // STRICT: plaintext to the inbound port is closed unanswered, and counted.
+    let inbound = p.server.inbound[0];
+    assert_eq!(plaintext(inbound).await, "");
+    let (_, metrics) = admin(p.server.admin.unwrap(), "/metrics").await;
+    assert!(
+        metrics.contains("hypha_inbound_plaintext_refused_total 1"),
+        "{metrics}"
+    );
+    assert_eq!(p.hits.load(std::sync::atomic::Ordering::Relaxed), 1);
+
+    // PERMISSIVE: the same port takes plaintext too, and mutual TLS still.
+    s.cp.update(config(&web_yaml(inbound.port(), "PERMISSIVE")));
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let answer = plaintext(inbound).await;
+        if answer.starts_with("HTTP/1.1 200") {
+            assert!(answer.ends_with("web /plain -"), "{answer}");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "PERMISSIVE never applied"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (status, _, _) = get(p.client.http_proxy[0], url, &[]).await;
+    assert_eq!(status, 200);
+    let (_, metrics) = admin(p.server.admin.unwrap(), "/metrics").await;
+    let plain = sample(
+        &metrics,
+        "istio_requests_total",
+        &[
+            ("reporter", "destination"),
+            ("connection_security_policy", "none"),
+        ],
+    );
+    assert_eq!(plain, Some(1.0), "{metrics}");
+}
+
+#[tokio::test]
+async fn a_server_that_is_not_who_the_service_runs_as_is_refused() {
+    // web-1's WorkloadEntry says `shop/web`, but its sidecar holds `shop/impostor`.
+    let s = secured_on(config(&web_yaml(1, "STRICT")), &["impostor", "client"]).await;
+    let p = pair(&s, "impostor", "STRICT").await;
+    let (status, _, headers) = get(
+        p.client.http_proxy[0],
+        "http://web.shop.svc.cluster.local/",
+        &[],
+    )
+    .await;
+    assert_eq!(status, 503);
+    assert_eq!(
+        headers
+            .get("x-hypha-response-flags")
+            .map(|v| v.to_str().unwrap()),
+        Some("UF")
+    );
+    assert_eq!(p.hits.load(std::sync::atomic::Ordering::Relaxed), 0);
+
+    // Once the mesh says web-1 runs as `shop/impostor`, the same server is accepted: the
+    // identity was the only thing wrong.
+    let inbound = p.server.inbound[0].port();
+    s.cp.update(config(
+        &web_yaml(inbound, "STRICT").replace("serviceAccount: web,", "serviceAccount: impostor,"),
+    ));
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (status, body, _) = get(
+            p.client.http_proxy[0],
+            "http://web.shop.svc.cluster.local/",
+            &[],
+        )
+        .await;
+        if status == 200 {
+            assert_eq!(body, "web / -");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "still {status}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
