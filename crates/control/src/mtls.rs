@@ -3,16 +3,19 @@
 //! secrets `default` and `ROOTCA`, auto-mTLS transport socket matches on `tlsMode: istio`).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use envoy_types::pb::envoy::config::cluster::v3::cluster::TransportSocketMatch;
+use envoy_types::pb::envoy::config::core::v3::{data_source, DataSource};
 use envoy_types::pb::envoy::config::core::v3::{transport_socket, Metadata, TransportSocket};
 use envoy_types::pb::envoy::config::listener::v3::{listener_filter, ListenerFilter};
 use envoy_types::pb::envoy::extensions::filters::listener::tls_inspector::v3::TlsInspector;
 use envoy_types::pb::envoy::extensions::transport_sockets::raw_buffer::v3::RawBuffer;
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
     common_tls_context::{CombinedCertificateValidationContext, ValidationContextType},
+    secret,
     subject_alt_name_matcher::SanType,
-    CertificateValidationContext, CommonTlsContext, DownstreamTlsContext, SdsSecretConfig,
+    CertificateValidationContext, CommonTlsContext, DownstreamTlsContext, SdsSecretConfig, Secret,
     SubjectAltNameMatcher, UpstreamTlsContext,
 };
 use envoy_types::pb::envoy::r#type::matcher::v3::{string_matcher::MatchPattern, StringMatcher};
@@ -208,5 +211,91 @@ pub fn tls_inspector() -> ListenerFilter {
             &TlsInspector::default(),
         ))),
         ..Default::default()
+    }
+}
+
+/// The name of the trust bundle secret (Istio's).
+pub const ROOTCA: &str = "ROOTCA";
+
+/// The root certificate (PEM) of each signer, by signer name: what trust bundles are made of.
+pub type SignerRoots = BTreeMap<String, String>;
+
+/// Each namespace's trust bundle (PEM roots its workloads trust: its tenant's own, then the
+/// roots the mesh config shares with that tenant), sent to sidecars as the SDS secret
+/// `ROOTCA` so that trust changes without a restart.
+#[derive(Debug, Default, Clone)]
+pub struct TrustBundles {
+    by_namespace: BTreeMap<String, Arc<str>>,
+    /// For namespaces no tenant lists (the `*` tenant).
+    rest: Option<Arc<str>>,
+}
+
+impl TrustBundles {
+    /// From (tenant namespaces, PEM bundle) pairs; `*` stands for every other namespace.
+    pub fn new(tenants: impl IntoIterator<Item = (Vec<String>, String)>) -> TrustBundles {
+        let mut out = TrustBundles::default();
+        for (namespaces, pem) in tenants {
+            let pem: Arc<str> = pem.into();
+            for ns in namespaces {
+                if ns == "*" {
+                    out.rest = Some(pem.clone());
+                } else {
+                    out.by_namespace.insert(ns, pem.clone());
+                }
+            }
+        }
+        out
+    }
+
+    /// From the mesh config's tenants (`trustTenants` shares a tenant's root with another)
+    /// and the signers' roots; a tenant whose signer has no root yet gets none.
+    pub fn from_mesh(mesh: &hypha_config::MeshConfig, roots: &SignerRoots) -> TrustBundles {
+        let root_of = |tenant: &str| {
+            mesh.tenants
+                .iter()
+                .find(|t| t.name == tenant)
+                .and_then(|t| roots.get(&t.signer))
+        };
+        TrustBundles::new(mesh.tenants.iter().filter_map(|t| {
+            let mut pem: Vec<&String> = Vec::new();
+            for r in std::iter::once(&t.name)
+                .chain(&t.trust_tenants)
+                .filter_map(|n| root_of(n))
+            {
+                if !pem.contains(&r) {
+                    pem.push(r);
+                }
+            }
+            (!pem.is_empty()).then(|| {
+                (
+                    t.namespaces.clone(),
+                    pem.into_iter().map(String::as_str).collect::<String>(),
+                )
+            })
+        }))
+    }
+
+    pub fn of(&self, namespace: &str) -> Option<&str> {
+        self.by_namespace
+            .get(namespace)
+            .or(self.rest.as_ref())
+            .map(|s| &**s)
+    }
+
+    /// The `ROOTCA` secret for a namespace's sidecars.
+    pub fn secret(&self, namespace: &str) -> Option<Secret> {
+        let pem = self.of(namespace)?;
+        Some(Secret {
+            name: ROOTCA.into(),
+            r#type: Some(secret::Type::ValidationContext(
+                CertificateValidationContext {
+                    trusted_ca: Some(DataSource {
+                        specifier: Some(data_source::Specifier::InlineString(pem.to_owned())),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+            )),
+        })
     }
 }

@@ -75,6 +75,7 @@ pub struct Secure {
     own: Store,
     caller: Caller,
     roots: Vec<String>,
+    signer_roots: crate::mtls::SignerRoots,
 }
 
 impl std::fmt::Debug for Secure {
@@ -113,13 +114,30 @@ impl Secure {
         std::fs::write(&path, root).map_err(|e| SecurityError::Write(path.clone(), e))?;
         tracing::info!(identity = %own.id(), root = %path.display(), "control plane certificate issued");
         let own = Store::new(Credentials::new(own, ClientCert::Optional)?);
+        let mut signer_roots = crate::mtls::SignerRoots::new();
+        for t in &mesh.tenants {
+            if let Some(tenant) = ca.tenant(&t.name) {
+                let pem = tenant
+                    .signer
+                    .certificate()
+                    .to_pem()
+                    .map_err(hypha_ca::CaError::from)?;
+                signer_roots.insert(t.signer.clone(), String::from_utf8_lossy(&pem).into_owned());
+            }
+        }
         Ok(Secure {
             ca,
             auth,
             own,
             caller,
             roots,
+            signer_roots,
         })
+    }
+
+    /// Each signer's root, which the sidecars' trust bundles (`ROOTCA`) are made of.
+    pub fn signer_roots(&self) -> &crate::mtls::SignerRoots {
+        &self.signer_roots
     }
 
     pub fn identity(&self) -> Arc<Credentials> {

@@ -82,9 +82,14 @@ impl ControlPlane {
     }
 
     /// Starts from a validated config, for sidecars with workload certificates from the
-    /// control plane's CA: traffic between them is mutual TLS (PeerAuthentication decides).
-    pub fn with_mtls(cfg: Config) -> ControlPlane {
-        ControlPlane::start(Translation::with_mtls(Arc::new(cfg), "1"))
+    /// control plane's CA: traffic between them is mutual TLS (PeerAuthentication decides),
+    /// each trusting its namespace's bundle.
+    pub fn with_mtls(cfg: Config, signer_roots: crate::mtls::SignerRoots) -> ControlPlane {
+        ControlPlane::start(Translation::with_mtls(
+            Arc::new(cfg),
+            "1",
+            Arc::new(signer_roots),
+        ))
     }
 
     fn start(first: Translation) -> ControlPlane {
@@ -417,8 +422,8 @@ pub async fn run(
         }
         None => None,
     };
-    let cp = if secure.is_some() {
-        ControlPlane::with_mtls(cfg)
+    let cp = if let Some(secure) = &secure {
+        ControlPlane::with_mtls(cfg, secure.signer_roots().clone())
     } else {
         ControlPlane::new(cfg)
     };

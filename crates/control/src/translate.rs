@@ -168,6 +168,10 @@ pub struct Translation {
     /// Sidecars have workload certificates (the control plane runs the CA): traffic between
     /// them is mutual TLS as PeerAuthentication and DestinationRules say (see `mtls`).
     mtls: bool,
+    /// The CA's signer roots, and the trust bundles made from them and this generation's
+    /// tenants, sent as the `ROOTCA` secret.
+    signer_roots: Option<Arc<crate::mtls::SignerRoots>>,
+    trust: Option<Arc<crate::mtls::TrustBundles>>,
 }
 
 impl Translation {
@@ -175,11 +179,19 @@ impl Translation {
         Translation::after(cfg, version, None)
     }
 
-    /// A first generation for sidecars with workload certificates (mutual TLS between them);
-    /// the generations [`after`](Self::after) it keep the setting.
-    pub fn with_mtls(cfg: Arc<Config>, version: impl Into<String>) -> Translation {
+    /// A first generation for sidecars with workload certificates (mutual TLS between them),
+    /// trusting what the tenants make of these signer roots; the generations
+    /// [`after`](Self::after) it keep both.
+    pub fn with_mtls(
+        cfg: Arc<Config>,
+        version: impl Into<String>,
+        signer_roots: Arc<crate::mtls::SignerRoots>,
+    ) -> Translation {
+        let trust = crate::mtls::TrustBundles::from_mesh(&cfg.mesh, &signer_roots);
         Translation {
             mtls: true,
+            signer_roots: Some(signer_roots),
+            trust: Some(Arc::new(trust)),
             ..Translation::after(cfg, version, None)
         }
     }
@@ -202,6 +214,10 @@ impl Translation {
                 .any(|m| !m.source_labels.is_empty())
         });
         let mtls = previous.is_some_and(|p| p.mtls);
+        let signer_roots = previous.and_then(|p| p.signer_roots.clone());
+        let trust = signer_roots
+            .as_ref()
+            .map(|r| Arc::new(crate::mtls::TrustBundles::from_mesh(&cfg.mesh, r)));
         let previous = previous
             .map(|p| lock(&p.outbound_cache).clone())
             .unwrap_or_default();
@@ -217,6 +233,8 @@ impl Translation {
             service_routes: Mutex::new(HashMap::new()),
             previous: Mutex::new(previous),
             mtls,
+            signer_roots,
+            trust,
         }
     }
 
@@ -235,6 +253,9 @@ impl Translation {
         let mut snap = (*self.outbound_shared(proxy)).clone();
         for r in self.inbound(proxy) {
             snap.insert(r);
+        }
+        if let Some(secret) = self.trust.as_ref().and_then(|t| t.secret(&proxy.namespace)) {
+            snap.insert(XdsResource::encode(crate::mtls::ROOTCA, &secret));
         }
         snap
     }

@@ -47,8 +47,8 @@ use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{tcp_pr
 use envoy_types::pb::envoy::extensions::retry::host::previous_hosts::v3::PreviousHostsPredicate;
 use envoy_types::pb::envoy::extensions::transport_sockets::raw_buffer::v3::RawBuffer;
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
-    common_tls_context::ValidationContextType, subject_alt_name_matcher::SanType, CommonTlsContext,
-    DownstreamTlsContext, SdsSecretConfig, UpstreamTlsContext,
+    common_tls_context::ValidationContextType, secret, subject_alt_name_matcher::SanType,
+    CommonTlsContext, DownstreamTlsContext, SdsSecretConfig, Secret, UpstreamTlsContext,
 };
 use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
     http_protocol_options::{explicit_http_config::ProtocolConfig, UpstreamProtocolOptions},
@@ -785,6 +785,43 @@ fn upstream_context(ctx: &UpstreamTlsContext, at: &str) -> Result<UpstreamTls> {
         alpn: alpn.into(),
         only_istio_endpoints: false,
     })
+}
+
+/// The trust bundle secret (`ROOTCA`): the PEM roots in its `trusted_ca`. Hypha keeps its own
+/// key and certificate, so no other secret is taken from the control plane.
+pub fn trust_bundle(
+    name: &str,
+    bytes: &[u8],
+) -> std::result::Result<Vec<boring::x509::X509>, Refused> {
+    trust_bundle_inner(name, bytes).map_err(refuse("secret", name))
+}
+
+fn trust_bundle_inner(name: &str, bytes: &[u8]) -> Result<Vec<boring::x509::X509>> {
+    if name != SDS_ROOTS {
+        return Err(format!(
+            "only {SDS_ROOTS:?} is taken from the control plane; the workload certificate \
+             ({SDS_CERT:?}) comes from the proxy's own key and the CA"
+        ));
+    }
+    let s: Secret = decode(bytes, "Secret")?;
+    only(&s, "", &["name", "type"])?;
+    let Some(secret::Type::ValidationContext(v)) = &s.r#type else {
+        return Err("a validation_context with trusted_ca is expected".into());
+    };
+    only(v, "validation_context", &["trusted_ca"])?;
+    let pem: &[u8] = match v.trusted_ca.as_ref().and_then(|d| d.specifier.as_ref()) {
+        Some(envoy_types::pb::envoy::config::core::v3::data_source::Specifier::InlineString(s)) => {
+            s.as_bytes()
+        }
+        Some(envoy_types::pb::envoy::config::core::v3::data_source::Specifier::InlineBytes(b)) => b,
+        _ => return Err("validation_context.trusted_ca must be inline PEM".into()),
+    };
+    let roots = boring::x509::X509::stack_from_pem(pem)
+        .map_err(|e| format!("validation_context.trusted_ca: {e}"))?;
+    if roots.is_empty() {
+        return Err("validation_context.trusted_ca holds no certificate".into());
+    }
+    Ok(roots)
 }
 
 /// An inbound chain's TLS: a DownstreamTlsContext that requires client certificates.

@@ -63,6 +63,33 @@ impl Mesh {
     }
 }
 
+impl Mesh {
+    /// Applies a trust bundle update (the `ROOTCA` secret): the same certificate, new roots,
+    /// for connections from now on.
+    pub fn trust(&self, resources: &[hypha_xds::Resource]) -> Result<(), String> {
+        let mut roots = None;
+        for r in resources {
+            let bundle =
+                crate::compile::trust_bundle(&r.name, &r.body.value).map_err(|e| e.to_string())?;
+            roots = Some(bundle);
+        }
+        let Some(roots) = roots else { return Ok(()) };
+        let current = self.store.load();
+        let identity = current
+            .identity
+            .with_roots(roots)
+            .map_err(|e| e.to_string())?;
+        let credentials =
+            Credentials::new(identity, ClientCert::Require).map_err(|e| e.to_string())?;
+        tracing::info!(
+            roots = credentials.identity.roots().len(),
+            "trust bundle updated"
+        );
+        self.store.replace(credentials);
+        Ok(())
+    }
+}
+
 fn control_plane_peer() -> Peer {
     Peer::ServiceAccount(CONTROL_SERVICE_ACCOUNT.into())
 }

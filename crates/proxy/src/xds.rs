@@ -18,6 +18,8 @@ use crate::model::Config;
 use crate::state::{nack_message, State};
 
 const BACKOFF_START: Duration = Duration::from_millis(100);
+/// The trust bundle secret's name (Istio's).
+const SDS_ROOTS: &str = "ROOTCA";
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 /// Counters of the xDS client, for metrics and tests.
@@ -122,6 +124,14 @@ async fn session(
         }
     };
     let mut client = connected.map_err(|e| (e.into(), false))?;
+    if mesh.is_some() {
+        // The trust bundle: the roots this workload trusts (its tenant's and those shared
+        // with it), updated without a restart.
+        client
+            .subscribe(type_url::SECRET, vec![SDS_ROOTS.to_owned()])
+            .await
+            .map_err(|e| (e.into(), false))?;
+    }
     // What the current state refers to, subscribed again on the new stream.
     let applied = state.assemble();
     let mut routes = BTreeSet::new();
@@ -138,6 +148,20 @@ async fn session(
             Err(e) => return Err((e.into(), got)),
         };
         got = true;
+        if update.type_url == type_url::SECRET {
+            let result = match mesh {
+                Some(m) => m.trust(&update.resources),
+                None => Err("this proxy has no workload identity for secrets".into()),
+            };
+            if let Err(reason) = &result {
+                warn!(%reason, "trust bundle rejected (NACK); keeping the last good one");
+            }
+            client
+                .ack_or_nack(&update, result)
+                .await
+                .map_err(|e| (e.into(), got))?;
+            continue;
+        }
         let mut next = state.clone();
         let result = next
             .apply(&update.type_url, &update.resources, &update.removed)

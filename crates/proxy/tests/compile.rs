@@ -36,7 +36,8 @@ fn bookinfo_snapshot() -> Snapshot {
 /// What productpage's sidecar gets from a control plane whose sidecars have certificates.
 fn bookinfo_mtls_snapshot() -> Snapshot {
     let cfg = hypha_control::initial_config(None).unwrap();
-    productpage_view(&Translation::with_mtls(Arc::new(cfg), "1"))
+    let roots = Arc::new(hypha_control::mtls::SignerRoots::new());
+    productpage_view(&Translation::with_mtls(Arc::new(cfg), "1", roots))
 }
 
 fn productpage_view(t: &Translation) -> Snapshot {

@@ -24,7 +24,7 @@ use common::{admin, app, config, get, sample, sidecar_service, WAIT};
 const TD: &str = "cluster.local";
 
 /// A control plane serving xDS and the CA over TLS, for sidecars with certificates, with
-/// join tokens for `shop/<account>` (`<account>-secret`).
+/// join tokens for each `<namespace>.<account>` (`<account>-secret`).
 struct Secured {
     uri: String,
     data: tempfile::TempDir,
@@ -42,7 +42,7 @@ fn write_token(dir: &Path, name: &str, token: &str) -> PathBuf {
 async fn secured() -> Secured {
     secured_on(
         hypha_control::initial_config(None).unwrap(),
-        &["web", "reviews"],
+        &["shop.web", "shop.reviews"],
     )
     .await
 }
@@ -52,10 +52,11 @@ async fn secured_on(cfg: hypha_config::Config, accounts: &[&str]) -> Secured {
     let tokens = data.path().join("tokens");
     std::fs::create_dir(&tokens).unwrap();
     for a in accounts {
-        write_token(&tokens, &format!("shop.{a}.token"), &format!("{a}-secret"));
+        let sa = a.split_once('.').unwrap().1;
+        write_token(&tokens, &format!("{a}.token"), &format!("{sa}-secret"));
     }
     let secure = Arc::new(Secure::open(&cfg.mesh, &data.path().join("ca"), Some(&tokens)).unwrap());
-    let cp = ControlPlane::with_mtls(cfg);
+    let cp = ControlPlane::with_mtls(cfg, secure.signer_roots().clone());
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let uri = format!("https://{}", listener.local_addr().unwrap());
     let serving = cp.clone();
@@ -246,12 +247,16 @@ const MESH: &str = "apiVersion: hypha.dev/v1alpha1\nkind: MeshConfig\nmetadata: 
 /// Service `web.shop` (port 80, HTTP) served by `web-1`, whose sidecar listens on `inbound`
 /// and whose WorkloadEntry says it runs as `shop/web`; and a PeerAuthentication for `shop`.
 fn web_yaml(inbound: u16, mode: &str) -> String {
+    web_yaml_with(MESH, inbound, mode)
+}
+
+fn web_yaml_with(mesh: &str, inbound: u16, mode: &str) -> String {
     let web = sidecar_service("web", 80, "http", "HTTP", inbound).replace(
         "spec: {address: 127.0.0.1,",
         "spec: {address: 127.0.0.1, serviceAccount: web,",
     );
     format!(
-        "{MESH}{web}---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\n\
+        "{mesh}{web}---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\n\
          metadata: {{name: default, namespace: shop}}\nspec: {{mtls: {{mode: {mode}}}}}\n"
     )
 }
@@ -276,7 +281,17 @@ struct Pair {
     hits: Arc<std::sync::atomic::AtomicU64>,
 }
 
-async fn pair(s: &Secured, server_sa: &str, mode: &str) -> Pair {
+async fn pair(s: &Secured, server_sa: &str, yaml: impl Fn(u16) -> String) -> Pair {
+    pair_from(s, server_sa, "shop", yaml).await
+}
+
+/// [`pair`] with the client in namespace `client_ns`.
+async fn pair_from(
+    s: &Secured,
+    server_sa: &str,
+    client_ns: &str,
+    yaml: impl Fn(u16) -> String,
+) -> Pair {
     let web = app("127.0.0.1:0", "web", false).await;
     let mut server = hypha_proxy::start(Options {
         node: workload_node("shop", server_sa, "web"),
@@ -288,10 +303,10 @@ async fn pair(s: &Secured, server_sa: &str, mode: &str) -> Pair {
     })
     .await
     .unwrap();
-    s.cp.update(config(&web_yaml(server.inbound[0].port(), mode)));
+    s.cp.update(config(&yaml(server.inbound[0].port())));
     let mut client = hypha_proxy::start(Options {
         admin: Some("127.0.0.1:0".parse().unwrap()),
-        ..sidecar(s, "shop", "client", "client-secret")
+        ..sidecar(s, client_ns, "client", "client-secret")
     })
     .await
     .unwrap();
@@ -310,8 +325,8 @@ async fn pair(s: &Secured, server_sa: &str, mode: &str) -> Pair {
 
 #[tokio::test]
 async fn sidecars_speak_mutual_tls_strict_refuses_plaintext_permissive_takes_both() {
-    let s = secured_on(config(&web_yaml(1, "STRICT")), &["web", "client"]).await;
-    let p = pair(&s, "web", "STRICT").await;
+    let s = secured_on(config(&web_yaml(1, "STRICT")), &["shop.web", "shop.client"]).await;
+    let p = pair(&s, "web", |port| web_yaml(port, "STRICT")).await;
     let url = "http://web.shop.svc.cluster.local/hello";
     let (status, body, _) = get(p.client.http_proxy[0], url, &[]).await;
     assert_eq!((status, body.as_str()), (200, "web /hello -"));
@@ -375,8 +390,12 @@ async fn sidecars_speak_mutual_tls_strict_refuses_plaintext_permissive_takes_bot
 #[tokio::test]
 async fn a_server_that_is_not_who_the_service_runs_as_is_refused() {
     // web-1's WorkloadEntry says `shop/web`, but its sidecar holds `shop/impostor`.
-    let s = secured_on(config(&web_yaml(1, "STRICT")), &["impostor", "client"]).await;
-    let p = pair(&s, "impostor", "STRICT").await;
+    let s = secured_on(
+        config(&web_yaml(1, "STRICT")),
+        &["shop.impostor", "shop.client"],
+    )
+    .await;
+    let p = pair(&s, "impostor", |port| web_yaml(port, "STRICT")).await;
     let (status, _, headers) = get(
         p.client.http_proxy[0],
         "http://web.shop.svc.cluster.local/",
@@ -412,5 +431,72 @@ async fn a_server_that_is_not_who_the_service_runs_as_is_refused() {
         }
         assert!(tokio::time::Instant::now() < deadline, "still {status}");
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Two tenants with their own signers: `a` (namespace `shop`, and the control plane's) and
+/// `b` (every other namespace); `share` makes each trust the other's root.
+fn tenants_mesh(share: bool) -> String {
+    let (ta, tb) = if share {
+        (", trustTenants: [b]", ", trustTenants: [a]")
+    } else {
+        ("", "")
+    };
+    format!(
+        "apiVersion: hypha.dev/v1alpha1\nkind: MeshConfig\nmetadata: {{name: m}}\nspec:\n  \
+         trustDomain: cluster.local\n  signers: [{{name: sa}}, {{name: sb}}]\n  tenants:\n  \
+         - {{name: a, namespaces: [shop, istio-system], signer: sa{ta}}}\n  \
+         - {{name: b, namespaces: [\"*\"], signer: sb{tb}}}\n"
+    )
+}
+
+#[tokio::test]
+async fn tenants_do_not_trust_each_other_until_the_mesh_config_shares_their_roots() {
+    let s = secured_on(
+        config(&web_yaml_with(&tenants_mesh(false), 1, "STRICT")),
+        &["shop.web", "other.client"],
+    )
+    .await;
+    let p = pair_from(&s, "web", "other", |port| {
+        web_yaml_with(&tenants_mesh(false), port, "STRICT")
+    })
+    .await;
+    // Each sidecar's certificate comes from its own tenant's signer.
+    let issuer = |r: &hypha_proxy::Running| {
+        let creds = r.identity.as_ref().unwrap().load();
+        let name = creds.identity.chain()[0].issuer_name().to_der().unwrap();
+        name
+    };
+    assert_ne!(issuer(&p.server), issuer(&p.client));
+    let url = "http://web.shop.svc.cluster.local/";
+    let (status, _, headers) = get(p.client.http_proxy[0], url, &[]).await;
+    assert_eq!(status, 503, "a cross-tenant handshake must fail");
+    assert_eq!(
+        headers
+            .get("x-hypha-response-flags")
+            .map(|v| v.to_str().unwrap()),
+        Some("UF")
+    );
+    assert_eq!(p.hits.load(std::sync::atomic::Ordering::Relaxed), 0);
+
+    // Share the roots both ways: the new trust bundles reach both sidecars (ROOTCA), and the
+    // same sidecars, with the same certificates, now connect.
+    let port = p.server.inbound[0].port();
+    s.cp.update(config(&web_yaml_with(&tenants_mesh(true), port, "STRICT")));
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (status, body, _) = get(p.client.http_proxy[0], url, &[]).await;
+        if status == 200 {
+            assert_eq!(body, "web / -");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "still {status}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for r in [&p.server, &p.client] {
+        assert_eq!(
+            r.identity.as_ref().unwrap().load().identity.roots().len(),
+            2
+        );
     }
 }
