@@ -4,6 +4,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod authz;
 mod envoy;
 pub mod mtls;
 pub mod registry;

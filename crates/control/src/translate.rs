@@ -555,6 +555,10 @@ impl Translation {
                 };
                 let mut h = hcm_base(&format!("inbound_0.0.0.0_{port}"));
                 h.route_specifier = Some(RouteSpecifier::RouteConfig(rc));
+                // Authorization runs first: a denied request goes no further.
+                let rbac = crate::authz::rbac(&self.cfg, &proxy.namespace, labels, false);
+                h.http_filters
+                    .splice(0..0, crate::authz::http_filters(rbac));
                 FilterChain {
                     name: format!("inbound_{port}"),
                     filter_chain_match: Some(chain_match),
@@ -567,6 +571,10 @@ impl Translation {
             } else {
                 let mut chain = tcp_chain(&format!("inbound_{port}"), &cname);
                 chain.filter_chain_match = Some(chain_match);
+                let rbac = crate::authz::rbac(&self.cfg, &proxy.namespace, labels, true);
+                chain
+                    .filters
+                    .splice(0..0, crate::authz::network_filters(rbac));
                 chain
             };
             let mode = if self.mtls {

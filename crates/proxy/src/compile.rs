@@ -31,6 +31,9 @@ use envoy_types::pb::envoy::config::endpoint::v3::{
 use envoy_types::pb::envoy::config::listener::v3::{
     filter, listener_filter, FilterChain, FilterChainMatch, Listener,
 };
+use envoy_types::pb::envoy::config::rbac::v3::{
+    permission, principal, rbac as envoy_rbac, Permission, Principal, Rbac as EnvoyRbac,
+};
 use envoy_types::pb::envoy::config::route::v3::{
     header_matcher::HeaderMatchSpecifier, query_parameter_matcher::QueryParameterMatchSpecifier,
     redirect_action, retry_policy, route, route_action, route_match::PathSpecifier, HeaderMatcher,
@@ -38,11 +41,13 @@ use envoy_types::pb::envoy::config::route::v3::{
     VirtualHost as EnvoyVirtualHost,
 };
 use envoy_types::pb::envoy::extensions::filters::http::fault::v3::HttpFault;
+use envoy_types::pb::envoy::extensions::filters::http::rbac::v3::Rbac as HttpRbac;
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
 use envoy_types::pb::envoy::extensions::filters::listener::tls_inspector::v3::TlsInspector;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
     http_connection_manager::RouteSpecifier, http_filter, HttpConnectionManager, HttpFilter,
 };
+use envoy_types::pb::envoy::extensions::filters::network::rbac::v3::Rbac as NetworkRbac;
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{tcp_proxy, TcpProxy};
 use envoy_types::pb::envoy::extensions::retry::host::previous_hosts::v3::PreviousHostsPredicate;
 use envoy_types::pb::envoy::extensions::transport_sockets::raw_buffer::v3::RawBuffer;
@@ -62,6 +67,7 @@ use envoy_types::pb::google::protobuf::Any;
 use hypha_matcher::{Attr, Condition, Pattern, Rule, StringMatch, Table, Test};
 use prost::{Message, Name};
 
+use crate::authz::{self, Authz};
 use crate::model::{
     Action, Cluster, ClusterKind, Endpoint, Fault, Forward, HashKey, HeaderAdd, HeaderAppend,
     HeaderOps, Inbound, Lb, Limits, ListenAddr, Outbound, OutlierPolicy, Redirect, RetryPolicy,
@@ -71,6 +77,7 @@ use crate::model::{
 const HCM: &str = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
 const TCP_PROXY: &str =
     "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy";
+const HTTP_RBAC: &str = "envoy.filters.http.rbac";
 const FAULT: &str = "envoy.filters.http.fault";
 const ROUTER: &str = "envoy.filters.http.router";
 const UPSTREAM_HTTP_OPTIONS: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
@@ -1154,7 +1161,7 @@ fn socket_addr(a: Option<&Address>, at: &str) -> Result<SocketAddr> {
 // Listeners.
 
 /// What one Listener contributes: outbound entries and inbound chains.
-#[derive(Debug, Default, Clone, PartialEq)]
+#[derive(Debug, Default, Clone)]
 pub struct ListenerParts {
     pub outbound: Option<(ListenAddr, Outbound)>,
     /// The outbound listener's further addresses (a dual-stack service's other VIPs).
@@ -1270,13 +1277,17 @@ fn listener_inner(bytes: &[u8]) -> Result<ListenerParts> {
                     ));
                 };
                 let inbound = match chain_kind(chain)? {
-                    ChainKind::Inline(cluster) => Inbound::Http {
+                    ChainKind::Inline(cluster, authz) => Inbound::Http {
                         cluster: cluster.into(),
+                        authz: Arc::new(authz),
                     },
                     ChainKind::Rds(_) => {
                         return Err("an inbound HTTP chain needs an inline route".into())
                     }
-                    ChainKind::Tcp(cluster) => Inbound::Tcp { cluster },
+                    ChainKind::Tcp(cluster, authz) => Inbound::Tcp {
+                        cluster,
+                        authz: Arc::new(authz),
+                    },
                 };
                 if parts
                     .inbound
@@ -1298,7 +1309,7 @@ fn listener_inner(bytes: &[u8]) -> Result<ListenerParts> {
                 }
                 plain_chain(chain)?;
                 match chain_kind(chain)? {
-                    ChainKind::Tcp(c) if c == PASSTHROUGH => {}
+                    ChainKind::Tcp(c, authz) if c == PASSTHROUGH && authz.is_empty() => {}
                     _ => {
                         return Err(format!(
                             "a default_filter_chain other than TCP to {PASSTHROUGH} is not \
@@ -1316,7 +1327,7 @@ fn listener_inner(bytes: &[u8]) -> Result<ListenerParts> {
                     only(m, "filter_chain_match", &["destination_port"])?;
                 }
                 plain_chain(chain)?;
-                chain_kind(chain)?;
+                no_authz(chain_kind(chain)?)?;
             }
         }
         _ => {
@@ -1330,15 +1341,15 @@ fn listener_inner(bytes: &[u8]) -> Result<ListenerParts> {
                 only(m, "filter_chain_match", &[])?;
             }
             plain_chain(chain)?;
-            let outbound = match chain_kind(chain)? {
+            let outbound = match no_authz(chain_kind(chain)?)? {
                 ChainKind::Rds(rds) => {
                     parts.rds.push(rds.clone());
                     Outbound::Http { route_table: rds }
                 }
-                ChainKind::Inline(_) => {
+                ChainKind::Inline(..) => {
                     return Err("an outbound HTTP listener needs RDS".into());
                 }
-                ChainKind::Tcp(cluster) => Outbound::Tcp { cluster },
+                ChainKind::Tcp(cluster, _) => Outbound::Tcp { cluster },
             };
             parts.outbound = Some((primary, outbound));
         }
@@ -1399,12 +1410,25 @@ fn listen_addr(a: Option<&Address>, at: &str) -> Result<ListenAddr> {
 enum ChainKind {
     /// HTTP, routed by the RDS route table of this name.
     Rds(String),
-    /// HTTP, with an inline route table sending everything to this cluster.
-    Inline(String),
-    Tcp(String),
+    /// HTTP, with an inline route table sending everything to this cluster, behind these
+    /// RBAC filters.
+    Inline(String, Authz),
+    /// TCP to this cluster, behind these RBAC filters.
+    Tcp(String, Authz),
 }
 
-/// A filter chain's one network filter. Its `filter_chain_match` is for the caller to check.
+/// Authorization runs on inbound chains only: the app's own requests are not checked.
+fn no_authz(kind: ChainKind) -> Result<ChainKind> {
+    match &kind {
+        ChainKind::Inline(_, a) | ChainKind::Tcp(_, a) if !a.is_empty() => {
+            Err("RBAC filters are only supported on virtualInbound's chains".into())
+        }
+        _ => Ok(kind),
+    }
+}
+
+/// A filter chain's network filters: RBAC filters, then one terminal filter (HTTP connection
+/// manager or TCP proxy). Its `filter_chain_match` is for the caller to check.
 fn chain_kind(chain: &FilterChain) -> Result<ChainKind> {
     let prefix = |e: String| format!("filter chain {:?}: {e}", chain.name);
     // The chain's name is a label (`config_dump`, stats).
@@ -1415,21 +1439,184 @@ fn chain_kind(chain: &FilterChain) -> Result<ChainKind> {
         &["name", "filters", "filter_chain_match", "transport_socket"],
     )
     .map_err(prefix)?;
-    let [f] = chain.filters.as_slice() else {
+    let Some((last, before)) = chain.filters.split_last() else {
         return Err(format!(
-            "filter chain {:?} must have exactly one typed network filter",
+            "filter chain {:?} must end with one typed network filter",
             chain.name
         ));
     };
+    let mut network_rbac = Vec::new();
+    for (i, f) in before.iter().enumerate() {
+        let at = format!("filters[{i}]");
+        only(f, &at, &["name", "config_type"]).map_err(prefix)?;
+        let Some(filter::ConfigType::TypedConfig(any)) = &f.config_type else {
+            return Err(prefix(format!("{at}: a typed config is required")));
+        };
+        let r: NetworkRbac = typed(any, &at).map_err(prefix)?;
+        // `stat_prefix` names stats.
+        only(&r, &at, &["rules", "stat_prefix"]).map_err(prefix)?;
+        network_rbac.push(rbac(r.rules.as_ref(), &path(&at, "rules")).map_err(prefix)?);
+    }
     // The filter's name is a label: its typed config's type says what it is.
-    only(f, "filters", &["name", "config_type"]).map_err(prefix)?;
-    let Some(filter::ConfigType::TypedConfig(any)) = &f.config_type else {
+    only(last, "filters", &["name", "config_type"]).map_err(prefix)?;
+    let Some(filter::ConfigType::TypedConfig(any)) = &last.config_type else {
         return Err(format!(
-            "filter chain {:?} must have exactly one typed network filter",
+            "filter chain {:?} must end with one typed network filter",
             chain.name
         ));
     };
-    network_filter(&f.name, any)
+    match network_filter(&last.name, any)? {
+        ChainKind::Tcp(cluster, _) => Ok(ChainKind::Tcp(
+            cluster,
+            Authz {
+                filters: network_rbac,
+            },
+        )),
+        _ if !network_rbac.is_empty() => Err(prefix(
+            "network RBAC before an HTTP connection manager is not supported (HTTP chains \
+             take envoy.filters.http.rbac)"
+                .into(),
+        )),
+        other => Ok(other),
+    }
+}
+
+/// An RBAC filter's rules.
+fn rbac(rules: Option<&EnvoyRbac>, at: &str) -> Result<authz::Rbac> {
+    let Some(r) = rules else {
+        return Err(format!(
+            "{at}: rules are required (shadow rules and matchers are not supported)"
+        ));
+    };
+    only(r, at, &["action", "policies"])?;
+    let action = match envoy_rbac::Action::try_from(r.action) {
+        Ok(envoy_rbac::Action::Allow) => authz::Action::Allow,
+        Ok(envoy_rbac::Action::Deny) => authz::Action::Deny,
+        Ok(envoy_rbac::Action::Log) => authz::Action::Log,
+        Err(_) => return Err(unsupported_value(&path(at, "action"), r.action)),
+    };
+    let mut names: Vec<&String> = r.policies.keys().collect();
+    names.sort();
+    let mut policies = Vec::new();
+    for name in names {
+        let p = &r.policies[name];
+        let at = format!("{at}.policies[{name:?}]");
+        only(p, &at, &["permissions", "principals"])?;
+        let perms = p
+            .permissions
+            .iter()
+            .map(|x| permission(x, &path(&at, "permissions")))
+            .collect::<Result<Vec<_>>>()?;
+        let princs = p
+            .principals
+            .iter()
+            .map(|x| principal(x, &path(&at, "principals")))
+            .collect::<Result<Vec<_>>>()?;
+        policies.push((
+            name.clone(),
+            authz::Permission::Or(perms),
+            authz::Principal::Or(princs),
+        ));
+    }
+    Ok(authz::Rbac { action, policies })
+}
+
+fn permission(p: &Permission, at: &str) -> Result<authz::Permission> {
+    use authz::Permission as P;
+    only(p, at, &["rule"])?;
+    let all = |v: &[Permission]| {
+        v.iter()
+            .map(|x| permission(x, at))
+            .collect::<Result<Vec<_>>>()
+    };
+    Ok(match &p.rule {
+        Some(permission::Rule::AndRules(set)) => P::And(all(&set.rules)?),
+        Some(permission::Rule::OrRules(set)) => P::Or(all(&set.rules)?),
+        Some(permission::Rule::Any(true)) => P::Any,
+        Some(permission::Rule::NotRule(inner)) => P::Not(Box::new(permission(inner, at)?)),
+        Some(permission::Rule::Header(h)) => {
+            P::Http(authz::Leaf::request(header_conditions(h.clone())?)?)
+        }
+        Some(permission::Rule::UrlPath(pm)) => P::Http(url_path(pm, at)?),
+        Some(permission::Rule::DestinationPort(port)) => {
+            P::DestinationPort(u16::try_from(*port).map_err(|_| unsupported_value(at, port))?)
+        }
+        Some(permission::Rule::DestinationIp(c)) => P::DestinationIp(cidr(c, at)?),
+        Some(permission::Rule::RequestedServerName(sm)) => {
+            P::ServerName(authz::Leaf::value(string_match(sm.clone(), at)?)?)
+        }
+        Some(other) => return Err(unsupported(&path(at, &variant(other)))),
+        None => return Err(format!("{at}: a rule is required")),
+    })
+}
+
+#[allow(deprecated)] // `source_ip`, which Envoy still reads as the direct peer's address
+fn principal(p: &Principal, at: &str) -> Result<authz::Principal> {
+    use authz::Principal as P;
+    only(p, at, &["identifier"])?;
+    let all = |v: &[Principal]| {
+        v.iter()
+            .map(|x| principal(x, at))
+            .collect::<Result<Vec<_>>>()
+    };
+    Ok(match &p.identifier {
+        Some(principal::Identifier::AndIds(set)) => P::And(all(&set.ids)?),
+        Some(principal::Identifier::OrIds(set)) => P::Or(all(&set.ids)?),
+        Some(principal::Identifier::Any(true)) => P::Any,
+        Some(principal::Identifier::NotId(inner)) => P::Not(Box::new(principal(inner, at)?)),
+        Some(principal::Identifier::Authenticated(a)) => {
+            only(a, &path(at, "authenticated"), &["principal_name"])?;
+            P::Authenticated(
+                a.principal_name
+                    .clone()
+                    .map(|sm| string_match(sm, at).and_then(authz::Leaf::value))
+                    .transpose()?,
+            )
+        }
+        Some(principal::Identifier::DirectRemoteIp(c) | principal::Identifier::SourceIp(c)) => {
+            P::DirectRemoteIp(cidr(c, at)?)
+        }
+        Some(principal::Identifier::RemoteIp(c)) => P::RemoteIp(cidr(c, at)?),
+        Some(principal::Identifier::Header(h)) => {
+            P::Http(authz::Leaf::request(header_conditions(h.clone())?)?)
+        }
+        Some(principal::Identifier::UrlPath(pm)) => P::Http(url_path(pm, at)?),
+        Some(other) => return Err(unsupported(&path(at, &variant(other)))),
+        None => return Err(format!("{at}: an identifier is required")),
+    })
+}
+
+fn url_path(
+    pm: &envoy_types::pb::envoy::r#type::matcher::v3::PathMatcher,
+    at: &str,
+) -> Result<authz::Leaf> {
+    use envoy_types::pb::envoy::r#type::matcher::v3::path_matcher;
+    only(pm, at, &["rule"])?;
+    let Some(path_matcher::Rule::Path(sm)) = &pm.rule else {
+        return Err(format!("{at}: url_path needs a path"));
+    };
+    authz::Leaf::request(vec![Condition {
+        attr: Attr::Path,
+        test: Test::Matches(string_match(sm.clone(), at)?),
+        invert: false,
+    }])
+}
+
+fn cidr(c: &envoy_types::pb::envoy::config::core::v3::CidrRange, at: &str) -> Result<authz::Cidr> {
+    only(c, at, &["address_prefix", "prefix_len"])?;
+    let addr: IpAddr = c
+        .address_prefix
+        .parse()
+        .map_err(|_| format!("{at}: bad address {:?}", c.address_prefix))?;
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    let len = c.prefix_len.as_ref().map_or(0, |l| l.value);
+    if len > max {
+        return Err(format!("{at}: prefix length {len} is too long for {addr}"));
+    }
+    Ok(authz::Cidr {
+        addr,
+        len: len as u8,
+    })
 }
 
 fn network_filter(name: &str, any: &Any) -> Result<ChainKind> {
@@ -1443,7 +1630,9 @@ fn network_filter(name: &str, any: &Any) -> Result<ChainKind> {
             // `stat_prefix` names stats.
             only(&t, "", &["stat_prefix", "cluster_specifier"]).map_err(prefix)?;
             match t.cluster_specifier {
-                Some(tcp_proxy::ClusterSpecifier::Cluster(c)) => Ok(ChainKind::Tcp(c)),
+                Some(tcp_proxy::ClusterSpecifier::Cluster(c)) => {
+                    Ok(ChainKind::Tcp(c, Authz::default()))
+                }
                 Some(other) => Err(prefix(unsupported(&variant(&other)))),
                 None => Err(prefix("a TCP proxy needs a cluster".into())),
             }
@@ -1460,27 +1649,52 @@ fn http_connection_manager(h: HttpConnectionManager) -> Result<ChainKind> {
     // timeouts, `use_remote_address`, path normalization and the rest, none of which the
     // control plane sends.
     only(&h, "", &["stat_prefix", "http_filters", "route_specifier"])?;
-    // The fault filter, then the router, which must come last: the order the proxy runs them.
+    // RBAC filters, the fault filter, then the router, which must come last: the order the
+    // proxy runs them.
     match h.http_filters.as_slice() {
         [.., last] if last.name == ROUTER => {}
         _ => return Err("the last HTTP filter must be the router".into()),
     }
+    let mut rbac_filters = Vec::new();
+    let mut past_rbac = false;
     for (i, f) in h.http_filters.iter().enumerate() {
         match f.name.as_str() {
+            HTTP_RBAC if !past_rbac => {
+                let at = format!("http_filters[{i}]");
+                only(f, &at, &["name", "config_type"])?;
+                let Some(http_filter::ConfigType::TypedConfig(any)) = &f.config_type else {
+                    return Err(format!("{at}: a typed config is required"));
+                };
+                let r: HttpRbac = typed(any, &at)?;
+                // `rules_stat_prefix` names stats.
+                only(&r, &at, &["rules", "rules_stat_prefix"])?;
+                rbac_filters.push(rbac(r.rules.as_ref(), &path(&at, "rules"))?);
+            }
             ROUTER if i + 1 == h.http_filters.len() => http_filter::<Router>(f)?,
-            FAULT if i == 0 => http_filter::<HttpFault>(f)?,
+            FAULT if !past_rbac || i == rbac_filters.len() => {
+                past_rbac = true;
+                http_filter::<HttpFault>(f)?;
+            }
             other => return Err(format!("HTTP filter {other:?} is not supported here")),
         }
     }
+    let authz = Authz {
+        filters: rbac_filters,
+    };
     match h.route_specifier {
         Some(RouteSpecifier::Rds(rds)) => {
             only(&rds, "rds", &["config_source", "route_config_name"])?;
             if let Some(cs) = &rds.config_source {
                 ads_source(cs, "rds.config_source")?;
             }
+            if !authz.is_empty() {
+                return Err("RBAC filters are only supported on virtualInbound's chains".into());
+            }
             Ok(ChainKind::Rds(rds.route_config_name))
         }
-        Some(RouteSpecifier::RouteConfig(rc)) => Ok(ChainKind::Inline(inline_catch_all(rc)?)),
+        Some(RouteSpecifier::RouteConfig(rc)) => {
+            Ok(ChainKind::Inline(inline_catch_all(rc)?, authz))
+        }
         Some(other) => Err(unsupported(&variant(&other))),
         None => Err("an HTTP connection manager needs routes".into()),
     }

@@ -739,6 +739,24 @@ pub fn grpc_local_reply(resp: Response<Body>) -> Response<Body> {
     r
 }
 
+/// A gRPC request's denial: trailers-only, `grpc-status` PERMISSION_DENIED (7), the denied
+/// reply's body as the message, as Envoy's local replies to gRPC requests do.
+pub fn grpc_permission_denied(resp: Response<Body>) -> Response<Body> {
+    let mut r = Response::new(full(""));
+    let h = r.headers_mut();
+    h.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/grpc"),
+    );
+    h.insert(GRPC_STATUS, http::HeaderValue::from(7u16));
+    h.insert(
+        GRPC_MESSAGE,
+        http::HeaderValue::from_static("RBAC: access denied"),
+    );
+    drop(resp);
+    r
+}
+
 /// The request body size when known up front (`content-length` or an exact size hint).
 pub fn request_size(parts: &http::request::Parts, body: &impl hyper::body::Body) -> u64 {
     parts

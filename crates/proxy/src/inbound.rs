@@ -49,7 +49,14 @@ struct Caller {
     tls: bool,
     /// The verified SPIFFE ID of a mutual-TLS client.
     principal: Option<Arc<str>>,
+    /// The SNI a TLS client sent.
+    sni: Option<Arc<str>>,
+    /// The workload address and port the connection came to (`destination.*` in policies).
+    destination: SocketAddr,
 }
+
+/// Denied requests get this, as from Envoy's RBAC filter.
+const DENIED: &str = "RBAC: access denied";
 
 impl Inbound {
     async fn handle(
@@ -64,17 +71,51 @@ impl Inbound {
         } else {
             &cfg.inbound
         };
-        let (http2, cluster) = match chains.get(&self.port) {
-            Some(Chain::Http { cluster }) => (
+        let (http2, cluster, authz) = match chains.get(&self.port) {
+            Some(Chain::Http { cluster, authz }) => (
                 cfg.clusters.get(&**cluster).is_some_and(|c| c.http2),
                 cluster.clone(),
+                Some(authz),
             ),
-            _ => (false, Arc::from("")),
+            _ => (false, Arc::from(""), None),
         };
         let (mut parts, body) = req.into_parts();
         let request = self
             .telemetry
             .begin(&parts, h::request_size(&parts, &body), peer);
+        let allowed = authz.is_none_or(|a| {
+            a.is_empty() || {
+                let authority = parts
+                    .uri
+                    .authority()
+                    .map(http::uri::Authority::as_str)
+                    .or_else(|| parts.headers.get(http::header::HOST)?.to_str().ok())
+                    .unwrap_or("");
+                let view = h::View {
+                    parts: &parts,
+                    authority,
+                };
+                self.authorize(a, Some(&view), peer, caller)
+            }
+        });
+        if !allowed {
+            let mut resp = Response::new(h::full(DENIED));
+            *resp.status_mut() = http::StatusCode::FORBIDDEN;
+            if h::is_grpc(&parts) {
+                resp = h::grpc_permission_denied(resp);
+            }
+            let telemetry = self.telemetry.clone();
+            let principal = caller.principal.clone();
+            return h::observed(resp, move |out| {
+                telemetry.end(
+                    request,
+                    Reporter::Destination,
+                    &cluster,
+                    out,
+                    principal.as_deref(),
+                );
+            });
+        }
         let upgrade = h::take_upgrade(&mut parts);
         let grpc = h::is_grpc(&parts);
         let resp = match self
@@ -102,9 +143,37 @@ impl Inbound {
         })
     }
 
+    /// Runs the chain's RBAC filters; counts denials and audits.
+    fn authorize<R: hypha_matcher::Request>(
+        &self,
+        authz: &crate::authz::Authz,
+        http: Option<&R>,
+        peer: SocketAddr,
+        caller: &Caller,
+    ) -> bool {
+        let d = authz.check(&crate::authz::Ctx {
+            http,
+            source: peer,
+            destination: caller.destination,
+            principal: caller.principal.as_deref(),
+            sni: caller.sni.as_deref(),
+        });
+        let metrics = &self.telemetry.metrics;
+        if d.audited {
+            metrics.rbac_audited();
+        }
+        if !d.allowed {
+            metrics.rbac_denied(http.is_some());
+            debug!(%peer, principal = ?caller.principal, "denied by authorization policy");
+        }
+        d.allowed
+    }
+
     /// One accepted connection: TLS or plaintext, then HTTP or TCP by the port's chain.
     async fn connection(self: Arc<Self>, stream: TcpStream, peer: SocketAddr, drain: h::Drain) {
         let cfg = self.config.load_full();
+        let local = stream.local_addr().map_or(peer, |a| a);
+        let destination = SocketAddr::new(local.ip(), self.port);
         let has_tls = cfg.inbound_tls.contains_key(&self.port);
         let tls = has_tls && {
             let mut first = [0u8; 1];
@@ -119,6 +188,8 @@ impl Inbound {
                     let caller = Caller {
                         tls: false,
                         principal: None,
+                        sni: None,
+                        destination,
                     };
                     h::serve_connection(stream, peer, drain, move |req, peer| {
                         let (i, caller) = (self.clone(), caller.clone());
@@ -130,8 +201,20 @@ impl Inbound {
                     debug!(%peer, port = self.port, "plaintext refused: the port requires mutual TLS");
                     self.telemetry.metrics.plaintext_refused();
                 }
-                // A TCP chain, or no chain: the bytes go to the app.
-                _ => self.to_app(stream, peer, &drain).await,
+                Some(Chain::Tcp { authz, .. }) => {
+                    let caller = Caller {
+                        tls: false,
+                        principal: None,
+                        sni: None,
+                        destination,
+                    };
+                    let allowed = self.authorize_tcp(authz, peer, &caller);
+                    if allowed {
+                        self.to_app(stream, peer, &drain).await;
+                    }
+                }
+                // No chain: the bytes go to the app.
+                None => self.to_app(stream, peer, &drain).await,
             }
             return;
         }
@@ -156,6 +239,11 @@ impl Inbound {
         let caller = Caller {
             tls: true,
             principal: hypha_identity::tls::peer_id(stream.ssl()).map(Arc::from),
+            sni: stream
+                .ssl()
+                .servername(boring::ssl::NameType::HOST_NAME)
+                .map(Arc::from),
+            destination,
         };
         let h2 = stream.ssl().selected_alpn_protocol() == Some(b"h2".as_slice());
         match cfg.inbound_tls.get(&self.port) {
@@ -166,8 +254,23 @@ impl Inbound {
                 })
                 .await;
             }
-            _ => self.to_app(stream, peer, &drain).await,
+            Some(Chain::Tcp { authz, .. }) if self.authorize_tcp(authz, peer, &caller) => {
+                self.to_app(stream, peer, &drain).await;
+            }
+            // Denied, or no chain (the TLS chain went away meanwhile): closed.
+            _ => {}
         }
+    }
+
+    /// A TCP connection's authorization: a denied one is closed before any byte reaches the
+    /// app.
+    fn authorize_tcp(
+        &self,
+        authz: &crate::authz::Authz,
+        peer: SocketAddr,
+        caller: &Caller,
+    ) -> bool {
+        authz.is_empty() || self.authorize::<h::View<'_>>(authz, None, peer, caller)
     }
 
     /// Proxies the connection's bytes to the app.

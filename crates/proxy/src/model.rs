@@ -109,15 +109,19 @@ pub enum Outbound {
 }
 
 /// What the inbound side does with traffic for one local port.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub enum Inbound {
     /// HTTP to the local app through this cluster (`inbound|<port>||`).
     Http {
         /// Shared: every request names it in its metrics.
         cluster: Arc<str>,
+        /// Checked per request before it goes anywhere.
+        authz: Arc<crate::authz::Authz>,
     },
     Tcp {
         cluster: String,
+        /// Checked per connection.
+        authz: Arc<crate::authz::Authz>,
     },
 }
 

@@ -178,6 +178,11 @@ pub struct Metrics {
     plaintext_refused: AtomicU64,
     /// Inbound TLS handshakes that failed (no or an untrusted client certificate, ...).
     tls_refused: AtomicU64,
+    /// Requests and connections denied by authorization policy, and those an AUDIT policy
+    /// matched.
+    rbac_denied_http: AtomicU64,
+    rbac_denied_tcp: AtomicU64,
+    rbac_audited: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -191,6 +196,9 @@ impl Default for Metrics {
             tcp_received: AtomicU64::new(0),
             plaintext_refused: AtomicU64::new(0),
             tls_refused: AtomicU64::new(0),
+            rbac_denied_http: AtomicU64::new(0),
+            rbac_denied_tcp: AtomicU64::new(0),
+            rbac_audited: AtomicU64::new(0),
         }
     }
 }
@@ -250,6 +258,19 @@ impl Metrics {
         self.tls_refused.fetch_add(1, Ordering::Relaxed);
     }
 
+    pub fn rbac_denied(&self, http: bool) {
+        let c = if http {
+            &self.rbac_denied_http
+        } else {
+            &self.rbac_denied_tcp
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn rbac_audited(&self) {
+        self.rbac_audited.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();
@@ -305,6 +326,9 @@ impl Metrics {
                 "hypha_inbound_tls_handshake_errors_total",
                 &self.tls_refused,
             ),
+            ("hypha_rbac_denied_requests_total", &self.rbac_denied_http),
+            ("hypha_rbac_denied_connections_total", &self.rbac_denied_tcp),
+            ("hypha_rbac_audited_total", &self.rbac_audited),
         ] {
             let _ = writeln!(
                 out,
