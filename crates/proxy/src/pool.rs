@@ -93,13 +93,17 @@ struct Conn {
     requests: u32,
     /// The server's verified SPIFFE ID, for a mutual-TLS connection.
     peer: Option<Arc<str>>,
+    /// The identity this side presented on it: a connection is only reused by the same
+    /// workload (several proxies can share a process, as in tests).
+    local: Option<Arc<str>>,
 }
 
 /// Plaintext and mutual-TLS connections to one address are pooled apart.
 type Key = (SocketAddr, bool);
 
-/// A multiplexed HTTP/2 connection and its server's verified identity.
-type H2Conn = (http2::SendRequest<Body>, Arc<str>);
+/// A multiplexed HTTP/2 connection, its server's verified identity and the identity this
+/// side presented.
+type H2Conn = (http2::SendRequest<Body>, Arc<str>, Arc<str>);
 
 /// An idle connection and when it stops being reusable.
 type Idle = (Conn, Instant);
@@ -167,9 +171,11 @@ fn take_idle(addr: SocketAddr, tls: Option<&Tls>) -> Option<Conn> {
         let list = idle.get_mut(&(addr, tls.is_some()))?;
         let now = Instant::now();
         list.retain(|(c, until)| !c.sender.is_closed() && now < *until);
-        let allowed = |c: &Conn| match (tls, &c.peer) {
-            (Some(t), Some(id)) => t.peer.allows(id),
-            (None, None) => true,
+        let allowed = |c: &Conn| match (tls, &c.peer, &c.local) {
+            (Some(t), Some(id), Some(local)) => {
+                t.peer.allows(id) && **local == *t.credentials.identity.id()
+            }
+            (None, None, _) => true,
             _ => false,
         };
         let i = list
@@ -205,6 +211,7 @@ async fn connect(addr: SocketAddr, timeout: Duration, tls: Option<&Tls>) -> Resu
             driver: Some(Box::pin(conn.with_upgrades())),
             requests: 0,
             peer: None,
+            local: None,
         });
     };
     let (stream, peer) = handshake(addr, stream, tls).await?;
@@ -217,6 +224,7 @@ async fn connect(addr: SocketAddr, timeout: Duration, tls: Option<&Tls>) -> Resu
         driver: Some(Box::pin(conn.with_upgrades())),
         requests: 0,
         peer: Some(peer),
+        local: Some(tls.credentials.identity.id().into()),
     })
 }
 
@@ -302,8 +310,10 @@ pub async fn send_h2(
     let cached = H2.with(|h2| {
         let h2 = h2.borrow();
         h2.get(&addr)
-            .filter(|(s, id)| !s.is_closed() && tls.peer.allows(id))
-            .map(|(s, _)| s.clone())
+            .filter(|(s, id, local)| {
+                !s.is_closed() && tls.peer.allows(id) && **local == *tls.credentials.identity.id()
+            })
+            .map(|(s, ..)| s.clone())
     });
     let mut sender = match cached {
         Some(s) => s,
@@ -321,7 +331,8 @@ pub async fn send_h2(
                     tracing::debug!(%addr, error = %e, "upstream HTTP/2 connection ended");
                 }
             });
-            H2.with(|h2| h2.borrow_mut().insert(addr, (sender.clone(), peer)));
+            let local = tls.credentials.identity.id().into();
+            H2.with(|h2| h2.borrow_mut().insert(addr, (sender.clone(), peer, local)));
             sender
         }
     };

@@ -500,3 +500,52 @@ async fn tenants_do_not_trust_each_other_until_the_mesh_config_shares_their_root
         );
     }
 }
+
+#[tokio::test]
+async fn authorization_policy_denies_with_403_and_counts_it() {
+    let policy = "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n\
+                  metadata: {name: web-from-client, namespace: shop}\nspec:\n  \
+                  selector: {matchLabels: {app: web}}\n  action: ALLOW\n  rules:\n  \
+                  - from:\n    - source: {principals: [cluster.local/ns/shop/sa/client]}\n";
+    let yaml = |port: u16| format!("{}{policy}", web_yaml(port, "STRICT"));
+    let s = secured_on(
+        config(&yaml(1)),
+        &["shop.web", "shop.client", "shop.stranger"],
+    )
+    .await;
+    let p = pair(&s, "web", yaml).await;
+    let url = "http://web.shop.svc.cluster.local/x";
+    let (status, body, _) = get(p.client.http_proxy[0], url, &[]).await;
+    assert_eq!((status, body.as_str()), (200, "web /x -"));
+
+    // Another workload of the same namespace, over mutual TLS too: not allowed.
+    let mut stranger = hypha_proxy::start(sidecar(&s, "shop", "stranger", "stranger-secret"))
+        .await
+        .unwrap();
+    tokio::time::timeout(WAIT, stranger.ready.wait_for(|r| *r))
+        .await
+        .unwrap()
+        .unwrap();
+    let (status, body, _) = get(stranger.http_proxy[0], url, &[]).await;
+    assert_eq!((status, body.as_str()), (403, "RBAC: access denied"));
+    assert_eq!(p.hits.load(std::sync::atomic::Ordering::Relaxed), 1);
+
+    let (_, metrics) = admin(p.server.admin.unwrap(), "/metrics").await;
+    assert!(
+        metrics.contains("hypha_rbac_denied_requests_total 1"),
+        "{metrics}"
+    );
+    let denied = sample(
+        &metrics,
+        "istio_requests_total",
+        &[
+            ("reporter", "destination"),
+            ("response_code", "403"),
+            (
+                "source_principal",
+                "spiffe://cluster.local/ns/shop/sa/stranger",
+            ),
+        ],
+    );
+    assert_eq!(denied, Some(1.0), "{metrics}");
+}
