@@ -451,6 +451,7 @@ impl AccessLog {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     pub fn write(
         &self,
         e: &AccessEntry,
@@ -459,6 +460,7 @@ impl AccessLog {
         code: u16,
         flags: &str,
         o: &Observation,
+        peer: Option<&str>,
     ) {
         let start = e
             .start
@@ -480,6 +482,8 @@ impl AccessLog {
             "x_request_id": e.request_id,
             "user_agent": e.user_agent,
             "downstream_remote_address": e.peer.to_string(),
+            // The caller's verified SPIFFE ID (inbound, over mutual TLS).
+            "downstream_peer_principal": peer,
         })
         .to_string();
         if self.tx.try_send(line).is_err() {
@@ -532,7 +536,7 @@ impl Telemetry {
         };
         self.observe(reporter, cluster, out.code, out.flags, &o, peer);
         if let (Some(log), Some(entry)) = (&self.access_log, r.entry) {
-            log.write(&entry, reporter, cluster, out.code, out.flags, &o);
+            log.write(&entry, reporter, cluster, out.code, out.flags, &o, peer);
         }
     }
 

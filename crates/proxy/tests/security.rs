@@ -29,6 +29,8 @@ struct Secured {
     uri: String,
     data: tempfile::TempDir,
     cp: ControlPlane,
+    /// Certificate validity the sidecars ask for.
+    validity: Duration,
 }
 
 fn write_token(dir: &Path, name: &str, token: &str) -> PathBuf {
@@ -61,7 +63,12 @@ async fn secured_on(cfg: hypha_config::Config, accounts: &[&str]) -> Secured {
     let uri = format!("https://{}", listener.local_addr().unwrap());
     let serving = cp.clone();
     tokio::spawn(async move { secure.serve(&serving, listener).await });
-    Secured { uri, data, cp }
+    Secured {
+        uri,
+        data,
+        cp,
+        validity: Duration::from_secs(3600),
+    }
 }
 
 impl Secured {
@@ -75,7 +82,7 @@ impl Secured {
             join_token: Some(write_token(self.data.path(), "presented.token", token)),
             trust_domain: TD.into(),
             key_kind: KeyKind::EcdsaP256,
-            validity: Duration::from_secs(3600),
+            validity: self.validity,
         }
     }
 }
@@ -299,6 +306,7 @@ async fn pair_from(
         inbound: vec!["127.0.0.1:0".parse().unwrap()],
         app: Some(web.addr),
         admin: Some("127.0.0.1:0".parse().unwrap()),
+        access_log: Some(s.data.path().join("web.access.log")),
         ..sidecar(s, "shop", server_sa, &format!("{server_sa}-secret"))
     })
     .await
@@ -548,4 +556,97 @@ async fn authorization_policy_denies_with_403_and_counts_it() {
         ],
     );
     assert_eq!(denied, Some(1.0), "{metrics}");
+
+    // The access log names each caller by its verified identity.
+    let log = s.data.path().join("web.access.log");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let lines = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.lines().count() >= 2 {
+            break text;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{text}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let entries: Vec<serde_json::Value> = lines
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let who = |code: u64| {
+        entries
+            .iter()
+            .find(|e| e["response_code"] == code)
+            .map(|e| e["downstream_peer_principal"].clone())
+    };
+    assert_eq!(
+        who(200),
+        Some("spiffe://cluster.local/ns/shop/sa/client".into())
+    );
+    assert_eq!(
+        who(403),
+        Some("spiffe://cluster.local/ns/shop/sa/stranger".into())
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_second_certificates_rotate_under_load_without_losing_a_request() {
+    let mut s = secured_on(config(&web_yaml(1, "STRICT")), &["shop.web", "shop.client"]).await;
+    s.validity = Duration::from_secs(10);
+    let p = pair(&s, "web", |port| web_yaml(port, "STRICT")).await;
+    let serial = |r: &hypha_proxy::Running| {
+        let c = r.identity.as_ref().unwrap().load();
+        c.identity.chain()[0]
+            .serial_number()
+            .to_bn()
+            .unwrap()
+            .to_hex_str()
+            .unwrap()
+            .to_string()
+    };
+    let proxy = p.client.http_proxy[0];
+    let until = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut serials = (vec![serial(&p.server)], vec![serial(&p.client)]);
+    let mut load = tokio::task::JoinSet::new();
+    for worker in 0..4 {
+        load.spawn(async move {
+            let (mut ok, mut failed) = (0u32, Vec::new());
+            while tokio::time::Instant::now() < until {
+                let url = format!("http://web.shop.svc.cluster.local/w{worker}");
+                let (status, body, _) = get(proxy, &url, &[]).await;
+                if status == 200 && body == format!("web /w{worker} -") {
+                    ok += 1;
+                } else {
+                    failed.push((status, body));
+                }
+            }
+            (ok, failed)
+        });
+    }
+    while tokio::time::Instant::now() < until {
+        for (list, r) in [(&mut serials.0, &p.server), (&mut serials.1, &p.client)] {
+            let now = serial(r);
+            if list.last() != Some(&now) {
+                list.push(now);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut total = 0;
+    while let Some(r) = load.join_next().await {
+        let (ok, failed) = r.unwrap();
+        assert!(failed.is_empty(), "lost requests: {failed:?}");
+        total += ok;
+    }
+    assert!(total > 100, "only {total} requests in 30 s");
+    // Renewed at half life: about every 5 s, so at least four times each in 30 s.
+    assert!(
+        serials.0.len() >= 5,
+        "server rotated {} times",
+        serials.0.len() - 1
+    );
+    assert!(
+        serials.1.len() >= 5,
+        "client rotated {} times",
+        serials.1.len() - 1
+    );
 }
