@@ -105,7 +105,7 @@ pub async fn run(opts: Options) -> Result<Summary, DemoError> {
     let _ = std::fs::remove_dir_all(&dir);
     say(&format!(
         "hypha demo: bookinfo as {} processes on loopback; config and logs in {}",
-        topology::WORKLOADS.len() * 2 + 2,
+        topology::WORKLOADS.len() * 2 + 3, // the apps and their sidecars, control, two clients
         dir.display()
     ));
     let work = async {

@@ -15,7 +15,9 @@ use tokio::net::TcpStream;
 
 use crate::client::{self, ProxyClient};
 use crate::process::Proc;
-use crate::topology::{host, Plan, Planned, CLIENT, NAMESPACE, SERVICE_PORT};
+use crate::topology::{
+    host, Plan, Planned, CLIENT, GUEST, GUEST_NAMESPACE, NAMESPACE, SERVICE_PORT,
+};
 use crate::{config, DemoError, Progress};
 
 /// How long a process may take to be ready (debug builds on a busy machine included).
@@ -32,6 +34,7 @@ pub struct Mesh {
     pub dir: PathBuf,
     // Dropped (killed) in this order: traffic first, control plane last.
     client: Option<Proc>,
+    guest: Option<Proc>,
     workloads: Vec<(Proc, Proc)>,
     control: Option<Proc>,
 }
@@ -55,9 +58,9 @@ impl Mesh {
         self.dir.join("tokens")
     }
 
-    fn token(&self, service_account: &str) -> PathBuf {
+    fn token(&self, namespace: &str, service_account: &str) -> PathBuf {
         self.token_dir()
-            .join(format!("{NAMESPACE}.{service_account}.token"))
+            .join(format!("{namespace}.{service_account}.token"))
     }
 
     /// Writes a random join token (0600) for every service account of the mesh: what an
@@ -69,23 +72,24 @@ impl Mesh {
         std::fs::create_dir_all(&dir).map_err(|e| DemoError::Io(dir.clone(), e))?;
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
             .map_err(|e| DemoError::Io(dir.clone(), e))?;
-        let mut accounts: Vec<&str> = self
+        let mut accounts: Vec<(&str, &str)> = self
             .plan
             .workloads
             .iter()
-            .map(|w| w.workload.service_account)
+            .map(|w| (NAMESPACE, w.workload.service_account))
             .collect();
-        accounts.push(CLIENT_SERVICE_ACCOUNT);
+        accounts.push((NAMESPACE, CLIENT_SERVICE_ACCOUNT));
+        accounts.push((GUEST_NAMESPACE, CLIENT_SERVICE_ACCOUNT));
         accounts.sort_unstable();
         accounts.dedup();
-        for sa in accounts {
+        for (ns, sa) in accounts {
             let mut raw = [0u8; 24];
             let urandom = Path::new("/dev/urandom");
             std::fs::File::open(urandom)
                 .and_then(|mut f| f.read_exact(&mut raw))
                 .map_err(|e| DemoError::Io(urandom.into(), e))?;
             let token: String = raw.iter().map(|b| format!("{b:02x}")).collect();
-            let path = self.token(sa);
+            let path = self.token(ns, sa);
             std::fs::OpenOptions::new()
                 .write(true)
                 .create_new(true)
@@ -99,14 +103,14 @@ impl Mesh {
 
     /// The flags that give a sidecar its identity: the CA's root, its join token, TLS to
     /// the control plane.
-    fn identity_args(&self, service_account: &str) -> Vec<String> {
+    fn identity_args(&self, namespace: &str, service_account: &str) -> Vec<String> {
         vec![
             "--control-plane".into(),
             self.control_url(),
             "--ca-root".into(),
             self.ca_dir().join("root-cert.pem").display().to_string(),
             "--join-token".into(),
-            self.token(service_account).display().to_string(),
+            self.token(namespace, service_account).display().to_string(),
             "--service-account".into(),
             service_account.into(),
         ]
@@ -121,6 +125,7 @@ impl Mesh {
             .map(|w| (w.workload.name.to_owned(), w.ports.admin))
             .collect();
         out.push((CLIENT.to_owned(), self.plan.client_admin));
+        out.push((GUEST.to_owned(), self.plan.guest_admin));
         out
     }
 
@@ -131,6 +136,7 @@ impl Mesh {
             plan,
             dir,
             client: None,
+            guest: None,
             workloads: Vec::new(),
             control: None,
         };
@@ -227,7 +233,7 @@ impl Mesh {
             w.ports.app
         ));
         let mut args: Vec<String> = vec!["proxy".into()];
-        args.extend(self.identity_args(w.workload.service_account));
+        args.extend(self.identity_args(NAMESPACE, w.workload.service_account));
         args.extend([
             "--namespace".into(),
             NAMESPACE.into(),
@@ -312,51 +318,100 @@ impl Mesh {
         Ok(())
     }
 
+    /// The traffic client's sidecar, then the guest's (another tenant).
     async fn start_client(&mut self, exe: &Path, say: &Progress) -> Result<(), DemoError> {
         for attempt in 1..=ATTEMPTS {
-            let mut args: Vec<String> = vec!["proxy".into()];
-            args.extend(self.identity_args(CLIENT_SERVICE_ACCOUNT));
-            args.extend([
-                "--namespace".into(),
-                NAMESPACE.into(),
-                "--workload".into(),
-                CLIENT.into(),
-                "--label".into(),
-                format!("app={CLIENT}"),
-                "--label".into(),
-                "version=v1".into(),
-                "--http-proxy".into(),
-                self.plan.client_proxy.to_string(),
-                "--admin".into(),
-                self.plan.client_admin.to_string(),
-            ]);
-            let log = self.log_dir().join(format!("{CLIENT}.sidecar.log"));
-            let mut p = Proc::spawn(&format!("{CLIENT} sidecar"), exe, &args, &log)?;
-            say(&format!(
-                "started {:<21} pid {:<7} proxy {}, admin {} (the traffic goes in here)",
-                format!("{CLIENT} sidecar"),
-                p.pid(),
-                self.plan.client_proxy,
-                self.plan.client_admin
-            ));
-            let started = Instant::now();
-            let admin = self.plan.client_admin;
-            match wait(&mut [&mut p], || sidecar_ready(admin)).await {
-                Ok(()) => {
-                    say(&ready_line(&format!("{CLIENT} sidecar"), started));
-                    self.client = Some(p);
+            match self.start_clients(exe, say).await {
+                Ok((client, guest)) => {
+                    self.client = Some(client);
+                    self.guest = Some(guest);
                     return Ok(());
                 }
-                Err(_) if attempt < ATTEMPTS && p.lost_a_port() => {
+                Err((e, true)) if attempt < ATTEMPTS => {
                     say(&format!(
-                        "{CLIENT}: a port was taken meanwhile; trying others"
+                        "client sidecars: a port was taken meanwhile ({e}); trying others"
                     ));
                     self.plan.reallocate_client().map_err(DemoError::Ports)?;
                 }
-                Err(e) => return Err(e),
+                Err((e, _)) => return Err(e),
             }
         }
         unreachable!("the last attempt returns")
+    }
+
+    /// Both client sidecars; an error says whether one lost a port.
+    async fn start_clients(
+        &self,
+        exe: &Path,
+        say: &Progress,
+    ) -> Result<(Proc, Proc), (DemoError, bool)> {
+        let client = self
+            .client_sidecar(
+                exe,
+                say,
+                CLIENT,
+                NAMESPACE,
+                (self.plan.client_proxy, self.plan.client_admin),
+                "the traffic goes in here",
+            )
+            .await?;
+        let guest = self
+            .client_sidecar(
+                exe,
+                say,
+                GUEST,
+                GUEST_NAMESPACE,
+                (self.plan.guest_proxy, self.plan.guest_admin),
+                "another tenant, to show what it cannot reach",
+            )
+            .await?;
+        Ok((client, guest))
+    }
+
+    async fn client_sidecar(
+        &self,
+        exe: &Path,
+        say: &Progress,
+        name: &str,
+        namespace: &str,
+        (proxy, admin): (SocketAddr, SocketAddr),
+        role: &str,
+    ) -> Result<Proc, (DemoError, bool)> {
+        let mut args: Vec<String> = vec!["proxy".into()];
+        args.extend(self.identity_args(namespace, CLIENT_SERVICE_ACCOUNT));
+        args.extend([
+            "--namespace".into(),
+            namespace.into(),
+            "--workload".into(),
+            name.into(),
+            "--label".into(),
+            format!("app={name}"),
+            "--label".into(),
+            "version=v1".into(),
+            "--http-proxy".into(),
+            proxy.to_string(),
+            "--admin".into(),
+            admin.to_string(),
+        ]);
+        let log = self.log_dir().join(format!("{name}.sidecar.log"));
+        let mut p =
+            Proc::spawn(&format!("{name} sidecar"), exe, &args, &log).map_err(|e| (e, false))?;
+        say(&format!(
+            "started {:<21} pid {:<7} proxy {proxy}, admin {admin} ({role})",
+            format!("{name} sidecar"),
+            p.pid(),
+        ));
+        let started = Instant::now();
+        match wait(&mut [&mut p], || sidecar_ready(admin)).await {
+            Ok(()) => {
+                say(&ready_line(&format!("{name} sidecar"), started));
+                Ok(p)
+            }
+            Err(e) => {
+                let lost = p.lost_a_port();
+                Err((e, lost))
+            }
+        }
     }
 
     /// The URL of a productpage path, as the client asks for it.
@@ -410,7 +465,8 @@ impl Mesh {
             .control
             .iter_mut()
             .chain(self.workloads.iter_mut().flat_map(|(a, s)| [a, s]))
-            .chain(self.client.iter_mut());
+            .chain(self.client.iter_mut())
+            .chain(self.guest.iter_mut());
         for p in all {
             if let Some(status) = p.exited() {
                 return Err(p.exit_error(status));

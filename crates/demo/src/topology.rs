@@ -17,6 +17,9 @@ pub const NAMESPACE: &str = "bookinfo";
 pub const SERVICE_PORT: u16 = 9080;
 /// The workload that drives traffic: a sidecar only, in HTTP proxy mode.
 pub const CLIENT: &str = "demo-client";
+/// A client of another tenant (namespace `guest`): its calls into bookinfo fail the handshake.
+pub const GUEST: &str = "guest-client";
+pub const GUEST_NAMESPACE: &str = "guest";
 
 /// The role a `hypha demo-app` process plays.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -230,6 +233,9 @@ pub struct Plan {
     /// The traffic client's sidecar: its HTTP proxy listener and admin.
     pub client_proxy: SocketAddr,
     pub client_admin: SocketAddr,
+    /// The guest's sidecar (namespace `guest`, another tenant): proxy and admin.
+    pub guest_proxy: SocketAddr,
+    pub guest_admin: SocketAddr,
     /// Whether `::1` works here; without it every workload is IPv4-only.
     pub ipv6: bool,
 }
@@ -253,11 +259,15 @@ impl Plan {
             .collect::<io::Result<Vec<_>>>()?;
         let client_proxy = a.v4()?;
         let client_admin = a.v4()?;
+        let guest_proxy = a.v4()?;
+        let guest_admin = a.v4()?;
         Ok(Plan {
             control,
             workloads,
             client_proxy,
             client_admin,
+            guest_proxy,
+            guest_admin,
             ipv6,
         })
     }
@@ -274,10 +284,13 @@ impl Plan {
         Ok(())
     }
 
+    /// New ports for both client sidecars (after one lost a port to another process).
     pub fn reallocate_client(&mut self) -> io::Result<()> {
         let mut a = Allocator::default();
         self.client_proxy = a.v4()?;
         self.client_admin = a.v4()?;
+        self.guest_proxy = a.v4()?;
+        self.guest_admin = a.v4()?;
         Ok(())
     }
 }

@@ -16,7 +16,7 @@ use serde_json::Value;
 use crate::client::{self, ProxyClient};
 use crate::mesh::Mesh;
 use crate::metrics::{self, Sample};
-use crate::topology::{CLIENT, NAMESPACE};
+use crate::topology::{host, CLIENT, NAMESPACE, SERVICE_PORT};
 
 /// A fault delay on ratings is 100 ms: a call that took at least this long was delayed.
 const DELAYED: f64 = 100.0;
@@ -182,6 +182,9 @@ pub struct Summary {
     /// How each serving sidecar saw its callers: (destination workload, the caller's
     /// verified SPIFFE ID, `connection_security_policy`) → requests.
     pub security: BTreeMap<(String, String, String), f64>,
+    /// What the mesh refused, by (caller, target, outcome): the guest tenant's calls into
+    /// bookinfo, and calls to ratings from anyone but reviews.
+    pub denials: BTreeMap<(String, String, String), usize>,
     /// Each sidecar's workload identity from its `/certs`: (workload, SPIFFE ID, the issuing
     /// root's name); `-` where a sidecar reported none.
     pub identities: Vec<(String, String, String)>,
@@ -321,8 +324,69 @@ pub async fn drive(mesh: &Mesh, pages: usize, concurrency: usize) -> Summary {
     };
     s.p50 = pct(0.50);
     s.p99 = pct(0.99);
-    scrape(mesh, &mut s, expected).await;
+    let denied = denials(mesh).await;
+    s.denials = denied.denials;
+    scrape(mesh, &mut s, expected + denied.from_client).await;
     s
+}
+
+/// Requests of each kind the mesh should refuse.
+const DENIALS: usize = 3;
+
+struct Denied {
+    denials: BTreeMap<(String, String, String), usize>,
+    /// Of them, sent through the demo client's sidecar (which counts them).
+    from_client: f64,
+}
+
+/// Calls the mesh config forbids: the guest tenant (namespace `guest`, which does not trust
+/// bookinfo's root, nor bookinfo its) to productpage, and the demo client straight to
+/// ratings (its AuthorizationPolicy lets only reviews call it).
+async fn denials(mesh: &Mesh) -> Denied {
+    let mut denials = BTreeMap::new();
+    let calls = [
+        (
+            crate::topology::GUEST,
+            mesh.plan.guest_proxy,
+            "productpage",
+            Mesh::productpage_url("/productpage"),
+        ),
+        (
+            crate::topology::CLIENT,
+            mesh.plan.client_proxy,
+            "ratings",
+            format!("http://{}:{SERVICE_PORT}/ratings/0", host("ratings")),
+        ),
+    ];
+    for (who, proxy, target, url) in calls {
+        let client = ProxyClient::new(proxy, Duration::from_secs(5));
+        for _ in 0..DENIALS {
+            let outcome = match client.get(&url, &HeaderMap::new()).await {
+                Ok(r) => {
+                    let flags = r
+                        .headers
+                        .get("x-hypha-response-flags")
+                        .and_then(|v| v.to_str().ok())
+                        .map_or(String::new(), |f| format!(" {f}"));
+                    let body = r.text();
+                    let body = if body.len() < 40 {
+                        format!(" \"{}\"", body.trim())
+                    } else {
+                        String::new()
+                    };
+                    format!("{}{flags}{body}", r.status.as_u16())
+                }
+                Err(e) => format!("error: {e}"),
+            };
+            *denials
+                .entry((who.to_owned(), target.to_owned(), outcome))
+                .or_default() += 1;
+        }
+    }
+    Denied {
+        denials,
+        from_client: DENIALS as f64,
+    }
 }
 
 /// The requests the client's sidecar has counted.
@@ -565,6 +629,19 @@ impl fmt::Display for Summary {
         }
         for chunk in line.chunks(4) {
             writeln!(f, "  {}", chunk.join(", "))?;
+        }
+        writeln!(f, "Refused, as the mesh config says:")?;
+        for ((who, target, outcome), n) in &self.denials {
+            let why = match target.as_str() {
+                "productpage" => {
+                    "another tenant: neither trusts the other's root, the handshake fails"
+                }
+                "ratings" => {
+                    "AuthorizationPolicy ratings-from-reviews: only reviews may call ratings"
+                }
+                _ => "",
+            };
+            writeln!(f, "  {who:<15} → {target:<12} {outcome} ×{n}   ({why})")?;
         }
         writeln!(
             f,

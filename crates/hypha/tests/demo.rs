@@ -1,6 +1,7 @@
-//! `hypha demo` end to end with the real binary: the control plane, six apps, seven sidecars as
+//! `hypha demo` end to end with the real binary: the control plane, six apps, eight sidecars as
 //! separate processes on loopback, 60 page views, and the summary checked against the bookinfo
-//! routing rules and the identities the CA issued. Also checks that no process outlives the demo.
+//! routing rules, the identities the CA issued, mutual TLS on every hop, and the refusals
+//! (another tenant, ratings' authorization policy). Also checks that no process outlives the demo.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -61,24 +62,56 @@ async fn demo_runs_bookinfo_through_the_mesh() {
     assert!(details.retries() >= details.failed_tries, "{details:?}");
     assert_eq!(details.errors, 0.0, "{details:?}");
 
-    // Every sidecar got its own identity from the bookinfo tenant's signer.
-    assert_eq!(s.identities.len(), 7, "{:?}", s.identities);
+    // Every sidecar got its own identity from its tenant's signer: bookinfo's, and the
+    // default tenant's for the guest.
+    assert_eq!(s.identities.len(), 8, "{:?}", s.identities);
     for (workload, id, root) in &s.identities {
         let app = workload.split('-').next().unwrap();
-        let want = if workload == "demo-client" {
-            "spiffe://cluster.local/ns/bookinfo/sa/default".to_owned()
-        } else {
-            format!("spiffe://cluster.local/ns/bookinfo/sa/bookinfo-{app}")
+        let (want, tenant) = match workload.as_str() {
+            "demo-client" => (
+                "spiffe://cluster.local/ns/bookinfo/sa/default".to_owned(),
+                "bookinfo",
+            ),
+            "guest-client" => (
+                "spiffe://cluster.local/ns/guest/sa/default".to_owned(),
+                "default",
+            ),
+            _ => (
+                format!("spiffe://cluster.local/ns/bookinfo/sa/bookinfo-{app}"),
+                "bookinfo",
+            ),
         };
         assert_eq!(id, &want, "{workload}");
-        assert!(root.contains("bookinfo"), "{workload}: {root}");
+        assert!(root.ends_with(tenant), "{workload}: {root}");
     }
+
+    // The mesh refused what its config forbids: the other tenant's calls (no shared root:
+    // the handshake fails) and calls to ratings from anyone but reviews (403).
+    let refused = |who: &str, target: &str| -> Vec<(String, usize)> {
+        s.denials
+            .iter()
+            .filter(|((w, t, _), _)| w == who && t == target)
+            .map(|((_, _, outcome), n)| (outcome.clone(), *n))
+            .collect()
+    };
+    assert_eq!(
+        refused("guest-client", "productpage"),
+        [("503 UF".to_owned(), 3)]
+    );
+    assert_eq!(
+        refused("demo-client", "ratings"),
+        [("403 \"RBAC: access denied\"".to_owned(), 3)]
+    );
 
     // Every hop between sidecars was mutual TLS, and each server saw its real caller.
     assert!(!s.security.is_empty());
     for ((workload, principal, policy), v) in &s.security {
         assert_eq!(policy, "mutual_tls", "{workload} ← {principal} ×{v}");
         let caller = principal.rsplit("/sa/").next().unwrap();
+        if workload == "ratings-v1" && caller == "default" {
+            assert_eq!(*v, 3.0, "only the refused direct calls");
+            continue;
+        }
         let want = match workload.split('-').next().unwrap() {
             "productpage" => "default",
             "details" | "reviews" => "bookinfo-productpage",
@@ -128,7 +161,7 @@ async fn demo_runs_bookinfo_through_the_mesh() {
                 .ok()
         })
         .collect();
-    assert_eq!(pids.len(), 14, "{lines:?}");
+    assert_eq!(pids.len(), 15, "{lines:?}");
     for pid in pids {
         assert!(
             !std::path::Path::new(&format!("/proc/{pid}")).exists(),
