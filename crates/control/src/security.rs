@@ -188,3 +188,43 @@ impl Secure {
         Ok(Credentials::new(own, ClientCert::Optional)?)
     }
 }
+
+/// `hypha ca issue`: a key and certificate for one identity from the CA in `data_dir`, written
+/// to `out` as `key.pem` (0600), `cert-chain.pem` (leaf first) and `root-cert.pem` (the
+/// identity's trust bundle): for peers that are not Hypha, which need their key in a file.
+pub fn issue_files(
+    mesh: &MeshConfig,
+    data_dir: &Path,
+    caller: &Caller,
+    validity: Duration,
+    out: &Path,
+) -> Result<String, SecurityError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let ca = Ca::from_mesh(mesh, data_dir)?;
+    let tenant = ca
+        .tenant_of(&caller.namespace)
+        .ok_or_else(|| hypha_ca::CaError::NoTenant(caller.namespace.clone()))?;
+    let bundle = ca.trust_bundle(&tenant.name)?;
+    let id = issue_local(&ca, caller, validity, &bundle)?;
+    std::fs::create_dir_all(out).map_err(|e| SecurityError::Write(out.to_path_buf(), e))?;
+    let write = |name: &str, bytes: &[u8], mode: u32| {
+        let path = out.join(name);
+        let _ = std::fs::remove_file(&path);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&path)
+            .and_then(|mut f| f.write_all(bytes))
+            .map_err(|e| SecurityError::Write(path, e))
+    };
+    let mut chain = Vec::new();
+    for c in id.chain() {
+        chain.extend(c.to_pem().map_err(hypha_ca::CaError::from)?);
+    }
+    write("key.pem", &id.private_key_pem()?, 0o600)?;
+    write("cert-chain.pem", &chain, 0o644)?;
+    write("root-cert.pem", bundle.concat().as_bytes(), 0o644)?;
+    Ok(id.id().to_owned())
+}

@@ -48,6 +48,9 @@ enum Command {
         #[arg(long)]
         join_tokens: Option<PathBuf>,
     },
+    /// The mesh CA, offline.
+    #[command(subcommand)]
+    Ca(CaCommand),
     /// Run a sidecar proxy: delta ADS from the control plane, the app's outbound traffic
     /// (HTTP proxy mode or a local port per service port), and inbound traffic to the app.
     Proxy(Box<ProxyArgs>),
@@ -76,6 +79,29 @@ enum Command {
         /// The sidecar's HTTP proxy listener, for calls to other services.
         #[arg(long)]
         proxy: SocketAddr,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Issue a key and certificate for one identity into files (for peers that are not Hypha,
+    /// e.g. HAProxy or nginx in a benchmark): key.pem (0600), cert-chain.pem, root-cert.pem.
+    Issue {
+        /// Mesh config directory (defaults to the embedded example), for tenants and signers.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// The CA's data directory (as `hypha control --data-dir`; created if new).
+        #[arg(long)]
+        data_dir: PathBuf,
+        #[arg(long)]
+        namespace: String,
+        #[arg(long)]
+        service_account: String,
+        #[arg(long, default_value_t = 24 * 3600)]
+        validity_secs: u64,
+        /// Where to write the files.
+        #[arg(long)]
+        out: PathBuf,
     },
 }
 
@@ -176,6 +202,20 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Check { path, output } => check(&path, output),
+        Command::Ca(CaCommand::Issue {
+            config,
+            data_dir,
+            namespace,
+            service_account,
+            validity_secs,
+            out,
+        }) => ca_issue(
+            config.as_deref(),
+            &data_dir,
+            hypha_ca::Caller::new(namespace, service_account),
+            std::time::Duration::from_secs(validity_secs),
+            &out,
+        ),
         Command::Control {
             config,
             listen,
@@ -315,6 +355,32 @@ fn init_tracing() {
         .with_env_filter(filter)
         .with_target(false)
         .init();
+}
+
+fn ca_issue(
+    config: Option<&std::path::Path>,
+    data_dir: &std::path::Path,
+    caller: hypha_ca::Caller,
+    validity: std::time::Duration,
+    out: &std::path::Path,
+) -> ExitCode {
+    let cfg = match hypha_control::initial_config(config) {
+        Ok(c) => c,
+        Err(d) => {
+            eprintln!("hypha: the config has {} error(s)", d.errors().count());
+            return ExitCode::FAILURE;
+        }
+    };
+    match hypha_control::security::issue_files(&cfg.mesh, data_dir, &caller, validity, out) {
+        Ok(id) => {
+            println!("{id}: {}", out.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("hypha: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 async fn control(

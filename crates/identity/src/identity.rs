@@ -170,6 +170,12 @@ impl Identity {
         &self.key
     }
 
+    /// The private key in PKCS#8 PEM, for a caller that was asked to write it to a file (a
+    /// peer that is not Hypha). Nothing in Hypha's own paths calls this.
+    pub fn private_key_pem(&self) -> Result<Vec<u8>, IdentityError> {
+        Ok(self.key.private_key_to_pem_pkcs8()?)
+    }
+
     pub fn not_after(&self) -> SystemTime {
         self.not_after
     }
