@@ -650,3 +650,139 @@ async fn ten_second_certificates_rotate_under_load_without_losing_a_request() {
         serials.1.len() - 1
     );
 }
+
+#[tokio::test]
+async fn disable_turns_mutual_tls_off_for_that_workload() {
+    let s = secured_on(
+        config(&web_yaml(1, "DISABLE")),
+        &["shop.web", "shop.client"],
+    )
+    .await;
+    let p = pair(&s, "web", |port| web_yaml(port, "DISABLE")).await;
+    let (status, _, _) = get(
+        p.client.http_proxy[0],
+        "http://web.shop.svc.cluster.local/",
+        &[],
+    )
+    .await;
+    assert_eq!(status, 200);
+    // The client sent plaintext (the endpoint is not marked for mutual TLS), and the server
+    // takes plaintext from anyone.
+    let (_, metrics) = admin(p.server.admin.unwrap(), "/metrics").await;
+    let plain = sample(
+        &metrics,
+        "istio_requests_total",
+        &[
+            ("reporter", "destination"),
+            ("connection_security_policy", "none"),
+        ],
+    );
+    assert_eq!(plain, Some(1.0), "{metrics}");
+    assert!(plaintext(p.server.inbound[0])
+        .await
+        .starts_with("HTTP/1.1 200"));
+}
+
+#[tokio::test]
+async fn a_tcp_connection_the_policy_does_not_allow_is_closed() {
+    let echo = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let echo_addr = echo.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = echo.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = stream.into_split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    let yaml = |port: u16| {
+        format!(
+            "{MESH}---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\n\
+             metadata: {{name: vault, namespace: shop}}\nspec:\n  \
+             hosts: [vault.shop.svc.cluster.local]\n  addresses: [240.240.0.10]\n  \
+             location: MESH_INTERNAL\n  resolution: STATIC\n  \
+             ports: [{{number: 7020, name: tcp, protocol: TCP}}]\n  \
+             workloadSelector: {{labels: {{app: vault}}}}\n\
+             ---\napiVersion: networking.istio.io/v1\nkind: WorkloadEntry\n\
+             metadata: {{name: vault-1, namespace: shop}}\n\
+             spec: {{address: 127.0.0.1, serviceAccount: vault, labels: {{app: vault}}, ports: {{tcp: {port}}}}}\n\
+             ---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n\
+             metadata: {{name: vault-from-client, namespace: shop}}\nspec:\n  \
+             selector: {{matchLabels: {{app: vault}}}}\n  rules:\n  \
+             - from:\n    - source: {{principals: [cluster.local/ns/shop/sa/client]}}\n"
+        )
+    };
+    let s = secured_on(
+        config(&yaml(1)),
+        &["shop.vault", "shop.client", "shop.stranger"],
+    )
+    .await;
+    let mut server = hypha_proxy::start(Options {
+        node: workload_node("shop", "vault", "vault"),
+        http_proxy: vec![],
+        inbound: vec!["127.0.0.1:0".parse().unwrap()],
+        app: Some(echo_addr),
+        admin: Some("127.0.0.1:0".parse().unwrap()),
+        ..sidecar(&s, "shop", "vault", "vault-secret")
+    })
+    .await
+    .unwrap();
+    s.cp.update(config(&yaml(server.inbound[0].port())));
+    let tcp_client = |sa: &'static str| Options {
+        http_proxy: vec![],
+        services: vec![(
+            "127.0.0.1:0".parse().unwrap(),
+            "vault.shop.svc.cluster.local:7020".into(),
+        )],
+        ..sidecar(&s, "shop", sa, &format!("{sa}-secret"))
+    };
+    let mut client = hypha_proxy::start(tcp_client("client")).await.unwrap();
+    let mut stranger = hypha_proxy::start(tcp_client("stranger")).await.unwrap();
+    for p in [&mut server, &mut client, &mut stranger] {
+        tokio::time::timeout(WAIT, p.ready.wait_for(|r| *r))
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    // What comes back through each client's service port.
+    let echo_through = |listen: std::net::SocketAddr| async move {
+        let mut conn = tokio::net::TcpStream::connect(listen).await.unwrap();
+        conn.write_all(b"hello vault").await.unwrap();
+        conn.shutdown().await.unwrap();
+        let mut back = Vec::new();
+        let _ = tokio::time::timeout(WAIT, conn.read_to_end(&mut back)).await;
+        String::from_utf8_lossy(&back).into_owned()
+    };
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        // The endpoint (with the real port) arrives after the first config.
+        if echo_through(client.services[0]).await == "hello vault" {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the client never got through"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The stranger's sidecar has the same endpoint by now (so what follows is the policy,
+    // not a stale config).
+    let port = server.inbound[0].port();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !stranger
+        .config
+        .load()
+        .endpoint_sets
+        .get("outbound|7020||vault.shop.svc.cluster.local")
+        .is_some_and(|set| set.endpoints.iter().any(|e| e.addresses[0].port() == port))
+    {
+        assert!(tokio::time::Instant::now() < deadline, "stale config");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(echo_through(stranger.services[0]).await, "");
+    let (_, metrics) = admin(server.admin.unwrap(), "/metrics").await;
+    assert!(
+        metrics.contains("hypha_rbac_denied_connections_total 1"),
+        "{metrics}"
+    );
+}
