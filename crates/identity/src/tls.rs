@@ -5,7 +5,8 @@
 use std::sync::Arc;
 
 use boring::ssl::{
-    AlpnError, SslAcceptor, SslConnector, SslMethod, SslRef, SslVerifyMode, SslVersion,
+    AlpnError, SslAcceptor, SslConnector, SslContextBuilder, SslMethod, SslRef, SslVerifyMode,
+    SslVersion,
 };
 use boring::x509::X509;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -65,6 +66,20 @@ fn add_roots(
     Ok(())
 }
 
+/// Makes a context present `identity`: its key, leaf and the rest of its chain.
+fn present(b: &mut SslContextBuilder, identity: &Identity) -> Result<(), IdentityError> {
+    b.set_private_key(identity.key())?;
+    let (leaf, rest) = identity
+        .chain()
+        .split_first()
+        .ok_or(IdentityError::NoCertificate("the chain"))?;
+    b.set_certificate(leaf)?;
+    for c in rest {
+        b.add_extra_chain_cert(c.clone())?;
+    }
+    Ok(b.check_private_key()?)
+}
+
 /// Whether a server wants client certificates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ClientCert {
@@ -81,16 +96,7 @@ pub enum ClientCert {
 pub fn server(identity: &Identity, clients: ClientCert) -> Result<SslAcceptor, IdentityError> {
     let mut b = SslAcceptor::mozilla_intermediate_v5(SslMethod::tls())?;
     b.set_min_proto_version(Some(SslVersion::TLS1_2))?;
-    b.set_private_key(identity.key())?;
-    let (leaf, rest) = identity
-        .chain()
-        .split_first()
-        .ok_or(IdentityError::NoCertificate("the chain"))?;
-    b.set_certificate(leaf)?;
-    for c in rest {
-        b.add_extra_chain_cert(c.clone())?;
-    }
-    b.check_private_key()?;
+    present(&mut b, identity)?;
     add_roots(b.cert_store_mut(), identity.roots())?;
     b.set_verify(match clients {
         ClientCert::Require => SslVerifyMode::PEER | SslVerifyMode::FAIL_IF_NO_PEER_CERT,
@@ -108,16 +114,7 @@ pub fn client(identity: Option<&Identity>, roots: &[X509]) -> Result<SslConnecto
     let mut b = SslConnector::builder(SslMethod::tls())?;
     b.set_min_proto_version(Some(SslVersion::TLS1_2))?;
     if let Some(id) = identity {
-        b.set_private_key(id.key())?;
-        let (leaf, rest) = id
-            .chain()
-            .split_first()
-            .ok_or(IdentityError::NoCertificate("the chain"))?;
-        b.set_certificate(leaf)?;
-        for c in rest {
-            b.add_extra_chain_cert(c.clone())?;
-        }
-        b.check_private_key()?;
+        present(&mut b, id)?;
     }
     add_roots(b.cert_store_mut(), roots)?;
     b.set_verify(SslVerifyMode::PEER);

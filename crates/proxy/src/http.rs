@@ -739,9 +739,9 @@ pub fn grpc_local_reply(resp: Response<Body>) -> Response<Body> {
     r
 }
 
-/// A gRPC request's denial: trailers-only, `grpc-status` PERMISSION_DENIED (7), the denied
-/// reply's body as the message, as Envoy's local replies to gRPC requests do.
-pub fn grpc_permission_denied(resp: Response<Body>) -> Response<Body> {
+/// A gRPC request's authorization denial: trailers-only, `grpc-status` PERMISSION_DENIED (7),
+/// as Envoy's local replies to gRPC requests do.
+pub fn grpc_permission_denied() -> Response<Body> {
     let mut r = Response::new(full(""));
     let h = r.headers_mut();
     h.insert(
@@ -753,7 +753,6 @@ pub fn grpc_permission_denied(resp: Response<Body>) -> Response<Body> {
         GRPC_MESSAGE,
         http::HeaderValue::from_static("RBAC: access denied"),
     );
-    drop(resp);
     r
 }
 

@@ -98,37 +98,27 @@ impl Inbound {
                 self.authorize(a, Some(&view), peer, caller)
             }
         });
-        if !allowed {
+        let resp = if allowed {
+            let upgrade = h::take_upgrade(&mut parts);
+            let grpc = h::is_grpc(&parts);
+            match self
+                .upstreams
+                .send_direct(http2, self.app, parts, h::incoming(body))
+                .await
+            {
+                Ok(mut resp) => {
+                    h::splice(upgrade, &mut resp);
+                    resp
+                }
+                Err(flag) if grpc => h::grpc_local_reply(h::local_reply(flag)),
+                Err(flag) => h::local_reply(flag),
+            }
+        } else if h::is_grpc(&parts) {
+            h::grpc_permission_denied()
+        } else {
             let mut resp = Response::new(h::full(DENIED));
             *resp.status_mut() = http::StatusCode::FORBIDDEN;
-            if h::is_grpc(&parts) {
-                resp = h::grpc_permission_denied(resp);
-            }
-            let telemetry = self.telemetry.clone();
-            let principal = caller.principal.clone();
-            return h::observed(resp, move |out| {
-                telemetry.end(
-                    request,
-                    Reporter::Destination,
-                    &cluster,
-                    out,
-                    principal.as_deref(),
-                );
-            });
-        }
-        let upgrade = h::take_upgrade(&mut parts);
-        let grpc = h::is_grpc(&parts);
-        let resp = match self
-            .upstreams
-            .send_direct(http2, self.app, parts, h::incoming(body))
-            .await
-        {
-            Ok(mut resp) => {
-                h::splice(upgrade, &mut resp);
-                resp
-            }
-            Err(flag) if grpc => h::grpc_local_reply(h::local_reply(flag)),
-            Err(flag) => h::local_reply(flag),
+            resp
         };
         let telemetry = self.telemetry.clone();
         let principal = caller.principal.clone();
