@@ -206,7 +206,8 @@ pub fn issue_files(
         .tenant_of(&caller.namespace)
         .ok_or_else(|| hypha_ca::CaError::NoTenant(caller.namespace.clone()))?;
     let bundle = ca.trust_bundle(&tenant.name)?;
-    let id = issue_local(&ca, caller, validity, &bundle)?;
+    let key = hypha_identity::KeyKind::EcdsaP256.generate()?;
+    let id = hypha_identity::issue_local_with(&ca, caller, validity, &bundle, key.clone())?;
     std::fs::create_dir_all(out).map_err(|e| SecurityError::Write(out.to_path_buf(), e))?;
     let write = |name: &str, bytes: &[u8], mode: u32| {
         let path = out.join(name);
@@ -223,7 +224,10 @@ pub fn issue_files(
     for c in id.chain() {
         chain.extend(c.to_pem().map_err(hypha_ca::CaError::from)?);
     }
-    write("key.pem", &id.private_key_pem()?, 0o600)?;
+    let key_pem = key
+        .private_key_to_pem_pkcs8()
+        .map_err(hypha_ca::CaError::from)?;
+    write("key.pem", &key_pem, 0o600)?;
     write("cert-chain.pem", &chain, 0o644)?;
     write("root-cert.pem", bundle.concat().as_bytes(), 0o644)?;
     Ok(id.id().to_owned())

@@ -17,6 +17,7 @@ use boring::ssl::{SslAcceptor, SslConnector};
 use boring::stack::Stack;
 use boring::x509::extension::SubjectAlternativeName;
 use boring::x509::{X509Ref, X509Req, X509};
+use hypha_keys::KeyProvider;
 
 use crate::tls::ClientCert;
 use crate::IdentityError;
@@ -89,11 +90,12 @@ fn system_time(t: &Asn1TimeRef) -> Result<SystemTime, IdentityError> {
     })
 }
 
-/// A SPIFFE identity with its key, chain (leaf first) and the roots it trusts.
+/// A SPIFFE identity with its key (behind a [`KeyProvider`]: TLS contexts never hold it),
+/// chain (leaf first) and the roots it trusts.
 #[derive(Clone)]
 pub struct Identity {
     id: String,
-    key: PKey<Private>,
+    key: Arc<dyn KeyProvider>,
     chain: Vec<X509>,
     roots: Vec<X509>,
     received: SystemTime,
@@ -105,6 +107,7 @@ impl std::fmt::Debug for Identity {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Identity")
             .field("id", &self.id)
+            .field("key", &self.key.describe())
             .field("not_after", &self.not_after)
             .field("chain", &self.chain.len())
             .field("roots", &self.roots.len())
@@ -115,7 +118,7 @@ impl std::fmt::Debug for Identity {
 impl Identity {
     /// Checks that `key` belongs to the leaf (`chain[0]`) and that the leaf names a SPIFFE ID.
     pub fn new(
-        key: PKey<Private>,
+        key: Arc<dyn KeyProvider>,
         chain: Vec<X509>,
         roots: Vec<X509>,
     ) -> Result<Identity, IdentityError> {
@@ -125,7 +128,7 @@ impl Identity {
         if roots.is_empty() {
             return Err(IdentityError::NoCertificate("the trusted roots"));
         }
-        if !leaf.public_key()?.public_eq(&key) {
+        if !leaf.public_key()?.public_eq(key.public_key()) {
             return Err(IdentityError::KeyMismatch);
         }
         let id = spiffe_id(leaf).ok_or(IdentityError::NoSpiffeId)?;
@@ -143,7 +146,7 @@ impl Identity {
     /// From PEM text: the chain (leaf first, several certificates in one string or one per
     /// string) and the roots.
     pub fn from_pem(
-        key: PKey<Private>,
+        key: Arc<dyn KeyProvider>,
         chain: &[impl AsRef<[u8]>],
         roots: &[u8],
     ) -> Result<Identity, IdentityError> {
@@ -166,14 +169,8 @@ impl Identity {
         &self.roots
     }
 
-    pub(crate) fn key(&self) -> &PKey<Private> {
+    pub(crate) fn key(&self) -> &Arc<dyn KeyProvider> {
         &self.key
-    }
-
-    /// The private key in PKCS#8 PEM, for a caller that was asked to write it to a file (a
-    /// peer that is not Hypha). Nothing in Hypha's own paths calls this.
-    pub fn private_key_pem(&self) -> Result<Vec<u8>, IdentityError> {
-        Ok(self.key.private_key_to_pem_pkcs8()?)
     }
 
     pub fn not_after(&self) -> SystemTime {

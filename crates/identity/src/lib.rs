@@ -6,7 +6,8 @@
 //!
 //! Both the control plane (serving xDS and the CA over TLS) and the sidecar (its xDS channel
 //! and mutual TLS between sidecars) stand on this crate. Private keys stay in memory: they are
-//! never logged and never written (the key-provider issue moves them behind an async signer).
+//! never logged and never written, and TLS contexts never hold them: every signature of a
+//! handshake is an asynchronous call into the identity's key provider (`hypha_keys`).
 
 #![forbid(unsafe_code)]
 
@@ -16,7 +17,7 @@ pub mod tls;
 mod workload;
 
 pub use identity::{csr_pem, spiffe_id, Credentials, Identity, KeyKind, Store};
-pub use workload::{issue_local, Workload, WorkloadAuth};
+pub use workload::{issue_local, issue_local_with, Workload, WorkloadAuth};
 
 /// Errors building an identity, its TLS contexts, or obtaining one from the CA.
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +41,8 @@ pub enum IdentityError {
     Connect { uri: String, reason: String },
     #[error("the CA refused: {code:?}: {message}")]
     Refused { code: tonic::Code, message: String },
+    #[error("private key: {0}")]
+    Key(#[from] hypha_keys::KeyError),
     #[error("issuing in process: {0}")]
     Issue(#[from] hypha_ca::CaError),
     #[error("the CA issued {got}, not {want}")]

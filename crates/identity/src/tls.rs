@@ -66,9 +66,9 @@ fn add_roots(
     Ok(())
 }
 
-/// Makes a context present `identity`: its key, leaf and the rest of its chain.
+/// Makes a context present `identity`: its leaf and the rest of its chain, and every
+/// signature of the handshake asked of its key provider (the context holds no private key).
 fn present(b: &mut SslContextBuilder, identity: &Identity) -> Result<(), IdentityError> {
-    b.set_private_key(identity.key())?;
     let (leaf, rest) = identity
         .chain()
         .split_first()
@@ -77,7 +77,8 @@ fn present(b: &mut SslContextBuilder, identity: &Identity) -> Result<(), Identit
     for c in rest {
         b.add_extra_chain_cert(c.clone())?;
     }
-    Ok(b.check_private_key()?)
+    b.set_async_private_key_method(hypha_keys::Method(identity.key().clone()));
+    Ok(())
 }
 
 /// Whether a server wants client certificates.

@@ -2,6 +2,7 @@
 //! ID, get the chain back, and renew at half life; and, for the CA's side, [`WorkloadAuth`]:
 //! who a caller is, from its join token or its current certificate.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use boring::x509::X509;
@@ -72,6 +73,7 @@ impl Workload {
     ) -> Result<Identity, IdentityError> {
         let key = self.key_kind.generate()?;
         let csr = crate::csr_pem(&key, &self.spiffe_id)?;
+        let key: Arc<dyn hypha_keys::KeyProvider> = Arc::new(hypha_keys::SoftwareKey::new(key)?);
         let channel = crate::grpc::channel(&self.ca, connector, self.ca_identity.clone()).await?;
         let mut client = IstioCertificateServiceClient::new(channel);
         let mut req = tonic::Request::new(IstioCertificateRequest {
@@ -168,11 +170,25 @@ pub fn issue_local(
     validity: Duration,
     roots: &[String],
 ) -> Result<Identity, IdentityError> {
-    let key = KeyKind::EcdsaP256.generate()?;
+    issue_local_with(ca, caller, validity, roots, KeyKind::EcdsaP256.generate()?)
+}
+
+/// [`issue_local`] for a key the caller generated (and may have to write to a file).
+pub fn issue_local_with(
+    ca: &Ca,
+    caller: &Caller,
+    validity: Duration,
+    roots: &[String],
+    key: boring::pkey::PKey<boring::pkey::Private>,
+) -> Result<Identity, IdentityError> {
     let csr = crate::csr_pem(&key, &caller.spiffe_id(ca.trust_domain())?)?;
     let issued = ca.issue(caller, &csr, validity)?;
     let roots: Vec<u8> = roots.concat().into_bytes();
-    Identity::from_pem(key, &issued.chain, &roots)
+    Identity::from_pem(
+        Arc::new(hypha_keys::SoftwareKey::new(key)?),
+        &issued.chain,
+        &roots,
+    )
 }
 
 /// The CA's authenticator for workloads: a bearer join token when the request has one,

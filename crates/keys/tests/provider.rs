@@ -1,0 +1,235 @@
+//! Key providers under BoringSSL: signatures for every TLS scheme verify, a server whose
+//! context holds no private key completes real handshakes through the asynchronous
+//! private-key method, and a provider that has to wait does not hold up other handshakes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use boring::asn1::Asn1Time;
+use boring::ec::{EcGroup, EcKey};
+use boring::hash::MessageDigest;
+use boring::nid::Nid;
+use boring::pkey::{PKey, Private, Public};
+use boring::rsa::{Padding, Rsa};
+use boring::sign::{RsaPssSaltlen, Verifier};
+use boring::ssl::{SslAcceptor, SslConnector, SslMethod, SslSignatureAlgorithm, SslVerifyMode};
+use boring::x509::{X509Name, X509};
+use hypha_keys::{KeyFuture, KeyProvider, Method, SoftwareKey};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+fn p256() -> PKey<Private> {
+    let group = EcGroup::from_curve_name(Nid::X9_62_PRIME256V1).unwrap();
+    PKey::from_ec_key(EcKey::generate(&group).unwrap()).unwrap()
+}
+
+fn rsa2048() -> PKey<Private> {
+    PKey::from_rsa(Rsa::generate(2048).unwrap()).unwrap()
+}
+
+fn self_signed(key: &PKey<Private>) -> X509 {
+    let mut name = X509Name::builder().unwrap();
+    name.append_entry_by_text("CN", "keys-test").unwrap();
+    let name = name.build();
+    let mut b = X509::builder().unwrap();
+    b.set_version(2).unwrap();
+    b.set_subject_name(&name).unwrap();
+    b.set_issuer_name(&name).unwrap();
+    b.set_pubkey(key).unwrap();
+    b.set_not_before(&Asn1Time::days_from_now(0).unwrap())
+        .unwrap();
+    b.set_not_after(&Asn1Time::days_from_now(1).unwrap())
+        .unwrap();
+    b.sign(key, MessageDigest::sha256()).unwrap();
+    b.build()
+}
+
+fn verifies(
+    public: &PKey<Public>,
+    digest: MessageDigest,
+    pss: Option<bool>,
+    msg: &[u8],
+    sig: &[u8],
+) -> bool {
+    let mut v = Verifier::new(digest, public).unwrap();
+    match pss {
+        Some(true) => {
+            v.set_rsa_padding(Padding::PKCS1_PSS).unwrap();
+            v.set_rsa_pss_saltlen(RsaPssSaltlen::DIGEST_LENGTH).unwrap();
+        }
+        Some(false) => v.set_rsa_padding(Padding::PKCS1).unwrap(),
+        None => {}
+    }
+    v.verify_oneshot(sig, msg).unwrap_or(false)
+}
+
+#[tokio::test]
+async fn every_tls_signature_scheme_verifies() {
+    let msg = b"the handshake transcript, more or less";
+    let ec = SoftwareKey::new(p256()).unwrap();
+    let sig = ec
+        .sign(SslSignatureAlgorithm::ECDSA_SECP256R1_SHA256, msg)
+        .await
+        .unwrap();
+    assert!(verifies(
+        ec.public_key(),
+        MessageDigest::sha256(),
+        None,
+        msg,
+        &sig
+    ));
+    assert!(!verifies(
+        ec.public_key(),
+        MessageDigest::sha256(),
+        None,
+        b"other",
+        &sig
+    ));
+    // An RSA scheme for an EC key is refused, not attempted.
+    assert!(ec
+        .sign(SslSignatureAlgorithm::RSA_PSS_RSAE_SHA256, msg)
+        .await
+        .is_err());
+
+    let rsa = SoftwareKey::new(rsa2048()).unwrap();
+    for (alg, digest, pss) in [
+        (
+            SslSignatureAlgorithm::RSA_PKCS1_SHA256,
+            MessageDigest::sha256(),
+            false,
+        ),
+        (
+            SslSignatureAlgorithm::RSA_PKCS1_SHA384,
+            MessageDigest::sha384(),
+            false,
+        ),
+        (
+            SslSignatureAlgorithm::RSA_PSS_RSAE_SHA256,
+            MessageDigest::sha256(),
+            true,
+        ),
+        (
+            SslSignatureAlgorithm::RSA_PSS_RSAE_SHA512,
+            MessageDigest::sha512(),
+            true,
+        ),
+    ] {
+        let sig = rsa.sign(alg, msg).await.unwrap();
+        assert_eq!(sig.len(), 256);
+        assert!(
+            verifies(rsa.public_key(), digest, Some(pss), msg, &sig),
+            "{alg}"
+        );
+    }
+    assert!(rsa.sign(SslSignatureAlgorithm::ED25519, msg).await.is_err());
+    assert_eq!(rsa.describe(), "software RSA-2048");
+    assert_eq!(
+        format!("{ec:?}"),
+        "software ECDSA",
+        "Debug never shows the key"
+    );
+}
+
+/// A provider whose signatures all wait until `n` of them are pending at once, like a batch
+/// that waits to fill up (or a token answering slowly to many handshakes).
+struct Gate {
+    inner: SoftwareKey,
+    barrier: Arc<tokio::sync::Barrier>,
+}
+
+impl KeyProvider for Gate {
+    fn public_key(&self) -> &PKey<Public> {
+        self.inner.public_key()
+    }
+    fn sign(&self, algorithm: SslSignatureAlgorithm, input: &[u8]) -> KeyFuture<Vec<u8>> {
+        let signed = hypha_keys::sign_with(self.inner.private_key(), algorithm, input);
+        let barrier = self.barrier.clone();
+        Box::pin(async move {
+            barrier.wait().await;
+            signed
+        })
+    }
+    fn describe(&self) -> String {
+        "gated test key".into()
+    }
+}
+
+/// A TLS server on loopback whose context has the certificate but not the key; each
+/// connection gets `ok` written back.
+async fn server(provider: Arc<dyn KeyProvider>, cert: X509) -> std::net::SocketAddr {
+    let mut b = SslAcceptor::mozilla_intermediate_v5(SslMethod::tls()).unwrap();
+    b.set_certificate(&cert).unwrap();
+    b.set_async_private_key_method(Method(provider));
+    let acceptor = b.build();
+    assert!(
+        acceptor.context().private_key().is_none(),
+        "the context must not hold the key"
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                if let Ok(mut s) = tokio_boring::accept(&acceptor, tcp).await {
+                    let _ = s.write_all(b"ok").await;
+                    let _ = s.shutdown().await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+async fn handshake(addr: std::net::SocketAddr, cert: &X509) -> String {
+    let mut b = SslConnector::builder(SslMethod::tls()).unwrap();
+    b.cert_store_mut().add_cert(cert.clone()).unwrap();
+    b.set_verify(SslVerifyMode::PEER);
+    let mut cfg = b.build().configure().unwrap();
+    cfg.set_verify_hostname(false);
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let mut s = tokio_boring::connect(cfg, "keys-test", tcp).await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+#[tokio::test]
+async fn handshakes_sign_through_the_provider_for_ecdsa_and_rsa() {
+    for key in [p256(), rsa2048()] {
+        let cert = self_signed(&key);
+        let addr = server(Arc::new(SoftwareKey::new(key).unwrap()), cert.clone()).await;
+        assert_eq!(handshake(addr, &cert).await, "ok");
+    }
+}
+
+#[tokio::test]
+async fn a_waiting_provider_does_not_hold_up_other_handshakes() {
+    let key = p256();
+    let cert = self_signed(&key);
+    // Eight handshakes on a single-threaded runtime, each signature released only once all
+    // eight are pending: they complete only if a waiting signature leaves the runtime free
+    // for the others (otherwise the barrier never fills and the test times out).
+    let gate = Gate {
+        inner: SoftwareKey::new(key).unwrap(),
+        barrier: Arc::new(tokio::sync::Barrier::new(8)),
+    };
+    let addr = server(Arc::new(gate), cert.clone()).await;
+    let mut all = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let cert = cert.clone();
+        all.spawn(async move { handshake(addr, &cert).await });
+    }
+    let done = tokio::time::timeout(Duration::from_secs(20), async {
+        let mut n = 0;
+        while let Some(r) = all.join_next().await {
+            assert_eq!(r.unwrap(), "ok");
+            n += 1;
+        }
+        n
+    })
+    .await
+    .expect("the handshakes waited on each other");
+    assert_eq!(done, 8);
+}
