@@ -181,6 +181,16 @@ fn serve_help(mesh: &Mesh) -> String {
             Mesh::productpage_url("/index.html")
         ),
         format!("curl http://{}/metrics", mesh.plan.client_admin),
+        format!("curl http://{}/certs", mesh.plan.client_admin),
+        format!(
+            "curl -i -x http://{proxy} http://{}:{}/ratings/0   # 403: only reviews may call ratings",
+            topology::host("ratings"),
+            topology::SERVICE_PORT
+        ),
+        format!(
+            "curl -i -x http://{} {page}   # 503 UF: another tenant, no shared root",
+            mesh.plan.guest_proxy
+        ),
     ] {
         out.push_str(&format!("  {line}\n"));
     }
