@@ -8,6 +8,8 @@
 
 #![forbid(unsafe_code)]
 
+pub mod pkcs11;
+
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;

