@@ -1,6 +1,7 @@
-//! Just enough DER to swap a certificate's signature: split `Certificate ::= SEQUENCE {
-//! tbsCertificate, signatureAlgorithm, signatureValue }` and re-assemble it with a signature
-//! computed by a [`crate::Signer`] over the exact `tbsCertificate` bytes.
+//! Just enough DER to swap the signature of a signed structure (`Certificate`,
+//! `CertificationRequest`: `SEQUENCE { tbs, signatureAlgorithm, signatureValue }`): split it
+//! and re-assemble it with a signature computed elsewhere (a [`crate::Signer`], a key in a
+//! token) over the exact `tbs` bytes.
 
 use crate::CaError;
 
@@ -41,8 +42,8 @@ fn push_len(out: &mut Vec<u8>, len: usize) {
     }
 }
 
-/// `(tbsCertificate, signatureAlgorithm)` as complete DER elements.
-pub(crate) fn split_certificate(cert: &[u8]) -> Result<(&[u8], &[u8]), CaError> {
+/// `(tbs, signatureAlgorithm)` as complete DER elements.
+pub fn split_signed(cert: &[u8]) -> Result<(&[u8], &[u8]), CaError> {
     let (tag, _, content) = tlv(cert)?;
     if tag != 0x30 {
         return Err(CaError::Encoding("certificate is not a SEQUENCE"));
@@ -58,8 +59,8 @@ pub(crate) fn split_certificate(cert: &[u8]) -> Result<(&[u8], &[u8]), CaError> 
     Ok((tbs, alg))
 }
 
-/// A certificate from its parts and the raw signature value.
-pub(crate) fn join_certificate(tbs: &[u8], alg: &[u8], signature: &[u8]) -> Vec<u8> {
+/// The signed structure from its parts and the raw signature value.
+pub fn join_signed(tbs: &[u8], alg: &[u8], signature: &[u8]) -> Vec<u8> {
     let mut bits = vec![0x03];
     push_len(&mut bits, signature.len() + 1);
     bits.push(0); // no unused bits
@@ -86,8 +87,8 @@ mod tests {
             v
         };
         let alg = [0x30, 0x00];
-        let cert = join_certificate(&tbs, &alg, &[1, 2, 3]);
-        let (t, a) = split_certificate(&cert).unwrap();
+        let cert = join_signed(&tbs, &alg, &[1, 2, 3]);
+        let (t, a) = split_signed(&cert).unwrap();
         assert_eq!(t, &tbs[..]);
         assert_eq!(a, &alg[..]);
         assert_eq!(&cert[cert.len() - 6..], &[0x03, 0x04, 0x00, 1, 2, 3]);
@@ -95,7 +96,7 @@ mod tests {
 
     #[test]
     fn truncated_input_is_an_error() {
-        assert!(split_certificate(&[0x30, 0x82, 0x01]).is_err());
-        assert!(split_certificate(&[0x30, 0x05, 0x30, 0x10]).is_err());
+        assert!(split_signed(&[0x30, 0x82, 0x01]).is_err());
+        assert!(split_signed(&[0x30, 0x05, 0x30, 0x10]).is_err());
     }
 }

@@ -16,7 +16,7 @@ pub mod service;
 pub mod signer;
 pub mod tenants;
 
-mod der;
+pub mod der;
 
 pub use error::CaError;
 pub use issue::{Caller, Issued, DEFAULT_MAX_VALIDITY};

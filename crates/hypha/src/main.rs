@@ -167,6 +167,22 @@ struct ProxyArgs {
     /// The workload key: ecdsa-p256, rsa-2048 or rsa-3072.
     #[arg(long, default_value = "ecdsa-p256", value_parser = |s: &str| s.parse::<hypha_identity::KeyKind>().map_err(|e| e.to_string()))]
     key: hypha_identity::KeyKind,
+    /// Keep the workload key in this PKCS#11 module's token (e.g.
+    /// /usr/lib/softhsm/libsofthsm2.so): generated there, never extractable.
+    #[arg(long, requires_all = ["pkcs11_token", "ca_root"])]
+    pkcs11_module: Option<PathBuf>,
+    /// The token's label.
+    #[arg(long)]
+    pkcs11_token: Option<String>,
+    /// The environment variable holding the token's user PIN.
+    #[arg(long, conflicts_with = "pkcs11_pin_file")]
+    pkcs11_pin_env: Option<String>,
+    /// A file holding the token's user PIN (first line).
+    #[arg(long)]
+    pkcs11_pin_file: Option<PathBuf>,
+    /// Threads (one token session each) doing the token's blocking calls.
+    #[arg(long, default_value_t = 2)]
+    pkcs11_threads: usize,
     /// Certificate validity to ask for, in seconds (the CA caps it; renewed at half life).
     #[arg(long, default_value_t = 24 * 3600)]
     cert_validity_secs: u64,
@@ -427,6 +443,19 @@ async fn proxy(a: ProxyArgs) -> anyhow::Result<()> {
                 join_token: a.join_token,
                 trust_domain: a.trust_domain,
                 key_kind: a.key,
+                pkcs11: a
+                    .pkcs11_module
+                    .map(|module| hypha_keys::pkcs11::TokenConfig {
+                        module,
+                        label: a.pkcs11_token.unwrap_or_default(),
+                        pin: match (a.pkcs11_pin_file, a.pkcs11_pin_env) {
+                            (Some(f), _) => hypha_keys::pkcs11::PinSource::File(f),
+                            (None, var) => hypha_keys::pkcs11::PinSource::Env(
+                                var.unwrap_or_else(|| "HYPHA_PKCS11_PIN".to_owned()),
+                            ),
+                        },
+                        threads: a.pkcs11_threads,
+                    }),
                 validity: std::time::Duration::from_secs(a.cert_validity_secs),
             }),
     };

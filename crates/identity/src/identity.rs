@@ -72,6 +72,42 @@ pub fn csr_pem(key: &PKey<Private>, spiffe_id: &str) -> Result<Vec<u8>, Identity
     Ok(b.build().to_pem()?)
 }
 
+/// A PEM CSR for `spiffe_id` signed by a key provider (a key in a token, which cannot sign
+/// through BoringSSL's CSR builder): the request is built and signed with a throwaway key of
+/// the same type, then its signature is replaced by the provider's over the same bytes.
+pub async fn csr_pem_with(
+    key: &dyn KeyProvider,
+    spiffe_id: &str,
+) -> Result<Vec<u8>, IdentityError> {
+    use boring::ssl::SslSignatureAlgorithm;
+    let public = key.public_key();
+    let (throwaway, scheme) = if public.ec_key().is_ok() {
+        (
+            KeyKind::EcdsaP256.generate()?,
+            SslSignatureAlgorithm::ECDSA_SECP256R1_SHA256,
+        )
+    } else {
+        (
+            KeyKind::Rsa2048.generate()?,
+            SslSignatureAlgorithm::RSA_PKCS1_SHA256,
+        )
+    };
+    let mut b = X509Req::builder()?;
+    b.set_pubkey(public)?;
+    let san = SubjectAlternativeName::new()
+        .uri(spiffe_id)
+        .build(&b.x509v3_context(None))?;
+    let mut exts = Stack::new()?;
+    exts.push(san)?;
+    b.add_extensions(&exts)?;
+    b.sign(&throwaway, MessageDigest::sha256())?;
+    let draft = b.build().to_der()?;
+    let (info, alg) = hypha_ca::der::split_signed(&draft)?;
+    let signature = key.sign(scheme, info).await?;
+    let signed = hypha_ca::der::join_signed(info, alg, &signature);
+    Ok(X509Req::from_der(&signed)?.to_pem()?)
+}
+
 /// The SPIFFE ID of a certificate: its first `spiffe://` URI SAN.
 pub fn spiffe_id(cert: &X509Ref) -> Option<String> {
     cert.subject_alt_names()?

@@ -16,8 +16,8 @@ mod identity;
 pub mod tls;
 mod workload;
 
-pub use identity::{csr_pem, spiffe_id, Credentials, Identity, KeyKind, Store};
-pub use workload::{issue_local, issue_local_with, Workload, WorkloadAuth};
+pub use identity::{csr_pem, csr_pem_with, spiffe_id, Credentials, Identity, KeyKind, Store};
+pub use workload::{issue_local, issue_local_with, KeySource, Workload, WorkloadAuth};
 
 /// Errors building an identity, its TLS contexts, or obtaining one from the CA.
 #[derive(Debug, thiserror::Error)]

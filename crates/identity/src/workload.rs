@@ -21,6 +21,50 @@ use crate::{Credentials, Identity, IdentityError, KeyKind, Store};
 const RETRY_MIN: Duration = Duration::from_millis(500);
 const RETRY_MAX: Duration = Duration::from_secs(30);
 
+/// Where a workload's keys are made: in memory, or inside a PKCS#11 token (generated there,
+/// never extractable; the token signs the CSR and every handshake).
+#[derive(Clone)]
+pub enum KeySource {
+    Software(KeyKind),
+    Token(
+        Arc<hypha_keys::pkcs11::Token>,
+        hypha_keys::pkcs11::TokenKeyKind,
+    ),
+}
+
+impl std::fmt::Debug for KeySource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KeySource::Software(k) => write!(f, "software {k:?}"),
+            KeySource::Token(t, k) => write!(f, "{t:?} {k:?}"),
+        }
+    }
+}
+
+impl KeySource {
+    /// A fresh key and a CSR for `spiffe_id` signed by it.
+    async fn key_and_csr(
+        &self,
+        spiffe_id: &str,
+    ) -> Result<(Arc<dyn hypha_keys::KeyProvider>, Vec<u8>), IdentityError> {
+        match self {
+            KeySource::Software(kind) => {
+                let key = kind.generate()?;
+                let csr = crate::csr_pem(&key, spiffe_id)?;
+                Ok((Arc::new(hypha_keys::SoftwareKey::new(key)?), csr))
+            }
+            KeySource::Token(token, kind) => {
+                // A session object: gone from the token when the proxy stops, so rotations
+                // do not pile keys up in it.
+                let label = format!("hypha {spiffe_id}");
+                let key = token.generate(*kind, &label, false).await?;
+                let csr = crate::csr_pem_with(&key, spiffe_id).await?;
+                Ok((Arc::new(key), csr))
+            }
+        }
+    }
+}
+
 /// A workload asking the CA for its certificate.
 #[derive(Clone)]
 pub struct Workload {
@@ -34,7 +78,7 @@ pub struct Workload {
     pub token: Option<String>,
     /// The identity asked for: `spiffe://<trust-domain>/ns/<ns>/sa/<sa>`.
     pub spiffe_id: String,
-    pub key_kind: KeyKind,
+    pub keys: KeySource,
     /// The validity asked for (the CA caps it).
     pub validity: Duration,
 }
@@ -45,7 +89,7 @@ impl std::fmt::Debug for Workload {
         f.debug_struct("Workload")
             .field("ca", &self.ca)
             .field("spiffe_id", &self.spiffe_id)
-            .field("key_kind", &self.key_kind)
+            .field("keys", &self.keys)
             .field("validity", &self.validity)
             .finish_non_exhaustive()
     }
@@ -71,9 +115,7 @@ impl Workload {
         connector: boring::ssl::SslConnector,
         token: Option<&str>,
     ) -> Result<Identity, IdentityError> {
-        let key = self.key_kind.generate()?;
-        let csr = crate::csr_pem(&key, &self.spiffe_id)?;
-        let key: Arc<dyn hypha_keys::KeyProvider> = Arc::new(hypha_keys::SoftwareKey::new(key)?);
+        let (key, csr) = self.keys.key_and_csr(&self.spiffe_id).await?;
         let channel = crate::grpc::channel(&self.ca, connector, self.ca_identity.clone()).await?;
         let mut client = IstioCertificateServiceClient::new(channel);
         let mut req = tonic::Request::new(IstioCertificateRequest {

@@ -9,7 +9,8 @@ use boring::x509::X509;
 use hypha_ca::{Ca, CaService, Caller, FileSigner, JoinTokens, TenantCa};
 use hypha_identity::tls::{self, ClientCert, Peer, TlsError, ALPN_H2_HTTP11};
 use hypha_identity::{
-    grpc, issue_local, Credentials, Identity, IdentityError, KeyKind, Store, Workload, WorkloadAuth,
+    grpc, issue_local, Credentials, Identity, IdentityError, KeyKind, KeySource, Store, Workload,
+    WorkloadAuth,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -93,7 +94,7 @@ impl TestCa {
             ca_identity: Peer::ServiceAccount("hypha-control".into()),
             token: token.map(str::to_owned),
             spiffe_id: id(ns, sa),
-            key_kind: KeyKind::EcdsaP256,
+            keys: KeySource::Software(KeyKind::EcdsaP256),
             validity: Duration::from_secs(600),
         }
     }
@@ -144,7 +145,7 @@ async fn bootstrap_by_token_then_renew_by_certificate() {
 
     // RSA keys too.
     let rsa = Workload {
-        key_kind: KeyKind::Rsa2048,
+        keys: KeySource::Software(KeyKind::Rsa2048),
         ..web
     };
     let third = rsa.bootstrap().await.unwrap();

@@ -75,6 +75,7 @@ enum Job {
     Generate {
         kind: TokenKeyKind,
         label: String,
+        persistent: bool,
         reply: tokio::sync::oneshot::Sender<Result<(ObjectHandle, PKey<Public>), KeyError>>,
     },
     Sign {
@@ -127,9 +128,16 @@ impl Token {
     pub fn open(cfg: &TokenConfig) -> Result<Arc<Token>, KeyError> {
         let pkcs11 = Pkcs11::new(&cfg.module)
             .map_err(|e| backend(format!("{}: {e}", cfg.module.display())))?;
-        pkcs11
-            .initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
-            .map_err(backend)?;
+        match pkcs11.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+            // Another user of the same module in this process initialized it already (the
+            // library is process-wide): use it as it is.
+            Ok(())
+            | Err(cryptoki::error::Error::Pkcs11(
+                cryptoki::error::RvError::CryptokiAlreadyInitialized,
+                _,
+            )) => {}
+            Err(e) => return Err(backend(e)),
+        }
         let slot = pkcs11
             .get_slots_with_token()
             .map_err(backend)?
@@ -147,7 +155,16 @@ impl Token {
         for i in 0..cfg.threads.max(1) {
             let session = pkcs11.open_rw_session(slot).map_err(backend)?;
             if !logged_in {
-                session.login(UserType::User, Some(&pin)).map_err(backend)?;
+                match session.login(UserType::User, Some(&pin)) {
+                    // Logins are per application and token: already done by another user of
+                    // the token in this process.
+                    Ok(())
+                    | Err(cryptoki::error::Error::Pkcs11(
+                        cryptoki::error::RvError::UserAlreadyLoggedIn,
+                        _,
+                    )) => {}
+                    Err(e) => return Err(backend(e)),
+                }
                 logged_in = true;
             }
             let rx = rx.clone();
@@ -171,16 +188,19 @@ impl Token {
     }
 
     /// Generates a key pair inside the token (sensitive, not extractable); only its public
-    /// half ever leaves.
+    /// half ever leaves. A `persistent` key is a token object (a CA key); otherwise a session
+    /// object, gone when this process closes its sessions (a workload key, renewed anyway).
     pub async fn generate(
         self: &Arc<Self>,
         kind: TokenKeyKind,
         label: &str,
+        persistent: bool,
     ) -> Result<TokenKey, KeyError> {
         let (reply, rx) = tokio::sync::oneshot::channel();
         self.submit(Job::Generate {
             kind,
             label: label.to_owned(),
+            persistent,
             reply,
         })?;
         let (handle, public) = rx.await.map_err(|_| backend("the token's thread died"))??;
@@ -201,8 +221,13 @@ fn worker(session: &Session, jobs: &Mutex<mpsc::Receiver<Job>>) {
             Err(_) => return,
         };
         match job {
-            Job::Generate { kind, label, reply } => {
-                let _ = reply.send(generate(session, kind, &label));
+            Job::Generate {
+                kind,
+                label,
+                persistent,
+                reply,
+            } => {
+                let _ = reply.send(generate(session, kind, &label, persistent));
             }
             Job::Sign {
                 key,
@@ -226,10 +251,11 @@ fn generate(
     session: &Session,
     kind: TokenKeyKind,
     label: &str,
+    persistent: bool,
 ) -> Result<(ObjectHandle, PKey<Public>), KeyError> {
     let label = label.as_bytes().to_vec();
     let private = [
-        Attribute::Token(true),
+        Attribute::Token(persistent),
         Attribute::Private(true),
         Attribute::Sensitive(true),
         Attribute::Extractable(false),
@@ -240,7 +266,7 @@ fn generate(
         TokenKeyKind::EcdsaP256 => (
             Mechanism::EccKeyPairGen,
             vec![
-                Attribute::Token(true),
+                Attribute::Token(persistent),
                 Attribute::EcParams(P256_PARAMS.to_vec()),
                 Attribute::Verify(true),
                 Attribute::Label(label),
@@ -249,7 +275,7 @@ fn generate(
         TokenKeyKind::Rsa(bits) => (
             Mechanism::RsaPkcsKeyPairGen,
             vec![
-                Attribute::Token(true),
+                Attribute::Token(persistent),
                 Attribute::ModulusBits(u64::from(bits).into()),
                 Attribute::PublicExponent(vec![0x01, 0x00, 0x01]),
                 Attribute::Verify(true),

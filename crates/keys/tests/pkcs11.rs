@@ -61,6 +61,23 @@ async fn keys_generated_in_softhsm2_sign_every_scheme() {
     }
     let dir = tempfile::tempdir().unwrap();
     softhsm(dir.path(), "hypha-test");
+    // A wrong PIN is an error, not a panic. (First: a login holds for the whole process.)
+    std::env::set_var("HYPHA_TEST_PIN", "0000");
+    let wrong = Token::open(&TokenConfig {
+        module: MODULE.into(),
+        label: "hypha-test".into(),
+        pin: PinSource::Env("HYPHA_TEST_PIN".into()),
+        threads: 1,
+    });
+    assert!(wrong.is_err());
+    // An unknown token label too.
+    let missing = Token::open(&TokenConfig {
+        module: MODULE.into(),
+        label: "no-such-token".into(),
+        pin: PinSource::Env("HYPHA_TEST_PIN".into()),
+        threads: 1,
+    });
+    assert!(missing.is_err());
     std::env::set_var("HYPHA_TEST_PIN", "1234");
     let token = Token::open(&TokenConfig {
         module: MODULE.into(),
@@ -72,7 +89,7 @@ async fn keys_generated_in_softhsm2_sign_every_scheme() {
     let msg = b"a handshake transcript";
 
     let ec = token
-        .generate(TokenKeyKind::EcdsaP256, "ec-key")
+        .generate(TokenKeyKind::EcdsaP256, "ec-key", false)
         .await
         .unwrap();
     assert!(ec
@@ -89,7 +106,7 @@ async fn keys_generated_in_softhsm2_sign_every_scheme() {
     assert!(ok, "DER ECDSA signature from the token");
 
     let rsa = token
-        .generate(TokenKeyKind::Rsa(2048), "rsa-key")
+        .generate(TokenKeyKind::Rsa(2048), "rsa-key", false)
         .await
         .unwrap();
     for (alg, digest, pss) in [
@@ -140,14 +157,4 @@ async fn keys_generated_in_softhsm2_sign_every_scheme() {
         let mut v = Verifier::new(MessageDigest::sha256(), ec.public_key()).unwrap();
         assert!(v.verify_oneshot(&sig.unwrap(), b"x").unwrap());
     }
-
-    // A wrong PIN is an error, not a panic.
-    std::env::set_var("HYPHA_TEST_PIN", "0000");
-    let wrong = Token::open(&TokenConfig {
-        module: MODULE.into(),
-        label: "hypha-test".into(),
-        pin: PinSource::Env("HYPHA_TEST_PIN".into()),
-        threads: 1,
-    });
-    assert!(wrong.is_err());
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use boring::x509::X509;
 use hypha_identity::tls::{ClientCert, Peer};
-use hypha_identity::{grpc, Credentials, IdentityError, KeyKind, Store, Workload};
+use hypha_identity::{grpc, Credentials, IdentityError, KeyKind, KeySource, Store, Workload};
 
 /// The control plane's service account (see `hypha_control::security`).
 const CONTROL_SERVICE_ACCOUNT: &str = "hypha-control";
@@ -23,6 +23,8 @@ pub struct IdentityOptions {
     pub join_token: Option<PathBuf>,
     pub trust_domain: String,
     pub key_kind: KeyKind,
+    /// Keys in this PKCS#11 token instead of memory: generated there, never extractable.
+    pub pkcs11: Option<hypha_keys::pkcs11::TokenConfig>,
     /// Certificate validity asked for (the CA caps it).
     pub validity: Duration,
 }
@@ -112,6 +114,22 @@ pub async fn bootstrap(
         Some(p) => Some(String::from_utf8_lossy(&read(p)?).trim().to_owned()),
         None => None,
     };
+    let keys = match &opts.pkcs11 {
+        None => KeySource::Software(opts.key_kind),
+        Some(cfg) => {
+            let cfg = cfg.clone();
+            let token = tokio::task::spawn_blocking(move || hypha_keys::pkcs11::Token::open(&cfg))
+                .await
+                .map_err(|e| IdentityError::Key(hypha_keys::KeyError::Backend(e.to_string())))?
+                .map_err(IdentityError::Key)?;
+            let kind = match opts.key_kind {
+                KeyKind::EcdsaP256 => hypha_keys::pkcs11::TokenKeyKind::EcdsaP256,
+                KeyKind::Rsa2048 => hypha_keys::pkcs11::TokenKeyKind::Rsa(2048),
+                KeyKind::Rsa3072 => hypha_keys::pkcs11::TokenKeyKind::Rsa(3072),
+            };
+            KeySource::Token(token, kind)
+        }
+    };
     let workload = Workload {
         ca: control_plane.to_owned(),
         ca_roots: ca_roots.clone(),
@@ -121,7 +139,7 @@ pub async fn bootstrap(
             "spiffe://{}/ns/{namespace}/sa/{service_account}",
             opts.trust_domain
         ),
-        key_kind: opts.key_kind,
+        keys,
         validity: opts.validity,
     };
     let deadline = tokio::time::Instant::now() + BOOTSTRAP_PATIENCE;

@@ -31,6 +31,8 @@ struct Secured {
     cp: ControlPlane,
     /// Certificate validity the sidecars ask for.
     validity: Duration,
+    /// Sidecar keys in this PKCS#11 token instead of memory.
+    pkcs11: Option<hypha_keys::pkcs11::TokenConfig>,
 }
 
 fn write_token(dir: &Path, name: &str, token: &str) -> PathBuf {
@@ -68,6 +70,7 @@ async fn secured_on(cfg: hypha_config::Config, accounts: &[&str]) -> Secured {
         data,
         cp,
         validity: Duration::from_secs(3600),
+        pkcs11: None,
     }
 }
 
@@ -82,6 +85,7 @@ impl Secured {
             join_token: Some(write_token(self.data.path(), "presented.token", token)),
             trust_domain: TD.into(),
             key_kind: KeyKind::EcdsaP256,
+            pkcs11: self.pkcs11.clone(),
             validity: self.validity,
         }
     }
@@ -186,7 +190,7 @@ async fn xds_over_tls_serves_only_the_node_its_certificate_names() {
         ca_identity: Peer::ServiceAccount("hypha-control".into()),
         token: Some("web-secret".into()),
         spiffe_id: format!("spiffe://{TD}/ns/shop/sa/web"),
-        key_kind: KeyKind::EcdsaP256,
+        keys: hypha_identity::KeySource::Software(KeyKind::EcdsaP256),
         validity: Duration::from_secs(600),
     }
     .bootstrap()
@@ -266,6 +270,22 @@ fn web_yaml_with(mesh: &str, inbound: u16, mode: &str) -> String {
         "{mesh}{web}---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\n\
          metadata: {{name: default, namespace: shop}}\nspec: {{mtls: {{mode: {mode}}}}}\n"
     )
+}
+
+/// GETs `url` through `proxy` until it answers 200 (a config change on its way); the body.
+async fn get_until_ok(proxy: std::net::SocketAddr, url: &str) -> String {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (status, body, _) = get(proxy, url, &[]).await;
+        if status == 200 {
+            return body;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still {status}: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// A plaintext HTTP/1.1 request straight to a sidecar's inbound port: what it answers, or
@@ -785,4 +805,76 @@ async fn a_tcp_connection_the_policy_does_not_allow_is_closed() {
         metrics.contains("hypha_rbac_denied_connections_total 1"),
         "{metrics}"
     );
+}
+
+const SOFTHSM: &str = "/usr/lib/softhsm/libsofthsm2.so";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sidecars_with_their_keys_in_a_pkcs11_token() {
+    if !std::path::Path::new(SOFTHSM).exists() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "SoftHSM2 is missing in CI: scripts/setup installs it"
+        );
+        eprintln!("!!! SKIPPED: SoftHSM2 ({SOFTHSM}) is not installed; run scripts/setup");
+        return;
+    }
+    let mut s = secured_on(config(&web_yaml(1, "STRICT")), &["shop.web", "shop.client"]).await;
+    // A private SoftHSM2 token for both sidecars (the library reads its config from the
+    // environment; only this test uses it).
+    let hsm = s.data.path().join("softhsm");
+    std::fs::create_dir_all(hsm.join("tokens")).unwrap();
+    let conf = hsm.join("softhsm2.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
+            hsm.join("tokens").display()
+        ),
+    )
+    .unwrap();
+    std::env::set_var("SOFTHSM2_CONF", &conf);
+    let init = std::process::Command::new("softhsm2-util")
+        .args([
+            "--init-token",
+            "--free",
+            "--label",
+            "mesh",
+            "--pin",
+            "1234",
+            "--so-pin",
+            "5678",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    let pin = hsm.join("pin");
+    std::fs::write(&pin, "1234\n").unwrap();
+    s.pkcs11 = Some(hypha_keys::pkcs11::TokenConfig {
+        module: SOFTHSM.into(),
+        label: "mesh".into(),
+        pin: hypha_keys::pkcs11::PinSource::File(pin),
+        threads: 2,
+    });
+    let p = pair(&s, "web", |port| web_yaml(port, "STRICT")).await;
+    let body = get_until_ok(
+        p.client.http_proxy[0],
+        "http://web.shop.svc.cluster.local/k",
+    )
+    .await;
+    assert_eq!(body, "web /k -");
+    for r in [&p.server, &p.client] {
+        let creds = r.identity.as_ref().unwrap().load();
+        let described = format!("{:?}", creds.identity);
+        assert!(
+            described.contains("PKCS#11 token") && described.contains("mesh"),
+            "{described}"
+        );
+        // The TLS contexts hold no private key: the token signs every handshake.
+        assert!(creds.server.context().private_key().is_none());
+    }
 }
