@@ -123,6 +123,15 @@ spec:
   http:
   - route: [{{destination: {{host: flaky}}}}]
     retries: {{attempts: 3, retryOn: 5xx}}
+---
+# Round robin, not Istio's default least request (two random choices): the tests count how
+# often the failing instance is tried, which must not depend on coin flips.
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: flaky, namespace: shop}}
+spec:
+  host: flaky.shop.svc.cluster.local
+  trafficPolicy: {{loadBalancer: {{simple: ROUND_ROBIN}}}}
 "#,
         good = flaky.0,
         bad = flaky.1,
