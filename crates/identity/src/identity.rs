@@ -58,18 +58,27 @@ impl KeyKind {
     }
 }
 
-/// A PEM CSR for `spiffe_id` (its only SAN), signed by `key`.
-pub fn csr_pem(key: &PKey<Private>, spiffe_id: &str) -> Result<Vec<u8>, IdentityError> {
+/// A CSR for `public` with `spiffe_id` as its only SAN, signed by `signer`.
+fn csr<T: boring::pkey::HasPublic>(
+    public: &boring::pkey::PKeyRef<T>,
+    spiffe_id: &str,
+    signer: &PKey<Private>,
+) -> Result<X509Req, IdentityError> {
     let mut b = X509Req::builder()?;
-    b.set_pubkey(key)?;
+    b.set_pubkey(public)?;
     let san = SubjectAlternativeName::new()
         .uri(spiffe_id)
         .build(&b.x509v3_context(None))?;
     let mut exts = Stack::new()?;
     exts.push(san)?;
     b.add_extensions(&exts)?;
-    b.sign(key, MessageDigest::sha256())?;
-    Ok(b.build().to_pem()?)
+    b.sign(signer, MessageDigest::sha256())?;
+    Ok(b.build())
+}
+
+/// A PEM CSR for `spiffe_id` (its only SAN), signed by `key`.
+pub fn csr_pem(key: &PKey<Private>, spiffe_id: &str) -> Result<Vec<u8>, IdentityError> {
+    Ok(csr(key, spiffe_id, key)?.to_pem()?)
 }
 
 /// A PEM CSR for `spiffe_id` signed by a key provider (a key in a token, which cannot sign
@@ -92,16 +101,7 @@ pub async fn csr_pem_with(
             SslSignatureAlgorithm::RSA_PKCS1_SHA256,
         )
     };
-    let mut b = X509Req::builder()?;
-    b.set_pubkey(public)?;
-    let san = SubjectAlternativeName::new()
-        .uri(spiffe_id)
-        .build(&b.x509v3_context(None))?;
-    let mut exts = Stack::new()?;
-    exts.push(san)?;
-    b.add_extensions(&exts)?;
-    b.sign(&throwaway, MessageDigest::sha256())?;
-    let draft = b.build().to_der()?;
+    let draft = csr(public, spiffe_id, &throwaway)?.to_der()?;
     let (info, alg) = hypha_ca::der::split_signed(&draft)?;
     let signature = key.sign(scheme, info).await?;
     let signed = hypha_ca::der::join_signed(info, alg, &signature);

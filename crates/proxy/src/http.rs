@@ -237,12 +237,6 @@ where
     F: Future<Output = Response<Body>> + Send + 'static,
 {
     let _open = drain.open();
-    let service = hyper::service::service_fn(move |req| {
-        // Boxed once: the request's future holds the whole route-to-upstream state (KiBs),
-        // and hyper moves what `call` returns several times.
-        let response = Box::pin(handle(req, peer));
-        async move { Ok::<_, Infallible>(response.await) }
-    });
     let mut drain = drain;
     // HTTP/2 with prior knowledge or HTTP/1.1, told apart once by peeking at the first bytes,
     // then served by hyper's own connection for that version (no per-read sniffing layer).
@@ -256,7 +250,7 @@ where
         },
         () = drain.started() => return,
     };
-    serve_io(stream, h2, peer, drain, service).await;
+    serve_io(stream, h2, peer, drain, handle).await;
 }
 
 /// Serves HTTP/2 (`h2`) or HTTP/1.1 on an established downstream connection (a TLS one, whose
@@ -268,21 +262,21 @@ where
     F: Future<Output = Response<Body>> + Send + 'static,
 {
     let _open = drain.open();
+    serve_io(stream, h2, peer, drain, handle).await;
+}
+
+async fn serve_io<S, H, F>(stream: S, h2: bool, peer: SocketAddr, mut drain: Drain, handle: H)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    H: Fn(Request<Incoming>, SocketAddr) -> F + Send + Sync + 'static,
+    F: Future<Output = Response<Body>> + Send + 'static,
+{
     let service = hyper::service::service_fn(move |req| {
+        // Boxed once: the request's future holds the whole route-to-upstream state (KiBs),
+        // and hyper moves what `call` returns several times.
         let response = Box::pin(handle(req, peer));
         async move { Ok::<_, Infallible>(response.await) }
     });
-    serve_io(stream, h2, peer, drain, service).await;
-}
-
-async fn serve_io<S, Svc>(stream: S, h2: bool, peer: SocketAddr, mut drain: Drain, service: Svc)
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-    Svc: hyper::service::Service<Request<Incoming>, Response = Response<Body>, Error = Infallible>
-        + Send
-        + 'static,
-    Svc::Future: Send + 'static,
-{
     let io = TokioIo::new(stream);
     let result = if h2 {
         let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
