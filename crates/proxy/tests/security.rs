@@ -445,21 +445,8 @@ async fn a_server_that_is_not_who_the_service_runs_as_is_refused() {
     s.cp.update(config(
         &web_yaml(inbound, "STRICT").replace("serviceAccount: web,", "serviceAccount: impostor,"),
     ));
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let (status, body, _) = get(
-            p.client.http_proxy[0],
-            "http://web.shop.svc.cluster.local/",
-            &[],
-        )
-        .await;
-        if status == 200 {
-            assert_eq!(body, "web / -");
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "still {status}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let body = get_until_ok(p.client.http_proxy[0], "http://web.shop.svc.cluster.local/").await;
+    assert_eq!(body, "web / -");
 }
 
 /// Two tenants with their own signers: `a` (namespace `shop`, and the control plane's) and
@@ -511,16 +498,7 @@ async fn tenants_do_not_trust_each_other_until_the_mesh_config_shares_their_root
     // same sidecars, with the same certificates, now connect.
     let port = p.server.inbound[0].port();
     s.cp.update(config(&web_yaml_with(&tenants_mesh(true), port, "STRICT")));
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let (status, body, _) = get(p.client.http_proxy[0], url, &[]).await;
-        if status == 200 {
-            assert_eq!(body, "web / -");
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "still {status}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    assert_eq!(get_until_ok(p.client.http_proxy[0], url).await, "web / -");
     for r in [&p.server, &p.client] {
         assert_eq!(
             r.identity.as_ref().unwrap().load().identity.roots().len(),
