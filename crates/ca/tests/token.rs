@@ -547,3 +547,90 @@ fn a_wrong_pin_a_missing_token_or_no_policy_fail_clearly() {
     );
     assert!(files(data.path()).is_empty());
 }
+
+/// The rotation docs/security.md describes, with today's config: a second signer (new
+/// keyLabel) in a placeholder tenant both tenants trust, then the signers swapped, then the old
+/// one retired. Certificates of the old root keep verifying until it is retired.
+#[test]
+fn rotating_a_token_key_overlaps_the_old_and_new_roots() {
+    let Some((hsm, _turn)) = setup() else { return };
+    let data = tempfile::tempdir().unwrap();
+    let signer = |name: &str, key: &str| {
+        format!(
+            "  - name: {name}
+    key:
+      pkcs11:
+        module: {MODULE}
+        tokenLabel: {TOKEN}
+        pinFile: {}
+        keyLabel: {key}
+        attestation: {{allow: {{labels: [{TOKEN}]}}}}
+",
+            hsm.pin_file().display()
+        )
+    };
+    let stage = |signers: &str, tenants: &str| {
+        let yaml = format!(
+            "apiVersion: hypha.dev/v1alpha1
+kind: MeshConfig
+metadata: {{name: mesh}}
+spec:
+  signers:
+{signers}  tenants:
+{tenants}"
+        );
+        let loaded = hypha_config::load_str("mesh.yaml", &yaml);
+        assert!(!loaded.has_errors(), "{yaml}");
+        Ca::from_mesh(&loaded.config.mesh, data.path()).unwrap()
+    };
+    let both = format!(
+        "{}{}",
+        signer("ca-1", "rotate-1"),
+        signer("ca-2", "rotate-2")
+    );
+
+    let before = stage(
+        &signer("ca-1", "rotate-1"),
+        "  - {name: mesh, namespaces: ['*'], signer: ca-1}\n",
+    );
+    let old_root = before.trust_bundle("mesh").unwrap();
+    let old_cert = issue(&before);
+    drop(before);
+
+    // 1. The new key and root, trusted by everyone before anyone is issued from it.
+    let overlap = stage(
+        &both,
+        "  - {name: mesh, namespaces: ['*'], signer: ca-1, trustTenants: [next]}
+  - {name: next, namespaces: [hypha-rotation], signer: ca-2, trustTenants: [mesh]}
+",
+    );
+    let bundle = overlap.trust_bundle("mesh").unwrap();
+    assert_eq!(bundle.len(), 2);
+    assert_eq!(bundle[0], old_root[0]);
+    let new_root = bundle[1].clone();
+    drop(overlap);
+
+    // 2. Switched: new certificates come from the new key; old ones still verify.
+    let switched = stage(
+        &both,
+        "  - {name: mesh, namespaces: ['*'], signer: ca-2, trustTenants: [prev]}
+  - {name: prev, namespaces: [hypha-rotation], signer: ca-1, trustTenants: [mesh]}
+",
+    );
+    let bundle = switched.trust_bundle("mesh").unwrap();
+    assert_eq!(bundle, vec![new_root.clone(), old_root[0].clone()]);
+    let new_cert = issue(&switched);
+    assert!(verifies(&new_cert, std::slice::from_ref(&new_root)));
+    assert!(!verifies(&new_cert, &old_root));
+    assert!(verifies(&old_cert, &bundle));
+    openssl_verifies(&new_cert[0], &new_root);
+    drop(switched);
+
+    // 3. Retired: only the new root is trusted.
+    let after = stage(
+        &signer("ca-2", "rotate-2"),
+        "  - {name: mesh, namespaces: ['*'], signer: ca-2}\n",
+    );
+    assert_eq!(after.trust_bundle("mesh").unwrap(), vec![new_root]);
+    assert!(!verifies(&old_cert, &after.trust_bundle("mesh").unwrap()));
+}
