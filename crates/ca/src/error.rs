@@ -33,8 +33,20 @@ pub enum CaError {
     UnknownTrustedTenant { tenant: String, trusted: String },
     #[error("tenant {tenant:?} names unknown signer {signer:?}")]
     UnknownSigner { tenant: String, signer: String },
-    #[error("signer {0:?}: PKCS#11 keys are not supported yet (file keys only)")]
-    SignerKindUnsupported(String),
+    #[error(
+        "signer {0:?}: a PKCS#11 key needs exactly one attestation policy (`allow` or `command`)"
+    )]
+    NoAttestation(String),
+    #[error(transparent)]
+    AttestationRefused(Box<Refused>),
+    #[error("signer {signer:?}: PKCS#11 token {token:?}: {source}")]
+    Token {
+        signer: String,
+        token: String,
+        source: Box<hypha_keys::KeyError>,
+    },
+    #[error(transparent)]
+    TokenKey(Box<TokenKeyError>),
     #[error("{}: {source}", path.display())]
     Io {
         path: PathBuf,
@@ -54,6 +66,28 @@ pub enum CaError {
     Sign(String),
     #[error("crypto library: {0}")]
     Crypto(#[from] boring::error::ErrorStack),
+}
+
+/// A token the attestation step refused (boxed in [`CaError`]: errors stay small).
+#[derive(Debug, thiserror::Error)]
+#[error("signer {signer:?}: token {token:?} (serial {serial:?}) refused by attestation ({attestor}): {reason}")]
+pub struct Refused {
+    pub signer: String,
+    pub token: String,
+    pub serial: String,
+    /// The policy that refused, e.g. `allow list`.
+    pub attestor: String,
+    pub reason: String,
+}
+
+/// A token-held CA key that cannot be used as it is.
+#[derive(Debug, thiserror::Error)]
+#[error("signer {signer:?}: key {key_label:?} in token {token:?}: {problem}")]
+pub struct TokenKeyError {
+    pub signer: String,
+    pub token: String,
+    pub key_label: String,
+    pub problem: String,
 }
 
 impl CaError {

@@ -4,17 +4,21 @@
 //! side build on this.
 //!
 //! - [`signer`]: the [`Signer`] seam (a CA certificate plus "sign these bytes") and the file-key
-//!   implementation; the PKCS#11 signer of the key-provider issue plugs in here.
+//!   implementation.
+//! - [`token`]: the signer whose key lives in a PKCS#11 token, after [`attest`] approves the
+//!   token.
 //! - [`issue`]: what a CSR must satisfy and how a leaf certificate is built.
 //! - [`tenants`]: [`Ca`], one signer per tenant, and each tenant's trust bundle.
 //! - [`service`]: Istio's CA gRPC API over [`Ca`], with caller authentication
 //!   ([`service::Authenticator`], join tokens first).
 
+pub mod attest;
 pub mod error;
 pub mod issue;
 pub mod service;
 pub mod signer;
 pub mod tenants;
+pub mod token;
 
 pub mod der;
 
@@ -23,3 +27,4 @@ pub use issue::{Caller, Issued, DEFAULT_MAX_VALIDITY};
 pub use service::{Authenticator, CaService, JoinTokens};
 pub use signer::{FileSigner, Signer};
 pub use tenants::{Ca, TenantCa};
+pub use token::{TokenSigner, TokenSignerConfig};

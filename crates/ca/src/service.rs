@@ -295,7 +295,7 @@ impl IstioCertificateService for CaService {
             .map(Duration::from_secs)
             .map_err(|_| Status::invalid_argument("validity_duration is negative"))?;
         let ca = self.ca.clone();
-        // Signing may block (a PKCS#11 token, next issue): keep it off the async workers.
+        // Signing may wait for a PKCS#11 token (`TokenSigner`): keep it off the async workers.
         let issued = tokio::task::spawn_blocking(move || {
             ca.issue(&caller, req.csr.as_bytes(), requested)
                 .map_err(|e| (caller, e))

@@ -1,6 +1,6 @@
 //! The seam between issuing certificates and holding a CA key: a [`Signer`] shows its CA
-//! certificate and signs bytes, nothing more, so the key can live in a file today and in a
-//! PKCS#11 token (issue 5) without the issuing code changing.
+//! certificate and signs bytes, nothing more, so the key can live in a file or in a PKCS#11
+//! token ([`crate::TokenSigner`]) without the issuing code changing.
 //!
 //! [`FileSigner`]: an ECDSA P-256 key and self-signed root in a directory, created on first start
 //! (key file created 0600 from the first byte), loaded and checked on later starts.
@@ -26,7 +26,7 @@ use crate::{der, CaError};
 pub const ROOT_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
 const KEY_FILE: &str = "ca-key.pem";
-const CERT_FILE: &str = "ca-cert.pem";
+pub(crate) const CERT_FILE: &str = "ca-cert.pem";
 
 /// A CA key holder. Only P-256 ECDSA with SHA-256 for now: the certificate builder stamps that
 /// algorithm into what it asks the signer to sign.
@@ -236,7 +236,7 @@ fn ecdsa_sha256(key: &PKeyRef<Private>, data: &[u8]) -> Result<Vec<u8>, CaError>
 
 /// Writes `bytes` to a new file created with `mode` (never wider, even briefly), via a temp
 /// file in the same directory renamed into place.
-fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<(), CaError> {
+pub(crate) fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<(), CaError> {
     let tmp = path.with_extension("tmp");
     let _ = fs::remove_file(&tmp);
     let mut f = OpenOptions::new()

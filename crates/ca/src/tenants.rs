@@ -11,7 +11,7 @@ use std::time::Duration;
 use hypha_config::MeshConfig;
 
 use crate::issue::{issue, Caller, Issued};
-use crate::{CaError, FileSigner, Signer};
+use crate::{CaError, FileSigner, Signer, TokenSigner, TokenSignerConfig};
 
 /// One tenant as the CA sees it.
 #[derive(Clone)]
@@ -63,7 +63,13 @@ impl Ca {
     }
 
     /// A CA for a (validated) mesh config: file signers under `data_dir/<signer name>` (or the
-    /// signer's configured dir), created on first start. Tenants sharing a signer share its root.
+    /// signer's configured dir), created on first start; token signers (`pkcs11`) attested,
+    /// their keys in the token and their roots under `data_dir/<signer name>`. Tenants sharing
+    /// a signer share its root.
+    ///
+    /// With a token signer this waits for the token, as [`Ca::issue`] then does: call both
+    /// where blocking is allowed (a `spawn_blocking` task, a plain thread), never on an async
+    /// runtime's worker (see [`crate::token`]).
     pub fn from_mesh(mesh: &MeshConfig, data_dir: &Path) -> Result<Ca, CaError> {
         let mut signers: HashMap<&str, (Arc<dyn Signer>, Duration)> = HashMap::new();
         let mut tenants = Vec::new();
@@ -77,18 +83,25 @@ impl Ca {
                         tenant: t.name.clone(),
                         signer: t.signer.clone(),
                     })?;
-                if cfg.key.pkcs11.is_some() {
-                    return Err(CaError::SignerKindUnsupported(cfg.name.clone()));
-                }
-                let dir = match cfg.key.file.as_ref().and_then(|f| f.dir.as_deref()) {
-                    Some(d) => Path::new(d).to_path_buf(),
-                    None => data_dir.join(&cfg.name),
+                let common_name = format!("Hypha mesh CA {}", cfg.name);
+                let signer: Arc<dyn Signer> = if let Some(p) = &cfg.key.pkcs11 {
+                    Arc::new(TokenSigner::open_or_create(
+                        &TokenSignerConfig::from_mesh(&cfg.name, p)?,
+                        &data_dir.join(&cfg.name),
+                        &mesh.trust_domain,
+                        &common_name,
+                    )?)
+                } else {
+                    let dir = match cfg.key.file.as_ref().and_then(|f| f.dir.as_deref()) {
+                        Some(d) => Path::new(d).to_path_buf(),
+                        None => data_dir.join(&cfg.name),
+                    };
+                    Arc::new(FileSigner::open_or_create(
+                        &dir,
+                        &mesh.trust_domain,
+                        &common_name,
+                    )?)
                 };
-                let signer: Arc<dyn Signer> = Arc::new(FileSigner::open_or_create(
-                    &dir,
-                    &mesh.trust_domain,
-                    &format!("Hypha mesh CA {}", cfg.name),
-                )?);
                 let entry = (signer, cfg.max_certificate_ttl.0);
                 signers.insert(&cfg.name, entry.clone());
                 entry
@@ -122,6 +135,7 @@ impl Ca {
     }
 
     /// Issues a certificate for `caller` from its tenant's signer. See [`crate::issue::issue`].
+    /// May wait for a token signer: see [`Ca::from_mesh`] for where it may be called.
     pub fn issue(
         &self,
         caller: &Caller,

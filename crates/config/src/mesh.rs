@@ -94,6 +94,47 @@ pub struct Pkcs11Key {
     #[serde(default)]
     pub pin_env: Option<String>,
     pub key_label: String,
+    /// How the token is approved before the CA uses it. Required: without one the signer is
+    /// refused (default deny).
+    #[serde(default)]
+    pub attestation: Option<Attestation>,
+}
+
+/// An attestation policy for a token: exactly one of `allow` and `command`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Attestation {
+    #[serde(default)]
+    pub allow: Option<AllowList>,
+    #[serde(default)]
+    pub command: Option<AttestationCommand>,
+}
+
+/// Tokens the CA may use, by what they report (`C_GetTokenInfo`): a token passes if it matches
+/// every list that is not empty.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AllowList {
+    #[serde(default)]
+    pub labels: Vec<String>,
+    #[serde(default)]
+    pub serial_numbers: Vec<String>,
+    #[serde(default)]
+    pub manufacturers: Vec<String>,
+}
+
+/// A program that judges the token (an SGX quote verifier, for instance): given the token's
+/// details and a nonce as JSON on stdin, it approves by exiting 0 with the nonce on stdout.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AttestationCommand {
+    /// Absolute path of the program.
+    pub path: String,
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// How long the program may take before it is killed and the token refused.
+    #[serde(default = "default_attestation_timeout")]
+    pub timeout: Duration,
 }
 
 /// A set of namespaces with one signer.
@@ -154,6 +195,10 @@ fn default_ip_families() -> Vec<IpFamily> {
 
 fn default_max_ttl() -> Duration {
     Duration(std::time::Duration::from_secs(24 * 3600))
+}
+
+fn default_attestation_timeout() -> Duration {
+    Duration(std::time::Duration::from_secs(10))
 }
 
 fn default_signers() -> Vec<Signer> {

@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 
 use crate::diag::{Diagnostics, Source};
+use crate::mesh::Pkcs11Key;
 use crate::networking::{
     ConnectionPoolSettings, Destination, DestinationRule, HeaderOperations, Headers, HttpRoute,
     LoadBalancerSettings, OutlierDetection, Resolution, ServiceEntry, StringMatch, StringMatchKind,
@@ -133,14 +134,7 @@ impl<'a> Validator<'a> {
                 );
             }
             if let Some(p) = &s.key.pkcs11 {
-                if p.pin_file.is_some() == p.pin_env.is_some() {
-                    diags.error(
-                        "signer-key",
-                        src,
-                        format!("{path}.key.pkcs11"),
-                        "exactly one of `pinFile` and `pinEnv` is required",
-                    );
-                }
+                pkcs11_key(p, src, &format!("{path}.key.pkcs11"), diags);
             }
             if s.max_certificate_ttl.as_std().is_zero() {
                 diags.error(
@@ -1499,6 +1493,99 @@ fn is_dns_label(s: &str) -> bool {
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
         && !s.starts_with('-')
         && !s.ends_with('-')
+}
+
+/// A token-held signer key: where the token is, and the attestation policy that must approve it
+/// (none is an error: a token nobody vouched for is never used).
+fn pkcs11_key(p: &Pkcs11Key, src: &Source, path: &str, diags: &mut Diagnostics) {
+    if p.pin_file.is_some() == p.pin_env.is_some() {
+        diags.error(
+            "signer-key",
+            src,
+            path,
+            "exactly one of `pinFile` and `pinEnv` is required",
+        );
+    }
+    for (field, value) in [
+        ("module", &p.module),
+        ("tokenLabel", &p.token_label),
+        ("keyLabel", &p.key_label),
+    ] {
+        if value.trim().is_empty() {
+            diags.error(
+                "signer-key",
+                src,
+                format!("{path}.{field}"),
+                format!("`{field}` must not be empty"),
+            );
+        }
+    }
+    let Some(a) = &p.attestation else {
+        diags.error(
+            "no-attestation",
+            src,
+            path,
+            "a pkcs11 signer needs an `attestation` policy (`allow` or `command`) that approves \
+             the token before the CA uses it",
+        );
+        return;
+    };
+    let path = format!("{path}.attestation");
+    if a.allow.is_some() == a.command.is_some() {
+        diags.error(
+            "attestation",
+            src,
+            &path,
+            "exactly one of `allow` and `command` is required",
+        );
+    }
+    if let Some(allow) = &a.allow {
+        if allow.labels.is_empty()
+            && allow.serial_numbers.is_empty()
+            && allow.manufacturers.is_empty()
+        {
+            diags.error(
+                "attestation",
+                src,
+                format!("{path}.allow"),
+                "an allow list needs at least one of `labels`, `serialNumbers`, `manufacturers`",
+            );
+        }
+        for (field, list) in [
+            ("labels", &allow.labels),
+            ("serialNumbers", &allow.serial_numbers),
+            ("manufacturers", &allow.manufacturers),
+        ] {
+            for (i, v) in list.iter().enumerate() {
+                if v.trim().is_empty() {
+                    diags.error(
+                        "attestation",
+                        src,
+                        format!("{path}.allow.{field}[{i}]"),
+                        "an empty entry matches no token",
+                    );
+                }
+            }
+        }
+    }
+    if let Some(c) = &a.command {
+        if !c.path.starts_with('/') {
+            diags.error(
+                "attestation",
+                src,
+                format!("{path}.command.path"),
+                format!("{:?} is not an absolute path", c.path),
+            );
+        }
+        if c.timeout.as_std().is_zero() {
+            diags.error(
+                "invalid-value",
+                src,
+                format!("{path}.command.timeout"),
+                "timeout must be positive",
+            );
+        }
+    }
 }
 
 fn is_dns_name(s: &str) -> bool {

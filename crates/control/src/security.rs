@@ -41,6 +41,8 @@ pub enum SecurityError {
     Identity(#[from] hypha_identity::IdentityError),
     #[error("{0}: {1}")]
     Write(PathBuf, std::io::Error),
+    #[error("issuing task failed: {0}")]
+    Task(String),
 }
 
 /// Over TLS, a proxy gets the config of its own identity only: the namespace and service
@@ -90,6 +92,9 @@ impl std::fmt::Debug for Secure {
 impl Secure {
     /// Opens (or creates on first start) the CA's signers under `data_dir`, reads the join
     /// tokens, issues the control plane's certificate and writes `data_dir/root-cert.pem`.
+    ///
+    /// With a token-held signer this waits for the token: call it where blocking is allowed
+    /// (`run` does, under `spawn_blocking`), not on an async worker thread.
     pub fn open(
         mesh: &MeshConfig,
         data_dir: &Path,
@@ -170,7 +175,12 @@ impl Secure {
                 .duration_since(SystemTime::now())
                 .unwrap_or_default();
             tokio::time::sleep(wait).await;
-            match self.reissue() {
+            // Issuing may wait for a token-held signer: off the async workers.
+            let (ca, caller, roots) = (self.ca.clone(), self.caller.clone(), self.roots.clone());
+            let reissued = tokio::task::spawn_blocking(move || reissue(&ca, &caller, &roots))
+                .await
+                .unwrap_or_else(|e| Err(SecurityError::Task(e.to_string())));
+            match reissued {
                 Ok(c) => {
                     tracing::info!(identity = %c.identity.id(), "control plane certificate rotated");
                     self.own.replace(c);
@@ -182,16 +192,17 @@ impl Secure {
             }
         }
     }
+}
 
-    fn reissue(&self) -> Result<Credentials, SecurityError> {
-        let own: Identity = issue_local(&self.ca, &self.caller, OWN_VALIDITY, &self.roots)?;
-        Ok(Credentials::new(own, ClientCert::Optional)?)
-    }
+fn reissue(ca: &Ca, caller: &Caller, roots: &[String]) -> Result<Credentials, SecurityError> {
+    let own: Identity = issue_local(ca, caller, OWN_VALIDITY, roots)?;
+    Ok(Credentials::new(own, ClientCert::Optional)?)
 }
 
 /// `hypha ca issue`: a key and certificate for one identity from the CA in `data_dir`, written
 /// to `out` as `key.pem` (0600), `cert-chain.pem` (leaf first) and `root-cert.pem` (the
 /// identity's trust bundle): for peers that are not Hypha, which need their key in a file.
+/// Blocks like [`Secure::open`]; `hypha ca issue` calls it with no async runtime at all.
 pub fn issue_files(
     mesh: &MeshConfig,
     data_dir: &Path,

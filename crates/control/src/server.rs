@@ -414,11 +414,16 @@ pub async fn run(
         Some(s) => {
             std::fs::create_dir_all(&s.data_dir)
                 .map_err(|e| RunError::DataDir(s.data_dir.clone(), e))?;
-            Some(Arc::new(crate::security::Secure::open(
-                &cfg.mesh,
-                &s.data_dir,
-                s.join_tokens.as_deref(),
-            )?))
+            // A token-held signer waits for its token while the CA opens and issues the
+            // control plane's certificate: not on this runtime's threads.
+            let (mesh, data_dir, tokens) =
+                (cfg.mesh.clone(), s.data_dir.clone(), s.join_tokens.clone());
+            let secure = tokio::task::spawn_blocking(move || {
+                crate::security::Secure::open(&mesh, &data_dir, tokens.as_deref())
+            })
+            .await
+            .map_err(|e| RunError::Start(e.to_string()))??;
+            Some(Arc::new(secure))
         }
         None => None,
     };
@@ -494,4 +499,6 @@ pub enum RunError {
     DataDir(PathBuf, std::io::Error),
     #[error(transparent)]
     Security(#[from] crate::security::SecurityError),
+    #[error("start-up task failed: {0}")]
+    Start(String),
 }

@@ -5,6 +5,10 @@
 //! session ([`Token`]); a signature is a job sent to the pool and a future that resolves when
 //! a thread has done it. A token that takes 50 ms per signature slows only the handshakes that
 //! wait for one; the async runtime keeps serving everything else.
+//!
+//! Start-up code that has no runtime to await on (the CA opening its signer) uses the
+//! `*_blocking` forms, which wait on the calling thread: never an async worker (they panic there,
+//! through tokio's `blocking_recv`, rather than stall the runtime).
 
 use std::path::PathBuf;
 use std::sync::mpsc;
@@ -21,7 +25,7 @@ use boring::ssl::SslSignatureAlgorithm;
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::mechanism::rsa::{PkcsMgfType, PkcsPssParams};
 use cryptoki::mechanism::{Mechanism, MechanismType};
-use cryptoki::object::{Attribute, AttributeType, ObjectHandle};
+use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
 use cryptoki::session::{Session, UserType};
 use cryptoki::types::AuthPin;
 
@@ -64,6 +68,17 @@ pub struct TokenConfig {
     pub threads: usize,
 }
 
+/// What a token says about itself (`C_GetTokenInfo`, padding trimmed) and the module it is
+/// reached through: what an attestation policy judges before the token is logged in to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenInfo {
+    pub module: PathBuf,
+    pub label: String,
+    pub manufacturer_id: String,
+    pub model: String,
+    pub serial_number: String,
+}
+
 /// The kind of key generated in a token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TokenKeyKind {
@@ -71,18 +86,28 @@ pub enum TokenKeyKind {
     Rsa(u32),
 }
 
+/// Where a token thread sends the outcome of a job.
+type Reply<T> = tokio::sync::oneshot::Sender<Result<T, KeyError>>;
+
+/// A key found or generated in the token, as a token thread hands it back.
+type Found = (ObjectHandle, PKey<Public>, TokenKeyKind);
+
 enum Job {
+    Find {
+        label: String,
+        reply: Reply<Option<Found>>,
+    },
     Generate {
         kind: TokenKeyKind,
         label: String,
         persistent: bool,
-        reply: tokio::sync::oneshot::Sender<Result<(ObjectHandle, PKey<Public>), KeyError>>,
+        reply: Reply<(ObjectHandle, PKey<Public>)>,
     },
     Sign {
         key: ObjectHandle,
         mechanism: Mech,
         data: Vec<u8>,
-        reply: tokio::sync::oneshot::Sender<Result<Vec<u8>, KeyError>>,
+        reply: Reply<Vec<u8>>,
     },
 }
 
@@ -126,6 +151,15 @@ impl std::fmt::Debug for Token {
 impl Token {
     /// Loads the module, finds the token by label, logs in and starts the threads.
     pub fn open(cfg: &TokenConfig) -> Result<Arc<Token>, KeyError> {
+        Self::open_checked(cfg, |_| Ok::<(), KeyError>(()))
+    }
+
+    /// [`Token::open`], with `check` judging the token's [`TokenInfo`] first: a token it refuses
+    /// is never logged in to (its PIN is not even read).
+    pub fn open_checked<E: From<KeyError>>(
+        cfg: &TokenConfig,
+        check: impl FnOnce(&TokenInfo) -> Result<(), E>,
+    ) -> Result<Arc<Token>, E> {
         let pkcs11 = Pkcs11::new(&cfg.module)
             .map_err(|e| backend(format!("{}: {e}", cfg.module.display())))?;
         match pkcs11.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
@@ -136,18 +170,33 @@ impl Token {
                 cryptoki::error::RvError::CryptokiAlreadyInitialized,
                 _,
             )) => {}
-            Err(e) => return Err(backend(e)),
+            Err(e) => return Err(backend(e).into()),
         }
-        let slot = pkcs11
+        let (slot, info) = pkcs11
             .get_slots_with_token()
             .map_err(backend)?
             .into_iter()
-            .find(|s| {
-                pkcs11
-                    .get_token_info(*s)
-                    .is_ok_and(|i| i.label().trim_end() == cfg.label)
+            .find_map(|s| {
+                let i = pkcs11.get_token_info(s).ok()?;
+                (i.label().trim_end() == cfg.label).then_some((s, i))
             })
             .ok_or_else(|| backend(format!("no token labelled {:?}", cfg.label)))?;
+        check(&TokenInfo {
+            module: cfg.module.clone(),
+            label: info.label().trim_end().to_owned(),
+            manufacturer_id: info.manufacturer_id().trim_end().to_owned(),
+            model: info.model().trim_end().to_owned(),
+            serial_number: info.serial_number().trim_end().to_owned(),
+        })?;
+        Ok(Self::start(&pkcs11, slot, cfg)?)
+    }
+
+    /// Logs in and starts the threads, a session each.
+    fn start(
+        pkcs11: &Pkcs11,
+        slot: cryptoki::slot::Slot,
+        cfg: &TokenConfig,
+    ) -> Result<Arc<Token>, KeyError> {
         let pin = cfg.pin.read()?;
         let (tx, rx) = mpsc::channel::<Job>();
         let rx = Arc::new(Mutex::new(rx));
@@ -163,7 +212,9 @@ impl Token {
                         cryptoki::error::RvError::UserAlreadyLoggedIn,
                         _,
                     )) => {}
-                    Err(e) => return Err(backend(e)),
+                    Err(e) => {
+                        return Err(backend(format!("logging in to token {:?}: {e}", cfg.label)))
+                    }
                 }
                 logged_in = true;
             }
@@ -187,6 +238,30 @@ impl Token {
             .map_err(|_| backend("the token's threads are gone"))
     }
 
+    /// Sends a job to the pool; the receiver gets its outcome.
+    fn request<T>(
+        &self,
+        job: impl FnOnce(Reply<T>) -> Job,
+    ) -> Result<tokio::sync::oneshot::Receiver<Result<T, KeyError>>, KeyError> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        self.submit(job(reply))?;
+        Ok(rx)
+    }
+
+    fn key(
+        self: &Arc<Self>,
+        handle: ObjectHandle,
+        public: PKey<Public>,
+        kind: TokenKeyKind,
+    ) -> TokenKey {
+        TokenKey {
+            token: self.clone(),
+            handle,
+            public,
+            kind,
+        }
+    }
+
     /// Generates a key pair inside the token (sensitive, not extractable); only its public
     /// half ever leaves. A `persistent` key is a token object (a CA key); otherwise a session
     /// object, gone when this process closes its sessions (a workload key, renewed anyway).
@@ -196,21 +271,48 @@ impl Token {
         label: &str,
         persistent: bool,
     ) -> Result<TokenKey, KeyError> {
-        let (reply, rx) = tokio::sync::oneshot::channel();
-        self.submit(Job::Generate {
+        let rx = self.request(|reply| Job::Generate {
             kind,
             label: label.to_owned(),
             persistent,
             reply,
         })?;
-        let (handle, public) = rx.await.map_err(|_| backend("the token's thread died"))??;
-        Ok(TokenKey {
-            token: self.clone(),
-            handle,
-            public,
-            kind,
-        })
+        let (handle, public) = rx.await.map_err(|_| thread_died())??;
+        Ok(self.key(handle, public, kind))
     }
+
+    /// [`Token::generate`], waiting on this thread (see the module docs).
+    pub fn generate_blocking(
+        self: &Arc<Self>,
+        kind: TokenKeyKind,
+        label: &str,
+        persistent: bool,
+    ) -> Result<TokenKey, KeyError> {
+        let rx = self.request(|reply| Job::Generate {
+            kind,
+            label: label.to_owned(),
+            persistent,
+            reply,
+        })?;
+        let (handle, public) = rx.blocking_recv().map_err(|_| thread_died())??;
+        Ok(self.key(handle, public, kind))
+    }
+
+    /// The persistent key (token object) labelled `label`, if the token holds one, waiting on
+    /// this thread (see the module docs). A key that could leave the token (not sensitive, or
+    /// extractable) is refused, as is a label on more than one private key.
+    pub fn find_blocking(self: &Arc<Self>, label: &str) -> Result<Option<TokenKey>, KeyError> {
+        let rx = self.request(|reply| Job::Find {
+            label: label.to_owned(),
+            reply,
+        })?;
+        let found = rx.blocking_recv().map_err(|_| thread_died())??;
+        Ok(found.map(|(handle, public, kind)| self.key(handle, public, kind)))
+    }
+}
+
+fn thread_died() -> KeyError {
+    backend("the token's thread died")
 }
 
 /// Each thread takes the next job and does it on its own session.
@@ -221,6 +323,9 @@ fn worker(session: &Session, jobs: &Mutex<mpsc::Receiver<Job>>) {
             Err(_) => return,
         };
         match job {
+            Job::Find { label, reply } => {
+                let _ = reply.send(find(session, &label));
+            }
             Job::Generate {
                 kind,
                 label,
@@ -286,7 +391,16 @@ fn generate(
     let (public_handle, private_handle) = session
         .generate_key_pair(&mechanism, &public_template, &private)
         .map_err(backend)?;
-    let public = match kind {
+    Ok((private_handle, public_key(session, public_handle, kind)?))
+}
+
+/// The public half of a key pair, read from its public key object.
+fn public_key(
+    session: &Session,
+    public_handle: ObjectHandle,
+    kind: TokenKeyKind,
+) -> Result<PKey<Public>, KeyError> {
+    Ok(match kind {
         TokenKeyKind::EcdsaP256 => {
             let attrs = session
                 .get_attributes(public_handle, &[AttributeType::EcPoint])
@@ -324,8 +438,95 @@ fn generate(
             };
             PKey::from_rsa(Rsa::from_public_components(n, e)?)?
         }
+    })
+}
+
+/// The one token object of `class` labelled `label`, if any.
+fn find_one(
+    session: &Session,
+    class: ObjectClass,
+    label: &str,
+) -> Result<Option<ObjectHandle>, KeyError> {
+    let found = session
+        .find_objects(&[
+            Attribute::Token(true),
+            Attribute::Class(class),
+            Attribute::Label(label.as_bytes().to_vec()),
+        ])
+        .map_err(backend)?;
+    match found.as_slice() {
+        [] => Ok(None),
+        [one] => Ok(Some(*one)),
+        more => Err(backend(format!(
+            "{} {class} objects are labelled {label:?}; expected one",
+            more.len()
+        ))),
+    }
+}
+
+fn find(session: &Session, label: &str) -> Result<Option<Found>, KeyError> {
+    let Some(private) = find_one(session, ObjectClass::PRIVATE_KEY, label)? else {
+        return Ok(None);
     };
-    Ok((private_handle, public))
+    let attrs = session
+        .get_attributes(
+            private,
+            &[
+                AttributeType::KeyType,
+                AttributeType::Sensitive,
+                AttributeType::Extractable,
+            ],
+        )
+        .map_err(backend)?;
+    let (mut key_type, mut sensitive, mut extractable) = (None, false, true);
+    for a in attrs {
+        match a {
+            Attribute::KeyType(t) => key_type = Some(t),
+            Attribute::Sensitive(v) => sensitive = v,
+            Attribute::Extractable(v) => extractable = v,
+            _ => {}
+        }
+    }
+    if !sensitive || extractable {
+        return Err(backend(format!(
+            "key {label:?} could leave the token (sensitive: {sensitive}, extractable: \
+             {extractable}); refusing to use it"
+        )));
+    }
+    let public = find_one(session, ObjectClass::PUBLIC_KEY, label)?
+        .ok_or_else(|| backend(format!("key {label:?} has no public key object")))?;
+    let kind = match key_type {
+        Some(KeyType::EC) => {
+            let attrs = session
+                .get_attributes(public, &[AttributeType::EcParams])
+                .map_err(backend)?;
+            match attrs.into_iter().next() {
+                Some(Attribute::EcParams(p)) if p == P256_PARAMS => TokenKeyKind::EcdsaP256,
+                _ => {
+                    return Err(backend(format!(
+                        "key {label:?} is on a curve other than P-256"
+                    )))
+                }
+            }
+        }
+        Some(KeyType::RSA) => {
+            let attrs = session
+                .get_attributes(public, &[AttributeType::Modulus])
+                .map_err(backend)?;
+            let Some(Attribute::Modulus(n)) = attrs.into_iter().next() else {
+                return Err(backend("the token returned no RSA modulus"));
+            };
+            let bits = u32::try_from(n.len() * 8).map_err(backend)?;
+            TokenKeyKind::Rsa(bits)
+        }
+        other => {
+            return Err(backend(format!(
+                "key {label:?} is of type {}, not ECDSA or RSA",
+                other.map_or_else(|| "unknown".to_owned(), |t| t.to_string())
+            )))
+        }
+    };
+    Ok(Some((private, public_key(session, public, kind)?, kind)))
 }
 
 /// A key that lives in a token.
@@ -397,6 +598,41 @@ impl TokenKey {
     }
 }
 
+impl TokenKey {
+    pub fn kind(&self) -> TokenKeyKind {
+        self.kind
+    }
+
+    /// [`KeyProvider::sign`], waiting on this thread (see the module docs): for callers that
+    /// are synchronous by nature, such as the CA's certificate builder.
+    pub fn sign_blocking(
+        &self,
+        algorithm: SslSignatureAlgorithm,
+        input: &[u8],
+    ) -> Result<Vec<u8>, KeyError> {
+        let (mechanism, data) = self.prepare(algorithm, input)?;
+        let rx = self.token.request(|reply| Job::Sign {
+            key: self.handle,
+            mechanism,
+            data,
+            reply,
+        })?;
+        let raw = rx.blocking_recv().map_err(|_| thread_died())??;
+        finish_signature(self.kind, raw)
+    }
+}
+
+/// PKCS#11 returns an ECDSA signature as r || s; TLS and X.509 want the DER ECDSA-Sig-Value.
+/// RSA signatures are already what they want.
+fn finish_signature(kind: TokenKeyKind, raw: Vec<u8>) -> Result<Vec<u8>, KeyError> {
+    if kind != TokenKeyKind::EcdsaP256 {
+        return Ok(raw);
+    }
+    let (r, s) = raw.split_at(raw.len() / 2);
+    let sig = EcdsaSig::from_private_components(BigNum::from_slice(r)?, BigNum::from_slice(s)?)?;
+    Ok(sig.to_der()?)
+}
+
 impl KeyProvider for TokenKey {
     fn public_key(&self) -> &PKey<Public> {
         &self.public
@@ -406,25 +642,17 @@ impl KeyProvider for TokenKey {
         let prepared = self.prepare(algorithm, input);
         let token = self.token.clone();
         let handle = self.handle;
-        let ecdsa = self.kind == TokenKeyKind::EcdsaP256;
+        let kind = self.kind;
         Box::pin(async move {
             let (mechanism, data) = prepared?;
-            let (reply, rx) = tokio::sync::oneshot::channel();
-            token.submit(Job::Sign {
+            let rx = token.request(|reply| Job::Sign {
                 key: handle,
                 mechanism,
                 data,
                 reply,
             })?;
-            let raw = rx.await.map_err(|_| backend("the token's thread died"))??;
-            if !ecdsa {
-                return Ok(raw);
-            }
-            // PKCS#11 returns r || s; TLS wants the DER ECDSA-Sig-Value.
-            let (r, s) = raw.split_at(raw.len() / 2);
-            let sig =
-                EcdsaSig::from_private_components(BigNum::from_slice(r)?, BigNum::from_slice(s)?)?;
-            Ok(sig.to_der()?)
+            let raw = rx.await.map_err(|_| thread_died())??;
+            finish_signature(kind, raw)
         })
     }
 

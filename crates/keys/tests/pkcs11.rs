@@ -9,8 +9,8 @@ use boring::hash::MessageDigest;
 use boring::rsa::Padding;
 use boring::sign::{RsaPssSaltlen, Verifier};
 use boring::ssl::SslSignatureAlgorithm;
-use hypha_keys::pkcs11::{PinSource, Token, TokenConfig, TokenKeyKind};
-use hypha_keys::KeyProvider;
+use hypha_keys::pkcs11::{PinSource, Token, TokenConfig, TokenInfo, TokenKeyKind};
+use hypha_keys::{KeyError, KeyProvider};
 
 const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
 
@@ -79,13 +79,23 @@ async fn keys_generated_in_softhsm2_sign_every_scheme() {
     });
     assert!(missing.is_err());
     std::env::set_var("HYPHA_TEST_PIN", "1234");
-    let token = Token::open(&TokenConfig {
+    let cfg = TokenConfig {
         module: MODULE.into(),
         label: "hypha-test".into(),
         pin: PinSource::Env("HYPHA_TEST_PIN".into()),
         threads: 2,
-    })
-    .unwrap();
+    };
+    // A check sees what the token says about itself and can refuse it before any login.
+    let refused = Token::open_checked(&cfg, |info: &TokenInfo| {
+        assert_eq!(info.label, "hypha-test");
+        assert_eq!(info.manufacturer_id, "SoftHSM project");
+        assert_eq!(info.model, "SoftHSM v2");
+        assert!(!info.serial_number.is_empty());
+        assert_eq!(info.module, Path::new(MODULE));
+        Err(KeyError::Backend("not this one".into()))
+    });
+    assert!(refused.unwrap_err().to_string().contains("not this one"));
+    let token = Token::open(&cfg).unwrap();
     let msg = b"a handshake transcript";
 
     let ec = token
@@ -141,6 +151,37 @@ async fn keys_generated_in_softhsm2_sign_every_scheme() {
         .sign(SslSignatureAlgorithm::RSA_PKCS1_SHA256, msg)
         .await
         .is_err());
+
+    // A persistent key is found again by its label (how the CA finds its key after a restart);
+    // session objects and unknown labels are not. Lookups wait, so they run off the runtime.
+    let persistent = token
+        .generate(TokenKeyKind::EcdsaP256, "ca-key", true)
+        .await
+        .unwrap();
+    let t = token.clone();
+    let (found, session_key, unknown) = tokio::task::spawn_blocking(move || {
+        (
+            t.find_blocking("ca-key").unwrap().unwrap(),
+            t.find_blocking("ec-key").unwrap(),
+            t.find_blocking("no-such-key").unwrap(),
+        )
+    })
+    .await
+    .unwrap();
+    assert!(session_key.is_none() && unknown.is_none());
+    assert_eq!(found.kind(), TokenKeyKind::EcdsaP256);
+    assert!(found.public_key().public_eq(persistent.public_key()));
+    let sig = tokio::task::spawn_blocking(move || {
+        found.sign_blocking(SslSignatureAlgorithm::ECDSA_SECP256R1_SHA256, msg)
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let mut v = Verifier::new(MessageDigest::sha256(), persistent.public_key()).unwrap();
+    assert!(
+        v.verify_oneshot(&sig, msg).unwrap(),
+        "blocking DER signature"
+    );
 
     // Many signatures at once go through the pool.
     let ec = Arc::new(ec);

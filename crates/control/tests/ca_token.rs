@@ -1,0 +1,135 @@
+//! `hypha control` with the CA key in a real PKCS#11 token (SoftHSM2): a token the attestation
+//! policy refuses stops start-up with the reason; an approved one starts, waiting for the token
+//! off the async runtime (this test's runtime is single-threaded, where a blocking wait on the
+//! runtime's thread would panic).
+
+use std::path::Path;
+use std::time::Duration;
+
+use hypha_control::Security;
+
+const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
+const TOKEN: &str = "hypha-control-ca";
+
+/// A fresh SoftHSM2 token in `dir`, user PIN 1234 (in `dir/pin`).
+fn softhsm(dir: &Path) {
+    let tokens = dir.join("tokens");
+    std::fs::create_dir_all(&tokens).unwrap();
+    let conf = dir.join("softhsm2.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
+            tokens.display()
+        ),
+    )
+    .unwrap();
+    // The library reads its config from the environment; this binary has one test.
+    std::env::set_var("SOFTHSM2_CONF", &conf);
+    let out = std::process::Command::new("softhsm2-util")
+        .args(["--init-token", "--free", "--label", TOKEN])
+        .args(["--pin", "1234", "--so-pin", "5678"])
+        .output()
+        .expect("softhsm2-util runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::write(dir.join("pin"), "1234\n").unwrap();
+}
+
+fn mesh_yaml(hsm: &Path, allowed_label: &str) -> String {
+    format!(
+        "apiVersion: hypha.dev/v1alpha1
+kind: MeshConfig
+metadata: {{name: mesh}}
+spec:
+  signers:
+  - name: hsm
+    key:
+      pkcs11:
+        module: {MODULE}
+        tokenLabel: {TOKEN}
+        pinFile: {}
+        keyLabel: mesh-ca-1
+        attestation:
+          allow: {{labels: [{allowed_label}]}}
+  tenants:
+  - {{name: all, namespaces: ['*'], signer: hsm}}
+",
+        hsm.join("pin").display()
+    )
+}
+
+#[tokio::test]
+async fn control_starts_with_an_attested_token_ca_and_refuses_an_unapproved_one() {
+    if !Path::new(MODULE).exists() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "SoftHSM2 is missing in CI: scripts/setup installs it"
+        );
+        eprintln!("!!! SKIPPED: SoftHSM2 ({MODULE}) is not installed; run scripts/setup");
+        return;
+    }
+    let hsm = tempfile::tempdir().unwrap();
+    softhsm(hsm.path());
+    let config = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let security = Security {
+        data_dir: data.path().to_path_buf(),
+        join_tokens: None,
+        listen: vec![],
+    };
+
+    std::fs::write(
+        config.path().join("mesh.yaml"),
+        mesh_yaml(hsm.path(), "some-other-token"),
+    )
+    .unwrap();
+    let err = hypha_control::run(
+        Some(config.path().to_path_buf()),
+        &[],
+        Some(security.clone()),
+    )
+    .await
+    .unwrap_err();
+    let msg = err.to_string();
+    for part in [
+        "signer \"hsm\"",
+        "token \"hypha-control-ca\"",
+        "refused by attestation (allow list)",
+        "label \"hypha-control-ca\" is not in the allow list",
+    ] {
+        assert!(msg.contains(part), "{part:?} not in: {msg}");
+    }
+    assert!(!data.path().join("hsm").exists(), "nothing made for it");
+
+    std::fs::write(
+        config.path().join("mesh.yaml"),
+        mesh_yaml(hsm.path(), TOKEN),
+    )
+    .unwrap();
+    let control = tokio::spawn(hypha_control::run(
+        Some(config.path().to_path_buf()),
+        &[],
+        Some(security),
+    ));
+    // Ready when the control plane's own certificate, issued by the token, is out.
+    let root_file = data.path().join(hypha_control::security::ROOT_CERT_FILE);
+    let mut waited = Duration::ZERO;
+    while !root_file.exists() {
+        assert!(
+            !control.is_finished(),
+            "control stopped: {:?}",
+            control.await
+        );
+        assert!(waited < Duration::from_secs(20), "control did not start");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        waited += Duration::from_millis(20);
+    }
+    let root = std::fs::read(data.path().join("hsm/ca-cert.pem")).unwrap();
+    assert_eq!(std::fs::read(&root_file).unwrap(), root);
+    assert!(!control.is_finished());
+    control.abort();
+}
