@@ -32,8 +32,10 @@ enum Command {
         /// Directory of Istio YAML (defaults to the embedded bookinfo example).
         #[arg(long, env = "HYPHA_CONFIG")]
         config: Option<PathBuf>,
-        /// Address to serve xDS on; repeat for several (IPv4 and IPv6).
-        #[arg(long, default_values_t = [SocketAddr::from(([127, 0, 0, 1], 15010))])]
+        /// Address to serve plaintext xDS on (Istio's 15010); repeat for several (IPv4 and
+        /// IPv6). Defaults to 127.0.0.1:15010 unless --listen-tls is given: a mesh on mutual TLS
+        /// opens no plaintext port it did not ask for.
+        #[arg(long)]
         listen: Vec<SocketAddr>,
         /// Address to serve xDS and the CA API over TLS on (Istio's 15012); repeatable.
         /// Needs --data-dir.
@@ -239,6 +241,11 @@ fn main() -> ExitCode {
             data_dir,
             join_tokens,
         } => {
+            let listen = if listen.is_empty() && listen_tls.is_empty() {
+                vec![SocketAddr::from(([127, 0, 0, 1], 15010))]
+            } else {
+                listen
+            };
             let security = data_dir.map(|data_dir| hypha_control::Security {
                 data_dir,
                 join_tokens,

@@ -255,9 +255,7 @@ fn main() {
             .enable_all()
             .build()
             .unwrap();
-        let listener = rt
-            .block_on(TcpListener::bind("127.0.0.1:0"))
-            .expect("bind");
+        let listener = rt.block_on(TcpListener::bind("127.0.0.1:0")).expect("bind");
         addrs.push(listener.local_addr().unwrap());
         rt.spawn(serve(listener, acceptor));
         servers.push(rt);
@@ -278,7 +276,11 @@ fn main() {
         handshakes(addrs[0], connector.clone(), a.concurrency, 1).await;
         handshakes(addrs[1], connector.clone(), a.concurrency, 1).await;
     });
-    let names = ["raw token RSA-2048 signs", "handshakes, PKCS#11 key", "handshakes, software key"];
+    let names = [
+        "raw token RSA-2048 signs",
+        "handshakes, PKCS#11 key",
+        "handshakes, software key",
+    ];
     let mut runs: Vec<Vec<Result_>> = vec![Vec::new(); 3];
     for rep in 0..a.reps {
         let r = client_rt.block_on(async {
@@ -314,7 +316,9 @@ fn main() {
         let (m, lo, hi) = median(runs[i].iter().map(|x| x.per_s).collect());
         let (p50, _, _) = median(runs[i].iter().map(|x| x.p50_ms).collect());
         let (p99, _, _) = median(runs[i].iter().map(|x| x.p99_ms).collect());
-        println!("{name:<26} median {m:>8.0}/s ({lo:.0}–{hi:.0})  p50 {p50:.2} ms  p99 {p99:.2} ms");
+        println!(
+            "{name:<26} median {m:>8.0}/s ({lo:.0}–{hi:.0})  p50 {p50:.2} ms  p99 {p99:.2} ms"
+        );
     }
     println!("PKCS#11 handshakes / raw token signs: {rm:.2} ({rlo:.2}–{rhi:.2}); floor 0.80");
     println!("PKCS#11 handshakes / software-key handshakes: {sm:.2} ({slo:.2}–{shi:.2})");
