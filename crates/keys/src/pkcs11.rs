@@ -11,8 +11,10 @@
 //! through tokio's `blocking_recv`, rather than stall the runtime).
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use boring::bn::BigNum;
 use boring::ec::{EcGroup, EcKey, EcPoint};
@@ -134,10 +136,99 @@ fn backend(e: impl std::fmt::Display) -> KeyError {
     KeyError::Backend(e.to_string())
 }
 
+/// A job as the pool holds it: when it was queued, for the wait metric.
+struct Queued {
+    job: Job,
+    at: Instant,
+}
+
+/// Upper bounds, in seconds, of the token metrics' histogram buckets: from a fast token's
+/// ECDSA signature (~0.1 ms) to a slow HSM's (tens of ms) and a queue backed up behind it.
+pub const SECONDS_BUCKETS: [f64; 12] = [
+    0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+];
+
+/// A histogram of durations over [`SECONDS_BUCKETS`], updated without locks.
+#[derive(Default)]
+struct Timings {
+    /// Per bucket (not cumulative); the last slot counts what exceeds every bound.
+    buckets: [AtomicU64; SECONDS_BUCKETS.len() + 1],
+    sum_nanos: AtomicU64,
+}
+
+impl Timings {
+    fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        let i = SECONDS_BUCKETS
+            .iter()
+            .position(|b| secs <= *b)
+            .unwrap_or(SECONDS_BUCKETS.len());
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        let nanos = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        self.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
+    }
+
+    fn snapshot(&self) -> Histogram {
+        let counts: Vec<u64> = self
+            .buckets
+            .iter()
+            .map(|b| b.load(Ordering::Relaxed))
+            .collect();
+        Histogram {
+            count: counts.iter().sum(),
+            cumulative: counts
+                .iter()
+                .take(SECONDS_BUCKETS.len())
+                .scan(0, |acc, c| {
+                    *acc += c;
+                    Some(*acc)
+                })
+                .collect(),
+            sum_seconds: Duration::from_nanos(self.sum_nanos.load(Ordering::Relaxed)).as_secs_f64(),
+        }
+    }
+}
+
+/// A histogram as metrics render it: cumulative counts per bound of [`SECONDS_BUCKETS`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Histogram {
+    pub cumulative: Vec<u64>,
+    pub count: u64,
+    pub sum_seconds: f64,
+}
+
+#[derive(Default)]
+struct Counters {
+    queued: AtomicU64,
+    signed: AtomicU64,
+    sign_failed: AtomicU64,
+    generated: AtomicU64,
+    sign_time: Timings,
+    wait_time: Timings,
+}
+
+/// What a token's threads have done, for `/metrics`: signatures (done and failed), keys
+/// generated, jobs waiting for a thread now, and how long signatures and waits took.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenMetrics {
+    pub label: String,
+    pub threads: usize,
+    pub queued: u64,
+    pub signed: u64,
+    pub sign_failed: u64,
+    pub generated: u64,
+    /// Time a thread spent in the token's sign call.
+    pub sign_time: Histogram,
+    /// Time a job waited for a free thread.
+    pub wait_time: Histogram,
+}
+
 /// An open token: a pool of threads with a logged-in session each.
 pub struct Token {
-    jobs: Mutex<mpsc::Sender<Job>>,
+    jobs: Mutex<mpsc::Sender<Queued>>,
     label: String,
+    threads: usize,
+    counters: Arc<Counters>,
 }
 
 impl std::fmt::Debug for Token {
@@ -198,10 +289,12 @@ impl Token {
         cfg: &TokenConfig,
     ) -> Result<Arc<Token>, KeyError> {
         let pin = cfg.pin.read()?;
-        let (tx, rx) = mpsc::channel::<Job>();
+        let (tx, rx) = mpsc::channel::<Queued>();
         let rx = Arc::new(Mutex::new(rx));
+        let counters = Arc::new(Counters::default());
         let mut logged_in = false;
-        for i in 0..cfg.threads.max(1) {
+        let threads = cfg.threads.max(1);
+        for i in 0..threads {
             let session = pkcs11.open_rw_session(slot).map_err(backend)?;
             if !logged_in {
                 match session.login(UserType::User, Some(&pin)) {
@@ -221,21 +314,54 @@ impl Token {
             let rx = rx.clone();
             std::thread::Builder::new()
                 .name(format!("pkcs11-{i}"))
-                .spawn(move || worker(&session, &rx))
+                .spawn({
+                    let counters = counters.clone();
+                    move || worker(&session, &rx, &counters)
+                })
                 .map_err(backend)?;
         }
         Ok(Arc::new(Token {
             jobs: Mutex::new(tx),
             label: cfg.label.clone(),
+            threads,
+            counters,
         }))
     }
 
     fn submit(&self, job: Job) -> Result<(), KeyError> {
-        self.jobs
+        self.counters.queued.fetch_add(1, Ordering::Relaxed);
+        let sent = self
+            .jobs
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .send(job)
-            .map_err(|_| backend("the token's threads are gone"))
+            .send(Queued {
+                job,
+                at: Instant::now(),
+            });
+        sent.map_err(|_| {
+            self.counters.queued.fetch_sub(1, Ordering::Relaxed);
+            backend("the token's threads are gone")
+        })
+    }
+
+    /// The token's label.
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+
+    /// What the token's threads have done so far.
+    pub fn metrics(&self) -> TokenMetrics {
+        let c = &self.counters;
+        TokenMetrics {
+            label: self.label.clone(),
+            threads: self.threads,
+            queued: c.queued.load(Ordering::Relaxed),
+            signed: c.signed.load(Ordering::Relaxed),
+            sign_failed: c.sign_failed.load(Ordering::Relaxed),
+            generated: c.generated.load(Ordering::Relaxed),
+            sign_time: c.sign_time.snapshot(),
+            wait_time: c.wait_time.snapshot(),
+        }
     }
 
     /// Sends a job to the pool; the receiver gets its outcome.
@@ -316,12 +442,13 @@ fn thread_died() -> KeyError {
 }
 
 /// Each thread takes the next job and does it on its own session.
-fn worker(session: &Session, jobs: &Mutex<mpsc::Receiver<Job>>) {
+fn worker(session: &Session, jobs: &Mutex<mpsc::Receiver<Queued>>, counters: &Counters) {
     loop {
-        let job = match jobs.lock().unwrap_or_else(|e| e.into_inner()).recv() {
-            Ok(j) => j,
-            Err(_) => return,
+        let Ok(Queued { job, at }) = jobs.lock().unwrap_or_else(|e| e.into_inner()).recv() else {
+            return;
         };
+        counters.queued.fetch_sub(1, Ordering::Relaxed);
+        counters.wait_time.observe(at.elapsed());
         match job {
             Job::Find { label, reply } => {
                 let _ = reply.send(find(session, &label));
@@ -332,7 +459,11 @@ fn worker(session: &Session, jobs: &Mutex<mpsc::Receiver<Job>>) {
                 persistent,
                 reply,
             } => {
-                let _ = reply.send(generate(session, kind, &label, persistent));
+                let generated = generate(session, kind, &label, persistent);
+                if generated.is_ok() {
+                    counters.generated.fetch_add(1, Ordering::Relaxed);
+                }
+                let _ = reply.send(generated);
             }
             Job::Sign {
                 key,
@@ -340,9 +471,15 @@ fn worker(session: &Session, jobs: &Mutex<mpsc::Receiver<Job>>) {
                 data,
                 reply,
             } => {
+                let started = Instant::now();
                 let signed = mechanism
                     .mechanism()
                     .and_then(|m| session.sign(&m, key, &data).map_err(backend));
+                counters.sign_time.observe(started.elapsed());
+                match &signed {
+                    Ok(_) => counters.signed.fetch_add(1, Ordering::Relaxed),
+                    Err(_) => counters.sign_failed.fetch_add(1, Ordering::Relaxed),
+                };
                 let _ = reply.send(signed);
             }
         }

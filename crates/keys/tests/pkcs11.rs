@@ -198,4 +198,17 @@ async fn keys_generated_in_softhsm2_sign_every_scheme() {
         let mut v = Verifier::new(MessageDigest::sha256(), ec.public_key()).unwrap();
         assert!(v.verify_oneshot(&sig.unwrap(), b"x").unwrap());
     }
+
+    // The token's metrics count what its threads did: 1 + 3 + 1 + 32 signatures (the refused
+    // scheme never reached the token), 3 keys generated, and every job's wait (3 lookups too).
+    let m = token.metrics();
+    assert_eq!(m.label, "hypha-test");
+    assert_eq!(
+        (m.signed, m.sign_failed, m.generated, m.queued, m.threads),
+        (37, 0, 3, 0, 2)
+    );
+    assert_eq!(m.sign_time.count, 37);
+    assert_eq!(m.wait_time.count, 37 + 3 + 3);
+    assert!(m.sign_time.sum_seconds > 0.0);
+    assert!(m.sign_time.cumulative.windows(2).all(|w| w[0] <= w[1]));
 }

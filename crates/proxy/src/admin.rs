@@ -41,7 +41,7 @@ impl Admin {
                     (StatusCode::SERVICE_UNAVAILABLE, "NOT READY\n".to_owned())
                 }
             }
-            "/metrics" | "/stats/prometheus" => (StatusCode::OK, self.telemetry.metrics.render()),
+            "/metrics" | "/stats/prometheus" => (StatusCode::OK, self.telemetry.render()),
             "/config_dump" => (StatusCode::OK, self.config_dump()),
             "/clusters" => (StatusCode::OK, self.clusters()),
             "/certs" => (StatusCode::OK, self.certs()),

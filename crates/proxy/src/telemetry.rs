@@ -383,6 +383,8 @@ pub struct Telemetry {
     pub metrics: Metrics,
     pub me: Identity,
     pub access_log: Option<AccessLog>,
+    /// The PKCS#11 token holding the workload key, whose operations `/metrics` reports.
+    pub token: Option<Arc<hypha_keys::pkcs11::Token>>,
 }
 
 /// What an access log line needs from the request, captured when it arrives (only when the
@@ -500,6 +502,15 @@ pub struct InFlight {
 }
 
 impl Telemetry {
+    /// Prometheus text exposition: the request and connection metrics, then the key token's.
+    pub fn render(&self) -> String {
+        let mut out = self.metrics.render();
+        if let Some(token) = &self.token {
+            render_token(&mut out, &token.metrics());
+        }
+        out
+    }
+
     /// Starts accounting for a request (captures what the access log needs, if it is on).
     pub fn begin(
         &self,
@@ -633,6 +644,39 @@ impl Telemetry {
                 }
             },
             o,
+        );
+    }
+}
+
+/// The workload key's token: operations, queue and timings (`hypha_pkcs11_*`).
+fn render_token(out: &mut String, m: &hypha_keys::pkcs11::TokenMetrics) {
+    use hypha_keys::pkcs11::SECONDS_BUCKETS;
+    let token = format!("token=\"{}\"", esc(&m.label));
+    let _ = writeln!(
+        out,
+        "# TYPE hypha_pkcs11_signatures_total counter\n\
+hypha_pkcs11_signatures_total{{{token},result=\"ok\"}} {}\n\
+hypha_pkcs11_signatures_total{{{token},result=\"error\"}} {}\n\
+# TYPE hypha_pkcs11_keys_generated_total counter\n\
+hypha_pkcs11_keys_generated_total{{{token}}} {}\n\
+# TYPE hypha_pkcs11_queued gauge\n\
+hypha_pkcs11_queued{{{token}}} {}\n\
+# TYPE hypha_pkcs11_threads gauge\n\
+hypha_pkcs11_threads{{{token}}} {}",
+        m.signed, m.sign_failed, m.generated, m.queued, m.threads
+    );
+    for (name, h) in [
+        ("hypha_pkcs11_sign_seconds", &m.sign_time),
+        ("hypha_pkcs11_queue_wait_seconds", &m.wait_time),
+    ] {
+        let _ = writeln!(out, "# TYPE {name} histogram");
+        for (bound, n) in SECONDS_BUCKETS.iter().zip(&h.cumulative) {
+            let _ = writeln!(out, "{name}_bucket{{{token},le=\"{bound}\"}} {n}");
+        }
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{{token},le=\"+Inf\"}} {}\n{name}_sum{{{token}}} {}\n{name}_count{{{token}}} {}",
+            h.count, h.sum_seconds, h.count
         );
     }
 }

@@ -86,6 +86,7 @@ impl Secured {
             trust_domain: TD.into(),
             key_kind: KeyKind::EcdsaP256,
             pkcs11: self.pkcs11.clone(),
+            key_label: None,
             validity: self.validity,
         }
     }
@@ -854,5 +855,23 @@ async fn sidecars_with_their_keys_in_a_pkcs11_token() {
         );
         // The TLS contexts hold no private key: the token signs every handshake.
         assert!(creds.server.context().private_key().is_none());
+        // /metrics counts the token's work: the key generated, the CSR and at least one
+        // handshake signed, nothing failed, nothing waiting.
+        let text = r.telemetry.render();
+        let value = |series: &str| -> u64 {
+            let line = text
+                .lines()
+                .find(|l| l.starts_with(series))
+                .unwrap_or_else(|| panic!("no {series} in\n{text}"));
+            line.rsplit(' ').next().unwrap().parse().unwrap()
+        };
+        assert!(value("hypha_pkcs11_signatures_total{token=\"mesh\",result=\"ok\"}") >= 2);
+        assert_eq!(
+            value("hypha_pkcs11_signatures_total{token=\"mesh\",result=\"error\"}"),
+            0
+        );
+        assert!(value("hypha_pkcs11_keys_generated_total{token=\"mesh\"}") >= 1);
+        assert_eq!(value("hypha_pkcs11_queued{token=\"mesh\"}"), 0);
+        assert!(value("hypha_pkcs11_sign_seconds_count{token=\"mesh\"}") >= 2);
     }
 }
