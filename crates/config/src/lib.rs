@@ -12,6 +12,7 @@ pub mod diag;
 mod load;
 pub mod mesh;
 pub mod networking;
+pub mod proxy;
 pub mod security;
 pub mod types;
 mod validate;

@@ -377,33 +377,41 @@ fn push<T: DeserializeOwned>(out: &mut Vec<Resource<T>>, diags: &mut Diagnostics
 
 fn parse<T: DeserializeOwned>(diags: &mut Diagnostics, source: Source) -> Option<Resource<T>> {
     let value = source.doc.value.clone();
-    match serde_path_to_error::deserialize::<_, Envelope<T>>(value) {
-        Ok(env) => {
-            if env.metadata.name.is_empty() {
-                diags.error(
-                    "missing-name",
-                    &source,
-                    "metadata.name",
-                    "metadata.name is required",
-                );
-                return None;
-            }
-            Some(Resource {
-                name: env.metadata.name,
-                namespace: env.metadata.namespace.unwrap_or_else(|| "default".into()),
-                labels: env.metadata.labels,
-                annotations: env.metadata.annotations,
-                spec: env.spec,
-                source,
-            })
-        }
+    let env = deserialize::<Envelope<T>>(diags, &source, value)?;
+    if env.metadata.name.is_empty() {
+        diags.error(
+            "missing-name",
+            &source,
+            "metadata.name",
+            "metadata.name is required",
+        );
+        return None;
+    }
+    Some(Resource {
+        name: env.metadata.name,
+        namespace: env.metadata.namespace.unwrap_or_else(|| "default".into()),
+        labels: env.metadata.labels,
+        annotations: env.metadata.annotations,
+        spec: env.spec,
+        source,
+    })
+}
+
+/// `value` as a `T`, or a diagnostic at the field serde stopped at (an unknown key itself,
+/// not only its parent).
+pub(crate) fn deserialize<T: DeserializeOwned>(
+    diags: &mut Diagnostics,
+    source: &Source,
+    value: Value,
+) -> Option<T> {
+    match serde_path_to_error::deserialize::<_, T>(value) {
+        Ok(v) => Some(v),
         Err(e) => {
             let mut path = e.path().to_string();
             if path == "." {
                 path.clear();
             }
             let message = e.inner().to_string();
-            // Make sure the path ends at the unknown key itself, not only its parent.
             if message.starts_with("unknown field `") {
                 let field = message.split('`').nth(1).unwrap_or_default();
                 if !path.ends_with(field) {
@@ -420,7 +428,7 @@ fn parse<T: DeserializeOwned>(diags: &mut Diagnostics, source: Source) -> Option
             } else {
                 "invalid-value"
             };
-            diags.error(code, &source, path, message);
+            diags.error(code, source, path, message);
             None
         }
     }

@@ -185,6 +185,13 @@ struct ProxyArgs {
     /// Threads (one token session each) doing the token's blocking calls.
     #[arg(long, default_value_t = 2)]
     pkcs11_threads: usize,
+    /// The label of the key generated in the token (default `hypha <SPIFFE ID>`).
+    #[arg(long, requires = "pkcs11_module")]
+    pkcs11_key_label: Option<String>,
+    /// Istio-style ProxyConfig YAML (the `proxy.istio.io/config` fields): its
+    /// `privateKeyProvider.pkcs11` keeps the workload key in a token, like the --pkcs11-* flags.
+    #[arg(long, env = "HYPHA_PROXY_CONFIG")]
+    proxy_config: Option<PathBuf>,
     /// Certificate validity to ask for, in seconds (the CA caps it; renewed at half life).
     #[arg(long, default_value_t = 24 * 3600)]
     cert_validity_secs: u64,
@@ -414,7 +421,61 @@ async fn control(
     Ok(hypha_control::run(config, &listen, security).await?)
 }
 
+/// The workload key's token and key label, from `--proxy-config` or the `--pkcs11-*` flags
+/// (not both).
+fn key_provider(
+    a: &ProxyArgs,
+) -> anyhow::Result<(Option<hypha_keys::pkcs11::TokenConfig>, Option<String>)> {
+    use hypha_keys::pkcs11::{PinSource, TokenConfig};
+    let from_file = match &a.proxy_config {
+        None => None,
+        Some(path) => hypha_config::proxy::load_proxy_config(path)
+            .map_err(|diags| {
+                let lines: Vec<String> = diags.iter().map(ToString::to_string).collect();
+                anyhow::anyhow!("invalid proxy config:\n{}", lines.join("\n"))
+            })?
+            .private_key_provider
+            .and_then(|p| p.pkcs11),
+    };
+    match (from_file, &a.pkcs11_module) {
+        (Some(_), Some(_)) => anyhow::bail!(
+            "the PKCS#11 key provider is given twice: in --proxy-config and by --pkcs11-module"
+        ),
+        (Some(_), None) if a.ca_root.is_none() => anyhow::bail!(
+            "a private key provider needs a mesh identity: give --ca-root (and --join-token)"
+        ),
+        (Some(p), None) => Ok((
+            Some(TokenConfig {
+                module: p.module.into(),
+                label: p.token_label,
+                pin: match (p.pin_file, p.pin_env) {
+                    (Some(f), _) => PinSource::File(f.into()),
+                    (None, var) => PinSource::Env(var.unwrap_or_default()),
+                },
+                threads: p.threads.unwrap_or(a.pkcs11_threads),
+            }),
+            p.key_label,
+        )),
+        (None, Some(module)) => Ok((
+            Some(TokenConfig {
+                module: module.clone(),
+                label: a.pkcs11_token.clone().unwrap_or_default(),
+                pin: match (&a.pkcs11_pin_file, &a.pkcs11_pin_env) {
+                    (Some(f), _) => PinSource::File(f.clone()),
+                    (None, var) => {
+                        PinSource::Env(var.clone().unwrap_or_else(|| "HYPHA_PKCS11_PIN".to_owned()))
+                    }
+                },
+                threads: a.pkcs11_threads,
+            }),
+            a.pkcs11_key_label.clone(),
+        )),
+        (None, None) => Ok((None, None)),
+    }
+}
+
 async fn proxy(a: ProxyArgs) -> anyhow::Result<()> {
+    let (pkcs11, key_label) = key_provider(&a)?;
     let ip = a
         .ips
         .first()
@@ -450,19 +511,8 @@ async fn proxy(a: ProxyArgs) -> anyhow::Result<()> {
                 join_token: a.join_token,
                 trust_domain: a.trust_domain,
                 key_kind: a.key,
-                pkcs11: a
-                    .pkcs11_module
-                    .map(|module| hypha_keys::pkcs11::TokenConfig {
-                        module,
-                        label: a.pkcs11_token.unwrap_or_default(),
-                        pin: match (a.pkcs11_pin_file, a.pkcs11_pin_env) {
-                            (Some(f), _) => hypha_keys::pkcs11::PinSource::File(f),
-                            (None, var) => hypha_keys::pkcs11::PinSource::Env(
-                                var.unwrap_or_else(|| "HYPHA_PKCS11_PIN".to_owned()),
-                            ),
-                        },
-                        threads: a.pkcs11_threads,
-                    }),
+                pkcs11,
+                key_label,
                 validity: std::time::Duration::from_secs(a.cert_validity_secs),
             }),
     };

@@ -26,17 +26,19 @@ const RETRY_MAX: Duration = Duration::from_secs(30);
 #[derive(Clone)]
 pub enum KeySource {
     Software(KeyKind),
-    Token(
-        Arc<hypha_keys::pkcs11::Token>,
-        hypha_keys::pkcs11::TokenKeyKind,
-    ),
+    Token {
+        token: Arc<hypha_keys::pkcs11::Token>,
+        kind: hypha_keys::pkcs11::TokenKeyKind,
+        /// The generated key's label; `hypha <SPIFFE ID>` when not given.
+        label: Option<String>,
+    },
 }
 
 impl std::fmt::Debug for KeySource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             KeySource::Software(k) => write!(f, "software {k:?}"),
-            KeySource::Token(t, k) => write!(f, "{t:?} {k:?}"),
+            KeySource::Token { token, kind, .. } => write!(f, "{token:?} {kind:?}"),
         }
     }
 }
@@ -53,10 +55,13 @@ impl KeySource {
                 let csr = crate::csr_pem(&key, spiffe_id)?;
                 Ok((Arc::new(hypha_keys::SoftwareKey::new(key)?), csr))
             }
-            KeySource::Token(token, kind) => {
+            KeySource::Token { token, kind, label } => {
                 // A session object: gone from the token when the proxy stops, so rotations
                 // do not pile keys up in it.
-                let label = format!("hypha {spiffe_id}");
+                let label = match label {
+                    Some(l) => l.clone(),
+                    None => format!("hypha {spiffe_id}"),
+                };
                 let key = token.generate(*kind, &label, false).await?;
                 let csr = crate::csr_pem_with(&key, spiffe_id).await?;
                 Ok((Arc::new(key), csr))

@@ -2,6 +2,7 @@
 //! token), renewal at half life, and the mutual-TLS channel to the control plane for xDS.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use boring::x509::X509;
@@ -25,6 +26,8 @@ pub struct IdentityOptions {
     pub key_kind: KeyKind,
     /// Keys in this PKCS#11 token instead of memory: generated there, never extractable.
     pub pkcs11: Option<hypha_keys::pkcs11::TokenConfig>,
+    /// The label of the key generated in the token (default `hypha <SPIFFE ID>`).
+    pub key_label: Option<String>,
     /// Certificate validity asked for (the CA caps it).
     pub validity: Duration,
 }
@@ -50,6 +53,8 @@ impl From<IdentityError> for IdentityStartError {
 #[derive(Debug, Clone)]
 pub struct Mesh {
     pub store: Store,
+    /// The token holding the workload key, when it is in one.
+    pub token: Option<Arc<hypha_keys::pkcs11::Token>>,
     ca_roots: Vec<X509>,
 }
 
@@ -127,8 +132,16 @@ pub async fn bootstrap(
                 KeyKind::Rsa2048 => hypha_keys::pkcs11::TokenKeyKind::Rsa(2048),
                 KeyKind::Rsa3072 => hypha_keys::pkcs11::TokenKeyKind::Rsa(3072),
             };
-            KeySource::Token(token, kind)
+            KeySource::Token {
+                token,
+                kind,
+                label: opts.key_label.clone(),
+            }
         }
+    };
+    let key_token = match &keys {
+        KeySource::Token { token, .. } => Some(token.clone()),
+        KeySource::Software(_) => None,
     };
     let workload = Workload {
         ca: control_plane.to_owned(),
@@ -165,5 +178,12 @@ pub async fn bootstrap(
     tracing::info!(identity = %identity.id(), valid_s, "certificate issued");
     let store = Store::new(Credentials::new(identity, ClientCert::Require)?);
     let rotation = workload.rotate(store.clone(), ClientCert::Require);
-    Ok((Mesh { store, ca_roots }, rotation))
+    Ok((
+        Mesh {
+            store,
+            token: key_token,
+            ca_roots,
+        },
+        rotation,
+    ))
 }

@@ -169,6 +169,7 @@ pub async fn start(opts: Options) -> Result<Running, StartError> {
             app: label("app"),
             version: label("version"),
         },
+        token: mesh.as_ref().and_then(|m| m.token.clone()),
     });
     let out = outbound::Outbound {
         config: config.clone(),

@@ -1,0 +1,167 @@
+//! Per-proxy settings in the shape of Istio's `ProxyConfig` (what the `proxy.istio.io/config`
+//! annotation or `meshConfig.defaultConfig` carries): today its `privateKeyProvider`, where
+//! the sidecar's workload key lives. `hypha proxy --proxy-config FILE` reads one from a file.
+//!
+//! ```yaml
+//! privateKeyProvider:
+//!   pkcs11:
+//!     module: /usr/lib/softhsm/libsofthsm2.so
+//!     tokenLabel: mesh
+//!     pinFile: /etc/hypha/token-pin     # or pinEnv: HYPHA_TOKEN_PIN
+//!     keyLabel: web                     # optional: the label of the generated key
+//!     threads: 2                        # optional: token threads (one session each)
+//! ```
+//!
+//! Istio's other `ProxyConfig` fields are refused by name rather than ignored: Hypha takes
+//! them from its own flags or not at all.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::diag::{Diagnostics, Source};
+use crate::yaml;
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ProxyConfig {
+    #[serde(default)]
+    pub private_key_provider: Option<PrivateKeyProvider>,
+}
+
+/// Where the workload's private key lives and who does its operations. Without one, the key
+/// is generated in the proxy's memory (software).
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PrivateKeyProvider {
+    #[serde(default)]
+    pub pkcs11: Option<Pkcs11Provider>,
+}
+
+/// A PKCS#11 token: the key is generated in it (sensitive, never extractable) and every
+/// signature is the token's.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Pkcs11Provider {
+    /// The PKCS#11 library, e.g. `/usr/lib/softhsm/libsofthsm2.so`.
+    pub module: String,
+    pub token_label: String,
+    #[serde(default)]
+    pub pin_file: Option<String>,
+    #[serde(default)]
+    pub pin_env: Option<String>,
+    /// Label of the key generated in the token; defaults to the workload's SPIFFE ID.
+    #[serde(default)]
+    pub key_label: Option<String>,
+    /// Threads doing the token's work, one session each (default 2).
+    #[serde(default)]
+    pub threads: Option<usize>,
+}
+
+/// Reads and checks a `ProxyConfig` file: every problem, with its line, at once.
+pub fn load_proxy_config(path: &Path) -> Result<ProxyConfig, Diagnostics> {
+    let file: Arc<str> = path.display().to_string().into();
+    let mut diags = Diagnostics::default();
+    let src = match std::fs::read_to_string(path) {
+        Ok(s) => s,
+        Err(e) => {
+            diags.push(crate::Diagnostic {
+                severity: crate::Severity::Error,
+                code: "io",
+                file,
+                line: 0,
+                column: 0,
+                resource: None,
+                path: String::new(),
+                message: e.to_string(),
+            });
+            return Err(diags);
+        }
+    };
+    parse_proxy_config(file, &src)
+}
+
+/// [`load_proxy_config`] on text already read; `file` names it in errors.
+pub fn parse_proxy_config(file: Arc<str>, src: &str) -> Result<ProxyConfig, Diagnostics> {
+    let mut diags = Diagnostics::default();
+    let docs = match yaml::parse_documents(src) {
+        Ok(d) => d,
+        Err(e) => {
+            diags.push(crate::Diagnostic {
+                severity: crate::Severity::Error,
+                code: "yaml-syntax",
+                file,
+                line: e.pos.line,
+                column: e.pos.column,
+                resource: None,
+                path: String::new(),
+                message: e.message,
+            });
+            return Err(diags);
+        }
+    };
+    let mut docs = docs.into_iter();
+    let Some(doc) = docs.next() else {
+        return Ok(ProxyConfig::default());
+    };
+    let source = Source {
+        file,
+        doc: Arc::new(doc),
+        resource: "ProxyConfig".into(),
+    };
+    if let Some(extra) = docs.next() {
+        let second = Source {
+            doc: Arc::new(extra),
+            ..source.clone()
+        };
+        diags.error(
+            "duplicate",
+            &second,
+            "",
+            "a proxy config file holds one document",
+        );
+    }
+    let value = match &source.doc.value {
+        serde_json::Value::Null => serde_json::Value::Object(serde_json::Map::new()),
+        v => v.clone(),
+    };
+    let cfg = crate::load::deserialize::<ProxyConfig>(&mut diags, &source, value);
+    if let Some(p) = cfg
+        .as_ref()
+        .and_then(|c| c.private_key_provider.as_ref())
+        .and_then(|k| k.pkcs11.as_ref())
+    {
+        let path = "privateKeyProvider.pkcs11";
+        if p.pin_file.is_some() == p.pin_env.is_some() {
+            diags.error(
+                "private-key-provider",
+                &source,
+                path,
+                "exactly one of `pinFile` and `pinEnv` is required",
+            );
+        }
+        for (field, value) in [("module", &p.module), ("tokenLabel", &p.token_label)] {
+            if value.is_empty() {
+                diags.error(
+                    "private-key-provider",
+                    &source,
+                    format!("{path}.{field}"),
+                    format!("`{field}` must not be empty"),
+                );
+            }
+        }
+        if p.threads == Some(0) {
+            diags.error(
+                "private-key-provider",
+                &source,
+                format!("{path}.threads"),
+                "`threads` must be at least 1",
+            );
+        }
+    }
+    match cfg {
+        Some(c) if !diags.has_errors() => Ok(c),
+        _ => Err(diags),
+    }
+}
