@@ -209,6 +209,12 @@ impl Identity {
         &self.key
     }
 
+    /// Where the private key lives, e.g. `PKCS#11 token "mesh" ECDSA P-256` (never key
+    /// material).
+    pub fn key_description(&self) -> String {
+        self.key.describe()
+    }
+
     pub fn not_after(&self) -> SystemTime {
         self.not_after
     }

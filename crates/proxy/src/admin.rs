@@ -1,8 +1,8 @@
 //! The admin listener: `/ready` (200 once the first complete config is applied, else 503),
 //! `/metrics` (Prometheus text, Istio's metric names), `/config_dump` (the applied resources,
 //! by type, with versions), `/clusters` (each cluster's endpoints), `/certs` (the workload
-//! certificate: identity, serial, expiry, and the trusted roots; never the key). Plain HTTP on
-//! loopback by default.
+//! certificate: identity, serial, expiry, the trusted roots, and where the key lives; never
+//! the key). Plain HTTP on loopback by default.
 
 use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
@@ -69,7 +69,8 @@ impl Admin {
         out
     }
 
-    /// JSON: `{"identity", "serial", "expires_in_s", "roots": [subject...]}`, or
+    /// JSON: `{"identity", "serial", "expires_in_s", "roots": [subject...], "key"}` (`key`: where
+    /// the private key lives, e.g. `PKCS#11 token "mesh" ECDSA P-256`), or
     /// `{"identity": null}` without a mesh identity.
     fn certs(&self) -> String {
         let Some(store) = &self.identity else {
@@ -102,6 +103,7 @@ impl Admin {
             "serial": serial,
             "expires_in_s": expires_in_s,
             "roots": roots,
+            "key": id.key_description(),
         })
         .to_string();
         out.push('\n');

@@ -150,6 +150,7 @@ async fn a_sidecar_gets_its_certificate_and_its_config_over_mutual_tls() {
     assert_eq!(v["identity"], format!("spiffe://{TD}/ns/shop/sa/web"));
     let expires = v["expires_in_s"].as_u64().unwrap();
     assert!((3500..=3600).contains(&expires), "{expires}");
+    assert_eq!(v["key"], "software ECDSA", "where the key lives");
     assert!(!certs.contains("PRIVATE KEY"));
 }
 
