@@ -8,6 +8,7 @@
 //! - [`app`]: the sample app (`hypha demo-app --role ...`), ratings in gRPC.
 //! - [`mesh`]: starting the processes and waiting for them; [`process`]: each child, killed
 //!   when dropped.
+//! - [`hsm`]: with `--keys pkcs11`, a SoftHSM2 token per process for every private key.
 //! - [`traffic`]: the load and the [`Summary`].
 
 #![forbid(unsafe_code)]
@@ -15,6 +16,7 @@
 pub mod app;
 mod client;
 pub mod config;
+pub mod hsm;
 pub mod mesh;
 pub mod metrics;
 pub mod process;
@@ -22,6 +24,7 @@ pub mod topology;
 pub mod traffic;
 
 use std::path::PathBuf;
+use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,6 +34,31 @@ pub use crate::traffic::Summary;
 
 /// Where progress lines go (the binary prints them; tests may collect them).
 pub type Progress = Arc<dyn Fn(&str) + Send + Sync>;
+
+/// Where the mesh's private keys live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Keys {
+    /// In each process's memory; the CA's signer keys in 0600 files.
+    #[default]
+    Software,
+    /// Generated inside a SoftHSM2 token per process and never leaving it: the CA's signer
+    /// keys and every sidecar's workload key.
+    Pkcs11,
+}
+
+impl FromStr for Keys {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Keys, String> {
+        match s {
+            "software" => Ok(Keys::Software),
+            "pkcs11" => Ok(Keys::Pkcs11),
+            _ => Err(format!(
+                "unknown key store {s:?}: expected software or pkcs11"
+            )),
+        }
+    }
+}
 
 /// How to run the demo.
 #[derive(Clone)]
@@ -42,6 +70,10 @@ pub struct Options {
     pub concurrency: usize,
     /// Keep the mesh running after the traffic, until Ctrl-C.
     pub serve: bool,
+    pub keys: Keys,
+    /// Where the config, logs (and tokens) go, kept afterwards for the caller to look at;
+    /// `None`: a fresh directory under the system's temp dir, removed on success.
+    pub dir: Option<PathBuf>,
     pub progress: Progress,
 }
 
@@ -79,6 +111,10 @@ pub enum DemoError {
         last: String,
         logs: PathBuf,
     },
+    #[error("--keys pkcs11 needs SoftHSM2: {0}; run scripts/setup (it installs softhsm2)")]
+    NoSoftHsm(String),
+    #[error("SoftHSM2 token {label:?}: {reason}")]
+    Token { label: String, reason: String },
     #[error("cannot watch for signals: {0}")]
     Signal(std::io::Error),
     #[error("interrupted")]
@@ -98,18 +134,26 @@ async fn interrupted() -> Result<(), DemoError> {
 
 /// Runs the demo: start the mesh, drive traffic, print the summary (and with `serve`, keep
 /// running until Ctrl-C). Every process is stopped when this returns, error or not. The temp
-/// directory (config and logs) is removed on success and kept on failure.
+/// directory (config and logs) is removed on success and kept on failure; one the caller
+/// chose (`opts.dir`) is always kept.
 pub async fn run(opts: Options) -> Result<Summary, DemoError> {
     let say = opts.progress.clone();
-    let dir = std::env::temp_dir().join(format!("hypha-demo-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    if opts.keys == Keys::Pkcs11 {
+        // Before anything starts: a missing SoftHSM2 is the user's to fix, not a failed demo.
+        hsm::check_installed()?;
+    }
+    let dir = opts.dir.clone().unwrap_or_else(|| {
+        let dir = std::env::temp_dir().join(format!("hypha-demo-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir
+    });
     say(&format!(
         "hypha demo: bookinfo as {} processes on loopback; config and logs in {}",
         topology::WORKLOADS.len() * 2 + 3, // the apps and their sidecars, control, two clients
         dir.display()
     ));
     let work = async {
-        let mut mesh = Mesh::start(&opts.exe, dir.clone(), &say).await?;
+        let mut mesh = Mesh::start(&opts.exe, dir.clone(), opts.keys, &say).await?;
         let summary = traffic::drive(&mesh, opts.requests, opts.concurrency).await;
         mesh.check_alive()?;
         Ok::<_, DemoError>((mesh, summary))
@@ -147,7 +191,9 @@ pub async fn run(opts: Options) -> Result<Summary, DemoError> {
         say("stopping");
     }
     drop(mesh);
-    let _ = std::fs::remove_dir_all(&dir);
+    if opts.dir.is_none() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
     Ok(summary)
 }
 

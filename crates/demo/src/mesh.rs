@@ -5,6 +5,7 @@
 //! A process that lost a port picked up front to someone else is restarted on new ports (for a
 //! sidecar's inbound port that means rewriting its WorkloadEntry; the control plane watches).
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -14,11 +15,12 @@ use http::{HeaderMap, HeaderValue};
 use tokio::net::TcpStream;
 
 use crate::client::{self, ProxyClient};
+use crate::hsm;
 use crate::process::Proc;
 use crate::topology::{
     host, Plan, Planned, CLIENT, GUEST, GUEST_NAMESPACE, NAMESPACE, SERVICE_PORT,
 };
-use crate::{config, DemoError, Progress};
+use crate::{config, DemoError, Keys, Progress};
 
 /// How long a process may take to be ready (debug builds on a busy machine included).
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -26,12 +28,19 @@ const READY_TIMEOUT: Duration = Duration::from_secs(30);
 const CLIENT_SERVICE_ACCOUNT: &str = "default";
 /// How often a process is restarted on new ports before giving up.
 const ATTEMPTS: usize = 3;
+/// The control plane's name among the processes that get a token.
+const CONTROL: &str = "control";
 
 /// The running mesh. Dropping it kills every process.
 pub struct Mesh {
     pub plan: Plan,
     /// Config (`config/`) and logs (`logs/`).
     pub dir: PathBuf,
+    /// Where the private keys live.
+    pub keys: Keys,
+    /// With `--keys pkcs11`: each process's own token, by process (`control`, workload names,
+    /// the client sidecars).
+    tokens: BTreeMap<String, hsm::Token>,
     // Dropped (killed) in this order: traffic first, control plane last.
     client: Option<Proc>,
     guest: Option<Proc>,
@@ -53,6 +62,60 @@ impl Mesh {
         self.dir.join("ca")
     }
 
+    /// With `--keys pkcs11`: the SoftHSM2 tokens, their configs and PIN files.
+    pub fn hsm_dir(&self) -> PathBuf {
+        self.dir.join("hsm")
+    }
+
+    /// A process's token and the environment that shows it that token (none without one).
+    fn token_env(&self, name: &str) -> Vec<(String, PathBuf)> {
+        self.tokens
+            .get(name)
+            .map(hsm::Token::env)
+            .unwrap_or_default()
+    }
+
+    /// The control plane's token, which holds every CA signer's key.
+    pub fn ca_token(&self) -> Option<&hsm::Token> {
+        self.tokens.get(CONTROL)
+    }
+
+    /// Makes a token for every process (`--keys pkcs11`).
+    async fn create_tokens(&mut self, say: &Progress) -> Result<(), DemoError> {
+        let mut names: Vec<String> = vec![CONTROL.to_owned()];
+        names.extend(
+            self.plan
+                .workloads
+                .iter()
+                .map(|w| w.workload.name.to_owned()),
+        );
+        names.extend([CLIENT.to_owned(), GUEST.to_owned()]);
+        let dir = self.hsm_dir();
+        let started = Instant::now();
+        let made = {
+            let (dir, names) = (dir.clone(), names.clone());
+            tokio::task::spawn_blocking(move || {
+                let names: Vec<&str> = names.iter().map(String::as_str).collect();
+                hsm::create(&dir, &names)
+            })
+            .await
+            .map_err(|e| DemoError::Token {
+                label: "(all)".into(),
+                reason: e.to_string(),
+            })??
+        };
+        say(&format!(
+            "keys: {} SoftHSM2 tokens created in {} ({} ms), one per process: the CA's signer \
+             keys and each sidecar's workload key are generated inside and never leave; PINs \
+             in 0600 files, never printed",
+            made.len(),
+            dir.display(),
+            started.elapsed().as_millis()
+        ));
+        self.tokens = names.into_iter().zip(made).collect();
+        Ok(())
+    }
+
     /// Join tokens, one per service account (`<namespace>.<service account>.token`).
     pub fn token_dir(&self) -> PathBuf {
         self.dir.join("tokens")
@@ -66,8 +129,7 @@ impl Mesh {
     /// Writes a random join token (0600) for every service account of the mesh: what an
     /// operator hands each workload for its first certificate.
     fn write_tokens(&self) -> Result<(), DemoError> {
-        use std::io::Read;
-        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        use std::os::unix::fs::PermissionsExt;
         let dir = self.token_dir();
         std::fs::create_dir_all(&dir).map_err(|e| DemoError::Io(dir.clone(), e))?;
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
@@ -83,20 +145,7 @@ impl Mesh {
         accounts.sort_unstable();
         accounts.dedup();
         for (ns, sa) in accounts {
-            let mut raw = [0u8; 24];
-            let urandom = Path::new("/dev/urandom");
-            std::fs::File::open(urandom)
-                .and_then(|mut f| f.read_exact(&mut raw))
-                .map_err(|e| DemoError::Io(urandom.into(), e))?;
-            let token: String = raw.iter().map(|b| format!("{b:02x}")).collect();
-            let path = self.token(ns, sa);
-            std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&path)
-                .and_then(|mut f| std::io::Write::write_all(&mut f, token.as_bytes()))
-                .map_err(|e| DemoError::Io(path.clone(), e))?;
+            write_secret(&self.token(ns, sa), &random_hex(24)?)?;
         }
         Ok(())
     }
@@ -116,6 +165,14 @@ impl Mesh {
         ]
     }
 
+    /// The flags that put a sidecar's workload key in its token (none for a software key).
+    fn key_args(&self, name: &str) -> Vec<String> {
+        self.tokens
+            .get(name)
+            .map(hsm::Token::proxy_args)
+            .unwrap_or_default()
+    }
+
     /// Every sidecar's admin address, by workload name (the client last).
     pub fn admins(&self) -> Vec<(String, SocketAddr)> {
         let mut out: Vec<(String, SocketAddr)> = self
@@ -130,18 +187,28 @@ impl Mesh {
     }
 
     /// Starts everything and waits until a page goes through the whole mesh.
-    pub async fn start(exe: &Path, dir: PathBuf, say: &Progress) -> Result<Mesh, DemoError> {
+    pub async fn start(
+        exe: &Path,
+        dir: PathBuf,
+        keys: Keys,
+        say: &Progress,
+    ) -> Result<Mesh, DemoError> {
         let plan = Plan::allocate().map_err(DemoError::Ports)?;
         let mut mesh = Mesh {
             plan,
             dir,
+            keys,
+            tokens: BTreeMap::new(),
             client: None,
             guest: None,
             workloads: Vec::new(),
             control: None,
         };
         std::fs::create_dir_all(mesh.log_dir()).map_err(|e| DemoError::Io(mesh.log_dir(), e))?;
-        let cfg = config::write(&mesh.config_dir(), &mesh.plan)?;
+        if keys == Keys::Pkcs11 {
+            mesh.create_tokens(say).await?;
+        }
+        let cfg = config::write(&mesh.config_dir(), &mesh.plan, mesh.ca_token())?;
         say(&format!(
             "config: {} resources from examples/bookinfo, workloads on loopback ({}), valid",
             cfg.resource_count(),
@@ -173,7 +240,8 @@ impl Mesh {
                 self.token_dir().display().to_string(),
             ];
             let log = self.log_dir().join("control.log");
-            let mut p = Proc::spawn("control plane", exe, &args, &log)?;
+            let mut p =
+                Proc::spawn_with_env("control plane", exe, &args, &self.token_env(CONTROL), &log)?;
             say(&format!(
                 "started control plane         pid {:<7} xDS and CA over TLS on {}",
                 p.pid(),
@@ -257,10 +325,12 @@ impl Mesh {
             "--admin".into(),
             w.ports.admin.to_string(),
         ]);
-        let sidecar = Proc::spawn(
+        args.extend(self.key_args(name));
+        let sidecar = Proc::spawn_with_env(
             &format!("{name} sidecar"),
             exe,
             &args,
+            &self.token_env(name),
             &self.log_dir().join(format!("{name}.sidecar.log")),
         )?;
         let inbound: Vec<String> = w.inbound().iter().map(ToString::to_string).collect();
@@ -302,7 +372,7 @@ impl Mesh {
                         ));
                         drop((app, sidecar));
                         self.plan.reallocate(i).map_err(DemoError::Ports)?;
-                        config::write(&self.config_dir(), &self.plan)?;
+                        config::write(&self.config_dir(), &self.plan, self.ca_token())?;
                         (app, sidecar) = self.spawn_workload(exe, &self.plan.workloads[i], say)?;
                         attempt += 1;
                     }
@@ -393,9 +463,16 @@ impl Mesh {
             "--admin".into(),
             admin.to_string(),
         ]);
+        args.extend(self.key_args(name));
         let log = self.log_dir().join(format!("{name}.sidecar.log"));
-        let mut p =
-            Proc::spawn(&format!("{name} sidecar"), exe, &args, &log).map_err(|e| (e, false))?;
+        let mut p = Proc::spawn_with_env(
+            &format!("{name} sidecar"),
+            exe,
+            &args,
+            &self.token_env(name),
+            &log,
+        )
+        .map_err(|e| (e, false))?;
         say(&format!(
             "started {:<21} pid {:<7} proxy {proxy}, admin {admin} ({role})",
             format!("{name} sidecar"),
@@ -474,6 +551,29 @@ impl Mesh {
         }
         Ok(())
     }
+}
+
+/// `bytes` random bytes from the system, in hex.
+pub(crate) fn random_hex(bytes: usize) -> Result<String, DemoError> {
+    use std::io::Read;
+    let mut raw = vec![0u8; bytes];
+    let urandom = Path::new("/dev/urandom");
+    std::fs::File::open(urandom)
+        .and_then(|mut f| f.read_exact(&mut raw))
+        .map_err(|e| DemoError::Io(urandom.into(), e))?;
+    Ok(raw.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Writes a new file readable by its owner only (0600 from the start, never wider).
+pub(crate) fn write_secret(path: &Path, secret: &str) -> Result<(), DemoError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, secret.as_bytes()))
+        .map_err(|e| DemoError::Io(path.to_path_buf(), e))
 }
 
 fn ready_line(what: &str, since: Instant) -> String {

@@ -29,6 +29,18 @@ pub struct Proc {
 impl Proc {
     /// Starts `exe args...` with stdout and stderr appended to `log`.
     pub fn spawn(name: &str, exe: &Path, args: &[String], log: &Path) -> Result<Proc, DemoError> {
+        Proc::spawn_with_env(name, exe, args, &[], log)
+    }
+
+    /// [`Proc::spawn`] with extra environment variables (settings meant for this child only,
+    /// such as its own `SOFTHSM2_CONF`).
+    pub fn spawn_with_env(
+        name: &str,
+        exe: &Path,
+        args: &[String],
+        env: &[(String, PathBuf)],
+        log: &Path,
+    ) -> Result<Proc, DemoError> {
         let io = |e| DemoError::Io(log.to_path_buf(), e);
         let out = File::options()
             .create(true)
@@ -48,6 +60,7 @@ impl Proc {
         for var in INHERITED_SETTINGS {
             cmd.env_remove(var);
         }
+        cmd.envs(env.iter().map(|(k, v)| (k, v)));
         let child = cmd.spawn().map_err(|source| DemoError::Spawn {
             name: name.to_owned(),
             exe: exe.to_path_buf(),

@@ -186,8 +186,12 @@ pub struct Summary {
     /// bookinfo, and calls to ratings from anyone but reviews.
     pub denials: BTreeMap<(String, String, String), usize>,
     /// Each sidecar's workload identity from its `/certs`: (workload, SPIFFE ID, the issuing
-    /// root's name); `-` where a sidecar reported none.
-    pub identities: Vec<(String, String, String)>,
+    /// root's name, where its private key lives); `-` where a sidecar reported none.
+    pub identities: Vec<(String, String, String, String)>,
+    /// Where the mesh's keys were asked to live.
+    pub keys: crate::Keys,
+    /// Each CA signer and where its key lives, as the control plane logged it at start.
+    pub signers: Vec<(String, String)>,
 }
 
 impl Summary {
@@ -402,6 +406,32 @@ async fn client_counted(mesh: &Mesh) -> f64 {
         .sum()
 }
 
+/// Each CA signer and where its key lives, from the control plane's start-up log lines
+/// (`signer=... token=... key=...` for a token-held key, `dir=...` for a key file).
+fn signers(log: &str) -> Vec<(String, String)> {
+    let mut out = BTreeMap::new();
+    for line in log.lines() {
+        let field = |name: &str| {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(name)?.strip_prefix('='))
+                .map(str::to_owned)
+        };
+        if line.contains("CA key") && line.contains("token") {
+            if let (Some(signer), Some(token), Some(key)) =
+                (field("signer"), field("token"), field("key"))
+            {
+                out.insert(signer, format!("PKCS#11 token {token:?}, key {key:?}"));
+            }
+        } else if line.contains("CA key and root") {
+            if let Some(dir) = field("dir") {
+                let signer = dir.rsplit('/').next().unwrap_or(&dir).to_owned();
+                out.insert(signer, format!("software, key file (0600) in {dir}"));
+            }
+        }
+    }
+    out.into_iter().collect()
+}
+
 /// Reads every sidecar's `/metrics` into the summary. Each request is counted when its
 /// response body ends, which the sidecar may see an instant after the client: first waits
 /// (bounded) until the client's sidecar has counted `expected` requests.
@@ -417,9 +447,17 @@ async fn scrape(mesh: &Mesh, s: &mut Summary, expected: f64) {
             .unwrap_or_default();
         let v: serde_json::Value = serde_json::from_str(&certs).unwrap_or_default();
         let field = |x: &serde_json::Value| x.as_str().unwrap_or("-").to_owned();
-        s.identities
-            .push((name, field(&v["identity"]), field(&v["roots"][0])));
+        s.identities.push((
+            name,
+            field(&v["identity"]),
+            field(&v["roots"][0]),
+            field(&v["key"]),
+        ));
     }
+    s.keys = mesh.keys;
+    // The lines are the log's first: read from the start (it is small).
+    let log = std::fs::read_to_string(mesh.log_dir().join("control.log")).unwrap_or_default();
+    s.signers = signers(&log);
     let mut texts = Vec::new();
     for (_, admin) in mesh.admins() {
         let text = client::get(&format!("http://{admin}/metrics"), Duration::from_secs(5))
@@ -599,8 +637,18 @@ impl fmt::Display for Summary {
             f,
             "Identities: each sidecar's certificate from the mesh CA (join token, then renewal at half life; xDS over mutual TLS)"
         )?;
-        for (workload, id, root) in &self.identities {
-            writeln!(f, "  {workload:<15} {id:<58} issued by {root}")?;
+        for (signer, key) in &self.signers {
+            writeln!(f, "  CA signer {signer:<9} key: {key}")?;
+        }
+        if self.keys == crate::Keys::Pkcs11 {
+            writeln!(
+                f,
+                "  (the control plane's own TLS key for xDS and the CA API stays in its memory: \
+                 `hypha control` has no token option yet)"
+            )?;
+        }
+        for (workload, id, root, key) in &self.identities {
+            writeln!(f, "  {workload:<15} {id:<58} issued by {root}; key: {key}")?;
         }
         writeln!(
             f,

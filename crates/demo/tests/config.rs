@@ -30,7 +30,8 @@ impl Drop for TempDir {
 fn generated_config_is_valid_and_points_at_the_sidecars() {
     let plan = Plan::allocate().unwrap();
     let dir = TempDir::new("hypha-demo-config");
-    let cfg = hypha_demo::config::write(&dir.0, &plan).expect("the generated config is valid");
+    let cfg =
+        hypha_demo::config::write(&dir.0, &plan, None).expect("the generated config is valid");
     assert_eq!(cfg.workload_entries.len(), WORKLOADS.len());
 
     // Everything but the workloads is the example, byte for byte.
@@ -141,6 +142,8 @@ async fn a_missing_binary_fails_clearly() {
         requests: 1,
         concurrency: 1,
         serve: false,
+        keys: hypha_demo::Keys::Software,
+        dir: None,
         progress: std::sync::Arc::new(|_: &str| {}),
     };
     let err = hypha_demo::run(opts).await.expect_err("fails");
@@ -152,4 +155,39 @@ async fn a_missing_binary_fails_clearly() {
     let _ = std::fs::remove_dir_all(
         std::env::temp_dir().join(format!("hypha-demo-{}", std::process::id())),
     );
+}
+
+#[test]
+fn with_a_token_every_signer_keeps_its_key_in_it() {
+    let plan = Plan::allocate().unwrap();
+    let dir = TempDir::new("hypha-demo-config-pkcs11");
+    let token = hypha_demo::hsm::Token {
+        label: "hypha-control".into(),
+        conf: dir.0.join("hsm/control.conf"),
+        pin_file: dir.0.join("hsm/control.pin"),
+    };
+    let cfg = hypha_demo::config::write(&dir.0, &plan, Some(&token))
+        .expect("the generated config is valid");
+    let example = hypha_control::initial_config(None).unwrap();
+
+    // The example's signers, each with its key in the token; the tenants as they were.
+    assert_eq!(cfg.mesh.tenants, example.mesh.tenants);
+    assert_eq!(cfg.mesh.signers.len(), example.mesh.signers.len());
+    for (signer, original) in cfg.mesh.signers.iter().zip(&example.mesh.signers) {
+        assert_eq!(signer.name, original.name);
+        assert_eq!(signer.max_certificate_ttl, original.max_certificate_ttl);
+        let key = signer.key.pkcs11.as_ref().expect("in the token");
+        assert_eq!(key.module, hypha_demo::hsm::MODULE);
+        assert_eq!(key.token_label, "hypha-control");
+        assert_eq!(key.key_label, format!("{}-ca", signer.name));
+        assert_eq!(
+            key.pin_file.as_deref(),
+            Some(token.pin_file.to_str().unwrap())
+        );
+        let allow = key.attestation.as_ref().unwrap().allow.as_ref().unwrap();
+        assert_eq!(allow.labels, ["hypha-control"]);
+    }
+    // The PIN is read from its file, never written into the config.
+    let yaml = std::fs::read_to_string(dir.0.join("mesh.yaml")).unwrap();
+    assert!(!yaml.contains("pin:"), "{yaml}");
 }

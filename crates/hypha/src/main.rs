@@ -69,6 +69,11 @@ enum Command {
         /// Requests in flight at once.
         #[arg(long, default_value_t = 8)]
         concurrency: usize,
+        /// Where private keys live: software (in memory; the CA's in 0600 files) or pkcs11 (the
+        /// CA's signer keys and every sidecar's key generated in a SoftHSM2 token per process,
+        /// never leaving it).
+        #[arg(long, default_value = "software", value_parser = |s: &str| s.parse::<hypha_demo::Keys>())]
+        keys: hypha_demo::Keys,
     },
     /// One of the demo's sample apps (started by `hypha demo`).
     #[command(hide = true)]
@@ -268,7 +273,8 @@ fn main() -> ExitCode {
             serve,
             requests,
             concurrency,
-        } => demo(serve, requests, concurrency),
+            keys,
+        } => demo(serve, requests, concurrency, keys),
         Command::DemoApp {
             role,
             listen,
@@ -278,7 +284,7 @@ fn main() -> ExitCode {
 }
 
 /// `hypha demo`: every process is this binary; progress and summary go to stdout.
-fn demo(serve: bool, requests: usize, concurrency: usize) -> ExitCode {
+fn demo(serve: bool, requests: usize, concurrency: usize, keys: hypha_demo::Keys) -> ExitCode {
     let exe = match std::env::current_exe() {
         Ok(exe) => exe,
         Err(e) => {
@@ -291,6 +297,8 @@ fn demo(serve: bool, requests: usize, concurrency: usize) -> ExitCode {
         requests,
         concurrency,
         serve,
+        keys,
+        dir: None,
         // Not `println!`: a closed stdout (`hypha demo | head`) must not panic the demo.
         progress: std::sync::Arc::new(|line: &str| {
             use std::io::Write as _;

@@ -15,6 +15,8 @@ async fn demo_runs_bookinfo_through_the_mesh() {
         requests: 60,
         concurrency: 8,
         serve: false,
+        keys: hypha_demo::Keys::Software,
+        dir: None,
         progress: Arc::new(move |line: &str| {
             eprintln!("{line}");
             sink.lock().unwrap().push(line.to_owned());
@@ -65,7 +67,7 @@ async fn demo_runs_bookinfo_through_the_mesh() {
     // Every sidecar got its own identity from its tenant's signer: bookinfo's, and the
     // default tenant's for the guest.
     assert_eq!(s.identities.len(), 8, "{:?}", s.identities);
-    for (workload, id, root) in &s.identities {
+    for (workload, id, root, _) in &s.identities {
         let app = workload.split('-').next().unwrap();
         let (want, tenant) = match workload.as_str() {
             "demo-client" => (
