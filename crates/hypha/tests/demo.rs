@@ -1,22 +1,58 @@
 //! `hypha demo` end to end with the real binary: the control plane, six apps, eight sidecars as
-//! separate processes on loopback, 60 page views, and the summary checked against the bookinfo
+//! separate processes on loopback, page views, and the summary checked against the bookinfo
 //! routing rules, the identities the CA issued, mutual TLS on every hop, and the refusals
-//! (another tenant, ratings' authorization policy). Also checks that no process outlives the demo.
+//! (another tenant, ratings' authorization policy). Also checks that no process outlives the
+//! demo. Twice: with software keys, and with every key in a SoftHSM2 token (`--keys pkcs11`),
+//! where no file the demo leaves holds a private key outside the tokens' own stores.
 
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn demo_runs_bookinfo_through_the_mesh() {
+use hypha_demo::{Keys, Summary};
+
+const SOFTHSM: &str = "/usr/lib/softhsm/libsofthsm2.so";
+/// Page views per run (a few seconds; the token's signatures cost little next to that).
+const PAGES: usize = 60;
+
+/// Fifteen processes each: one demo at a time, so that neither starves the other of the
+/// machine's cores and runs out of time.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// A fresh directory under the system temp dir, removed when dropped unless the test failed
+/// (the demo's logs are in it).
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("the demo's files are kept in {}", self.0.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+/// Runs the demo into `dir` (kept afterwards); its summary and progress lines.
+async fn demo(keys: Keys, requests: usize, dir: &Path) -> (Summary, Vec<String>) {
+    let _one = ONE_AT_A_TIME.lock().await;
     let lines = Arc::new(Mutex::new(Vec::<String>::new()));
     let sink = lines.clone();
     let opts = hypha_demo::Options {
         exe: env!("CARGO_BIN_EXE_hypha").into(),
-        requests: 60,
+        requests,
         concurrency: 8,
         serve: false,
-        keys: hypha_demo::Keys::Software,
-        dir: None,
+        keys,
+        dir: Some(dir.to_path_buf()),
         progress: Arc::new(move |line: &str| {
             eprintln!("{line}");
             sink.lock().unwrap().push(line.to_owned());
@@ -26,11 +62,182 @@ async fn demo_runs_bookinfo_through_the_mesh() {
         .await
         .expect("the demo finishes in time")
         .unwrap_or_else(|e| panic!("the demo failed: {e}"));
+    let lines = lines.lock().unwrap().clone();
+    (s, lines)
+}
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_runs_bookinfo_through_the_mesh() {
+    let dir = TempDir::new("hypha-demo-test-software");
+    let (s, lines) = demo(Keys::Software, PAGES, &dir.0).await;
+    bookinfo_went_through_the_mesh(&s);
+    all_processes_gone(&lines);
+
+    // Software keys: each sidecar's in its memory, the CA's in 0600 files, which the scan
+    // below finds (what shows the scan of the pkcs11 run can find a key at all).
+    for (workload, _, _, key) in &s.identities {
+        assert_eq!(key, "software ECDSA", "{workload}");
+    }
+    let signers: Vec<&str> = s.signers.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(signers, ["bookinfo", "default"], "{:?}", s.signers);
+    for (signer, key) in &s.signers {
+        assert!(
+            key.starts_with("software, key file (0600)"),
+            "{signer}: {key}"
+        );
+    }
+    let mut found = private_keys_in(&dir.0, None);
+    found.sort();
+    let ca = dir.0.join("ca");
+    assert_eq!(
+        found,
+        [
+            ca.join("bookinfo/ca-key.pem"),
+            ca.join("default/ca-key.pem")
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_with_every_key_in_a_pkcs11_token() {
+    if !Path::new(SOFTHSM).exists() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "SoftHSM2 is missing in CI: scripts/setup installs it"
+        );
+        eprintln!("!!! SKIPPED: SoftHSM2 ({SOFTHSM}) is not installed; run scripts/setup");
+        return;
+    }
+    let dir = TempDir::new("hypha-demo-test-pkcs11");
+    let (s, lines) = demo(Keys::Pkcs11, PAGES, &dir.0).await;
+    bookinfo_went_through_the_mesh(&s);
+    all_processes_gone(&lines);
+
+    // A token per process, made by the demo.
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("keys: 9 SoftHSM2 tokens created")),
+        "{lines:?}"
+    );
+
+    // Each sidecar says its key is in its own token; the control plane, that both signers'
+    // keys are in its token.
+    assert_eq!(s.identities.len(), 8);
+    for (workload, _, _, key) in &s.identities {
+        assert_eq!(
+            key,
+            &format!("PKCS#11 token \"hypha-{workload}\" ECDSA P-256"),
+            "{workload}"
+        );
+    }
+    assert_eq!(
+        s.signers,
+        [
+            (
+                "bookinfo".to_owned(),
+                "PKCS#11 token \"hypha-control\", key \"bookinfo-ca\"".to_owned()
+            ),
+            (
+                "default".to_owned(),
+                "PKCS#11 token \"hypha-control\", key \"default-ca\"".to_owned()
+            ),
+        ]
+    );
+    let text = s.to_string();
+    assert!(
+        text.contains("key: PKCS#11 token \"hypha-productpage-v1\" ECDSA P-256"),
+        "{text}"
+    );
+    assert!(
+        text.contains("CA signer bookinfo  key: PKCS#11 token \"hypha-control\""),
+        "{text}"
+    );
+
+    // No private key in clear anywhere the demo wrote, logs included: only the CA
+    // certificates in the CA's directory, and SoftHSM2's stores (the tokens themselves) hold
+    // the keys, where the CA's persistent keys are token objects.
+    let hsm = dir.0.join("hsm");
+    let store = hsm.join(hypha_demo::hsm::STORE);
+    assert_eq!(private_keys_in(&dir.0, Some(&store)), Vec::<PathBuf>::new());
+    for signer in ["bookinfo", "default"] {
+        let files = names_in(&dir.0.join("ca").join(signer));
+        assert_eq!(files, ["ca-cert.pem"], "{signer}");
+    }
+    let control_objects = files_under(&store.join("control"))
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "object"))
+        .count();
+    // token.object, and a private and a public key object per signer.
+    assert!(control_objects >= 5, "{control_objects} objects");
+
+    // The PINs are in their 0600 files only: never in the progress, summary or logs.
+    use std::os::unix::fs::PermissionsExt;
+    let logs = files_under(&dir.0.join("logs"));
+    for pin_file in files_under(&hsm)
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "pin"))
+    {
+        let mode = std::fs::metadata(&pin_file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{}", pin_file.display());
+        let pin = std::fs::read_to_string(&pin_file).unwrap();
+        assert!(pin.trim().len() >= 16);
+        assert!(!text.contains(pin.trim()));
+        assert!(!lines.iter().any(|l| l.contains(pin.trim())));
+        for log in &logs {
+            let content = std::fs::read_to_string(log).unwrap();
+            assert!(!content.contains(pin.trim()), "{}", log.display());
+        }
+    }
+}
+
+/// Every regular file under `dir`.
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                todo.push(path);
+            } else {
+                out.push(path);
+            }
+        }
+    }
+    out
+}
+
+/// The names of the files in `dir`, sorted.
+fn names_in(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// The files under `dir` (but not under `skip`) with PEM private key material.
+fn private_keys_in(dir: &Path, skip: Option<&Path>) -> Vec<PathBuf> {
+    files_under(dir)
+        .into_iter()
+        .filter(|p| skip.is_none_or(|s| !p.starts_with(s)))
+        .filter(|p| {
+            let bytes = std::fs::read(p).unwrap();
+            // `-----BEGIN PRIVATE KEY-----`, `... EC PRIVATE KEY-----`, `... RSA ...`,
+            // `... ENCRYPTED PRIVATE KEY-----`.
+            bytes.windows(16).any(|w| w == b"PRIVATE KEY-----")
+        })
+        .collect()
+}
+
+/// What the demo's summary must show after [`PAGES`] page views, whatever the keys.
+fn bookinfo_went_through_the_mesh(s: &Summary) {
     // Every page view, nearly all successful (details' deliberate failures are retried).
-    assert_eq!(s.pages, 60);
+    assert_eq!(s.pages, PAGES);
     assert!(s.success_rate() >= 0.9, "success {}", s.success_rate());
-    assert_eq!(s.sent["page (jason)"], 20);
+    assert_eq!(s.sent["page (jason)"], PAGES / 3);
 
     // jason always gets reviews v2; everyone else the canary: v1 and v3.
     let jason: usize = s.jason.values().sum();
@@ -148,9 +355,10 @@ async fn demo_runs_bookinfo_through_the_mesh() {
     assert!(aborted >= s.ratings_aborted as f64);
     let text = s.to_string();
     assert!(text.contains("success"), "{text}");
+}
 
-    // Every process the demo started is gone (killed and reaped).
-    let lines = lines.lock().unwrap();
+/// Every process the demo started is gone (killed and reaped).
+fn all_processes_gone(lines: &[String]) {
     let pids: Vec<u32> = lines
         .iter()
         .filter(|l| l.starts_with("started "))
@@ -166,7 +374,7 @@ async fn demo_runs_bookinfo_through_the_mesh() {
     assert_eq!(pids.len(), 15, "{lines:?}");
     for pid in pids {
         assert!(
-            !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            !Path::new(&format!("/proc/{pid}")).exists(),
             "process {pid} still exists"
         );
     }
