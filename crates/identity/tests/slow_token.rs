@@ -180,6 +180,8 @@ async fn token_keys_serve_handshakes_and_a_slow_token_holds_up_only_new_ones() {
             tls::peer_id(s.ssl()).unwrap(),
             format!("spiffe://{TD}/ns/default/sa/{label}")
         );
+        // Envoy's default key exchange, not the hybrid post-quantum group.
+        assert_eq!(s.ssl().curve_name(), Some("X25519"));
         s.write_all(b"12345678").await.unwrap();
         let mut buf = [0u8; 8];
         s.read_exact(&mut buf).await.unwrap();
