@@ -42,6 +42,10 @@ impl KeyProvider for Slow {
         })
     }
 
+    fn decrypt(&self, input: &[u8]) -> KeyFuture<Vec<u8>> {
+        self.0.decrypt(input)
+    }
+
     fn describe(&self) -> String {
         format!("slow {}", self.0.describe())
     }

@@ -46,6 +46,11 @@ pub trait KeyProvider: Send + Sync + 'static {
     /// and, for RSA, PKCS#1 v1.5 or PSS padding.
     fn sign(&self, algorithm: SslSignatureAlgorithm, input: &[u8]) -> KeyFuture<Vec<u8>>;
 
+    /// Raw RSA decryption (no padding: BoringSSL checks the padding itself), what an RSA key
+    /// exchange asks of the server's key. `input` is as long as the modulus; a key that is not
+    /// RSA refuses.
+    fn decrypt(&self, input: &[u8]) -> KeyFuture<Vec<u8>>;
+
     /// What the key is, for logs (never key material): e.g. `software ECDSA P-256`.
     fn describe(&self) -> String;
 }
@@ -94,6 +99,24 @@ pub fn sign_with(
     Ok(signer.sign_oneshot_to_vec(input)?)
 }
 
+/// Decrypts with a key in memory, as [`KeyProvider::decrypt`] describes.
+pub fn decrypt_with(key: &PKey<Private>, input: &[u8]) -> Result<Vec<u8>, KeyError> {
+    let rsa = key
+        .rsa()
+        .map_err(|_| KeyError::Algorithm("RSA decryption with a key that is not RSA".into()))?;
+    let size = rsa.size() as usize;
+    if input.len() != size {
+        return Err(KeyError::Algorithm(format!(
+            "RSA decryption of {} bytes with a {size}-byte modulus",
+            input.len()
+        )));
+    }
+    let mut out = vec![0; size];
+    let n = rsa.private_decrypt(input, &mut out, Padding::NONE)?;
+    out.truncate(n);
+    Ok(out)
+}
+
 /// A key in this process's memory.
 pub struct SoftwareKey {
     key: PKey<Private>,
@@ -130,6 +153,10 @@ impl KeyProvider for SoftwareKey {
         Box::pin(std::future::ready(result))
     }
 
+    fn decrypt(&self, input: &[u8]) -> KeyFuture<Vec<u8>> {
+        Box::pin(std::future::ready(decrypt_with(&self.key, input)))
+    }
+
     fn describe(&self) -> String {
         let kind = match (self.key.ec_key(), self.key.rsa()) {
             (Ok(_), _) => "ECDSA".to_owned(),
@@ -152,33 +179,37 @@ impl AsyncPrivateKeyMethod for Method {
         algorithm: SslSignatureAlgorithm,
         _output: &mut [u8],
     ) -> Result<BoxPrivateKeyMethodFuture, AsyncPrivateKeyMethodError> {
-        let pending = self.0.sign(algorithm, input);
-        Ok(Box::pin(async move {
-            let signature = pending.await.map_err(|e| {
-                tracing::warn!(error = %e, "private-key operation failed");
-                AsyncPrivateKeyMethodError
-            })?;
-            let finish: BoxPrivateKeyMethodFinish =
-                Box::new(move |_: &mut SslRef, out: &mut [u8]| {
-                    let n = signature.len();
-                    out.get_mut(..n)
-                        .ok_or(AsyncPrivateKeyMethodError)?
-                        .copy_from_slice(&signature);
-                    Ok(n)
-                });
-            Ok(finish)
-        }))
+        Ok(completion(self.0.sign(algorithm, input), "signature"))
     }
 
-    /// Only RSA key exchange decrypts with the key; Hypha's contexts offer TLS 1.3 and ECDHE
-    /// suites only, so this is never asked for.
+    /// An RSA key exchange (TLS 1.2 `RSA` suites, which Hypha's own contexts do not offer, so
+    /// only a context configured otherwise asks): raw RSA decryption by the provider, BoringSSL
+    /// checking the padding.
     fn decrypt(
         &self,
         _ssl: &mut SslRef,
-        _input: &[u8],
+        input: &[u8],
         _output: &mut [u8],
     ) -> Result<BoxPrivateKeyMethodFuture, AsyncPrivateKeyMethodError> {
-        tracing::warn!("RSA decryption asked of a private-key provider: refused");
-        Err(AsyncPrivateKeyMethodError)
+        Ok(completion(self.0.decrypt(input), "decryption"))
     }
+}
+
+/// The handshake's side of a pending operation: once the provider answers, copy its bytes into
+/// BoringSSL's output buffer.
+fn completion(pending: KeyFuture<Vec<u8>>, what: &'static str) -> BoxPrivateKeyMethodFuture {
+    Box::pin(async move {
+        let bytes = pending.await.map_err(|e| {
+            tracing::warn!(error = %e, "private-key {what} failed");
+            AsyncPrivateKeyMethodError
+        })?;
+        let finish: BoxPrivateKeyMethodFinish = Box::new(move |_: &mut SslRef, out: &mut [u8]| {
+            let n = bytes.len();
+            out.get_mut(..n)
+                .ok_or(AsyncPrivateKeyMethodError)?
+                .copy_from_slice(&bytes);
+            Ok(n)
+        });
+        Ok(finish)
+    })
 }

@@ -111,6 +111,12 @@ enum Job {
         data: Vec<u8>,
         reply: Reply<Vec<u8>>,
     },
+    /// Raw RSA (`CKM_RSA_X_509`).
+    Decrypt {
+        key: ObjectHandle,
+        data: Vec<u8>,
+        reply: Reply<Vec<u8>>,
+    },
 }
 
 /// A signing mechanism, sent to a token thread (cryptoki's `Mechanism` is not `Send`).
@@ -482,6 +488,13 @@ fn worker(session: &Session, jobs: &Mutex<mpsc::Receiver<Queued>>, counters: &Co
                 };
                 let _ = reply.send(signed);
             }
+            Job::Decrypt { key, data, reply } => {
+                let _ = reply.send(
+                    session
+                        .decrypt(&Mechanism::RsaX509, key, &data)
+                        .map_err(backend),
+                );
+            }
         }
     }
 }
@@ -502,6 +515,8 @@ fn generate(
         Attribute::Sensitive(true),
         Attribute::Extractable(false),
         Attribute::Sign(true),
+        // Only an RSA key exchange decrypts (see `KeyProvider::decrypt`).
+        Attribute::Decrypt(matches!(kind, TokenKeyKind::Rsa(_))),
         Attribute::Label(label.clone()),
     ];
     let (mechanism, public_template) = match kind {
@@ -790,6 +805,30 @@ impl KeyProvider for TokenKey {
             })?;
             let raw = rx.await.map_err(|_| thread_died())??;
             finish_signature(kind, raw)
+        })
+    }
+
+    fn decrypt(&self, input: &[u8]) -> KeyFuture<Vec<u8>> {
+        let checked = match self.kind {
+            TokenKeyKind::Rsa(bits) if input.len() * 8 == bits as usize => Ok(input.to_vec()),
+            TokenKeyKind::Rsa(bits) => Err(KeyError::Algorithm(format!(
+                "RSA decryption of {} bytes with a {bits}-bit key",
+                input.len()
+            ))),
+            TokenKeyKind::EcdsaP256 => Err(KeyError::Algorithm(
+                "RSA decryption with a key that is not RSA".into(),
+            )),
+        };
+        let token = self.token.clone();
+        let handle = self.handle;
+        Box::pin(async move {
+            let data = checked?;
+            let rx = token.request(|reply| Job::Decrypt {
+                key: handle,
+                data,
+                reply,
+            })?;
+            rx.await.map_err(|_| thread_died())?
         })
     }
 

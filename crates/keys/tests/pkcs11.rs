@@ -146,6 +146,17 @@ async fn keys_generated_in_softhsm2_sign_every_scheme() {
         }
         assert!(v.verify_oneshot(&sig, msg).unwrap(), "{alg}");
     }
+    // Raw RSA decryption in the token (an RSA key exchange) undoes a raw encryption with the
+    // public key; the ECDSA key refuses.
+    let public_rsa = rsa.public_key().rsa().unwrap();
+    let mut m = vec![0u8; 256];
+    m[1..].fill(0xa5);
+    let mut c = vec![0u8; 256];
+    public_rsa
+        .public_encrypt(&m, &mut c, Padding::NONE)
+        .unwrap();
+    assert_eq!(rsa.decrypt(&c).await.unwrap(), m);
+    assert!(ec.decrypt(&c).await.is_err());
     // A scheme the key cannot do is refused before the token is asked.
     assert!(ec
         .sign(SslSignatureAlgorithm::RSA_PKCS1_SHA256, msg)
@@ -200,7 +211,8 @@ async fn keys_generated_in_softhsm2_sign_every_scheme() {
     }
 
     // The token's metrics count what its threads did: 1 + 3 + 1 + 32 signatures (the refused
-    // scheme never reached the token), 3 keys generated, and every job's wait (3 lookups too).
+    // scheme never reached the token), 3 keys generated, and every job's wait (3 lookups and
+    // the decryption too).
     let m = token.metrics();
     assert_eq!(m.label, "hypha-test");
     assert_eq!(
@@ -208,7 +220,7 @@ async fn keys_generated_in_softhsm2_sign_every_scheme() {
         (37, 0, 3, 0, 2)
     );
     assert_eq!(m.sign_time.count, 37);
-    assert_eq!(m.wait_time.count, 37 + 3 + 3);
+    assert_eq!(m.wait_time.count, 37 + 3 + 3 + 1);
     assert!(m.sign_time.sum_seconds > 0.0);
     assert!(m.sign_time.cumulative.windows(2).all(|w| w[0] <= w[1]));
 }

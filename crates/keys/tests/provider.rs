@@ -149,6 +149,9 @@ impl KeyProvider for Gate {
             signed
         })
     }
+    fn decrypt(&self, input: &[u8]) -> KeyFuture<Vec<u8>> {
+        self.inner.decrypt(input)
+    }
     fn describe(&self) -> String {
         "gated test key".into()
     }
@@ -202,6 +205,59 @@ async fn handshakes_sign_through_the_provider_for_ecdsa_and_rsa() {
         let addr = server(Arc::new(SoftwareKey::new(key).unwrap()), cert.clone()).await;
         assert_eq!(handshake(addr, &cert).await, "ok");
     }
+}
+
+/// A TLS 1.2 server offering only the RSA key exchange: the client encrypts the premaster
+/// secret to the certificate's key, and the server's provider decrypts it.
+#[tokio::test]
+async fn an_rsa_key_exchange_decrypts_through_the_provider() {
+    let key = rsa2048();
+    let cert = self_signed(&key);
+    let provider = SoftwareKey::new(key.clone()).unwrap();
+
+    // Raw decryption undoes a raw encryption; wrong sizes and non-RSA keys are refused.
+    let rsa = key.rsa().unwrap();
+    let mut m = vec![0u8; 256];
+    m[1..].fill(0x5a);
+    let mut c = vec![0u8; 256];
+    rsa.public_encrypt(&m, &mut c, Padding::NONE).unwrap();
+    assert_eq!(provider.decrypt(&c).await.unwrap(), m);
+    assert!(provider.decrypt(&c[1..]).await.is_err());
+    assert!(SoftwareKey::new(p256()).unwrap().decrypt(&c).await.is_err());
+
+    let mut b = SslAcceptor::mozilla_intermediate_v5(SslMethod::tls()).unwrap();
+    b.set_max_proto_version(Some(boring::ssl::SslVersion::TLS1_2))
+        .unwrap();
+    b.set_cipher_list("AES128-GCM-SHA256").unwrap();
+    b.set_certificate(&cert).unwrap();
+    b.set_async_private_key_method(Method(Arc::new(provider)));
+    let acceptor = b.build();
+    assert!(acceptor.context().private_key().is_none());
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut s = tokio_boring::accept(&acceptor, tcp).await.unwrap();
+        s.write_all(b"ok").await.unwrap();
+        s.shutdown().await.unwrap();
+    });
+    let mut c = SslConnector::builder(SslMethod::tls()).unwrap();
+    c.cert_store_mut().add_cert(cert.clone()).unwrap();
+    c.set_verify(SslVerifyMode::PEER);
+    c.set_cipher_list("AES128-GCM-SHA256").unwrap();
+    let mut cfg = c.build().configure().unwrap();
+    cfg.set_verify_hostname(false);
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let mut s = tokio_boring::connect(cfg, "keys-test", tcp).await.unwrap();
+    // The RSA key exchange was negotiated, with a server context that holds no key: only the
+    // provider could have decrypted the premaster secret.
+    assert_eq!(
+        s.ssl().current_cipher().unwrap().name(),
+        "AES128-GCM-SHA256"
+    );
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    assert_eq!(out, "ok");
 }
 
 #[tokio::test]
