@@ -11,7 +11,9 @@ use hypha_ca::{Ca, CaService, Caller, JoinTokens};
 use hypha_config::MeshConfig;
 use hypha_identity::grpc::PeerInfo;
 use hypha_identity::tls::ClientCert;
-use hypha_identity::{grpc, issue_local, Credentials, Identity, Store, WorkloadAuth};
+use hypha_identity::{
+    grpc, issue_local, issue_local_in_token, Credentials, Identity, Store, WorkloadAuth,
+};
 use hypha_xds::AdsServer;
 use hypha_xds::ProxyInfo;
 use tokio::net::TcpListener;
@@ -75,6 +77,8 @@ pub struct Secure {
     ca: Arc<Ca>,
     auth: Arc<WorkloadAuth>,
     own: Store,
+    /// The token holding the control plane's own key, when it is in one.
+    own_token: Option<Arc<hypha_keys::pkcs11::Token>>,
     caller: Caller,
     roots: Vec<String>,
     signer_roots: crate::mtls::SignerRoots,
@@ -100,6 +104,17 @@ impl Secure {
         data_dir: &Path,
         join_tokens: Option<&Path>,
     ) -> Result<Secure, SecurityError> {
+        Self::open_with(mesh, data_dir, join_tokens, None)
+    }
+
+    /// [`Secure::open`], with the control plane's own key generated in `own_token` (and
+    /// regenerated there at every renewal) instead of in memory.
+    pub fn open_with(
+        mesh: &MeshConfig,
+        data_dir: &Path,
+        join_tokens: Option<&Path>,
+        own_token: Option<Arc<hypha_keys::pkcs11::Token>>,
+    ) -> Result<Secure, SecurityError> {
         let ca = Arc::new(Ca::from_mesh(mesh, data_dir)?);
         let tokens = join_tokens.map(JoinTokens::from_dir).transpose()?;
         if let Some(t) = &tokens {
@@ -109,7 +124,7 @@ impl Secure {
         let caller = Caller::new(mesh.root_namespace.clone(), SERVICE_ACCOUNT);
         // Workloads of every tenant renew here: trust every tenant's root.
         let roots = ca.all_roots()?;
-        let own = issue_local(&ca, &caller, OWN_VALIDITY, &roots)?;
+        let own = own_identity(&ca, &caller, &roots, own_token.as_ref())?;
         let root = own
             .chain()
             .last()
@@ -117,7 +132,8 @@ impl Secure {
             .unwrap_or_default();
         let path = data_dir.join(ROOT_CERT_FILE);
         std::fs::write(&path, root).map_err(|e| SecurityError::Write(path.clone(), e))?;
-        tracing::info!(identity = %own.id(), root = %path.display(), "control plane certificate issued");
+        // `key` last: the demo reads it to the end of the line.
+        tracing::info!(identity = %own.id(), root = %path.display(), key = %own.key_description(), "control plane certificate issued");
         let own = Store::new(Credentials::new(own, ClientCert::Optional)?);
         let mut signer_roots = crate::mtls::SignerRoots::new();
         for t in &mesh.tenants {
@@ -134,6 +150,7 @@ impl Secure {
             ca,
             auth,
             own,
+            own_token,
             caller,
             roots,
             signer_roots,
@@ -177,9 +194,11 @@ impl Secure {
             tokio::time::sleep(wait).await;
             // Issuing may wait for a token-held signer: off the async workers.
             let (ca, caller, roots) = (self.ca.clone(), self.caller.clone(), self.roots.clone());
-            let reissued = tokio::task::spawn_blocking(move || reissue(&ca, &caller, &roots))
-                .await
-                .unwrap_or_else(|e| Err(SecurityError::Task(e.to_string())));
+            let token = self.own_token.clone();
+            let reissued =
+                tokio::task::spawn_blocking(move || reissue(&ca, &caller, &roots, token.as_ref()))
+                    .await
+                    .unwrap_or_else(|e| Err(SecurityError::Task(e.to_string())));
             match reissued {
                 Ok(c) => {
                     tracing::info!(identity = %c.identity.id(), "control plane certificate rotated");
@@ -194,9 +213,27 @@ impl Secure {
     }
 }
 
-fn reissue(ca: &Ca, caller: &Caller, roots: &[String]) -> Result<Credentials, SecurityError> {
-    let own: Identity = issue_local(ca, caller, OWN_VALIDITY, roots)?;
+fn reissue(
+    ca: &Ca,
+    caller: &Caller,
+    roots: &[String],
+    token: Option<&Arc<hypha_keys::pkcs11::Token>>,
+) -> Result<Credentials, SecurityError> {
+    let own = own_identity(ca, caller, roots, token)?;
     Ok(Credentials::new(own, ClientCert::Optional)?)
+}
+
+/// The control plane's own identity, its key in memory or in `token`. Blocking.
+fn own_identity(
+    ca: &Ca,
+    caller: &Caller,
+    roots: &[String],
+    token: Option<&Arc<hypha_keys::pkcs11::Token>>,
+) -> Result<Identity, SecurityError> {
+    Ok(match token {
+        None => issue_local(ca, caller, OWN_VALIDITY, roots)?,
+        Some(t) => issue_local_in_token(ca, caller, OWN_VALIDITY, roots, t)?,
+    })
 }
 
 /// `hypha ca issue`: a key and certificate for one identity from the CA in `data_dir`, written

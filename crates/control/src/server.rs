@@ -401,6 +401,8 @@ pub struct Security {
     pub join_tokens: Option<PathBuf>,
     /// Addresses serving xDS and the CA API over TLS.
     pub listen: Vec<SocketAddr>,
+    /// The token holding the control plane's own serving key, instead of its memory.
+    pub own_key: Option<hypha_keys::pkcs11::TokenConfig>,
 }
 
 /// `hypha control`: load, serve on every address, watch the directory.
@@ -416,10 +418,22 @@ pub async fn run(
                 .map_err(|e| RunError::DataDir(s.data_dir.clone(), e))?;
             // A token-held signer waits for its token while the CA opens and issues the
             // control plane's certificate: not on this runtime's threads.
-            let (mesh, data_dir, tokens) =
-                (cfg.mesh.clone(), s.data_dir.clone(), s.join_tokens.clone());
+            let (mesh, data_dir, tokens, own_key) = (
+                cfg.mesh.clone(),
+                s.data_dir.clone(),
+                s.join_tokens.clone(),
+                s.own_key.clone(),
+            );
             let secure = tokio::task::spawn_blocking(move || {
-                crate::security::Secure::open(&mesh, &data_dir, tokens.as_deref())
+                let own_key = own_key
+                    .map(|t| hypha_keys::pkcs11::Token::open(&t))
+                    .transpose()
+                    .map_err(|e| {
+                        crate::security::SecurityError::Identity(
+                            hypha_identity::IdentityError::Key(e),
+                        )
+                    })?;
+                crate::security::Secure::open_with(&mesh, &data_dir, tokens.as_deref(), own_key)
             })
             .await
             .map_err(|e| RunError::Start(e.to_string()))??;

@@ -80,6 +80,13 @@ async fn control_starts_with_an_attested_token_ca_and_refuses_an_unapproved_one(
         data_dir: data.path().to_path_buf(),
         join_tokens: None,
         listen: vec![],
+        own_key: None,
+    };
+    let own_key = hypha_keys::pkcs11::TokenConfig {
+        module: MODULE.into(),
+        label: TOKEN.into(),
+        pin: hypha_keys::pkcs11::PinSource::File(hsm.path().join("pin")),
+        threads: 1,
     };
 
     std::fs::write(
@@ -110,10 +117,14 @@ async fn control_starts_with_an_attested_token_ca_and_refuses_an_unapproved_one(
         mesh_yaml(hsm.path(), TOKEN),
     )
     .unwrap();
+    // The control plane's own serving key in the token too.
     let control = tokio::spawn(hypha_control::run(
         Some(config.path().to_path_buf()),
         &[],
-        Some(security),
+        Some(Security {
+            own_key: Some(own_key.clone()),
+            ..security.clone()
+        }),
     ));
     // Ready when the control plane's own certificate, issued by the token, is out.
     let root_file = data.path().join(hypha_control::security::ROOT_CERT_FILE);
@@ -132,4 +143,30 @@ async fn control_starts_with_an_attested_token_ca_and_refuses_an_unapproved_one(
     assert_eq!(std::fs::read(&root_file).unwrap(), root);
     assert!(!control.is_finished());
     control.abort();
+
+    // What that control plane serves with: a certificate whose key is in the token, and TLS
+    // contexts that hold no key.
+    let data_dir = data.path().to_path_buf();
+    let mesh = hypha_config::load(config.path())
+        .into_result()
+        .unwrap()
+        .0
+        .mesh;
+    let secure = tokio::task::spawn_blocking(move || {
+        let token = hypha_keys::pkcs11::Token::open(&own_key).unwrap();
+        hypha_control::security::Secure::open_with(&mesh, &data_dir, None, Some(token)).unwrap()
+    })
+    .await
+    .unwrap();
+    let own = secure.identity();
+    let described = format!("{:?}", own.identity);
+    assert!(
+        described.contains("PKCS#11 token") && described.contains(TOKEN),
+        "{described}"
+    );
+    assert!(own.server.context().private_key().is_none());
+    assert!(own
+        .identity
+        .id()
+        .ends_with("/ns/istio-system/sa/hypha-control"));
 }

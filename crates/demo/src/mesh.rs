@@ -238,7 +238,11 @@ impl Mesh {
                 self.ca_dir().display().to_string(),
                 "--join-tokens".into(),
                 self.token_dir().display().to_string(),
-            ];
+            ]
+            .into_iter()
+            // Its own serving key in its token too (the same flags as a sidecar's).
+            .chain(self.key_args(CONTROL))
+            .collect::<Vec<String>>();
             let log = self.log_dir().join("control.log");
             let mut p =
                 Proc::spawn_with_env("control plane", exe, &args, &self.token_env(CONTROL), &log)?;

@@ -192,6 +192,8 @@ pub struct Summary {
     pub keys: crate::Keys,
     /// Each CA signer and where its key lives, as the control plane logged it at start.
     pub signers: Vec<(String, String)>,
+    /// Where the control plane's own serving key lives, from its log.
+    pub control_key: String,
 }
 
 impl Summary {
@@ -485,6 +487,13 @@ async fn scrape(mesh: &Mesh, s: &mut Summary, expected: f64) {
     // The lines are the log's first: read from the start (it is small).
     let log = std::fs::read_to_string(mesh.log_dir().join("control.log")).unwrap_or_default();
     s.signers = signers(&log);
+    s.control_key = log
+        .lines()
+        .filter(|l| l.contains("control plane certificate issued"))
+        .find_map(|l| l.split(" key=").nth(1))
+        .unwrap_or("-")
+        .trim()
+        .to_owned();
     let mut texts = Vec::new();
     for (_, admin) in mesh.admins() {
         let text = client::get(&format!("http://{admin}/metrics"), Duration::from_secs(5))
@@ -667,13 +676,11 @@ impl fmt::Display for Summary {
         for (signer, key) in &self.signers {
             writeln!(f, "  CA signer {signer:<9} key: {key}")?;
         }
-        if self.keys == crate::Keys::Pkcs11 {
-            writeln!(
-                f,
-                "  (the control plane's own TLS key for xDS and the CA API stays in its memory: \
-                 `hypha control` has no token option yet)"
-            )?;
-        }
+        writeln!(
+            f,
+            "  control plane's own TLS key (xDS and the CA API): {}",
+            self.control_key
+        )?;
         for (workload, id, root, key) in &self.identities {
             writeln!(f, "  {workload:<15} {id:<58} issued by {root}; key: {key}")?;
         }

@@ -49,6 +49,19 @@ enum Command {
         /// credential a workload presents for its first certificate.
         #[arg(long)]
         join_tokens: Option<PathBuf>,
+        /// Keep the control plane's own serving key (xDS and the CA API over TLS) in this
+        /// PKCS#11 module's token instead of memory: generated there, never extractable.
+        #[arg(long, requires_all = ["pkcs11_token", "data_dir"])]
+        pkcs11_module: Option<PathBuf>,
+        /// The token's label.
+        #[arg(long)]
+        pkcs11_token: Option<String>,
+        /// A file holding the token's user PIN (first line).
+        #[arg(long)]
+        pkcs11_pin_file: Option<PathBuf>,
+        /// The environment variable holding the token's user PIN.
+        #[arg(long, conflicts_with = "pkcs11_pin_file")]
+        pkcs11_pin_env: Option<String>,
     },
     /// The mesh CA, offline.
     #[command(subcommand)]
@@ -252,7 +265,17 @@ fn main() -> ExitCode {
             listen_tls,
             data_dir,
             join_tokens,
+            pkcs11_module,
+            pkcs11_token,
+            pkcs11_pin_file,
+            pkcs11_pin_env,
         } => {
+            let own_key = pkcs11_module.map(|module| hypha_keys::pkcs11::TokenConfig {
+                module,
+                label: pkcs11_token.unwrap_or_default(),
+                pin: pin_source(pkcs11_pin_file, pkcs11_pin_env),
+                threads: 1,
+            });
             let listen = if listen.is_empty() && listen_tls.is_empty() {
                 vec![SocketAddr::from(([127, 0, 0, 1], 15010))]
             } else {
@@ -262,6 +285,7 @@ fn main() -> ExitCode {
                 data_dir,
                 join_tokens,
                 listen: listen_tls,
+                own_key,
             });
             run(control(config, listen, security))
         }
@@ -429,6 +453,16 @@ async fn control(
     Ok(hypha_control::run(config, &listen, security).await?)
 }
 
+/// A PIN from a file, else from an environment variable (`HYPHA_PKCS11_PIN` by default).
+fn pin_source(file: Option<PathBuf>, env: Option<String>) -> hypha_keys::pkcs11::PinSource {
+    match (file, env) {
+        (Some(f), _) => hypha_keys::pkcs11::PinSource::File(f),
+        (None, var) => {
+            hypha_keys::pkcs11::PinSource::Env(var.unwrap_or_else(|| "HYPHA_PKCS11_PIN".to_owned()))
+        }
+    }
+}
+
 /// The workload key's token and key label, from `--proxy-config` or the `--pkcs11-*` flags
 /// (not both).
 fn key_provider(
@@ -468,12 +502,7 @@ fn key_provider(
             Some(TokenConfig {
                 module: module.clone(),
                 label: a.pkcs11_token.clone().unwrap_or_default(),
-                pin: match (&a.pkcs11_pin_file, &a.pkcs11_pin_env) {
-                    (Some(f), _) => PinSource::File(f.clone()),
-                    (None, var) => {
-                        PinSource::Env(var.clone().unwrap_or_else(|| "HYPHA_PKCS11_PIN".to_owned()))
-                    }
-                },
+                pin: pin_source(a.pkcs11_pin_file.clone(), a.pkcs11_pin_env.clone()),
                 threads: a.pkcs11_threads,
             }),
             a.pkcs11_key_label.clone(),

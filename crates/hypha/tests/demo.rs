@@ -80,6 +80,7 @@ async fn demo_runs_bookinfo_through_the_mesh() {
     }
     let signers: Vec<&str> = s.signers.iter().map(|(n, _)| n.as_str()).collect();
     assert_eq!(signers, ["bookinfo", "default"], "{:?}", s.signers);
+    assert_eq!(s.control_key, "software ECDSA");
     for (signer, key) in &s.signers {
         assert!(
             key.starts_with("software, key file (0600)"),
@@ -131,6 +132,8 @@ async fn demo_with_every_key_in_a_pkcs11_token() {
             "{workload}"
         );
     }
+    // The control plane's own serving key too.
+    assert_eq!(s.control_key, "PKCS#11 token \"hypha-control\" ECDSA P-256");
     assert_eq!(
         s.signers,
         [

@@ -88,8 +88,31 @@ pub async fn csr_pem_with(
     key: &dyn KeyProvider,
     spiffe_id: &str,
 ) -> Result<Vec<u8>, IdentityError> {
+    let (draft, scheme) = csr_draft(key.public_key(), spiffe_id)?;
+    let (info, _) = hypha_ca::der::split_signed(&draft)?;
+    let signature = key.sign(scheme, info).await?;
+    csr_signed(&draft, &signature)
+}
+
+/// [`csr_pem_with`] for a key in a token, waiting on this thread for the token's signature
+/// (never call it on an async worker: see `hypha_keys::pkcs11`).
+pub fn csr_pem_with_blocking(
+    key: &hypha_keys::pkcs11::TokenKey,
+    spiffe_id: &str,
+) -> Result<Vec<u8>, IdentityError> {
+    let (draft, scheme) = csr_draft(key.public_key(), spiffe_id)?;
+    let (info, _) = hypha_ca::der::split_signed(&draft)?;
+    let signature = key.sign_blocking(scheme, info)?;
+    csr_signed(&draft, &signature)
+}
+
+/// A CSR for `public` signed by a throwaway key of the same type (so the algorithm fields are
+/// right), and the TLS scheme whose signature replaces the throwaway's.
+fn csr_draft(
+    public: &PKey<boring::pkey::Public>,
+    spiffe_id: &str,
+) -> Result<(Vec<u8>, boring::ssl::SslSignatureAlgorithm), IdentityError> {
     use boring::ssl::SslSignatureAlgorithm;
-    let public = key.public_key();
     let (throwaway, scheme) = if public.ec_key().is_ok() {
         (
             KeyKind::EcdsaP256.generate()?,
@@ -101,10 +124,13 @@ pub async fn csr_pem_with(
             SslSignatureAlgorithm::RSA_PKCS1_SHA256,
         )
     };
-    let draft = csr(public, spiffe_id, &throwaway)?.to_der()?;
-    let (info, alg) = hypha_ca::der::split_signed(&draft)?;
-    let signature = key.sign(scheme, info).await?;
-    let signed = hypha_ca::der::join_signed(info, alg, &signature);
+    Ok((csr(public, spiffe_id, &throwaway)?.to_der()?, scheme))
+}
+
+/// The draft's request info with `signature` in place of the throwaway's, as PEM.
+fn csr_signed(draft: &[u8], signature: &[u8]) -> Result<Vec<u8>, IdentityError> {
+    let (info, alg) = hypha_ca::der::split_signed(draft)?;
+    let signed = hypha_ca::der::join_signed(info, alg, signature);
     Ok(X509Req::from_der(&signed)?.to_pem()?)
 }
 

@@ -238,6 +238,28 @@ pub fn issue_local_with(
     )
 }
 
+/// [`issue_local`] with the key generated in `token` (a session object, sensitive, never
+/// extractable), which signs the CSR. Waits on this thread for the token: call it off the
+/// async workers.
+pub fn issue_local_in_token(
+    ca: &Ca,
+    caller: &Caller,
+    validity: Duration,
+    roots: &[String],
+    token: &Arc<hypha_keys::pkcs11::Token>,
+) -> Result<Identity, IdentityError> {
+    let id = caller.spiffe_id(ca.trust_domain())?;
+    let key = token.generate_blocking(
+        hypha_keys::pkcs11::TokenKeyKind::EcdsaP256,
+        &format!("hypha {id}"),
+        false,
+    )?;
+    let csr = crate::csr_pem_with_blocking(&key, &id)?;
+    let issued = ca.issue(caller, &csr, validity)?;
+    let roots: Vec<u8> = roots.concat().into_bytes();
+    Identity::from_pem(Arc::new(key), &issued.chain, &roots)
+}
+
 /// The CA's authenticator for workloads: a bearer join token when the request has one,
 /// otherwise the SPIFFE ID of the verified client certificate (renewal), which must be a
 /// workload identity of the CA's trust domain.
