@@ -19,7 +19,7 @@ use hypha_ca::attest::{AllowList, Attestor, ExternalCommand, TokenInfo};
 use hypha_ca::{Ca, CaError, Caller, FileSigner, Signer};
 use hypha_config::MeshConfig;
 
-const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
+use hypha_keys::softhsm::MODULE;
 /// The token most tests use, and one only the wrong-PIN test logs in to (logins are per token
 /// and process: a wrong PIN is only noticed on a token nobody is logged in to).
 const TOKEN: &str = "hypha-ca";
@@ -40,41 +40,17 @@ impl Hsm {
 fn setup() -> Option<(&'static Hsm, MutexGuard<'static, ()>)> {
     static HSM: OnceLock<Hsm> = OnceLock::new();
     static TURN: Mutex<()> = Mutex::new(());
-    if !Path::new(MODULE).exists() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "SoftHSM2 is missing in CI: scripts/setup installs it"
-        );
-        eprintln!("!!! SKIPPED: SoftHSM2 ({MODULE}) is not installed; run scripts/setup");
+    if !hypha_keys::softhsm::available_for_tests() {
         return None;
     }
     let turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
     let hsm = HSM.get_or_init(|| {
         let dir = tempfile::tempdir().unwrap();
-        let tokens = dir.path().join("tokens");
-        std::fs::create_dir_all(&tokens).unwrap();
-        let conf = dir.path().join("softhsm2.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
-                tokens.display()
-            ),
-        )
-        .unwrap();
+        let tokens = hypha_keys::softhsm::TokenDir::create_in(dir.path()).unwrap();
         // Before anything loads the module: it reads this once per process.
-        std::env::set_var("SOFTHSM2_CONF", &conf);
+        std::env::set_var("SOFTHSM2_CONF", &tokens.conf);
         for label in [TOKEN, PIN_TOKEN] {
-            let out = std::process::Command::new("softhsm2-util")
-                .args(["--init-token", "--free", "--label", label])
-                .args(["--pin", "1234", "--so-pin", "5678"])
-                .output()
-                .expect("softhsm2-util runs");
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            tokens.init_token(label, "1234").unwrap();
         }
         std::fs::write(dir.path().join("pin"), "1234\n").unwrap();
         Hsm { dir }

@@ -8,34 +8,15 @@ use std::time::Duration;
 
 use hypha_control::Security;
 
-const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
+use hypha_keys::softhsm::MODULE;
 const TOKEN: &str = "hypha-control-ca";
 
 /// A fresh SoftHSM2 token in `dir`, user PIN 1234 (in `dir/pin`).
 fn softhsm(dir: &Path) {
-    let tokens = dir.join("tokens");
-    std::fs::create_dir_all(&tokens).unwrap();
-    let conf = dir.join("softhsm2.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
-            tokens.display()
-        ),
-    )
-    .unwrap();
+    let tokens = hypha_keys::softhsm::TokenDir::create_in(dir).unwrap();
+    tokens.init_token(TOKEN, "1234").unwrap();
     // The library reads its config from the environment; this binary has one test.
-    std::env::set_var("SOFTHSM2_CONF", &conf);
-    let out = std::process::Command::new("softhsm2-util")
-        .args(["--init-token", "--free", "--label", TOKEN])
-        .args(["--pin", "1234", "--so-pin", "5678"])
-        .output()
-        .expect("softhsm2-util runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    std::env::set_var("SOFTHSM2_CONF", &tokens.conf);
     std::fs::write(dir.join("pin"), "1234\n").unwrap();
 }
 
@@ -64,12 +45,7 @@ spec:
 
 #[tokio::test]
 async fn control_starts_with_an_attested_token_ca_and_refuses_an_unapproved_one() {
-    if !Path::new(MODULE).exists() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "SoftHSM2 is missing in CI: scripts/setup installs it"
-        );
-        eprintln!("!!! SKIPPED: SoftHSM2 ({MODULE}) is not installed; run scripts/setup");
+    if !hypha_keys::softhsm::available_for_tests() {
         return;
     }
     let hsm = tempfile::tempdir().unwrap();

@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use hypha_demo::{Keys, Summary};
 
-const SOFTHSM: &str = "/usr/lib/softhsm/libsofthsm2.so";
 /// Page views per run (a few seconds; the token's signatures cost little next to that).
 const PAGES: usize = 60;
 
@@ -101,12 +100,7 @@ async fn demo_runs_bookinfo_through_the_mesh() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_with_every_key_in_a_pkcs11_token() {
-    if !Path::new(SOFTHSM).exists() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "SoftHSM2 is missing in CI: scripts/setup installs it"
-        );
-        eprintln!("!!! SKIPPED: SoftHSM2 ({SOFTHSM}) is not installed; run scripts/setup");
+    if !hypha_keys::softhsm::available_for_tests() {
         return;
     }
     let dir = TempDir::new("hypha-demo-test-pkcs11");

@@ -14,11 +14,11 @@ use hypha_ca::{Ca, Caller, FileSigner, TenantCa};
 use hypha_identity::tls::{self, ClientCert, Peer, ALPN_HTTP11};
 use hypha_identity::{csr_pem_with, issue_local, Identity};
 use hypha_keys::pkcs11::{PinSource, Token, TokenConfig, TokenKeyKind};
+use hypha_keys::softhsm::{TokenDir, MODULE};
 use hypha_keys::{KeyFuture, KeyProvider};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
 const TD: &str = "cluster.local";
 const DELAY: Duration = Duration::from_millis(50);
 
@@ -52,29 +52,10 @@ impl KeyProvider for Slow {
 }
 
 fn softhsm(dir: &Path, label: &str) {
-    let tokens = dir.join("tokens");
-    std::fs::create_dir_all(&tokens).unwrap();
-    let conf = dir.join("softhsm2.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
-            tokens.display()
-        ),
-    )
-    .unwrap();
+    let tokens = TokenDir::create_in(dir).unwrap();
+    tokens.init_token(label, "1234").unwrap();
     // The library reads its config from the environment; this binary has one test.
-    std::env::set_var("SOFTHSM2_CONF", &conf);
-    let out = std::process::Command::new("softhsm2-util")
-        .args(["--init-token", "--free", "--label", label])
-        .args(["--pin", "1234", "--so-pin", "5678"])
-        .output()
-        .expect("softhsm2-util runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    std::env::set_var("SOFTHSM2_CONF", &tokens.conf);
 }
 
 /// Echoes 8-byte messages on every accepted mutual-TLS connection.
@@ -118,12 +99,7 @@ async fn serve(server: &Identity) -> std::net::SocketAddr {
 
 #[tokio::test(flavor = "current_thread")]
 async fn token_keys_serve_handshakes_and_a_slow_token_holds_up_only_new_ones() {
-    if !Path::new(MODULE).exists() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "SoftHSM2 is missing in CI: scripts/setup installs it"
-        );
-        eprintln!("!!! SKIPPED: SoftHSM2 ({MODULE}) is not installed; run scripts/setup");
+    if !hypha_keys::softhsm::available_for_tests() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

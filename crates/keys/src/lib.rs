@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 pub mod pkcs11;
+pub mod softhsm;
 
 use std::future::Future;
 use std::pin::Pin;

@@ -10,53 +10,20 @@ use boring::rsa::Padding;
 use boring::sign::{RsaPssSaltlen, Verifier};
 use boring::ssl::SslSignatureAlgorithm;
 use hypha_keys::pkcs11::{PinSource, Token, TokenConfig, TokenInfo, TokenKeyKind};
+use hypha_keys::softhsm::{TokenDir, MODULE};
 use hypha_keys::{KeyError, KeyProvider};
 
-const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
-
-/// A fresh SoftHSM2 token in `dir`, labelled `label`, user PIN 1234.
+/// A fresh SoftHSM2 token in `dir`, labelled `label`, user PIN 1234; this process's only
+/// token directory (the library reads `SOFTHSM2_CONF` once; one test per binary sets it).
 fn softhsm(dir: &Path, label: &str) {
-    let tokens = dir.join("tokens");
-    std::fs::create_dir_all(&tokens).unwrap();
-    let conf = dir.join("softhsm2.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
-            tokens.display()
-        ),
-    )
-    .unwrap();
-    // The library reads its config from the environment; one test per process sets it.
-    std::env::set_var("SOFTHSM2_CONF", &conf);
-    let out = std::process::Command::new("softhsm2-util")
-        .args([
-            "--init-token",
-            "--free",
-            "--label",
-            label,
-            "--pin",
-            "1234",
-            "--so-pin",
-            "5678",
-        ])
-        .output()
-        .expect("softhsm2-util runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let tokens = TokenDir::create_in(dir).unwrap();
+    tokens.init_token(label, "1234").unwrap();
+    std::env::set_var("SOFTHSM2_CONF", &tokens.conf);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_generated_in_softhsm2_sign_every_scheme() {
-    if !Path::new(MODULE).exists() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "SoftHSM2 is missing in CI: scripts/setup installs it"
-        );
-        eprintln!("!!! SKIPPED: SoftHSM2 ({MODULE}) is not installed; run scripts/setup");
+    if !hypha_keys::softhsm::available_for_tests() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

@@ -787,55 +787,22 @@ async fn a_tcp_connection_the_policy_does_not_allow_is_closed() {
     );
 }
 
-const SOFTHSM: &str = "/usr/lib/softhsm/libsofthsm2.so";
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sidecars_with_their_keys_in_a_pkcs11_token() {
-    if !std::path::Path::new(SOFTHSM).exists() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "SoftHSM2 is missing in CI: scripts/setup installs it"
-        );
-        eprintln!("!!! SKIPPED: SoftHSM2 ({SOFTHSM}) is not installed; run scripts/setup");
+    if !hypha_keys::softhsm::available_for_tests() {
         return;
     }
     let mut s = secured_on(config(&web_yaml(1, "STRICT")), &["shop.web", "shop.client"]).await;
     // A private SoftHSM2 token for both sidecars (the library reads its config from the
     // environment; only this test uses it).
     let hsm = s.data.path().join("softhsm");
-    std::fs::create_dir_all(hsm.join("tokens")).unwrap();
-    let conf = hsm.join("softhsm2.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
-            hsm.join("tokens").display()
-        ),
-    )
-    .unwrap();
-    std::env::set_var("SOFTHSM2_CONF", &conf);
-    let init = std::process::Command::new("softhsm2-util")
-        .args([
-            "--init-token",
-            "--free",
-            "--label",
-            "mesh",
-            "--pin",
-            "1234",
-            "--so-pin",
-            "5678",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        init.status.success(),
-        "{}",
-        String::from_utf8_lossy(&init.stderr)
-    );
+    let tokens = hypha_keys::softhsm::TokenDir::create_in(&hsm).unwrap();
+    tokens.init_token("mesh", "1234").unwrap();
+    std::env::set_var("SOFTHSM2_CONF", &tokens.conf);
     let pin = hsm.join("pin");
     std::fs::write(&pin, "1234\n").unwrap();
     s.pkcs11 = Some(hypha_keys::pkcs11::TokenConfig {
-        module: SOFTHSM.into(),
+        module: hypha_keys::softhsm::MODULE.into(),
         label: "mesh".into(),
         pin: hypha_keys::pkcs11::PinSource::File(pin),
         threads: 2,
