@@ -296,7 +296,8 @@ async fn mutual_tls_checks_spiffe_ids_both_ways() {
 async fn an_expired_certificate_is_refused() {
     let ca = serve_ca().await;
     let short = Workload {
-        validity: Duration::from_secs(1),
+        // Long enough that the first call is surely within it on a loaded machine.
+        validity: Duration::from_secs(4),
         ..ca.workload("default", "web", Some("web-token"))
     };
     let web = short.bootstrap().await.unwrap();
@@ -311,8 +312,11 @@ async fn an_expired_certificate_is_refused() {
     let roots = web.roots().to_vec();
     // Valid now.
     call(addr, Some(&web), &roots, &Peer::Any).await.unwrap();
-    // Certificates are valid to the second: two seconds later it has expired.
-    tokio::time::sleep(Duration::from_millis(2100)).await;
+    // Certificates are valid to the second: just over a second past notAfter it has expired.
+    let expired = web.not_after() + Duration::from_millis(1100);
+    if let Ok(wait) = expired.duration_since(std::time::SystemTime::now()) {
+        tokio::time::sleep(wait).await;
+    }
     assert!(call(addr, Some(&web), &roots, &Peer::Any).await.is_err());
 }
 
