@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use boring::ssl::{SslAcceptor, SslConnector, SslSignatureAlgorithm};
 use hypha_ca::{Ca, Caller, FileSigner, TenantCa};
 use hypha_identity::tls::{self, ClientCert, Peer, ALPN_H2_HTTP11};
-use hypha_identity::{csr_pem_with, Identity, KeyKind};
+use hypha_identity::{issue_local_for, Identity, KeyKind};
 use hypha_keys::pkcs11::{PinSource, Token, TokenConfig, TokenKeyKind};
 use hypha_keys::{KeyProvider, SoftwareKey};
 use tokio::net::{TcpListener, TcpStream};
@@ -74,13 +74,11 @@ fn args() -> Args {
 
 /// A mesh identity for `key`: a CSR signed by the key itself, issued by `ca`.
 async fn identity(ca: &Ca, key: Arc<dyn KeyProvider>, sa: &str) -> Identity {
+    let roots = ca.all_roots().unwrap();
     let caller = Caller::new("bench", sa);
-    let csr = csr_pem_with(key.as_ref(), &caller.spiffe_id(TD).unwrap())
+    issue_local_for(ca, &caller, Duration::from_secs(3600), &roots, key)
         .await
-        .unwrap();
-    let issued = ca.issue(&caller, &csr, Duration::from_secs(3600)).unwrap();
-    let roots = ca.all_roots().unwrap().concat();
-    Identity::from_pem(key, &issued.chain, roots.as_bytes()).unwrap()
+        .unwrap()
 }
 
 /// Accepts and completes handshakes until the runtime is dropped.
@@ -119,34 +117,30 @@ fn summarize(n: u64, secs: f64, mut lat: Vec<Duration>, errors: u64) -> Result_ 
     }
 }
 
-/// `concurrency` loops of new connection + full handshake against `addr` for `secs`.
-async fn handshakes(
-    addr: SocketAddr,
-    connector: Arc<SslConnector>,
-    concurrency: usize,
-    secs: u64,
-) -> Result_ {
+/// `concurrency` tasks each running `op(task, iteration)` back to back for `secs`; an
+/// operation that returns `false` counts as an error, not in the rate or latencies.
+async fn load<F, Fut>(concurrency: usize, secs: u64, op: F) -> Result_
+where
+    F: Fn(usize, u64) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = bool> + Send,
+{
     let stop = Arc::new(AtomicBool::new(false));
     let errors = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
     let mut tasks = Vec::new();
-    for _ in 0..concurrency {
-        let (stop, errors, connector) = (stop.clone(), errors.clone(), connector.clone());
+    for task in 0..concurrency {
+        let (stop, errors, op) = (stop.clone(), errors.clone(), op.clone());
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
+            let mut n = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 let t = Instant::now();
-                let Ok(stream) = TcpStream::connect(addr).await else {
+                if op(task, n).await {
+                    lat.push(t.elapsed());
+                } else {
                     errors.fetch_add(1, Ordering::Relaxed);
-                    continue;
-                };
-                let _ = stream.set_nodelay(true);
-                match tls::connect(&connector, stream, &Peer::Any, ALPN_H2_HTTP11).await {
-                    Ok(_) => lat.push(t.elapsed()),
-                    Err(_) => {
-                        errors.fetch_add(1, Ordering::Relaxed);
-                    }
                 }
+                n += 1;
             }
             lat
         }));
@@ -162,38 +156,41 @@ async fn handshakes(
     summarize(n, elapsed, lat, errors.load(Ordering::Relaxed))
 }
 
+/// `concurrency` loops of new connection + full handshake against `addr` for `secs`.
+async fn handshakes(
+    addr: SocketAddr,
+    connector: Arc<SslConnector>,
+    concurrency: usize,
+    secs: u64,
+) -> Result_ {
+    load(concurrency, secs, move |_, _| {
+        let connector = connector.clone();
+        async move {
+            let Ok(stream) = TcpStream::connect(addr).await else {
+                return false;
+            };
+            let _ = stream.set_nodelay(true);
+            tls::connect(&connector, stream, &Peer::Any, ALPN_H2_HTTP11)
+                .await
+                .is_ok()
+        }
+    })
+    .await
+}
+
 /// `concurrency` loops of one RSA-PSS signature each through `key` for `secs`.
 async fn signs(key: Arc<dyn KeyProvider>, concurrency: usize, secs: u64) -> Result_ {
-    let stop = Arc::new(AtomicBool::new(false));
-    let start = Instant::now();
-    let mut tasks = Vec::new();
-    for i in 0..concurrency {
-        let (stop, key) = (stop.clone(), key.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut lat = Vec::new();
+    load(concurrency, secs, move |task, n| {
+        let key = key.clone();
+        async move {
             let mut msg = [0u8; 32];
-            let mut n = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                msg[..8].copy_from_slice(&(n ^ (i as u64) << 40).to_le_bytes());
-                n += 1;
-                let t = Instant::now();
-                key.sign(SslSignatureAlgorithm::RSA_PSS_RSAE_SHA256, &msg)
-                    .await
-                    .unwrap();
-                lat.push(t.elapsed());
-            }
-            lat
-        }));
-    }
-    tokio::time::sleep(Duration::from_secs(secs)).await;
-    stop.store(true, Ordering::Relaxed);
-    let elapsed = start.elapsed().as_secs_f64();
-    let mut lat = Vec::new();
-    for t in tasks {
-        lat.extend(t.await.unwrap());
-    }
-    let n = lat.len() as u64;
-    summarize(n, elapsed, lat, 0)
+            msg[..8].copy_from_slice(&(n ^ (task as u64) << 40).to_le_bytes());
+            key.sign(SslSignatureAlgorithm::RSA_PSS_RSAE_SHA256, &msg)
+                .await
+                .is_ok()
+        }
+    })
+    .await
 }
 
 fn median(mut v: Vec<f64>) -> (f64, f64, f64) {

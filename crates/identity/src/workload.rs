@@ -238,6 +238,20 @@ pub fn issue_local_with(
     )
 }
 
+/// [`issue_local`] for a key a provider holds (a token, a test's wrapper): the key signs its
+/// own CSR, awaited.
+pub async fn issue_local_for(
+    ca: &Ca,
+    caller: &Caller,
+    validity: Duration,
+    roots: &[String],
+    key: Arc<dyn hypha_keys::KeyProvider>,
+) -> Result<Identity, IdentityError> {
+    let csr = crate::csr_pem_with(key.as_ref(), &caller.spiffe_id(ca.trust_domain())?).await?;
+    let issued = ca.issue(caller, &csr, validity)?;
+    Identity::from_pem(key, &issued.chain, roots.concat().as_bytes())
+}
+
 /// [`issue_local`] with the key generated in `token` (a session object, sensitive, never
 /// extractable), which signs the CSR. Waits on this thread for the token: call it off the
 /// async workers.

@@ -12,7 +12,7 @@ use boring::pkey::{PKey, Public};
 use boring::ssl::SslSignatureAlgorithm;
 use hypha_ca::{Ca, Caller, FileSigner, TenantCa};
 use hypha_identity::tls::{self, ClientCert, Peer, ALPN_HTTP11};
-use hypha_identity::{csr_pem_with, issue_local, Identity};
+use hypha_identity::{issue_local, issue_local_for, Identity};
 use hypha_keys::pkcs11::{PinSource, Token, TokenConfig, TokenKeyKind};
 use hypha_keys::softhsm::{TokenDir, MODULE};
 use hypha_keys::{KeyFuture, KeyProvider};
@@ -79,13 +79,11 @@ async fn echo(listener: TcpListener, acceptor: boring::ssl::SslAcceptor) {
 
 /// A certificate from `ca` for `key` (a CSR the key signs itself), as `default/<sa>`.
 async fn identity_for(ca: &Ca, key: Arc<dyn KeyProvider>, sa: &str) -> Identity {
+    let roots = ca.all_roots().unwrap();
     let caller = Caller::new("default", sa);
-    let csr = csr_pem_with(key.as_ref(), &caller.spiffe_id(TD).unwrap())
+    issue_local_for(ca, &caller, Duration::from_secs(600), &roots, key)
         .await
-        .unwrap();
-    let issued = ca.issue(&caller, &csr, Duration::from_secs(600)).unwrap();
-    let roots = ca.all_roots().unwrap().concat();
-    Identity::from_pem(key, &issued.chain, roots.as_bytes()).unwrap()
+        .unwrap()
 }
 
 /// An echo server with `server`'s credentials on loopback.

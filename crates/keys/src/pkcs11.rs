@@ -91,6 +91,9 @@ pub enum TokenKeyKind {
 /// Where a token thread sends the outcome of a job.
 type Reply<T> = tokio::sync::oneshot::Sender<Result<T, KeyError>>;
 
+/// Where a caller waits for a job's outcome.
+type Receiver<T> = tokio::sync::oneshot::Receiver<Result<T, KeyError>>;
+
 /// A key found or generated in the token, as a token thread hands it back.
 type Found = (ObjectHandle, PKey<Public>, TokenKeyKind);
 
@@ -371,10 +374,7 @@ impl Token {
     }
 
     /// Sends a job to the pool; the receiver gets its outcome.
-    fn request<T>(
-        &self,
-        job: impl FnOnce(Reply<T>) -> Job,
-    ) -> Result<tokio::sync::oneshot::Receiver<Result<T, KeyError>>, KeyError> {
+    fn request<T>(&self, job: impl FnOnce(Reply<T>) -> Job) -> Result<Receiver<T>, KeyError> {
         let (reply, rx) = tokio::sync::oneshot::channel();
         self.submit(job(reply))?;
         Ok(rx)
@@ -403,12 +403,7 @@ impl Token {
         label: &str,
         persistent: bool,
     ) -> Result<TokenKey, KeyError> {
-        let rx = self.request(|reply| Job::Generate {
-            kind,
-            label: label.to_owned(),
-            persistent,
-            reply,
-        })?;
+        let rx = self.request_generate(kind, label, persistent)?;
         let (handle, public) = rx.await.map_err(|_| thread_died())??;
         Ok(self.key(handle, public, kind))
     }
@@ -420,14 +415,24 @@ impl Token {
         label: &str,
         persistent: bool,
     ) -> Result<TokenKey, KeyError> {
-        let rx = self.request(|reply| Job::Generate {
+        let rx = self.request_generate(kind, label, persistent)?;
+        let (handle, public) = rx.blocking_recv().map_err(|_| thread_died())??;
+        Ok(self.key(handle, public, kind))
+    }
+
+    /// Queues a key generation; the receiver gets the new key's handle and public half.
+    fn request_generate(
+        &self,
+        kind: TokenKeyKind,
+        label: &str,
+        persistent: bool,
+    ) -> Result<Receiver<(ObjectHandle, PKey<Public>)>, KeyError> {
+        self.request(|reply| Job::Generate {
             kind,
             label: label.to_owned(),
             persistent,
             reply,
-        })?;
-        let (handle, public) = rx.blocking_recv().map_err(|_| thread_died())??;
-        Ok(self.key(handle, public, kind))
+        })
     }
 
     /// The persistent key (token object) labelled `label`, if the token holds one, waiting on
