@@ -4,7 +4,8 @@
 //!
 //! Options (environment): `RSA_BENCH_SECONDS` per measurement (default 2), `RSA_BENCH_REPS`
 //! repetitions (default 3), `RSA_BENCH_SIZES` (default "2048,3072,4096"),
-//! `RSA_BENCH_OPENSSL=0` to skip `openssl speed`. Prints a Markdown table of medians with
+//! `RSA_BENCH_OPENSSL=0` to skip `openssl speed`, `RSA_BENCH_PEERS=0` to run the engine
+//! alone (for a profiler). Prints a Markdown table of medians with
 //! min–max and the ratios, for docs/benchmarks.md.
 
 use std::process::Command;
@@ -71,7 +72,8 @@ fn main() {
     let secs: f64 = env("RSA_BENCH_SECONDS", 2.0);
     let reps: usize = env("RSA_BENCH_REPS", 3);
     let sizes: String = env("RSA_BENCH_SIZES", "2048,3072,4096".to_string());
-    let with_openssl = env("RSA_BENCH_OPENSSL", 1) == 1;
+    let with_peers = env("RSA_BENCH_PEERS", 1) == 1;
+    let with_openssl = with_peers && env("RSA_BENCH_OPENSSL", 1) == 1;
     let engine = Engine::detect();
     let portable = Engine::portable();
     println!(
@@ -93,10 +95,14 @@ fn main() {
             .iter()
             .map(|r| common::load(&engine, r).unwrap())
             .collect();
-        let pkeys: Vec<Key> = rsas
-            .iter()
-            .map(|r| common::load(&portable, r).unwrap())
-            .collect();
+        // The portable kernel's key set-up is slow: only when it is measured.
+        let pkeys: Vec<Key> = if with_peers {
+            rsas.iter()
+                .map(|r| common::load(&portable, r).unwrap())
+                .collect()
+        } else {
+            Vec::new()
+        };
         let len = bits / 8;
         let mut input = vec![0u8; len];
         boring::rand::rand_bytes(&mut input[1..]).unwrap();
@@ -114,6 +120,9 @@ fn main() {
         let (mut e, mut p, mut b, mut o) = (vec![], vec![], vec![], vec![]);
         for _ in 0..reps {
             e.push(rate(secs, BATCH, || batch(&engine, &keys)));
+            if !with_peers {
+                continue;
+            }
             p.push(rate(secs / 4.0, BATCH, || batch(&portable, &pkeys)));
             b.push(rate(secs, 1, || {
                 rsas[0]

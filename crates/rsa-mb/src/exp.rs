@@ -43,18 +43,25 @@ pub(crate) fn mont_exp<K: Kernel, const N: usize>(
     table[0] = *modulus.one;
     table[1] = *x;
     for i in 2..16 {
-        table[i] = if i % 2 == 0 {
-            kernel.ams(&table[i / 2], m, k0)
+        let (done, rest) = table.split_at_mut(i);
+        if i % 2 == 0 {
+            kernel.ams_into(&mut rest[0], &done[i / 2], m, k0);
         } else {
-            kernel.amm(&table[i - 1], x, m, k0)
-        };
+            kernel.amm_into(&mut rest[0], &done[i - 1], x, m, k0);
+        }
     }
-    let mut acc = kernel.select(&table, &window(exps, bits - WINDOW));
+    // Two buffers whose roles swap after each product: no copies of the accumulator.
+    let (mut a, mut b, mut entry) = ([L8::ZERO; N], [L8::ZERO; N], [L8::ZERO; N]);
+    kernel.select_into(&mut a, &table, &window(exps, bits - WINDOW));
+    let (mut acc, mut next) = (&mut a, &mut b);
     for pos in (0..bits - WINDOW).step_by(WINDOW).rev() {
         for _ in 0..WINDOW {
-            acc = kernel.ams(&acc, m, k0);
+            kernel.ams_into(next, acc, m, k0);
+            core::mem::swap(&mut acc, &mut next);
         }
-        acc = kernel.amm(&acc, &kernel.select(&table, &window(exps, pos)), m, k0);
+        kernel.select_into(&mut entry, &table, &window(exps, pos));
+        kernel.amm_into(next, acc, &entry, m, k0);
+        core::mem::swap(&mut acc, &mut next);
     }
-    acc
+    *acc
 }

@@ -40,16 +40,46 @@ pub(crate) fn get_lane<const N: usize>(num: &Num<N>, lane: usize, limbs: &mut [u
 /// The arithmetic the exponentiation runs on eight lanes at once. Each lane has its own
 /// modulus `m` (odd, `4m < R = 2^(52N)`) and Montgomery constant `k0`.
 pub(crate) trait Kernel: Copy {
-    /// Almost Montgomery Multiplication: `a * b / R mod m`, below `2m` for inputs below `2m`.
-    fn amm<const N: usize>(self, a: &Num<N>, b: &Num<N>, m: &Num<N>, k0: &L8) -> Num<N>;
+    /// Almost Montgomery Multiplication: `out = a * b / R mod m`, below `2m` for inputs
+    /// below `2m`.
+    fn amm_into<const N: usize>(
+        self,
+        out: &mut Num<N>,
+        a: &Num<N>,
+        b: &Num<N>,
+        m: &Num<N>,
+        k0: &L8,
+    );
 
     /// Almost Montgomery Squaring: `amm(a, a, ..)`, cheaper where the kernel has one.
-    fn ams<const N: usize>(self, a: &Num<N>, m: &Num<N>, k0: &L8) -> Num<N> {
-        self.amm(a, a, m, k0)
+    fn ams_into<const N: usize>(self, out: &mut Num<N>, a: &Num<N>, m: &Num<N>, k0: &L8) {
+        self.amm_into(out, a, a, m, k0);
     }
 
-    /// `table[idx]` per lane, reading every entry whatever the indices (constant time).
-    fn select<const N: usize>(self, table: &[Num<N>; 16], idx: &L8) -> Num<N>;
+    /// `out = table[idx]` per lane, reading every entry whatever the indices (constant time).
+    fn select_into<const N: usize>(self, out: &mut Num<N>, table: &[Num<N>; 16], idx: &L8);
+
+    /// [`Kernel::amm_into`] returning the result.
+    fn amm<const N: usize>(self, a: &Num<N>, b: &Num<N>, m: &Num<N>, k0: &L8) -> Num<N> {
+        let mut out = [L8::ZERO; N];
+        self.amm_into(&mut out, a, b, m, k0);
+        out
+    }
+
+    /// [`Kernel::ams_into`] returning the result.
+    fn ams<const N: usize>(self, a: &Num<N>, m: &Num<N>, k0: &L8) -> Num<N> {
+        let mut out = [L8::ZERO; N];
+        self.ams_into(&mut out, a, m, k0);
+        out
+    }
+
+    /// [`Kernel::select_into`] returning the result.
+    #[cfg(test)]
+    fn select<const N: usize>(self, table: &[Num<N>; 16], idx: &L8) -> Num<N> {
+        let mut out = [L8::ZERO; N];
+        self.select_into(&mut out, table, idx);
+        out
+    }
 }
 
 /// Plain Rust, one lane after another. Runs anywhere.
@@ -57,21 +87,26 @@ pub(crate) trait Kernel: Copy {
 pub(crate) struct Portable;
 
 impl Kernel for Portable {
-    fn amm<const N: usize>(self, a: &Num<N>, b: &Num<N>, m: &Num<N>, k0: &L8) -> Num<N> {
-        let mut out = [L8::ZERO; N];
+    fn amm_into<const N: usize>(
+        self,
+        out: &mut Num<N>,
+        a: &Num<N>,
+        b: &Num<N>,
+        m: &Num<N>,
+        k0: &L8,
+    ) {
         let (mut la, mut lb, mut lm, mut lr) = ([0; N], [0; N], [0; N], [0; N]);
         for lane in 0..LANES {
             get_lane(a, lane, &mut la);
             get_lane(b, lane, &mut lb);
             get_lane(m, lane, &mut lm);
             num::amm(&mut lr, &la, &lb, &lm, k0.0[lane]);
-            put_lane(&mut out, lane, &lr);
+            put_lane(out, lane, &lr);
         }
-        out
     }
 
-    fn select<const N: usize>(self, table: &[Num<N>; 16], idx: &L8) -> Num<N> {
-        let mut out = [L8::ZERO; N];
+    fn select_into<const N: usize>(self, out: &mut Num<N>, table: &[Num<N>; 16], idx: &L8) {
+        out.fill(L8::ZERO);
         for (t, entry) in table.iter().enumerate() {
             let masks: [u64; LANES] = core::array::from_fn(|l| num::eq_mask(idx.0[l], t as u64));
             for (o, e) in out.iter_mut().zip(entry) {
@@ -80,6 +115,5 @@ impl Kernel for Portable {
                 }
             }
         }
-        out
     }
 }

@@ -284,13 +284,27 @@ impl Key {
         Ok(())
     }
 
-    /// The current blinding pair, squared in place for the next operation.
-    fn take_blinding(&self, a: &mut [u64], a_inv: &mut [u64]) {
+    /// The current blinding pair, squared in place for the next operation (one vector
+    /// squaring with `A` and `A^-1` in two lanes, under the key's lock).
+    fn take_blinding<K: Kernel, const N2: usize>(
+        &self,
+        kernel: K,
+        a: &mut [u64],
+        a_inv: &mut [u64],
+    ) {
+        let (mut pair, mut m) = ([L8::ZERO; N2], [L8::ZERO; N2]);
+        for lane in 0..2 {
+            put_lane(&mut m, lane, &self.n);
+        }
+        let k0 = L8([self.k0n; LANES]);
         let mut b = self.blinding.lock().unwrap_or_else(|e| e.into_inner());
         a.copy_from_slice(&b.a);
         a_inv.copy_from_slice(&b.a_inv);
-        num::amm(&mut b.a, a, a, &self.n, self.k0n);
-        num::amm(&mut b.a_inv, a_inv, a_inv, &self.n, self.k0n);
+        put_lane(&mut pair, 0, &b.a);
+        put_lane(&mut pair, 1, &b.a_inv);
+        let squared = kernel.ams(&pair, &m, &k0);
+        get_lane(&squared, 0, &mut b.a);
+        get_lane(&squared, 1, &mut b.a_inv);
     }
 }
 
@@ -532,7 +546,7 @@ fn batch<K: Kernel, const N: usize, const N2: usize>(kernel: K, jobs: &mut [&mut
             // x < n, checked by the borrow of x - n: a public yes or no.
             let fits = num::from_be(job.input, &mut lx) && num::sub(&lx, &job.key.n, &mut t) == 1;
             if fits {
-                job.key.take_blinding(&mut la, &mut li);
+                job.key.take_blinding::<K, N2>(kernel, &mut la, &mut li);
                 valid[l] = true;
             }
         }
@@ -601,17 +615,24 @@ mod tests {
     }
 
     impl Kernel for Trace {
-        fn amm<const N: usize>(self, a: &Num<N>, b: &Num<N>, m: &Num<N>, k0: &L8) -> Num<N> {
+        fn amm_into<const N: usize>(
+            self,
+            out: &mut Num<N>,
+            a: &Num<N>,
+            b: &Num<N>,
+            m: &Num<N>,
+            k0: &L8,
+        ) {
             record("amm", N);
-            Portable.amm(a, b, m, k0)
+            Portable.amm_into(out, a, b, m, k0);
         }
-        fn ams<const N: usize>(self, a: &Num<N>, m: &Num<N>, k0: &L8) -> Num<N> {
+        fn ams_into<const N: usize>(self, out: &mut Num<N>, a: &Num<N>, m: &Num<N>, k0: &L8) {
             record("ams", N);
-            Portable.ams(a, m, k0)
+            Portable.ams_into(out, a, m, k0);
         }
-        fn select<const N: usize>(self, table: &[Num<N>; 16], idx: &L8) -> Num<N> {
+        fn select_into<const N: usize>(self, out: &mut Num<N>, table: &[Num<N>; 16], idx: &L8) {
             record("select", N);
-            Portable.select(table, idx)
+            Portable.select_into(out, table, idx);
         }
     }
 
@@ -629,11 +650,12 @@ mod tests {
         TRACE.with(|t| t.take())
     }
 
-    /// The sequence of kernel operations is the same for any key, any input and any number
-    /// of real lanes: nothing secret steers which operations run. (Within the kernels,
-    /// branches and addresses depend only on the size; see the crate docs.)
+    /// The sequence of kernel operations is the same for any keys and any inputs: nothing
+    /// secret steers which operations run. Only the number of real lanes, which is public,
+    /// adds one blinding update per operation. (Within the kernels, branches and addresses
+    /// depend only on the size; see the crate docs.)
     #[test]
-    fn the_operation_sequence_does_not_depend_on_keys_inputs_or_lanes() {
+    fn the_operation_sequence_does_not_depend_on_keys_or_inputs() {
         let (k1, n1) = key();
         let (k2, n2) = key();
         let mut n2_minus_1 = n2.clone();
@@ -643,34 +665,60 @@ mod tests {
         small[255] = 2;
         let mut n1_half = n1.clone();
         n1_half[0] >>= 1;
-        let mut outs = vec![vec![0u8; 256]; 9];
-        let (o0, rest) = outs.split_first_mut().unwrap();
-        let first = trace(&mut [Job {
-            key: &k1,
-            input: &small,
-            output: o0,
-            result: Ok(()),
-        }]);
-        let mut jobs: Vec<Job> = rest
-            .iter_mut()
-            .enumerate()
-            .map(|(i, output)| {
-                let (key, input) = match i % 4 {
-                    0 => (&k2, &n2_minus_1),
-                    1 => (&k1, &zero),
-                    2 => (&k2, &small),
-                    _ => (&k1, &n1_half),
-                };
-                Job {
-                    key,
-                    input,
-                    output,
-                    result: Ok(()),
-                }
-            })
-            .collect();
-        let second = trace(&mut jobs);
-        assert!(first.len() > 2 * 1000, "{} operations", first.len());
-        assert_eq!(first, second);
+        let inputs = [
+            (&k2, &n2_minus_1),
+            (&k1, &zero),
+            (&k2, &small),
+            (&k1, &n1_half),
+        ];
+        let run = |lanes: usize, shift: usize| {
+            let mut outs = vec![vec![0u8; 256]; lanes];
+            let mut jobs: Vec<Job> = outs
+                .iter_mut()
+                .enumerate()
+                .map(|(i, output)| {
+                    let (key, input) = inputs[(i + shift) % inputs.len()];
+                    Job {
+                        key,
+                        input,
+                        output,
+                        result: Ok(()),
+                    }
+                })
+                .collect();
+            trace(&mut jobs)
+        };
+        for lanes in [1, 3, 8] {
+            let first = run(lanes, 0);
+            assert!(first.len() > 2 * 1000, "{} operations", first.len());
+            assert_eq!(first, run(lanes, 1), "{lanes} lanes");
+            assert_eq!(first, run(lanes, 3), "{lanes} lanes");
+        }
+    }
+
+    /// Each operation gets a fresh blinding pair (the previous one squared), and every pair
+    /// is consistent: `A * (A^-1)^e = 1 mod n`.
+    #[test]
+    fn blinding_pairs_change_every_time_and_stay_consistent() {
+        let (key, _) = key();
+        let (n, k0) = (&key.n, key.k0n);
+        let mut seen: Vec<Vec<u64>> = Vec::new();
+        for _ in 0..4 {
+            let (mut a, mut a_inv) = (vec![0u64; 40], vec![0u64; 40]);
+            key.take_blinding::<_, 40>(Portable, &mut a, &mut a_inv);
+            assert!(!seen.contains(&a), "a blinding factor came back");
+            let mut x = a_inv.clone();
+            let mut t = vec![0u64; 40];
+            for _ in 0..16 {
+                num::amm(&mut t, &x, &x, n, k0);
+                x.copy_from_slice(&t);
+            }
+            num::amm(&mut t, &x, &a_inv, n, k0);
+            num::amm(&mut x, &t, &a, n, k0);
+            num::amm(&mut t, &x, &unit_limbs::<40>(), n, k0);
+            num::cond_sub(&mut t, n);
+            assert_eq!(t, unit_limbs::<40>().to_vec());
+            seen.push(a);
+        }
     }
 }

@@ -29,49 +29,50 @@ impl Ifma {
 }
 
 impl Kernel for Ifma {
-    fn amm<const N: usize>(self, a: &Num<N>, b: &Num<N>, m: &Num<N>, k0: &L8) -> Num<N> {
-        let mut out = [L8::ZERO; N];
+    fn amm_into<const N: usize>(
+        self,
+        out: &mut Num<N>,
+        a: &Num<N>,
+        b: &Num<N>,
+        m: &Num<N>,
+        k0: &L8,
+    ) {
         macro_rules! unrolled {
             ($($n:literal => $f:ident),*) => {
                 match N {
                     $($n => {
                         // SAFETY: `self` exists only if `detect` found avx512f and
                         // avx512ifma on this CPU.
-                        unsafe { unrolled::$f(fixed_mut(&mut out), fixed(a), fixed(b), fixed(m), k0) }
+                        unsafe { unrolled::$f(fixed_mut(out), fixed(a), fixed(b), fixed(m), k0) }
                     })*
                     // SAFETY: as above.
-                    _ => unsafe { amm(&mut out, a, b, m, k0) },
+                    _ => unsafe { amm(out, a, b, m, k0) },
                 }
             };
         }
         unrolled!(20 => amm20, 30 => amm30, 40 => amm40);
-        out
     }
 
-    fn ams<const N: usize>(self, a: &Num<N>, m: &Num<N>, k0: &L8) -> Num<N> {
-        let mut out = [L8::ZERO; N];
+    fn ams_into<const N: usize>(self, out: &mut Num<N>, a: &Num<N>, m: &Num<N>, k0: &L8) {
         macro_rules! unrolled {
             ($($n:literal => $f:ident),*) => {
                 match N {
                     $($n => {
                         // SAFETY: `self` exists only if `detect` found avx512f and
                         // avx512ifma on this CPU.
-                        unsafe { unrolled::$f(fixed_mut(&mut out), fixed(a), fixed(m), k0) }
+                        unsafe { unrolled::$f(fixed_mut(out), fixed(a), fixed(m), k0) }
                     })*
                     // SAFETY: as above.
-                    _ => unsafe { amm(&mut out, a, a, m, k0) },
+                    _ => unsafe { amm(out, a, a, m, k0) },
                 }
             };
         }
         unrolled!(20 => ams20, 30 => ams30, 40 => ams40);
-        out
     }
 
-    fn select<const N: usize>(self, table: &[Num<N>; 16], idx: &L8) -> Num<N> {
-        let mut out = [L8::ZERO; N];
+    fn select_into<const N: usize>(self, out: &mut Num<N>, table: &[Num<N>; 16], idx: &L8) {
         // SAFETY: as above, the features were detected.
-        unsafe { select(&mut out, table, idx) };
-        out
+        unsafe { select(out, table, idx) };
     }
 }
 
