@@ -3,11 +3,15 @@
 //! method ([`Method`]). A handshake waiting for its signature yields to the runtime; nothing
 //! else waits with it.
 //!
-//! Backends: [`SoftwareKey`] (the key in this process's memory; the default). A PKCS#11 token
-//! and the batched multi-buffer RSA engine plug in behind the same trait (issues 5 and 6).
+//! Backends: [`SoftwareKey`] (the key in this process's memory; the default), [`pkcs11`]
+//! (the key inside a token) and [`batch`] (RSA keys computed eight at a time by the
+//! multi-buffer engine, Istio's `cryptomb`).
 
 #![forbid(unsafe_code)]
 
+pub mod batch;
+pub mod metrics;
+mod padding;
 pub mod pkcs11;
 pub mod softhsm;
 
@@ -57,7 +61,9 @@ pub trait KeyProvider: Send + Sync + 'static {
 }
 
 /// The digest and padding a TLS signature algorithm means.
-fn scheme(algorithm: SslSignatureAlgorithm) -> Result<(MessageDigest, Option<Padding>), KeyError> {
+pub(crate) fn scheme(
+    algorithm: SslSignatureAlgorithm,
+) -> Result<(MessageDigest, Option<Padding>), KeyError> {
     let a = algorithm;
     Ok(if a == SslSignatureAlgorithm::RSA_PKCS1_SHA256 {
         (MessageDigest::sha256(), Some(Padding::PKCS1))

@@ -1,0 +1,396 @@
+//! The batching RSA provider, Hypha's form of Istio's `privateKeyProvider.cryptomb`:
+//! concurrent handshakes queue their RSA private-key operations, and eight of them (or as
+//! many as arrived within the poll delay) are computed together by the multi-buffer engine
+//! (`hypha-rsa-mb`, AVX-512 IFMA).
+//!
+//! Each queue has its own engine thread; a handshake's operation goes to the queue of the
+//! thread it runs on, so each proxy worker feeds one queue, as Envoy's per-worker queues do.
+//! A queue computes its batch when it holds eight operations (flush reason "full") or when
+//! the oldest has waited the poll delay ("timer"): no operation waits longer than the delay
+//! before its batch starts. The handshake's future resolves when its result is back.
+//!
+//! Keys the engine does not take (ECDSA; RSA of other sizes or exponents) and every key on a
+//! CPU without AVX-512 IFMA use the software path instead, each reason logged once.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use boring::pkey::{PKey, Private, Public};
+use boring::rsa::Padding;
+use boring::ssl::SslSignatureAlgorithm;
+use hypha_rsa_mb::{Components, Engine, Op, BATCH};
+use tokio::sync::oneshot;
+
+use crate::metrics::{Histogram, Timings};
+use crate::{padding, scheme, KeyError, KeyFuture, KeyProvider, SoftwareKey};
+
+/// How the batcher runs: Istio's `cryptomb` fields, plus the number of queues.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchConfig {
+    /// The longest an operation waits for seven others before its batch is computed anyway.
+    pub poll_delay: Duration,
+    /// On a CPU without AVX-512 IFMA: use the software path (true) or refuse to start (false).
+    pub fallback: bool,
+    /// Queues, each with its engine thread: one per proxy worker.
+    pub queues: usize,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        BatchConfig {
+            poll_delay: DEFAULT_POLL_DELAY,
+            fallback: false,
+            queues: 1,
+        }
+    }
+}
+
+/// Istio's default: long enough for a burst of handshakes to fill a batch, short next to a
+/// handshake's round trips.
+pub const DEFAULT_POLL_DELAY: Duration = Duration::from_millis(10);
+
+/// One queued operation.
+struct Request {
+    key: Arc<hypha_rsa_mb::Key>,
+    input: Vec<u8>,
+    queued: Instant,
+    reply: oneshot::Sender<Result<Vec<u8>, hypha_rsa_mb::Error>>,
+}
+
+#[derive(Default)]
+struct Counters {
+    ok: AtomicU64,
+    failed: AtomicU64,
+    full: AtomicU64,
+    timer: AtomicU64,
+    /// Batches by how many real operations they held (index 0 = one).
+    sizes: [AtomicU64; BATCH],
+    queue_wait: Timings,
+    fallback_keys: AtomicU64,
+    batched_keys: AtomicU64,
+}
+
+/// What the batcher has done, for `/metrics`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchMetrics {
+    /// The engine's kernel (`avx512ifma`), or `off` when every key falls back.
+    pub engine: &'static str,
+    pub queues: usize,
+    pub ok: u64,
+    pub failed: u64,
+    /// Batches computed because eight operations were queued.
+    pub flushed_full: u64,
+    /// Batches computed because the poll delay expired.
+    pub flushed_timer: u64,
+    /// Batches by size: `batch_sizes[i]` held `i + 1` operations.
+    pub batch_sizes: [u64; BATCH],
+    /// Time from queueing to the start of the operation's batch.
+    pub queue_wait: Histogram,
+    /// Keys handed to the software path, and to the engine.
+    pub fallback_keys: u64,
+    pub batched_keys: u64,
+}
+
+/// The shared batcher: queues, their engine threads, and metrics. Create one per process.
+pub struct Batcher {
+    config: BatchConfig,
+    /// `None` when the engine is off (no IFMA, fallback allowed).
+    engine: Option<Engine>,
+    queues: Vec<mpsc::Sender<Request>>,
+    counters: Arc<Counters>,
+    /// Fallback reasons already logged.
+    logged: Mutex<HashSet<String>>,
+}
+
+impl std::fmt::Debug for Batcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Batcher")
+            .field("config", &self.config)
+            .field("engine", &self.engine.map(|e| e.name()))
+            .finish_non_exhaustive()
+    }
+}
+
+impl Batcher {
+    /// A batcher on the best engine this CPU runs.
+    pub fn new(config: BatchConfig) -> Result<Arc<Batcher>, KeyError> {
+        Batcher::with_engine(config, Engine::detect())
+    }
+
+    /// A batcher on `engine`; a portable engine counts as a CPU without AVX-512 IFMA.
+    pub fn with_engine(config: BatchConfig, engine: Engine) -> Result<Arc<Batcher>, KeyError> {
+        let engine = if engine.is_accelerated() {
+            Some(engine)
+        } else if config.fallback {
+            tracing::info!(
+                "multi-buffer RSA is off: this CPU has no AVX-512 IFMA, so RSA keys sign with \
+                 BoringSSL (privateKeyProvider.cryptomb.fallback is true)"
+            );
+            None
+        } else {
+            return Err(KeyError::Backend(
+                "multi-buffer RSA needs AVX-512 IFMA, which this CPU lacks; set \
+                 privateKeyProvider.cryptomb.fallback to use BoringSSL instead"
+                    .into(),
+            ));
+        };
+        let counters = Arc::new(Counters::default());
+        let mut queues = Vec::new();
+        if let Some(engine) = engine {
+            for i in 0..config.queues.max(1) {
+                let (tx, rx) = mpsc::channel();
+                let (delay, counters) = (config.poll_delay, counters.clone());
+                std::thread::Builder::new()
+                    .name(format!("hypha-rsa-mb-{i}"))
+                    .spawn(move || run_queue(engine, &rx, delay, &counters))
+                    .map_err(|e| KeyError::Backend(format!("engine thread: {e}")))?;
+                queues.push(tx);
+            }
+            tracing::info!(
+                engine = engine.name(),
+                queues = queues.len(),
+                poll_delay = ?config.poll_delay,
+                "multi-buffer RSA batcher started"
+            );
+        }
+        Ok(Arc::new(Batcher {
+            config,
+            engine,
+            queues,
+            counters,
+            logged: Mutex::new(HashSet::new()),
+        }))
+    }
+
+    /// The provider for `key`: batched if the engine takes it, else software (the reason
+    /// logged once per batcher).
+    pub fn provider(
+        self: &Arc<Self>,
+        key: PKey<Private>,
+    ) -> Result<Arc<dyn KeyProvider>, KeyError> {
+        match self.qualify(&key) {
+            Ok(engine_key) => {
+                self.counters.batched_keys.fetch_add(1, Ordering::Relaxed);
+                let public = PKey::public_key_from_der(&key.public_key_to_der()?)?;
+                let bits = engine_key.size().bits();
+                Ok(Arc::new(BatchedRsaKey {
+                    key: Arc::new(engine_key),
+                    public,
+                    bits,
+                    batcher: self.clone(),
+                }))
+            }
+            Err(reason) => {
+                self.counters.fallback_keys.fetch_add(1, Ordering::Relaxed);
+                let first = self
+                    .logged
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(reason.clone());
+                if first {
+                    tracing::info!("key not batched, BoringSSL signs it: {reason}");
+                }
+                Ok(Arc::new(SoftwareKey::new(key)?))
+            }
+        }
+    }
+
+    /// The engine's form of `key`, or why it does not qualify.
+    fn qualify(&self, key: &PKey<Private>) -> Result<hypha_rsa_mb::Key, String> {
+        let Some(engine) = self.engine else {
+            return Err("this CPU has no AVX-512 IFMA".into());
+        };
+        let Ok(rsa) = key.rsa() else {
+            return Err("the key is not RSA (ECDSA keys are signed in software)".into());
+        };
+        let part = |b: Option<&boring::bn::BigNumRef>| b.map(|b| b.to_vec()).unwrap_or_default();
+        let parts = [
+            rsa.n().to_vec(),
+            rsa.e().to_vec(),
+            part(rsa.p()),
+            part(rsa.q()),
+            part(rsa.dmp1()),
+            part(rsa.dmq1()),
+            part(rsa.iqmp()),
+        ];
+        let [n, e, p, q, dp, dq, qinv] = &parts;
+        engine
+            .key(
+                &Components {
+                    n,
+                    e,
+                    p,
+                    q,
+                    dp,
+                    dq,
+                    qinv,
+                },
+                &mut |b| {
+                    boring::rand::rand_bytes(b).expect("the system random generator failed");
+                },
+            )
+            .map_err(|e| format!("RSA-{}: {e}", rsa.size() * 8))
+    }
+
+    /// Queues one operation on the calling thread's queue.
+    fn submit(
+        &self,
+        key: Arc<hypha_rsa_mb::Key>,
+        input: Vec<u8>,
+    ) -> oneshot::Receiver<Result<Vec<u8>, hypha_rsa_mb::Error>> {
+        let (reply, rx) = oneshot::channel();
+        let request = Request {
+            key,
+            input,
+            queued: Instant::now(),
+            reply,
+        };
+        // Lock-free (`Sender` is `Sync`). A send to a stopped thread drops the reply, which
+        // the waiting future reports.
+        let _ = self.queues[thread_slot() % self.queues.len()].send(request);
+        rx
+    }
+
+    pub fn config(&self) -> &BatchConfig {
+        &self.config
+    }
+
+    pub fn metrics(&self) -> BatchMetrics {
+        let c = &self.counters;
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        BatchMetrics {
+            engine: self.engine.map_or("off", |e| e.name()),
+            queues: self.queues.len(),
+            ok: load(&c.ok),
+            failed: load(&c.failed),
+            flushed_full: load(&c.full),
+            flushed_timer: load(&c.timer),
+            batch_sizes: core::array::from_fn(|i| load(&c.sizes[i])),
+            queue_wait: c.queue_wait.snapshot(),
+            fallback_keys: load(&c.fallback_keys),
+            batched_keys: load(&c.batched_keys),
+        }
+    }
+}
+
+/// This thread's queue number: threads are numbered in the order they first submit.
+fn thread_slot() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static SLOT: usize = NEXT.fetch_add(1, Ordering::Relaxed);
+    }
+    SLOT.with(|s| *s)
+}
+
+/// One queue's engine thread: gather up to eight operations, the first waiting at most
+/// `delay`, compute them together, answer each. Ends when the batcher is dropped.
+fn run_queue(engine: Engine, rx: &mpsc::Receiver<Request>, delay: Duration, counters: &Counters) {
+    let mut batch: Vec<Request> = Vec::with_capacity(BATCH);
+    while let Ok(first) = rx.recv() {
+        let deadline = first.queued + delay;
+        batch.push(first);
+        while batch.len() < BATCH {
+            match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(r) => batch.push(r),
+                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        let start = Instant::now();
+        let reason = if batch.len() == BATCH {
+            &counters.full
+        } else {
+            &counters.timer
+        };
+        reason.fetch_add(1, Ordering::Relaxed);
+        counters.sizes[batch.len() - 1].fetch_add(1, Ordering::Relaxed);
+        for r in &batch {
+            counters
+                .queue_wait
+                .observe(start.saturating_duration_since(r.queued));
+        }
+        let mut outputs: Vec<Vec<u8>> = batch
+            .iter()
+            .map(|r| vec![0u8; r.key.size().bytes()])
+            .collect();
+        let results: Vec<Result<(), hypha_rsa_mb::Error>> = {
+            let mut ops: Vec<Op> = batch
+                .iter()
+                .zip(outputs.iter_mut())
+                .map(|(r, out)| Op::new(&r.key, &r.input, out))
+                .collect();
+            engine.private_batch(&mut ops);
+            ops.iter().map(Op::result).collect()
+        };
+        for ((request, output), result) in batch.drain(..).zip(outputs).zip(results) {
+            let counter = if result.is_ok() {
+                &counters.ok
+            } else {
+                &counters.failed
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+            // The handshake may be gone (closed mid-way): nobody to answer.
+            let _ = request.reply.send(result.map(|()| output));
+        }
+    }
+}
+
+/// An RSA key whose private operations go through the batcher.
+pub struct BatchedRsaKey {
+    key: Arc<hypha_rsa_mb::Key>,
+    public: PKey<Public>,
+    bits: usize,
+    batcher: Arc<Batcher>,
+}
+
+impl std::fmt::Debug for BatchedRsaKey {
+    // Never the key.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.describe())
+    }
+}
+
+impl BatchedRsaKey {
+    fn queue(&self, input: Vec<u8>) -> KeyFuture<Vec<u8>> {
+        let rx = self.batcher.submit(self.key.clone(), input);
+        Box::pin(async move {
+            rx.await
+                .map_err(|_| KeyError::Backend("the multi-buffer RSA engine stopped".into()))?
+                .map_err(|e| KeyError::Backend(e.to_string()))
+        })
+    }
+}
+
+impl KeyProvider for BatchedRsaKey {
+    fn public_key(&self) -> &PKey<Public> {
+        &self.public
+    }
+
+    fn sign(&self, algorithm: SslSignatureAlgorithm, input: &[u8]) -> KeyFuture<Vec<u8>> {
+        let encoded = match scheme(algorithm) {
+            Ok((md, Some(Padding::PKCS1))) => padding::pkcs1_v15(md, input, self.bits / 8),
+            Ok((md, Some(Padding::PKCS1_PSS))) => padding::pss(md, input, self.bits),
+            Ok(_) => Err(KeyError::Algorithm(algorithm.to_string())),
+            Err(e) => Err(e),
+        };
+        match encoded {
+            Ok(em) => self.queue(em),
+            Err(e) => Box::pin(std::future::ready(Err(e))),
+        }
+    }
+
+    fn decrypt(&self, input: &[u8]) -> KeyFuture<Vec<u8>> {
+        self.queue(input.to_vec())
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "multi-buffer RSA-{} ({}, poll delay {:?})",
+            self.bits,
+            self.batcher.engine.map_or("off", |e| e.name()),
+            self.batcher.config.poll_delay
+        )
+    }
+}
