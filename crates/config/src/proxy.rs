@@ -12,6 +12,15 @@
 //!     threads: 2                        # optional: token threads (one session each)
 //! ```
 //!
+//! or, for RSA keys computed eight at a time with AVX-512 IFMA (Istio's CryptoMB):
+//!
+//! ```yaml
+//! privateKeyProvider:
+//!   cryptomb:
+//!     pollDelay: 10ms      # the longest an operation waits for its batch to fill
+//!     fallback: true       # on a CPU without AVX-512 IFMA, BoringSSL signs (else: refuse)
+//! ```
+//!
 //! Istio's other `ProxyConfig` fields are refused by name rather than ignored: Hypha takes
 //! them from its own flags or not at all.
 
@@ -21,6 +30,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::diag::{Diagnostics, Source};
+use crate::types::Duration;
 use crate::yaml;
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
@@ -37,6 +47,23 @@ pub struct ProxyConfig {
 pub struct PrivateKeyProvider {
     #[serde(default)]
     pub pkcs11: Option<Pkcs11Provider>,
+    #[serde(default)]
+    pub cryptomb: Option<CryptoMbProvider>,
+}
+
+/// Istio's `cryptomb`: the key in memory, its RSA operations batched eight at a time for the
+/// AVX-512 IFMA multi-buffer engine. ECDSA keys and RSA keys the engine does not take are
+/// signed by BoringSSL.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CryptoMbProvider {
+    /// The longest an operation waits for a full batch (default 10ms; at most 1s).
+    #[serde(default)]
+    pub poll_delay: Option<Duration>,
+    /// On a CPU without AVX-512 IFMA: use BoringSSL (true) or refuse to start (false, the
+    /// default, as in Istio).
+    #[serde(default)]
+    pub fallback: Option<bool>,
 }
 
 /// A PKCS#11 token: the key is generated in it (sensitive, never extractable) and every
@@ -158,6 +185,27 @@ pub fn parse_proxy_config(file: Arc<str>, src: &str) -> Result<ProxyConfig, Diag
                 format!("{path}.threads"),
                 "`threads` must be at least 1",
             );
+        }
+    }
+    if let Some(k) = cfg.as_ref().and_then(|c| c.private_key_provider.as_ref()) {
+        if k.pkcs11.is_some() && k.cryptomb.is_some() {
+            diags.error(
+                "private-key-provider",
+                &source,
+                "privateKeyProvider",
+                "give one provider: `pkcs11` or `cryptomb`, not both",
+            );
+        }
+        if let Some(delay) = k.cryptomb.as_ref().and_then(|c| c.poll_delay) {
+            let d = delay.as_std();
+            if d.is_zero() || d > std::time::Duration::from_secs(1) {
+                diags.error(
+                    "private-key-provider",
+                    &source,
+                    "privateKeyProvider.cryptomb.pollDelay",
+                    format!("`pollDelay` must be above 0 and at most 1s, not {delay}"),
+                );
+            }
         }
     }
     match cfg {

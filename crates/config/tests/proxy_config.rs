@@ -1,5 +1,5 @@
 //! `ProxyConfig` files (`hypha proxy --proxy-config`): Istio's `privateKeyProvider` shape for a
-//! PKCS#11 token, every problem reported with its line and field path at once.
+//! PKCS#11 token or CryptoMB, every problem reported with its line and field path at once.
 
 use hypha_config::proxy::{load_proxy_config, parse_proxy_config, Pkcs11Provider};
 use hypha_config::Severity;
@@ -105,12 +105,8 @@ privateKeyProvider:
         vec![("unknown-field", 1, "concurrency".to_string())]
     );
     assert_eq!(
-        errors("privateKeyProvider:\n  cryptomb:\n    pollDelay: 10ms\n"),
-        vec![(
-            "unknown-field",
-            2,
-            "privateKeyProvider.cryptomb".to_string()
-        )]
+        errors("privateKeyProvider:\n  qat:\n    pollDelay: 10ms\n"),
+        vec![("unknown-field", 2, "privateKeyProvider.qat".to_string())]
     );
     // A required field missing, and bad YAML.
     assert_eq!(
@@ -128,4 +124,52 @@ fn a_missing_file_is_an_error_naming_it() {
     let diags = load_proxy_config(std::path::Path::new("/nonexistent/proxy.yaml")).unwrap_err();
     let text = diags.iter().next().unwrap().to_string();
     assert!(text.starts_with("/nonexistent/proxy.yaml"), "{text}");
+}
+
+#[test]
+fn a_cryptomb_provider_is_read_with_its_defaults_and_limits() {
+    use hypha_config::proxy::CryptoMbProvider;
+    let cfg = parse_proxy_config(
+        "proxy.yaml".into(),
+        "privateKeyProvider:\n  cryptomb:\n    pollDelay: 20ms\n    fallback: true\n",
+    )
+    .unwrap();
+    let c = cfg.private_key_provider.unwrap().cryptomb.unwrap();
+    assert_eq!(
+        c.poll_delay.map(|d| d.as_std()),
+        Some(std::time::Duration::from_millis(20))
+    );
+    assert_eq!(c.fallback, Some(true));
+    let empty = parse_proxy_config("p".into(), "privateKeyProvider:\n  cryptomb: {}\n").unwrap();
+    assert_eq!(
+        empty.private_key_provider.unwrap().cryptomb,
+        Some(CryptoMbProvider::default())
+    );
+
+    assert_eq!(
+        errors(
+            "\
+privateKeyProvider:
+  cryptomb:
+    pollDelay: 0s
+  pkcs11:
+    module: /m.so
+    tokenLabel: t
+    pinEnv: PIN
+"
+        ),
+        vec![
+            ("private-key-provider", 1, "privateKeyProvider".to_string()),
+            (
+                "private-key-provider",
+                3,
+                "privateKeyProvider.cryptomb.pollDelay".to_string()
+            ),
+        ]
+    );
+    let long = errors("privateKeyProvider:\n  cryptomb:\n    pollDelay: 2s\n");
+    assert_eq!(long.len(), 1);
+    assert_eq!(long[0].1, 3);
+    let unknown = errors("privateKeyProvider:\n  cryptomb:\n    pollDelays: 2ms\n");
+    assert_eq!(unknown.len(), 1, "{unknown:?}");
 }

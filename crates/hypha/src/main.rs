@@ -463,31 +463,65 @@ fn pin_source(file: Option<PathBuf>, env: Option<String>) -> hypha_keys::pkcs11:
     }
 }
 
-/// The workload key's token and key label, from `--proxy-config` or the `--pkcs11-*` flags
-/// (not both).
-fn key_provider(
-    a: &ProxyArgs,
-) -> anyhow::Result<(Option<hypha_keys::pkcs11::TokenConfig>, Option<String>)> {
+/// Where the workload key lives, from `--proxy-config` or the `--pkcs11-*` flags (not both).
+#[derive(Default)]
+struct KeyProviderArgs {
+    /// In a PKCS#11 token, with this key label.
+    pkcs11: Option<hypha_keys::pkcs11::TokenConfig>,
+    key_label: Option<String>,
+    /// In memory, RSA operations batched (Istio's `cryptomb`).
+    batch: Option<hypha_keys::batch::BatchConfig>,
+}
+
+fn key_provider(a: &ProxyArgs) -> anyhow::Result<KeyProviderArgs> {
     use hypha_keys::pkcs11::{PinSource, TokenConfig};
     let from_file = match &a.proxy_config {
         None => None,
-        Some(path) => hypha_config::proxy::load_proxy_config(path)
-            .map_err(|diags| {
-                let lines: Vec<String> = diags.iter().map(ToString::to_string).collect();
-                anyhow::anyhow!("invalid proxy config:\n{}", lines.join("\n"))
-            })?
-            .private_key_provider
-            .and_then(|p| p.pkcs11),
+        Some(path) => {
+            hypha_config::proxy::load_proxy_config(path)
+                .map_err(|diags| {
+                    let lines: Vec<String> = diags.iter().map(ToString::to_string).collect();
+                    anyhow::anyhow!("invalid proxy config:\n{}", lines.join("\n"))
+                })?
+                .private_key_provider
+        }
     };
-    match (from_file, &a.pkcs11_module) {
+    let (file_pkcs11, file_cryptomb) = match from_file {
+        Some(p) => (p.pkcs11, p.cryptomb),
+        None => (None, None),
+    };
+    if (file_pkcs11.is_some() || file_cryptomb.is_some()) && a.ca_root.is_none() {
+        anyhow::bail!(
+            "a private key provider needs a mesh identity: give --ca-root (and --join-token)"
+        );
+    }
+    if let Some(c) = file_cryptomb {
+        if a.pkcs11_module.is_some() {
+            anyhow::bail!(
+                "two private key providers: cryptomb in --proxy-config and PKCS#11 by --pkcs11-module"
+            );
+        }
+        let queues = match a.workers {
+            0 => std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
+            n => n,
+        };
+        return Ok(KeyProviderArgs {
+            batch: Some(hypha_keys::batch::BatchConfig {
+                poll_delay: c
+                    .poll_delay
+                    .map_or(hypha_keys::batch::DEFAULT_POLL_DELAY, |d| d.as_std()),
+                fallback: c.fallback.unwrap_or(false),
+                queues,
+            }),
+            ..KeyProviderArgs::default()
+        });
+    }
+    match (file_pkcs11, &a.pkcs11_module) {
         (Some(_), Some(_)) => anyhow::bail!(
             "the PKCS#11 key provider is given twice: in --proxy-config and by --pkcs11-module"
         ),
-        (Some(_), None) if a.ca_root.is_none() => anyhow::bail!(
-            "a private key provider needs a mesh identity: give --ca-root (and --join-token)"
-        ),
-        (Some(p), None) => Ok((
-            Some(TokenConfig {
+        (Some(p), None) => Ok(KeyProviderArgs {
+            pkcs11: Some(TokenConfig {
                 module: p.module.into(),
                 label: p.token_label,
                 pin: match (p.pin_file, p.pin_env) {
@@ -496,23 +530,25 @@ fn key_provider(
                 },
                 threads: p.threads.unwrap_or(a.pkcs11_threads),
             }),
-            p.key_label,
-        )),
-        (None, Some(module)) => Ok((
-            Some(TokenConfig {
+            key_label: p.key_label,
+            batch: None,
+        }),
+        (None, Some(module)) => Ok(KeyProviderArgs {
+            pkcs11: Some(TokenConfig {
                 module: module.clone(),
                 label: a.pkcs11_token.clone().unwrap_or_default(),
                 pin: pin_source(a.pkcs11_pin_file.clone(), a.pkcs11_pin_env.clone()),
                 threads: a.pkcs11_threads,
             }),
-            a.pkcs11_key_label.clone(),
-        )),
-        (None, None) => Ok((None, None)),
+            key_label: a.pkcs11_key_label.clone(),
+            batch: None,
+        }),
+        (None, None) => Ok(KeyProviderArgs::default()),
     }
 }
 
 async fn proxy(a: ProxyArgs) -> anyhow::Result<()> {
-    let (pkcs11, key_label) = key_provider(&a)?;
+    let keys = key_provider(&a)?;
     let ip = a
         .ips
         .first()
@@ -548,8 +584,9 @@ async fn proxy(a: ProxyArgs) -> anyhow::Result<()> {
                 join_token: a.join_token,
                 trust_domain: a.trust_domain,
                 key_kind: a.key,
-                pkcs11,
-                key_label,
+                pkcs11: keys.pkcs11,
+                key_label: keys.key_label,
+                batch: keys.batch,
                 validity: std::time::Duration::from_secs(a.cert_validity_secs),
             }),
     };

@@ -21,11 +21,18 @@ use crate::{Credentials, Identity, IdentityError, KeyKind, Store};
 const RETRY_MIN: Duration = Duration::from_millis(500);
 const RETRY_MAX: Duration = Duration::from_secs(30);
 
-/// Where a workload's keys are made: in memory, or inside a PKCS#11 token (generated there,
-/// never extractable; the token signs the CSR and every handshake).
+/// Where a workload's keys are made: in memory, in memory with RSA operations batched for the
+/// multi-buffer engine, or inside a PKCS#11 token (generated there, never extractable; the
+/// token signs the CSR and every handshake).
 #[derive(Clone)]
 pub enum KeySource {
     Software(KeyKind),
+    /// Generated in memory; handshakes sign through the batcher (keys it does not take, in
+    /// software).
+    Batched {
+        kind: KeyKind,
+        batcher: Arc<hypha_keys::batch::Batcher>,
+    },
     Token {
         token: Arc<hypha_keys::pkcs11::Token>,
         kind: hypha_keys::pkcs11::TokenKeyKind,
@@ -38,6 +45,7 @@ impl std::fmt::Debug for KeySource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             KeySource::Software(k) => write!(f, "software {k:?}"),
+            KeySource::Batched { kind, .. } => write!(f, "batched {kind:?}"),
             KeySource::Token { token, kind, .. } => write!(f, "{token:?} {kind:?}"),
         }
     }
@@ -54,6 +62,11 @@ impl KeySource {
                 let key = kind.generate()?;
                 let csr = crate::csr_pem(&key, spiffe_id)?;
                 Ok((Arc::new(hypha_keys::SoftwareKey::new(key)?), csr))
+            }
+            KeySource::Batched { kind, batcher } => {
+                let key = kind.generate()?;
+                let csr = crate::csr_pem(&key, spiffe_id)?;
+                Ok((batcher.provider(key)?, csr))
             }
             KeySource::Token { token, kind, label } => {
                 // A session object: gone from the token when the proxy stops, so rotations

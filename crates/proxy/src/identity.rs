@@ -28,6 +28,9 @@ pub struct IdentityOptions {
     pub pkcs11: Option<hypha_keys::pkcs11::TokenConfig>,
     /// The label of the key generated in the token (default `hypha <SPIFFE ID>`).
     pub key_label: Option<String>,
+    /// RSA operations batched for the multi-buffer engine (Istio's `cryptomb`); the key in
+    /// memory. Not with `pkcs11`.
+    pub batch: Option<hypha_keys::batch::BatchConfig>,
     /// Certificate validity asked for (the CA caps it).
     pub validity: Duration,
 }
@@ -55,6 +58,8 @@ pub struct Mesh {
     pub store: Store,
     /// The token holding the workload key, when it is in one.
     pub token: Option<Arc<hypha_keys::pkcs11::Token>>,
+    /// The batcher signing for the workload key, when there is one.
+    pub batcher: Option<Arc<hypha_keys::batch::Batcher>>,
     ca_roots: Vec<X509>,
 }
 
@@ -119,9 +124,13 @@ pub async fn bootstrap(
         Some(p) => Some(String::from_utf8_lossy(&read(p)?).trim().to_owned()),
         None => None,
     };
-    let keys = match &opts.pkcs11 {
-        None => KeySource::Software(opts.key_kind),
-        Some(cfg) => {
+    let keys = match (&opts.pkcs11, &opts.batch) {
+        (None, None) => KeySource::Software(opts.key_kind),
+        (None, Some(cfg)) => KeySource::Batched {
+            kind: opts.key_kind,
+            batcher: hypha_keys::batch::Batcher::new(cfg.clone()).map_err(IdentityError::Key)?,
+        },
+        (Some(cfg), _) => {
             let cfg = cfg.clone();
             let token = tokio::task::spawn_blocking(move || hypha_keys::pkcs11::Token::open(&cfg))
                 .await
@@ -139,9 +148,10 @@ pub async fn bootstrap(
             }
         }
     };
-    let key_token = match &keys {
-        KeySource::Token { token, .. } => Some(token.clone()),
-        KeySource::Software(_) => None,
+    let (key_token, batcher) = match &keys {
+        KeySource::Token { token, .. } => (Some(token.clone()), None),
+        KeySource::Batched { batcher, .. } => (None, Some(batcher.clone())),
+        KeySource::Software(_) => (None, None),
     };
     let workload = Workload {
         ca: control_plane.to_owned(),
@@ -182,6 +192,7 @@ pub async fn bootstrap(
         Mesh {
             store,
             token: key_token,
+            batcher,
             ca_roots,
         },
         rotation,

@@ -170,6 +170,7 @@ pub async fn start(opts: Options) -> Result<Running, StartError> {
             version: label("version"),
         },
         token: mesh.as_ref().and_then(|m| m.token.clone()),
+        batcher: mesh.as_ref().and_then(|m| m.batcher.clone()),
     });
     let out = outbound::Outbound {
         config: config.clone(),

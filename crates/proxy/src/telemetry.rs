@@ -385,6 +385,8 @@ pub struct Telemetry {
     pub access_log: Option<AccessLog>,
     /// The PKCS#11 token holding the workload key, whose operations `/metrics` reports.
     pub token: Option<Arc<hypha_keys::pkcs11::Token>>,
+    /// The multi-buffer RSA batcher signing for the workload key (`hypha_cryptomb_*`).
+    pub batcher: Option<Arc<hypha_keys::batch::Batcher>>,
 }
 
 /// What an access log line needs from the request, captured when it arrives (only when the
@@ -502,11 +504,15 @@ pub struct InFlight {
 }
 
 impl Telemetry {
-    /// Prometheus text exposition: the request and connection metrics, then the key token's.
+    /// Prometheus text exposition: the request and connection metrics, then the key
+    /// provider's (token or batcher).
     pub fn render(&self) -> String {
         let mut out = self.metrics.render();
         if let Some(token) = &self.token {
             render_token(&mut out, &token.metrics());
+        }
+        if let Some(batcher) = &self.batcher {
+            render_batcher(&mut out, &batcher.metrics());
         }
         out
     }
@@ -650,7 +656,6 @@ impl Telemetry {
 
 /// The workload key's token: operations, queue and timings (`hypha_pkcs11_*`).
 fn render_token(out: &mut String, m: &hypha_keys::pkcs11::TokenMetrics) {
-    use hypha_keys::pkcs11::SECONDS_BUCKETS;
     let token = format!("token=\"{}\"", esc(&m.label));
     let _ = writeln!(
         out,
@@ -669,14 +674,69 @@ hypha_pkcs11_threads{{{token}}} {}",
         ("hypha_pkcs11_sign_seconds", &m.sign_time),
         ("hypha_pkcs11_queue_wait_seconds", &m.wait_time),
     ] {
-        let _ = writeln!(out, "# TYPE {name} histogram");
-        for (bound, n) in SECONDS_BUCKETS.iter().zip(&h.cumulative) {
-            let _ = writeln!(out, "{name}_bucket{{{token},le=\"{bound}\"}} {n}");
-        }
+        render_seconds(out, name, &token, h);
+    }
+}
+
+/// A duration histogram over the key providers' buckets.
+fn render_seconds(out: &mut String, name: &str, labels: &str, h: &hypha_keys::metrics::Histogram) {
+    use hypha_keys::metrics::SECONDS_BUCKETS;
+    let _ = writeln!(out, "# TYPE {name} histogram");
+    for (bound, n) in SECONDS_BUCKETS.iter().zip(&h.cumulative) {
+        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{bound}\"}} {n}");
+    }
+    let _ = writeln!(
+        out,
+        "{name}_bucket{{{labels},le=\"+Inf\"}} {}\n{name}_sum{{{labels}}} {}\n{name}_count{{{labels}}} {}",
+        h.count, h.sum_seconds, h.count
+    );
+}
+
+/// The multi-buffer RSA batcher (`hypha_cryptomb_*`): operations, batches by size and by
+/// flush reason, keys batched or handed to BoringSSL, queue wait.
+fn render_batcher(out: &mut String, m: &hypha_keys::batch::BatchMetrics) {
+    let engine = format!("engine=\"{}\"", m.engine);
+    let _ = writeln!(
+        out,
+        "# TYPE hypha_cryptomb_operations_total counter\n\
+hypha_cryptomb_operations_total{{{engine},result=\"ok\"}} {}\n\
+hypha_cryptomb_operations_total{{{engine},result=\"error\"}} {}\n\
+# TYPE hypha_cryptomb_batches_total counter\n\
+hypha_cryptomb_batches_total{{{engine},reason=\"full\"}} {}\n\
+hypha_cryptomb_batches_total{{{engine},reason=\"timer\"}} {}\n\
+# TYPE hypha_cryptomb_keys_total counter\n\
+hypha_cryptomb_keys_total{{{engine},path=\"batched\"}} {}\n\
+hypha_cryptomb_keys_total{{{engine},path=\"fallback\"}} {}\n\
+# TYPE hypha_cryptomb_queues gauge\n\
+hypha_cryptomb_queues{{{engine}}} {}\n\
+# TYPE hypha_cryptomb_batch_size histogram",
+        m.ok, m.failed, m.flushed_full, m.flushed_timer, m.batched_keys, m.fallback_keys, m.queues
+    );
+    let mut cumulative = 0;
+    for (i, n) in m.batch_sizes.iter().enumerate() {
+        cumulative += n;
         let _ = writeln!(
             out,
-            "{name}_bucket{{{token},le=\"+Inf\"}} {}\n{name}_sum{{{token}}} {}\n{name}_count{{{token}}} {}",
-            h.count, h.sum_seconds, h.count
+            "hypha_cryptomb_batch_size_bucket{{{engine},le=\"{}\"}} {cumulative}",
+            i + 1
         );
     }
+    let sum: u64 = m
+        .batch_sizes
+        .iter()
+        .zip(1..)
+        .map(|(n, size)| n * size)
+        .sum();
+    let _ = writeln!(
+        out,
+        "hypha_cryptomb_batch_size_bucket{{{engine},le=\"+Inf\"}} {cumulative}\n\
+hypha_cryptomb_batch_size_sum{{{engine}}} {sum}\n\
+hypha_cryptomb_batch_size_count{{{engine}}} {cumulative}"
+    );
+    render_seconds(
+        out,
+        "hypha_cryptomb_queue_wait_seconds",
+        &engine,
+        &m.queue_wait,
+    );
 }

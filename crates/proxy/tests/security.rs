@@ -33,6 +33,9 @@ struct Secured {
     validity: Duration,
     /// Sidecar keys in this PKCS#11 token instead of memory.
     pkcs11: Option<hypha_keys::pkcs11::TokenConfig>,
+    /// Sidecar RSA operations batched for the multi-buffer engine.
+    batch: Option<hypha_keys::batch::BatchConfig>,
+    key_kind: KeyKind,
 }
 
 fn write_token(dir: &Path, name: &str, token: &str) -> PathBuf {
@@ -71,6 +74,8 @@ async fn secured_on(cfg: hypha_config::Config, accounts: &[&str]) -> Secured {
         cp,
         validity: Duration::from_secs(3600),
         pkcs11: None,
+        batch: None,
+        key_kind: KeyKind::EcdsaP256,
     }
 }
 
@@ -84,9 +89,10 @@ impl Secured {
             ca_root: self.root(),
             join_token: Some(write_token(self.data.path(), "presented.token", token)),
             trust_domain: TD.into(),
-            key_kind: KeyKind::EcdsaP256,
+            key_kind: self.key_kind,
             pkcs11: self.pkcs11.clone(),
             key_label: None,
+            batch: self.batch.clone(),
             validity: self.validity,
         }
     }
@@ -841,5 +847,76 @@ async fn sidecars_with_their_keys_in_a_pkcs11_token() {
         assert!(value("hypha_pkcs11_keys_generated_total{token=\"mesh\"}") >= 1);
         assert_eq!(value("hypha_pkcs11_queued{token=\"mesh\"}"), 0);
         assert!(value("hypha_pkcs11_sign_seconds_count{token=\"mesh\"}") >= 2);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sidecars_with_batched_rsa_keys() {
+    let mut s = secured_on(config(&web_yaml(1, "STRICT")), &["shop.web", "shop.client"]).await;
+    let accelerated = hypha_rsa_mb::Engine::detect().is_accelerated();
+    if !accelerated {
+        eprintln!("NOTE: no AVX-512 IFMA on this CPU: testing the cryptomb fallback instead");
+    }
+    s.key_kind = KeyKind::Rsa2048;
+    s.batch = Some(hypha_keys::batch::BatchConfig {
+        poll_delay: Duration::from_millis(2),
+        fallback: !accelerated,
+        queues: 2,
+    });
+    let p = pair(&s, "web", |port| web_yaml(port, "STRICT")).await;
+    let body = get_until_ok(
+        p.client.http_proxy[0],
+        "http://web.shop.svc.cluster.local/k",
+    )
+    .await;
+    assert_eq!(body, "web /k -");
+    for r in [&p.server, &p.client] {
+        let creds = r.identity.as_ref().unwrap().load();
+        let described = format!("{:?}", creds.identity);
+        let expected = if accelerated {
+            "multi-buffer RSA-2048"
+        } else {
+            "software RSA-2048"
+        };
+        assert!(described.contains(expected), "{described}");
+        assert!(creds.server.context().private_key().is_none());
+        let text = r.telemetry.render();
+        let value = |series: &str| -> u64 {
+            let line = text
+                .lines()
+                .find(|l| l.starts_with(series))
+                .unwrap_or_else(|| panic!("no {series} in\n{text}"));
+            line.rsplit(' ').next().unwrap().parse().unwrap()
+        };
+        if accelerated {
+            // Each sidecar signed at least one handshake through the engine, in batches.
+            let e = "engine=\"avx512ifma\"";
+            assert!(
+                value(&format!(
+                    "hypha_cryptomb_operations_total{{{e},result=\"ok\"}}"
+                )) >= 1
+            );
+            assert_eq!(
+                value(&format!(
+                    "hypha_cryptomb_operations_total{{{e},result=\"error\"}}"
+                )),
+                0
+            );
+            let batches = value(&format!(
+                "hypha_cryptomb_batches_total{{{e},reason=\"full\"}}"
+            )) + value(&format!(
+                "hypha_cryptomb_batches_total{{{e},reason=\"timer\"}}"
+            ));
+            assert!(batches >= 1);
+            assert!(
+                value(&format!(
+                    "hypha_cryptomb_keys_total{{{e},path=\"batched\"}}"
+                )) >= 1
+            );
+            assert!(value(&format!("hypha_cryptomb_queue_wait_seconds_count{{{e}}}")) >= 1);
+            assert_eq!(value(&format!("hypha_cryptomb_queues{{{e}}}")), 2);
+        } else {
+            assert!(value("hypha_cryptomb_keys_total{engine=\"off\",path=\"fallback\"}") >= 1);
+        }
     }
 }
