@@ -7,7 +7,10 @@
 //! thread it runs on, so each proxy worker feeds one queue, as Envoy's per-worker queues do.
 //! A queue computes its batch when it holds eight operations (flush reason "full") or when
 //! the oldest has waited the poll delay ("timer"): no operation waits longer than the delay
-//! before its batch starts. The handshake's future resolves when its result is back.
+//! before its batch starts. When operations have been arriving further apart than the delay
+//! (a quiet proxy), waiting would not bring a second one, so the queue computes at once
+//! ("idle"). A batch of one is computed by BoringSSL, which is faster than the engine for a
+//! single operation. The handshake's future resolves when its result is back.
 //!
 //! Keys the engine does not take (ECDSA; RSA of other sizes or exponents) and every key on a
 //! CPU without AVX-512 IFMA use the software path instead, each reason logged once.
@@ -19,7 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use boring::pkey::{PKey, Private, Public};
-use boring::rsa::Padding;
+use boring::rsa::{Padding, Rsa};
 use boring::ssl::SslSignatureAlgorithm;
 use hypha_rsa_mb::{Components, Engine, Op, BATCH};
 use tokio::sync::oneshot;
@@ -52,12 +55,18 @@ impl Default for BatchConfig {
 /// handshake's round trips.
 pub const DEFAULT_POLL_DELAY: Duration = Duration::from_millis(10);
 
+/// A key in both forms: the engine's, and BoringSSL's for batches of one.
+struct BatchKey {
+    engine: hypha_rsa_mb::Key,
+    rsa: Rsa<Private>,
+}
+
 /// One queued operation.
 struct Request {
-    key: Arc<hypha_rsa_mb::Key>,
+    key: Arc<BatchKey>,
     input: Vec<u8>,
     queued: Instant,
-    reply: oneshot::Sender<Result<Vec<u8>, hypha_rsa_mb::Error>>,
+    reply: oneshot::Sender<Result<Vec<u8>, KeyError>>,
 }
 
 #[derive(Default)]
@@ -66,6 +75,7 @@ struct Counters {
     failed: AtomicU64,
     full: AtomicU64,
     timer: AtomicU64,
+    idle: AtomicU64,
     /// Batches by how many real operations they held (index 0 = one).
     sizes: [AtomicU64; BATCH],
     queue_wait: Timings,
@@ -85,6 +95,8 @@ pub struct BatchMetrics {
     pub flushed_full: u64,
     /// Batches computed because the poll delay expired.
     pub flushed_timer: u64,
+    /// Batches computed at once because operations arrive further apart than the delay.
+    pub flushed_idle: u64,
     /// Batches by size: `batch_sizes[i]` held `i + 1` operations.
     pub batch_sizes: [u64; BATCH],
     /// Time from queueing to the start of the operation's batch.
@@ -177,7 +189,10 @@ impl Batcher {
                 let public = PKey::public_key_from_der(&key.public_key_to_der()?)?;
                 let bits = engine_key.size().bits();
                 Ok(Arc::new(BatchedRsaKey {
-                    key: Arc::new(engine_key),
+                    key: Arc::new(BatchKey {
+                        engine: engine_key,
+                        rsa: key.rsa()?,
+                    }),
                     public,
                     bits,
                     batcher: self.clone(),
@@ -238,9 +253,9 @@ impl Batcher {
     /// Queues one operation on the calling thread's queue.
     fn submit(
         &self,
-        key: Arc<hypha_rsa_mb::Key>,
+        key: Arc<BatchKey>,
         input: Vec<u8>,
-    ) -> oneshot::Receiver<Result<Vec<u8>, hypha_rsa_mb::Error>> {
+    ) -> oneshot::Receiver<Result<Vec<u8>, KeyError>> {
         let (reply, rx) = oneshot::channel();
         let request = Request {
             key,
@@ -268,6 +283,7 @@ impl Batcher {
             failed: load(&c.failed),
             flushed_full: load(&c.full),
             flushed_timer: load(&c.timer),
+            flushed_idle: load(&c.idle),
             batch_sizes: core::array::from_fn(|i| load(&c.sizes[i])),
             queue_wait: c.queue_wait.snapshot(),
             fallback_keys: load(&c.fallback_keys),
@@ -285,24 +301,59 @@ fn thread_slot() -> usize {
     SLOT.with(|s| *s)
 }
 
+/// How far apart operations have been arriving on one queue: an exponentially weighted
+/// average of the gaps, so a quiet queue computes at once instead of waiting for company.
+struct Arrivals {
+    last: Option<Instant>,
+    gap: Duration,
+}
+
+impl Arrivals {
+    fn note(&mut self, at: Instant, delay: Duration) {
+        if let Some(last) = self.last {
+            // Gaps beyond ten delays say "quiet" as well as longer ones would.
+            let gap = at.saturating_duration_since(last).min(delay * 10);
+            self.gap = (self.gap * 3 + gap) / 4;
+        }
+        self.last = Some(self.last.map_or(at, |l| l.max(at)));
+    }
+}
+
 /// One queue's engine thread: gather up to eight operations, the first waiting at most
 /// `delay`, compute them together, answer each. Ends when the batcher is dropped.
 fn run_queue(engine: Engine, rx: &mpsc::Receiver<Request>, delay: Duration, counters: &Counters) {
     let mut batch: Vec<Request> = Vec::with_capacity(BATCH);
+    let mut arrivals = Arrivals {
+        last: None,
+        gap: Duration::ZERO,
+    };
     while let Ok(first) = rx.recv() {
         let deadline = first.queued + delay;
+        arrivals.note(first.queued, delay);
         batch.push(first);
+        // What is already queued joins without waiting.
         while batch.len() < BATCH {
-            match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-                Ok(r) => batch.push(r),
-                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
+            let Ok(r) = rx.try_recv() else { break };
+            arrivals.note(r.queued, delay);
+            batch.push(r);
+        }
+        let idle = batch.len() < BATCH && arrivals.gap > delay;
+        if !idle {
+            while batch.len() < BATCH {
+                match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                    Ok(r) => {
+                        arrivals.note(r.queued, delay);
+                        batch.push(r);
+                    }
+                    Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
+                }
             }
         }
         let start = Instant::now();
-        let reason = if batch.len() == BATCH {
-            &counters.full
-        } else {
-            &counters.timer
+        let reason = match (batch.len() == BATCH, idle) {
+            (true, _) => &counters.full,
+            (false, true) => &counters.idle,
+            (false, false) => &counters.timer,
         };
         reason.fetch_add(1, Ordering::Relaxed);
         counters.sizes[batch.len() - 1].fetch_add(1, Ordering::Relaxed);
@@ -311,20 +362,8 @@ fn run_queue(engine: Engine, rx: &mpsc::Receiver<Request>, delay: Duration, coun
                 .queue_wait
                 .observe(start.saturating_duration_since(r.queued));
         }
-        let mut outputs: Vec<Vec<u8>> = batch
-            .iter()
-            .map(|r| vec![0u8; r.key.size().bytes()])
-            .collect();
-        let results: Vec<Result<(), hypha_rsa_mb::Error>> = {
-            let mut ops: Vec<Op> = batch
-                .iter()
-                .zip(outputs.iter_mut())
-                .map(|(r, out)| Op::new(&r.key, &r.input, out))
-                .collect();
-            engine.private_batch(&mut ops);
-            ops.iter().map(Op::result).collect()
-        };
-        for ((request, output), result) in batch.drain(..).zip(outputs).zip(results) {
+        let results = compute(engine, &batch);
+        for (request, result) in batch.drain(..).zip(results) {
             let counter = if result.is_ok() {
                 &counters.ok
             } else {
@@ -332,14 +371,53 @@ fn run_queue(engine: Engine, rx: &mpsc::Receiver<Request>, delay: Duration, coun
             };
             counter.fetch_add(1, Ordering::Relaxed);
             // The handshake may be gone (closed mid-way): nobody to answer.
-            let _ = request.reply.send(result.map(|()| output));
+            let _ = request.reply.send(result);
         }
     }
 }
 
+/// The batch's results: one operation by BoringSSL, more by the engine, all at once.
+fn compute(engine: Engine, batch: &[Request]) -> Vec<Result<Vec<u8>, KeyError>> {
+    if let [one] = batch {
+        let mut out = vec![0u8; one.key.engine.size().bytes()];
+        let result = one
+            .key
+            .rsa
+            .private_decrypt(&one.input, &mut out, Padding::NONE)
+            .map_err(KeyError::from)
+            .and_then(|n| {
+                (n == out.len())
+                    .then_some(out)
+                    .ok_or_else(|| KeyError::Backend("raw RSA returned a short result".into()))
+            });
+        return vec![result];
+    }
+    let mut outputs: Vec<Vec<u8>> = batch
+        .iter()
+        .map(|r| vec![0u8; r.key.engine.size().bytes()])
+        .collect();
+    let results: Vec<Result<(), hypha_rsa_mb::Error>> = {
+        let mut ops: Vec<Op> = batch
+            .iter()
+            .zip(outputs.iter_mut())
+            .map(|(r, out)| Op::new(&r.key.engine, &r.input, out))
+            .collect();
+        engine.private_batch(&mut ops);
+        ops.iter().map(Op::result).collect()
+    };
+    outputs
+        .into_iter()
+        .zip(results)
+        .map(|(out, r)| {
+            r.map(|()| out)
+                .map_err(|e| KeyError::Backend(e.to_string()))
+        })
+        .collect()
+}
+
 /// An RSA key whose private operations go through the batcher.
 pub struct BatchedRsaKey {
-    key: Arc<hypha_rsa_mb::Key>,
+    key: Arc<BatchKey>,
     public: PKey<Public>,
     bits: usize,
     batcher: Arc<Batcher>,
@@ -358,7 +436,6 @@ impl BatchedRsaKey {
         Box::pin(async move {
             rx.await
                 .map_err(|_| KeyError::Backend("the multi-buffer RSA engine stopped".into()))?
-                .map_err(|e| KeyError::Backend(e.to_string()))
         })
     }
 }

@@ -704,13 +704,21 @@ hypha_cryptomb_operations_total{{{engine},result=\"error\"}} {}\n\
 # TYPE hypha_cryptomb_batches_total counter\n\
 hypha_cryptomb_batches_total{{{engine},reason=\"full\"}} {}\n\
 hypha_cryptomb_batches_total{{{engine},reason=\"timer\"}} {}\n\
+hypha_cryptomb_batches_total{{{engine},reason=\"idle\"}} {}\n\
 # TYPE hypha_cryptomb_keys_total counter\n\
 hypha_cryptomb_keys_total{{{engine},path=\"batched\"}} {}\n\
 hypha_cryptomb_keys_total{{{engine},path=\"fallback\"}} {}\n\
 # TYPE hypha_cryptomb_queues gauge\n\
 hypha_cryptomb_queues{{{engine}}} {}\n\
 # TYPE hypha_cryptomb_batch_size histogram",
-        m.ok, m.failed, m.flushed_full, m.flushed_timer, m.batched_keys, m.fallback_keys, m.queues
+        m.ok,
+        m.failed,
+        m.flushed_full,
+        m.flushed_timer,
+        m.flushed_idle,
+        m.batched_keys,
+        m.fallback_keys,
+        m.queues
     );
     let mut cumulative = 0;
     for (i, n) in m.batch_sizes.iter().enumerate() {
