@@ -3,14 +3,16 @@
 //! many as arrived within the poll delay) are computed together by the multi-buffer engine
 //! (`hypha-rsa-mb`, AVX-512 IFMA).
 //!
-//! Each queue has its own engine thread; a handshake's operation goes to the queue of the
-//! thread it runs on, so each proxy worker feeds one queue, as Envoy's per-worker queues do.
-//! A queue computes its batch when it holds eight operations (flush reason "full") or when
-//! the oldest has waited the poll delay ("timer"): no operation waits longer than the delay
+//! A handshake's operation goes to the queue of the thread it runs on, so each proxy worker
+//! feeds one queue, as Envoy's per-worker queues do. The operation that fills a queue to
+//! eight computes the batch right there, on its worker (flush reason "full"), as Envoy does:
+//! no thread hand-off, and the other seven handshakes, on the same worker, find their
+//! results ready. A queue that does not fill is computed by the timer thread once its oldest
+//! operation has waited the poll delay ("timer"): no operation waits longer than the delay
 //! before its batch starts. When operations have been arriving further apart than the delay
-//! (a quiet proxy), waiting would not bring a second one, so the queue computes at once
-//! ("idle"). A batch of one is computed by BoringSSL, which is faster than the engine for a
-//! single operation. The handshake's future resolves when its result is back.
+//! (a quiet proxy), waiting would not bring a second one, so the operation is computed at
+//! once ("idle"). A batch of one is computed by BoringSSL, which is faster than the engine
+//! for a single operation. The handshake's future resolves when its result is back.
 //!
 //! Keys the engine does not take (ECDSA; RSA of other sizes or exponents) and every key on a
 //! CPU without AVX-512 IFMA use the software path instead, each reason logged once.
@@ -106,12 +108,51 @@ pub struct BatchMetrics {
     pub batched_keys: u64,
 }
 
-/// The shared batcher: queues, their engine threads, and metrics. Create one per process.
+/// Why a batch was computed.
+#[derive(Clone, Copy)]
+enum Flush {
+    Full,
+    Timer,
+    Idle,
+}
+
+/// One worker's queue of operations waiting for their batch.
+#[derive(Default)]
+struct Queue {
+    state: Mutex<QueueState>,
+}
+
+#[derive(Default)]
+struct QueueState {
+    batch: Vec<Request>,
+    /// Counts the batches taken, so a timer armed for an earlier batch does nothing.
+    generation: u64,
+    arrivals: Arrivals,
+}
+
+/// What the workers and the timer thread share: the engine, the queues, the counters.
+struct Shared {
+    engine: Engine,
+    delay: Duration,
+    queues: Vec<Queue>,
+    counters: Arc<Counters>,
+}
+
+/// A timer for queue `queue`'s batch number `generation`.
+struct Deadline {
+    at: Instant,
+    queue: usize,
+    generation: u64,
+}
+
+/// The shared batcher: per-worker queues, the timer thread, and metrics. Create one per
+/// process.
 pub struct Batcher {
     config: BatchConfig,
     /// `None` when the engine is off (no IFMA, fallback allowed).
     engine: Option<Engine>,
-    queues: Vec<mpsc::Sender<Request>>,
+    shared: Option<Arc<Shared>>,
+    timer: Option<mpsc::Sender<Deadline>>,
     counters: Arc<Counters>,
     /// Fallback reasons already logged.
     logged: Mutex<HashSet<String>>,
@@ -150,20 +191,26 @@ impl Batcher {
             ));
         };
         let counters = Arc::new(Counters::default());
-        let mut queues = Vec::new();
+        let (mut shared, mut timer) = (None, None);
         if let Some(engine) = engine {
-            for i in 0..config.queues.max(1) {
-                let (tx, rx) = mpsc::channel();
-                let (delay, counters) = (config.poll_delay, counters.clone());
-                std::thread::Builder::new()
-                    .name(format!("hypha-rsa-mb-{i}"))
-                    .spawn(move || run_queue(engine, &rx, delay, &counters))
-                    .map_err(|e| KeyError::Backend(format!("engine thread: {e}")))?;
-                queues.push(tx);
-            }
+            let queues = config.queues.max(1);
+            let state = Arc::new(Shared {
+                engine,
+                delay: config.poll_delay,
+                queues: (0..queues).map(|_| Queue::default()).collect(),
+                counters: counters.clone(),
+            });
+            let (tx, rx) = mpsc::channel();
+            let for_timer = state.clone();
+            std::thread::Builder::new()
+                .name("hypha-rsa-mb-timer".into())
+                .spawn(move || run_timer(&for_timer, &rx))
+                .map_err(|e| KeyError::Backend(format!("batcher timer thread: {e}")))?;
+            shared = Some(state);
+            timer = Some(tx);
             tracing::info!(
                 engine = engine.name(),
-                queues = queues.len(),
+                queues,
                 poll_delay = ?config.poll_delay,
                 "multi-buffer RSA batcher started"
             );
@@ -171,7 +218,8 @@ impl Batcher {
         Ok(Arc::new(Batcher {
             config,
             engine,
-            queues,
+            shared,
+            timer,
             counters,
             logged: Mutex::new(HashSet::new()),
         }))
@@ -250,22 +298,56 @@ impl Batcher {
             .map_err(|e| format!("RSA-{}: {e}", rsa.size() * 8))
     }
 
-    /// Queues one operation on the calling thread's queue.
+    /// Queues one operation on the calling thread's queue; computes the batch here if this
+    /// operation fills it, or if the queue is quiet.
     fn submit(
         &self,
         key: Arc<BatchKey>,
         input: Vec<u8>,
     ) -> oneshot::Receiver<Result<Vec<u8>, KeyError>> {
         let (reply, rx) = oneshot::channel();
-        let request = Request {
+        let Some(shared) = &self.shared else {
+            // No engine: no `BatchedRsaKey` is ever made, so this is not reached; answer anyway.
+            let _ = reply.send(Err(KeyError::Backend(
+                "the multi-buffer RSA engine is off".into(),
+            )));
+            return rx;
+        };
+        let now = Instant::now();
+        let index = thread_slot() % shared.queues.len();
+        let mut state = shared.queues[index]
+            .state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        state.arrivals.note(now, shared.delay);
+        state.batch.push(Request {
             key,
             input,
-            queued: Instant::now(),
+            queued: now,
             reply,
+        });
+        let flush = if state.batch.len() >= BATCH {
+            Some(Flush::Full)
+        } else if state.batch.len() == 1 && state.arrivals.gap > shared.delay {
+            Some(Flush::Idle)
+        } else {
+            if state.batch.len() == 1 {
+                if let Some(timer) = &self.timer {
+                    let _ = timer.send(Deadline {
+                        at: now + shared.delay,
+                        queue: index,
+                        generation: state.generation,
+                    });
+                }
+            }
+            None
         };
-        // Lock-free (`Sender` is `Sync`). A send to a stopped thread drops the reply, which
-        // the waiting future reports.
-        let _ = self.queues[thread_slot() % self.queues.len()].send(request);
+        if let Some(reason) = flush {
+            let batch = std::mem::replace(&mut state.batch, Vec::with_capacity(BATCH));
+            state.generation += 1;
+            drop(state);
+            shared.run(batch, reason);
+        }
         rx
     }
 
@@ -278,7 +360,7 @@ impl Batcher {
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
         BatchMetrics {
             engine: self.engine.map_or("off", |e| e.name()),
-            queues: self.queues.len(),
+            queues: self.shared.as_ref().map_or(0, |s| s.queues.len()),
             ok: load(&c.ok),
             failed: load(&c.failed),
             flushed_full: load(&c.full),
@@ -303,6 +385,7 @@ fn thread_slot() -> usize {
 
 /// How far apart operations have been arriving on one queue: an exponentially weighted
 /// average of the gaps, so a quiet queue computes at once instead of waiting for company.
+#[derive(Default)]
 struct Arrivals {
     last: Option<Instant>,
     gap: Duration,
@@ -319,51 +402,25 @@ impl Arrivals {
     }
 }
 
-/// One queue's engine thread: gather up to eight operations, the first waiting at most
-/// `delay`, compute them together, answer each. Ends when the batcher is dropped.
-fn run_queue(engine: Engine, rx: &mpsc::Receiver<Request>, delay: Duration, counters: &Counters) {
-    let mut batch: Vec<Request> = Vec::with_capacity(BATCH);
-    let mut arrivals = Arrivals {
-        last: None,
-        gap: Duration::ZERO,
-    };
-    while let Ok(first) = rx.recv() {
-        let deadline = first.queued + delay;
-        arrivals.note(first.queued, delay);
-        batch.push(first);
-        // What is already queued joins without waiting.
-        while batch.len() < BATCH {
-            let Ok(r) = rx.try_recv() else { break };
-            arrivals.note(r.queued, delay);
-            batch.push(r);
-        }
-        let idle = batch.len() < BATCH && arrivals.gap > delay;
-        if !idle {
-            while batch.len() < BATCH {
-                match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-                    Ok(r) => {
-                        arrivals.note(r.queued, delay);
-                        batch.push(r);
-                    }
-                    Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
-                }
-            }
-        }
+impl Shared {
+    /// Computes `batch` on this thread and answers each operation.
+    fn run(&self, batch: Vec<Request>, reason: Flush) {
+        let counters = &self.counters;
         let start = Instant::now();
-        let reason = match (batch.len() == BATCH, idle) {
-            (true, _) => &counters.full,
-            (false, true) => &counters.idle,
-            (false, false) => &counters.timer,
+        let counter = match reason {
+            Flush::Full => &counters.full,
+            Flush::Timer => &counters.timer,
+            Flush::Idle => &counters.idle,
         };
-        reason.fetch_add(1, Ordering::Relaxed);
+        counter.fetch_add(1, Ordering::Relaxed);
         counters.sizes[batch.len() - 1].fetch_add(1, Ordering::Relaxed);
         for r in &batch {
             counters
                 .queue_wait
                 .observe(start.saturating_duration_since(r.queued));
         }
-        let results = compute(engine, &batch);
-        for (request, result) in batch.drain(..).zip(results) {
+        let results = compute(self.engine, &batch);
+        for (request, result) in batch.into_iter().zip(results) {
             let counter = if result.is_ok() {
                 &counters.ok
             } else {
@@ -372,6 +429,44 @@ fn run_queue(engine: Engine, rx: &mpsc::Receiver<Request>, delay: Duration, coun
             counter.fetch_add(1, Ordering::Relaxed);
             // The handshake may be gone (closed mid-way): nobody to answer.
             let _ = request.reply.send(result);
+        }
+    }
+}
+
+/// The timer thread: computes each queue's batch whose oldest operation has waited the poll
+/// delay, unless the batch was taken (full, idle) meanwhile. Ends with the batcher.
+fn run_timer(shared: &Shared, rx: &mpsc::Receiver<Deadline>) {
+    let mut due: Vec<Deadline> = Vec::new();
+    loop {
+        let next = due.iter().map(|d| d.at).min();
+        let received = match next {
+            None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+            Some(at) => rx.recv_timeout(at.saturating_duration_since(Instant::now())),
+        };
+        match received {
+            Ok(d) => {
+                due.push(d);
+                continue;
+            }
+            Err(RecvTimeoutError::Disconnected) => return,
+            Err(RecvTimeoutError::Timeout) => {}
+        }
+        let now = Instant::now();
+        let (ready, waiting): (Vec<Deadline>, Vec<Deadline>) =
+            due.drain(..).partition(|d| d.at <= now);
+        due = waiting;
+        for d in ready {
+            let mut state = shared.queues[d.queue]
+                .state
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if state.generation != d.generation || state.batch.is_empty() {
+                continue;
+            }
+            let batch = std::mem::replace(&mut state.batch, Vec::with_capacity(BATCH));
+            state.generation += 1;
+            drop(state);
+            shared.run(batch, Flush::Timer);
         }
     }
 }
