@@ -45,8 +45,9 @@ def kernel(name, n, square):
     cols = 2 * n
     emit("let (" + ", ".join(f"mut c{k}" for k in range(cols)) + ") = (" + ", ".join("zero" for _ in range(cols)) + ");")
     if square:
-        # a2[j]: limb j of 2a; d[j]: limb j of 2a without the bit from limb j-1. Kept in
-        # memory (stack), like b and m, and read as memory operands.
+        # a2[j]: limb j of 2a; d[j]: limb j of 2a without the bit from limb j-1. Computed
+        # once into stack arrays; LLVM keeps what fits in registers and spills the rest (a
+        # black_box per row, as for m, measured slower here).
         emit(f"let mut d = [L8::ZERO; {n}];")
         emit(f"let mut a2 = [L8::ZERO; {n}];")
         emit("let mut prev = zero;")
@@ -63,13 +64,39 @@ def kernel(name, n, square):
         # another row's, which would keep every limb of b and m live in registers (and spill).
         emit("let m = black_box(m);")
         if square:
-            pass
             terms = [(i, "a", i)] + [(j, "d" if j == i + 1 else "a2", j) for j in range(i + 1, n)]
         else:
             emit("let b = black_box(b);")
             terms = [(j, "b", j) for j in range(n)]
         emit(f"let ai = load(&a[{i}]);")
-        # The chain to y first: column i's last term, y, and clearing column i.
+        if square:
+            # Column i is complete before row i's own products, which start at column 2i,
+            # except in row 0: y first, then the reduction's products interleaved with the
+            # row's squares, which do not wait for y.
+            sq = terms
+            if i == 0:
+                emit("let t = load(&a[0]);")
+                emit("c0 = _mm512_madd52lo_epu64(c0, ai, t);")
+                emit("c1 = _mm512_madd52hi_epu64(c1, ai, t);")
+                sq = terms[1:]
+            emit(f"let y = _mm512_madd52lo_epu64(zero, c{i}, k0);")
+            emit("let mj = load(&m[0]);")
+            emit(f"c{i} = _mm512_madd52lo_epu64(c{i}, y, mj);")
+            emit(f"c{i + 1} = _mm512_add_epi64(c{i + 1}, _mm512_srli_epi64::<52>(c{i}));")
+            emit(f"c{i + 1} = _mm512_madd52hi_epu64(c{i + 1}, y, mj);")
+            for k in range(max(n - 1, len(sq))):
+                if k < n - 1:
+                    emit(f"let mj = load(&m[{k + 1}]);")
+                    emit(f"c{i + k + 1} = _mm512_madd52lo_epu64(c{i + k + 1}, y, mj);")
+                    emit(f"c{i + k + 2} = _mm512_madd52hi_epu64(c{i + k + 2}, y, mj);")
+                if k < len(sq):
+                    j, arr, idx = sq[k]
+                    emit(f"let t = load(&{arr}[{idx}]);")
+                    emit(f"c{i + j} = _mm512_madd52lo_epu64(c{i + j}, ai, t);")
+                    emit(f"c{i + j + 1} = _mm512_madd52hi_epu64(c{i + j + 1}, ai, t);")
+            continue
+        # The multiplication: column i's last term (a_i * b_0) and y first, then the row's
+        # products and the reduction's (interleaving them measured slower here).
         j0, arr0, idx0 = terms[0]
         emit(f"let t = load(&{arr0}[{idx0}]);")
         emit(f"c{i + j0} = _mm512_madd52lo_epu64(c{i + j0}, ai, t);")
