@@ -44,6 +44,10 @@ pub enum Keys {
     /// Generated inside a SoftHSM2 token per process and never leaving it: the CA's signer
     /// keys and every sidecar's workload key.
     Pkcs11,
+    /// Software keys, the sidecars' RSA-2048 with their handshake signatures computed eight
+    /// at a time by the multi-buffer engine (Istio's `privateKeyProvider.cryptomb`; BoringSSL
+    /// on a CPU without AVX-512 IFMA).
+    Cryptomb,
 }
 
 impl FromStr for Keys {
@@ -53,8 +57,9 @@ impl FromStr for Keys {
         match s {
             "software" => Ok(Keys::Software),
             "pkcs11" => Ok(Keys::Pkcs11),
+            "cryptomb" => Ok(Keys::Cryptomb),
             _ => Err(format!(
-                "unknown key store {s:?}: expected software or pkcs11"
+                "unknown key store {s:?}: expected software, pkcs11 or cryptomb"
             )),
         }
     }

@@ -165,12 +165,26 @@ impl Mesh {
         ]
     }
 
-    /// The flags that put a sidecar's workload key in its token (none for a software key).
+    /// The flags that put a sidecar's workload key in its token, or its RSA operations in
+    /// the multi-buffer batcher (none for a software key).
     fn key_args(&self, name: &str) -> Vec<String> {
+        if self.keys == Keys::Cryptomb && name != CONTROL {
+            return vec![
+                "--key".into(),
+                "rsa-2048".into(),
+                "--proxy-config".into(),
+                self.cryptomb_config().display().to_string(),
+            ];
+        }
         self.tokens
             .get(name)
             .map(hsm::Token::proxy_args)
             .unwrap_or_default()
+    }
+
+    /// The sidecars' `ProxyConfig` with `--keys cryptomb`.
+    fn cryptomb_config(&self) -> PathBuf {
+        self.dir.join("cryptomb.yaml")
     }
 
     /// Every sidecar's admin address, by workload name (the client last).
@@ -207,6 +221,19 @@ impl Mesh {
         std::fs::create_dir_all(mesh.log_dir()).map_err(|e| DemoError::Io(mesh.log_dir(), e))?;
         if keys == Keys::Pkcs11 {
             mesh.create_tokens(say).await?;
+        }
+        if keys == Keys::Cryptomb {
+            // A short poll delay: the demo's traffic is light; fallback so that a CPU without
+            // AVX-512 IFMA runs the demo too (its sidecars then say "software RSA-2048").
+            let path = mesh.cryptomb_config();
+            std::fs::write(
+                &path,
+                "privateKeyProvider:\n  cryptomb:\n    pollDelay: 2ms\n    fallback: true\n",
+            )
+            .map_err(|e| DemoError::Io(path.clone(), e))?;
+            say(
+                "keys: sidecars use RSA-2048, signed in batches of 8 (privateKeyProvider.cryptomb)",
+            );
         }
         let cfg = config::write(&mesh.config_dir(), &mesh.plan, mesh.ca_token())?;
         say(&format!(

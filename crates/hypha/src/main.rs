@@ -82,9 +82,10 @@ enum Command {
         /// Requests in flight at once.
         #[arg(long, default_value_t = 8)]
         concurrency: usize,
-        /// Where private keys live: software (in memory; the CA's in 0600 files) or pkcs11 (the
+        /// Where private keys live: software (in memory; the CA's in 0600 files), pkcs11 (the
         /// CA's signer keys and every sidecar's key generated in a SoftHSM2 token per process,
-        /// never leaving it).
+        /// never leaving it) or cryptomb (software, the sidecars' RSA-2048 signatures computed
+        /// eight at a time with AVX-512 IFMA).
         #[arg(long, default_value = "software", value_parser = |s: &str| s.parse::<hypha_demo::Keys>())]
         keys: hypha_demo::Keys,
     },

@@ -376,3 +376,29 @@ fn all_processes_gone(lines: &[String]) {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_with_batched_rsa_signatures() {
+    let dir = TempDir::new("hypha-demo-test-cryptomb");
+    let (s, lines) = demo(Keys::Cryptomb, PAGES, &dir.0).await;
+    bookinfo_went_through_the_mesh(&s);
+    all_processes_gone(&lines);
+    // Every sidecar's RSA-2048 key signs through the batcher (or, on a CPU without AVX-512
+    // IFMA, falls back to BoringSSL as the demo's ProxyConfig allows).
+    let expected = if hypha_rsa_mb::Engine::detect().is_accelerated() {
+        "multi-buffer RSA-2048 (avx512ifma, poll delay 2ms)"
+    } else {
+        eprintln!("NOTE: no AVX-512 IFMA on this CPU: the demo's sidecars fall back to BoringSSL");
+        "software RSA-2048"
+    };
+    assert_eq!(s.identities.len(), 8);
+    for (workload, _, _, key) in &s.identities {
+        assert_eq!(key, expected, "{workload}");
+    }
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("privateKeyProvider.cryptomb")),
+        "{lines:?}"
+    );
+}
