@@ -6,8 +6,9 @@ use boring::hash::{hash, MessageDigest};
 
 use crate::KeyError;
 
-/// DER of `DigestInfo` up to the digest bytes, for EMSA-PKCS1-v1_5.
-fn digest_info_prefix(md: MessageDigest) -> Option<&'static [u8]> {
+/// DER of `DigestInfo` up to the digest bytes, for EMSA-PKCS1-v1_5 (here and for a token's
+/// raw RSA mechanism).
+pub(crate) fn digest_info_prefix(md: MessageDigest) -> Option<&'static [u8]> {
     const SHA256: &[u8] = &[
         0x30, 0x31, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02, 0x01,
         0x05, 0x00, 0x04, 0x20,

@@ -19,7 +19,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 mod common;
-use common::{admin, app, config, get, sample, sidecar_service, WAIT};
+use common::{admin, app, config, get, node_in, sample, sidecar_for, sidecar_service, WAIT};
 
 const TD: &str = "cluster.local";
 
@@ -104,28 +104,14 @@ fn node(ns: &str, sa: &str) -> ProxyInfo {
 
 /// The sidecar of workload `<app>-1` (label `app: <app>`) running as service account `sa`.
 fn workload_node(ns: &str, sa: &str, app: &str) -> ProxyInfo {
-    ProxyInfo {
-        id: format!("sidecar~127.0.0.1~{app}-1.{ns}~{ns}.svc.cluster.local"),
-        namespace: ns.into(),
-        service_account: sa.into(),
-        workload_name: format!("{app}-1"),
-        labels: [("app".to_owned(), app.to_owned())].into_iter().collect(),
-        ips: vec!["127.0.0.1".parse().unwrap()],
-    }
+    node_in(ns, sa, &format!("{app}-1"), &[("app", app)])
 }
 
 fn sidecar(s: &Secured, ns: &str, sa: &str, token: &str) -> Options {
     Options {
-        node: node(ns, sa),
-        control_plane: s.uri.clone(),
         http_proxy: vec!["127.0.0.1:0".parse().unwrap()],
-        services: vec![],
-        inbound: vec![],
-        inbound_port: None,
-        app: None,
-        admin: None,
-        access_log: None,
         identity: Some(s.identity(token)),
+        ..sidecar_for(&s.uri, node(ns, sa))
     }
 }
 

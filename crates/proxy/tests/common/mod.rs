@@ -97,11 +97,16 @@ pub fn config(yaml: &str) -> hypha_config::Config {
 }
 
 pub fn node(name: &str, labels: &[(&str, &str)]) -> ProxyInfo {
+    node_in("shop", name, name, labels)
+}
+
+/// Workload `workload` in namespace `ns`, running as service account `sa`, on 127.0.0.1.
+pub fn node_in(ns: &str, sa: &str, workload: &str, labels: &[(&str, &str)]) -> ProxyInfo {
     ProxyInfo {
-        id: format!("sidecar~127.0.0.1~{name}.shop~shop.svc.cluster.local"),
-        namespace: "shop".into(),
-        service_account: name.into(),
-        workload_name: name.into(),
+        id: format!("sidecar~127.0.0.1~{workload}.{ns}~{ns}.svc.cluster.local"),
+        namespace: ns.into(),
+        service_account: sa.into(),
+        workload_name: workload.into(),
         labels: labels
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -120,8 +125,13 @@ pub async fn ready(p: &mut Running) {
 /// A sidecar of workload `name` in namespace `shop` that listens on nothing yet; tests set
 /// the listeners they need with struct update syntax.
 pub fn sidecar(control_plane: &str, name: &str, labels: &[(&str, &str)]) -> Options {
+    sidecar_for(control_plane, node(name, labels))
+}
+
+/// [`sidecar`] for any node.
+pub fn sidecar_for(control_plane: &str, node: ProxyInfo) -> Options {
     Options {
-        node: node(name, labels),
+        node,
         control_plane: control_plane.to_owned(),
         http_proxy: vec![],
         services: vec![],
