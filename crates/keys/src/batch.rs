@@ -39,7 +39,7 @@ pub struct BatchConfig {
     pub poll_delay: Duration,
     /// On a CPU without AVX-512 IFMA: use the software path (true) or refuse to start (false).
     pub fallback: bool,
-    /// Queues, each with its engine thread: one per proxy worker.
+    /// Queues: one per proxy worker thread (a thread feeds queue `its number % queues`).
     pub queues: usize,
 }
 

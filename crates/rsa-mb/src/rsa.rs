@@ -140,6 +140,8 @@ pub struct Key {
     n: Vec<u64>,
     k0n: u64,
     rrn: Vec<u64>,
+    /// `R mod n`: one in the Montgomery domain (a dummy lane's blinding factor).
+    one_n: Vec<u64>,
     p: Prime,
     q: Prime,
     /// `qinv * R mod p`, so one AMM multiplies by `qinv`.
@@ -222,11 +224,16 @@ impl Key {
         let k0n = num::mont_k0(n[0]);
         let mut rrn = vec![0u64; 2 * half];
         num::mont_rr(&n, &mut rrn);
+        let mut one_n = vec![0u64; 2 * half];
+        let mut unit = vec![0u64; 2 * half];
+        unit[0] = 1;
+        num::amm(&mut one_n, &rrn, &unit, &n, k0n);
         Ok(Key {
             size,
             n,
             k0n,
             rrn,
+            one_n,
             p,
             q,
             qinv_m,
@@ -552,9 +559,7 @@ fn batch<K: Kernel, const N: usize, const N2: usize>(kernel: K, jobs: &mut [&mut
         }
         if !valid[l] {
             lx = [0; N2];
-            get_lane(&lanes.rrn, l, &mut t);
-            // R mod n: one in the domain, from R^2 / R.
-            num::amm(&mut la, &t, &unit_limbs::<N2>(), &keys[l].n, keys[l].k0n);
+            la.copy_from_slice(&keys[l].one_n);
             li = la;
         }
         put_lane(&mut x, l, &lx);
@@ -589,18 +594,18 @@ fn batch<K: Kernel, const N: usize, const N2: usize>(kernel: K, jobs: &mut [&mut
     }
 }
 
-fn unit_limbs<const N: usize>() -> [u64; N] {
-    let mut one = [0u64; N];
-    one[0] = 1;
-    one
-}
-
 #[cfg(test)]
 mod tests {
     use std::cell::RefCell;
 
     use super::*;
     use crate::kernel::Portable;
+
+    fn unit_limbs<const N: usize>() -> [u64; N] {
+        let mut one = [0u64; N];
+        one[0] = 1;
+        one
+    }
 
     thread_local! {
         static TRACE: RefCell<Vec<(&'static str, usize)>> = const { RefCell::new(Vec::new()) };
