@@ -150,7 +150,6 @@ struct Deadline {
 pub struct Batcher {
     config: BatchConfig,
     /// `None` when the engine is off (no IFMA, fallback allowed).
-    engine: Option<Engine>,
     shared: Option<Arc<Shared>>,
     timer: Option<mpsc::Sender<Deadline>>,
     counters: Arc<Counters>,
@@ -162,7 +161,7 @@ impl std::fmt::Debug for Batcher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Batcher")
             .field("config", &self.config)
-            .field("engine", &self.engine.map(|e| e.name()))
+            .field("engine", &self.engine_name())
             .finish_non_exhaustive()
     }
 }
@@ -217,7 +216,6 @@ impl Batcher {
         }
         Ok(Arc::new(Batcher {
             config,
-            engine,
             shared,
             timer,
             counters,
@@ -263,7 +261,7 @@ impl Batcher {
 
     /// The engine's form of `key`, or why it does not qualify.
     fn qualify(&self, key: &PKey<Private>) -> Result<hypha_rsa_mb::Key, String> {
-        let Some(engine) = self.engine else {
+        let Some(engine) = self.shared.as_ref().map(|s| s.engine) else {
             return Err("this CPU has no AVX-512 IFMA".into());
         };
         let Ok(rsa) = key.rsa() else {
@@ -351,6 +349,11 @@ impl Batcher {
         rx
     }
 
+    /// The engine's kernel, or `off`.
+    fn engine_name(&self) -> &'static str {
+        self.shared.as_ref().map_or("off", |s| s.engine.name())
+    }
+
     pub fn config(&self) -> &BatchConfig {
         &self.config
     }
@@ -359,7 +362,7 @@ impl Batcher {
         let c = &self.counters;
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
         BatchMetrics {
-            engine: self.engine.map_or("off", |e| e.name()),
+            engine: self.engine_name(),
             queues: self.shared.as_ref().map_or(0, |s| s.queues.len()),
             ok: load(&c.ok),
             failed: load(&c.failed),
@@ -561,7 +564,7 @@ impl KeyProvider for BatchedRsaKey {
         format!(
             "multi-buffer RSA-{} ({}, poll delay {:?})",
             self.bits,
-            self.batcher.engine.map_or("off", |e| e.name()),
+            self.batcher.engine_name(),
             self.batcher.config.poll_delay
         )
     }
