@@ -569,9 +569,14 @@ fn batch<K: Kernel, const N: usize, const N2: usize>(kernel: K, jobs: &mut [&mut
 
     let mut xb = kernel.amm(&x, &a, &lanes.n, &lanes.k0n);
     reduce(&mut xb, &lanes.n);
-    let dp = lanes.p.d;
-    let dq = lanes.q.d;
-    let s = crt(kernel, &lanes, &xb, &dp, &dq, keys[0].size.half_bits());
+    let s = crt(
+        kernel,
+        &lanes,
+        &xb,
+        &lanes.p.d,
+        &lanes.q.d,
+        keys[0].size.half_bits(),
+    );
     let check = pow_e(kernel, &lanes, &s);
     let mut out = kernel.amm(&s, &a_inv, &lanes.n, &lanes.k0n);
     reduce(&mut out, &lanes.n);
