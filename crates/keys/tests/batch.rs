@@ -31,6 +31,27 @@ fn batcher(poll_delay: Duration) -> Option<Arc<Batcher>> {
     Some(Batcher::new(config).unwrap())
 }
 
+/// Signs `msg` with a SHA-256 scheme (`pss`: RSA-PSS, else PKCS#1 v1.5; `None`: ECDSA) and
+/// checks the signature with BoringSSL against the provider's public key.
+async fn signs_and_verifies(provider: &Arc<dyn KeyProvider>, pss: Option<bool>, msg: &[u8]) {
+    let alg = match pss {
+        Some(true) => SslSignatureAlgorithm::RSA_PSS_RSAE_SHA256,
+        Some(false) => SslSignatureAlgorithm::RSA_PKCS1_SHA256,
+        None => SslSignatureAlgorithm::ECDSA_SECP256R1_SHA256,
+    };
+    let sig = provider.sign(alg, msg).await.unwrap();
+    assert!(
+        verifies(
+            provider.public_key(),
+            MessageDigest::sha256(),
+            pss,
+            msg,
+            &sig
+        ),
+        "{alg}"
+    );
+}
+
 /// A TLS RSA scheme, its digest, and whether it is PSS.
 type Scheme = (SslSignatureAlgorithm, fn() -> MessageDigest, bool);
 
@@ -196,17 +217,7 @@ async fn a_lone_operation_waits_for_the_timer_and_no_longer() {
     };
     let provider = batcher.provider(rsa2048()).unwrap();
     let start = std::time::Instant::now();
-    let sig = provider
-        .sign(SslSignatureAlgorithm::RSA_PKCS1_SHA256, b"alone")
-        .await
-        .unwrap();
-    assert!(verifies(
-        provider.public_key(),
-        MessageDigest::sha256(),
-        Some(false),
-        b"alone",
-        &sig
-    ));
+    signs_and_verifies(&provider, Some(false), b"alone").await;
     assert!(start.elapsed() >= delay, "answered before the poll delay");
     let m = batcher.metrics();
     assert_eq!((m.flushed_full, m.flushed_timer, m.flushed_idle), (0, 1, 0));
@@ -233,17 +244,7 @@ async fn a_quiet_queue_computes_at_once() {
     };
     let provider = batcher.provider(rsa2048()).unwrap();
     for i in 0..8u8 {
-        let sig = provider
-            .sign(SslSignatureAlgorithm::RSA_PKCS1_SHA256, &[i])
-            .await
-            .unwrap();
-        assert!(verifies(
-            provider.public_key(),
-            MessageDigest::sha256(),
-            Some(false),
-            &[i],
-            &sig
-        ));
+        signs_and_verifies(&provider, Some(false), &[i]).await;
         tokio::time::sleep(delay * 8).await;
     }
     let m = batcher.metrics();
@@ -285,21 +286,8 @@ async fn keys_the_engine_does_not_take_fall_back_to_software() {
             "{}",
             provider.describe()
         );
-        let cert_key = provider.public_key().clone();
-        let alg = if cert_key.ec_key().is_ok() {
-            SslSignatureAlgorithm::ECDSA_SECP256R1_SHA256
-        } else {
-            SslSignatureAlgorithm::RSA_PKCS1_SHA256
-        };
-        let pss = cert_key.rsa().ok().map(|_| false);
-        let sig = provider.sign(alg, b"fallback").await.unwrap();
-        assert!(verifies(
-            &cert_key,
-            MessageDigest::sha256(),
-            pss,
-            b"fallback",
-            &sig
-        ));
+        let pss = provider.public_key().rsa().ok().map(|_| false);
+        signs_and_verifies(&provider, pss, b"fallback").await;
     }
     let m = batcher.metrics();
     assert_eq!((m.fallback_keys, m.batched_keys, m.ok), (3, 0, 0));
@@ -321,17 +309,7 @@ async fn a_cpu_without_ifma_falls_back_or_refuses_as_configured() {
     let batcher = Batcher::with_engine(allow, Engine::portable()).unwrap();
     let provider = batcher.provider(rsa2048()).unwrap();
     assert_eq!(provider.describe(), "software RSA-2048");
-    let sig = provider
-        .sign(SslSignatureAlgorithm::RSA_PSS_RSAE_SHA256, b"x")
-        .await
-        .unwrap();
-    assert!(verifies(
-        provider.public_key(),
-        MessageDigest::sha256(),
-        Some(true),
-        b"x",
-        &sig
-    ));
+    signs_and_verifies(&provider, Some(true), b"x").await;
     assert_eq!(batcher.metrics().engine, "off");
 }
 
