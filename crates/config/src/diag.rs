@@ -77,6 +77,37 @@ pub struct Diagnostics {
     items: Vec<Diagnostic>,
 }
 
+impl Diagnostic {
+    /// A file that cannot be read: an error on the file as a whole.
+    pub fn io(file: Arc<str>, message: String) -> Diagnostic {
+        Diagnostic::file_error("io", file, 0, 0, message)
+    }
+
+    /// A file that is not YAML: an error at the parser's position, before any resource.
+    pub fn yaml_syntax(file: Arc<str>, e: crate::yaml::SyntaxError) -> Diagnostic {
+        Diagnostic::file_error("yaml-syntax", file, e.pos.line, e.pos.column, e.message)
+    }
+
+    fn file_error(
+        code: &'static str,
+        file: Arc<str>,
+        line: usize,
+        column: usize,
+        message: String,
+    ) -> Diagnostic {
+        Diagnostic {
+            severity: Severity::Error,
+            code,
+            file,
+            line,
+            column,
+            resource: None,
+            path: String::new(),
+            message,
+        }
+    }
+}
+
 impl Diagnostics {
     pub fn push(&mut self, d: Diagnostic) {
         self.items.push(d);

@@ -121,16 +121,7 @@ pub fn load_sources<'a>(files: impl IntoIterator<Item = (&'a str, &'a str)>) -> 
 }
 
 fn file_diag(path: &Path, message: String) -> Diagnostic {
-    Diagnostic {
-        severity: Severity::Error,
-        code: "io",
-        file: path.display().to_string().into(),
-        line: 0,
-        column: 0,
-        resource: None,
-        path: String::new(),
-        message,
-    }
+    Diagnostic::io(path.display().to_string().into(), message)
 }
 
 fn collect_files(path: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
@@ -192,16 +183,7 @@ impl Loader {
         let docs = match yaml::parse_documents(src) {
             Ok(d) => d,
             Err(e) => {
-                self.diags.push(Diagnostic {
-                    severity: Severity::Error,
-                    code: "yaml-syntax",
-                    file,
-                    line: e.pos.line,
-                    column: e.pos.column,
-                    resource: None,
-                    path: String::new(),
-                    message: e.message,
-                });
+                self.diags.push(Diagnostic::yaml_syntax(file, e));
                 return;
             }
         };

@@ -93,16 +93,7 @@ pub fn load_proxy_config(path: &Path) -> Result<ProxyConfig, Diagnostics> {
     let src = match std::fs::read_to_string(path) {
         Ok(s) => s,
         Err(e) => {
-            diags.push(crate::Diagnostic {
-                severity: crate::Severity::Error,
-                code: "io",
-                file,
-                line: 0,
-                column: 0,
-                resource: None,
-                path: String::new(),
-                message: e.to_string(),
-            });
+            diags.push(crate::Diagnostic::io(file, e.to_string()));
             return Err(diags);
         }
     };
@@ -115,16 +106,7 @@ pub fn parse_proxy_config(file: Arc<str>, src: &str) -> Result<ProxyConfig, Diag
     let docs = match yaml::parse_documents(src) {
         Ok(d) => d,
         Err(e) => {
-            diags.push(crate::Diagnostic {
-                severity: crate::Severity::Error,
-                code: "yaml-syntax",
-                file,
-                line: e.pos.line,
-                column: e.pos.column,
-                resource: None,
-                path: String::new(),
-                message: e.message,
-            });
+            diags.push(crate::Diagnostic::yaml_syntax(file, e));
             return Err(diags);
         }
     };
