@@ -7,12 +7,18 @@
 //! arrives, and ask [`Table::first_match`] on the request path. Requests are read through the
 //! [`Request`] trait, borrowed, so a lookup allocates nothing.
 //!
-//! The engine behind [`Table`] is private: today a sequential evaluation in rule order; a later
-//! one (a multi-pattern automaton) replaces it without changing this interface.
+//! Behind [`Table`], each attribute's patterns are compiled together: exact literals into a
+//! hash table, everything else into one multi-pattern DFA, so a lookup reads the path once
+//! whether the table has one rule or ten thousand. Every automaton is built within a memory
+//! [`Budget`] and degrades (split, then lazy with a capped cache) rather than exceed it;
+//! [`Table::stats`] tells which shape a table took. Regexes have RE2's meaning, as Envoy's
+//! `safe_regex`: see [`Pattern::Regex`].
 
 #![forbid(unsafe_code)]
 
+mod automaton;
 mod engine;
+mod re2;
 mod request;
 
 pub use request::{query_param, Request, SimpleRequest};
@@ -29,8 +35,9 @@ pub enum Pattern {
     /// The value contains this.
     Contains(String),
     /// RE2 syntax, matched against the whole value (as Envoy's `safe_regex`): `/a.*` does not
-    /// match `x/a`. Like RE2, `.` and classes match UTF-8 characters; use `(?-u:...)` to match
-    /// raw bytes.
+    /// match `x/a`. As in RE2, `.`, bracketed classes and `\p{..}` match UTF-8 characters,
+    /// while `\d`, `\s`, `\w` and `\b` are ASCII-only (`\d` is `[0-9]`); use `(?-u:...)` to
+    /// match raw bytes.
     Regex(String),
 }
 
@@ -95,10 +102,58 @@ pub struct Table {
     engine: engine::Engine,
 }
 
+/// Memory limits for the automata of one table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Budget {
+    /// Largest DFA built for a pattern set, in bytes, before it is packed (the packed form
+    /// keeps only live transitions and is a fraction of this). A set that would need more is
+    /// split in two.
+    pub dfa_bytes: usize,
+    /// Cache of each lazy DFA (the last resort for patterns that do not fit a dense DFA even
+    /// when split), per thread that uses it, in bytes.
+    pub lazy_cache_bytes: usize,
+}
+
+impl Default for Budget {
+    fn default() -> Self {
+        Budget {
+            dfa_bytes: 16 << 20,
+            lazy_cache_bytes: 2 << 20,
+        }
+    }
+}
+
+/// The shape a compiled table took: for metrics and for sizing [`Budget`]s.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub rules: usize,
+    /// Distinct anchor patterns (each rule's most telling condition; identical ones shared).
+    pub patterns: usize,
+    /// Anchor patterns that are exact literals, looked up in hash tables.
+    pub exact_literals: usize,
+    /// Dense DFAs built, and the times a pattern set was split to fit the budget.
+    pub dense_dfas: usize,
+    pub splits: usize,
+    /// Lazy DFAs: pattern sets that did not fit a dense DFA even when split.
+    pub lazy_dfas: usize,
+    /// Heap used by the automata (dense tables, lazy DFAs without their caches).
+    pub dfa_bytes: usize,
+    /// The lazy DFAs' cache budget, per thread.
+    pub lazy_cache_bytes: usize,
+    /// Times a lazy DFA's cache filled up and was cleared, since the table was built.
+    pub lazy_cache_clears: u64,
+}
+
 impl Table {
-    /// Compiles `rules`, in order. Reports every bad condition at once.
+    /// Compiles `rules`, in order, within the default [`Budget`]. Reports every bad condition
+    /// at once.
     pub fn compile(rules: Vec<Rule>) -> Result<Table, CompileErrors> {
-        engine::Engine::compile(rules).map(|engine| Table { engine })
+        Table::compile_with(rules, &Budget::default())
+    }
+
+    /// Compiles `rules`, in order, within `budget`.
+    pub fn compile_with(rules: Vec<Rule>, budget: &Budget) -> Result<Table, CompileErrors> {
+        engine::Engine::compile(rules, budget).map(|engine| Table { engine })
     }
 
     /// Index of the first rule that matches `req`, or `None`.
@@ -114,6 +169,11 @@ impl Table {
     /// Whether the table has no rules (and so matches nothing).
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// The shape the table took, and its lazy caches' clears so far.
+    pub fn stats(&self) -> Stats {
+        self.engine.stats()
     }
 }
 

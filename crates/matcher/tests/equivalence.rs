@@ -238,7 +238,9 @@ impl Reference {
 fn ten_thousand_rules_agree_with_the_reference() {
     let mut rng = Rng(0x0048_7970_6861);
     let rules: Vec<Rule> = (0..10_000).map(|_| random_rule(&mut rng)).collect();
+    let started = std::time::Instant::now();
     let table = Table::compile(rules.clone()).unwrap();
+    eprintln!("compiled in {:?}: {:?}", started.elapsed(), table.stats());
     assert_eq!(table.len(), rules.len());
 
     // Two threads (the machine has two cores), each with its own requests and reference.

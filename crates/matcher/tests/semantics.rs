@@ -47,9 +47,14 @@ fn req(target: &str) -> SimpleRequest<'_> {
     }
 }
 
-/// Whether the one-condition table matches `r`.
+/// Whether the one-condition table matches `r`. Also checks that the inverted condition says
+/// the opposite: a rule's positive string match is looked up in the table's automata, an
+/// inverted one is evaluated on its own, so this compares the two ways of matching.
 fn matches(c: Condition, r: &impl Request) -> bool {
-    table(vec![rule(vec![c])]).first_match(r) == Some(0)
+    let direct = table(vec![rule(vec![c.clone()])]).first_match(r) == Some(0);
+    let inverted = table(vec![rule(vec![not(c)])]).first_match(r) == Some(0);
+    assert_ne!(direct, inverted, "a condition and its inverse agree");
+    direct
 }
 
 fn path_matches(pattern: Pattern, ignore_case: bool, path: &str) -> bool {
@@ -151,6 +156,35 @@ fn regex_is_a_full_match() {
     assert!(!path_matches(Pattern::Regex(s("/abc")), false, "/ABC"));
     assert!(path_matches(Pattern::Regex(s("/abc")), true, "/ABC"));
     assert!(path_matches(Pattern::Regex(s("/[a-c]+")), true, "/AbC"));
+}
+
+#[test]
+fn perl_classes_and_word_boundaries_are_ascii_as_in_re2() {
+    let re = |p: &str, v: &str| path_matches(Pattern::Regex(s(p)), false, v);
+    assert!(re(r"/v\d+", "/v12"));
+    assert!(!re(r"/v\d+", "/v\u{663}")); // ARABIC-INDIC DIGIT THREE
+    assert!(re(r"/\w+", "/a_Z9"));
+    assert!(!re(r"/\w+", "/caf\u{e9}"));
+    // The negated classes match one UTF-8 character, not one byte.
+    assert!(re(r"/\D", "/\u{e9}"));
+    assert!(re(r"/\W", "/\u{e9}"));
+    assert!(re(r"/\S\s\S", "/a b"));
+    assert!(!re(r"/\S\s\S", "/a\u{a0}b")); // NO-BREAK SPACE is not RE2 whitespace
+    assert!(re(r"/[\d.]+", "/1.2"));
+    assert!(!re(r"/[^\d]", "/1"));
+    assert!(re(r".*\bv1\b.*", "/api/v1/x"));
+    assert!(!re(r".*\bv1\b.*", "/api/v1x"));
+    // With an ASCII `\b`, an accented letter is not a word character.
+    assert!(re(r".*\bx", "/\u{e9}x"));
+    // `.`, bracketed and Unicode classes and case folding stay Unicode-aware.
+    assert!(re(r"/.", "/\u{e9}"));
+    assert!(re(r"/[^a]", "/\u{e9}"));
+    assert!(re(r"/\pL+", "/caf\u{e9}"));
+    assert!(path_matches(
+        Pattern::Regex(s("/caf\u{c9}")),
+        true,
+        "/caf\u{e9}"
+    ));
 }
 
 #[test]
@@ -390,15 +424,17 @@ fn ignore_case_is_ascii_only_for_literals() {
 
 #[test]
 fn every_bad_condition_is_reported_at_once() {
-    // Unicode `\w` costs about 50 KiB of program per copy: `\w{40}` is about 2 MiB, over the
-    // 1 MiB limit, while `\w{16}` (about 830 KiB) is fine.
-    let too_large = s(r"\w{40}");
-    assert!(Table::compile(vec![rule(vec![is(
-        Attr::Path,
-        Pattern::Regex(s(r"\w{16}")),
-        true
-    )])])
-    .is_ok());
+    // A Unicode class costs tens of KiB of program per copy: `\pL{40}` is over the 1 MiB
+    // limit, while `\pL{8}` is fine. (`\w` is ASCII, as in RE2, and small.)
+    let too_large = s(r"\pL{40}");
+    for fine in [r"\pL{8}", r"\w{40}"] {
+        assert!(Table::compile(vec![rule(vec![is(
+            Attr::Path,
+            Pattern::Regex(s(fine)),
+            true
+        )])])
+        .is_ok());
+    }
     let rules = vec![
         rule(vec![is(Attr::Path, Pattern::Prefix(s("/")), false)]),
         rule(vec![

@@ -41,7 +41,7 @@ impl Admin {
                     (StatusCode::SERVICE_UNAVAILABLE, "NOT READY\n".to_owned())
                 }
             }
-            "/metrics" | "/stats/prometheus" => (StatusCode::OK, self.telemetry.render()),
+            "/metrics" | "/stats/prometheus" => (StatusCode::OK, self.metrics()),
             "/config_dump" => (StatusCode::OK, self.config_dump()),
             "/clusters" => (StatusCode::OK, self.clusters()),
             "/certs" => (StatusCode::OK, self.certs()),
@@ -53,6 +53,21 @@ impl Admin {
         let mut r = Response::new(h::full(body));
         *r.status_mut() = status;
         r
+    }
+
+    /// The telemetry's metrics, then the shape of the current config's route tables.
+    fn metrics(&self) -> String {
+        let mut out = self.telemetry.render();
+        let config = self.config.load();
+        crate::telemetry::render_matcher(
+            &mut out,
+            "route",
+            config
+                .routes
+                .values()
+                .flat_map(|r| r.virtual_hosts.iter().map(|v| v.table.stats())),
+        );
+        out
     }
 
     fn config_dump(&self) -> String {

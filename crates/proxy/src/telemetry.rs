@@ -692,6 +692,61 @@ fn render_seconds(out: &mut String, name: &str, labels: &str, h: &hypha_keys::me
     );
 }
 
+/// The compiled match tables of one kind (`table`: "route"), summed (`hypha_matcher_*`): how
+/// many, their rules and anchor patterns, the automata they took (dense, lazy), how often a
+/// pattern set was split to fit its budget, their memory, and lazy-cache clears (a sign the
+/// budget is too small for the traffic).
+pub fn render_matcher(
+    out: &mut String,
+    table: &str,
+    stats: impl IntoIterator<Item = hypha_matcher::Stats>,
+) {
+    let mut sum = hypha_matcher::Stats::default();
+    let mut tables = 0;
+    for s in stats {
+        tables += 1;
+        sum.rules += s.rules;
+        sum.patterns += s.patterns;
+        sum.exact_literals += s.exact_literals;
+        sum.dense_dfas += s.dense_dfas;
+        sum.lazy_dfas += s.lazy_dfas;
+        sum.splits += s.splits;
+        sum.dfa_bytes += s.dfa_bytes;
+        sum.lazy_cache_bytes += s.lazy_cache_bytes;
+        sum.lazy_cache_clears += s.lazy_cache_clears;
+    }
+    let t = format!("table=\"{table}\"");
+    let _ = writeln!(
+        out,
+        "# TYPE hypha_matcher_tables gauge\n\
+hypha_matcher_tables{{{t}}} {tables}\n\
+# TYPE hypha_matcher_rules gauge\n\
+hypha_matcher_rules{{{t}}} {}\n\
+# TYPE hypha_matcher_patterns gauge\n\
+hypha_matcher_patterns{{{t},index=\"literal\"}} {}\n\
+hypha_matcher_patterns{{{t},index=\"automaton\"}} {}\n\
+# TYPE hypha_matcher_automata gauge\n\
+hypha_matcher_automata{{{t},shape=\"dense\"}} {}\n\
+hypha_matcher_automata{{{t},shape=\"lazy\"}} {}\n\
+# TYPE hypha_matcher_splits gauge\n\
+hypha_matcher_splits{{{t}}} {}\n\
+# TYPE hypha_matcher_memory_bytes gauge\n\
+hypha_matcher_memory_bytes{{{t},part=\"automata\"}} {}\n\
+hypha_matcher_memory_bytes{{{t},part=\"lazy_cache_per_thread\"}} {}\n\
+# TYPE hypha_matcher_lazy_cache_clears_total counter\n\
+hypha_matcher_lazy_cache_clears_total{{{t}}} {}",
+        sum.rules,
+        sum.exact_literals,
+        sum.patterns - sum.exact_literals,
+        sum.dense_dfas,
+        sum.lazy_dfas,
+        sum.splits,
+        sum.dfa_bytes,
+        sum.lazy_cache_bytes,
+        sum.lazy_cache_clears,
+    );
+}
+
 /// The multi-buffer RSA batcher (`hypha_cryptomb_*`): operations, batches by size and by
 /// flush reason, keys batched or handed to BoringSSL, queue wait.
 fn render_batcher(out: &mut String, m: &hypha_keys::batch::BatchMetrics) {

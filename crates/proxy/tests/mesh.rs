@@ -554,6 +554,17 @@ async fn metrics_and_admin_match_the_traffic() {
         "{server_text}"
     );
     assert_eq!(sample(&server_text, "istio_requests_total", &aborted), None);
+    // The route tables' matchers: the client's routes (`/legacy` prefix and others) compiled
+    // into dense automata within their budget.
+    let route = [("table", "route")];
+    assert!(sample(&client_text, "hypha_matcher_rules", &route).unwrap() >= 2.0);
+    let dense = [("table", "route"), ("shape", "dense")];
+    assert!(sample(&client_text, "hypha_matcher_automata", &dense).unwrap() >= 1.0);
+    let lazy = [("table", "route"), ("shape", "lazy")];
+    assert_eq!(
+        sample(&client_text, "hypha_matcher_automata", &lazy),
+        Some(0.0)
+    );
 
     // Admin views of the config.
     let (s, clusters) = admin(client_admin, "/clusters").await;

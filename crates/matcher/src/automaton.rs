@@ -1,0 +1,446 @@
+//! Many patterns over one value in one pass: each pattern is a full match (anchored at both
+//! ends), all of them go into one multi-pattern DFA (`regex-automata`) that walks the value
+//! once and reports, at its end, every pattern that matched.
+//!
+//! The DFA is built dense by `regex-automata`, then repacked ([`Comb`]): only the transitions
+//! that do not lead to the dead state are kept, interleaved in one array (the classic
+//! "comb" table compression), so that a thousand regex routes take a few hundred KiB, stay in
+//! the CPU's caches and cost one load per byte of the value.
+//!
+//! Budgets: a dense DFA is built within [`Budget::dfa_bytes`]. When the patterns do not fit,
+//! the set is split in halves (each half its own DFA, each walked in turn; most die within a
+//! few bytes), and a set that still does not fit at [`MIN_SPLIT`] patterns becomes a lazy DFA
+//! whose per-thread cache is capped at [`Budget::lazy_cache_bytes`]. The default caches of the
+//! regex crates thrash at about a thousand patterns; these never grow past their budget, and
+//! [`Stats`] reports which shape a table took.
+
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use regex_automata::dfa::{dense, Automaton, StartKind};
+use regex_automata::hybrid;
+use regex_automata::nfa::thompson::{self, WhichCaptures, NFA};
+use regex_automata::util::primitives::StateID;
+use regex_automata::util::start;
+use regex_automata::{Anchored, MatchKind};
+use regex_syntax::hir::{Hir, Look};
+use thread_local::ThreadLocal;
+
+use crate::{Budget, Stats};
+
+/// Below this many patterns a set that does not fit its budget is not split further.
+pub(crate) const MIN_SPLIT: usize = 32;
+
+/// One or more automata over the same value; pattern numbers are the caller's.
+#[derive(Debug)]
+pub(crate) struct Automata {
+    parts: Box<[Part]>,
+}
+
+#[derive(Debug)]
+struct Part {
+    /// The caller's number for each of this part's patterns.
+    ids: Box<[u32]>,
+    kind: Kind,
+}
+
+#[derive(Debug)]
+enum Kind {
+    Dense(Box<Comb>),
+    Lazy(Box<Lazy>),
+}
+
+#[derive(Debug)]
+struct Lazy {
+    dfa: hybrid::dfa::DFA,
+    caches: ThreadLocal<RefCell<hybrid::dfa::Cache>>,
+    /// Times a thread's cache was cleared because it was full (summed over threads).
+    clears: AtomicU64,
+}
+
+impl Automata {
+    /// Builds automata for `patterns` (the caller's number, an unanchored pattern), in order.
+    pub(crate) fn build(
+        patterns: &[(u32, Hir)],
+        budget: &Budget,
+        stats: &mut Stats,
+    ) -> Result<Automata, String> {
+        let mut parts = Vec::new();
+        build_parts(patterns, budget, stats, &mut parts)?;
+        Ok(Automata {
+            parts: parts.into_boxed_slice(),
+        })
+    }
+
+    /// Calls `found` with the number of each pattern that matches all of `value`.
+    #[inline]
+    pub(crate) fn for_each_match(&self, value: &[u8], found: &mut impl FnMut(u32)) {
+        for part in &*self.parts {
+            part.for_each_match(value, found);
+        }
+    }
+
+    /// Lazy-DFA cache clears so far (a sign that its budget is too small for the traffic).
+    pub(crate) fn cache_clears(&self) -> u64 {
+        self.parts
+            .iter()
+            .map(|p| match &p.kind {
+                Kind::Lazy(lazy) => lazy.clears.load(Ordering::Relaxed),
+                Kind::Dense { .. } => 0,
+            })
+            .sum()
+    }
+}
+
+fn build_parts(
+    patterns: &[(u32, Hir)],
+    budget: &Budget,
+    stats: &mut Stats,
+    out: &mut Vec<Part>,
+) -> Result<(), String> {
+    if patterns.is_empty() {
+        return Ok(());
+    }
+    let nfa = nfa(patterns)?;
+    let ids: Box<[u32]> = patterns.iter().map(|(id, _)| *id).collect();
+    match dense(&nfa, budget.dfa_bytes) {
+        Ok(comb) => {
+            stats.dense_dfas += 1;
+            stats.dfa_bytes += comb.memory_usage();
+            out.push(Part {
+                ids,
+                kind: Kind::Dense(Box::new(comb)),
+            });
+            Ok(())
+        }
+        Err(_) if patterns.len() > MIN_SPLIT => {
+            stats.splits += 1;
+            let (a, b) = patterns.split_at(patterns.len() / 2);
+            build_parts(a, budget, stats, out)?;
+            build_parts(b, budget, stats, out)
+        }
+        Err(_) => {
+            let dfa = hybrid::dfa::Builder::new()
+                .configure(
+                    hybrid::dfa::Config::new()
+                        .match_kind(MatchKind::All)
+                        .starts_for_each_pattern(false)
+                        .cache_capacity(budget.lazy_cache_bytes),
+                )
+                .build_from_nfa(nfa)
+                .map_err(|e| format!("the rule table does not fit its lazy DFA budget: {e}"))?;
+            stats.lazy_dfas += 1;
+            stats.dfa_bytes += dfa.memory_usage();
+            stats.lazy_cache_bytes += budget.lazy_cache_bytes;
+            out.push(Part {
+                ids,
+                kind: Kind::Lazy(Box::new(Lazy {
+                    dfa,
+                    caches: ThreadLocal::new(),
+                    clears: AtomicU64::new(0),
+                })),
+            });
+            Ok(())
+        }
+    }
+}
+
+/// One NFA for all `patterns`, each anchored at both ends (a full match of the value).
+fn nfa(patterns: &[(u32, Hir)]) -> Result<NFA, String> {
+    let anchored: Vec<Hir> = patterns
+        .iter()
+        .map(|(_, hir)| {
+            Hir::concat(vec![
+                Hir::look(Look::Start),
+                hir.clone(),
+                Hir::look(Look::End),
+            ])
+        })
+        .collect();
+    thompson::Compiler::new()
+        .configure(
+            thompson::Config::new()
+                .utf8(false)
+                .which_captures(WhichCaptures::None)
+                .nfa_size_limit(None),
+        )
+        .build_many_from_hir(&anchored)
+        .map_err(|e| format!("the rule table's patterns do not compile together: {e}"))
+}
+
+fn dense(nfa: &NFA, limit: usize) -> Result<Comb, String> {
+    let dfa = dense::Builder::new()
+        .configure(
+            dense::Config::new()
+                .match_kind(MatchKind::All)
+                .start_kind(StartKind::Anchored)
+                .starts_for_each_pattern(false)
+                .byte_classes(true)
+                .accelerate(false)
+                .minimize(false)
+                .dfa_size_limit(Some(limit))
+                .determinize_size_limit(Some(limit)),
+        )
+        .build_from_nfa(nfa)
+        .map_err(|e| e.to_string())?;
+    let start = dfa
+        .start_state(&start::Config::new().anchored(Anchored::Yes))
+        .map_err(|e| e.to_string())?;
+    Comb::new(&dfa, start)
+}
+
+/// A DFA's live transitions packed into one array. State `s` is an offset into `slots`; its
+/// transition on byte class `c` is in `slots[s + c]` if that slot is tagged with class `c` (a
+/// slot tagged `c` at `s + c` can only belong to the state at offset `s`), and leads to the
+/// dead state otherwise. Class `eoi` (one past the byte classes) holds, for states where the
+/// value may end in a match, the index of their pattern list. A slot is the next state's
+/// offset shifted left by [`CLASS_BITS`], with the class in the low bits.
+#[derive(Debug)]
+struct Comb {
+    classes: [u8; 256],
+    /// The end-of-value pseudo-class.
+    eoi: usize,
+    start: usize,
+    slots: Box<[u32]>,
+    /// Pattern lists (the DFA's own pattern numbers), for the end-of-value slots.
+    matches: Box<[Box<[u32]>]>,
+}
+
+/// Candidate offsets tried for a state before it is placed past the end of the table.
+const PACK_TRIES: usize = 1024;
+
+/// Bits of a slot that hold its class: 256 byte classes and the end-of-value one.
+const CLASS_BITS: u32 = 9;
+const CLASS_MASK: u32 = (1 << CLASS_BITS) - 1;
+/// A slot no state owns (no class has this tag).
+const FREE: u32 = CLASS_MASK;
+
+impl Comb {
+    fn new(dfa: &dense::DFA<Vec<u32>>, start: StateID) -> Result<Comb, String> {
+        let byte_classes = dfa.byte_classes();
+        let mut classes = [0u8; 256];
+        let mut representative = Vec::new();
+        for b in 0..=255u8 {
+            let c = byte_classes.get(b);
+            classes[b as usize] = c;
+            if usize::from(c) == representative.len() {
+                representative.push(b);
+            }
+        }
+        let eoi = representative.len();
+        // Breadth-first from the start state, so the states most lookups share come first.
+        let mut order = vec![start];
+        let mut index = std::collections::HashMap::from([(start, 0usize)]);
+        let mut edges: Vec<Vec<(usize, usize)>> = Vec::new();
+        let mut matches: Vec<Box<[u32]>> = Vec::new();
+        let mut i = 0;
+        while i < order.len() {
+            let s = order[i];
+            let mut out = Vec::new();
+            for (c, &b) in representative.iter().enumerate() {
+                let t = dfa.next_state(s, b);
+                if dfa.is_quit_state(t) {
+                    return Err("the DFA gives up on some input".into());
+                }
+                if dfa.is_dead_state(t) {
+                    continue;
+                }
+                let next = *index.entry(t).or_insert_with(|| {
+                    order.push(t);
+                    order.len() - 1
+                });
+                out.push((c, next));
+            }
+            let e = dfa.next_eoi_state(s);
+            if dfa.is_match_state(e) {
+                matches.push(
+                    (0..dfa.match_len(e))
+                        .map(|k| dfa.match_pattern(e, k).as_u32())
+                        .collect(),
+                );
+                // The end-of-value "transition" leads to the pattern list.
+                out.push((eoi, usize::MAX - (matches.len() - 1)));
+            }
+            edges.push(out);
+            i += 1;
+        }
+        let base = pack(&edges, eoi);
+        let too_big = || "the DFA is too large to pack".to_string();
+        let len = base
+            .iter()
+            .filter(|&&b| b != usize::MAX)
+            .max()
+            .map_or(0, |b| b + eoi + 1);
+        if len >= 1 << (32 - CLASS_BITS) {
+            return Err(too_big());
+        }
+        let mut slots = vec![FREE; len];
+        for (k, out) in edges.iter().enumerate() {
+            for &(c, t) in out {
+                // A state without transitions is the dead state in all but name.
+                if c != eoi && base[t] == usize::MAX {
+                    continue;
+                }
+                let target = if c == eoi { usize::MAX - t } else { base[t] };
+                let target = u32::try_from(target).map_err(|_| too_big())?;
+                slots[base[k] + c] = (target << CLASS_BITS) | c as u32;
+            }
+        }
+        // Trailing slots that no state owns are never read: a lookup past the end misses.
+        while slots.last() == Some(&FREE) {
+            slots.pop();
+        }
+        Ok(Comb {
+            classes,
+            eoi,
+            // With no transitions from the start, there are no slots and nothing matches.
+            start: if base[0] == usize::MAX { 0 } else { base[0] },
+            slots: slots.into_boxed_slice(),
+            matches: matches.into_boxed_slice(),
+        })
+    }
+
+    fn memory_usage(&self) -> usize {
+        std::mem::size_of_val(&*self.slots)
+            + self
+                .matches
+                .iter()
+                .map(|m| std::mem::size_of_val(&**m) + std::mem::size_of::<Box<[u32]>>())
+                .sum::<usize>()
+    }
+
+    /// The DFA's numbers of the patterns that match all of `value`.
+    #[inline]
+    fn matches(&self, value: &[u8]) -> &[u32] {
+        let mut s = self.start;
+        for &b in value {
+            let c = self.classes[usize::from(b)];
+            match self.slots.get(s + usize::from(c)) {
+                Some(&slot) if slot & CLASS_MASK == u32::from(c) => {
+                    s = (slot >> CLASS_BITS) as usize;
+                }
+                _ => return &[],
+            }
+        }
+        match self.slots.get(s + self.eoi) {
+            Some(&slot) if slot & CLASS_MASK == self.eoi as u32 => {
+                &self.matches[(slot >> CLASS_BITS) as usize]
+            }
+            _ => &[],
+        }
+    }
+}
+
+/// Picks each state's offset: the first where all its classes' slots are free and that no
+/// other state has (a slot's class tag names its owner only because offsets are unique).
+/// Free slots are found by jumping, and a state that does not fit within [`PACK_TRIES`]
+/// candidates goes past the end, so packing stays linear in the transitions.
+fn pack(edges: &[Vec<(usize, usize)>], eoi: usize) -> Vec<usize> {
+    let mut used: Vec<bool> = Vec::new();
+    let mut taken: Vec<bool> = Vec::new();
+    // `skip[i]`: a slot at or after `i` that may be free (path-compressed pointers).
+    let mut skip: Vec<usize> = Vec::new();
+    fn free_from(used: &[bool], skip: &mut [usize], mut i: usize) -> usize {
+        let start = i;
+        while i < used.len() && used[i] {
+            i = skip[i].max(i + 1);
+        }
+        // Compress: everything from `start` on the way is used up to `i`.
+        let mut j = start;
+        while j < i && j < skip.len() {
+            let next = skip[j].max(j + 1);
+            skip[j] = i;
+            j = next;
+        }
+        i
+    }
+    let mut base = vec![usize::MAX; edges.len()];
+    // In breadth-first order, so that the states most lookups share sit together.
+    for (k, out) in edges.iter().enumerate() {
+        // A state without transitions (and no match at the end) is never entered.
+        let Some(&(first, _)) = out.first() else {
+            continue;
+        };
+        let mut pos = free_from(&used, &mut skip, first);
+        let mut tries = 0;
+        let b = loop {
+            let b = pos - first;
+            if tries == PACK_TRIES {
+                break used.len().max(first) - first;
+            }
+            if !taken.get(b).copied().unwrap_or(false)
+                && out
+                    .iter()
+                    .all(|&(c, _)| !used.get(b + c).copied().unwrap_or(false))
+            {
+                break b;
+            }
+            tries += 1;
+            pos = free_from(&used, &mut skip, pos + 1);
+        };
+        let end = b + eoi + 1;
+        if used.len() < end {
+            let old = used.len();
+            used.resize(end, false);
+            taken.resize(end, false);
+            skip.extend(old..end);
+        }
+        for &(c, _) in out {
+            used[b + c] = true;
+        }
+        taken[b] = true;
+        base[k] = b;
+    }
+    base
+}
+
+impl Part {
+    #[inline]
+    fn for_each_match(&self, value: &[u8], found: &mut impl FnMut(u32)) {
+        match &self.kind {
+            Kind::Dense(comb) => {
+                for &p in comb.matches(value) {
+                    found(self.ids[p as usize]);
+                }
+            }
+            Kind::Lazy(lazy) => {
+                let Lazy {
+                    dfa,
+                    caches,
+                    clears,
+                } = &**lazy;
+                let cell = caches.get_or(|| RefCell::new(dfa.create_cache()));
+                let mut cache = cell.borrow_mut();
+                let before = cache.clear_count();
+                // Without `minimum_cache_clear_count` the lazy DFA never gives up: a full cache
+                // is cleared and the search goes on, so these calls do not fail.
+                let Ok(mut sid) =
+                    dfa.start_state(&mut cache, &start::Config::new().anchored(Anchored::Yes))
+                else {
+                    return;
+                };
+                for &b in value {
+                    let Ok(next) = dfa.next_state(&mut cache, sid, b) else {
+                        return;
+                    };
+                    sid = next;
+                    if sid.is_dead() {
+                        return;
+                    }
+                }
+                let Ok(eoi) = dfa.next_eoi_state(&mut cache, sid) else {
+                    return;
+                };
+                if eoi.is_match() {
+                    for i in 0..dfa.match_len(&cache, eoi) {
+                        found(self.ids[dfa.match_pattern(&cache, eoi, i).as_usize()]);
+                    }
+                }
+                let cleared = cache.clear_count() - before;
+                if cleared > 0 {
+                    clears.fetch_add(cleared as u64, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+}
