@@ -18,6 +18,8 @@
 
 mod automaton;
 mod engine;
+#[doc(hidden)]
+pub mod fuzzing;
 mod re2;
 mod request;
 
