@@ -229,8 +229,23 @@ impl Comb {
         }
         let eoi = representative.len();
         // Breadth-first from the start state, so the states most lookups share come first.
-        let mut order = vec![start];
-        let mut index = std::collections::HashMap::from([(start, 0usize)]);
+        // State ids are premultiplied by the stride: `id >> stride2` numbers them densely.
+        let stride2 = dfa.stride2();
+        let slot_of = |id: StateID| id.as_usize() >> stride2;
+        let mut order = Vec::new();
+        let mut index: Vec<usize> = Vec::new();
+        let mut seen = |id: StateID, order: &mut Vec<StateID>| -> usize {
+            let k = slot_of(id);
+            if index.len() <= k {
+                index.resize(k + 1, usize::MAX);
+            }
+            if index[k] == usize::MAX {
+                index[k] = order.len();
+                order.push(id);
+            }
+            index[k]
+        };
+        seen(start, &mut order);
         let mut edges: Vec<Vec<(usize, usize)>> = Vec::new();
         let mut matches: Vec<Box<[u32]>> = Vec::new();
         let mut i = 0;
@@ -245,10 +260,7 @@ impl Comb {
                 if dfa.is_dead_state(t) {
                     continue;
                 }
-                let next = *index.entry(t).or_insert_with(|| {
-                    order.push(t);
-                    order.len() - 1
-                });
+                let next = seen(t, &mut order);
                 out.push((c, next));
             }
             let e = dfa.next_eoi_state(s);

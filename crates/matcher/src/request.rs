@@ -48,7 +48,7 @@ impl SimpleRequest<'_> {
 impl Request for SimpleRequest<'_> {
     /// The target up to the first `?` or `#` (Envoy strips both before matching a path).
     fn path(&self) -> &[u8] {
-        match self.target.iter().position(|&b| b == b'?' || b == b'#') {
+        match memchr::memchr2(b'?', b'#', self.target) {
             Some(end) => &self.target[..end],
             None => self.target,
         }
