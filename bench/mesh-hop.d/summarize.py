@@ -16,9 +16,9 @@ import os
 import statistics
 import sys
 
-SETUP_ORDER = ["backend", "haproxy", "nginx", "hypha"]
+SETUP_ORDER = ["backend", "haproxy", "nginx", "hypha", "hypha-routes"]
 SETUP_NAME = {"backend": "backend alone", "haproxy": "HAProxy pair", "nginx": "nginx pair",
-              "hypha": "Hypha pair"}
+              "hypha": "Hypha pair", "hypha-routes": "Hypha pair, many routes (meta: routes)"}
 LOAD_ORDER = ["rate", "max", "lat"]
 RSS_FLOOR_KB = 20 * 1024
 

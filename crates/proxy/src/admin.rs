@@ -55,17 +55,23 @@ impl Admin {
         r
     }
 
-    /// The telemetry's metrics, then the shape of the current config's route tables.
+    /// The telemetry's metrics, then the shape of the current config's match tables.
     fn metrics(&self) -> String {
         let mut out = self.telemetry.render();
         let config = self.config.load();
+        let tables = config.routes.values();
         crate::telemetry::render_matcher(
             &mut out,
-            "route",
-            config
-                .routes
-                .values()
-                .flat_map(|r| r.virtual_hosts.iter().map(|v| v.table.stats())),
+            &[
+                (
+                    "route",
+                    tables
+                        .clone()
+                        .flat_map(|r| r.virtual_hosts.iter().map(|v| v.table.stats()))
+                        .collect(),
+                ),
+                ("domain", tables.map(|r| r.domains.stats()).collect()),
+            ],
         );
         out
     }

@@ -1773,40 +1773,75 @@ fn route_table_inner(mut rc: RouteConfiguration) -> Result<RouteTable> {
     if rc.validate_clusters.is_some_and(|v| v.value) {
         return Err(unsupported_value("validate_clusters", true));
     }
-    let mut table = RouteTable {
-        name: rc.name,
-        virtual_hosts: Vec::new(),
-        exact: Default::default(),
-        suffixes: Vec::new(),
-        prefixes: Vec::new(),
-        any: None,
-    };
+    // (domain rule, virtual host) by kind: exact, suffix wildcard, prefix wildcard, `*`.
+    let mut exact = HashMap::new();
+    let (mut suffixes, mut prefixes, mut any) = (Vec::new(), Vec::new(), None);
+    let mut hosts = Vec::new();
     for vh in virtual_hosts {
-        let i = table.virtual_hosts.len();
+        let i = hosts.len();
         for d in &vh.domains {
             let d = d.to_ascii_lowercase();
             if d == "*" {
-                table.any.get_or_insert(i);
+                any.get_or_insert(i);
             } else if let Some(suffix) = d.strip_prefix('*') {
-                table.suffixes.push((suffix.to_owned(), i));
+                suffixes.push((suffix.to_owned(), i));
             } else if let Some(prefix) = d.strip_suffix('*') {
-                table.prefixes.push((prefix.to_owned(), i));
-            } else if table.exact.insert(d.clone(), i).is_some() {
+                prefixes.push((prefix.to_owned(), i));
+            } else if exact.insert(d.clone(), i).is_some() {
                 return Err(format!("domain {d:?} is in two virtual hosts"));
             }
         }
         let name = vh.name.clone();
-        table
-            .virtual_hosts
-            .push(virtual_host(vh).map_err(|e| format!("virtual host {name:?}: {e}"))?);
+        hosts.push(virtual_host(vh).map_err(|e| format!("virtual host {name:?}: {e}"))?);
     }
-    table
-        .suffixes
-        .sort_by_key(|(s, _)| std::cmp::Reverse(s.len()));
-    table
-        .prefixes
-        .sort_by_key(|(p, _)| std::cmp::Reverse(p.len()));
-    Ok(table)
+    suffixes.sort_by_key(|(s, _)| std::cmp::Reverse(s.len()));
+    prefixes.sort_by_key(|(p, _)| std::cmp::Reverse(p.len()));
+    let on_authority = |pattern: Pattern, invert: bool| Condition {
+        attr: Attr::Authority,
+        test: Test::Matches(StringMatch {
+            pattern,
+            ignore_case: false,
+        }),
+        invert,
+    };
+    // A wildcard stands for at least one character: the authority is longer than the rest.
+    let wildcard = |pattern: Pattern, rest: String| Rule {
+        conditions: vec![
+            on_authority(pattern, false),
+            on_authority(Pattern::Exact(rest), true),
+        ],
+    };
+    let mut exact: Vec<(String, usize)> = exact.into_iter().collect();
+    exact.sort_unstable();
+    let mut rules = Vec::new();
+    let mut domain_hosts = Vec::new();
+    for (d, i) in exact {
+        rules.push(Rule {
+            conditions: vec![on_authority(Pattern::Exact(d), false)],
+        });
+        domain_hosts.push(i);
+    }
+    for (s, i) in suffixes {
+        rules.push(wildcard(Pattern::Suffix(s.clone()), s));
+        domain_hosts.push(i);
+    }
+    for (p, i) in prefixes {
+        rules.push(wildcard(Pattern::Prefix(p.clone()), p));
+        domain_hosts.push(i);
+    }
+    if let Some(i) = any {
+        rules.push(Rule {
+            conditions: vec![on_authority(Pattern::Prefix(String::new()), false)],
+        });
+        domain_hosts.push(i);
+    }
+    let domains = Table::compile(rules).map_err(|e| format!("domains: {e}"))?;
+    Ok(RouteTable {
+        name: rc.name,
+        virtual_hosts: hosts,
+        domains,
+        domain_hosts,
+    })
 }
 
 fn virtual_host(mut vh: EnvoyVirtualHost) -> Result<VirtualHost> {

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hypha_matcher::Table;
+use hypha_matcher::{SimpleRequest, Table};
 
 /// The maps requests look names up in (clusters, route tables, domains). Their keys come from
 /// the config, never from a request, so they need no DoS-resistant hash: FxHash (a multiply
@@ -129,38 +129,25 @@ pub enum Inbound {
 pub struct RouteTable {
     pub name: String,
     pub virtual_hosts: Vec<VirtualHost>,
-    /// Lower-case domain → virtual host index, for exact domains.
-    pub exact: FastMap<String, usize>,
-    /// (`*.example.com` as `.example.com`, index), longest suffix first.
-    pub suffixes: Vec<(String, usize)>,
-    /// (`example.*` as `example.`, index), longest prefix first.
-    pub prefixes: Vec<(String, usize)>,
-    /// The `*` virtual host.
-    pub any: Option<usize>,
+    /// Every domain of every virtual host, one rule each on the authority, in the order Envoy
+    /// prefers them: exact domains, then suffix wildcards (`*.example.com`) longest first,
+    /// then prefix wildcards (`example.*`) longest first, then `*`.
+    pub domains: Table,
+    /// For each rule of `domains`, its virtual host.
+    pub domain_hosts: Vec<usize>,
 }
 
 impl RouteTable {
-    /// Envoy's virtual host selection: exact domain, then the longest suffix wildcard, then
-    /// the longest prefix wildcard, then `*`. `authority` must be lower-case.
+    /// Envoy's virtual host selection (see `domains`). `authority` must be lower-case.
     pub fn virtual_host(&self, authority: &str) -> Option<&VirtualHost> {
-        let i = self
-            .exact
-            .get(authority)
-            .copied()
-            .or_else(|| {
-                self.suffixes
-                    .iter()
-                    .find(|(s, _)| authority.len() > s.len() && authority.ends_with(s.as_str()))
-                    .map(|(_, i)| *i)
-            })
-            .or_else(|| {
-                self.prefixes
-                    .iter()
-                    .find(|(p, _)| authority.len() > p.len() && authority.starts_with(p.as_str()))
-                    .map(|(_, i)| *i)
-            })
-            .or(self.any)?;
-        self.virtual_hosts.get(i)
+        let rule = self.domains.first_match(&SimpleRequest {
+            target: b"",
+            method: b"",
+            scheme: b"",
+            authority: authority.as_bytes(),
+            headers: &[],
+        })?;
+        self.virtual_hosts.get(self.domain_hosts[rule])
     }
 }
 

@@ -692,59 +692,80 @@ fn render_seconds(out: &mut String, name: &str, labels: &str, h: &hypha_keys::me
     );
 }
 
-/// The compiled match tables of one kind (`table`: "route"), summed (`hypha_matcher_*`): how
-/// many, their rules and anchor patterns, the automata they took (dense, lazy), how often a
-/// pattern set was split to fit its budget, their memory, and lazy-cache clears (a sign the
-/// budget is too small for the traffic).
-pub fn render_matcher(
-    out: &mut String,
-    table: &str,
-    stats: impl IntoIterator<Item = hypha_matcher::Stats>,
-) {
-    let mut sum = hypha_matcher::Stats::default();
-    let mut tables = 0;
-    for s in stats {
-        tables += 1;
-        sum.rules += s.rules;
-        sum.patterns += s.patterns;
-        sum.exact_literals += s.exact_literals;
-        sum.dense_dfas += s.dense_dfas;
-        sum.lazy_dfas += s.lazy_dfas;
-        sum.splits += s.splits;
-        sum.dfa_bytes += s.dfa_bytes;
-        sum.lazy_cache_bytes += s.lazy_cache_bytes;
-        sum.lazy_cache_clears += s.lazy_cache_clears;
+/// The compiled match tables, by kind (`table`: "route", "domain"), summed per kind
+/// (`hypha_matcher_*`): how many, their rules and anchor patterns, the automata they took
+/// (dense, lazy), how often a pattern set was split to fit its budget, their memory, and
+/// lazy-cache clears (a sign the budget is too small for the traffic).
+pub fn render_matcher(out: &mut String, kinds: &[(&str, Vec<hypha_matcher::Stats>)]) {
+    /// A family's name, type, and series (labels, value from the table count and the sums).
+    type Family = (&'static str, &'static str, &'static [(&'static str, Field)]);
+    type Field = fn(usize, &hypha_matcher::Stats) -> u64;
+    let families: [Family; 7] = [
+        ("tables", "gauge", &[("", |n, _| n as u64)]),
+        ("rules", "gauge", &[("", |_, s| s.rules as u64)]),
+        (
+            "patterns",
+            "gauge",
+            &[
+                ("index=\"literal\"", |_, s| s.exact_literals as u64),
+                ("index=\"automaton\"", |_, s| {
+                    (s.patterns - s.exact_literals) as u64
+                }),
+            ],
+        ),
+        (
+            "automata",
+            "gauge",
+            &[
+                ("shape=\"dense\"", |_, s| s.dense_dfas as u64),
+                ("shape=\"lazy\"", |_, s| s.lazy_dfas as u64),
+            ],
+        ),
+        ("splits", "gauge", &[("", |_, s| s.splits as u64)]),
+        (
+            "memory_bytes",
+            "gauge",
+            &[
+                ("part=\"automata\"", |_, s| s.dfa_bytes as u64),
+                ("part=\"lazy_cache_per_thread\"", |_, s| {
+                    s.lazy_cache_bytes as u64
+                }),
+            ],
+        ),
+        (
+            "lazy_cache_clears_total",
+            "counter",
+            &[("", |_, s| s.lazy_cache_clears)],
+        ),
+    ];
+    let sums: Vec<(String, usize, hypha_matcher::Stats)> = kinds
+        .iter()
+        .map(|(table, stats)| {
+            let mut sum = hypha_matcher::Stats::default();
+            for s in stats {
+                sum.rules += s.rules;
+                sum.patterns += s.patterns;
+                sum.exact_literals += s.exact_literals;
+                sum.dense_dfas += s.dense_dfas;
+                sum.lazy_dfas += s.lazy_dfas;
+                sum.splits += s.splits;
+                sum.dfa_bytes += s.dfa_bytes;
+                sum.lazy_cache_bytes += s.lazy_cache_bytes;
+                sum.lazy_cache_clears += s.lazy_cache_clears;
+            }
+            (format!("table=\"{table}\""), stats.len(), sum)
+        })
+        .collect();
+    for (name, kind, series) in families {
+        let _ = writeln!(out, "# TYPE hypha_matcher_{name} {kind}");
+        for (t, n, sum) in &sums {
+            for (label, field) in series {
+                let sep = if label.is_empty() { "" } else { "," };
+                let value = field(*n, sum);
+                let _ = writeln!(out, "hypha_matcher_{name}{{{t}{sep}{label}}} {value}");
+            }
+        }
     }
-    let t = format!("table=\"{table}\"");
-    let _ = writeln!(
-        out,
-        "# TYPE hypha_matcher_tables gauge\n\
-hypha_matcher_tables{{{t}}} {tables}\n\
-# TYPE hypha_matcher_rules gauge\n\
-hypha_matcher_rules{{{t}}} {}\n\
-# TYPE hypha_matcher_patterns gauge\n\
-hypha_matcher_patterns{{{t},index=\"literal\"}} {}\n\
-hypha_matcher_patterns{{{t},index=\"automaton\"}} {}\n\
-# TYPE hypha_matcher_automata gauge\n\
-hypha_matcher_automata{{{t},shape=\"dense\"}} {}\n\
-hypha_matcher_automata{{{t},shape=\"lazy\"}} {}\n\
-# TYPE hypha_matcher_splits gauge\n\
-hypha_matcher_splits{{{t}}} {}\n\
-# TYPE hypha_matcher_memory_bytes gauge\n\
-hypha_matcher_memory_bytes{{{t},part=\"automata\"}} {}\n\
-hypha_matcher_memory_bytes{{{t},part=\"lazy_cache_per_thread\"}} {}\n\
-# TYPE hypha_matcher_lazy_cache_clears_total counter\n\
-hypha_matcher_lazy_cache_clears_total{{{t}}} {}",
-        sum.rules,
-        sum.exact_literals,
-        sum.patterns - sum.exact_literals,
-        sum.dense_dfas,
-        sum.lazy_dfas,
-        sum.splits,
-        sum.dfa_bytes,
-        sum.lazy_cache_bytes,
-        sum.lazy_cache_clears,
-    );
 }
 
 /// The multi-buffer RSA batcher (`hypha_cryptomb_*`): operations, batches by size and by

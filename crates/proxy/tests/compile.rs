@@ -944,3 +944,61 @@ fn fields_nobody_acts_on_are_refused_by_name() {
         "{e}"
     );
 }
+
+/// Virtual host selection by authority, through the matcher's domain table, in Envoy's order:
+/// an exact domain, then the longest suffix wildcard, then the longest prefix wildcard, then
+/// `*`; a wildcard stands for at least one character.
+#[test]
+fn virtual_hosts_are_chosen_in_envoys_order() {
+    use envoy_types::pb::envoy::config::route::v3::VirtualHost;
+    let vh = |name: &str, domains: &[&str]| VirtualHost {
+        name: name.into(),
+        domains: domains.iter().map(|d| (*d).into()).collect(),
+        ..Default::default()
+    };
+    let rc = RouteConfiguration {
+        name: "80".into(),
+        virtual_hosts: vec![
+            vh("any", &["*"]),
+            vh("prefix", &["api.*"]),
+            vh("longer-prefix", &["api.shop.*"]),
+            vh("suffix", &["*.example.com"]),
+            vh("longer-suffix", &["*.api.example.com"]),
+            vh("exact", &["api.example.com", "Shop:8080"]),
+        ],
+        ..Default::default()
+    };
+    let table = hypha_proxy::compile::route_table("80", &rc.encode_to_vec()).unwrap();
+    let pick = |authority: &str| table.virtual_host(authority).map(|v| v.name.as_str());
+    assert_eq!(pick("api.example.com"), Some("exact"));
+    assert_eq!(
+        pick("shop:8080"),
+        Some("exact"),
+        "domains compare lower-case"
+    );
+    assert_eq!(pick("v1.api.example.com"), Some("longer-suffix"));
+    assert_eq!(pick("x.example.com"), Some("suffix"));
+    assert_eq!(
+        pick(".example.com"),
+        Some("any"),
+        "a wildcard is never empty"
+    );
+    assert_eq!(pick("api.shop.local"), Some("longer-prefix"));
+    assert_eq!(pick("api.other"), Some("prefix"));
+    assert_eq!(pick("api."), Some("any"));
+    assert_eq!(pick("www.example.org"), Some("any"));
+    assert_eq!(
+        pick("api.foo.example.com"),
+        Some("suffix"),
+        "suffix before prefix"
+    );
+
+    // Without `*`, an authority no domain takes has no virtual host.
+    let mut rc = rc;
+    rc.virtual_hosts.remove(0);
+    let table = hypha_proxy::compile::route_table("80", &rc.encode_to_vec()).unwrap();
+    assert!(table.virtual_host("www.example.org").is_none());
+    assert!(table
+        .virtual_host("api.shop.")
+        .is_some_and(|v| v.name == "prefix"));
+}

@@ -565,6 +565,12 @@ async fn metrics_and_admin_match_the_traffic() {
         sample(&client_text, "hypha_matcher_automata", &lazy),
         Some(0.0)
     );
+    // Virtual host selection: every domain of every route table is a rule of a domain table
+    // (Istio names each service by several domains: host, short names, with and without port).
+    let domain = [("table", "domain")];
+    let tables = sample(&client_text, "hypha_matcher_tables", &domain).unwrap();
+    assert!(tables >= 1.0, "{client_text}");
+    assert!(sample(&client_text, "hypha_matcher_rules", &domain).unwrap() > tables);
 
     // Admin views of the config.
     let (s, clusters) = admin(client_admin, "/clusters").await;
