@@ -4,8 +4,10 @@
 //!
 //! The DFA is built dense by `regex-automata`, then repacked ([`Comb`]): only the transitions
 //! that do not lead to the dead state are kept, interleaved in one array (the classic
-//! "comb" table compression), so that a thousand regex routes take a few hundred KiB, stay in
-//! the CPU's caches and cost one load per byte of the value.
+//! "comb" table compression), a state's many transitions to one next state (a `\d` or
+//! `[a-z]` step) folded into a default, and states laid out depth first so that one value's
+//! walk reads neighbouring slots. A thousand regex routes take about 100 KiB, stay in the
+//! CPU's caches and cost one dependent load per byte of the value.
 //!
 //! Budgets: a dense DFA is built within [`Budget::dfa_bytes`]. When the patterns do not fit,
 //! the set is split in halves (each half its own DFA, each walked in turn; most die within a
@@ -15,6 +17,7 @@
 //! [`Stats`] reports which shape a table took.
 
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use regex_automata::dfa::{dense, Automaton, StartKind};
@@ -193,15 +196,22 @@ fn dense(nfa: &NFA, limit: usize) -> Result<Comb, String> {
 /// transition on byte class `c` is in `slots[s + c]` if that slot is tagged with class `c` (a
 /// slot tagged `c` at `s + c` can only belong to the state at offset `s`), and leads to the
 /// dead state otherwise. Class `eoi` (one past the byte classes) holds, for states where the
-/// value may end in a match, the index of their pattern list. A slot is the next state's
-/// offset shifted left by [`CLASS_BITS`], with the class in the low bits.
+/// value may end in a match, the index of their pattern list; classes `eoi + 1` and `eoi + 2`
+/// a state's default, if it has one ([`defaults`]). A slot is the next state's offset shifted
+/// left by [`NEXT_SHIFT`], then a bit telling whether that state has a default
+/// ([`DEFAULT_BIT`]), then the class.
 #[derive(Debug)]
 struct Comb {
     classes: [u8; 256],
     /// The end-of-value pseudo-class.
     eoi: usize,
     start: usize,
+    /// Whether the start state has a default (see [`defaults`]).
+    start_default: bool,
     slots: Box<[u32]>,
+    /// Class sets of the states' defaults, as bitmaps (class `c` is bit `c % 64` of word
+    /// `c / 64`).
+    sets: Box<[[u64; 4]]>,
     /// Pattern lists (the DFA's own pattern numbers), for the end-of-value slots.
     matches: Box<[Box<[u32]>]>,
 }
@@ -209,9 +219,13 @@ struct Comb {
 /// Candidate offsets tried for a state before it is placed past the end of the table.
 const PACK_TRIES: usize = 1024;
 
-/// Bits of a slot that hold its class: 256 byte classes and the end-of-value one.
+/// Bits of a slot that hold its class: 256 byte classes and three pseudo-classes.
 const CLASS_BITS: u32 = 9;
 const CLASS_MASK: u32 = (1 << CLASS_BITS) - 1;
+/// The bit of a slot that tells whether the next state has a default (see [`defaults`]).
+const DEFAULT_BIT: u32 = 1 << CLASS_BITS;
+/// Where a slot's next state (or pattern list, or class set) starts.
+const NEXT_SHIFT: u32 = CLASS_BITS + 1;
 /// A slot no state owns (no class has this tag).
 const FREE: u32 = CLASS_MASK;
 
@@ -228,30 +242,36 @@ impl Comb {
             }
         }
         let eoi = representative.len();
-        // Breadth-first from the start state, so the states most lookups share come first.
-        // State ids are premultiplied by the stride: `id >> stride2` numbers them densely.
+        // Depth-first from the start state: a path's walk, past the states all lookups share,
+        // then runs through states packed next to each other (see [`pack`]). State ids are
+        // premultiplied by the stride: `id >> stride2` numbers them densely.
         let stride2 = dfa.stride2();
         let slot_of = |id: StateID| id.as_usize() >> stride2;
-        let mut order = Vec::new();
+        let mut ids = Vec::new();
         let mut index: Vec<usize> = Vec::new();
-        let mut seen = |id: StateID, order: &mut Vec<StateID>| -> usize {
+        let mut seen = |id: StateID, ids: &mut Vec<StateID>| -> (usize, bool) {
             let k = slot_of(id);
             if index.len() <= k {
                 index.resize(k + 1, usize::MAX);
             }
-            if index[k] == usize::MAX {
-                index[k] = order.len();
-                order.push(id);
+            let new = index[k] == usize::MAX;
+            if new {
+                index[k] = ids.len();
+                ids.push(id);
             }
-            index[k]
+            (index[k], new)
         };
-        seen(start, &mut order);
-        let mut edges: Vec<Vec<(usize, usize)>> = Vec::new();
+        seen(start, &mut ids);
+        let mut edges: Vec<Vec<(usize, usize)>> = vec![Vec::new()];
+        // The order states are packed in, each with the state and class that first led to it.
+        let mut order: Vec<(usize, Option<(usize, usize)>)> = Vec::new();
+        let mut stack = vec![(0, None)];
         let mut matches: Vec<Box<[u32]>> = Vec::new();
-        let mut i = 0;
-        while i < order.len() {
-            let s = order[i];
+        while let Some((k, parent)) = stack.pop() {
+            order.push((k, parent));
+            let s = ids[k];
             let mut out = Vec::new();
+            let mut children = Vec::new();
             for (c, &b) in representative.iter().enumerate() {
                 let t = dfa.next_state(s, b);
                 if dfa.is_quit_state(t) {
@@ -260,7 +280,11 @@ impl Comb {
                 if dfa.is_dead_state(t) {
                     continue;
                 }
-                let next = seen(t, &mut order);
+                let (next, new) = seen(t, &mut ids);
+                if new {
+                    edges.push(Vec::new());
+                    children.push((next, Some((k, c))));
+                }
                 out.push((c, next));
             }
             let e = dfa.next_eoi_state(s);
@@ -273,29 +297,33 @@ impl Comb {
                 // The end-of-value "transition" leads to the pattern list.
                 out.push((eoi, usize::MAX - (matches.len() - 1)));
             }
-            edges.push(out);
-            i += 1;
+            edges[k] = out;
+            // The lowest class first: pushed last.
+            stack.extend(children.into_iter().rev());
         }
-        let base = pack(&edges, eoi);
+        let (sets, has_default) = defaults(&mut edges, eoi);
+        let base = pack(&edges, &order, eoi);
         let too_big = || "the DFA is too large to pack".to_string();
         let len = base
             .iter()
             .filter(|&&b| b != usize::MAX)
             .max()
-            .map_or(0, |b| b + eoi + 1);
-        if len >= 1 << (32 - CLASS_BITS) {
+            .map_or(0, |b| b + eoi + 3);
+        if len >= 1 << (32 - NEXT_SHIFT) {
             return Err(too_big());
         }
         let mut slots = vec![FREE; len];
         for (k, out) in edges.iter().enumerate() {
             for &(c, t) in out {
-                // A state without transitions is the dead state in all but name.
-                if c != eoi && base[t] == usize::MAX {
-                    continue;
-                }
-                let target = if c == eoi { usize::MAX - t } else { base[t] };
-                let target = u32::try_from(target).map_err(|_| too_big())?;
-                slots[base[k] + c] = (target << CLASS_BITS) | c as u32;
+                let value = if c == eoi {
+                    (usize::MAX - t) << NEXT_SHIFT
+                } else if c == eoi + 2 {
+                    t << NEXT_SHIFT
+                } else {
+                    (base[t] << NEXT_SHIFT) | (usize::from(has_default[t]) << CLASS_BITS)
+                };
+                let value = u32::try_from(value | c).map_err(|_| too_big())?;
+                slots[base[k] + c] = value;
             }
         }
         // Trailing slots that no state owns are never read: a lookup past the end misses.
@@ -307,7 +335,9 @@ impl Comb {
             eoi,
             // With no transitions from the start, there are no slots and nothing matches.
             start: if base[0] == usize::MAX { 0 } else { base[0] },
+            start_default: has_default[0],
             slots: slots.into_boxed_slice(),
+            sets: sets.into_boxed_slice(),
             matches: matches.into_boxed_slice(),
         })
     }
@@ -324,30 +354,114 @@ impl Comb {
     /// The DFA's numbers of the patterns that match all of `value`.
     #[inline]
     fn matches(&self, value: &[u8]) -> &[u32] {
-        let mut s = self.start;
+        let (mut s, mut default) = (self.start, self.start_default);
+        let d = self.eoi + 1;
         for &b in value {
-            let c = self.classes[usize::from(b)];
-            match self.slots.get(s + usize::from(c)) {
-                Some(&slot) if slot & CLASS_MASK == u32::from(c) => {
-                    s = (slot >> CLASS_BITS) as usize;
+            let c = usize::from(self.classes[usize::from(b)]);
+            if default {
+                // A state with a default owns the two slots after its end-of-value one.
+                if let (Some(&next), Some(&set)) =
+                    (self.slots.get(s + d), self.slots.get(s + d + 1))
+                {
+                    let set = &self.sets[(set >> NEXT_SHIFT) as usize];
+                    if set[c >> 6] >> (c & 63) & 1 != 0 {
+                        s = (next >> NEXT_SHIFT) as usize;
+                        default = next & DEFAULT_BIT != 0;
+                        continue;
+                    }
+                }
+            }
+            match self.slots.get(s + c) {
+                Some(&slot) if slot & CLASS_MASK == c as u32 => {
+                    s = (slot >> NEXT_SHIFT) as usize;
+                    default = slot & DEFAULT_BIT != 0;
                 }
                 _ => return &[],
             }
         }
         match self.slots.get(s + self.eoi) {
             Some(&slot) if slot & CLASS_MASK == self.eoi as u32 => {
-                &self.matches[(slot >> CLASS_BITS) as usize]
+                &self.matches[(slot >> NEXT_SHIFT) as usize]
             }
             _ => &[],
         }
     }
 }
 
-/// Picks each state's offset: the first where all its classes' slots are free and that no
-/// other state has (a slot's class tag names its owner only because offsets are unique).
-/// Free slots are found by jumping, and a state that does not fit within [`PACK_TRIES`]
-/// candidates goes past the end, so packing stays linear in the transitions.
-fn pack(edges: &[Vec<(usize, usize)>], eoi: usize) -> Vec<usize> {
+/// A state needs this many transitions to one state for them to become its default.
+const MIN_DEFAULT: usize = 3;
+
+/// Drops transitions into states that have none (dead in all but name), then gives each state
+/// whose transitions mostly lead to one state a default: those transitions leave the comb,
+/// replaced by two pseudo-classes past the end-of-value one, `eoi + 1` (the target) and
+/// `eoi + 2` (the number of the set of classes that lead there). Class sets repeat (`\d`,
+/// `[a-z]`, `\w` in every route), so there are few; a state of `[0-9a-f]{8}` then takes three
+/// slots instead of sixteen, and the comb stays small enough for the caches. Returns the sets
+/// and which states have a default.
+fn defaults(edges: &mut [Vec<(usize, usize)>], eoi: usize) -> (Vec<[u64; 4]>, Vec<bool>) {
+    let mut empty: Vec<bool> = edges.iter().map(Vec::is_empty).collect();
+    loop {
+        let mut changed = false;
+        for (k, out) in edges.iter_mut().enumerate() {
+            out.retain(|&(c, t)| c == eoi || !empty[t]);
+            if out.is_empty() && !empty[k] {
+                empty[k] = true;
+                changed = true;
+            }
+        }
+        if !changed {
+            break;
+        }
+    }
+    let mut sets: Vec<[u64; 4]> = Vec::new();
+    let mut ids: HashMap<[u64; 4], usize> = HashMap::new();
+    let mut has_default = vec![false; edges.len()];
+    let mut targets = Vec::new();
+    for (k, out) in edges.iter_mut().enumerate() {
+        targets.clear();
+        targets.extend(out.iter().filter(|&&(c, _)| c < eoi).map(|&(_, t)| t));
+        targets.sort_unstable();
+        let Some((t, n)) = targets
+            .chunk_by(|a, b| a == b)
+            .map(|run| (run[0], run.len()))
+            .max_by_key(|&(_, n)| n)
+        else {
+            continue;
+        };
+        if n < MIN_DEFAULT {
+            continue;
+        }
+        let mut set = [0u64; 4];
+        out.retain(|&(c, u)| {
+            let to_default = c < eoi && u == t;
+            if to_default {
+                set[c >> 6] |= 1 << (c & 63);
+            }
+            !to_default
+        });
+        let id = *ids.entry(set).or_insert_with(|| {
+            sets.push(set);
+            sets.len() - 1
+        });
+        out.push((eoi + 1, t));
+        out.push((eoi + 2, id));
+        has_default[k] = true;
+    }
+    (sets, has_default)
+}
+
+/// Picks each state's offset: one where all its classes' slots are free and that no other
+/// state has (a slot's class tag names its owner only because offsets are unique). States come
+/// in depth-first order; each is first tried just past the slot that leads to it, so that a
+/// walk past the shared states reads neighbouring slots (a cache line holds sixteen) instead of
+/// one line per byte. A state that does not fit there fills the first hole that takes it, found
+/// by jumping over used slots; one that fits nowhere within [`PACK_TRIES`] candidates goes past
+/// the end, so packing stays linear in the transitions.
+fn pack(
+    edges: &[Vec<(usize, usize)>],
+    order: &[(usize, Option<(usize, usize)>)],
+    eoi: usize,
+) -> Vec<usize> {
     let mut used: Vec<bool> = Vec::new();
     let mut taken: Vec<bool> = Vec::new();
     // `skip[i]`: a slot at or after `i` that may be free (path-compressed pointers).
@@ -366,31 +480,40 @@ fn pack(edges: &[Vec<(usize, usize)>], eoi: usize) -> Vec<usize> {
         }
         i
     }
+    let fits = |used: &[bool], taken: &[bool], out: &[(usize, usize)], b: usize| {
+        !taken.get(b).copied().unwrap_or(false)
+            && out
+                .iter()
+                .all(|&(c, _)| !used.get(b + c).copied().unwrap_or(false))
+    };
     let mut base = vec![usize::MAX; edges.len()];
-    // In breadth-first order, so that the states most lookups share sit together.
-    for (k, out) in edges.iter().enumerate() {
+    for &(k, parent) in order {
+        let out = &edges[k];
         // A state without transitions (and no match at the end) is never entered.
         let Some(&(first, _)) = out.first() else {
             continue;
         };
-        let mut pos = free_from(&used, &mut skip, first);
-        let mut tries = 0;
-        let b = loop {
-            let b = pos - first;
-            if tries == PACK_TRIES {
-                break used.len().max(first) - first;
+        // Next to the slot that leads here, if that is free.
+        let near = parent.and_then(|(p, c)| {
+            let b = base[p].checked_add(c + 1)?.checked_sub(first)?;
+            fits(&used, &taken, out, b).then_some(b)
+        });
+        let b = near.unwrap_or_else(|| {
+            let mut pos = free_from(&used, &mut skip, first);
+            let mut tries = 0;
+            loop {
+                let b = pos - first;
+                if tries == PACK_TRIES {
+                    break used.len().max(first) - first;
+                }
+                if fits(&used, &taken, out, b) {
+                    break b;
+                }
+                tries += 1;
+                pos = free_from(&used, &mut skip, pos + 1);
             }
-            if !taken.get(b).copied().unwrap_or(false)
-                && out
-                    .iter()
-                    .all(|&(c, _)| !used.get(b + c).copied().unwrap_or(false))
-            {
-                break b;
-            }
-            tries += 1;
-            pos = free_from(&used, &mut skip, pos + 1);
-        };
-        let end = b + eoi + 1;
+        });
+        let end = b + eoi + 3;
         if used.len() < end {
             let old = used.len();
             used.resize(end, false);
