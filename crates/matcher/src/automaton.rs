@@ -395,7 +395,7 @@ const MIN_DEFAULT: usize = 3;
 /// whose transitions mostly lead to one state a default: those transitions leave the comb,
 /// replaced by two pseudo-classes past the end-of-value one, `eoi + 1` (the target) and
 /// `eoi + 2` (the number of the set of classes that lead there). Class sets repeat (`\d`,
-/// `[a-z]`, `\w` in every route), so there are few; a state of `[0-9a-f]{8}` then takes three
+/// `[a-z]`, `\w` in every route), so there are few; a state of `[0-9a-f]{8}` then takes two
 /// slots instead of sixteen, and the comb stays small enough for the caches. Returns the sets
 /// and which states have a default.
 fn defaults(edges: &mut [Vec<(usize, usize)>], eoi: usize) -> (Vec<[u64; 4]>, Vec<bool>) {
