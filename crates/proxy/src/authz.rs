@@ -62,24 +62,51 @@ pub enum Principal {
     Http(Leaf),
 }
 
-/// One test through the matcher crate: a one-rule table over the request, or over a value of
-/// its own (a SPIFFE ID, an SNI) presented as a path.
+/// Tests through the matcher crate, any of which may hold: one table of one rule per test,
+/// over the request, or over a value of its own (a SPIFFE ID, an SNI) presented as a path.
+/// Alternatives (Istio's `paths: [...]`, `hosts: [...]`, `principals: [...]`) are one leaf,
+/// so a list of a hundred paths is one pass over the path, not a hundred.
 #[derive(Debug)]
 pub struct Leaf(Table);
 
 impl Leaf {
     pub fn request(conditions: Vec<Condition>) -> Result<Leaf, String> {
-        Table::compile(vec![Rule { conditions }])
-            .map(Leaf)
-            .map_err(|e| e.to_string())
+        Leaf::any_of(vec![conditions])
+    }
+
+    /// Holds when all the conditions of one of the alternatives hold.
+    pub fn any_of(alternatives: Vec<Vec<Condition>>) -> Result<Leaf, String> {
+        Table::compile(
+            alternatives
+                .into_iter()
+                .map(|conditions| Rule { conditions })
+                .collect(),
+        )
+        .map(Leaf)
+        .map_err(|e| e.to_string())
     }
 
     pub fn value(m: StringMatch) -> Result<Leaf, String> {
-        Leaf::request(vec![Condition {
+        Leaf::any_value(vec![m])
+    }
+
+    /// Holds when the value matches one of `matches`.
+    pub fn any_value(matches: Vec<StringMatch>) -> Result<Leaf, String> {
+        Leaf::any_of(matches.into_iter().map(Leaf::on_value).collect())
+    }
+
+    /// The condition of a value leaf, on the value presented as a path.
+    fn on_value(m: StringMatch) -> Vec<Condition> {
+        vec![Condition {
             attr: hypha_matcher::Attr::Path,
             test: Test::Matches(m),
             invert: false,
-        }])
+        }]
+    }
+
+    /// The rules of the leaf's table (alternatives).
+    pub fn alternatives(&self) -> usize {
+        self.0.len()
     }
 
     fn holds_on(&self, req: &impl Request) -> bool {

@@ -1502,16 +1502,8 @@ fn rbac(rules: Option<&EnvoyRbac>, at: &str) -> Result<authz::Rbac> {
         let p = &r.policies[name];
         let at = format!("{at}.policies[{name:?}]");
         only(p, &at, &["permissions", "principals"])?;
-        let perms = p
-            .permissions
-            .iter()
-            .map(|x| permission(x, &path(&at, "permissions")))
-            .collect::<Result<Vec<_>>>()?;
-        let princs = p
-            .principals
-            .iter()
-            .map(|x| principal(x, &path(&at, "principals")))
-            .collect::<Result<Vec<_>>>()?;
+        let perms = any_permission(&p.permissions, &path(&at, "permissions"))?;
+        let princs = any_principal(&p.principals, &path(&at, "principals"))?;
         policies.push((
             name.clone(),
             authz::Permission::Or(perms),
@@ -1531,13 +1523,13 @@ fn permission(p: &Permission, at: &str) -> Result<authz::Permission> {
     };
     Ok(match &p.rule {
         Some(permission::Rule::AndRules(set)) => P::And(all(&set.rules)?),
-        Some(permission::Rule::OrRules(set)) => P::Or(all(&set.rules)?),
+        Some(permission::Rule::OrRules(set)) => P::Or(any_permission(&set.rules, at)?),
         Some(permission::Rule::Any(true)) => P::Any,
         Some(permission::Rule::NotRule(inner)) => P::Not(Box::new(permission(inner, at)?)),
         Some(permission::Rule::Header(h)) => {
             P::Http(authz::Leaf::request(header_conditions(h.clone())?)?)
         }
-        Some(permission::Rule::UrlPath(pm)) => P::Http(url_path(pm, at)?),
+        Some(permission::Rule::UrlPath(pm)) => P::Http(authz::Leaf::request(url_path(pm, at)?)?),
         Some(permission::Rule::DestinationPort(port)) => {
             P::DestinationPort(u16::try_from(*port).map_err(|_| unsupported_value(at, port))?)
         }
@@ -1561,7 +1553,7 @@ fn principal(p: &Principal, at: &str) -> Result<authz::Principal> {
     };
     Ok(match &p.identifier {
         Some(principal::Identifier::AndIds(set)) => P::And(all(&set.ids)?),
-        Some(principal::Identifier::OrIds(set)) => P::Or(all(&set.ids)?),
+        Some(principal::Identifier::OrIds(set)) => P::Or(any_principal(&set.ids, at)?),
         Some(principal::Identifier::Any(true)) => P::Any,
         Some(principal::Identifier::NotId(inner)) => P::Not(Box::new(principal(inner, at)?)),
         Some(principal::Identifier::Authenticated(a)) => {
@@ -1580,22 +1572,85 @@ fn principal(p: &Principal, at: &str) -> Result<authz::Principal> {
         Some(principal::Identifier::Header(h)) => {
             P::Http(authz::Leaf::request(header_conditions(h.clone())?)?)
         }
-        Some(principal::Identifier::UrlPath(pm)) => P::Http(url_path(pm, at)?),
+        Some(principal::Identifier::UrlPath(pm)) => {
+            P::Http(authz::Leaf::request(url_path(pm, at)?)?)
+        }
         Some(other) => return Err(unsupported(&path(at, &variant(other)))),
         None => return Err(format!("{at}: an identifier is required")),
     })
 }
 
+/// Alternatives: every test on the request among them folded into one leaf (one table, one
+/// pass over the request), the others as they are.
+fn any_permission(v: &[Permission], at: &str) -> Result<Vec<authz::Permission>> {
+    let mut out = Vec::new();
+    let mut http = Vec::new();
+    for x in v {
+        match &x.rule {
+            Some(permission::Rule::Header(h)) => {
+                only(x, at, &["rule"])?;
+                http.push(header_conditions(h.clone())?);
+            }
+            Some(permission::Rule::UrlPath(pm)) => {
+                only(x, at, &["rule"])?;
+                http.push(url_path(pm, at)?);
+            }
+            _ => out.push(permission(x, at)?),
+        }
+    }
+    if !http.is_empty() {
+        out.push(authz::Permission::Http(authz::Leaf::any_of(http)?));
+    }
+    Ok(out)
+}
+
+/// Alternatives: every test on the request among them folded into one leaf, and every
+/// SPIFFE ID test into another, the others as they are.
+fn any_principal(v: &[Principal], at: &str) -> Result<Vec<authz::Principal>> {
+    let mut out = Vec::new();
+    let (mut http, mut ids) = (Vec::new(), Vec::new());
+    for x in v {
+        match &x.identifier {
+            Some(principal::Identifier::Header(h)) => {
+                only(x, at, &["identifier"])?;
+                http.push(header_conditions(h.clone())?);
+            }
+            Some(principal::Identifier::UrlPath(pm)) => {
+                only(x, at, &["identifier"])?;
+                http.push(url_path(pm, at)?);
+            }
+            Some(principal::Identifier::Authenticated(a)) if a.principal_name.is_some() => {
+                only(x, at, &["identifier"])?;
+                only(a, &path(at, "authenticated"), &["principal_name"])?;
+                if let Some(sm) = &a.principal_name {
+                    ids.push(string_match(sm.clone(), at)?);
+                }
+            }
+            _ => out.push(principal(x, at)?),
+        }
+    }
+    if !http.is_empty() {
+        out.push(authz::Principal::Http(authz::Leaf::any_of(http)?));
+    }
+    if !ids.is_empty() {
+        out.push(authz::Principal::Authenticated(Some(
+            authz::Leaf::any_value(ids)?,
+        )));
+    }
+    Ok(out)
+}
+
+/// The condition of a `url_path` test.
 fn url_path(
     pm: &envoy_types::pb::envoy::r#type::matcher::v3::PathMatcher,
     at: &str,
-) -> Result<authz::Leaf> {
+) -> Result<Vec<Condition>> {
     use envoy_types::pb::envoy::r#type::matcher::v3::path_matcher;
     only(pm, at, &["rule"])?;
     let Some(path_matcher::Rule::Path(sm)) = &pm.rule else {
         return Err(format!("{at}: url_path needs a path"));
     };
-    authz::Leaf::request(vec![Condition {
+    Ok(vec![Condition {
         attr: Attr::Path,
         test: Test::Matches(string_match(sm.clone(), at)?),
         invert: false,

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use hypha_control::{ProxyInfo, Translation};
 use hypha_matcher::SimpleRequest;
-use hypha_proxy::authz::{Authz, Ctx, Decision};
+use hypha_proxy::authz::{Authz, Ctx, Decision, Permission, Principal};
 use hypha_proxy::model::Inbound;
 use hypha_xds::type_url;
 
@@ -369,4 +369,87 @@ fn tcp_chains_check_what_a_connection_has() {
     assert!(!tcp(&allow(&to("methods: [GET]"))));
     // ...and a DENY rule drops what it cannot check, denying more.
     assert!(!tcp(&policy("DENY", &to("paths: [/admin]"))));
+}
+
+/// The alternatives of each leaf of a permission or principal, in tree order.
+fn leaves(perm: Option<&Permission>, princ: Option<&Principal>, out: &mut Vec<usize>) {
+    match perm {
+        Some(Permission::And(v) | Permission::Or(v)) => {
+            v.iter().for_each(|p| leaves(Some(p), None, out));
+        }
+        Some(Permission::Not(p)) => leaves(Some(p), None, out),
+        Some(Permission::Http(l) | Permission::ServerName(l)) => out.push(l.alternatives()),
+        _ => {}
+    }
+    match princ {
+        Some(Principal::And(v) | Principal::Or(v)) => {
+            v.iter().for_each(|p| leaves(None, Some(p), out));
+        }
+        Some(Principal::Not(p)) => leaves(None, Some(p), out),
+        Some(Principal::Http(l) | Principal::Authenticated(Some(l))) => {
+            out.push(l.alternatives());
+        }
+        _ => {}
+    }
+}
+
+/// Lists of alternatives (paths, hosts, principals) are one matcher table each, one pass over
+/// the request, with the answers of the tests one by one.
+#[test]
+fn alternatives_are_one_table() {
+    let paths = (0..100)
+        .map(|i| format!("/api/v{i}/*"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let rules = format!(
+        "  rules:\n  - from:\n    - source: {{principals: [cluster.local/ns/shop/sa/a, cluster.local/ns/shop/sa/client, \"*/sa/admin\"]}}\n    to:\n    - operation: {{paths: [{paths}, \"*.png\"], hosts: [web.shop.svc.cluster.local, \"*.example.com\"]}}\n"
+    );
+    let p = allow(&rules);
+    let a = authz(&p, 8080);
+    let mut found = Vec::new();
+    for f in &a.filters {
+        for (_, perm, princ) in &f.policies {
+            leaves(Some(perm), Some(princ), &mut found);
+        }
+    }
+    found.sort_unstable();
+    assert_eq!(
+        found,
+        [2, 3, 101],
+        "paths, hosts and principals, one leaf each"
+    );
+
+    let req = |path: &'static str, host: &'static str, principal| Req {
+        path,
+        host,
+        principal: Some(principal),
+        ..Req::default()
+    };
+    let client = "spiffe://cluster.local/ns/shop/sa/client";
+    assert!(allowed(
+        &p,
+        &req("/api/v42/x", "web.shop.svc.cluster.local", client)
+    ));
+    assert!(allowed(&p, &req("/img/a.png", "shop.example.com", client)));
+    assert!(allowed(
+        &p,
+        &req(
+            "/api/v99/",
+            "web.shop.svc.cluster.local",
+            "spiffe://other/sa/admin"
+        )
+    ));
+    assert!(!allowed(
+        &p,
+        &req("/api/v100/x", "web.shop.svc.cluster.local", client)
+    ));
+    assert!(!allowed(&p, &req("/api/v1/x", "other.shop", client)));
+    assert!(!allowed(
+        &p,
+        &req(
+            "/api/v1/x",
+            "web.shop.svc.cluster.local",
+            "spiffe://cluster.local/ns/shop/sa/b"
+        )
+    ));
 }
