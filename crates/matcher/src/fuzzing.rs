@@ -2,6 +2,10 @@
 //! them on stable Rust too (`tests/fuzz_bodies.rs`). Each turns arbitrary bytes into rule
 //! tables and requests, and panics on a wrong answer; neither may panic otherwise.
 
+use std::collections::HashMap;
+
+use regex::bytes::Regex;
+
 use crate::{
     Attr, Budget, Condition, Pattern, Request, Rule, SimpleRequest, StringMatch, Table, Test,
 };
@@ -156,9 +160,7 @@ pub fn matcher(data: &[u8]) {
         scheme: b"http",
         headers: &headers,
     };
-    let want = rules
-        .iter()
-        .position(|r| r.conditions.iter().all(|c| holds(c, &req)));
+    let want = Reference::default().first_match(&rules, &req);
     let table = Table::compile(rules.clone()).expect("generated rules compile");
     assert_eq!(table.first_match(&req), want, "{rules:?} {req:?}");
     let small = Table::compile_with(rules.clone(), &tight()).expect("generated rules compile");
@@ -169,45 +171,65 @@ pub fn matcher(data: &[u8]) {
     );
 }
 
-/// One condition, evaluated naively from the documented semantics.
-fn holds(c: &Condition, req: &impl Request) -> bool {
-    let value = match &c.attr {
-        Attr::Path => Some(req.path()),
-        Attr::Authority => Some(req.authority()),
-        Attr::Method => Some(req.method()),
-        Attr::Scheme => Some(req.scheme()),
-        Attr::Header(n) => req.header(n),
-        Attr::Query(n) => req.query(n),
-    };
-    let result = match (&c.test, value) {
-        (Test::Present, v) => v.is_some(),
-        (Test::Absent, v) => v.is_none(),
-        (Test::Matches(_), None) => false,
-        (Test::Matches(m), Some(raw)) => {
-            let fold = |x: &[u8]| {
-                if m.ignore_case {
-                    x.to_ascii_lowercase()
-                } else {
-                    x.to_vec()
-                }
-            };
-            let v = fold(raw);
-            match &m.pattern {
-                Pattern::Exact(l) => v == fold(l.as_bytes()),
-                Pattern::Prefix(l) => v.starts_with(&fold(l.as_bytes())),
-                Pattern::Suffix(l) => v.ends_with(&fold(l.as_bytes())),
-                Pattern::Contains(l) => {
-                    let l = fold(l.as_bytes());
-                    l.is_empty() || v.windows(l.len()).any(|w| w == l)
-                }
-                Pattern::Regex(p) => {
-                    let flags = if m.ignore_case { "(?i)" } else { "" };
-                    regex::bytes::Regex::new(&format!("{flags}^(?:{p})$"))
-                        .expect("listed regexes compile")
-                        .is_match(raw)
-                }
+/// The reference the matcher is checked against (here and by the equivalence tests): each
+/// rule in order, each condition straight from the documented semantics, allocating freely.
+/// Regexes are compiled once each.
+#[derive(Default)]
+pub struct Reference {
+    regexes: HashMap<(String, bool), Regex>,
+}
+
+impl Reference {
+    /// The first rule all of whose conditions hold.
+    pub fn first_match(&mut self, rules: &[Rule], req: &impl Request) -> Option<usize> {
+        rules
+            .iter()
+            .position(|r| r.conditions.iter().all(|c| self.holds(c, req)))
+    }
+
+    fn holds(&mut self, c: &Condition, req: &impl Request) -> bool {
+        let value = match &c.attr {
+            Attr::Path => Some(req.path()),
+            Attr::Authority => Some(req.authority()),
+            Attr::Method => Some(req.method()),
+            Attr::Scheme => Some(req.scheme()),
+            Attr::Header(n) => req.header(n),
+            Attr::Query(n) => req.query(n),
+        };
+        let result = match (&c.test, value) {
+            (Test::Present, v) => v.is_some(),
+            (Test::Absent, v) => v.is_none(),
+            (Test::Matches(_), None) => false,
+            (Test::Matches(m), Some(v)) => self.string_match(m, v),
+        };
+        result != c.invert
+    }
+
+    fn string_match(&mut self, m: &StringMatch, value: &[u8]) -> bool {
+        let fold = |x: &[u8]| {
+            if m.ignore_case {
+                x.to_ascii_lowercase()
+            } else {
+                x.to_vec()
             }
+        };
+        let v = fold(value);
+        match &m.pattern {
+            Pattern::Exact(l) => v == fold(l.as_bytes()),
+            Pattern::Prefix(l) => v.starts_with(&fold(l.as_bytes())),
+            Pattern::Suffix(l) => v.ends_with(&fold(l.as_bytes())),
+            Pattern::Contains(l) => {
+                let l = fold(l.as_bytes());
+                l.is_empty() || v.windows(l.len()).any(|w| w == l)
+            }
+            Pattern::Regex(p) => self
+                .regexes
+                .entry((p.clone(), m.ignore_case))
+                .or_insert_with(|| {
+                    let flags = if m.ignore_case { "(?i)" } else { "" };
+                    Regex::new(&format!("{flags}^(?:{p})$")).expect("listed regexes compile")
+                })
+                .is_match(value),
         }
-    };
-    result != c.invert
+    }
 }

@@ -1,13 +1,9 @@
-//! A large random table must give the same answer as a naive reference evaluation written here
-//! from the documented semantics. The reference is what a replacement engine must also agree
-//! with.
+//! A large random table must give the same answer as a naive reference evaluation from the
+//! documented semantics (`hypha_matcher::fuzzing::Reference`, which the fuzz targets check
+//! against too). The reference is what a replacement engine must also agree with.
 
-use std::collections::HashMap;
-
-use hypha_matcher::{
-    Attr, Condition, Pattern, Request, Rule, SimpleRequest, StringMatch, Table, Test,
-};
-use regex::bytes::Regex;
+use hypha_matcher::fuzzing::Reference;
+use hypha_matcher::{Attr, Condition, Pattern, Rule, SimpleRequest, StringMatch, Table, Test};
 
 /// SplitMix64: tiny, deterministic, good enough to spread test cases.
 struct Rng(u64);
@@ -173,67 +169,6 @@ fn random_request(rng: &mut Rng) -> Parts {
     }
 }
 
-/// The reference: straight from the documented semantics, allocating freely.
-struct Reference {
-    regexes: HashMap<(String, bool), Regex>,
-}
-
-impl Reference {
-    fn regex(&mut self, pattern: &str, ignore_case: bool) -> &Regex {
-        self.regexes
-            .entry((pattern.to_owned(), ignore_case))
-            .or_insert_with(|| {
-                let flags = if ignore_case { "(?i)" } else { "" };
-                Regex::new(&format!("{flags}^(?:{pattern})$")).unwrap()
-            })
-    }
-
-    fn string_match(&mut self, m: &StringMatch, value: &[u8]) -> bool {
-        let fold = |b: &[u8]| -> Vec<u8> {
-            if m.ignore_case {
-                b.to_ascii_lowercase()
-            } else {
-                b.to_vec()
-            }
-        };
-        let v = fold(value);
-        match &m.pattern {
-            Pattern::Exact(l) => v == fold(l.as_bytes()),
-            Pattern::Prefix(l) => v.starts_with(&fold(l.as_bytes())),
-            Pattern::Suffix(l) => v.ends_with(&fold(l.as_bytes())),
-            Pattern::Contains(l) => {
-                let l = fold(l.as_bytes());
-                l.is_empty() || v.windows(l.len()).any(|w| w == l)
-            }
-            Pattern::Regex(p) => self.regex(p, m.ignore_case).is_match(value),
-        }
-    }
-
-    fn condition(&mut self, c: &Condition, req: &impl Request) -> bool {
-        let value = match &c.attr {
-            Attr::Path => Some(req.path()),
-            Attr::Authority => Some(req.authority()),
-            Attr::Method => Some(req.method()),
-            Attr::Scheme => Some(req.scheme()),
-            Attr::Header(n) => req.header(n),
-            Attr::Query(n) => req.query(n),
-        };
-        let result = match (&c.test, value) {
-            (Test::Present, v) => v.is_some(),
-            (Test::Absent, v) => v.is_none(),
-            (Test::Matches(_), None) => false,
-            (Test::Matches(m), Some(v)) => self.string_match(m, v),
-        };
-        result ^ c.invert
-    }
-
-    fn first_match(&mut self, rules: &[Rule], req: &impl Request) -> Option<usize> {
-        rules
-            .iter()
-            .position(|r| r.conditions.iter().all(|c| self.condition(c, req)))
-    }
-}
-
 #[test]
 fn ten_thousand_rules_agree_with_the_reference() {
     let mut rng = Rng(0x0048_7970_6861);
@@ -263,9 +198,7 @@ fn ten_thousand_rules_agree_with_the_reference() {
 
 /// Checks `n` random requests; returns how many matched and the sum of the matching indices.
 fn check_requests(rules: &[Rule], table: &Table, mut rng: Rng, n: usize) -> (usize, usize) {
-    let mut reference = Reference {
-        regexes: HashMap::new(),
-    };
+    let mut reference = Reference::default();
     let (mut found, mut positions) = (0, 0);
     for _ in 0..n {
         let parts = random_request(&mut rng);
