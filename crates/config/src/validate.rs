@@ -730,7 +730,7 @@ impl<'a> Validator<'a> {
                 );
             }
             if let Some(rr) = &rw.uri_regex_rewrite {
-                regex(
+                rewrite_regex(
                     src,
                     &format!("{rp}.uriRegexRewrite.match"),
                     &rr.pattern,
@@ -1412,22 +1412,30 @@ fn string_match(
     }
 }
 
-/// The size limit the proxy's matcher compiles each regex with (`hypha-matcher`), so a pattern
-/// that passes here is not refused by the proxy.
-const REGEX_SIZE_LIMIT: usize = 1 << 20;
-
+/// A match regex: checked by the proxy's matcher itself (`hypha-matcher`, RE2 semantics and
+/// size limits), so a pattern that passes here is not refused by the proxy, and the reverse.
 fn regex(src: &Source, path: &str, pattern: &str, diags: &mut Diagnostics) {
-    let compiled = regex::RegexBuilder::new(pattern)
-        .size_limit(REGEX_SIZE_LIMIT)
-        .build();
-    if let Err(e) = compiled {
+    if let Err(e) = hypha_matcher::check_regex(pattern) {
+        let last = e.lines().last().unwrap_or("").trim().to_string();
+        diags.error(
+            "invalid-regex",
+            src,
+            path,
+            format!("regex {pattern:?} does not compile (RE2 syntax): {last}"),
+        );
+    }
+}
+
+/// A rewrite regex: the proxy compiles it with the `regex` crate's defaults, and so does this.
+fn rewrite_regex(src: &Source, path: &str, pattern: &str, diags: &mut Diagnostics) {
+    if let Err(e) = regex::Regex::new(pattern) {
         let detail = e.to_string();
         let last = detail.lines().last().unwrap_or("").trim().to_string();
         diags.error(
             "invalid-regex",
             src,
             path,
-            format!("regex {pattern:?} does not compile (RE2 syntax): {last}"),
+            format!("regex {pattern:?} does not compile: {last}"),
         );
     }
 }

@@ -94,6 +94,46 @@ spec:
     );
 }
 
+/// Match regexes are checked by the proxy's own matcher: RE2's ASCII `\\w` makes
+/// `\\w{500}` small enough (the Unicode `\\w` of the `regex` crate would not be), while a
+/// Unicode class repeated as often is too large for the proxy and refused here too.
+#[test]
+fn regexes_are_checked_as_the_proxy_compiles_them() {
+    let src = format!(
+        "{SERVICES}apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: web, namespace: shop}}
+spec:
+  hosts: [web]
+  http:
+  - match:
+    - uri: {{regex: \"/t/\\\\w{{500}}\"}}
+    route:
+    - destination: {{host: web}}
+  - match:
+    - uri: {{regex: \"/t/\\\\pL{{500}}\"}}
+    route:
+    - destination: {{host: web}}
+"
+    );
+    assert!(
+        regex::RegexBuilder::new(r"\w{500}")
+            .size_limit(1 << 20)
+            .build()
+            .is_err(),
+        "the test needs a pattern that Unicode `\\w` makes too large"
+    );
+    assert_eq!(
+        errors(&src),
+        vec![e(
+            "invalid-regex",
+            32,
+            13,
+            "spec.http[1].match[0].uri.regex"
+        )]
+    );
+}
+
 #[test]
 fn weights_must_sum_to_100_and_stay_in_range() {
     let src = format!(

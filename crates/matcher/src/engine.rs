@@ -556,6 +556,10 @@ fn compile_regex(pattern: &str, ignore_case: bool) -> Result<Regex, String> {
         .map_err(|e| format!("regex {pattern:?} does not compile: {e}"))
 }
 
+pub(crate) fn check_regex(pattern: &str) -> Result<(), String> {
+    compile_regex(pattern, false).map(drop)
+}
+
 impl CompiledCondition {
     /// Rough relative cost of evaluating the condition, to order a rule's conditions.
     fn cost(&self) -> u8 {

@@ -179,6 +179,13 @@ impl Table {
     }
 }
 
+/// Whether `pattern` compiles as a case-sensitive [`Pattern::Regex`] (RE2 syntax, within the size limit the
+/// table compiles each regex with), so config validation refuses exactly what a [`Table`] would.
+/// The error names the pattern and the problem.
+pub fn check_regex(pattern: &str) -> Result<(), String> {
+    engine::check_regex(pattern)
+}
+
 /// One condition that does not compile.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("rule {rule}, condition {condition}: {message}")]
