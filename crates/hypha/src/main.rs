@@ -89,6 +89,19 @@ enum Command {
         #[arg(long, default_value = "software", value_parser = |s: &str| s.parse::<hypha_demo::Keys>())]
         keys: hypha_demo::Keys,
     },
+    /// The node agent for the same-host TCP/IP bypass (root): attach the eBPF sockops +
+    /// sk_msg programs to a cgroup v2, serve their counters on /metrics, detach on SIGINT or
+    /// SIGTERM. Connections established afterwards between two sockets of the cgroup skip the
+    /// TCP/IP stack.
+    Bypass {
+        /// The cgroup v2 directory (e.g. /sys/fs/cgroup, or /sys/fs/cgroup/unified on a hybrid
+        /// system, for every process on the machine).
+        #[arg(long)]
+        cgroup: PathBuf,
+        /// Where to serve the counters (`GET /metrics`, Prometheus text).
+        #[arg(long, default_value = "127.0.0.1:15092")]
+        metrics: SocketAddr,
+    },
     /// One of the demo's sample apps (started by `hypha demo`).
     #[command(hide = true)]
     DemoApp {
@@ -300,6 +313,10 @@ fn main() -> ExitCode {
             concurrency,
             keys,
         } => demo(serve, requests, concurrency, keys),
+        Command::Bypass { cgroup, metrics } => run_on(1, async move {
+            hypha_bypass::serve(&cgroup, Some(metrics), stop_signal()).await?;
+            Ok(())
+        }),
         Command::DemoApp {
             role,
             listen,
@@ -378,6 +395,23 @@ fn check(path: &std::path::Path, output: Output) -> ExitCode {
 
 fn run(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
     run_on(0, fut)
+}
+
+/// Completes on SIGINT or SIGTERM (never, if the handlers cannot be installed: said once).
+async fn stop_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "no SIGTERM handler; stop with Ctrl-C");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
 }
 
 /// Runs `fut` on a runtime with `workers` threads (0: one per core; 1: single-threaded).

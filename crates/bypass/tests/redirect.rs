@@ -1,0 +1,329 @@
+//! The bypass against the real kernel: programs attached to a cgroup v2 made for the test, the
+//! test process moved into it, TCP connections over loopback in both families. Needs root
+//! (CAP_BPF, CAP_NET_ADMIN, writing cgroups): CI runs as root; elsewhere each test says loudly
+//! that it did not run, and in CI (`CI` set) a missing privilege fails it instead.
+//!
+//! The tests share one process, and a socket belongs to the cgroup its creator was in, so
+//! they run one at a time (`SERIAL`), each in a cgroup of its own.
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::Mutex;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use hypha_bypass::{Bypass, Counters};
+use hypha_testkit::{privileged, TestCgroup};
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn pattern(offset: usize, len: usize) -> Vec<u8> {
+    (offset..offset + len)
+        .map(|i| (i.wrapping_mul(31) ^ (i >> 9)) as u8)
+        .collect()
+}
+
+/// A read as a blocking reader that tolerates the redirect's one quirk: on a socket in the
+/// map, the kernel's receive path for redirected data (`tcp_bpf_recvmsg`) can return EAGAIN
+/// to a *blocking* read that was woken without data (e.g. by write space on the same socket).
+/// Event-driven readers (epoll, tokio: the sidecars) retry anyway; so does this.
+fn read_some(s: &mut TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        match s.read(buf) {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) =>
+            {
+                thread::yield_now();
+            }
+            r => return r,
+        }
+    }
+}
+
+fn read_to_end(s: &mut TcpStream, out: &mut Vec<u8>) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = read_some(s, &mut buf).unwrap();
+        if n == 0 {
+            return;
+        }
+        out.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// Connects to a fresh listener on `addr`; returns (client, server).
+fn pair(listen: &str, connect_ip: &str) -> (TcpStream, TcpStream) {
+    let l = TcpListener::bind(listen).unwrap();
+    let port = l.local_addr().unwrap().port();
+    let c = TcpStream::connect(format!("{connect_ip}:{port}")).unwrap();
+    let (s, _) = l.accept().unwrap();
+    (c, s)
+}
+
+/// Sends `len` pattern bytes from `a` while `b` echoes them back; checks every byte.
+fn echo(mut a: TcpStream, mut b: TcpStream, len: usize) {
+    let echoer = thread::spawn(move || {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = read_some(&mut b, &mut buf).unwrap();
+            if n == 0 {
+                b.shutdown(Shutdown::Write).unwrap();
+                return;
+            }
+            b.write_all(&buf[..n]).unwrap();
+        }
+    });
+    let data = pattern(0, len);
+    let mut reader = a.try_clone().unwrap();
+    let checker = thread::spawn(move || {
+        let mut got = Vec::with_capacity(len);
+        read_to_end(&mut reader, &mut got);
+        got
+    });
+    for chunk in data.chunks(100_000) {
+        a.write_all(chunk).unwrap();
+    }
+    a.shutdown(Shutdown::Write).unwrap();
+    let got = checker.join().unwrap();
+    echoer.join().unwrap();
+    assert_eq!(got.len(), data.len(), "bytes echoed");
+    assert!(got == data, "the echoed bytes differ from the sent ones");
+}
+
+fn delta(after: Counters, before: Counters) -> Counters {
+    Counters {
+        sockets_recorded: after.sockets_recorded - before.sockets_recorded,
+        sockets_refused: after.sockets_refused - before.sockets_refused,
+        messages_redirected: after.messages_redirected - before.messages_redirected,
+        bytes_redirected: after.bytes_redirected - before.bytes_redirected,
+        messages_passed: after.messages_passed - before.messages_passed,
+        sockets: after.sockets,
+    }
+}
+
+/// Bytes through the loopback interface so far (received; loopback sends what it receives).
+fn loopback_bytes() -> u64 {
+    let dev = std::fs::read_to_string("/proc/net/dev").unwrap();
+    dev.lines()
+        .find_map(|l| l.trim_start().strip_prefix("lo:"))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|b| b.parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn redirects_ipv4_ipv6_and_dual_stack_and_skips_loopback() {
+    if !privileged("redirects_ipv4_ipv6_and_dual_stack_and_skips_loopback") {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let cg = TestCgroup::enter("bypass-families");
+    let bypass = Bypass::attach(cg.path()).unwrap();
+    const LEN: usize = 8 << 20;
+    for (listen, connect) in [
+        ("127.0.0.1:0", "127.0.0.1"),
+        ("[::1]:0", "[::1]"),
+        // A dual-stack listener: its socket is IPv6 with IPv4-mapped addresses, the client's
+        // IPv4; the map keys both as IPv4 so they find each other.
+        ("[::]:0", "127.0.0.1"),
+    ] {
+        let before = bypass.counters().unwrap();
+        let lo = loopback_bytes();
+        let (c, s) = pair(listen, connect);
+        echo(c, s, LEN);
+        let lo = loopback_bytes() - lo;
+        let d = delta(bypass.counters().unwrap(), before);
+        assert_eq!(d.sockets_recorded, 2, "{listen}: both ends recorded: {d:?}");
+        assert_eq!(d.sockets_refused, 0, "{listen}: {d:?}");
+        assert!(
+            d.bytes_redirected >= 2 * LEN as u64,
+            "{listen}: both directions' bytes redirected: {d:?}"
+        );
+        assert_eq!(d.messages_passed, 0, "{listen}: {d:?}");
+        // The handshake and FINs still cross loopback; 16 MiB of data must not have.
+        assert!(
+            lo < (LEN / 8) as u64,
+            "{listen}: {lo} bytes crossed loopback for {} bytes of data",
+            2 * LEN
+        );
+    }
+    // Closed sockets leave the map.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while bypass.counters().unwrap().sockets != 0 {
+        assert!(Instant::now() < deadline, "closed sockets stay in the map");
+        thread::sleep(Duration::from_millis(20));
+    }
+    bypass.detach().unwrap();
+}
+
+#[test]
+fn many_connections_half_close_and_reset() {
+    if !privileged("many_connections_half_close_and_reset") {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let cg = TestCgroup::enter("bypass-many");
+    let bypass = Bypass::attach(cg.path()).unwrap();
+    let before = bypass.counters().unwrap();
+
+    // 64 connections at once, each its own pattern through an echo.
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let server = thread::spawn(move || {
+        (0..64)
+            .map(|_| {
+                let (mut s, _) = l.accept().unwrap();
+                thread::spawn(move || {
+                    let mut buf = vec![0u8; 16 * 1024];
+                    loop {
+                        let n = read_some(&mut s, &mut buf).unwrap();
+                        if n == 0 {
+                            s.shutdown(Shutdown::Write).unwrap();
+                            return;
+                        }
+                        s.write_all(&buf[..n]).unwrap();
+                    }
+                })
+            })
+            .collect::<Vec<_>>()
+    });
+    let clients: Vec<_> = (0..64)
+        .map(|i| {
+            thread::spawn(move || {
+                let mut c = TcpStream::connect(addr).unwrap();
+                let data = pattern(i * 7919, 256 * 1024);
+                let mut r = c.try_clone().unwrap();
+                let reader = thread::spawn(move || {
+                    let mut got = Vec::new();
+                    read_to_end(&mut r, &mut got);
+                    got
+                });
+                c.write_all(&data).unwrap();
+                c.shutdown(Shutdown::Write).unwrap();
+                assert!(
+                    reader.join().unwrap() == data,
+                    "connection {i}: bytes differ"
+                );
+            })
+        })
+        .collect();
+    for c in clients {
+        c.join().unwrap();
+    }
+    for s in server.join().unwrap() {
+        s.join().unwrap();
+    }
+    let d = delta(bypass.counters().unwrap(), before);
+    assert_eq!(d.sockets_recorded, 128, "{d:?}");
+    assert!(d.bytes_redirected >= 2 * 64 * 256 * 1024, "{d:?}");
+
+    // Half-close: the client stops sending and still receives the whole answer.
+    let (mut c, mut s) = pair("127.0.0.1:0", "127.0.0.1");
+    c.write_all(b"question").unwrap();
+    c.shutdown(Shutdown::Write).unwrap();
+    let mut q = Vec::new();
+    read_to_end(&mut s, &mut q);
+    assert_eq!(q, b"question");
+    let answer = pattern(3, 1 << 20);
+    s.write_all(&answer).unwrap();
+    drop(s);
+    let mut a = Vec::new();
+    read_to_end(&mut c, &mut a);
+    assert!(a == answer, "the answer after a half-close differs");
+
+    // Reset: the peer of a connection closed with SO_LINGER 0 sees the reset (or the end of
+    // the stream), never a hang, and the bypass keeps working for the next connection.
+    let (c, mut s) = pair("[::1]:0", "[::1]");
+    let mut c = c;
+    c.write_all(b"before the reset").unwrap();
+    socket2::SockRef::from(&c)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(c);
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = [0u8; 64];
+    let mut got = Vec::new();
+    let end = loop {
+        match read_some(&mut s, &mut buf) {
+            Ok(0) => break "eof",
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => break "reset",
+            Err(e) => panic!("reading after the peer's reset: {e}"),
+        }
+    };
+    assert!(
+        got.is_empty() || got == b"before the reset",
+        "{end}: got {got:?}"
+    );
+    let (c, s) = pair("[::1]:0", "[::1]");
+    echo(c, s, 1 << 20);
+    bypass.detach().unwrap();
+}
+
+#[test]
+fn detaching_mid_stream_loses_nothing_and_old_sockets_are_not_bypassed() {
+    if !privileged("detaching_mid_stream_loses_nothing_and_old_sockets_are_not_bypassed") {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let cg = TestCgroup::enter("bypass-detach");
+    // A connection from before the attach is never recorded, so never redirected.
+    let (mut old_c, mut old_s) = pair("127.0.0.1:0", "127.0.0.1");
+    let bypass = Bypass::attach(cg.path()).unwrap();
+    let before = bypass.counters().unwrap();
+    old_c.write_all(&pattern(0, 1 << 20)).unwrap();
+    let mut got = vec![0u8; 1 << 20];
+    let mut n = 0;
+    while n < got.len() {
+        n += read_some(&mut old_s, &mut got[n..]).unwrap();
+    }
+    assert!(got == pattern(0, 1 << 20));
+    let d = delta(bypass.counters().unwrap(), before);
+    assert_eq!(
+        (d.sockets_recorded, d.bytes_redirected),
+        (0, 0),
+        "old socket: {d:?}"
+    );
+
+    // A stream that runs while the bypass is detached under it.
+    const LEN: usize = 64 << 20;
+    let (mut c, mut s) = pair("[::1]:0", "[::1]");
+    let reader = thread::spawn(move || {
+        let mut got = Vec::with_capacity(LEN);
+        read_to_end(&mut s, &mut got);
+        got
+    });
+    let writer = thread::spawn(move || {
+        for (i, chunk) in pattern(0, LEN).chunks(64 * 1024).enumerate() {
+            c.write_all(chunk).unwrap();
+            if i % 64 == 0 {
+                thread::sleep(Duration::from_millis(2));
+            }
+        }
+        c.shutdown(Shutdown::Write).unwrap();
+    });
+    // Detach once some of the stream went through the redirect.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while bypass.counters().unwrap().bytes_redirected - before.bytes_redirected < (LEN / 8) as u64 {
+        assert!(Instant::now() < deadline, "the stream is not redirected");
+        thread::sleep(Duration::from_millis(1));
+    }
+    let at_detach = bypass.counters().unwrap().bytes_redirected - before.bytes_redirected;
+    bypass.detach().unwrap();
+    writer.join().unwrap();
+    let got = reader.join().unwrap();
+    assert!(at_detach < LEN as u64, "the stream ended before the detach");
+    assert_eq!(got.len(), LEN, "bytes after a detach mid-stream");
+    assert!(
+        got == pattern(0, LEN),
+        "bytes differ after a detach mid-stream"
+    );
+
+    // And connections made after the detach work on the normal path.
+    let (c, s) = pair("127.0.0.1:0", "127.0.0.1");
+    echo(c, s, 1 << 20);
+    drop(cg);
+}
