@@ -82,37 +82,50 @@ static __always_inline __u32 remote_port(__u32 raw)
     return __builtin_bswap32(raw) & 0xffff;
 }
 
+// Fills `k` with one end's view of a connection: `local` and `remote` are its own and its
+// peer's addresses as the context gives them (IPv4 in `l4`/`r4`, IPv6 in `l6`/`r6`).
+// Returns 0, or -1 for a family that is neither.
+static __always_inline int make_key(struct key *k, __u32 family, __u32 l4, __u32 r4,
+                                    const __u32 l6[4], const __u32 r6[4], __u32 local_port,
+                                    __u32 remote_port)
+{
+    if (family == AF_INET) {
+        k->family = 4;
+        k->local_ip[0] = l4;
+        k->remote_ip[0] = r4;
+    } else if (family == AF_INET6) {
+        if (is_v4_mapped(l6) && is_v4_mapped(r6)) {
+            k->family = 4;
+            k->local_ip[0] = l6[3];
+            k->remote_ip[0] = r6[3];
+        } else {
+            k->family = 6;
+            for (int i = 0; i < 4; i++) {
+                k->local_ip[i] = l6[i];
+                k->remote_ip[i] = r6[i];
+            }
+        }
+    } else {
+        return -1;
+    }
+    k->local_port = local_port;
+    k->remote_port = remote_port;
+    return 0;
+}
+
 SEC("sockops")
 int hypha_sockops(struct bpf_sock_ops *ops)
 {
     if (ops->op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB &&
         ops->op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB)
         return 1;
+    // Context fields are read one by one (the verifier allows no pointer into the context).
+    __u32 l6[4] = {ops->local_ip6[0], ops->local_ip6[1], ops->local_ip6[2], ops->local_ip6[3]};
+    __u32 r6[4] = {ops->remote_ip6[0], ops->remote_ip6[1], ops->remote_ip6[2], ops->remote_ip6[3]};
     struct key k = {};
-    if (ops->family == AF_INET) {
-        k.family = 4;
-        k.local_ip[0] = ops->local_ip4;
-        k.remote_ip[0] = ops->remote_ip4;
-    } else if (ops->family == AF_INET6) {
-        __u32 local[4] = {ops->local_ip6[0], ops->local_ip6[1], ops->local_ip6[2], ops->local_ip6[3]};
-        __u32 remote[4] = {ops->remote_ip6[0], ops->remote_ip6[1], ops->remote_ip6[2],
-                           ops->remote_ip6[3]};
-        if (is_v4_mapped(local) && is_v4_mapped(remote)) {
-            k.family = 4;
-            k.local_ip[0] = local[3];
-            k.remote_ip[0] = remote[3];
-        } else {
-            k.family = 6;
-            for (int i = 0; i < 4; i++) {
-                k.local_ip[i] = local[i];
-                k.remote_ip[i] = remote[i];
-            }
-        }
-    } else {
+    if (make_key(&k, ops->family, ops->local_ip4, ops->remote_ip4, l6, r6, ops->local_port,
+                 remote_port(ops->remote_port)))
         return 1;
-    }
-    k.local_port = ops->local_port;
-    k.remote_port = remote_port(ops->remote_port);
     if (bpf_sock_hash_update(ops, &hypha_socks, &k, BPF_ANY) == 0)
         count(SOCKETS_RECORDED, 1);
     else
@@ -123,32 +136,13 @@ int hypha_sockops(struct bpf_sock_ops *ops)
 SEC("sk_msg")
 int hypha_sk_msg(struct sk_msg_md *msg)
 {
-    // The key of the other end: its local address is our remote one.
+    __u32 l6[4] = {msg->local_ip6[0], msg->local_ip6[1], msg->local_ip6[2], msg->local_ip6[3]};
+    __u32 r6[4] = {msg->remote_ip6[0], msg->remote_ip6[1], msg->remote_ip6[2], msg->remote_ip6[3]};
+    // The key of the other end: its local address and port are our remote ones.
     struct key peer = {};
-    if (msg->family == AF_INET) {
-        peer.family = 4;
-        peer.local_ip[0] = msg->remote_ip4;
-        peer.remote_ip[0] = msg->local_ip4;
-    } else if (msg->family == AF_INET6) {
-        __u32 local[4] = {msg->local_ip6[0], msg->local_ip6[1], msg->local_ip6[2], msg->local_ip6[3]};
-        __u32 remote[4] = {msg->remote_ip6[0], msg->remote_ip6[1], msg->remote_ip6[2],
-                           msg->remote_ip6[3]};
-        if (is_v4_mapped(local) && is_v4_mapped(remote)) {
-            peer.family = 4;
-            peer.local_ip[0] = remote[3];
-            peer.remote_ip[0] = local[3];
-        } else {
-            peer.family = 6;
-            for (int i = 0; i < 4; i++) {
-                peer.local_ip[i] = remote[i];
-                peer.remote_ip[i] = local[i];
-            }
-        }
-    } else {
+    if (make_key(&peer, msg->family, msg->remote_ip4, msg->local_ip4, r6, l6,
+                 remote_port(msg->remote_port), msg->local_port))
         return SK_PASS;
-    }
-    peer.local_port = remote_port(msg->remote_port);
-    peer.remote_port = msg->local_port;
     __u64 len = msg->size;
     if (bpf_msg_redirect_hash(msg, &hypha_socks, &peer, BPF_F_INGRESS) == SK_PASS) {
         count(MSGS_REDIRECTED, 1);

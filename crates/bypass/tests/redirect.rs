@@ -6,14 +6,14 @@
 //! The tests share one process, and a socket belongs to the cgroup its creator was in, so
 //! they run one at a time (`SERIAL`), each in a cgroup of its own.
 
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::Mutex;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use hypha_bypass::{Bypass, Counters};
-use hypha_testkit::{privileged, TestCgroup};
+use hypha_testkit::{loopback_bytes, privileged, read_some, read_to_end, TestCgroup};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -21,37 +21,6 @@ fn pattern(offset: usize, len: usize) -> Vec<u8> {
     (offset..offset + len)
         .map(|i| (i.wrapping_mul(31) ^ (i >> 9)) as u8)
         .collect()
-}
-
-/// A read as a blocking reader that tolerates the redirect's one quirk: on a socket in the
-/// map, the kernel's receive path for redirected data (`tcp_bpf_recvmsg`) can return EAGAIN
-/// to a *blocking* read that was woken without data (e.g. by write space on the same socket).
-/// Event-driven readers (epoll, tokio: the sidecars) retry anyway; so does this.
-fn read_some(s: &mut TcpStream, buf: &mut [u8]) -> io::Result<usize> {
-    loop {
-        match s.read(buf) {
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-                ) =>
-            {
-                thread::yield_now();
-            }
-            r => return r,
-        }
-    }
-}
-
-fn read_to_end(s: &mut TcpStream, out: &mut Vec<u8>) {
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let n = read_some(s, &mut buf).unwrap();
-        if n == 0 {
-            return;
-        }
-        out.extend_from_slice(&buf[..n]);
-    }
 }
 
 /// Connects to a fresh listener on `addr`; returns (client, server).
@@ -78,11 +47,7 @@ fn echo(mut a: TcpStream, mut b: TcpStream, len: usize) {
     });
     let data = pattern(0, len);
     let mut reader = a.try_clone().unwrap();
-    let checker = thread::spawn(move || {
-        let mut got = Vec::with_capacity(len);
-        read_to_end(&mut reader, &mut got);
-        got
-    });
+    let checker = thread::spawn(move || read_to_end(&mut reader).unwrap());
     for chunk in data.chunks(100_000) {
         a.write_all(chunk).unwrap();
     }
@@ -102,16 +67,6 @@ fn delta(after: Counters, before: Counters) -> Counters {
         messages_passed: after.messages_passed - before.messages_passed,
         sockets: after.sockets,
     }
-}
-
-/// Bytes through the loopback interface so far (received; loopback sends what it receives).
-fn loopback_bytes() -> u64 {
-    let dev = std::fs::read_to_string("/proc/net/dev").unwrap();
-    dev.lines()
-        .find_map(|l| l.trim_start().strip_prefix("lo:"))
-        .and_then(|l| l.split_whitespace().next())
-        .and_then(|b| b.parse().ok())
-        .unwrap()
 }
 
 #[test]
@@ -196,11 +151,7 @@ fn many_connections_half_close_and_reset() {
                 let mut c = TcpStream::connect(addr).unwrap();
                 let data = pattern(i * 7919, 256 * 1024);
                 let mut r = c.try_clone().unwrap();
-                let reader = thread::spawn(move || {
-                    let mut got = Vec::new();
-                    read_to_end(&mut r, &mut got);
-                    got
-                });
+                let reader = thread::spawn(move || read_to_end(&mut r).unwrap());
                 c.write_all(&data).unwrap();
                 c.shutdown(Shutdown::Write).unwrap();
                 assert!(
@@ -224,14 +175,12 @@ fn many_connections_half_close_and_reset() {
     let (mut c, mut s) = pair("127.0.0.1:0", "127.0.0.1");
     c.write_all(b"question").unwrap();
     c.shutdown(Shutdown::Write).unwrap();
-    let mut q = Vec::new();
-    read_to_end(&mut s, &mut q);
+    let q = read_to_end(&mut s).unwrap();
     assert_eq!(q, b"question");
     let answer = pattern(3, 1 << 20);
     s.write_all(&answer).unwrap();
     drop(s);
-    let mut a = Vec::new();
-    read_to_end(&mut c, &mut a);
+    let a = read_to_end(&mut c).unwrap();
     assert!(a == answer, "the answer after a half-close differs");
 
     // Reset: the peer of a connection closed with SO_LINGER 0 sees the reset (or the end of
@@ -291,11 +240,7 @@ fn detaching_mid_stream_loses_nothing_and_old_sockets_are_not_bypassed() {
     // A stream that runs while the bypass is detached under it.
     const LEN: usize = 64 << 20;
     let (mut c, mut s) = pair("[::1]:0", "[::1]");
-    let reader = thread::spawn(move || {
-        let mut got = Vec::with_capacity(LEN);
-        read_to_end(&mut s, &mut got);
-        got
-    });
+    let reader = thread::spawn(move || read_to_end(&mut s).unwrap());
     let writer = thread::spawn(move || {
         for (i, chunk) in pattern(0, LEN).chunks(64 * 1024).enumerate() {
             c.write_all(chunk).unwrap();

@@ -2,41 +2,19 @@
 //! `/metrics` counts the redirected bytes of a connection made in the cgroup; on SIGTERM it
 //! exits cleanly and the programs are gone (a new connection's bytes cross loopback again).
 
-use std::io::{self, Read, Write};
+use std::io::Write;
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use hypha_testkit::{privileged, TestCgroup};
-
-/// Reads to the end, retrying the EAGAIN a blocking read of a redirected socket can see (see
-/// crates/bypass/tests/redirect.rs).
-fn read_all(s: &mut TcpStream) -> Vec<u8> {
-    let mut out = Vec::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        match s.read(&mut buf) {
-            Ok(0) => return out,
-            Ok(n) => out.extend_from_slice(&buf[..n]),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-                ) =>
-            {
-                thread::yield_now();
-            }
-            Err(e) => panic!("read: {e}"),
-        }
-    }
-}
+use hypha_testkit::{loopback_bytes, privileged, read_to_end, TestCgroup};
 
 fn metric(port: u16, name: &str) -> Option<u64> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
     s.write_all(b"GET /metrics HTTP/1.1\r\nhost: bypass\r\n\r\n")
         .ok()?;
-    let text = String::from_utf8(read_all(&mut s)).ok()?;
+    let text = String::from_utf8(read_to_end(&mut s).unwrap()).ok()?;
     if !text.starts_with("HTTP/1.1 200") {
         return None;
     }
@@ -51,20 +29,11 @@ fn transfer() -> u64 {
     let mut c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
     let (mut s, _) = l.accept().unwrap();
     let data: Vec<u8> = (0..1 << 20).map(|i: u32| (i % 251) as u8).collect();
-    let reader = thread::spawn(move || read_all(&mut s));
+    let reader = thread::spawn(move || read_to_end(&mut s).unwrap());
     c.write_all(&data).unwrap();
     c.shutdown(Shutdown::Write).unwrap();
     assert!(reader.join().unwrap() == data, "bytes differ");
     loopback_bytes() - lo
-}
-
-fn loopback_bytes() -> u64 {
-    let dev = std::fs::read_to_string("/proc/net/dev").unwrap();
-    dev.lines()
-        .find_map(|l| l.trim_start().strip_prefix("lo:"))
-        .and_then(|l| l.split_whitespace().next())
-        .and_then(|b| b.parse().ok())
-        .unwrap()
 }
 
 #[test]

@@ -2,6 +2,8 @@
 //! kernel's privileged parts (BPF, cgroups, later network namespaces) uses to set them up and
 //! to skip loudly where it cannot run.
 
+use std::io::{self, Read};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 
 /// Whether a test that needs root may run. As root: yes. Otherwise it says loudly that `test`
@@ -82,5 +84,49 @@ impl Drop for TestCgroup {
             }
         }
         let _ = std::fs::remove_dir(&self.path);
+    }
+}
+
+/// Bytes the loopback interface has received so far (it sends what it receives), from
+/// `/proc/net/dev`: a transfer that bypasses the TCP/IP stack barely moves it.
+pub fn loopback_bytes() -> u64 {
+    let dev = std::fs::read_to_string("/proc/net/dev").expect("/proc/net/dev");
+    dev.lines()
+        .find_map(|l| l.trim_start().strip_prefix("lo:"))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|b| b.parse().ok())
+        .expect("no lo in /proc/net/dev")
+}
+
+/// A blocking read that tolerates the socket redirect's one quirk: on a socket in a BPF
+/// socket map, the kernel's receive path for redirected data (`tcp_bpf_recvmsg`) can return
+/// EAGAIN to a *blocking* read woken without data (e.g. by write space on the same socket).
+/// Event-driven readers (epoll, tokio: the sidecars) retry anyway; so does this.
+pub fn read_some(s: &mut TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        match s.read(buf) {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) =>
+            {
+                std::thread::yield_now();
+            }
+            r => return r,
+        }
+    }
+}
+
+/// Reads to the end of the stream with [`read_some`].
+pub fn read_to_end(s: &mut TcpStream) -> io::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = read_some(s, &mut buf)?;
+        if n == 0 {
+            return Ok(out);
+        }
+        out.extend_from_slice(&buf[..n]);
     }
 }
