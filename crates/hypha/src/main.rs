@@ -178,9 +178,19 @@ struct ProxyArgs {
     /// The workload port the mesh addresses (defaults to the first --inbound port).
     #[arg(long)]
     inbound_port: Option<u16>,
-    /// Where the app listens.
+    /// Where the app listens. With --capture-inbound only its address counts (default
+    /// 127.0.0.1): each connection goes to its original destination port there.
     #[arg(long)]
     app: Option<SocketAddr>,
+    /// Transparent capture, inside a pod whose rules redirect to these ports (`hypha pod`):
+    /// listen for the app's redirected outbound TCP on this port of every address (Istio's
+    /// 15001) and route each connection by its original destination.
+    #[arg(long)]
+    capture_outbound: Option<u16>,
+    /// Listen for redirected inbound TCP on this port of every address (Istio's 15006); each
+    /// connection's original destination port picks its inbound chain and the app's port.
+    #[arg(long)]
+    capture_inbound: Option<u16>,
     /// Admin listener: /ready, /metrics, /config_dump, /clusters.
     #[arg(long, default_value = "127.0.0.1:15000")]
     admin: Option<SocketAddr>,
@@ -610,6 +620,8 @@ async fn proxy(a: ProxyArgs) -> anyhow::Result<()> {
         inbound: a.inbound,
         inbound_port: a.inbound_port,
         app: a.app,
+        capture_outbound: a.capture_outbound,
+        capture_inbound: a.capture_inbound,
         admin: a.admin,
         access_log: a.access_log,
         identity: a

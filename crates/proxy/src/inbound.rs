@@ -41,6 +41,9 @@ pub struct Inbound {
     pub app: SocketAddr,
     /// The workload certificate, for mutual-TLS chains.
     pub identity: Option<hypha_identity::Store>,
+    /// A capture listener (15006): each connection's original destination port picks its
+    /// chain and the app port, in place of `port` and `app`'s port.
+    pub captured: bool,
 }
 
 /// Who is calling, as far as the connection says.
@@ -53,6 +56,10 @@ struct Caller {
     sni: Option<Arc<str>>,
     /// The workload address and port the connection came to (`destination.*` in policies).
     destination: SocketAddr,
+    /// The chain's port.
+    port: u16,
+    /// Where the app listens for this connection.
+    app: SocketAddr,
 }
 
 /// Denied requests get this, as from Envoy's RBAC filter.
@@ -71,7 +78,7 @@ impl Inbound {
         } else {
             &cfg.inbound
         };
-        let (http2, cluster, authz) = match chains.get(&self.port) {
+        let (http2, cluster, authz) = match chains.get(&caller.port) {
             Some(Chain::Http { cluster, authz }) => (
                 cfg.clusters.get(&**cluster).is_some_and(|c| c.http2),
                 cluster.clone(),
@@ -103,7 +110,7 @@ impl Inbound {
             let grpc = h::is_grpc(&parts);
             match self
                 .upstreams
-                .send_direct(http2, self.app, parts, h::incoming(body))
+                .send_direct(http2, caller.app, parts, h::incoming(body))
                 .await
             {
                 Ok(mut resp) => {
@@ -162,9 +169,19 @@ impl Inbound {
     /// One accepted connection: TLS or plaintext, then HTTP or TCP by the port's chain.
     async fn connection(self: Arc<Self>, stream: TcpStream, peer: SocketAddr, drain: h::Drain) {
         let cfg = self.config.load_full();
-        let local = stream.local_addr().map_or(peer, |a| a);
-        let destination = SocketAddr::new(local.ip(), self.port);
-        let has_tls = cfg.inbound_tls.contains_key(&self.port);
+        let (destination, port, app) = if self.captured {
+            match crate::capture::original_dst(&stream) {
+                Ok(dst) => (dst, dst.port(), SocketAddr::new(self.app.ip(), dst.port())),
+                Err(e) => {
+                    debug!(%peer, error = %e, "captured connection without an original destination");
+                    return;
+                }
+            }
+        } else {
+            let local = stream.local_addr().map_or(peer, |a| a);
+            (SocketAddr::new(local.ip(), self.port), self.port, self.app)
+        };
+        let has_tls = cfg.inbound_tls.contains_key(&port);
         let tls = has_tls && {
             let mut first = [0u8; 1];
             match tokio::time::timeout(FIRST_BYTE, stream.peek(&mut first)).await {
@@ -173,13 +190,15 @@ impl Inbound {
             }
         };
         if !tls {
-            match cfg.inbound.get(&self.port) {
+            match cfg.inbound.get(&port) {
                 Some(Chain::Http { .. }) => {
                     let caller = Caller {
                         tls: false,
                         principal: None,
                         sni: None,
                         destination,
+                        port,
+                        app,
                     };
                     h::serve_connection(stream, peer, drain, move |req, peer| {
                         let (i, caller) = (self.clone(), caller.clone());
@@ -188,7 +207,7 @@ impl Inbound {
                     .await;
                 }
                 None if has_tls => {
-                    debug!(%peer, port = self.port, "plaintext refused: the port requires mutual TLS");
+                    debug!(%peer, port, "plaintext refused: the port requires mutual TLS");
                     self.telemetry.metrics.plaintext_refused();
                 }
                 Some(Chain::Tcp { authz, .. }) => {
@@ -197,14 +216,16 @@ impl Inbound {
                         principal: None,
                         sni: None,
                         destination,
+                        port,
+                        app,
                     };
                     let allowed = self.authorize_tcp(authz, peer, &caller);
                     if allowed {
-                        self.to_app(stream, peer, &drain).await;
+                        self.to_app(stream, peer, app, &drain).await;
                     }
                 }
                 // No chain: the bytes go to the app.
-                None => self.to_app(stream, peer, &drain).await,
+                None => self.to_app(stream, peer, app, &drain).await,
             }
             return;
         }
@@ -234,9 +255,11 @@ impl Inbound {
                 .servername(boring::ssl::NameType::HOST_NAME)
                 .map(Arc::from),
             destination,
+            port,
+            app,
         };
         let h2 = stream.ssl().selected_alpn_protocol() == Some(b"h2".as_slice());
-        match cfg.inbound_tls.get(&self.port) {
+        match cfg.inbound_tls.get(&port) {
             Some(Chain::Http { .. }) => {
                 h::serve_tls(stream, h2, peer, drain, move |req, peer| {
                     let (i, caller) = (self.clone(), caller.clone());
@@ -245,7 +268,7 @@ impl Inbound {
                 .await;
             }
             Some(Chain::Tcp { authz, .. }) if self.authorize_tcp(authz, peer, &caller) => {
-                self.to_app(stream, peer, &drain).await;
+                self.to_app(stream, peer, app, &drain).await;
             }
             // Denied, or no chain (the TLS chain went away meanwhile): closed.
             _ => {}
@@ -268,11 +291,12 @@ impl Inbound {
         &self,
         mut stream: S,
         peer: SocketAddr,
+        app: SocketAddr,
         drain: &h::Drain,
     ) {
         let _open = drain.open();
         let metrics = &self.telemetry.metrics;
-        match TcpStream::connect(self.app).await {
+        match TcpStream::connect(app).await {
             Ok(mut app) => {
                 let _ = app.set_nodelay(true);
                 metrics.tcp_opened();

@@ -13,6 +13,7 @@
 
 pub mod admin;
 pub mod authz;
+pub mod capture;
 pub mod compile;
 mod http;
 pub mod identity;
@@ -54,8 +55,14 @@ pub struct Options {
     /// The workload port the mesh sends inbound traffic to, which picks the inbound chain;
     /// defaults to the first inbound listener's port.
     pub inbound_port: Option<u16>,
-    /// Where the app listens.
+    /// Where the app listens. With captured inbound traffic, the port is each connection's
+    /// original destination port (and the address 127.0.0.1 unless this says otherwise).
     pub app: Option<SocketAddr>,
+    /// Transparent capture (`hypha_pod::Capture` rules in the pod): the port of the listener
+    /// the app's outbound TCP is redirected to (Istio's 15001), on every address.
+    pub capture_outbound: Option<u16>,
+    /// The port inbound TCP is redirected to (Istio's 15006), on every address.
+    pub capture_inbound: Option<u16>,
     /// The admin listener (`/ready`, `/metrics`, `/config_dump`, `/clusters`).
     pub admin: Option<SocketAddr>,
     /// JSON access log, one line per request: a file to append to, or `-` for stdout.
@@ -71,6 +78,8 @@ pub struct Running {
     pub http_proxy: Vec<SocketAddr>,
     pub services: Vec<SocketAddr>,
     pub inbound: Vec<SocketAddr>,
+    /// The capture listeners (outbound, then inbound), IPv4 and IPv6.
+    pub captured: Vec<SocketAddr>,
     pub admin: Option<SocketAddr>,
     /// True once the first complete config is applied.
     pub ready: watch::Receiver<bool>,
@@ -181,6 +190,7 @@ pub async fn start(opts: Options) -> Result<Running, StartError> {
         http_proxy: Vec::new(),
         services: Vec::new(),
         inbound: Vec::new(),
+        captured: Vec::new(),
         admin: None,
         ready: ready.clone(),
         xds: stats.clone(),
@@ -226,6 +236,34 @@ pub async fn start(opts: Options) -> Result<Running, StartError> {
             .ok_or_else(|| StartError::ServiceAuthority(authority.clone()))?;
         tasks.spawn(outbound::serve(out.clone(), l, mode, drain.clone()));
     }
+    if let Some(port) = opts.capture_outbound {
+        for l in
+            capture::bind_all(port).map_err(|e| StartError::Bind(([0, 0, 0, 0], port).into(), e))?
+        {
+            running.captured.extend(l.local_addr().ok());
+            tasks.spawn(outbound::serve_captured(out.clone(), l, drain.clone()));
+        }
+    }
+    if let Some(port) = opts.capture_inbound {
+        let app = opts
+            .app
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
+        let inbound = inbound::Inbound {
+            config: config.clone(),
+            upstreams: upstreams.clone(),
+            telemetry: telemetry.clone(),
+            port: 0,
+            app,
+            identity: mesh.as_ref().map(|m| m.store.clone()),
+            captured: true,
+        };
+        for l in
+            capture::bind_all(port).map_err(|e| StartError::Bind(([0, 0, 0, 0], port).into(), e))?
+        {
+            running.captured.extend(l.local_addr().ok());
+            tasks.spawn(inbound::serve(inbound.clone(), l, drain.clone()));
+        }
+    }
     if !opts.inbound.is_empty() {
         let app = opts.app.ok_or(StartError::NoApp)?;
         let mut port = opts.inbound_port;
@@ -240,6 +278,7 @@ pub async fn start(opts: Options) -> Result<Running, StartError> {
                 port,
                 app,
                 identity: mesh.as_ref().map(|m| m.store.clone()),
+                captured: false,
             };
             tasks.spawn(inbound::serve(inbound, l, drain.clone()));
         }
@@ -272,6 +311,7 @@ pub async fn run(opts: Options) -> Result<(), StartError> {
         http_proxy = ?running.http_proxy,
         services = ?running.services,
         inbound = ?running.inbound,
+        captured = ?running.captured,
         admin = ?running.admin,
         app = ?opts.app,
         "proxy started"

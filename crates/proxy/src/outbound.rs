@@ -17,7 +17,9 @@ use http::{HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
 use crate::http::{self as h, Body, Flag, View};
-use crate::model::{Action, Config, Fault, Forward, HashKey, Redirect, Route, WeightedCluster};
+use crate::model::{
+    Action, Config, Fault, Forward, HashKey, ListenAddr, Redirect, Route, WeightedCluster,
+};
 use crate::router;
 use crate::telemetry::{Reporter, Telemetry};
 use crate::upstream::{Plan, Upstreams};
@@ -29,6 +31,9 @@ pub enum Mode {
     HttpProxy,
     /// Every request is for this `host:port` (kept as the `Host` value requests get).
     Service { authority: HeaderValue, port: u16 },
+    /// A captured connection to this port (its original destination's): the port picks the
+    /// route table, the request's authority the virtual host.
+    Captured { port: u16 },
 }
 
 impl Mode {
@@ -96,6 +101,10 @@ impl Outbound {
             Mode::Service { authority, port } => (authority.clone(), *port),
             Mode::HttpProxy => match request_authority(&parts) {
                 Some(a) => a,
+                None => return (h::local_reply(Flag::BadRequest), none()),
+            },
+            Mode::Captured { port } => match request_authority(&parts) {
+                Some((a, _)) => (a, *port),
                 None => return (h::local_reply(Flag::BadRequest), none()),
             },
         };
@@ -362,6 +371,87 @@ pub async fn serve(
                 ));
             }
         }
+    }
+}
+
+/// Serves the captured outbound listener (15001): each connection goes where its original
+/// destination says, as Envoy's `virtualOutbound` hands it to the listener for that address:
+/// a TCP service (by VIP and port, or by port) to its cluster, an HTTP port through its route
+/// table, anything else straight to the original destination (Istio's `ALLOW_ANY`
+/// passthrough). A connection made to the listener itself is closed.
+pub async fn serve_captured(
+    outbound: Outbound,
+    listener: tokio::net::TcpListener,
+    drain: h::Drain,
+) {
+    let outbound = Arc::new(outbound);
+    let own = listener.local_addr().ok();
+    while let Some((stream, peer)) = h::accept(&listener, &drain).await {
+        let dst = match crate::capture::original_dst(&stream) {
+            Ok(dst) => dst,
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "captured connection without an original destination");
+                continue;
+            }
+        };
+        if Some(dst.port()) == own.map(|a| a.port())
+            && dst.ip() == stream.local_addr().map_or(dst.ip(), |a| a.ip())
+        {
+            tracing::debug!(%peer, "connection to the capture port itself refused");
+            continue;
+        }
+        let cfg = outbound.config.load();
+        let (ip, port) = (dst.ip().to_canonical(), dst.port());
+        let tcp = cfg
+            .tcp
+            .get(&ListenAddr::Vip(ip, port))
+            .or_else(|| cfg.tcp.get(&ListenAddr::AnyOn(port)))
+            .cloned();
+        let http = cfg.http_by_port.contains_key(&port);
+        drop(cfg);
+        let o = outbound.clone();
+        if let Some(cluster) = tcp {
+            let open = drain.open();
+            tokio::spawn(async move {
+                let _open = open;
+                tcp_proxy(o, cluster, stream).await;
+            });
+        } else if http {
+            let mode = Arc::new(Mode::Captured { port });
+            tokio::spawn(h::serve_connection(
+                stream,
+                peer,
+                drain.clone(),
+                move |req, peer| {
+                    let (o, m) = (o.clone(), mode.clone());
+                    async move { o.handle(&m, req, peer).await }
+                },
+            ));
+        } else {
+            let open = drain.open();
+            tokio::spawn(async move {
+                let _open = open;
+                passthrough(&o, stream, dst).await;
+            });
+        }
+    }
+}
+
+/// A captured connection for a destination the mesh does not know: bytes straight to it.
+async fn passthrough(o: &Outbound, mut downstream: tokio::net::TcpStream, dst: SocketAddr) {
+    let mut upstream = match tokio::net::TcpStream::connect(dst).await {
+        Ok(u) => u,
+        Err(e) => {
+            tracing::debug!(%dst, error = %e, "passthrough: cannot connect");
+            return;
+        }
+    };
+    let _ = upstream.set_nodelay(true);
+    let metrics = &o.telemetry.metrics;
+    metrics.tcp_opened();
+    match tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await {
+        Ok((sent, received)) => metrics.tcp_closed(sent, received),
+        Err(_) => metrics.tcp_closed(0, 0),
     }
 }
 

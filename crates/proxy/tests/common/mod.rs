@@ -138,6 +138,8 @@ pub fn sidecar_for(control_plane: &str, node: ProxyInfo) -> Options {
         inbound: vec![],
         inbound_port: None,
         app: None,
+        capture_outbound: None,
+        capture_inbound: None,
         admin: None,
         access_log: None,
         identity: None,

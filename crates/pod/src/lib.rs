@@ -1,0 +1,390 @@
+//! Pods on one machine: each workload in its own network namespace with an IPv4 and an IPv6
+//! address on a bridge, its sidecar inside, and its TCP captured the way Istio's init
+//! container does it (iptables and ip6tables `nat` rules that REDIRECT outbound connections
+//! to the sidecar's outbound port and inbound ones to its inbound port, the sidecar's own
+//! traffic excluded by its group id). Everything goes through Debian's `ip` (iproute2) and
+//! `iptables`/`ip6tables` (the nftables backend on Debian 12), as an operator would type it;
+//! root only.
+//!
+//! A [`Node`] is the bridge (`10.77.<n>.1/24`, `fd77:0:0:<n>::1/64`), a [`Pod`] a namespace
+//! with a veth on it (`.2`, `.3`, ... of both subnets); both are removed on drop. What runs in
+//! a pod runs through [`Pod::command`] (`ip netns exec`); the sidecar through
+//! [`Pod::sidecar_command`], with the group id [`Capture`] exempts.
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicU8, Ordering};
+
+/// The group id a pod's sidecar runs with: its connections are never captured (Istio's
+/// proxy uid/gid, 1337).
+pub const PROXY_GID: u32 = 1337;
+
+/// Why a pod or node could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum PodError {
+    #[error("cannot run `{0}`: {1} (are iproute2 and iptables installed? `scripts/setup` installs them)")]
+    Spawn(String, #[source] std::io::Error),
+    #[error("`{command}` failed ({status}): {stderr}")]
+    Failed {
+        command: String,
+        status: std::process::ExitStatus,
+        stderr: String,
+    },
+    #[error("node {0} has no addresses left for another pod")]
+    Full(u8),
+}
+
+fn run(program: &str, args: &[&str]) -> Result<Output, PodError> {
+    let line = format!("{program} {}", args.join(" "));
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .map_err(|e| PodError::Spawn(line.clone(), e))?;
+    if !out.status.success() {
+        return Err(PodError::Failed {
+            command: line,
+            status: out.status,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(out)
+}
+
+fn ip(args: &[&str]) -> Result<Output, PodError> {
+    run("ip", args)
+}
+
+/// A bridge that pods attach to: the "node" network, routed to nothing else.
+#[derive(Debug)]
+pub struct Node {
+    index: u8,
+    bridge: String,
+    next: AtomicU8,
+}
+
+impl Node {
+    /// Creates bridge `hypha<index>` with `10.77.<index>.1/24` and `fd77:0:0:<index>::1/64`
+    /// (an old one of that name, left by a killed run, is replaced).
+    pub fn create(index: u8) -> Result<Node, PodError> {
+        let bridge = format!("hypha{index}");
+        let _ = ip(&["link", "del", &bridge]);
+        ip(&["link", "add", &bridge, "type", "bridge"])?;
+        let node = Node {
+            index,
+            bridge,
+            next: AtomicU8::new(2),
+        };
+        ip(&[
+            "addr",
+            "add",
+            &format!("{}/24", node.ipv4()),
+            "dev",
+            &node.bridge,
+        ])?;
+        ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{}/64", node.ipv6()),
+            "dev",
+            &node.bridge,
+            "nodad",
+        ])?;
+        ip(&["link", "set", &node.bridge, "up"])?;
+        Ok(node)
+    }
+
+    /// The node's own IPv4 address on the bridge (pods' default gateway).
+    pub fn ipv4(&self) -> Ipv4Addr {
+        Ipv4Addr::new(10, 77, self.index, 1)
+    }
+
+    /// The node's own IPv6 address on the bridge.
+    pub fn ipv6(&self) -> Ipv6Addr {
+        Ipv6Addr::new(0xfd77, 0, 0, u16::from(self.index), 0, 0, 0, 1)
+    }
+
+    /// A new pod `name` (its namespace `hypha<index>-<name>`) on this node, both families up,
+    /// default routes through the bridge.
+    pub fn pod(&self, name: &str) -> Result<Pod, PodError> {
+        let host = self.next.fetch_add(1, Ordering::Relaxed);
+        if host == 0 || host == 255 {
+            return Err(PodError::Full(self.index));
+        }
+        let netns = format!("hypha{}-{name}", self.index);
+        let _ = ip(&["netns", "del", &netns]);
+        ip(&["netns", "add", &netns])?;
+        let pod = Pod {
+            name: name.to_string(),
+            netns,
+            ipv4: Ipv4Addr::new(10, 77, self.index, host),
+            ipv6: Ipv6Addr::new(
+                0xfd77,
+                0,
+                0,
+                u16::from(self.index),
+                0,
+                0,
+                0,
+                u16::from(host),
+            ),
+        };
+        let veth = format!("hyv{}x{host}", self.index);
+        ip(&[
+            "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &pod.netns,
+        ])?;
+        ip(&["link", "set", &veth, "master", &self.bridge])?;
+        ip(&["link", "set", &veth, "up"])?;
+        let ns = |args: &[&str]| {
+            let mut full = vec!["-n", pod.netns.as_str()];
+            full.extend_from_slice(args);
+            ip(&full)
+        };
+        ns(&["link", "set", "lo", "up"])?;
+        ns(&["addr", "add", &format!("{}/24", pod.ipv4), "dev", "eth0"])?;
+        ns(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{}/64", pod.ipv6),
+            "dev",
+            "eth0",
+            "nodad",
+        ])?;
+        ns(&["link", "set", "eth0", "up"])?;
+        ns(&["route", "add", "default", "via", &self.ipv4().to_string()])?;
+        ns(&[
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            &self.ipv6().to_string(),
+        ])?;
+        Ok(pod)
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = ip(&["link", "del", &self.bridge]);
+    }
+}
+
+/// A workload's network namespace on a [`Node`]; deleted (with its veth) on drop.
+#[derive(Debug)]
+pub struct Pod {
+    pub name: String,
+    pub netns: String,
+    pub ipv4: Ipv4Addr,
+    pub ipv6: Ipv6Addr,
+}
+
+impl Pod {
+    /// `program` run inside the pod's namespace.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.netns]).arg(program);
+        c
+    }
+
+    /// `program` run inside the pod as its sidecar: group id [`PROXY_GID`], so the capture
+    /// rules let its own connections through.
+    pub fn sidecar_command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        use std::os::unix::process::CommandExt;
+        let mut c = self.command(program);
+        c.gid(PROXY_GID);
+        c
+    }
+
+    /// Installs `capture`'s rules in the pod (IPv4 and IPv6).
+    pub fn capture(&self, capture: &Capture) -> Result<(), PodError> {
+        for (tool, v6) in [("iptables", false), ("ip6tables", true)] {
+            for rule in capture.rules(v6) {
+                let mut args = vec![
+                    "netns",
+                    "exec",
+                    self.netns.as_str(),
+                    tool,
+                    "-w",
+                    "-t",
+                    "nat",
+                ];
+                args.extend(rule.iter().map(String::as_str));
+                ip(&args)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Pod {
+    fn drop(&mut self) {
+        let _ = ip(&["netns", "del", &self.netns]);
+    }
+}
+
+/// Transparent capture as Istio's init container sets it up (`istio-iptables`), with the
+/// same default ports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Capture {
+    /// Where the app's outbound TCP goes (the sidecar's `--capture-outbound`).
+    pub outbound_port: u16,
+    /// Where inbound TCP goes (the sidecar's `--capture-inbound`).
+    pub inbound_port: u16,
+    /// Connections of processes with this group id are never captured: the sidecar's.
+    pub proxy_gid: u32,
+    /// Inbound destination ports left alone (e.g. an admin port reachable from the node).
+    pub exclude_inbound_ports: Vec<u16>,
+    /// Outbound destination ports left alone.
+    pub exclude_outbound_ports: Vec<u16>,
+    /// Outbound destination CIDRs left alone (each applies to its own family).
+    pub exclude_outbound_cidrs: Vec<String>,
+}
+
+impl Default for Capture {
+    fn default() -> Capture {
+        Capture {
+            outbound_port: 15001,
+            inbound_port: 15006,
+            proxy_gid: PROXY_GID,
+            exclude_inbound_ports: Vec::new(),
+            exclude_outbound_ports: Vec::new(),
+            exclude_outbound_cidrs: Vec::new(),
+        }
+    }
+}
+
+impl Capture {
+    /// The `nat` table rules for one family, as `iptables -t nat` arguments, in order.
+    pub fn rules(&self, v6: bool) -> Vec<Vec<String>> {
+        let mut r: Vec<Vec<String>> = Vec::new();
+        let mut add = |args: &[&str]| r.push(args.iter().map(ToString::to_string).collect());
+        for chain in [
+            "HYPHA_INBOUND",
+            "HYPHA_IN_REDIRECT",
+            "HYPHA_OUTPUT",
+            "HYPHA_REDIRECT",
+        ] {
+            add(&["-N", chain]);
+        }
+        let (out_port, in_port) = (
+            self.outbound_port.to_string(),
+            self.inbound_port.to_string(),
+        );
+        add(&[
+            "-A",
+            "HYPHA_REDIRECT",
+            "-p",
+            "tcp",
+            "-j",
+            "REDIRECT",
+            "--to-ports",
+            &out_port,
+        ]);
+        add(&[
+            "-A",
+            "HYPHA_IN_REDIRECT",
+            "-p",
+            "tcp",
+            "-j",
+            "REDIRECT",
+            "--to-ports",
+            &in_port,
+        ]);
+        // Inbound: every TCP connection arriving from outside the pod, but excluded ports.
+        add(&["-A", "PREROUTING", "-p", "tcp", "-j", "HYPHA_INBOUND"]);
+        for p in &self.exclude_inbound_ports {
+            add(&[
+                "-A",
+                "HYPHA_INBOUND",
+                "-p",
+                "tcp",
+                "--dport",
+                &p.to_string(),
+                "-j",
+                "RETURN",
+            ]);
+        }
+        add(&[
+            "-A",
+            "HYPHA_INBOUND",
+            "-p",
+            "tcp",
+            "-j",
+            "HYPHA_IN_REDIRECT",
+        ]);
+        // Outbound: every TCP connection the pod opens, but the sidecar's own, loopback and
+        // excluded destinations.
+        add(&["-A", "OUTPUT", "-p", "tcp", "-j", "HYPHA_OUTPUT"]);
+        let gid = self.proxy_gid.to_string();
+        add(&[
+            "-A",
+            "HYPHA_OUTPUT",
+            "-m",
+            "owner",
+            "--gid-owner",
+            &gid,
+            "-j",
+            "RETURN",
+        ]);
+        let loopback = if v6 { "::1/128" } else { "127.0.0.1/32" };
+        add(&["-A", "HYPHA_OUTPUT", "-d", loopback, "-j", "RETURN"]);
+        for p in &self.exclude_outbound_ports {
+            add(&[
+                "-A",
+                "HYPHA_OUTPUT",
+                "-p",
+                "tcp",
+                "--dport",
+                &p.to_string(),
+                "-j",
+                "RETURN",
+            ]);
+        }
+        for cidr in &self.exclude_outbound_cidrs {
+            if cidr.contains(':') == v6 {
+                add(&["-A", "HYPHA_OUTPUT", "-d", cidr, "-j", "RETURN"]);
+            }
+        }
+        add(&["-A", "HYPHA_OUTPUT", "-j", "HYPHA_REDIRECT"]);
+        r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rules_redirect_both_ways_and_exempt_the_sidecar() {
+        let c = Capture {
+            exclude_inbound_ports: vec![15021],
+            exclude_outbound_cidrs: vec!["10.0.0.0/8".into(), "fd00::/8".into()],
+            ..Capture::default()
+        };
+        let v4: Vec<String> = c.rules(false).iter().map(|r| r.join(" ")).collect();
+        let v6: Vec<String> = c.rules(true).iter().map(|r| r.join(" ")).collect();
+        for rules in [&v4, &v6] {
+            assert!(rules.contains(&"-A HYPHA_REDIRECT -p tcp -j REDIRECT --to-ports 15001".into()));
+            assert!(
+                rules.contains(&"-A HYPHA_IN_REDIRECT -p tcp -j REDIRECT --to-ports 15006".into())
+            );
+            assert!(rules.contains(&"-A HYPHA_INBOUND -p tcp --dport 15021 -j RETURN".into()));
+            let exempt = rules
+                .iter()
+                .position(|r| r == "-A HYPHA_OUTPUT -m owner --gid-owner 1337 -j RETURN")
+                .expect("the sidecar's group is exempt");
+            let redirect = rules
+                .iter()
+                .position(|r| r == "-A HYPHA_OUTPUT -j HYPHA_REDIRECT")
+                .unwrap();
+            assert!(exempt < redirect, "the exemption comes before the redirect");
+            assert_eq!(rules.last().unwrap(), "-A HYPHA_OUTPUT -j HYPHA_REDIRECT");
+        }
+        assert!(v4.contains(&"-A HYPHA_OUTPUT -d 10.0.0.0/8 -j RETURN".into()));
+        assert!(!v4.iter().any(|r| r.contains("fd00::/8")));
+        assert!(v6.contains(&"-A HYPHA_OUTPUT -d fd00::/8 -j RETURN".into()));
+        assert!(v6.contains(&"-A HYPHA_OUTPUT -d ::1/128 -j RETURN".into()));
+    }
+}
