@@ -22,6 +22,7 @@ static long (*bpf_sock_hash_update)(struct bpf_sock_ops *skops, void *map, void 
                                     __u64 flags) = (void *)BPF_FUNC_sock_hash_update;
 static long (*bpf_msg_redirect_hash)(struct sk_msg_md *msg, void *map, void *key,
                                      __u64 flags) = (void *)BPF_FUNC_msg_redirect_hash;
+static __u64 (*bpf_get_netns_cookie)(void *ctx) = (void *)BPF_FUNC_get_netns_cookie;
 
 #define AF_INET 2
 #define AF_INET6 10
@@ -29,13 +30,19 @@ static long (*bpf_msg_redirect_hash)(struct sk_msg_md *msg, void *map, void *key
 // One end of a connection as seen from that end: its own address and port first. IPv4
 // addresses (and IPv4-mapped IPv6 ones, so a dual-stack listener's socket meets its IPv4
 // peer) use the first word of each address with `family` 4; IPv6 ones all four, family 6.
-// Ports in host byte order.
+// Ports in host byte order. Loopback addresses repeat in every network namespace (two pods'
+// sidecars may both talk to 127.0.0.1:8080 from the same port), so for them `netns` is the
+// namespace's cookie and a socket never meets another pod's; other addresses are taken to be
+// unique on the host (pod IPs are), so that two pods' sockets find each other across their
+// namespaces, and `netns` is 0. No padding: the kernel hashes every byte.
 struct key {
+    __u64 netns;
     __u32 family;
     __u32 local_ip[4];
     __u32 remote_ip[4];
     __u32 local_port;
     __u32 remote_port;
+    __u32 pad;
 };
 
 struct {
@@ -75,6 +82,14 @@ static __always_inline int is_v4_mapped(const __u32 ip[4])
     return ip[0] == 0 && ip[1] == 0 && ip[2] == __builtin_bswap32(0x0000ffff);
 }
 
+static __always_inline int is_loopback(const struct key *k)
+{
+    if (k->family == 4)
+        return (k->local_ip[0] & 0xff) == 127; // 127.0.0.0/8, network byte order
+    return k->local_ip[0] == 0 && k->local_ip[1] == 0 && k->local_ip[2] == 0 &&
+           k->local_ip[3] == __builtin_bswap32(1);
+}
+
 // `remote_port` is the network-order port in the upper 16 bits of a host-order word (the
 // kernel loads the 16-bit field and shifts it), in sock_ops and sk_msg alike.
 static __always_inline __u32 remote_port(__u32 raw)
@@ -82,10 +97,11 @@ static __always_inline __u32 remote_port(__u32 raw)
     return __builtin_bswap32(raw) & 0xffff;
 }
 
-// Fills `k` with one end's view of a connection: `local` and `remote` are its own and its
+// Fills `k` with one end's view of a connection (`ctx`: the program's context, for the
+// namespace cookie): `local` and `remote` are its own and its
 // peer's addresses as the context gives them (IPv4 in `l4`/`r4`, IPv6 in `l6`/`r6`).
 // Returns 0, or -1 for a family that is neither.
-static __always_inline int make_key(struct key *k, __u32 family, __u32 l4, __u32 r4,
+static __always_inline int make_key(void *ctx, struct key *k, __u32 family, __u32 l4, __u32 r4,
                                     const __u32 l6[4], const __u32 r6[4], __u32 local_port,
                                     __u32 remote_port)
 {
@@ -110,6 +126,8 @@ static __always_inline int make_key(struct key *k, __u32 family, __u32 l4, __u32
     }
     k->local_port = local_port;
     k->remote_port = remote_port;
+    if (is_loopback(k))
+        k->netns = bpf_get_netns_cookie(ctx);
     return 0;
 }
 
@@ -123,7 +141,7 @@ int hypha_sockops(struct bpf_sock_ops *ops)
     __u32 l6[4] = {ops->local_ip6[0], ops->local_ip6[1], ops->local_ip6[2], ops->local_ip6[3]};
     __u32 r6[4] = {ops->remote_ip6[0], ops->remote_ip6[1], ops->remote_ip6[2], ops->remote_ip6[3]};
     struct key k = {};
-    if (make_key(&k, ops->family, ops->local_ip4, ops->remote_ip4, l6, r6, ops->local_port,
+    if (make_key(ops, &k, ops->family, ops->local_ip4, ops->remote_ip4, l6, r6, ops->local_port,
                  remote_port(ops->remote_port)))
         return 1;
     if (bpf_sock_hash_update(ops, &hypha_socks, &k, BPF_ANY) == 0)
@@ -140,7 +158,7 @@ int hypha_sk_msg(struct sk_msg_md *msg)
     __u32 r6[4] = {msg->remote_ip6[0], msg->remote_ip6[1], msg->remote_ip6[2], msg->remote_ip6[3]};
     // The key of the other end: its local address and port are our remote ones.
     struct key peer = {};
-    if (make_key(&peer, msg->family, msg->remote_ip4, msg->local_ip4, r6, l6,
+    if (make_key(msg, &peer, msg->family, msg->remote_ip4, msg->local_ip4, r6, l6,
                  remote_port(msg->remote_port), msg->local_port))
         return SK_PASS;
     __u64 len = msg->size;

@@ -45,6 +45,8 @@ const COUNTERS: &str = "hypha_counters";
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Key {
+    /// The network namespace's cookie for loopback addresses, else 0.
+    pub netns: u64,
     /// 4 or 6.
     pub family: u32,
     /// Network byte order; IPv4 in the first word.
@@ -53,12 +55,16 @@ pub struct Key {
     /// Host byte order.
     pub local_port: u32,
     pub remote_port: u32,
+    pub pad: u32,
 }
 
-// SAFETY: `Key` is `repr(C)`, made only of `u32`s (no padding, every bit pattern valid), and
-// matches `struct key` in bpf/bypass.c field for field, which is what `Pod` requires.
+// SAFETY: `Key` is `repr(C)`, made of one `u64` and `u32`s laid out without padding (every
+// bit pattern valid; the size is checked below), and matches `struct key` in bpf/bypass.c
+// field for field, which is what `Pod` requires.
 #[allow(unsafe_code)]
 unsafe impl aya::Pod for Key {}
+
+const _: () = assert!(std::mem::size_of::<Key>() == 56);
 
 /// Why the bypass could not be set up or read.
 #[derive(Debug, thiserror::Error)]
@@ -266,6 +272,27 @@ where
 {
     let p = ebpf.program_mut(name).ok_or(BypassError::Missing(name))?;
     p.try_into().map_err(|e| BypassError::Program(name, e))
+}
+
+/// A blocking read that tolerates the redirect's one quirk: on a socket in the socket map,
+/// the kernel's receive path for redirected data (`tcp_bpf_recvmsg`) can return EAGAIN to a
+/// *blocking* read woken without data (e.g. by write space on the same socket). Event-driven
+/// readers (epoll, tokio: the sidecars) retry anyway; blocking ones need this.
+pub fn read_some(s: &mut std::net::TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    use std::io::Read;
+    loop {
+        match s.read(buf) {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) =>
+            {
+                std::thread::yield_now();
+            }
+            r => return r,
+        }
+    }
 }
 
 /// `hypha bypass`: attaches to `cgroup`, serves the counters on `metrics` (`GET /metrics`)

@@ -272,3 +272,65 @@ fn detaching_mid_stream_loses_nothing_and_old_sockets_are_not_bypassed() {
     echo(c, s, 1 << 20);
     drop(cg);
 }
+
+/// Two pods, each with a loopback connection of the same four-tuple (127.0.0.1:P+1 →
+/// 127.0.0.1:P) at the same time: both are redirected and each pod's bytes stay in that pod.
+/// (Keyed by addresses and ports alone, the second pod's sockets replace the first's in the
+/// map: the first pod loses the bypass, which the counters show, and while only one of the
+/// second pod's ends has replaced its twin, the first pod's other end finds the second
+/// pod's socket as its peer.)
+#[test]
+fn loopback_connections_in_two_pods_never_meet() {
+    if !privileged("loopback_connections_in_two_pods_never_meet") {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let cg = TestCgroup::enter("bypass-netns");
+    let bypass = Bypass::attach(cg.path()).unwrap();
+    let index = 150 + u8::try_from(std::process::id() % 50).unwrap();
+    let node = hypha_pod::Node::create(index).unwrap();
+    let pods = [node.pod("a").unwrap(), node.pod("b").unwrap()];
+    let go = std::env::temp_dir().join(format!("hypha-bypass-go-{}", std::process::id()));
+    let _ = std::fs::remove_file(&go);
+    const LEN: usize = 4 << 20;
+    let before = bypass.counters().unwrap();
+    let mut children: Vec<_> = pods
+        .iter()
+        .enumerate()
+        .map(|(i, pod)| {
+            let mut child = pod
+                .command(env!("CARGO_BIN_EXE_hypha-bypass-probe"))
+                .args(["echo-pair", "7000", &LEN.to_string(), &(i + 1).to_string()])
+                .arg(&go)
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+            let mut line = String::new();
+            std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+            assert_eq!(line.trim(), "connected", "pod {}", pod.name);
+            (child, out)
+        })
+        .collect();
+    std::fs::write(&go, b"").unwrap();
+    for (pod, (child, out)) in pods.iter().zip(&mut children) {
+        let status = child.wait().unwrap();
+        let mut rest = String::new();
+        std::io::Read::read_to_string(out, &mut rest).unwrap();
+        assert!(
+            status.success() && rest.trim() == "ok",
+            "pod {}: {status} {rest}",
+            pod.name
+        );
+    }
+    let _ = std::fs::remove_file(&go);
+    let d = delta(bypass.counters().unwrap(), before);
+    assert_eq!(d.sockets_recorded, 4, "{d:?}");
+    assert!(
+        d.bytes_redirected >= 4 * LEN as u64,
+        "both pods' loopback connections redirected, both ways: {d:?}"
+    );
+    drop(pods);
+    drop(node);
+    bypass.detach().unwrap();
+}

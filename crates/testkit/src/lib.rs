@@ -2,7 +2,7 @@
 //! kernel's privileged parts (BPF, cgroups, later network namespaces) uses to set them up and
 //! to skip loudly where it cannot run.
 
-use std::io::{self, Read};
+use std::io;
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 
@@ -98,25 +98,7 @@ pub fn loopback_bytes() -> u64 {
         .expect("no lo in /proc/net/dev")
 }
 
-/// A blocking read that tolerates the socket redirect's one quirk: on a socket in a BPF
-/// socket map, the kernel's receive path for redirected data (`tcp_bpf_recvmsg`) can return
-/// EAGAIN to a *blocking* read woken without data (e.g. by write space on the same socket).
-/// Event-driven readers (epoll, tokio: the sidecars) retry anyway; so does this.
-pub fn read_some(s: &mut TcpStream, buf: &mut [u8]) -> io::Result<usize> {
-    loop {
-        match s.read(buf) {
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-                ) =>
-            {
-                std::thread::yield_now();
-            }
-            r => return r,
-        }
-    }
-}
+pub use hypha_bypass::read_some;
 
 /// Reads to the end of the stream with [`read_some`].
 pub fn read_to_end(s: &mut TcpStream) -> io::Result<Vec<u8>> {
