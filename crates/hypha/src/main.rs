@@ -102,6 +102,12 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:15092")]
         metrics: SocketAddr,
     },
+    /// Pods on this machine (root): network namespaces on a bridge with an IPv4 and an IPv6
+    /// address each, optionally with Istio's transparent capture. Run the app with
+    /// `ip netns exec <netns> ...` and its sidecar the same way with group id 1337 and
+    /// `hypha proxy --capture-outbound 15001 --capture-inbound 15006`.
+    #[command(subcommand)]
+    Pod(PodCommand),
     /// One of the demo's sample apps (started by `hypha demo`).
     #[command(hide = true)]
     DemoApp {
@@ -113,6 +119,41 @@ enum Command {
         /// The sidecar's HTTP proxy listener, for calls to other services.
         #[arg(long)]
         proxy: SocketAddr,
+    },
+}
+
+#[derive(Subcommand)]
+enum PodCommand {
+    /// Create pod NAME on node N (its bridge made if missing) and print its namespace and
+    /// addresses: `netns=... ipv4=... ipv6=...`.
+    Up {
+        name: String,
+        #[arg(long, default_value_t = 1)]
+        node: u8,
+        /// Redirect the pod's TCP to its sidecar (outbound 15001, inbound 15006), the
+        /// sidecar's own traffic (group id 1337) exempt.
+        #[arg(long)]
+        capture: bool,
+        /// Inbound destination ports left alone; repeatable.
+        #[arg(long)]
+        exclude_inbound_port: Vec<u16>,
+        /// Outbound destination ports left alone; repeatable.
+        #[arg(long)]
+        exclude_outbound_port: Vec<u16>,
+        /// Outbound destination CIDRs left alone; repeatable.
+        #[arg(long)]
+        exclude_outbound_cidr: Vec<String>,
+    },
+    /// Remove pod NAME of node N.
+    Down {
+        name: String,
+        #[arg(long, default_value_t = 1)]
+        node: u8,
+    },
+    /// Remove node N: its bridge and every pod on it.
+    Clean {
+        #[arg(long, default_value_t = 1)]
+        node: u8,
     },
 }
 
@@ -323,6 +364,7 @@ fn main() -> ExitCode {
             concurrency,
             keys,
         } => demo(serve, requests, concurrency, keys),
+        Command::Pod(command) => pod(command),
         Command::Bypass { cgroup, metrics } => run_on(1, async move {
             hypha_bypass::serve(&cgroup, Some(metrics), stop_signal()).await?;
             Ok(())
@@ -332,6 +374,43 @@ fn main() -> ExitCode {
             listen,
             proxy,
         } => run(async move { Ok(hypha_demo::app::run(role, listen, proxy).await?) }),
+    }
+}
+
+/// `hypha pod`: pods outlive the command; `down` and `clean` take them away.
+fn pod(command: PodCommand) -> ExitCode {
+    let done = match command {
+        PodCommand::Up {
+            name,
+            node,
+            capture,
+            exclude_inbound_port,
+            exclude_outbound_port,
+            exclude_outbound_cidr,
+        } => hypha_pod::Node::ensure(node)
+            .and_then(|n| n.pod(&name))
+            .and_then(|pod| {
+                if capture {
+                    pod.capture(&hypha_pod::Capture {
+                        exclude_inbound_ports: exclude_inbound_port,
+                        exclude_outbound_ports: exclude_outbound_port,
+                        exclude_outbound_cidrs: exclude_outbound_cidr,
+                        ..hypha_pod::Capture::default()
+                    })?;
+                }
+                println!("netns={} ipv4={} ipv6={}", pod.netns, pod.ipv4, pod.ipv6);
+                pod.keep();
+                Ok(())
+            }),
+        PodCommand::Down { name, node } => hypha_pod::Pod::remove(node, &name),
+        PodCommand::Clean { node } => hypha_pod::Node::remove(node),
+    };
+    match done {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("hypha pod: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -60,6 +60,8 @@ pub struct Node {
     index: u8,
     bridge: String,
     next: AtomicU8,
+    /// Removed on drop (made by [`Node::create`]); [`Node::ensure`]'s bridge stays.
+    owned: bool,
 }
 
 impl Node {
@@ -73,6 +75,7 @@ impl Node {
             index,
             bridge,
             next: AtomicU8::new(2),
+            owned: true,
         };
         ip(&[
             "addr",
@@ -92,6 +95,72 @@ impl Node {
         ])?;
         ip(&["link", "set", &node.bridge, "up"])?;
         Ok(node)
+    }
+
+    /// The node `index` as it is, created if it is not there; it stays when this is dropped
+    /// (`hypha pod`: pods outlive the command). Its next pod takes the lowest free address.
+    pub fn ensure(index: u8) -> Result<Node, PodError> {
+        let bridge = format!("hypha{index}");
+        let exists = ip(&["link", "show", &bridge]).is_ok();
+        let mut node = if exists {
+            Node {
+                index,
+                bridge,
+                next: AtomicU8::new(2),
+                owned: true,
+            }
+        } else {
+            Node::create(index)?
+        };
+        node.owned = false;
+        let used = node.used_hosts()?;
+        let free = (2..=254)
+            .find(|h| !used.contains(h))
+            .ok_or(PodError::Full(index))?;
+        node.next = AtomicU8::new(free);
+        Ok(node)
+    }
+
+    /// Host numbers of the pods on this node now (from their namespaces' addresses).
+    fn used_hosts(&self) -> Result<Vec<u8>, PodError> {
+        let list = ip(&["netns", "list"])?;
+        let prefix = format!("hypha{}-", self.index);
+        let mut used = Vec::new();
+        for line in String::from_utf8_lossy(&list.stdout).lines() {
+            let Some(ns) = line
+                .split_whitespace()
+                .next()
+                .filter(|n| n.starts_with(&prefix))
+            else {
+                continue;
+            };
+            let Ok(addrs) = ip(&["-n", ns, "-4", "-o", "addr", "show", "dev", "eth0"]) else {
+                continue;
+            };
+            let text = String::from_utf8_lossy(&addrs.stdout).into_owned();
+            used.extend(text.split_whitespace().filter_map(|w| {
+                let ip: Ipv4Addr = w.split_once('/')?.0.parse().ok()?;
+                Some(ip.octets()[3])
+            }));
+        }
+        Ok(used)
+    }
+
+    /// Removes node `index`'s bridge and every pod on it.
+    pub fn remove(index: u8) -> Result<(), PodError> {
+        let list = ip(&["netns", "list"])?;
+        let prefix = format!("hypha{index}-");
+        for line in String::from_utf8_lossy(&list.stdout).lines() {
+            if let Some(ns) = line
+                .split_whitespace()
+                .next()
+                .filter(|n| n.starts_with(&prefix))
+            {
+                ip(&["netns", "del", ns])?;
+            }
+        }
+        let _ = ip(&["link", "del", &format!("hypha{index}")]);
+        Ok(())
     }
 
     /// The node's own IPv4 address on the bridge (pods' default gateway).
@@ -167,7 +236,9 @@ impl Node {
 
 impl Drop for Node {
     fn drop(&mut self) {
-        let _ = ip(&["link", "del", &self.bridge]);
+        if self.owned {
+            let _ = ip(&["link", "del", &self.bridge]);
+        }
     }
 }
 
@@ -215,6 +286,19 @@ impl Pod {
             }
         }
         Ok(())
+    }
+}
+
+impl Pod {
+    /// Leaves the pod in place when this is dropped (`hypha pod up`); [`Pod::remove`] or
+    /// [`Node::remove`] takes it away.
+    pub fn keep(self) {
+        std::mem::forget(self);
+    }
+
+    /// Removes pod `name` of node `index`.
+    pub fn remove(index: u8, name: &str) -> Result<(), PodError> {
+        ip(&["netns", "del", &format!("hypha{index}-{name}")]).map(drop)
     }
 }
 
