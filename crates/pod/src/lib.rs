@@ -6,7 +6,7 @@
 //! `iptables`/`ip6tables` (the nftables backend on Debian 12), as an operator would type it;
 //! root only.
 //!
-//! A [`Node`] is the bridge (`10.77.<n>.1/24`, `fd77:0:0:<n>::1/64`), a [`Pod`] a namespace
+//! A [`Node`] is the bridge (`10.77.<n>.1/24`, `fd77:0:0:<n in hex>::1/64`), a [`Pod`] a namespace
 //! with a veth on it (`.2`, `.3`, ... of both subnets); both are removed on drop. What runs in
 //! a pod runs through [`Pod::command`] (`ip netns exec`); the sidecar through
 //! [`Pod::sidecar_command`], with the group id [`Capture`] exempts.
@@ -65,7 +65,7 @@ pub struct Node {
 }
 
 impl Node {
-    /// Creates bridge `hypha<index>` with `10.77.<index>.1/24` and `fd77:0:0:<index>::1/64`
+    /// Creates bridge `hypha<index>` with `10.77.<index>.1/24` and `fd77:0:0:<index in hex>::1/64`
     /// (an old one of that name, left by a killed run, is replaced).
     pub fn create(index: u8) -> Result<Node, PodError> {
         let bridge = format!("hypha{index}");
