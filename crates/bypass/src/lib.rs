@@ -319,6 +319,8 @@ pub async fn serve(
         };
         loop {
             let Ok((stream, _)) = l.accept().await else {
+                // Out of descriptors, most likely: let some close before trying again.
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                 continue;
             };
             let bypass = bypass.clone();

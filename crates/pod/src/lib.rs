@@ -107,7 +107,7 @@ impl Node {
                 index,
                 bridge,
                 next: AtomicU8::new(2),
-                owned: true,
+                owned: false,
             }
         } else {
             Node::create(index)?
@@ -342,96 +342,57 @@ impl Default for Capture {
 impl Capture {
     /// The `nat` table rules for one family, as `iptables -t nat` arguments, in order.
     pub fn rules(&self, v6: bool) -> Vec<Vec<String>> {
-        let mut r: Vec<Vec<String>> = Vec::new();
-        let mut add = |args: &[&str]| r.push(args.iter().map(ToString::to_string).collect());
-        for chain in [
+        let words = |rule: String| rule.split_whitespace().map(String::from).collect();
+        let mut r: Vec<Vec<String>> = [
             "HYPHA_INBOUND",
             "HYPHA_IN_REDIRECT",
             "HYPHA_OUTPUT",
             "HYPHA_REDIRECT",
-        ] {
-            add(&["-N", chain]);
-        }
-        let (out_port, in_port) = (
-            self.outbound_port.to_string(),
-            self.inbound_port.to_string(),
-        );
-        add(&[
-            "-A",
-            "HYPHA_REDIRECT",
-            "-p",
-            "tcp",
-            "-j",
-            "REDIRECT",
-            "--to-ports",
-            &out_port,
-        ]);
-        add(&[
-            "-A",
-            "HYPHA_IN_REDIRECT",
-            "-p",
-            "tcp",
-            "-j",
-            "REDIRECT",
-            "--to-ports",
-            &in_port,
-        ]);
+        ]
+        .into_iter()
+        .map(|chain| words(format!("-N {chain}")))
+        .collect();
+        let (out, inb) = (self.outbound_port, self.inbound_port);
+        r.push(words(format!(
+            "-A HYPHA_REDIRECT -p tcp -j REDIRECT --to-ports {out}"
+        )));
+        r.push(words(format!(
+            "-A HYPHA_IN_REDIRECT -p tcp -j REDIRECT --to-ports {inb}"
+        )));
         // Inbound: every TCP connection arriving from outside the pod, but excluded ports.
-        add(&["-A", "PREROUTING", "-p", "tcp", "-j", "HYPHA_INBOUND"]);
+        r.push(words("-A PREROUTING -p tcp -j HYPHA_INBOUND".into()));
         for p in &self.exclude_inbound_ports {
-            add(&[
-                "-A",
-                "HYPHA_INBOUND",
-                "-p",
-                "tcp",
-                "--dport",
-                &p.to_string(),
-                "-j",
-                "RETURN",
-            ]);
+            r.push(words(format!(
+                "-A HYPHA_INBOUND -p tcp --dport {p} -j RETURN"
+            )));
         }
-        add(&[
-            "-A",
-            "HYPHA_INBOUND",
-            "-p",
-            "tcp",
-            "-j",
-            "HYPHA_IN_REDIRECT",
-        ]);
+        r.push(words("-A HYPHA_INBOUND -p tcp -j HYPHA_IN_REDIRECT".into()));
         // Outbound: every TCP connection the pod opens, but the sidecar's own, loopback and
         // excluded destinations.
-        add(&["-A", "OUTPUT", "-p", "tcp", "-j", "HYPHA_OUTPUT"]);
-        let gid = self.proxy_gid.to_string();
-        add(&[
-            "-A",
-            "HYPHA_OUTPUT",
-            "-m",
-            "owner",
-            "--gid-owner",
-            &gid,
-            "-j",
-            "RETURN",
-        ]);
+        r.push(words("-A OUTPUT -p tcp -j HYPHA_OUTPUT".into()));
+        let gid = self.proxy_gid;
+        r.push(words(format!(
+            "-A HYPHA_OUTPUT -m owner --gid-owner {gid} -j RETURN"
+        )));
         let loopback = if v6 { "::1/128" } else { "127.0.0.1/32" };
-        add(&["-A", "HYPHA_OUTPUT", "-d", loopback, "-j", "RETURN"]);
+        r.push(words(format!("-A HYPHA_OUTPUT -d {loopback} -j RETURN")));
         for p in &self.exclude_outbound_ports {
-            add(&[
-                "-A",
-                "HYPHA_OUTPUT",
-                "-p",
-                "tcp",
-                "--dport",
-                &p.to_string(),
-                "-j",
-                "RETURN",
-            ]);
+            r.push(words(format!(
+                "-A HYPHA_OUTPUT -p tcp --dport {p} -j RETURN"
+            )));
         }
-        for cidr in &self.exclude_outbound_cidrs {
-            if cidr.contains(':') == v6 {
-                add(&["-A", "HYPHA_OUTPUT", "-d", cidr, "-j", "RETURN"]);
-            }
+        // A CIDR is the user's text: one argument, never split.
+        for cidr in self
+            .exclude_outbound_cidrs
+            .iter()
+            .filter(|c| c.contains(':') == v6)
+        {
+            let mut rule: Vec<String> = words("-A HYPHA_OUTPUT -d".into());
+            rule.push(cidr.clone());
+            rule.extend(words("-j RETURN".into()));
+            r.push(rule);
         }
-        add(&["-A", "HYPHA_OUTPUT", "-j", "HYPHA_REDIRECT"]);
+        r.push(words("-A HYPHA_OUTPUT -j HYPHA_REDIRECT".into()));
         r
     }
 }

@@ -340,36 +340,64 @@ pub async fn serve(
     // One allocation per listener: requests clone these `Arc`s, not the state they hold.
     let (outbound, mode) = (Arc::new(outbound), Arc::new(mode));
     while let Some((stream, peer)) = h::accept(&listener, &drain).await {
-        let tcp_cluster = match &*mode {
+        let target = match &*mode {
             Mode::Service { authority, port }
                 if !outbound.config.load().http_by_port.contains_key(port) =>
             {
                 let authority = authority.to_str().unwrap_or_default();
                 let host = authority.rsplit_once(':').map_or(authority, |(h, _)| h);
-                Some(format!("outbound|{port}||{host}"))
+                Target::Tcp(format!("outbound|{port}||{host}"))
             }
-            _ => None,
+            _ => Target::Http(mode.clone()),
         };
-        let (o, m) = (outbound.clone(), mode.clone());
-        match tcp_cluster {
-            Some(cluster) => {
-                let open = drain.open();
-                tokio::spawn(async move {
-                    let _open = open;
-                    tcp_proxy(o, cluster, stream).await;
-                });
-            }
-            None => {
-                tokio::spawn(h::serve_connection(
-                    stream,
-                    peer,
-                    drain.clone(),
-                    move |req, peer| {
-                        let (o, m) = (o.clone(), m.clone());
-                        async move { o.handle(&m, req, peer).await }
-                    },
-                ));
-            }
+        spawn(&outbound, stream, peer, &drain, target);
+    }
+}
+
+/// Where an accepted outbound connection goes.
+enum Target {
+    /// TCP bytes to this cluster.
+    Tcp(String),
+    /// HTTP, routed in this mode.
+    Http(Arc<Mode>),
+    /// TCP bytes straight to this address (a captured connection the mesh does not know).
+    Passthrough(SocketAddr),
+}
+
+/// Serves one accepted connection on its own task, counted by the drain.
+fn spawn(
+    outbound: &Arc<Outbound>,
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    drain: &h::Drain,
+    target: Target,
+) {
+    let o = outbound.clone();
+    match target {
+        Target::Http(mode) => {
+            tokio::spawn(h::serve_connection(
+                stream,
+                peer,
+                drain.clone(),
+                move |req, peer| {
+                    let (o, m) = (o.clone(), mode.clone());
+                    async move { o.handle(&m, req, peer).await }
+                },
+            ));
+        }
+        Target::Tcp(cluster) => {
+            let open = drain.open();
+            tokio::spawn(async move {
+                let _open = open;
+                tcp_proxy(o, cluster, stream).await;
+            });
+        }
+        Target::Passthrough(dst) => {
+            let open = drain.open();
+            tokio::spawn(async move {
+                let _open = open;
+                passthrough(&o, stream, dst).await;
+            });
         }
     }
 }
@@ -409,31 +437,12 @@ pub async fn serve_captured(
             .cloned();
         let http = cfg.http_by_port.contains_key(&port);
         drop(cfg);
-        let o = outbound.clone();
-        if let Some(cluster) = tcp {
-            let open = drain.open();
-            tokio::spawn(async move {
-                let _open = open;
-                tcp_proxy(o, cluster, stream).await;
-            });
-        } else if http {
-            let mode = Arc::new(Mode::Captured { port });
-            tokio::spawn(h::serve_connection(
-                stream,
-                peer,
-                drain.clone(),
-                move |req, peer| {
-                    let (o, m) = (o.clone(), mode.clone());
-                    async move { o.handle(&m, req, peer).await }
-                },
-            ));
-        } else {
-            let open = drain.open();
-            tokio::spawn(async move {
-                let _open = open;
-                passthrough(&o, stream, dst).await;
-            });
-        }
+        let target = match tcp {
+            Some(cluster) => Target::Tcp(cluster),
+            None if http => Target::Http(Arc::new(Mode::Captured { port })),
+            None => Target::Passthrough(dst),
+        };
+        spawn(&outbound, stream, peer, &drain, target);
     }
 }
 
