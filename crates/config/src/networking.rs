@@ -112,9 +112,9 @@ pub struct VirtualService {
     pub gateways: Vec<String>,
     #[serde(default)]
     pub http: Vec<HttpRoute>,
-    /// TLS (SNI) routes: accepted, not implemented yet (warning).
+    /// TLS routes: opaque TLS traffic routed by the ClientHello's server name (SNI).
     #[serde(default)]
-    pub tls: Vec<Value>,
+    pub tls: Vec<TlsRoute>,
     #[serde(default)]
     pub tcp: Vec<TcpRoute>,
     #[serde(default)]
@@ -389,6 +389,33 @@ pub struct TcpRoute {
     pub matches: Vec<L4MatchAttributes>,
     #[serde(default)]
     pub route: Vec<RouteDestination>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TlsRoute {
+    #[serde(default, rename = "match")]
+    pub matches: Vec<TlsMatchAttributes>,
+    #[serde(default)]
+    pub route: Vec<RouteDestination>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TlsMatchAttributes {
+    /// Server names (exact, or `*.`-wildcards) this route takes.
+    #[serde(default)]
+    pub sni_hosts: Vec<String>,
+    #[serde(default)]
+    pub destination_subnets: Vec<String>,
+    #[serde(default)]
+    pub port: Option<u32>,
+    #[serde(default)]
+    pub source_labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub gateways: Vec<String>,
+    #[serde(default)]
+    pub source_namespace: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]

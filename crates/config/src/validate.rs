@@ -9,8 +9,8 @@ use crate::diag::{Diagnostics, Source};
 use crate::mesh::Pkcs11Key;
 use crate::networking::{
     ConnectionPoolSettings, Destination, DestinationRule, HeaderOperations, Headers, HttpRoute,
-    LoadBalancerSettings, OutlierDetection, Resolution, ServiceEntry, StringMatch, StringMatchKind,
-    TrafficPolicy, WorkloadEntry,
+    LoadBalancerSettings, OutlierDetection, Resolution, RouteDestination, ServiceEntry,
+    StringMatch, StringMatchKind, TrafficPolicy, WorkloadEntry,
 };
 use crate::security::{Action, AuthorizationPolicy, PeerAuthentication};
 use crate::types::Percent;
@@ -467,53 +467,145 @@ impl<'a> Validator<'a> {
                 "one of `http`, `tcp` or `tls` is required",
             );
         }
-        if !s.tls.is_empty() {
-            diags.warning(
-                "unsupported",
-                src,
-                "spec.tls",
-                "TLS (SNI) routes are not supported by Hypha yet; ignored",
-            );
-        }
         for (i, route) in s.http.iter().enumerate() {
             self.http_route(src, ns, &format!("spec.http[{i}]"), route, diags);
+        }
+        for (i, t) in s.tls.iter().enumerate() {
+            let path = format!("spec.tls[{i}]");
+            if t.matches.is_empty() {
+                diags.error(
+                    "missing-field",
+                    src,
+                    format!("{path}.match"),
+                    "a TLS route needs at least one match with `sniHosts`",
+                );
+            }
+            for (j, m) in t.matches.iter().enumerate() {
+                let mp = format!("{path}.match[{j}]");
+                if m.sni_hosts.is_empty() {
+                    diags.error(
+                        "missing-field",
+                        src,
+                        format!("{mp}.sniHosts"),
+                        "at least one server name is required",
+                    );
+                }
+                for (k, h) in m.sni_hosts.iter().enumerate() {
+                    let at = format!("{mp}.sniHosts[{k}]");
+                    if h == "*" || !is_host(h) {
+                        diags.error(
+                            "invalid-host",
+                            src,
+                            at,
+                            format!("{h:?} is not a server name (a DNS name, or `*.` and one)"),
+                        );
+                    } else if !s.hosts.iter().any(|vh| {
+                        host_covers(
+                            &self.cfg.resolve_host(vh, ns),
+                            &self.cfg.resolve_host(h, ns),
+                        )
+                    }) {
+                        diags.error(
+                            "sni-host",
+                            src,
+                            at,
+                            format!("server name {h:?} is not one of the VirtualService's hosts"),
+                        );
+                    }
+                }
+                self.l4_match(
+                    src,
+                    &mp,
+                    (m.port, &m.destination_subnets),
+                    (&m.source_labels, m.source_namespace.is_some(), &m.gateways),
+                    diags,
+                );
+            }
+            self.l4_route(src, ns, &path, &t.route, diags);
         }
         for (i, t) in s.tcp.iter().enumerate() {
             let path = format!("spec.tcp[{i}]");
             for (j, m) in t.matches.iter().enumerate() {
-                for (k, c) in m.destination_subnets.iter().enumerate() {
-                    if !is_valid_cidr(c) {
-                        diags.error(
-                            "invalid-cidr",
-                            src,
-                            format!("{path}.match[{j}].destinationSubnets[{k}]"),
-                            format!("{c:?} is not an IPv4/IPv6 address or CIDR"),
-                        );
-                    }
-                }
-                if let Some(p) = m.port {
-                    port(src, &format!("{path}.match[{j}].port"), p, diags);
-                }
-            }
-            if t.route.is_empty() {
-                diags.error(
-                    "missing-field",
+                self.l4_match(
                     src,
-                    format!("{path}.route"),
-                    "at least one destination is required",
-                );
-            }
-            let weights: Vec<Option<i64>> = t.route.iter().map(|d| d.weight).collect();
-            self.weights(src, &path, &weights, diags);
-            for (j, d) in t.route.iter().enumerate() {
-                self.destination(
-                    src,
-                    ns,
-                    &format!("{path}.route[{j}].destination"),
-                    &d.destination,
+                    &format!("{path}.match[{j}]"),
+                    (m.port, &m.destination_subnets),
+                    (&m.source_labels, m.source_namespace.is_some(), &m.gateways),
                     diags,
                 );
             }
+            self.l4_route(src, ns, &path, &t.route, diags);
+        }
+    }
+
+    /// The parts of a TCP or TLS route's match that are checked the same way: the port and the
+    /// destination subnets (checked), and what sidecars do not select on yet (warned).
+    fn l4_match(
+        &self,
+        src: &Source,
+        path: &str,
+        (port_number, subnets): (Option<u32>, &[String]),
+        (labels, source_namespace, gateways): (&BTreeMap<String, String>, bool, &[String]),
+        diags: &mut Diagnostics,
+    ) {
+        for (k, c) in subnets.iter().enumerate() {
+            if !is_valid_cidr(c) {
+                diags.error(
+                    "invalid-cidr",
+                    src,
+                    format!("{path}.destinationSubnets[{k}]"),
+                    format!("{c:?} is not an IPv4/IPv6 address or CIDR"),
+                );
+            }
+        }
+        if let Some(p) = port_number {
+            port(src, &format!("{path}.port"), p, diags);
+        }
+        let unsupported = [
+            ("destinationSubnets", !subnets.is_empty()),
+            ("sourceLabels", !labels.is_empty()),
+            ("sourceNamespace", source_namespace),
+            ("gateways", gateways.iter().any(|g| g != "mesh")),
+        ];
+        for (field, set) in unsupported {
+            if set {
+                diags.warning(
+                    "unsupported",
+                    src,
+                    format!("{path}.{field}"),
+                    format!("`{field}` on a TCP or TLS match is not supported by Hypha yet; the match applies without it"),
+                );
+            }
+        }
+    }
+
+    /// A TCP or TLS route's destinations.
+    fn l4_route(
+        &self,
+        src: &Source,
+        ns: &str,
+        path: &str,
+        route: &[RouteDestination],
+        diags: &mut Diagnostics,
+    ) {
+        if route.is_empty() {
+            diags.error(
+                "missing-field",
+                src,
+                format!("{path}.route"),
+                "at least one destination is required",
+            );
+        }
+        let weights: Vec<Option<i64>> = route.iter().map(|d| d.weight).collect();
+        self.weights(src, path, &weights, diags);
+        for (j, d) in route.iter().enumerate() {
+            self.destination(
+                src,
+                ns,
+                &format!("{path}.route[{j}].destination"),
+                &d.destination,
+                diags,
+            );
         }
     }
 
@@ -1612,6 +1704,16 @@ fn is_host(s: &str) -> bool {
     s == "*"
         || s.strip_prefix("*.")
             .map_or_else(|| is_dns_name(s), is_dns_name)
+}
+
+/// Whether every name `inner` stands for is one `outer` stands for: equal, or covered by
+/// `outer`'s `*.` wildcard (or `*`).
+fn host_covers(outer: &str, inner: &str) -> bool {
+    outer == "*"
+        || outer == inner
+        || outer
+            .strip_prefix('*')
+            .is_some_and(|suffix| inner.ends_with(suffix) && inner.len() > suffix.len())
 }
 
 fn is_header_name(s: &str) -> bool {

@@ -13,7 +13,9 @@ pub enum Protocol {
     Http,
     /// HTTP/2 and gRPC: upstream connections speak HTTP/2.
     Http2,
-    /// TCP, TLS, and anything opaque.
+    /// TLS (and HTTPS): opaque bytes, told apart by the ClientHello's server name.
+    Tls,
+    /// TCP and anything else opaque.
     Tcp,
 }
 
@@ -24,12 +26,13 @@ impl Protocol {
         match hypha_config::protocol_kind(p) {
             Some("http") => Protocol::Http,
             Some("http2") => Protocol::Http2,
+            Some("tls") => Protocol::Tls,
             _ => Protocol::Tcp,
         }
     }
 
     pub fn is_http(self) -> bool {
-        self != Protocol::Tcp
+        matches!(self, Protocol::Http | Protocol::Http2)
     }
 }
 

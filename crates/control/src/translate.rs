@@ -409,11 +409,17 @@ impl Translation {
                     }
                 } else {
                     let cluster = ctx.tcp_cluster(s, port.number);
-                    let chain = tcp_chain(&format!("{}_{}", s.hostname, port.number), &cluster);
-                    if let Some((first, rest)) = s.vips.split_first() {
+                    let default = tcp_chain(&format!("{}_{}", s.hostname, port.number), &cluster);
+                    let mut chains = if port.protocol == Protocol::Tls {
+                        ctx.sni_chains(s, port.number)
+                    } else {
+                        Vec::new()
+                    };
+                    let listener = if let Some((first, rest)) = s.vips.split_first() {
+                        chains.push(default);
                         let name = format!("{first}_{}", port.number);
-                        let mut l = Listener {
-                            name: name.clone(),
+                        tcp_listeners.entry(name.clone()).or_insert_with(|| Listener {
+                            name,
                             address: Some(socket(&first.to_string(), port.number)),
                             additional_addresses: rest
                                 .iter()
@@ -423,22 +429,29 @@ impl Translation {
                                 })
                                 .collect(),
                             traffic_direction: TrafficDirection::Outbound as i32,
-                            filter_chains: vec![chain],
+                            bind_to_port: Some(boolv(false)),
                             ..Default::default()
-                        };
-                        l.bind_to_port = Some(boolv(false));
-                        tcp_listeners.entry(name).or_insert(l);
+                        })
                     } else {
+                        // Without a VIP the port is shared: TLS services are told apart by
+                        // the server name their clients send, a TCP service takes the rest.
+                        if port.protocol == Protocol::Tls {
+                            chains.push(with_server_names(default, vec![s.hostname.clone()]));
+                        } else {
+                            chains.push(default);
+                        }
                         let name = format!("0.0.0.0_{}", port.number);
-                        let mut l = self.wildcard_listener(
-                            name.clone(),
-                            port.number,
-                            TrafficDirection::Outbound,
-                        );
-                        l.filter_chains = vec![chain];
-                        l.bind_to_port = Some(boolv(false));
-                        tcp_listeners.entry(name).or_insert(l);
-                    }
+                        tcp_listeners.entry(name.clone()).or_insert_with(|| {
+                            let mut l = self.wildcard_listener(
+                                name,
+                                port.number,
+                                TrafficDirection::Outbound,
+                            );
+                            l.bind_to_port = Some(boolv(false));
+                            l
+                        })
+                    };
+                    add_chains(listener, chains);
                 }
             }
         }
@@ -898,6 +911,34 @@ impl Outbound<'_> {
         outbound_cluster_name(host, port, subset)
     }
 
+    /// The chains of a TLS service port's VirtualService `tls` routes, in order: each takes the
+    /// server names of its matches that apply to `port`, to its first destination (weighted
+    /// splits use the first destination, as TCP routes do).
+    pub fn sni_chains(&self, s: &Service, port: u32) -> Vec<FilterChain> {
+        let mut chains = Vec::new();
+        for vs in self.virtual_services_of(&s.hostname) {
+            for (i, r) in vs.spec.tls.iter().enumerate() {
+                let names: Vec<String> = r
+                    .matches
+                    .iter()
+                    .filter(|m| m.port.is_none_or(|p| p == port))
+                    .flat_map(|m| &m.sni_hosts)
+                    .map(|h| self.cfg.resolve_host(h, &vs.namespace))
+                    .collect();
+                let Some(d) = r.route.first() else { continue };
+                if names.is_empty() {
+                    continue;
+                }
+                let host = self.cfg.resolve_host(&d.destination.host, &vs.namespace);
+                let p = d.destination.port.map_or(port, |p| p.number);
+                let cluster = self.cluster_for(&host, p, d.destination.subset.as_deref());
+                let name = format!("{}_{port}_tls{i}_{}", s.hostname, vs.name);
+                chains.push(with_server_names(tcp_chain(&name, &cluster), names));
+            }
+        }
+        chains
+    }
+
     pub fn tcp_cluster(&self, s: &Service, port: u32) -> String {
         // A TCP VirtualService's first route wins: weighted TCP splits are not expressed per
         // listener yet, so they use the first destination.
@@ -1250,6 +1291,53 @@ fn tcp_chain(name: &str, cluster: &str) -> FilterChain {
             }))),
         }],
         ..Default::default()
+    }
+}
+
+/// `chain`, taken only for connections whose ClientHello names one of `names`.
+fn with_server_names(mut chain: FilterChain, names: Vec<String>) -> FilterChain {
+    chain.filter_chain_match = Some(FilterChainMatch {
+        server_names: names,
+        ..Default::default()
+    });
+    chain
+}
+
+/// Adds `chains` to an outbound listener where they select connections no chain it has
+/// already selects: a server name goes to the first chain that names it, and only the first
+/// chain without names takes the connections no name matches. Listeners with named chains
+/// read the ClientHello first (the TLS inspector).
+fn add_chains(l: &mut Listener, chains: Vec<FilterChain>) {
+    let names = |c: &FilterChain| {
+        c.filter_chain_match
+            .as_ref()
+            .map_or(&[][..], |m| m.server_names.as_slice())
+            .to_vec()
+    };
+    let mut taken: HashSet<String> = l.filter_chains.iter().flat_map(names).collect();
+    let mut default_taken = l.filter_chains.iter().any(|c| names(c).is_empty());
+    for mut chain in chains {
+        let wanted = names(&chain);
+        if wanted.is_empty() {
+            if !std::mem::replace(&mut default_taken, true) {
+                l.filter_chains.push(chain);
+            }
+            continue;
+        }
+        let fresh: Vec<String> = wanted
+            .into_iter()
+            .filter(|n| taken.insert(n.clone()))
+            .collect();
+        if !fresh.is_empty() {
+            if let Some(m) = &mut chain.filter_chain_match {
+                m.server_names = fresh;
+            }
+            l.filter_chains.push(chain);
+        }
+    }
+    let named = l.filter_chains.iter().any(|c| !names(c).is_empty());
+    if named && l.listener_filters.is_empty() {
+        l.listener_filters = vec![crate::mtls::tls_inspector()];
     }
 }
 

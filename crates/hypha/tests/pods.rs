@@ -79,7 +79,7 @@ fn curl(pod: &Pod, args: &[&str]) -> (bool, String) {
     )
 }
 
-fn config(dir: &Path, client: &Pod, server: &Pod) {
+fn config(dir: &Path, client: &Pod, server: &Pod, ext: &Pod) {
     std::fs::create_dir_all(dir).unwrap();
     std::fs::write(
         dir.join("mesh.yaml"),
@@ -120,7 +120,28 @@ apiVersion: security.istio.io/v1
 kind: PeerAuthentication
 metadata: {{name: default, namespace: pods}}
 spec: {{mtls: {{mode: STRICT}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: tls-a, namespace: pods}}
+spec:
+  hosts: [a.example.com]
+  location: MESH_EXTERNAL
+  resolution: STATIC
+  ports: [{{number: 443, name: tls, protocol: TLS, targetPort: 8443}}]
+  endpoints: [{{address: {e4}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: tls-b, namespace: pods}}
+spec:
+  hosts: [b.example.com]
+  location: MESH_EXTERNAL
+  resolution: STATIC
+  ports: [{{number: 443, name: https, protocol: HTTPS, targetPort: 9443}}]
+  endpoints: [{{address: {e4}}}]
 ",
+            e4 = ext.ipv4,
             s4 = server.ipv4,
             s6 = server.ipv6,
             c4 = client.ipv4,
@@ -142,10 +163,12 @@ fn curl_in_a_pod_reaches_a_service_vip_over_mutual_tls_in_both_families() {
     let node = Node::create(index).unwrap();
     let client = node.pod("client").unwrap();
     let server = node.pod("web").unwrap();
+    // Outside the mesh: no sidecar, no capture.
+    let ext = node.pod("ext").unwrap();
     for pod in [&client, &server] {
         pod.capture(&Capture::default()).unwrap();
     }
-    config(&w.join("config"), &client, &server);
+    config(&w.join("config"), &client, &server, &ext);
     let tokens = w.join("tokens");
     std::fs::create_dir(&tokens).unwrap();
     for sa in ["client", "web"] {
@@ -193,6 +216,36 @@ fn curl_in_a_pod_reaches_a_service_vip_over_mutual_tls_in_both_families() {
         "127.0.0.1:9",
     ]);
     procs.spawn("app", app, w);
+    // Two TLS servers outside the mesh, each with its own self-signed certificate.
+    for (name, port) in [("a", 8443), ("b", 9443)] {
+        let host = format!("{name}.example.com");
+        let made = Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+            ])
+            .args(["-nodes", "-days", "1", "-subj", &format!("/CN={host}")])
+            .args(["-addext", &format!("subjectAltName=DNS:{host}")])
+            .arg("-keyout")
+            .arg(w.join(format!("{name}.key")))
+            .arg("-out")
+            .arg(w.join(format!("{name}.pem")))
+            .output()
+            .unwrap();
+        assert!(made.status.success(), "{made:?}");
+        let mut server = ext.command("openssl");
+        server
+            .args(["s_server", "-www", "-quiet", "-accept", &port.to_string()])
+            .arg("-cert")
+            .arg(w.join(format!("{name}.pem")))
+            .arg("-key")
+            .arg(w.join(format!("{name}.key")));
+        procs.spawn(&format!("tls-{name}"), server, w);
+    }
     for (pod, sa, workload) in [(&client, "client", "client-1"), (&server, "web", "web-1")] {
         let mut sidecar = pod.sidecar_command(hypha);
         sidecar
@@ -293,7 +346,53 @@ fn curl_in_a_pod_reaches_a_service_vip_over_mutual_tls_in_both_families() {
         !body.contains("\"id\""),
         "plaintext reached the app past STRICT mTLS: {body}"
     );
+    // TLS services without VIPs share port 443: the client sidecar reads the ClientHello and
+    // picks the service by its server name. Each server's certificate is the only one its
+    // client trusts, so a connection that reaches the other server fails.
+    for name in ["a", "b"] {
+        let host = format!("{name}.example.com");
+        let cacert = w.join(format!("{name}.pem"));
+        let args = [
+            "-f",
+            "-o",
+            "/dev/null",
+            "--cacert",
+            cacert.to_str().unwrap(),
+            // Any address: the capture hands it to the sidecar, which goes by the name.
+            "--resolve",
+            &format!("{host}:443:10.78.0.20"),
+            &format!("https://{host}/"),
+        ];
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let (ok, out) = curl(&client, &args);
+            if ok {
+                break;
+            }
+            procs.check();
+            assert!(Instant::now() < deadline, "{host}: {out}\n{}", procs.logs());
+            thread::sleep(Duration::from_millis(300));
+        }
+    }
+    // A name no service has: the sidecar closes the connection and counts it.
+    let (ok, out) = curl(
+        &client,
+        &[
+            "-k",
+            "--resolve",
+            "c.example.com:443:10.78.0.20",
+            "https://c.example.com/",
+        ],
+    );
+    assert!(!ok, "c.example.com reached something: {out}");
+    let (_, metrics) = curl(&client, &["http://127.0.0.1:15000/metrics"]);
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("hypha_outbound_no_filter_chain_total ") && !l.ends_with(" 0")),
+        "{metrics}"
+    );
     drop(procs);
-    drop((client, server));
+    drop((client, server, ext));
     drop(node);
 }

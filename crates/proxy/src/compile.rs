@@ -71,7 +71,7 @@ use crate::authz::{self, Authz};
 use crate::model::{
     Action, Cluster, ClusterKind, Endpoint, Fault, Forward, HashKey, HeaderAdd, HeaderAppend,
     HeaderOps, Inbound, Lb, Limits, ListenAddr, Outbound, OutlierPolicy, Redirect, RetryPolicy,
-    Route, RouteTable, UpstreamTls, VirtualHost, WeightedCluster,
+    Route, RouteTable, TcpRoutes, UpstreamTls, VirtualHost, WeightedCluster,
 };
 
 const HCM: &str = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
@@ -1334,27 +1334,87 @@ fn listener_inner(bytes: &[u8]) -> Result<ListenerParts> {
             if l.default_filter_chain.is_some() {
                 return Err(unsupported("default_filter_chain") + " on an outbound listener");
             }
-            let [chain] = l.filter_chains.as_slice() else {
-                return Err("outbound listeners must have exactly one filter chain".into());
-            };
-            if let Some(m) = &chain.filter_chain_match {
-                only(m, "filter_chain_match", &[])?;
-            }
-            plain_chain(chain)?;
-            let outbound = match no_authz(chain_kind(chain)?)? {
-                ChainKind::Rds(rds) => {
-                    parts.rds.push(rds.clone());
-                    Outbound::Http { route_table: rds }
+            let outbound = match l.filter_chains.as_slice() {
+                [] => return Err("an outbound listener needs a filter chain".into()),
+                [chain] if server_names(chain, "filter_chains[0]")?.is_empty() => {
+                    plain_chain(chain)?;
+                    match no_authz(chain_kind(chain)?)? {
+                        ChainKind::Rds(rds) => {
+                            parts.rds.push(rds.clone());
+                            Outbound::Http { route_table: rds }
+                        }
+                        ChainKind::Inline(..) => {
+                            return Err("an outbound HTTP listener needs RDS".into());
+                        }
+                        ChainKind::Tcp(cluster, _) => {
+                            Outbound::Tcp(Arc::new(TcpRoutes::single(cluster)))
+                        }
+                    }
                 }
-                ChainKind::Inline(..) => {
-                    return Err("an outbound HTTP listener needs RDS".into());
-                }
-                ChainKind::Tcp(cluster, _) => Outbound::Tcp { cluster },
+                chains => Outbound::Tcp(Arc::new(tcp_routes(chains)?)),
             };
             parts.outbound = Some((primary, outbound));
         }
     }
     Ok(parts)
+}
+
+/// A chain's `filter_chain_match.server_names` (lower-case), the only thing an outbound chain
+/// may match on: exact names and `*.` wildcards, as Envoy's.
+fn server_names(chain: &FilterChain, at: &str) -> Result<Vec<String>> {
+    let Some(m) = &chain.filter_chain_match else {
+        return Ok(Vec::new());
+    };
+    only(m, &format!("{at}.filter_chain_match"), &["server_names"])?;
+    m.server_names
+        .iter()
+        .map(|n| {
+            let inner = n.strip_prefix("*.").unwrap_or(n);
+            if inner.is_empty() || inner.contains('*') {
+                return Err(format!(
+                    "{at}.filter_chain_match.server_names: {n:?} is neither a name nor `*.` and \
+                     one"
+                ));
+            }
+            Ok(n.to_ascii_lowercase())
+        })
+        .collect()
+}
+
+/// The TCP chains of an outbound listener told apart by server name; at most one has none.
+fn tcp_routes(chains: &[FilterChain]) -> Result<TcpRoutes> {
+    let mut names = Vec::new();
+    let mut clusters = Vec::new();
+    let mut default = None;
+    for (i, chain) in chains.iter().enumerate() {
+        let at = format!("filter_chains[{i}]");
+        let chain_names = server_names(chain, &at)?;
+        plain_chain(chain)?;
+        let ChainKind::Tcp(cluster, _) = no_authz(chain_kind(chain)?)? else {
+            return Err(format!(
+                "{at}: an outbound listener with several filter chains tells them apart by \
+                 server name, so they must be TCP proxies"
+            ));
+        };
+        if chain_names.is_empty() {
+            if default.replace(cluster).is_some() {
+                return Err("two outbound filter chains without server names".into());
+            }
+        } else {
+            names.extend(chain_names.into_iter().map(|n| (n, clusters.len())));
+            clusters.push(cluster);
+        }
+    }
+    let (table, holders) = host_table(names, "filter chains (server names)")?;
+    let named = holders
+        .into_iter()
+        .map(|(name, i)| (name, clusters[i].clone()))
+        .collect();
+    Ok(TcpRoutes {
+        names: Some(table),
+        named,
+        default,
+    })
 }
 
 /// Outbound chains and the inbound default chain carry no TLS of their own: the app speaks
@@ -1828,26 +1888,43 @@ fn route_table_inner(mut rc: RouteConfiguration) -> Result<RouteTable> {
     if rc.validate_clusters.is_some_and(|v| v.value) {
         return Err(unsupported_value("validate_clusters", true));
     }
-    // (domain rule, virtual host) by kind: exact, suffix wildcard, prefix wildcard, `*`.
-    let mut exact = HashMap::new();
-    let (mut suffixes, mut prefixes, mut any) = (Vec::new(), Vec::new(), None);
+    let mut domains = Vec::new();
     let mut hosts = Vec::new();
     for vh in virtual_hosts {
         let i = hosts.len();
-        for d in &vh.domains {
-            let d = d.to_ascii_lowercase();
-            if d == "*" {
-                any.get_or_insert(i);
-            } else if let Some(suffix) = d.strip_prefix('*') {
-                suffixes.push((suffix.to_owned(), i));
-            } else if let Some(prefix) = d.strip_suffix('*') {
-                prefixes.push((prefix.to_owned(), i));
-            } else if exact.insert(d.clone(), i).is_some() {
-                return Err(format!("domain {d:?} is in two virtual hosts"));
-            }
-        }
+        domains.extend(vh.domains.iter().map(|d| (d.to_ascii_lowercase(), i)));
         let name = vh.name.clone();
         hosts.push(virtual_host(vh).map_err(|e| format!("virtual host {name:?}: {e}"))?);
+    }
+    let (domains, holders) =
+        host_table(domains, "virtual hosts").map_err(|e| format!("domains: {e}"))?;
+    let domain_hosts = holders.into_iter().map(|(_, i)| i).collect();
+    Ok(RouteTable {
+        name: rc.name,
+        virtual_hosts: hosts,
+        domains,
+        domain_hosts,
+    })
+}
+
+/// Host names (lower-case) of the things at their indexes, compiled into one rule each on the
+/// authority, in the order Envoy prefers them: exact names, then suffix wildcards
+/// (`*.example.com`) longest first, then prefix wildcards (`example.*`) longest first, then
+/// `*`; for each rule, its name and the index it stands for. An exact name in two of them
+/// (`holders`) is an error; for a wildcard, the first holder wins.
+fn host_table(names: Vec<(String, usize)>, holders: &str) -> Result<(Table, Vec<(String, usize)>)> {
+    let mut exact = HashMap::new();
+    let (mut suffixes, mut prefixes, mut any) = (Vec::new(), Vec::new(), None);
+    for (d, i) in names {
+        if d == "*" {
+            any.get_or_insert(i);
+        } else if let Some(suffix) = d.strip_prefix('*') {
+            suffixes.push((suffix.to_owned(), i));
+        } else if let Some(prefix) = d.strip_suffix('*') {
+            prefixes.push((prefix.to_owned(), i));
+        } else if exact.insert(d.clone(), i).is_some() {
+            return Err(format!("{d:?} is in two {holders}"));
+        }
     }
     suffixes.sort_by_key(|(s, _)| std::cmp::Reverse(s.len()));
     prefixes.sort_by_key(|(p, _)| std::cmp::Reverse(p.len()));
@@ -1869,34 +1946,29 @@ fn route_table_inner(mut rc: RouteConfiguration) -> Result<RouteTable> {
     let mut exact: Vec<(String, usize)> = exact.into_iter().collect();
     exact.sort_unstable();
     let mut rules = Vec::new();
-    let mut domain_hosts = Vec::new();
+    let mut holder = Vec::new();
     for (d, i) in exact {
         rules.push(Rule {
-            conditions: vec![on_authority(Pattern::Exact(d), false)],
+            conditions: vec![on_authority(Pattern::Exact(d.clone()), false)],
         });
-        domain_hosts.push(i);
+        holder.push((d, i));
     }
     for (s, i) in suffixes {
+        holder.push((format!("*{s}"), i));
         rules.push(wildcard(Pattern::Suffix(s.clone()), s));
-        domain_hosts.push(i);
     }
     for (p, i) in prefixes {
+        holder.push((format!("{p}*"), i));
         rules.push(wildcard(Pattern::Prefix(p.clone()), p));
-        domain_hosts.push(i);
     }
     if let Some(i) = any {
         rules.push(Rule {
             conditions: vec![on_authority(Pattern::Prefix(String::new()), false)],
         });
-        domain_hosts.push(i);
+        holder.push(("*".into(), i));
     }
-    let domains = Table::compile(rules).map_err(|e| format!("domains: {e}"))?;
-    Ok(RouteTable {
-        name: rc.name,
-        virtual_hosts: hosts,
-        domains,
-        domain_hosts,
-    })
+    let table = Table::compile(rules).map_err(|e| e.to_string())?;
+    Ok((table, holder))
 }
 
 fn virtual_host(mut vh: EnvoyVirtualHost) -> Result<VirtualHost> {

@@ -78,8 +78,9 @@ pub struct Config {
     pub endpoint_sets: FastMap<String, Arc<EndpointSet>>,
     /// Service port → route table, from the `0.0.0.0_<port>` HTTP listeners.
     pub http_by_port: FastMap<u16, String>,
-    /// VIP and port (or any address on a port) → cluster, from the TCP listeners.
-    pub tcp: HashMap<ListenAddr, String>,
+    /// VIP and port (or any address on a port) → where its connections go, from the TCP and
+    /// TLS listeners.
+    pub tcp: HashMap<ListenAddr, Arc<TcpRoutes>>,
     /// Outbound listeners by name (`0.0.0.0_<port>`, `<vip>_<port>`): the address they stand
     /// for and what traffic for it does.
     pub outbound: HashMap<String, (ListenAddr, Outbound)>,
@@ -104,8 +105,59 @@ pub enum ListenAddr {
 pub enum Outbound {
     /// HTTP: route with the route table of this name.
     Http { route_table: String },
-    /// Plain TCP to this cluster.
-    Tcp { cluster: String },
+    /// TCP bytes to a cluster: the only one, or the one the ClientHello's server name picks.
+    Tcp(Arc<TcpRoutes>),
+}
+
+/// Where the TCP connections for one outbound address go: Envoy's filter chain selection by
+/// `server_names` (the TLS inspector's SNI), then the chain without names.
+#[derive(Debug)]
+pub struct TcpRoutes {
+    /// One rule per server name on the SNI (as the authority), most specific first: exact
+    /// names, then `*.` wildcards longest first. `None` when no chain names any, so the
+    /// connection is not read before it is proxied.
+    pub names: Option<Table>,
+    /// For each rule of `names`, the server name it is and its cluster.
+    pub named: Vec<(String, String)>,
+    /// The cluster of the chain without names: connections no name picks (no ClientHello, no
+    /// server name, another name).
+    pub default: Option<String>,
+}
+
+impl PartialEq for TcpRoutes {
+    /// The same names to the same clusters (`names` is compiled from `named`).
+    fn eq(&self, other: &TcpRoutes) -> bool {
+        self.named == other.named && self.default == other.default
+    }
+}
+
+impl TcpRoutes {
+    /// Every connection to `cluster`.
+    pub fn single(cluster: String) -> TcpRoutes {
+        TcpRoutes {
+            names: None,
+            named: Vec::new(),
+            default: Some(cluster),
+        }
+    }
+
+    /// The cluster for a connection whose ClientHello named `sni` (lower-case), if any chain
+    /// takes it.
+    pub fn pick(&self, sni: Option<&str>) -> Option<&str> {
+        let named = match (&self.names, sni) {
+            (Some(table), Some(sni)) => table
+                .first_match(&SimpleRequest {
+                    target: b"",
+                    method: b"",
+                    scheme: b"",
+                    authority: sni.as_bytes(),
+                    headers: &[],
+                })
+                .map(|rule| self.named[rule].1.as_str()),
+            _ => None,
+        };
+        named.or(self.default.as_deref())
+    }
 }
 
 /// What the inbound side does with traffic for one local port.

@@ -18,7 +18,8 @@ use hyper::body::Incoming;
 
 use crate::http::{self as h, Body, Flag, View};
 use crate::model::{
-    Action, Config, Fault, Forward, HashKey, ListenAddr, Redirect, Route, WeightedCluster,
+    Action, Config, Fault, Forward, HashKey, ListenAddr, Redirect, Route, TcpRoutes,
+    WeightedCluster,
 };
 use crate::router;
 use crate::telemetry::{Reporter, Telemetry};
@@ -358,6 +359,8 @@ pub async fn serve(
 enum Target {
     /// TCP bytes to this cluster.
     Tcp(String),
+    /// TCP bytes to the cluster the ClientHello's server name picks.
+    ByName(Arc<TcpRoutes>),
     /// HTTP, routed in this mode.
     Http(Arc<Mode>),
     /// TCP bytes straight to this address (a captured connection the mesh does not know).
@@ -389,7 +392,22 @@ fn spawn(
             let open = drain.open();
             tokio::spawn(async move {
                 let _open = open;
-                tcp_proxy(o, cluster, stream).await;
+                tcp_proxy(o, cluster, stream, &[]).await;
+            });
+        }
+        Target::ByName(routes) => {
+            let open = drain.open();
+            tokio::spawn(async move {
+                let _open = open;
+                let mut stream = stream;
+                let (hello, name) = client_hello(&mut stream).await;
+                match routes.pick(name.as_deref()) {
+                    Some(cluster) => tcp_proxy(o, cluster.to_owned(), stream, &hello).await,
+                    None => {
+                        o.telemetry.metrics.no_filter_chain();
+                        tracing::debug!(%peer, server_name = name, "no filter chain takes this server name");
+                    }
+                }
             });
         }
         Target::Passthrough(dst) => {
@@ -438,7 +456,10 @@ pub async fn serve_captured(
         let http = cfg.http_by_port.contains_key(&port);
         drop(cfg);
         let target = match tcp {
-            Some(cluster) => Target::Tcp(cluster),
+            Some(routes) => match (&routes.names, &routes.default) {
+                (None, Some(cluster)) => Target::Tcp(cluster.clone()),
+                _ => Target::ByName(routes),
+            },
             None if http => Target::Http(Arc::new(Mode::Captured { port })),
             None => Target::Passthrough(dst),
         };
@@ -464,7 +485,46 @@ async fn passthrough(o: &Outbound, mut downstream: tokio::net::TcpStream, dst: S
     }
 }
 
-async fn tcp_proxy(o: Arc<Outbound>, cluster: String, mut downstream: tokio::net::TcpStream) {
+/// How long a connection told apart by server name may take to send its ClientHello. Envoy's
+/// listener filters wait 15 s by default and Istio then goes on without them; after this the
+/// connection goes to the chain without names, if the listener has one.
+const HELLO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Reads the start of a connection until it is a whole ClientHello, or cannot be one, or
+/// [`HELLO_TIMEOUT`] passes: the bytes read (to send on first) and the server name.
+async fn client_hello(stream: &mut tokio::net::TcpStream) -> (Vec<u8>, Option<String>) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::with_capacity(2048);
+    let read = async {
+        loop {
+            match hypha_sni::parse(&buf) {
+                hypha_sni::Hello::Partial => {}
+                hypha_sni::Hello::NotTls => return None,
+                hypha_sni::Hello::Complete(name) => return name,
+            }
+            buf.reserve(2048);
+            match stream.read_buf(&mut buf).await {
+                Ok(0) | Err(_) => return None,
+                Ok(_) => {}
+            }
+        }
+    };
+    let name = tokio::time::timeout(HELLO_TIMEOUT, read)
+        .await
+        .ok()
+        .flatten();
+    (buf, name)
+}
+
+/// Proxies `downstream` to a connection to `cluster`, sending `first` (bytes already read
+/// from the downstream) before anything else.
+async fn tcp_proxy(
+    o: Arc<Outbound>,
+    cluster: String,
+    mut downstream: tokio::net::TcpStream,
+    first: &[u8],
+) {
+    use tokio::io::AsyncWriteExt;
     let cfg = o.config.load_full();
     let upstream = match o.upstreams.connect_tcp(&cfg, &cluster).await {
         Ok(u) => u,
@@ -475,17 +535,20 @@ async fn tcp_proxy(o: Arc<Outbound>, cluster: String, mut downstream: tokio::net
     };
     let metrics = &o.telemetry.metrics;
     metrics.tcp_opened();
+    let sent_first = first.len() as u64;
     let copied = match upstream {
-        crate::upstream::TcpUpstream::Plain(mut u) => {
-            tokio::io::copy_bidirectional(&mut downstream, &mut u).await
-        }
-        crate::upstream::TcpUpstream::Tls(mut u) => {
-            tokio::io::copy_bidirectional(&mut downstream, &mut *u).await
-        }
+        crate::upstream::TcpUpstream::Plain(mut u) => match u.write_all(first).await {
+            Ok(()) => tokio::io::copy_bidirectional(&mut downstream, &mut u).await,
+            Err(e) => Err(e),
+        },
+        crate::upstream::TcpUpstream::Tls(mut u) => match u.write_all(first).await {
+            Ok(()) => tokio::io::copy_bidirectional(&mut downstream, &mut *u).await,
+            Err(e) => Err(e),
+        },
     };
     match copied {
         // From the app (sent to the peer), and back.
-        Ok((sent, received)) => metrics.tcp_closed(sent, received),
+        Ok((sent, received)) => metrics.tcp_closed(sent_first + sent, received),
         Err(e) => {
             metrics.tcp_closed(0, 0);
             tracing::debug!(cluster, error = %e, "TCP proxy connection ended");

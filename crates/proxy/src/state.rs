@@ -164,9 +164,9 @@ impl State {
                         let (ListenAddr::AnyOn(port) | ListenAddr::Vip(_, port)) = addr;
                         config.http_by_port.insert(*port, route_table.clone());
                     }
-                    Outbound::Tcp { cluster } => {
+                    Outbound::Tcp(routes) => {
                         for a in std::iter::once(addr).chain(&parts.additional) {
-                            config.tcp.insert(a.clone(), cluster.clone());
+                            config.tcp.insert(a.clone(), routes.clone());
                         }
                     }
                 }

@@ -183,6 +183,8 @@ pub struct Metrics {
     rbac_denied_http: AtomicU64,
     rbac_denied_tcp: AtomicU64,
     rbac_audited: AtomicU64,
+    /// Outbound connections closed because no filter chain takes their server name.
+    no_filter_chain: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -199,6 +201,7 @@ impl Default for Metrics {
             rbac_denied_http: AtomicU64::new(0),
             rbac_denied_tcp: AtomicU64::new(0),
             rbac_audited: AtomicU64::new(0),
+            no_filter_chain: AtomicU64::new(0),
         }
     }
 }
@@ -271,6 +274,10 @@ impl Metrics {
         self.rbac_audited.fetch_add(1, Ordering::Relaxed);
     }
 
+    pub fn no_filter_chain(&self) {
+        self.no_filter_chain.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();
@@ -329,6 +336,10 @@ impl Metrics {
             ("hypha_rbac_denied_requests_total", &self.rbac_denied_http),
             ("hypha_rbac_denied_connections_total", &self.rbac_denied_tcp),
             ("hypha_rbac_audited_total", &self.rbac_audited),
+            (
+                "hypha_outbound_no_filter_chain_total",
+                &self.no_filter_chain,
+            ),
         ] {
             let _ = writeln!(
                 out,

@@ -605,8 +605,10 @@ fn every_control_plane_feature_compiles_and_is_carried() {
     let db = "outbound|5432||db.lab.svc.cluster.local";
     for vip in ["240.0.0.2", "2001:db8::2"] {
         assert_eq!(
-            cfg.tcp.get(&ListenAddr::Vip(vip.parse().unwrap(), 5432)),
-            Some(&db.to_string())
+            cfg.tcp
+                .get(&ListenAddr::Vip(vip.parse().unwrap(), 5432))
+                .and_then(|r| r.pick(None)),
+            Some(db)
         );
     }
 
@@ -1001,4 +1003,206 @@ fn virtual_hosts_are_chosen_in_envoys_order() {
     assert!(table
         .virtual_host("api.shop.")
         .is_some_and(|v| v.name == "prefix"));
+}
+
+const TLS_SERVICES: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: a, namespace: lab}
+spec:
+  hosts: [a.example.com]
+  location: MESH_EXTERNAL
+  resolution: DNS
+  ports: [{number: 443, name: tls, protocol: TLS}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: b, namespace: lab}
+spec:
+  hosts: [b.example.com]
+  location: MESH_EXTERNAL
+  resolution: DNS
+  ports: [{number: 443, name: https, protocol: HTTPS}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: cdn, namespace: lab}
+spec:
+  hosts: ["*.cdn.example.com"]
+  location: MESH_EXTERNAL
+  resolution: NONE
+  ports: [{number: 443, name: tls, protocol: TLS}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: legacy, namespace: lab}
+spec:
+  hosts: [legacy.example.com]
+  location: MESH_EXTERNAL
+  resolution: DNS
+  ports: [{number: 443, name: tcp, protocol: TCP}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: vip, namespace: lab}
+spec:
+  hosts: [vip.example.com]
+  addresses: [240.0.0.9, "2001:db8::9"]
+  location: MESH_EXTERNAL
+  resolution: DNS
+  ports: [{number: 8443, name: tls, protocol: TLS}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: vip, namespace: lab}
+spec:
+  hosts: [vip.example.com, "*.vip.example.com"]
+  tls:
+  - match:
+    - sniHosts: [v2.vip.example.com]
+      port: 8443
+    - sniHosts: [elsewhere.vip.example.com]
+      port: 9999
+    route:
+    - destination: {host: b.example.com, port: {number: 443}}
+"#;
+
+/// TLS service ports are told apart by the server name of the ClientHello, as Envoy's filter
+/// chains with `server_names` (and Istio's TLS routes) do: exact names first, then the longest
+/// `*.` wildcard, then the chain without names, if any.
+#[test]
+fn tls_ports_choose_their_cluster_by_server_name() {
+    let compiled = |yaml: &str| {
+        let loaded = hypha_config::load_str("tls.yaml", yaml);
+        assert!(!loaded.has_errors(), "{:?}", loaded.diagnostics);
+        let t = Translation::new(Arc::new(loaded.config), "1");
+        let (_, client) = features();
+        let snap = t.snapshot(&client);
+        let mut state = State::default();
+        for t in TYPES {
+            // No service here has EDS endpoints.
+            if let Err(refused) = state.apply(t, &all(&snap, t), &[]) {
+                panic!("{}", nack_message(&refused));
+            }
+        }
+        state.assemble().config
+    };
+    let cfg = compiled(TLS_SERVICES);
+    let shared = &cfg.tcp[&ListenAddr::AnyOn(443)];
+    let pick = |name: Option<&str>| shared.pick(name);
+    assert_eq!(
+        pick(Some("a.example.com")),
+        Some("outbound|443||a.example.com")
+    );
+    assert_eq!(
+        pick(Some("b.example.com")),
+        Some("outbound|443||b.example.com")
+    );
+    assert_eq!(
+        pick(Some("img.cdn.example.com")),
+        Some("outbound|443||*.cdn.example.com")
+    );
+    // The TCP service on the same port takes what no name does.
+    for other in [Some("c.example.com"), Some("cdn.example.com"), None] {
+        assert_eq!(
+            pick(other),
+            Some("outbound|443||legacy.example.com"),
+            "{other:?}"
+        );
+    }
+    // A service with VIPs: its TLS route's names first, the rest to the service, on both VIPs.
+    for vip in ["240.0.0.9", "2001:db8::9"] {
+        let routes = &cfg.tcp[&ListenAddr::Vip(vip.parse().unwrap(), 8443)];
+        assert_eq!(
+            routes.pick(Some("v2.vip.example.com")),
+            Some("outbound|443||b.example.com")
+        );
+        assert_eq!(
+            routes.pick(Some("elsewhere.vip.example.com")),
+            Some("outbound|8443||vip.example.com"),
+            "a match for another port does not apply"
+        );
+        assert_eq!(routes.pick(None), Some("outbound|8443||vip.example.com"));
+    }
+    // Without the TCP service, a name no chain takes has nowhere to go.
+    let cfg = compiled(&TLS_SERVICES.replace("protocol: TCP", "protocol: TLS"));
+    let shared = &cfg.tcp[&ListenAddr::AnyOn(443)];
+    assert_eq!(shared.pick(Some("c.example.com")), None);
+    assert_eq!(shared.pick(None), None);
+    assert_eq!(
+        shared.pick(Some("legacy.example.com")),
+        Some("outbound|443||legacy.example.com")
+    );
+}
+
+/// Outbound chains told apart by anything but server names, or not told apart at all, are
+/// refused with the reason.
+#[test]
+fn outbound_chains_the_proxy_cannot_tell_apart_are_refused() {
+    use envoy_types::pb::envoy::config::listener::v3::FilterChainMatch;
+    let loaded = hypha_config::load_str("tls.yaml", TLS_SERVICES);
+    let t = Translation::new(Arc::new(loaded.config), "1");
+    let (_, client) = features();
+    let snap = t.snapshot(&client);
+    let shared: Listener = Listener::decode(
+        &*snap
+            .resources(type_url::LISTENER)
+            .unwrap()
+            .get("0.0.0.0_443")
+            .unwrap()
+            .body
+            .value,
+    )
+    .unwrap();
+    assert_eq!(shared.filter_chains.len(), 4);
+    hypha_proxy::compile::listener("0.0.0.0_443", &shared.encode_to_vec()).unwrap();
+    let with = |f: &dyn Fn(&mut Listener)| {
+        let mut l = shared.clone();
+        f(&mut l);
+        listener_refusal(&l)
+    };
+    // The chain for `name` (`""`: the one without names).
+    fn names<'a>(l: &'a mut Listener, name: &str) -> &'a mut FilterChainMatch {
+        let i = l
+            .filter_chains
+            .iter()
+            .position(|c| {
+                let names = c
+                    .filter_chain_match
+                    .as_ref()
+                    .map_or(&[][..], |m| &m.server_names[..]);
+                names.first().map_or("", |n| n.as_str()) == name
+            })
+            .unwrap();
+        l.filter_chains[i]
+            .filter_chain_match
+            .get_or_insert_default()
+    }
+    let e = with(&|l| names(l, "a.example.com").server_names.clear());
+    assert!(
+        e.contains("two outbound filter chains without server names"),
+        "{e}"
+    );
+    let e = with(&|l| names(l, "a.example.com").server_names = vec!["a.*".into()]);
+    assert!(e.contains("\"a.*\" is neither a name"), "{e}");
+    let e = with(&|l| names(l, "b.example.com").server_names = vec!["A.example.com".into()]);
+    assert!(
+        e.contains("\"a.example.com\" is in two filter chains"),
+        "{e}"
+    );
+    let e = with(&|l| names(l, "").transport_protocol = "tls".into());
+    assert!(e.contains(".filter_chain_match.transport_protocol"), "{e}");
+    let http = bookinfo_snapshot();
+    let http: Listener = Listener::decode(
+        &*http
+            .resources(type_url::LISTENER)
+            .unwrap()
+            .get("0.0.0.0_9080")
+            .unwrap()
+            .body
+            .value,
+    )
+    .unwrap();
+    let e = with(&|l| l.filter_chains.push(http.filter_chains[0].clone()));
+    assert!(e.contains("must be TCP proxies"), "{e}");
 }
