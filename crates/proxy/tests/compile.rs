@@ -1206,3 +1206,104 @@ fn outbound_chains_the_proxy_cannot_tell_apart_are_refused() {
     let e = with(&|l| l.filter_chains.push(http.filter_chains[0].clone()));
     assert!(e.contains("must be TCP proxies"), "{e}");
 }
+
+/// For random sets of server names and random ClientHello names, the chain the matcher table
+/// picks is the one Envoy's lookup picks: the exact name, else the wildcard of the longest
+/// suffix, walking up the labels (`*.b.c`, then `*.c`), else the chain without names.
+#[test]
+fn server_names_pick_what_envoys_label_walk_picks() {
+    use envoy_types::pb::envoy::config::core::v3::{address, socket_address, SocketAddress};
+    use envoy_types::pb::envoy::config::listener::v3::{FilterChain, FilterChainMatch};
+    use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{
+        tcp_proxy, TcpProxy,
+    };
+    let mut state = 0x5eed_u64;
+    let mut next = move |n: u64| {
+        state = state
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        (state >> 33) % n
+    };
+    let labels = ["a", "b", "c", "xy"];
+    let name = |next: &mut dyn FnMut(u64) -> u64| {
+        (0..1 + next(3))
+            .map(|_| labels[next(4) as usize])
+            .collect::<Vec<_>>()
+            .join(".")
+    };
+    let chain = |cluster: String, names: Vec<String>| FilterChain {
+        filter_chain_match: (!names.is_empty()).then(|| FilterChainMatch {
+            server_names: names,
+            ..Default::default()
+        }),
+        filters: vec![envoy_types::pb::envoy::config::listener::v3::Filter {
+            name: "envoy.filters.network.tcp_proxy".into(),
+            config_type: Some(filter::ConfigType::TypedConfig(Any {
+                type_url:
+                    "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"
+                        .into(),
+                value: TcpProxy {
+                    stat_prefix: cluster.clone(),
+                    cluster_specifier: Some(tcp_proxy::ClusterSpecifier::Cluster(cluster)),
+                    ..Default::default()
+                }
+                .encode_to_vec(),
+            })),
+        }],
+        ..Default::default()
+    };
+    for round in 0..200 {
+        // Chains of distinct names, some wildcards; half the listeners have a default chain.
+        let mut taken = std::collections::HashSet::new();
+        let mut chains = Vec::new();
+        let mut owner = std::collections::HashMap::new();
+        for c in 0..1 + next(6) {
+            let mut names = Vec::new();
+            for _ in 0..1 + next(3) {
+                let n = name(&mut next);
+                let n = if next(3) == 0 { format!("*.{n}") } else { n };
+                if taken.insert(n.clone()) {
+                    owner.insert(n.clone(), format!("c{c}"));
+                    names.push(n);
+                }
+            }
+            if !names.is_empty() {
+                chains.push(chain(format!("c{c}"), names));
+            }
+        }
+        let default = (round % 2 == 0).then(|| "default".to_string());
+        if let Some(d) = &default {
+            chains.push(chain(d.clone(), Vec::new()));
+        }
+        let l = Listener {
+            name: "0.0.0.0_443".into(),
+            address: Some(envoy_types::pb::envoy::config::core::v3::Address {
+                address: Some(address::Address::SocketAddress(SocketAddress {
+                    address: "0.0.0.0".into(),
+                    port_specifier: Some(socket_address::PortSpecifier::PortValue(443)),
+                    ..Default::default()
+                })),
+            }),
+            filter_chains: chains,
+            ..Default::default()
+        };
+        let parts = hypha_proxy::compile::listener(&l.name, &l.encode_to_vec()).unwrap();
+        let Some((_, Outbound::Tcp(routes))) = parts.outbound else {
+            panic!("a TCP listener")
+        };
+        for _ in 0..50 {
+            let sni = name(&mut next);
+            let labels: Vec<&str> = sni.split('.').collect();
+            let envoy = owner
+                .get(&sni)
+                .or_else(|| {
+                    (1..labels.len())
+                        .find_map(|i| owner.get(&format!("*.{}", labels[i..].join("."))))
+                })
+                .or(default.as_ref())
+                .map(String::as_str);
+            assert_eq!(routes.pick(Some(&sni)), envoy, "{sni} with {owner:?}");
+        }
+        assert_eq!(routes.pick(None), default.as_deref());
+    }
+}
