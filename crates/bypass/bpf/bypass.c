@@ -23,9 +23,19 @@ static long (*bpf_sock_hash_update)(struct bpf_sock_ops *skops, void *map, void 
 static long (*bpf_msg_redirect_hash)(struct sk_msg_md *msg, void *map, void *key,
                                      __u64 flags) = (void *)BPF_FUNC_msg_redirect_hash;
 static __u64 (*bpf_get_netns_cookie)(void *ctx) = (void *)BPF_FUNC_get_netns_cookie;
+static long (*bpf_map_update_elem)(void *map, const void *key, const void *value,
+                                   __u64 flags) = (void *)BPF_FUNC_map_update_elem;
+static long (*bpf_map_delete_elem)(void *map, const void *key) = (void *)BPF_FUNC_map_delete_elem;
+static __u64 (*bpf_get_socket_cookie)(void *ctx) = (void *)BPF_FUNC_get_socket_cookie;
+static __u64 (*bpf_get_current_uid_gid)(void) = (void *)BPF_FUNC_get_current_uid_gid;
 
 #define AF_INET 2
 #define AF_INET6 10
+#define SOCK_STREAM 1
+#define SOL_IP 0
+#define SOL_IPV6 41
+// SO_ORIGINAL_DST (linux/netfilter_ipv4.h) and IP6T_SO_ORIGINAL_DST share the number.
+#define SO_ORIGINAL_DST 80
 
 // One end of a connection as seen from that end: its own address and port first. IPv4
 // addresses (and IPv4-mapped IPv6 ones, so a dual-stack listener's socket meets its IPv4
@@ -59,6 +69,9 @@ enum {
     MSGS_REDIRECTED,
     BYTES_REDIRECTED,
     MSGS_PASSED,
+    CONNECTS_OUTBOUND,
+    CONNECTS_INBOUND,
+    ORIGINAL_DST_ANSWERED,
     COUNTERS,
 };
 
@@ -131,6 +144,275 @@ static __always_inline int make_key(void *ctx, struct key *k, __u32 family, __u3
     return 0;
 }
 
+// ---------------------------------------------------------------------------------------------
+// Transparent capture without NAT (Merbridge's way), for pods registered in `hypha_pods`.
+//
+// iptables REDIRECT rewrites a captured connection's destination in the packets, so the app's
+// socket (to VIP:8080) and the sidecar's (at 127.0.0.1:15001) name different four-tuples and
+// never meet in the socket map; pairing them by "the peer's address only" could cross two
+// connections when conntrack remaps a port. Instead `connect4`/`connect6` rewrite the
+// destination before the kernel connects: an app's connection goes to its sidecar's outbound
+// port on loopback, a sidecar's connection to another registered pod goes to that pod's
+// inbound port. Both ends then have matching four-tuples (the bypass pairs them), and there is
+// no NAT to undo. The original destination is kept by socket cookie until the connection is
+// established (`sockops`), then by the connecting end's address and port, where the
+// accepting sidecar's `getsockopt(SO_ORIGINAL_DST)` (or IP6T_SO_ORIGINAL_DST) finds it: the
+// `cgroup/getsockopt` program answers it. Connections it does not rewrite keep the iptables
+// path (still installed in the pod), so a rule this misses is not a connection lost.
+
+// A registered pod (key: its network namespace's cookie). Ports in host byte order.
+struct pod {
+    __u16 outbound_port;      // the sidecar's capture-outbound port (15001)
+    __u16 inbound_port;       // its capture-inbound port (15006)
+    __u32 sidecar_gid;        // the sidecar's group: its own connections are not outbound
+    __u16 exclude_outbound[8]; // destination ports an app reaches directly (0: unused)
+    __u16 exclude_inbound[8];  // ports of this pod reached directly
+};
+
+struct {
+    __uint(type, BPF_MAP_TYPE_HASH);
+    __uint(max_entries, 1024);
+    __type(key, __u64);
+    __type(value, struct pod);
+} hypha_pods SEC(".maps");
+
+// An address: family 4 (the address in ip[0]) or 6; network byte order.
+struct addr {
+    __u32 family;
+    __u32 ip[4];
+};
+
+// Every registered pod's addresses → its namespace's cookie.
+struct {
+    __uint(type, BPF_MAP_TYPE_HASH);
+    __uint(max_entries, 4096);
+    __type(key, struct addr);
+    __type(value, __u64);
+} hypha_pod_addrs SEC(".maps");
+
+// A connection's original destination; `port` in network byte order.
+struct orig {
+    struct addr addr;
+    __u32 port;
+};
+
+// Socket cookie → original destination, from connect until established.
+struct {
+    __uint(type, BPF_MAP_TYPE_LRU_HASH);
+    __uint(max_entries, 65536);
+    __type(key, __u64);
+    __type(value, struct orig);
+} hypha_connecting SEC(".maps");
+
+// The connecting end (a `struct key` with only its own address and port, and the namespace
+// cookie for loopback) → original destination, for the accepting sidecar.
+struct {
+    __uint(type, BPF_MAP_TYPE_LRU_HASH);
+    __uint(max_entries, 65536);
+    __type(key, struct key);
+    __type(value, struct orig);
+} hypha_original_dst SEC(".maps");
+
+// The key of one end by its own address and port (`ip4`, or `ip6` when `family` is AF_INET6,
+// IPv4-mapped counted as IPv4; `port` in host byte order).
+static __always_inline int end_key(void *ctx, struct key *k, __u32 family, __u32 ip4,
+                                   const __u32 ip6[4], __u32 port)
+{
+    if (family == AF_INET) {
+        k->family = 4;
+        k->local_ip[0] = ip4;
+    } else if (family == AF_INET6 && is_v4_mapped(ip6)) {
+        k->family = 4;
+        k->local_ip[0] = ip6[3];
+    } else if (family == AF_INET6) {
+        k->family = 6;
+        for (int i = 0; i < 4; i++)
+            k->local_ip[i] = ip6[i];
+    } else {
+        return -1;
+    }
+    k->local_port = port;
+    if (is_loopback(k))
+        k->netns = bpf_get_netns_cookie(ctx);
+    return 0;
+}
+
+static __always_inline int addr_is_loopback(const struct addr *a)
+{
+    if (a->family == 4)
+        return (a->ip[0] & 0xff) == 127;
+    return a->ip[0] == 0 && a->ip[1] == 0 && a->ip[2] == 0 && a->ip[3] == __builtin_bswap32(1);
+}
+
+static __always_inline int excluded(const __u16 ports[8], __u16 port)
+{
+    for (int i = 0; i < 8; i++)
+        if (ports[i] && ports[i] == port)
+            return 1;
+    return 0;
+}
+
+// Where a connection from this namespace to `dst`:`port` (host order) should go instead: 0
+// and `*to_port` set (host order; `*to_loopback` for the app's own sidecar), or -1 to leave it.
+static __always_inline int rewrite(void *ctx, const struct addr *dst, __u16 port, __u16 *to_port,
+                                   int *to_loopback)
+{
+    __u64 ns = bpf_get_netns_cookie(ctx);
+    struct pod *me = bpf_map_lookup_elem(&hypha_pods, &ns);
+    if (!me)
+        return -1;
+    __u32 gid = bpf_get_current_uid_gid() >> 32;
+    __u64 *owner = bpf_map_lookup_elem(&hypha_pod_addrs, dst);
+    if (gid != me->sidecar_gid) {
+        // The app: everything but loopback, its own pod's addresses and excluded ports goes
+        // to its sidecar, as the OUTPUT rules do.
+        if (addr_is_loopback(dst) || (owner && *owner == ns) ||
+            excluded(me->exclude_outbound, port))
+            return -1;
+        *to_port = me->outbound_port;
+        *to_loopback = 1;
+        return 0;
+    }
+    // The sidecar: to another registered pod, that pod's inbound port (as its PREROUTING
+    // rules would do), unless the port is excluded there or already the inbound port.
+    if (!owner || *owner == ns)
+        return -1;
+    struct pod *peer = bpf_map_lookup_elem(&hypha_pods, owner);
+    if (!peer || port == peer->inbound_port || excluded(peer->exclude_inbound, port))
+        return -1;
+    *to_port = peer->inbound_port;
+    *to_loopback = 0;
+    return 0;
+}
+
+static __always_inline void remember(void *ctx, const struct addr *dst, __u32 port_be,
+                                     int to_loopback)
+{
+    struct orig o = {.addr = *dst, .port = port_be};
+    __u64 cookie = bpf_get_socket_cookie(ctx);
+    if (bpf_map_update_elem(&hypha_connecting, &cookie, &o, BPF_ANY) == 0)
+        count(to_loopback ? CONNECTS_OUTBOUND : CONNECTS_INBOUND, 1);
+}
+
+// `rewrite`, and when it rewrites, the original destination kept by the socket's cookie.
+static __always_inline int capture(void *ctx, const struct addr *dst, __u32 port_be,
+                                   __u16 *to_port, int *to_loopback)
+{
+    if (rewrite(ctx, dst, __builtin_bswap16(port_be), to_port, to_loopback))
+        return -1;
+    remember(ctx, dst, port_be, *to_loopback);
+    return 0;
+}
+
+SEC("cgroup/connect4")
+int hypha_connect4(struct bpf_sock_addr *ctx)
+{
+    if (ctx->type != SOCK_STREAM)
+        return 1;
+    struct addr dst = {.family = 4, .ip = {ctx->user_ip4}};
+    __u16 to_port;
+    int to_loopback;
+    if (capture(ctx, &dst, ctx->user_port, &to_port, &to_loopback))
+        return 1;
+    if (to_loopback)
+        ctx->user_ip4 = __builtin_bswap32(0x7f000001);
+    ctx->user_port = __builtin_bswap16(to_port);
+    return 1;
+}
+
+SEC("cgroup/connect6")
+int hypha_connect6(struct bpf_sock_addr *ctx)
+{
+    if (ctx->type != SOCK_STREAM)
+        return 1;
+    __u32 ip6[4] = {ctx->user_ip6[0], ctx->user_ip6[1], ctx->user_ip6[2], ctx->user_ip6[3]};
+    int mapped = is_v4_mapped(ip6);
+    struct addr dst = {.family = mapped ? 4 : 6};
+    if (mapped) {
+        dst.ip[0] = ip6[3];
+    } else {
+        for (int i = 0; i < 4; i++)
+            dst.ip[i] = ip6[i];
+    }
+    __u16 to_port;
+    int to_loopback;
+    if (capture(ctx, &dst, ctx->user_port, &to_port, &to_loopback))
+        return 1;
+    if (to_loopback) {
+        // ::1, or ::ffff:127.0.0.1 for an IPv4 destination on an IPv6 socket.
+        ctx->user_ip6[0] = 0;
+        ctx->user_ip6[1] = 0;
+        ctx->user_ip6[2] = mapped ? __builtin_bswap32(0x0000ffff) : 0;
+        ctx->user_ip6[3] = __builtin_bswap32(mapped ? 0x7f000001 : 1);
+    }
+    ctx->user_port = __builtin_bswap16(to_port);
+    return 1;
+}
+
+// The accepting sidecar asks for a connection's original destination: answered from
+// `hypha_original_dst` when the connection was rewritten at connect, else the kernel's answer
+// (conntrack, for iptables-captured connections) stands.
+SEC("cgroup/getsockopt")
+int hypha_getsockopt(struct bpf_sockopt *ctx)
+{
+    if (ctx->optname != SO_ORIGINAL_DST || (ctx->level != SOL_IP && ctx->level != SOL_IPV6))
+        return 1;
+    struct bpf_sock *sk = ctx->sk;
+    if (!sk)
+        return 1;
+    __u32 ip6[4] = {sk->dst_ip6[0], sk->dst_ip6[1], sk->dst_ip6[2], sk->dst_ip6[3]};
+    struct key peer = {};
+    if (end_key(ctx, &peer, sk->family, sk->dst_ip4, ip6, __builtin_bswap16(sk->dst_port)))
+        return 1;
+    struct orig *o = bpf_map_lookup_elem(&hypha_original_dst, &peer);
+    if (!o)
+        return 1;
+    __u8 *out = ctx->optval;
+    if (ctx->level == SOL_IP) {
+        // struct sockaddr_in
+        if (o->addr.family != 4 || out + 16 > (__u8 *)ctx->optval_end)
+            return 1;
+        __u16 *w = (__u16 *)out;
+        w[0] = AF_INET;
+        w[1] = o->port;
+        __u32 *ip = (__u32 *)(out + 4);
+        ip[0] = o->addr.ip[0];
+        ip[1] = 0;
+        ip[2] = 0;
+        ctx->optlen = 16;
+    } else {
+        // struct sockaddr_in6
+        if (o->addr.family != 6 || out + 28 > (__u8 *)ctx->optval_end)
+            return 1;
+        __u16 *w = (__u16 *)out;
+        w[0] = AF_INET6;
+        w[1] = o->port;
+        __u32 *v = (__u32 *)(out + 4);
+        v[0] = 0; // flow info
+        for (int i = 0; i < 4; i++)
+            v[1 + i] = o->addr.ip[i];
+        v[5] = 0; // scope
+        ctx->optlen = 28;
+    }
+    ctx->retval = 0;
+    count(ORIGINAL_DST_ANSWERED, 1);
+    return 1;
+}
+
+// At ACTIVE_ESTABLISHED: a connection rewritten at connect moves its original destination
+// from the socket cookie to the connecting end's address and port.
+static __always_inline void established(struct bpf_sock_ops *ops, const __u32 l6[4])
+{
+    __u64 cookie = bpf_get_socket_cookie(ops);
+    struct orig *o = bpf_map_lookup_elem(&hypha_connecting, &cookie);
+    if (!o)
+        return;
+    struct key me = {};
+    if (end_key(ops, &me, ops->family, ops->local_ip4, l6, ops->local_port) == 0)
+        bpf_map_update_elem(&hypha_original_dst, &me, o, BPF_ANY);
+    bpf_map_delete_elem(&hypha_connecting, &cookie);
+}
+
 SEC("sockops")
 int hypha_sockops(struct bpf_sock_ops *ops)
 {
@@ -140,6 +422,8 @@ int hypha_sockops(struct bpf_sock_ops *ops)
     // Context fields are read one by one (the verifier allows no pointer into the context).
     __u32 l6[4] = {ops->local_ip6[0], ops->local_ip6[1], ops->local_ip6[2], ops->local_ip6[3]};
     __u32 r6[4] = {ops->remote_ip6[0], ops->remote_ip6[1], ops->remote_ip6[2], ops->remote_ip6[3]};
+    if (ops->op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB)
+        established(ops, l6);
     struct key k = {};
     if (make_key(ops, &k, ops->family, ops->local_ip4, ops->remote_ip4, l6, r6, ops->local_port,
                  remote_port(ops->remote_port)))

@@ -11,6 +11,12 @@
 //! not recorded: another host, another cgroup, a socket from before the attach) takes the
 //! normal path, so attaching never breaks a connection.
 //!
+//! Transparent capture by iptables REDIRECT defeats the pairing (the app's socket names the
+//! service, the sidecar's its capture port), so pods registered with [`Bypass::add_pod`] are
+//! captured at connect instead: `cgroup/connect4|6` programs rewrite the destination before
+//! the kernel connects and a `cgroup/getsockopt` program answers the sidecar's
+//! `SO_ORIGINAL_DST` (see [`CapturedPod`] and `bpf/bypass.c`).
+//!
 //! What it cannot do, by the kernel's design: sockets created before [`Bypass::attach`] are
 //! never recorded (the programs see connections as they become established), and both ends
 //! must be in the cgroup (or below it).
@@ -25,10 +31,12 @@ use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use aya::maps::{MapData, PerCpuArray, SockHash};
+use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, SockHash};
+use aya::programs::cgroup_sock_addr::CgroupSockAddrLinkId;
+use aya::programs::cgroup_sockopt::CgroupSockoptLinkId;
 use aya::programs::sk_msg::SkMsgLinkId;
 use aya::programs::sock_ops::SockOpsLinkId;
-use aya::programs::{CgroupAttachMode, SkMsg, SockOps};
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, CgroupSockopt, SkMsg, SockOps};
 use aya::Ebpf;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -38,8 +46,13 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/by
 
 const SOCKOPS: &str = "hypha_sockops";
 const SK_MSG: &str = "hypha_sk_msg";
+const CONNECT4: &str = "hypha_connect4";
+const CONNECT6: &str = "hypha_connect6";
+const GETSOCKOPT: &str = "hypha_getsockopt";
 const SOCKS: &str = "hypha_socks";
 const COUNTERS: &str = "hypha_counters";
+const PODS: &str = "hypha_pods";
+const POD_ADDRS: &str = "hypha_pod_addrs";
 
 /// `struct key` of `bpf/bypass.c`: one end of a connection, its own address and port first.
 #[repr(C)]
@@ -66,6 +79,175 @@ unsafe impl aya::Pod for Key {}
 
 const _: () = assert!(std::mem::size_of::<Key>() == 56);
 
+/// `struct pod` of `bpf/bypass.c`: a pod whose connections are captured at connect.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct PodValue {
+    outbound_port: u16,
+    inbound_port: u16,
+    sidecar_gid: u32,
+    exclude_outbound: [u16; 8],
+    exclude_inbound: [u16; 8],
+}
+
+// SAFETY: `repr(C)`, two `u16`, a `u32` and two `u16` arrays, no padding (size checked
+// below), every bit pattern valid; it matches `struct pod` in bpf/bypass.c.
+#[allow(unsafe_code)]
+unsafe impl aya::Pod for PodValue {}
+
+const _: () = assert!(std::mem::size_of::<PodValue>() == 40);
+
+/// `struct addr` of `bpf/bypass.c`: family 4 (address in the first word) or 6, network order.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Addr {
+    family: u32,
+    ip: [u32; 4],
+}
+
+// SAFETY: `repr(C)`, five `u32`, no padding (size checked below), every bit pattern valid;
+// it matches `struct addr` in bpf/bypass.c.
+#[allow(unsafe_code)]
+unsafe impl aya::Pod for Addr {}
+
+const _: () = assert!(std::mem::size_of::<Addr>() == 20);
+
+impl Addr {
+    fn of(ip: std::net::IpAddr) -> Addr {
+        let ip = ip.to_canonical();
+        match ip {
+            std::net::IpAddr::V4(v4) => Addr {
+                family: 4,
+                ip: [u32::from_ne_bytes(v4.octets()), 0, 0, 0],
+            },
+            std::net::IpAddr::V6(v6) => {
+                let o = v6.octets();
+                let word = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+                Addr {
+                    family: 6,
+                    ip: [word(0), word(4), word(8), word(12)],
+                }
+            }
+        }
+    }
+}
+
+/// A pod whose TCP connections are captured when they are made rather than by iptables NAT,
+/// so the bypass can pair them (see `bpf/bypass.c`): its app's connections go to its
+/// sidecar's outbound port on loopback, and other registered pods' sidecars reach it on its
+/// inbound port; the sidecar's `SO_ORIGINAL_DST` still gives the original destination. The
+/// pod keeps its iptables rules for whatever this does not take. Its settings must be the
+/// ones its capture rules have (`hypha_pod::Capture`); excluded CIDRs are not supported here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CapturedPod {
+    /// The pod's network namespace (e.g. `/run/netns/<name>`).
+    pub netns: PathBuf,
+    pub outbound_port: u16,
+    pub inbound_port: u16,
+    /// The sidecar's group: its own connections are not the app's.
+    pub sidecar_gid: u32,
+    /// At most 8 each.
+    pub exclude_outbound_ports: Vec<u16>,
+    pub exclude_inbound_ports: Vec<u16>,
+}
+
+impl CapturedPod {
+    /// Istio's defaults (15001, 15006, group 1337, nothing excluded) for the pod in `netns`.
+    pub fn new(netns: impl Into<PathBuf>) -> CapturedPod {
+        CapturedPod {
+            netns: netns.into(),
+            outbound_port: 15001,
+            inbound_port: 15006,
+            sidecar_gid: 1337,
+            exclude_outbound_ports: Vec::new(),
+            exclude_inbound_ports: Vec::new(),
+        }
+    }
+}
+
+/// A network namespace's cookie (what `bpf_get_netns_cookie` returns in it) and its
+/// addresses other than loopback, read from a thread that enters it.
+fn netns_identity(netns: &Path) -> io::Result<(u64, Vec<std::net::IpAddr>)> {
+    let file = File::open(netns)?;
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                use std::os::fd::AsRawFd;
+                // SAFETY: setns on a descriptor we own; it moves only this thread (spawned
+                // for this and ended right after) into the namespace.
+                #[allow(unsafe_code)]
+                let entered = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+                if entered != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                let sock =
+                    socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+                let mut cookie: u64 = 0;
+                let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+                // SAFETY: SO_NETNS_COOKIE writes one u64 into `cookie`, whose size `len` gives.
+                #[allow(unsafe_code)]
+                let got = unsafe {
+                    libc::getsockopt(
+                        sock.as_raw_fd(),
+                        libc::SOL_SOCKET,
+                        libc::SO_NETNS_COOKIE,
+                        (&mut cookie as *mut u64).cast(),
+                        &mut len,
+                    )
+                };
+                if got != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok((cookie, interface_addresses()?))
+            })
+            .join()
+            .unwrap_or_else(|_| Err(io::Error::other("the namespace thread panicked")))
+    })
+}
+
+/// The calling thread's network namespace's addresses, loopback left out.
+fn interface_addresses() -> io::Result<Vec<std::net::IpAddr>> {
+    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `list` with a linked list we free below with freeifaddrs.
+    #[allow(unsafe_code)]
+    if unsafe { libc::getifaddrs(&mut list) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut out = Vec::new();
+    let mut at = list;
+    while !at.is_null() {
+        // SAFETY: `at` is a node of the list getifaddrs returned, not yet freed; `ifa_addr`
+        // is null or points to a sockaddr of the family it names, sized for it.
+        #[allow(unsafe_code)]
+        unsafe {
+            let ifa = &*at;
+            if !ifa.ifa_addr.is_null() {
+                match i32::from((*ifa.ifa_addr).sa_family) {
+                    libc::AF_INET => {
+                        let sin = &*ifa.ifa_addr.cast::<libc::sockaddr_in>();
+                        out.push(std::net::IpAddr::from(
+                            u32::from_be(sin.sin_addr.s_addr).to_be_bytes(),
+                        ));
+                    }
+                    libc::AF_INET6 => {
+                        let sin6 = &*ifa.ifa_addr.cast::<libc::sockaddr_in6>();
+                        out.push(std::net::IpAddr::from(sin6.sin6_addr.s6_addr));
+                    }
+                    _ => {}
+                }
+            }
+            at = ifa.ifa_next;
+        }
+    }
+    // SAFETY: the list getifaddrs allocated, freed once, not used after.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::freeifaddrs(list)
+    };
+    out.retain(|ip| !ip.is_loopback());
+    Ok(out)
+}
+
 /// Why the bypass could not be set up or read.
 #[derive(Debug, thiserror::Error)]
 pub enum BypassError {
@@ -83,6 +265,10 @@ pub enum BypassError {
     MapFd(#[source] io::Error),
     #[error("the BPF object has no {0}")]
     Missing(&'static str),
+    #[error("pod {0}: {1}")]
+    Pod(PathBuf, #[source] io::Error),
+    #[error("pod {0}: at most 8 excluded ports each way")]
+    TooManyExcluded(PathBuf),
 }
 
 /// The programs' counters, summed over CPUs (see `bpf/bypass.c`).
@@ -97,6 +283,12 @@ pub struct Counters {
     pub bytes_redirected: u64,
     /// Messages on recorded sockets whose peer was not recorded: the normal path.
     pub messages_passed: u64,
+    /// Connections of registered pods rewritten at connect: an app's to its sidecar, a
+    /// sidecar's to another pod's inbound port.
+    pub connects_outbound: u64,
+    pub connects_inbound: u64,
+    /// `SO_ORIGINAL_DST` questions answered for connections rewritten at connect.
+    pub original_dst_answered: u64,
     /// Connection ends in the map now (closed sockets leave it).
     pub sockets: u64,
 }
@@ -107,6 +299,10 @@ pub struct Bypass {
     cgroup: PathBuf,
     sockops: Option<SockOpsLinkId>,
     sk_msg: Option<SkMsgLinkId>,
+    connect: Vec<(&'static str, CgroupSockAddrLinkId)>,
+    getsockopt: Option<CgroupSockoptLinkId>,
+    /// Registered pods: namespace path → (cookie, addresses).
+    pods: std::collections::HashMap<PathBuf, (u64, Vec<std::net::IpAddr>)>,
 }
 
 impl std::fmt::Debug for Bypass {
@@ -146,13 +342,92 @@ impl Bypass {
         let sockops = ops
             .attach(&dir, CgroupAttachMode::Single)
             .map_err(|e| BypassError::Program(SOCKOPS, e))?;
-        tracing::info!(cgroup = %cgroup.display(), "bypass attached");
-        Ok(Bypass {
+        let mut bypass = Bypass {
             ebpf,
             cgroup: cgroup.to_path_buf(),
             sockops: Some(sockops),
             sk_msg: Some(sk_msg),
-        })
+            connect: Vec::new(),
+            getsockopt: None,
+            pods: Default::default(),
+        };
+        // The connect-time capture: the original-destination answer first, so that no
+        // rewritten connection reaches a sidecar that cannot learn where it was going. They act
+        // only for registered pods.
+        let get: &mut CgroupSockopt = program(&mut bypass.ebpf, GETSOCKOPT)?;
+        get.load()
+            .map_err(|e| BypassError::Program(GETSOCKOPT, e))?;
+        bypass.getsockopt = Some(
+            get.attach(&dir, CgroupAttachMode::Single)
+                .map_err(|e| BypassError::Program(GETSOCKOPT, e))?,
+        );
+        for name in [CONNECT4, CONNECT6] {
+            let p: &mut CgroupSockAddr = program(&mut bypass.ebpf, name)?;
+            p.load().map_err(|e| BypassError::Program(name, e))?;
+            let link = p
+                .attach(&dir, CgroupAttachMode::Single)
+                .map_err(|e| BypassError::Program(name, e))?;
+            bypass.connect.push((name, link));
+        }
+        tracing::info!(cgroup = %cgroup.display(), "bypass attached");
+        Ok(bypass)
+    }
+
+    /// Registers a pod for the connect-time capture (see [`CapturedPod`]); registering it
+    /// again updates it.
+    pub fn add_pod(&mut self, pod: &CapturedPod) -> Result<(), BypassError> {
+        let ports = |list: &[u16]| -> Result<[u16; 8], BypassError> {
+            let mut out = [0u16; 8];
+            if list.len() > out.len() {
+                return Err(BypassError::TooManyExcluded(pod.netns.clone()));
+            }
+            out[..list.len()].copy_from_slice(list);
+            Ok(out)
+        };
+        let value = PodValue {
+            outbound_port: pod.outbound_port,
+            inbound_port: pod.inbound_port,
+            sidecar_gid: pod.sidecar_gid,
+            exclude_outbound: ports(&pod.exclude_outbound_ports)?,
+            exclude_inbound: ports(&pod.exclude_inbound_ports)?,
+        };
+        let (cookie, addrs) =
+            netns_identity(&pod.netns).map_err(|e| BypassError::Pod(pod.netns.clone(), e))?;
+        self.remove_pod(&pod.netns)?;
+        let mut by_addr: BpfHashMap<&mut MapData, Addr, u64> = self.hash_map(POD_ADDRS)?;
+        for ip in &addrs {
+            by_addr
+                .insert(Addr::of(*ip), cookie, 0)
+                .map_err(|e| BypassError::Map(POD_ADDRS, e))?;
+        }
+        let mut pods: BpfHashMap<&mut MapData, u64, PodValue> = self.hash_map(PODS)?;
+        pods.insert(cookie, value, 0)
+            .map_err(|e| BypassError::Map(PODS, e))?;
+        tracing::info!(netns = %pod.netns.display(), addresses = ?addrs, "bypass: pod captured at connect");
+        self.pods.insert(pod.netns.clone(), (cookie, addrs));
+        Ok(())
+    }
+
+    /// Takes a registered pod out (its connections keep the iptables path).
+    pub fn remove_pod(&mut self, netns: &Path) -> Result<(), BypassError> {
+        let Some((cookie, addrs)) = self.pods.remove(netns) else {
+            return Ok(());
+        };
+        let mut pods: BpfHashMap<&mut MapData, u64, PodValue> = self.hash_map(PODS)?;
+        let _ = pods.remove(&cookie);
+        let mut by_addr: BpfHashMap<&mut MapData, Addr, u64> = self.hash_map(POD_ADDRS)?;
+        for ip in addrs {
+            let _ = by_addr.remove(&Addr::of(ip));
+        }
+        Ok(())
+    }
+
+    fn hash_map<K: aya::Pod, V: aya::Pod>(
+        &mut self,
+        name: &'static str,
+    ) -> Result<BpfHashMap<&mut MapData, K, V>, BypassError> {
+        let map = self.ebpf.map_mut(name).ok_or(BypassError::Missing(name))?;
+        BpfHashMap::try_from(map).map_err(|e| BypassError::Map(name, e))
     }
 
     /// The cgroup the programs are attached to.
@@ -184,6 +459,9 @@ impl Bypass {
             messages_redirected: get(2)?,
             bytes_redirected: get(3)?,
             messages_passed: get(4)?,
+            connects_outbound: get(5)?,
+            connects_inbound: get(6)?,
+            original_dst_answered: get(7)?,
             sockets,
         })
     }
@@ -195,6 +473,17 @@ impl Bypass {
     }
 
     fn detach_links(&mut self) -> Result<(), BypassError> {
+        // Connections stop being rewritten before their original destinations stop being
+        // answered.
+        for (name, id) in std::mem::take(&mut self.connect) {
+            let p: &mut CgroupSockAddr = program(&mut self.ebpf, name)?;
+            p.detach(id).map_err(|e| BypassError::Program(name, e))?;
+        }
+        if let Some(id) = self.getsockopt.take() {
+            let p: &mut CgroupSockopt = program(&mut self.ebpf, GETSOCKOPT)?;
+            p.detach(id)
+                .map_err(|e| BypassError::Program(GETSOCKOPT, e))?;
+        }
         if let Some(id) = self.sk_msg.take() {
             let msg: &mut SkMsg = program(&mut self.ebpf, SK_MSG)?;
             msg.detach(id)
@@ -249,6 +538,24 @@ impl Bypass {
             c.messages_passed,
         );
         family(
+            "hypha_bypass_connects_outbound_total",
+            "counter",
+            "App connections of registered pods sent to their sidecar at connect.",
+            c.connects_outbound,
+        );
+        family(
+            "hypha_bypass_connects_inbound_total",
+            "counter",
+            "Sidecar connections sent to another registered pod's inbound port at connect.",
+            c.connects_inbound,
+        );
+        family(
+            "hypha_bypass_original_dst_answered_total",
+            "counter",
+            "SO_ORIGINAL_DST questions answered for connections rewritten at connect.",
+            c.original_dst_answered,
+        );
+        family(
             "hypha_bypass_sockets",
             "gauge",
             "TCP connection ends in the socket map now.",
@@ -295,14 +602,20 @@ pub fn read_some(s: &mut std::net::TcpStream, buf: &mut [u8]) -> io::Result<usiz
     }
 }
 
-/// `hypha bypass`: attaches to `cgroup`, serves the counters on `metrics` (`GET /metrics`)
-/// until `shutdown` completes, then detaches.
+/// `hypha bypass`: attaches to `cgroup`, registers `pods` for the connect-time capture,
+/// serves the counters on `metrics` (`GET /metrics`) until `shutdown` completes, then
+/// detaches.
 pub async fn serve(
     cgroup: &Path,
     metrics: Option<SocketAddr>,
+    pods: &[CapturedPod],
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), ServeError> {
-    let bypass = std::sync::Arc::new(Bypass::attach(cgroup)?);
+    let mut bypass = Bypass::attach(cgroup)?;
+    for pod in pods {
+        bypass.add_pod(pod)?;
+    }
+    let bypass = std::sync::Arc::new(bypass);
     let listener = match metrics {
         Some(addr) => {
             let l = TcpListener::bind(addr)

@@ -65,6 +65,9 @@ fn delta(after: Counters, before: Counters) -> Counters {
         messages_redirected: after.messages_redirected - before.messages_redirected,
         bytes_redirected: after.bytes_redirected - before.bytes_redirected,
         messages_passed: after.messages_passed - before.messages_passed,
+        connects_outbound: after.connects_outbound - before.connects_outbound,
+        connects_inbound: after.connects_inbound - before.connects_inbound,
+        original_dst_answered: after.original_dst_answered - before.original_dst_answered,
         sockets: after.sockets,
     }
 }

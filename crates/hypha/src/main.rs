@@ -1,7 +1,7 @@
 //! `hypha`: the one binary. Parses the command line and hands over to the library crates.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -101,6 +101,18 @@ enum Command {
         /// Where to serve the counters (`GET /metrics`, Prometheus text).
         #[arg(long, default_value = "127.0.0.1:15092")]
         metrics: SocketAddr,
+        /// A pod (network namespace name, or path) whose TCP connections are captured when
+        /// they are made (app → its sidecar's 15001, sidecar → another such pod's 15006), so
+        /// captured connections are bypassed too; its iptables rules stay for the rest.
+        /// Repeat for each pod; the exclusions below must be the ones its capture has.
+        #[arg(long = "pod", value_name = "NETNS")]
+        pods: Vec<String>,
+        /// A destination port the pods' apps reach directly (repeatable, at most 8).
+        #[arg(long)]
+        exclude_outbound_port: Vec<u16>,
+        /// A port of the pods reached directly (repeatable, at most 8).
+        #[arg(long)]
+        exclude_inbound_port: Vec<u16>,
     },
     /// Pods on this machine (root): network namespaces on a bridge with an IPv4 and an IPv6
     /// address each, optionally with Istio's transparent capture. Run the app with
@@ -365,8 +377,29 @@ fn main() -> ExitCode {
             keys,
         } => demo(serve, requests, concurrency, keys),
         Command::Pod(command) => pod(command),
-        Command::Bypass { cgroup, metrics } => run_on(1, async move {
-            hypha_bypass::serve(&cgroup, Some(metrics), stop_signal()).await?;
+        Command::Bypass {
+            cgroup,
+            metrics,
+            pods,
+            exclude_outbound_port,
+            exclude_inbound_port,
+        } => run_on(1, async move {
+            let pods: Vec<hypha_bypass::CapturedPod> = pods
+                .iter()
+                .map(|name| {
+                    let path = if name.contains('/') {
+                        PathBuf::from(name)
+                    } else {
+                        Path::new("/run/netns").join(name)
+                    };
+                    hypha_bypass::CapturedPod {
+                        exclude_outbound_ports: exclude_outbound_port.clone(),
+                        exclude_inbound_ports: exclude_inbound_port.clone(),
+                        ..hypha_bypass::CapturedPod::new(path)
+                    }
+                })
+                .collect();
+            hypha_bypass::serve(&cgroup, Some(metrics), &pods, stop_signal()).await?;
             Ok(())
         }),
         Command::DemoApp {

@@ -10,8 +10,9 @@ use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use hypha_bypass::{Bypass, CapturedPod};
 use hypha_pod::{Capture, Node, Pod};
-use hypha_testkit::privileged;
+use hypha_testkit::{privileged, TestCgroup};
 
 /// Children killed (and reaped) on drop, so a failing test leaves nothing running.
 struct Procs(Vec<(String, Child, PathBuf)>);
@@ -156,7 +157,16 @@ fn curl_in_a_pod_reaches_a_service_vip_over_mutual_tls_in_both_families() {
     if !privileged("curl_in_a_pod_reaches_a_service_vip_over_mutual_tls_in_both_families") {
         return;
     }
+    // Captured by iptables alone; then with the eBPF bypass attached and both pods registered,
+    // so their connections are captured at connect instead, and bypassed.
+    mesh_in_pods(false);
+    mesh_in_pods(true);
+}
+
+fn mesh_in_pods(bypass: bool) {
     let hypha = env!("CARGO_BIN_EXE_hypha");
+    // Every process below is started from this one, so they are all in its cgroup.
+    let cgroup = bypass.then(|| TestCgroup::enter("pods"));
     let work = tempfile::tempdir().unwrap();
     let w = work.path();
     let index = 200 + u8::try_from(std::process::id() % 50).unwrap();
@@ -169,6 +179,14 @@ fn curl_in_a_pod_reaches_a_service_vip_over_mutual_tls_in_both_families() {
         pod.capture(&Capture::default()).unwrap();
     }
     config(&w.join("config"), &client, &server, &ext);
+    let attached = cgroup.as_ref().map(|cg| {
+        let mut b = Bypass::attach(cg.path()).unwrap();
+        for pod in [&client, &server] {
+            b.add_pod(&CapturedPod::new(format!("/run/netns/{}", pod.netns)))
+                .unwrap();
+        }
+        b
+    });
     let tokens = w.join("tokens");
     std::fs::create_dir(&tokens).unwrap();
     for sa in ["client", "web"] {
@@ -292,6 +310,8 @@ fn curl_in_a_pod_reaches_a_service_vip_over_mutual_tls_in_both_families() {
         }
     }
     // An unmodified client: curl to the service's VIPs, nothing told it about a proxy.
+    let before = attached.as_ref().map(|b| b.counters().unwrap());
+    let mut served = 0;
     for url in [
         "http://10.78.0.10:8080/reviews/0",
         "http://[fd78::10]:8080/reviews/0",
@@ -318,6 +338,17 @@ fn curl_in_a_pod_reaches_a_service_vip_over_mutual_tls_in_both_families() {
             thread::sleep(Duration::from_millis(300));
         };
         assert!(body.contains("\"id\""), "{url}: {body}");
+        served += body.len() as u64;
+    }
+    if let (Some(b), Some(before)) = (&attached, before) {
+        // Each response crossed three socket pairs (server app → its sidecar, server sidecar
+        // → client sidecar over mutual TLS, client sidecar → curl), each pair redirected; with
+        // iptables REDIRECT in the way only the first pair would be.
+        let after = b.counters().unwrap();
+        assert!(
+            after.bytes_redirected - before.bytes_redirected >= 3 * served,
+            "{served} bytes of responses, redirected: {before:?} → {after:?}"
+        );
     }
     // The server's sidecar took them over mutual TLS from the client's identity.
     let (_, metrics) = curl(&server, &["http://127.0.0.1:15000/metrics"]);
@@ -392,7 +423,22 @@ fn curl_in_a_pod_reaches_a_service_vip_over_mutual_tls_in_both_families() {
             .any(|l| l.starts_with("hypha_outbound_no_filter_chain_total ") && !l.ends_with(" 0")),
         "{metrics}"
     );
+    if let Some(b) = &attached {
+        // The app's connections went to its sidecar at connect, the client sidecar's to the
+        // server pod's inbound port, both sidecars learnt the original destinations from
+        // the BPF program, and the bytes between them skipped the TCP/IP stack.
+        let c = b.counters().unwrap();
+        assert!(c.connects_outbound >= 6, "{c:?}");
+        assert!(c.connects_inbound >= 1, "{c:?}");
+        assert!(
+            c.original_dst_answered >= c.connects_outbound + c.connects_inbound,
+            "{c:?}"
+        );
+        assert!(c.messages_redirected > 0 && c.bytes_redirected > 0, "{c:?}");
+    }
     drop(procs);
+    drop(attached);
     drop((client, server, ext));
     drop(node);
+    drop(cgroup);
 }
