@@ -1303,30 +1303,36 @@ fn with_server_names(mut chain: FilterChain, names: Vec<String>) -> FilterChain 
     chain
 }
 
+/// The names a chain's `filter_chain_match` selects on (none: it takes any connection).
+fn server_names(c: &FilterChain) -> &[String] {
+    c.filter_chain_match
+        .as_ref()
+        .map_or(&[], |m| m.server_names.as_slice())
+}
+
 /// Adds `chains` to an outbound listener where they select connections no chain it has
 /// already selects: a server name goes to the first chain that names it, and only the first
 /// chain without names takes the connections no name matches. Listeners with named chains
 /// read the ClientHello first (the TLS inspector).
 fn add_chains(l: &mut Listener, chains: Vec<FilterChain>) {
-    let names = |c: &FilterChain| {
-        c.filter_chain_match
-            .as_ref()
-            .map_or(&[][..], |m| m.server_names.as_slice())
-            .to_vec()
-    };
-    let mut taken: HashSet<String> = l.filter_chains.iter().flat_map(names).collect();
-    let mut default_taken = l.filter_chains.iter().any(|c| names(c).is_empty());
+    let mut taken: HashSet<String> = l
+        .filter_chains
+        .iter()
+        .flat_map(server_names)
+        .cloned()
+        .collect();
+    let mut default_taken = l.filter_chains.iter().any(|c| server_names(c).is_empty());
     for mut chain in chains {
-        let wanted = names(&chain);
-        if wanted.is_empty() {
+        if server_names(&chain).is_empty() {
             if !std::mem::replace(&mut default_taken, true) {
                 l.filter_chains.push(chain);
             }
             continue;
         }
-        let fresh: Vec<String> = wanted
-            .into_iter()
-            .filter(|n| taken.insert(n.clone()))
+        let fresh: Vec<String> = server_names(&chain)
+            .iter()
+            .filter(|n| taken.insert((*n).clone()))
+            .cloned()
             .collect();
         if !fresh.is_empty() {
             if let Some(m) = &mut chain.filter_chain_match {
@@ -1335,7 +1341,7 @@ fn add_chains(l: &mut Listener, chains: Vec<FilterChain>) {
             l.filter_chains.push(chain);
         }
     }
-    let named = l.filter_chains.iter().any(|c| !names(c).is_empty());
+    let named = l.filter_chains.iter().any(|c| !server_names(c).is_empty());
     if named && l.listener_filters.is_empty() {
         l.listener_filters = vec![crate::mtls::tls_inspector()];
     }
