@@ -1,6 +1,8 @@
 //! The sample app (`hypha demo-app --role ROLE`): bookinfo's services, small enough to read.
-//! Each instance sits behind its own sidecar, and reaches other services only through that
-//! sidecar's HTTP proxy listener, passing on `end-user` and the trace headers.
+//! Each instance sits behind its own sidecar, and reaches other services by name through
+//! that sidecar's HTTP proxy listener or, in a pod with transparent capture (`hypha demo
+//! --pods`), straight to the name as any unmodified client does; either way it passes on
+//! `end-user` and the trace headers.
 //!
 //! - productpage (`GET /`, `/productpage`): calls details and reviews, answers a JSON page
 //!   naming who answered (502 if either failed for good).
@@ -57,8 +59,8 @@ type AppBody = UnsyncBoxBody<Bytes, BoxError>;
 pub enum AppError {
     #[error("cannot listen on {0}: {1}")]
     Bind(SocketAddr, std::io::Error),
-    #[error("bad proxy address {0}: {1}")]
-    Proxy(SocketAddr, String),
+    #[error("bad service address {0}: {1}")]
+    Address(String, String),
     #[error("cannot watch for SIGTERM: {0}")]
     Signal(std::io::Error),
 }
@@ -97,30 +99,42 @@ struct App {
     served: AtomicU64,
 }
 
-/// Serves `role` on `listen`, calling other services through the sidecar at `proxy`, until
-/// SIGINT or SIGTERM.
-pub async fn run(role: Role, listen: SocketAddr, proxy: SocketAddr) -> Result<(), AppError> {
+/// Serves `role` on `listen`, calling other services through the sidecar at `proxy` (or,
+/// without one, by their names: a captured pod), until SIGINT or SIGTERM.
+pub async fn run(
+    role: Role,
+    listen: SocketAddr,
+    proxy: Option<SocketAddr>,
+) -> Result<(), AppError> {
     let listener = TcpListener::bind(listen)
         .await
         .map_err(|e| AppError::Bind(listen, e))?;
     let local = listener
         .local_addr()
         .map_err(|e| AppError::Bind(listen, e))?;
-    let origin: http::Uri = format!("http://{}:{SERVICE_PORT}", host("ratings"))
-        .parse()
-        .map_err(|e: http::uri::InvalidUri| AppError::Proxy(proxy, e.to_string()))?;
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{proxy}"))
-        .map_err(|e| AppError::Proxy(proxy, e.to_string()))?
-        .origin(origin)
-        .timeout(CALL_TIMEOUT)
-        .connect_lazy();
+    let ratings = format!("http://{}:{SERVICE_PORT}", host("ratings"));
+    let bad = |at: &str, e: &dyn std::fmt::Display| AppError::Address(at.to_owned(), e.to_string());
+    let endpoint = match proxy {
+        // The proxy is the connection's address; ratings, the request's authority.
+        Some(proxy) => {
+            let origin: http::Uri = ratings.parse().map_err(|e| bad(&ratings, &e))?;
+            let at = format!("http://{proxy}");
+            tonic::transport::Endpoint::from_shared(at.clone())
+                .map_err(|e| bad(&at, &e))?
+                .origin(origin)
+        }
+        None => tonic::transport::Endpoint::from_shared(ratings.clone())
+            .map_err(|e| bad(&ratings, &e))?,
+    };
+    let channel = endpoint.timeout(CALL_TIMEOUT).connect_lazy();
     let app = Arc::new(App {
         role,
-        mesh: ProxyClient::new(proxy, CALL_TIMEOUT),
+        mesh: ProxyClient::with(proxy, CALL_TIMEOUT),
         ratings: tonic::client::Grpc::new(channel),
         served: AtomicU64::new(0),
     });
-    tracing::info!(%role, listen = %local, %proxy, "demo app serving");
+    let via = proxy.map_or_else(|| "captured".to_owned(), |p| p.to_string());
+    tracing::info!(%role, listen = %local, proxy = %via, "demo app serving");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(AppError::Signal)?;
     tokio::select! {

@@ -1,6 +1,7 @@
 //! HTTP clients for the demo: one that reaches the mesh through a sidecar's HTTP proxy
 //! listener the way `HTTP_PROXY` clients do (absolute-form request target, pooled keep-alive
-//! connections), and a plain one for admin endpoints.
+//! connections) or, in a pod with transparent capture, straight to the service's name as any
+//! unmodified client does; and a plain one for admin endpoints.
 
 use std::future::Future;
 use std::io;
@@ -44,12 +45,16 @@ pub enum ClientError {
     Timeout(Duration),
 }
 
-/// Connects every request to one HTTP proxy, whatever its URI says, and marks the connection
-/// as proxied so hyper sends absolute-form targets.
+/// With a proxy: connects every request to that HTTP proxy, whatever its URI says, and marks
+/// the connection as proxied so hyper sends absolute-form targets. Without: connects to the
+/// URI's host and port (names resolved by the system, each address tried in turn).
 #[derive(Clone)]
-pub struct ViaProxy(pub SocketAddr);
+pub struct ViaProxy(pub Option<SocketAddr>);
 
-pub struct ProxiedStream(TokioIo<TcpStream>);
+pub struct ProxiedStream {
+    io: TokioIo<TcpStream>,
+    proxied: bool,
+}
 
 impl tonic::codegen::Service<Uri> for ViaProxy {
     type Response = ProxiedStream;
@@ -60,19 +65,31 @@ impl tonic::codegen::Service<Uri> for ViaProxy {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, _: Uri) -> Self::Future {
+    fn call(&mut self, uri: Uri) -> Self::Future {
         let proxy = self.0;
         Box::pin(async move {
-            let stream = TcpStream::connect(proxy).await?;
+            let stream = match proxy {
+                Some(proxy) => TcpStream::connect(proxy).await?,
+                None => {
+                    let host = uri.host().ok_or_else(|| {
+                        io::Error::new(io::ErrorKind::InvalidInput, format!("no host in {uri}"))
+                    })?;
+                    let host = host.trim_start_matches('[').trim_end_matches(']');
+                    TcpStream::connect((host, uri.port_u16().unwrap_or(80))).await?
+                }
+            };
             stream.set_nodelay(true)?;
-            Ok(ProxiedStream(TokioIo::new(stream)))
+            Ok(ProxiedStream {
+                io: TokioIo::new(stream),
+                proxied: proxy.is_some(),
+            })
         })
     }
 }
 
 impl Connection for ProxiedStream {
     fn connected(&self) -> Connected {
-        Connected::new().proxy(true)
+        Connected::new().proxy(self.proxied)
     }
 }
 
@@ -82,7 +99,7 @@ impl hyper::rt::Read for ProxiedStream {
         cx: &mut Context<'_>,
         buf: hyper::rt::ReadBufCursor<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
     }
 }
 
@@ -92,21 +109,21 @@ impl hyper::rt::Write for ProxiedStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_flush(cx)
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 }
 
 type EmptyBody = Empty<Bytes>;
 
-/// GETs through a sidecar's HTTP proxy listener.
+/// GETs through a sidecar's HTTP proxy listener, or straight to the URL (captured).
 #[derive(Clone)]
 pub struct ProxyClient {
     client: Client<ViaProxy, EmptyBody>,
@@ -115,6 +132,11 @@ pub struct ProxyClient {
 
 impl ProxyClient {
     pub fn new(proxy: SocketAddr, timeout: Duration) -> ProxyClient {
+        ProxyClient::with(Some(proxy), timeout)
+    }
+
+    /// Through `proxy`, or without one straight to each URL's host.
+    pub fn with(proxy: Option<SocketAddr>, timeout: Duration) -> ProxyClient {
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(30))
             .build(ViaProxy(proxy));

@@ -1,13 +1,14 @@
 //! `hypha demo`: bookinfo on one machine, no root and no setup. The control plane, one app and
 //! one sidecar per bookinfo workload, and a client sidecar run as separate processes of the
 //! `hypha` binary on loopback; the demo drives traffic through them and prints what the mesh
-//! did (routes, canary split, faults, retries, metrics).
+//! did (routes, canary split, faults, retries, metrics). With `--pods` (root), each workload
+//! and client runs in a pod of its own with its traffic captured, and the eBPF bypass on.
 //!
 //! - [`topology`]: the workloads and the ports every process listens on.
 //! - [`config`]: `examples/bookinfo` with WorkloadEntries pointing at the sidecars.
 //! - [`app`]: the sample app (`hypha demo-app --role ...`), ratings in gRPC.
 //! - [`mesh`]: starting the processes and waiting for them; [`process`]: each child, killed
-//!   when dropped.
+//!   when dropped; [`pods`]: the pods, their capture and the bypass.
 //! - [`hsm`]: with `--keys pkcs11`, a SoftHSM2 token per process for every private key.
 //! - [`traffic`]: the load and the [`Summary`].
 
@@ -19,6 +20,7 @@ pub mod config;
 pub mod hsm;
 pub mod mesh;
 pub mod metrics;
+pub mod pods;
 pub mod process;
 pub mod topology;
 pub mod traffic;
@@ -65,6 +67,19 @@ impl FromStr for Keys {
     }
 }
 
+/// Where the workloads run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Placement {
+    /// Processes on loopback, each app reaching the mesh through its sidecar's HTTP proxy
+    /// listener (no root).
+    #[default]
+    Loopback,
+    /// Each workload and client in a pod of its own, its TCP captured by iptables (root).
+    Pods,
+    /// Pods, and the eBPF bypass attached with every pod registered (root).
+    PodsWithBypass,
+}
+
 /// How to run the demo.
 #[derive(Clone)]
 pub struct Options {
@@ -76,6 +91,7 @@ pub struct Options {
     /// Keep the mesh running after the traffic, until Ctrl-C.
     pub serve: bool,
     pub keys: Keys,
+    pub placement: Placement,
     /// Where the config, logs (and tokens) go, kept afterwards for the caller to look at;
     /// `None`: a fresh directory under the system's temp dir, removed on success.
     pub dir: Option<PathBuf>,
@@ -124,6 +140,12 @@ pub enum DemoError {
     Signal(std::io::Error),
     #[error("interrupted")]
     Interrupted,
+    #[error(
+        "--pods needs root (network namespaces, iptables, eBPF): run it as root, or without --pods"
+    )]
+    NotRoot,
+    #[error(transparent)]
+    Pod(#[from] hypha_pod::PodError),
 }
 
 /// Resolves on Ctrl-C or SIGTERM.
@@ -143,9 +165,13 @@ async fn interrupted() -> Result<(), DemoError> {
 /// chose (`opts.dir`) is always kept.
 pub async fn run(opts: Options) -> Result<Summary, DemoError> {
     let say = opts.progress.clone();
+    // Before anything starts: a missing SoftHSM2 or root is the user's to fix, not a failed
+    // demo.
     if opts.keys == Keys::Pkcs11 {
-        // Before anything starts: a missing SoftHSM2 is the user's to fix, not a failed demo.
         hsm::check_installed()?;
+    }
+    if opts.placement != Placement::Loopback && !hypha_pod::is_root() {
+        return Err(DemoError::NotRoot);
     }
     let dir = opts.dir.clone().unwrap_or_else(|| {
         let dir = std::env::temp_dir().join(format!("hypha-demo-{}", std::process::id()));
@@ -153,13 +179,21 @@ pub async fn run(opts: Options) -> Result<Summary, DemoError> {
         dir
     });
     say(&format!(
-        "hypha demo: bookinfo as {} processes on loopback; config and logs in {}",
+        "hypha demo: bookinfo as {} processes {}; config and logs in {}",
         topology::WORKLOADS.len() * 2 + 3, // the apps and their sidecars, control, two clients
+        if opts.placement == Placement::Loopback {
+            "on loopback"
+        } else {
+            "in pods, the control plane on the node"
+        },
         dir.display()
     ));
     let work = async {
-        let mut mesh = Mesh::start(&opts.exe, dir.clone(), opts.keys, &say).await?;
-        let summary = traffic::drive(&mesh, opts.requests, opts.concurrency).await;
+        let mut mesh = Mesh::start(&opts.exe, dir.clone(), opts.keys, opts.placement, &say).await?;
+        let mut summary = traffic::drive(&mesh, opts.requests, opts.concurrency).await;
+        if let Some(pods) = &mesh.pods {
+            summary.pods = Some(pods.report(&Mesh::productpage_url("/productpage")).await);
+        }
         mesh.check_alive()?;
         Ok::<_, DemoError>((mesh, summary))
     };
@@ -220,6 +254,12 @@ fn serve_help(mesh: &Mesh) -> String {
         "The mesh keeps running until Ctrl-C. Try (the {} sidecar is the HTTP proxy):\n",
         topology::CLIENT
     );
+    if let Some(pods) = &mesh.pods {
+        out.push_str("  # in the client pod, unmodified: the capture takes it to the sidecar\n");
+        for headers in [" -H 'end-user: jason'", ""] {
+            out.push_str(&format!("  {}\n", pods.curl_in_client(&page, headers)));
+        }
+    }
     for line in [
         format!("curl -x http://{proxy} {page} -H 'end-user: jason'"),
         format!("curl -x http://{proxy} {page}"),

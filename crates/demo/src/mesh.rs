@@ -4,11 +4,14 @@
 //! plane and the apps, the admin `/ready` for sidecars), then one page through the whole mesh.
 //! A process that lost a port picked up front to someone else is restarted on new ports (for a
 //! sidecar's inbound port that means rewriting its WorkloadEntry; the control plane watches).
+//! With `--pods` ([`crate::pods`]) every process but the control plane runs in its pod, on
+//! fixed ports there, the apps with no proxy settings.
 
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use http::{HeaderMap, HeaderValue};
@@ -16,11 +19,12 @@ use tokio::net::TcpStream;
 
 use crate::client::{self, ProxyClient};
 use crate::hsm;
+use crate::pods::Pods;
 use crate::process::Proc;
 use crate::topology::{
     host, Plan, Planned, CLIENT, GUEST, GUEST_NAMESPACE, NAMESPACE, SERVICE_PORT,
 };
-use crate::{config, DemoError, Keys, Progress};
+use crate::{config, DemoError, Keys, Placement, Progress};
 
 /// How long a process may take to be ready (debug builds on a busy machine included).
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -30,6 +34,12 @@ const CLIENT_SERVICE_ACCOUNT: &str = "default";
 const ATTEMPTS: usize = 3;
 /// The control plane's name among the processes that get a token.
 const CONTROL: &str = "control";
+/// What a demo app logs once it listens (its readiness in a pod, where the node cannot
+/// connect to it: the capture hands such connections to the sidecar).
+const APP_SERVING: &str = "demo app serving";
+/// The sidecars' capture ports in a pod (Istio's).
+const CAPTURE_OUTBOUND: u16 = 15001;
+const CAPTURE_INBOUND: u16 = 15006;
 
 /// The running mesh. Dropping it kills every process.
 pub struct Mesh {
@@ -46,6 +56,8 @@ pub struct Mesh {
     guest: Option<Proc>,
     workloads: Vec<(Proc, Proc)>,
     control: Option<Proc>,
+    /// With `--pods`: the node, the pods and the bypass, removed after every process is gone.
+    pub pods: Option<Pods>,
 }
 
 impl Mesh {
@@ -205,9 +217,23 @@ impl Mesh {
         exe: &Path,
         dir: PathBuf,
         keys: Keys,
+        placement: Placement,
         say: &Progress,
     ) -> Result<Mesh, DemoError> {
-        let plan = Plan::allocate().map_err(DemoError::Ports)?;
+        let pods = match placement {
+            Placement::Loopback => None,
+            Placement::Pods => Some(Pods::create(false, say)?),
+            Placement::PodsWithBypass => Some(Pods::create(true, say)?),
+        };
+        let plan = match &pods {
+            None => Plan::allocate().map_err(DemoError::Ports)?,
+            Some(p) => {
+                let control = std::net::TcpListener::bind((p.node_ipv4(), 0))
+                    .and_then(|l| l.local_addr())
+                    .map_err(DemoError::Ports)?;
+                Plan::in_pods(control, p.addrs())
+            }
+        };
         let mut mesh = Mesh {
             plan,
             dir,
@@ -217,6 +243,7 @@ impl Mesh {
             guest: None,
             workloads: Vec::new(),
             control: None,
+            pods,
         };
         std::fs::create_dir_all(mesh.log_dir()).map_err(|e| DemoError::Io(mesh.log_dir(), e))?;
         if keys == Keys::Pkcs11 {
@@ -237,8 +264,13 @@ impl Mesh {
         }
         let cfg = config::write(&mesh.config_dir(), &mesh.plan, mesh.ca_token())?;
         say(&format!(
-            "config: {} resources from examples/bookinfo, workloads on loopback ({}), valid",
+            "config: {} resources from examples/bookinfo, workloads {} ({}), valid",
             cfg.resource_count(),
+            if mesh.plan.has_pods() {
+                "in their pods"
+            } else {
+                "on loopback"
+            },
             if mesh.plan.ipv6 {
                 "IPv4 and IPv6"
             } else {
@@ -246,6 +278,14 @@ impl Mesh {
             },
         ));
         mesh.write_tokens()?;
+        let log_dir = mesh.log_dir();
+        if let Some(pods) = &mut mesh.pods {
+            pods.write_hosts(&cfg)?;
+            say("pods: each pod's /etc/hosts names the services' VIPs, as cluster DNS would");
+            // Before any process of a pod exists: sockets from before the attach are never
+            // bypassed.
+            pods.start_bypass(exe, &log_dir, say).await?;
+        }
         mesh.start_control(exe, say).await?;
         mesh.start_workloads(exe, say).await?;
         mesh.start_client(exe, say).await?;
@@ -280,13 +320,14 @@ impl Mesh {
             ));
             let started = Instant::now();
             let addr = self.plan.control;
-            match wait(&mut [&mut p], || connects(addr)).await {
+            match wait(&mut [&mut p], |_| connects(addr)).await {
                 Ok(()) => {
                     say(&ready_line("control plane", started));
                     self.control = Some(p);
                     return Ok(());
                 }
-                Err(e) if attempt < ATTEMPTS && p.lost_a_port() => {
+                // (In pods its port on the node's bridge address is not contested.)
+                Err(e) if attempt < ATTEMPTS && p.lost_a_port() && !self.plan.has_pods() => {
                     say(&format!(
                         "control plane lost its port ({e}); trying other ports"
                     ));
@@ -309,19 +350,20 @@ impl Mesh {
         say: &Progress,
     ) -> Result<(Proc, Proc), DemoError> {
         let name = w.workload.name;
-        let app_args = vec![
+        let mut app_args = vec![
             "demo-app".into(),
             "--role".into(),
             w.workload.role.to_string(),
             "--listen".into(),
             w.ports.app.to_string(),
-            "--proxy".into(),
-            w.ports.http_proxy.to_string(),
         ];
-        let app = Proc::spawn(
+        if let Some(proxy) = w.ports.http_proxy {
+            app_args.extend(["--proxy".into(), proxy.to_string()]);
+        }
+        let app = Proc::spawn_command(
             &format!("{name} app"),
-            exe,
-            &app_args,
+            self.command(name, exe, false, &app_args),
+            &[],
             &self.log_dir().join(format!("{name}.app.log")),
         )?;
         say(&format!(
@@ -346,34 +388,49 @@ impl Mesh {
         for ip in w.ips() {
             args.extend(["--ip".into(), ip.to_string()]);
         }
-        args.extend(["--http-proxy".into(), w.ports.http_proxy.to_string()]);
-        for addr in w.inbound() {
-            args.extend(["--inbound".into(), addr.to_string()]);
-        }
-        args.extend([
-            "--app".into(),
-            w.ports.app.to_string(),
-            "--admin".into(),
-            w.ports.admin.to_string(),
-        ]);
+        let ways = match (w.ports.http_proxy, &w.pod) {
+            (Some(proxy), _) => {
+                args.extend(["--http-proxy".into(), proxy.to_string()]);
+                for addr in w.inbound() {
+                    args.extend(["--inbound".into(), addr.to_string()]);
+                }
+                args.extend(["--app".into(), w.ports.app.to_string()]);
+                let inbound: Vec<String> = w.inbound().iter().map(ToString::to_string).collect();
+                format!("inbound {}, proxy {proxy}", inbound.join(" "))
+            }
+            (None, pod) => {
+                args.extend(capture_args());
+                let place = pod.as_ref().map_or("", |p| p.netns.as_str());
+                format!("in pod {place}, captured")
+            }
+        };
+        args.extend(["--admin".into(), w.ports.admin.to_string()]);
         args.extend(self.key_args(name));
-        let sidecar = Proc::spawn_with_env(
+        let sidecar = Proc::spawn_command(
             &format!("{name} sidecar"),
-            exe,
-            &args,
+            self.command(name, exe, true, &args),
             &self.token_env(name),
             &self.log_dir().join(format!("{name}.sidecar.log")),
         )?;
-        let inbound: Vec<String> = w.inbound().iter().map(ToString::to_string).collect();
         say(&format!(
-            "started {:<21} pid {:<7} inbound {}, proxy {}, admin {}",
+            "started {:<21} pid {:<7} {ways}, admin {}",
             format!("{name} sidecar"),
             sidecar.pid(),
-            inbound.join(" "),
-            w.ports.http_proxy,
             w.ports.admin
         ));
         Ok((app, sidecar))
+    }
+
+    /// `exe args` for process `name`: in its pod with `--pods` (as its sidecar with the group
+    /// id the capture exempts if `sidecar`), else as it is.
+    fn command(&self, name: &str, exe: &Path, sidecar: bool, args: &[String]) -> Command {
+        let mut cmd = match &self.pods {
+            Some(pods) if sidecar => pods.pod(name).sidecar_command(exe),
+            Some(pods) => pods.pod(name).command(exe),
+            None => Command::new(exe),
+        };
+        cmd.args(args);
+        cmd
     }
 
     async fn start_workloads(&mut self, exe: &Path, say: &Progress) -> Result<(), DemoError> {
@@ -388,14 +445,26 @@ impl Mesh {
             loop {
                 let w = &self.plan.workloads[i];
                 let (app_addr, admin) = (w.ports.app, w.ports.admin);
-                let r = wait(&mut [&mut app, &mut sidecar], || async move {
-                    connects(app_addr).await && sidecar_ready(admin).await
+                let in_pod = w.pod.is_some();
+                let r = wait(&mut [&mut app, &mut sidecar], |procs| {
+                    // In a pod the app's own log says it listens (see APP_SERVING).
+                    let app_logged = procs[0].logged(APP_SERVING);
+                    async move {
+                        let app_up = if in_pod {
+                            app_logged
+                        } else {
+                            connects(app_addr).await
+                        };
+                        app_up && sidecar_ready(admin).await
+                    }
                 })
                 .await;
                 match r {
                     Ok(()) => break,
                     Err(_)
-                        if attempt < ATTEMPTS && (app.lost_a_port() || sidecar.lost_a_port()) =>
+                        if !in_pod
+                            && attempt < ATTEMPTS
+                            && (app.lost_a_port() || sidecar.lost_a_port()) =>
                     {
                         let name = w.workload.name;
                         say(&format!(
@@ -428,7 +497,7 @@ impl Mesh {
                     self.guest = Some(guest);
                     return Ok(());
                 }
-                Err((e, true)) if attempt < ATTEMPTS => {
+                Err((e, true)) if attempt < ATTEMPTS && !self.plan.has_pods() => {
                     say(&format!(
                         "client sidecars: a port was taken meanwhile ({e}); trying others"
                     ));
@@ -494,12 +563,17 @@ impl Mesh {
             "--admin".into(),
             admin.to_string(),
         ]);
+        if let Some(pod) = self.plan.pods.get(name) {
+            // What else runs in its pod (curl, say) is captured to it too.
+            args.extend(["--ip".into(), pod.ipv4.to_string()]);
+            args.extend(["--ip".into(), pod.ipv6.to_string()]);
+            args.extend(capture_args());
+        }
         args.extend(self.key_args(name));
         let log = self.log_dir().join(format!("{name}.sidecar.log"));
-        let mut p = Proc::spawn_with_env(
+        let mut p = Proc::spawn_command(
             &format!("{name} sidecar"),
-            exe,
-            &args,
+            self.command(name, exe, true, &args),
             &self.token_env(name),
             &log,
         )
@@ -510,7 +584,7 @@ impl Mesh {
             p.pid(),
         ));
         let started = Instant::now();
-        match wait(&mut [&mut p], || sidecar_ready(admin)).await {
+        match wait(&mut [&mut p], |_| sidecar_ready(admin)).await {
             Ok(()) => {
                 say(&ready_line(&format!("{name} sidecar"), started));
                 Ok(p)
@@ -580,8 +654,18 @@ impl Mesh {
                 return Err(p.exit_error(status));
             }
         }
-        Ok(())
+        self.pods.as_mut().map_or(Ok(()), Pods::check_alive)
     }
+}
+
+/// A sidecar's flags for transparent capture in its pod.
+fn capture_args() -> [String; 4] {
+    [
+        "--capture-outbound".into(),
+        CAPTURE_OUTBOUND.to_string(),
+        "--capture-inbound".into(),
+        CAPTURE_INBOUND.to_string(),
+    ]
 }
 
 /// `bytes` random bytes from the system, in hex.
@@ -611,11 +695,11 @@ fn ready_line(what: &str, since: Instant) -> String {
     format!("ready   {what:<21} ({} ms)", since.elapsed().as_millis())
 }
 
-/// Polls `ready` until it says yes; an error as soon as one of `procs` exits, or after
-/// [`READY_TIMEOUT`].
+/// Polls `ready` (which may look at `procs`) until it says yes; an error as soon as one of
+/// `procs` exits, or after [`READY_TIMEOUT`].
 async fn wait<F, Fut>(procs: &mut [&mut Proc], mut ready: F) -> Result<(), DemoError>
 where
-    F: FnMut() -> Fut,
+    F: FnMut(&[&mut Proc]) -> Fut,
     Fut: Future<Output = bool>,
 {
     let deadline = Instant::now() + READY_TIMEOUT;
@@ -625,7 +709,7 @@ where
                 return Err(p.exit_error(status));
             }
         }
-        if ready().await {
+        if ready(&*procs).await {
             return Ok(());
         }
         if Instant::now() > deadline {

@@ -41,6 +41,19 @@ impl Proc {
         env: &[(String, PathBuf)],
         log: &Path,
     ) -> Result<Proc, DemoError> {
+        let mut cmd = Command::new(exe);
+        cmd.args(args);
+        Proc::spawn_command(name, cmd, env, log)
+    }
+
+    /// Starts `cmd` as it is (e.g. `ip netns exec <pod> hypha ...`), with `env` added and
+    /// stdout and stderr appended to `log`.
+    pub fn spawn_command(
+        name: &str,
+        mut cmd: Command,
+        env: &[(String, PathBuf)],
+        log: &Path,
+    ) -> Result<Proc, DemoError> {
         let io = |e| DemoError::Io(log.to_path_buf(), e);
         let out = File::options()
             .create(true)
@@ -48,9 +61,7 @@ impl Proc {
             .open(log)
             .map_err(io)?;
         let err = out.try_clone().map_err(io)?;
-        let mut cmd = Command::new(exe);
-        cmd.args(args)
-            .stdin(Stdio::null())
+        cmd.stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
             // Plain text in the log files.
@@ -63,7 +74,7 @@ impl Proc {
         cmd.envs(env.iter().map(|(k, v)| (k, v)));
         let child = cmd.spawn().map_err(|source| DemoError::Spawn {
             name: name.to_owned(),
-            exe: exe.to_path_buf(),
+            exe: PathBuf::from(cmd.get_program()),
             source,
         })?;
         Ok(Proc {
@@ -85,6 +96,11 @@ impl Proc {
     /// The last `lines` lines of its log.
     pub fn tail(&self, lines: usize) -> String {
         tail(&self.log, lines)
+    }
+
+    /// Whether its log has `text` in its last 64 KiB (a line it writes once ready).
+    pub fn logged(&self, text: &str) -> bool {
+        self.tail(usize::MAX).contains(text)
     }
 
     /// Whether it failed because one of its ports was taken meanwhile (it is then worth

@@ -1,11 +1,13 @@
 //! What the demo runs: bookinfo's six workloads (as in `examples/bookinfo/workloads.yaml`), the
-//! client that drives traffic, and the loopback ports each process listens on.
+//! client that drives traffic, and the loopback ports each process listens on; or, with
+//! `--pods`, the pod each runs in and the fixed ports there.
 //!
 //! Ports are picked up front (bind port 0, keep the listener until every port is chosen, then
 //! release them all) because the WorkloadEntries must name each sidecar's inbound port before
 //! the control plane starts. A process that then loses its port to someone else is restarted
 //! on new ones (see `run`).
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener};
@@ -20,6 +22,11 @@ pub const CLIENT: &str = "demo-client";
 /// A client of another tenant (namespace `guest`): its calls into bookinfo fail the handshake.
 pub const GUEST: &str = "guest-client";
 pub const GUEST_NAMESPACE: &str = "guest";
+/// In a pod: every sidecar's admin port on the pod's IPv4 address (left out of the capture).
+pub const POD_ADMIN_PORT: u16 = 15000;
+/// In a pod: the client sidecars' HTTP proxy port (left out of the capture), where the demo
+/// sends its traffic from the node.
+pub const POD_PROXY_PORT: u16 = 15080;
 
 /// The role a `hypha demo-app` process plays.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -185,13 +192,23 @@ pub fn host(app: &str) -> String {
 pub struct WorkloadPorts {
     /// The app (`hypha demo-app --listen`).
     pub app: SocketAddr,
-    /// The sidecar's HTTP proxy listener, the app's way out (`--http-proxy`).
-    pub http_proxy: SocketAddr,
-    /// The sidecar's inbound port, the same on every loopback address the workload has; the
-    /// WorkloadEntry's `ports` map points here.
+    /// The sidecar's HTTP proxy listener, the app's way out (`--http-proxy`); none in a pod,
+    /// where the app calls services by name and the capture takes it to its sidecar.
+    pub http_proxy: Option<SocketAddr>,
+    /// The WorkloadEntry's port (its `ports` map): on loopback the sidecar's inbound port, the
+    /// same on every loopback address the workload has; in a pod the app's own port, whose
+    /// connections the capture hands to the sidecar.
     pub inbound: u16,
     /// The sidecar's admin listener.
     pub admin: SocketAddr,
+}
+
+/// A pod's network namespace and addresses (`hypha demo --pods`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodAddrs {
+    pub netns: String,
+    pub ipv4: Ipv4Addr,
+    pub ipv6: Ipv6Addr,
 }
 
 /// One workload and its ports.
@@ -201,13 +218,17 @@ pub struct Planned {
     /// The workload's family on this machine (dual-stack falls back to IPv4 without `::1`).
     pub family: Family,
     pub ports: WorkloadPorts,
+    /// Its pod, with `--pods`.
+    pub pod: Option<PodAddrs>,
 }
 
 impl Planned {
-    /// The workload's addresses: primary first.
+    /// The workload's addresses (its pod's, or loopback): primary first.
     pub fn ips(&self) -> Vec<std::net::IpAddr> {
-        let v4 = Ipv4Addr::LOCALHOST.into();
-        let v6 = Ipv6Addr::LOCALHOST.into();
+        let (v4, v6) = match &self.pod {
+            Some(pod) => (pod.ipv4.into(), pod.ipv6.into()),
+            None => (Ipv4Addr::LOCALHOST.into(), Ipv6Addr::LOCALHOST.into()),
+        };
         match self.family {
             Family::V4 => vec![v4],
             Family::V6 => vec![v6],
@@ -238,6 +259,9 @@ pub struct Plan {
     pub guest_admin: SocketAddr,
     /// Whether `::1` works here; without it every workload is IPv4-only.
     pub ipv6: bool,
+    /// With `--pods`: every process's pod but the control plane's (which runs on the node),
+    /// by workload name ([`CLIENT`] and [`GUEST`] included).
+    pub pods: BTreeMap<String, PodAddrs>,
 }
 
 impl Plan {
@@ -254,6 +278,7 @@ impl Plan {
                     workload: *w,
                     family,
                     ports: a.workload(family)?,
+                    pod: None,
                 })
             })
             .collect::<io::Result<Vec<_>>>()?;
@@ -269,7 +294,46 @@ impl Plan {
             guest_proxy,
             guest_admin,
             ipv6,
+            pods: BTreeMap::new(),
         })
+    }
+
+    /// The plan for pods: the control plane at `control` on the node, everything else in its
+    /// pod from `pods` (one per workload, [`CLIENT`] and [`GUEST`]) on fixed ports: each app
+    /// on its service port, each sidecar's admin on [`POD_ADMIN_PORT`], the clients' HTTP
+    /// proxies on [`POD_PROXY_PORT`]. Panics if a pod is missing.
+    pub fn in_pods(control: SocketAddr, pods: BTreeMap<String, PodAddrs>) -> Plan {
+        let pod = |name: &str| pods[name].clone();
+        let at = |name: &str, port| SocketAddr::new(pods[name].ipv4.into(), port);
+        let workloads = WORKLOADS
+            .iter()
+            .map(|w| Planned {
+                workload: *w,
+                family: w.family,
+                ports: WorkloadPorts {
+                    app: (Ipv6Addr::UNSPECIFIED, SERVICE_PORT).into(),
+                    http_proxy: None,
+                    inbound: SERVICE_PORT,
+                    admin: at(w.name, POD_ADMIN_PORT),
+                },
+                pod: Some(pod(w.name)),
+            })
+            .collect();
+        Plan {
+            control,
+            workloads,
+            client_proxy: at(CLIENT, POD_PROXY_PORT),
+            client_admin: at(CLIENT, POD_ADMIN_PORT),
+            guest_proxy: at(GUEST, POD_PROXY_PORT),
+            guest_admin: at(GUEST, POD_ADMIN_PORT),
+            ipv6: true,
+            pods,
+        }
+    }
+
+    /// Whether the workloads run in pods.
+    pub fn has_pods(&self) -> bool {
+        !self.pods.is_empty()
     }
 
     /// New ports for one workload (after it lost one of its ports to another process).
@@ -338,7 +402,7 @@ impl Allocator {
         };
         Ok(WorkloadPorts {
             app,
-            http_proxy: self.v4()?,
+            http_proxy: Some(self.v4()?),
             inbound,
             admin: self.v4()?,
         })

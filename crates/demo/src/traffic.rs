@@ -194,6 +194,8 @@ pub struct Summary {
     pub signers: Vec<(String, String)>,
     /// Where the control plane's own serving key lives, from its log.
     pub control_key: String,
+    /// With `--pods`: the pods, the unmodified client's answer, the bypass's counters.
+    pub pods: Option<crate::pods::PodsReport>,
 }
 
 impl Summary {
@@ -732,6 +734,9 @@ impl fmt::Display for Summary {
         for ((workload, principal, policy), v) in &self.security {
             let caller = principal.rsplit("/sa/").next().unwrap_or(principal);
             writeln!(f, "  {workload:<15} ← {caller:<22} {policy:<11} ×{v}")?;
+        }
+        if let Some(pods) = &self.pods {
+            write!(f, "{pods}")?;
         }
         Ok(())
     }

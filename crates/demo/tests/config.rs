@@ -3,11 +3,14 @@
 //! resolves it) at the sidecar inbound port and loopback addresses the demo starts the
 //! workload's sidecar with.
 
-use std::net::IpAddr;
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 
 use hypha_control::registry::Registry;
-use hypha_demo::topology::{host, Family, Plan, NAMESPACE, SERVICE_PORT, WORKLOADS};
+use hypha_demo::topology::{
+    host, Family, Plan, PodAddrs, Workload, CLIENT, GUEST, NAMESPACE, SERVICE_PORT, WORKLOADS,
+};
 
 /// A fresh directory under the system temp dir, removed when dropped.
 struct TempDir(PathBuf);
@@ -24,6 +27,30 @@ impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
+}
+
+/// Workload `wl` as an endpoint of its service in the registry: the endpoint, the port its
+/// service port goes to, and its addresses.
+fn endpoint_of<'r>(
+    registry: &'r Registry,
+    wl: &Workload,
+) -> (&'r hypha_control::registry::Endpoint, u32, Vec<IpAddr>) {
+    let service = registry
+        .service(&host(wl.app), NAMESPACE)
+        .unwrap_or_else(|| panic!("service {}", wl.app));
+    let port = service.port(u32::from(SERVICE_PORT)).unwrap();
+    assert_eq!(port.name, wl.port_name);
+    let endpoint = service
+        .endpoints
+        .iter()
+        .find(|e| e.workload_name == wl.name)
+        .unwrap_or_else(|| panic!("{} is an endpoint of {}", wl.name, wl.app));
+    let addresses = endpoint
+        .addresses
+        .iter()
+        .map(|a| a.parse().unwrap())
+        .collect();
+    (endpoint, endpoint.port_for(port), addresses)
 }
 
 #[test]
@@ -48,27 +75,13 @@ fn generated_config_is_valid_and_points_at_the_sidecars() {
     let registry = Registry::build(&cfg);
     for w in &plan.workloads {
         let wl = &w.workload;
-        let service = registry
-            .service(&host(wl.app), NAMESPACE)
-            .unwrap_or_else(|| panic!("service {}", wl.app));
-        let port = service.port(u32::from(SERVICE_PORT)).unwrap();
-        assert_eq!(port.name, wl.port_name);
-        let endpoint = service
-            .endpoints
-            .iter()
-            .find(|e| e.workload_name == wl.name)
-            .unwrap_or_else(|| panic!("{} is an endpoint of {}", wl.name, wl.app));
+        let (endpoint, port, addresses) = endpoint_of(&registry, wl);
         assert_eq!(
-            endpoint.port_for(port),
+            port,
             u32::from(w.ports.inbound),
             "{}: the service port goes to the sidecar's inbound port",
             wl.name
         );
-        let addresses: Vec<IpAddr> = endpoint
-            .addresses
-            .iter()
-            .map(|a| a.parse().unwrap())
-            .collect();
         assert_eq!(addresses, w.ips(), "{}", wl.name);
         assert!(addresses.iter().all(IpAddr::is_loopback));
         // The sidecar listens on exactly those addresses, at that port.
@@ -105,7 +118,10 @@ fn generated_config_is_valid_and_points_at_the_sidecars() {
     for w in &plan.workloads {
         ports.extend([
             w.ports.app.port(),
-            w.ports.http_proxy.port(),
+            w.ports
+                .http_proxy
+                .expect("on loopback every app has its sidecar's proxy")
+                .port(),
             w.ports.inbound,
             w.ports.admin.port(),
         ]);
@@ -114,6 +130,46 @@ fn generated_config_is_valid_and_points_at_the_sidecars() {
     ports.sort_unstable();
     ports.dedup();
     assert_eq!(ports.len(), n, "ports are unique");
+}
+
+#[test]
+fn in_pods_each_endpoint_is_its_pod_at_the_apps_own_port() {
+    // Pods as `hypha demo --pods` makes them (no root needed to plan them).
+    let names = WORKLOADS.iter().map(|w| w.name).chain([CLIENT, GUEST]);
+    let pods: BTreeMap<String, PodAddrs> = names
+        .zip(2u8..)
+        .map(|(name, host)| {
+            let addrs = PodAddrs {
+                netns: format!("hypha100-{name}"),
+                ipv4: Ipv4Addr::new(10, 77, 100, host),
+                ipv6: Ipv6Addr::new(0xfd77, 0, 0, 100, 0, 0, 0, u16::from(host)),
+            };
+            (name.to_owned(), addrs)
+        })
+        .collect();
+    let plan = Plan::in_pods("10.77.100.1:15012".parse().unwrap(), pods.clone());
+    assert!(plan.has_pods());
+    let dir = TempDir::new("hypha-demo-config-pods");
+    let cfg = hypha_demo::config::write(&dir.0, &plan, None).expect("valid");
+    let registry = Registry::build(&cfg);
+    for w in &plan.workloads {
+        let wl = &w.workload;
+        let pod = &pods[wl.name];
+        let (_, port, addresses) = endpoint_of(&registry, wl);
+        // The app's own port: the pod's capture hands it to the sidecar.
+        assert_eq!(port, u32::from(SERVICE_PORT), "{}", wl.name);
+        let expected: Vec<IpAddr> = match wl.family {
+            Family::V4 => vec![pod.ipv4.into()],
+            Family::V6 => vec![pod.ipv6.into()],
+            Family::Dual => vec![pod.ipv4.into(), pod.ipv6.into()],
+        };
+        assert_eq!(addresses, expected, "{}", wl.name);
+        // No proxy settings for the app; the admin port on the pod, reachable from the node.
+        assert_eq!(w.ports.http_proxy, None);
+        assert_eq!(w.ports.admin.ip(), IpAddr::from(pod.ipv4));
+    }
+    assert_eq!(plan.client_proxy.ip(), IpAddr::from(pods[CLIENT].ipv4));
+    assert_eq!(plan.guest_proxy.ip(), IpAddr::from(pods[GUEST].ipv4));
 }
 
 #[test]
@@ -143,6 +199,7 @@ async fn a_missing_binary_fails_clearly() {
         concurrency: 1,
         serve: false,
         keys: hypha_demo::Keys::Software,
+        placement: hypha_demo::Placement::Loopback,
         dir: None,
         progress: std::sync::Arc::new(|_: &str| {}),
     };

@@ -70,8 +70,8 @@ enum Command {
     /// (HTTP proxy mode or a local port per service port), and inbound traffic to the app.
     Proxy(Box<ProxyArgs>),
     /// Run bookinfo on this machine: the control plane, each app behind its own sidecar and a
-    /// client sidecar as separate processes on loopback (no root); drive traffic and print what
-    /// the mesh did.
+    /// client sidecar as separate processes on loopback (no root), or in pods with their
+    /// traffic captured (--pods, root); drive traffic and print what the mesh did.
     Demo {
         /// Keep the mesh running after the traffic, with URLs to try, until Ctrl-C.
         #[arg(long)]
@@ -88,6 +88,14 @@ enum Command {
         /// eight at a time with AVX-512 IFMA).
         #[arg(long, default_value = "software", value_parser = |s: &str| s.parse::<hypha_demo::Keys>())]
         keys: hypha_demo::Keys,
+        /// Root: each workload and client in a pod of its own (network namespace on a bridge,
+        /// IPv4 and IPv6) with Istio's transparent capture, the apps unmodified, and the eBPF
+        /// bypass attached with every pod registered.
+        #[arg(long)]
+        pods: bool,
+        /// With --pods: iptables capture only, no eBPF bypass.
+        #[arg(long, requires = "pods")]
+        no_bypass: bool,
     },
     /// The node agent for the same-host TCP/IP bypass (root): attach the eBPF sockops +
     /// sk_msg programs to a cgroup v2, serve their counters on /metrics, detach on SIGINT or
@@ -128,9 +136,10 @@ enum Command {
         /// Where to listen.
         #[arg(long)]
         listen: SocketAddr,
-        /// The sidecar's HTTP proxy listener, for calls to other services.
+        /// The sidecar's HTTP proxy listener, for calls to other services (without: calls go
+        /// to the services' names, for a pod whose traffic is captured).
         #[arg(long)]
-        proxy: SocketAddr,
+        proxy: Option<SocketAddr>,
     },
 }
 
@@ -375,7 +384,16 @@ fn main() -> ExitCode {
             requests,
             concurrency,
             keys,
-        } => demo(serve, requests, concurrency, keys),
+            pods,
+            no_bypass,
+        } => {
+            let placement = match (pods, no_bypass) {
+                (false, _) => hypha_demo::Placement::Loopback,
+                (true, true) => hypha_demo::Placement::Pods,
+                (true, false) => hypha_demo::Placement::PodsWithBypass,
+            };
+            demo(serve, requests, concurrency, keys, placement)
+        }
         Command::Pod(command) => pod(command),
         Command::Bypass {
             cgroup,
@@ -448,7 +466,13 @@ fn pod(command: PodCommand) -> ExitCode {
 }
 
 /// `hypha demo`: every process is this binary; progress and summary go to stdout.
-fn demo(serve: bool, requests: usize, concurrency: usize, keys: hypha_demo::Keys) -> ExitCode {
+fn demo(
+    serve: bool,
+    requests: usize,
+    concurrency: usize,
+    keys: hypha_demo::Keys,
+    placement: hypha_demo::Placement,
+) -> ExitCode {
     let exe = match std::env::current_exe() {
         Ok(exe) => exe,
         Err(e) => {
@@ -462,6 +486,7 @@ fn demo(serve: bool, requests: usize, concurrency: usize, keys: hypha_demo::Keys
         concurrency,
         serve,
         keys,
+        placement,
         dir: None,
         // Not `println!`: a closed stdout (`hypha demo | head`) must not panic the demo.
         progress: std::sync::Arc::new(|line: &str| {

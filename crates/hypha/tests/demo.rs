@@ -3,13 +3,14 @@
 //! routing rules, the identities the CA issued, mutual TLS on every hop, and the refusals
 //! (another tenant, ratings' authorization policy). Also checks that no process outlives the
 //! demo. Twice: with software keys, and with every key in a SoftHSM2 token (`--keys pkcs11`),
-//! where no file the demo leaves holds a private key outside the tokens' own stores.
+//! where no file the demo leaves holds a private key outside the tokens' own stores. As root
+//! (CI), also in pods (`--pods`): every workload captured, the bypass on, an unmodified curl.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use hypha_demo::{Keys, Summary};
+use hypha_demo::{Keys, Placement, Summary};
 
 /// Page views per run (a few seconds; the token's signatures cost little next to that).
 const PAGES: usize = 60;
@@ -40,8 +41,17 @@ impl Drop for TempDir {
     }
 }
 
-/// Runs the demo into `dir` (kept afterwards); its summary and progress lines.
+/// Runs the demo on loopback into `dir` (kept afterwards); its summary and progress lines.
 async fn demo(keys: Keys, requests: usize, dir: &Path) -> (Summary, Vec<String>) {
+    demo_in(Placement::Loopback, keys, requests, dir).await
+}
+
+async fn demo_in(
+    placement: Placement,
+    keys: Keys,
+    requests: usize,
+    dir: &Path,
+) -> (Summary, Vec<String>) {
     let _one = ONE_AT_A_TIME.lock().await;
     let lines = Arc::new(Mutex::new(Vec::<String>::new()));
     let sink = lines.clone();
@@ -51,6 +61,7 @@ async fn demo(keys: Keys, requests: usize, dir: &Path) -> (Summary, Vec<String>)
         concurrency: 8,
         serve: false,
         keys,
+        placement,
         dir: Some(dir.to_path_buf()),
         progress: Arc::new(move |line: &str| {
             eprintln!("{line}");
@@ -356,6 +367,11 @@ fn bookinfo_went_through_the_mesh(s: &Summary) {
 
 /// Every process the demo started is gone (killed and reaped).
 fn all_processes_gone(lines: &[String]) {
+    processes_gone(lines, 15);
+}
+
+/// The `count` processes the demo says it started are gone.
+fn processes_gone(lines: &[String], count: usize) {
     let pids: Vec<u32> = lines
         .iter()
         .filter(|l| l.starts_with("started "))
@@ -368,7 +384,7 @@ fn all_processes_gone(lines: &[String]) {
                 .ok()
         })
         .collect();
-    assert_eq!(pids.len(), 15, "{lines:?}");
+    assert_eq!(pids.len(), count, "{lines:?}");
     for pid in pids {
         assert!(
             !Path::new(&format!("/proc/{pid}")).exists(),
@@ -401,4 +417,58 @@ async fn demo_with_batched_rsa_signatures() {
             .any(|l| l.contains("privateKeyProvider.cryptomb")),
         "{lines:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_in_pods_with_capture_and_bypass() {
+    if !hypha_testkit::privileged("demo_in_pods_with_capture_and_bypass") {
+        return;
+    }
+    let dir = TempDir::new("hypha-demo-test-pods");
+    let (s, lines) = demo_in(Placement::PodsWithBypass, Keys::Software, PAGES, &dir.0).await;
+    // The same mesh behaviour as on loopback: routes, faults, retries, identities, refusals,
+    // mutual TLS on every hop, now with every app unmodified and its traffic captured.
+    bookinfo_went_through_the_mesh(&s);
+    // Fifteen processes and the bypass.
+    processes_gone(&lines, 16);
+    let pods = s.pods.as_ref().expect("a pods report");
+    assert_eq!(pods.pods.len(), 8, "{pods:?}");
+    // An unmodified curl in the client pod reached productpage by its name.
+    assert_eq!(pods.curl, "200", "{pods}");
+    // The bypass was on: the apps' connections were captured at connect, the sidecars asked it
+    // for the original destinations, and bytes went socket to socket.
+    assert!(pods.bypass_cgroup.is_some(), "{pods}");
+    let c = |name: &str| pods.counter(name);
+    assert!(c("hypha_bypass_connects_outbound_total") >= 3, "{pods}");
+    assert!(c("hypha_bypass_connects_inbound_total") >= 3, "{pods}");
+    assert!(
+        c("hypha_bypass_original_dst_answered_total") >= c("hypha_bypass_connects_outbound_total"),
+        "{pods}"
+    );
+    assert!(c("hypha_bypass_bytes_redirected_total") > 100_000, "{pods}");
+    let text = s.to_string();
+    assert!(
+        text.contains("an unmodified curl in the demo-client pod"),
+        "{text}"
+    );
+    // Nothing is left behind: the pods, their /etc/netns files, the bridge, the cgroup.
+    let netns = std::process::Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .unwrap();
+    let netns = String::from_utf8_lossy(&netns.stdout);
+    for (_, ns, _, _) in &pods.pods {
+        assert!(!netns.contains(ns.as_str()), "{ns} left: {netns}");
+        assert!(
+            !Path::new("/etc/netns").join(ns).exists(),
+            "{ns}'s /etc/netns"
+        );
+    }
+    assert!(
+        !Path::new("/sys/class/net").join(&pods.bridge).exists(),
+        "{} left",
+        pods.bridge
+    );
+    let cgroup = pods.bypass_cgroup.as_ref().unwrap();
+    assert!(!Path::new(cgroup).exists(), "{cgroup} left");
 }

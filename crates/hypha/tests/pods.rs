@@ -230,8 +230,6 @@ fn mesh_in_pods(bypass: bool) {
         "reviews-v1",
         "--listen",
         "0.0.0.0:8080",
-        "--proxy",
-        "127.0.0.1:9",
     ]);
     procs.spawn("app", app, w);
     // Two TLS servers outside the mesh, each with its own self-signed certificate.

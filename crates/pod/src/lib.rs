@@ -9,9 +9,13 @@
 //! A [`Node`] is the bridge (`10.77.<n>.1/24`, `fd77:0:0:<n in hex>::1/64`), a [`Pod`] a namespace
 //! with a veth on it (`.2`, `.3`, ... of both subnets); both are removed on drop. What runs in
 //! a pod runs through [`Pod::command`] (`ip netns exec`); the sidecar through
-//! [`Pod::sidecar_command`], with the group id [`Capture`] exempts.
+//! [`Pod::sidecar_command`], with the group id [`Capture`] exempts. [`Pod::hosts`] gives a pod
+//! its own `/etc/hosts` (names of services to their VIPs, as cluster DNS would answer), and
+//! [`Cgroup`] puts the calling process (and so everything it starts) in a cgroup v2 of its own,
+//! what the eBPF bypass attaches to.
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU8, Ordering};
 
@@ -32,6 +36,23 @@ pub enum PodError {
     },
     #[error("node {0} has no addresses left for another pod")]
     Full(u8),
+    #[error("no free node index in {0:?}: bridges hypha<N> exist for all")]
+    NoFreeNode(std::ops::RangeInclusive<u8>),
+    #[error("{0}: {1}")]
+    Io(PathBuf, #[source] std::io::Error),
+}
+
+/// Whether this process runs as root (effective uid 0), from `/proc/self/status`: pods,
+/// capture and the bypass need it.
+pub fn is_root() -> bool {
+    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
+        return false;
+    };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|ids| ids.split_whitespace().nth(1))
+        .is_some_and(|euid| euid == "0")
 }
 
 fn run(program: &str, args: &[&str]) -> Result<Output, PodError> {
@@ -97,6 +118,21 @@ impl Node {
         Ok(node)
     }
 
+    /// A new node with the first index in `range` that has no bridge yet (a program that
+    /// wants a node of its own, next to others' nodes).
+    pub fn create_free(range: std::ops::RangeInclusive<u8>) -> Result<Node, PodError> {
+        let index = range
+            .clone()
+            .find(|i| !Path::new(&format!("/sys/class/net/hypha{i}")).exists())
+            .ok_or(PodError::NoFreeNode(range))?;
+        Node::create(index)
+    }
+
+    /// The node's index (its bridge is `hypha<index>`).
+    pub fn index(&self) -> u8 {
+        self.index
+    }
+
     /// The node `index` as it is, created if it is not there; it stays when this is dropped
     /// (`hypha pod`: pods outlive the command). Its next pod takes the lowest free address.
     pub fn ensure(index: u8) -> Result<Node, PodError> {
@@ -157,6 +193,7 @@ impl Node {
                 .filter(|n| n.starts_with(&prefix))
             {
                 ip(&["netns", "del", ns])?;
+                remove_etc(ns);
             }
         }
         let _ = ip(&["link", "del", &format!("hypha{index}")]);
@@ -182,6 +219,7 @@ impl Node {
         }
         let netns = format!("hypha{}-{name}", self.index);
         let _ = ip(&["netns", "del", &netns]);
+        remove_etc(&netns);
         ip(&["netns", "add", &netns])?;
         let pod = Pod {
             name: name.to_string(),
@@ -268,6 +306,23 @@ impl Pod {
         c
     }
 
+    /// Gives the pod its own `/etc/hosts` with `names` (address, name) after the loopback
+    /// entries: `ip netns exec` shows `/etc/netns/<netns>/hosts` as `/etc/hosts` to what runs
+    /// in the pod. Removed with the pod.
+    pub fn hosts(&self, names: &[(IpAddr, String)]) -> Result<(), PodError> {
+        let dir = etc_dir(&self.netns);
+        std::fs::create_dir_all(&dir).map_err(|e| PodError::Io(dir.clone(), e))?;
+        let mut text = String::from(
+            "# Written by hypha for this pod: its services' names, as cluster DNS would answer.\n\
+             127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n",
+        );
+        for (ip, name) in names {
+            text.push_str(&format!("{ip}\t{name}\n"));
+        }
+        let path = dir.join("hosts");
+        std::fs::write(&path, text).map_err(|e| PodError::Io(path, e))
+    }
+
     /// Installs `capture`'s rules in the pod (IPv4 and IPv6).
     pub fn capture(&self, capture: &Capture) -> Result<(), PodError> {
         for (tool, v6) in [("iptables", false), ("ip6tables", true)] {
@@ -298,13 +353,96 @@ impl Pod {
 
     /// Removes pod `name` of node `index`.
     pub fn remove(index: u8, name: &str) -> Result<(), PodError> {
-        ip(&["netns", "del", &format!("hypha{index}-{name}")]).map(drop)
+        let netns = format!("hypha{index}-{name}");
+        ip(&["netns", "del", &netns])?;
+        remove_etc(&netns);
+        Ok(())
     }
 }
 
 impl Drop for Pod {
     fn drop(&mut self) {
         let _ = ip(&["netns", "del", &self.netns]);
+        remove_etc(&self.netns);
+    }
+}
+
+/// The files `ip netns exec` shows a namespace in place of `/etc`'s.
+fn etc_dir(netns: &str) -> PathBuf {
+    Path::new("/etc/netns").join(netns)
+}
+
+/// Removes a namespace's `/etc/netns` files, if [`Pod::hosts`] wrote any.
+fn remove_etc(netns: &str) {
+    let _ = std::fs::remove_dir_all(etc_dir(netns));
+}
+
+/// The cgroup v2 mount point (`/sys/fs/cgroup` on a unified system, `/sys/fs/cgroup/unified`
+/// on a hybrid one), from `/proc/self/mountinfo`.
+pub fn cgroup2_root() -> Option<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    info.lines().find_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        let fstype = right.split_whitespace().next()?;
+        let mount_point = left.split_whitespace().nth(4)?;
+        (fstype == "cgroup2").then(|| PathBuf::from(mount_point))
+    })
+}
+
+/// A cgroup v2 of its own with this whole process in it while it lives: everything the
+/// process starts meanwhile is in it too, and so are the sockets they create (what the
+/// bypass's programs, attached to the cgroup, see). Moved back and removed on drop, which
+/// needs every process started meanwhile to have exited.
+#[derive(Debug)]
+pub struct Cgroup {
+    path: PathBuf,
+    was: PathBuf,
+}
+
+impl Cgroup {
+    /// Creates `<cgroup2 root>/<name>` (an old empty one of that name is replaced) and moves
+    /// this process into it.
+    pub fn enter(name: &str) -> Result<Cgroup, PodError> {
+        let mountinfo = PathBuf::from("/proc/self/mountinfo");
+        let root = cgroup2_root().ok_or_else(|| {
+            PodError::Io(
+                mountinfo,
+                std::io::Error::other("no cgroup v2 mount (cgroup2)"),
+            )
+        })?;
+        let own_path = PathBuf::from("/proc/self/cgroup");
+        let own =
+            std::fs::read_to_string(&own_path).map_err(|e| PodError::Io(own_path.clone(), e))?;
+        let rel = own
+            .lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .ok_or_else(|| PodError::Io(own_path, std::io::Error::other("no cgroup v2 line")))?;
+        let was = root.join(rel.trim_start_matches('/'));
+        let path = root.join(name);
+        let _ = std::fs::remove_dir(&path);
+        std::fs::create_dir(&path).map_err(|e| PodError::Io(path.clone(), e))?;
+        let procs = path.join("cgroup.procs");
+        if let Err(e) = std::fs::write(&procs, std::process::id().to_string()) {
+            let _ = std::fs::remove_dir(&path);
+            return Err(PodError::Io(procs, e));
+        }
+        Ok(Cgroup { path, was })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        let pid = std::process::id().to_string();
+        if std::fs::write(self.was.join("cgroup.procs"), &pid).is_err() {
+            if let Some(root) = cgroup2_root() {
+                let _ = std::fs::write(root.join("cgroup.procs"), &pid);
+            }
+        }
+        let _ = std::fs::remove_dir(&self.path);
     }
 }
 

@@ -4,12 +4,12 @@
 
 use std::io;
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// Whether a test that needs root may run. As root: yes. Otherwise it says loudly that `test`
 /// did not run, and in CI (`CI` set, where tests run as root) it fails instead of skipping.
 pub fn privileged(test: &str) -> bool {
-    if euid() == Some(0) {
+    if hypha_pod::is_root() {
         return true;
     }
     assert!(
@@ -20,70 +20,23 @@ pub fn privileged(test: &str) -> bool {
     false
 }
 
-fn euid() -> Option<u32> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}
-
-/// The cgroup v2 mount point (`/sys/fs/cgroup` on a unified system, `/sys/fs/cgroup/unified`
-/// on a hybrid one), from `/proc/self/mountinfo`.
-pub fn cgroup2_root() -> Option<PathBuf> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    info.lines().find_map(|line| {
-        let (left, right) = line.split_once(" - ")?;
-        let fstype = right.split_whitespace().next()?;
-        let mount_point = left.split_whitespace().nth(4)?;
-        (fstype == "cgroup2").then(|| PathBuf::from(mount_point))
-    })
-}
+pub use hypha_pod::cgroup2_root;
 
 /// A cgroup v2 made for a test, with the whole test process in it while it lives (sockets
 /// belong to the cgroup of the process that creates them); moved back and removed on drop.
 /// Tests using one must not overlap within a process: hold a lock around them.
 #[derive(Debug)]
-pub struct TestCgroup {
-    path: PathBuf,
-    was: PathBuf,
-}
+pub struct TestCgroup(hypha_pod::Cgroup);
 
 impl TestCgroup {
     /// Creates `<cgroup2 root>/hypha-test-<pid>-<name>` and moves this process into it.
     pub fn enter(name: &str) -> TestCgroup {
-        let root = cgroup2_root().expect("no cgroup v2 mount in /proc/self/mountinfo");
-        let own = std::fs::read_to_string("/proc/self/cgroup").expect("/proc/self/cgroup");
-        let rel = own
-            .lines()
-            .find_map(|l| l.strip_prefix("0::"))
-            .expect("no cgroup v2 line in /proc/self/cgroup");
-        let was = root.join(rel.trim_start_matches('/'));
-        let path = root.join(format!("hypha-test-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir(&path);
-        std::fs::create_dir(&path).unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
-        std::fs::write(path.join("cgroup.procs"), std::process::id().to_string())
-            .unwrap_or_else(|e| panic!("moving into {}: {e}", path.display()));
-        TestCgroup { path, was }
+        let name = format!("hypha-test-{}-{name}", std::process::id());
+        TestCgroup(hypha_pod::Cgroup::enter(&name).unwrap_or_else(|e| panic!("{name}: {e}")))
     }
 
     pub fn path(&self) -> &Path {
-        &self.path
-    }
-}
-
-impl Drop for TestCgroup {
-    fn drop(&mut self) {
-        let pid = std::process::id().to_string();
-        if std::fs::write(self.was.join("cgroup.procs"), &pid).is_err() {
-            if let Some(root) = cgroup2_root() {
-                let _ = std::fs::write(root.join("cgroup.procs"), &pid);
-            }
-        }
-        let _ = std::fs::remove_dir(&self.path);
+        self.0.path()
     }
 }
 
