@@ -161,12 +161,21 @@ static __always_inline int make_key(void *ctx, struct key *k, __u32 family, __u3
 // path (still installed in the pod), so a rule this misses is not a connection lost.
 
 // A registered pod (key: its network namespace's cookie). Ports in host byte order.
+// A destination range an app reaches directly: family 4 (the address in ip[0]) or 6 (0: an
+// unused slot), the address in network byte order.
+struct cidr {
+    __u32 family;
+    __u32 prefix;
+    __u32 ip[4];
+};
+
 struct pod {
     __u16 outbound_port;      // the sidecar's capture-outbound port (15001)
     __u16 inbound_port;       // its capture-inbound port (15006)
     __u32 sidecar_gid;        // the sidecar's group: its own connections are not outbound
     __u16 exclude_outbound[8]; // destination ports an app reaches directly (0: unused)
     __u16 exclude_inbound[8];  // ports of this pod reached directly
+    struct cidr exclude_cidrs[8]; // destination ranges an app reaches directly
 };
 
 struct {
@@ -252,6 +261,26 @@ static __always_inline int excluded(const __u16 ports[8], __u16 port)
     return 0;
 }
 
+// Whether `a` is in one of the ranges (IPv4-mapped IPv6 destinations arrive as family 4).
+static __always_inline int in_cidrs(const struct cidr c[8], const struct addr *a)
+{
+    for (int i = 0; i < 8; i++) {
+        if (c[i].family != a->family)
+            continue;
+        __u32 differ = 0;
+        for (int w = 0; w < 4; w++) {
+            int bits = (int)c[i].prefix - 32 * w;
+            __u32 mask = bits <= 0    ? 0
+                         : bits >= 32 ? 0xffffffffu
+                                      : __builtin_bswap32(0xffffffffu << (32 - bits));
+            differ |= (a->ip[w] ^ c[i].ip[w]) & mask;
+        }
+        if (!differ)
+            return 1;
+    }
+    return 0;
+}
+
 // Where a connection from this namespace to `dst`:`port` (host order) should go instead: 0
 // and `*to_port` set (host order; `*to_loopback` for the app's own sidecar), or -1 to leave it.
 static __always_inline int rewrite(void *ctx, const struct addr *dst, __u16 port, __u16 *to_port,
@@ -264,10 +293,10 @@ static __always_inline int rewrite(void *ctx, const struct addr *dst, __u16 port
     __u32 gid = bpf_get_current_uid_gid() >> 32;
     __u64 *owner = bpf_map_lookup_elem(&hypha_pod_addrs, dst);
     if (gid != me->sidecar_gid) {
-        // The app: everything but loopback, its own pod's addresses and excluded ports goes
-        // to its sidecar, as the OUTPUT rules do.
+        // The app: everything but loopback, its own pod's addresses, excluded ports and
+        // excluded ranges goes to its sidecar, as the OUTPUT rules do.
         if (addr_is_loopback(dst) || (owner && *owner == ns) ||
-            excluded(me->exclude_outbound, port))
+            excluded(me->exclude_outbound, port) || in_cidrs(me->exclude_cidrs, dst))
             return -1;
         *to_port = me->outbound_port;
         *to_loopback = 1;

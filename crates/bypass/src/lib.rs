@@ -88,14 +88,75 @@ struct PodValue {
     sidecar_gid: u32,
     exclude_outbound: [u16; 8],
     exclude_inbound: [u16; 8],
+    exclude_cidrs: [Cidr; 8],
 }
 
-// SAFETY: `repr(C)`, two `u16`, a `u32` and two `u16` arrays, no padding (size checked
-// below), every bit pattern valid; it matches `struct pod` in bpf/bypass.c.
+// SAFETY: `repr(C)`, two `u16`, a `u32`, two `u16` arrays and an array of `Cidr` (all `u32`),
+// no padding (size checked below), every bit pattern valid; it matches `struct pod` in
+// bpf/bypass.c.
 #[allow(unsafe_code)]
 unsafe impl aya::Pod for PodValue {}
 
-const _: () = assert!(std::mem::size_of::<PodValue>() == 40);
+const _: () = assert!(std::mem::size_of::<PodValue>() == 40 + 8 * 24);
+
+/// `struct cidr` of `bpf/bypass.c`: family 4 or 6 (0: unused), prefix length, the address as
+/// [`Addr`] has it.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+struct Cidr {
+    family: u32,
+    prefix: u32,
+    ip: [u32; 4],
+}
+
+const _: () = assert!(std::mem::size_of::<Cidr>() == 24);
+
+/// An address range (`10.0.0.0/8`, `fd00::/8`): the address and the prefix length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpRange {
+    pub addr: std::net::IpAddr,
+    pub prefix: u8,
+}
+
+impl std::str::FromStr for IpRange {
+    type Err = String;
+
+    /// `ADDR/PREFIX`, or an address alone (the whole address).
+    fn from_str(s: &str) -> Result<IpRange, String> {
+        let (addr, prefix) = s.split_once('/').unwrap_or((s, ""));
+        let addr: std::net::IpAddr = addr
+            .parse()
+            .map_err(|e| format!("{s:?}: not an address range ({e})"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = if prefix.is_empty() {
+            max
+        } else {
+            prefix
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| format!("{s:?}: the prefix length must be 0 to {max}"))?
+        };
+        Ok(IpRange { addr, prefix })
+    }
+}
+
+impl std::fmt::Display for IpRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+impl Cidr {
+    fn of(range: IpRange) -> Cidr {
+        let a = Addr::of(range.addr);
+        Cidr {
+            family: a.family,
+            prefix: u32::from(range.prefix),
+            ip: a.ip,
+        }
+    }
+}
 
 /// `struct addr` of `bpf/bypass.c`: family 4 (address in the first word) or 6, network order.
 #[repr(C)]
@@ -137,7 +198,7 @@ impl Addr {
 /// sidecar's outbound port on loopback, and other registered pods' sidecars reach it on its
 /// inbound port; the sidecar's `SO_ORIGINAL_DST` still gives the original destination. The
 /// pod keeps its iptables rules for whatever this does not take. Its settings must be the
-/// ones its capture rules have (`hypha_pod::Capture`); excluded CIDRs are not supported here.
+/// ones its capture rules have (`hypha_pod::Capture`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CapturedPod {
     /// The pod's network namespace (e.g. `/run/netns/<name>`).
@@ -149,6 +210,8 @@ pub struct CapturedPod {
     /// At most 8 each.
     pub exclude_outbound_ports: Vec<u16>,
     pub exclude_inbound_ports: Vec<u16>,
+    /// Destination ranges the app reaches directly, at most 8.
+    pub exclude_outbound_cidrs: Vec<IpRange>,
 }
 
 impl CapturedPod {
@@ -161,6 +224,7 @@ impl CapturedPod {
             sidecar_gid: 1337,
             exclude_outbound_ports: Vec::new(),
             exclude_inbound_ports: Vec::new(),
+            exclude_outbound_cidrs: Vec::new(),
         }
     }
 }
@@ -267,7 +331,7 @@ pub enum BypassError {
     Missing(&'static str),
     #[error("pod {0}: {1}")]
     Pod(PathBuf, #[source] io::Error),
-    #[error("pod {0}: at most 8 excluded ports each way")]
+    #[error("pod {0}: at most 8 excluded ports each way and 8 excluded ranges")]
     TooManyExcluded(PathBuf),
 }
 
@@ -384,12 +448,20 @@ impl Bypass {
             out[..list.len()].copy_from_slice(list);
             Ok(out)
         };
+        let mut exclude_cidrs = [Cidr::default(); 8];
+        if pod.exclude_outbound_cidrs.len() > exclude_cidrs.len() {
+            return Err(BypassError::TooManyExcluded(pod.netns.clone()));
+        }
+        for (slot, range) in exclude_cidrs.iter_mut().zip(&pod.exclude_outbound_cidrs) {
+            *slot = Cidr::of(*range);
+        }
         let value = PodValue {
             outbound_port: pod.outbound_port,
             inbound_port: pod.inbound_port,
             sidecar_gid: pod.sidecar_gid,
             exclude_outbound: ports(&pod.exclude_outbound_ports)?,
             exclude_inbound: ports(&pod.exclude_inbound_ports)?,
+            exclude_cidrs,
         };
         let (cookie, addrs) =
             netns_identity(&pod.netns).map_err(|e| BypassError::Pod(pod.netns.clone(), e))?;
@@ -701,4 +773,34 @@ async fn answer(mut stream: tokio::net::TcpStream, bypass: &Bypass) -> io::Resul
     );
     stream.write_all(response.as_bytes()).await?;
     stream.shutdown().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_parse_in_both_families_and_bad_ones_are_refused() {
+        let r: IpRange = "10.77.1.4/30".parse().unwrap();
+        assert_eq!(r.to_string(), "10.77.1.4/30");
+        let c = Cidr::of(r);
+        assert_eq!((c.family, c.prefix), (4, 30));
+        assert_eq!(c.ip[0], u32::from_ne_bytes([10, 77, 1, 4]));
+        let r: IpRange = "fd00::/8".parse().unwrap();
+        assert_eq!((Cidr::of(r).family, r.prefix), (6, 8));
+        // An address alone is the whole address.
+        assert_eq!("10.0.0.1".parse::<IpRange>().unwrap().prefix, 32);
+        assert_eq!("::1".parse::<IpRange>().unwrap().prefix, 128);
+        for bad in [
+            "10.0.0.0/33",
+            "fd00::/129",
+            "10.0.0/8",
+            "x/8",
+            "10.0.0.0/-1",
+            "",
+        ] {
+            let err = bad.parse::<IpRange>().unwrap_err();
+            assert!(err.contains(&format!("{bad:?}")), "{bad}: {err}");
+        }
+    }
 }

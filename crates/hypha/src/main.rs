@@ -121,6 +121,10 @@ enum Command {
         /// A port of the pods reached directly (repeatable, at most 8).
         #[arg(long)]
         exclude_inbound_port: Vec<u16>,
+        /// A destination range the pods' apps reach directly, e.g. 10.0.0.0/8 (repeatable, at
+        /// most 8).
+        #[arg(long, value_parser = |s: &str| s.parse::<hypha_bypass::IpRange>())]
+        exclude_outbound_cidr: Vec<hypha_bypass::IpRange>,
     },
     /// Pods on this machine (root): network namespaces on a bridge with an IPv4 and an IPv6
     /// address each, optionally with Istio's transparent capture. Run the app with
@@ -401,6 +405,7 @@ fn main() -> ExitCode {
             pods,
             exclude_outbound_port,
             exclude_inbound_port,
+            exclude_outbound_cidr,
         } => run_on(1, async move {
             let pods: Vec<hypha_bypass::CapturedPod> = pods
                 .iter()
@@ -413,6 +418,7 @@ fn main() -> ExitCode {
                     hypha_bypass::CapturedPod {
                         exclude_outbound_ports: exclude_outbound_port.clone(),
                         exclude_inbound_ports: exclude_inbound_port.clone(),
+                        exclude_outbound_cidrs: exclude_outbound_cidr.clone(),
                         ..hypha_bypass::CapturedPod::new(path)
                     }
                 })

@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use hypha_bypass::{Bypass, CapturedPod};
+use hypha_bypass::{Bypass, CapturedPod, IpRange};
 use hypha_pod::{Capture, Node, Pod};
 use hypha_testkit::{privileged, TestCgroup};
 
@@ -175,15 +175,33 @@ fn mesh_in_pods(bypass: bool) {
     let server = node.pod("web").unwrap();
     // Outside the mesh: no sidecar, no capture.
     let ext = node.pod("ext").unwrap();
-    for pod in [&client, &server] {
-        pod.capture(&Capture::default()).unwrap();
-    }
+    // The client's app reaches the ext pod's /30 directly (a range with only ext in it: the
+    // pods are .2, .3 and .4 of the node's /24), in IPv4 only.
+    let direct = IpRange {
+        addr: ext.ipv4.into(),
+        prefix: 30,
+    };
+    client
+        .capture(&Capture {
+            exclude_outbound_cidrs: vec![direct.to_string()],
+            ..Capture::default()
+        })
+        .unwrap();
+    server.capture(&Capture::default()).unwrap();
     config(&w.join("config"), &client, &server, &ext);
     let attached = cgroup.as_ref().map(|cg| {
         let mut b = Bypass::attach(cg.path()).unwrap();
         for pod in [&client, &server] {
-            b.add_pod(&CapturedPod::new(format!("/run/netns/{}", pod.netns)))
-                .unwrap();
+            let excluded = if pod.name == "client" {
+                vec![direct]
+            } else {
+                Vec::new()
+            };
+            b.add_pod(&CapturedPod {
+                exclude_outbound_cidrs: excluded,
+                ..CapturedPod::new(format!("/run/netns/{}", pod.netns))
+            })
+            .unwrap();
         }
         b
     });
@@ -414,6 +432,13 @@ fn mesh_in_pods(bypass: bool) {
         ],
     );
     assert!(!ok, "c.example.com reached something: {out}");
+    // An excluded range is reached directly: nothing listens on ext's port 9, and the refusal
+    // reaches curl as such. The same port on ext's IPv6 address (not excluded) is captured:
+    // the sidecar accepts, cannot connect on, and closes.
+    let (ok, out) = curl(&client, &[&format!("http://{}:9/", ext.ipv4)]);
+    assert!(!ok && out.contains("curl: (7)"), "excluded range: {out}");
+    let (ok, out) = curl(&client, &[&format!("http://[{}]:9/", ext.ipv6)]);
+    assert!(!ok && !out.contains("curl: (7)"), "captured: {out}");
     let (_, metrics) = curl(&client, &["http://127.0.0.1:15000/metrics"]);
     assert!(
         metrics
