@@ -220,9 +220,14 @@ impl Node {
         let netns = format!("hypha{}-{name}", self.index);
         let _ = ip(&["netns", "del", &netns]);
         remove_etc(&netns);
+        // A namespace's devices go when the kernel gets round to it, after `netns del`: a pod
+        // of the same name and address removed a moment ago may still have its veth.
+        let veth = format!("hyv{}x{host}", self.index);
+        let _ = ip(&["link", "del", &veth]);
         ip(&["netns", "add", &netns])?;
         let pod = Pod {
             name: name.to_string(),
+            veth,
             netns,
             ipv4: Ipv4Addr::new(10, 77, self.index, host),
             ipv6: Ipv6Addr::new(
@@ -236,12 +241,11 @@ impl Node {
                 u16::from(host),
             ),
         };
-        let veth = format!("hyv{}x{host}", self.index);
         ip(&[
-            "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &pod.netns,
+            "link", "add", &pod.veth, "type", "veth", "peer", "name", "eth0", "netns", &pod.netns,
         ])?;
-        ip(&["link", "set", &veth, "master", &self.bridge])?;
-        ip(&["link", "set", &veth, "up"])?;
+        ip(&["link", "set", &pod.veth, "master", &self.bridge])?;
+        ip(&["link", "set", &pod.veth, "up"])?;
         let ns = |args: &[&str]| {
             let mut full = vec!["-n", pod.netns.as_str()];
             full.extend_from_slice(args);
@@ -285,6 +289,8 @@ impl Drop for Node {
 pub struct Pod {
     pub name: String,
     pub netns: String,
+    /// The node's end of the pod's veth pair (`hyv<node>x<host>`).
+    veth: String,
     pub ipv4: Ipv4Addr,
     pub ipv6: Ipv6Addr,
 }
@@ -362,6 +368,8 @@ impl Pod {
 
 impl Drop for Pod {
     fn drop(&mut self) {
+        // The veth first, at once (with the namespace it would go later, asynchronously).
+        let _ = ip(&["link", "del", &self.veth]);
         let _ = ip(&["netns", "del", &self.netns]);
         remove_etc(&self.netns);
     }
