@@ -34,8 +34,10 @@ const MAX_RECORD: usize = 1 << 14;
 
 /// Reads the ClientHello at the start of `data` (the first bytes of a connection).
 pub fn parse(data: &[u8]) -> Hello {
-    // The handshake message, joined from the records' payloads.
-    let mut message: Vec<u8> = Vec::new();
+    // The handshake message: the first record's payload as it is (a ClientHello nearly
+    // always fits one record), joined into a buffer only when it continues in the next.
+    let mut first: &[u8] = &[];
+    let mut joined: Option<Vec<u8>> = None;
     let mut rest = data;
     loop {
         let Some(header) = rest.get(..5) else {
@@ -49,7 +51,14 @@ pub fn parse(data: &[u8]) -> Hello {
             return Hello::Partial;
         };
         rest = &rest[5 + len..];
-        message.extend_from_slice(payload);
+        let message: &[u8] = if first.is_empty() {
+            first = payload;
+            first
+        } else {
+            let buf = joined.get_or_insert_with(|| first.to_vec());
+            buf.extend_from_slice(payload);
+            buf
+        };
         if message[0] != CLIENT_HELLO {
             return Hello::NotTls;
         }
