@@ -231,21 +231,22 @@ impl Pods {
     /// What the pods did: an unmodified `curl` in the client pod to productpage by name, and
     /// the bypass's counters.
     pub async fn report(&self, url: &str) -> PodsReport {
-        let pod = self.pod(CLIENT);
-        let out = pod
-            .command("curl")
-            .args([
-                "-sS",
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{http_code}",
-                "-m",
-                "10",
-                url,
-            ])
-            .stdin(std::process::Stdio::null())
-            .output();
+        let mut curl = self.pod(CLIENT).command("curl");
+        curl.args([
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-m",
+            "10",
+            url,
+        ])
+        .stdin(std::process::Stdio::null());
+        // Off the runtime's threads: it may wait ten seconds.
+        let out = tokio::task::spawn_blocking(move || curl.output())
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)));
         let curl = match out {
             Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim().to_owned(),
             Ok(o) => format!(
@@ -296,9 +297,10 @@ fn counters(text: &str) -> BTreeMap<String, u64> {
     text.lines()
         .filter_map(|l| {
             let (name, value) = l.split_once(' ')?;
-            BYPASS_COUNTERS
-                .contains(&name)
-                .then(|| Some((name.to_owned(), value.trim().parse().ok()?)))?
+            if !BYPASS_COUNTERS.contains(&name) {
+                return None;
+            }
+            Some((name.to_owned(), value.trim().parse().ok()?))
         })
         .collect()
 }
