@@ -143,7 +143,7 @@ pub fn spiffe_id(cert: &X509Ref) -> Option<String> {
         .map(str::to_owned)
 }
 
-fn system_time(t: &Asn1TimeRef) -> Result<SystemTime, IdentityError> {
+pub(crate) fn system_time(t: &Asn1TimeRef) -> Result<SystemTime, IdentityError> {
     let d = Asn1Time::from_unix(0)?.diff(t)?;
     let secs = i64::from(d.days) * 86_400 + i64::from(d.secs);
     Ok(match u64::try_from(secs) {

@@ -14,6 +14,7 @@
 pub mod grpc;
 mod identity;
 pub mod tls;
+mod verified;
 mod workload;
 
 pub use identity::{

@@ -1,18 +1,22 @@
 //! BoringSSL contexts for the mesh: TLS 1.2+ with the workload's certificate, peers verified
 //! against the trusted roots (never against DNS names: mesh identities are SPIFFE IDs), and
-//! the peer's SPIFFE ID checked against the identities the caller allows ([`Peer`]).
+//! the peer's SPIFFE ID checked against the identities the caller allows ([`Peer`]). Each
+//! context remembers the peer chains it has verified (`verified`), so the peers a sidecar meets
+//! again and again cost one chain verification per certificate, not one per connection.
 
 use std::sync::Arc;
 
 use boring::ssl::{
-    AlpnError, SslAcceptor, SslConnector, SslContextBuilder, SslMethod, SslRef, SslVerifyMode,
-    SslVersion,
+    AlpnError, SslAcceptor, SslConnector, SslContextBuilder, SslMethod, SslOptions, SslRef,
+    SslSessionCacheMode, SslVerifyMode, SslVersion,
 };
 use boring::x509::X509;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_boring::SslStream;
 
 use crate::{Identity, IdentityError};
+
+pub use crate::verified::{chain_cache_stats, ChainCacheStats};
 
 /// ALPN protocol lists in wire format.
 pub const ALPN_H2: &[u8] = b"\x02h2";
@@ -98,11 +102,17 @@ pub enum ClientCert {
 const GROUPS: &str = "X25519:P-256";
 
 /// A server context presenting `identity`, verifying client certificates against its roots.
+/// Every connection is a full handshake (no tickets, no session cache).
 ///
 /// ALPN: the server picks h2 when the client offers it, else http/1.1.
 pub fn server(identity: &Identity, clients: ClientCert) -> Result<SslAcceptor, IdentityError> {
     let mut b = SslAcceptor::mozilla_intermediate_v5(SslMethod::tls())?;
     b.set_min_proto_version(Some(SslVersion::TLS1_2))?;
+    // No session resumption: Hypha's clients never resume, so TLS 1.3 session tickets (two
+    // sealed copies of the session, peer chain included, after every handshake) and the
+    // TLS 1.2 session cache would be work thrown away on each connection.
+    b.set_options(SslOptions::NO_TICKET);
+    b.set_session_cache_mode(SslSessionCacheMode::OFF);
     b.set_curves_list(GROUPS)?;
     present(&mut b, identity)?;
     add_roots(b.cert_store_mut(), identity.roots())?;
@@ -110,6 +120,7 @@ pub fn server(identity: &Identity, clients: ClientCert) -> Result<SslAcceptor, I
         ClientCert::Require => SslVerifyMode::PEER | SslVerifyMode::FAIL_IF_NO_PEER_CERT,
         ClientCert::Optional => SslVerifyMode::PEER,
     });
+    crate::verified::install(&mut b)?;
     b.set_alpn_select_callback(|_, offered| {
         boring::ssl::select_next_proto(ALPN_H2_HTTP11, offered).ok_or(AlpnError::NOACK)
     });
@@ -127,6 +138,7 @@ pub fn client(identity: Option<&Identity>, roots: &[X509]) -> Result<SslConnecto
     }
     add_roots(b.cert_store_mut(), roots)?;
     b.set_verify(SslVerifyMode::PEER);
+    crate::verified::install(&mut b)?;
     Ok(b.build())
 }
 

@@ -5,9 +5,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use boring::ssl::{SslAcceptor, SslConnector, SslMethod, SslSessionCacheMode, SslVerifyMode};
 use boring::x509::X509;
 use hypha_ca::{Ca, CaService, Caller, FileSigner, JoinTokens, TenantCa};
-use hypha_identity::tls::{self, ClientCert, Peer, TlsError, ALPN_H2_HTTP11};
+use hypha_identity::tls::{self, ChainCacheStats, ClientCert, Peer, TlsError, ALPN_H2_HTTP11};
 use hypha_identity::{
     grpc, issue_local, Credentials, Identity, IdentityError, KeyKind, KeySource, Store, Workload,
     WorkloadAuth,
@@ -212,7 +213,11 @@ async fn a_workload_checks_who_the_ca_is() {
 /// Serves mutual TLS with `server` on loopback; each accepted connection writes the client's
 /// SPIFFE ID back. Returns the address.
 async fn echo_identity(server: Identity) -> std::net::SocketAddr {
-    let acceptor = tls::server(&server, ClientCert::Require).unwrap();
+    echo_on(tls::server(&server, ClientCert::Require).unwrap()).await
+}
+
+/// [`echo_identity`] with a context the test keeps (to read its chain cache).
+async fn echo_on(acceptor: SslAcceptor) -> std::net::SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -237,9 +242,17 @@ async fn call(
     roots: &[X509],
     allowed: &Peer,
 ) -> Result<String, TlsError> {
-    let connector = tls::client(client, roots).unwrap();
+    call_on(&tls::client(client, roots).unwrap(), addr, allowed).await
+}
+
+/// [`call`] with a context the test keeps.
+async fn call_on(
+    connector: &SslConnector,
+    addr: std::net::SocketAddr,
+    allowed: &Peer,
+) -> Result<String, TlsError> {
     let tcp = TcpStream::connect(addr).await.unwrap();
-    let mut s = tls::connect(&connector, tcp, allowed, ALPN_H2_HTTP11).await?;
+    let mut s = tls::connect(connector, tcp, allowed, ALPN_H2_HTTP11).await?;
     let mut out = String::new();
     match s.read_to_string(&mut out).await {
         Ok(_) => Ok(out),
@@ -292,8 +305,10 @@ async fn mutual_tls_checks_spiffe_ids_both_ways() {
     }
 }
 
+/// Each side remembers the peer chains it verified (`hypha_identity::verified`): the same chain
+/// again is not re-verified, another chain is, and a remembered chain is refused once expired.
 #[tokio::test]
-async fn an_expired_certificate_is_refused() {
+async fn an_expired_certificate_is_refused_even_when_its_chain_was_verified_before() {
     let ca = serve_ca().await;
     let short = Workload {
         // Long enough that the first call is surely within it on a loaded machine.
@@ -308,16 +323,46 @@ async fn an_expired_certificate_is_refused() {
         &ca.ca.trust_bundle("default").unwrap(),
     )
     .unwrap();
-    let addr = echo_identity(server).await;
+    let acceptor = tls::server(&server, ClientCert::Require).unwrap();
+    let addr = echo_on(acceptor.clone()).await;
     let roots = web.roots().to_vec();
-    // Valid now.
-    call(addr, Some(&web), &roots, &Peer::Any).await.unwrap();
-    // Certificates are valid to the second: just over a second past notAfter it has expired.
+    let server_cache = || tls::chain_cache_stats(acceptor.context());
+    let stats = |hits, misses| ChainCacheStats { hits, misses };
+
+    // Valid now: verified the first time, remembered the second, on both sides.
+    let connector = tls::client(Some(&web), &roots).unwrap();
+    let client_cache = || tls::chain_cache_stats(connector.context());
+    for _ in 0..2 {
+        let seen = call_on(&connector, addr, &Peer::Any).await.unwrap();
+        assert_eq!(seen, id("default", "web"));
+    }
+    assert_eq!(server_cache(), stats(1, 1));
+    assert_eq!(client_cache(), stats(1, 1));
+
+    // The same SPIFFE ID from a CA the server does not trust: verified (not remembered as the
+    // other chain) and refused.
+    let dir = tempfile::tempdir().unwrap();
+    let stranger = Ca::new(TD, vec![tenant("default", "*", dir.path())]).unwrap();
+    let impostor = issue_local(
+        &stranger,
+        &Caller::new("default", "web"),
+        Duration::from_secs(600),
+        &stranger.all_roots().unwrap(),
+    )
+    .unwrap();
+    assert!(call(addr, Some(&impostor), &roots, &Peer::Any)
+        .await
+        .is_err());
+    assert_eq!(server_cache(), stats(1, 2));
+
+    // Certificates are valid to the second: just over a second past notAfter it has expired,
+    // and the remembered chain no longer counts.
     let expired = web.not_after() + Duration::from_millis(1100);
     if let Ok(wait) = expired.duration_since(std::time::SystemTime::now()) {
         tokio::time::sleep(wait).await;
     }
-    assert!(call(addr, Some(&web), &roots, &Peer::Any).await.is_err());
+    assert!(call_on(&connector, addr, &Peer::Any).await.is_err());
+    assert_eq!(server_cache(), stats(1, 3));
 }
 
 #[tokio::test]
@@ -350,4 +395,41 @@ async fn rotation_replaces_the_certificate_at_half_life() {
     }
     // Each rotation is a new certificate for the same identity.
     assert_eq!(store.load().identity.id(), id("default", "web"));
+}
+
+/// Servers issue no session tickets (Hypha's clients never resume, so each would be work
+/// thrown away): a client that keeps every session it is given gets none.
+#[tokio::test]
+async fn a_server_gives_no_session_to_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new(TD, vec![tenant("default", "*", dir.path())]).unwrap();
+    let server = issue_local(
+        &ca,
+        &Caller::new("default", "reviews"),
+        Duration::from_secs(600),
+        &ca.all_roots().unwrap(),
+    )
+    .unwrap();
+    let addr = echo_on(tls::server(&server, ClientCert::Optional).unwrap()).await;
+
+    let sessions = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut b = SslConnector::builder(SslMethod::tls()).unwrap();
+    b.set_verify(SslVerifyMode::NONE);
+    b.set_session_cache_mode(SslSessionCacheMode::CLIENT);
+    let seen = sessions.clone();
+    b.set_new_session_callback(move |_, _| {
+        seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    });
+    let client = b.build();
+    for _ in 0..2 {
+        let mut cfg = client.configure().unwrap();
+        cfg.set_verify_hostname(false);
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let mut s = tokio_boring::connect(cfg, "reviews", tcp).await.unwrap();
+        assert_eq!(s.ssl().version_str(), "TLSv1.3");
+        assert!(!s.ssl().session_reused());
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).await.unwrap();
+    }
+    assert_eq!(sessions.load(std::sync::atomic::Ordering::Relaxed), 0);
 }
