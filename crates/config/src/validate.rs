@@ -85,6 +85,24 @@ impl<'a> Validator<'a> {
         })
     }
 
+    /// Whether `host` names a service, or is a wildcard covering one.
+    fn names_a_service(&self, host: &str) -> bool {
+        self.service_ports(host).is_some()
+            || (host.starts_with('*') && self.hosts.keys().any(|h| host_covers(host, h)))
+    }
+
+    /// The subsets of the DestinationRules that apply to `host`: those naming it exactly, else
+    /// those of the most specific wildcard covering it (the control plane's order).
+    fn subsets_of(&self, host: &str) -> Option<&HashSet<&'a str>> {
+        self.subsets.get(host).or_else(|| {
+            self.subsets
+                .iter()
+                .filter(|(h, _)| h.starts_with('*') && host_covers(h, host))
+                .max_by_key(|(h, _)| h.len())
+                .map(|(_, s)| s)
+        })
+    }
+
     fn mesh(&self, diags: &mut Diagnostics) {
         let Some(src) = &self.cfg.mesh_source else {
             return;
@@ -402,8 +420,7 @@ impl<'a> Validator<'a> {
         };
         if let Some(subset) = &d.subset {
             let known = self
-                .subsets
-                .get(&host)
+                .subsets_of(&host)
                 .is_some_and(|s| s.contains(subset.as_str()));
             if !known {
                 diags.error(
@@ -958,7 +975,7 @@ impl<'a> Validator<'a> {
                 "spec.host",
                 format!("{:?} is not a valid host name", s.host),
             );
-        } else if self.service_ports(&host).is_none() {
+        } else if !self.names_a_service(&host) {
             diags.warning(
                 "unknown-host",
                 src,
@@ -1707,8 +1724,8 @@ fn is_host(s: &str) -> bool {
 }
 
 /// Whether every name `inner` stands for is one `outer` stands for: equal, or covered by
-/// `outer`'s `*.` wildcard (or `*`).
-fn host_covers(outer: &str, inner: &str) -> bool {
+/// `outer`'s `*.` wildcard (or `*`), as Istio matches a rule's hosts against services.
+pub fn host_covers(outer: &str, inner: &str) -> bool {
     outer == "*"
         || outer == inner
         || outer

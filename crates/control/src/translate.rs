@@ -80,6 +80,9 @@ pub fn outbound_cluster_name(host: &str, port: u32, subset: Option<&str>) -> Str
 pub(crate) struct RuleIndex {
     destination_rules: HashMap<String, Vec<usize>>,
     virtual_services: HashMap<String, Vec<usize>>,
+    /// The wildcard hosts (`*.example.com`, `*`) either map holds, the most specific (longest)
+    /// first.
+    wildcards: Vec<String>,
 }
 
 impl RuleIndex {
@@ -100,7 +103,31 @@ impl RuleIndex {
                 }
             }
         }
+        let mut wildcards: Vec<String> = (index.destination_rules.keys())
+            .chain(index.virtual_services.keys())
+            .filter(|h| h.starts_with('*'))
+            .cloned()
+            .collect();
+        wildcards.sort_by(|a, b| b.len().cmp(&a.len()).then_with(|| a.cmp(b)));
+        wildcards.dedup();
+        index.wildcards = wildcards;
         index
+    }
+
+    /// The rules of `map` that apply to `host`, one list per host they name, in Istio's order
+    /// of precedence: those naming it exactly, then those whose wildcard covers it, the most
+    /// specific wildcard first.
+    fn candidates<'a>(
+        &'a self,
+        map: &'a HashMap<String, Vec<usize>>,
+        host: &'a str,
+    ) -> impl Iterator<Item = &'a [usize]> {
+        let covering = self
+            .wildcards
+            .iter()
+            .filter(move |w| w.as_str() != host && hypha_config::host_covers(w, host))
+            .filter_map(move |w| map.get(w.as_str()));
+        map.get(host).into_iter().chain(covering).map(Vec::as_slice)
     }
 }
 
@@ -849,23 +876,26 @@ impl Outbound<'_> {
             .map(|i| &self.cfg.destination_rules[i])
     }
 
-    /// The index in `cfg.destination_rules` of [`Outbound::destination_rule`].
+    /// The index in `cfg.destination_rules` of [`Outbound::destination_rule`]: among the
+    /// rules naming `host` exactly, else among those of the most specific wildcard covering it.
     pub fn destination_rule_index(&self, host: &str) -> Option<usize> {
         let svc_ns = self.service(host).map(|s| s.namespace.as_str());
         let rules = &self.cfg.destination_rules;
         let candidates: Vec<usize> = self
             .rules
-            .destination_rules
-            .get(host)
-            .into_iter()
-            .flatten()
-            .copied()
-            .filter(|&i| {
-                let d = &rules[i];
-                crate::registry::Visibility::from_export_to(&d.spec.export_to, &d.namespace)
-                    .visible_to(self.ns)
+            .candidates(&self.rules.destination_rules, host)
+            .map(|list| {
+                list.iter()
+                    .copied()
+                    .filter(|&i| {
+                        let d = &rules[i];
+                        crate::registry::Visibility::from_export_to(&d.spec.export_to, &d.namespace)
+                            .visible_to(self.ns)
+                    })
+                    .collect::<Vec<usize>>()
             })
-            .collect();
+            .find(|visible| !visible.is_empty())
+            .unwrap_or_default();
         candidates
             .iter()
             .find(|&&i| rules[i].namespace == self.ns)
@@ -878,27 +908,45 @@ impl Outbound<'_> {
             .copied()
     }
 
+    /// The VirtualService with HTTP routes for `host` as this namespace sees it: among those
+    /// naming it exactly, else among those of the most specific wildcard covering it; this
+    /// namespace's own first.
     pub fn virtual_service(&self, host: &str) -> Option<&Resource<VirtualService>> {
         let all: Vec<&Resource<VirtualService>> = self
-            .virtual_services_of(host)
-            .filter(|vs| {
-                crate::registry::Visibility::from_export_to(&vs.spec.export_to, &vs.namespace)
-                    .visible_to(self.ns)
-                    && (vs.spec.gateways.is_empty() || vs.spec.gateways.iter().any(|g| g == "mesh"))
-                    && !vs.spec.http.is_empty()
+            .rules
+            .candidates(&self.rules.virtual_services, host)
+            .map(|list| {
+                list.iter()
+                    .map(|&i| &self.cfg.virtual_services[i])
+                    .filter(|vs| {
+                        crate::registry::Visibility::from_export_to(
+                            &vs.spec.export_to,
+                            &vs.namespace,
+                        )
+                        .visible_to(self.ns)
+                            && (vs.spec.gateways.is_empty()
+                                || vs.spec.gateways.iter().any(|g| g == "mesh"))
+                            && !vs.spec.http.is_empty()
+                    })
+                    .collect::<Vec<_>>()
             })
-            .collect();
+            .find(|visible| !visible.is_empty())
+            .unwrap_or_default();
         all.iter()
             .find(|vs| vs.namespace == self.ns)
             .or_else(|| all.first())
             .copied()
     }
 
-    /// Every VirtualService naming `host`, in config order.
-    fn virtual_services_of(&self, host: &str) -> impl Iterator<Item = &Resource<VirtualService>> {
+    /// The VirtualServices for `host`, in config order: those naming it exactly, else those of
+    /// the most specific wildcard covering it.
+    fn virtual_services_of<'s>(
+        &'s self,
+        host: &'s str,
+    ) -> impl Iterator<Item = &'s Resource<VirtualService>> {
         self.rules
-            .virtual_services
-            .get(host)
+            .candidates(&self.rules.virtual_services, host)
+            .next()
             .into_iter()
             .flatten()
             .map(|&i| &self.cfg.virtual_services[i])
