@@ -245,6 +245,7 @@ pub fn issue_files(
     data_dir: &Path,
     caller: &Caller,
     validity: Duration,
+    key: hypha_identity::KeyKind,
     out: &Path,
 ) -> Result<String, SecurityError> {
     use std::io::Write;
@@ -254,7 +255,7 @@ pub fn issue_files(
         .tenant_of(&caller.namespace)
         .ok_or_else(|| hypha_ca::CaError::NoTenant(caller.namespace.clone()))?;
     let bundle = ca.trust_bundle(&tenant.name)?;
-    let key = hypha_identity::KeyKind::EcdsaP256.generate()?;
+    let key = key.generate()?;
     let id = hypha_identity::issue_local_with(&ca, caller, validity, &bundle, key.clone())?;
     std::fs::create_dir_all(out).map_err(|e| SecurityError::Write(out.to_path_buf(), e))?;
     let write = |name: &str, bytes: &[u8], mode: u32| {

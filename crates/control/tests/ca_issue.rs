@@ -5,6 +5,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
 use hypha_ca::Caller;
+use hypha_identity::KeyKind;
 
 #[test]
 fn issues_files_for_one_identity() {
@@ -16,6 +17,7 @@ fn issues_files_for_one_identity() {
         &dir.path().join("ca"),
         &Caller::new("bookinfo", "bookinfo-ratings"),
         Duration::from_secs(600),
+        KeyKind::EcdsaP256,
         &out,
     )
     .unwrap();
@@ -33,15 +35,27 @@ fn issues_files_for_one_identity() {
             .unwrap();
     assert!(chain[0].public_key().unwrap().public_eq(&key));
     assert!(chain[0].verify(&roots[0].public_key().unwrap()).unwrap());
+    assert_eq!(key.id(), boring::pkey::Id::EC);
     // Issued by the same CA the control plane then serves: a second issue reuses its signer.
+    // An RSA key when asked for one (HAProxy in the handshake benchmark).
+    let out2 = dir.path().join("out2");
     hypha_control::security::issue_files(
         &cfg.mesh,
         &dir.path().join("ca"),
         &Caller::new("bookinfo", "bookinfo-reviews"),
         Duration::from_secs(600),
-        &dir.path().join("out2"),
+        KeyKind::Rsa2048,
+        &out2,
     )
     .unwrap();
-    let roots2 = std::fs::read(dir.path().join("out2/root-cert.pem")).unwrap();
+    let roots2 = std::fs::read(out2.join("root-cert.pem")).unwrap();
     assert_eq!(roots2, std::fs::read(out.join("root-cert.pem")).unwrap());
+    let key2 =
+        boring::pkey::PKey::private_key_from_pem(&std::fs::read(out2.join("key.pem")).unwrap())
+            .unwrap();
+    assert_eq!(key2.rsa().unwrap().size(), 256);
+    let chain2 =
+        boring::x509::X509::stack_from_pem(&std::fs::read(out2.join("cert-chain.pem")).unwrap())
+            .unwrap();
+    assert!(chain2[0].public_key().unwrap().public_eq(&key2));
 }

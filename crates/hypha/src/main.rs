@@ -199,6 +199,9 @@ enum CaCommand {
         service_account: String,
         #[arg(long, default_value_t = 24 * 3600)]
         validity_secs: u64,
+        /// The key: ecdsa-p256, rsa-2048 or rsa-3072.
+        #[arg(long, default_value = "ecdsa-p256", value_parser = |s: &str| s.parse::<hypha_identity::KeyKind>().map_err(|e| e.to_string()))]
+        key: hypha_identity::KeyKind,
         /// Where to write the files.
         #[arg(long)]
         out: PathBuf,
@@ -341,12 +344,14 @@ fn main() -> ExitCode {
             namespace,
             service_account,
             validity_secs,
+            key,
             out,
         }) => ca_issue(
             config.as_deref(),
             &data_dir,
             hypha_ca::Caller::new(namespace, service_account),
             std::time::Duration::from_secs(validity_secs),
+            key,
             &out,
         ),
         Command::Control {
@@ -612,6 +617,7 @@ fn ca_issue(
     data_dir: &std::path::Path,
     caller: hypha_ca::Caller,
     validity: std::time::Duration,
+    key: hypha_identity::KeyKind,
     out: &std::path::Path,
 ) -> ExitCode {
     let cfg = match hypha_control::initial_config(config) {
@@ -621,7 +627,7 @@ fn ca_issue(
             return ExitCode::FAILURE;
         }
     };
-    match hypha_control::security::issue_files(&cfg.mesh, data_dir, &caller, validity, out) {
+    match hypha_control::security::issue_files(&cfg.mesh, data_dir, &caller, validity, key, out) {
         Ok(id) => {
             println!("{id}: {}", out.display());
             ExitCode::SUCCESS
