@@ -1287,12 +1287,10 @@ spec:
         m.v2.addr.port()
     ));
     let client = &m.client;
-    eventually("DNS cluster never arrived", || {
-        client
-            .config
-            .load()
-            .clusters
-            .contains_key("outbound|7030||dns.example.com")
+    // The cluster and the port's route table arrive in separate updates (CDS, then RDS).
+    eventually("DNS cluster and its routes never arrived", || {
+        let c = client.config.load();
+        c.clusters.contains_key("outbound|7030||dns.example.com") && c.routes.contains_key("7030")
     })
     .await;
     let (s, body, _) = get(p, "http://dns.example.com:7030/resolved", &[]).await;
