@@ -127,8 +127,13 @@ pub fn server(identity: &Identity, clients: ClientCert) -> Result<SslAcceptor, I
     Ok(b.build())
 }
 
-/// A client context verifying servers against `roots`, presenting `identity` when given
-/// (mutual TLS) and nothing otherwise (a workload's first call to the CA).
+/// A client context verifying servers against `roots` only (never the system's CA store),
+/// presenting `identity` when given (mutual TLS) and nothing otherwise (a workload's first call
+/// to the CA).
+///
+/// Connect with [`connect`]: it turns off the DNS-name check (mesh peers are named by SPIFFE ID)
+/// and checks the peer's ID, and it sets nothing per connection that would change whether a
+/// chain verifies, which the context's memory of verified chains (`verified`) relies on.
 pub fn client(identity: Option<&Identity>, roots: &[X509]) -> Result<SslConnector, IdentityError> {
     let mut b = SslConnector::builder(SslMethod::tls())?;
     b.set_min_proto_version(Some(SslVersion::TLS1_2))?;
@@ -136,6 +141,9 @@ pub fn client(identity: Option<&Identity>, roots: &[X509]) -> Result<SslConnecto
     if let Some(id) = identity {
         present(&mut b, id)?;
     }
+    // The connector's builder trusts the system's CA store (`/etc/ssl/certs`, `SSL_CERT_FILE`,
+    // `SSL_CERT_DIR`); a mesh client trusts the mesh roots it is given and nothing else.
+    b.set_cert_store_builder(boring::x509::store::X509StoreBuilder::new()?);
     add_roots(b.cert_store_mut(), roots)?;
     b.set_verify(SslVerifyMode::PEER);
     crate::verified::install(&mut b)?;

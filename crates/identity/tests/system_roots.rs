@@ -1,0 +1,79 @@
+//! A mesh client trusts the mesh roots it is given and nothing else: not the system's CA store,
+//! which BoringSSL's connector builder loads by default (`SSL_CERT_FILE`, `/etc/ssl/certs`).
+//! Its own test binary, since it sets `SSL_CERT_FILE` for the whole process.
+
+use std::time::Duration;
+
+use hypha_ca::{Ca, Caller, FileSigner, TenantCa};
+use hypha_identity::issue_local;
+use hypha_identity::tls::{self, ClientCert, Peer};
+use tokio::net::{TcpListener, TcpStream};
+
+const TD: &str = "cluster.local";
+
+fn ca(dir: &std::path::Path) -> Ca {
+    let signer = FileSigner::open_or_create(dir, TD, "default").unwrap();
+    let tenant = TenantCa {
+        name: "default".into(),
+        namespaces: vec!["*".into()],
+        trust_tenants: vec![],
+        signer: std::sync::Arc::new(signer),
+        max_validity: Duration::from_secs(3600),
+    };
+    Ca::new(TD, vec![tenant]).unwrap()
+}
+
+#[tokio::test]
+async fn a_client_trusts_only_the_mesh_roots() {
+    let dir = tempfile::tempdir().unwrap();
+    let mesh = ca(&dir.path().join("mesh"));
+    let other = ca(&dir.path().join("other"));
+    // The other CA's root is a "system" root for this process.
+    let system = dir.path().join("system-roots.pem");
+    std::fs::write(&system, other.all_roots().unwrap().concat()).unwrap();
+    std::env::set_var("SSL_CERT_FILE", &system);
+
+    // A server with the expected SPIFFE ID, issued by the other CA.
+    let reviews = Caller::new("default", "reviews");
+    let server = issue_local(
+        &other,
+        &reviews,
+        Duration::from_secs(600),
+        &other.all_roots().unwrap(),
+    )
+    .unwrap();
+    let acceptor = tls::server(&server, ClientCert::Optional).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let _ = tls::accept(&acceptor, tcp).await;
+            });
+        }
+    });
+    let connect = |roots: Vec<boring::x509::X509>| async move {
+        let connector = tls::client(None, &roots).unwrap();
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        tls::connect(&connector, tcp, &Peer::Any, tls::ALPN_HTTP11)
+            .await
+            .map(|s| tls::peer_id(s.ssl()))
+    };
+    let pem_roots = |c: &Ca| {
+        boring::x509::X509::stack_from_pem(c.all_roots().unwrap().concat().as_bytes()).unwrap()
+    };
+
+    // Trusting the other CA explicitly, the server is who it says.
+    let id = connect(pem_roots(&other)).await.unwrap();
+    assert_eq!(
+        id.as_deref(),
+        Some("spiffe://cluster.local/ns/default/sa/reviews")
+    );
+    // Trusting the mesh's roots: refused, whatever the system trusts.
+    match connect(pem_roots(&mesh)).await {
+        Err(tls::TlsError::Handshake(m)) => assert!(m.contains("certificate"), "{m}"),
+        other => panic!("expected a refused certificate, got {other:?}"),
+    }
+}
