@@ -2,35 +2,26 @@
 //! join tokens and certificate renewal, workloads bootstrapping and renewing through it, and
 //! mutual TLS between two workloads with SPIFFE checks.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use boring::ssl::{SslAcceptor, SslConnector, SslMethod, SslSessionCacheMode, SslVerifyMode};
+use common::{echo_on, tenant, TD};
+
+use boring::ssl::{SslConnector, SslMethod, SslSessionCacheMode, SslVerifyMode};
 use boring::x509::X509;
-use hypha_ca::{Ca, CaService, Caller, FileSigner, JoinTokens, TenantCa};
+use hypha_ca::{Ca, CaService, Caller, FileSigner, JoinTokens};
 use hypha_identity::tls::{self, ChainCacheStats, ClientCert, Peer, TlsError, ALPN_H2_HTTP11};
 use hypha_identity::{
     grpc, issue_local, Credentials, Identity, IdentityError, KeyKind, KeySource, Store, Workload,
     WorkloadAuth,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
-
-const TD: &str = "cluster.local";
 
 fn id(ns: &str, sa: &str) -> String {
     format!("spiffe://{TD}/ns/{ns}/sa/{sa}")
-}
-
-fn tenant(name: &str, ns: &str, dir: &std::path::Path) -> TenantCa {
-    let signer = FileSigner::open_or_create(&dir.join(name), TD, name).unwrap();
-    TenantCa {
-        name: name.into(),
-        namespaces: vec![ns.into()],
-        trust_tenants: vec![],
-        signer: Arc::new(signer),
-        max_validity: Duration::from_secs(3600),
-    }
 }
 
 /// A CA (tenants `a` for namespace `a`, `default` for the rest) served over TLS as
@@ -214,26 +205,6 @@ async fn a_workload_checks_who_the_ca_is() {
 /// SPIFFE ID back. Returns the address.
 async fn echo_identity(server: Identity) -> std::net::SocketAddr {
     echo_on(tls::server(&server, ClientCert::Require).unwrap()).await
-}
-
-/// [`echo_identity`] with a context the test keeps (to read its chain cache).
-async fn echo_on(acceptor: SslAcceptor) -> std::net::SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let (tcp, _) = listener.accept().await.unwrap();
-            let acceptor = acceptor.clone();
-            tokio::spawn(async move {
-                if let Ok(mut s) = tls::accept(&acceptor, tcp).await {
-                    let peer = tls::peer_id(s.ssl()).unwrap_or_default();
-                    let _ = s.write_all(peer.as_bytes()).await;
-                    let _ = s.shutdown().await;
-                }
-            });
-        }
-    });
-    addr
 }
 
 async fn call(

@@ -2,25 +2,18 @@
 //! which BoringSSL's connector builder loads by default (`SSL_CERT_FILE`, `/etc/ssl/certs`).
 //! Its own test binary, since it sets `SSL_CERT_FILE` for the whole process.
 
+mod common;
+
 use std::time::Duration;
 
-use hypha_ca::{Ca, Caller, FileSigner, TenantCa};
+use common::{echo_on, tenant, TD};
+use hypha_ca::{Ca, Caller};
 use hypha_identity::issue_local;
 use hypha_identity::tls::{self, ClientCert, Peer};
-use tokio::net::{TcpListener, TcpStream};
-
-const TD: &str = "cluster.local";
+use tokio::net::TcpStream;
 
 fn ca(dir: &std::path::Path) -> Ca {
-    let signer = FileSigner::open_or_create(dir, TD, "default").unwrap();
-    let tenant = TenantCa {
-        name: "default".into(),
-        namespaces: vec!["*".into()],
-        trust_tenants: vec![],
-        signer: std::sync::Arc::new(signer),
-        max_validity: Duration::from_secs(3600),
-    };
-    Ca::new(TD, vec![tenant]).unwrap()
+    Ca::new(TD, vec![tenant("default", "*", dir)]).unwrap()
 }
 
 #[tokio::test]
@@ -42,18 +35,7 @@ async fn a_client_trusts_only_the_mesh_roots() {
         &other.all_roots().unwrap(),
     )
     .unwrap();
-    let acceptor = tls::server(&server, ClientCert::Optional).unwrap();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let (tcp, _) = listener.accept().await.unwrap();
-            let acceptor = acceptor.clone();
-            tokio::spawn(async move {
-                let _ = tls::accept(&acceptor, tcp).await;
-            });
-        }
-    });
+    let addr = echo_on(tls::server(&server, ClientCert::Optional).unwrap()).await;
     let connect = |roots: Vec<boring::x509::X509>| async move {
         let connector = tls::client(None, &roots).unwrap();
         let tcp = TcpStream::connect(addr).await.unwrap();
