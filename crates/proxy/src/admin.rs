@@ -73,6 +73,14 @@ impl Admin {
                 ("domain", tables.map(|r| r.domains.stats()).collect()),
             ],
         );
+        if let Some(store) = &self.identity {
+            let creds = store.load();
+            crate::telemetry::render_chain_cache(
+                &mut out,
+                hypha_identity::tls::chain_cache_stats(creds.server.context()),
+                hypha_identity::tls::chain_cache_stats(creds.client.context()),
+            );
+        }
         out
     }
 

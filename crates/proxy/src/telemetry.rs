@@ -779,6 +779,26 @@ pub fn render_matcher(out: &mut String, kinds: &[(&str, Vec<hypha_matcher::Stats
     }
 }
 
+/// The peer chains the current certificate's TLS contexts checked (`hypha_identity::verified`):
+/// `hit`, accepted as verified before without checking the signatures again; `miss`, verified
+/// in full. Inbound is the server context, outbound the client one. New contexts, and so new
+/// counts from 0, come with each certificate rotation or trust-bundle change.
+pub fn render_chain_cache(
+    out: &mut String,
+    inbound: hypha_identity::tls::ChainCacheStats,
+    outbound: hypha_identity::tls::ChainCacheStats,
+) {
+    out.push_str("# TYPE hypha_tls_peer_chains_total counter\n");
+    for (direction, s) in [("inbound", inbound), ("outbound", outbound)] {
+        for (result, n) in [("hit", s.hits), ("miss", s.misses)] {
+            let _ = writeln!(
+                out,
+                "hypha_tls_peer_chains_total{{direction=\"{direction}\",result=\"{result}\"}} {n}"
+            );
+        }
+    }
+}
+
 /// The multi-buffer RSA batcher (`hypha_cryptomb_*`): operations, batches by size and by
 /// flush reason, keys batched or handed to BoringSSL, queue wait.
 fn render_batcher(out: &mut String, m: &hypha_keys::batch::BatchMetrics) {

@@ -410,6 +410,42 @@ async fn sidecars_speak_mutual_tls_strict_refuses_plaintext_permissive_takes_bot
 }
 
 #[tokio::test]
+async fn each_side_checks_a_peer_chain_once_and_counts_the_rest_as_hits() {
+    // A connection per request: three full handshakes, the same peer chain each time.
+    let one_per_connection = |port| {
+        format!(
+            "{}---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\n\
+             metadata: {{name: web, namespace: shop}}\nspec:\n  host: web.shop.svc.cluster.local\n  \
+             trafficPolicy: {{connectionPool: {{http: {{maxRequestsPerConnection: 1}}}}}}\n",
+            web_yaml(port, "STRICT")
+        )
+    };
+    let s = secured_on(config(&web_yaml(1, "STRICT")), &["shop.web", "shop.client"]).await;
+    let p = pair(&s, "web", one_per_connection).await;
+    for i in 0..3 {
+        let url = format!("http://web.shop.svc.cluster.local/{i}");
+        let (status, body, _) = get(p.client.http_proxy[0], &url, &[]).await;
+        assert_eq!((status, body), (200, format!("web /{i} -")));
+    }
+    assert_eq!(p.hits.load(std::sync::atomic::Ordering::Relaxed), 3);
+    for (side, direction) in [(&p.server, "inbound"), (&p.client, "outbound")] {
+        let (_, metrics) = admin(side.admin.unwrap(), "/metrics").await;
+        let count = |result| {
+            sample(
+                &metrics,
+                "hypha_tls_peer_chains_total",
+                &[("direction", direction), ("result", result)],
+            )
+        };
+        assert_eq!(
+            (count("miss"), count("hit")),
+            (Some(1.0), Some(2.0)),
+            "{direction}: {metrics}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn a_server_that_is_not_who_the_service_runs_as_is_refused() {
     // web-1's WorkloadEntry says `shop/web`, but its sidecar holds `shop/impostor`.
     let s = secured_on(
