@@ -20,7 +20,11 @@
 //! context is already set up for this connection (store, chain, the TLS purpose of the side),
 //! so a miss is exactly BoringSSL's own `X509_verify_cert`. A lookup loads a snapshot of the
 //! map (no lock); a miss that verifies swaps in a copy with the new entry. The map is bounded:
-//! when full, expired entries go, and if it is still full it starts again empty.
+//! when full, expired entries go and, if more than half of it is left, the longest-remembered
+//! entries go until half is (a big gateway meeting more chains than fit, rotations leaving old
+//! chains behind until they expire, or someone replaying recorded mesh chains keeps the newer
+//! half instead of starting again empty; entries are ranked by when they were added, since a
+//! hit writes nothing).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -40,6 +44,13 @@ const CAPACITY: usize = 1024;
 /// A chain's key: SHA-256 over the SHA-256 of each certificate, the leaf first.
 type ChainKey = [u8; 32];
 
+/// A remembered chain: valid until `until`; `added` ranks it for eviction (higher is newer).
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    until: SystemTime,
+    added: u64,
+}
+
 /// How a context's cache has fared, for tests and metrics.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ChainCacheStats {
@@ -51,7 +62,8 @@ pub struct ChainCacheStats {
 
 #[derive(Default)]
 struct VerifiedChains {
-    chains: ArcSwap<HashMap<ChainKey, SystemTime>>,
+    chains: ArcSwap<HashMap<ChainKey, Entry>>,
+    added: AtomicU64,
     hits: AtomicU64,
     misses: AtomicU64,
 }
@@ -91,12 +103,7 @@ impl VerifiedChains {
         let key = chain_key(ctx).ok();
         let now = SystemTime::now();
         if let Some(key) = &key {
-            if self
-                .chains
-                .load()
-                .get(key)
-                .is_some_and(|until| now < *until)
-            {
+            if self.chains.load().get(key).is_some_and(|e| now < e.until) {
                 self.hits.fetch_add(1, Ordering::Relaxed);
                 ctx.set_error(Ok(()));
                 return true;
@@ -113,22 +120,34 @@ impl VerifiedChains {
     }
 
     fn remember(&self, key: ChainKey, until: SystemTime, now: SystemTime) {
+        let entry = Entry {
+            until,
+            added: self.added.fetch_add(1, Ordering::Relaxed),
+        };
         self.chains.rcu(|old| {
-            let mut next: HashMap<ChainKey, SystemTime> = if old.len() < CAPACITY {
+            let mut next = if old.len() < CAPACITY {
                 (**old).clone()
             } else {
-                old.iter()
-                    .filter(|(_, u)| now < **u)
-                    .map(|(k, u)| (*k, *u))
-                    .collect()
+                evict(old, now)
             };
-            if next.len() >= CAPACITY {
-                next.clear();
-            }
-            next.insert(key, until);
+            next.insert(key, entry);
             next
         });
     }
+}
+
+/// A full map's successor: the entries not expired at `now`, at most the newest half.
+fn evict(full: &HashMap<ChainKey, Entry>, now: SystemTime) -> HashMap<ChainKey, Entry> {
+    let mut live: Vec<(ChainKey, Entry)> = full
+        .iter()
+        .filter(|(_, e)| now < e.until)
+        .map(|(k, e)| (*k, *e))
+        .collect();
+    if live.len() > CAPACITY / 2 {
+        live.sort_unstable_by_key(|(_, e)| std::cmp::Reverse(e.added));
+        live.truncate(CAPACITY / 2);
+    }
+    live.into_iter().collect()
 }
 
 /// The key of the chain being verified: its leaf and the certificates the peer sent with it.
@@ -150,4 +169,59 @@ fn expiry(chain: &StackRef<X509>) -> Option<SystemTime> {
         .collect::<Option<Vec<_>>>()?
         .into_iter()
         .min()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn key(i: usize) -> ChainKey {
+        let mut k = [0; 32];
+        k[..8].copy_from_slice(&(i as u64).to_le_bytes());
+        k
+    }
+
+    #[test]
+    fn a_full_map_drops_expired_chains_then_keeps_the_newest_half() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let cache = VerifiedChains::default();
+        // Every fourth chain has expired by `now`.
+        for i in 0..CAPACITY {
+            let until = if i % 4 == 0 {
+                now
+            } else {
+                now + Duration::from_secs(60)
+            };
+            cache.remember(key(i), until, now - Duration::from_secs(1));
+        }
+        assert_eq!(cache.chains.load().len(), CAPACITY);
+
+        cache.remember(key(CAPACITY), now + Duration::from_secs(60), now);
+        let map = cache.chains.load();
+        assert_eq!(map.len(), CAPACITY / 2 + 1);
+        assert!(map.contains_key(&key(CAPACITY)));
+        // The newest live chains stay; the expired and the oldest live ones went.
+        let kept: Vec<usize> = (0..CAPACITY)
+            .filter(|i| map.contains_key(&key(*i)))
+            .collect();
+        let live: Vec<usize> = (0..CAPACITY).filter(|i| i % 4 != 0).collect();
+        assert_eq!(kept, live[live.len() - CAPACITY / 2..]);
+
+        // Below capacity nothing is evicted.
+        cache.remember(key(CAPACITY + 1), now + Duration::from_secs(60), now);
+        assert_eq!(cache.chains.load().len(), CAPACITY / 2 + 2);
+    }
+
+    #[test]
+    fn a_full_map_of_expired_chains_empties() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let cache = VerifiedChains::default();
+        for i in 0..CAPACITY {
+            cache.remember(key(i), now, now - Duration::from_secs(1));
+        }
+        cache.remember(key(CAPACITY), now + Duration::from_secs(1), now);
+        assert_eq!(cache.chains.load().len(), 1);
+    }
 }
