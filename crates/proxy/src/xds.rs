@@ -162,14 +162,27 @@ async fn session(
                 .map_err(|e| (e.into(), got))?;
             continue;
         }
+        // Compiling an update (a thousand regex routes take a few hundred milliseconds, and
+        // allocate far more than they keep) runs on the blocking pool, not on the runtime
+        // threads that serve requests.
         let mut next = state.clone();
-        let result = next
-            .apply(&update.type_url, &update.resources, &update.removed)
-            .map_err(|refused| nack_message(&refused));
-        match &result {
-            Ok(()) => {
+        let compile = tokio::task::spawn_blocking(move || {
+            let outcome = next
+                .apply(&update.type_url, &update.resources, &update.removed)
+                .map(|()| next.assemble())
+                .map_err(|refused| nack_message(&refused));
+            (next, update, outcome)
+        });
+        let (next, update, outcome) = match compile.await {
+            Ok(done) => done,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            // The runtime is shutting down.
+            Err(_) => return Ok(()),
+        };
+        let result = outcome.as_ref().map(|_| ()).map_err(Clone::clone);
+        match outcome {
+            Ok(applied) => {
                 *state = next;
-                let applied = state.assemble();
                 config.store(applied.config.clone());
                 stats
                     .updates_applied
@@ -196,7 +209,7 @@ async fn session(
                     ready.send_replace(true);
                 }
             }
-            Err(reason) => {
+            Err(ref reason) => {
                 stats
                     .updates_rejected
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
