@@ -179,8 +179,7 @@ async fn session(
             // The runtime is shutting down.
             Err(_) => return Ok(()),
         };
-        let result = outcome.as_ref().map(|_| ()).map_err(Clone::clone);
-        match outcome {
+        let result = match outcome {
             Ok(applied) => {
                 *state = next;
                 config.store(applied.config.clone());
@@ -208,15 +207,17 @@ async fn session(
                     info!("xDS config complete; proxy ready");
                     ready.send_replace(true);
                 }
+                Ok(())
             }
-            Err(ref reason) => {
+            Err(reason) => {
                 stats
                     .updates_rejected
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 warn!(type_url = %update.type_url, version = %update.system_version, %reason,
                     "xDS update rejected (NACK); keeping the last good config");
+                Err(reason)
             }
-        }
+        };
         client
             .ack_or_nack(&update, result)
             .await
