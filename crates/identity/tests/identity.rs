@@ -7,7 +7,7 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{echo_on, tenant, TD};
+use common::{echo_on, one_tenant_ca, own_identity, tenant, TD};
 
 use boring::ssl::{SslConnector, SslMethod, SslSessionCacheMode, SslVerifyMode};
 use boring::x509::X509;
@@ -313,14 +313,8 @@ async fn an_expired_certificate_is_refused_even_when_its_chain_was_verified_befo
     // The same SPIFFE ID from a CA the server does not trust: verified (not remembered as the
     // other chain) and refused.
     let dir = tempfile::tempdir().unwrap();
-    let stranger = Ca::new(TD, vec![tenant("default", "*", dir.path())]).unwrap();
-    let impostor = issue_local(
-        &stranger,
-        &Caller::new("default", "web"),
-        Duration::from_secs(600),
-        &stranger.all_roots().unwrap(),
-    )
-    .unwrap();
+    let stranger = one_tenant_ca(dir.path());
+    let impostor = own_identity(&stranger, "default", "web");
     assert!(call(addr, Some(&impostor), &roots, &Peer::Any)
         .await
         .is_err());
@@ -373,14 +367,7 @@ async fn rotation_replaces_the_certificate_at_half_life() {
 #[tokio::test]
 async fn a_server_gives_no_session_to_resume() {
     let dir = tempfile::tempdir().unwrap();
-    let ca = Ca::new(TD, vec![tenant("default", "*", dir.path())]).unwrap();
-    let server = issue_local(
-        &ca,
-        &Caller::new("default", "reviews"),
-        Duration::from_secs(600),
-        &ca.all_roots().unwrap(),
-    )
-    .unwrap();
+    let server = own_identity(&one_tenant_ca(dir.path()), "default", "reviews");
     let addr = echo_on(tls::server(&server, ClientCert::Optional).unwrap()).await;
 
     let sessions = Arc::new(std::sync::atomic::AtomicUsize::new(0));

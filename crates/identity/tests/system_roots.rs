@@ -4,37 +4,23 @@
 
 mod common;
 
-use std::time::Duration;
-
-use common::{echo_on, tenant, TD};
-use hypha_ca::{Ca, Caller};
-use hypha_identity::issue_local;
+use common::{echo_on, one_tenant_ca, own_identity};
+use hypha_ca::Ca;
 use hypha_identity::tls::{self, ClientCert, Peer};
 use tokio::net::TcpStream;
-
-fn ca(dir: &std::path::Path) -> Ca {
-    Ca::new(TD, vec![tenant("default", "*", dir)]).unwrap()
-}
 
 #[tokio::test]
 async fn a_client_trusts_only_the_mesh_roots() {
     let dir = tempfile::tempdir().unwrap();
-    let mesh = ca(&dir.path().join("mesh"));
-    let other = ca(&dir.path().join("other"));
+    let mesh = one_tenant_ca(&dir.path().join("mesh"));
+    let other = one_tenant_ca(&dir.path().join("other"));
     // The other CA's root is a "system" root for this process.
     let system = dir.path().join("system-roots.pem");
     std::fs::write(&system, other.all_roots().unwrap().concat()).unwrap();
     std::env::set_var("SSL_CERT_FILE", &system);
 
     // A server with the expected SPIFFE ID, issued by the other CA.
-    let reviews = Caller::new("default", "reviews");
-    let server = issue_local(
-        &other,
-        &reviews,
-        Duration::from_secs(600),
-        &other.all_roots().unwrap(),
-    )
-    .unwrap();
+    let server = own_identity(&other, "default", "reviews");
     let addr = echo_on(tls::server(&server, ClientCert::Optional).unwrap()).await;
     let connect = |roots: Vec<boring::x509::X509>| async move {
         let connector = tls::client(None, &roots).unwrap();

@@ -4,8 +4,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use boring::ssl::SslAcceptor;
-use hypha_ca::{FileSigner, TenantCa};
-use hypha_identity::tls;
+use hypha_ca::{Ca, Caller, FileSigner, TenantCa};
+use hypha_identity::{issue_local, tls, Identity};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 
@@ -21,6 +21,22 @@ pub fn tenant(name: &str, ns: &str, dir: &std::path::Path) -> TenantCa {
         signer: Arc::new(signer),
         max_validity: Duration::from_secs(3600),
     }
+}
+
+/// A CA with one tenant for every namespace, its signer under `dir`.
+pub fn one_tenant_ca(dir: &std::path::Path) -> Ca {
+    Ca::new(TD, vec![tenant("default", "*", dir)]).unwrap()
+}
+
+/// A 600 s identity for `ns/sa` from `ca`, trusting all of `ca`'s roots.
+pub fn own_identity(ca: &Ca, ns: &str, sa: &str) -> Identity {
+    issue_local(
+        ca,
+        &Caller::new(ns, sa),
+        Duration::from_secs(600),
+        &ca.all_roots().unwrap(),
+    )
+    .unwrap()
 }
 
 /// Serves TLS with `acceptor` on loopback; each accepted connection writes the client's SPIFFE
