@@ -28,6 +28,8 @@ static long (*bpf_map_update_elem)(void *map, const void *key, const void *value
 static long (*bpf_map_delete_elem)(void *map, const void *key) = (void *)BPF_FUNC_map_delete_elem;
 static __u64 (*bpf_get_socket_cookie)(void *ctx) = (void *)BPF_FUNC_get_socket_cookie;
 static __u64 (*bpf_get_current_uid_gid)(void) = (void *)BPF_FUNC_get_current_uid_gid;
+static long (*bpf_sock_ops_cb_flags_set)(struct bpf_sock_ops *skops,
+                                         int flags) = (void *)BPF_FUNC_sock_ops_cb_flags_set;
 
 #define AF_INET 2
 #define AF_INET6 10
@@ -159,6 +161,13 @@ static __always_inline int make_key(void *ctx, struct key *k, __u32 family, __u3
 // accepting sidecar's `getsockopt(SO_ORIGINAL_DST)` (or IP6T_SO_ORIGINAL_DST) finds it: the
 // `cgroup/getsockopt` program answers it. Connections it does not rewrite keep the iptables
 // path (still installed in the pod), so a rule this misses is not a connection lost.
+//
+// Established, a connection is named by its whole four-tuple as the connecting end sees it
+// (the accepting end sees the same one reversed): the connecting end's address and port alone
+// would not do, since the kernel lets connections to different destinations share a local
+// port, and two sidecars asking at once would get one answer. The original destination is
+// forgotten when the connecting socket reaches CLOSE (a failed connect included), which it
+// does only after the accepting side's FIN or a reset, so never before that side has asked.
 
 // A registered pod (key: its network namespace's cookie). Ports in host byte order.
 // A destination range an app reaches directly: family 4 (the address in ip[0]) or 6 (0: an
@@ -213,38 +222,14 @@ struct {
     __type(value, struct orig);
 } hypha_connecting SEC(".maps");
 
-// The connecting end (a `struct key` with only its own address and port, and the namespace
-// cookie for loopback) → original destination, for the accepting sidecar.
+// An established rewritten connection as its connecting end sees it (a `struct key`) →
+// original destination, for the accepting sidecar.
 struct {
     __uint(type, BPF_MAP_TYPE_LRU_HASH);
     __uint(max_entries, 65536);
     __type(key, struct key);
     __type(value, struct orig);
 } hypha_original_dst SEC(".maps");
-
-// The key of one end by its own address and port (`ip4`, or `ip6` when `family` is AF_INET6,
-// IPv4-mapped counted as IPv4; `port` in host byte order).
-static __always_inline int end_key(void *ctx, struct key *k, __u32 family, __u32 ip4,
-                                   const __u32 ip6[4], __u32 port)
-{
-    if (family == AF_INET) {
-        k->family = 4;
-        k->local_ip[0] = ip4;
-    } else if (family == AF_INET6 && is_v4_mapped(ip6)) {
-        k->family = 4;
-        k->local_ip[0] = ip6[3];
-    } else if (family == AF_INET6) {
-        k->family = 6;
-        for (int i = 0; i < 4; i++)
-            k->local_ip[i] = ip6[i];
-    } else {
-        return -1;
-    }
-    k->local_port = port;
-    if (is_loopback(k))
-        k->netns = bpf_get_netns_cookie(ctx);
-    return 0;
-}
 
 static __always_inline int addr_is_loopback(const struct addr *a)
 {
@@ -389,9 +374,12 @@ int hypha_getsockopt(struct bpf_sockopt *ctx)
     struct bpf_sock *sk = ctx->sk;
     if (!sk)
         return 1;
-    __u32 ip6[4] = {sk->dst_ip6[0], sk->dst_ip6[1], sk->dst_ip6[2], sk->dst_ip6[3]};
+    // The connection as the connecting end sees it: our peer's address and port first.
+    __u32 l6[4] = {sk->src_ip6[0], sk->src_ip6[1], sk->src_ip6[2], sk->src_ip6[3]};
+    __u32 r6[4] = {sk->dst_ip6[0], sk->dst_ip6[1], sk->dst_ip6[2], sk->dst_ip6[3]};
     struct key peer = {};
-    if (end_key(ctx, &peer, sk->family, sk->dst_ip4, ip6, __builtin_bswap16(sk->dst_port)))
+    if (make_key(ctx, &peer, sk->family, sk->dst_ip4, sk->src_ip4, r6, l6,
+                 __builtin_bswap16(sk->dst_port), sk->src_port))
         return 1;
     struct orig *o = bpf_map_lookup_elem(&hypha_original_dst, &peer);
     if (!o)
@@ -428,35 +416,70 @@ int hypha_getsockopt(struct bpf_sockopt *ctx)
     return 1;
 }
 
+// The connection as this end of it sees it.
+static __always_inline int own_key(struct bpf_sock_ops *ops, struct key *k)
+{
+    // Context fields are read one by one (the verifier allows no pointer into the context).
+    __u32 l6[4] = {ops->local_ip6[0], ops->local_ip6[1], ops->local_ip6[2], ops->local_ip6[3]};
+    __u32 r6[4] = {ops->remote_ip6[0], ops->remote_ip6[1], ops->remote_ip6[2], ops->remote_ip6[3]};
+    return make_key(ops, k, ops->family, ops->local_ip4, ops->remote_ip4, l6, r6, ops->local_port,
+                    remote_port(ops->remote_port));
+}
+
+// At TCP_CONNECT (the SYN about to leave): a connection rewritten at connect asks for state
+// changes, so that its original destination is forgotten when it closes.
+static __always_inline void connecting(struct bpf_sock_ops *ops)
+{
+    __u64 cookie = bpf_get_socket_cookie(ops);
+    if (bpf_map_lookup_elem(&hypha_connecting, &cookie))
+        bpf_sock_ops_cb_flags_set(ops, ops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
+}
+
 // At ACTIVE_ESTABLISHED: a connection rewritten at connect moves its original destination
-// from the socket cookie to the connecting end's address and port.
-static __always_inline void established(struct bpf_sock_ops *ops, const __u32 l6[4])
+// from the socket cookie to the connection (`k`: as this, the connecting, end sees it).
+static __always_inline void established(struct bpf_sock_ops *ops, const struct key *k)
 {
     __u64 cookie = bpf_get_socket_cookie(ops);
     struct orig *o = bpf_map_lookup_elem(&hypha_connecting, &cookie);
     if (!o)
         return;
-    struct key me = {};
-    if (end_key(ops, &me, ops->family, ops->local_ip4, l6, ops->local_port) == 0)
-        bpf_map_update_elem(&hypha_original_dst, &me, o, BPF_ANY);
+    bpf_map_update_elem(&hypha_original_dst, k, o, BPF_ANY);
     bpf_map_delete_elem(&hypha_connecting, &cookie);
+}
+
+// At CLOSE of a connection rewritten at connect: whatever is kept for it goes.
+static __always_inline void closed(struct bpf_sock_ops *ops)
+{
+    __u64 cookie = bpf_get_socket_cookie(ops);
+    bpf_map_delete_elem(&hypha_connecting, &cookie);
+    struct key k = {};
+    if (own_key(ops, &k) == 0)
+        bpf_map_delete_elem(&hypha_original_dst, &k);
 }
 
 SEC("sockops")
 int hypha_sockops(struct bpf_sock_ops *ops)
 {
-    if (ops->op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB &&
-        ops->op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB)
+    switch (ops->op) {
+    case BPF_SOCK_OPS_TCP_CONNECT_CB:
+        connecting(ops);
         return 1;
-    // Context fields are read one by one (the verifier allows no pointer into the context).
-    __u32 l6[4] = {ops->local_ip6[0], ops->local_ip6[1], ops->local_ip6[2], ops->local_ip6[3]};
-    __u32 r6[4] = {ops->remote_ip6[0], ops->remote_ip6[1], ops->remote_ip6[2], ops->remote_ip6[3]};
-    if (ops->op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB)
-        established(ops, l6);
+    case BPF_SOCK_OPS_STATE_CB:
+        // args: the old state, the new one.
+        if (ops->args[1] == BPF_TCP_CLOSE)
+            closed(ops);
+        return 1;
+    case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
+    case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
+        break;
+    default:
+        return 1;
+    }
     struct key k = {};
-    if (make_key(ops, &k, ops->family, ops->local_ip4, ops->remote_ip4, l6, r6, ops->local_port,
-                 remote_port(ops->remote_port)))
+    if (own_key(ops, &k))
         return 1;
+    if (ops->op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB)
+        established(ops, &k);
     if (bpf_sock_hash_update(ops, &hypha_socks, &k, BPF_ANY) == 0)
         count(SOCKETS_RECORDED, 1);
     else

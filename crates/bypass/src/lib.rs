@@ -53,6 +53,8 @@ const SOCKS: &str = "hypha_socks";
 const COUNTERS: &str = "hypha_counters";
 const PODS: &str = "hypha_pods";
 const POD_ADDRS: &str = "hypha_pod_addrs";
+const CONNECTING: &str = "hypha_connecting";
+const ORIGINAL_DST: &str = "hypha_original_dst";
 
 /// `struct key` of `bpf/bypass.c`: one end of a connection, its own address and port first.
 #[repr(C)]
@@ -192,6 +194,22 @@ impl Addr {
         }
     }
 }
+
+/// `struct orig` of `bpf/bypass.c`: a connection's original destination (port in network
+/// byte order).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Orig {
+    addr: Addr,
+    port: u32,
+}
+
+// SAFETY: `repr(C)`, an `Addr` and a `u32`, no padding (size checked below), every bit
+// pattern valid; it matches `struct orig` in bpf/bypass.c.
+#[allow(unsafe_code)]
+unsafe impl aya::Pod for Orig {}
+
+const _: () = assert!(std::mem::size_of::<Orig>() == 24);
 
 /// A pod whose TCP connections are captured when they are made rather than by iptables NAT,
 /// so the bypass can pair them (see `bpf/bypass.c`): its app's connections go to its
@@ -355,6 +373,9 @@ pub struct Counters {
     pub original_dst_answered: u64,
     /// Connection ends in the map now (closed sockets leave it).
     pub sockets: u64,
+    /// Connections rewritten at connect that the programs keep an original destination for
+    /// now: connecting, or open (they are forgotten when the connecting end closes).
+    pub rewritten: u64,
 }
 
 /// The loaded and attached programs. Dropping it detaches them.
@@ -525,6 +546,8 @@ impl Bypass {
         let socks: SockHash<&MapData, Key> =
             SockHash::try_from(socks).map_err(|e| BypassError::Map(SOCKS, e))?;
         let sockets = socks.keys().filter(Result::is_ok).count() as u64;
+        let connecting = self.entries::<u64, Orig>(CONNECTING)?;
+        let rewritten = self.entries::<Key, Orig>(ORIGINAL_DST)?;
         Ok(Counters {
             sockets_recorded: get(0)?,
             sockets_refused: get(1)?,
@@ -535,7 +558,16 @@ impl Bypass {
             connects_inbound: get(6)?,
             original_dst_answered: get(7)?,
             sockets,
+            rewritten: connecting + rewritten,
         })
+    }
+
+    /// How many entries the hash map `name` holds now.
+    fn entries<K: aya::Pod, V: aya::Pod>(&self, name: &'static str) -> Result<u64, BypassError> {
+        let map = self.ebpf.map(name).ok_or(BypassError::Missing(name))?;
+        let map: BpfHashMap<&MapData, K, V> =
+            BpfHashMap::try_from(map).map_err(|e| BypassError::Map(name, e))?;
+        Ok(map.keys().filter(Result::is_ok).count() as u64)
     }
 
     /// Detaches both programs (the message program first, so no message is redirected
@@ -632,6 +664,12 @@ impl Bypass {
             "gauge",
             "TCP connection ends in the socket map now.",
             c.sockets,
+        );
+        family(
+            "hypha_bypass_rewritten_connections",
+            "gauge",
+            "Connections rewritten at connect whose original destination is kept now.",
+            c.rewritten,
         );
         Ok(out)
     }

@@ -12,7 +12,7 @@ use std::sync::Mutex;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use hypha_bypass::{Bypass, Counters};
+use hypha_bypass::{Bypass, CapturedPod, Counters};
 use hypha_testkit::{loopback_bytes, privileged, read_some, read_to_end, TestCgroup};
 
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -69,6 +69,7 @@ fn delta(after: Counters, before: Counters) -> Counters {
         connects_inbound: after.connects_inbound - before.connects_inbound,
         original_dst_answered: after.original_dst_answered - before.original_dst_answered,
         sockets: after.sockets,
+        rewritten: after.rewritten,
     }
 }
 
@@ -334,6 +335,115 @@ fn loopback_connections_in_two_pods_never_meet() {
         "both pods' loopback connections redirected, both ways: {d:?}"
     );
     drop(pods);
+    drop(node);
+    bypass.detach().unwrap();
+}
+
+/// A sidecar's connections to other registered pods are rewritten at connect to their inbound
+/// port, and each accepting sidecar learns its own connection's original destination, in both
+/// families, even when the kernel gives two connections the same local port (connections to
+/// different destinations may share one, so the connecting end alone does not name a
+/// connection). Once they close, or fail to connect, the programs hold nothing for them, so
+/// no later connection can be answered with a stale destination.
+#[test]
+fn each_connection_keeps_its_own_original_destination_until_it_closes() {
+    if !privileged("each_connection_keeps_its_own_original_destination_until_it_closes") {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let cg = TestCgroup::enter("bypass-orig");
+    let mut bypass = Bypass::attach(cg.path()).unwrap();
+    let index = 150 + u8::try_from(std::process::id() % 50).unwrap();
+    let node = hypha_pod::Node::create(index).unwrap();
+    let client = node.pod("client").unwrap();
+    let servers = [node.pod("web1").unwrap(), node.pod("web2").unwrap()];
+    // Registered, with nothing listening on its inbound port: connections to it are refused.
+    let idle = node.pod("idle").unwrap();
+    for pod in [&client, &servers[0], &servers[1], &idle] {
+        bypass
+            .add_pod(&CapturedPod::new(format!("/run/netns/{}", pod.netns)))
+            .unwrap();
+    }
+    let probe = env!("CARGO_BIN_EXE_hypha-bypass-probe");
+    let go = std::env::temp_dir().join(format!("hypha-bypass-orig-go-{}", std::process::id()));
+    let _ = std::fs::remove_file(&go);
+    let read_line = |out: &mut std::io::BufReader<std::process::ChildStdout>| {
+        let mut line = String::new();
+        std::io::BufRead::read_line(out, &mut line).unwrap();
+        line.trim().to_string()
+    };
+    // Killed on drop, so a failed assertion leaves no listener behind.
+    struct Children(Vec<std::process::Child>);
+    impl Drop for Children {
+        fn drop(&mut self) {
+            for c in &mut self.0 {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+    let mut children = Children(Vec::new());
+    for pod in &servers {
+        let mut child = pod
+            .sidecar_command(probe)
+            .args(["original-dst", "15006"])
+            .arg(&go)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+        children.0.push(child);
+        assert_eq!(read_line(&mut out), "listening", "pod {}", pod.name);
+    }
+    // The app ports the client's sidecar asks for; each connection goes to its pod's 15006.
+    let dsts: Vec<std::net::SocketAddr> = vec![
+        (servers[0].ipv4, 8080).into(),
+        (servers[1].ipv4, 9090).into(),
+        (servers[0].ipv6, 8081).into(),
+        (servers[1].ipv6, 9091).into(),
+        (idle.ipv4, 7070).into(),
+    ];
+    let before = bypass.counters().unwrap();
+    let mut connect = client.sidecar_command(probe);
+    connect
+        .args(["connect-from", "41000"])
+        .args(dsts.iter().map(ToString::to_string))
+        .stdout(std::process::Stdio::piped());
+    let mut child = connect.spawn().unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let connecting = children.0.len();
+    children.0.push(child);
+    assert_eq!(read_line(&mut out), "connected");
+    // Every connection is made before any sidecar accepts and asks.
+    std::fs::write(&go, b"").unwrap();
+    for dst in &dsts[..4] {
+        assert_eq!(
+            read_line(&mut out),
+            format!("{dst} {dst}"),
+            "answers: {dsts:?}"
+        );
+    }
+    assert_eq!(read_line(&mut out), format!("{} refused", dsts[4]));
+    assert!(children.0[connecting].wait().unwrap().success());
+    let _ = std::fs::remove_file(&go);
+    let d = delta(bypass.counters().unwrap(), before);
+    assert_eq!(d.connects_inbound, 5, "{d:?}");
+    assert_eq!(d.original_dst_answered, 4, "{d:?}");
+    // The client closed first; its ends reach CLOSE when the listeners' FINs come back.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let c = bypass.counters().unwrap();
+        if c.rewritten == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "original destinations still kept after every connection closed: {c:?}"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    drop(children);
+    drop((client, servers, idle));
     drop(node);
     bypass.detach().unwrap();
 }
