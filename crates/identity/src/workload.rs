@@ -69,8 +69,8 @@ impl KeySource {
                 Ok((batcher.provider(key)?, csr))
             }
             KeySource::Token { token, kind, label } => {
-                // A session object: gone from the token when the proxy stops, so rotations
-                // do not pile keys up in it.
+                // A session object, destroyed when the last context using it goes (a
+                // rotated-out certificate, a refused request): rotations pile nothing up.
                 let label = match label {
                     Some(l) => l.clone(),
                     None => format!("hypha {spiffe_id}"),
@@ -133,8 +133,10 @@ impl Workload {
         connector: boring::ssl::SslConnector,
         token: Option<&str>,
     ) -> Result<Identity, IdentityError> {
-        let (key, csr) = self.keys.key_and_csr(&self.spiffe_id).await?;
+        // Connected first: an unreachable CA costs no key (in a token, a key generation is
+        // slow, and every retry would make one).
         let channel = crate::grpc::channel(&self.ca, connector, self.ca_identity.clone()).await?;
+        let (key, csr) = self.keys.key_and_csr(&self.spiffe_id).await?;
         let mut client = IstioCertificateServiceClient::new(channel);
         let mut req = tonic::Request::new(IstioCertificateRequest {
             csr: String::from_utf8_lossy(&csr).into_owned(),

@@ -6,6 +6,11 @@
 //! a thread has done it. A token that takes 50 ms per signature slows only the handshakes that
 //! wait for one; the async runtime keeps serving everything else.
 //!
+//! A workload key is a session object, and [`TokenKey`] destroys it when the last user lets go
+//! (a rotated-out certificate, a certificate request the CA refused): a token holds only the
+//! keys in use, however long the process runs. Persistent keys (a CA's) and keys found by
+//! label are never destroyed.
+//!
 //! Start-up code that has no runtime to await on (the CA opening its signer) uses the
 //! `*_blocking` forms, which wait on the calling thread: never an async worker (they panic there,
 //! through tokio's `blocking_recv`, rather than stall the runtime).
@@ -120,6 +125,10 @@ enum Job {
         data: Vec<u8>,
         reply: Reply<Vec<u8>>,
     },
+    /// A session key nobody uses any more.
+    Destroy { key: ObjectHandle },
+    /// How many session objects the token holds for this process.
+    CountSessionObjects { reply: Reply<usize> },
 }
 
 /// A signing mechanism, sent to a token thread (cryptoki's `Mechanism` is not `Send`).
@@ -160,6 +169,8 @@ struct Counters {
     signed: AtomicU64,
     sign_failed: AtomicU64,
     generated: AtomicU64,
+    destroyed: AtomicU64,
+    abandoned: AtomicU64,
     sign_time: Timings,
     wait_time: Timings,
 }
@@ -174,6 +185,11 @@ pub struct TokenMetrics {
     pub signed: u64,
     pub sign_failed: u64,
     pub generated: u64,
+    /// Session keys destroyed once nothing used them.
+    pub destroyed: u64,
+    /// Operations whose caller was gone (a handshake dropped) before a thread took them:
+    /// skipped, so a slow token does not work through dead handshakes.
+    pub abandoned: u64,
     /// Time a thread spent in the token's sign call.
     pub sign_time: Histogram,
     /// Time a job waited for a free thread.
@@ -316,6 +332,8 @@ impl Token {
             signed: c.signed.load(Ordering::Relaxed),
             sign_failed: c.sign_failed.load(Ordering::Relaxed),
             generated: c.generated.load(Ordering::Relaxed),
+            destroyed: c.destroyed.load(Ordering::Relaxed),
+            abandoned: c.abandoned.load(Ordering::Relaxed),
             sign_time: c.sign_time.snapshot(),
             wait_time: c.wait_time.snapshot(),
         }
@@ -328,23 +346,33 @@ impl Token {
         Ok(rx)
     }
 
+    /// A key handed out; an `owned` one is destroyed when dropped.
     fn key(
         self: &Arc<Self>,
         handle: ObjectHandle,
         public: PKey<Public>,
         kind: TokenKeyKind,
+        owned: bool,
     ) -> TokenKey {
         TokenKey {
             token: self.clone(),
             handle,
             public,
             kind,
+            owned,
         }
+    }
+
+    /// How many session objects (keys and their public halves) the token holds for this
+    /// process now: what [`TokenKey`]'s clean-up leaves.
+    pub async fn session_objects(&self) -> Result<usize, KeyError> {
+        let rx = self.request(|reply| Job::CountSessionObjects { reply })?;
+        rx.await.map_err(|_| thread_died())?
     }
 
     /// Generates a key pair inside the token (sensitive, not extractable); only its public
     /// half ever leaves. A `persistent` key is a token object (a CA key); otherwise a session
-    /// object, gone when this process closes its sessions (a workload key, renewed anyway).
+    /// object (a workload key, renewed anyway), destroyed when the returned key is dropped.
     pub async fn generate(
         self: &Arc<Self>,
         kind: TokenKeyKind,
@@ -353,7 +381,7 @@ impl Token {
     ) -> Result<TokenKey, KeyError> {
         let rx = self.request_generate(kind, label, persistent)?;
         let (handle, public) = rx.await.map_err(|_| thread_died())??;
-        Ok(self.key(handle, public, kind))
+        Ok(self.key(handle, public, kind, !persistent))
     }
 
     /// [`Token::generate`], waiting on this thread (see the module docs).
@@ -365,7 +393,7 @@ impl Token {
     ) -> Result<TokenKey, KeyError> {
         let rx = self.request_generate(kind, label, persistent)?;
         let (handle, public) = rx.blocking_recv().map_err(|_| thread_died())??;
-        Ok(self.key(handle, public, kind))
+        Ok(self.key(handle, public, kind, !persistent))
     }
 
     /// Queues a key generation; the receiver gets the new key's handle and public half.
@@ -392,7 +420,7 @@ impl Token {
             reply,
         })?;
         let found = rx.blocking_recv().map_err(|_| thread_died())??;
-        Ok(found.map(|(handle, public, kind)| self.key(handle, public, kind)))
+        Ok(found.map(|(handle, public, kind)| self.key(handle, public, kind, false)))
     }
 }
 
@@ -424,6 +452,9 @@ fn worker(session: &Session, jobs: &Mutex<mpsc::Receiver<Queued>>, counters: &Co
                 }
                 let _ = reply.send(generated);
             }
+            Job::Sign { reply, .. } | Job::Decrypt { reply, .. } if reply.is_closed() => {
+                counters.abandoned.fetch_add(1, Ordering::Relaxed);
+            }
             Job::Sign {
                 key,
                 mechanism,
@@ -445,6 +476,20 @@ fn worker(session: &Session, jobs: &Mutex<mpsc::Receiver<Queued>>, counters: &Co
                 let _ = reply.send(
                     session
                         .decrypt(&Mechanism::RsaX509, key, &data)
+                        .map_err(backend),
+                );
+            }
+            Job::Destroy { key } => match session.destroy_object(key) {
+                Ok(()) => {
+                    counters.destroyed.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => tracing::warn!(error = %e, "PKCS#11: destroying an unused session key"),
+            },
+            Job::CountSessionObjects { reply } => {
+                let _ = reply.send(
+                    session
+                        .find_objects(&[Attribute::Token(false)])
+                        .map(|found| found.len())
                         .map_err(backend),
                 );
             }
@@ -496,7 +541,16 @@ fn generate(
     let (public_handle, private_handle) = session
         .generate_key_pair(&mechanism, &public_template, &private)
         .map_err(backend)?;
-    Ok((private_handle, public_key(session, public_handle, kind)?))
+    let public = public_key(session, public_handle, kind);
+    // A session key's public object is read once, here; a persistent one stays, for `find`.
+    // A pair whose public half cannot be read is of no use at all.
+    if public.is_err() || !persistent {
+        let _ = session.destroy_object(public_handle);
+    }
+    if public.is_err() {
+        let _ = session.destroy_object(private_handle);
+    }
+    Ok((private_handle, public?))
 }
 
 /// The public half of a key pair, read from its public key object.
@@ -640,6 +694,17 @@ pub struct TokenKey {
     handle: ObjectHandle,
     public: PKey<Public>,
     kind: TokenKeyKind,
+    /// A session key this process generated: destroyed on drop.
+    owned: bool,
+}
+
+impl Drop for TokenKey {
+    fn drop(&mut self) {
+        if self.owned {
+            // Every TLS context that held it is gone, so no handshake asks for it again.
+            let _ = self.token.submit(Job::Destroy { key: self.handle });
+        }
+    }
 }
 
 /// The DER DigestInfo prefix for a digest, as PKCS#1 v1.5 signs it.

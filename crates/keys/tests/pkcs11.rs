@@ -190,4 +190,42 @@ async fn keys_generated_in_softhsm2_sign_every_scheme() {
     assert_eq!(m.wait_time.count, 37 + 3 + 3 + 1);
     assert!(m.sign_time.sum_seconds > 0.0);
     assert!(m.sign_time.cumulative.windows(2).all(|w| w[0] <= w[1]));
+
+    // Handshakes that went away before a thread took their operation are skipped: each of
+    // these is queued (polled once) and dropped at once.
+    for _ in 0..100 {
+        let mut sign = rsa.sign(SslSignatureAlgorithm::RSA_PKCS1_SHA256, msg);
+        std::future::poll_fn(|cx| {
+            let _ = sign.as_mut().poll(cx);
+            std::task::Poll::Ready(())
+        })
+        .await;
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let m = loop {
+        let m = token.metrics();
+        if m.queued == 0 && m.abandoned + m.signed == 100 + 37 {
+            break m;
+        }
+        assert!(std::time::Instant::now() < deadline, "{m:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    };
+    assert!(m.abandoned > 0, "{m:?}");
+
+    // Session keys leave nothing behind in the token: the public half goes once read, the key
+    // when its last user lets go (a rotated-out certificate). The persistent key stays.
+    assert_eq!(token.session_objects().await.unwrap(), 2, "ec-key, rsa-key");
+    drop(rsa);
+    drop(Arc::into_inner(ec).unwrap());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while token.session_objects().await.unwrap() != 0 {
+        assert!(std::time::Instant::now() < deadline, "session keys left");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(token.metrics().destroyed, 2);
+    let t = token.clone();
+    let still = tokio::task::spawn_blocking(move || t.find_blocking("ca-key").unwrap())
+        .await
+        .unwrap();
+    assert!(still.is_some(), "the persistent key was destroyed");
 }

@@ -675,11 +675,15 @@ hypha_pkcs11_signatures_total{{{token},result=\"ok\"}} {}\n\
 hypha_pkcs11_signatures_total{{{token},result=\"error\"}} {}\n\
 # TYPE hypha_pkcs11_keys_generated_total counter\n\
 hypha_pkcs11_keys_generated_total{{{token}}} {}\n\
+# TYPE hypha_pkcs11_keys_destroyed_total counter\n\
+hypha_pkcs11_keys_destroyed_total{{{token}}} {}\n\
+# TYPE hypha_pkcs11_abandoned_total counter\n\
+hypha_pkcs11_abandoned_total{{{token}}} {}\n\
 # TYPE hypha_pkcs11_queued gauge\n\
 hypha_pkcs11_queued{{{token}}} {}\n\
 # TYPE hypha_pkcs11_threads gauge\n\
 hypha_pkcs11_threads{{{token}}} {}",
-        m.signed, m.sign_failed, m.generated, m.queued, m.threads
+        m.signed, m.sign_failed, m.generated, m.destroyed, m.abandoned, m.queued, m.threads
     );
     for (name, h) in [
         ("hypha_pkcs11_sign_seconds", &m.sign_time),
