@@ -241,7 +241,7 @@ where
     // HTTP/2 with prior knowledge or HTTP/1.1, told apart once by peeking at the first bytes,
     // then served by hyper's own connection for that version (no per-read sniffing layer).
     let h2 = tokio::select! {
-        h2 = starts_with_h2_preface(&stream) => match h2 {
+        h2 = starts_with_h2_preface(&stream, PREFACE_WAIT) => match h2 {
             Ok(h2) => h2,
             Err(e) => {
                 debug!(%peer, error = %e, "downstream connection ended before a request");
@@ -295,10 +295,20 @@ where
 
 const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
+/// How long a client that began the HTTP/2 preface may take to finish it.
+const PREFACE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Whether the client starts with the HTTP/2 connection preface, read without consuming it.
-/// `false` as soon as the bytes differ (an HTTP/1.1 request line), or the client closes.
-async fn starts_with_h2_preface(stream: &TcpStream) -> std::io::Result<bool> {
+/// `false` as soon as the bytes differ (an HTTP/1.1 request line), or the client closes; an
+/// error for a client that begins the preface and does not finish it within `patience`
+/// ([`PREFACE_WAIT`]).
+async fn starts_with_h2_preface(
+    stream: &TcpStream,
+    patience: std::time::Duration,
+) -> std::io::Result<bool> {
     let mut buf = [0u8; 24];
+    let mut waited = std::time::Duration::ZERO;
+    let mut pause = std::time::Duration::from_millis(1);
     loop {
         let n = stream.peek(&mut buf).await?;
         if n == 0 || buf[..n] != H2_PREFACE[..n] {
@@ -307,9 +317,18 @@ async fn starts_with_h2_preface(stream: &TcpStream) -> std::io::Result<bool> {
         if n == H2_PREFACE.len() {
             return Ok(true);
         }
-        // Part of the preface so far (clients send it in one piece; this is rare): peeking
-        // again returns at once, so wait a little for the rest.
-        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        // Part of the preface so far (clients send it in one piece; this is rare). Peeking
+        // again returns at once, even once the client has closed (what it sent stays
+        // readable), so wait a little, longer each time, and let go of a client that stops.
+        if waited >= patience {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the client began the HTTP/2 preface and did not finish it",
+            ));
+        }
+        tokio::time::sleep(pause).await;
+        waited += pause;
+        pause = (pause * 2).min(std::time::Duration::from_millis(100));
     }
 }
 
@@ -908,9 +927,34 @@ mod tests {
             // Then closes: what was written stays readable.
         });
         let (server, _) = listener.accept().await.unwrap();
-        let h2 = starts_with_h2_preface(&server).await.unwrap();
+        let h2 = starts_with_h2_preface(&server, PREFACE_WAIT).await.unwrap();
         client.await.unwrap();
         h2
+    }
+
+    /// A client that sends part of the preface and closes (or stalls) is let go once the
+    /// patience runs out, not peeked at forever.
+    #[tokio::test]
+    async fn a_client_that_never_finishes_the_h2_preface_is_let_go() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = tokio::spawn(async move {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            s.write_all(b"PRI * HTTP").await.unwrap();
+        });
+        let (server, _) = listener.accept().await.unwrap();
+        client.await.unwrap();
+        let patience = std::time::Duration::from_millis(300);
+        let started = std::time::Instant::now();
+        let err = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            starts_with_h2_preface(&server, patience),
+        )
+        .await
+        .expect("still peeking after 10 s")
+        .unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
+        assert!(started.elapsed() >= patience);
     }
 
     /// Sends `head` then each of `chunks` (20 ms apart) as one HTTP/1.1 request to a server
