@@ -87,6 +87,7 @@ impl Inbound {
             _ => (false, Arc::from(""), None),
         };
         let (mut parts, body) = req.into_parts();
+        h::normalize_path(&mut parts);
         let request = self
             .telemetry
             .begin(&parts, h::request_size(&parts, &body), peer);

@@ -61,6 +61,7 @@ impl Outbound {
         peer: SocketAddr,
     ) -> Response<Body> {
         let (mut parts, body) = req.into_parts();
+        h::normalize_path(&mut parts);
         if !parts.headers.contains_key(&REQUEST_ID) {
             if let Some(v) = request_id() {
                 parts.headers.insert(REQUEST_ID, v);

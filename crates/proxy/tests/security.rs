@@ -542,7 +542,11 @@ async fn authorization_policy_denies_with_403_and_counts_it() {
     let policy = "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n\
                   metadata: {name: web-from-client, namespace: shop}\nspec:\n  \
                   selector: {matchLabels: {app: web}}\n  action: ALLOW\n  rules:\n  \
-                  - from:\n    - source: {principals: [cluster.local/ns/shop/sa/client]}\n";
+                  - from:\n    - source: {principals: [cluster.local/ns/shop/sa/client]}\n\
+                  ---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n\
+                  metadata: {name: no-admin, namespace: shop}\nspec:\n  \
+                  selector: {matchLabels: {app: web}}\n  action: DENY\n  rules:\n  \
+                  - to:\n    - operation: {paths: [/admin*]}\n";
     let yaml = |port: u16| format!("{}{policy}", web_yaml(port, "STRICT"));
     let s = secured_on(
         config(&yaml(1)),
@@ -614,6 +618,34 @@ async fn authorization_policy_denies_with_403_and_counts_it() {
         who(403),
         Some("spiffe://cluster.local/ns/shop/sa/stranger".into())
     );
+
+    // Paths are normalized before policies see them (Istio's pathNormalization BASE), and
+    // the app gets the normalized path: no dot segment walks around a DENY.
+    for path in [
+        "/admin/x",
+        "/public/../admin/x",
+        "/public/%2e%2e/admin",
+        "/a\\..\\admin",
+    ] {
+        let (status, body, _) = get(
+            p.client.http_proxy[0],
+            &format!("http://web.shop.svc.cluster.local{path}"),
+            &[],
+        )
+        .await;
+        assert_eq!(
+            (status, body.as_str()),
+            (403, "RBAC: access denied"),
+            "{path}"
+        );
+    }
+    let (status, body, _) = get(
+        p.client.http_proxy[0],
+        "http://web.shop.svc.cluster.local/a/./b/../c",
+        &[],
+    )
+    .await;
+    assert_eq!((status, body.as_str()), (200, "web /a/c -"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
