@@ -1,0 +1,236 @@
+//! DestinationRule: host, subsets and traffic policies (load balancer, pool, outlier detection).
+
+use std::collections::HashSet;
+
+use super::{is_dns_label, is_host, port, Validator};
+use crate::diag::{Diagnostics, Source};
+use crate::networking::{
+    ConnectionPoolSettings, DestinationRule, LoadBalancerSettings, OutlierDetection, TrafficPolicy,
+};
+use crate::Resource;
+
+impl Validator<'_> {
+    pub(super) fn destination_rule(&self, r: &Resource<DestinationRule>, diags: &mut Diagnostics) {
+        let (s, src) = (&r.spec, &r.source);
+        let host = self.cfg.resolve_host(&s.host, &r.namespace);
+        if !is_host(&s.host) {
+            diags.error(
+                "invalid-host",
+                src,
+                "spec.host",
+                format!("{:?} is not a valid host name", s.host),
+            );
+        } else if !self.names_a_service(&host) {
+            diags.warning(
+                "unknown-host",
+                src,
+                "spec.host",
+                format!(
+                    "host {:?} ({host}) matches no ServiceEntry; this rule has no effect",
+                    s.host
+                ),
+            );
+        }
+        if let Some(tp) = &s.traffic_policy {
+            traffic_policy(src, "spec.trafficPolicy", tp, diags);
+        }
+        let mut names = HashSet::new();
+        for (i, sub) in s.subsets.iter().enumerate() {
+            let sp = format!("spec.subsets[{i}]");
+            if sub.name.is_empty() || !is_dns_label(&sub.name) {
+                diags.error(
+                    "invalid-name",
+                    src,
+                    format!("{sp}.name"),
+                    format!("subset name {:?} is not a valid DNS label", sub.name),
+                );
+            }
+            if !names.insert(sub.name.as_str()) {
+                diags.error(
+                    "duplicate-name",
+                    src,
+                    format!("{sp}.name"),
+                    format!("subset {:?} is defined twice", sub.name),
+                );
+            }
+            if let Some(tp) = &sub.traffic_policy {
+                traffic_policy(src, &format!("{sp}.trafficPolicy"), tp, diags);
+            }
+        }
+        if s.workload_selector.is_some() {
+            diags.warning("unsupported", src, "spec.workloadSelector", "workloadSelector on DestinationRule is not supported yet; the rule applies to every client");
+        }
+    }
+}
+
+fn traffic_policy(src: &Source, path: &str, tp: &TrafficPolicy, diags: &mut Diagnostics) {
+    if let Some(lb) = &tp.load_balancer {
+        load_balancer(src, &format!("{path}.loadBalancer"), lb, diags);
+    }
+    if let Some(cp) = &tp.connection_pool {
+        connection_pool(src, &format!("{path}.connectionPool"), cp, diags);
+    }
+    if let Some(od) = &tp.outlier_detection {
+        outlier(src, &format!("{path}.outlierDetection"), od, diags);
+    }
+    for (field, set) in [
+        ("tunnel", tp.tunnel.is_some()),
+        ("proxyProtocol", tp.proxy_protocol.is_some()),
+    ] {
+        if set {
+            diags.warning(
+                "unsupported",
+                src,
+                format!("{path}.{field}"),
+                format!("`{field}` is not supported by Hypha yet; ignored"),
+            );
+        }
+    }
+    let mut ports = HashSet::new();
+    for (i, pl) in tp.port_level_settings.iter().enumerate() {
+        let pp = format!("{path}.portLevelSettings[{i}]");
+        match pl.port {
+            None => diags.error(
+                "missing-field",
+                src,
+                format!("{pp}.port"),
+                "`port` is required",
+            ),
+            Some(p) => {
+                if port(src, &format!("{pp}.port.number"), p.number, diags)
+                    && !ports.insert(p.number)
+                {
+                    diags.error(
+                        "duplicate-port",
+                        src,
+                        format!("{pp}.port.number"),
+                        format!("port {} has two settings", p.number),
+                    );
+                }
+            }
+        }
+        if let Some(lb) = &pl.load_balancer {
+            load_balancer(src, &format!("{pp}.loadBalancer"), lb, diags);
+        }
+        if let Some(cp) = &pl.connection_pool {
+            connection_pool(src, &format!("{pp}.connectionPool"), cp, diags);
+        }
+        if let Some(od) = &pl.outlier_detection {
+            outlier(src, &format!("{pp}.outlierDetection"), od, diags);
+        }
+    }
+}
+
+fn load_balancer(src: &Source, path: &str, lb: &LoadBalancerSettings, diags: &mut Diagnostics) {
+    if lb.simple.is_some() && lb.consistent_hash.is_some() {
+        diags.error(
+            "exclusive-fields",
+            src,
+            path,
+            "only one of `simple` and `consistentHash` may be set",
+        );
+    }
+    if let Some(ch) = &lb.consistent_hash {
+        let keys = usize::from(ch.http_header_name.is_some())
+            + usize::from(ch.http_cookie.is_some())
+            + usize::from(ch.use_source_ip == Some(true))
+            + usize::from(ch.http_query_parameter_name.is_some());
+        if keys != 1 {
+            diags.error(
+                "exclusive-fields",
+                src,
+                format!("{path}.consistentHash"),
+                "exactly one of `httpHeaderName`, `httpCookie`, `useSourceIp` or `httpQueryParameterName` is required",
+            );
+        }
+        if ch.ring_hash.is_some() && ch.maglev.is_some() {
+            diags.error(
+                "exclusive-fields",
+                src,
+                format!("{path}.consistentHash"),
+                "only one of `ringHash` and `maglev` may be set",
+            );
+        }
+    }
+    if lb.locality_lb_setting.is_some() {
+        diags.warning(
+            "unsupported",
+            src,
+            format!("{path}.localityLbSetting"),
+            "locality load balancing is not supported by Hypha yet; ignored",
+        );
+    }
+}
+
+fn connection_pool(src: &Source, path: &str, cp: &ConnectionPoolSettings, diags: &mut Diagnostics) {
+    let mut positive = |field: &str, v: Option<i64>| {
+        if let Some(v) = v {
+            if v <= 0 {
+                diags.error(
+                    "invalid-value",
+                    src,
+                    format!("{path}.{field}"),
+                    format!("{v} must be positive"),
+                );
+            }
+        }
+    };
+    if let Some(t) = &cp.tcp {
+        positive("tcp.maxConnections", t.max_connections);
+    }
+    if let Some(h) = &cp.http {
+        positive("http.http1MaxPendingRequests", h.http1_max_pending_requests);
+        positive("http.http2MaxRequests", h.http2_max_requests);
+        positive(
+            "http.maxRequestsPerConnection",
+            h.max_requests_per_connection,
+        );
+        positive("http.maxConcurrentStreams", h.max_concurrent_streams);
+        if let Some(r) = h.max_retries {
+            if r < 0 {
+                diags.error(
+                    "invalid-value",
+                    src,
+                    format!("{path}.http.maxRetries"),
+                    "maxRetries must not be negative",
+                );
+            }
+        }
+        if let Some(p) = &h.h2_upgrade_policy {
+            if !matches!(p.as_str(), "DEFAULT" | "DO_NOT_UPGRADE" | "UPGRADE") {
+                diags.error(
+                    "invalid-value",
+                    src,
+                    format!("{path}.http.h2UpgradePolicy"),
+                    format!("unknown policy {p:?}"),
+                );
+            }
+        }
+    }
+}
+
+fn outlier(src: &Source, path: &str, od: &OutlierDetection, diags: &mut Diagnostics) {
+    for (field, v) in [
+        ("maxEjectionPercent", od.max_ejection_percent),
+        ("minHealthPercent", od.min_health_percent),
+    ] {
+        if let Some(v) = v {
+            if !(0..=100).contains(&v) {
+                diags.error(
+                    "invalid-percent",
+                    src,
+                    format!("{path}.{field}"),
+                    format!("{v} is outside 0..100"),
+                );
+            }
+        }
+    }
+    if od.interval.is_some_and(|i| i.as_std().is_zero()) {
+        diags.error(
+            "invalid-value",
+            src,
+            format!("{path}.interval"),
+            "interval must be positive",
+        );
+    }
+}
