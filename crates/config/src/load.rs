@@ -239,6 +239,18 @@ impl Loader {
             ("hypha.dev", "MeshConfig") => Some(Kind::MeshConfig),
             _ => None,
         };
+        if (group, kind_name) == ("security.istio.io", "RequestAuthentication") {
+            // Skipping it would fail open: Istio rejects requests whose token is invalid.
+            self.diags.error(
+                "unenforced",
+                &source,
+                "kind",
+                "RequestAuthentication (end-user JWT authentication) is not enforced by Hypha \
+                 yet, so requests with invalid tokens would get through: keep it out of the \
+                 mesh until JWT authentication exists",
+            );
+            return;
+        }
         let Some(kind) = kind else {
             self.diags.at(
                 Severity::Info,

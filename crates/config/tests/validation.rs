@@ -670,3 +670,98 @@ spec:
         .iter()
         .any(|d| d.severity == Severity::Warning && d.path == "spec.tls[0].match[0].sourceLabels"));
 }
+
+#[test]
+fn what_hypha_does_not_enforce_is_an_error_not_a_warning() {
+    // Each of these, accepted, would let through what the user meant to stop (security
+    // issue: fail closed), so each is an error with its line and what to do instead.
+    let src = format!(
+        "{SERVICES}apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: ext, namespace: shop}}
+spec:
+  action: CUSTOM
+  provider: {{name: opa}}
+  rules: [{{to: [{{operation: {{paths: [/admin]}}}}]}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: waypoint, namespace: shop}}
+spec:
+  targetRefs: [{{kind: Service, group: '', name: web}}]
+  action: DENY
+  rules: [{{}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: jwt, namespace: shop}}
+spec:
+  rules:
+  - from: [{{source: {{requestPrincipals: [\"*\"]}}}}]
+    when: [{{key: \"request.auth.claims[groups]\", values: [admin]}}]
+---
+apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {{name: jwt, namespace: shop}}
+spec: {{jwtRules: [{{issuer: issuer}}]}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: out, namespace: shop}}
+spec:
+  host: web
+  trafficPolicy:
+    tls: {{mode: SIMPLE}}
+    portLevelSettings:
+    - port: {{number: 80}}
+      tls: {{mode: ISTIO_MUTUAL, sni: web}}
+"
+    );
+    let loaded = load_str("test.yaml", &src);
+    let found: Vec<_> = loaded
+        .diagnostics
+        .into_sorted()
+        .into_iter()
+        .filter(|d| d.severity == Severity::Error)
+        .map(|d| (d.code, d.line, d.path, d.message))
+        .collect();
+    let summary: Vec<_> = found
+        .iter()
+        .map(|(c, l, p, _)| (*c, *l, p.as_str()))
+        .collect();
+    assert_eq!(
+        summary,
+        vec![
+            ("unenforced", 25, "spec.action"),
+            ("unenforced", 33, "spec.targetRefs"),
+            (
+                "unenforced",
+                42,
+                "spec.rules[0].from[0].source.requestPrincipals"
+            ),
+            ("unenforced", 43, "spec.rules[0].when[0].key"),
+            ("unenforced", 46, "kind"),
+            ("unenforced", 56, "spec.trafficPolicy.tls.mode"),
+            (
+                "invalid-value",
+                59,
+                "spec.trafficPolicy.portLevelSettings[0].tls.sni"
+            ),
+        ],
+        "{found:#?}"
+    );
+    // Each says what to do instead.
+    for (_, line, _, message) in &found {
+        assert!(
+            [
+                "instead",
+                "keep it out",
+                "leave `tls` unset",
+                "own mesh certificate"
+            ]
+            .iter()
+            .any(|w| message.contains(w)),
+            "line {line}: {message}"
+        );
+    }
+}

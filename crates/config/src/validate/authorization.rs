@@ -21,11 +21,13 @@ impl Validator<'_> {
                     "action CUSTOM needs a `provider`",
                 );
             }
-            diags.warning(
-                "unsupported",
+            diags.error(
+                "unenforced",
                 src,
                 "spec.action",
-                "CUSTOM (external authorization) is not supported by Hypha yet",
+                "CUSTOM (external authorization) is not enforced by Hypha yet, so the policy would \
+                 let through what it is meant to check: write the rule as ALLOW or DENY, or keep \
+                 it out of the mesh until external authorization exists",
             );
         } else if s.provider.is_some() {
             diags.error(
@@ -44,11 +46,17 @@ impl Validator<'_> {
             );
         }
         if s.target_ref.is_some() || s.target_refs.is_some() {
-            diags.warning(
-                "unsupported",
+            diags.error(
+                "unenforced",
                 src,
-                "spec.targetRef",
-                "targetRef applies to waypoints and gateways; not supported by Hypha yet",
+                if s.target_ref.is_some() {
+                    "spec.targetRef"
+                } else {
+                    "spec.targetRefs"
+                },
+                "targetRef(s) attach the policy to a waypoint or gateway, which Hypha does not \
+                 run, so it would be enforced nowhere: select the workloads with `selector` \
+                 instead",
             );
         }
         for (i, rule) in s.rules.iter().enumerate() {
@@ -77,6 +85,19 @@ impl Validator<'_> {
                     );
                 }
                 for (field, list) in lists {
+                    if field.ends_with("equestPrincipals") && !list.is_empty() {
+                        diags.error(
+                            "unenforced",
+                            src,
+                            format!("{fp}.{field}"),
+                            format!(
+                                "`{field}` needs end-user (JWT) authentication, which Hypha does \
+                                 not have yet (RequestAuthentication), so no request would carry \
+                                 a request principal: match peer identities with `principals` \
+                                 (or `notPrincipals`) instead"
+                            ),
+                        );
+                    }
                     for (k, v) in list.iter().enumerate() {
                         let vp = format!("{fp}.{field}[{k}]");
                         if v.is_empty() {
@@ -156,6 +177,18 @@ impl Validator<'_> {
                         src,
                         format!("{cp}.key"),
                         format!("unknown condition key {:?}", c.key),
+                    );
+                } else if c.key.starts_with("request.auth.") {
+                    diags.error(
+                        "unenforced",
+                        src,
+                        format!("{cp}.key"),
+                        format!(
+                            "{:?} needs end-user (JWT) authentication, which Hypha does not have \
+                             yet (RequestAuthentication): use `source.principal` or \
+                             `request.headers[...]` conditions instead",
+                            c.key
+                        ),
                     );
                 }
                 if c.values.is_empty() && c.not_values.is_empty() {

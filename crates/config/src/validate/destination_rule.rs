@@ -5,7 +5,8 @@ use std::collections::HashSet;
 use super::{is_dns_label, is_host, port, Validator};
 use crate::diag::{Diagnostics, Source};
 use crate::networking::{
-    ConnectionPoolSettings, DestinationRule, LoadBalancerSettings, OutlierDetection, TrafficPolicy,
+    ClientTlsSettings, ConnectionPoolSettings, DestinationRule, LoadBalancerSettings,
+    OutlierDetection, TlsMode, TrafficPolicy,
 };
 use crate::Resource;
 
@@ -73,6 +74,9 @@ fn traffic_policy(src: &Source, path: &str, tp: &TrafficPolicy, diags: &mut Diag
     if let Some(od) = &tp.outlier_detection {
         outlier(src, &format!("{path}.outlierDetection"), od, diags);
     }
+    if let Some(t) = &tp.tls {
+        tls(src, &format!("{path}.tls"), t, diags);
+    }
     for (field, set) in [
         ("tunnel", tp.tunnel.is_some()),
         ("proxyProtocol", tp.proxy_protocol.is_some()),
@@ -118,6 +122,47 @@ fn traffic_policy(src: &Source, path: &str, tp: &TrafficPolicy, diags: &mut Diag
         if let Some(od) = &pl.outlier_detection {
             outlier(src, &format!("{pp}.outlierDetection"), od, diags);
         }
+        if let Some(t) = &pl.tls {
+            tls(src, &format!("{pp}.tls"), t, diags);
+        }
+    }
+}
+
+/// Client TLS to the destination. Fails closed: what Hypha would not do is an error, since
+/// accepting it would send plaintext, or trust what the rule says not to.
+fn tls(src: &Source, path: &str, t: &ClientTlsSettings, diags: &mut Diagnostics) {
+    let files = [
+        ("clientCertificate", &t.client_certificate),
+        ("privateKey", &t.private_key),
+        ("caCertificates", &t.ca_certificates),
+        ("credentialName", &t.credential_name),
+        ("caCrl", &t.ca_crl),
+    ];
+    match t.mode {
+        Some(TlsMode::Simple | TlsMode::Mutual) => diags.error(
+            "unenforced",
+            src,
+            format!("{path}.mode"),
+            "TLS origination (SIMPLE, MUTUAL) is not implemented by Hypha yet, and the \
+             connection would go out in plaintext: have the app speak TLS itself and leave \
+             `tls` unset (or DISABLE)",
+        ),
+        Some(TlsMode::IstioMutual) => {
+            for (field, value) in files.iter().chain([&("sni", &t.sni)]) {
+                if value.is_some() {
+                    diags.error(
+                        "invalid-value",
+                        src,
+                        format!("{path}.{field}"),
+                        format!(
+                            "`{field}` cannot be set with ISTIO_MUTUAL: the sidecar presents its \
+                             own mesh certificate and trusts the mesh roots"
+                        ),
+                    );
+                }
+            }
+        }
+        Some(TlsMode::Disable) | None => {}
     }
 }
 
