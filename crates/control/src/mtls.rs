@@ -41,14 +41,64 @@ pub fn mode(
     labels: &BTreeMap<String, String>,
     port: u32,
 ) -> MtlsMode {
+    mode_of(cfg, namespace, labels, Some(port))
+}
+
+/// The workload's own mode, for ports no service declares and no `portLevelMtls` names (the
+/// inbound passthrough chains).
+pub fn workload_mode(cfg: &Config, namespace: &str, labels: &BTreeMap<String, String>) -> MtlsMode {
+    mode_of(cfg, namespace, labels, None)
+}
+
+/// The ports the policy selecting the workload names in `portLevelMtls`.
+pub fn port_level_ports(
+    cfg: &Config,
+    namespace: &str,
+    labels: &BTreeMap<String, String>,
+) -> Vec<u32> {
+    let policies = sorted(cfg);
+    let Some(p) = selecting(&policies, namespace, labels) else {
+        return Vec::new();
+    };
+    let mut ports: Vec<u32> = p
+        .spec
+        .port_level_mtls
+        .keys()
+        .filter_map(|k| k.parse().ok())
+        .collect();
+    ports.sort_unstable();
+    ports
+}
+
+type Policy = hypha_config::Resource<hypha_config::security::PeerAuthentication>;
+
+fn sorted(cfg: &Config) -> Vec<&Policy> {
     let mut policies: Vec<_> = cfg.peer_authentications.iter().collect();
     policies.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
-    let workload = policies.iter().find(|p| {
+    policies
+}
+
+fn selecting<'a>(
+    policies: &[&'a Policy],
+    namespace: &str,
+    labels: &BTreeMap<String, String>,
+) -> Option<&'a Policy> {
+    policies.iter().copied().find(|p| {
         p.namespace == namespace
             && p.spec.selector.as_ref().is_some_and(|s| {
                 !s.match_labels.is_empty() && labels_match(&s.match_labels, labels)
             })
-    });
+    })
+}
+
+fn mode_of(
+    cfg: &Config,
+    namespace: &str,
+    labels: &BTreeMap<String, String>,
+    port: Option<u32>,
+) -> MtlsMode {
+    let policies = sorted(cfg);
+    let workload = selecting(&policies, namespace, labels);
     let no_selector = |ns: &str| {
         policies.iter().find(|p| {
             p.namespace == ns
@@ -61,10 +111,8 @@ pub fn mode(
     let root = cfg.mesh.root_namespace.as_str();
     let levels = [
         workload.and_then(|p| {
-            let port_mode = p
-                .spec
-                .port_level_mtls
-                .get(&port.to_string())
+            let port_mode = port
+                .and_then(|port| p.spec.port_level_mtls.get(&port.to_string()))
                 .map(|m| m.mode);
             port_mode
                 .filter(|m| *m != MtlsMode::Unset)

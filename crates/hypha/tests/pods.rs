@@ -40,6 +40,12 @@ impl Procs {
         }
     }
 
+    /// The process id of child `name`.
+    fn pid(&self, name: &str) -> u32 {
+        let (_, child, _) = self.0.iter().find(|(n, ..)| n == name).unwrap();
+        child.id()
+    }
+
     fn logs(&self) -> String {
         self.0
             .iter()
@@ -205,41 +211,9 @@ fn mesh_in_pods(bypass: bool) {
         }
         b
     });
-    let tokens = w.join("tokens");
-    std::fs::create_dir(&tokens).unwrap();
-    for sa in ["client", "web"] {
-        let path = tokens.join(format!("pods.{sa}.token"));
-        std::fs::write(&path, format!("token-{sa}-{index}")).unwrap();
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
-    }
+    let tokens = join_tokens(w, index, &["client", "web"]);
     let mut procs = Procs(Vec::new());
-    // The control plane on the node, reachable from the pods through the bridge.
-    let cp_port = std::net::TcpListener::bind((node.ipv4(), 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut control = Command::new(hypha);
-    control
-        .args(["control", "--config"])
-        .arg(w.join("config"))
-        .args(["--listen-tls", &format!("{}:{cp_port}", node.ipv4())])
-        .arg("--data-dir")
-        .arg(w.join("ca"))
-        .arg("--join-tokens")
-        .arg(&tokens);
-    procs.spawn("control", control, w);
-    let root = w.join("ca").join("root-cert.pem");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !root.exists() || std::net::TcpStream::connect((node.ipv4(), cp_port)).is_err() {
-        procs.check();
-        assert!(
-            Instant::now() < deadline,
-            "no control plane:\n{}",
-            procs.logs()
-        );
-        thread::sleep(Duration::from_millis(100));
-    }
+    let cp = control_plane(&mut procs, &node, w, &tokens);
     // The app in the server pod, on all addresses of the pod.
     let mut app = server.command(hypha);
     app.args([
@@ -280,51 +254,15 @@ fn mesh_in_pods(bypass: bool) {
             .arg(w.join(format!("{name}.key")));
         procs.spawn(&format!("tls-{name}"), server, w);
     }
-    for (pod, sa, workload) in [(&client, "client", "client-1"), (&server, "web", "web-1")] {
-        let mut sidecar = pod.sidecar_command(hypha);
-        sidecar
-            .args([
-                "proxy",
-                "--control-plane",
-                &format!("https://{}:{cp_port}", node.ipv4()),
-            ])
-            .arg("--ca-root")
-            .arg(&root)
-            .args(["--trust-domain", "pods.local", "--join-token"])
-            .arg(tokens.join(format!("pods.{sa}.token")))
-            .args([
-                "--namespace",
-                "pods",
-                "--service-account",
-                sa,
-                "--workload",
-                workload,
-            ])
-            .args([
-                "--label",
-                &format!("app={}", if sa == "web" { "web" } else { "client" }),
-            ])
-            .args(["--ip", &pod.ipv4.to_string(), "--ip", &pod.ipv6.to_string()])
-            .args(["--capture-outbound", "15001", "--capture-inbound", "15006"])
-            .args(["--admin", "127.0.0.1:15000"]);
-        procs.spawn(&format!("sidecar-{}", pod.name), sidecar, w);
-    }
-    for pod in [&client, &server] {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            procs.check();
-            if curl(pod, &["-f", "http://127.0.0.1:15000/ready"]).0 {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} not ready:\n{}",
-                pod.name,
-                procs.logs()
-            );
-            thread::sleep(Duration::from_millis(200));
-        }
-    }
+    sidecar(
+        &mut procs,
+        &client,
+        &cp,
+        ("client", "client-1", "client"),
+        w,
+    );
+    sidecar(&mut procs, &server, &cp, ("web", "web-1", "web"), w);
+    wait_ready(&mut procs, &[&client, &server]);
     // An unmodified client: curl to the service's VIPs, nothing told it about a proxy.
     let before = attached.as_ref().map(|b| b.counters().unwrap());
     let mut served = 0;
@@ -464,4 +402,281 @@ fn mesh_in_pods(bypass: bool) {
     drop((client, server, ext));
     drop(node);
     drop(cgroup);
+}
+
+/// Istio's inbound passthrough chains (and the holes they close): in a pod under STRICT,
+/// a port no service declares takes mutual TLS only, under the workload's authorization
+/// policy, to the pod's own address (never loopback); the sidecar's own ports are closed, and
+/// a connection to the capture port does not make the sidecar connect to itself.
+#[test]
+fn undeclared_ports_take_mutual_tls_under_policy_to_the_pod_address() {
+    if !privileged("undeclared_ports_take_mutual_tls_under_policy_to_the_pod_address") {
+        return;
+    }
+    let hypha = env!("CARGO_BIN_EXE_hypha");
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    // Another node range than `mesh_in_pods`, so the two tests can run at once.
+    let index = 150 + u8::try_from(std::process::id() % 50).unwrap();
+    let node = Node::create(index).unwrap();
+    let client = node.pod("client").unwrap();
+    let server = node.pod("web").unwrap();
+    client.capture(&Capture::default()).unwrap();
+    server.capture(&Capture::default()).unwrap();
+    config(&w.join("config"), &client, &server, &server);
+    std::fs::write(
+        w.join("config").join("authz.yaml"),
+        "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: web-callers, namespace: pods}
+spec:
+  selector: {matchLabels: {app: web}}
+  rules: [{from: [{source: {principals: [pods.local/ns/pods/sa/client]}}]}]
+",
+    )
+    .unwrap();
+    let tokens = join_tokens(w, index, &["client", "web"]);
+    let mut procs = Procs(Vec::new());
+    let cp = control_plane(&mut procs, &node, w, &tokens);
+    // The declared app port; a port no service declares, on every address of both families;
+    // and one on the pod's loopback only.
+    for (name, listen) in [
+        ("app", "0.0.0.0:8080"),
+        ("undeclared", "[::]:9090"),
+        ("local", "127.0.0.1:9091"),
+    ] {
+        let mut app = server.command(hypha);
+        app.args(["demo-app", "--role", "reviews-v1", "--listen", listen]);
+        procs.spawn(name, app, w);
+    }
+    sidecar(
+        &mut procs,
+        &client,
+        &cp,
+        ("client", "client-1", "client"),
+        w,
+    );
+    sidecar(&mut procs, &server, &cp, ("web", "web-1", "web"), w);
+    wait_ready(&mut procs, &[&client, &server]);
+    // Certificates for curl: the allowed identity, and one the policy does not name.
+    let certs = |sa: &str| {
+        let out = w.join(format!("cert-{sa}"));
+        let issued = Command::new(hypha)
+            .args(["ca", "issue", "--config"])
+            .arg(w.join("config"))
+            .arg("--data-dir")
+            .arg(w.join("ca"))
+            .args(["--namespace", "pods", "--service-account", sa, "--out"])
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert!(issued.status.success(), "{issued:?}");
+        out
+    };
+    let (allowed, denied) = (certs("client"), certs("intruder"));
+    let mtls = |cert: &Path, url: &str| {
+        let chain = cert.join("cert-chain.pem");
+        let key = cert.join("key.pem");
+        curl(
+            &client,
+            &[
+                "-k",
+                "--http1.1",
+                "--cert",
+                chain.to_str().unwrap(),
+                "--key",
+                key.to_str().unwrap(),
+                url,
+            ],
+        )
+    };
+    // The mesh works: the service, over the sidecars' mutual TLS, from the allowed identity.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (ok, body) = curl(&client, &["http://10.78.0.10:8080/reviews/0"]);
+        if ok && body.contains("\"id\"") {
+            break;
+        }
+        procs.check();
+        assert!(Instant::now() < deadline, "{body}\n{}", procs.logs());
+        thread::sleep(Duration::from_millis(300));
+    }
+    let (s4, s6) = (server.ipv4.to_string(), format!("[{}]", server.ipv6));
+    let before = metrics(&server);
+    // Plaintext under STRICT, to an undeclared port, a loopback-only port and the sidecar's
+    // admin port (on the pod's loopback): refused, all three (the admin port as one of the
+    // sidecar's own, before anything else).
+    for port in [9090, 9091, 15000] {
+        let url = format!("http://{s4}:{port}/ready");
+        let (ok, body) = curl(&client, &[&url]);
+        assert!(!ok, "plaintext past STRICT to {url}: {body}");
+    }
+    let after = metrics(&server);
+    let refused = "hypha_inbound_plaintext_refused_total";
+    assert!(
+        counter(&after, refused) >= counter(&before, refused) + 2,
+        "{}",
+        own_counters(&after)
+    );
+    // Mutual TLS from the allowed identity reaches the app at the pod's address, both
+    // families; not the loopback-only app, which the pod's address does not reach.
+    for host in [&s4, &s6] {
+        let url = format!("https://{host}:9090/reviews/0");
+        let (ok, body) = mtls(&allowed, &url);
+        assert!(
+            ok && body.contains("\"id\""),
+            "{url}: {body}\n{}",
+            procs.logs()
+        );
+    }
+    let (ok, body) = mtls(&allowed, &format!("https://{s4}:9091/reviews/0"));
+    assert!(!ok, "passthrough reached a loopback-only port: {body}");
+    // The policy's TCP rules hold there too: another identity is refused.
+    let (ok, body) = mtls(&denied, &format!("https://{s4}:9090/reviews/0"));
+    assert!(!ok, "an identity the policy does not allow: {body}");
+    assert!(
+        counter(&metrics(&server), "hypha_rbac_denied_connections_total") >= 1,
+        "no TCP denial counted"
+    );
+    // The sidecar's own ports, even with an allowed identity: closed.
+    let (ok, body) = mtls(&allowed, &format!("https://{s4}:15000/ready"));
+    assert!(!ok, "the sidecar's admin port through passthrough: {body}");
+    // One connection to the capture port itself: closed, and the sidecar's descriptors stay
+    // as they were (the hole: it connected to itself until it ran out).
+    let pid = procs.pid("sidecar-web");
+    let fds = || {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .count()
+    };
+    let open = fds();
+    for url in [
+        format!("http://{s4}:15006/"),
+        format!("https://{s4}:15006/"),
+    ] {
+        let (ok, body) = mtls(&allowed, &url);
+        assert!(!ok, "{url}: {body}");
+    }
+    thread::sleep(Duration::from_millis(500));
+    let now = fds();
+    assert!(now <= open + 4, "descriptors {open} → {now}");
+    let after = metrics(&server);
+    assert!(
+        counter(&after, "hypha_inbound_blackholed_total") >= 4,
+        "{}",
+        own_counters(&after)
+    );
+    procs.check();
+}
+
+/// The sidecar's Prometheus metrics in `pod`.
+fn metrics(pod: &Pod) -> String {
+    curl(pod, &["http://127.0.0.1:15000/metrics"]).1
+}
+
+/// Hypha's own counters in `text`, for failure messages.
+fn own_counters(text: &str) -> String {
+    let own: Vec<&str> = text.lines().filter(|l| l.starts_with("hypha_")).collect();
+    own.join("\n")
+}
+
+/// An unlabelled counter's value in `text` (0 when absent).
+fn counter(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// One join token per service account of namespace `pods`, in a new `tokens` directory.
+fn join_tokens(w: &Path, index: u8, accounts: &[&str]) -> PathBuf {
+    let tokens = w.join("tokens");
+    std::fs::create_dir(&tokens).unwrap();
+    for sa in accounts {
+        let path = tokens.join(format!("pods.{sa}.token"));
+        std::fs::write(&path, format!("token-{sa}-{index}")).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    tokens
+}
+
+/// Where sidecars find the control plane and what they join with.
+struct ControlPlane {
+    url: String,
+    root: PathBuf,
+    tokens: PathBuf,
+}
+
+/// The control plane on the node, reachable from the pods through the bridge, with its CA
+/// in `w/ca`; returned once it listens and the mesh root is written.
+fn control_plane(procs: &mut Procs, node: &Node, w: &Path, tokens: &Path) -> ControlPlane {
+    let cp_port = std::net::TcpListener::bind((node.ipv4(), 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut control = Command::new(env!("CARGO_BIN_EXE_hypha"));
+    control
+        .args(["control", "--config"])
+        .arg(w.join("config"))
+        .args(["--listen-tls", &format!("{}:{cp_port}", node.ipv4())])
+        .arg("--data-dir")
+        .arg(w.join("ca"))
+        .arg("--join-tokens")
+        .arg(tokens);
+    procs.spawn("control", control, w);
+    let root = w.join("ca").join("root-cert.pem");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !root.exists() || std::net::TcpStream::connect((node.ipv4(), cp_port)).is_err() {
+        procs.check();
+        assert!(
+            Instant::now() < deadline,
+            "no control plane:\n{}",
+            procs.logs()
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    ControlPlane {
+        url: format!("https://{}:{cp_port}", node.ipv4()),
+        root,
+        tokens: tokens.to_owned(),
+    }
+}
+
+/// `pod`'s sidecar, capturing both ways, admin on the pod's loopback; `who` is its service
+/// account, workload name and `app` label.
+fn sidecar(procs: &mut Procs, pod: &Pod, cp: &ControlPlane, who: (&str, &str, &str), w: &Path) {
+    let (sa, workload, app) = who;
+    let mut sidecar = pod.sidecar_command(env!("CARGO_BIN_EXE_hypha"));
+    sidecar
+        .args(["proxy", "--control-plane", &cp.url])
+        .arg("--ca-root")
+        .arg(&cp.root)
+        .args(["--trust-domain", "pods.local", "--join-token"])
+        .arg(cp.tokens.join(format!("pods.{sa}.token")))
+        .args(["--namespace", "pods", "--service-account", sa])
+        .args(["--workload", workload, "--label", &format!("app={app}")])
+        .args(["--ip", &pod.ipv4.to_string(), "--ip", &pod.ipv6.to_string()])
+        .args(["--capture-outbound", "15001", "--capture-inbound", "15006"])
+        .args(["--admin", "127.0.0.1:15000"]);
+    procs.spawn(&format!("sidecar-{}", pod.name), sidecar, w);
+}
+
+/// Waits until every pod's sidecar says it is ready.
+fn wait_ready(procs: &mut Procs, pods: &[&Pod]) {
+    for pod in pods {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            procs.check();
+            if curl(pod, &["-f", "http://127.0.0.1:15000/ready"]).0 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} not ready:\n{}",
+                pod.name,
+                procs.logs()
+            );
+            thread::sleep(Duration::from_millis(200));
+        }
+    }
 }

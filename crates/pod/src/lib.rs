@@ -329,8 +329,27 @@ impl Pod {
         std::fs::write(&path, text).map_err(|e| PodError::Io(path, e))
     }
 
-    /// Installs `capture`'s rules in the pod (IPv4 and IPv6).
+    /// Installs `capture`'s rules in the pod (IPv4 and IPv6), and puts the inbound
+    /// passthrough source `::6` on its loopback (`127.0.0.6` is there already).
     pub fn capture(&self, capture: &Capture) -> Result<(), PodError> {
+        let ns = self.netns.as_str();
+        match ip(&[
+            "netns",
+            "exec",
+            ns,
+            "ip",
+            "-6",
+            "addr",
+            "add",
+            PASSTHROUGH_SOURCE_V6,
+            "dev",
+            "lo",
+        ]) {
+            Err(PodError::Failed { stderr, .. }) if stderr.contains("File exists") => {}
+            other => {
+                other?;
+            }
+        }
         for (tool, v6) in [("iptables", false), ("ip6tables", true)] {
             for rule in capture.rules(v6) {
                 let mut args = vec![
@@ -453,6 +472,10 @@ impl Drop for Cgroup {
         let _ = std::fs::remove_dir(&self.path);
     }
 }
+
+/// The source address of the sidecar's connections to the pod's own address for inbound
+/// traffic no service declares (Istio's `::6`; IPv4's `127.0.0.6` is on every loopback).
+pub const PASSTHROUGH_SOURCE_V6: &str = "::6/128";
 
 /// Transparent capture as Istio's init container sets it up (`istio-iptables`), with the
 /// same default ports.

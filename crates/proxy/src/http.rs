@@ -126,6 +126,19 @@ pub fn local_reply_with(status: StatusCode, flag: Flag, text: &str) -> Response<
 pub struct Drain {
     rx: tokio::sync::watch::Receiver<bool>,
     open: Arc<AtomicUsize>,
+    /// One connection's own signal (see [`Drain::with_closer`]).
+    own: Option<tokio::sync::watch::Receiver<bool>>,
+}
+
+/// Closes one connection as draining would (see [`Drain::with_closer`]).
+#[derive(Clone)]
+pub struct Closer(tokio::sync::watch::Sender<bool>);
+
+impl Closer {
+    /// The connection finishes the requests in flight and closes.
+    pub fn close(&self) {
+        self.0.send_replace(true);
+    }
 }
 
 /// Graceful shutdown, the owner's side.
@@ -152,7 +165,11 @@ impl DrainTrigger {
                 tx,
                 open: open.clone(),
             },
-            Drain { rx, open },
+            Drain {
+                rx,
+                open,
+                own: None,
+            },
         )
     }
 
@@ -173,12 +190,32 @@ impl DrainTrigger {
 
 impl Drain {
     pub fn is_draining(&self) -> bool {
-        *self.rx.borrow()
+        *self.rx.borrow() || self.own.as_ref().is_some_and(|o| *o.borrow())
     }
 
-    /// Resolves once draining starts.
+    /// Resolves once draining starts (or the connection's own closer fires).
     pub async fn started(&mut self) {
-        let _ = self.rx.wait_for(|d| *d).await;
+        match &mut self.own {
+            None => {
+                let _ = self.rx.wait_for(|d| *d).await;
+            }
+            Some(own) => {
+                tokio::select! {
+                    _ = self.rx.wait_for(|d| *d) => {}
+                    // A dropped closer closes nothing.
+                    Ok(_) = own.wait_for(|d| *d) => {}
+                }
+            }
+        }
+    }
+
+    /// This drain for one connection, which the returned [`Closer`] can also finish early
+    /// (its chain changed under it).
+    pub fn with_closer(&self) -> (Closer, Drain) {
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        let mut drain = self.clone();
+        drain.own = Some(rx);
+        (Closer(tx), drain)
     }
 
     /// Counts a connection as open until the returned guard is dropped.

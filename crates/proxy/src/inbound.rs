@@ -1,34 +1,47 @@
-//! Inbound: peers reach the local app through the proxy. The inbound listener's port picks the
-//! `virtualInbound` filter chain the control plane sent for it: HTTP chains are served as HTTP
-//! (HTTP/1.1 or HTTP/2 in, the app's protocol out), anything else is proxied as TCP bytes. The
-//! app is at `app` (loopback and the app's own port), whatever port the chain names.
+//! Inbound: peers reach the local app through the proxy. Each connection is served by the
+//! `virtualInbound` filter chain the control plane sent for its destination port, or by the
+//! catch-all (passthrough) chain for ports no service declares; without a chain it is closed,
+//! and before the first complete config every connection is. HTTP chains are served as HTTP
+//! (HTTP/1.1 or HTTP/2 in, the app's protocol out) to `app` (loopback and the app's own port);
+//! TCP chains proxy bytes, to `app` or, for the passthrough cluster, to the connection's
+//! original destination (the pod's address) from 127.0.0.6 / ::6.
 //!
 //! A port can have a mutual-TLS chain, a plaintext one, or both (Istio's PERMISSIVE). Where it
 //! has a TLS chain, the first byte of each connection tells them apart (a TLS record starts
 //! with 0x16): TLS connections are terminated with the workload certificate, the client's
 //! certificate required and verified, and its SPIFFE ID recorded for metrics and logs.
 //! Plaintext on a port with only a TLS chain (STRICT) is closed.
+//!
+//! A connection stays judged by the chain it was accepted under: each HTTP request looks the
+//! chain up again (gone or changed kind: denied, and the connection closes after the requests
+//! in flight), and each open TCP connection is checked again when a new config arrives.
+//! Captured connections to the sidecar's own ports are closed, never proxied to itself.
 
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::watch;
 use tracing::debug;
 
 use crate::http::{self as h, Body};
-use crate::model::{Config, Inbound as Chain};
-use crate::telemetry::{Reporter, Telemetry};
+use crate::model::{ClusterKind, Config, Inbound as Chain};
+use crate::telemetry::{InboundRefusal, Reporter, Telemetry};
 use crate::upstream::Upstreams;
 
 /// A client that opens a connection to a TLS port must start its handshake within this.
 const FIRST_BYTE: Duration = Duration::from_secs(10);
 /// The first byte of a TLS record (handshake).
 const TLS_HANDSHAKE: u8 = 0x16;
+/// Where passthrough connections to the original destination come from (Istio's), so the app
+/// can tell them from its own loopback clients and the capture rules leave them alone.
+const PASSTHROUGH_SOURCE_V4: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 6));
+const PASSTHROUGH_SOURCE_V6: IpAddr = IpAddr::V6(Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6));
 
 #[derive(Clone)]
 pub struct Inbound {
@@ -44,10 +57,14 @@ pub struct Inbound {
     /// A capture listener (15006): each connection's original destination port picks its
     /// chain and the app port, in place of `port` and `app`'s port.
     pub captured: bool,
+    /// Changes each time a config is applied: open TCP connections are judged again.
+    pub updates: watch::Receiver<()>,
+    /// The ports the sidecar itself listens on, set once they are all bound: a captured
+    /// connection to one of them is closed.
+    pub own_ports: Arc<OnceLock<Box<[u16]>>>,
 }
 
-/// Who is calling, as far as the connection says.
-#[derive(Clone)]
+/// Who is calling, as far as the connection says, and the chain it was accepted under.
 struct Caller {
     tls: bool,
     /// The verified SPIFFE ID of a mutual-TLS client.
@@ -60,6 +77,10 @@ struct Caller {
     port: u16,
     /// Where the app listens for this connection.
     app: SocketAddr,
+    /// The cluster of the chain the connection was accepted under.
+    cluster: Arc<str>,
+    /// Closes an HTTP connection whose chain changed, after the requests in flight.
+    closer: Option<h::Closer>,
 }
 
 /// Denied requests get this, as from Envoy's RBAC filter.
@@ -73,40 +94,48 @@ impl Inbound {
         caller: &Caller,
     ) -> Response<Body> {
         let cfg = self.config.load();
-        let chains = if caller.tls {
-            &cfg.inbound_tls
-        } else {
-            &cfg.inbound
-        };
-        let (http2, cluster, authz) = match chains.get(&caller.port) {
-            Some(Chain::Http { cluster, authz }) => (
-                cfg.clusters.get(&**cluster).is_some_and(|c| c.http2),
-                cluster.clone(),
-                Some(authz),
-            ),
-            _ => (false, Arc::from(""), None),
+        // The chain is looked up again for every request: policy changes apply at once, and a
+        // chain that is gone or is no longer this HTTP one denies.
+        let chain = match cfg.inbound_chain(caller.tls, caller.port) {
+            Some(Chain::Http { cluster, authz }) if *cluster == caller.cluster => {
+                Some((cfg.clusters.get(&**cluster).is_some_and(|c| c.http2), authz))
+            }
+            _ => None,
         };
         let (mut parts, body) = req.into_parts();
         h::normalize_path(&mut parts);
         let request = self
             .telemetry
             .begin(&parts, h::request_size(&parts, &body), peer);
-        let allowed = authz.is_none_or(|a| {
-            a.is_empty() || {
-                let authority = parts
-                    .uri
-                    .authority()
-                    .map(http::uri::Authority::as_str)
-                    .or_else(|| parts.headers.get(http::header::HOST)?.to_str().ok())
-                    .unwrap_or("");
-                let view = h::View {
-                    parts: &parts,
-                    authority,
-                };
-                self.authorize(a, Some(&view), peer, caller)
+        let allowed = match chain {
+            Some((_, a)) => {
+                a.is_empty() || {
+                    let authority = parts
+                        .uri
+                        .authority()
+                        .map(http::uri::Authority::as_str)
+                        .or_else(|| parts.headers.get(http::header::HOST)?.to_str().ok())
+                        .unwrap_or("");
+                    let view = h::View {
+                        parts: &parts,
+                        authority,
+                    };
+                    self.authorize(a, Some(&view), peer, caller)
+                }
             }
-        });
+            None => {
+                debug!(%peer, port = caller.port, "the connection's chain changed: request denied, connection closing");
+                self.telemetry
+                    .metrics
+                    .inbound_refused(InboundRefusal::ChainChanged);
+                if let Some(closer) = &caller.closer {
+                    closer.close();
+                }
+                false
+            }
+        };
         let resp = if allowed {
+            let http2 = chain.is_some_and(|(http2, _)| http2);
             let upgrade = h::take_upgrade(&mut parts);
             let grpc = h::is_grpc(&parts);
             match self
@@ -130,6 +159,7 @@ impl Inbound {
         };
         let telemetry = self.telemetry.clone();
         let principal = caller.principal.clone();
+        let cluster = caller.cluster.clone();
         h::observed(resp, move |out| {
             telemetry.end(
                 request,
@@ -167,22 +197,51 @@ impl Inbound {
         d.allowed
     }
 
+    /// Where a captured connection was going, unless that is the sidecar itself: one of its
+    /// own ports (the capture port would hand the connection back to itself for ever), or a
+    /// connection from its own passthrough source (one that came back around).
+    fn original_destination(&self, stream: &TcpStream, peer: SocketAddr) -> Option<SocketAddr> {
+        let dst = match crate::capture::original_dst(stream) {
+            Ok(dst) => dst,
+            Err(e) => {
+                debug!(%peer, error = %e, "captured connection without an original destination");
+                return None;
+            }
+        };
+        let own = self.own_ports.get().is_none_or(|p| p.contains(&dst.port()));
+        let looped = matches!(
+            peer.ip().to_canonical(),
+            PASSTHROUGH_SOURCE_V4 | PASSTHROUGH_SOURCE_V6
+        );
+        if own || looped {
+            debug!(%peer, %dst, "captured connection to the sidecar itself: closed");
+            self.telemetry
+                .metrics
+                .inbound_refused(InboundRefusal::Blackholed);
+            return None;
+        }
+        Some(dst)
+    }
+
     /// One accepted connection: TLS or plaintext, then HTTP or TCP by the port's chain.
     async fn connection(self: Arc<Self>, stream: TcpStream, peer: SocketAddr, drain: h::Drain) {
         let cfg = self.config.load_full();
+        let metrics = &self.telemetry.metrics;
+        if !cfg.complete {
+            debug!(%peer, "inbound connection before the first complete config: closed");
+            metrics.inbound_refused(InboundRefusal::NotReady);
+            return;
+        }
         let (destination, port, app) = if self.captured {
-            match crate::capture::original_dst(&stream) {
-                Ok(dst) => (dst, dst.port(), SocketAddr::new(self.app.ip(), dst.port())),
-                Err(e) => {
-                    debug!(%peer, error = %e, "captured connection without an original destination");
-                    return;
-                }
-            }
+            let Some(dst) = self.original_destination(&stream, peer) else {
+                return;
+            };
+            (dst, dst.port(), SocketAddr::new(self.app.ip(), dst.port()))
         } else {
             let local = stream.local_addr().map_or(peer, |a| a);
             (SocketAddr::new(local.ip(), self.port), self.port, self.app)
         };
-        let has_tls = cfg.inbound_tls.contains_key(&port);
+        let has_tls = cfg.inbound_takes_tls(port);
         let tls = has_tls && {
             let mut first = [0u8; 1];
             match tokio::time::timeout(FIRST_BYTE, stream.peek(&mut first)).await {
@@ -190,43 +249,44 @@ impl Inbound {
                 _ => return,
             }
         };
+        let caller = |tls, principal, sni, chain: &Chain| Caller {
+            tls,
+            principal,
+            sni,
+            destination,
+            port,
+            app,
+            cluster: match chain {
+                Chain::Http { cluster, .. } => cluster.clone(),
+                Chain::Tcp { cluster, .. } => Arc::from(cluster.as_str()),
+            },
+            closer: None,
+        };
         if !tls {
-            match cfg.inbound.get(&port) {
-                Some(Chain::Http { .. }) => {
-                    let caller = Caller {
-                        tls: false,
-                        principal: None,
-                        sni: None,
-                        destination,
-                        port,
-                        app,
-                    };
+            match cfg.inbound_chain(false, port) {
+                Some(chain @ Chain::Http { .. }) => {
+                    let (caller, drain) =
+                        Self::http_caller(caller(false, None, None, chain), &drain);
                     h::serve_connection(stream, peer, drain, move |req, peer| {
                         let (i, caller) = (self.clone(), caller.clone());
                         async move { i.handle(req, peer, &caller).await }
                     })
                     .await;
                 }
-                None if has_tls => {
-                    debug!(%peer, port, "plaintext refused: the port requires mutual TLS");
-                    self.telemetry.metrics.plaintext_refused();
-                }
-                Some(Chain::Tcp { authz, .. }) => {
-                    let caller = Caller {
-                        tls: false,
-                        principal: None,
-                        sni: None,
-                        destination,
-                        port,
-                        app,
-                    };
-                    let allowed = self.authorize_tcp(authz, peer, &caller);
-                    if allowed {
-                        self.to_app(stream, peer, app, &drain).await;
+                Some(chain @ Chain::Tcp { authz, cluster }) => {
+                    let caller = caller(false, None, None, chain);
+                    if self.authorize_tcp(authz, peer, &caller) {
+                        self.tcp(stream, peer, &caller, cluster, &drain).await;
                     }
                 }
-                // No chain: the bytes go to the app.
-                None => self.to_app(stream, peer, app, &drain).await,
+                None if has_tls => {
+                    debug!(%peer, port, "plaintext refused: the port requires mutual TLS");
+                    metrics.plaintext_refused();
+                }
+                None => {
+                    debug!(%peer, port, "no inbound filter chain takes the connection: closed");
+                    metrics.inbound_refused(InboundRefusal::NoFilterChain);
+                }
             }
             return;
         }
@@ -243,37 +303,48 @@ impl Inbound {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 debug!(%peer, error = %e, "inbound mutual TLS refused");
-                self.telemetry.metrics.tls_refused();
+                metrics.tls_refused();
                 return;
             }
             Err(_) => return,
         };
-        let caller = Caller {
-            tls: true,
-            principal: hypha_identity::tls::peer_id(stream.ssl()).map(Arc::from),
-            sni: stream
-                .ssl()
-                .servername(boring::ssl::NameType::HOST_NAME)
-                .map(Arc::from),
-            destination,
-            port,
-            app,
-        };
+        let principal = hypha_identity::tls::peer_id(stream.ssl()).map(Arc::from);
+        let sni = stream
+            .ssl()
+            .servername(boring::ssl::NameType::HOST_NAME)
+            .map(Arc::from);
         let h2 = stream.ssl().selected_alpn_protocol() == Some(b"h2".as_slice());
-        match cfg.inbound_tls.get(&port) {
-            Some(Chain::Http { .. }) => {
+        // Looked up again: the config may have changed during the handshake.
+        let cfg = self.config.load_full();
+        match cfg.inbound_chain(true, port) {
+            Some(chain @ Chain::Http { .. }) => {
+                let (caller, drain) =
+                    Self::http_caller(caller(true, principal, sni, chain), &drain);
                 h::serve_tls(stream, h2, peer, drain, move |req, peer| {
                     let (i, caller) = (self.clone(), caller.clone());
                     async move { i.handle(req, peer, &caller).await }
                 })
                 .await;
             }
-            Some(Chain::Tcp { authz, .. }) if self.authorize_tcp(authz, peer, &caller) => {
-                self.to_app(stream, peer, app, &drain).await;
+            Some(chain @ Chain::Tcp { authz, cluster }) => {
+                let caller = caller(true, principal, sni, chain);
+                if self.authorize_tcp(authz, peer, &caller) {
+                    self.tcp(stream, peer, &caller, cluster, &drain).await;
+                }
             }
-            // Denied, or no chain (the TLS chain went away meanwhile): closed.
-            _ => {}
+            None => {
+                debug!(%peer, port, "the TLS chain went away during the handshake: closed");
+                metrics.inbound_refused(InboundRefusal::ChainChanged);
+            }
         }
+    }
+
+    /// An HTTP connection's caller, with a closer for when its chain changes, and the drain
+    /// that closer is part of.
+    fn http_caller(mut caller: Caller, drain: &h::Drain) -> (Arc<Caller>, h::Drain) {
+        let (closer, drain) = drain.with_closer();
+        caller.closer = Some(closer);
+        (Arc::new(caller), drain)
     }
 
     /// A TCP connection's authorization: a denied one is closed before any byte reaches the
@@ -287,32 +358,105 @@ impl Inbound {
         authz.is_empty() || self.authorize::<h::View<'_>>(authz, None, peer, caller)
     }
 
-    /// Proxies the connection's bytes to the app.
-    async fn to_app<S: AsyncRead + AsyncWrite + Unpin>(
+    /// Whether an open TCP connection's chain still takes it, as it is now.
+    fn still_allowed(&self, peer: SocketAddr, caller: &Caller) -> bool {
+        let cfg = self.config.load();
+        match cfg.inbound_chain(caller.tls, caller.port) {
+            Some(Chain::Tcp { cluster, authz }) if **cluster == *caller.cluster => {
+                self.authorize_tcp(authz, peer, caller)
+            }
+            _ => {
+                self.telemetry
+                    .metrics
+                    .inbound_refused(InboundRefusal::ChainChanged);
+                false
+            }
+        }
+    }
+
+    /// Proxies the connection's bytes to where its chain's cluster says: the original
+    /// destination (the passthrough cluster, captured connections), nowhere (a cluster without
+    /// endpoints, or none), or the app. Closed when a new config no longer takes it.
+    async fn tcp<S: AsyncRead + AsyncWrite + Unpin>(
         &self,
         mut stream: S,
         peer: SocketAddr,
-        app: SocketAddr,
+        caller: &Caller,
+        cluster: &str,
         drain: &h::Drain,
     ) {
         let _open = drain.open();
         let metrics = &self.telemetry.metrics;
-        match TcpStream::connect(app).await {
-            Ok(mut app) => {
-                let _ = app.set_nodelay(true);
-                metrics.tcp_opened();
-                match tokio::io::copy_bidirectional(&mut stream, &mut app).await {
-                    // Received from the peer, sent back to it.
-                    Ok((received, sent)) => metrics.tcp_closed(sent, received),
-                    Err(e) => {
-                        metrics.tcp_closed(0, 0);
-                        debug!(%peer, error = %e, "inbound TCP connection ended");
+        let target = {
+            let cfg = self.config.load();
+            match cfg.clusters.get(cluster).map(|c| (&c.kind, &c.bind)) {
+                Some((ClusterKind::OriginalDst, bind)) if self.captured => {
+                    Some((caller.destination, bind.clone()))
+                }
+                Some((ClusterKind::Static(e), _)) if e.is_empty() => None,
+                Some(_) => Some((caller.app, Vec::new())),
+                None => None,
+            }
+        };
+        let Some((to, bind)) = target else {
+            debug!(%peer, cluster, "inbound connection to a cluster with no endpoints: closed");
+            metrics.inbound_refused(InboundRefusal::Blackholed);
+            return;
+        };
+        let mut upstream = match connect_from(to, &bind).await {
+            Ok(s) => s,
+            Err(e) => {
+                debug!(%peer, %to, error = %e, "cannot reach the app");
+                return;
+            }
+        };
+        let _ = upstream.set_nodelay(true);
+        metrics.tcp_opened();
+        let mut updates = self.updates.clone();
+        updates.mark_unchanged();
+        let copy = tokio::io::copy_bidirectional(&mut stream, &mut upstream);
+        let mut copy = std::pin::pin!(copy);
+        let done = loop {
+            tokio::select! {
+                done = &mut copy => break Some(done),
+                Ok(()) = updates.changed() => {
+                    if !self.still_allowed(peer, caller) {
+                        debug!(%peer, "the connection's chain changed: closed");
+                        break None;
                     }
                 }
             }
-            Err(e) => debug!(%peer, error = %e, "cannot reach the app"),
+        };
+        match done {
+            // Received from the peer, sent back to it.
+            Some(Ok((received, sent))) => metrics.tcp_closed(sent, received),
+            Some(Err(e)) => {
+                metrics.tcp_closed(0, 0);
+                debug!(%peer, error = %e, "inbound TCP connection ended");
+            }
+            None => metrics.tcp_closed(0, 0),
         }
     }
+}
+
+/// A connection to `to`, from the first of `sources` of its family when there is one (Istio's
+/// 127.0.0.6 / ::6), or from the kernel's choice where that address is not configured.
+async fn connect_from(to: SocketAddr, sources: &[IpAddr]) -> std::io::Result<TcpStream> {
+    let socket = || match to {
+        SocketAddr::V4(_) => TcpSocket::new_v4(),
+        SocketAddr::V6(_) => TcpSocket::new_v6(),
+    };
+    let mut s = socket()?;
+    if let Some(ip) = sources.iter().find(|ip| ip.is_ipv4() == to.is_ipv4()) {
+        if let Err(e) = s.bind(SocketAddr::new(*ip, 0)) {
+            if e.kind() != std::io::ErrorKind::AddrNotAvailable {
+                return Err(e);
+            }
+            debug!(source = %ip, "passthrough source address not configured; connecting without it");
+            s = socket()?;
+        }
+    }
+    s.connect(to).await
 }
 
 /// Serves the inbound side on `listener` until the task is dropped.

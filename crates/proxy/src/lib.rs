@@ -147,6 +147,8 @@ pub async fn start(opts: Options) -> Result<Running, StartError> {
     let mut upstreams = upstream::Upstreams::default();
     upstreams.identity = mesh.as_ref().map(|m| m.store.clone());
     let (ready_tx, ready) = watch::channel(false);
+    let (updated_tx, updates) = watch::channel(());
+    let own_ports = Arc::new(std::sync::OnceLock::new());
     let stats = Arc::new(xds::XdsStats::default());
     let (drain_trigger, drain) = http::DrainTrigger::new();
     let (admin_trigger, admin_drain) = http::DrainTrigger::new();
@@ -256,6 +258,8 @@ pub async fn start(opts: Options) -> Result<Running, StartError> {
             app,
             identity: mesh.as_ref().map(|m| m.store.clone()),
             captured: true,
+            updates: updates.clone(),
+            own_ports: own_ports.clone(),
         };
         for l in
             capture::bind_all(port).map_err(|e| StartError::Bind(([0, 0, 0, 0], port).into(), e))?
@@ -279,11 +283,26 @@ pub async fn start(opts: Options) -> Result<Running, StartError> {
                 app,
                 identity: mesh.as_ref().map(|m| m.store.clone()),
                 captured: false,
+                updates: updates.clone(),
+                own_ports: own_ports.clone(),
             };
             tasks.spawn(inbound::serve(inbound, l, drain.clone()));
         }
     }
     running.identity = mesh.as_ref().map(|m| m.store.clone());
+    // Everything the sidecar listens on: captured connections there are closed, not looped.
+    let mut own: Vec<u16> = running
+        .admin
+        .iter()
+        .chain(&running.http_proxy)
+        .chain(&running.services)
+        .chain(&running.inbound)
+        .chain(&running.captured)
+        .map(SocketAddr::port)
+        .collect();
+    own.sort_unstable();
+    own.dedup();
+    let _ = own_ports.set(own.into_boxed_slice());
     tasks.spawn(xds::run(
         opts.control_plane.clone(),
         opts.node.clone(),
@@ -291,6 +310,7 @@ pub async fn start(opts: Options) -> Result<Running, StartError> {
         xds::Shared {
             config,
             ready: ready_tx,
+            updated: updated_tx,
             stats,
             versions,
         },

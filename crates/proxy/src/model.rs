@@ -84,12 +84,53 @@ pub struct Config {
     /// Outbound listeners by name (`0.0.0.0_<port>`, `<vip>_<port>`): the address they stand
     /// for and what traffic for it does.
     pub outbound: HashMap<String, (ListenAddr, Outbound)>,
-    /// Inbound filter chains by destination port (from `virtualInbound`), for plaintext
-    /// connections (`transport_protocol` unset or `raw_buffer`).
-    pub inbound: FastMap<u16, Inbound>,
+    /// Inbound filter chains (from `virtualInbound`) for plaintext connections
+    /// (`transport_protocol` unset or `raw_buffer`).
+    pub inbound: InboundChains,
     /// The same for mutual-TLS connections (`transport_protocol: tls` with a
     /// DownstreamTlsContext): the workload certificate, a client certificate required.
-    pub inbound_tls: FastMap<u16, Inbound>,
+    pub inbound_tls: InboundChains,
+    /// Clusters and listeners have arrived, and everything they refer to: until then the
+    /// inbound side serves nothing. Stays true once set.
+    pub complete: bool,
+}
+
+/// One transport's inbound filter chains: by destination port, then the catch-all (Istio's
+/// passthrough chain, no `destination_port`) for every other port.
+#[derive(Debug, Default, Clone)]
+pub struct InboundChains {
+    pub by_port: FastMap<u16, Inbound>,
+    pub any: Option<Inbound>,
+}
+
+impl Config {
+    /// The chain a connection to `port` is served by, TLS or plaintext, in Envoy's order: the
+    /// destination port first (a chain that names the port, of either transport, wins over the
+    /// catch-all), then the transport.
+    #[inline]
+    pub fn inbound_chain(&self, tls: bool, port: u16) -> Option<&Inbound> {
+        let chains = if tls {
+            &self.inbound_tls
+        } else {
+            &self.inbound
+        };
+        if self.inbound_names(port) {
+            chains.by_port.get(&port)
+        } else {
+            chains.any.as_ref()
+        }
+    }
+
+    /// Whether a connection to `port` that starts a TLS handshake is terminated: a mutual-TLS
+    /// chain takes it.
+    #[inline]
+    pub fn inbound_takes_tls(&self, port: u16) -> bool {
+        self.inbound_chain(true, port).is_some()
+    }
+
+    fn inbound_names(&self, port: u16) -> bool {
+        self.inbound.by_port.contains_key(&port) || self.inbound_tls.by_port.contains_key(&port)
+    }
 }
 
 /// The destination an outbound listener stands for: a service VIP and port, or any address
@@ -175,6 +216,18 @@ pub enum Inbound {
         /// Checked per connection.
         authz: Arc<crate::authz::Authz>,
     },
+}
+
+impl Inbound {
+    /// The same chain for a connection already accepted: same kind, same cluster (policy may
+    /// differ; it is checked again).
+    pub fn same_kind(&self, other: &Inbound) -> bool {
+        match (self, other) {
+            (Inbound::Http { cluster: a, .. }, Inbound::Http { cluster: b, .. }) => a == b,
+            (Inbound::Tcp { cluster: a, .. }, Inbound::Tcp { cluster: b, .. }) => a == b,
+            _ => false,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -351,6 +404,9 @@ pub struct Cluster {
     pub max_concurrent_streams: Option<u32>,
     /// Mutual TLS with the workload certificate, and to which endpoints.
     pub tls: Option<UpstreamTls>,
+    /// Source addresses to connect from (`upstream_bind_config`, one per family: Istio's
+    /// 127.0.0.6 and ::6 for inbound passthrough); empty: the kernel's choice.
+    pub bind: Vec<std::net::IpAddr>,
 }
 
 /// Mutual TLS to upstreams: Envoy's UpstreamTlsContext with Istio's SDS names (`default`, the

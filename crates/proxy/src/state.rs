@@ -28,6 +28,10 @@ pub struct State {
     /// Whether the proxy has a workload certificate: without one, resources that need mutual
     /// TLS are refused.
     identity: bool,
+    /// The resource types an update of which has been applied.
+    seen: BTreeSet<String>,
+    /// A complete config has been assembled once (see [`Config::complete`]).
+    complete: bool,
 }
 
 /// The outcome of applying one update.
@@ -108,6 +112,7 @@ impl State {
             }),
         }
         if refused.is_empty() {
+            self.seen.insert(type_url.to_owned());
             Ok(())
         } else {
             Err(refused)
@@ -175,21 +180,34 @@ impl State {
                     .insert(name.clone(), (addr.clone(), o.clone()));
             }
             for (port, tls, chain) in &parts.inbound {
-                let map = if *tls {
+                let chains = if *tls {
                     &mut config.inbound_tls
                 } else {
                     &mut config.inbound
                 };
-                map.insert(*port, chain.clone());
+                match port {
+                    Some(port) => {
+                        chains.by_port.insert(*port, chain.clone());
+                    }
+                    None => chains.any = Some(chain.clone()),
+                }
             }
             wanted_routes.extend(parts.rds.iter().cloned());
         }
-        let wanted_endpoints = self
+        let wanted_endpoints: BTreeSet<String> = self
             .clusters
             .iter()
             .filter(|(_, c)| matches!(c.kind, ClusterKind::Eds))
             .map(|(n, _)| n.clone())
             .collect();
+        self.complete = self.complete
+            || (self.seen.contains(type_url::CLUSTER)
+                && self.seen.contains(type_url::LISTENER)
+                && wanted_routes.iter().all(|r| config.routes.contains_key(r))
+                && wanted_endpoints
+                    .iter()
+                    .all(|e| config.endpoints.contains_key(e)));
+        config.complete = self.complete;
         Applied {
             config: Arc::new(config),
             wanted_routes,

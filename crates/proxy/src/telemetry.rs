@@ -185,6 +185,22 @@ pub struct Metrics {
     rbac_audited: AtomicU64,
     /// Outbound connections closed because no filter chain takes their server name.
     no_filter_chain: AtomicU64,
+    /// Inbound connections and requests refused, by [`InboundRefusal`].
+    inbound_refused: [AtomicU64; 4],
+}
+
+/// Why the inbound side closed a connection (or denied a request) before any policy ran.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InboundRefusal {
+    /// No complete config yet.
+    NotReady = 0,
+    /// To the sidecar's own ports, from its own passthrough source, or to a cluster without
+    /// endpoints.
+    Blackholed = 1,
+    /// No filter chain takes the connection.
+    NoFilterChain = 2,
+    /// The chain the connection was accepted under is gone or changed kind.
+    ChainChanged = 3,
 }
 
 impl Default for Metrics {
@@ -202,6 +218,7 @@ impl Default for Metrics {
             rbac_denied_tcp: AtomicU64::new(0),
             rbac_audited: AtomicU64::new(0),
             no_filter_chain: AtomicU64::new(0),
+            inbound_refused: Default::default(),
         }
     }
 }
@@ -274,6 +291,10 @@ impl Metrics {
         self.rbac_audited.fetch_add(1, Ordering::Relaxed);
     }
 
+    pub fn inbound_refused(&self, why: InboundRefusal) {
+        self.inbound_refused[why as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
     pub fn no_filter_chain(&self) {
         self.no_filter_chain.fetch_add(1, Ordering::Relaxed);
     }
@@ -339,6 +360,16 @@ impl Metrics {
             (
                 "hypha_outbound_no_filter_chain_total",
                 &self.no_filter_chain,
+            ),
+            ("hypha_inbound_not_ready_total", &self.inbound_refused[0]),
+            ("hypha_inbound_blackholed_total", &self.inbound_refused[1]),
+            (
+                "hypha_inbound_no_filter_chain_total",
+                &self.inbound_refused[2],
+            ),
+            (
+                "hypha_inbound_chain_changed_total",
+                &self.inbound_refused[3],
             ),
         ] {
             let _ = writeln!(

@@ -36,6 +36,8 @@ pub struct Shared {
     pub config: Arc<ArcSwap<Config>>,
     /// Turns true once clusters, listeners and everything they refer to have arrived.
     pub ready: watch::Sender<bool>,
+    /// Changes after every applied update (open inbound connections are judged again).
+    pub updated: watch::Sender<()>,
     pub stats: Arc<XdsStats>,
     /// (type URL, name, version) of every accepted resource, for `/config_dump`.
     pub versions: Arc<ArcSwap<Vec<(String, String, String)>>>,
@@ -107,6 +109,7 @@ async fn session(
     let Shared {
         config,
         ready,
+        updated,
         stats,
         versions: dump,
     } = shared;
@@ -140,7 +143,6 @@ async fn session(
     follow(&mut client, &mut routes, &mut endpoints, &applied)
         .await
         .map_err(|e| (e.into(), got))?;
-    let mut seen_types = BTreeSet::new();
     loop {
         let update = match client.next().await {
             Ok(Some(u)) => u,
@@ -183,26 +185,17 @@ async fn session(
             Ok(applied) => {
                 *state = next;
                 config.store(applied.config.clone());
+                updated.send_replace(());
                 stats
                     .updates_applied
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                seen_types.insert(update.type_url.clone());
                 info!(type_url = %update.type_url, version = %update.system_version,
                     resources = update.resources.len(), removed = update.removed.len(),
                     "xDS update applied");
                 follow(&mut client, &mut routes, &mut endpoints, &applied)
                     .await
                     .map_err(|e| (e.into(), got))?;
-                let complete = seen_types.contains(type_url::CLUSTER)
-                    && seen_types.contains(type_url::LISTENER)
-                    && applied
-                        .wanted_routes
-                        .iter()
-                        .all(|r| applied.config.routes.contains_key(r))
-                    && applied
-                        .wanted_endpoints
-                        .iter()
-                        .all(|e| applied.config.endpoints.contains_key(e));
+                let complete = applied.config.complete;
                 if complete && !*ready.borrow() {
                     info!("xDS config complete; proxy ready");
                     ready.send_replace(true);

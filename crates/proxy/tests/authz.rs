@@ -59,7 +59,7 @@ fn authz(policies: &str, port: u16) -> Arc<Authz> {
     parts
         .inbound
         .into_iter()
-        .find(|(p, tls, _)| *p == port && !tls)
+        .find(|(p, tls, _)| *p == Some(port) && !tls)
         .map(|(_, _, chain)| match chain {
             Inbound::Http { authz, .. } | Inbound::Tcp { authz, .. } => authz,
         })

@@ -97,8 +97,12 @@ fn compiles_mutual_tls_between_sidecars() {
     // External services and the passthrough cluster stay plaintext.
     assert!(cfg.clusters["PassthroughCluster"].tls.is_none());
     // Bookinfo's mesh-wide PeerAuthentication is STRICT: a TLS chain only.
-    assert!(cfg.inbound_tls.contains_key(&9080), "{:?}", cfg.inbound_tls);
-    assert!(!cfg.inbound.contains_key(&9080));
+    assert!(
+        cfg.inbound_tls.by_port.contains_key(&9080),
+        "{:?}",
+        cfg.inbound_tls
+    );
+    assert!(!cfg.inbound.by_port.contains_key(&9080));
 
     // A proxy without a workload certificate refuses what needs one, by name and reason.
     let mut plain = State::default();
@@ -196,11 +200,11 @@ fn compiles_the_bookinfo_sidecar_config() {
     // productpage is selected by no AuthorizationPolicy: its chain has no RBAC filter.
     assert!(
         matches!(
-            cfg.inbound.get(&9080),
+            cfg.inbound.by_port.get(&9080),
             Some(Inbound::Http { cluster, authz }) if &**cluster == "inbound|9080||" && authz.is_empty()
         ),
         "{:?}",
-        cfg.inbound.get(&9080)
+        cfg.inbound.by_port.get(&9080)
     );
     assert!(applied.wanted_routes.contains("9080"));
     assert!(applied
@@ -705,9 +709,14 @@ fn fields_nobody_acts_on_are_refused_by_name() {
             format!("cluster {REVIEWS:?}: field `{field}` is not supported by Hypha"),
         );
     };
-    expect(
-        with(&|c| c.upstream_bind_config = Some(Default::default())),
-        "upstream_bind_config",
+    // Source addresses only where the connection's destination is its own (Istio's inbound
+    // passthrough from 127.0.0.6).
+    assert_eq!(
+        cluster_refusal(&with(&|c| c.upstream_bind_config = Some(Default::default()))),
+        format!(
+            "cluster {REVIEWS:?}: field `upstream_bind_config` is not supported by Hypha on a \
+             cluster that is not ORIGINAL_DST"
+        ),
     );
     expect(
         with(&|c| c.wait_for_warm_on_init = Some(Default::default())),
@@ -923,9 +932,12 @@ fn fields_nobody_acts_on_are_refused_by_name() {
     // The inbound chains' inline route goes straight to the app: a timeout there would be
     // ignored, so it is refused.
     let mut inbound: Listener = sent(type_url::LISTENER, "virtualInbound");
-    let Some(filter::ConfigType::TypedConfig(any)) =
-        &mut inbound.filter_chains[0].filters[0].config_type
-    else {
+    let chain = inbound
+        .filter_chains
+        .iter_mut()
+        .find(|c| c.name.starts_with("inbound_"))
+        .expect("a chain for a declared port");
+    let Some(filter::ConfigType::TypedConfig(any)) = &mut chain.filters[0].config_type else {
         panic!("a typed filter")
     };
     let mut h = HttpConnectionManager::decode(&*any.value).unwrap();

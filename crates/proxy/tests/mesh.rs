@@ -280,7 +280,7 @@ async fn mesh() -> Mesh {
             && c.clusters
                 .keys()
                 .all(|k| !k.starts_with("outbound|") || c.endpoint_sets.contains_key(k));
-        if client_done && s.inbound.contains_key(&inbound_port) {
+        if client_done && s.inbound.by_port.contains_key(&inbound_port) {
             break;
         }
         assert!(Instant::now() < deadline, "the mesh config never arrived");
@@ -672,6 +672,7 @@ async fn grpc_streaming_through_two_sidecars() {
                 .config
                 .load()
                 .inbound
+                .by_port
                 .contains_key(&server.inbound[0].port())
     })
     .await;
@@ -1032,7 +1033,7 @@ async fn upgrade_passthrough_through_two_sidecars() {
         c.routes.contains_key("7010")
             && c.endpoint_sets
                 .contains_key("outbound|7010||ws.shop.svc.cluster.local")
-            && ws_sidecar.config.load().inbound.contains_key(&port)
+            && ws_sidecar.config.load().inbound.by_port.contains_key(&port)
     })
     .await;
 

@@ -745,16 +745,7 @@ async fn disable_turns_mutual_tls_off_for_that_workload() {
 
 #[tokio::test]
 async fn a_tcp_connection_the_policy_does_not_allow_is_closed() {
-    let echo = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let echo_addr = echo.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = echo.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = stream.into_split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
+    let echo_addr = tcp_echo().await;
     let yaml = |port: u16| {
         format!(
             "{MESH}---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\n\
@@ -956,4 +947,199 @@ async fn sidecars_with_batched_rsa_keys() {
             assert!(value("hypha_cryptomb_keys_total", &[("path", "fallback")]) >= 1.0);
         }
     }
+}
+
+/// Sends one keep-alive HTTP/1.1 request on `conn`; the status line and body, or `None`
+/// when the connection closes before a whole response.
+async fn keep_alive_get(conn: &mut tokio::net::TcpStream, path: &str) -> Option<(u16, String)> {
+    let request = format!("GET {path} HTTP/1.1\r\nhost: web\r\n\r\n");
+    conn.write_all(request.as_bytes()).await.ok()?;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = tokio::time::timeout(WAIT, conn.read(&mut buf))
+            .await
+            .ok()?
+            .ok()?;
+        if n == 0 {
+            return None;
+        }
+        got.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&got).into_owned();
+        let Some((head, body)) = text.split_once("\r\n\r\n") else {
+            continue;
+        };
+        let length: usize = head
+            .lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case("content-length")
+                    .then(|| v.trim().parse().ok())?
+            })
+            .unwrap_or(0);
+        if body.len() >= length {
+            let status = head.split(' ').nth(1)?.parse().ok()?;
+            return Some((status, body.to_owned()));
+        }
+    }
+}
+
+/// A keep-alive connection opened under PERMISSIVE does not keep working without policy when
+/// STRICT arrives: its next request is denied and the connection closes after it.
+#[tokio::test]
+async fn a_keep_alive_connection_is_judged_by_the_chain_it_was_accepted_under() {
+    let s = secured_on(
+        config(&web_yaml(1, "PERMISSIVE")),
+        &["shop.web", "shop.client"],
+    )
+    .await;
+    let p = pair(&s, "web", |port| web_yaml(port, "PERMISSIVE")).await;
+    let inbound = p.server.inbound[0];
+    let mut conn = tokio::net::TcpStream::connect(inbound).await.unwrap();
+    assert_eq!(
+        keep_alive_get(&mut conn, "/one").await,
+        Some((200, "web /one -".into()))
+    );
+    s.cp.update(config(&web_yaml(inbound.port(), "STRICT")));
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while p
+        .server
+        .config
+        .load()
+        .inbound_chain(false, inbound.port())
+        .is_some()
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "STRICT never applied"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (status, _) = keep_alive_get(&mut conn, "/two").await.expect("an answer");
+    assert_eq!(status, 403);
+    // Closed after that answer.
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(WAIT, conn.read_to_end(&mut rest)).await;
+    assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "{read:?} {rest:?}");
+    assert_eq!(p.hits.load(std::sync::atomic::Ordering::Relaxed), 1);
+    let (_, metrics) = admin(p.server.admin.unwrap(), "/metrics").await;
+    assert!(
+        metrics.contains("hypha_inbound_chain_changed_total 1"),
+        "{metrics}"
+    );
+    // New plaintext connections are refused outright; mutual TLS still works.
+    assert_eq!(plaintext(inbound).await, "");
+    let (status, _, _) = get(
+        p.client.http_proxy[0],
+        "http://web.shop.svc.cluster.local/",
+        &[],
+    )
+    .await;
+    assert_eq!(status, 200);
+}
+
+/// An open TCP connection is judged again when a new config arrives: under PERMISSIVE it
+/// echoes, and STRICT closes it.
+#[tokio::test]
+async fn an_open_tcp_connection_closes_when_its_chain_goes() {
+    let echo_addr = tcp_echo().await;
+    let yaml = |port: u16, mode: &str| {
+        let db = sidecar_service("db", 5432, "tcp", "TCP", port).replace(
+            "spec: {address: 127.0.0.1,",
+            "spec: {address: 127.0.0.1, serviceAccount: db,",
+        );
+        format!(
+            "{MESH}{db}---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\n\
+             metadata: {{name: default, namespace: shop}}\nspec: {{mtls: {{mode: {mode}}}}}\n"
+        )
+    };
+    let s = secured_on(config(&yaml(1, "PERMISSIVE")), &["shop.db"]).await;
+    let mut server = hypha_proxy::start(Options {
+        node: workload_node("shop", "db", "db"),
+        http_proxy: vec![],
+        inbound: vec!["127.0.0.1:0".parse().unwrap()],
+        app: Some(echo_addr),
+        admin: Some("127.0.0.1:0".parse().unwrap()),
+        ..sidecar(&s, "shop", "db", "db-secret")
+    })
+    .await
+    .unwrap();
+    let port = server.inbound[0].port();
+    s.cp.update(config(&yaml(port, "PERMISSIVE")));
+    tokio::time::timeout(WAIT, server.ready.wait_for(|r| *r))
+        .await
+        .unwrap()
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !matches!(
+        server.config.load().inbound_chain(false, port),
+        Some(hypha_proxy::model::Inbound::Tcp { .. })
+    ) {
+        assert!(tokio::time::Instant::now() < deadline, "no TCP chain");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut conn = tokio::net::TcpStream::connect(server.inbound[0])
+        .await
+        .unwrap();
+    conn.write_all(b"ping").await.unwrap();
+    let mut back = [0u8; 4];
+    tokio::time::timeout(WAIT, conn.read_exact(&mut back))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&back, b"ping");
+    s.cp.update(config(&yaml(port, "STRICT")));
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(WAIT, conn.read_to_end(&mut rest)).await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "still open: {read:?}"
+    );
+    let (_, metrics) = admin(server.admin.unwrap(), "/metrics").await;
+    assert!(
+        metrics.contains("hypha_inbound_chain_changed_total 1"),
+        "{metrics}"
+    );
+}
+
+/// A TCP server on loopback that sends back what it reads.
+async fn tcp_echo() -> std::net::SocketAddr {
+    let echo = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = echo.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = echo.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = stream.into_split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    addr
+}
+
+/// Before its first complete config a sidecar's inbound side serves nothing (the app behind
+/// it is not open to whoever comes first), and counts what it closed.
+#[tokio::test]
+async fn inbound_serves_nothing_before_the_first_complete_config() {
+    let web = app("127.0.0.1:0", "web", false).await;
+    // A control plane that never answers.
+    let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let running = hypha_proxy::start(Options {
+        inbound: vec!["127.0.0.1:0".parse().unwrap()],
+        app: Some(web.addr),
+        admin: Some("127.0.0.1:0".parse().unwrap()),
+        ..sidecar_for(
+            &format!("http://{}", silent.local_addr().unwrap()),
+            workload_node("shop", "web", "web"),
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(plaintext(running.inbound[0]).await, "");
+    assert_eq!(web.hits.load(std::sync::atomic::Ordering::Relaxed), 0);
+    let (_, metrics) = admin(running.admin.unwrap(), "/metrics").await;
+    assert!(
+        metrics.contains("hypha_inbound_not_ready_total 1"),
+        "{metrics}"
+    );
 }

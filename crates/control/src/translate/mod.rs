@@ -43,6 +43,12 @@ use listener::ServiceRoutes;
 
 pub const PASSTHROUGH: &str = "PassthroughCluster";
 pub const BLACKHOLE: &str = "BlackHoleCluster";
+/// Inbound traffic for ports no service declares, to its original destination (Istio's).
+pub const INBOUND_PASSTHROUGH: &str = "InboundPassthroughCluster";
+/// The source addresses `INBOUND_PASSTHROUGH` connects from (Istio's: "6 is the magical
+/// number for inbound"); `hypha_pod::Capture` leaves them alone and puts `::6` on `lo`.
+pub const INBOUND_PASSTHROUGH_SOURCE_V4: &str = "127.0.0.6";
+pub const INBOUND_PASSTHROUGH_SOURCE_V6: &str = "::6";
 pub const VIRTUAL_OUTBOUND_PORT: u32 = 15001;
 pub const VIRTUAL_INBOUND_PORT: u32 = 15006;
 

@@ -1,13 +1,15 @@
 //! Clusters: discovery type, load balancing, upstream HTTP options, circuit breaker thresholds
 //! and outlier detection, compiled into a [`model::Cluster`](crate::model::Cluster).
 
+use std::net::IpAddr;
 use std::time::Duration;
 
 use envoy_types::pb::envoy::config::cluster::v3::{
     circuit_breakers, cluster, Cluster as EnvoyCluster, OutlierDetection,
 };
 use envoy_types::pb::envoy::config::core::v3::{
-    Http2ProtocolOptions, HttpProtocolOptions as CommonHttpOptions,
+    socket_address, BindConfig, Http2ProtocolOptions, HttpProtocolOptions as CommonHttpOptions,
+    SocketAddress,
 };
 use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
     http_protocol_options::{explicit_http_config::ProtocolConfig, UpstreamProtocolOptions},
@@ -66,6 +68,7 @@ fn cluster_inner(bytes: &[u8]) -> Result<Cluster> {
             "max_requests_per_connection",
             "transport_socket",
             "transport_socket_matches",
+            "upstream_bind_config",
             // Informational: a stats name; metadata, which only subset load balancing reads
             // (refused); and a buffer size hint (hyper and tokio apply their own
             // backpressure).
@@ -207,6 +210,15 @@ fn cluster_inner(bytes: &[u8]) -> Result<Cluster> {
     }
     let outlier = c.outlier_detection.as_ref().map(outlier).transpose()?;
     let tls = upstream_tls(c.transport_socket.as_ref(), &c.transport_socket_matches)?;
+    let bind = match &c.upstream_bind_config {
+        Some(b) if matches!(kind, ClusterKind::OriginalDst) => bind_config(b)?,
+        Some(_) => {
+            return Err(
+                unsupported("upstream_bind_config") + " on a cluster that is not ORIGINAL_DST"
+            )
+        }
+        None => Vec::new(),
+    };
     Ok(Cluster {
         name: c.name,
         kind,
@@ -222,7 +234,45 @@ fn cluster_inner(bytes: &[u8]) -> Result<Cluster> {
         max_requests_per_connection: http.max_requests_per_connection,
         max_concurrent_streams: http.max_concurrent_streams,
         tls,
+        bind,
     })
+}
+
+/// `upstream_bind_config`: a source address, and one more of the other family (Istio's
+/// 127.0.0.6 and ::6 for the inbound passthrough cluster). Ports are the kernel's choice.
+fn bind_config(b: &BindConfig) -> Result<Vec<IpAddr>> {
+    const AT: &str = "upstream_bind_config";
+    only(b, AT, &["source_address", "extra_source_addresses"])?;
+    let source = |s: Option<&SocketAddress>, at: &str| -> Result<IpAddr> {
+        let s = s.ok_or_else(|| format!("{at}: missing address"))?;
+        only(s, at, &["address", "port_specifier"])?;
+        match s.port_specifier {
+            None | Some(socket_address::PortSpecifier::PortValue(0)) => {}
+            _ => {
+                return Err(unsupported_value(
+                    &format!("{at}.port_specifier"),
+                    "a fixed port",
+                ))
+            }
+        }
+        s.address
+            .parse()
+            .map_err(|_| format!("{at}: {:?} is not an IP address", s.address))
+    };
+    let mut out = vec![source(
+        b.source_address.as_ref(),
+        &path(AT, "source_address"),
+    )?];
+    for (i, extra) in b.extra_source_addresses.iter().enumerate() {
+        let at = format!("{AT}.extra_source_addresses[{i}]");
+        only(extra, &at, &["address"])?;
+        let ip = source(extra.address.as_ref(), &path(&at, "address"))?;
+        if out.iter().any(|o: &IpAddr| o.is_ipv4() == ip.is_ipv4()) {
+            return Err(format!("{at}: a second source address of the same family"));
+        }
+        out.push(ip);
+    }
+    Ok(out)
 }
 
 /// `envoy.extensions.upstreams.http.v3.HttpProtocolOptions`.

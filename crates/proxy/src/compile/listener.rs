@@ -40,8 +40,6 @@ const TCP_PROXY: &str =
     "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy";
 const HTTP_RBAC: &str = "envoy.filters.http.rbac";
 const ROUTER: &str = "envoy.filters.http.router";
-/// The ORIGINAL_DST cluster Istio and Hypha's control plane pass unmatched traffic to.
-const PASSTHROUGH: &str = "PassthroughCluster";
 
 /// What one Listener contributes: outbound entries and inbound chains.
 #[derive(Debug, Default, Clone)]
@@ -49,8 +47,9 @@ pub struct ListenerParts {
     pub outbound: Option<(ListenAddr, Outbound)>,
     /// The outbound listener's further addresses (a dual-stack service's other VIPs).
     pub additional: Vec<ListenAddr>,
-    /// Inbound chains: destination port, whether the chain is mutual TLS, what it does.
-    pub inbound: Vec<(u16, bool, Inbound)>,
+    /// Inbound chains: destination port (`None`: every port no other chain names), whether
+    /// the chain is mutual TLS, what it does.
+    pub inbound: Vec<(Option<u16>, bool, Inbound)>,
     /// Route tables the listener refers to (to subscribe to over RDS).
     pub rds: Vec<String>,
 }
@@ -142,64 +141,24 @@ fn listener_inner(bytes: &[u8]) -> Result<ListenerParts> {
     match l.name.as_str() {
         "virtualInbound" => {
             for chain in &l.filter_chains {
-                let Some(m) = &chain.filter_chain_match else {
-                    return Err(format!(
-                        "inbound filter chain {:?} has no destination_port",
-                        chain.name
-                    ));
-                };
-                let tls = inbound_chain_tls(chain, m)?;
-                let Some(port) = m
+                let m = chain.filter_chain_match.clone().unwrap_or_default();
+                let tls = inbound_chain_tls(chain, &m)?;
+                // No port: Istio's passthrough chain, for every port no other chain names.
+                let port = m
                     .destination_port
-                    .as_ref()
-                    .and_then(|p| u16::try_from(p.value).ok())
-                else {
-                    return Err(format!(
-                        "inbound filter chain {:?} has no destination_port",
-                        chain.name
-                    ));
-                };
-                let inbound = match chain_kind(chain)? {
-                    ChainKind::Inline(cluster, authz) => Inbound::Http {
-                        cluster: cluster.into(),
-                        authz: Arc::new(authz),
-                    },
-                    ChainKind::Rds(_) => {
-                        return Err("an inbound HTTP chain needs an inline route".into())
-                    }
-                    ChainKind::Tcp(cluster, authz) => Inbound::Tcp {
-                        cluster,
-                        authz: Arc::new(authz),
-                    },
-                };
-                if parts
-                    .inbound
-                    .iter()
-                    .any(|(p, t, _)| *p == port && *t == tls)
-                {
-                    return Err(format!(
-                        "two inbound filter chains for port {port} ({})",
-                        if tls { "TLS" } else { "plaintext" }
-                    ));
-                }
-                parts.inbound.push((port, tls, inbound));
+                    .map(|p| {
+                        u16::try_from(p.value).map_err(|_| format!("port {} out of range", p.value))
+                    })
+                    .transpose()?;
+                push_inbound(&mut parts, port, tls, inbound_chain(chain)?)?;
             }
-            // Inbound traffic for a port without a chain goes to the app as TCP bytes, which
-            // is what a default chain passing through to the original destination does.
+            // Envoy's chain for connections no other chain takes: a plaintext catch-all.
             if let Some(chain) = &l.default_filter_chain {
                 if let Some(m) = &chain.filter_chain_match {
                     only(m, "default_filter_chain.filter_chain_match", &[])?;
                 }
                 plain_chain(chain)?;
-                match chain_kind(chain)? {
-                    ChainKind::Tcp(c, authz) if c == PASSTHROUGH && authz.is_empty() => {}
-                    _ => {
-                        return Err(format!(
-                            "a default_filter_chain other than TCP to {PASSTHROUGH} is not \
-                             supported"
-                        ))
-                    }
-                }
+                push_inbound(&mut parts, None, false, inbound_chain(chain)?)?;
             }
         }
         "virtualOutbound" => {
@@ -240,6 +199,48 @@ fn listener_inner(bytes: &[u8]) -> Result<ListenerParts> {
         }
     }
     Ok(parts)
+}
+
+/// What an inbound chain does: HTTP with its inline route, or TCP bytes.
+fn inbound_chain(chain: &FilterChain) -> Result<Inbound> {
+    Ok(match chain_kind(chain)? {
+        ChainKind::Inline(cluster, authz) => Inbound::Http {
+            cluster: cluster.into(),
+            authz: Arc::new(authz),
+        },
+        ChainKind::Rds(_) => return Err("an inbound HTTP chain needs an inline route".into()),
+        ChainKind::Tcp(cluster, authz) => Inbound::Tcp {
+            cluster,
+            authz: Arc::new(authz),
+        },
+    })
+}
+
+/// Adds an inbound chain; two for the same port and transport cannot be told apart.
+fn push_inbound(
+    parts: &mut ListenerParts,
+    port: Option<u16>,
+    tls: bool,
+    inbound: Inbound,
+) -> Result<()> {
+    if parts
+        .inbound
+        .iter()
+        .any(|(p, t, _)| *p == port && *t == tls)
+    {
+        let on = port.map_or("every other port".to_owned(), |p| format!("port {p}"));
+        let transport = if tls { "TLS" } else { "plaintext" };
+        return Err(format!("two inbound filter chains for {on} ({transport})"));
+    }
+    if port.is_none() && matches!(inbound, Inbound::Http { .. }) {
+        return Err(
+            "an inbound chain without destination_port must be TCP (it takes \
+                    connections to ports no service declares)"
+                .into(),
+        );
+    }
+    parts.inbound.push((port, tls, inbound));
+    Ok(())
 }
 
 /// A chain's `filter_chain_match.server_names` (lower-case), the only thing an outbound chain
