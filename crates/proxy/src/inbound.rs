@@ -31,6 +31,7 @@ use tracing::debug;
 
 use crate::http::{self as h, Body};
 use crate::model::{ClusterKind, Config, Inbound as Chain};
+use crate::request::{self, View};
 use crate::telemetry::{InboundRefusal, Reporter, Telemetry};
 use crate::upstream::Upstreams;
 
@@ -103,7 +104,7 @@ impl Inbound {
             _ => None,
         };
         let (mut parts, body) = req.into_parts();
-        h::normalize_path(&mut parts);
+        request::normalize_path(&mut parts);
         let request = self
             .telemetry
             .begin(&parts, h::request_size(&parts, &body), peer);
@@ -116,7 +117,7 @@ impl Inbound {
                         .map(http::uri::Authority::as_str)
                         .or_else(|| parts.headers.get(http::header::HOST)?.to_str().ok())
                         .unwrap_or("");
-                    let view = h::View {
+                    let view = View {
                         parts: &parts,
                         authority,
                     };
@@ -355,7 +356,7 @@ impl Inbound {
         peer: SocketAddr,
         caller: &Caller,
     ) -> bool {
-        authz.is_empty() || self.authorize::<h::View<'_>>(authz, None, peer, caller)
+        authz.is_empty() || self.authorize::<View<'_>>(authz, None, peer, caller)
     }
 
     /// Whether an open TCP connection's chain still takes it, as it is now.

@@ -16,11 +16,12 @@ use http::header::HOST;
 use http::{HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
-use crate::http::{self as h, Body, Flag, View};
+use crate::http::{self as h, Body, Flag};
 use crate::model::{
     Action, Config, Fault, Forward, HashKey, ListenAddr, Redirect, Route, TcpRoutes,
     WeightedCluster,
 };
+use crate::request::{self, View};
 use crate::router;
 use crate::telemetry::{Reporter, Telemetry};
 use crate::upstream::{Plan, Upstreams};
@@ -61,7 +62,7 @@ impl Outbound {
         peer: SocketAddr,
     ) -> Response<Body> {
         let (mut parts, body) = req.into_parts();
-        h::normalize_path(&mut parts);
+        request::normalize_path(&mut parts);
         if !parts.headers.contains_key(&REQUEST_ID) {
             if let Some(v) = request_id() {
                 parts.headers.insert(REQUEST_ID, v);

@@ -4,8 +4,8 @@
 
 use http::{HeaderMap, Uri};
 
-use crate::http::View;
 use crate::model::{Config, Forward, HeaderAppend, HeaderOps, Route, WeightedCluster};
+use crate::request::View;
 
 /// The route for a request, or `None` (Envoy: NR, 404).
 pub fn select<'c>(cfg: &'c Config, table: &str, view: &View<'_>) -> Option<&'c Route> {
