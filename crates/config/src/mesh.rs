@@ -31,6 +31,10 @@ pub struct MeshConfig {
     pub signers: Vec<Signer>,
     #[serde(default = "default_tenants")]
     pub tenants: Vec<Tenant>,
+    /// How sidecars normalize request paths before routing and authorization (Istio's
+    /// `meshConfig.pathNormalization`).
+    #[serde(default)]
+    pub path_normalization: PathNormalization,
 }
 
 impl Default for MeshConfig {
@@ -42,8 +46,36 @@ impl Default for MeshConfig {
             ip_families: default_ip_families(),
             signers: default_signers(),
             tenants: default_tenants(),
+            path_normalization: PathNormalization::default(),
         }
     }
+}
+
+/// Istio's `ProxyPathNormalization`: `{normalization: BASE}` by default.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PathNormalization {
+    #[serde(default)]
+    pub normalization: Normalization,
+}
+
+/// What is done to a request path before routing and authorization see it (and the app gets
+/// it), in Envoy's terms.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Normalization {
+    /// The same as `Base`.
+    #[default]
+    Default,
+    /// Nothing: the path goes as the client sent it.
+    None,
+    /// RFC 3986 normalization: `%XX` of unreserved characters decoded, backslashes as
+    /// slashes, dot segments removed; `%00` refused.
+    Base,
+    /// `Base`, then repeated slashes merged.
+    MergeSlashes,
+    /// `%2F` and `%5C` decoded first, then `MergeSlashes`.
+    DecodeAndMergeSlashes,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Hash)]

@@ -98,18 +98,27 @@ impl Inbound {
         // The chain is looked up again for every request: policy changes apply at once, and a
         // chain that is gone or is no longer this HTTP one denies.
         let chain = match cfg.inbound_chain(caller.tls, caller.port) {
-            Some(Chain::Http { cluster, authz }) if *cluster == caller.cluster => {
-                Some((cfg.clusters.get(&**cluster).is_some_and(|c| c.http2), authz))
-            }
+            Some(Chain::Http {
+                cluster,
+                authz,
+                paths,
+            }) if *cluster == caller.cluster => Some((
+                cfg.clusters.get(&**cluster).is_some_and(|c| c.http2),
+                authz,
+                *paths,
+            )),
             _ => None,
         };
         let (mut parts, body) = req.into_parts();
-        request::normalize_path(&mut parts);
+        // A method or path normalization refuses: 400, before authorization.
+        let invalid =
+            chain.is_some_and(|(_, _, paths)| request::normalize(&mut parts, paths).is_err());
         let request = self
             .telemetry
             .begin(&parts, h::request_size(&parts, &body), peer);
         let allowed = match chain {
-            Some((_, a)) => {
+            _ if invalid => false,
+            Some((_, a, _)) => {
                 a.is_empty() || {
                     let authority = parts
                         .uri
@@ -117,10 +126,7 @@ impl Inbound {
                         .map(http::uri::Authority::as_str)
                         .or_else(|| parts.headers.get(http::header::HOST)?.to_str().ok())
                         .unwrap_or("");
-                    let view = View {
-                        parts: &parts,
-                        authority,
-                    };
+                    let view = View::new(&parts, authority);
                     self.authorize(a, Some(&view), peer, caller)
                 }
             }
@@ -135,8 +141,10 @@ impl Inbound {
                 false
             }
         };
-        let resp = if allowed {
-            let http2 = chain.is_some_and(|(http2, _)| http2);
+        let resp = if invalid {
+            h::local_reply(h::Flag::BadRequest)
+        } else if allowed {
+            let http2 = chain.is_some_and(|(http2, ..)| http2);
             let upgrade = h::take_upgrade(&mut parts);
             let grpc = h::is_grpc(&parts);
             match self

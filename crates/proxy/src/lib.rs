@@ -22,7 +22,7 @@ pub mod model;
 pub mod outbound;
 mod pool;
 mod rand;
-mod request;
+pub mod request;
 pub mod router;
 pub mod state;
 pub mod telemetry;

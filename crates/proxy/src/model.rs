@@ -76,8 +76,9 @@ pub struct Config {
     pub endpoints: HashMap<String, Arc<[Endpoint]>>,
     /// Every cluster's endpoints (EDS or static) with its load-balancing state.
     pub endpoint_sets: FastMap<String, Arc<EndpointSet>>,
-    /// Service port → route table, from the `0.0.0.0_<port>` HTTP listeners.
-    pub http_by_port: FastMap<u16, String>,
+    /// Service port → route table and path normalization, from the `0.0.0.0_<port>` HTTP
+    /// listeners.
+    pub http_by_port: FastMap<u16, (String, PathNormalization)>,
     /// VIP and port (or any address on a port) → where its connections go, from the TCP and
     /// TLS listeners.
     pub tcp: HashMap<ListenAddr, Arc<TcpRoutes>>,
@@ -144,8 +145,11 @@ pub enum ListenAddr {
 /// What the outbound side does with traffic for one service port.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outbound {
-    /// HTTP: route with the route table of this name.
-    Http { route_table: String },
+    /// HTTP: route with the route table of this name, paths normalized so.
+    Http {
+        route_table: String,
+        paths: PathNormalization,
+    },
     /// TCP bytes to a cluster: the only one, or the one the ClientHello's server name picks.
     Tcp(Arc<TcpRoutes>),
 }
@@ -201,6 +205,29 @@ impl TcpRoutes {
     }
 }
 
+/// What an HTTP connection manager does to request paths before routing and authorization
+/// (Envoy's `normalize_path`, `merge_slashes`, `path_with_escaped_slashes_action`; Istio's
+/// `pathNormalization` sets them). Nothing, unless the connection manager says so.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PathNormalization {
+    /// RFC 3986: escapes of unreserved characters decoded, `%00` refused, backslashes as
+    /// slashes, dot segments removed.
+    pub normalize: bool,
+    pub merge_slashes: bool,
+    pub escaped_slashes: EscapedSlashes,
+}
+
+/// What is done to `%2F` and `%5C` in a path.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum EscapedSlashes {
+    #[default]
+    Keep,
+    /// 400.
+    Reject,
+    /// Decoded before the rest of normalization, and sent on so.
+    Unescape,
+}
+
 /// What the inbound side does with traffic for one local port.
 #[derive(Debug, Clone)]
 pub enum Inbound {
@@ -210,6 +237,8 @@ pub enum Inbound {
         cluster: Arc<str>,
         /// Checked per request before it goes anywhere.
         authz: Arc<crate::authz::Authz>,
+        /// What is done to request paths before authorization.
+        paths: PathNormalization,
     },
     Tcp {
         cluster: String,

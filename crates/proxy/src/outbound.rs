@@ -62,7 +62,6 @@ impl Outbound {
         peer: SocketAddr,
     ) -> Response<Body> {
         let (mut parts, body) = req.into_parts();
-        request::normalize_path(&mut parts);
         if !parts.headers.contains_key(&REQUEST_ID) {
             if let Some(v) = request_id() {
                 parts.headers.insert(REQUEST_ID, v);
@@ -125,13 +124,13 @@ impl Outbound {
                 Err(_) => return (h::local_reply(Flag::BadRequest), none()),
             }
         }
-        let Some(table) = cfg.http_by_port.get(&port) else {
+        let Some((table, paths)) = cfg.http_by_port.get(&port) else {
             return (h::local_reply(Flag::NoRoute), none());
         };
-        let view = View {
-            parts: &parts,
-            authority,
-        };
+        if request::normalize(&mut parts, *paths).is_err() {
+            return (h::local_reply(Flag::BadRequest), none());
+        }
+        let view = View::new(&parts, authority);
         let Some(route) = router::select(&cfg, table, &view) else {
             return (h::local_reply(Flag::NoRoute), none());
         };

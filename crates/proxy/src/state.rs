@@ -165,9 +165,11 @@ impl State {
         for (name, parts) in &self.listeners {
             if let Some((addr, o)) = &parts.outbound {
                 match o {
-                    Outbound::Http { route_table } => {
+                    Outbound::Http { route_table, paths } => {
                         let (ListenAddr::AnyOn(port) | ListenAddr::Vip(_, port)) = addr;
-                        config.http_by_port.insert(*port, route_table.clone());
+                        config
+                            .http_by_port
+                            .insert(*port, (route_table.clone(), *paths));
                     }
                     Outbound::Tcp(routes) => {
                         for a in std::iter::once(addr).chain(&parts.additional) {

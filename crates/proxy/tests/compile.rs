@@ -21,7 +21,10 @@ use envoy_types::pb::google::protobuf::{Any, UInt32Value};
 use hypha_control::{ProxyInfo, Translation};
 use hypha_matcher::SimpleRequest;
 use hypha_proxy::compile::Refused;
-use hypha_proxy::model::{Action, ClusterKind, HashKey, Inbound, Lb, ListenAddr, Outbound};
+use hypha_proxy::model::{
+    Action, ClusterKind, EscapedSlashes, HashKey, Inbound, Lb, ListenAddr, Outbound,
+    PathNormalization,
+};
 use hypha_proxy::state::{nack_message, State};
 use hypha_xds::{type_url, Resource, Snapshot};
 use prost::Message;
@@ -184,6 +187,13 @@ fn tls_shapes_hypha_does_not_serve_are_refused_by_name() {
     assert!(e.contains("auto-mTLS"), "{e}");
 }
 
+/// Istio's default `pathNormalization: BASE`, as the control plane sends it.
+const BASE: PathNormalization = PathNormalization {
+    normalize: true,
+    merge_slashes: false,
+    escaped_slashes: EscapedSlashes::Keep,
+};
+
 #[test]
 fn compiles_the_bookinfo_sidecar_config() {
     let applied = loaded().assemble();
@@ -193,7 +203,8 @@ fn compiles_the_bookinfo_sidecar_config() {
         Some(&(
             ListenAddr::AnyOn(9080),
             Outbound::Http {
-                route_table: "9080".into()
+                route_table: "9080".into(),
+                paths: BASE,
             }
         ))
     );
@@ -201,7 +212,7 @@ fn compiles_the_bookinfo_sidecar_config() {
     assert!(
         matches!(
             cfg.inbound.by_port.get(&9080),
-            Some(Inbound::Http { cluster, authz }) if &**cluster == "inbound|9080||" && authz.is_empty()
+            Some(Inbound::Http { cluster, authz, paths }) if &**cluster == "inbound|9080||" && authz.is_empty() && *paths == BASE
         ),
         "{:?}",
         cfg.inbound.by_port.get(&9080)

@@ -107,7 +107,7 @@ impl Translation {
                     validate_clusters: Some(boolv(false)),
                     ..Default::default()
                 };
-                let mut h = hcm_base(&format!("inbound_0.0.0.0_{port}"));
+                let mut h = hcm_base(&format!("inbound_0.0.0.0_{port}"), self.normalization());
                 h.route_specifier = Some(RouteSpecifier::RouteConfig(rc));
                 h.http_filters.splice(0..0, http_rbac.iter().cloned());
                 FilterChain {

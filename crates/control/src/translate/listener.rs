@@ -14,11 +14,11 @@ use envoy_types::pb::envoy::config::route::v3::{RouteConfiguration, VirtualHost}
 use envoy_types::pb::envoy::extensions::filters::http::fault::v3::HttpFault;
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
-    http_connection_manager::{CodecType, RouteSpecifier},
+    http_connection_manager::{CodecType, PathWithEscapedSlashesAction, RouteSpecifier},
     http_filter, HttpConnectionManager, HttpFilter, Rds,
 };
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{tcp_proxy, TcpProxy};
-use hypha_config::mesh::IpFamily;
+use hypha_config::mesh::{IpFamily, Normalization};
 use hypha_xds::{Resource as XdsResource, Snapshot};
 
 use super::cluster::passthrough_cluster;
@@ -39,6 +39,11 @@ pub(super) struct ServiceRoutes {
 }
 
 impl Translation {
+    /// How the mesh normalizes request paths.
+    pub(super) fn normalization(&self) -> Normalization {
+        self.cfg.mesh.path_normalization.normalization
+    }
+
     fn families(&self) -> (bool, bool) {
         let f = &self.cfg.mesh.ip_families;
         (f.contains(&IpFamily::IPv4), f.contains(&IpFamily::IPv6))
@@ -220,7 +225,11 @@ impl Translation {
                 name: lname.clone(),
                 filters: vec![Filter {
                     name: envoy::HCM.into(),
-                    config_type: Some(filter::ConfigType::TypedConfig(any(&hcm(&lname, &name)))),
+                    config_type: Some(filter::ConfigType::TypedConfig(any(&hcm(
+                        &lname,
+                        &name,
+                        self.normalization(),
+                    )))),
                 }],
                 ..Default::default()
             }];
@@ -277,7 +286,7 @@ impl Translation {
             &Listener {
                 name: name.clone(),
                 api_listener: Some(ApiListener {
-                    api_listener: Some(any(&hcm(&name, &name))),
+                    api_listener: Some(any(&hcm(&name, &name, self.normalization()))),
                 }),
                 ..Default::default()
             },
@@ -325,8 +334,23 @@ impl Outbound<'_> {
     }
 }
 
-pub(super) fn hcm_base(stat_prefix: &str) -> HttpConnectionManager {
+/// An HTTP connection manager with the fault filter and the router, normalizing paths as the
+/// mesh says (Istio's `pathNormalization`).
+pub(super) fn hcm_base(stat_prefix: &str, normalization: Normalization) -> HttpConnectionManager {
+    let (normalize, merge, unescape) = match normalization {
+        Normalization::None => (false, false, false),
+        Normalization::Default | Normalization::Base => (true, false, false),
+        Normalization::MergeSlashes => (true, true, false),
+        Normalization::DecodeAndMergeSlashes => (true, true, true),
+    };
     HttpConnectionManager {
+        normalize_path: Some(boolv(normalize)),
+        merge_slashes: merge,
+        path_with_escaped_slashes_action: if unescape {
+            PathWithEscapedSlashesAction::UnescapeAndForward
+        } else {
+            PathWithEscapedSlashesAction::KeepUnchanged
+        } as i32,
         stat_prefix: stat_prefix.to_string(),
         codec_type: CodecType::Auto as i32,
         http_filters: vec![
@@ -349,8 +373,12 @@ pub(super) fn hcm_base(stat_prefix: &str) -> HttpConnectionManager {
     }
 }
 
-fn hcm(stat_prefix: &str, route_config: &str) -> HttpConnectionManager {
-    let mut h = hcm_base(stat_prefix);
+fn hcm(
+    stat_prefix: &str,
+    route_config: &str,
+    normalization: Normalization,
+) -> HttpConnectionManager {
+    let mut h = hcm_base(stat_prefix, normalization);
     h.route_specifier = Some(RouteSpecifier::Rds(Rds {
         config_source: Some(envoy::ads()),
         route_config_name: route_config.to_string(),

@@ -17,7 +17,8 @@ use envoy_types::pb::envoy::extensions::filters::http::rbac::v3::Rbac as HttpRba
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
 use envoy_types::pb::envoy::extensions::filters::listener::tls_inspector::v3::TlsInspector;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
-    http_connection_manager::RouteSpecifier, http_filter, HttpConnectionManager, HttpFilter,
+    http_connection_manager::{PathWithEscapedSlashesAction, RouteSpecifier},
+    http_filter, HttpConnectionManager, HttpFilter,
 };
 use envoy_types::pb::envoy::extensions::filters::network::rbac::v3::Rbac as NetworkRbac;
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{tcp_proxy, TcpProxy};
@@ -33,7 +34,7 @@ use super::{
     FAULT,
 };
 use crate::authz::Authz;
-use crate::model::{Inbound, ListenAddr, Outbound, TcpRoutes};
+use crate::model::{EscapedSlashes, Inbound, ListenAddr, Outbound, PathNormalization, TcpRoutes};
 
 const HCM: &str = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
 const TCP_PROXY: &str =
@@ -68,7 +69,7 @@ fn listener_inner(bytes: &[u8]) -> Result<ListenerParts> {
         only(&l, "", &["name", "api_listener"])?;
         only(api, "api_listener", &["api_listener"])?;
         if let Some(any) = &api.api_listener {
-            if let ChainKind::Rds(rds) = network_filter("api_listener", any)? {
+            if let ChainKind::Rds(rds, _) = network_filter("api_listener", any)? {
                 parts.rds.push(rds);
             }
         }
@@ -181,9 +182,12 @@ fn listener_inner(bytes: &[u8]) -> Result<ListenerParts> {
                 [chain] if server_names(chain, "filter_chains[0]")?.is_empty() => {
                     plain_chain(chain)?;
                     match no_authz(chain_kind(chain)?)? {
-                        ChainKind::Rds(rds) => {
+                        ChainKind::Rds(rds, paths) => {
                             parts.rds.push(rds.clone());
-                            Outbound::Http { route_table: rds }
+                            Outbound::Http {
+                                route_table: rds,
+                                paths,
+                            }
                         }
                         ChainKind::Inline(..) => {
                             return Err("an outbound HTTP listener needs RDS".into());
@@ -204,11 +208,12 @@ fn listener_inner(bytes: &[u8]) -> Result<ListenerParts> {
 /// What an inbound chain does: HTTP with its inline route, or TCP bytes.
 fn inbound_chain(chain: &FilterChain) -> Result<Inbound> {
     Ok(match chain_kind(chain)? {
-        ChainKind::Inline(cluster, authz) => Inbound::Http {
+        ChainKind::Inline(cluster, authz, paths) => Inbound::Http {
             cluster: cluster.into(),
             authz: Arc::new(authz),
+            paths,
         },
-        ChainKind::Rds(_) => return Err("an inbound HTTP chain needs an inline route".into()),
+        ChainKind::Rds(..) => return Err("an inbound HTTP chain needs an inline route".into()),
         ChainKind::Tcp(cluster, authz) => Inbound::Tcp {
             cluster,
             authz: Arc::new(authz),
@@ -353,10 +358,10 @@ fn listen_addr(a: Option<&Address>, at: &str) -> Result<ListenAddr> {
 
 enum ChainKind {
     /// HTTP, routed by the RDS route table of this name.
-    Rds(String),
+    Rds(String, PathNormalization),
     /// HTTP, with an inline route table sending everything to this cluster, behind these
     /// RBAC filters.
-    Inline(String, Authz),
+    Inline(String, Authz, PathNormalization),
     /// TCP to this cluster, behind these RBAC filters.
     Tcp(String, Authz),
 }
@@ -364,7 +369,7 @@ enum ChainKind {
 /// Authorization runs on inbound chains only: the app's own requests are not checked.
 fn no_authz(kind: ChainKind) -> Result<ChainKind> {
     match &kind {
-        ChainKind::Inline(_, a) | ChainKind::Tcp(_, a) if !a.is_empty() => {
+        ChainKind::Inline(_, a, _) | ChainKind::Tcp(_, a) if !a.is_empty() => {
             Err("RBAC filters are only supported on virtualInbound's chains".into())
         }
         _ => Ok(kind),
@@ -452,9 +457,39 @@ fn network_filter(name: &str, any: &Any) -> Result<ChainKind> {
 fn http_connection_manager(h: HttpConnectionManager) -> Result<ChainKind> {
     // `stat_prefix` names stats. `codec_type` AUTO, the default, is what the proxy does (HTTP/1.1
     // or HTTP/2, whichever the client speaks); another codec is refused as a set field. So are
-    // timeouts, `use_remote_address`, path normalization and the rest, none of which the
-    // control plane sends.
-    only(&h, "", &["stat_prefix", "http_filters", "route_specifier"])?;
+    // timeouts, `use_remote_address` and the rest, none of which the control plane sends.
+    only(
+        &h,
+        "",
+        &[
+            "stat_prefix",
+            "http_filters",
+            "route_specifier",
+            "normalize_path",
+            "merge_slashes",
+            "path_with_escaped_slashes_action",
+        ],
+    )?;
+    let paths = PathNormalization {
+        normalize: h.normalize_path.is_some_and(|b| b.value),
+        merge_slashes: h.merge_slashes,
+        escaped_slashes: match PathWithEscapedSlashesAction::try_from(
+            h.path_with_escaped_slashes_action,
+        ) {
+            Ok(
+                PathWithEscapedSlashesAction::ImplementationSpecificDefault
+                | PathWithEscapedSlashesAction::KeepUnchanged,
+            ) => EscapedSlashes::Keep,
+            Ok(PathWithEscapedSlashesAction::RejectRequest) => EscapedSlashes::Reject,
+            Ok(PathWithEscapedSlashesAction::UnescapeAndForward) => EscapedSlashes::Unescape,
+            other => {
+                return Err(format!(
+                    "path_with_escaped_slashes_action {other:?} is not supported (KEEP_UNCHANGED, \
+                     REJECT_REQUEST and UNESCAPE_AND_FORWARD are)"
+                ))
+            }
+        },
+    };
     // RBAC filters, the fault filter, then the router, which must come last: the order the
     // proxy runs them.
     match h.http_filters.as_slice() {
@@ -496,10 +531,10 @@ fn http_connection_manager(h: HttpConnectionManager) -> Result<ChainKind> {
             if !authz.is_empty() {
                 return Err("RBAC filters are only supported on virtualInbound's chains".into());
             }
-            Ok(ChainKind::Rds(rds.route_config_name))
+            Ok(ChainKind::Rds(rds.route_config_name, paths))
         }
         Some(RouteSpecifier::RouteConfig(rc)) => {
-            Ok(ChainKind::Inline(inline_catch_all(rc)?, authz))
+            Ok(ChainKind::Inline(inline_catch_all(rc)?, authz, paths))
         }
         Some(other) => Err(unsupported(&variant(&other))),
         None => Err("an HTTP connection manager needs routes".into()),

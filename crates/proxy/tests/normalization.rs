@@ -1,0 +1,164 @@
+//! Istio's request normalization at the enforcement point: raw requests to a sidecar's inbound
+//! port, what its AuthorizationPolicy decides and what the app gets, under each MeshConfig
+//! `pathNormalization`. Raw bytes, so nothing on the way tidies the request first.
+
+use std::time::Duration;
+
+use hypha_control::ControlPlane;
+use hypha_proxy::Options;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+mod common;
+use common::{app, config, ready, sidecar, sidecar_service, WAIT};
+
+/// `web.shop` behind its sidecar: a DENY on `/admin*`, and an ALLOW that lets `/tenant*` through
+/// only for `x-tenant: good` (everything else is allowed).
+fn yaml(normalization: &str, inbound: u16) -> String {
+    format!(
+        "apiVersion: hypha.dev/v1alpha1\nkind: MeshConfig\nmetadata: {{name: m}}\n\
+         spec: {{trustDomain: cluster.local{normalization}}}\n{}\
+         ---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n\
+         metadata: {{name: no-admin, namespace: shop}}\nspec:\n  \
+         selector: {{matchLabels: {{app: web}}}}\n  action: DENY\n  rules:\n  \
+         - to: [{{operation: {{paths: [/admin*]}}}}]\n\
+         ---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n\
+         metadata: {{name: tenants, namespace: shop}}\nspec:\n  \
+         selector: {{matchLabels: {{app: web}}}}\n  action: ALLOW\n  rules:\n  \
+         - to: [{{operation: {{notPaths: [/tenant*]}}}}]\n  \
+         - to: [{{operation: {{paths: [/tenant*]}}}}]\n    \
+         when: [{{key: 'request.headers[x-tenant]', values: [good]}}]\n",
+        sidecar_service("web", 80, "http", "HTTP", inbound)
+    )
+}
+
+/// One HTTP/1.1 request as written, to `addr`: the status and the body.
+async fn raw(addr: std::net::SocketAddr, head: &str) -> (u16, String) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!("{head}\r\nhost: web.shop.svc.cluster.local\r\nconnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut out))
+        .await
+        .expect("answer in time")
+        .unwrap();
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_owned();
+    (status, body)
+}
+
+/// Repeats `head` until the sidecar answers `status` (a config change on its way).
+async fn until(addr: std::net::SocketAddr, head: &str, status: u16) -> String {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (got, body) = raw(addr, head).await;
+        if got == status {
+            return body;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{head:?}: still {got} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn policies_see_paths_methods_and_headers_as_istio_normalizes_them() {
+    let web = app("127.0.0.1:0", "web", false).await;
+    let cp = ControlPlane::new(config(&yaml("", 1)));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let cp_addr = listener.local_addr().unwrap();
+    let serving = cp.clone();
+    tokio::spawn(async move { serving.serve(listener).await });
+    let mut server = hypha_proxy::start(Options {
+        inbound: vec!["127.0.0.1:0".parse().unwrap()],
+        app: Some(web.addr),
+        ..sidecar(&format!("http://{cp_addr}"), "web-1", &[("app", "web")])
+    })
+    .await
+    .unwrap();
+    let inbound = server.inbound[0];
+    let push = |normalization: &str| {
+        cp.update(config(&yaml(normalization, inbound.port())));
+    };
+    push("");
+    ready(&mut server).await;
+    until(inbound, "GET /ok HTTP/1.1", 200).await;
+
+    // BASE, Istio's default: escapes of unreserved characters are decoded before the policy
+    // looks, and the app gets the decoded path.
+    for head in [
+        "GET /%61dmin HTTP/1.1",
+        "GET /%41%64min/../admin HTTP/1.1",
+        "GET /public/%2E%2E/admin HTTP/1.1",
+    ] {
+        assert_eq!(raw(inbound, head).await.0, 403, "{head}");
+    }
+    assert_eq!(
+        raw(inbound, "GET /%7Euser/%2d HTTP/1.1").await,
+        (200, "web /~user/- -".into())
+    );
+    // `%00` and lower-case methods are refused; escaped slashes and repeated slashes are
+    // left alone by BASE (and do not match `/admin*`).
+    for head in [
+        "GET /x%00 HTTP/1.1",
+        "get /admin HTTP/1.1",
+        "Post /x HTTP/1.1",
+    ] {
+        assert_eq!(raw(inbound, head).await.0, 400, "{head}");
+    }
+    assert_eq!(
+        raw(inbound, "GET //admin HTTP/1.1").await,
+        (200, "web //admin -".into())
+    );
+    assert_eq!(
+        raw(inbound, "GET /a%2F..%2Fadmin HTTP/1.1").await,
+        (200, "web /a%2F..%2Fadmin -".into())
+    );
+    // A header sent twice is matched as its values joined, as Envoy does: the second value
+    // is not hidden behind the first.
+    assert_eq!(
+        raw(inbound, "GET /tenant HTTP/1.1\r\nx-tenant: good")
+            .await
+            .0,
+        200
+    );
+    for extra in [
+        "x-tenant: good\r\nx-tenant: evil",
+        "x-tenant: evil\r\nx-tenant: good",
+    ] {
+        let head = format!("GET /tenant HTTP/1.1\r\n{extra}");
+        assert_eq!(raw(inbound, &head).await.0, 403, "{extra}");
+    }
+
+    // MERGE_SLASHES: repeated slashes merge before the policy looks.
+    push(", pathNormalization: {normalization: MERGE_SLASHES}");
+    until(inbound, "GET //admin HTTP/1.1", 403).await;
+    assert_eq!(
+        raw(inbound, "GET //a///b HTTP/1.1").await,
+        (200, "web /a/b -".into())
+    );
+
+    // DECODE_AND_MERGE_SLASHES: escaped slashes are slashes too.
+    push(", pathNormalization: {normalization: DECODE_AND_MERGE_SLASHES}");
+    until(inbound, "GET /a%2F..%2Fadmin HTTP/1.1", 403).await;
+    assert_eq!(
+        raw(inbound, "GET /a%2fb%5Cc HTTP/1.1").await,
+        (200, "web /a/b/c -".into())
+    );
+
+    // NONE: the path goes as sent (what the user asked for), methods are still checked.
+    push(", pathNormalization: {normalization: NONE}");
+    let body = until(inbound, "GET /public/../admin HTTP/1.1", 200).await;
+    assert_eq!(body, "web /public/../admin -");
+    assert_eq!(raw(inbound, "get /x HTTP/1.1").await.0, 400);
+}
