@@ -25,6 +25,8 @@ pub enum CaError {
         namespace: String,
         service_account: String,
     },
+    #[error("{0} is reserved: only the control plane, in the mesh's root namespace, runs as hypha-control")]
+    Reserved(String),
     #[error("namespace {0:?} belongs to no tenant")]
     NoTenant(String),
     #[error("unknown tenant {0:?}")]

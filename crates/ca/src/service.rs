@@ -257,6 +257,7 @@ fn status(err: CaError) -> Status {
         CaError::IdentityMismatch { .. }
         | CaError::ExtraSan { .. }
         | CaError::BadCaller { .. }
+        | CaError::Reserved(_)
         | CaError::NoTenant(_) => Status::permission_denied(err.to_string()),
         other => {
             tracing::error!(error = %other, "certificate issuance failed");

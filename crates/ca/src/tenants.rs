@@ -42,7 +42,14 @@ impl std::fmt::Debug for TenantCa {
 pub struct Ca {
     trust_domain: String,
     tenants: BTreeMap<String, TenantCa>,
+    /// The control plane's namespace (the mesh's root namespace): the only one whose
+    /// [`CONTROL_SERVICE_ACCOUNT`] is issued, since proxies take that identity for the
+    /// control plane's.
+    control_namespace: Option<String>,
 }
+
+/// The control plane's service account: `spiffe://<td>/ns/<root namespace>/sa/hypha-control`.
+pub const CONTROL_SERVICE_ACCOUNT: &str = "hypha-control";
 
 impl Ca {
     /// A CA over already-opened signers. Every `trust_tenants` entry must name a tenant.
@@ -59,6 +66,7 @@ impl Ca {
         Ok(Ca {
             trust_domain: trust_domain.into(),
             tenants,
+            control_namespace: None,
         })
     }
 
@@ -114,7 +122,14 @@ impl Ca {
                 max_validity: max,
             });
         }
-        Ca::new(mesh.trust_domain.clone(), tenants)
+        Ok(Ca::new(mesh.trust_domain.clone(), tenants)?
+            .with_control_namespace(&mesh.root_namespace))
+    }
+
+    /// Issues [`CONTROL_SERVICE_ACCOUNT`] in `namespace` only, never in another.
+    pub fn with_control_namespace(mut self, namespace: &str) -> Ca {
+        self.control_namespace = Some(namespace.to_owned());
+        self
     }
 
     pub fn trust_domain(&self) -> &str {
@@ -143,6 +158,11 @@ impl Ca {
         requested: Duration,
     ) -> Result<Issued, CaError> {
         let id = caller.spiffe_id(&self.trust_domain)?;
+        if caller.service_account == CONTROL_SERVICE_ACCOUNT
+            && self.control_namespace.as_ref() != Some(&caller.namespace)
+        {
+            return Err(CaError::Reserved(id));
+        }
         let tenant = self
             .tenant_of(&caller.namespace)
             .ok_or_else(|| CaError::NoTenant(caller.namespace.clone()))?;

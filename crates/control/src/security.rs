@@ -23,7 +23,7 @@ use crate::ControlPlane;
 
 /// The control plane's service account; its identity is
 /// `spiffe://<trust domain>/ns/<root namespace>/sa/hypha-control`.
-pub const SERVICE_ACCOUNT: &str = "hypha-control";
+pub const SERVICE_ACCOUNT: &str = hypha_ca::CONTROL_SERVICE_ACCOUNT;
 
 /// The file (in the data directory) with the root that verifies the control plane's
 /// certificate: what a proxy's `--ca-root` points at (Istio's `root-cert.pem`).

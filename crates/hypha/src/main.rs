@@ -277,6 +277,14 @@ struct ProxyArgs {
     /// The mesh's trust domain (SPIFFE IDs are `spiffe://<trust domain>/ns/<ns>/sa/<sa>`).
     #[arg(long, env = "HYPHA_TRUST_DOMAIN", default_value = "cluster.local")]
     trust_domain: String,
+    /// The control plane's namespace (the mesh's root namespace): the control plane must
+    /// prove it is `spiffe://<trust domain>/ns/<this>/sa/hypha-control`.
+    #[arg(
+        long,
+        env = "HYPHA_CONTROL_PLANE_NAMESPACE",
+        default_value = "istio-system"
+    )]
+    control_plane_namespace: String,
     /// The workload key: ecdsa-p256, rsa-2048 or rsa-3072.
     #[arg(long, default_value = "ecdsa-p256", value_parser = |s: &str| s.parse::<hypha_identity::KeyKind>().map_err(|e| e.to_string()))]
     key: hypha_identity::KeyKind,
@@ -779,6 +787,7 @@ async fn proxy(a: ProxyArgs) -> anyhow::Result<()> {
                 ca_root,
                 join_token: a.join_token,
                 trust_domain: a.trust_domain,
+                control_plane_namespace: a.control_plane_namespace,
                 key_kind: a.key,
                 pkcs11: keys.pkcs11,
                 key_label: keys.key_label,

@@ -158,7 +158,30 @@ pub async fn channel(
     endpoint
         .connect_with_connector(connect)
         .await
-        .map_err(|e| failed(error_chain(&e)))
+        .map_err(|e| match wrong_peer(&e) {
+            // Not a server that is away for now: one that is not who it must be.
+            Some(reason) => crate::IdentityError::WrongServer {
+                uri: uri.to_owned(),
+                reason,
+            },
+            None => failed(error_chain(&e)),
+        })
+}
+
+/// The refusal of a server whose identity is not the one allowed, if that is what `e` is.
+fn wrong_peer(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut next = Some(e);
+    while let Some(err) = next {
+        let inner = err
+            .downcast_ref::<io::Error>()
+            .and_then(|io| io.get_ref())
+            .and_then(|i| i.downcast_ref::<tls::TlsError>());
+        if let Some(t @ tls::TlsError::UnexpectedPeer { .. }) = inner {
+            return Some(t.to_string());
+        }
+        next = err.source();
+    }
+    None
 }
 
 /// An error with its sources, for messages that say what actually failed.

@@ -45,6 +45,8 @@ pub enum IdentityError {
     KeyKind(String),
     #[error("cannot reach the CA at {uri}: {reason}")]
     Connect { uri: String, reason: String },
+    #[error("the server at {uri} is not the control plane: {reason}")]
+    WrongServer { uri: String, reason: String },
     #[error("the CA refused: {code:?}: {message}")]
     Refused { code: tonic::Code, message: String },
     #[error("private key: {0}")]

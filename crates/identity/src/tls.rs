@@ -30,9 +30,6 @@ pub enum Peer {
     Any,
     /// Exactly one of these SPIFFE IDs (the identities a cluster's endpoints run as).
     OneOf(Arc<[String]>),
-    /// Any SPIFFE ID whose service account is this one (`.../sa/<name>`), e.g. the control
-    /// plane's before the proxy knows its trust domain.
-    ServiceAccount(Arc<str>),
 }
 
 impl Peer {
@@ -40,9 +37,6 @@ impl Peer {
         match self {
             Peer::Any => true,
             Peer::OneOf(ids) => ids.iter().any(|i| i == id),
-            Peer::ServiceAccount(sa) => id
-                .rsplit_once("/sa/")
-                .is_some_and(|(_, name)| name == &**sa),
         }
     }
 }

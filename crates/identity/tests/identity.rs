@@ -43,7 +43,8 @@ async fn serve_ca() -> TestCa {
                 tenant("a", "a", dir.path()),
             ],
         )
-        .unwrap(),
+        .unwrap()
+        .with_control_namespace("istio-system"),
     );
     let roots = ca.all_roots().unwrap();
     let control = issue_local(
@@ -83,7 +84,7 @@ impl TestCa {
         Workload {
             ca: self.uri.clone(),
             ca_roots: self.ca_roots.clone(),
-            ca_identity: Peer::ServiceAccount("hypha-control".into()),
+            ca_identity: Peer::OneOf(Arc::from(vec![id("istio-system", "hypha-control")])),
             token: token.map(str::to_owned),
             spiffe_id: id(ns, sa),
             keys: KeySource::Software(KeyKind::EcdsaP256),
@@ -181,10 +182,10 @@ async fn a_workload_checks_who_the_ca_is() {
         ..ca.workload("default", "web", Some("web-token"))
     };
     match w.bootstrap().await {
-        Err(IdentityError::Connect { reason, .. }) => {
+        Err(IdentityError::WrongServer { reason, .. }) => {
             assert!(reason.contains("not allowed"), "{reason}");
         }
-        other => panic!("expected a refused connection, got {other:?}"),
+        other => panic!("expected a refused server, got {other:?}"),
     }
     // Roots that do not vouch for the CA: the handshake fails.
     let other_dir = tempfile::tempdir().unwrap();

@@ -23,6 +23,9 @@ pub struct IdentityOptions {
     /// The join token for the first certificate.
     pub join_token: Option<PathBuf>,
     pub trust_domain: String,
+    /// The control plane's namespace (the mesh's root namespace): the control plane must be
+    /// `spiffe://<trust domain>/ns/<this>/sa/hypha-control`, nothing less.
+    pub control_plane_namespace: String,
     pub key_kind: KeyKind,
     /// Keys in this PKCS#11 token instead of memory: generated there, never extractable.
     pub pkcs11: Option<hypha_keys::pkcs11::TokenConfig>,
@@ -61,6 +64,8 @@ pub struct Mesh {
     /// The batcher signing for the workload key, when there is one.
     pub batcher: Option<Arc<hypha_keys::batch::Batcher>>,
     ca_roots: Vec<X509>,
+    /// Who the control plane must be.
+    control_plane: Peer,
 }
 
 impl Mesh {
@@ -71,7 +76,7 @@ impl Mesh {
     ) -> Result<tonic::transport::Channel, IdentityError> {
         let connector =
             hypha_identity::tls::client(Some(&self.store.load().identity), &self.ca_roots)?;
-        grpc::channel(uri, connector, control_plane_peer()).await
+        grpc::channel(uri, connector, self.control_plane.clone()).await
     }
 }
 
@@ -102,8 +107,17 @@ impl Mesh {
     }
 }
 
-fn control_plane_peer() -> Peer {
-    Peer::ServiceAccount(CONTROL_SERVICE_ACCOUNT.into())
+/// The control plane's full SPIFFE ID, pinned: the trust domain, the root namespace and the
+/// service account. A workload that merely shares the service account's name elsewhere is not
+/// the control plane (and the CA issues that name nowhere else).
+fn control_plane_peer(opts: &IdentityOptions) -> Peer {
+    Peer::OneOf(
+        [format!(
+            "spiffe://{}/ns/{}/sa/{CONTROL_SERVICE_ACCOUNT}",
+            opts.trust_domain, opts.control_plane_namespace
+        )]
+        .into(),
+    )
 }
 
 /// Gets the first certificate for `spiffe://<td>/ns/<ns>/sa/<sa>` from the CA at
@@ -156,7 +170,7 @@ pub async fn bootstrap(
     let workload = Workload {
         ca: control_plane.to_owned(),
         ca_roots: ca_roots.clone(),
-        ca_identity: control_plane_peer(),
+        ca_identity: control_plane_peer(opts),
         token,
         spiffe_id: format!(
             "spiffe://{}/ns/{namespace}/sa/{service_account}",
@@ -194,6 +208,7 @@ pub async fn bootstrap(
             token: key_token,
             batcher,
             ca_roots,
+            control_plane: control_plane_peer(opts),
         },
         rotation,
     ))

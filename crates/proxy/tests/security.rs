@@ -89,6 +89,7 @@ impl Secured {
             ca_root: self.root(),
             join_token: Some(write_token(self.data.path(), "presented.token", token)),
             trust_domain: TD.into(),
+            control_plane_namespace: "istio-system".into(),
             key_kind: self.key_kind,
             pkcs11: self.pkcs11.clone(),
             key_label: None,
@@ -174,6 +175,56 @@ async fn a_sidecar_with_a_bad_or_borrowed_token_gets_no_certificate() {
     assert!(borrowed.contains("PermissionDenied"), "{borrowed}");
 }
 
+/// Proxies pin the control plane's full SPIFFE ID, and the CA issues its service account in
+/// the root namespace only: a workload named `hypha-control` elsewhere is neither issued nor,
+/// with a certificate from elsewhere (another CA config over the same signer), believed.
+#[tokio::test]
+async fn the_control_plane_is_who_it_must_be() {
+    let cfg = hypha_control::initial_config(None).unwrap();
+    let s = secured_on(cfg.clone(), &["shop.web", "shop.hypha-control"]).await;
+    let reserved = refusal(
+        hypha_proxy::start(sidecar(&s, "shop", "hypha-control", "hypha-control-secret")).await,
+    );
+    assert!(
+        reserved.contains("PermissionDenied") && reserved.contains("reserved"),
+        "{reserved}"
+    );
+    // An impostor: the same signer, but the control plane's name in namespace `shop`.
+    let mut mesh = cfg.mesh.clone();
+    mesh.root_namespace = "shop".into();
+    let impostor = Arc::new(
+        Secure::open(
+            &mesh,
+            &s.data.path().join("ca"),
+            Some(&s.data.path().join("tokens")),
+        )
+        .unwrap(),
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let uri = format!("https://{}", listener.local_addr().unwrap());
+    let cp = ControlPlane::with_mtls(cfg, impostor.signer_roots().clone());
+    tokio::spawn(async move { impostor.serve(&cp, listener).await });
+    let fooled = refusal(
+        hypha_proxy::start(Options {
+            control_plane: uri,
+            ..sidecar(&s, "shop", "web", "web-secret")
+        })
+        .await,
+    );
+    assert!(
+        fooled.contains("spiffe://cluster.local/ns/shop/sa/hypha-control"),
+        "{fooled}"
+    );
+    // The real one is believed.
+    let mut p = hypha_proxy::start(sidecar(&s, "shop", "web", "web-secret"))
+        .await
+        .unwrap();
+    tokio::time::timeout(WAIT, p.ready.wait_for(|r| *r))
+        .await
+        .unwrap()
+        .unwrap();
+}
+
 #[tokio::test]
 async fn xds_over_tls_serves_only_the_node_its_certificate_names() {
     let s = secured().await;
@@ -181,7 +232,9 @@ async fn xds_over_tls_serves_only_the_node_its_certificate_names() {
     let web = Workload {
         ca: s.uri.clone(),
         ca_roots: ca_roots.clone(),
-        ca_identity: Peer::ServiceAccount("hypha-control".into()),
+        ca_identity: Peer::OneOf(Arc::from(vec![format!(
+            "spiffe://{TD}/ns/istio-system/sa/hypha-control"
+        )])),
         token: Some("web-secret".into()),
         spiffe_id: format!("spiffe://{TD}/ns/shop/sa/web"),
         keys: hypha_identity::KeySource::Software(KeyKind::EcdsaP256),
@@ -195,7 +248,9 @@ async fn xds_over_tls_serves_only_the_node_its_certificate_names() {
         hypha_identity::grpc::channel(
             &s.uri,
             connector,
-            Peer::ServiceAccount("hypha-control".into()),
+            Peer::OneOf(Arc::from(vec![format!(
+                "spiffe://{TD}/ns/istio-system/sa/hypha-control"
+            )])),
         )
         .await
         .unwrap()
@@ -232,7 +287,9 @@ async fn xds_over_tls_serves_only_the_node_its_certificate_names() {
     let anonymous = hypha_identity::grpc::channel(
         &s.uri,
         hypha_identity::tls::client(None, &ca_roots).unwrap(),
-        Peer::ServiceAccount("hypha-control".into()),
+        Peer::OneOf(Arc::from(vec![format!(
+            "spiffe://{TD}/ns/istio-system/sa/hypha-control"
+        )])),
     )
     .await
     .unwrap();
