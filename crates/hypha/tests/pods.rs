@@ -224,6 +224,10 @@ fn mesh_in_pods(bypass: bool) {
         "0.0.0.0:8080",
     ]);
     procs.spawn("app", app, w);
+    // An HTTP server outside the mesh, on the mesh's HTTP port.
+    let mut outside = ext.command(hypha);
+    outside.args(["demo-app", "--role", "details", "--listen", "[::]:8080"]);
+    procs.spawn("ext-app", outside, w);
     // Two TLS servers outside the mesh, each with its own self-signed certificate.
     for (name, port) in [("a", 8443), ("b", 9443)] {
         let host = format!("{name}.example.com");
@@ -377,6 +381,32 @@ fn mesh_in_pods(bypass: bool) {
     assert!(!ok && out.contains("curl: (7)"), "excluded range: {out}");
     let (ok, out) = curl(&client, &[&format!("http://[{}]:9/", ext.ipv6)]);
     assert!(!ok && !out.contains("curl: (7)"), "captured: {out}");
+    // Captured HTTP that no service takes (ALLOW_ANY) goes where the connection was going,
+    // never where its Host header points: ext's server is reached at its own address, and not
+    // through a connection to the server pod that names ext in its Host.
+    let ext_host = format!("[{}]:8080", ext.ipv6);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, body) = curl(&client, &[&format!("http://{ext_host}/marker")]);
+        if body.contains("details: no such page /marker") {
+            break;
+        }
+        procs.check();
+        assert!(Instant::now() < deadline, "{body}\n{}", procs.logs());
+        thread::sleep(Duration::from_millis(300));
+    }
+    let (_, body) = curl(
+        &client,
+        &[
+            "-H",
+            &format!("Host: {ext_host}"),
+            &format!("http://[{}]:8080/marker", server.ipv6),
+        ],
+    );
+    assert!(
+        !body.contains("no such page"),
+        "a Host header steered passthrough traffic: {body}"
+    );
     let (_, metrics) = curl(&client, &["http://127.0.0.1:15000/metrics"]);
     assert!(
         metrics

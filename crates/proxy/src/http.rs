@@ -33,6 +33,8 @@ pub fn incoming(body: Incoming) -> Body {
 
 /// Header names the request path looks up, parsed once (a `&str` name is parsed and checked
 /// on every lookup).
+/// The client certificate a sidecar vouches for to its app (Istio's, as Envoy sets it).
+pub const XFCC: http::HeaderName = http::HeaderName::from_static("x-forwarded-client-cert");
 const RESPONSE_FLAGS: http::HeaderName = http::HeaderName::from_static("x-hypha-response-flags");
 const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
 const GRPC_MESSAGE: http::HeaderName = http::HeaderName::from_static("grpc-message");
@@ -97,6 +99,13 @@ impl Flag {
             ),
         }
     }
+}
+
+/// Drops `x-hypha-response-flags` from a response that came from upstream: the flags are this
+/// proxy's own account of a request, never an upstream's (which could otherwise fake a local
+/// reply in metrics and logs, or have its answer turned into a gRPC error).
+pub fn drop_upstream_flags(headers: &mut http::HeaderMap) {
+    headers.remove(RESPONSE_FLAGS);
 }
 
 /// The proxy's own reply for `flag`, marked so callers and tests can tell it from an app's.

@@ -82,6 +82,46 @@ struct Caller {
     cluster: Arc<str>,
     /// Closes an HTTP connection whose chain changed, after the requests in flight.
     closer: Option<h::Closer>,
+    /// `x-forwarded-client-cert` for the app, from the verified peer of a mutual-TLS
+    /// connection; made once per connection.
+    xfcc: Option<http::HeaderValue>,
+}
+
+/// Istio's `x-forwarded-client-cert` for a mutual-TLS peer, as Envoy sets it with Istio's
+/// `set_current_client_cert_details` (subject, URI, DNS): who this sidecar is (`By`), the
+/// SHA-256 of the peer's certificate (`Hash`), its subject and SPIFFE ID.
+fn xfcc(own: &str, ssl: &boring::ssl::SslRef) -> Option<http::HeaderValue> {
+    let cert = ssl.peer_certificate()?;
+    let hash = cert.digest(boring::hash::MessageDigest::sha256()).ok()?;
+    let hex: String = hash.iter().map(|b| format!("{b:02x}")).collect();
+    // RFC 2253 order: the last RDN first.
+    let mut subject: Vec<String> = cert
+        .subject_name()
+        .entries()
+        .filter_map(|e| {
+            let key = e.object().nid().short_name().ok()?;
+            Some(format!("{key}={}", e.data().as_utf8().ok()?))
+        })
+        .collect();
+    subject.reverse();
+    let mut value = format!(
+        "By={own};Hash={hex};Subject=\"{}\"",
+        subject.join(",").replace('"', "\\\"")
+    );
+    if let Some(uri) = hypha_identity::tls::peer_id(ssl) {
+        value.push_str(";URI=");
+        value.push_str(&uri);
+    }
+    for dns in cert
+        .subject_alt_names()
+        .iter()
+        .flatten()
+        .filter_map(|n| n.dnsname().map(str::to_owned))
+    {
+        value.push_str(";DNS=");
+        value.push_str(&dns);
+    }
+    http::HeaderValue::from_str(&value).ok()
 }
 
 /// Denied requests get this, as from Envoy's RBAC filter.
@@ -110,6 +150,12 @@ impl Inbound {
             _ => None,
         };
         let (mut parts, body) = req.into_parts();
+        // The app learns the client's certificate from this sidecar only (Envoy's
+        // SANITIZE_SET): whatever a client sent is dropped, mutual TLS sets it.
+        parts.headers.remove(h::XFCC);
+        if let Some(v) = &caller.xfcc {
+            parts.headers.insert(h::XFCC, v.clone());
+        }
         // A method or path normalization refuses: 400, before authorization.
         let invalid =
             chain.is_some_and(|(_, _, paths)| request::normalize(&mut parts, paths).is_err());
@@ -270,6 +316,7 @@ impl Inbound {
                 Chain::Tcp { cluster, .. } => Arc::from(cluster.as_str()),
             },
             closer: None,
+            xfcc: None,
         };
         if !tls {
             match cfg.inbound_chain(false, port) {
@@ -327,8 +374,11 @@ impl Inbound {
         let cfg = self.config.load_full();
         match cfg.inbound_chain(true, port) {
             Some(chain @ Chain::Http { .. }) => {
-                let (caller, drain) =
-                    Self::http_caller(caller(true, principal, sni, chain), &drain);
+                let caller = Caller {
+                    xfcc: xfcc(credentials.identity.id(), stream.ssl()),
+                    ..caller(true, principal, sni, chain)
+                };
+                let (caller, drain) = Self::http_caller(caller, &drain);
                 h::serve_tls(stream, h2, peer, drain, move |req, peer| {
                     let (i, caller) = (self.clone(), caller.clone());
                     async move { i.handle(req, peer, &caller).await }

@@ -145,8 +145,9 @@ pub async fn start(opts: Options) -> Result<Running, StartError> {
         None => None,
     };
     let config = Arc::new(ArcSwap::from_pointee(model::Config::default()));
-    let mut upstreams = upstream::Upstreams::default();
-    upstreams.identity = mesh.as_ref().map(|m| m.store.clone());
+    let upstreams = upstream::Upstreams {
+        identity: mesh.as_ref().map(|m| m.store.clone()),
+    };
     let (ready_tx, ready) = watch::channel(false);
     let (updated_tx, updates) = watch::channel(());
     let own_ports = Arc::new(std::sync::OnceLock::new());

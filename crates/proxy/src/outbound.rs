@@ -24,7 +24,7 @@ use crate::model::{
 use crate::request::{self, View};
 use crate::router;
 use crate::telemetry::{Reporter, Telemetry};
-use crate::upstream::{Plan, Upstreams};
+use crate::upstream::{Original, Plan, Upstreams};
 
 /// What an outbound listener is for.
 #[derive(Debug, Clone)]
@@ -33,9 +33,10 @@ pub enum Mode {
     HttpProxy,
     /// Every request is for this `host:port` (kept as the `Host` value requests get).
     Service { authority: HeaderValue, port: u16 },
-    /// A captured connection to this port (its original destination's): the port picks the
-    /// route table, the request's authority the virtual host.
-    Captured { port: u16 },
+    /// A captured connection to `dst` (its original destination): its port picks the route
+    /// table, the request's authority the virtual host; what goes to `PassthroughCluster`
+    /// goes to `dst`.
+    Captured { dst: SocketAddr },
 }
 
 impl Mode {
@@ -62,6 +63,8 @@ impl Outbound {
         peer: SocketAddr,
     ) -> Response<Body> {
         let (mut parts, body) = req.into_parts();
+        // Sanitized: only the server's sidecar says who the client is.
+        parts.headers.remove(h::XFCC);
         if !parts.headers.contains_key(&REQUEST_ID) {
             if let Some(v) = request_id() {
                 parts.headers.insert(REQUEST_ID, v);
@@ -105,8 +108,8 @@ impl Outbound {
                 Some(a) => a,
                 None => return (h::local_reply(Flag::BadRequest), none()),
             },
-            Mode::Captured { port } => match request_authority(&parts) {
-                Some((a, _)) => (a, *port),
+            Mode::Captured { dst } => match request_authority(&parts) {
+                Some((a, _)) => (a, dst.port()),
                 None => return (h::local_reply(Flag::BadRequest), none()),
             },
         };
@@ -150,7 +153,7 @@ impl Outbound {
                 }
                 let hash = hash_key(&f.hash, &parts, peer);
                 let resp = self
-                    .forward(&cfg, route, f, wc, parts, body, &host, hash)
+                    .forward(&cfg, mode, route, f, wc, parts, body, &host, hash)
                     .await;
                 (resp, Some(wc.name.clone()))
             }
@@ -161,6 +164,7 @@ impl Outbound {
     async fn forward(
         &self,
         cfg: &Config,
+        mode: &Mode,
         route: &Route,
         f: &Forward,
         wc: &WeightedCluster,
@@ -191,7 +195,10 @@ impl Outbound {
         let upgrade = h::take_upgrade(&mut parts);
         let plan = Plan {
             cluster: &wc.name,
-            original: Some(authority),
+            original: Some(match mode {
+                Mode::Captured { dst } => Original::Address(*dst),
+                _ => Original::Authority(authority),
+            }),
             timeout: f.timeout,
             retry: f.retry.as_ref(),
             hash,
@@ -461,7 +468,7 @@ pub async fn serve_captured(
                 (None, Some(cluster)) => Target::Tcp(cluster.clone()),
                 _ => Target::ByName(routes),
             },
-            None if http => Target::Http(Arc::new(Mode::Captured { port })),
+            None if http => Target::Http(Arc::new(Mode::Captured { dst })),
             None => Target::Passthrough(dst),
         };
         spawn(&outbound, stream, peer, &drain, target);

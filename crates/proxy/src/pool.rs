@@ -8,7 +8,7 @@
 //! wake-up per direction instead of three hand-offs between tasks. Responses that stream
 //! (unknown or large length) or switch protocols hand the connection to a task, which drives
 //! it from then on, as hyper's own pool does. (HTTP/2 multiplexes over one shared connection
-//! instead; see `upstream`, and [`send_h2`] for HTTP/2 over mutual TLS.)
+//! per address and thread instead: [`send_h2`].)
 //!
 //! Connections to sidecars are mutual TLS ([`Tls`]): the workload certificate is presented,
 //! the server's SPIFFE ID checked against the identities the cluster allows, and the verified
@@ -101,17 +101,18 @@ struct Conn {
 /// Plaintext and mutual-TLS connections to one address are pooled apart.
 type Key = (SocketAddr, bool);
 
-/// A multiplexed HTTP/2 connection, its server's verified identity and the identity this
-/// side presented.
-type H2Conn = (http2::SendRequest<Body>, Arc<str>, Arc<str>);
+/// A multiplexed HTTP/2 connection and, over mutual TLS, its server's verified identity and
+/// the identity this side presented.
+type H2Conn = (http2::SendRequest<Body>, Option<(Arc<str>, Arc<str>)>);
 
 /// An idle connection and when it stops being reusable.
 type Idle = (Conn, Instant);
 
 thread_local! {
     static IDLE: RefCell<FastMap<Key, Vec<Idle>>> = RefCell::default();
-    /// One multiplexed HTTP/2 mutual-TLS connection per address, with its server's identity.
-    static H2: RefCell<FastMap<SocketAddr, H2Conn>> = RefCell::default();
+    /// One multiplexed HTTP/2 connection per address (plaintext and mutual TLS apart), with
+    /// its server's identity.
+    static H2: RefCell<FastMap<Key, H2Conn>> = RefCell::default();
 }
 
 impl Conn {
@@ -298,41 +299,44 @@ pub async fn send(
     }
 }
 
-/// Sends `req` (absolute URI) over this thread's multiplexed HTTP/2 mutual-TLS connection to
-/// `addr`, made (ALPN h2) when there is none or the last one closed. A small response comes
-/// back with its body read whole.
+/// Sends `req` (absolute URI: its authority is the request's `:authority`) over this thread's
+/// multiplexed HTTP/2 connection to `addr`, plaintext or mutual TLS, made (ALPN h2) when there
+/// is none or the last one closed. A small response comes back with its body read whole.
 pub async fn send_h2(
     addr: SocketAddr,
     req: Request<Body>,
     settings: &Settings,
-    tls: &Tls,
+    tls: Option<&Tls>,
 ) -> Result<Response<Body>, Flag> {
+    let key = (addr, tls.is_some());
     let cached = H2.with(|h2| {
         let h2 = h2.borrow();
-        h2.get(&addr)
-            .filter(|(s, id, local)| {
-                !s.is_closed() && tls.peer.allows(id) && **local == *tls.credentials.identity.id()
+        h2.get(&key)
+            .filter(|(s, ids)| {
+                !s.is_closed()
+                    && match (tls, ids) {
+                        (Some(t), Some((id, local))) => {
+                            t.peer.allows(id) && **local == *t.credentials.identity.id()
+                        }
+                        (None, None) => true,
+                        _ => false,
+                    }
             })
-            .map(|(s, ..)| s.clone())
+            .map(|(s, _)| s.clone())
     });
     let mut sender = match cached {
         Some(s) => s,
         None => {
             let stream = tcp(addr, settings.connect_timeout).await?;
-            let (stream, peer) = handshake(addr, stream, tls).await?;
-            let (sender, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-                .await
-                .map_err(|e| {
-                    tracing::debug!(%addr, error = %e, "upstream HTTP/2 handshake failed");
-                    Flag::ConnectFailure
-                })?;
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!(%addr, error = %e, "upstream HTTP/2 connection ended");
+            let (sender, ids) = match tls {
+                Some(tls) => {
+                    let (stream, peer) = handshake(addr, stream, tls).await?;
+                    let local = tls.credentials.identity.id().into();
+                    (h2_handshake(addr, stream).await?, Some((peer, local)))
                 }
-            });
-            let local = tls.credentials.identity.id().into();
-            H2.with(|h2| h2.borrow_mut().insert(addr, (sender.clone(), peer, local)));
+                None => (h2_handshake(addr, stream).await?, None),
+            };
+            H2.with(|h2| h2.borrow_mut().insert(key, (sender.clone(), ids)));
             sender
         }
     };
@@ -342,6 +346,25 @@ pub async fn send_h2(
         Flag::Reset
     })?;
     crate::http::small_body_whole(resp).await
+}
+
+/// An HTTP/2 client connection on `stream`, driven by a task of its own.
+async fn h2_handshake<S>(addr: SocketAddr, stream: S) -> Result<http2::SendRequest<Body>, Flag>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+        .await
+        .map_err(|e| {
+            tracing::debug!(%addr, error = %e, "upstream HTTP/2 handshake failed");
+            Flag::ConnectFailure
+        })?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(%addr, error = %e, "upstream HTTP/2 connection ended");
+        }
+    });
+    Ok(sender)
 }
 
 /// The response to pass on; the connection goes back to the pool (or to a task that drives

@@ -15,9 +15,13 @@ pub enum Invalid {
     /// `%00` in the path, or an escaped slash where `path_with_escaped_slashes_action` rejects
     /// them.
     Path,
+    /// Two authorities that disagree (the absolute-form target or `:authority`, and `Host`),
+    /// or two `Host` headers: routing might follow one and a policy or the app the other.
+    Authority,
 }
 
-/// Checks the request's method and normalizes its path as `n` says, before routing and
+/// Checks the request's method and that it names one authority, and normalizes its path as
+/// `n` says, before routing and
 /// authorization see it; the request goes on with that path, so `/public/../admin` is
 /// `/admin` to a policy as it will be to the app. A path with nothing to do costs one scan,
 /// no allocation.
@@ -29,6 +33,18 @@ pub fn normalize(parts: &mut http::request::Parts, n: PathNormalization) -> Resu
         .any(|b| b.is_ascii_lowercase())
     {
         return Err(Invalid::Method);
+    }
+    let mut hosts = parts.headers.get_all(http::header::HOST).iter();
+    match (hosts.next(), hosts.next(), parts.uri.authority()) {
+        (Some(_), Some(_), _) => return Err(Invalid::Authority),
+        (Some(host), None, Some(authority))
+            if !host
+                .as_bytes()
+                .eq_ignore_ascii_case(authority.as_str().as_bytes()) =>
+        {
+            return Err(Invalid::Authority)
+        }
+        _ => {}
     }
     let Some(pq) = parts.uri.path_and_query() else {
         return Ok(());
@@ -532,6 +548,29 @@ mod tests {
                 .0;
             assert_eq!(normalize(&mut p, BASE).is_ok(), ok, "{method}");
         }
+    }
+
+    #[test]
+    fn a_request_names_one_authority() {
+        let check = |uri: &str, hosts: &[&str]| {
+            let mut b = Request::get(uri);
+            for h in hosts {
+                b = b.header("host", *h);
+            }
+            normalize(&mut b.body(()).unwrap().into_parts().0, BASE)
+        };
+        assert_eq!(check("http://web.shop/x", &["web.shop"]), Ok(()));
+        assert_eq!(check("http://web.shop/x", &["WEB.shop"]), Ok(()));
+        assert_eq!(check("/x", &["web.shop"]), Ok(()));
+        assert_eq!(check("http://web.shop/x", &[]), Ok(()));
+        assert_eq!(
+            check("http://web.shop/x", &["admin.shop"]),
+            Err(Invalid::Authority)
+        );
+        assert_eq!(
+            check("/x", &["web.shop", "admin.shop"]),
+            Err(Invalid::Authority)
+        );
     }
 
     #[test]

@@ -10,8 +10,6 @@ use std::time::Duration;
 
 use http::request::Parts;
 use http::{Request, Response, Uri};
-use hyper_util::client::legacy::{connect::HttpConnector, Client};
-use hyper_util::rt::TokioExecutor;
 
 use crate::http::{Body, Flag, RequestBody};
 use crate::model::{
@@ -20,33 +18,27 @@ use crate::model::{
 
 /// Connection pools to upstreams, shared by every config generation so a config change does
 /// not drop established connections.
-#[derive(Clone)]
+#[derive(Clone, Default)]
 pub struct Upstreams {
-    /// Plaintext HTTP/2; HTTP/1.1 and mutual TLS go through `pool`.
-    h2: Client<HttpConnector, Body>,
     /// The workload certificate, for clusters that speak mutual TLS.
     pub identity: Option<hypha_identity::Store>,
 }
 
-impl Default for Upstreams {
-    fn default() -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(10)));
-        connector.enforce_http(true);
-        let h2 = Client::builder(TokioExecutor::new())
-            .http2_only(true)
-            .pool_idle_timeout(Duration::from_secs(60))
-            .build(connector);
-        Upstreams { h2, identity: None }
-    }
+/// Where a request for `PassthroughCluster` goes.
+#[derive(Debug, Clone, Copy)]
+pub enum Original<'a> {
+    /// The authority it names (HTTP proxy mode: the client asked for that host).
+    Authority(&'a str),
+    /// The address the connection was going to (captured traffic): never where its `Host`
+    /// header points, which the client may set to anything.
+    Address(SocketAddr),
 }
 
 /// How a request goes out: the cluster, the route's timeout and retry policy.
 pub struct Plan<'a> {
     pub cluster: &'a str,
     /// For `PassthroughCluster`: where the request was going.
-    pub original: Option<&'a str>,
+    pub original: Option<Original<'a>>,
     pub timeout: Option<Duration>,
     pub retry: Option<&'a RetryPolicy>,
     /// The consistent-hash key, when the route has a hash policy and the request its input.
@@ -85,7 +77,7 @@ impl Upstreams {
         };
         let settings = crate::pool::Settings::of(cluster);
         let attempt_all = async {
-            let h2 = cluster.http2.then_some(&self.h2);
+            let h2 = cluster.http2;
             let replayable = body.replayable();
             let retry = plan.retry.filter(|_| replayable);
             let attempts = 1 + retry.map_or(0, |r| r.attempts);
@@ -329,10 +321,9 @@ impl Upstreams {
         body: Body,
     ) -> Result<Response<Body>, Flag> {
         strip_request(&mut parts);
-        let h2 = http2.then_some(&self.h2);
         let settings = crate::pool::Settings::default();
         let mut body = RequestBody::Streaming(Some(body));
-        try_targets(h2, &[target], &parts, &mut body, None, &settings, None).await
+        try_targets(http2, &[target], &parts, &mut body, None, &settings, None).await
     }
 
     /// What mutual TLS to a cluster's endpoint takes: the current certificate (a connection
@@ -448,9 +439,13 @@ async fn dns_targets(hosts: &[(String, u16)], attempt: u32) -> Result<Vec<Socket
     resolve((host.as_str(), *port)).await
 }
 
-/// For `PassthroughCluster`: the addresses of the authority the request named.
-async fn original_targets(authority: Option<&str>) -> Result<Vec<SocketAddr>, Flag> {
-    let authority = authority.ok_or(Flag::NoHealthyUpstream)?;
+/// For `PassthroughCluster`: the original destination, or the addresses of the authority the
+/// request named.
+async fn original_targets(original: Option<Original<'_>>) -> Result<Vec<SocketAddr>, Flag> {
+    let authority = match original.ok_or(Flag::NoHealthyUpstream)? {
+        Original::Address(a) => return Ok(vec![a]),
+        Original::Authority(a) => a,
+    };
     let has_port = authority
         .rsplit_once(':')
         .is_some_and(|(h, p)| p.parse::<u16>().is_ok() && (!h.contains(':') || h.ends_with(']')));
@@ -474,9 +469,12 @@ async fn resolve(target: impl tokio::net::ToSocketAddrs) -> Result<Vec<SocketAdd
     Ok(addrs)
 }
 
-/// Tries the endpoint's addresses in order until one connects.
+/// Tries the endpoint's addresses in order until one connects. HTTP/1.1 requests go in
+/// origin form with their `Host`; HTTP/2 ones with the `Host` (or the `:authority` they came
+/// with) as `:authority`, the endpoint's address only when the request has neither, so the server's sidecar matches `hosts:` rules
+/// on the name the client used.
 async fn try_targets(
-    h2: Option<&Client<HttpConnector, Body>>,
+    h2: bool,
     targets: &[SocketAddr],
     parts: &Parts,
     body: &mut RequestBody,
@@ -485,41 +483,30 @@ async fn try_targets(
     tls: Option<&crate::pool::Tls>,
 ) -> Result<Response<Body>, Flag> {
     let mut last = Err(Flag::NoHealthyUpstream);
+    let pq = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+    let host = parts
+        .headers
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .filter(|h| h.parse::<http::uri::Authority>().is_ok())
+        .or_else(|| parts.uri.authority().map(http::uri::Authority::as_str));
     for &addr in targets {
         let mut req = Request::new(body.take());
         *req.method_mut() = parts.method.clone();
         *req.headers_mut() = parts.headers.clone();
         let sent = async {
-            match (h2, tls) {
-                // HTTP/2 over mutual TLS: the pool's multiplexed connection per address.
-                (Some(_), Some(tls)) => {
-                    let pq = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-                    *req.uri_mut() = format!("http://{addr}{pq}")
-                        .parse::<Uri>()
-                        .map_err(|_| Flag::BadRequest)?;
-                    crate::pool::send_h2(addr, req, settings, tls).await
-                }
-                // HTTP/2: one multiplexed connection per address (hyper_util's pool, which
-                // wants an absolute URI).
-                (Some(client), None) => {
-                    let pq = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-                    *req.uri_mut() = format!("http://{addr}{pq}")
-                        .parse::<Uri>()
-                        .map_err(|_| Flag::BadRequest)?;
-                    let resp = client.request(req).await.map_err(|e| {
-                        tracing::debug!(%addr, error = %e, "upstream request failed");
-                        if e.is_connect() {
-                            Flag::ConnectFailure
-                        } else {
-                            Flag::Reset
-                        }
-                    })?;
-                    crate::http::small_body_whole(resp).await
-                }
-                (None, _) => {
-                    *req.uri_mut() = parts.uri.clone();
-                    crate::pool::send(addr, req, settings, tls).await
-                }
+            if h2 {
+                let uri = match host {
+                    Some(host) => format!("http://{host}{pq}"),
+                    None => format!("http://{addr}{pq}"),
+                };
+                *req.uri_mut() = uri.parse::<Uri>().map_err(|_| Flag::BadRequest)?;
+                // `:authority` says it; a `host` header beside it would say it twice.
+                req.headers_mut().remove(http::header::HOST);
+                crate::pool::send_h2(addr, req, settings, tls).await
+            } else {
+                *req.uri_mut() = pq.parse::<Uri>().map_err(|_| Flag::BadRequest)?;
+                crate::pool::send(addr, req, settings, tls).await
             }
         };
         let result = match per_try {
@@ -533,6 +520,7 @@ async fn try_targets(
             Ok(mut resp) => {
                 let upgrading = resp.status() == http::StatusCode::SWITCHING_PROTOCOLS;
                 crate::http::strip_hop_by_hop(resp.headers_mut(), upgrading);
+                crate::http::drop_upstream_flags(resp.headers_mut());
                 return Ok(resp);
             }
             // Only requests whose body is held whole reach a second address (see `send`).

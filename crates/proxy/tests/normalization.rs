@@ -1,16 +1,17 @@
-//! Istio's request normalization at the enforcement point: raw requests to a sidecar's inbound
-//! port, what its AuthorizationPolicy decides and what the app gets, under each MeshConfig
-//! `pathNormalization`. Raw bytes, so nothing on the way tidies the request first.
+//! What policies and apps see of a request, at the enforcement point: raw requests to a
+//! sidecar's inbound port, what its AuthorizationPolicy decides and what the app gets, under
+//! each MeshConfig `pathNormalization` (raw bytes, so nothing on the way tidies the request
+//! first); and one authority, the name the client used, from the client to the app.
 
 use std::time::Duration;
 
 use hypha_control::ControlPlane;
-use hypha_proxy::Options;
+use hypha_proxy::{Options, Running};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 mod common;
-use common::{app, config, ready, sidecar, sidecar_service, WAIT};
+use common::{app, config, get, ready, sidecar, sidecar_service, WAIT};
 
 /// `web.shop` behind its sidecar: a DENY on `/admin*`, and an ALLOW that lets `/tenant*` through
 /// only for `x-tenant: good` (everything else is allowed).
@@ -73,25 +74,11 @@ async fn until(addr: std::net::SocketAddr, head: &str, status: u16) -> String {
 
 #[tokio::test]
 async fn policies_see_paths_methods_and_headers_as_istio_normalizes_them() {
-    let web = app("127.0.0.1:0", "web", false).await;
-    let cp = ControlPlane::new(config(&yaml("", 1)));
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let cp_addr = listener.local_addr().unwrap();
-    let serving = cp.clone();
-    tokio::spawn(async move { serving.serve(listener).await });
-    let mut server = hypha_proxy::start(Options {
-        inbound: vec!["127.0.0.1:0".parse().unwrap()],
-        app: Some(web.addr),
-        ..sidecar(&format!("http://{cp_addr}"), "web-1", &[("app", "web")])
-    })
-    .await
-    .unwrap();
+    let (cp, _, server) = web_sidecar(|port| yaml("", port)).await;
     let inbound = server.inbound[0];
     let push = |normalization: &str| {
         cp.update(config(&yaml(normalization, inbound.port())));
     };
-    push("");
-    ready(&mut server).await;
     until(inbound, "GET /ok HTTP/1.1", 200).await;
 
     // BASE, Istio's default: escapes of unreserved characters are decoded before the policy
@@ -140,6 +127,21 @@ async fn policies_see_paths_methods_and_headers_as_istio_normalizes_them() {
         assert_eq!(raw(inbound, &head).await.0, 403, "{extra}");
     }
 
+    // A request that names two authorities is refused before routing and policy; an
+    // absolute-form one that names one reaches the (HTTP/1.1) app in origin form.
+    assert_eq!(
+        raw(inbound, "GET http://admin.shop/x HTTP/1.1").await.0,
+        400
+    );
+    assert_eq!(
+        raw(
+            inbound,
+            "GET http://web.shop.svc.cluster.local/abs HTTP/1.1"
+        )
+        .await,
+        (200, "web /abs -".into())
+    );
+
     // MERGE_SLASHES: repeated slashes merge before the policy looks.
     push(", pathNormalization: {normalization: MERGE_SLASHES}");
     until(inbound, "GET //admin HTTP/1.1", 403).await;
@@ -161,4 +163,76 @@ async fn policies_see_paths_methods_and_headers_as_istio_normalizes_them() {
     let body = until(inbound, "GET /public/../admin HTTP/1.1", 200).await;
     assert_eq!(body, "web /public/../admin -");
     assert_eq!(raw(inbound, "get /x HTTP/1.1").await.0, 400);
+}
+
+/// A control plane serving `yaml(inbound port)` and a sidecar for `web-1` (label `app: web`)
+/// in front of the test app, ready.
+async fn web_sidecar(yaml: impl Fn(u16) -> String) -> (ControlPlane, String, Running) {
+    let web = app("127.0.0.1:0", "web", false).await;
+    let cp = ControlPlane::new(config(&yaml(1)));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let uri = format!("http://{}", listener.local_addr().unwrap());
+    let serving = cp.clone();
+    tokio::spawn(async move { serving.serve(listener).await });
+    let mut server = hypha_proxy::start(Options {
+        inbound: vec!["127.0.0.1:0".parse().unwrap()],
+        app: Some(web.addr),
+        ..sidecar(&uri, "web-1", &[("app", "web")])
+    })
+    .await
+    .unwrap();
+    cp.update(config(&yaml(server.inbound[0].port())));
+    ready(&mut server).await;
+    (cp, uri, server)
+}
+
+#[tokio::test]
+async fn one_authority_from_the_client_to_the_app() {
+    // HTTP/2 between the sidecars (a GRPC port), and a policy on the host the client named.
+    let yaml = |inbound: u16| {
+        format!(
+            "apiVersion: hypha.dev/v1alpha1\nkind: MeshConfig\nmetadata: {{name: m}}\n\
+             spec: {{trustDomain: cluster.local}}\n{}\
+             ---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n\
+             metadata: {{name: by-host, namespace: shop}}\nspec:\n  \
+             selector: {{matchLabels: {{app: web}}}}\n  action: ALLOW\n  rules:\n  \
+             - to: [{{operation: {{hosts: ['web.shop.svc.cluster.local*']}}}}]\n",
+            sidecar_service("web", 80, "grpc", "GRPC", inbound)
+        )
+    };
+    let (_cp, uri, server) = web_sidecar(yaml).await;
+    let mut client = hypha_proxy::start(Options {
+        http_proxy: vec!["127.0.0.1:0".parse().unwrap()],
+        ..sidecar(&uri, "client", &[("app", "client")])
+    })
+    .await
+    .unwrap();
+    ready(&mut client).await;
+    // The server's sidecar sees the name the client used as the HTTP/2 `:authority` (not the
+    // endpoint's address), so the `hosts` rule allows it.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (status, body, _) = get(
+            client.http_proxy[0],
+            "http://web.shop.svc.cluster.local/h2",
+            &[],
+        )
+        .await;
+        if status == 200 {
+            assert_eq!(body, "web http://web.shop.svc.cluster.local/h2 -");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{status} {body}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Over HTTP/2 to the app too.
+    let (status, body) = raw(
+        server.inbound[0],
+        "GET http://web.shop.svc.cluster.local/abs HTTP/1.1",
+    )
+    .await;
+    assert_eq!(
+        (status, body.as_str()),
+        (200, "web http://web.shop.svc.cluster.local/abs -")
+    );
 }

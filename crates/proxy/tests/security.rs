@@ -705,6 +705,59 @@ async fn authorization_policy_denies_with_403_and_counts_it() {
     assert_eq!((status, body.as_str()), (200, "web /a/c -"));
 }
 
+/// The app learns who called from its sidecar only: `x-forwarded-client-cert` as Istio sets it
+/// from the verified peer, whatever the client wrote; and a response's
+/// `x-hypha-response-flags` is the proxy's own, never an upstream's.
+#[tokio::test]
+async fn the_app_learns_its_caller_from_its_sidecar_only() {
+    let s = secured_on(config(&web_yaml(1, "STRICT")), &["shop.web", "shop.client"]).await;
+    let p = pair(&s, "web", |port| web_yaml(port, "STRICT")).await;
+    let url = "http://web.shop.svc.cluster.local/x";
+    get_until_ok(p.client.http_proxy[0], url).await;
+    let forged =
+        "By=spiffe://cluster.local/ns/shop/sa/web;URI=spiffe://cluster.local/ns/shop/sa/admin";
+    let (status, _, headers) = get(
+        p.client.http_proxy[0],
+        url,
+        &[("x-forwarded-client-cert", forged)],
+    )
+    .await;
+    assert_eq!(status, 200);
+    let creds = p.client.identity.as_ref().unwrap().load();
+    let leaf = &creds.identity.chain()[0];
+    let hash: String = leaf
+        .digest(boring::hash::MessageDigest::sha256())
+        .unwrap()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(
+        headers.get("x-seen-xfcc").map(|v| v.to_str().unwrap()),
+        Some(
+            format!(
+                "By=spiffe://{TD}/ns/shop/sa/web;Hash={hash};Subject=\"\";\
+                 URI=spiffe://{TD}/ns/shop/sa/client"
+            )
+            .as_str()
+        )
+    );
+    // An app that answers with the proxy's flag header: passed on as the app's answer,
+    // without the header, and counted as such.
+    let (status, body, headers) = get(
+        p.client.http_proxy[0],
+        "http://web.shop.svc.cluster.local/fake-flags",
+        &[],
+    )
+    .await;
+    assert_eq!((status, body.as_str()), (200, "web /fake-flags -"));
+    assert!(
+        !headers.contains_key("x-hypha-response-flags"),
+        "{headers:?}"
+    );
+    let (_, metrics) = admin(p.client.admin.unwrap(), "/metrics").await;
+    assert!(!metrics.contains("response_flags=\"UF\""), "{metrics}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_second_certificates_rotate_under_load_without_losing_a_request() {
     let mut s = secured_on(config(&web_yaml(1, "STRICT")), &["shop.web", "shop.client"]).await;

@@ -21,7 +21,8 @@ use tokio::net::TcpListener;
 pub const WAIT: Duration = Duration::from_secs(15);
 
 /// A test app: answers `<name> <path> <x-test header>`; `/slow` after 500 ms; when `failing`,
-/// always 503. Counts requests.
+/// always 503. Echoes `x-request-id` and `x-forwarded-client-cert` as `x-seen-*`; `/fake-flags`
+/// answers with a proxy's `x-hypha-response-flags`. Counts requests.
 pub struct App {
     pub addr: SocketAddr,
     pub hits: Arc<AtomicU64>,
@@ -62,6 +63,14 @@ pub async fn app(bind: &str, name: &'static str, failing: bool) -> App {
                         let mut resp = Response::new(Full::new(Bytes::from(body)));
                         if let Some(id) = req.headers().get("x-request-id") {
                             resp.headers_mut().insert("x-seen-request-id", id.clone());
+                        }
+                        if let Some(v) = req.headers().get("x-forwarded-client-cert") {
+                            resp.headers_mut().insert("x-seen-xfcc", v.clone());
+                        }
+                        if req.uri().path() == "/fake-flags" {
+                            // An app posing as a proxy's local reply.
+                            resp.headers_mut()
+                                .insert("x-hypha-response-flags", "UF".parse().unwrap());
                         }
                         if req.uri().path() == "/hop" {
                             // Which hop-by-hop headers reached the app, and some of its own.
