@@ -43,6 +43,8 @@ pub enum AuthError {
     UnknownToken,
     #[error("the client certificate's identity {0} is not a workload of this trust domain")]
     NotAWorkload(String),
+    #[error("the client certificate is refused: {0}")]
+    Refused(String),
 }
 
 /// Establishes who is calling from what the transport and the request's metadata carry.
@@ -280,7 +282,10 @@ impl IstioCertificateService for CaService {
             .authenticate(request.metadata(), request.extensions())
             .map_err(|e| {
                 tracing::info!(reason = %e, "CreateCertificate: unauthenticated");
-                Status::unauthenticated(e.to_string())
+                match e {
+                    AuthError::Refused(_) => Status::permission_denied(e.to_string()),
+                    _ => Status::unauthenticated(e.to_string()),
+                }
             })?;
         let req = request.into_inner();
         if req

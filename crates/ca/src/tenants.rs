@@ -177,6 +177,33 @@ impl Ca {
         Ok(issued)
     }
 
+    /// Whether `leaf`, a verified certificate for SPIFFE ID `id`, was issued by the signer of
+    /// the tenant its namespace belongs to: the CA's endpoint trusts every tenant's root (all
+    /// renew there), so a chain to *some* root is not enough, or one tenant's leaked signer
+    /// would mint every tenant's identities.
+    pub fn vouch(&self, id: &str, leaf: &boring::x509::X509Ref) -> Result<(), String> {
+        let namespace = id
+            .split_once("/ns/")
+            .and_then(|(_, rest)| rest.split_once("/sa/"))
+            .map(|(ns, _)| ns)
+            .ok_or_else(|| format!("{id} is not a workload identity"))?;
+        let tenant = self
+            .tenant_of(namespace)
+            .ok_or_else(|| format!("namespace {namespace:?} belongs to no tenant"))?;
+        let key = tenant
+            .signer
+            .certificate()
+            .public_key()
+            .map_err(|e| e.to_string())?;
+        match leaf.verify(&key) {
+            Ok(true) => Ok(()),
+            _ => Err(format!(
+                "{id} is not from the signer of tenant {:?}",
+                tenant.name
+            )),
+        }
+    }
+
     /// Every tenant's root, without duplicates: what the CA's own endpoint trusts for
     /// renewals, since workloads of every tenant renew there.
     pub fn all_roots(&self) -> Result<Vec<String>, CaError> {

@@ -47,28 +47,88 @@ pub enum SecurityError {
     Task(String),
 }
 
-/// Over TLS, a proxy gets the config of its own identity only: the namespace and service
-/// account its node claims must be those of its client certificate (as istiod checks).
-/// Plaintext connections (the `--listen` port) carry no identity and are not checked.
-pub fn authorize_node(proxy: &ProxyInfo, connection: &Extensions) -> Result<(), Status> {
+/// Over TLS, a proxy gets the config of its own identity only (as istiod checks): the
+/// namespace and service account its node claims must be those of its client certificate;
+/// an Istio-style node id (`sidecar~<ip>~<workload>.<ns>~...`) must name the claimed workload
+/// and namespace; and a workload the registry knows by the claimed name (or addresses) must
+/// run as that service account and carry the claimed labels, so no workload takes another's
+/// config (its inbound chains, its `sourceLabels` routes). Plaintext connections (the
+/// `--listen` port) carry no identity and are not checked.
+pub fn authorize_node(
+    proxy: &ProxyInfo,
+    connection: &Extensions,
+    registry: &crate::registry::Registry,
+) -> Result<(), Status> {
     let Some(peer) = connection.get::<PeerInfo>() else {
         return Ok(());
     };
+    if let Some(reason) = &peer.refused {
+        return Err(Status::permission_denied(format!(
+            "the client certificate is refused: {reason}"
+        )));
+    }
     let id = peer.identity.as_deref().ok_or_else(|| {
         Status::unauthenticated("xDS over TLS needs the workload's client certificate")
     })?;
+    let denied = |why: String| {
+        tracing::warn!(node = %proxy.id, identity = %id, "xDS: {why}");
+        Err(Status::permission_denied(why))
+    };
     let claimed = format!("/ns/{}/sa/{}", proxy.namespace, proxy.service_account);
     let own = id
         .strip_prefix("spiffe://")
         .and_then(|rest| rest.find('/').map(|i| &rest[i..]));
-    if own == Some(claimed.as_str()) {
-        Ok(())
-    } else {
-        tracing::warn!(node = %proxy.id, identity = %id, "xDS: node does not match its certificate");
-        Err(Status::permission_denied(format!(
+    if own != Some(claimed.as_str()) {
+        return denied(format!(
             "the client certificate is {id}, not namespace {} service account {}",
             proxy.namespace, proxy.service_account
-        )))
+        ));
+    }
+    let parts: Vec<&str> = proxy.id.split('~').collect();
+    if let [_, _, workload, _] = parts[..] {
+        let (name, ns) = workload.split_once('.').unwrap_or((workload, ""));
+        if ns != proxy.namespace || (!proxy.workload_name.is_empty() && name != proxy.workload_name)
+        {
+            return denied(format!(
+                "node id {} names another workload than {}/{}",
+                proxy.id, proxy.namespace, proxy.workload_name
+            ));
+        }
+    }
+    let known = registry.workloads_of(&proxy.namespace, &proxy.workload_name, &proxy.ips);
+    if let Some(w) = known
+        .iter()
+        .find(|w| w.service_account != proxy.service_account)
+    {
+        return denied(format!(
+            "workload {}/{} runs as service account {}, not {}",
+            w.namespace, w.workload_name, w.service_account, proxy.service_account
+        ));
+    }
+    let carries = |w: &&crate::registry::Endpoint| {
+        proxy.labels.iter().all(|(k, v)| w.labels.get(k) == Some(v))
+    };
+    if !known.is_empty() && !known.iter().any(carries) {
+        return denied(format!(
+            "workload {}/{} does not carry the labels the node claims",
+            proxy.namespace, proxy.workload_name
+        ));
+    }
+    Ok(())
+}
+
+/// Where an xDS stream's NACKs are remembered: under the verified identity and the node id,
+/// so a workload can only ever mute content for itself.
+pub fn rejection_key(
+    node: &envoy_types::pb::envoy::config::core::v3::Node,
+    connection: &Extensions,
+) -> String {
+    match connection
+        .get::<PeerInfo>()
+        .and_then(|p| p.identity.as_deref())
+    {
+        Some(id) => format!("{id} {}", node.id),
+        None => node.id.clone(),
     }
 }
 
@@ -173,7 +233,12 @@ impl Secure {
         listener: TcpListener,
     ) -> Result<(), tonic::transport::Error> {
         let own = self.own.clone();
-        let incoming = grpc::incoming(listener, move || own.load());
+        let ca = self.ca.clone();
+        let incoming = grpc::incoming_vouched(
+            listener,
+            move || own.load(),
+            Arc::new(move |id: &str, leaf: &_| ca.vouch(id, leaf)),
+        );
         tonic::transport::Server::builder()
             .add_service(AdsServer::new(Arc::new(cp.clone())).into_service())
             .add_service(CaService::new(self.ca.clone(), self.auth.clone()).into_server())

@@ -330,7 +330,7 @@ impl SnapshotSource for ControlPlane {
             return Err(tonic::Status::invalid_argument("node.id is required"));
         }
         let proxy = ProxyInfo::from_node(node);
-        crate::security::authorize_node(&proxy, connection)?;
+        crate::security::authorize_node(&proxy, connection, &self.current().registry)?;
         let snap = Arc::new(self.current().snapshot(&proxy));
         let (tx, rx) = watch::channel(snap);
         tracing::info!(
@@ -347,6 +347,10 @@ impl SnapshotSource for ControlPlane {
         }
         subs.push(Subscriber { proxy, tx });
         Ok(rx)
+    }
+
+    fn rejection_key(&self, node: &Node, connection: &tonic::Extensions) -> String {
+        crate::security::rejection_key(node, connection)
     }
 }
 

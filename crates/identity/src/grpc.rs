@@ -31,10 +31,17 @@ const BACKLOG: usize = 64;
 #[derive(Debug, Clone)]
 pub struct PeerInfo {
     pub remote: SocketAddr,
-    /// The client certificate's SPIFFE ID, verified against the server's roots; `None` when
-    /// the client presented no certificate.
+    /// The client certificate's SPIFFE ID, verified against the server's roots and vouched
+    /// for (see [`incoming_vouched`]); `None` when the client presented no certificate, or one
+    /// that was not vouched for.
     pub identity: Option<String>,
+    /// Why a verified client certificate was not taken as an identity.
+    pub refused: Option<String>,
 }
+
+/// What a server asks of a verified client certificate beyond its chain (its SPIFFE ID and
+/// the certificate): `Err` with the reason to refuse it.
+pub type Vouch = dyn Fn(&str, &boring::x509::X509Ref) -> Result<(), String> + Send + Sync;
 
 /// An accepted TLS connection, for tonic's `serve_with_incoming`.
 pub struct TlsIo {
@@ -86,6 +93,18 @@ pub fn incoming(
     listener: TcpListener,
     current: impl Fn() -> Arc<Credentials> + Send + Sync + 'static,
 ) -> ReceiverStream<io::Result<TlsIo>> {
+    incoming_vouched(listener, current, Arc::new(|_: &str, _: &_| Ok(())))
+}
+
+/// [`incoming`], taking a client certificate's identity only where `vouch` accepts it (the
+/// control plane: a workload's certificate must come from its own tenant's signer, whatever
+/// other roots the server trusts). A refused one leaves the connection without an identity,
+/// with [`PeerInfo::refused`] saying why.
+pub fn incoming_vouched(
+    listener: TcpListener,
+    current: impl Fn() -> Arc<Credentials> + Send + Sync + 'static,
+    vouch: Arc<Vouch>,
+) -> ReceiverStream<io::Result<TlsIo>> {
     let (tx, rx) = mpsc::channel(BACKLOG);
     tokio::spawn(async move {
         loop {
@@ -103,6 +122,7 @@ pub fn incoming(
             let _ = tcp.set_nodelay(true);
             let credentials = current();
             let tx = tx.clone();
+            let vouch = vouch.clone();
             tokio::spawn(async move {
                 let handshake = tls::accept(&credentials.server, tcp);
                 let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
@@ -116,8 +136,20 @@ pub fn incoming(
                         return;
                     }
                 };
-                let identity = tls::peer_id(stream.ssl());
-                let info = PeerInfo { remote, identity };
+                let mut identity = tls::peer_id(stream.ssl());
+                let mut refused = None;
+                if let (Some(id), Some(cert)) = (&identity, stream.ssl().peer_certificate()) {
+                    if let Err(reason) = vouch(id, &cert) {
+                        tracing::warn!(%remote, identity = %id, %reason, "client certificate refused");
+                        refused = Some(reason);
+                        identity = None;
+                    }
+                }
+                let info = PeerInfo {
+                    remote,
+                    identity,
+                    refused,
+                };
                 let _ = tx.send(Ok(TlsIo { stream, info })).await;
             });
         }

@@ -318,10 +318,11 @@ impl Authenticator for WorkloadAuth {
                 None => Err(AuthError::UnknownToken),
             };
         }
-        let id = extensions
-            .get::<PeerInfo>()
-            .and_then(|p| p.identity.as_deref())
-            .ok_or(AuthError::Missing)?;
+        let peer = extensions.get::<PeerInfo>().ok_or(AuthError::Missing)?;
+        if let Some(reason) = &peer.refused {
+            return Err(AuthError::Refused(reason.clone()));
+        }
+        let id = peer.identity.as_deref().ok_or(AuthError::Missing)?;
         let not_a_workload = || AuthError::NotAWorkload(id.to_owned());
         let path = id
             .strip_prefix("spiffe://")

@@ -56,6 +56,14 @@ pub trait SnapshotSource: Send + Sync + 'static {
         node: &Node,
         connection: &tonic::Extensions,
     ) -> Result<watch::Receiver<Arc<Snapshot>>, Status>;
+
+    /// Whose memory of rejected content a stream's NACKs go to (and which it is spared):
+    /// by default the node id. A source that authenticates callers makes it their verified
+    /// identity too, so a caller can only ever mute content for itself, never for another
+    /// workload whose node id it claims.
+    fn rejection_key(&self, node: &Node, _connection: &tonic::Extensions) -> String {
+        node.id.clone()
+    }
 }
 
 /// Counters of the xDS server, for metrics and tests.
@@ -115,7 +123,7 @@ struct NodeRejections {
     set: HashSet<Rejected>,
 }
 
-/// Per node id, the content that node rejected.
+/// Per rejection key (see [`SnapshotSource::rejection_key`]), the content rejected.
 #[derive(Default)]
 pub(crate) struct Rejections(Mutex<HashMap<String, NodeRejections>>);
 
@@ -156,6 +164,8 @@ impl Rejections {
 /// shared rejection memory.
 pub(crate) struct StreamCtx {
     pub(crate) node_id: String,
+    /// Where this stream's rejections are remembered.
+    rejection_key: String,
     stats: Arc<AdsStats>,
     rejections: Arc<Rejections>,
     nonce: u64,
@@ -193,7 +203,7 @@ impl StreamCtx {
         warn!(node = %self.node_id, type_url, rejected = ?versions, error = message, "xDS NACK");
         for (name, version) in rejected {
             self.rejections.record(
-                &self.node_id,
+                &self.rejection_key,
                 Rejected {
                     type_url: type_url.to_owned(),
                     name: name.map(str::to_owned),
@@ -205,7 +215,7 @@ impl StreamCtx {
 
     pub(crate) fn is_rejected(&self, type_url: &str, name: Option<&str>, version: &str) -> bool {
         self.rejections
-            .contains(&self.node_id, type_url, name, version)
+            .contains(&self.rejection_key, type_url, name, version)
     }
 }
 
@@ -320,6 +330,7 @@ async fn run_stream<P: Protocol, S: SnapshotSource>(
         }
     };
     let node_id = node.id.clone();
+    let rejection_key = source.rejection_key(node, &connection);
     stats.streams_active.fetch_add(1, Ordering::Relaxed);
     let _active = ActiveStream(stats.clone());
     info!(node = %node_id, protocol = P::NAME, "xDS stream opened");
@@ -327,6 +338,7 @@ async fn run_stream<P: Protocol, S: SnapshotSource>(
     let mut snapshot = snapshots.borrow_and_update().clone();
     let mut proto = P::new(StreamCtx {
         node_id: node_id.clone(),
+        rejection_key,
         stats,
         rejections,
         nonce: 0,
