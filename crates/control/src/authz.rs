@@ -12,7 +12,7 @@
 //! Request principals need JWT authentication, which Hypha does not do yet: they match no
 //! request (their `not` form every request).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use envoy_types::pb::envoy::config::core::v3::CidrRange;
 use envoy_types::pb::envoy::config::listener::v3::{filter, Filter};
@@ -32,7 +32,10 @@ use hypha_config::security::{Action, AuthorizationPolicy, Condition, Operation, 
 use hypha_config::types::labels_match;
 use hypha_config::{Config, Resource};
 
-use crate::envoy::{any, u32v};
+use envoy_types::pb::google::protobuf::Any;
+use prost::Message;
+
+use crate::envoy::u32v;
 
 pub const HTTP_RBAC: &str = "envoy.filters.http.rbac";
 pub const NETWORK_RBAC: &str = "envoy.filters.network.rbac";
@@ -66,7 +69,7 @@ pub fn rbac(
     namespace: &str,
     labels: &BTreeMap<String, String>,
     tcp: bool,
-) -> Vec<Rbac> {
+) -> Vec<Rules> {
     let policies = applicable(cfg, namespace, labels);
     let mut out = Vec::new();
     for (action, envoy) in [
@@ -81,7 +84,7 @@ pub fn rbac(
         if of_action.is_empty() {
             continue;
         }
-        let mut map = HashMap::new();
+        let mut map = BTreeMap::new();
         for p in of_action {
             for (i, rule) in p.spec.rules.iter().enumerate() {
                 let name = format!("ns[{}]-policy[{}]-rule[{i}]", p.namespace, p.name);
@@ -90,41 +93,88 @@ pub fn rbac(
                 }
             }
         }
-        out.push(Rbac {
-            action: envoy as i32,
+        out.push(Rules {
+            action: envoy,
             policies: map,
-            ..Default::default()
         });
     }
     out
 }
 
+/// One RBAC filter's rules: its action and its policies by name, in name order.
+#[derive(Debug, Clone)]
+pub struct Rules {
+    pub action: rbac::Action,
+    pub policies: BTreeMap<String, Policy>,
+}
+
+impl Rules {
+    /// The `RBAC` message's bytes with its policies in name order: prost encodes a map from
+    /// a `HashMap`, whose order changes from one process to the next, and the resource
+    /// version (a hash of the bytes) with it; a restarted control plane would re-push every
+    /// chain with a policy.
+    fn encoded(&self) -> Vec<u8> {
+        let mut buf = Rbac {
+            action: self.action as i32,
+            ..Default::default()
+        }
+        .encode_to_vec();
+        prost::encoding::btree_map::encode(
+            prost::encoding::string::encode,
+            prost::encoding::string::encoded_len,
+            prost::encoding::message::encode,
+            prost::encoding::message::encoded_len,
+            RBAC_POLICIES,
+            &self.policies,
+            &mut buf,
+        );
+        buf
+    }
+}
+
+/// Field numbers: `RBAC.policies`, and `rules` in both RBAC filters' configs.
+const RBAC_POLICIES: u32 = 2;
+const FILTER_RULES: u32 = 1;
+
+/// A filter config (`head`, its `rules` unset) with `rules` appended as field 1, in a
+/// deterministic encoding.
+fn filter_config<M: prost::Message + prost::Name>(head: &M, rules: &Rules) -> Any {
+    let mut value = head.encode_to_vec();
+    prost::encoding::bytes::encode(FILTER_RULES, &rules.encoded(), &mut value);
+    Any {
+        type_url: M::type_url(),
+        value,
+    }
+}
+
 /// HTTP filters for the inbound HCM, before the router.
-pub fn http_filters(rules: Vec<Rbac>) -> Vec<HttpFilter> {
+pub fn http_filters(rules: Vec<Rules>) -> Vec<HttpFilter> {
     rules
-        .into_iter()
+        .iter()
         .map(|r| HttpFilter {
             name: HTTP_RBAC.into(),
-            config_type: Some(http_filter::ConfigType::TypedConfig(any(&HttpRbac {
-                rules: Some(r),
-                ..Default::default()
-            }))),
+            config_type: Some(http_filter::ConfigType::TypedConfig(filter_config(
+                &HttpRbac::default(),
+                r,
+            ))),
             ..Default::default()
         })
         .collect()
 }
 
 /// Network filters for an inbound TCP chain, before the TCP proxy.
-pub fn network_filters(rules: Vec<Rbac>) -> Vec<Filter> {
+pub fn network_filters(rules: Vec<Rules>) -> Vec<Filter> {
     rules
-        .into_iter()
+        .iter()
         .map(|r| Filter {
             name: NETWORK_RBAC.into(),
-            config_type: Some(filter::ConfigType::TypedConfig(any(&NetworkRbac {
-                rules: Some(r),
-                stat_prefix: "tcp.".into(),
-                ..Default::default()
-            }))),
+            config_type: Some(filter::ConfigType::TypedConfig(filter_config(
+                &NetworkRbac {
+                    stat_prefix: "tcp.".into(),
+                    ..Default::default()
+                },
+                r,
+            ))),
         })
         .collect()
 }

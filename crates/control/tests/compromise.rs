@@ -65,8 +65,8 @@ async fn endpoint(mesh: &str, accounts: &[&str]) -> Endpoint {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let uri = format!("https://{}", listener.local_addr().unwrap());
     tokio::spawn(async move { secure.serve(&cp, listener).await });
-    let ca_roots = X509::stack_from_pem(&std::fs::read(ca_dir.join(ROOT_CERT_FILE)).unwrap())
-        .unwrap();
+    let ca_roots =
+        X509::stack_from_pem(&std::fs::read(ca_dir.join(ROOT_CERT_FILE)).unwrap()).unwrap();
     Endpoint {
         uri,
         ca_roots,
@@ -171,7 +171,10 @@ async fn a_leaked_tenant_signer_mints_no_other_tenants_identity() {
     let mut xds = e.xds(&forged, &node("shop", "web", "web-1", &[])).await;
     let status = first(&mut xds).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
-    assert!(status.message().contains("not from the signer"), "{status:?}");
+    assert!(
+        status.message().contains("not from the signer"),
+        "{status:?}"
+    );
 }
 
 /// `web-1` runs as `web`, `reviews-1` as `reviews`, both in `shop`.
@@ -214,7 +217,11 @@ spec: {address: 127.0.0.2, serviceAccount: reviews, labels: {app: reviews}, port
 #[tokio::test]
 async fn a_workload_takes_no_other_workloads_config() {
     let e = endpoint(WORKLOADS, &["shop.web"]).await;
-    let web = e.workload("shop", "web", Some("web-secret")).bootstrap().await.unwrap();
+    let web = e
+        .workload("shop", "web", Some("web-secret"))
+        .bootstrap()
+        .await
+        .unwrap();
     // Its own workload, labels and node id: config arrives.
     let own = node("shop", "web", "web-1", &[("app", "web")]);
     assert!(first(&mut e.xds(&web, &own).await).await.is_ok());
@@ -222,19 +229,33 @@ async fn a_workload_takes_no_other_workloads_config() {
     let mut stolen_id = own.clone();
     stolen_id.id = "sidecar~127.0.0.2~reviews-1.shop~shop.svc.cluster.local".into();
     for (what, claim) in [
-        ("workload", node("shop", "web", "reviews-1", &[("app", "reviews")])),
-        ("labels", node("shop", "web", "web-1", &[("app", "reviews")])),
+        (
+            "workload",
+            node("shop", "web", "reviews-1", &[("app", "reviews")]),
+        ),
+        (
+            "labels",
+            node("shop", "web", "web-1", &[("app", "reviews")]),
+        ),
         ("node id", stolen_id),
     ] {
         let status = first(&mut e.xds(&web, &claim).await).await.unwrap_err();
-        assert_eq!(status.code(), tonic::Code::PermissionDenied, "{what}: {status:?}");
+        assert_eq!(
+            status.code(),
+            tonic::Code::PermissionDenied,
+            "{what}: {status:?}"
+        );
     }
 }
 
 #[tokio::test]
 async fn a_workload_nacks_nothing_away_from_another() {
     let e = endpoint(WORKLOADS, &["shop.web", "shop.client"]).await;
-    let web = e.workload("shop", "web", Some("web-secret")).bootstrap().await.unwrap();
+    let web = e
+        .workload("shop", "web", Some("web-secret"))
+        .bootstrap()
+        .await
+        .unwrap();
     let client = e
         .workload("shop", "client", Some("client-secret"))
         .bootstrap()
