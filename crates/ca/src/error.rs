@@ -27,6 +27,8 @@ pub enum CaError {
     },
     #[error("{0} is reserved: only the control plane, in the mesh's root namespace, runs as hypha-control")]
     Reserved(String),
+    #[error("{0} is revoked")]
+    Revoked(String),
     #[error("namespace {0:?} belongs to no tenant")]
     NoTenant(String),
     #[error("unknown tenant {0:?}")]

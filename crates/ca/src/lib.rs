@@ -26,5 +26,5 @@ pub use error::CaError;
 pub use issue::{Caller, Issued, DEFAULT_MAX_VALIDITY};
 pub use service::{Authenticator, CaService, JoinTokens};
 pub use signer::{FileSigner, Signer};
-pub use tenants::{Ca, TenantCa, CONTROL_SERVICE_ACCOUNT};
+pub use tenants::{parse_revoked, Ca, TenantCa, CONTROL_SERVICE_ACCOUNT, REVOKED_FILE};
 pub use token::{TokenSigner, TokenSignerConfig};

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use boring::hash::{hash, MessageDigest};
 use tonic::metadata::MetadataMap;
@@ -41,6 +41,8 @@ pub enum AuthError {
     Malformed(&'static str),
     #[error("unknown token")]
     UnknownToken,
+    #[error("the token has expired")]
+    ExpiredToken,
     #[error("the client certificate's identity {0} is not a workload of this trust domain")]
     NotAWorkload(String),
     #[error("the client certificate is refused: {0}")]
@@ -77,6 +79,8 @@ pub enum TokenError {
     Mode { path: PathBuf, mode: u32 },
     #[error("the same token is given to {first} and {second}")]
     Duplicate { first: String, second: String },
+    #[error("{}: line {line}: expected `expires: <YYYY-MM-DDTHH:MM:SSZ>` after the token", path.display())]
+    BadField { path: PathBuf, line: usize },
 }
 
 /// Join tokens: bootstrap credentials, one per workload identity, presented as
@@ -86,6 +90,8 @@ pub enum TokenError {
 /// every entry in constant time, so neither timing nor a memory dump gives a token away.
 pub struct JoinTokens {
     entries: Vec<([u8; 32], Caller)>,
+    /// When each entry's token stops being taken, if it carries an expiry (same order).
+    expires: Vec<Option<SystemTime>>,
 }
 
 impl std::fmt::Debug for JoinTokens {
@@ -123,18 +129,22 @@ impl JoinTokens {
             seen.insert(d, caller.clone());
             entries.push((d, caller));
         }
-        Ok(JoinTokens { entries })
+        let expires = vec![None; entries.len()];
+        Ok(JoinTokens { entries, expires })
     }
 
     /// Reads every `<namespace>.<service account>.token` file in `dir` (mode 0600; the
-    /// token is the file's content without surrounding whitespace). Namespaces cannot contain
-    /// a dot, so the name splits at the first one; service accounts may contain dots.
+    /// token is the file's first line without surrounding whitespace, optionally followed by
+    /// a line `expires: <YYYY-MM-DDTHH:MM:SSZ>` after which it is refused). Namespaces cannot
+    /// contain a dot, so the name splits at the first one; service accounts may contain
+    /// dots.
     pub fn from_dir(dir: &Path) -> Result<JoinTokens, TokenError> {
         let io = |path: &Path| {
             let path = path.to_path_buf();
             move |source| TokenError::Io { path, source }
         };
         let mut pairs = Vec::new();
+        let mut expires = Vec::new();
         let mut names: Vec<PathBuf> = std::fs::read_dir(dir)
             .map_err(io(dir))?
             .map(|e| e.map(|e| e.path()))
@@ -166,13 +176,31 @@ impl JoinTokens {
                 return Err(TokenError::Mode { path, mode });
             }
             let content = std::fs::read(&path).map_err(io(&path))?;
-            let token = content.trim_ascii();
-            if token.is_empty() {
+            let mut lines = content
+                .split(|&b| b == b'\n')
+                .map(<[u8]>::trim_ascii)
+                .enumerate()
+                .filter(|(_, l)| !l.is_empty());
+            let Some((_, token)) = lines.next() else {
                 return Err(TokenError::Empty(path));
+            };
+            let mut expiry = None;
+            for (i, line) in lines {
+                let value = std::str::from_utf8(line)
+                    .ok()
+                    .and_then(|l| l.strip_prefix("expires:"))
+                    .and_then(|v| parse_utc(v.trim()));
+                match value {
+                    Some(t) if expiry.is_none() => expiry = Some(t),
+                    _ => return Err(TokenError::BadField { path, line: i + 1 }),
+                }
             }
             pairs.push((token.to_vec(), caller));
+            expires.push(expiry);
         }
-        JoinTokens::new(pairs)
+        let mut tokens = JoinTokens::new(pairs)?;
+        tokens.expires = expires;
+        Ok(tokens)
     }
 
     pub fn len(&self) -> usize {
@@ -185,11 +213,15 @@ impl JoinTokens {
 
     /// The caller a token belongs to. Every entry is compared (no early exit).
     pub fn lookup(&self, token: &[u8]) -> Option<&Caller> {
+        self.find(token).map(|i| &self.entries[i].1)
+    }
+
+    fn find(&self, token: &[u8]) -> Option<usize> {
         let d = digest(token);
         let mut found = None;
-        for (entry, caller) in &self.entries {
+        for (i, (entry, _)) in self.entries.iter().enumerate() {
             if boring::memcmp::eq(entry, &d) {
-                found = Some(caller);
+                found = Some(i);
             }
         }
         found
@@ -216,9 +248,11 @@ impl Authenticator for JoinTokens {
         if token.is_empty() {
             return Err(AuthError::Malformed("empty bearer token"));
         }
-        self.lookup(token.as_bytes())
-            .cloned()
-            .ok_or(AuthError::UnknownToken)
+        let i = self.find(token.as_bytes()).ok_or(AuthError::UnknownToken)?;
+        if self.expires[i].is_some_and(|t| t <= SystemTime::now()) {
+            return Err(AuthError::ExpiredToken);
+        }
+        Ok(self.entries[i].1.clone())
     }
 }
 
@@ -260,6 +294,7 @@ fn status(err: CaError) -> Status {
         | CaError::ExtraSan { .. }
         | CaError::BadCaller { .. }
         | CaError::Reserved(_)
+        | CaError::Revoked(_)
         | CaError::NoTenant(_) => Status::permission_denied(err.to_string()),
         other => {
             tracing::error!(error = %other, "certificate issuance failed");
@@ -324,4 +359,31 @@ impl IstioCertificateService for CaService {
             cert_chain: issued.chain,
         }))
     }
+}
+
+/// A UTC time written `YYYY-MM-DDTHH:MM:SSZ` (RFC 3339 in UTC, as `date -u +%FT%TZ` prints).
+pub fn parse_utc(s: &str) -> Option<SystemTime> {
+    let b = s.as_bytes();
+    if b.len() != 20 || b[4] != b'-' || b[7] != b'-' || b[10] != b'T' || b[13] != b':' {
+        return None;
+    }
+    if b[16] != b':' || b[19] != b'Z' {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| -> Option<i64> { s.get(r)?.parse().ok() };
+    let (y, m, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (h, min, sec) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    if !(1..=12).contains(&m) || !(1..=31).contains(&d) || h > 23 || min > 59 || sec > 60 {
+        return None;
+    }
+    // Days from 1970-01-01 to y-m-d (the proleptic Gregorian calendar).
+    let (y, m) = if m <= 2 { (y - 1, m + 9) } else { (y, m - 3) };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * m + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = days * 86_400 + h * 3600 + min * 60 + sec;
+    let secs = u64::try_from(secs).ok()?;
+    Some(SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(secs))
 }

@@ -46,6 +46,20 @@ pub struct Ca {
     /// [`CONTROL_SERVICE_ACCOUNT`] is issued, since proxies take that identity for the
     /// control plane's.
     control_namespace: Option<String>,
+    /// Revoked SPIFFE IDs: never issued, renewed or vouched for (see [`Ca::set_revoked`]).
+    revoked: std::sync::RwLock<std::sync::Arc<std::collections::HashSet<String>>>,
+}
+
+/// The deny list in a CA's data directory: one SPIFFE ID per line (`#` starts a comment).
+pub const REVOKED_FILE: &str = "revoked";
+
+/// The SPIFFE IDs a deny list names.
+pub fn parse_revoked(text: &str) -> std::collections::HashSet<String> {
+    text.lines()
+        .map(|l| l.split('#').next().unwrap_or("").trim())
+        .filter(|l| !l.is_empty())
+        .map(str::to_owned)
+        .collect()
 }
 
 /// The control plane's service account: `spiffe://<td>/ns/<root namespace>/sa/hypha-control`.
@@ -67,6 +81,7 @@ impl Ca {
             trust_domain: trust_domain.into(),
             tenants,
             control_namespace: None,
+            revoked: Default::default(),
         })
     }
 
@@ -126,6 +141,19 @@ impl Ca {
             .with_control_namespace(&mesh.root_namespace))
     }
 
+    /// Replaces the revoked identities: from now on they get no certificate (by token or by
+    /// renewal) and their certificates are not vouched for.
+    pub fn set_revoked(&self, ids: std::collections::HashSet<String>) {
+        *self.revoked.write().unwrap_or_else(|e| e.into_inner()) = std::sync::Arc::new(ids);
+    }
+
+    pub fn is_revoked(&self, id: &str) -> bool {
+        self.revoked
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(id)
+    }
+
     /// Issues [`CONTROL_SERVICE_ACCOUNT`] in `namespace` only, never in another.
     pub fn with_control_namespace(mut self, namespace: &str) -> Ca {
         self.control_namespace = Some(namespace.to_owned());
@@ -158,6 +186,9 @@ impl Ca {
         requested: Duration,
     ) -> Result<Issued, CaError> {
         let id = caller.spiffe_id(&self.trust_domain)?;
+        if self.is_revoked(&id) {
+            return Err(CaError::Revoked(id));
+        }
         if caller.service_account == CONTROL_SERVICE_ACCOUNT
             && self.control_namespace.as_ref() != Some(&caller.namespace)
         {
@@ -182,6 +213,9 @@ impl Ca {
     /// renew there), so a chain to *some* root is not enough, or one tenant's leaked signer
     /// would mint every tenant's identities.
     pub fn vouch(&self, id: &str, leaf: &boring::x509::X509Ref) -> Result<(), String> {
+        if self.is_revoked(id) {
+            return Err(format!("{id} is revoked"));
+        }
         let namespace = id
             .split_once("/ns/")
             .and_then(|(_, rest)| rest.split_once("/sa/"))

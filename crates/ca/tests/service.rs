@@ -248,3 +248,28 @@ fn tokens_load_from_a_directory() {
     let err = JoinTokens::from_dir(dir.path()).unwrap_err();
     assert!(matches!(err, TokenError::Empty(_)), "{err}");
 }
+
+#[test]
+fn token_expiries_are_utc_times() {
+    use hypha_ca::service::parse_utc;
+    let secs = |s: &str| {
+        parse_utc(s).map(|t| {
+            t.duration_since(std::time::SystemTime::UNIX_EPOCH)
+                .unwrap()
+                .as_secs()
+        })
+    };
+    // As `date -u -d <time> +%s` says.
+    assert_eq!(secs("1970-01-01T00:00:00Z"), Some(0));
+    assert_eq!(secs("2000-03-01T00:00:00Z"), Some(951_868_800));
+    assert_eq!(secs("2024-02-29T23:59:59Z"), Some(1_709_251_199));
+    assert_eq!(secs("2026-12-06T19:55:08Z"), Some(1_796_586_908));
+    for bad in [
+        "2026-12-06",
+        "2026-13-01T00:00:00Z",
+        "2026-12-06T19:55:08+01:00",
+        "soon",
+    ] {
+        assert_eq!(secs(bad), None, "{bad}");
+    }
+}

@@ -39,10 +39,12 @@ pub enum SecurityError {
     Ca(#[from] hypha_ca::CaError),
     #[error("join tokens: {0}")]
     Tokens(#[from] hypha_ca::service::TokenError),
-    #[error("the control plane's certificate: {0}")]
+    #[error("certificate: {0}")]
     Identity(#[from] hypha_identity::IdentityError),
     #[error("{0}: {1}")]
     Write(PathBuf, std::io::Error),
+    #[error("{0}: {1}")]
+    Read(PathBuf, std::io::Error),
     #[error("issuing task failed: {0}")]
     Task(String),
 }
@@ -142,6 +144,10 @@ pub struct Secure {
     caller: Caller,
     roots: Vec<String>,
     signer_roots: crate::mtls::SignerRoots,
+    /// The data directory (its deny list, `revoked`) and the join-token directory, read
+    /// again when they change.
+    data_dir: PathBuf,
+    tokens_dir: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for Secure {
@@ -176,6 +182,7 @@ impl Secure {
         own_token: Option<Arc<hypha_keys::pkcs11::Token>>,
     ) -> Result<Secure, SecurityError> {
         let ca = Arc::new(Ca::from_mesh(mesh, data_dir)?);
+        ca.set_revoked(read_revoked(data_dir)?);
         let tokens = join_tokens.map(JoinTokens::from_dir).transpose()?;
         if let Some(t) = &tokens {
             tracing::info!("{} join token(s) loaded", t.len());
@@ -214,7 +221,71 @@ impl Secure {
             caller,
             roots,
             signer_roots,
+            data_dir: data_dir.to_path_buf(),
+            tokens_dir: join_tokens.map(Path::to_path_buf),
         })
+    }
+
+    /// Reads the deny list and the join-token directory again. A directory that does not
+    /// read (a malformed token file, say) leaves what was read before in force.
+    pub fn reload(&self) -> Result<(), SecurityError> {
+        self.ca.set_revoked(read_revoked(&self.data_dir)?);
+        if let Some(dir) = &self.tokens_dir {
+            let tokens = JoinTokens::from_dir(dir)?;
+            tracing::info!("{} join token(s) loaded", tokens.len());
+            self.auth.set_tokens(tokens);
+        }
+        Ok(())
+    }
+
+    /// Watches the deny list and the join-token directory (every `poll`), reloads on a
+    /// change, and ends the xDS streams of identities revoked meanwhile. Runs until dropped.
+    pub async fn watch(&self, cp: &ControlPlane, poll: Duration) {
+        let mut seen = self.fingerprint();
+        loop {
+            tokio::time::sleep(poll).await;
+            let now = self.fingerprint();
+            if now == seen {
+                continue;
+            }
+            seen = now;
+            match self.reload() {
+                Ok(()) => {
+                    let td = self.ca.trust_domain().to_owned();
+                    let ended = cp.disconnect(|p| {
+                        self.ca.is_revoked(&format!(
+                            "spiffe://{td}/ns/{}/sa/{}",
+                            p.namespace, p.service_account
+                        ))
+                    });
+                    if ended > 0 {
+                        tracing::warn!(streams = ended, "xDS streams of revoked identities ended");
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "reloading join tokens or the deny list failed; the previous ones stay in force")
+                }
+            }
+        }
+    }
+
+    /// What the watched files look like: names, sizes and modification times.
+    fn fingerprint(&self) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
+        let stat = |p: PathBuf| {
+            let m = std::fs::metadata(&p).ok();
+            let len = m.as_ref().map_or(0, std::fs::Metadata::len);
+            let modified = m.and_then(|m| m.modified().ok());
+            (p, len, modified)
+        };
+        let mut out = vec![stat(self.data_dir.join(hypha_ca::REVOKED_FILE))];
+        if let Some(dir) = &self.tokens_dir {
+            if let Ok(entries) = std::fs::read_dir(dir) {
+                let mut files: Vec<_> = entries.flatten().map(|e| stat(e.path())).collect();
+                files.sort();
+                out.extend(files);
+            }
+        }
+        out
     }
 
     /// Each signer's root, which the sidecars' trust bundles (`ROOTCA`) are made of.
@@ -301,6 +372,42 @@ fn own_identity(
     })
 }
 
+/// The deny list in `data_dir` (none: nothing revoked).
+fn read_revoked(data_dir: &Path) -> Result<std::collections::HashSet<String>, SecurityError> {
+    let path = data_dir.join(hypha_ca::REVOKED_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => Ok(hypha_ca::parse_revoked(&text)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Default::default()),
+        Err(e) => Err(SecurityError::Read(path, e)),
+    }
+}
+
+/// `hypha ca revoke`: adds `spiffe://<td>/ns/<namespace>/sa/<service account>` to the deny
+/// list in `data_dir`. A running control plane reads it within a second: the identity gets
+/// no certificate (by token or renewal), its certificates are refused at the control plane,
+/// and its xDS streams end. Returns the SPIFFE ID.
+pub fn revoke(
+    mesh: &MeshConfig,
+    data_dir: &Path,
+    caller: &Caller,
+) -> Result<String, SecurityError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let id = caller.spiffe_id(&mesh.trust_domain)?;
+    let path = data_dir.join(hypha_ca::REVOKED_FILE);
+    let listed = read_revoked(data_dir)?;
+    if !listed.contains(&id) {
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| SecurityError::Write(path.clone(), e))?;
+        writeln!(f, "{id}").map_err(|e| SecurityError::Write(path.clone(), e))?;
+    }
+    Ok(id)
+}
+
 /// `hypha ca issue`: a key and certificate for one identity from the CA in `data_dir`, written
 /// to `out` as `key.pem` (0600), `cert-chain.pem` (leaf first) and `root-cert.pem` (the
 /// identity's trust bundle): for peers that are not Hypha, which need their key in a file.
@@ -316,6 +423,7 @@ pub fn issue_files(
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let ca = Ca::from_mesh(mesh, data_dir)?;
+    ca.set_revoked(read_revoked(data_dir)?);
     let tenant = ca
         .tenant_of(&caller.namespace)
         .ok_or_else(|| hypha_ca::CaError::NoTenant(caller.namespace.clone()))?;

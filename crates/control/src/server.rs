@@ -187,6 +187,15 @@ impl ControlPlane {
         subs
     }
 
+    /// Ends the xDS streams of the proxies `gone` picks (their identities were revoked): they
+    /// get no more config, and a new stream is refused.
+    pub fn disconnect(&self, gone: impl Fn(&ProxyInfo) -> bool) -> usize {
+        let mut subs = self.live_subscribers();
+        let before = subs.len();
+        subs.retain(|s| !gone(&s.proxy));
+        before - subs.len()
+    }
+
     /// Connected proxy streams.
     pub fn subscribers(&self) -> usize {
         self.live_subscribers().len()
@@ -485,8 +494,10 @@ pub async fn run(
                 }
             });
         }
-        let secure = secure.clone();
-        tasks.spawn(async move { secure.rotate_own().await });
+        let secure2 = secure.clone();
+        tasks.spawn(async move { secure2.rotate_own().await });
+        let (secure, cp) = (secure.clone(), cp.clone());
+        tasks.spawn(async move { secure.watch(&cp, Duration::from_secs(1)).await });
     }
     match dir {
         Some(d) => {

@@ -43,6 +43,8 @@ struct Endpoint {
     uri: String,
     ca_roots: Vec<X509>,
     ca_dir: std::path::PathBuf,
+    tokens: std::path::PathBuf,
+    mesh: hypha_config::MeshConfig,
     _data: tempfile::TempDir,
 }
 
@@ -51,19 +53,21 @@ async fn endpoint(mesh: &str, accounts: &[&str]) -> Endpoint {
     let tokens = data.path().join("tokens");
     std::fs::create_dir(&tokens).unwrap();
     for a in accounts {
-        let token = tokens.join(format!("{a}.token"));
         let sa = a.split_once('.').unwrap().1;
-        std::fs::write(&token, format!("{sa}-secret")).unwrap();
-        std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
+        write_token(&tokens, a, &format!("{sa}-secret"));
     }
     let loaded = hypha_config::load_str("mesh.yaml", mesh);
     assert!(!loaded.has_errors(), "{:?}", loaded.diagnostics);
     let cfg = loaded.config;
     let ca_dir = data.path().join("ca");
     let secure = Arc::new(Secure::open(&cfg.mesh, &ca_dir, Some(&tokens)).unwrap());
+    let mesh = cfg.mesh.clone();
     let cp = ControlPlane::with_mtls(cfg, secure.signer_roots().clone());
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let uri = format!("https://{}", listener.local_addr().unwrap());
+    // The token directory and the deny list are watched, as `hypha control` does.
+    let (watching, watched) = (secure.clone(), cp.clone());
+    tokio::spawn(async move { watching.watch(&watched, Duration::from_millis(50)).await });
     tokio::spawn(async move { secure.serve(&cp, listener).await });
     let ca_roots =
         X509::stack_from_pem(&std::fs::read(ca_dir.join(ROOT_CERT_FILE)).unwrap()).unwrap();
@@ -71,8 +75,42 @@ async fn endpoint(mesh: &str, accounts: &[&str]) -> Endpoint {
         uri,
         ca_roots,
         ca_dir,
+        tokens,
+        mesh,
         _data: data,
     }
+}
+
+/// `<dir>/<account>.token` (mode 0600) holding `content`.
+fn write_token(dir: &std::path::Path, account: &str, content: &str) {
+    let token = dir.join(format!("{account}.token"));
+    std::fs::write(&token, content).unwrap();
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
+/// Retries `attempt` (bounded) until `done` says its answer is the one wanted.
+async fn until<T, F: std::future::Future<Output = T>>(
+    what: &str,
+    mut attempt: impl FnMut() -> F,
+    done: impl Fn(&T) -> bool,
+) -> T {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let got = attempt().await;
+        if done(&got) {
+            return got;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn refused_with(
+    r: &Result<hypha_identity::Identity, IdentityError>,
+    code: tonic::Code,
+    text: &str,
+) -> bool {
+    matches!(r, Err(IdentityError::Refused { code: c, message }) if *c == code && message.contains(text))
 }
 
 impl Endpoint {
@@ -290,4 +328,92 @@ async fn a_workload_nacks_nothing_away_from_another() {
             "{name} was muted for the real client"
         );
     }
+}
+
+#[tokio::test]
+async fn join_tokens_are_read_again_and_can_expire() {
+    let e = endpoint(WORKLOADS, &["shop.web"]).await;
+    let reviews = e.workload("shop", "reviews", Some("reviews-secret"));
+    let unknown = reviews.bootstrap().await;
+    assert!(
+        refused_with(&unknown, tonic::Code::Unauthenticated, "unknown token"),
+        "{unknown:?}"
+    );
+    // A token added to the directory is taken without a restart.
+    write_token(&e.tokens, "shop.reviews", "reviews-secret\n");
+    until("the new token taken", || reviews.bootstrap(), Result::is_ok)
+        .await
+        .unwrap();
+    // A token past its expiry is refused; one before it is taken.
+    write_token(
+        &e.tokens,
+        "shop.late",
+        "late-secret\nexpires: 2000-01-01T00:00:00Z\n",
+    );
+    write_token(
+        &e.tokens,
+        "shop.early",
+        "early-secret\nexpires: 2999-01-01T00:00:00Z\n",
+    );
+    let early = e.workload("shop", "early", Some("early-secret"));
+    until("the early token taken", || early.bootstrap(), Result::is_ok)
+        .await
+        .unwrap();
+    let late = e
+        .workload("shop", "late", Some("late-secret"))
+        .bootstrap()
+        .await;
+    assert!(
+        refused_with(&late, tonic::Code::Unauthenticated, "expired"),
+        "{late:?}"
+    );
+    // A directory that no longer reads (a token file others may read) changes nothing.
+    write_token(&e.tokens, "shop.loose", "loose-secret");
+    std::fs::set_permissions(
+        e.tokens.join("shop.loose.token"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(reviews.bootstrap().await.is_ok());
+}
+
+#[tokio::test]
+async fn a_revoked_identity_renews_nothing_and_loses_its_config() {
+    let e = endpoint(WORKLOADS, &["shop.web"]).await;
+    let web = e.workload("shop", "web", Some("web-secret"));
+    let id = web.bootstrap().await.unwrap();
+    let own = node("shop", "web", "web-1", &[("app", "web")]);
+    let mut stream = e.xds(&id, &own).await;
+    assert!(first(&mut stream).await.is_ok());
+
+    let revoked =
+        hypha_control::security::revoke(&e.mesh, &e.ca_dir, &Caller::new("shop", "web")).unwrap();
+    assert_eq!(revoked, format!("spiffe://{TD}/ns/shop/sa/web"));
+    // Renewal is refused once the control plane has read the deny list (within its poll).
+    let renewing = e.workload("shop", "web", None);
+    let renewal = until("renewal refused", || renewing.renew(&id), |r| r.is_err()).await;
+    assert!(
+        refused_with(&renewal, tonic::Code::PermissionDenied, "revoked"),
+        "{renewal:?}"
+    );
+    // So is a new certificate by join token, and a new xDS stream; the open one has ended.
+    let again = web.bootstrap().await;
+    assert!(
+        refused_with(&again, tonic::Code::PermissionDenied, "revoked"),
+        "{again:?}"
+    );
+    let status = first(&mut e.xds(&id, &own).await).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    let ended = tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            match stream.next().await {
+                Ok(Some(_)) => continue,
+                other => return other,
+            }
+        }
+    })
+    .await
+    .expect("the open stream ends");
+    assert!(!matches!(ended, Ok(Some(_))), "{ended:?}");
 }

@@ -416,7 +416,11 @@ spec:
         let snap = t.snapshot(&proxy);
         let mut out: Vec<(String, String, String)> = Vec::new();
         for type_url in [type_url::LISTENER, type_url::CLUSTER, type_url::ROUTE] {
-            for r in snap.resources(type_url).into_iter().flat_map(|rs| rs.iter()) {
+            for r in snap
+                .resources(type_url)
+                .into_iter()
+                .flat_map(|rs| rs.iter())
+            {
                 out.push((type_url.to_owned(), r.name.clone(), r.version.clone()));
             }
         }

@@ -187,16 +187,8 @@ enum CaCommand {
     /// Issue a key and certificate for one identity into files (for peers that are not Hypha,
     /// e.g. HAProxy or nginx in a benchmark): key.pem (0600), cert-chain.pem, root-cert.pem.
     Issue {
-        /// Mesh config directory (defaults to the embedded example), for tenants and signers.
-        #[arg(long)]
-        config: Option<PathBuf>,
-        /// The CA's data directory (as `hypha control --data-dir`; created if new).
-        #[arg(long)]
-        data_dir: PathBuf,
-        #[arg(long)]
-        namespace: String,
-        #[arg(long)]
-        service_account: String,
+        #[command(flatten)]
+        who: CaIdentity,
         #[arg(long, default_value_t = 24 * 3600)]
         validity_secs: u64,
         /// The key: ecdsa-p256, rsa-2048 or rsa-3072.
@@ -206,6 +198,37 @@ enum CaCommand {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Revoke one identity: a running control plane with this data directory reads the deny
+    /// list within a second; from then on the identity gets no certificate (by join token or
+    /// renewal), its certificates are refused at the control plane and its xDS streams end.
+    /// Certificates already issued stay valid for other sidecars until they expire (at most
+    /// the signer's maxCertificateTtl): there is no CRL.
+    Revoke {
+        #[command(flatten)]
+        who: CaIdentity,
+    },
+}
+
+/// The CA and the identity a `hypha ca` command is about.
+#[derive(clap::Args)]
+struct CaIdentity {
+    /// Mesh config directory (defaults to the embedded example), for the trust domain,
+    /// tenants and signers.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// The CA's data directory (as `hypha control --data-dir`; created if new).
+    #[arg(long)]
+    data_dir: PathBuf,
+    #[arg(long)]
+    namespace: String,
+    #[arg(long)]
+    service_account: String,
+}
+
+impl CaIdentity {
+    fn caller(&self) -> hypha_ca::Caller {
+        hypha_ca::Caller::new(self.namespace.clone(), self.service_account.clone())
+    }
 }
 
 #[derive(clap::Args)]
@@ -347,21 +370,21 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Check { path, output } => check(&path, output),
         Command::Ca(CaCommand::Issue {
-            config,
-            data_dir,
-            namespace,
-            service_account,
+            who,
             validity_secs,
             key,
             out,
         }) => ca_issue(
-            config.as_deref(),
-            &data_dir,
-            hypha_ca::Caller::new(namespace, service_account),
+            who.config.as_deref(),
+            &who.data_dir,
+            who.caller(),
             std::time::Duration::from_secs(validity_secs),
             key,
             &out,
         ),
+        Command::Ca(CaCommand::Revoke { who }) => {
+            ca_revoke(who.config.as_deref(), &who.data_dir, &who.caller())
+        }
         Command::Control {
             config,
             listen,
@@ -638,6 +661,30 @@ fn ca_issue(
     match hypha_control::security::issue_files(&cfg.mesh, data_dir, &caller, validity, key, out) {
         Ok(id) => {
             println!("{id}: {}", out.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("hypha: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn ca_revoke(
+    config: Option<&std::path::Path>,
+    data_dir: &std::path::Path,
+    caller: &hypha_ca::Caller,
+) -> ExitCode {
+    let cfg = match hypha_control::initial_config(config) {
+        Ok(c) => c,
+        Err(d) => {
+            eprintln!("hypha: the config has {} error(s)", d.errors().count());
+            return ExitCode::FAILURE;
+        }
+    };
+    match hypha_control::security::revoke(&cfg.mesh, data_dir, caller) {
+        Ok(id) => {
+            println!("revoked {id}");
             ExitCode::SUCCESS
         }
         Err(e) => {

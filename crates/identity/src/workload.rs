@@ -293,16 +293,22 @@ pub fn issue_local_in_token(
 /// otherwise the SPIFFE ID of the verified client certificate (renewal), which must be a
 /// workload identity of the CA's trust domain.
 pub struct WorkloadAuth {
-    tokens: Option<JoinTokens>,
+    /// Replaced whole when the token directory changes (see [`WorkloadAuth::set_tokens`]).
+    tokens: std::sync::RwLock<Option<Arc<JoinTokens>>>,
     trust_domain: String,
 }
 
 impl WorkloadAuth {
     pub fn new(tokens: Option<JoinTokens>, trust_domain: impl Into<String>) -> WorkloadAuth {
         WorkloadAuth {
-            tokens,
+            tokens: std::sync::RwLock::new(tokens.map(Arc::new)),
             trust_domain: trust_domain.into(),
         }
+    }
+
+    /// The join tokens from now on (a token directory read again).
+    pub fn set_tokens(&self, tokens: JoinTokens) {
+        *self.tokens.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(tokens));
     }
 }
 
@@ -313,7 +319,12 @@ impl Authenticator for WorkloadAuth {
         extensions: &Extensions,
     ) -> Result<Caller, AuthError> {
         if metadata.contains_key("authorization") {
-            return match &self.tokens {
+            let tokens = self
+                .tokens
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            return match tokens {
                 Some(tokens) => tokens.authenticate(metadata, extensions),
                 None => Err(AuthError::UnknownToken),
             };
