@@ -841,6 +841,7 @@ async fn proxy(a: ProxyArgs) -> anyhow::Result<()> {
                 batch: keys.batch,
                 validity: std::time::Duration::from_secs(a.cert_validity_secs),
             }),
+        limits: Default::default(),
     };
     Ok(hypha_proxy::run(opts).await?)
 }

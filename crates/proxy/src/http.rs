@@ -135,6 +135,8 @@ pub fn local_reply_with(status: StatusCode, flag: Flag, text: &str) -> Response<
 pub struct Drain {
     rx: tokio::sync::watch::Receiver<bool>,
     open: Arc<AtomicUsize>,
+    /// The listeners' limits and the connections they count.
+    admission: Arc<crate::limits::Admission>,
     /// One connection's own signal (see [`Drain::with_closer`]).
     own: Option<tokio::sync::watch::Receiver<bool>>,
 }
@@ -156,17 +158,27 @@ pub struct DrainTrigger {
     open: Arc<AtomicUsize>,
 }
 
-/// Counts an open connection until dropped.
-pub struct Open(Arc<AtomicUsize>);
+/// Counts an open connection (for draining and the connection limits) until dropped.
+pub struct Open {
+    open: Arc<AtomicUsize>,
+    admission: Arc<crate::limits::Admission>,
+    slot: usize,
+}
 
 impl Drop for Open {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        self.open.fetch_sub(1, Ordering::AcqRel);
+        self.admission.closed(self.slot);
     }
 }
 
 impl DrainTrigger {
     pub fn new() -> (DrainTrigger, Drain) {
+        Self::with_limits(crate::limits::Limits::default())
+    }
+
+    /// Listeners under `limits`.
+    pub fn with_limits(limits: crate::limits::Limits) -> (DrainTrigger, Drain) {
         let (tx, rx) = tokio::sync::watch::channel(false);
         let open = Arc::new(AtomicUsize::new(0));
         (
@@ -177,6 +189,7 @@ impl DrainTrigger {
             Drain {
                 rx,
                 open,
+                admission: Arc::new(crate::limits::Admission::new(limits)),
                 own: None,
             },
         )
@@ -227,10 +240,26 @@ impl Drain {
         (Closer(tx), drain)
     }
 
-    /// Counts a connection as open until the returned guard is dropped.
-    pub fn open(&self) -> Open {
+    /// Counts a connection from `peer` as open until the returned guard is dropped
+    /// ([`accept`] does, for every connection it hands out).
+    fn open(&self, peer: SocketAddr) -> Open {
         self.open.fetch_add(1, Ordering::AcqRel);
-        Open(self.open.clone())
+        let slot = self.admission.opened(peer.ip());
+        Open {
+            open: self.open.clone(),
+            admission: self.admission.clone(),
+            slot,
+        }
+    }
+
+    /// The listeners' limits.
+    pub fn limits(&self) -> &crate::limits::Limits {
+        &self.admission.limits
+    }
+
+    /// Connections refused by the limits so far.
+    pub fn refused(&self) -> usize {
+        self.admission.refused()
     }
 }
 
@@ -241,19 +270,21 @@ where
     H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
-    while let Some((stream, peer)) = accept(&listener, &drain).await {
-        tokio::spawn(serve_connection(
-            stream,
-            peer,
-            drain.clone(),
-            handle.clone(),
-        ));
+    while let Some((stream, peer, open)) = accept(&listener, &drain).await {
+        let serving = serve_connection(stream, peer, drain.clone(), handle.clone());
+        tokio::spawn(async move {
+            let _open = open;
+            serving.await;
+        });
     }
 }
 
 /// The next connection, or `None` once draining starts. Accept errors (out of descriptors
 /// and the like) back off instead of spinning.
-pub async fn accept(listener: &TcpListener, drain: &Drain) -> Option<(TcpStream, SocketAddr)> {
+pub async fn accept(
+    listener: &TcpListener,
+    drain: &Drain,
+) -> Option<(TcpStream, SocketAddr, Open)> {
     let mut drain = drain.clone();
     loop {
         if drain.is_draining() {
@@ -261,9 +292,12 @@ pub async fn accept(listener: &TcpListener, drain: &Drain) -> Option<(TcpStream,
         }
         tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
+                Ok((stream, peer)) if drain.admission.admits(peer.ip()) => {
                     let _ = stream.set_nodelay(true);
-                    return Some((stream, peer));
+                    return Some((stream, peer, drain.open(peer)));
+                }
+                Ok((_, peer)) => {
+                    debug!(%peer, "connection refused: over the connection limits");
                 }
                 Err(e) => {
                     debug!(error = %e, "accept failed");
@@ -282,15 +316,20 @@ where
     H: Fn(Request<Incoming>, SocketAddr) -> F + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
-    let _open = drain.open();
     let mut drain = drain;
     // HTTP/2 with prior knowledge or HTTP/1.1, told apart once by peeking at the first bytes,
-    // then served by hyper's own connection for that version (no per-read sniffing layer).
+    // then served by hyper's own connection for that version (no per-read sniffing layer). A
+    // client that sends nothing is let go with the header read timeout.
+    let first = drain.limits().header_read_timeout;
     let h2 = tokio::select! {
-        h2 = starts_with_h2_preface(&stream, PREFACE_WAIT) => match h2 {
-            Ok(h2) => h2,
-            Err(e) => {
+        h2 = tokio::time::timeout(first, starts_with_h2_preface(&stream, PREFACE_WAIT)) => match h2 {
+            Ok(Ok(h2)) => h2,
+            Ok(Err(e)) => {
                 debug!(%peer, error = %e, "downstream connection ended before a request");
+                return;
+            }
+            Err(_) => {
+                debug!(%peer, "downstream connection sent nothing in time: closed");
                 return;
             }
         },
@@ -307,7 +346,6 @@ where
     H: Fn(Request<Incoming>, SocketAddr) -> F + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
-    let _open = drain.open();
     serve_io(stream, h2, peer, drain, handle).await;
 }
 
@@ -326,10 +364,13 @@ where
     let io = TokioIo::new(stream);
     let result = if h2 {
         let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(hyper_util::rt::TokioTimer::new())
             .serve_connection(io, service);
         until_drained(conn, &mut drain, |c| c.graceful_shutdown()).await
     } else {
         let conn = hyper::server::conn::http1::Builder::new()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(drain.limits().header_read_timeout)
             .serve_connection(io, service)
             .with_upgrades();
         until_drained(conn, &mut drain, |c| c.graceful_shutdown()).await

@@ -332,7 +332,7 @@ impl Inbound {
                 Some(chain @ Chain::Tcp { authz, cluster }) => {
                     let caller = caller(false, None, None, chain);
                     if self.authorize_tcp(authz, peer, &caller) {
-                        self.tcp(stream, peer, &caller, cluster, &drain).await;
+                        self.tcp(stream, peer, &caller, cluster).await;
                     }
                 }
                 None if has_tls => {
@@ -388,7 +388,7 @@ impl Inbound {
             Some(chain @ Chain::Tcp { authz, cluster }) => {
                 let caller = caller(true, principal, sni, chain);
                 if self.authorize_tcp(authz, peer, &caller) {
-                    self.tcp(stream, peer, &caller, cluster, &drain).await;
+                    self.tcp(stream, peer, &caller, cluster).await;
                 }
             }
             None => {
@@ -442,9 +442,7 @@ impl Inbound {
         peer: SocketAddr,
         caller: &Caller,
         cluster: &str,
-        drain: &h::Drain,
     ) {
-        let _open = drain.open();
         let metrics = &self.telemetry.metrics;
         let target = {
             let cfg = self.config.load();
@@ -522,7 +520,11 @@ async fn connect_from(to: SocketAddr, sources: &[IpAddr]) -> std::io::Result<Tcp
 pub async fn serve(inbound: Inbound, listener: TcpListener, drain: h::Drain) {
     // One allocation per listener: requests clone this `Arc`, not the state it holds.
     let inbound = Arc::new(inbound);
-    while let Some((stream, peer)) = h::accept(&listener, &drain).await {
-        tokio::spawn(inbound.clone().connection(stream, peer, drain.clone()));
+    while let Some((stream, peer, open)) = h::accept(&listener, &drain).await {
+        let serving = inbound.clone().connection(stream, peer, drain.clone());
+        tokio::spawn(async move {
+            let _open = open;
+            serving.await;
+        });
     }
 }

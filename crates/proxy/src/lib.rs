@@ -18,6 +18,7 @@ pub mod compile;
 mod http;
 pub mod identity;
 pub mod inbound;
+pub mod limits;
 pub mod model;
 pub mod outbound;
 mod pool;
@@ -71,6 +72,8 @@ pub struct Options {
     /// The workload identity from the control plane's CA; with it, `control_plane` is the
     /// TLS endpoint (`https://...:15012`) and xDS runs over mutual TLS.
     pub identity: Option<identity::IdentityOptions>,
+    /// Timeouts and connection caps for every listener but the admin's.
+    pub limits: limits::Limits,
 }
 
 /// A started proxy: the addresses it actually listens on, readiness, and counters. Dropping it
@@ -152,7 +155,7 @@ pub async fn start(opts: Options) -> Result<Running, StartError> {
     let (updated_tx, updates) = watch::channel(());
     let own_ports = Arc::new(std::sync::OnceLock::new());
     let stats = Arc::new(xds::XdsStats::default());
-    let (drain_trigger, drain) = http::DrainTrigger::new();
+    let (drain_trigger, drain) = http::DrainTrigger::with_limits(opts.limits);
     let (admin_trigger, admin_drain) = http::DrainTrigger::new();
     let label = |k: &str| {
         opts.node

@@ -348,7 +348,7 @@ pub async fn serve(
 ) {
     // One allocation per listener: requests clone these `Arc`s, not the state they hold.
     let (outbound, mode) = (Arc::new(outbound), Arc::new(mode));
-    while let Some((stream, peer)) = h::accept(&listener, &drain).await {
+    while let Some((stream, peer, open)) = h::accept(&listener, &drain).await {
         let target = match &*mode {
             Mode::Service { authority, port }
                 if !outbound.config.load().http_by_port.contains_key(port) =>
@@ -359,7 +359,7 @@ pub async fn serve(
             }
             _ => Target::Http(mode.clone()),
         };
-        spawn(&outbound, stream, peer, &drain, target);
+        spawn(&outbound, stream, peer, &drain, target, open);
     }
 }
 
@@ -382,29 +382,27 @@ fn spawn(
     peer: SocketAddr,
     drain: &h::Drain,
     target: Target,
+    open: h::Open,
 ) {
     let o = outbound.clone();
     match target {
         Target::Http(mode) => {
-            tokio::spawn(h::serve_connection(
-                stream,
-                peer,
-                drain.clone(),
-                move |req, peer| {
-                    let (o, m) = (o.clone(), mode.clone());
-                    async move { o.handle(&m, req, peer).await }
-                },
-            ));
+            let serving = h::serve_connection(stream, peer, drain.clone(), move |req, peer| {
+                let (o, m) = (o.clone(), mode.clone());
+                async move { o.handle(&m, req, peer).await }
+            });
+            tokio::spawn(async move {
+                let _open = open;
+                serving.await;
+            });
         }
         Target::Tcp(cluster) => {
-            let open = drain.open();
             tokio::spawn(async move {
                 let _open = open;
                 tcp_proxy(o, cluster, stream, &[]).await;
             });
         }
         Target::ByName(routes) => {
-            let open = drain.open();
             tokio::spawn(async move {
                 let _open = open;
                 let mut stream = stream;
@@ -419,7 +417,6 @@ fn spawn(
             });
         }
         Target::Passthrough(dst) => {
-            let open = drain.open();
             tokio::spawn(async move {
                 let _open = open;
                 passthrough(&o, stream, dst).await;
@@ -440,7 +437,7 @@ pub async fn serve_captured(
 ) {
     let outbound = Arc::new(outbound);
     let own = listener.local_addr().ok();
-    while let Some((stream, peer)) = h::accept(&listener, &drain).await {
+    while let Some((stream, peer, open)) = h::accept(&listener, &drain).await {
         let dst = match crate::capture::original_dst(&stream) {
             Ok(dst) => dst,
             Err(e) => {
@@ -471,7 +468,7 @@ pub async fn serve_captured(
             None if http => Target::Http(Arc::new(Mode::Captured { dst })),
             None => Target::Passthrough(dst),
         };
-        spawn(&outbound, stream, peer, &drain, target);
+        spawn(&outbound, stream, peer, &drain, target, open);
     }
 }
 

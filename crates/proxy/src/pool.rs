@@ -39,8 +39,10 @@ use crate::model::FastMap;
 const IDLE_PER_ADDR: usize = 64;
 /// An idle connection older than this is closed instead of reused, whatever the cluster
 /// allows (Envoy's default HTTP idle timeout is one hour; servers usually close sooner, and
-/// a connection they closed is not reused either).
-const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// a connection they closed is not reused either). Shorter than a Hypha server's header
+/// read timeout (30 s, which is its keep-alive idle timeout too), so a sidecar never sends
+/// on a connection its peer is closing.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// How a cluster's connections are used (`common_http_protocol_options`).
 #[derive(Debug, Clone, Copy)]

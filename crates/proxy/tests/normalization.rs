@@ -5,13 +5,11 @@
 
 use std::time::Duration;
 
-use hypha_control::ControlPlane;
-use hypha_proxy::{Options, Running};
+use hypha_proxy::Options;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
 
 mod common;
-use common::{app, config, get, ready, sidecar, sidecar_service, WAIT};
+use common::{config, get, ready, sidecar, sidecar_service, web_sidecar, WAIT};
 
 /// `web.shop` behind its sidecar: a DENY on `/admin*`, and an ALLOW that lets `/tenant*` through
 /// only for `x-tenant: good` (everything else is allowed).
@@ -74,7 +72,7 @@ async fn until(addr: std::net::SocketAddr, head: &str, status: u16) -> String {
 
 #[tokio::test]
 async fn policies_see_paths_methods_and_headers_as_istio_normalizes_them() {
-    let (cp, _, server) = web_sidecar(|port| yaml("", port)).await;
+    let (cp, _, server) = web_sidecar(|port| yaml("", port), Default::default()).await;
     let inbound = server.inbound[0];
     let push = |normalization: &str| {
         cp.update(config(&yaml(normalization, inbound.port())));
@@ -165,27 +163,6 @@ async fn policies_see_paths_methods_and_headers_as_istio_normalizes_them() {
     assert_eq!(raw(inbound, "get /x HTTP/1.1").await.0, 400);
 }
 
-/// A control plane serving `yaml(inbound port)` and a sidecar for `web-1` (label `app: web`)
-/// in front of the test app, ready.
-async fn web_sidecar(yaml: impl Fn(u16) -> String) -> (ControlPlane, String, Running) {
-    let web = app("127.0.0.1:0", "web", false).await;
-    let cp = ControlPlane::new(config(&yaml(1)));
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let uri = format!("http://{}", listener.local_addr().unwrap());
-    let serving = cp.clone();
-    tokio::spawn(async move { serving.serve(listener).await });
-    let mut server = hypha_proxy::start(Options {
-        inbound: vec!["127.0.0.1:0".parse().unwrap()],
-        app: Some(web.addr),
-        ..sidecar(&uri, "web-1", &[("app", "web")])
-    })
-    .await
-    .unwrap();
-    cp.update(config(&yaml(server.inbound[0].port())));
-    ready(&mut server).await;
-    (cp, uri, server)
-}
-
 #[tokio::test]
 async fn one_authority_from_the_client_to_the_app() {
     // HTTP/2 between the sidecars (a GRPC port), and a policy on the host the client named.
@@ -200,7 +177,7 @@ async fn one_authority_from_the_client_to_the_app() {
             sidecar_service("web", 80, "grpc", "GRPC", inbound)
         )
     };
-    let (_cp, uri, server) = web_sidecar(yaml).await;
+    let (_cp, uri, server) = web_sidecar(yaml, Default::default()).await;
     let mut client = hypha_proxy::start(Options {
         http_proxy: vec!["127.0.0.1:0".parse().unwrap()],
         ..sidecar(&uri, "client", &[("app", "client")])

@@ -152,6 +152,7 @@ pub fn sidecar_for(control_plane: &str, node: ProxyInfo) -> Options {
         admin: None,
         access_log: None,
         identity: None,
+        limits: Default::default(),
     }
 }
 
@@ -264,4 +265,29 @@ pub fn sample(text: &str, metric: &str, want: &[(&str, &str)]) -> Option<f64> {
                 .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
         })
         .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+/// A control plane (plaintext xDS on loopback) serving `yaml(inbound port)`, and a sidecar for
+/// `web-1` (label `app: web`) in front of the test app under `limits`, ready.
+pub async fn web_sidecar(
+    yaml: impl Fn(u16) -> String,
+    limits: hypha_proxy::limits::Limits,
+) -> (hypha_control::ControlPlane, String, Running) {
+    let web = app("127.0.0.1:0", "web", false).await;
+    let cp = hypha_control::ControlPlane::new(config(&yaml(1)));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let uri = format!("http://{}", listener.local_addr().unwrap());
+    let serving = cp.clone();
+    tokio::spawn(async move { serving.serve(listener).await });
+    let mut server = hypha_proxy::start(Options {
+        inbound: vec!["127.0.0.1:0".parse().unwrap()],
+        app: Some(web.addr),
+        limits,
+        ..sidecar(&uri, "web-1", &[("app", "web")])
+    })
+    .await
+    .unwrap();
+    cp.update(config(&yaml(server.inbound[0].port())));
+    ready(&mut server).await;
+    (cp, uri, server)
 }
