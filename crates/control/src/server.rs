@@ -312,8 +312,15 @@ impl ControlPlane {
                 }
             };
             log_diagnostics(&loaded.diagnostics);
-            if loaded.has_errors() {
-                let n = loaded.diagnostics.errors().count();
+            // Without the CA, config that needs it would go out as plaintext: refused too.
+            let needs = if self.current().mtls() {
+                Diagnostics::default()
+            } else {
+                hypha_config::needs_the_ca(&loaded.config)
+            };
+            log_diagnostics(&needs);
+            if loaded.has_errors() || needs.has_errors() {
+                let n = loaded.diagnostics.errors().count() + needs.errors().count();
                 self.inner.rejected.fetch_add(1, Ordering::SeqCst);
                 tracing::error!(
                     errors = n,
@@ -425,6 +432,13 @@ pub async fn run(
     security: Option<Security>,
 ) -> Result<(), RunError> {
     let cfg = initial_config(dir.as_deref()).map_err(|d| RunError::Config(d.errors().count()))?;
+    if security.is_none() {
+        let needs = hypha_config::needs_the_ca(&cfg);
+        log_diagnostics(&needs);
+        if needs.has_errors() {
+            return Err(RunError::Config(needs.errors().count()));
+        }
+    }
     let secure = match &security {
         Some(s) => {
             std::fs::create_dir_all(&s.data_dir)

@@ -277,6 +277,26 @@ async fn delta_fetch_change_reject_and_remove() {
     assert_eq!(cp.current().version(), generation);
     std::fs::remove_file(dir.path().join("broken.yaml")).unwrap();
 
+    // So is ISTIO_MUTUAL on this control plane, which runs no CA: its sidecars have no
+    // certificates, and the rule would go out as plaintext.
+    std::fs::write(dir.path().join("mutual.yaml"), "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: mutual, namespace: bookinfo}\nspec:\n  host: details\n  trafficPolicy: {tls: {mode: ISTIO_MUTUAL}}\n").unwrap();
+    tokio::time::timeout(WAIT, async {
+        while cp.rejected_changes() < 2 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("ISTIO_MUTUAL without a CA is rejected");
+    assert_eq!(cp.current().version(), generation);
+    let needs = hypha_control::initial_config(Some(dir.path())).unwrap();
+    let d = hypha_config::needs_the_ca(&needs);
+    let e = d.errors().next().expect("an error");
+    assert!(
+        e.file.ends_with("mutual.yaml") && e.line == 6 && e.path == "spec.trafficPolicy.tls.mode",
+        "{e}"
+    );
+    std::fs::remove_file(dir.path().join("mutual.yaml")).unwrap();
+
     // A new service appears as new clusters; removing it removes them.
     std::fs::write(dir.path().join("extra.yaml"), "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: extra, namespace: bookinfo}\nspec:\n  hosts: [extra.example.com]\n  ports: [{number: 7000, name: tcp, protocol: TCP}]\n  resolution: DNS\n").unwrap();
     let extra = "outbound|7000||extra.example.com";

@@ -279,3 +279,45 @@ fn outlier(src: &Source, path: &str, od: &OutlierDetection, diags: &mut Diagnost
         );
     }
 }
+
+/// What only a control plane running the mesh CA can serve: `ISTIO_MUTUAL` needs workload
+/// certificates, and without them the sidecar would send plaintext. `hypha control` without
+/// `--data-dir` refuses such config, at start and on every change.
+pub fn needs_the_ca(cfg: &crate::Config) -> Diagnostics {
+    let mut diags = Diagnostics::default();
+    for r in &cfg.destination_rules {
+        let mut policies: Vec<(String, &TrafficPolicy)> = Vec::new();
+        if let Some(tp) = &r.spec.traffic_policy {
+            policies.push(("spec.trafficPolicy".into(), tp));
+        }
+        for (i, sub) in r.spec.subsets.iter().enumerate() {
+            if let Some(tp) = &sub.traffic_policy {
+                policies.push((format!("spec.subsets[{i}].trafficPolicy"), tp));
+            }
+        }
+        for (path, tp) in policies {
+            let mut tls: Vec<(String, &ClientTlsSettings)> = Vec::new();
+            if let Some(t) = &tp.tls {
+                tls.push((format!("{path}.tls"), t));
+            }
+            for (j, p) in tp.port_level_settings.iter().enumerate() {
+                if let Some(t) = &p.tls {
+                    tls.push((format!("{path}.portLevelSettings[{j}].tls"), t));
+                }
+            }
+            for (at, t) in tls {
+                if t.mode == Some(TlsMode::IstioMutual) {
+                    diags.error(
+                        "needs-ca",
+                        &r.source,
+                        format!("{at}.mode"),
+                        "ISTIO_MUTUAL needs the mesh CA, and this control plane runs without \
+                         one (the sidecars would send plaintext): start `hypha control` with \
+                         `--data-dir` (and `--listen-tls`), or leave `tls` unset",
+                    );
+                }
+            }
+        }
+    }
+    diags
+}

@@ -14,6 +14,7 @@
 
 mod authorization;
 mod destination_rule;
+pub use destination_rule::needs_the_ca;
 mod mesh;
 mod peer_authentication;
 mod service_entry;

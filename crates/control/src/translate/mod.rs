@@ -170,6 +170,11 @@ pub struct Translation {
 }
 
 impl Translation {
+    /// Whether sidecars have workload certificates (the control plane runs the CA).
+    pub fn mtls(&self) -> bool {
+        self.mtls
+    }
+
     pub fn new(cfg: Arc<Config>, version: impl Into<String>) -> Translation {
         Translation::after(cfg, version, None)
     }
