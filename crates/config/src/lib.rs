@@ -23,9 +23,7 @@ use std::collections::BTreeMap;
 pub use diag::{Diagnostic, Diagnostics, Severity, Source};
 pub use load::{load, load_cached, load_sources, load_str, LoadCache, Loaded};
 pub use mesh::MeshConfig;
-pub use validate::{
-    grpc_code, host_covers, is_valid_cidr, needs_the_ca, protocol_kind, validate,
-};
+pub use validate::{grpc_code, host_covers, is_valid_cidr, needs_the_ca, protocol_kind, validate};
 
 /// Annotation on a WorkloadEntry listing its other addresses (comma-separated), so a dual-stack
 /// workload stays valid Istio YAML: `address: 10.0.0.5` plus `hypha.dev/addresses: fd00::5`.

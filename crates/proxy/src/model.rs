@@ -473,13 +473,15 @@ impl Default for Limits {
 }
 
 impl Limits {
-    /// Requests the cluster may have in flight at once: over HTTP/1.1 each needs a
-    /// connection, and the pending queue holds the rest; over HTTP/2, `max_requests`.
+    /// Requests the cluster may have in flight at once: `max_requests` (Istio's
+    /// `http2MaxRequests`, which Envoy applies to every protocol); over HTTP/1.1 also no more
+    /// than a connection each plus the pending queue.
     pub fn concurrency(&self, http2: bool) -> u64 {
+        let requests = u64::from(self.max_requests);
         if http2 {
-            u64::from(self.max_requests)
+            requests
         } else {
-            u64::from(self.max_connections) + u64::from(self.max_pending_requests)
+            requests.min(u64::from(self.max_connections) + u64::from(self.max_pending_requests))
         }
     }
 }

@@ -823,6 +823,24 @@ spec:
 ---
 apiVersion: networking.istio.io/v1
 kind: ServiceEntry
+metadata: {{name: pool2, namespace: shop}}
+spec:
+  hosts: [pool2.shop.svc.cluster.local]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports: [{{number: 7004, name: http, protocol: HTTP}}]
+  endpoints: [{{address: 127.0.0.1, ports: {{http: {slow}}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: pool2, namespace: shop}}
+spec:
+  host: pool2
+  trafficPolicy:
+    connectionPool: {{http: {{http2MaxRequests: 1}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
 metadata: {{name: sticky, namespace: shop}}
 spec:
   hosts: [sticky.shop.svc.cluster.local]
@@ -859,7 +877,7 @@ async fn outlier_detection_pool_limits_and_consistent_hash() {
         b.addr.port(),
     ));
     eventually("config never arrived", || {
-        ["7001", "7002", "7003"]
+        ["7001", "7002", "7003", "7004"]
             .iter()
             .all(|t| m.client.config.load().routes.contains_key(*t))
     })
@@ -928,6 +946,17 @@ async fn outlier_detection_pool_limits_and_consistent_hash() {
     let set =
         m.client.config.load().endpoint_sets["outbound|7002||pool.shop.svc.cluster.local"].clone();
     assert_eq!(set.runtime.overflows.load(Ordering::Relaxed), 4);
+    // `http2MaxRequests` limits HTTP/1.1 requests in flight too, as Envoy's `max_requests`.
+    let pool2 = "http://pool2.shop.svc.cluster.local:7004/slow";
+    let all = futures_join(
+        (0..4)
+            .map(|_| async move { get(p, pool2, &[]).await })
+            .collect(),
+    )
+    .await;
+    let codes: Vec<u16> = all.iter().map(|r| r.0).collect();
+    assert_eq!(codes.iter().filter(|c| **c == 200).count(), 1, "{codes:?}");
+    assert_eq!(codes.iter().filter(|c| **c == 503).count(), 3, "{codes:?}");
     assert_eq!(
         set.runtime.active.load(Ordering::Relaxed),
         0,
