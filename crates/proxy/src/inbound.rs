@@ -471,7 +471,8 @@ impl Inbound {
         metrics.tcp_opened();
         let mut updates = self.updates.clone();
         updates.mark_unchanged();
-        let copy = tokio::io::copy_bidirectional(&mut stream, &mut upstream);
+        let idle = self.upstreams.tcp_idle_timeout;
+        let copy = crate::limits::splice(&mut stream, &mut upstream, idle);
         let mut copy = std::pin::pin!(copy);
         let done = loop {
             tokio::select! {

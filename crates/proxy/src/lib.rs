@@ -150,6 +150,7 @@ pub async fn start(opts: Options) -> Result<Running, StartError> {
     let config = Arc::new(ArcSwap::from_pointee(model::Config::default()));
     let upstreams = upstream::Upstreams {
         identity: mesh.as_ref().map(|m| m.store.clone()),
+        tcp_idle_timeout: opts.limits.tcp_idle_timeout,
     };
     let (ready_tx, ready) = watch::channel(false);
     let (updated_tx, updates) = watch::channel(());

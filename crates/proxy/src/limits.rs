@@ -1,10 +1,17 @@
 //! Downstream limits: how long a client may take over a request head (and idle between
-//! requests), and how many connections the proxy serves, in all and from one source address.
-//! Counted without locks: one atomic per connection and a fixed table of per-source counts.
+//! requests), how many connections the proxy serves, in all and from one source address, and
+//! how long a proxied TCP connection may sit idle ([`splice`]). Counted without locks: one
+//! atomic per connection and a fixed table of per-source counts.
 
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::model::now_nanos;
 
 /// What the proxy allows its clients (apps and peer sidecars) on every listener.
 #[derive(Debug, Clone, Copy)]
@@ -18,6 +25,9 @@ pub struct Limits {
     pub max_connections: usize,
     /// Connections served at once from one source address (IPv6 by its /64).
     pub max_connections_per_source: usize,
+    /// A proxied TCP connection with no bytes either way for this long is closed (Envoy's
+    /// `tcp_proxy` `idle_timeout`, one hour by default).
+    pub tcp_idle_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -26,6 +36,7 @@ impl Default for Limits {
             header_read_timeout: Duration::from_secs(30),
             max_connections: 65_536,
             max_connections_per_source: 8_192,
+            tcp_idle_timeout: Duration::from_secs(3600),
         }
     }
 }
@@ -94,4 +105,81 @@ fn slot(ip: IpAddr) -> usize {
     x = x.wrapping_mul(0x94d0_49bb_1331_11eb);
     x ^= x >> 31;
     (x as usize) % SLOTS
+}
+
+/// Copies both ways between `a` and `b` until both ends close, or until no byte has moved
+/// either way for `idle`: `copy_bidirectional` with Envoy's TCP idle timeout. Returns the
+/// bytes from `a` to `b` and back.
+pub async fn splice<A, B>(a: &mut A, b: &mut B, idle: Duration) -> std::io::Result<(u64, u64)>
+where
+    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    let last = AtomicU64::new(now_nanos());
+    let mut a = Active { io: a, last: &last };
+    let mut b = Active { io: b, last: &last };
+    tokio::select! {
+        copied = tokio::io::copy_bidirectional(&mut a, &mut b) => copied,
+        () = quiet_for(&last, idle) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "TCP idle timeout",
+        )),
+    }
+}
+
+/// Resolves once `last` (nanoseconds, see [`now_nanos`]) is `idle` in the past.
+async fn quiet_for(last: &AtomicU64, idle: Duration) {
+    let idle = u64::try_from(idle.as_nanos()).unwrap_or(u64::MAX);
+    loop {
+        let since = now_nanos().saturating_sub(last.load(Ordering::Relaxed));
+        if since >= idle {
+            return;
+        }
+        tokio::time::sleep(Duration::from_nanos(idle - since)).await;
+    }
+}
+
+/// A stream that notes when bytes last moved through it.
+struct Active<'a, S: ?Sized> {
+    io: &'a mut S,
+    last: &'a AtomicU64,
+}
+
+impl<S: AsyncRead + Unpin + ?Sized> AsyncRead for Active<'_, S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut *this.io).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            this.last.store(now_nanos(), Ordering::Relaxed);
+        }
+        polled
+    }
+}
+
+impl<S: AsyncWrite + Unpin + ?Sized> AsyncWrite for Active<'_, S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut *this.io).poll_write(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            this.last.store(now_nanos(), Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut *self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut *self.get_mut().io).poll_shutdown(cx)
+    }
 }

@@ -484,7 +484,8 @@ async fn passthrough(o: &Outbound, mut downstream: tokio::net::TcpStream, dst: S
     let _ = upstream.set_nodelay(true);
     let metrics = &o.telemetry.metrics;
     metrics.tcp_opened();
-    match tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await {
+    let idle = o.upstreams.tcp_idle_timeout;
+    match crate::limits::splice(&mut downstream, &mut upstream, idle).await {
         Ok((sent, received)) => metrics.tcp_closed(sent, received),
         Err(_) => metrics.tcp_closed(0, 0),
     }
@@ -541,13 +542,14 @@ async fn tcp_proxy(
     let metrics = &o.telemetry.metrics;
     metrics.tcp_opened();
     let sent_first = first.len() as u64;
+    let idle = o.upstreams.tcp_idle_timeout;
     let copied = match upstream {
         crate::upstream::TcpUpstream::Plain(mut u) => match u.write_all(first).await {
-            Ok(()) => tokio::io::copy_bidirectional(&mut downstream, &mut u).await,
+            Ok(()) => crate::limits::splice(&mut downstream, &mut u, idle).await,
             Err(e) => Err(e),
         },
         crate::upstream::TcpUpstream::Tls(mut u) => match u.write_all(first).await {
-            Ok(()) => tokio::io::copy_bidirectional(&mut downstream, &mut *u).await,
+            Ok(()) => crate::limits::splice(&mut downstream, &mut *u, idle).await,
             Err(e) => Err(e),
         },
     };

@@ -18,10 +18,21 @@ use crate::model::{
 
 /// Connection pools to upstreams, shared by every config generation so a config change does
 /// not drop established connections.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Upstreams {
     /// The workload certificate, for clusters that speak mutual TLS.
     pub identity: Option<hypha_identity::Store>,
+    /// Proxied TCP connections idle this long are closed.
+    pub tcp_idle_timeout: Duration,
+}
+
+impl Default for Upstreams {
+    fn default() -> Self {
+        Upstreams {
+            identity: None,
+            tcp_idle_timeout: crate::limits::Limits::default().tcp_idle_timeout,
+        }
+    }
 }
 
 /// Where a request for `PassthroughCluster` goes.

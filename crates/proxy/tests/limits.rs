@@ -1,6 +1,7 @@
 //! Slow and hostile clients: half-sent requests by the thousand do not keep a well-behaved
 //! client from being served, the header read timeout closes them, and one source gets no more
-//! than its share of connections. Bounded in time and count (a 3 s header timeout here).
+//! than its share of connections; an idle TCP connection is closed, a busy one is not.
+//! Bounded in time and count (timeouts of seconds here).
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -10,7 +11,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
 mod common;
-use common::{sidecar_service, web_sidecar};
+use common::{sidecar_service, tcp_sidecar, web_sidecar};
 
 const SLOW: usize = 2_000;
 const PER_SOURCE: usize = 1_500;
@@ -41,6 +42,7 @@ async fn half_sent_requests_are_closed_and_keep_no_one_else_waiting() {
         header_read_timeout: TIMEOUT,
         max_connections: 10_000,
         max_connections_per_source: PER_SOURCE,
+        ..Limits::default()
     };
     let yaml = |port: u16| {
         format!(
@@ -98,4 +100,45 @@ async fn half_sent_requests_are_closed_and_keep_no_one_else_waiting() {
             opened.elapsed()
         );
     }
+}
+
+#[tokio::test]
+async fn idle_tcp_connections_are_closed_and_busy_ones_are_not() {
+    let idle = Duration::from_millis(800);
+    let yaml = |port: u16| {
+        format!(
+            "apiVersion: hypha.dev/v1alpha1\nkind: MeshConfig\nmetadata: {{name: m}}\n\
+             spec: {{trustDomain: cluster.local}}\n{}",
+            sidecar_service("db", 5432, "tcp", "TCP", port)
+        )
+    };
+    let limits = Limits {
+        tcp_idle_timeout: idle,
+        ..Limits::default()
+    };
+    let (_cp, _, server) = tcp_sidecar(yaml, limits).await;
+    let inbound = server.inbound[0];
+    let ping = |c: &'static str| async move {
+        let mut conn = TcpStream::connect(inbound).await.unwrap();
+        conn.write_all(c.as_bytes()).await.unwrap();
+        let mut back = vec![0u8; c.len()];
+        tokio::time::timeout(Duration::from_secs(5), conn.read_exact(&mut back))
+            .await
+            .unwrap()
+            .unwrap();
+        conn
+    };
+    let mut quiet = ping("a").await;
+    let mut busy = ping("b").await;
+    // The busy one talks every 200 ms for three idle periods; the quiet one says nothing.
+    for _ in 0..12 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        busy.write_all(b"x").await.unwrap();
+        let mut one = [0u8; 1];
+        tokio::time::timeout(Duration::from_secs(2), busy.read_exact(&mut one))
+            .await
+            .expect("the busy connection is still served")
+            .unwrap();
+    }
+    assert!(closed_within(&mut quiet, Duration::from_millis(10)).await);
 }

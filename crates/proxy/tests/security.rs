@@ -19,7 +19,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 mod common;
-use common::{admin, app, config, get, node_in, sample, sidecar_for, sidecar_service, WAIT};
+use common::{
+    admin, app, config, get, node_in, sample, sidecar_for, sidecar_service, tcp_echo, WAIT,
+};
 
 const TD: &str = "cluster.local";
 
@@ -1216,21 +1218,6 @@ async fn an_open_tcp_connection_closes_when_its_chain_goes() {
         metrics.contains("hypha_inbound_chain_changed_total 1"),
         "{metrics}"
     );
-}
-
-/// A TCP server on loopback that sends back what it reads.
-async fn tcp_echo() -> std::net::SocketAddr {
-    let echo = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = echo.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = echo.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = stream.into_split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
-    addr
 }
 
 /// Before its first complete config a sidecar's inbound side serves nothing (the app behind

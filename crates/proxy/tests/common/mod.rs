@@ -274,6 +274,26 @@ pub async fn web_sidecar(
     limits: hypha_proxy::limits::Limits,
 ) -> (hypha_control::ControlPlane, String, Running) {
     let web = app("127.0.0.1:0", "web", false).await;
+    sidecar_in_front(yaml, web.addr, "web", limits).await
+}
+
+/// [`web_sidecar`] for a TCP service: a sidecar for `db-1` (label `app: db`) in front of
+/// [`tcp_echo`].
+pub async fn tcp_sidecar(
+    yaml: impl Fn(u16) -> String,
+    limits: hypha_proxy::limits::Limits,
+) -> (hypha_control::ControlPlane, String, Running) {
+    sidecar_in_front(yaml, tcp_echo().await, "db", limits).await
+}
+
+/// A control plane serving `yaml(inbound port)` and a ready sidecar for `<name>-1` (label
+/// `app: <name>`) in front of `app`.
+async fn sidecar_in_front(
+    yaml: impl Fn(u16) -> String,
+    app: SocketAddr,
+    name: &str,
+    limits: hypha_proxy::limits::Limits,
+) -> (hypha_control::ControlPlane, String, Running) {
     let cp = hypha_control::ControlPlane::new(config(&yaml(1)));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let uri = format!("http://{}", listener.local_addr().unwrap());
@@ -281,13 +301,28 @@ pub async fn web_sidecar(
     tokio::spawn(async move { serving.serve(listener).await });
     let mut server = hypha_proxy::start(Options {
         inbound: vec!["127.0.0.1:0".parse().unwrap()],
-        app: Some(web.addr),
+        app: Some(app),
         limits,
-        ..sidecar(&uri, "web-1", &[("app", "web")])
+        ..sidecar(&uri, &format!("{name}-1"), &[("app", name)])
     })
     .await
     .unwrap();
     cp.update(config(&yaml(server.inbound[0].port())));
     ready(&mut server).await;
     (cp, uri, server)
+}
+
+/// A TCP server on loopback that sends back what it reads.
+pub async fn tcp_echo() -> SocketAddr {
+    let echo = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = echo.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = echo.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = stream.into_split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    addr
 }
