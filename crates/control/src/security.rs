@@ -119,16 +119,20 @@ pub fn authorize_node(
     Ok(())
 }
 
+/// The verified identity of a TLS connection's client, if any.
+pub fn verified_identity(connection: &Extensions) -> Option<&str> {
+    connection
+        .get::<PeerInfo>()
+        .and_then(|p| p.identity.as_deref())
+}
+
 /// Where an xDS stream's NACKs are remembered: under the verified identity and the node id,
 /// so a workload can only ever mute content for itself.
 pub fn rejection_key(
     node: &envoy_types::pb::envoy::config::core::v3::Node,
     connection: &Extensions,
 ) -> String {
-    match connection
-        .get::<PeerInfo>()
-        .and_then(|p| p.identity.as_deref())
-    {
+    match verified_identity(connection) {
         Some(id) => format!("{id} {}", node.id),
         None => node.id.clone(),
     }
@@ -229,7 +233,11 @@ impl Secure {
     /// Reads the deny list and the join-token directory again. A directory that does not
     /// read (a malformed token file, say) leaves what was read before in force.
     pub fn reload(&self) -> Result<(), SecurityError> {
-        self.ca.set_revoked(read_revoked(&self.data_dir)?);
+        let revoked = read_revoked(&self.data_dir);
+        if let Ok(ids) = &revoked {
+            self.ca.set_revoked(ids.clone());
+        }
+        revoked?;
         if let Some(dir) = &self.tokens_dir {
             let tokens = JoinTokens::from_dir(dir)?;
             tracing::info!("{} join token(s) loaded", tokens.len());
@@ -249,22 +257,19 @@ impl Secure {
                 continue;
             }
             seen = now;
-            match self.reload() {
-                Ok(()) => {
-                    let td = self.ca.trust_domain().to_owned();
-                    let ended = cp.disconnect(|p| {
-                        self.ca.is_revoked(&format!(
-                            "spiffe://{td}/ns/{}/sa/{}",
-                            p.namespace, p.service_account
-                        ))
-                    });
-                    if ended > 0 {
-                        tracing::warn!(streams = ended, "xDS streams of revoked identities ended");
-                    }
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "reloading join tokens or the deny list failed; the previous ones stay in force")
-                }
+            if let Err(e) = self.reload() {
+                tracing::error!(error = %e, "reloading join tokens or the deny list failed; what did not read stays as it was");
+            }
+            // Whatever else failed, the deny list in force now ends its identities' streams.
+            let td = self.ca.trust_domain().to_owned();
+            let ended = cp.disconnect(|p| {
+                self.ca.is_revoked(&format!(
+                    "spiffe://{td}/ns/{}/sa/{}",
+                    p.namespace, p.service_account
+                ))
+            });
+            if ended > 0 {
+                tracing::warn!(streams = ended, "xDS streams of revoked identities ended");
             }
         }
     }
@@ -272,10 +277,20 @@ impl Secure {
     /// What the watched files look like: names, sizes and modification times.
     fn fingerprint(&self) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
         let stat = |p: PathBuf| {
+            use std::os::unix::fs::MetadataExt;
             let m = std::fs::metadata(&p).ok();
-            let len = m.as_ref().map_or(0, std::fs::Metadata::len);
-            let modified = m.and_then(|m| m.modified().ok());
-            (p, len, modified)
+            // Size, mode and change time: a `chmod 600` on a refused token file is a change.
+            let len = m
+                .as_ref()
+                .map_or(0, |m| m.len() ^ (u64::from(m.mode()) << 48));
+            let changed = m.map(|m| {
+                SystemTime::UNIX_EPOCH
+                    + Duration::new(
+                        u64::try_from(m.ctime()).unwrap_or(0),
+                        u32::try_from(m.ctime_nsec()).unwrap_or(0),
+                    )
+            });
+            (p, len, changed)
         };
         let mut out = vec![stat(self.data_dir.join(hypha_ca::REVOKED_FILE))];
         if let Some(dir) = &self.tokens_dir {
@@ -305,6 +320,8 @@ impl Secure {
     ) -> Result<(), tonic::transport::Error> {
         let own = self.own.clone();
         let ca = self.ca.clone();
+        let revoked = self.ca.clone();
+        cp.check_revocation(Arc::new(move |id: &str| revoked.is_revoked(id)));
         let incoming = grpc::incoming_vouched(
             listener,
             move || own.load(),

@@ -73,7 +73,13 @@ struct Inner {
     generation: AtomicU64,
     rejected: AtomicU64,
     subscribers: Mutex<Vec<Subscriber>>,
+    /// Whether a SPIFFE ID is revoked (set by the CA's secure endpoint): checked for every
+    /// xDS stream, so a revoked identity cannot open a new one on a connection it already has.
+    revoked: std::sync::OnceLock<Revoked>,
 }
+
+/// Whether a SPIFFE ID is revoked.
+pub type Revoked = Arc<dyn Fn(&str) -> bool + Send + Sync>;
 
 impl ControlPlane {
     /// Starts from a validated config, for sidecars without workload certificates.
@@ -99,6 +105,7 @@ impl ControlPlane {
                 generation: AtomicU64::new(1),
                 rejected: AtomicU64::new(0),
                 subscribers: Mutex::new(Vec::new()),
+                revoked: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -185,6 +192,12 @@ impl ControlPlane {
             .unwrap_or_else(|e| e.into_inner());
         subs.retain(|s| !s.tx.is_closed());
         subs
+    }
+
+    /// Has every new xDS stream refused when `revoked` says its identity is (the CA's deny
+    /// list). Set once; later calls change nothing.
+    pub fn check_revocation(&self, revoked: Revoked) {
+        let _ = self.inner.revoked.set(revoked);
     }
 
     /// Ends the xDS streams of the proxies `gone` picks (their identities were revoked): they
@@ -347,6 +360,14 @@ impl SnapshotSource for ControlPlane {
         }
         let proxy = ProxyInfo::from_node(node);
         crate::security::authorize_node(&proxy, connection, &self.current().registry)?;
+        if let (Some(revoked), Some(id)) = (
+            self.inner.revoked.get(),
+            crate::security::verified_identity(connection),
+        ) {
+            if revoked(id) {
+                return Err(tonic::Status::permission_denied(format!("{id} is revoked")));
+            }
+        }
         let snap = Arc::new(self.current().snapshot(&proxy));
         let (tx, rx) = watch::channel(snap);
         tracing::info!(

@@ -126,16 +126,25 @@ impl Endpoint {
         }
     }
 
-    /// An xDS stream as `node`, over mutual TLS with `identity`.
-    async fn xds(&self, identity: &hypha_identity::Identity, node: &ProxyInfo) -> DeltaClient {
+    /// A mutual-TLS connection to the endpoint with `identity`.
+    async fn channel(&self, identity: &hypha_identity::Identity) -> tonic::transport::Channel {
         let connector = hypha_identity::tls::client(Some(identity), &self.ca_roots).unwrap();
-        let channel = hypha_identity::grpc::channel(&self.uri, connector, control_plane_id())
-            .await
-            .unwrap();
-        DeltaClient::over(channel, node.to_node(), Versions::new())
+        hypha_identity::grpc::channel(&self.uri, connector, control_plane_id())
             .await
             .unwrap()
     }
+
+    /// An xDS stream as `node`, over a new mutual-TLS connection with `identity`.
+    async fn xds(&self, identity: &hypha_identity::Identity, node: &ProxyInfo) -> DeltaClient {
+        xds_over(self.channel(identity).await, node).await
+    }
+}
+
+/// An xDS stream as `node` on `channel`.
+async fn xds_over(channel: tonic::transport::Channel, node: &ProxyInfo) -> DeltaClient {
+    DeltaClient::over(channel, node.to_node(), Versions::new())
+        .await
+        .unwrap()
 }
 
 /// The sidecar of workload `workload` in `ns`, running as `sa`, with `labels`.
@@ -384,7 +393,8 @@ async fn a_revoked_identity_renews_nothing_and_loses_its_config() {
     let web = e.workload("shop", "web", Some("web-secret"));
     let id = web.bootstrap().await.unwrap();
     let own = node("shop", "web", "web-1", &[("app", "web")]);
-    let mut stream = e.xds(&id, &own).await;
+    let connection = e.channel(&id).await;
+    let mut stream = xds_over(connection.clone(), &own).await;
     assert!(first(&mut stream).await.is_ok());
 
     let revoked =
@@ -404,6 +414,11 @@ async fn a_revoked_identity_renews_nothing_and_loses_its_config() {
         "{again:?}"
     );
     let status = first(&mut e.xds(&id, &own).await).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    // Also on the connection it opened before the revocation.
+    let status = first(&mut xds_over(connection, &own).await)
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
     let ended = tokio::time::timeout(Duration::from_secs(15), async {
         loop {

@@ -87,6 +87,25 @@ struct Caller {
     xfcc: Option<http::HeaderValue>,
 }
 
+/// One XFCC value, quoted (with `\` and `"` escaped) when asked to or when it holds a
+/// character that would end it (`,` `;` `=` `"`): a certificate cannot smuggle in a second
+/// `URI=`.
+fn xfcc_value(v: &str, always: bool) -> String {
+    if !always && !v.contains([',', ';', '=', '"', '\\']) {
+        return v.to_owned();
+    }
+    let mut out = String::with_capacity(v.len() + 2);
+    out.push('"');
+    for c in v.chars() {
+        if matches!(c, '"' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('"');
+    out
+}
+
 /// Istio's `x-forwarded-client-cert` for a mutual-TLS peer, as Envoy sets it with Istio's
 /// `set_current_client_cert_details` (subject, URI, DNS): who this sidecar is (`By`), the
 /// SHA-256 of the peer's certificate (`Hash`), its subject and SPIFFE ID.
@@ -104,13 +123,12 @@ fn xfcc(own: &str, ssl: &boring::ssl::SslRef) -> Option<http::HeaderValue> {
         })
         .collect();
     subject.reverse();
-    let mut value = format!(
-        "By={own};Hash={hex};Subject=\"{}\"",
-        subject.join(",").replace('"', "\\\"")
-    );
+    let mut value = format!("By={};Hash={hex};Subject={}", xfcc_value(own, false), {
+        xfcc_value(&subject.join(","), true)
+    });
     if let Some(uri) = hypha_identity::tls::peer_id(ssl) {
         value.push_str(";URI=");
-        value.push_str(&uri);
+        value.push_str(&xfcc_value(&uri, false));
     }
     for dns in cert
         .subject_alt_names()
@@ -119,7 +137,7 @@ fn xfcc(own: &str, ssl: &boring::ssl::SslRef) -> Option<http::HeaderValue> {
         .filter_map(|n| n.dnsname().map(str::to_owned))
     {
         value.push_str(";DNS=");
-        value.push_str(&dns);
+        value.push_str(&xfcc_value(&dns, false));
     }
     http::HeaderValue::from_str(&value).ok()
 }
@@ -527,5 +545,24 @@ pub async fn serve(inbound: Inbound, listener: TcpListener, drain: h::Drain) {
             let _open = open;
             serving.await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::xfcc_value;
+
+    #[test]
+    fn xfcc_values_cannot_add_elements() {
+        assert_eq!(
+            xfcc_value("spiffe://td/ns/a/sa/b", false),
+            "spiffe://td/ns/a/sa/b"
+        );
+        assert_eq!(xfcc_value("", true), "\"\"");
+        assert_eq!(
+            xfcc_value("x;URI=spiffe://td/ns/x/sa/admin", false),
+            "\"x;URI=spiffe://td/ns/x/sa/admin\""
+        );
+        assert_eq!(xfcc_value("CN=a\\\",b", true), "\"CN=a\\\\\\\",b\"");
     }
 }

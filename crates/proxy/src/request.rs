@@ -44,11 +44,26 @@ pub fn normalize(parts: &mut http::request::Parts, n: PathNormalization) -> Resu
         {
             return Err(Invalid::Authority)
         }
+        // A Host that is not a plain `host[:port]` (userinfo, a path, a query) may be read one
+        // way by a policy and another by the app: refused, as Envoy does.
+        (Some(host), None, _) if !plain_authority(host.as_bytes()) => {
+            return Err(Invalid::Authority)
+        }
+        (_, _, Some(authority)) if !plain_authority(authority.as_str().as_bytes()) => {
+            return Err(Invalid::Authority)
+        }
         _ => {}
     }
     let Some(pq) = parts.uri.path_and_query() else {
         return Ok(());
     };
+    // Origin form, or `*` for OPTIONS: an HTTP/2 `:path` without its `/` would change
+    // meaning once joined to an authority upstream.
+    let path = pq.path();
+    let asterisk = path == "*" && parts.method == http::Method::OPTIONS;
+    if !(path.starts_with('/') || asterisk) {
+        return Err(Invalid::Path);
+    }
     let Some(normalized) = normalized_path(pq.path(), n)? else {
         return Ok(());
     };
@@ -61,6 +76,14 @@ pub fn normalize(parts: &mut http::request::Parts, n: PathNormalization) -> Resu
     uri.path_and_query = Some(pq.parse().map_err(|_| Invalid::Path)?);
     parts.uri = http::Uri::from_parts(uri).map_err(|_| Invalid::Path)?;
     Ok(())
+}
+
+/// Whether `a` is `host[:port]` and nothing else: it parses as an authority and has no
+/// userinfo.
+fn plain_authority(a: &[u8]) -> bool {
+    !a.is_empty()
+        && !a.contains(&b'@')
+        && std::str::from_utf8(a).is_ok_and(|s| s.parse::<http::uri::Authority>().is_ok())
 }
 
 /// `path` normalized as `n` says, or `None` when that changes nothing. In Envoy's order:
@@ -156,14 +179,15 @@ fn unreserved(c: u8) -> bool {
 }
 
 /// Escapes of unreserved characters decoded, other escapes kept as they are, backslashes as
-/// slashes; `%00` refused.
+/// slashes; `%00` refused, and a `%` that starts no escape too: decoding `%%30%30` once would
+/// make a `%00` (or `%%32%65` a `%2e`) that the policy never saw.
 fn decode_unreserved(path: &str) -> Result<String, Invalid> {
     let b = path.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
         match (b[i], escape(&b[i..])) {
-            (b'%', Some(0)) => return Err(Invalid::Path),
+            (b'%', Some(0) | None) => return Err(Invalid::Path),
             (b'%', Some(c)) if unreserved(c) => {
                 out.push(c);
                 i += 3;
@@ -395,6 +419,7 @@ pub mod fuzzing {
             while i < p.len() {
                 match hex(&p[i..]) {
                     Some(0) => return None,
+                    None if p[i] == b'%' => return None,
                     Some(c)
                         if c.is_ascii_uppercase()
                             || c.is_ascii_lowercase()
@@ -481,7 +506,6 @@ mod tests {
             ("/%41%7e%2D_", "/A~-_"),
             ("/a%2fb", "/a%2fb"),
             ("/%e4%b8%ad", "/%e4%b8%ad"),
-            ("/100%", "/100%"),
             ("/", "/"),
             ("/a/b/", "/a/b/"),
         ] {
@@ -490,8 +514,20 @@ mod tests {
             assert_eq!(p.uri.path(), want, "{path}");
             assert_eq!(p.uri.query(), Some("q=/../1"), "{path}");
         }
-        // `%00` is refused.
-        assert_eq!(normalize(&mut parts("/a%00b"), BASE), Err(Invalid::Path));
+        // `%00` is refused, and a `%` that starts no escape (one decoding would make new ones).
+        for path in [
+            "/a%00b",
+            "/100%",
+            "/%%30%30",
+            "/%%32%65%%32%65/admin",
+            "/%zz",
+        ] {
+            assert_eq!(
+                normalize(&mut parts(path), BASE),
+                Err(Invalid::Path),
+                "{path}"
+            );
+        }
         // Absolute form (HTTP proxy mode) keeps its scheme and authority.
         let mut p = parts("http://web.shop:8080/x/../admin");
         normalize(&mut p, BASE).unwrap();
@@ -571,6 +607,11 @@ mod tests {
             check("/x", &["web.shop", "admin.shop"]),
             Err(Invalid::Authority)
         );
+        // Only `host[:port]`: no userinfo, nothing after it.
+        for host in ["evil@admin.shop", "admin.shop/x", "admin.shop?x", ""] {
+            assert_eq!(check("/x", &[host]), Err(Invalid::Authority), "{host:?}");
+        }
+        assert_eq!(check("/x", &["[::1]:8080"]), Ok(()));
     }
 
     #[test]

@@ -507,16 +507,24 @@ async fn try_targets(
         *req.headers_mut() = parts.headers.clone();
         let sent = async {
             if h2 {
-                let uri = match host {
-                    Some(host) => format!("http://{host}{pq}"),
-                    None => format!("http://{addr}{pq}"),
-                };
-                *req.uri_mut() = uri.parse::<Uri>().map_err(|_| Flag::BadRequest)?;
+                let by_addr = addr.to_string();
+                *req.uri_mut() = Uri::builder()
+                    .scheme("http")
+                    .authority(host.unwrap_or(&by_addr))
+                    .path_and_query(pq)
+                    .build()
+                    .map_err(|_| Flag::BadRequest)?;
                 // `:authority` says it; a `host` header beside it would say it twice.
                 req.headers_mut().remove(http::header::HOST);
                 crate::pool::send_h2(addr, req, settings, tls).await
             } else {
                 *req.uri_mut() = pq.parse::<Uri>().map_err(|_| Flag::BadRequest)?;
+                // A request that came over HTTP/2 has its authority in the URI only.
+                if !req.headers().contains_key(http::header::HOST) {
+                    if let Some(a) = host.and_then(|h| http::HeaderValue::from_str(h).ok()) {
+                        req.headers_mut().insert(http::header::HOST, a);
+                    }
+                }
                 crate::pool::send(addr, req, settings, tls).await
             }
         };
