@@ -80,10 +80,14 @@ pub fn normalize(parts: &mut http::request::Parts, n: PathNormalization) -> Resu
 
 /// Whether `a` is `host[:port]` and nothing else: it parses as an authority and has no
 /// userinfo.
-fn plain_authority(a: &[u8]) -> bool {
+/// One scan, no allocation: only the characters a host (name, IPv4, `[IPv6]`) and a port are
+/// made of.
+pub fn plain_authority(a: &[u8]) -> bool {
     !a.is_empty()
-        && !a.contains(&b'@')
-        && std::str::from_utf8(a).is_ok_and(|s| s.parse::<http::uri::Authority>().is_ok())
+        && a.iter().all(|&c| {
+            c.is_ascii_alphanumeric()
+                || matches!(c, b'-' | b'.' | b'_' | b'~' | b':' | b'[' | b']' | b'%')
+        })
 }
 
 /// `path` normalized as `n` says, or `None` when that changes nothing. In Envoy's order:

@@ -499,7 +499,7 @@ async fn try_targets(
         .headers
         .get(http::header::HOST)
         .and_then(|h| h.to_str().ok())
-        .filter(|h| h.parse::<http::uri::Authority>().is_ok())
+        .filter(|h| crate::request::plain_authority(h.as_bytes()))
         .or_else(|| parts.uri.authority().map(http::uri::Authority::as_str));
     for &addr in targets {
         let mut req = Request::new(body.take());
@@ -518,7 +518,11 @@ async fn try_targets(
                 req.headers_mut().remove(http::header::HOST);
                 crate::pool::send_h2(addr, req, settings, tls).await
             } else {
-                *req.uri_mut() = pq.parse::<Uri>().map_err(|_| Flag::BadRequest)?;
+                *req.uri_mut() = if parts.uri.authority().is_none() {
+                    parts.uri.clone() // origin form already: no parse
+                } else {
+                    pq.parse::<Uri>().map_err(|_| Flag::BadRequest)?
+                };
                 // A request that came over HTTP/2 has its authority in the URI only.
                 if !req.headers().contains_key(http::header::HOST) {
                     if let Some(a) = host.and_then(|h| http::HeaderValue::from_str(h).ok()) {
