@@ -256,11 +256,6 @@ impl Drain {
     pub fn limits(&self) -> &crate::limits::Limits {
         &self.admission.limits
     }
-
-    /// Connections refused by the limits so far.
-    pub fn refused(&self) -> usize {
-        self.admission.refused()
-    }
 }
 
 /// Accepts connections on `listener` and serves each with `handle` (HTTP/1.1, or HTTP/2 when

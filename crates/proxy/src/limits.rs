@@ -49,7 +49,6 @@ pub(crate) struct Admission {
     pub(crate) limits: Limits,
     open: AtomicUsize,
     by_source: Box<[AtomicUsize]>,
-    refused: AtomicUsize,
 }
 
 impl Admission {
@@ -58,19 +57,14 @@ impl Admission {
             limits,
             open: AtomicUsize::new(0),
             by_source: (0..SLOTS).map(|_| AtomicUsize::new(0)).collect(),
-            refused: AtomicUsize::new(0),
         }
     }
 
-    /// Whether one more connection from `ip` is served; refusals are counted.
+    /// Whether one more connection from `ip` is served.
     pub(crate) fn admits(&self, ip: IpAddr) -> bool {
-        let ok = self.open.load(Ordering::Relaxed) < self.limits.max_connections
+        self.open.load(Ordering::Relaxed) < self.limits.max_connections
             && self.by_source[slot(ip)].load(Ordering::Relaxed)
-                < self.limits.max_connections_per_source;
-        if !ok {
-            self.refused.fetch_add(1, Ordering::Relaxed);
-        }
-        ok
+                < self.limits.max_connections_per_source
     }
 
     pub(crate) fn opened(&self, ip: IpAddr) -> usize {
@@ -83,11 +77,6 @@ impl Admission {
     pub(crate) fn closed(&self, slot: usize) {
         self.open.fetch_sub(1, Ordering::AcqRel);
         self.by_source[slot].fetch_sub(1, Ordering::AcqRel);
-    }
-
-    /// Connections refused so far (`hypha_downstream_refused_total`).
-    pub(crate) fn refused(&self) -> usize {
-        self.refused.load(Ordering::Relaxed)
     }
 }
 

@@ -886,16 +886,7 @@ async fn a_tcp_connection_the_policy_does_not_allow_is_closed() {
         &["shop.vault", "shop.client", "shop.stranger"],
     )
     .await;
-    let mut server = hypha_proxy::start(Options {
-        node: workload_node("shop", "vault", "vault"),
-        http_proxy: vec![],
-        inbound: vec!["127.0.0.1:0".parse().unwrap()],
-        app: Some(echo_addr),
-        admin: Some("127.0.0.1:0".parse().unwrap()),
-        ..sidecar(&s, "shop", "vault", "vault-secret")
-    })
-    .await
-    .unwrap();
+    let mut server = tcp_server(&s, "vault", echo_addr).await;
     s.cp.update(config(&yaml(server.inbound[0].port())));
     let tcp_client = |sa: &'static str| Options {
         http_proxy: vec![],
@@ -1172,16 +1163,7 @@ async fn an_open_tcp_connection_closes_when_its_chain_goes() {
         )
     };
     let s = secured_on(config(&yaml(1, "PERMISSIVE")), &["shop.db"]).await;
-    let mut server = hypha_proxy::start(Options {
-        node: workload_node("shop", "db", "db"),
-        http_proxy: vec![],
-        inbound: vec!["127.0.0.1:0".parse().unwrap()],
-        app: Some(echo_addr),
-        admin: Some("127.0.0.1:0".parse().unwrap()),
-        ..sidecar(&s, "shop", "db", "db-secret")
-    })
-    .await
-    .unwrap();
+    let mut server = tcp_server(&s, "db", echo_addr).await;
     let port = server.inbound[0].port();
     s.cp.update(config(&yaml(port, "PERMISSIVE")));
     tokio::time::timeout(WAIT, server.ready.wait_for(|r| *r))
@@ -1218,6 +1200,21 @@ async fn an_open_tcp_connection_closes_when_its_chain_goes() {
         metrics.contains("hypha_inbound_chain_changed_total 1"),
         "{metrics}"
     );
+}
+
+/// The sidecar of `<sa>-1` (running as `shop/<sa>`, label `app: <sa>`) in front of the TCP
+/// server at `app`, with an admin listener.
+async fn tcp_server(s: &Secured, sa: &str, app: std::net::SocketAddr) -> hypha_proxy::Running {
+    hypha_proxy::start(Options {
+        node: workload_node("shop", sa, sa),
+        http_proxy: vec![],
+        inbound: vec!["127.0.0.1:0".parse().unwrap()],
+        app: Some(app),
+        admin: Some("127.0.0.1:0".parse().unwrap()),
+        ..sidecar(s, "shop", sa, &format!("{sa}-secret"))
+    })
+    .await
+    .unwrap()
 }
 
 /// Before its first complete config a sidecar's inbound side serves nothing (the app behind
