@@ -711,7 +711,7 @@ metadata: {{name: out, namespace: shop}}
 spec:
   host: web
   trafficPolicy:
-    tls: {{mode: SIMPLE}}
+    tls: {{mode: SIMPLE, credentialName: cred, caCrl: /etc/ssl/crl.pem}}
     portLevelSettings:
     - port: {{number: 80}}
       tls: {{mode: ISTIO_MUTUAL, sni: web}}
@@ -741,7 +741,8 @@ spec:
             ),
             ("unenforced", 43, "spec.rules[0].when[0].key"),
             ("unenforced", 46, "kind"),
-            ("unenforced", 56, "spec.trafficPolicy.tls.mode"),
+            ("unenforced", 56, "spec.trafficPolicy.tls.credentialName"),
+            ("unenforced", 56, "spec.trafficPolicy.tls.caCrl"),
             (
                 "invalid-value",
                 59,
@@ -753,15 +754,63 @@ spec:
     // Each says what to do instead.
     for (_, line, _, message) in &found {
         assert!(
-            [
-                "instead",
-                "keep it out",
-                "leave `tls` unset",
-                "own mesh certificate"
-            ]
-            .iter()
-            .any(|w| message.contains(w)),
+            ["instead", "keep it out", "own mesh certificate"]
+                .iter()
+                .any(|w| message.contains(w)),
             "line {line}: {message}"
         );
     }
+}
+
+#[test]
+fn tls_origination_needs_what_the_sidecar_reads() {
+    let src = format!(
+        "{SERVICES}apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: out, namespace: shop}}
+spec:
+  host: web
+  trafficPolicy:
+    tls: {{mode: MUTUAL, caCertificates: certs/ca.pem}}
+    portLevelSettings:
+    - port: {{number: 80}}
+      tls: {{mode: SIMPLE, insecureSkipVerify: true, subjectAltNames: [web.example]}}
+    - port: {{number: 81}}
+      tls: {{mode: SIMPLE, clientCertificate: /c.pem, privateKey: /k.pem}}
+"
+    );
+    let loaded = load_str("test.yaml", &src);
+    let found: Vec<_> = loaded
+        .diagnostics
+        .into_sorted()
+        .into_iter()
+        .map(|d| (d.severity, d.code, d.path))
+        .collect();
+    let e = |code, path: &str| (Severity::Error, code, path.to_owned());
+    assert_eq!(
+        found,
+        vec![
+            e("missing-field", "spec.trafficPolicy.tls.clientCertificate"),
+            e("missing-field", "spec.trafficPolicy.tls.privateKey"),
+            e("invalid-value", "spec.trafficPolicy.tls.caCertificates"),
+            e(
+                "exclusive-fields",
+                "spec.trafficPolicy.portLevelSettings[0].tls.subjectAltNames"
+            ),
+            (
+                Severity::Warning,
+                "ignored-field",
+                "spec.trafficPolicy.portLevelSettings[1].tls".to_owned()
+            ),
+        ],
+    );
+    // Complete, it is accepted.
+    let good = src
+        .replace(
+            "caCertificates: certs/ca.pem",
+            "clientCertificate: /c.pem, privateKey: /k.pem",
+        )
+        .replace("insecureSkipVerify: true, ", "");
+    let loaded = load_str("test.yaml", &good);
+    assert!(!loaded.has_errors(), "{:?}", loaded.diagnostics);
 }

@@ -1,6 +1,7 @@
 //! Mutual TLS between sidecars: the PeerAuthentication mode of a workload's port (Istio's
 //! precedence), and the Envoy TLS resources that carry it, shaped as Istio sends them (SDS
-//! secrets `default` and `ROOTCA`, auto-mTLS transport socket matches on `tlsMode: istio`).
+//! secrets `default` and `ROOTCA`, auto-mTLS transport socket matches on `tlsMode: istio`);
+//! and the TLS a DestinationRule originates to servers that speak TLS themselves.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -178,6 +179,91 @@ pub fn upstream(identities: &[String], alpn: &[&str], sni: &str) -> TransportSoc
             &UpstreamTlsContext {
                 common_tls_context: Some(common(identities, alpn)),
                 sni: sni.into(),
+                ..Default::default()
+            },
+        ))),
+    }
+}
+
+/// Where a proxy finds the system's roots when a DestinationRule originating TLS names no
+/// `caCertificates` (Debian's, and Istio's proxy image's, bundle).
+pub const SYSTEM_ROOTS: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+/// TLS origination to a server outside the mesh (a DestinationRule's `SIMPLE` or `MUTUAL`),
+/// as Istio sends it: the client certificate and roots as files on the proxy's machine, the
+/// server's names (`subjectAltNames`, else the SNI, as Envoy's auto SAN validation does) as
+/// DNS and URI matchers, no validation at all for `insecureSkipVerify`. `sni` is the
+/// DestinationRule's, else the service's host (Istio's auto SNI takes the request's Host,
+/// which is that host unless a route rewrites it).
+pub fn origination(
+    tls: &hypha_config::networking::ClientTlsSettings,
+    host: &str,
+    alpn: &[&str],
+) -> TransportSocket {
+    let file = |f: &str| DataSource {
+        specifier: Some(data_source::Specifier::Filename(f.to_owned())),
+        ..Default::default()
+    };
+    let sni = tls.sni.clone().unwrap_or_else(|| {
+        if host.contains('*') {
+            String::new()
+        } else {
+            host.to_owned()
+        }
+    });
+    let mutual = tls.mode == Some(hypha_config::networking::TlsMode::Mutual);
+    let tls_certificates = match (&tls.client_certificate, &tls.private_key) {
+        (Some(chain), Some(key)) if mutual => {
+            vec![
+                envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::TlsCertificate {
+                    certificate_chain: Some(file(chain)),
+                    private_key: Some(file(key)),
+                    ..Default::default()
+                },
+            ]
+        }
+        _ => Vec::new(),
+    };
+    let validation = (tls.insecure_skip_verify != Some(true)).then(|| {
+        let names: Vec<&str> = if tls.subject_alt_names.is_empty() {
+            [sni.as_str()]
+                .into_iter()
+                .filter(|s| !s.is_empty())
+                .collect()
+        } else {
+            tls.subject_alt_names.iter().map(String::as_str).collect()
+        };
+        let matcher = |san_type: SanType, name: &str| SubjectAltNameMatcher {
+            san_type: san_type as i32,
+            matcher: Some(StringMatcher {
+                match_pattern: Some(MatchPattern::Exact(name.to_owned())),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        ValidationContextType::ValidationContext(CertificateValidationContext {
+            trusted_ca: Some(file(tls.ca_certificates.as_deref().unwrap_or(SYSTEM_ROOTS))),
+            match_typed_subject_alt_names: names
+                .iter()
+                .flat_map(|n| match n.parse::<std::net::IpAddr>() {
+                    Ok(_) => vec![matcher(SanType::IpAddress, n)],
+                    Err(_) => vec![matcher(SanType::Dns, n), matcher(SanType::Uri, n)],
+                })
+                .collect(),
+            ..Default::default()
+        })
+    });
+    TransportSocket {
+        name: "envoy.transport_sockets.tls".into(),
+        config_type: Some(transport_socket::ConfigType::TypedConfig(any(
+            &UpstreamTlsContext {
+                common_tls_context: Some(CommonTlsContext {
+                    tls_certificates,
+                    validation_context_type: validation,
+                    alpn_protocols: alpn.iter().map(|s| (*s).to_owned()).collect(),
+                    ..Default::default()
+                }),
+                sni,
                 ..Default::default()
             },
         ))),

@@ -20,6 +20,7 @@ pub mod identity;
 pub mod inbound;
 pub mod limits;
 pub mod model;
+pub mod origination;
 pub mod outbound;
 mod pool;
 mod rand;

@@ -431,17 +431,26 @@ pub struct Cluster {
     /// HTTP/2 streams at once per upstream connection (`max_concurrent_streams` of the
     /// HTTP/2 options); `None`: Envoy's default, 2^31 - 1. Carried, not yet applied.
     pub max_concurrent_streams: Option<u32>,
-    /// Mutual TLS with the workload certificate, and to which endpoints.
+    /// TLS: mutual TLS with the workload certificate (and to which endpoints), or origination.
     pub tls: Option<UpstreamTls>,
     /// Source addresses to connect from (`upstream_bind_config`, one per family: Istio's
     /// 127.0.0.6 and ::6 for inbound passthrough); empty: the kernel's choice.
     pub bind: Vec<std::net::IpAddr>,
 }
 
-/// Mutual TLS to upstreams: Envoy's UpstreamTlsContext with Istio's SDS names (`default`, the
+/// TLS to upstreams: mutual TLS with the workload certificate to sidecars, or origination
+/// to a server outside the mesh.
+#[derive(Debug, Clone, PartialEq)]
+pub enum UpstreamTls {
+    Mesh(MeshTls),
+    /// A DestinationRule's `SIMPLE` or `MUTUAL`: files and names, ready to connect with.
+    Origination(Arc<crate::origination::Origination>),
+}
+
+/// Mutual TLS to sidecars: Envoy's UpstreamTlsContext with Istio's SDS names (`default`, the
 /// workload certificate; `ROOTCA`, the trust bundle).
 #[derive(Debug, Clone, PartialEq)]
-pub struct UpstreamTls {
+pub struct MeshTls {
     /// The SPIFFE IDs the server may present (`match_typed_subject_alt_names`, exact URI
     /// matchers); empty: any identity the roots vouch for.
     pub identities: Arc<[String]>,

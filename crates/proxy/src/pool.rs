@@ -10,10 +10,11 @@
 //! it from then on, as hyper's own pool does. (HTTP/2 multiplexes over one shared connection
 //! per address and thread instead: [`send_h2`].)
 //!
-//! Connections to sidecars are mutual TLS ([`Tls`]): the workload certificate is presented,
-//! the server's SPIFFE ID checked against the identities the cluster allows, and the verified
-//! identity kept with the connection, so a pooled connection is only reused where its server
-//! is allowed.
+//! Connections to sidecars are mutual TLS ([`Tls::Mesh`]): the workload certificate is
+//! presented, the server's SPIFFE ID checked against the identities the cluster allows, and
+//! the verified identity kept with the connection, so a pooled connection is only reused where
+//! its server is allowed. Connections a cluster originates TLS on ([`Tls::Origination`]) are
+//! pooled apart per TLS context.
 
 use std::cell::RefCell;
 use std::future::{poll_fn, Future};
@@ -31,6 +32,8 @@ use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hypha_identity::tls::Peer;
 use hypha_identity::Credentials;
+
+use crate::origination::Origination;
 
 use crate::http::{Body, Flag};
 use crate::model::FastMap;
@@ -74,13 +77,45 @@ impl Default for Settings {
     }
 }
 
-/// Mutual TLS for an upstream connection: the credentials to present, who the server must be,
-/// and the ALPN to offer (wire format).
+/// TLS for an upstream connection.
 #[derive(Clone)]
-pub struct Tls {
-    pub credentials: Arc<Credentials>,
-    pub peer: Peer,
-    pub alpn: Arc<[u8]>,
+pub enum Tls {
+    /// Mutual TLS to a sidecar: the credentials to present, who the server must be, and the
+    /// ALPN to offer (wire format).
+    Mesh {
+        credentials: Arc<Credentials>,
+        peer: Peer,
+        alpn: Arc<[u8]>,
+    },
+    /// TLS origination to a server outside the mesh.
+    Origination(Arc<Origination>),
+}
+
+impl Tls {
+    /// Whether a pooled connection (server identity, identity presented) may take a request
+    /// that asks for this TLS. Connections of another kind are in another pool.
+    fn reusable(&self, ids: Option<(&Arc<str>, &Arc<str>)>) -> bool {
+        match (self, ids) {
+            (
+                Tls::Mesh {
+                    credentials, peer, ..
+                },
+                Some((id, local)),
+            ) => peer.allows(id) && **local == *credentials.identity.id(),
+            (Tls::Origination(_), None) => true,
+            _ => false,
+        }
+    }
+}
+
+/// Which pool a connection belongs to: plaintext (0), mutual TLS (1), or one origination
+/// context's.
+fn kind(tls: Option<&Tls>) -> u64 {
+    match tls {
+        None => 0,
+        Some(Tls::Mesh { .. }) => 1,
+        Some(Tls::Origination(o)) => o.id,
+    }
 }
 
 /// hyper's connection future (its type is not nameable, hence the box).
@@ -98,10 +133,13 @@ struct Conn {
     /// The identity this side presented on it: a connection is only reused by the same
     /// workload (several proxies can share a process, as in tests).
     local: Option<Arc<str>>,
+    /// Its pool ([`kind`]).
+    kind: u64,
 }
 
-/// Plaintext and mutual-TLS connections to one address are pooled apart.
-type Key = (SocketAddr, bool);
+/// Plaintext, mutual-TLS and each origination context's connections to one address are
+/// pooled apart.
+type Key = (SocketAddr, u64);
 
 /// A multiplexed HTTP/2 connection and, over mutual TLS, its server's verified identity and
 /// the identity this side presented.
@@ -171,15 +209,12 @@ impl Conn {
 fn take_idle(addr: SocketAddr, tls: Option<&Tls>) -> Option<Conn> {
     IDLE.with(|idle| {
         let mut idle = idle.borrow_mut();
-        let list = idle.get_mut(&(addr, tls.is_some()))?;
+        let list = idle.get_mut(&(addr, kind(tls)))?;
         let now = Instant::now();
         list.retain(|(c, until)| !c.sender.is_closed() && now < *until);
-        let allowed = |c: &Conn| match (tls, &c.peer, &c.local) {
-            (Some(t), Some(id), Some(local)) => {
-                t.peer.allows(id) && **local == *t.credentials.identity.id()
-            }
-            (None, None, _) => true,
-            _ => false,
+        let allowed = |c: &Conn| match tls {
+            Some(t) => t.reusable(c.peer.as_ref().zip(c.local.as_ref())),
+            None => c.peer.is_none(),
         };
         let i = list
             .iter_mut()
@@ -195,7 +230,7 @@ fn put_idle(addr: SocketAddr, conn: Conn, settings: &Settings) {
     }
     IDLE.with(|idle| {
         let mut idle = idle.borrow_mut();
-        let list = idle.entry((addr, conn.peer.is_some())).or_default();
+        let list = idle.entry((addr, conn.kind)).or_default();
         if list.len() < IDLE_PER_ADDR {
             list.push((conn, Instant::now() + settings.idle_timeout));
         }
@@ -215,40 +250,59 @@ async fn connect(addr: SocketAddr, timeout: Duration, tls: Option<&Tls>) -> Resu
             requests: 0,
             peer: None,
             local: None,
+            kind: 0,
         });
     };
-    let (stream, peer) = handshake(addr, stream, tls).await?;
+    let (stream, ids) = handshake(addr, stream, tls).await?;
     let (sender, conn) = http1::Builder::new()
         .handshake(TokioIo::new(stream))
         .await
         .map_err(|_| Flag::ConnectFailure)?;
+    let (peer, local) = ids.unzip();
     Ok(Conn {
         sender,
         driver: Some(Box::pin(conn.with_upgrades())),
         requests: 0,
-        peer: Some(peer),
-        local: Some(tls.credentials.identity.id().into()),
+        peer,
+        local,
+        kind: kind(Some(tls)),
     })
 }
 
-/// The client side of mutual TLS on `stream`; the server's verified identity.
-async fn handshake(
+/// The client side of TLS on `stream`. For mutual TLS, the server's verified identity and the
+/// one presented.
+pub(crate) async fn handshake(
     addr: SocketAddr,
     stream: tokio::net::TcpStream,
     tls: &Tls,
-) -> Result<(tokio_boring::SslStream<tokio::net::TcpStream>, Arc<str>), Flag> {
-    match hypha_identity::tls::connect(&tls.credentials.client, stream, &tls.peer, &tls.alpn).await
-    {
-        Ok(s) => {
-            let id = hypha_identity::tls::peer_id(s.ssl()).unwrap_or_default();
-            Ok((s, id.into()))
-        }
-        Err(e) => {
-            tracing::warn!(%addr, error = %e, "upstream mutual TLS refused");
-            Err(Flag::ConnectFailure)
-        }
+) -> Result<(Stream, Option<(Arc<str>, Arc<str>)>), Flag> {
+    match tls {
+        Tls::Mesh {
+            credentials,
+            peer,
+            alpn,
+        } => match hypha_identity::tls::connect(&credentials.client, stream, peer, alpn).await {
+            Ok(s) => {
+                let id = hypha_identity::tls::peer_id(s.ssl()).unwrap_or_default();
+                Ok((s, Some((id.into(), credentials.identity.id().into()))))
+            }
+            Err(e) => {
+                tracing::warn!(%addr, error = %e, "upstream mutual TLS refused");
+                Err(Flag::ConnectFailure)
+            }
+        },
+        Tls::Origination(o) => match o.connect(stream).await {
+            Ok(s) => Ok((s, None)),
+            Err(e) => {
+                tracing::warn!(%addr, sni = %o.spec.sni, error = %e, "upstream TLS refused");
+                Err(Flag::ConnectFailure)
+            }
+        },
     }
 }
+
+/// A TLS connection to an upstream.
+pub(crate) type Stream = tokio_boring::SslStream<tokio::net::TcpStream>;
 
 async fn tcp(addr: SocketAddr, timeout: Duration) -> Result<tokio::net::TcpStream, Flag> {
     let stream = match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await {
@@ -310,18 +364,15 @@ pub async fn send_h2(
     settings: &Settings,
     tls: Option<&Tls>,
 ) -> Result<Response<Body>, Flag> {
-    let key = (addr, tls.is_some());
+    let key = (addr, kind(tls));
     let cached = H2.with(|h2| {
         let h2 = h2.borrow();
         h2.get(&key)
             .filter(|(s, ids)| {
                 !s.is_closed()
-                    && match (tls, ids) {
-                        (Some(t), Some((id, local))) => {
-                            t.peer.allows(id) && **local == *t.credentials.identity.id()
-                        }
-                        (None, None) => true,
-                        _ => false,
+                    && match tls {
+                        Some(t) => t.reusable(ids.as_ref().map(|(a, b)| (a, b))),
+                        None => ids.is_none(),
                     }
             })
             .map(|(s, _)| s.clone())
@@ -332,9 +383,8 @@ pub async fn send_h2(
             let stream = tcp(addr, settings.connect_timeout).await?;
             let (sender, ids) = match tls {
                 Some(tls) => {
-                    let (stream, peer) = handshake(addr, stream, tls).await?;
-                    let local = tls.credentials.identity.id().into();
-                    (h2_handshake(addr, stream).await?, Some((peer, local)))
+                    let (stream, ids) = handshake(addr, stream, tls).await?;
+                    (h2_handshake(addr, stream).await?, ids)
                 }
                 None => (h2_handshake(addr, stream).await?, None),
             };

@@ -11,7 +11,7 @@ use hypha_xds::{type_url, Resource};
 use crate::compile::{self, ListenerParts, Refused};
 use crate::model::{
     Cluster, ClusterKind, ClusterRuntime, Config, Endpoint, EndpointSet, EndpointState, FastMap,
-    ListenAddr, Outbound, RouteTable,
+    ListenAddr, Outbound, RouteTable, UpstreamTls,
 };
 
 /// The accepted resources, compiled.
@@ -89,7 +89,7 @@ impl State {
         match type_url {
             type_url::CLUSTER => update!(self.clusters, |n: &str, b: &[u8]| compile::cluster(n, b)
                 .and_then(|c| match c.tls {
-                    Some(_) if !identity => Err(no_identity("cluster", n)),
+                    Some(UpstreamTls::Mesh(_)) if !identity => Err(no_identity("cluster", n)),
                     _ => Ok(Arc::new(c)),
                 })),
             type_url::ENDPOINT => update!(self.endpoints, compile::endpoints),

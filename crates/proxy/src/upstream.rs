@@ -14,6 +14,7 @@ use http::{Request, Response, Uri};
 use crate::http::{Body, Flag, RequestBody};
 use crate::model::{
     now_nanos, ClusterKind, Config, EndpointSet, EndpointState, Lb, OutlierPolicy, RetryPolicy,
+    UpstreamTls,
 };
 
 /// Connection pools to upstreams, shared by every config generation so a config change does
@@ -131,10 +132,7 @@ impl Upstreams {
                         }
                         (_, None) => return Err(Flag::NoHealthyUpstream),
                     };
-                let tls = match &cluster.tls {
-                    Some(t) if istio || !t.only_istio_endpoints => Some(self.tls(t)?),
-                    _ => None,
-                };
+                let tls = self.tls(cluster.tls.as_ref(), istio)?;
                 // A streaming body can be sent once: only the first address is tried.
                 let targets = if replayable {
                     &targets[..]
@@ -286,10 +284,7 @@ impl Upstreams {
                 (e.addresses.clone(), e.istio_tls)
             }
         };
-        let tls = match &c.tls {
-            Some(t) if istio || !t.only_istio_endpoints => Some(self.tls(t)?),
-            _ => None,
-        };
+        let tls = self.tls(c.tls.as_ref(), istio)?;
         for addr in &targets {
             match tokio::time::timeout(c.connect_timeout, tokio::net::TcpStream::connect(addr))
                 .await
@@ -299,20 +294,8 @@ impl Upstreams {
                     let Some(tls) = &tls else {
                         return Ok(TcpUpstream::Plain(stream));
                     };
-                    return match hypha_identity::tls::connect(
-                        &tls.credentials.client,
-                        stream,
-                        &tls.peer,
-                        &tls.alpn,
-                    )
-                    .await
-                    {
-                        Ok(s) => Ok(TcpUpstream::Tls(Box::new(s))),
-                        Err(e) => {
-                            tracing::warn!(%addr, error = %e, "upstream mutual TLS refused");
-                            Err(Flag::ConnectFailure)
-                        }
-                    };
+                    let (s, _) = crate::pool::handshake(*addr, stream, tls).await?;
+                    return Ok(TcpUpstream::Tls(Box::new(s)));
                 }
                 Ok(Err(e)) => tracing::debug!(%addr, error = %e, "TCP upstream connect failed"),
                 Err(_) => tracing::debug!(%addr, "TCP upstream connect timed out"),
@@ -337,14 +320,28 @@ impl Upstreams {
         try_targets(http2, &[target], &parts, &mut body, None, &settings, None).await
     }
 
-    /// What mutual TLS to a cluster's endpoint takes: the current certificate (a connection
-    /// keeps the one it started with), the identities allowed, the ALPN.
-    fn tls(&self, t: &crate::model::UpstreamTls) -> Result<crate::pool::Tls, Flag> {
+    /// The TLS a cluster's endpoint takes, if any: origination, or mutual TLS with the
+    /// current certificate (a connection keeps the one it started with), the identities
+    /// allowed and the ALPN, where the endpoint has a sidecar (`istio`) or the cluster says
+    /// every endpoint does.
+    fn tls(
+        &self,
+        t: Option<&crate::model::UpstreamTls>,
+        istio: bool,
+    ) -> Result<Option<crate::pool::Tls>, Flag> {
+        let t = match t {
+            None => return Ok(None),
+            Some(UpstreamTls::Origination(o)) => {
+                return Ok(Some(crate::pool::Tls::Origination(o.clone())))
+            }
+            Some(UpstreamTls::Mesh(t)) if istio || !t.only_istio_endpoints => t,
+            Some(UpstreamTls::Mesh(_)) => return Ok(None),
+        };
         let Some(store) = &self.identity else {
             // Refused when the cluster arrived (see `state`); never reached.
             return Err(Flag::ConnectFailure);
         };
-        Ok(crate::pool::Tls {
+        Ok(Some(crate::pool::Tls::Mesh {
             credentials: store.load(),
             peer: if t.identities.is_empty() {
                 hypha_identity::tls::Peer::Any
@@ -352,7 +349,7 @@ impl Upstreams {
                 hypha_identity::tls::Peer::OneOf(t.identities.clone())
             },
             alpn: t.alpn.clone(),
-        })
+        }))
     }
 }
 
@@ -508,8 +505,12 @@ async fn try_targets(
         let sent = async {
             if h2 {
                 let by_addr = addr.to_string();
+                let scheme = match tls {
+                    Some(crate::pool::Tls::Origination(_)) => "https",
+                    _ => "http",
+                };
                 *req.uri_mut() = Uri::builder()
-                    .scheme("http")
+                    .scheme(scheme)
                     .authority(host.unwrap_or(&by_addr))
                     .path_and_query(pq)
                     .build()

@@ -23,7 +23,7 @@ use hypha_matcher::SimpleRequest;
 use hypha_proxy::compile::Refused;
 use hypha_proxy::model::{
     Action, ClusterKind, EscapedSlashes, HashKey, Inbound, Lb, ListenAddr, Outbound,
-    PathNormalization,
+    PathNormalization, UpstreamTls,
 };
 use hypha_proxy::state::{nack_message, State};
 use hypha_xds::{type_url, Resource, Snapshot};
@@ -85,7 +85,9 @@ fn compiles_mutual_tls_between_sidecars() {
     // Auto mTLS to reviews: only endpoints marked `tlsMode: istio` (all of bookinfo's), and
     // the server must be reviews' identity.
     let reviews = &cfg.clusters["outbound|9080||reviews.bookinfo.svc.cluster.local"];
-    let tls = reviews.tls.as_ref().expect("reviews speaks mutual TLS");
+    let Some(UpstreamTls::Mesh(tls)) = &reviews.tls else {
+        panic!("reviews speaks mutual TLS: {:?}", reviews.tls)
+    };
     assert!(tls.only_istio_endpoints);
     assert_eq!(
         &*tls.identities,
@@ -96,7 +98,10 @@ fn compiles_mutual_tls_between_sidecars() {
     assert!(eps.endpoints.iter().all(|e| e.istio_tls));
     // gRPC to ratings offers h2.
     let ratings = &cfg.clusters["outbound|9080||ratings.bookinfo.svc.cluster.local"];
-    assert_eq!(&*ratings.tls.as_ref().unwrap().alpn, b"\x02h2");
+    let Some(UpstreamTls::Mesh(tls)) = &ratings.tls else {
+        panic!("ratings speaks mutual TLS")
+    };
+    assert_eq!(&*tls.alpn, b"\x02h2");
     // External services and the passthrough cluster stay plaintext.
     assert!(cfg.clusters["PassthroughCluster"].tls.is_none());
     // Bookinfo's mesh-wide PeerAuthentication is STRICT: a TLS chain only.

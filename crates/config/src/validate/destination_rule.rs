@@ -139,14 +139,7 @@ fn tls(src: &Source, path: &str, t: &ClientTlsSettings, diags: &mut Diagnostics)
         ("caCrl", &t.ca_crl),
     ];
     match t.mode {
-        Some(TlsMode::Simple | TlsMode::Mutual) => diags.error(
-            "unenforced",
-            src,
-            format!("{path}.mode"),
-            "TLS origination (SIMPLE, MUTUAL) is not implemented by Hypha yet, and the \
-             connection would go out in plaintext: have the app speak TLS itself and leave \
-             `tls` unset (or DISABLE)",
-        ),
+        Some(mode @ (TlsMode::Simple | TlsMode::Mutual)) => origination(src, path, t, mode, diags),
         Some(TlsMode::IstioMutual) => {
             for (field, value) in files.iter().chain([&("sni", &t.sni)]) {
                 if value.is_some() {
@@ -163,6 +156,94 @@ fn tls(src: &Source, path: &str, t: &ClientTlsSettings, diags: &mut Diagnostics)
             }
         }
         Some(TlsMode::Disable) | None => {}
+    }
+}
+
+/// TLS origination (`SIMPLE`, `MUTUAL`): the files a sidecar reads, and what it cannot honour.
+fn origination(
+    src: &Source,
+    path: &str,
+    t: &ClientTlsSettings,
+    mode: TlsMode,
+    diags: &mut Diagnostics,
+) {
+    if t.credential_name.is_some() {
+        diags.error(
+            "unenforced",
+            src,
+            format!("{path}.credentialName"),
+            "Hypha does not read Kubernetes Secrets for TLS origination yet: give the files on \
+             the sidecar's machine instead (`caCertificates`, and `clientCertificate` with \
+             `privateKey` for MUTUAL)",
+        );
+    }
+    if t.ca_crl.is_some() {
+        diags.error(
+            "unenforced",
+            src,
+            format!("{path}.caCrl"),
+            "Hypha does not check certificate revocation lists on origination yet, so the \
+             list would be ignored: remove `caCrl`, or have the app speak TLS itself instead",
+        );
+    }
+    let files = [
+        ("clientCertificate", &t.client_certificate),
+        ("privateKey", &t.private_key),
+        ("caCertificates", &t.ca_certificates),
+    ];
+    for (field, value) in files {
+        if value.as_deref().is_some_and(|f| !f.starts_with('/')) {
+            diags.error(
+                "invalid-value",
+                src,
+                format!("{path}.{field}"),
+                format!("`{field}` must be an absolute path (the file on the sidecar's machine)"),
+            );
+        }
+    }
+    let client = t.client_certificate.is_some() || t.private_key.is_some();
+    match mode {
+        TlsMode::Mutual if t.credential_name.is_none() => {
+            for (field, value) in &files[..2] {
+                if value.is_none() {
+                    diags.error(
+                        "missing-field",
+                        src,
+                        format!("{path}.{field}"),
+                        format!(
+                            "`{field}` is required with MUTUAL (the client certificate the \
+                                 sidecar presents)"
+                        ),
+                    );
+                }
+            }
+        }
+        TlsMode::Simple if client => diags.warning(
+            "ignored-field",
+            src,
+            path,
+            "`clientCertificate` and `privateKey` are ignored with SIMPLE: use MUTUAL to \
+             present a client certificate",
+        ),
+        _ => {}
+    }
+    if t.insecure_skip_verify == Some(true) {
+        for (field, set) in [
+            ("caCertificates", t.ca_certificates.is_some()),
+            ("subjectAltNames", !t.subject_alt_names.is_empty()),
+        ] {
+            if set {
+                diags.error(
+                    "exclusive-fields",
+                    src,
+                    format!("{path}.{field}"),
+                    format!(
+                        "`{field}` cannot be set with `insecureSkipVerify: true`, which \
+                             verifies nothing"
+                    ),
+                );
+            }
+        }
     }
 }
 

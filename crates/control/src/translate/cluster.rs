@@ -140,9 +140,9 @@ impl Translation {
         }
         c.circuit_breakers = Some(circuit_breakers(pool));
         let http = pool.and_then(|p| p.http.as_ref());
+        let h2 = port.protocol == Protocol::Http2
+            || http.and_then(|h| h.h2_upgrade_policy.as_deref()) == Some("UPGRADE");
         if port.protocol.is_http() {
-            let h2 = port.protocol == Protocol::Http2
-                || http.and_then(|h| h.h2_upgrade_policy.as_deref()) == Some("UPGRADE");
             c.typed_extension_protocol_options.insert(
                 envoy::UPSTREAM_HTTP_OPTIONS.into(),
                 any(&upstream_http_options(h2, pool)),
@@ -152,9 +152,16 @@ impl Translation {
             c.outlier_detection = Some(outlier(od));
         }
         let eds = c.eds_cluster_config.is_some();
-        if self.mtls && eds && mesh_internal {
-            let h2 = port.protocol == Protocol::Http2
-                || http.and_then(|h| h.h2_upgrade_policy.as_deref()) == Some("UPGRADE");
+        let tls = policy.and_then(|p| p.tls.as_ref());
+        if let Some(t) = tls.filter(|t| matches!(t.mode, Some(TlsMode::Simple | TlsMode::Mutual))) {
+            // Origination to a server that speaks TLS itself, inside the mesh or out.
+            let alpn: &[&str] = if port.protocol.is_http() && h2 {
+                &["h2"]
+            } else {
+                &[]
+            };
+            c.transport_socket = Some(crate::mtls::origination(t, &s.hostname, alpn));
+        } else if self.mtls && eds && mesh_internal {
             let alpn: &[&str] = match (port.protocol.is_http(), h2) {
                 (false, _) => &[],
                 (true, true) => &["h2"],
@@ -167,13 +174,11 @@ impl Translation {
                 s.hostname
             );
             let ids = identities(&self.cfg.mesh.trust_domain, s);
-            let tls = crate::mtls::upstream(&ids, alpn, &sni);
-            match policy.and_then(|p| p.tls.as_ref()).and_then(|t| t.mode) {
+            let mesh = crate::mtls::upstream(&ids, alpn, &sni);
+            match tls.and_then(|t| t.mode) {
                 Some(TlsMode::Disable) => {}
-                Some(TlsMode::IstioMutual) => c.transport_socket = Some(tls),
-                // Auto mTLS (SIMPLE and MUTUAL origination to external servers are for
-                // MESH_EXTERNAL services, which get none here).
-                _ => c.transport_socket_matches = crate::mtls::auto_matches(tls),
+                Some(TlsMode::IstioMutual) => c.transport_socket = Some(mesh),
+                _ => c.transport_socket_matches = crate::mtls::auto_matches(mesh),
             }
         }
         (c, eds.then_some(cla))

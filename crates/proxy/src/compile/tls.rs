@@ -1,8 +1,11 @@
 //! TLS: Envoy's transport sockets as Istio sends them for mutual TLS between sidecars (SDS
-//! references, common, upstream and downstream TLS contexts), and the trust bundle Secret.
+//! references, common, upstream and downstream TLS contexts) and for origination to servers
+//! outside the mesh (files), and the trust bundle Secret.
 
 use envoy_types::pb::envoy::config::cluster::v3::cluster;
-use envoy_types::pb::envoy::config::core::v3::{transport_socket, TransportSocket};
+use envoy_types::pb::envoy::config::core::v3::{
+    data_source, transport_socket, DataSource, TransportSocket,
+};
 use envoy_types::pb::envoy::extensions::transport_sockets::raw_buffer::v3::RawBuffer;
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
     common_tls_context::ValidationContextType, secret, subject_alt_name_matcher::SanType,
@@ -15,7 +18,8 @@ use super::{
     ads_source, decode, only, path, refuse, typed, unsupported, unsupported_value, variant,
     Refused, Result,
 };
-use crate::model::UpstreamTls;
+use crate::model::{MeshTls, UpstreamTls};
+use crate::origination::{self, Origination, Spec};
 
 /// Istio's SDS names: the workload certificate, and the trust bundle.
 const SDS_CERT: &str = "default";
@@ -54,9 +58,12 @@ pub(super) fn upstream_tls(
         }
         return match socket::<UpstreamTlsContext>(ts, "transport_socket")? {
             Socket::Plain => Ok(None),
+            Socket::Tls(ctx) if !mesh_context(&ctx) => {
+                origination_context(&ctx, "transport_socket").map(Some)
+            }
             Socket::Tls(ctx) => upstream_context(&ctx, "transport_socket").map(|mut t| {
                 t.only_istio_endpoints = false;
-                Some(t)
+                Some(UpstreamTls::Mesh(t))
             }),
         };
     }
@@ -99,7 +106,7 @@ pub(super) fn upstream_tls(
     }
     Ok(tls.map(|mut t| {
         t.only_istio_endpoints = true;
-        t
+        UpstreamTls::Mesh(t)
     }))
 }
 
@@ -221,6 +228,12 @@ fn common_tls(c: Option<&CommonTlsContext>, at: &str) -> Result<(Vec<String>, Ve
             ))
         }
     }
+    let alpn = alpn(c, &at)?;
+    Ok((identities, alpn))
+}
+
+/// The ALPN a context offers, in wire format.
+fn alpn(c: &CommonTlsContext, at: &str) -> Result<Vec<u8>> {
     let mut alpn = Vec::new();
     for p in &c.alpn_protocols {
         match p.as_str() {
@@ -233,21 +246,116 @@ fn common_tls(c: Option<&CommonTlsContext>, at: &str) -> Result<(Vec<String>, Ve
             "istio" | "istio-peer-exchange" | "istio-http/1.0" | "istio-http/1.1" | "istio-h2" => {}
             other => {
                 return Err(unsupported_value(
-                    &path(&at, "alpn_protocols"),
+                    &path(at, "alpn_protocols"),
                     format_args!("{other:?}"),
                 ))
             }
         }
     }
-    Ok((identities, alpn))
+    Ok(alpn)
 }
 
-fn upstream_context(ctx: &UpstreamTlsContext, at: &str) -> Result<UpstreamTls> {
+/// Whether an upstream context is mutual TLS with the workload certificate (SDS), rather than
+/// origination with files.
+fn mesh_context(ctx: &UpstreamTlsContext) -> bool {
+    ctx.common_tls_context
+        .as_ref()
+        .is_some_and(|c| !c.tls_certificate_sds_secret_configs.is_empty())
+}
+
+/// TLS origination, as Istio sends a DestinationRule's `SIMPLE` or `MUTUAL`: the roots and
+/// client certificate as files on this machine, the server names to accept, the SNI. No
+/// validation context means the server is not verified (`insecureSkipVerify`).
+fn origination_context(ctx: &UpstreamTlsContext, at: &str) -> Result<UpstreamTls> {
+    only(ctx, at, &["common_tls_context", "sni"])?;
+    let mut spec = Spec {
+        sni: ctx.sni.clone(),
+        ..Spec::default()
+    };
+    if let Some(c) = &ctx.common_tls_context {
+        let at = path(at, "common_tls_context");
+        // Informational: TLS versions and ciphers (BoringSSL's defaults, TLS 1.2 and 1.3).
+        only(
+            c,
+            &at,
+            &[
+                "tls_certificates",
+                "validation_context_type",
+                "alpn_protocols",
+                "tls_params",
+            ],
+        )?;
+        match c.tls_certificates.as_slice() {
+            [] => {}
+            [one] => {
+                let at = path(&at, "tls_certificates");
+                only(one, &at, &["certificate_chain", "private_key"])?;
+                spec.client = Some((
+                    file(
+                        one.certificate_chain.as_ref(),
+                        &path(&at, "certificate_chain"),
+                    )?,
+                    file(one.private_key.as_ref(), &path(&at, "private_key"))?,
+                ));
+            }
+            _ => {
+                return Err(format!(
+                    "{at}: at most one tls_certificates entry is supported"
+                ))
+            }
+        }
+        match &c.validation_context_type {
+            None => {}
+            Some(ValidationContextType::ValidationContext(v)) => {
+                let at = path(&at, "validation_context");
+                only(v, &at, &["trusted_ca", "match_typed_subject_alt_names"])?;
+                spec.roots = Some(file(v.trusted_ca.as_ref(), &path(&at, "trusted_ca"))?);
+                for m in &v.match_typed_subject_alt_names {
+                    let at = path(&at, "match_typed_subject_alt_names");
+                    only(m, &at, &["san_type", "matcher"])?;
+                    let Some(MatchPattern::Exact(name)) =
+                        m.matcher.as_ref().and_then(|x| x.match_pattern.as_ref())
+                    else {
+                        return Err(format!("{at}: only exact names are supported"));
+                    };
+                    spec.names.push(match SanType::try_from(m.san_type) {
+                        Ok(SanType::Dns) => origination::Name::Dns(name.clone()),
+                        Ok(SanType::Uri) => origination::Name::Uri(name.clone()),
+                        Ok(SanType::IpAddress) => origination::Name::Ip(
+                            name.parse()
+                                .map_err(|_| format!("{at}: {name:?} is not an IP address"))?,
+                        ),
+                        _ => return Err(unsupported_value(&path(&at, "san_type"), m.san_type)),
+                    });
+                }
+            }
+            Some(other) => return Err(unsupported(&path(&at, &variant(other)))),
+        }
+        spec.alpn = alpn(c, &at)?;
+    }
+    Origination::new(spec)
+        .map(UpstreamTls::Origination)
+        .map_err(|e| format!("{at}: {e}"))
+}
+
+/// A file a context names (`filename`): certificates and keys are read from this machine,
+/// never taken inline from the control plane.
+fn file(d: Option<&DataSource>, at: &str) -> Result<String> {
+    match d.and_then(|d| d.specifier.as_ref()) {
+        Some(data_source::Specifier::Filename(f)) if !f.is_empty() => Ok(f.clone()),
+        Some(_) => Err(format!(
+            "{at}: only a filename is supported (the file on the proxy's machine)"
+        )),
+        None => Err(format!("{at}: a filename is required")),
+    }
+}
+
+fn upstream_context(ctx: &UpstreamTlsContext, at: &str) -> Result<MeshTls> {
     // Informational: SNI, which Istio sets to the cluster name for its own routing of
     // passthrough traffic; Hypha checks the server by its SPIFFE ID, not a name.
     only(ctx, at, &["common_tls_context", "sni"])?;
     let (identities, alpn) = common_tls(ctx.common_tls_context.as_ref(), at)?;
-    Ok(UpstreamTls {
+    Ok(MeshTls {
         identities: identities.into(),
         alpn: alpn.into(),
         only_istio_endpoints: false,
