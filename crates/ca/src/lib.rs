@@ -10,11 +10,13 @@
 //! - [`issue`]: what a CSR must satisfy and how a leaf certificate is built.
 //! - [`tenants`]: [`Ca`], one signer per tenant, and each tenant's trust bundle.
 //! - [`service`]: Istio's CA gRPC API over [`Ca`], with caller authentication
-//!   ([`service::Authenticator`], join tokens first).
+//!   ([`service::Authenticator`], join tokens first) and a per-identity issuance rate
+//!   ([`rate`]).
 
 pub mod attest;
 pub mod error;
 pub mod issue;
+pub mod rate;
 pub mod service;
 pub mod signer;
 pub mod tenants;
@@ -24,6 +26,7 @@ pub mod der;
 
 pub use error::CaError;
 pub use issue::{Caller, Issued, DEFAULT_MAX_VALIDITY};
+pub use rate::IssueRate;
 pub use service::{Authenticator, CaService, JoinTokens};
 pub use signer::{FileSigner, Signer};
 pub use tenants::{parse_revoked, Ca, TenantCa, CONTROL_SERVICE_ACCOUNT, REVOKED_FILE};

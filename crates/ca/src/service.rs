@@ -18,6 +18,7 @@ use boring::hash::{hash, MessageDigest};
 use tonic::metadata::MetadataMap;
 use tonic::{Extensions, Request, Response, Status};
 
+use crate::rate::{Buckets, IssueRate};
 use crate::{Ca, CaError, Caller};
 
 /// Code generated from `proto/istio/v1/auth/ca.proto`.
@@ -261,6 +262,8 @@ impl Authenticator for JoinTokens {
 pub struct CaService {
     ca: Arc<Ca>,
     auth: Arc<dyn Authenticator>,
+    /// Shared by the clones tonic makes.
+    rate: Arc<Buckets>,
 }
 
 impl std::fmt::Debug for CaService {
@@ -273,7 +276,17 @@ impl std::fmt::Debug for CaService {
 
 impl CaService {
     pub fn new(ca: Arc<Ca>, auth: Arc<dyn Authenticator>) -> CaService {
-        CaService { ca, auth }
+        CaService {
+            ca,
+            auth,
+            rate: Arc::new(Buckets::new(IssueRate::default())),
+        }
+    }
+
+    /// Issues each identity at most `rate` certificates (the default: [`IssueRate`]'s).
+    pub fn with_rate(mut self, rate: IssueRate) -> CaService {
+        self.rate = Arc::new(Buckets::new(rate));
+        self
     }
 
     /// The tonic service, ready for `Server::add_service`.
@@ -322,6 +335,23 @@ impl IstioCertificateService for CaService {
                     _ => Status::unauthenticated(e.to_string()),
                 }
             })?;
+        if let Err(wait) = self.rate.take(&caller) {
+            let rate = self.rate.rate();
+            tracing::info!(
+                namespace = %caller.namespace,
+                service_account = %caller.service_account,
+                "CreateCertificate: over the issuance rate"
+            );
+            return Err(Status::resource_exhausted(format!(
+                "{}/{} asks for certificates faster than this CA issues them to one identity \
+                 ({} at once, then one every {:?}): retry in {} ms",
+                caller.namespace,
+                caller.service_account,
+                rate.burst,
+                rate.every,
+                wait.as_millis().max(1)
+            )));
+        }
         let req = request.into_inner();
         if req
             .metadata

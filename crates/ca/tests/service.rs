@@ -13,11 +13,12 @@ use common::{csr, id, p256, tenant, verifies, San, TD};
 use hypha_ca::service::pb::istio_certificate_service_client::IstioCertificateServiceClient;
 use hypha_ca::service::pb::IstioCertificateRequest;
 use hypha_ca::service::TokenError;
-use hypha_ca::{Ca, CaService, Caller, JoinTokens};
+use hypha_ca::{Ca, CaService, Caller, IssueRate, JoinTokens};
 use tonic::transport::Channel;
 use tonic::{Code, Request};
 
 const REVIEWS_TOKEN: &str = "reviews-secret-0123456789abcdef";
+const RATINGS_TOKEN: &str = "ratings-secret-0123456789abcdef";
 
 /// A CA with one tenant (max validity `max`), served with `reviews`'s join token.
 struct Served {
@@ -27,12 +28,23 @@ struct Served {
 }
 
 async fn serve(max: Duration) -> Served {
+    serve_at(max, IssueRate::default()).await
+}
+
+/// [`serve`], issuing each identity at most `rate`.
+async fn serve_at(max: Duration, rate: IssueRate) -> Served {
     let dir = tempfile::tempdir().unwrap();
     let mut t = tenant("default", "*", &[], dir.path());
     t.max_validity = max;
     let ca = Arc::new(Ca::new(TD, vec![t]).unwrap());
-    let tokens = JoinTokens::new([(REVIEWS_TOKEN, Caller::new("bookinfo", "reviews"))]).unwrap();
-    let svc = CaService::new(ca.clone(), Arc::new(tokens)).into_server();
+    let tokens = JoinTokens::new([
+        (REVIEWS_TOKEN, Caller::new("bookinfo", "reviews")),
+        (RATINGS_TOKEN, Caller::new("bookinfo", "ratings")),
+    ])
+    .unwrap();
+    let svc = CaService::new(ca.clone(), Arc::new(tokens))
+        .with_rate(rate)
+        .into_server();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(
@@ -100,6 +112,39 @@ async fn a_join_token_gets_its_own_identity_leaf_first() {
         (0, 3600 + 60),
         "requested + backdate"
     );
+}
+
+#[tokio::test]
+async fn one_identity_asking_in_a_loop_is_slowed_and_no_other_is() {
+    let rate = IssueRate {
+        burst: 3,
+        every: Duration::from_secs(3600),
+    };
+    let mut s = serve_at(Duration::from_secs(3600), rate).await;
+    for _ in 0..3 {
+        s.client
+            .create_certificate(request(Some(REVIEWS_TOKEN), own_csr(), 0))
+            .await
+            .unwrap();
+    }
+    let err = s
+        .client
+        .create_certificate(request(Some(REVIEWS_TOKEN), own_csr(), 0))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(
+        err.message().contains("bookinfo/reviews"),
+        "{}",
+        err.message()
+    );
+    assert!(err.message().contains("retry in"), "{}", err.message());
+    // Another identity still gets its certificate.
+    let ratings = csr(&p256(), &[San::Uri(&id("bookinfo", "ratings"))]);
+    s.client
+        .create_certificate(request(Some(RATINGS_TOKEN), ratings, 0))
+        .await
+        .unwrap();
 }
 
 #[tokio::test]

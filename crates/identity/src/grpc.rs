@@ -24,6 +24,12 @@ use crate::Credentials;
 
 /// A slow or silent client gets this long to finish its handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Handshakes in progress at once, every client together: more connections wait in the
+/// listen backlog until one ends.
+const MAX_HANDSHAKES: usize = 256;
+/// Handshakes in progress at once from one address: more from it are closed at once, so one
+/// client cannot hold every handshake slot.
+const MAX_HANDSHAKES_PER_SOURCE: usize = 16;
 /// Handshaken connections waiting for the server to take them.
 const BACKLOG: usize = 64;
 
@@ -99,15 +105,26 @@ pub fn incoming(
 /// [`incoming`], taking a client certificate's identity only where `vouch` accepts it (the
 /// control plane: a workload's certificate must come from its own tenant's signer, whatever
 /// other roots the server trusts). A refused one leaves the connection without an identity,
-/// with [`PeerInfo::refused`] saying why.
+/// with [`PeerInfo::refused`] saying why. Handshakes are bounded: [`MAX_HANDSHAKES`] at
+/// once (the next connection waits to be accepted), [`MAX_HANDSHAKES_PER_SOURCE`] from one
+/// address (more are closed), each at most [`HANDSHAKE_TIMEOUT`].
 pub fn incoming_vouched(
     listener: TcpListener,
     current: impl Fn() -> Arc<Credentials> + Send + Sync + 'static,
     vouch: Arc<Vouch>,
 ) -> ReceiverStream<io::Result<TlsIo>> {
     let (tx, rx) = mpsc::channel(BACKLOG);
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+    let by_source = Arc::new(Sources::default());
     tokio::spawn(async move {
         loop {
+            let slot = tokio::select! {
+                () = tx.closed() => return,
+                slot = handshakes.clone().acquire_owned() => match slot {
+                    Ok(slot) => slot,
+                    Err(_) => return, // never closed
+                },
+            };
             let (tcp, remote) = tokio::select! {
                 () = tx.closed() => return,
                 accepted = listener.accept() => match accepted {
@@ -119,11 +136,16 @@ pub fn incoming_vouched(
                     }
                 },
             };
+            let Some(source) = by_source.clone().take(remote.ip()) else {
+                tracing::info!(%remote, "too many handshakes from one address: closed");
+                continue;
+            };
             let _ = tcp.set_nodelay(true);
             let credentials = current();
             let tx = tx.clone();
             let vouch = vouch.clone();
             tokio::spawn(async move {
+                let _held = (slot, source);
                 let handshake = tls::accept(&credentials.server, tcp);
                 let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
                     Ok(Ok(s)) => s,
@@ -155,6 +177,38 @@ pub fn incoming_vouched(
         }
     });
     ReceiverStream::new(rx)
+}
+
+/// Handshakes in progress by source address.
+#[derive(Default)]
+struct Sources(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>);
+
+/// One handshake counted for its source until dropped.
+struct Source(Arc<Sources>, std::net::IpAddr);
+
+impl Sources {
+    fn take(self: Arc<Self>, ip: std::net::IpAddr) -> Option<Source> {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let n = map.entry(ip).or_default();
+        if *n >= MAX_HANDSHAKES_PER_SOURCE {
+            return None;
+        }
+        *n += 1;
+        drop(map);
+        Some(Source(self, ip))
+    }
+}
+
+impl Drop for Source {
+    fn drop(&mut self) {
+        let mut map = self.0 .0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = map.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.1);
+            }
+        }
+    }
 }
 
 /// A gRPC channel to `uri` (`https://host:port`; the scheme is not used) over TLS with

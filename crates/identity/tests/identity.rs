@@ -149,6 +149,43 @@ async fn bootstrap_by_token_then_renew_by_certificate() {
 }
 
 #[tokio::test]
+async fn one_address_cannot_hold_every_handshake() {
+    let ca = serve_ca().await;
+    let addr: std::net::SocketAddr = ca.uri.trim_start_matches("https://").parse().unwrap();
+    let from = |last: u8| async move {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(([127, 0, 0, last], 0).into()).unwrap();
+        socket.connect(addr).await.unwrap()
+    };
+    // Silent clients from one address: sixteen wait in their handshake...
+    let mut held = Vec::new();
+    for _ in 0..16 {
+        held.push(from(2).await);
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // ...and the next ones from there are closed at once.
+    for _ in 0..8 {
+        let mut c = from(2).await;
+        let mut b = [0u8; 16];
+        let read = tokio::time::timeout(Duration::from_secs(2), c.read(&mut b)).await;
+        assert!(
+            matches!(read, Ok(Ok(0) | Err(_))),
+            "a handshake over the address's share was taken: {read:?}"
+        );
+    }
+    let mut b = [0u8; 16];
+    assert!(
+        tokio::time::timeout(Duration::from_millis(50), held[0].read(&mut b))
+            .await
+            .is_err(),
+        "a handshake within the share was closed"
+    );
+    // A workload elsewhere gets its certificate meanwhile.
+    let web = ca.workload("default", "web", Some("web-token"));
+    assert_eq!(web.bootstrap().await.unwrap().id(), id("default", "web"));
+}
+
+#[tokio::test]
 async fn the_ca_refuses_strangers_and_other_identities() {
     let ca = serve_ca().await;
     // No credentials at all.

@@ -18,7 +18,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::debug;
 
 /// Request and response bodies as they flow through the proxy.
-pub type Body = http_body_util::combinators::BoxBody<Bytes, hyper::Error>;
+pub type Body = http_body_util::combinators::BoxBody<Bytes, BodyError>;
+
+/// Why a body ended before its end: a peer's error, or the proxy's own (a route timeout).
+pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A complete body.
 pub fn full(bytes: impl Into<Bytes>) -> Body {
@@ -28,7 +31,7 @@ pub fn full(bytes: impl Into<Bytes>) -> Body {
 }
 
 pub fn incoming(body: Incoming) -> Body {
-    body.boxed()
+    body.map_err(BodyError::from).boxed()
 }
 
 /// Header names the request path looks up, parsed once (a `&str` name is parsed and checked
@@ -350,28 +353,114 @@ where
     H: Fn(Request<Incoming>, SocketAddr) -> F + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
-    let service = hyper::service::service_fn(move |req| {
-        // Boxed once: the request's future holds the whole route-to-upstream state (KiBs),
-        // and hyper moves what `call` returns several times.
-        let response = Box::pin(handle(req, peer));
-        async move { Ok::<_, Infallible>(response.await) }
-    });
     let io = TokioIo::new(stream);
     let result = if h2 {
+        // HTTP/2 has no header read timeout to end an idle connection: the connection's
+        // requests are counted, and one with none for the idle timeout is closed.
+        let streams = Arc::new(Streams::default());
+        let counted = streams.clone();
+        let service = hyper::service::service_fn(move |req| {
+            let stream = counted.begin();
+            let response = Box::pin(handle(req, peer));
+            async move {
+                let resp = response.await;
+                drop(stream);
+                Ok::<_, Infallible>(resp)
+            }
+        });
         let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
             .timer(hyper_util::rt::TokioTimer::new())
             .serve_connection(io, service);
-        until_drained(conn, &mut drain, |c| c.graceful_shutdown()).await
+        let mut conn = std::pin::pin!(conn);
+        streams
+            .idle_since
+            .store(crate::model::now_nanos(), Ordering::Release);
+        let idle = drain.limits().http_idle_timeout;
+        let ended = tokio::select! {
+            result = until_drained(conn.as_mut(), &mut drain, |c| {
+                c.get_mut().as_mut().graceful_shutdown();
+            }) => Some(result),
+            () = idle_for(&streams, idle) => None,
+        };
+        match ended {
+            Some(result) => result,
+            None => {
+                debug!(%peer, "HTTP/2 connection idle: closed");
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        }
     } else {
+        // An upgrade request carries the connection's hold, which its tunnel keeps until it
+        // ends: this task, and the connection's place under the limits, last that long.
+        let (held, mut tunnels) = tokio::sync::mpsc::channel::<()>(1);
+        let idle = drain.limits().tcp_idle_timeout;
+        let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+            if req.headers().contains_key(http::header::UPGRADE) {
+                req.extensions_mut().insert(Tunnel {
+                    _held: held.clone(),
+                    idle,
+                });
+            }
+            // Boxed once: the request's future holds the whole route-to-upstream state
+            // (KiBs), and hyper moves what `call` returns several times.
+            let response = Box::pin(handle(req, peer));
+            async move { Ok::<_, Infallible>(response.await) }
+        });
         let conn = hyper::server::conn::http1::Builder::new()
             .timer(hyper_util::rt::TokioTimer::new())
             .header_read_timeout(drain.limits().header_read_timeout)
             .serve_connection(io, service)
             .with_upgrades();
-        until_drained(conn, &mut drain, |c| c.graceful_shutdown()).await
+        let result = until_drained(conn, &mut drain, |c| c.graceful_shutdown()).await;
+        // Every sender is gone once the connection and its tunnels are.
+        let _ = tunnels.recv().await;
+        result
     };
     if let Err(e) = result {
         debug!(%peer, error = %e, "downstream connection ended with an error");
+    }
+}
+
+/// The requests in flight on an HTTP/2 connection, and when the last one ended.
+#[derive(Default)]
+struct Streams {
+    active: AtomicUsize,
+    /// `model::now_nanos` when the count last fell to zero.
+    idle_since: std::sync::atomic::AtomicU64,
+}
+
+/// One request counted in flight until dropped.
+struct StreamCount(Arc<Streams>);
+
+impl Streams {
+    fn begin(self: &Arc<Self>) -> StreamCount {
+        self.active.fetch_add(1, Ordering::AcqRel);
+        StreamCount(self.clone())
+    }
+}
+
+impl Drop for StreamCount {
+    fn drop(&mut self) {
+        if self.0.active.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0
+                .idle_since
+                .store(crate::model::now_nanos(), Ordering::Release);
+        }
+    }
+}
+
+/// Resolves once `streams` has had no request in flight for `idle`.
+async fn idle_for(streams: &Streams, idle: std::time::Duration) {
+    loop {
+        let busy = streams.active.load(Ordering::Acquire) > 0;
+        let since = streams.idle_since.load(Ordering::Acquire);
+        let elapsed =
+            std::time::Duration::from_nanos(crate::model::now_nanos().saturating_sub(since));
+        if !busy && elapsed >= idle {
+            return;
+        }
+        tokio::time::sleep(if busy { idle } else { idle - elapsed }).await;
     }
 }
 
@@ -591,7 +680,8 @@ impl RequestBody {
                 }
                 // The client went away mid-body: what reaches upstream ends in the same error.
                 Err(e) => RequestBody::Streaming(Some(
-                    http_body_util::StreamBody::new(tokio_stream::iter([Err(e)])).boxed(),
+                    http_body_util::StreamBody::new(tokio_stream::iter([Err(BodyError::from(e))]))
+                        .boxed(),
                 )),
             };
         }
@@ -644,9 +734,11 @@ impl RequestBody {
                 let taken: Vec<_> = data
                     .into_iter()
                     .map(|d| Ok(hyper::body::Frame::data(d)))
-                    .chain(error.map(Err))
+                    .chain(error.map(|e| Err(BodyError::from(e))))
                     .collect();
-                let rest = tokio_stream::iter(taken).chain(http_body_util::BodyStream::new(body));
+                let rest = tokio_stream::iter(taken).chain(http_body_util::BodyStream::new(
+                    body.map_err(BodyError::from),
+                ));
                 RequestBody::Streaming(Some(http_body_util::StreamBody::new(rest).boxed()))
             }
         }
@@ -717,12 +809,12 @@ impl<F: FnOnce(u64, Option<u16>)> Unpin for Counted<F> {}
 
 impl<F: FnOnce(u64, Option<u16>)> hyper::body::Body for Counted<F> {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, BodyError>>> {
         let this = self.get_mut();
         let polled = std::pin::Pin::new(&mut this.inner).poll_frame(cx);
         match &polled {
@@ -895,35 +987,62 @@ pub struct Outcome {
     pub bytes: u64,
 }
 
+/// A request's wish to switch protocols: the downstream half of the connection, and its
+/// connection's hold.
+pub struct Upgrade {
+    on: hyper::upgrade::OnUpgrade,
+    tunnel: Option<Tunnel>,
+}
+
+/// What an upgraded connection keeps of the HTTP/1.1 connection it came from: the serving task
+/// (and with it the connection's place under the connection limits and in draining) lasts
+/// until the tunnel ends; and the idle timeout it runs under.
+#[derive(Clone)]
+pub struct Tunnel {
+    _held: tokio::sync::mpsc::Sender<()>,
+    idle: std::time::Duration,
+}
+
 /// For a request asking to switch protocols (WebSocket and other `Upgrade`s over HTTP/1.1):
 /// takes the downstream half out of the request, to be joined with the upstream's half once
 /// the upstream agrees.
-pub fn take_upgrade(parts: &mut http::request::Parts) -> Option<hyper::upgrade::OnUpgrade> {
+pub fn take_upgrade(parts: &mut http::request::Parts) -> Option<Upgrade> {
     if !parts.headers.contains_key(http::header::UPGRADE) {
         return None;
     }
-    parts.extensions.remove::<hyper::upgrade::OnUpgrade>()
+    let on = parts.extensions.remove::<hyper::upgrade::OnUpgrade>()?;
+    Some(Upgrade {
+        on,
+        tunnel: parts.extensions.remove::<Tunnel>(),
+    })
 }
 
 /// When the upstream answered `101 Switching Protocols`, splices the two upgraded
-/// connections and copies bytes both ways until either side closes.
-pub fn splice<B>(downstream: Option<hyper::upgrade::OnUpgrade>, resp: &mut Response<B>) {
+/// connections and copies bytes both ways until either side closes, or nothing has moved
+/// for the TCP idle timeout.
+pub fn splice<B>(downstream: Option<Upgrade>, resp: &mut Response<B>) {
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
         return;
     }
-    let Some(downstream) = downstream else {
+    let Some(Upgrade { on, tunnel }) = downstream else {
         return;
     };
     let upstream = hyper::upgrade::on(resp);
     tokio::spawn(async move {
-        let (Ok(d), Ok(u)) = tokio::join!(downstream, upstream) else {
+        let idle = tunnel
+            .as_ref()
+            .map_or(crate::limits::Limits::default().tcp_idle_timeout, |t| {
+                t.idle
+            });
+        let (Ok(d), Ok(u)) = tokio::join!(on, upstream) else {
             debug!("upgrade failed on one side");
             return;
         };
         let (mut d, mut u) = (TokioIo::new(d), TokioIo::new(u));
-        if let Err(e) = tokio::io::copy_bidirectional(&mut d, &mut u).await {
+        if let Err(e) = crate::limits::splice(&mut d, &mut u, idle).await {
             debug!(error = %e, "upgraded connection ended");
         }
+        drop(tunnel);
     });
 }
 

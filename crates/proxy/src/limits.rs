@@ -28,6 +28,10 @@ pub struct Limits {
     /// A proxied TCP connection with no bytes either way for this long is closed (Envoy's
     /// `tcp_proxy` `idle_timeout`, one hour by default).
     pub tcp_idle_timeout: Duration,
+    /// An HTTP/2 connection with no request in flight for this long is closed (Envoy's HTTP
+    /// connection manager `idle_timeout`, one hour by default). HTTP/1.1 connections wait
+    /// for their next request at most the header read timeout.
+    pub http_idle_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -37,6 +41,7 @@ impl Default for Limits {
             max_connections: 65_536,
             max_connections_per_source: 8_192,
             tcp_idle_timeout: Duration::from_secs(3600),
+            http_idle_timeout: Duration::from_secs(3600),
         }
     }
 }

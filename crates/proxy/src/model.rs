@@ -519,6 +519,11 @@ pub struct ClusterRuntime {
     pub retries: std::sync::atomic::AtomicU64,
     /// Requests refused for the limits (`upstream_rq_pending_overflow`).
     pub overflows: std::sync::atomic::AtomicU64,
+    /// Connections open (HTTP/1.1 and TCP), every thread's pool together: what
+    /// `max_connections` caps.
+    pub connections: std::sync::atomic::AtomicU64,
+    /// Wakes requests waiting for a connection under that cap when one is freed.
+    pub freed: tokio::sync::Notify,
 }
 
 /// An endpoint's live state, carried across generations by address.

@@ -532,7 +532,7 @@ async fn tcp_proxy(
 ) {
     use tokio::io::AsyncWriteExt;
     let cfg = o.config.load_full();
-    let upstream = match o.upstreams.connect_tcp(&cfg, &cluster).await {
+    let (upstream, _slot) = match o.upstreams.connect_tcp(&cfg, &cluster).await {
         Ok(u) => u,
         Err(flag) => {
             tracing::debug!(cluster, flag = flag.as_str(), "TCP proxy: no upstream");

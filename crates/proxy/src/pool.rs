@@ -20,6 +20,7 @@ use std::cell::RefCell;
 use std::future::{poll_fn, Future};
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
@@ -36,7 +37,7 @@ use hypha_identity::Credentials;
 use crate::origination::Origination;
 
 use crate::http::{Body, Flag};
-use crate::model::FastMap;
+use crate::model::{ClusterRuntime, FastMap};
 
 /// Idle connections kept per address and thread; more are closed when they come back.
 const IDLE_PER_ADDR: usize = 64;
@@ -47,33 +48,172 @@ const IDLE_PER_ADDR: usize = 64;
 /// on a connection its peer is closing.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// How a cluster's connections are used (`common_http_protocol_options`).
+/// How a cluster's connections are used (`common_http_protocol_options`), and how many it
+/// may have.
 #[derive(Debug, Clone, Copy)]
-pub struct Settings {
+pub struct Settings<'a> {
     pub connect_timeout: Duration,
     /// Closed after idling this long (at most [`IDLE_TIMEOUT`]).
     pub idle_timeout: Duration,
     /// Closed after this many requests.
     pub max_requests: Option<u32>,
+    /// The cluster's HTTP/1.1 connections, every thread's together, and their cap
+    /// (`max_connections`): a request that finds none idle and the cap reached waits for one
+    /// (it is a pending request, which the circuit breaker bounds). `None`: no cap.
+    pub cap: Option<(&'a Arc<ClusterRuntime>, u64)>,
 }
 
-impl Settings {
-    pub fn of(c: &crate::model::Cluster) -> Settings {
+impl Settings<'_> {
+    pub fn of<'a>(
+        c: &crate::model::Cluster,
+        runtime: Option<&'a Arc<ClusterRuntime>>,
+    ) -> Settings<'a> {
         Settings {
             connect_timeout: c.connect_timeout,
             idle_timeout: c.idle_timeout.map_or(IDLE_TIMEOUT, |t| t.min(IDLE_TIMEOUT)),
             max_requests: c.max_requests_per_connection,
+            cap: runtime
+                .filter(|_| c.limits.max_connections != u32::MAX)
+                .map(|rt| (rt, u64::from(c.limits.max_connections))),
         }
     }
 }
 
-impl Default for Settings {
+impl Default for Settings<'_> {
     fn default() -> Self {
         Settings {
             connect_timeout: Duration::from_secs(10),
             idle_timeout: IDLE_TIMEOUT,
             max_requests: None,
+            cap: None,
         }
+    }
+}
+
+/// One connection's place under its cluster's cap, given back when the connection and the
+/// task that drives it are both gone.
+pub(crate) struct Slot {
+    rt: Arc<ClusterRuntime>,
+    /// The live count ([`LIVE`]) of the thread whose pool holds the connection: where it was
+    /// made, then wherever it last came back idle.
+    live: arc_swap::ArcSwapOption<AtomicUsize>,
+}
+
+impl Slot {
+    /// A place under `max` connections, if there is one now.
+    pub(crate) fn try_take(rt: &Arc<ClusterRuntime>, max: u64) -> Option<Slot> {
+        if rt.connections.fetch_add(1, Ordering::AcqRel) < max {
+            Some(Slot {
+                rt: rt.clone(),
+                live: arc_swap::ArcSwapOption::empty(),
+            })
+        } else {
+            rt.connections.fetch_sub(1, Ordering::AcqRel);
+            None
+        }
+    }
+
+    /// A place over the cap: counted, but taken whatever the count.
+    fn over(rt: &Arc<ClusterRuntime>) -> Slot {
+        rt.connections.fetch_add(1, Ordering::AcqRel);
+        Slot {
+            rt: rt.clone(),
+            live: arc_swap::ArcSwapOption::empty(),
+        }
+    }
+
+    /// Counts the connection in this thread's pool for `key` from now on.
+    fn settle_here(&self, key: Key) {
+        LIVE.with(|l| {
+            let mut l = l.borrow_mut();
+            let here = l.entry(key).or_default();
+            let now = self.live.load();
+            if now.as_ref().is_some_and(|n| Arc::ptr_eq(n, here)) {
+                return;
+            }
+            here.fetch_add(1, Ordering::AcqRel);
+            if let Some(before) = self.live.swap(Some(here.clone())) {
+                before.fetch_sub(1, Ordering::AcqRel);
+            }
+        });
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Some(live) = self.live.load_full() {
+            live.fetch_sub(1, Ordering::AcqRel);
+        }
+        self.rt.connections.fetch_sub(1, Ordering::AcqRel);
+        self.rt.freed.notify_waiters();
+    }
+}
+
+thread_local! {
+    /// Requests waiting for a connection under a cap that started waiting on this thread
+    /// (a waiting task may wake on another).
+    static WAITING_HERE: Arc<AtomicUsize> = Arc::default();
+    /// Connections made by this thread's pool under a cap, by address and kind, open now
+    /// (idle or busy, wherever they are driven from).
+    static LIVE: RefCell<FastMap<Key, Arc<AtomicUsize>>> = RefCell::default();
+}
+
+/// What a request that found no idle connection gets under a cap.
+enum Reserved {
+    /// A place for one more connection.
+    Slot(Arc<Slot>),
+    /// A connection that came back idle on this thread while it waited.
+    Idle(Conn),
+}
+
+/// How often a waiting request looks again for a connection that became free without
+/// coming back through [`put_idle`] (one that finished streaming a body).
+const RECHECK: Duration = Duration::from_millis(10);
+
+/// A place for one more connection under `cap`. At the cap, this thread's pool waits for one
+/// of its own connections to come back, as Envoy's per-worker pools do; a pool with no
+/// connection to the address at all makes one anyway (Envoy's rule too: no request waits on
+/// connections another thread holds), so the cap is at least one per worker thread.
+async fn reserve(
+    addr: SocketAddr,
+    tls: Option<&Tls>,
+    cap: (&Arc<ClusterRuntime>, u64),
+) -> Reserved {
+    let (rt, max) = cap;
+    let key = (addr, kind(tls));
+    let live = LIVE.with(|l| l.borrow_mut().entry(key).or_default().clone());
+    let counted = |slot: Slot| {
+        slot.settle_here(key);
+        Reserved::Slot(Arc::new(slot))
+    };
+    loop {
+        let freed = rt.freed.notified();
+        let mut freed = std::pin::pin!(freed);
+        // Registered before the checks: a connection freed between them still wakes this.
+        freed.as_mut().enable();
+        if let Some(slot) = Slot::try_take(rt, max) {
+            return counted(slot);
+        }
+        if let Some(conn) = take_idle(addr, tls) {
+            return Reserved::Idle(conn);
+        }
+        if live.load(Ordering::Acquire) == 0 {
+            return counted(Slot::over(rt));
+        }
+        let waiting = WAITING_HERE.with(Arc::clone);
+        waiting.fetch_add(1, Ordering::AcqRel);
+        let _waited = Waited(waiting);
+        let _ = tokio::time::timeout(RECHECK, freed).await;
+    }
+}
+
+/// Counts a request out of the waiting ones of the thread it started waiting on, however its
+/// wait ends.
+struct Waited(Arc<AtomicUsize>);
+
+impl Drop for Waited {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -135,6 +275,8 @@ struct Conn {
     local: Option<Arc<str>>,
     /// Its pool ([`kind`]).
     kind: u64,
+    /// Its place under the cluster's cap, if it has one.
+    slot: Option<Arc<Slot>>,
 }
 
 /// Plaintext, mutual-TLS and each origination context's connections to one address are
@@ -191,13 +333,15 @@ impl Conn {
         .await
     }
 
-    /// From now on a task drives the connection.
+    /// From now on a task drives the connection (and holds its place under the cap).
     fn detach(&mut self, addr: SocketAddr) {
         if let Some(driver) = self.driver.take() {
+            let slot = self.slot.clone();
             tokio::spawn(async move {
                 if let Err(e) = driver.await {
                     tracing::debug!(%addr, error = %e, "upstream connection ended with an error");
                 }
+                drop(slot);
             });
         }
     }
@@ -223,10 +367,19 @@ fn take_idle(addr: SocketAddr, tls: Option<&Tls>) -> Option<Conn> {
     })
 }
 
-/// Keeps a connection for the next request, unless it is closed or has served its share.
+/// Keeps a connection for the next request, unless it is closed or has served its share;
+/// requests waiting under a cap on this thread are told.
 fn put_idle(addr: SocketAddr, conn: Conn, settings: &Settings) {
     if conn.sender.is_closed() || settings.max_requests.is_some_and(|n| conn.requests >= n) {
         return;
+    }
+    if let Some((rt, _)) = settings.cap {
+        if let Some(slot) = &conn.slot {
+            slot.settle_here((addr, conn.kind));
+        }
+        if WAITING_HERE.with(|w| w.load(Ordering::Acquire)) > 0 {
+            rt.freed.notify_waiters();
+        }
     }
     IDLE.with(|idle| {
         let mut idle = idle.borrow_mut();
@@ -237,7 +390,12 @@ fn put_idle(addr: SocketAddr, conn: Conn, settings: &Settings) {
     });
 }
 
-async fn connect(addr: SocketAddr, timeout: Duration, tls: Option<&Tls>) -> Result<Conn, Flag> {
+async fn connect(
+    addr: SocketAddr,
+    timeout: Duration,
+    tls: Option<&Tls>,
+    slot: Option<Arc<Slot>>,
+) -> Result<Conn, Flag> {
     let stream = tcp(addr, timeout).await?;
     let Some(tls) = tls else {
         let (sender, conn) = http1::Builder::new()
@@ -251,6 +409,7 @@ async fn connect(addr: SocketAddr, timeout: Duration, tls: Option<&Tls>) -> Resu
             peer: None,
             local: None,
             kind: 0,
+            slot,
         });
     };
     let (stream, ids) = handshake(addr, stream, tls).await?;
@@ -266,6 +425,7 @@ async fn connect(addr: SocketAddr, timeout: Duration, tls: Option<&Tls>) -> Resu
         peer,
         local,
         kind: kind(Some(tls)),
+        slot,
     })
 }
 
@@ -326,10 +486,18 @@ async fn tcp(addr: SocketAddr, timeout: Duration) -> Result<tokio::net::TcpStrea
 pub async fn send(
     addr: SocketAddr,
     mut req: Request<Body>,
-    settings: &Settings,
+    settings: &Settings<'_>,
     tls: Option<&Tls>,
 ) -> Result<Response<Body>, Flag> {
-    while let Some(mut conn) = take_idle(addr, tls) {
+    let slot = loop {
+        let mut conn = match (take_idle(addr, tls), settings.cap) {
+            (Some(conn), _) => conn,
+            (None, None) => break None,
+            (None, Some(cap)) => match reserve(addr, tls, cap).await {
+                Reserved::Slot(slot) => break Some(slot),
+                Reserved::Idle(conn) => conn,
+            },
+        };
         conn.requests += 1;
         let sent = conn.sender.try_send_request(req);
         match conn.drive(sent).await {
@@ -342,8 +510,8 @@ pub async fn send(
                 }
             },
         }
-    }
-    let mut conn = connect(addr, settings.connect_timeout, tls).await?;
+    };
+    let mut conn = connect(addr, settings.connect_timeout, tls, slot).await?;
     conn.requests += 1;
     let sent = conn.sender.send_request(req);
     match conn.drive(sent).await {
@@ -361,7 +529,7 @@ pub async fn send(
 pub async fn send_h2(
     addr: SocketAddr,
     req: Request<Body>,
-    settings: &Settings,
+    settings: &Settings<'_>,
     tls: Option<&Tls>,
 ) -> Result<Response<Body>, Flag> {
     let key = (addr, kind(tls));
@@ -425,7 +593,7 @@ async fn respond(
     addr: SocketAddr,
     mut conn: Conn,
     resp: Response<hyper::body::Incoming>,
-    settings: &Settings,
+    settings: &Settings<'_>,
 ) -> Result<Response<Body>, Flag> {
     if !crate::http::small_body(&resp) {
         conn.detach(addr);
@@ -518,6 +686,7 @@ mod tests {
         connect_timeout: Duration::from_secs(5),
         idle_timeout: IDLE_TIMEOUT,
         max_requests: None,
+        cap: None,
     };
 
     #[tokio::test(flavor = "current_thread")]

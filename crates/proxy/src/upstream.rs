@@ -10,11 +10,12 @@ use std::time::Duration;
 
 use http::request::Parts;
 use http::{Request, Response, Uri};
+use http_body_util::BodyExt as _;
 
 use crate::http::{Body, Flag, RequestBody};
 use crate::model::{
-    now_nanos, ClusterKind, Config, EndpointSet, EndpointState, Lb, OutlierPolicy, RetryPolicy,
-    UpstreamTls,
+    now_nanos, ClusterKind, ClusterRuntime, Config, EndpointSet, EndpointState, Lb, OutlierPolicy,
+    RetryPolicy, UpstreamTls,
 };
 
 /// Connection pools to upstreams, shared by every config generation so a config change does
@@ -73,8 +74,10 @@ impl Upstreams {
             return Err(Flag::NoCluster);
         };
         let set = cfg.endpoint_sets.get(plan.cluster);
+        // Envoy's route timeout spans the whole response, body included.
+        let deadline = plan.timeout.map(|t| tokio::time::Instant::now() + t);
         // The circuit breaker: requests in flight against the cluster's limits.
-        let _in_flight = match set {
+        let in_flight = match set {
             Some(set) => {
                 let rt = &set.runtime;
                 let limit = cluster.limits.concurrency(cluster.http2);
@@ -87,7 +90,7 @@ impl Upstreams {
             }
             None => None,
         };
-        let settings = crate::pool::Settings::of(cluster);
+        let settings = crate::pool::Settings::of(cluster, set.map(|s| &s.runtime));
         let attempt_all = async {
             let h2 = cluster.http2;
             let replayable = body.replayable();
@@ -173,12 +176,95 @@ impl Upstreams {
             }
             last
         };
-        match plan.timeout {
-            Some(t) => tokio::time::timeout(t, attempt_all)
+        let resp = match deadline {
+            Some(d) => tokio::time::timeout_at(d, attempt_all)
                 .await
                 .unwrap_or(Err(Flag::Timeout)),
             None => attempt_all.await,
+        }?;
+        // A small body came whole with the head; a streaming one is still under the route's
+        // deadline and counts in flight until it ends.
+        if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS || crate::http::small_body(&resp)
+        {
+            return Ok(resp);
         }
+        let in_flight = match (in_flight, set) {
+            (Some(counted), Some(set)) => {
+                // The count passes to the body, which gives it back when it ends.
+                std::mem::forget(counted);
+                Some(InFlight(set.runtime.clone()))
+            }
+            _ => None,
+        };
+        if in_flight.is_none() && deadline.is_none() {
+            return Ok(resp);
+        }
+        Ok(resp.map(|inner| {
+            Bounded {
+                inner,
+                deadline: deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
+                _in_flight: in_flight,
+            }
+            .boxed()
+        }))
+    }
+}
+
+/// A request counted in its cluster's requests in flight until dropped.
+struct InFlight(std::sync::Arc<ClusterRuntime>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A streaming response body still under its request's limits: the request counts in flight
+/// (the circuit breaker) until the body ends, and a body still coming at the route's deadline
+/// is cut with an error, so the client sees a broken response, never a short one.
+struct Bounded {
+    inner: Body,
+    deadline: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    _in_flight: Option<InFlight>,
+}
+
+impl hyper::body::Body for Bounded {
+    type Data = bytes::Bytes;
+    type Error = crate::http::BodyError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, Self::Error>>> {
+        use std::future::Future as _;
+        use std::task::Poll;
+        let this = self.get_mut();
+        if let Poll::Ready(frame) = std::pin::Pin::new(&mut this.inner).poll_frame(cx) {
+            if !matches!(frame, Some(Ok(_))) {
+                this.deadline = None;
+                this._in_flight = None;
+            }
+            return Poll::Ready(frame);
+        }
+        if let Some(deadline) = &mut this.deadline {
+            if deadline.as_mut().poll(cx).is_ready() {
+                this.deadline = None;
+                this._in_flight = None;
+                this.inner = crate::http::full("");
+                return Poll::Ready(Some(Err(
+                    "route timeout: the response body did not end in time".into(),
+                )));
+            }
+        }
+        Poll::Pending
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -269,9 +355,30 @@ pub enum TcpUpstream {
 impl Upstreams {
     /// Connects to an endpoint of `cluster` for TCP proxying (every address of the chosen
     /// endpoint in turn; an ejected or failing endpoint is skipped like for HTTP), with mutual
-    /// TLS where the cluster says so for that endpoint.
-    pub async fn connect_tcp(&self, cfg: &Config, cluster: &str) -> Result<TcpUpstream, Flag> {
+    /// TLS where the cluster says so for that endpoint. Over the cluster's `max_connections`,
+    /// refused ([`Flag::Overflow`]); the connection's place is held while the returned slot
+    /// lives.
+    pub(crate) async fn connect_tcp(
+        &self,
+        cfg: &Config,
+        cluster: &str,
+    ) -> Result<(TcpUpstream, Option<crate::pool::Slot>), Flag> {
         let c = cfg.clusters.get(cluster).ok_or(Flag::NoCluster)?;
+        let slot = match cfg
+            .endpoint_sets
+            .get(cluster)
+            .filter(|_| c.limits.max_connections != u32::MAX)
+        {
+            Some(set) => {
+                let max = u64::from(c.limits.max_connections);
+                let Some(slot) = crate::pool::Slot::try_take(&set.runtime, max) else {
+                    set.runtime.overflows.fetch_add(1, Ordering::Relaxed);
+                    return Err(Flag::Overflow);
+                };
+                Some(slot)
+            }
+            None => None,
+        };
         let (targets, istio) = match &c.kind {
             ClusterKind::Dns(hosts) => (dns_targets(hosts, 0).await?, false),
             _ => {
@@ -292,10 +399,10 @@ impl Upstreams {
                 Ok(Ok(stream)) => {
                     let _ = stream.set_nodelay(true);
                     let Some(tls) = &tls else {
-                        return Ok(TcpUpstream::Plain(stream));
+                        return Ok((TcpUpstream::Plain(stream), slot));
                     };
                     let (s, _) = crate::pool::handshake(*addr, stream, tls).await?;
-                    return Ok(TcpUpstream::Tls(Box::new(s)));
+                    return Ok((TcpUpstream::Tls(Box::new(s)), slot));
                 }
                 Ok(Err(e)) => tracing::debug!(%addr, error = %e, "TCP upstream connect failed"),
                 Err(_) => tracing::debug!(%addr, "TCP upstream connect timed out"),
@@ -487,7 +594,7 @@ async fn try_targets(
     parts: &Parts,
     body: &mut RequestBody,
     per_try: Option<Duration>,
-    settings: &crate::pool::Settings,
+    settings: &crate::pool::Settings<'_>,
     tls: Option<&crate::pool::Tls>,
 ) -> Result<Response<Body>, Flag> {
     let mut last = Err(Flag::NoHealthyUpstream);

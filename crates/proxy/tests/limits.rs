@@ -1,17 +1,28 @@
 //! Slow and hostile clients: half-sent requests by the thousand do not keep a well-behaved
 //! client from being served, the header read timeout closes them, and one source gets no more
-//! than its share of connections; an idle TCP connection is closed, a busy one is not.
-//! Bounded in time and count (timeouts of seconds here).
+//! than its share of connections; an idle TCP connection, HTTP/2 connection or upgraded
+//! tunnel is closed, a busy one is not, and a tunnel keeps its place under the limits.
+//! Upstream: a route timeout and the circuit breaker cover the response body, and
+//! `maxConnections` caps the HTTP/1.1 pool. Bounded in time and count (timeouts of seconds
+//! or less here).
 
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use hypha_proxy::limits::Limits;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::Notify;
 
 mod common;
-use common::{sidecar_service, tcp_sidecar, web_sidecar};
+use common::{
+    client_sidecar, external_service, sidecar_in_front, sidecar_service, tcp_sidecar, web_sidecar,
+};
 
 const SLOW: usize = 2_000;
 const PER_SOURCE: usize = 1_500;
@@ -141,4 +152,354 @@ async fn idle_tcp_connections_are_closed_and_busy_ones_are_not() {
             .unwrap();
     }
     assert!(closed_within(&mut quiet, Duration::from_millis(10)).await);
+}
+
+/// A raw HTTP/1.1 app (keep-alive) that counts its connections, open now and at most at once.
+/// `/hang` sends the head and one chunk, then nothing; `/hold` the same, then the last chunk
+/// once `release` is notified; `/upgrade` answers 101 and then echoes; anything else gets
+/// `ok` after 100 ms.
+struct RawApp {
+    addr: SocketAddr,
+    open: Arc<AtomicUsize>,
+    most: Arc<AtomicUsize>,
+    release: Arc<Notify>,
+}
+
+async fn raw_app() -> RawApp {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app = RawApp {
+        addr: listener.local_addr().unwrap(),
+        open: Arc::default(),
+        most: Arc::default(),
+        release: Arc::default(),
+    };
+    let (open, most, release) = (app.open.clone(), app.most.clone(), app.release.clone());
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let now = open.fetch_add(1, Ordering::SeqCst) + 1;
+            most.fetch_max(now, Ordering::SeqCst);
+            let (open, release) = (open.clone(), release.clone());
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                loop {
+                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                        let mut chunk = [0u8; 1024];
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => {
+                                open.fetch_sub(1, Ordering::SeqCst);
+                                return;
+                            }
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    let head = String::from_utf8_lossy(&buf).into_owned();
+                    buf.clear();
+                    let path = head.split(' ').nth(1).unwrap_or("/").to_owned();
+                    let chunked =
+                        "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n4\r\npart\r\n";
+                    let ok = match path.as_str() {
+                        "/hang" => {
+                            let _ = s.write_all(chunked.as_bytes()).await;
+                            std::future::pending::<()>().await;
+                            unreachable!()
+                        }
+                        "/hold" => {
+                            let notified = release.notified();
+                            s.write_all(chunked.as_bytes()).await.is_ok() && {
+                                notified.await;
+                                s.write_all(b"0\r\n\r\n").await.is_ok()
+                            }
+                        }
+                        "/upgrade" => {
+                            let _ = s
+                                .write_all(
+                                    b"HTTP/1.1 101 Switching Protocols\r\n\
+                                      connection: upgrade\r\nupgrade: echo\r\n\r\n",
+                                )
+                                .await;
+                            let (mut r, mut w) = s.split();
+                            let _ = tokio::io::copy(&mut r, &mut w).await;
+                            false
+                        }
+                        _ => {
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                                .await
+                                .is_ok()
+                        }
+                    };
+                    if !ok {
+                        open.fetch_sub(1, Ordering::SeqCst);
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    app
+}
+
+fn mesh_config() -> &'static str {
+    "apiVersion: hypha.dev/v1alpha1\nkind: MeshConfig\nmetadata: {name: m}\n\
+     spec: {trustDomain: cluster.local}\n"
+}
+
+#[tokio::test]
+async fn an_upgraded_tunnel_keeps_its_place_and_idles_out() {
+    let app = raw_app().await;
+    let idle = Duration::from_millis(800);
+    let limits = Limits {
+        max_connections_per_source: 1,
+        tcp_idle_timeout: idle,
+        ..Limits::default()
+    };
+    let yaml = |port: u16| {
+        format!(
+            "{}{}",
+            mesh_config(),
+            sidecar_service("web", 80, "http", "HTTP", port)
+        )
+    };
+    let (_cp, _, server) = sidecar_in_front(yaml, app.addr, "web", limits).await;
+    let inbound = server.inbound[0];
+
+    let mut tunnel = TcpStream::connect(inbound).await.unwrap();
+    tunnel
+        .write_all(
+            b"GET /upgrade HTTP/1.1\r\nhost: web.shop.svc.cluster.local\r\n\
+              connection: upgrade\r\nupgrade: echo\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let mut b = [0u8; 256];
+        let n = tokio::time::timeout(Duration::from_secs(5), tunnel.read(&mut b))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "closed before the 101");
+        head.extend_from_slice(&b[..n]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    tunnel.write_all(b"hi").await.unwrap();
+    let mut back = [0u8; 2];
+    tunnel.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"hi");
+
+    // The tunnel is still this source's one connection: another is refused.
+    let mut second = TcpStream::connect(inbound).await.unwrap();
+    assert!(
+        closed_within(&mut second, Duration::from_millis(500)).await,
+        "a second connection was taken while the tunnel holds the source's share"
+    );
+    // Quiet for the idle timeout, the tunnel is closed; then the source is served again.
+    let opened = Instant::now();
+    assert!(
+        closed_within(&mut tunnel, 5 * idle).await,
+        "the idle tunnel stayed open"
+    );
+    assert!(opened.elapsed() >= idle / 2);
+    let mut third = TcpStream::connect(inbound).await.unwrap();
+    third
+        .write_all(
+            b"GET /x HTTP/1.1\r\nhost: web.shop.svc.cluster.local\r\nconnection: close\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    tokio::time::timeout(Duration::from_secs(5), third.read_to_string(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}
+
+#[tokio::test]
+async fn idle_http2_connections_are_closed_and_busy_ones_are_not() {
+    let idle = Duration::from_millis(800);
+    let limits = Limits {
+        http_idle_timeout: idle,
+        ..Limits::default()
+    };
+    let yaml = |port: u16| {
+        format!(
+            "{}{}",
+            mesh_config(),
+            sidecar_service("web", 80, "http", "HTTP", port)
+        )
+    };
+    let (_cp, _, server) = web_sidecar(yaml, limits).await;
+    let inbound = server.inbound[0];
+    let h2 = || async move {
+        let stream = TcpStream::connect(inbound).await.unwrap();
+        let (sender, conn) = hyper::client::conn::http2::handshake::<_, _, Empty<Bytes>>(
+            TokioExecutor::new(),
+            TokioIo::new(stream),
+        )
+        .await
+        .unwrap();
+        (sender, tokio::spawn(conn))
+    };
+    let get = |mut sender: hyper::client::conn::http2::SendRequest<Empty<Bytes>>| async move {
+        let req = http::Request::builder()
+            .uri("http://web.shop.svc.cluster.local/x")
+            .body(Empty::new())
+            .unwrap();
+        let resp = sender.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        resp.into_body().collect().await.unwrap();
+    };
+    let (quiet, quiet_conn) = h2().await;
+    get(quiet.clone()).await;
+    let (busy, busy_conn) = h2().await;
+    // The busy one has a request every 200 ms for three idle periods.
+    for _ in 0..12 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        get(busy.clone()).await;
+    }
+    assert!(
+        quiet_conn.is_finished(),
+        "the idle HTTP/2 connection is still open"
+    );
+    assert!(
+        !busy_conn.is_finished(),
+        "the busy HTTP/2 connection was closed"
+    );
+}
+
+/// The mesh config, an external service `host` (port 80, HTTP) served by `at`, and `extra`
+/// YAML for it.
+fn external(host: &str, at: SocketAddr, extra: &str) -> String {
+    format!(
+        "{}{}{extra}",
+        mesh_config(),
+        external_service(host, 80, "HTTP", at)
+    )
+}
+
+/// A request through the HTTP proxy on a connection of its own: the response head, with its
+/// body still to read.
+async fn start(proxy: SocketAddr, url: &str) -> http::Response<hyper::body::Incoming> {
+    let stream = TcpStream::connect(proxy).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let target: http::Uri = url.parse().unwrap();
+    let req = http::Request::builder()
+        .uri(target.path())
+        .header("host", target.host().unwrap())
+        .body(Empty::new())
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(5), sender.send_request(req))
+        .await
+        .expect("response head in time")
+        .unwrap()
+}
+
+#[tokio::test]
+async fn the_route_timeout_and_circuit_breaker_cover_the_response_body() {
+    let app = raw_app().await;
+    let yaml = external(
+        "stream.ext.test",
+        app.addr,
+        r#"---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: stream, namespace: shop}
+spec:
+  hosts: [stream.ext.test]
+  http: [{timeout: 1s, route: [{destination: {host: stream.ext.test}}]}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: stream, namespace: shop}
+spec:
+  host: stream.ext.test
+  trafficPolicy: {connectionPool: {http: {http2MaxRequests: 1}}}
+"#,
+    );
+    let (_cp, client) = client_sidecar(&yaml, &[]).await;
+    let proxy = client.http_proxy[0];
+
+    // While one response's body is still coming, the request counts: a second overflows.
+    let held = start(proxy, "http://stream.ext.test/hold").await;
+    assert_eq!(held.status(), 200);
+    let over = start(proxy, "http://stream.ext.test/x").await;
+    assert_eq!(
+        over.status(),
+        503,
+        "the circuit breaker let a second request through"
+    );
+    app.release.notify_waiters();
+    let body = held.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"part");
+    assert_eq!(start(proxy, "http://stream.ext.test/x").await.status(), 200);
+
+    // A body that stops coming is cut at the route's deadline, counted from the request.
+    let sent = Instant::now();
+    let hung = start(proxy, "http://stream.ext.test/hang").await;
+    assert_eq!(hung.status(), 200);
+    let body = tokio::time::timeout(Duration::from_secs(5), hung.into_body().collect())
+        .await
+        .expect("the hung body was not cut");
+    assert!(
+        body.is_err(),
+        "a cut body must end in an error, not look complete"
+    );
+    assert!(
+        sent.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        sent.elapsed()
+    );
+    // ...and stops counting against the circuit breaker.
+    assert_eq!(start(proxy, "http://stream.ext.test/x").await.status(), 200);
+}
+
+/// One worker thread, where the cap is exact (each worker's pool may have one connection
+/// whatever the cap, as in Envoy).
+#[tokio::test]
+async fn max_connections_caps_the_http1_pool() {
+    let app = raw_app().await;
+    let yaml = external(
+        "pool.ext.test",
+        app.addr,
+        r#"---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: pool, namespace: shop}
+spec:
+  host: pool.ext.test
+  trafficPolicy:
+    connectionPool: {tcp: {maxConnections: 1}, http: {http1MaxPendingRequests: 64}}
+"#,
+    );
+    let (_cp, client) = client_sidecar(&yaml, &[]).await;
+    let proxy = client.http_proxy[0];
+    // Eight at once: they wait for the one connection in turn, and all are served.
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        calls.spawn(async move {
+            let resp = start(proxy, "http://pool.ext.test/x").await;
+            (
+                resp.status(),
+                resp.into_body().collect().await.unwrap().to_bytes(),
+            )
+        });
+    }
+    while let Some(done) = calls.join_next().await {
+        let (status, body) = done.unwrap();
+        assert_eq!((status.as_u16(), &body[..]), (200, &b"ok"[..]));
+    }
+    assert_eq!(
+        app.most.load(Ordering::SeqCst),
+        1,
+        "more than maxConnections connections were open at once"
+    );
 }

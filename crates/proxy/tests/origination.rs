@@ -23,7 +23,6 @@ use common::*;
 use http_body_util::Full;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use hypha_proxy::Options;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
@@ -199,23 +198,12 @@ async fn tls_server(leaf: &(X509, Key), client_ca: Option<&X509>, serve: Serve) 
     addr
 }
 
-/// An external service `host` on port 80 (or `port`, protocol `protocol`) whose one endpoint
-/// is `at`, and the DestinationRule `tls` for it.
+/// An external service `host` on `port` (`protocol`) whose one endpoint is `at`, and the
+/// DestinationRule `tls` for it.
 fn external(host: &str, port: u16, protocol: &str, at: SocketAddr, tls: &str) -> String {
     let name = host.split('.').next().unwrap();
     format!(
-        r#"
----
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {{name: {name}, namespace: shop}}
-spec:
-  hosts: [{host}]
-  location: MESH_EXTERNAL
-  resolution: STATIC
-  ports: [{{number: {port}, name: p, protocol: {protocol}}}]
-  endpoints: [{{address: 127.0.0.1, ports: {{p: {}}}}}]
----
+        r#"{}---
 apiVersion: networking.istio.io/v1
 kind: DestinationRule
 metadata: {{name: {name}, namespace: shop}}
@@ -223,7 +211,7 @@ spec:
   host: {host}
   trafficPolicy: {{tls: {tls}}}
 "#,
-        at.port()
+        external_service(host, port, protocol, at)
     )
 }
 
@@ -319,19 +307,7 @@ async fn destination_rules_originate_tls_verified_by_roots_and_names() {
     );
     yaml += &external("tcp.ext.test", 9000, "TCP", echo, &simple);
 
-    let cp = hypha_control::ControlPlane::new(config(&yaml));
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let uri = format!("http://{}", listener.local_addr().unwrap());
-    let serving = cp.clone();
-    tokio::spawn(async move { serving.serve(listener).await });
-    let mut client = hypha_proxy::start(Options {
-        http_proxy: vec!["127.0.0.1:0".parse().unwrap()],
-        services: vec![("127.0.0.1:0".parse().unwrap(), "tcp.ext.test:9000".into())],
-        ..sidecar(&uri, "web-1", &[("app", "web")])
-    })
-    .await
-    .unwrap();
-    ready(&mut client).await;
+    let (_cp, client) = client_sidecar(&yaml, &["tcp.ext.test:9000"]).await;
     let proxy = client.http_proxy[0];
 
     let (status, body, _) = get(proxy, "http://api.ext.test/hello", &[]).await;

@@ -288,7 +288,7 @@ pub async fn tcp_sidecar(
 
 /// A control plane serving `yaml(inbound port)` and a ready sidecar for `<name>-1` (label
 /// `app: <name>`) in front of `app`.
-async fn sidecar_in_front(
+pub async fn sidecar_in_front(
     yaml: impl Fn(u16) -> String,
     app: SocketAddr,
     name: &str,
@@ -325,4 +325,50 @@ pub async fn tcp_echo() -> SocketAddr {
         }
     });
     addr
+}
+
+/// A ServiceEntry for `host` outside the mesh (namespace `shop`), port `port` named `p` with
+/// `protocol`, whose one endpoint is `at`.
+pub fn external_service(host: &str, port: u16, protocol: &str, at: SocketAddr) -> String {
+    let name = host.split('.').next().unwrap();
+    format!(
+        r#"
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: {name}, namespace: shop}}
+spec:
+  hosts: [{host}]
+  location: MESH_EXTERNAL
+  resolution: STATIC
+  ports: [{{number: {port}, name: p, protocol: {protocol}}}]
+  endpoints: [{{address: 127.0.0.1, ports: {{p: {}}}}}]
+"#,
+        at.port()
+    )
+}
+
+/// A control plane serving `yaml` and a ready sidecar for `web-1` (label `app: web`) with an
+/// HTTP proxy listener and the local service listeners `services` (`host:port` each).
+pub async fn client_sidecar(
+    yaml: &str,
+    services: &[&str],
+) -> (hypha_control::ControlPlane, Running) {
+    let cp = hypha_control::ControlPlane::new(config(yaml));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let uri = format!("http://{}", listener.local_addr().unwrap());
+    let serving = cp.clone();
+    tokio::spawn(async move { serving.serve(listener).await });
+    let mut client = hypha_proxy::start(Options {
+        http_proxy: vec!["127.0.0.1:0".parse().unwrap()],
+        services: services
+            .iter()
+            .map(|s| ("127.0.0.1:0".parse().unwrap(), (*s).to_owned()))
+            .collect(),
+        ..sidecar(&uri, "web-1", &[("app", "web")])
+    })
+    .await
+    .unwrap();
+    ready(&mut client).await;
+    (cp, client)
 }
