@@ -1,7 +1,8 @@
 //! HTTP clients for the demo: one that reaches the mesh through a sidecar's HTTP proxy
 //! listener the way `HTTP_PROXY` clients do (absolute-form request target, pooled keep-alive
 //! connections) or, in a pod with transparent capture, straight to the service's name as any
-//! unmodified client does; and a plain one for admin endpoints.
+//! unmodified client does; and a plain one for admin endpoints. What a pod serves on its
+//! loopback only is reached from inside its network namespace ([`Reach`]).
 
 use std::future::Future;
 use std::io;
@@ -45,11 +46,67 @@ pub enum ClientError {
     Timeout(Duration),
 }
 
+/// Where a demo process listens, and, for what a pod serves on its loopback only (a sidecar's
+/// admin, the traffic client's proxy listener), the pod's network namespace: the node
+/// connects from inside it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reach {
+    pub addr: SocketAddr,
+    pub netns: Option<String>,
+}
+
+impl Reach {
+    /// An address the node reaches as it is.
+    pub fn host(addr: SocketAddr) -> Reach {
+        Reach { addr, netns: None }
+    }
+
+    pub async fn connect(&self) -> io::Result<TcpStream> {
+        let Some(netns) = &self.netns else {
+            return TcpStream::connect(self.addr).await;
+        };
+        let (netns, addr) = (netns.clone(), self.addr);
+        let stream = tokio::task::spawn_blocking(move || {
+            hypha_pod::connect_in(&netns, addr, Duration::from_secs(5))
+        })
+        .await
+        .map_err(io::Error::other)??;
+        stream.set_nonblocking(true)?;
+        TcpStream::from_std(stream)
+    }
+
+    /// `http://<addr><path>`, which a person fetches with [`Reach::curl`].
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// The command a person types on the node to fetch `path`.
+    pub fn curl(&self, path: &str) -> String {
+        match &self.netns {
+            None => format!("curl {}", self.url(path)),
+            Some(ns) => format!("ip netns exec {ns} curl {}", self.url(path)),
+        }
+    }
+}
+
+impl std::fmt::Display for Reach {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.netns {
+            None => write!(f, "{}", self.addr),
+            Some(ns) => write!(f, "{} in {ns}", self.addr),
+        }
+    }
+}
+
 /// With a proxy: connects every request to that HTTP proxy, whatever its URI says, and marks
 /// the connection as proxied so hyper sends absolute-form targets. Without: connects to the
-/// URI's host and port (names resolved by the system, each address tried in turn).
+/// URI's host and port (names resolved by the system, each address tried in turn). With
+/// `direct`, every request goes to that address as it is (admin endpoints in a pod).
 #[derive(Clone)]
-pub struct ViaProxy(pub Option<SocketAddr>);
+pub struct ViaProxy {
+    proxy: Option<Reach>,
+    direct: Option<Reach>,
+}
 
 pub struct ProxiedStream {
     io: TokioIo<TcpStream>,
@@ -66,10 +123,11 @@ impl tonic::codegen::Service<Uri> for ViaProxy {
     }
 
     fn call(&mut self, uri: Uri) -> Self::Future {
-        let proxy = self.0;
+        let (proxy, direct) = (self.proxy.clone(), self.direct.clone());
         Box::pin(async move {
-            let stream = match proxy {
-                Some(proxy) => TcpStream::connect(proxy).await?,
+            let proxied = proxy.is_some();
+            let stream = match proxy.or(direct) {
+                Some(at) => at.connect().await?,
                 None => {
                     let host = uri.host().ok_or_else(|| {
                         io::Error::new(io::ErrorKind::InvalidInput, format!("no host in {uri}"))
@@ -81,7 +139,7 @@ impl tonic::codegen::Service<Uri> for ViaProxy {
             stream.set_nodelay(true)?;
             Ok(ProxiedStream {
                 io: TokioIo::new(stream),
-                proxied: proxy.is_some(),
+                proxied,
             })
         })
     }
@@ -131,15 +189,22 @@ pub struct ProxyClient {
 }
 
 impl ProxyClient {
-    pub fn new(proxy: SocketAddr, timeout: Duration) -> ProxyClient {
-        ProxyClient::with(Some(proxy), timeout)
+    pub fn new(proxy: Reach, timeout: Duration) -> ProxyClient {
+        ProxyClient::build(Some(proxy), timeout)
     }
 
     /// Through `proxy`, or without one straight to each URL's host.
     pub fn with(proxy: Option<SocketAddr>, timeout: Duration) -> ProxyClient {
+        ProxyClient::build(proxy.map(Reach::host), timeout)
+    }
+
+    fn build(proxy: Option<Reach>, timeout: Duration) -> ProxyClient {
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(30))
-            .build(ViaProxy(proxy));
+            .build(ViaProxy {
+                proxy,
+                direct: None,
+            });
         ProxyClient { client, timeout }
     }
 
@@ -156,6 +221,20 @@ pub async fn get(url: &str, timeout: Duration) -> Result<Reply, ClientError> {
     let client: Client<HttpConnector, EmptyBody> =
         Client::builder(TokioExecutor::new()).build_http();
     let req = Request::get(url).body(EmptyBody::new())?;
+    send(&client, req, timeout).await
+}
+
+/// GETs `path` at `at`, from inside its pod where it has one (admin endpoints).
+pub async fn get_at(at: &Reach, path: &str, timeout: Duration) -> Result<Reply, ClientError> {
+    if at.netns.is_none() {
+        return get(&at.url(path), timeout).await;
+    }
+    let client: Client<ViaProxy, EmptyBody> =
+        Client::builder(TokioExecutor::new()).build(ViaProxy {
+            proxy: None,
+            direct: Some(at.clone()),
+        });
+    let req = Request::get(at.url(path)).body(EmptyBody::new())?;
     send(&client, req, timeout).await
 }
 

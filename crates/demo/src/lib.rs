@@ -15,7 +15,7 @@
 #![forbid(unsafe_code)]
 
 pub mod app;
-mod client;
+pub mod client;
 pub mod config;
 pub mod hsm;
 pub mod mesh;
@@ -248,7 +248,15 @@ async fn watch(mesh: &mut Mesh) -> DemoError {
 
 /// What to try while the mesh runs.
 fn serve_help(mesh: &Mesh) -> String {
-    let proxy = mesh.plan.client_proxy;
+    let client = mesh.plan.reach(topology::CLIENT, mesh.plan.client_proxy);
+    let guest = mesh.plan.reach(topology::GUEST, mesh.plan.guest_proxy);
+    let admin = mesh.plan.reach(topology::CLIENT, mesh.plan.client_admin);
+    // In pods, the proxies listen on their pod's loopback: curl runs in the pod.
+    let inside = |r: &client::Reach| match &r.netns {
+        Some(ns) => format!("ip netns exec {ns} "),
+        None => String::new(),
+    };
+    let (proxy, on_client, on_guest) = (client.addr, inside(&client), inside(&guest));
     let page = Mesh::productpage_url("/productpage");
     let mut out = format!(
         "The mesh keeps running until Ctrl-C. Try (the {} sidecar is the HTTP proxy):\n",
@@ -261,26 +269,26 @@ fn serve_help(mesh: &Mesh) -> String {
         }
     }
     for line in [
-        format!("curl -x http://{proxy} {page} -H 'end-user: jason'"),
-        format!("curl -x http://{proxy} {page}"),
+        format!("{on_client}curl -x http://{proxy} {page} -H 'end-user: jason'"),
+        format!("{on_client}curl -x http://{proxy} {page}"),
         format!(
-            "curl -x http://{proxy} {}",
+            "{on_client}curl -x http://{proxy} {}",
             Mesh::productpage_url("/healthz")
         ),
         format!(
-            "curl -i -x http://{proxy} {}",
+            "{on_client}curl -i -x http://{proxy} {}",
             Mesh::productpage_url("/index.html")
         ),
-        format!("curl http://{}/metrics", mesh.plan.client_admin),
-        format!("curl http://{}/certs", mesh.plan.client_admin),
+        admin.curl("/metrics"),
+        admin.curl("/certs"),
         format!(
-            "curl -i -x http://{proxy} http://{}:{}/ratings/0   # 403: only reviews may call ratings",
+            "{on_client}curl -i -x http://{proxy} http://{}:{}/ratings/0   # 403: only reviews may call ratings",
             topology::host("ratings"),
             topology::SERVICE_PORT
         ),
         format!(
-            "curl -i -x http://{} {page}   # 503 UF: another tenant, no shared root",
-            mesh.plan.guest_proxy
+            "{on_guest}curl -i -x http://{} {page}   # 503 UF: another tenant, no shared root",
+            guest.addr
         ),
     ] {
         out.push_str(&format!("  {line}\n"));

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use http::{HeaderMap, HeaderValue};
 use tokio::net::TcpStream;
 
-use crate::client::{self, ProxyClient};
+use crate::client::{self, ProxyClient, Reach};
 use crate::hsm;
 use crate::pods::Pods;
 use crate::process::Proc;
@@ -200,15 +200,24 @@ impl Mesh {
     }
 
     /// Every sidecar's admin address, by workload name (the client last).
-    pub fn admins(&self) -> Vec<(String, SocketAddr)> {
-        let mut out: Vec<(String, SocketAddr)> = self
+    pub fn admins(&self) -> Vec<(String, Reach)> {
+        let mut out: Vec<(String, Reach)> = self
             .plan
             .workloads
             .iter()
-            .map(|w| (w.workload.name.to_owned(), w.ports.admin))
+            .map(|w| {
+                let name = w.workload.name;
+                (name.to_owned(), self.plan.reach(name, w.ports.admin))
+            })
             .collect();
-        out.push((CLIENT.to_owned(), self.plan.client_admin));
-        out.push((GUEST.to_owned(), self.plan.guest_admin));
+        out.push((
+            CLIENT.to_owned(),
+            self.plan.reach(CLIENT, self.plan.client_admin),
+        ));
+        out.push((
+            GUEST.to_owned(),
+            self.plan.reach(GUEST, self.plan.guest_admin),
+        ));
         out
     }
 
@@ -444,18 +453,20 @@ impl Mesh {
             let mut attempt = 1;
             loop {
                 let w = &self.plan.workloads[i];
-                let (app_addr, admin) = (w.ports.app, w.ports.admin);
+                let (app_addr, admin) =
+                    (w.ports.app, self.plan.reach(w.workload.name, w.ports.admin));
                 let in_pod = w.pod.is_some();
                 let r = wait(&mut [&mut app, &mut sidecar], |procs| {
                     // In a pod the app's own log says it listens (see APP_SERVING).
                     let app_logged = procs[0].logged(APP_SERVING);
+                    let admin = admin.clone();
                     async move {
                         let app_up = if in_pod {
                             app_logged
                         } else {
                             connects(app_addr).await
                         };
-                        app_up && sidecar_ready(admin).await
+                        app_up && sidecar_ready(&admin).await
                     }
                 })
                 .await;
@@ -584,7 +595,13 @@ impl Mesh {
             p.pid(),
         ));
         let started = Instant::now();
-        match wait(&mut [&mut p], |_| sidecar_ready(admin)).await {
+        let admin = self.plan.reach(name, admin);
+        match wait(&mut [&mut p], |_| {
+            let admin = admin.clone();
+            async move { sidecar_ready(&admin).await }
+        })
+        .await
+        {
             Ok(()) => {
                 say(&ready_line(&format!("{name} sidecar"), started));
                 Ok(p)
@@ -604,7 +621,10 @@ impl Mesh {
     /// Waits until productpage answers 200 through the mesh, for jason and for anyone.
     async fn wait_for_traffic(&mut self, say: &Progress) -> Result<(), DemoError> {
         let started = Instant::now();
-        let client = ProxyClient::new(self.plan.client_proxy, Duration::from_secs(5));
+        let client = ProxyClient::new(
+            self.plan.reach(CLIENT, self.plan.client_proxy),
+            Duration::from_secs(5),
+        );
         let url = Mesh::productpage_url("/productpage");
         let mut jason = HeaderMap::new();
         jason.insert("end-user", HeaderValue::from_static("jason"));
@@ -729,8 +749,8 @@ async fn connects(addr: SocketAddr) -> bool {
     TcpStream::connect(addr).await.is_ok()
 }
 
-async fn sidecar_ready(admin: SocketAddr) -> bool {
-    client::get(&format!("http://{admin}/ready"), Duration::from_secs(2))
+async fn sidecar_ready(admin: &Reach) -> bool {
+    client::get_at(admin, "/ready", Duration::from_secs(2))
         .await
         .is_ok_and(|r| r.status.is_success())
 }

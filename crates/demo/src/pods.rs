@@ -264,7 +264,35 @@ impl Pods {
                 bypass = counters(&r.text());
             }
         }
+        // Admin and the client proxies listen on their pod's loopback: from the node, the
+        // pod addresses answer on none of those ports.
+        let probes: Vec<(String, SocketAddr)> = self
+            .pods
+            .iter()
+            .flat_map(|(name, pod)| {
+                let ports: &[u16] = if name == CLIENT || name == GUEST {
+                    &[POD_ADMIN_PORT, POD_PROXY_PORT]
+                } else {
+                    &[POD_ADMIN_PORT]
+                };
+                ports
+                    .iter()
+                    .map(move |&port| (name.clone(), SocketAddr::from((pod.ipv4, port))))
+            })
+            .collect();
+        let open_on_pod_addresses = tokio::task::spawn_blocking(move || {
+            probes
+                .into_iter()
+                .filter(|(_, at)| {
+                    std::net::TcpStream::connect_timeout(at, Duration::from_secs(1)).is_ok()
+                })
+                .map(|(name, at)| format!("{name} {at}"))
+                .collect()
+        })
+        .await
+        .unwrap_or_default();
         PodsReport {
+            open_on_pod_addresses,
             bridge: format!("hypha{}", self.node.index()),
             pods: self
                 .addrs()
@@ -321,6 +349,9 @@ pub struct PodsReport {
     pub bypass_missing: Option<String>,
     /// The bypass's counters ([`BYPASS_COUNTERS`]) after the traffic.
     pub bypass: BTreeMap<String, u64>,
+    /// Sidecar admin and client proxy ports that answered the node on a pod's address
+    /// (`<pod> <address>`): none, as they listen on the pod's loopback.
+    pub open_on_pod_addresses: Vec<String>,
 }
 
 impl PodsReport {
@@ -344,6 +375,15 @@ impl fmt::Display for PodsReport {
             f,
             "  an unmodified curl in the {CLIENT} pod (no proxy settings): {} → {}",
             self.curl_url, self.curl
+        )?;
+        writeln!(
+            f,
+            "  sidecar admin and client proxy ports open on pod addresses from the node: {}",
+            if self.open_on_pod_addresses.is_empty() {
+                "none (they listen on each pod's loopback)".to_owned()
+            } else {
+                self.open_on_pod_addresses.join(", ")
+            }
         )?;
         match (&self.bypass_cgroup, &self.bypass_missing) {
             (Some(cgroup), _) => {

@@ -22,10 +22,10 @@ pub const CLIENT: &str = "demo-client";
 /// A client of another tenant (namespace `guest`): its calls into bookinfo fail the handshake.
 pub const GUEST: &str = "guest-client";
 pub const GUEST_NAMESPACE: &str = "guest";
-/// In a pod: every sidecar's admin port on the pod's IPv4 address (left out of the capture).
+/// In a pod: every sidecar's admin port, on the pod's loopback.
 pub const POD_ADMIN_PORT: u16 = 15000;
-/// In a pod: the client sidecars' HTTP proxy port (left out of the capture), where the demo
-/// sends its traffic from the node.
+/// In a pod: the client sidecars' HTTP proxy port, on the pod's loopback, where the demo sends
+/// its traffic from inside the pod.
 pub const POD_PROXY_PORT: u16 = 15080;
 
 /// The role a `hypha demo-app` process plays.
@@ -298,13 +298,27 @@ impl Plan {
         })
     }
 
+    /// Where the node reaches `addr` that the process `name` listens on: from inside its pod
+    /// (which serves admin and proxy listeners on its loopback only), or as it is.
+    pub fn reach(&self, name: &str, addr: SocketAddr) -> crate::client::Reach {
+        crate::client::Reach {
+            addr,
+            netns: self.pods.get(name).map(|p| p.netns.clone()),
+        }
+    }
+
     /// The plan for pods: the control plane at `control` on the node, everything else in its
     /// pod from `pods` (one per workload, [`CLIENT`] and [`GUEST`]) on fixed ports: each app
     /// on its service port, each sidecar's admin on [`POD_ADMIN_PORT`], the clients' HTTP
-    /// proxies on [`POD_PROXY_PORT`]. Panics if a pod is missing.
+    /// proxies on [`POD_PROXY_PORT`], those two on the pod's loopback only, as Istio's are
+    /// (the node reaches them from inside the pod, [`Plan::reach`]). Panics if a pod is
+    /// missing.
     pub fn in_pods(control: SocketAddr, pods: BTreeMap<String, PodAddrs>) -> Plan {
         let pod = |name: &str| pods[name].clone();
-        let at = |name: &str, port| SocketAddr::new(pods[name].ipv4.into(), port);
+        let at = |name: &str, port| {
+            assert!(pods.contains_key(name), "no pod for {name}");
+            SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port)
+        };
         let workloads = WORKLOADS
             .iter()
             .map(|w| Planned {

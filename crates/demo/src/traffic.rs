@@ -75,7 +75,11 @@ pub fn plan(pages: usize) -> Vec<Kind> {
 
 /// Sends `kinds` through the client's sidecar, `concurrency` at a time.
 async fn send_all(mesh: &Mesh, kinds: Vec<Kind>, concurrency: usize) -> Vec<Outcome> {
-    let client = ProxyClient::new(mesh.plan.client_proxy, Duration::from_secs(10));
+    let client = ProxyClient::new(
+        mesh.plan
+            .reach(crate::topology::CLIENT, mesh.plan.client_proxy),
+        Duration::from_secs(10),
+    );
     let kinds = Arc::new(kinds);
     let next = Arc::new(AtomicUsize::new(0));
     let seed = SystemTime::now()
@@ -371,7 +375,7 @@ async fn denials(mesh: &Mesh) -> Denied {
         ),
     ];
     for (who, proxy, target, url) in calls {
-        let client = ProxyClient::new(proxy, Duration::from_secs(5));
+        let client = ProxyClient::new(mesh.plan.reach(who, proxy), Duration::from_secs(5));
         for _ in 0..DENIALS {
             let mut outcome = String::new();
             for _ in 0..DENIAL_TRIES {
@@ -426,8 +430,10 @@ async fn refused(client: &ProxyClient, url: &str) -> (String, String) {
 
 /// The requests the client's sidecar has counted.
 async fn client_counted(mesh: &Mesh) -> f64 {
-    let url = format!("http://{}/metrics", mesh.plan.client_admin);
-    let text = client::get(&url, Duration::from_secs(5))
+    let admin = mesh
+        .plan
+        .reach(crate::topology::CLIENT, mesh.plan.client_admin);
+    let text = client::get_at(&admin, "/metrics", Duration::from_secs(5))
         .await
         .map(|r| r.text())
         .unwrap_or_default();
@@ -472,7 +478,7 @@ async fn scrape(mesh: &Mesh, s: &mut Summary, expected: f64) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     for (name, admin) in mesh.admins() {
-        let certs = client::get(&format!("http://{admin}/certs"), Duration::from_secs(5))
+        let certs = client::get_at(&admin, "/certs", Duration::from_secs(5))
             .await
             .map(|r| r.text())
             .unwrap_or_default();
@@ -498,7 +504,7 @@ async fn scrape(mesh: &Mesh, s: &mut Summary, expected: f64) {
         .to_owned();
     let mut texts = Vec::new();
     for (_, admin) in mesh.admins() {
-        let text = client::get(&format!("http://{admin}/metrics"), Duration::from_secs(5))
+        let text = client::get_at(&admin, "/metrics", Duration::from_secs(5))
             .await
             .map(|r| r.text())
             .unwrap_or_default();

@@ -164,12 +164,20 @@ fn in_pods_each_endpoint_is_its_pod_at_the_apps_own_port() {
             Family::Dual => vec![pod.ipv4.into(), pod.ipv6.into()],
         };
         assert_eq!(addresses, expected, "{}", wl.name);
-        // No proxy settings for the app; the admin port on the pod, reachable from the node.
+        // No proxy settings for the app; the admin port on the pod's loopback, reached from
+        // the node inside the pod.
         assert_eq!(w.ports.http_proxy, None);
-        assert_eq!(w.ports.admin.ip(), IpAddr::from(pod.ipv4));
+        assert!(w.ports.admin.ip().is_loopback(), "{}", wl.name);
+        let reach = plan.reach(wl.name, w.ports.admin);
+        assert_eq!(reach.netns.as_deref(), Some(pod.netns.as_str()));
     }
-    assert_eq!(plan.client_proxy.ip(), IpAddr::from(pods[CLIENT].ipv4));
-    assert_eq!(plan.guest_proxy.ip(), IpAddr::from(pods[GUEST].ipv4));
+    for (name, proxy) in [(CLIENT, plan.client_proxy), (GUEST, plan.guest_proxy)] {
+        assert!(proxy.ip().is_loopback(), "{name}");
+        assert_eq!(
+            plan.reach(name, proxy).netns,
+            Some(pods[name].netns.clone())
+        );
+    }
 }
 
 #[test]

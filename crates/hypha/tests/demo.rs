@@ -435,6 +435,9 @@ async fn demo_in_pods_with_capture_and_bypass() {
     assert_eq!(pods.pods.len(), 8, "{pods:?}");
     // An unmodified curl in the client pod reached productpage by its name.
     assert_eq!(pods.curl, "200", "{pods}");
+    // Admin and the client proxies listen on each pod's loopback (the demo reached them from
+    // inside the pods): nothing answers on those ports at a pod's address.
+    assert!(pods.open_on_pod_addresses.is_empty(), "{pods}");
     // The bypass was on: the apps' connections were captured at connect, the sidecars asked it
     // for the original destinations, and bytes went socket to socket.
     assert!(pods.bypass_cgroup.is_some(), "{pods}");

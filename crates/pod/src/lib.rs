@@ -12,7 +12,8 @@
 //! [`Pod::sidecar_command`], with the group id [`Capture`] exempts. [`Pod::hosts`] gives a pod
 //! its own `/etc/hosts` (names of services to their VIPs, as cluster DNS would answer), and
 //! [`Cgroup`] puts the calling process (and so everything it starts) in a cgroup v2 of its own,
-//! what the eBPF bypass attaches to.
+//! what the eBPF bypass attaches to. [`connect_in`] reaches, from the node, what a pod serves
+//! on its loopback only.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
@@ -40,6 +41,31 @@ pub enum PodError {
     NoFreeNode(std::ops::RangeInclusive<u8>),
     #[error("{0}: {1}")]
     Io(PathBuf, #[source] std::io::Error),
+}
+
+/// Connects to `addr` from inside the network namespace `netns` (a name under `/run/netns`):
+/// how the node reaches what a pod serves on its loopback only (its sidecar's admin, its app's
+/// proxy listener). A thread that enters the namespace makes the connection and ends; the
+/// connection stays in the namespace. Blocking.
+pub fn connect_in(
+    netns: &str,
+    addr: std::net::SocketAddr,
+    timeout: std::time::Duration,
+) -> std::io::Result<std::net::TcpStream> {
+    let file = std::fs::File::open(Path::new("/run/netns").join(netns))?;
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                use std::os::fd::AsFd;
+                rustix::thread::move_into_link_name_space(
+                    file.as_fd(),
+                    Some(rustix::thread::LinkNameSpaceType::Network),
+                )?;
+                std::net::TcpStream::connect_timeout(&addr, timeout)
+            })
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("the namespace thread panicked")))
+    })
 }
 
 /// Whether this process runs as root (effective uid 0), from `/proc/self/status`: pods,
