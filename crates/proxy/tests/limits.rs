@@ -503,3 +503,48 @@ spec:
         "more than maxConnections connections were open at once"
     );
 }
+
+#[tokio::test]
+async fn max_connections_refuses_tcp_connections_over_it() {
+    let echo = common::tcp_echo().await;
+    let yaml = format!(
+        "{}{}{}",
+        mesh_config(),
+        external_service("db.ext.test", 9000, "TCP", echo),
+        r#"---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: db, namespace: shop}
+spec:
+  host: db.ext.test
+  trafficPolicy: {connectionPool: {tcp: {maxConnections: 1}}}
+"#
+    );
+    let (_cp, client) = client_sidecar(&yaml, &["db.ext.test:9000"]).await;
+    let listener = client.services[0];
+    let ping = |mut c: TcpStream| async move {
+        c.write_all(b"x").await.unwrap();
+        let mut one = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_secs(2), c.read(&mut one)).await;
+        (c, matches!(read, Ok(Ok(1))))
+    };
+    let (first, served) = ping(TcpStream::connect(listener).await.unwrap()).await;
+    assert!(served, "the first connection is proxied");
+    // The cluster's one connection is taken: the next is closed unserved.
+    let (_, served) = ping(TcpStream::connect(listener).await.unwrap()).await;
+    assert!(!served, "a second connection went over maxConnections");
+    // Once the first ends, its place is free again.
+    drop(first);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, served) = ping(TcpStream::connect(listener).await.unwrap()).await;
+        if served {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the place of a closed connection never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
