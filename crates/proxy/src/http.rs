@@ -953,8 +953,7 @@ pub fn observed(
     let code = resp.status().as_u16();
     let flags = response_flags(&resp);
     let grpc = grpc_status(resp.headers());
-    let size = hyper::body::Body::size_hint(resp.body()).exact();
-    if let Some(bytes) = size.filter(|&n| n <= SMALL_BODY) {
+    if let Some(bytes) = held_whole(&resp) {
         observe(Outcome {
             code,
             flags,
@@ -997,6 +996,7 @@ pub struct Upgrade {
 /// What an upgraded connection keeps of the HTTP/1.1 connection it came from: the serving task
 /// (and with it the connection's place under the connection limits and in draining) lasts
 /// until the tunnel ends; and the idle timeout it runs under.
+// Clone: request extensions must be.
 #[derive(Clone)]
 pub struct Tunnel {
     _held: tokio::sync::mpsc::Sender<()>,
@@ -1061,6 +1061,12 @@ pub fn small_body<B>(resp: &Response<B>) -> bool {
             .get(http::header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
             .is_some_and(|n| n <= SMALL_BODY)
+}
+
+/// The length of a response body already held whole in memory (see [`small_body`]), from
+/// the body itself: no header is read again.
+pub fn held_whole<B: hyper::body::Body>(resp: &Response<B>) -> Option<u64> {
+    resp.body().size_hint().exact().filter(|&n| n <= SMALL_BODY)
 }
 
 /// A response from upstream, its body read whole first when [`small_body`] says so.

@@ -67,14 +67,14 @@ impl Origination {
     /// Reads the files `spec` names and builds the connector; the error names the file and
     /// what is wrong with it.
     pub fn new(spec: Spec) -> Result<Arc<Origination>, String> {
-        let mut b = SslConnector::builder(SslMethod::tls()).map_err(boring("TLS context"))?;
+        let mut b = SslConnector::builder(SslMethod::tls()).map_err(failed("TLS context"))?;
         // The store holds only the roots asked for: never the library's default paths.
-        let mut store = X509StoreBuilder::new().map_err(boring("certificate store"))?;
+        let mut store = X509StoreBuilder::new().map_err(failed("certificate store"))?;
         match &spec.roots {
             Some(path) => {
                 let roots = pem_certs(path)?;
                 for root in roots {
-                    store.add_cert(root).map_err(boring(path))?;
+                    store.add_cert(root).map_err(failed(path))?;
                 }
                 b.set_verify(SslVerifyMode::PEER);
             }
@@ -86,19 +86,19 @@ impl Origination {
             let leaf = certs
                 .next()
                 .ok_or_else(|| format!("{chain}: no certificate"))?;
-            b.set_certificate(&leaf).map_err(boring(chain))?;
+            b.set_certificate(&leaf).map_err(failed(chain))?;
             for extra in certs {
-                b.add_extra_chain_cert(extra).map_err(boring(chain))?;
+                b.add_extra_chain_cert(extra).map_err(failed(chain))?;
             }
             let pem = read(key)?;
             let pkey = PKey::private_key_from_pem(&pem)
                 .map_err(|_| format!("{key}: not a PEM private key"))?;
-            b.set_private_key(&pkey).map_err(boring(key))?;
+            b.set_private_key(&pkey).map_err(failed(key))?;
             b.check_private_key()
                 .map_err(|_| format!("{key}: does not match the certificate in {chain}"))?;
         }
         if !spec.alpn.is_empty() {
-            b.set_alpn_protos(&spec.alpn).map_err(boring("ALPN"))?;
+            b.set_alpn_protos(&spec.alpn).map_err(failed("ALPN"))?;
         }
         Ok(Arc::new(Origination {
             spec,
@@ -130,7 +130,7 @@ impl Origination {
 }
 
 /// A BoringSSL error about `what`.
-fn boring(what: &str) -> impl Fn(boring::error::ErrorStack) -> String + '_ {
+fn failed(what: &str) -> impl Fn(boring::error::ErrorStack) -> String + '_ {
     move |e| format!("{what}: {e}")
 }
 

@@ -184,7 +184,8 @@ impl Upstreams {
         }?;
         // A small body came whole with the head; a streaming one is still under the route's
         // deadline and counts in flight until it ends.
-        if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS || crate::http::small_body(&resp)
+        if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS
+            || crate::http::held_whole(&resp).is_some()
         {
             return Ok(resp);
         }
