@@ -354,37 +354,35 @@ where
     F: Future<Output = Response<Body>> + Send + 'static,
 {
     let io = TokioIo::new(stream);
+    // A request is in flight from its head until its response body is dropped; a connection
+    // with none in flight for its idle time is closed. One timer per connection, re-armed
+    // only when it fires, instead of one per request.
+    let activity = Arc::new(Activity::default());
+    let counted = activity.clone();
     let result = if h2 {
-        // HTTP/2 has no header read timeout to end an idle connection: the connection's
-        // requests are counted, and one with none for the idle timeout is closed.
-        let streams = Arc::new(Streams::default());
-        let counted = streams.clone();
         let service = hyper::service::service_fn(move |req| {
-            let stream = counted.begin();
+            let request = counted.begin();
             let response = Box::pin(handle(req, peer));
             async move {
-                let resp = response.await;
-                drop(stream);
-                Ok::<_, Infallible>(resp)
+                Ok::<_, Infallible>(response.await.map(|body| HeldBody {
+                    body,
+                    _request: request,
+                }))
             }
         });
         let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
             .timer(hyper_util::rt::TokioTimer::new())
             .serve_connection(io, service);
         let mut conn = std::pin::pin!(conn);
-        streams
-            .idle_since
-            .store(crate::model::now_nanos(), Ordering::Release);
-        let idle = drain.limits().http_idle_timeout;
-        let ended = tokio::select! {
-            result = until_drained(conn.as_mut(), &mut drain, |c| {
-                c.get_mut().as_mut().graceful_shutdown();
-            }) => Some(result),
-            () = idle_for(&streams, idle) => None,
-        };
-        match ended {
-            Some(result) => result,
-            None => {
+        let idle = idle_for(&activity, drain.limits().http_idle_timeout);
+        match until_drained(conn.as_mut(), &mut drain, idle, |c| {
+            c.get_mut().as_mut().graceful_shutdown();
+        })
+        .await
+        {
+            Ended::Closed(result) => result,
+            // The requests in flight (none, unless one began since) finish first.
+            Ended::Idle => {
                 debug!(%peer, "HTTP/2 connection idle: closed");
                 conn.as_mut().graceful_shutdown();
                 conn.await
@@ -396,6 +394,7 @@ where
         let (held, mut tunnels) = tokio::sync::mpsc::channel::<()>(1);
         let idle = drain.limits().tcp_idle_timeout;
         let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+            let request = counted.begin();
             if req.headers().contains_key(http::header::UPGRADE) {
                 req.extensions_mut().insert(Tunnel {
                     _held: held.clone(),
@@ -405,14 +404,28 @@ where
             // Boxed once: the request's future holds the whole route-to-upstream state
             // (KiBs), and hyper moves what `call` returns several times.
             let response = Box::pin(handle(req, peer));
-            async move { Ok::<_, Infallible>(response.await) }
+            async move {
+                Ok::<_, Infallible>(response.await.map(|body| HeldBody {
+                    body,
+                    _request: request,
+                }))
+            }
         });
+        // The header read timeout is the idle time of an HTTP/1.1 connection: from when it
+        // opens or its last response ends, the next request head must be whole within it (a
+        // head half sent is no request yet). Closed at once: nothing is in flight.
         let conn = hyper::server::conn::http1::Builder::new()
-            .timer(hyper_util::rt::TokioTimer::new())
-            .header_read_timeout(drain.limits().header_read_timeout)
+            .header_read_timeout(None)
             .serve_connection(io, service)
             .with_upgrades();
-        let result = until_drained(conn, &mut drain, |c| c.graceful_shutdown()).await;
+        let idle = idle_for(&activity, drain.limits().header_read_timeout);
+        let result = match until_drained(conn, &mut drain, idle, |c| c.graceful_shutdown()).await {
+            Ended::Closed(result) => result,
+            Ended::Idle => {
+                debug!(%peer, "no whole request head within the header read timeout: closed");
+                Ok(())
+            }
+        };
         // Every sender is gone once the connection and its tunnels are.
         let _ = tunnels.recv().await;
         result
@@ -422,25 +435,33 @@ where
     }
 }
 
-/// The requests in flight on an HTTP/2 connection, and when the last one ended.
-#[derive(Default)]
-struct Streams {
+/// The requests in flight on a connection, and when the last one ended.
+struct Activity {
     active: AtomicUsize,
-    /// `model::now_nanos` when the count last fell to zero.
+    /// `model::now_nanos` when the count last fell to zero (or the connection opened).
     idle_since: std::sync::atomic::AtomicU64,
 }
 
-/// One request counted in flight until dropped.
-struct StreamCount(Arc<Streams>);
-
-impl Streams {
-    fn begin(self: &Arc<Self>) -> StreamCount {
-        self.active.fetch_add(1, Ordering::AcqRel);
-        StreamCount(self.clone())
+impl Default for Activity {
+    fn default() -> Self {
+        Activity {
+            active: AtomicUsize::new(0),
+            idle_since: std::sync::atomic::AtomicU64::new(crate::model::now_nanos()),
+        }
     }
 }
 
-impl Drop for StreamCount {
+/// One request counted in flight until dropped.
+struct InFlight(Arc<Activity>);
+
+impl Activity {
+    fn begin(self: &Arc<Self>) -> InFlight {
+        self.active.fetch_add(1, Ordering::AcqRel);
+        InFlight(self.clone())
+    }
+}
+
+impl Drop for InFlight {
     fn drop(&mut self) {
         if self.0.active.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.0
@@ -450,11 +471,38 @@ impl Drop for StreamCount {
     }
 }
 
-/// Resolves once `streams` has had no request in flight for `idle`.
-async fn idle_for(streams: &Streams, idle: std::time::Duration) {
+/// A response body that keeps its request in flight until hyper drops it (written whole, or
+/// the connection gone): a response that streams for long is not an idle connection.
+struct HeldBody {
+    body: Body,
+    _request: InFlight,
+}
+
+impl hyper::body::Body for HeldBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, BodyError>>> {
+        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// Resolves once `activity` has had no request in flight for `idle`.
+async fn idle_for(activity: &Activity, idle: std::time::Duration) {
     loop {
-        let busy = streams.active.load(Ordering::Acquire) > 0;
-        let since = streams.idle_since.load(Ordering::Acquire);
+        let busy = activity.active.load(Ordering::Acquire) > 0;
+        let since = activity.idle_since.load(Ordering::Acquire);
         let elapsed =
             std::time::Duration::from_nanos(crate::model::now_nanos().saturating_sub(since));
         if !busy && elapsed >= idle {
@@ -503,32 +551,46 @@ async fn starts_with_h2_preface(
     }
 }
 
-/// Runs a connection to its end; when draining starts, asks it once to finish the request
-/// in flight and close. The drain signal is polled when it wakes, not every time the
-/// connection does (four times per request).
-async fn until_drained<C, E>(conn: C, drain: &mut Drain, shutdown: fn(Pin<&mut C>)) -> Result<(), E>
+/// How a connection's task ended.
+enum Ended<E> {
+    /// The connection closed (or finished its requests once asked to).
+    Closed(Result<(), E>),
+    /// The connection was idle for its idle time.
+    Idle,
+}
+
+/// Runs a connection to its end, or until `idle` resolves; when draining starts, asks it once
+/// to finish the request in flight and close. The drain signal and `idle` are polled when
+/// they wake, not every time the connection does (four times per request).
+async fn until_drained<C, E>(
+    conn: C,
+    drain: &mut Drain,
+    idle: impl Future<Output = ()>,
+    shutdown: fn(Pin<&mut C>),
+) -> Ended<E>
 where
     C: Future<Output = Result<(), E>>,
 {
     let mut conn = std::pin::pin!(conn);
     let started = drain.started();
     let mut started = std::pin::pin!(started);
+    let mut idle = std::pin::pin!(idle);
     let signal = Arc::new(DrainSignal::default());
     let mut shutting_down = false;
     std::future::poll_fn(|cx| {
-        if !shutting_down && signal.woken.swap(false, Ordering::AcqRel) {
+        if signal.woken.swap(false, Ordering::AcqRel) {
             signal.register(cx.waker());
             let waker = std::task::Waker::from(signal.clone());
-            if started
-                .as_mut()
-                .poll(&mut std::task::Context::from_waker(&waker))
-                .is_ready()
-            {
+            let mut own = std::task::Context::from_waker(&waker);
+            if !shutting_down && started.as_mut().poll(&mut own).is_ready() {
                 shutdown(conn.as_mut());
                 shutting_down = true;
             }
+            if idle.as_mut().poll(&mut own).is_ready() {
+                return std::task::Poll::Ready(Ended::Idle);
+            }
         }
-        conn.as_mut().poll(cx)
+        conn.as_mut().poll(cx).map(Ended::Closed)
     })
     .await
 }

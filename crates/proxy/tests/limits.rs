@@ -1,7 +1,8 @@
 //! Slow and hostile clients: half-sent requests by the thousand do not keep a well-behaved
 //! client from being served, the header read timeout closes them, and one source gets no more
-//! than its share of connections; an idle TCP connection, HTTP/2 connection or upgraded
-//! tunnel is closed, a busy one is not, and a tunnel keeps its place under the limits.
+//! than its share of connections; an idle TCP connection, HTTP/1.1 or HTTP/2 connection or
+//! upgraded tunnel is closed, a busy one (a response still streaming) is not, and a tunnel
+//! keeps its place under the limits.
 //! Upstream: a route timeout and the circuit breaker cover the response body, and
 //! `maxConnections` caps the HTTP/1.1 pool. Bounded in time and count (timeouts of seconds
 //! or less here).
@@ -370,6 +371,60 @@ async fn idle_http2_connections_are_closed_and_busy_ones_are_not() {
         !busy_conn.is_finished(),
         "the busy HTTP/2 connection was closed"
     );
+}
+
+/// Reads from `conn` into `seen` until it ends with `end`.
+async fn read_until(conn: &mut TcpStream, seen: &mut Vec<u8>, end: &[u8]) {
+    while !seen.ends_with(end) {
+        let mut b = [0u8; 512];
+        let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut b))
+            .await
+            .expect("the response stalled")
+            .unwrap();
+        assert!(
+            n > 0,
+            "closed mid-response: {}",
+            String::from_utf8_lossy(seen)
+        );
+        seen.extend_from_slice(&b[..n]);
+    }
+}
+
+#[tokio::test]
+async fn http1_waits_for_a_request_head_while_idle_only() {
+    let app = raw_app().await;
+    let timeout = Duration::from_millis(800);
+    let limits = Limits {
+        header_read_timeout: timeout,
+        ..Limits::default()
+    };
+    let yaml = |port: u16| {
+        format!(
+            "{}{}",
+            mesh_config(),
+            sidecar_service("web", 80, "http", "HTTP", port)
+        )
+    };
+    let (_cp, _, server) = sidecar_in_front(yaml, app.addr, "web", limits).await;
+    let inbound = server.inbound[0];
+
+    // A response that streams for three header timeouts is not cut...
+    let mut conn = TcpStream::connect(inbound).await.unwrap();
+    conn.write_all(b"GET /hold HTTP/1.1\r\nhost: web.shop.svc.cluster.local\r\n\r\n")
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    read_until(&mut conn, &mut seen, b"part\r\n").await;
+    tokio::time::sleep(3 * timeout).await;
+    app.release.notify_waiters();
+    read_until(&mut conn, &mut seen, b"0\r\n\r\n").await;
+    // ...and once it has ended, the connection idle for the header timeout is closed.
+    let ended = Instant::now();
+    assert!(
+        closed_within(&mut conn, 5 * timeout).await,
+        "the idle keep-alive connection stayed open"
+    );
+    assert!(ended.elapsed() >= timeout / 2, "{:?}", ended.elapsed());
 }
 
 /// The mesh config, an external service `host` (port 80, HTTP) served by `at`, and `extra`
