@@ -108,7 +108,21 @@ impl Flag {
 /// proxy's own account of a request, never an upstream's (which could otherwise fake a local
 /// reply in metrics and logs, or have its answer turned into a gRPC error).
 pub fn drop_upstream_flags(headers: &mut http::HeaderMap) {
-    headers.remove(RESPONSE_FLAGS);
+    remove_rare(headers, &RESPONSE_FLAGS);
+}
+
+/// Whether `headers` has `name`, found by comparing it with each name the message has rather
+/// than by hashing it: for names a message seldom carries, a few compares (a message has a
+/// handful of names, at most hyper's limit of 100) cost less than hashing a long name.
+pub fn has_rare(headers: &http::HeaderMap, name: &http::HeaderName) -> bool {
+    headers.keys().any(|k| k == name)
+}
+
+/// Removes `name`, seldom there (see [`has_rare`]).
+pub fn remove_rare(headers: &mut http::HeaderMap, name: &http::HeaderName) {
+    if has_rare(headers, name) {
+        headers.remove(name);
+    }
 }
 
 /// The proxy's own reply for `flag`, marked so callers and tests can tell it from an app's.
@@ -395,7 +409,12 @@ where
         let idle = drain.limits().tcp_idle_timeout;
         let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
             let request = counted.begin();
-            if req.headers().contains_key(http::header::UPGRADE) {
+            // hyper marks a request that may upgrade (an `upgrade` header, or CONNECT).
+            if req
+                .extensions()
+                .get::<hyper::upgrade::OnUpgrade>()
+                .is_some()
+            {
                 req.extensions_mut().insert(Tunnel {
                     _held: held.clone(),
                     idle,
@@ -647,15 +666,7 @@ impl std::task::Wake for DrainSignal {
 /// nothing to remove, the usual case.
 pub fn strip_hop_by_hop(headers: &mut http::HeaderMap, upgrading: bool) {
     use http::header::{CONNECTION, TE, TRANSFER_ENCODING, UPGRADE};
-    let hop = |n: &http::HeaderName| {
-        n == CONNECTION
-            || n == TRANSFER_ENCODING
-            || n == TE
-            || (n == UPGRADE && !upgrading)
-            || n.as_str() == "keep-alive"
-            || n.as_str() == "proxy-connection"
-    };
-    if !headers.keys().any(hop) {
+    if !headers.keys().any(|n| is_hop_by_hop(n, upgrading)) {
         return;
     }
     let named: Vec<http::HeaderName> = headers
@@ -673,14 +684,9 @@ pub fn strip_hop_by_hop(headers: &mut http::HeaderMap, upgrading: bool) {
         .get_all(TE)
         .iter()
         .any(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
-    for name in [
-        TRANSFER_ENCODING,
-        TE,
-        http::HeaderName::from_static("keep-alive"),
-    ] {
+    for name in [TRANSFER_ENCODING, TE, KEEP_ALIVE, PROXY_CONNECTION] {
         headers.remove(name);
     }
-    headers.remove("proxy-connection");
     if upgrading {
         headers.insert(CONNECTION, http::HeaderValue::from_static("upgrade"));
     } else {
@@ -691,6 +697,25 @@ pub fn strip_hop_by_hop(headers: &mut http::HeaderMap, upgrading: bool) {
         headers.insert(TE, http::HeaderValue::from_static("trailers"));
     }
 }
+
+/// Whether `headers` has a hop-by-hop header, `upgrade` included: the usual request has none,
+/// and one scan of its names says so.
+pub fn has_hop_by_hop(headers: &http::HeaderMap) -> bool {
+    headers.keys().any(|n| is_hop_by_hop(n, false))
+}
+
+fn is_hop_by_hop(n: &http::HeaderName, upgrading: bool) -> bool {
+    use http::header::{CONNECTION, TE, TRANSFER_ENCODING, UPGRADE};
+    n == CONNECTION
+        || n == TRANSFER_ENCODING
+        || n == TE
+        || (n == UPGRADE && !upgrading)
+        || n == KEEP_ALIVE
+        || n == PROXY_CONNECTION
+}
+
+const KEEP_ALIVE: http::HeaderName = http::HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: http::HeaderName = http::HeaderName::from_static("proxy-connection");
 
 /// Largest request body kept so that a retry can send it again (Envoy buffers up to its
 /// connection buffer limit for the same reason).
@@ -987,9 +1012,11 @@ pub fn request_size(parts: &http::request::Parts, body: &impl hyper::body::Body)
 
 /// The response flags of a reply: the proxy's own (`x-hypha-response-flags`) or `-`.
 pub fn response_flags(resp: &Response<Body>) -> &'static str {
-    match resp
-        .headers()
-        .get(RESPONSE_FLAGS)
+    // Only the proxy's own replies have it.
+    let headers = resp.headers();
+    match has_rare(headers, &RESPONSE_FLAGS)
+        .then(|| headers.get(RESPONSE_FLAGS))
+        .flatten()
         .map(http::HeaderValue::as_bytes)
     {
         Some(b"NR") => Flag::NoRoute.as_str(),
@@ -1069,7 +1096,13 @@ pub struct Tunnel {
 /// takes the downstream half out of the request, to be joined with the upstream's half once
 /// the upstream agrees.
 pub fn take_upgrade(parts: &mut http::request::Parts) -> Option<Upgrade> {
-    if !parts.headers.contains_key(http::header::UPGRADE) {
+    // The extension first: none on the usual request, and no hash to find that out.
+    if parts
+        .extensions
+        .get::<hyper::upgrade::OnUpgrade>()
+        .is_none()
+        || !parts.headers.contains_key(http::header::UPGRADE)
+    {
         return None;
     }
     let on = parts.extensions.remove::<hyper::upgrade::OnUpgrade>()?;

@@ -170,9 +170,12 @@ impl Inbound {
         let (mut parts, body) = req.into_parts();
         // The app learns the client's certificate from this sidecar only (Envoy's
         // SANITIZE_SET): whatever a client sent is dropped, mutual TLS sets it.
-        parts.headers.remove(h::XFCC);
-        if let Some(v) = &caller.xfcc {
-            parts.headers.insert(h::XFCC, v.clone());
+        // (`insert` replaces every value the client sent.)
+        match &caller.xfcc {
+            Some(v) => {
+                parts.headers.insert(h::XFCC, v.clone());
+            }
+            None => h::remove_rare(&mut parts.headers, &h::XFCC),
         }
         // A method or path normalization refuses: 400, before authorization.
         let invalid =

@@ -64,8 +64,8 @@ impl Outbound {
     ) -> Response<Body> {
         let (mut parts, body) = req.into_parts();
         // Sanitized: only the server's sidecar says who the client is.
-        parts.headers.remove(h::XFCC);
-        if !parts.headers.contains_key(&REQUEST_ID) {
+        h::remove_rare(&mut parts.headers, &h::XFCC);
+        if !h::has_rare(&parts.headers, &REQUEST_ID) {
             if let Some(v) = request_id() {
                 parts.headers.insert(REQUEST_ID, v);
             }

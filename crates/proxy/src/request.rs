@@ -83,12 +83,30 @@ pub fn normalize(parts: &mut http::request::Parts, n: PathNormalization) -> Resu
 /// One scan, no allocation: only the characters a host (name, IPv4, `[IPv6]`) and a port are
 /// made of.
 pub fn plain_authority(a: &[u8]) -> bool {
-    !a.is_empty()
-        && a.iter().all(|&c| {
-            c.is_ascii_alphanumeric()
-                || matches!(c, b'-' | b'.' | b'_' | b'~' | b':' | b'[' | b']' | b'%')
-        })
+    !a.is_empty() && a.iter().all(|&c| BYTES[usize::from(c)] & HOST != 0)
 }
+
+/// What each byte is to the checks here, one table lookup per byte: a character of a plain
+/// authority, a byte that may need normalization in a path.
+const BYTES: [u8; 256] = {
+    let mut t = [0u8; 256];
+    let mut i = 0;
+    while i < 256 {
+        let c = i as u8;
+        if c.is_ascii_alphanumeric()
+            || matches!(c, b'-' | b'.' | b'_' | b'~' | b':' | b'[' | b']' | b'%')
+        {
+            t[i] |= HOST;
+        }
+        if matches!(c, b'%' | b'\\' | b'/') {
+            t[i] |= PATH;
+        }
+        i += 1;
+    }
+    t
+};
+const HOST: u8 = 1;
+const PATH: u8 = 2;
 
 /// `path` normalized as `n` says, or `None` when that changes nothing. In Envoy's order:
 /// escaped slashes (`%2F`, `%5C`) kept, refused or decoded; then RFC 3986 normalization
@@ -128,15 +146,17 @@ pub fn normalized_path(path: &str, n: PathNormalization) -> Result<Option<String
 /// `normalize`, a `%` where escaped slashes are handled, a `//` where slashes merge.
 fn needs_work(path: &[u8], n: PathNormalization) -> bool {
     let escapes = n.normalize || n.escaped_slashes != EscapedSlashes::Keep;
-    path.iter().enumerate().any(|(i, &b)| match b {
-        b'%' => escapes,
-        b'\\' => n.normalize,
-        b'/' => match path.get(i + 1) {
-            Some(b'.') => n.normalize,
-            Some(b'/') => n.merge_slashes,
-            _ => false,
-        },
-        _ => false,
+    path.iter().enumerate().any(|(i, &b)| {
+        BYTES[usize::from(b)] & PATH != 0
+            && match b {
+                b'%' => escapes,
+                b'\\' => n.normalize,
+                _ => match path.get(i + 1) {
+                    Some(b'.') => n.normalize,
+                    Some(b'/') => n.merge_slashes,
+                    _ => false,
+                },
+            }
     })
 }
 

@@ -464,6 +464,9 @@ impl Upstreams {
 /// The request's hop-by-hop headers stay on the downstream hop; an upgrade request keeps
 /// what the upstream needs to agree to it.
 fn strip_request(parts: &mut Parts) {
+    if !crate::http::has_hop_by_hop(&parts.headers) {
+        return;
+    }
     let upgrading = parts.headers.contains_key(http::header::UPGRADE);
     crate::http::strip_hop_by_hop(&mut parts.headers, upgrading);
 }
