@@ -231,13 +231,14 @@ fn request_id() -> Option<HeaderValue> {
     v = (v & !(0x3 << 62)) | (0x2 << 62); // RFC 4122 variant
     let mut out = [0u8; 36];
     let mut j = 0;
-    for i in 0..32 {
-        if matches!(i, 8 | 12 | 16 | 20) {
+    for (i, b) in v.to_be_bytes().into_iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
             out[j] = b'-';
             j += 1;
         }
-        out[j] = HEX[((v >> (124 - 4 * i)) & 0xf) as usize];
-        j += 1;
+        out[j] = HEX[usize::from(b >> 4)];
+        out[j + 1] = HEX[usize::from(b & 0xf)];
+        j += 2;
     }
     HeaderValue::from_bytes(&out).ok()
 }

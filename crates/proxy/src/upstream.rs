@@ -603,12 +603,15 @@ async fn try_targets(
 ) -> Result<Response<Body>, Flag> {
     let mut last = Err(Flag::NoHealthyUpstream);
     let pq = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-    let host = parts
-        .headers
-        .get(http::header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .filter(|h| crate::request::plain_authority(h.as_bytes()))
-        .or_else(|| parts.uri.authority().map(http::uri::Authority::as_str));
+    // Looked up only where it is needed: an origin-form HTTP/1.1 request goes as it came.
+    let host = || {
+        parts
+            .headers
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .filter(|h| crate::request::plain_authority(h.as_bytes()))
+            .or_else(|| parts.uri.authority().map(http::uri::Authority::as_str))
+    };
     for &addr in targets {
         let mut req = Request::new(body.take());
         *req.method_mut() = parts.method.clone();
@@ -622,7 +625,7 @@ async fn try_targets(
                 };
                 *req.uri_mut() = Uri::builder()
                     .scheme(scheme)
-                    .authority(host.unwrap_or(&by_addr))
+                    .authority(host().unwrap_or(&by_addr))
                     .path_and_query(pq)
                     .build()
                     .map_err(|_| Flag::BadRequest)?;
@@ -630,15 +633,15 @@ async fn try_targets(
                 req.headers_mut().remove(http::header::HOST);
                 crate::pool::send_h2(addr, req, settings, tls).await
             } else {
-                *req.uri_mut() = if parts.uri.authority().is_none() {
-                    parts.uri.clone() // origin form already: no parse
+                if parts.uri.authority().is_none() {
+                    *req.uri_mut() = parts.uri.clone(); // origin form already: no parse
                 } else {
-                    pq.parse::<Uri>().map_err(|_| Flag::BadRequest)?
-                };
-                // A request that came over HTTP/2 has its authority in the URI only.
-                if !req.headers().contains_key(http::header::HOST) {
-                    if let Some(a) = host.and_then(|h| http::HeaderValue::from_str(h).ok()) {
-                        req.headers_mut().insert(http::header::HOST, a);
+                    *req.uri_mut() = pq.parse::<Uri>().map_err(|_| Flag::BadRequest)?;
+                    // A request that came over HTTP/2 has its authority in the URI only.
+                    if !req.headers().contains_key(http::header::HOST) {
+                        if let Some(a) = host().and_then(|h| http::HeaderValue::from_str(h).ok()) {
+                            req.headers_mut().insert(http::header::HOST, a);
+                        }
                     }
                 }
                 crate::pool::send(addr, req, settings, tls).await

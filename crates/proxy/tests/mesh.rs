@@ -306,8 +306,10 @@ async fn routing_features_end_to_end() {
     let (_, _, h) = get(p, &format!("{web}/id"), &[]).await;
     let id = h["x-seen-request-id"].to_str().unwrap().to_owned();
     assert_eq!(id.len(), 36, "{id}");
-    assert_eq!(id.matches('-').count(), 4, "{id}");
+    let dashes: Vec<usize> = id.match_indices('-').map(|(i, _)| i).collect();
+    assert_eq!(dashes, [8, 13, 18, 23], "{id}");
     assert_eq!(&id[14..15], "4", "a version 4 UUID: {id}");
+    assert!("89ab".contains(&id[19..20]), "the RFC 4122 variant: {id}");
     assert!(
         id.chars().all(|c| c == '-' || c.is_ascii_hexdigit()),
         "{id}"
