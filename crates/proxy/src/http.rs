@@ -665,33 +665,57 @@ impl std::task::Wake for DrainSignal {
 /// too unless the message is switching protocols. One pass over the names when there is
 /// nothing to remove, the usual case.
 pub fn strip_hop_by_hop(headers: &mut http::HeaderMap, upgrading: bool) {
-    use http::header::{CONNECTION, TE, TRANSFER_ENCODING, UPGRADE};
+    use http::header::{CONNECTION, TE};
     if !headers.keys().any(|n| is_hop_by_hop(n, upgrading)) {
         return;
     }
-    let named: Vec<http::HeaderName> = headers
+    // The names `connection` lists, but for `close` and the fixed ones (removed below):
+    // rarely any, and collected without allocating when there are none.
+    let mut te_listed = false;
+    let listed: Vec<http::HeaderName> = headers
         .get_all(CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|t| http::HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .filter(|n| !(upgrading && (n == UPGRADE || n == CONNECTION)))
+        .map(str::trim)
+        .filter(|t| {
+            te_listed |= t.eq_ignore_ascii_case("te");
+            ![
+                "close",
+                "te",
+                "keep-alive",
+                "proxy-connection",
+                "transfer-encoding",
+                "connection",
+                "upgrade",
+            ]
+            .iter()
+            .any(|fixed| t.eq_ignore_ascii_case(fixed))
+        })
+        .filter_map(|t| http::HeaderName::from_bytes(t.as_bytes()).ok())
         .collect();
-    for name in named {
+    for name in listed {
         headers.remove(name);
     }
-    let trailers = headers
-        .get_all(TE)
-        .iter()
-        .any(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
-    for name in [TRANSFER_ENCODING, TE, KEEP_ALIVE, PROXY_CONNECTION] {
+    // `te` goes on with `trailers` only (gRPC needs it), unless `connection` named it.
+    let trailers = !te_listed
+        && headers.get_all(TE).iter().any(|v| {
+            v.to_str().is_ok_and(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+            })
+        });
+    // The fixed names, each removed where present (a scan of the names, no hashing of the
+    // absent ones); `upgrade` stays on an upgrade.
+    while let Some(name) = headers
+        .keys()
+        .find(|n| is_hop_by_hop(n, upgrading))
+        .cloned()
+    {
         headers.remove(name);
     }
     if upgrading {
         headers.insert(CONNECTION, http::HeaderValue::from_static("upgrade"));
-    } else {
-        headers.remove(CONNECTION);
-        headers.remove(UPGRADE);
     }
     if trailers {
         headers.insert(TE, http::HeaderValue::from_static("trailers"));
@@ -1304,5 +1328,69 @@ mod tests {
         assert!(!sniff(&[b"PUT / HTTP/1.1\r\n"]).await);
         assert!(!sniff(&[b"PRI", b" / HTTP/1.1\r\n\r\n"]).await);
         assert!(!sniff(&[]).await); // closed before a byte
+    }
+
+    /// `strip_hop_by_hop` on a message with `headers`, what is left (names and values, sorted).
+    fn stripped(headers: &[(&str, &str)], upgrading: bool) -> Vec<(String, String)> {
+        let mut map = http::HeaderMap::new();
+        for (n, v) in headers {
+            map.append(
+                http::HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                http::HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        strip_hop_by_hop(&mut map, upgrading);
+        let mut left: Vec<(String, String)> = map
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.to_str().unwrap().to_owned()))
+            .collect();
+        left.sort();
+        left
+    }
+
+    fn pairs(p: &[(&str, &str)]) -> Vec<(String, String)> {
+        p.iter()
+            .map(|(n, v)| (n.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn hop_by_hop_headers_stay_on_their_hop() {
+        // Nothing to do: left as it is.
+        let plain = [("accept", "*/*"), ("host", "a"), ("x-b", "1")];
+        assert_eq!(stripped(&plain, false), pairs(&plain));
+        // The fixed names, and what `connection` lists (any case, with `close`).
+        let hop = [
+            ("connection", "close, X-Secret ,keep-alive"),
+            ("connection", "x-other"),
+            ("x-secret", "1"),
+            ("x-other", "2"),
+            ("x-kept", "3"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-connection", "keep-alive"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "websocket"),
+            ("te", "gzip"),
+        ];
+        assert_eq!(stripped(&hop, false), pairs(&[("x-kept", "3")]));
+        // `te: trailers` goes on (gRPC needs it), alone; unless `connection` names `te`.
+        let te = [("te", "trailers, gzip"), ("x-a", "1")];
+        assert_eq!(
+            stripped(&te, false),
+            pairs(&[("te", "trailers"), ("x-a", "1")])
+        );
+        let te_listed = [("te", "trailers"), ("connection", "te")];
+        assert_eq!(stripped(&te_listed, false), pairs(&[]));
+        // An upgrade keeps `upgrade` and says `connection: upgrade`.
+        let up = [
+            ("connection", "Upgrade, x-secret"),
+            ("upgrade", "websocket"),
+            ("x-secret", "1"),
+            ("keep-alive", "1"),
+        ];
+        assert_eq!(
+            stripped(&up, true),
+            pairs(&[("connection", "upgrade"), ("upgrade", "websocket")])
+        );
     }
 }

@@ -83,30 +83,25 @@ pub fn normalize(parts: &mut http::request::Parts, n: PathNormalization) -> Resu
 /// One scan, no allocation: only the characters a host (name, IPv4, `[IPv6]`) and a port are
 /// made of.
 pub fn plain_authority(a: &[u8]) -> bool {
-    !a.is_empty() && a.iter().all(|&c| BYTES[usize::from(c)] & HOST != 0)
+    // Without an early exit: a valid authority is read whole anyway, and the loop has no
+    // branch.
+    !a.is_empty()
+        && a.iter()
+            .fold(true, |ok, &c| ok & HOST_BYTES[usize::from(c)])
 }
 
-/// What each byte is to the checks here, one table lookup per byte: a character of a plain
-/// authority, a byte that may need normalization in a path.
-const BYTES: [u8; 256] = {
-    let mut t = [0u8; 256];
+/// Which bytes a plain authority is made of, one table lookup per byte.
+const HOST_BYTES: [bool; 256] = {
+    let mut t = [false; 256];
     let mut i = 0;
     while i < 256 {
         let c = i as u8;
-        if c.is_ascii_alphanumeric()
-            || matches!(c, b'-' | b'.' | b'_' | b'~' | b':' | b'[' | b']' | b'%')
-        {
-            t[i] |= HOST;
-        }
-        if matches!(c, b'%' | b'\\' | b'/') {
-            t[i] |= PATH;
-        }
+        t[i] = c.is_ascii_alphanumeric()
+            || matches!(c, b'-' | b'.' | b'_' | b'~' | b':' | b'[' | b']' | b'%');
         i += 1;
     }
     t
 };
-const HOST: u8 = 1;
-const PATH: u8 = 2;
 
 /// `path` normalized as `n` says, or `None` when that changes nothing. In Envoy's order:
 /// escaped slashes (`%2F`, `%5C`) kept, refused or decoded; then RFC 3986 normalization
@@ -146,18 +141,24 @@ pub fn normalized_path(path: &str, n: PathNormalization) -> Result<Option<String
 /// `normalize`, a `%` where escaped slashes are handled, a `//` where slashes merge.
 fn needs_work(path: &[u8], n: PathNormalization) -> bool {
     let escapes = n.normalize || n.escaped_slashes != EscapedSlashes::Keep;
-    path.iter().enumerate().any(|(i, &b)| {
-        BYTES[usize::from(b)] & PATH != 0
-            && match b {
-                b'%' => escapes,
-                b'\\' => n.normalize,
-                _ => match path.get(i + 1) {
-                    Some(b'.') => n.normalize,
-                    Some(b'/') => n.merge_slashes,
-                    _ => false,
-                },
-            }
-    })
+    let escape = |b: u8| (b == b'%') & escapes;
+    let backslash = |b: u8| (b == b'\\') & n.normalize;
+    // Each byte with the next, without branches (the usual path has nothing to do and is
+    // read whole).
+    let Some((&last, head)) = path.split_last() else {
+        return false;
+    };
+    head.iter()
+        .zip(&path[1..])
+        .fold(false, |work, (&b, &next)| {
+            let slash = b == b'/';
+            work | escape(b)
+                | backslash(b)
+                | (slash & (next == b'.') & n.normalize)
+                | (slash & (next == b'/') & n.merge_slashes)
+        })
+        | escape(last)
+        | backslash(last)
 }
 
 /// The value of the escape at the start of `s` (`%` and two hex digits).
