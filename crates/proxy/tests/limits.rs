@@ -240,6 +240,15 @@ async fn raw_app() -> RawApp {
     app
 }
 
+/// The mesh config and `web` (port 80, HTTP) on the sidecar's `port`.
+fn web_yaml(port: u16) -> String {
+    format!(
+        "{}{}",
+        mesh_config(),
+        sidecar_service("web", 80, "http", "HTTP", port)
+    )
+}
+
 fn mesh_config() -> &'static str {
     "apiVersion: hypha.dev/v1alpha1\nkind: MeshConfig\nmetadata: {name: m}\n\
      spec: {trustDomain: cluster.local}\n"
@@ -254,14 +263,7 @@ async fn an_upgraded_tunnel_keeps_its_place_and_idles_out() {
         tcp_idle_timeout: idle,
         ..Limits::default()
     };
-    let yaml = |port: u16| {
-        format!(
-            "{}{}",
-            mesh_config(),
-            sidecar_service("web", 80, "http", "HTTP", port)
-        )
-    };
-    let (_cp, _, server) = sidecar_in_front(yaml, app.addr, "web", limits).await;
+    let (_cp, _, server) = sidecar_in_front(web_yaml, app.addr, "web", limits).await;
     let inbound = server.inbound[0];
 
     let mut tunnel = TcpStream::connect(inbound).await.unwrap();
@@ -327,14 +329,7 @@ async fn idle_http2_connections_are_closed_and_busy_ones_are_not() {
         http_idle_timeout: idle,
         ..Limits::default()
     };
-    let yaml = |port: u16| {
-        format!(
-            "{}{}",
-            mesh_config(),
-            sidecar_service("web", 80, "http", "HTTP", port)
-        )
-    };
-    let (_cp, _, server) = web_sidecar(yaml, limits).await;
+    let (_cp, _, server) = web_sidecar(web_yaml, limits).await;
     let inbound = server.inbound[0];
     let h2 = || async move {
         let stream = TcpStream::connect(inbound).await.unwrap();
@@ -398,14 +393,7 @@ async fn http1_waits_for_a_request_head_while_idle_only() {
         header_read_timeout: timeout,
         ..Limits::default()
     };
-    let yaml = |port: u16| {
-        format!(
-            "{}{}",
-            mesh_config(),
-            sidecar_service("web", 80, "http", "HTTP", port)
-        )
-    };
-    let (_cp, _, server) = sidecar_in_front(yaml, app.addr, "web", limits).await;
+    let (_cp, _, server) = sidecar_in_front(web_yaml, app.addr, "web", limits).await;
     let inbound = server.inbound[0];
 
     // A response that streams for three header timeouts is not cut...
