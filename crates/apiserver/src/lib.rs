@@ -1,0 +1,208 @@
+//! A Kubernetes API server in memory, for Hypha's tests and its Kubernetes demo. No real
+//! kube-apiserver can run where Hypha is built, so this one speaks the real protocol, as far
+//! as kubectl and list/watch clients use it: discovery (legacy and aggregated), a minimal
+//! OpenAPI v3 (what kubectl's default validation asks), list with `resourceVersion` and
+//! selectors, watch streams with bookmarks and `410 Gone` once the history is compacted,
+//! create / update / JSON merge and strategic merge patch / delete, the `status` and `scale`
+//! subresources, CRDs registered when applied, and TokenReview answered from the tokens the
+//! test issued. Plain HTTP on loopback; any bearer token is accepted.
+//!
+//! The controllers of a real cluster (Deployment → Pods → EndpointSlices, the kubelet) are not
+//! here: tests play them through [`ApiServer`]'s methods or with kubectl.
+//!
+//! Not yet: deleting a Namespace does not delete what is in it; graceful deletion, pagination
+//! (`limit`/`continue`: everything comes in one page, which clients accept), server-side apply,
+//! JSON patch and protobuf bodies (`kubectl create token` sends one: issue tokens with
+//! [`ApiServer::issue_token`]).
+
+mod discovery;
+mod kinds;
+mod patch;
+mod select;
+mod serve;
+mod store;
+mod tokenreview;
+mod watch;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use serde_json::Value;
+
+pub use kinds::Kind;
+pub use select::Selector;
+
+/// A service-account token the server issued, as the kubelet's projected volume holds one.
+#[derive(Debug, Clone)]
+pub struct Token {
+    pub namespace: String,
+    pub service_account: String,
+    /// The pod the token is bound to (name, uid): it stops authenticating once that pod is
+    /// gone or replaced.
+    pub pod: Option<(String, String)>,
+    pub audiences: Vec<String>,
+    /// Seconds since the Unix epoch.
+    pub expires: u64,
+}
+
+pub(crate) struct State {
+    pub kinds: Vec<Kind>,
+    pub store: store::Store,
+    pub tokens: Vec<(String, Token)>,
+    pub next_uid: u64,
+}
+
+pub(crate) type Shared = Arc<Mutex<State>>;
+
+pub(crate) fn lock(shared: &Shared) -> std::sync::MutexGuard<'_, State> {
+    shared
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A running server; stops when dropped.
+pub struct ApiServer {
+    addr: SocketAddr,
+    shared: Shared,
+    close_watches: tokio::sync::watch::Sender<u64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for ApiServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiServer")
+            .field("addr", &self.addr)
+            .finish()
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl ApiServer {
+    /// Serves on an ephemeral loopback port.
+    pub async fn start() -> std::io::Result<ApiServer> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let shared: Shared = Arc::new(Mutex::new(State {
+            kinds: kinds::builtin(),
+            store: store::Store::default(),
+            tokens: Vec::new(),
+            next_uid: 1,
+        }));
+        let (close_watches, closed) = tokio::sync::watch::channel(0);
+        let task = tokio::spawn(serve::run(listener, shared.clone(), closed));
+        Ok(ApiServer {
+            addr,
+            shared,
+            close_watches,
+            task,
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Writes a kubeconfig for this server into `dir` and returns its path (for `KUBECONFIG`
+    /// or `kubectl --kubeconfig`).
+    pub fn write_kubeconfig(&self, dir: &Path) -> std::io::Result<PathBuf> {
+        let path = dir.join("kubeconfig");
+        let config = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster: {{server: \"{}\"}}\n\
+             users:\n- name: test\n  user: {{token: test}}\ncontexts:\n- name: test\n  \
+             context: {{cluster: test, user: test, namespace: default}}\ncurrent-context: test\n",
+            self.url()
+        );
+        std::fs::write(&path, config)?;
+        Ok(path)
+    }
+
+    /// Issues a service-account token, as the kubelet asks the TokenRequest API for one.
+    pub fn issue_token(&self, token: Token) -> String {
+        let mut state = lock(&self.shared);
+        state.next_uid += 1;
+        let secret = format!("tok-{:016x}-{}", rand_u64(), state.next_uid);
+        state.tokens.push((secret.clone(), token));
+        secret
+    }
+
+    /// The object at `api_version`/`resource`, `namespace` (`""` for cluster-scoped) and
+    /// `name`.
+    pub fn get(&self, group: &str, resource: &str, namespace: &str, name: &str) -> Option<Value> {
+        let state = lock(&self.shared);
+        state
+            .store
+            .objects
+            .get(&(group.into(), resource.into(), namespace.into(), name.into()))
+            .cloned()
+    }
+
+    /// The objects of `group`/`resource` (every namespace).
+    pub fn list(&self, group: &str, resource: &str) -> Vec<Value> {
+        let state = lock(&self.shared);
+        state
+            .store
+            .objects
+            .iter()
+            .filter(|((g, r, _, _), _)| g == group && r == resource)
+            .map(|(_, v)| v.clone())
+            .collect()
+    }
+
+    /// Creates or replaces an object as a controller would (no conflict check); returns it
+    /// as stored.
+    pub fn put(&self, group: &str, resource: &str, object: Value) -> Value {
+        let mut state = lock(&self.shared);
+        serve::put_object(&mut state, group, resource, object)
+    }
+
+    /// Deletes an object as a controller would; whether it was there.
+    pub fn delete(&self, group: &str, resource: &str, namespace: &str, name: &str) -> bool {
+        let mut state = lock(&self.shared);
+        let key = (group.into(), resource.into(), namespace.into(), name.into());
+        match state.store.objects.get(&key).cloned() {
+            Some(obj) => {
+                state.store.record(&key, "DELETED", obj);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The current resource version.
+    pub fn resource_version(&self) -> u64 {
+        lock(&self.shared).store.rv
+    }
+
+    /// Forgets the change history: watches resuming from before now get `410 Gone`.
+    pub fn compact(&self) {
+        lock(&self.shared).store.compact();
+    }
+
+    /// Ends every open watch stream, as an API server does when it restarts or times them out.
+    pub fn close_watches(&self) {
+        self.close_watches.send_modify(|n| *n += 1);
+    }
+}
+
+/// Not for secrets that matter: token names for a test server.
+fn rand_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.finish()
+}

@@ -1,0 +1,662 @@
+//! HTTP: routing by the API's URL scheme, and each verb.
+
+use std::convert::Infallible;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+use crate::discovery::{
+    discovery_core, discovery_groups, openapi_doc, openapi_index, resource_list, version,
+};
+use crate::kinds::Kind;
+use crate::select::Selector;
+use crate::tokenreview::token_review;
+use crate::watch::watch;
+use crate::{lock, Shared, State};
+
+pub(crate) async fn run(
+    listener: tokio::net::TcpListener,
+    shared: Shared,
+    closed: tokio::sync::watch::Receiver<u64>,
+) {
+    while let Ok((stream, _)) = listener.accept().await {
+        let shared = shared.clone();
+        let closed = closed.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let shared = shared.clone();
+                let closed = closed.clone();
+                async move { Ok::<_, Infallible>(handle(req, shared, closed).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+/// Response bodies: whole, or a watch stream.
+pub(crate) enum Body {
+    Full(Full<Bytes>),
+    Stream(mpsc::Receiver<Bytes>),
+}
+
+impl hyper::body::Body for Body {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+        match self.get_mut() {
+            Body::Full(f) => std::pin::Pin::new(f).poll_frame(cx),
+            Body::Stream(rx) => rx
+                .poll_recv(cx)
+                .map(|b| b.map(|b| Ok(hyper::body::Frame::data(b)))),
+        }
+    }
+}
+
+pub(crate) fn respond(status: StatusCode, content_type: &str, body: &Value) -> Response<Body> {
+    let mut r = Response::new(Body::Full(Full::new(Bytes::from(body.to_string()))));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_str(content_type)
+            .unwrap_or(http::HeaderValue::from_static("application/json")),
+    );
+    r
+}
+
+pub(crate) fn ok(body: &Value) -> Response<Body> {
+    respond(StatusCode::OK, "application/json", body)
+}
+
+/// A `Status` error, as the API server sends them.
+pub(crate) fn failure(code: StatusCode, reason: &str, message: &str) -> Response<Body> {
+    respond(
+        code,
+        "application/json",
+        &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                "message": message, "reason": reason, "code": code.as_u16()}),
+    )
+}
+
+fn not_found(kind: &Kind, name: &str) -> Response<Body> {
+    failure(
+        StatusCode::NOT_FOUND,
+        "NotFound",
+        &format!("{} \"{name}\" not found", kind.qualified()),
+    )
+}
+
+/// What the URL names.
+pub(crate) struct Target {
+    pub(crate) kind: Kind,
+    pub(crate) namespace: String,
+    pub(crate) name: Option<String>,
+    pub(crate) subresource: Option<String>,
+}
+
+fn query(req: &Request<Incoming>) -> Vec<(String, String)> {
+    let q = req.uri().query().unwrap_or("");
+    q.split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (decode(k), decode(v))
+        })
+        .collect()
+}
+
+/// Form decoding: `+` is a space, `%XX` a byte.
+fn decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = b
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (b[i], hex) {
+            (b'+', _) => out.push(b' '),
+            (b'%', Some(v)) => {
+                out.push(v);
+                i += 2;
+            }
+            (c, _) => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+async fn handle(
+    req: Request<Incoming>,
+    shared: Shared,
+    closed: tokio::sync::watch::Receiver<u64>,
+) -> Response<Body> {
+    let path = req.uri().path().trim_end_matches('/').to_owned();
+    let q = query(&req);
+    let param = |k: &str| q.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+    let aggregated = req
+        .headers()
+        .get(http::header::ACCEPT)
+        .and_then(|a| a.to_str().ok())
+        .is_some_and(|a| a.contains("as=APIGroupDiscoveryList") && a.contains("v=v2;"));
+    let method = req.method().clone();
+    let content_type = req
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("application/json")
+        .to_owned();
+    let body = match req.into_body().collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => return failure(StatusCode::BAD_REQUEST, "BadRequest", "unreadable body"),
+    };
+    let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    match segments.as_slice() {
+        ["version"] => return ok(&version()),
+        ["api"] => return discovery_core(&shared, aggregated),
+        ["apis"] => return discovery_groups(&shared, aggregated),
+        ["openapi", "v3"] => return ok(&openapi_index(&shared)),
+        ["openapi", "v3", rest @ ..] => return openapi_doc(&shared, rest),
+        ["openapi", ..] => {
+            return failure(
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                "the server could not find the requested resource",
+            )
+        }
+        _ => {}
+    }
+    let (group, version, rest) = match segments.as_slice() {
+        ["api", v, rest @ ..] => ("", *v, rest),
+        ["apis", g, v, rest @ ..] => (*g, *v, rest),
+        _ => {
+            return failure(
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                "the server could not find the requested resource",
+            )
+        }
+    };
+    if rest.is_empty() {
+        return resource_list(&shared, group, version);
+    }
+    let target = {
+        let state = lock(&shared);
+        let find = |r: &str| {
+            state
+                .kinds
+                .iter()
+                .find(|k| k.group == group && k.version == version && k.resource == r)
+                .cloned()
+        };
+        let t = match rest {
+            ["namespaces", ns, r, more @ ..] if find(r).is_some_and(|k| k.namespaced) => {
+                find(r).map(|kind| (kind, ns.to_string(), more))
+            }
+            [r, more @ ..] => find(r).map(|kind| (kind, String::new(), more)),
+            [] => None,
+        };
+        t.and_then(|(kind, namespace, more)| match more {
+            [] => Some(Target {
+                kind,
+                namespace,
+                name: None,
+                subresource: None,
+            }),
+            [name] => Some(Target {
+                kind,
+                namespace,
+                name: Some(name.to_string()),
+                subresource: None,
+            }),
+            [name, sub] => Some(Target {
+                kind,
+                namespace,
+                name: Some(name.to_string()),
+                subresource: Some(sub.to_string()),
+            }),
+            _ => None,
+        })
+    };
+    let Some(t) = target else {
+        return failure(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            "the server could not find the requested resource",
+        );
+    };
+    let selector = match Selector::parse(param("labelSelector"), param("fieldSelector")) {
+        Ok(s) => s,
+        Err(e) => return failure(StatusCode::BAD_REQUEST, "BadRequest", &e.0),
+    };
+    let parsed = || -> Result<Value, String> {
+        serde_json::from_slice(&body).map_err(|e| format!("the body is not JSON: {e}"))
+    };
+    let bad = |e: String| failure(StatusCode::BAD_REQUEST, "BadRequest", &e);
+    match (&method, &t.name, t.subresource.as_deref()) {
+        (&Method::GET, None, _) if matches!(param("watch"), Some("true" | "1")) => {
+            watch(&shared, &t, selector, &q, closed)
+        }
+        (&Method::GET, None, _) => list(&shared, &t, &selector),
+        (&Method::POST, None, _) if t.kind.resource == "tokenreviews" => match parsed() {
+            Ok(review) => token_review(&shared, review),
+            Err(e) => bad(e),
+        },
+        (&Method::POST, None, _) => match parsed() {
+            Ok(obj) => create(&shared, &t, obj),
+            Err(e) => bad(e),
+        },
+        (&Method::GET, Some(name), None) => {
+            let state = lock(&shared);
+            match state.store.objects.get(&key(&t, name)) {
+                Some(obj) => ok(&shown(&t.kind, obj)),
+                None => not_found(&t.kind, name),
+            }
+        }
+        (&Method::GET, Some(name), Some("scale")) if t.kind.subresources.contains(&"scale") => {
+            let state = lock(&shared);
+            match state.store.objects.get(&key(&t, name)) {
+                Some(obj) => ok(&scale_of(obj)),
+                None => not_found(&t.kind, name),
+            }
+        }
+        (&Method::GET, Some(name), Some("status")) if t.kind.subresources.contains(&"status") => {
+            let state = lock(&shared);
+            match state.store.objects.get(&key(&t, name)) {
+                Some(obj) => ok(&shown(&t.kind, obj)),
+                None => not_found(&t.kind, name),
+            }
+        }
+        (&Method::PUT, Some(name), sub) => match parsed() {
+            Ok(obj) => update(&shared, &t, name, sub, Change::Replace(obj)),
+            Err(e) => bad(e),
+        },
+        (&Method::PATCH, Some(name), sub) => {
+            let how: fn(Value) -> Change =
+                if content_type.starts_with("application/merge-patch+json") {
+                    Change::Merge
+                } else if content_type.starts_with("application/strategic-merge-patch+json") {
+                    Change::Strategic
+                } else {
+                    return failure(
+                        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                        "UnsupportedMediaType",
+                        &format!("the patch type {content_type:?} is not supported"),
+                    );
+                };
+            match parsed() {
+                Ok(p) => update(&shared, &t, name, sub, how(p)),
+                Err(e) => bad(e),
+            }
+        }
+        (&Method::DELETE, Some(name), None) => delete(&shared, &t, name),
+        _ => failure(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "MethodNotAllowed",
+            "the server does not allow this method on the requested resource",
+        ),
+    }
+}
+
+fn key(t: &Target, name: &str) -> crate::store::Key {
+    (
+        t.kind.group.clone(),
+        t.kind.resource.clone(),
+        t.namespace.clone(),
+        name.to_owned(),
+    )
+}
+
+/// The object as `kind`'s version shows it.
+pub(crate) fn shown(kind: &Kind, obj: &Value) -> Value {
+    let mut o = obj.clone();
+    if let Some(m) = o.as_object_mut() {
+        m.insert("apiVersion".into(), Value::String(kind.api_version()));
+        m.insert("kind".into(), Value::String(kind.kind.clone()));
+    }
+    o
+}
+
+fn in_scope(t: &Target, namespace: &str) -> bool {
+    t.namespace.is_empty() || t.namespace == namespace
+}
+
+fn list(shared: &Shared, t: &Target, selector: &Selector) -> Response<Body> {
+    let state = lock(shared);
+    let items: Vec<Value> = state
+        .store
+        .objects
+        .iter()
+        .filter(|((g, r, ns, _), obj)| {
+            *g == t.kind.group && *r == t.kind.resource && in_scope(t, ns) && selector.matches(obj)
+        })
+        .map(|(_, obj)| shown(&t.kind, obj))
+        .collect();
+    ok(
+        &json!({"kind": format!("{}List", t.kind.kind), "apiVersion": t.kind.api_version(),
+               "metadata": {"resourceVersion": state.store.rv.to_string()}, "items": items}),
+    )
+}
+
+/// RFC 3339 UTC, to the second.
+fn now_rfc3339() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Days to civil date (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+fn create(shared: &Shared, t: &Target, mut obj: Value) -> Response<Body> {
+    let mut state = lock(shared);
+    let Some(meta) = obj.get_mut("metadata").and_then(Value::as_object_mut) else {
+        return failure(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            "the object has no metadata",
+        );
+    };
+    if t.kind.namespaced {
+        match meta.get("namespace").and_then(Value::as_str) {
+            Some(ns) if ns != t.namespace => {
+                return failure(StatusCode::BAD_REQUEST, "BadRequest",
+                    "the namespace of the provided object does not match the namespace sent on the request")
+            }
+            _ => {
+                meta.insert("namespace".into(), Value::String(t.namespace.clone()));
+            }
+        }
+    }
+    state.next_uid += 1;
+    let uid = state.next_uid;
+    if meta
+        .get("name")
+        .and_then(Value::as_str)
+        .is_none_or(str::is_empty)
+    {
+        match meta.get("generateName").and_then(Value::as_str) {
+            Some(prefix) => {
+                meta.insert("name".into(), Value::String(format!("{prefix}{uid:05x}")));
+            }
+            None => {
+                return failure(
+                    StatusCode::BAD_REQUEST,
+                    "BadRequest",
+                    "name or generateName is required",
+                )
+            }
+        }
+    }
+    let name = meta["name"].as_str().unwrap_or_default().to_owned();
+    let k = key(t, &name);
+    if state.store.objects.contains_key(&k) {
+        return failure(
+            StatusCode::CONFLICT,
+            "AlreadyExists",
+            &format!("{} \"{name}\" already exists", t.kind.qualified()),
+        );
+    }
+    meta.insert(
+        "uid".into(),
+        Value::String(format!("00000000-0000-0000-0000-{uid:012x}")),
+    );
+    meta.insert("creationTimestamp".into(), Value::String(now_rfc3339()));
+    meta.insert("generation".into(), json!(1));
+    let obj = shown(&t.kind, &obj);
+    let stored = store_object(&mut state, &k, "ADDED", obj);
+    respond(
+        StatusCode::CREATED,
+        "application/json",
+        &shown(&t.kind, &stored),
+    )
+}
+
+/// Stores an object (after the API server's own side effects: CRDs register their kinds).
+fn store_object(
+    state: &mut State,
+    k: &crate::store::Key,
+    event: &'static str,
+    mut obj: Value,
+) -> Value {
+    if k.1 == "customresourcedefinitions" && k.0 == "apiextensions.k8s.io" {
+        if let Some(kinds) = Kind::from_crd(&obj) {
+            forget(state, &kinds);
+            let names = obj.pointer("/spec/names").cloned().unwrap_or(Value::Null);
+            state.kinds.extend(kinds);
+            obj["status"] = json!({"acceptedNames": names, "conditions": [
+                {"type": "NamesAccepted", "status": "True", "reason": "NoConflicts", "message": "no conflicts found"},
+                {"type": "Established", "status": "True", "reason": "InitialNamesAccepted", "message": "the initial names have been accepted"}]});
+        }
+    }
+    state.store.record(k, event, obj)
+}
+
+/// Stops serving the resources of `kinds` (a CRD replaced or deleted).
+fn forget(state: &mut State, kinds: &[Kind]) {
+    state.kinds.retain(|x| {
+        !kinds
+            .iter()
+            .any(|n| n.group == x.group && n.resource == x.resource)
+    });
+}
+
+/// For controllers (`ApiServer::put`): create or replace, no checks.
+pub(crate) fn put_object(state: &mut State, group: &str, resource: &str, mut obj: Value) -> Value {
+    let namespace = obj
+        .pointer("/metadata/namespace")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_owned();
+    let name = obj
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_owned();
+    let k = (group.to_owned(), resource.to_owned(), namespace, name);
+    let old = state.store.objects.get(&k).cloned();
+    if let Some(meta) = obj.get_mut("metadata").and_then(Value::as_object_mut) {
+        match &old {
+            Some(old) => {
+                for f in ["uid", "creationTimestamp"] {
+                    if let Some(v) = old.pointer(&format!("/metadata/{f}")) {
+                        meta.insert(f.into(), v.clone());
+                    }
+                }
+            }
+            None => {
+                state.next_uid += 1;
+                meta.insert(
+                    "uid".into(),
+                    Value::String(format!("00000000-0000-0000-0000-{:012x}", state.next_uid)),
+                );
+                meta.insert("creationTimestamp".into(), Value::String(now_rfc3339()));
+            }
+        }
+    }
+    let event = if old.is_some() { "MODIFIED" } else { "ADDED" };
+    store_object(state, &k, event, obj)
+}
+
+enum Change {
+    Replace(Value),
+    Merge(Value),
+    Strategic(Value),
+}
+
+impl Change {
+    fn apply(self, target: &mut Value) {
+        match self {
+            Change::Replace(v) => *target = v,
+            Change::Merge(p) => crate::patch::merge(target, &p),
+            Change::Strategic(p) => crate::patch::strategic(target, &p),
+        }
+    }
+}
+
+fn update(
+    shared: &Shared,
+    t: &Target,
+    name: &str,
+    sub: Option<&str>,
+    change: Change,
+) -> Response<Body> {
+    let mut state = lock(shared);
+    let k = key(t, name);
+    let Some(old) = state.store.objects.get(&k).cloned() else {
+        return not_found(&t.kind, name);
+    };
+    let conflict = || {
+        failure(StatusCode::CONFLICT, "Conflict", &format!(
+            "Operation cannot be fulfilled on {} \"{name}\": the object has been modified; please apply your changes to the latest version and try again",
+            t.kind.qualified()))
+    };
+    let expected = |v: &Value| {
+        v.pointer("/metadata/resourceVersion")
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+    };
+    let current = expected(&old);
+    let mut new = old.clone();
+    match sub {
+        Some("scale") if t.kind.subresources.contains(&"scale") => {
+            let mut scale = scale_of(&old);
+            if let Change::Replace(v) = &change {
+                if expected(v).is_some_and(|rv| Some(rv) != current) {
+                    return conflict();
+                }
+            }
+            change.apply(&mut scale);
+            new["spec"]["replicas"] = scale.pointer("/spec/replicas").cloned().unwrap_or(json!(1));
+        }
+        Some("status") if t.kind.subresources.contains(&"status") => {
+            let mut whole = old.clone();
+            if let Change::Replace(v) = &change {
+                if expected(v).is_some_and(|rv| Some(rv) != current) {
+                    return conflict();
+                }
+            }
+            change.apply(&mut whole);
+            new["status"] = whole.get("status").cloned().unwrap_or(Value::Null);
+        }
+        Some(_) => {
+            return failure(
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                "the server could not find the requested resource",
+            )
+        }
+        None => {
+            if let Change::Replace(v) = &change {
+                if expected(v).is_some_and(|rv| Some(rv) != current) {
+                    return conflict();
+                }
+            }
+            change.apply(&mut new);
+            // What the server owns stays as it was.
+            for f in [
+                "uid",
+                "creationTimestamp",
+                "namespace",
+                "name",
+                "generation",
+            ] {
+                match old.pointer(&format!("/metadata/{f}")) {
+                    Some(v) => new["metadata"][f] = v.clone(),
+                    None => {
+                        if let Some(m) = new.get_mut("metadata").and_then(Value::as_object_mut) {
+                            m.remove(f);
+                        }
+                    }
+                }
+            }
+            if t.kind.subresources.contains(&"status") {
+                new["status"] = old.get("status").cloned().unwrap_or(Value::Null);
+                if new["status"].is_null() {
+                    if let Some(m) = new.as_object_mut() {
+                        m.remove("status");
+                    }
+                }
+            }
+        }
+    }
+    if old.get("spec") != new.get("spec") {
+        let g = old
+            .pointer("/metadata/generation")
+            .and_then(Value::as_u64)
+            .unwrap_or(1);
+        new["metadata"]["generation"] = json!(g + 1);
+    }
+    if new == old {
+        return ok(&if sub == Some("scale") {
+            scale_of(&old)
+        } else {
+            shown(&t.kind, &old)
+        });
+    }
+    let stored = store_object(&mut state, &k, "MODIFIED", shown(&t.kind, &new));
+    ok(&if sub == Some("scale") {
+        scale_of(&stored)
+    } else {
+        shown(&t.kind, &stored)
+    })
+}
+
+fn scale_of(obj: &Value) -> Value {
+    let labels = obj
+        .pointer("/spec/selector/matchLabels")
+        .and_then(Value::as_object)
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+        .unwrap_or_default();
+    json!({"kind": "Scale", "apiVersion": "autoscaling/v1",
+           "metadata": {"name": obj.pointer("/metadata/name"), "namespace": obj.pointer("/metadata/namespace"),
+                        "uid": obj.pointer("/metadata/uid"), "resourceVersion": obj.pointer("/metadata/resourceVersion"),
+                        "creationTimestamp": obj.pointer("/metadata/creationTimestamp")},
+           "spec": {"replicas": obj.pointer("/spec/replicas").cloned().unwrap_or(json!(1))},
+           "status": {"replicas": obj.pointer("/status/replicas").cloned().unwrap_or(json!(0)), "selector": labels}})
+}
+
+fn delete(shared: &Shared, t: &Target, name: &str) -> Response<Body> {
+    let mut state = lock(shared);
+    let k = key(t, name);
+    let Some(obj) = state.store.objects.get(&k).cloned() else {
+        return not_found(&t.kind, name);
+    };
+    if k.1 == "customresourcedefinitions" && k.0 == "apiextensions.k8s.io" {
+        if let Some(kinds) = Kind::from_crd(&obj) {
+            forget(&mut state, &kinds);
+        }
+    }
+    let gone = state.store.record(&k, "DELETED", obj);
+    ok(&shown(&t.kind, &gone))
+}
