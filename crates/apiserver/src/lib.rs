@@ -10,9 +10,10 @@
 //! The controllers of a real cluster (Deployment → Pods → EndpointSlices, the kubelet) are not
 //! here: tests play them through [`ApiServer`]'s methods or with kubectl.
 //!
-//! Not yet: deleting a Namespace does not delete what is in it; graceful deletion, pagination
-//! (`limit`/`continue`: everything comes in one page, which clients accept), server-side apply,
-//! JSON patch and protobuf bodies (`kubectl create token` sends one: issue tokens with
+//! Not yet: graceful deletion of pods (a Namespace is Terminating for 50 ms, then emptied and
+//! removed), lists continued
+//! from a consistent snapshot (a `continue` page shows the objects as they are now), server-side
+//! apply, JSON patch and protobuf bodies (`kubectl create token` sends one: issue tokens with
 //! [`ApiServer::issue_token`]).
 
 mod discovery;

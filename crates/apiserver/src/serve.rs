@@ -248,7 +248,7 @@ async fn handle(
         (&Method::GET, None, _) if matches!(param("watch"), Some("true" | "1")) => {
             watch(&shared, &t, selector, &q, closed)
         }
-        (&Method::GET, None, _) => list(&shared, &t, &selector),
+        (&Method::GET, None, _) => list(&shared, &t, &selector, &q),
         (&Method::POST, None, _) if t.kind.resource == "tokenreviews" => match parsed() {
             Ok(review) => token_review(&shared, review),
             Err(e) => bad(e),
@@ -332,21 +332,71 @@ fn in_scope(t: &Target, namespace: &str) -> bool {
     t.namespace.is_empty() || t.namespace == namespace
 }
 
-fn list(shared: &Shared, t: &Target, selector: &Selector) -> Response<Body> {
+/// A list, in pages of `limit` when asked: the `continue` token names the list's resource
+/// version and the last key sent; once that version is compacted away, `410 Expired` (the
+/// client lists again from the start).
+fn list(
+    shared: &Shared,
+    t: &Target,
+    selector: &Selector,
+    q: &[(String, String)],
+) -> Response<Body> {
+    let param = |k: &str| q.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+    let limit = param("limit")
+        .and_then(|l| l.parse::<usize>().ok())
+        .filter(|&l| l > 0);
     let state = lock(shared);
-    let items: Vec<Value> = state
+    let (rv, after) = match param("continue").filter(|c| !c.is_empty()) {
+        None => (state.store.rv, None),
+        Some(token) => match parse_continue(token) {
+            Some((rv, ns, name)) if state.store.current(rv) => (rv, Some((ns, name))),
+            Some(_) => {
+                return failure(StatusCode::GONE, "Expired",
+                    "The provided continue parameter is too old to display a consistent list result. You can start a new list without the continue parameter.")
+            }
+            None => return failure(StatusCode::BAD_REQUEST, "BadRequest", "invalid continue token"),
+        },
+    };
+    let mut matching = state
         .store
         .objects
         .iter()
-        .filter(|((g, r, ns, _), obj)| {
-            *g == t.kind.group && *r == t.kind.resource && in_scope(t, ns) && selector.matches(obj)
-        })
-        .map(|(_, obj)| shown(&t.kind, obj))
-        .collect();
+        .filter(|((g, r, ns, name), obj)| {
+            *g == t.kind.group
+                && *r == t.kind.resource
+                && in_scope(t, ns)
+                && after
+                    .as_ref()
+                    .is_none_or(|(a_ns, a_name)| (ns, name) > (a_ns, a_name))
+                && selector.matches(obj)
+        });
+    let mut items = Vec::new();
+    let mut last = None;
+    for ((_, _, ns, name), obj) in matching.by_ref() {
+        if limit.is_some_and(|l| items.len() == l) {
+            break;
+        }
+        items.push(shown(&t.kind, obj));
+        last = Some(format!("{ns}/{name}"));
+    }
+    let more = limit.is_some_and(|l| items.len() == l) && matching.next().is_some();
+    let mut metadata = json!({"resourceVersion": rv.to_string()});
+    if more {
+        if let Some(last) = last {
+            metadata["continue"] = json!(format!("{rv}/{last}"));
+        }
+    }
     ok(
         &json!({"kind": format!("{}List", t.kind.kind), "apiVersion": t.kind.api_version(),
-               "metadata": {"resourceVersion": state.store.rv.to_string()}, "items": items}),
+               "metadata": metadata, "items": items}),
     )
+}
+
+/// A `continue` token: `<resource version>/<namespace>/<name>` of the last item sent.
+fn parse_continue(token: &str) -> Option<(u64, String, String)> {
+    let (rv, rest) = token.split_once('/')?;
+    let (ns, name) = rest.split_once('/')?;
+    Some((rv.parse().ok()?, ns.to_owned(), name.to_owned()))
 }
 
 /// RFC 3339 UTC, to the second.
@@ -414,6 +464,26 @@ fn create(shared: &Shared, t: &Target, mut obj: Value) -> Response<Body> {
         }
     }
     let name = meta["name"].as_str().unwrap_or_default().to_owned();
+    let terminating = state
+        .store
+        .objects
+        .get(&(
+            String::new(),
+            "namespaces".into(),
+            String::new(),
+            t.namespace.clone(),
+        ))
+        .is_some_and(|ns| ns.pointer("/metadata/deletionTimestamp").is_some());
+    if t.kind.namespaced && terminating {
+        return failure(
+            StatusCode::FORBIDDEN,
+            "Forbidden",
+            &format!(
+                "unable to create new content in namespace {} because it is being terminated",
+                t.namespace
+            ),
+        );
+    }
     let k = key(t, &name);
     if state.store.objects.contains_key(&k) {
         return failure(
@@ -656,6 +726,36 @@ fn delete(shared: &Shared, t: &Target, name: &str) -> Response<Body> {
         if let Some(kinds) = Kind::from_crd(&obj) {
             forget(&mut state, &kinds);
         }
+    }
+    // A namespace is Terminating first, then (as the namespace controller does) emptied and
+    // removed; what is in it can still be deleted meanwhile, nothing new created.
+    if k.0.is_empty() && k.1 == "namespaces" {
+        if obj.pointer("/metadata/deletionTimestamp").is_none() {
+            let mut terminating = obj;
+            terminating["metadata"]["deletionTimestamp"] = json!(now_rfc3339());
+            terminating["status"] = json!({"phase": "Terminating"});
+            let shown_now = store_object(&mut state, &k, "MODIFIED", terminating);
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                let mut state = lock(&shared);
+                let inside: Vec<(crate::store::Key, Value)> = state
+                    .store
+                    .objects
+                    .iter()
+                    .filter(|((_, _, ns, _), _)| *ns == k.3)
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect();
+                for (key, obj) in inside {
+                    state.store.record(&key, "DELETED", obj);
+                }
+                if let Some(ns) = state.store.objects.get(&k).cloned() {
+                    state.store.record(&k, "DELETED", ns);
+                }
+            });
+            return ok(&shown(&t.kind, &shown_now));
+        }
+        return ok(&shown(&t.kind, &obj));
     }
     let gone = state.store.record(&k, "DELETED", obj);
     ok(&shown(&t.kind, &gone))

@@ -84,6 +84,11 @@ impl Store {
         Some(self.history.iter().filter(|e| e.rv > rv).cloned().collect())
     }
 
+    /// Whether `rv` is still in the history (a list continued from it is consistent enough).
+    pub fn current(&self, rv: u64) -> bool {
+        rv >= self.compacted
+    }
+
     /// Forgets the history: a watch from any earlier resource version gets `410 Gone`, as
     /// after etcd compacts.
     pub fn compact(&mut self) {

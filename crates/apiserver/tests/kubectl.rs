@@ -383,3 +383,81 @@ async fn token_reviews_answer_for_issued_tokens_only() {
     let (_, r) = request(&server, "POST", path, Some(review(&good, "istio-ca")), 1).await;
     assert_eq!(r[0]["status"]["authenticated"], false);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lists_come_in_pages_and_namespaces_take_their_objects() {
+    let server = ApiServer::start().await.unwrap();
+    let mut names = Vec::new();
+    // `a` and `a-b`: ordered by namespace, then name (not as one string, where `-` < `/`).
+    for ns in ["a", "a-b"] {
+        server.put(
+            "",
+            "namespaces",
+            json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}),
+        );
+        for i in 0..3 {
+            let name = format!("p{i}");
+            server.put(
+                "",
+                "pods",
+                json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": ns}}),
+            );
+            names.push(format!("{ns}/{name}"));
+        }
+    }
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    let mut first_token = None;
+    loop {
+        let (s, page) = request(
+            &server,
+            "GET",
+            &format!("/api/v1/pods?limit=2&continue={token}"),
+            None,
+            1,
+        )
+        .await;
+        assert_eq!(s, 200);
+        let items = page[0]["items"].as_array().unwrap();
+        assert!(items.len() <= 2);
+        seen.extend(items.iter().map(|p| {
+            format!(
+                "{}/{}",
+                p["metadata"]["namespace"].as_str().unwrap(),
+                p["metadata"]["name"].as_str().unwrap()
+            )
+        }));
+        match page[0]["metadata"]["continue"].as_str() {
+            Some(next) => {
+                token = next.to_owned();
+                first_token.get_or_insert(token.clone());
+            }
+            None => break,
+        }
+    }
+    assert_eq!(seen, names);
+    // A continue token from before a compaction: 410, list again.
+    server.put(
+        "",
+        "pods",
+        json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "late", "namespace": "a"}}),
+    );
+    server.compact();
+    let (s, _) = request(
+        &server,
+        "GET",
+        &format!("/api/v1/pods?limit=2&continue={}", first_token.unwrap()),
+        None,
+        1,
+    )
+    .await;
+    assert_eq!(s, 410);
+
+    // kubectl deletes a namespace: what is in it goes too, the rest stays.
+    let tmp = tempfile::tempdir().unwrap();
+    server.write_kubeconfig(tmp.path()).unwrap();
+    kubectl(tmp.path(), &["delete", "namespace", "a"]);
+    assert!(server.get("", "pods", "a", "p0").is_none());
+    assert!(server.get("", "pods", "a", "late").is_none());
+    assert!(server.get("", "pods", "a-b", "p0").is_some());
+}
