@@ -16,6 +16,7 @@
 //! apply, JSON patch and protobuf bodies (`kubectl create token` sends one: issue tokens with
 //! [`ApiServer::issue_token`]).
 
+mod controllers;
 mod discovery;
 mod kinds;
 mod patch;
@@ -52,6 +53,8 @@ pub(crate) struct State {
     pub store: store::Store,
     pub tokens: Vec<(String, Token)>,
     pub next_uid: u64,
+    /// The last address handed out (cluster IPs, pod IPs).
+    pub next_ip: u64,
 }
 
 pub(crate) type Shared = Arc<Mutex<State>>;
@@ -68,6 +71,7 @@ pub struct ApiServer {
     shared: Shared,
     close_watches: tokio::sync::watch::Sender<u64>,
     task: tokio::task::JoinHandle<()>,
+    controllers: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for ApiServer {
@@ -81,6 +85,13 @@ impl std::fmt::Debug for ApiServer {
 impl Drop for ApiServer {
     fn drop(&mut self) {
         self.task.abort();
+        for c in self
+            .controllers
+            .get_mut()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        {
+            c.abort();
+        }
     }
 }
 
@@ -94,6 +105,7 @@ impl ApiServer {
             store: store::Store::default(),
             tokens: Vec::new(),
             next_uid: 1,
+            next_ip: 0,
         }));
         let (close_watches, closed) = tokio::sync::watch::channel(0);
         let task = tokio::spawn(serve::run(listener, shared.clone(), closed));
@@ -102,6 +114,7 @@ impl ApiServer {
             shared,
             close_watches,
             task,
+            controllers: Mutex::default(),
         })
     }
 
@@ -178,6 +191,16 @@ impl ApiServer {
             }
             None => false,
         }
+    }
+
+    /// Plays the rest of the cluster from now on (see the `controllers` module): Deployments
+    /// get ready Pods with IPv4 and IPv6 addresses, Services their EndpointSlices.
+    pub fn run_controllers(&self) {
+        let task = tokio::spawn(controllers::run(self.shared.clone()));
+        self.controllers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(task);
     }
 
     /// The current resource version.

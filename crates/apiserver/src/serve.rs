@@ -400,7 +400,7 @@ fn parse_continue(token: &str) -> Option<(u64, String, String)> {
 }
 
 /// RFC 3339 UTC, to the second.
-fn now_rfc3339() -> String {
+pub(crate) fn now_rfc3339() -> String {
     let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
@@ -524,6 +524,7 @@ fn store_object(
                 {"type": "Established", "status": "True", "reason": "InitialNamesAccepted", "message": "the initial names have been accepted"}]});
         }
     }
+    crate::controllers::allocate_cluster_ip(state, k, &mut obj);
     state.store.record(k, event, obj)
 }
 

@@ -461,3 +461,111 @@ async fn lists_come_in_pages_and_namespaces_take_their_objects() {
     assert!(server.get("", "pods", "a", "late").is_none());
     assert!(server.get("", "pods", "a-b", "p0").is_some());
 }
+
+/// Polls `check` until it holds (5 s at most).
+async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    for _ in 0..100 {
+        if check() {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("{what}: not within 5 s");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controllers_turn_deployments_into_pods_and_endpoint_slices() {
+    let server = ApiServer::start().await.unwrap();
+    server.run_controllers();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    server.write_kubeconfig(dir).unwrap();
+    let manifest = dir.join("web.yaml");
+    std::fs::write(
+        &manifest,
+        "\
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  ipFamilyPolicy: PreferDualStack
+  selector: {app: web}
+  ports: [{name: http, port: 80, targetPort: http, appProtocol: http}]
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web, namespace: shop}
+spec:
+  replicas: 2
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata: {labels: {app: web}}
+    spec:
+      serviceAccountName: web
+      containers: [{name: web, image: web:1, ports: [{name: http, containerPort: 8080}]}]
+",
+    )
+    .unwrap();
+    kubectl(dir, &["apply", "-f", manifest.to_str().unwrap()]);
+    let svc = server.get("", "services", "shop", "web").unwrap();
+    assert_eq!(svc["spec"]["ipFamilies"], json!(["IPv4", "IPv6"]));
+    assert_eq!(svc["spec"]["clusterIPs"].as_array().unwrap().len(), 2);
+
+    let endpoints = |family: &str| {
+        server
+            .get(
+                "discovery.k8s.io",
+                "endpointslices",
+                "shop",
+                &format!("web-{family}"),
+            )
+            .map(|s| s["endpoints"].as_array().unwrap().clone())
+            .unwrap_or_default()
+    };
+    eventually("two endpoints of each family", || {
+        endpoints("ipv4").len() == 2 && endpoints("ipv6").len() == 2
+    })
+    .await;
+    let slice = server
+        .get("discovery.k8s.io", "endpointslices", "shop", "web-ipv6")
+        .unwrap();
+    assert_eq!(slice["addressType"], "IPv6");
+    assert_eq!(
+        slice["ports"],
+        json!([{"name": "http", "port": 8080, "protocol": "TCP", "appProtocol": "http"}])
+    );
+    assert_eq!(
+        slice["metadata"]["labels"]["kubernetes.io/service-name"],
+        "web"
+    );
+    let pods = server.list("", "pods");
+    assert_eq!(pods.len(), 2);
+    for ep in endpoints("ipv4") {
+        let pod = pods
+            .iter()
+            .find(|p| p["metadata"]["name"] == ep["targetRef"]["name"])
+            .expect("the endpoint's pod");
+        assert_eq!(pod["spec"]["serviceAccountName"], "web");
+        assert_eq!(ep["addresses"][0], pod["status"]["podIPs"][0]["ip"]);
+        assert_eq!(ep["conditions"]["ready"], true);
+    }
+
+    kubectl(
+        dir,
+        &["scale", "deployment/web", "-n", "shop", "--replicas=3"],
+    );
+    eventually("three endpoints", || endpoints("ipv4").len() == 3).await;
+    kubectl(
+        dir,
+        &["scale", "deployment/web", "-n", "shop", "--replicas=0"],
+    );
+    eventually("no endpoints, no slices", || {
+        server.list("discovery.k8s.io", "endpointslices").is_empty()
+            && server.list("", "pods").is_empty()
+    })
+    .await;
+}

@@ -1,0 +1,291 @@
+//! What the rest of a cluster does, played for tests and the demo: Service cluster IPs
+//! allocated when a Service is stored (as the API server's allocator does, dual stack by
+//! `ipFamilyPolicy`), Deployments turned into ready Pods with addresses of both families (the
+//! ReplicaSet controller, the scheduler and the kubelet together), and EndpointSlices from the
+//! Services' selectors (the EndpointSlice controller). Each writes only what changed, so they
+//! settle.
+
+use std::collections::BTreeMap;
+
+use serde_json::{json, Value};
+
+use crate::store::Key;
+use crate::{lock, Shared, State};
+
+/// Gives a Service without one its cluster IPs (IPv4 from `10.96.0.0/16`, IPv6 from
+/// `fd00:10:96::/112` where the policy asks for both), as the API server does on create.
+pub(crate) fn allocate_cluster_ip(state: &mut State, k: &Key, svc: &mut Value) {
+    if !k.0.is_empty() || k.1 != "services" {
+        return;
+    }
+    let spec = &svc["spec"];
+    if spec.get("type").and_then(Value::as_str) == Some("ExternalName")
+        || spec.get("clusterIP").and_then(Value::as_str).is_some()
+    {
+        return;
+    }
+    state.next_ip += 1;
+    let n = state.next_ip;
+    let v4 = format!("10.96.{}.{}", n / 250, n % 250 + 1);
+    let v6 = format!("fd00:10:96::{n:x}");
+    let policy = spec
+        .get("ipFamilyPolicy")
+        .and_then(Value::as_str)
+        .unwrap_or("SingleStack")
+        .to_owned();
+    let families: Vec<String> = crate::kinds::strings(spec.get("ipFamilies"));
+    let first_v6 = families.first().is_some_and(|f| f == "IPv6");
+    let (ips, fams) = match (policy.as_str(), first_v6) {
+        ("SingleStack", false) => (vec![v4], vec!["IPv4"]),
+        ("SingleStack", true) => (vec![v6], vec!["IPv6"]),
+        (_, false) => (vec![v4, v6], vec!["IPv4", "IPv6"]),
+        (_, true) => (vec![v6, v4], vec!["IPv6", "IPv4"]),
+    };
+    svc["spec"]["clusterIP"] = json!(ips[0]);
+    svc["spec"]["clusterIPs"] = json!(ips);
+    svc["spec"]["ipFamilies"] = json!(fams);
+    svc["spec"]["ipFamilyPolicy"] = json!(policy);
+}
+
+/// Runs the controllers until the server stops: after every change, Pods for Deployments, then
+/// EndpointSlices for Services.
+pub(crate) async fn run(shared: Shared) {
+    let mut feed = lock(&shared).store.feed.subscribe();
+    loop {
+        {
+            let mut state = lock(&shared);
+            deployments(&mut state);
+            endpoint_slices(&mut state);
+        }
+        match feed.recv().await {
+            Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        }
+        // Take what else arrived with it in one go.
+        while feed.try_recv().is_ok() {}
+    }
+}
+
+fn objects<'a>(
+    state: &'a State,
+    group: &'a str,
+    resource: &'a str,
+) -> impl Iterator<Item = (&'a Key, &'a Value)> {
+    state
+        .store
+        .objects
+        .iter()
+        .filter(move |((g, r, _, _), _)| g == group && r == resource)
+}
+
+/// A short stable hash of a pod template (Kubernetes' `pod-template-hash`).
+fn template_hash(template: &Value) -> String {
+    let text = template.to_string();
+    let h = text.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
+    format!("{:08x}", h as u32)
+}
+
+fn deployments(state: &mut State) {
+    let deploys: Vec<(Key, Value)> = objects(state, "apps", "deployments")
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    for (k, d) in &deploys {
+        let ns = &k.2;
+        let name = &k.3;
+        let want = d
+            .pointer("/spec/replicas")
+            .and_then(Value::as_u64)
+            .unwrap_or(1) as usize;
+        let template = d.pointer("/spec/template").cloned().unwrap_or(Value::Null);
+        let hash = template_hash(&template);
+        let owned: Vec<(Key, Value)> = objects(state, "", "pods")
+            .filter(|(pk, p)| {
+                pk.2 == *ns
+                    && p.pointer("/metadata/ownerReferences/0/name")
+                        .and_then(Value::as_str)
+                        == Some(name)
+            })
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        // Pods of another template go; then as many as are missing are made.
+        let mut current = 0;
+        for (pk, p) in owned {
+            let same = p
+                .pointer("/metadata/labels/pod-template-hash")
+                .and_then(Value::as_str)
+                == Some(hash.as_str());
+            if same && current < want {
+                current += 1;
+            } else {
+                state.store.record(&pk, "DELETED", p);
+            }
+        }
+        for _ in current..want {
+            state.next_uid += 1;
+            state.next_ip += 1;
+            let (uid, n) = (state.next_uid, state.next_ip);
+            let pod_name = format!("{name}-{hash}-{uid:05x}");
+            let mut labels = template
+                .pointer("/metadata/labels")
+                .cloned()
+                .unwrap_or_else(|| json!({}));
+            labels["pod-template-hash"] = json!(hash);
+            let v4 = format!("10.244.{}.{}", n / 250, n % 250 + 1);
+            let v6 = format!("fd00:10:244::{n:x}");
+            let pod = json!({
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": pod_name, "namespace": ns, "labels": labels,
+                             "uid": format!("00000000-0000-0000-0000-{uid:012x}"),
+                             "creationTimestamp": crate::serve::now_rfc3339(),
+                             "ownerReferences": [{"apiVersion": "apps/v1", "kind": "Deployment", "name": name,
+                                                  "uid": d.pointer("/metadata/uid"), "controller": true}]},
+                "spec": {
+                    "serviceAccountName": template.pointer("/spec/serviceAccountName").cloned()
+                        .unwrap_or_else(|| json!("default")),
+                    "nodeName": "node-1",
+                    "containers": template.pointer("/spec/containers").cloned().unwrap_or_else(|| json!([])),
+                },
+                "status": {"phase": "Running", "hostIP": "10.0.0.1", "podIP": v4,
+                           "podIPs": [{"ip": v4}, {"ip": v6}],
+                           "conditions": [{"type": "Ready", "status": "True"}]},
+            });
+            let pk = (String::new(), "pods".to_owned(), ns.clone(), pod_name);
+            state.store.record(&pk, "ADDED", pod);
+        }
+        let ready = want as u64;
+        if d.pointer("/status/readyReplicas").and_then(Value::as_u64) != Some(ready)
+            || d.pointer("/status/replicas").and_then(Value::as_u64) != Some(ready)
+        {
+            let mut d = d.clone();
+            d["status"] = json!({"replicas": ready, "readyReplicas": ready, "availableReplicas": ready,
+                                 "updatedReplicas": ready, "observedGeneration": d.pointer("/metadata/generation")});
+            state.store.record(k, "MODIFIED", d);
+        }
+    }
+}
+
+fn labels_match(selector: &serde_json::Map<String, Value>, pod: &Value) -> bool {
+    selector
+        .iter()
+        .all(|(k, v)| pod.pointer("/metadata/labels").and_then(|l| l.get(k)) == Some(v))
+}
+
+/// The container port a Service's `targetPort` names (a number, or a container port's name).
+fn target_port(port: &Value, pod: &Value) -> Option<u64> {
+    match port.get("targetPort").or_else(|| port.get("port"))? {
+        Value::Number(n) => n.as_u64(),
+        Value::String(name) => pod
+            .pointer("/spec/containers")?
+            .as_array()?
+            .iter()
+            .flat_map(|c| {
+                c.get("ports")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+            })
+            .find(|p| p.get("name").and_then(Value::as_str) == Some(name))?
+            .get("containerPort")?
+            .as_u64(),
+        _ => None,
+    }
+}
+
+fn endpoint_slices(state: &mut State) {
+    let services: Vec<(Key, Value)> = objects(state, "", "services")
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let mut wanted: BTreeMap<Key, Value> = BTreeMap::new();
+    for (k, svc) in &services {
+        let Some(selector) = svc.pointer("/spec/selector").and_then(Value::as_object) else {
+            continue;
+        };
+        let pods: Vec<&Value> = objects(state, "", "pods")
+            .filter(|(pk, p)| pk.2 == k.2 && labels_match(selector, p))
+            .map(|(_, p)| p)
+            .collect();
+        let ports: Vec<Value> = svc
+            .pointer("/spec/ports")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
+        for family in ["IPv4", "IPv6"] {
+            let endpoints: Vec<Value> = pods
+                .iter()
+                .filter_map(|p| {
+                    let ip = p
+                        .pointer("/status/podIPs")
+                        .and_then(Value::as_array)?
+                        .iter()
+                        .filter_map(|i| i.get("ip")?.as_str())
+                        .find(|ip| ip.contains(':') == (family == "IPv6"))?;
+                    let ready = p.pointer("/status/conditions").and_then(Value::as_array).is_some_and(|c| {
+                        c.iter().any(|c| c["type"] == "Ready" && c["status"] == "True")
+                    });
+                    let terminating = p.pointer("/metadata/deletionTimestamp").is_some();
+                    Some(json!({"addresses": [ip],
+                                "conditions": {"ready": ready && !terminating, "serving": ready, "terminating": terminating},
+                                "nodeName": p.pointer("/spec/nodeName"),
+                                "targetRef": {"kind": "Pod", "namespace": k.2, "name": p.pointer("/metadata/name"),
+                                              "uid": p.pointer("/metadata/uid")}}))
+                })
+                .collect();
+            if endpoints.is_empty() {
+                continue;
+            }
+            let slice_ports: Vec<Value> = ports
+                .iter()
+                .map(|port| {
+                    let number = pods.iter().find_map(|p| target_port(port, p));
+                    json!({"name": port.get("name").cloned().unwrap_or_else(|| json!("")),
+                           "port": number, "protocol": port.get("protocol").cloned().unwrap_or_else(|| json!("TCP")),
+                           "appProtocol": port.get("appProtocol")})
+                })
+                .collect();
+            let name = format!("{}-{}", k.3, family.to_ascii_lowercase());
+            wanted.insert(
+                ("discovery.k8s.io".into(), "endpointslices".into(), k.2.clone(), name.clone()),
+                json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                       "metadata": {"name": name, "namespace": k.2,
+                                    "labels": {"kubernetes.io/service-name": k.3,
+                                               "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io"}},
+                       "addressType": family, "endpoints": endpoints, "ports": slice_ports}),
+            );
+        }
+    }
+    // Ours that are no longer wanted go; changed ones are rewritten.
+    let ours: Vec<(Key, Value)> = objects(state, "discovery.k8s.io", "endpointslices")
+        .filter(|(_, s)| {
+            s.pointer("/metadata/labels/endpointslice.kubernetes.io~1managed-by")
+                .and_then(Value::as_str)
+                == Some("endpointslice-controller.k8s.io")
+        })
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    for (k, old) in ours {
+        if !wanted.contains_key(&k) {
+            state.store.record(&k, "DELETED", old);
+        }
+    }
+    for (k, mut slice) in wanted {
+        match state.store.objects.get(&k) {
+            Some(old)
+                if old["endpoints"] == slice["endpoints"] && old["ports"] == slice["ports"] => {}
+            Some(old) => {
+                slice["metadata"]["uid"] = old["metadata"]["uid"].clone();
+                slice["metadata"]["creationTimestamp"] =
+                    old["metadata"]["creationTimestamp"].clone();
+                state.store.record(&k, "MODIFIED", slice);
+            }
+            None => {
+                state.next_uid += 1;
+                slice["metadata"]["uid"] =
+                    json!(format!("00000000-0000-0000-0000-{:012x}", state.next_uid));
+                slice["metadata"]["creationTimestamp"] = json!(crate::serve::now_rfc3339());
+                state.store.record(&k, "ADDED", slice);
+            }
+        }
+    }
+}
