@@ -257,23 +257,13 @@ async fn handle(
             Ok(obj) => create(&shared, &t, obj),
             Err(e) => bad(e),
         },
-        (&Method::GET, Some(name), None) => {
+        // The object, or its `status` or `scale` where the kind has them.
+        (&Method::GET, Some(name), sub)
+            if sub.is_none_or(|sub| t.kind.subresources.contains(&sub)) =>
+        {
             let state = lock(&shared);
             match state.store.objects.get(&key(&t, name)) {
-                Some(obj) => ok(&shown(&t.kind, obj)),
-                None => not_found(&t.kind, name),
-            }
-        }
-        (&Method::GET, Some(name), Some("scale")) if t.kind.subresources.contains(&"scale") => {
-            let state = lock(&shared);
-            match state.store.objects.get(&key(&t, name)) {
-                Some(obj) => ok(&scale_of(obj)),
-                None => not_found(&t.kind, name),
-            }
-        }
-        (&Method::GET, Some(name), Some("status")) if t.kind.subresources.contains(&"status") => {
-            let state = lock(&shared);
-            match state.store.objects.get(&key(&t, name)) {
+                Some(obj) if sub == Some("scale") => ok(&scale_of(obj)),
                 Some(obj) => ok(&shown(&t.kind, obj)),
                 None => not_found(&t.kind, name),
             }
@@ -612,26 +602,21 @@ fn update(
             .and_then(Value::as_str)
             .map(str::to_owned)
     };
-    let current = expected(&old);
+    // A replacement names the version it was read at; an older one conflicts.
+    if let Change::Replace(v) = &change {
+        if expected(v).is_some_and(|rv| Some(rv) != expected(&old)) {
+            return conflict();
+        }
+    }
     let mut new = old.clone();
     match sub {
         Some("scale") if t.kind.subresources.contains(&"scale") => {
             let mut scale = scale_of(&old);
-            if let Change::Replace(v) = &change {
-                if expected(v).is_some_and(|rv| Some(rv) != current) {
-                    return conflict();
-                }
-            }
             change.apply(&mut scale);
             new["spec"]["replicas"] = scale.pointer("/spec/replicas").cloned().unwrap_or(json!(1));
         }
         Some("status") if t.kind.subresources.contains(&"status") => {
             let mut whole = old.clone();
-            if let Change::Replace(v) = &change {
-                if expected(v).is_some_and(|rv| Some(rv) != current) {
-                    return conflict();
-                }
-            }
             change.apply(&mut whole);
             new["status"] = whole.get("status").cloned().unwrap_or(Value::Null);
         }
@@ -643,11 +628,6 @@ fn update(
             )
         }
         None => {
-            if let Change::Replace(v) = &change {
-                if expected(v).is_some_and(|rv| Some(rv) != current) {
-                    return conflict();
-                }
-            }
             change.apply(&mut new);
             // What the server owns stays as it was.
             for f in [

@@ -436,6 +436,31 @@ async fn lists_come_in_pages_and_namespaces_take_their_objects() {
         }
     }
     assert_eq!(seen, names);
+    // A replacement read at an older version conflicts; at the current one it is taken.
+    let (_, pod) = request(&server, "GET", "/api/v1/namespaces/a/pods/p0", None, 1).await;
+    let mut stale = pod[0].clone();
+    stale["metadata"]["resourceVersion"] = json!("1");
+    stale["metadata"]["labels"] = json!({"x": "y"});
+    let (s, _) = request(
+        &server,
+        "PUT",
+        "/api/v1/namespaces/a/pods/p0",
+        Some(stale),
+        1,
+    )
+    .await;
+    assert_eq!(s, 409);
+    let mut fresh = pod[0].clone();
+    fresh["metadata"]["labels"] = json!({"x": "y"});
+    let (s, put) = request(
+        &server,
+        "PUT",
+        "/api/v1/namespaces/a/pods/p0",
+        Some(fresh),
+        1,
+    )
+    .await;
+    assert_eq!((s, &put[0]["metadata"]["labels"]["x"]), (200, &json!("y")));
     // A continue token from before a compaction: 410, list again.
     server.put(
         "",
