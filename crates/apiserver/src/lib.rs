@@ -219,6 +219,30 @@ impl ApiServer {
     }
 }
 
+/// Runs the machine's kubectl against the server whose kubeconfig [`ApiServer::write_kubeconfig`]
+/// wrote into `dir`, with a discovery cache of its own there (a cache shared between servers on
+/// the same port would hide resources): its stdout, or everything it printed when it failed.
+pub fn kubectl(dir: &Path, args: &[&str]) -> Result<String, String> {
+    let out = std::process::Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(dir.join("kubeconfig"))
+        .arg("--cache-dir")
+        .arg(dir.join("cache"))
+        .args(args)
+        .output()
+        .map_err(|e| format!("kubectl (on every machine of this kind): {e}"))?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    if out.status.success() {
+        Ok(stdout)
+    } else {
+        Err(format!(
+            "kubectl {args:?}: {}\n{stdout}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
 /// Not for secrets that matter: token names for a test server.
 fn rand_u64() -> u64 {
     use std::hash::{BuildHasher, Hasher};

@@ -4,31 +4,16 @@
 //! compacted, and send bookmarks; TokenReview for the tokens the test issued.
 
 use std::path::Path;
-use std::process::Command;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hypha_apiserver::{ApiServer, Token};
 use serde_json::{json, Value};
 
-/// Runs kubectl against `server` with its own discovery cache; its stdout, or a panic with
+/// Runs kubectl against the server whose kubeconfig is in `dir`; its stdout, or a panic with
 /// what it printed.
 fn kubectl(dir: &Path, args: &[&str]) -> String {
-    let out = Command::new("kubectl")
-        .arg("--kubeconfig")
-        .arg(dir.join("kubeconfig"))
-        .arg("--cache-dir")
-        .arg(dir.join("cache"))
-        .args(args)
-        .output()
-        .expect("kubectl is on every machine of this kind (kubectl version --client)");
-    assert!(
-        out.status.success(),
-        "kubectl {args:?}: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    hypha_apiserver::kubectl(dir, args).unwrap_or_else(|e| panic!("{e}"))
 }
 
 const CRD: &str = "\

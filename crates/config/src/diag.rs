@@ -41,11 +41,16 @@ impl fmt::Display for Diagnostic {
             Severity::Warning => "warning",
             Severity::Info => "info",
         };
-        write!(
-            f,
-            "{}:{}:{}: {sev}[{}]",
-            self.file, self.line, self.column, self.code
-        )?;
+        if self.line == 0 {
+            // No position: a whole file, or an object that did not come from YAML text.
+            write!(f, "{}: {sev}[{}]", self.file, self.code)?;
+        } else {
+            write!(
+                f,
+                "{}:{}:{}: {sev}[{}]",
+                self.file, self.line, self.column, self.code
+            )?;
+        }
         if let Some(r) = &self.resource {
             write!(f, " {r}")?;
         }
@@ -63,6 +68,10 @@ pub struct Source {
     pub doc: Arc<crate::yaml::Document>,
     /// `Kind namespace/name` of the resource.
     pub resource: String,
+    /// Made by a source from objects that are not Istio config and that the Kubernetes API
+    /// server validated already (Services, Pods): indexed for cross-references (hosts,
+    /// ports), never checked as if a user had written it.
+    pub derived: bool,
 }
 
 impl Source {

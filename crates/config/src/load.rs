@@ -120,6 +120,20 @@ pub fn load_sources<'a>(files: impl IntoIterator<Item = (&'a str, &'a str)>) -> 
     loader.finish()
 }
 
+/// Parses objects read from a Kubernetes API server, each `(origin, object)` with `origin`
+/// naming it in diagnostics. Not validated: the caller merges them with the rest of its config
+/// and runs [`validate()`] on the whole.
+pub fn parse_objects(objects: impl IntoIterator<Item = (Arc<str>, Value)>) -> Loaded {
+    let mut loader = Loader::default();
+    for (origin, object) in objects {
+        loader.add_document(&origin, Arc::new(yaml::Document::unpositioned(object)));
+    }
+    Loaded {
+        config: loader.config,
+        diagnostics: loader.diags,
+    }
+}
+
 fn file_diag(path: &Path, message: String) -> Diagnostic {
     Diagnostic::io(path.display().to_string().into(), message)
 }
@@ -215,6 +229,7 @@ impl Loader {
             file: file.clone(),
             doc: doc.clone(),
             resource: format!("{kind_name} {namespace}/{name}"),
+            derived: false,
         };
         if !doc.value.is_object() || api_version.is_empty() || kind_name.is_empty() {
             self.diags.error(

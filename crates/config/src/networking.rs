@@ -98,6 +98,18 @@ pub struct WorkloadEntry {
     pub weight: Option<u32>,
     #[serde(default)]
     pub service_account: String,
+    /// The Kubernetes pod this workload is, set by the Kubernetes source (never from YAML).
+    #[serde(skip)]
+    pub pod: Option<PodRef>,
+}
+
+/// A pod behind a workload: its name names the workload, its addresses (both families,
+/// primary first) are the workload's, and it has a sidecar only when labelled
+/// `security.istio.io/tlsMode: istio`, as Istio treats pods.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PodRef {
+    pub name: String,
+    pub addresses: Vec<String>,
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -118,6 +118,7 @@ pub fn parse_proxy_config(file: Arc<str>, src: &str) -> Result<ProxyConfig, Diag
         file,
         doc: Arc::new(doc),
         resource: "ProxyConfig".into(),
+        derived: false,
     };
     if let Some(extra) = docs.next() {
         let second = Source {

@@ -37,6 +37,16 @@ pub struct Document {
 }
 
 impl Document {
+    /// A document that did not come from YAML text (an object read from the Kubernetes API
+    /// server): every path is reported at its start.
+    pub fn unpositioned(value: Value) -> Document {
+        Document {
+            value,
+            start: Pos::default(),
+            positions: HashMap::new(),
+        }
+    }
+
     /// Position of `path`, or of its nearest ancestor that has one (a missing field is reported
     /// where its parent is).
     pub fn position(&self, path: &str) -> Pos {

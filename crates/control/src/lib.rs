@@ -15,6 +15,7 @@ pub mod translate;
 
 pub use hypha_xds::ProxyInfo;
 pub use server::{
-    initial_config, run, ControlPlane, Generation, RunError, Security, EMBEDDED_CONFIG,
+    initial_config, log_diagnostics, run, ControlPlane, ExtraSource, ExtraTask, Generation,
+    RunError, Security, EMBEDDED_CONFIG,
 };
 pub use translate::Translation;

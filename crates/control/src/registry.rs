@@ -323,6 +323,9 @@ fn endpoint(
     workload_entry: bool,
 ) -> Endpoint {
     let mut addresses = vec![w.address.clone()];
+    if let Some(pod) = &w.pod {
+        addresses.clone_from(&pod.addresses);
+    }
     for a in extra.unwrap_or_default().split(',').map(str::trim) {
         if !a.is_empty() && !addresses.iter().any(|x| x == a) {
             addresses.push(a.to_string());
@@ -340,10 +343,10 @@ fn endpoint(
         ports: w.ports.clone(),
         weight: w.weight,
         locality: w.locality.clone(),
-        workload_name: name.to_string(),
+        workload_name: w.pod.as_ref().map_or(name, |p| &p.name).to_string(),
         sidecar: w
             .labels
             .get(TLS_MODE_LABEL)
-            .map_or(workload_entry, |m| m == "istio"),
+            .map_or(workload_entry && w.pod.is_none(), |m| m == "istio"),
     }
 }

@@ -209,6 +209,12 @@ impl ControlPlane {
         before - subs.len()
     }
 
+    /// Counts a config change refused for its errors (the old generation keeps serving), by
+    /// a source other than the directory watch.
+    pub fn reject(&self) {
+        self.inner.rejected.fetch_add(1, Ordering::SeqCst);
+    }
+
     /// Connected proxy streams.
     pub fn subscribers(&self) -> usize {
         self.live_subscribers().len()
@@ -283,6 +289,22 @@ impl ControlPlane {
     /// Watches `dir` (polling; works on every filesystem and in containers) and applies each
     /// change once it has settled. Invalid changes are logged with every problem and ignored.
     pub async fn watch_dir(&self, dir: PathBuf, poll: Duration) {
+        self.watch_dir_with(dir, poll, |cp, cfg| {
+            let cp = cp.clone();
+            async move {
+                let _ = tokio::task::spawn_blocking(move || cp.update(cfg)).await;
+            }
+        })
+        .await;
+    }
+
+    /// [`ControlPlane::watch_dir`], handing each valid config to `apply` (another source
+    /// merges it with its own) instead of installing it.
+    pub async fn watch_dir_with<F, Fut>(&self, dir: PathBuf, poll: Duration, apply: F)
+    where
+        F: Fn(&ControlPlane, Config) -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
         let mut last = fingerprint(&dir);
         // Parsed files, so that a change re-parses only the files it touched. Filled here
         // (off the path of any change) rather than threaded through from the initial load.
@@ -343,8 +365,7 @@ impl ControlPlane {
                 );
                 continue;
             }
-            let cp = self.clone();
-            let _ = tokio::task::spawn_blocking(move || cp.update(loaded.config)).await;
+            apply(self, loaded.config).await;
         }
     }
 }
@@ -446,13 +467,27 @@ pub struct Security {
     pub own_key: Option<hypha_keys::pkcs11::TokenConfig>,
 }
 
-/// `hypha control`: load, serve on every address, watch the directory.
+/// A source of config besides the files (the Kubernetes source, `hypha-kube`): it gets the
+/// control plane and the latest valid file config, merges that with its own and installs the
+/// generations itself.
+pub type ExtraSource = Box<dyn FnOnce(ControlPlane, watch::Receiver<Config>) -> ExtraTask + Send>;
+
+/// What an [`ExtraSource`] runs until the control plane stops.
+pub type ExtraTask = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// `hypha control`: load, serve on every address, watch the directory (and `extra`).
 pub async fn run(
     dir: Option<PathBuf>,
     listen: &[SocketAddr],
     security: Option<Security>,
+    extra: Option<ExtraSource>,
 ) -> Result<(), RunError> {
-    let cfg = initial_config(dir.as_deref()).map_err(|d| RunError::Config(d.errors().count()))?;
+    // With another source, no files means an empty mesh config rather than the example.
+    let cfg = match (&dir, &extra) {
+        (None, Some(_)) => Config::default(),
+        _ => initial_config(dir.as_deref()).map_err(|d| RunError::Config(d.errors().count()))?,
+    };
+    let (files_tx, files_rx) = watch::channel(cfg.clone());
     if security.is_none() {
         let needs = hypha_config::needs_the_ca(&cfg);
         log_diagnostics(&needs);
@@ -534,12 +569,28 @@ pub async fn run(
         let (secure, cp) = (secure.clone(), cp.clone());
         tasks.spawn(async move { secure.watch(&cp, Duration::from_secs(1)).await });
     }
+    let extra = extra.is_some_and(|source| {
+        tasks.spawn(source(cp.clone(), files_rx));
+        true
+    });
     match dir {
+        Some(d) if extra => {
+            tracing::info!("watching {} for changes", d.display());
+            let cp = cp.clone();
+            tasks.spawn(async move {
+                cp.watch_dir_with(d, Duration::from_millis(100), |_, cfg| {
+                    files_tx.send_replace(cfg);
+                    std::future::ready(())
+                })
+                .await;
+            });
+        }
         Some(d) => {
             tracing::info!("watching {} for changes", d.display());
             let cp = cp.clone();
             tasks.spawn(async move { cp.watch_dir(d, Duration::from_millis(100)).await });
         }
+        None if extra => {}
         None => {
             tracing::info!("serving the embedded bookinfo example (use --config DIR for your own)")
         }

@@ -74,6 +74,7 @@ async fn control_starts_with_an_attested_token_ca_and_refuses_an_unapproved_one(
         Some(config.path().to_path_buf()),
         &[],
         Some(security.clone()),
+        None,
     )
     .await
     .unwrap_err();
@@ -101,6 +102,7 @@ async fn control_starts_with_an_attested_token_ca_and_refuses_an_unapproved_one(
             own_key: Some(own_key.clone()),
             ..security.clone()
         }),
+        None,
     ));
     // Ready when the control plane's own certificate, issued by the token, is out.
     let root_file = data.path().join(hypha_control::security::ROOT_CERT_FILE);

@@ -29,9 +29,18 @@ enum Command {
     },
     /// Run the control plane: watch a config directory and serve Envoy xDS over ADS.
     Control {
-        /// Directory of Istio YAML (defaults to the embedded bookinfo example).
+        /// Directory of Istio YAML (defaults to the embedded bookinfo example, or with
+        /// --kubernetes to nothing but the default MeshConfig).
         #[arg(long, env = "HYPHA_CONFIG")]
         config: Option<PathBuf>,
+        /// Read the mesh from a Kubernetes cluster as istiod does (Services, EndpointSlices,
+        /// Pods, Nodes, Namespaces, the Istio CRDs), merged with --config: the cluster of
+        /// --kubeconfig, else of KUBECONFIG (or ~/.kube/config), else the pod's own.
+        #[arg(long)]
+        kubernetes: bool,
+        /// The kubeconfig for --kubernetes.
+        #[arg(long, requires = "kubernetes")]
+        kubeconfig: Option<PathBuf>,
         /// Address to serve plaintext xDS on (Istio's 15010); repeat for several (IPv4 and
         /// IPv6). Defaults to 127.0.0.1:15010 unless --listen-tls is given: a mesh on mutual TLS
         /// opens no plaintext port it did not ask for.
@@ -387,6 +396,8 @@ fn main() -> ExitCode {
         }
         Command::Control {
             config,
+            kubernetes,
+            kubeconfig,
             listen,
             listen_tls,
             data_dir,
@@ -413,7 +424,8 @@ fn main() -> ExitCode {
                 listen: listen_tls,
                 own_key,
             });
-            run(control(config, listen, security))
+            let cluster = kubernetes.then_some(kubeconfig);
+            run(control(config, cluster, listen, security))
         }
         Command::Proxy(args) => {
             let workers = args.workers;
@@ -694,12 +706,23 @@ fn ca_revoke(
     }
 }
 
+/// `cluster`: with --kubernetes, the kubeconfig named (if any).
 async fn control(
     config: Option<PathBuf>,
+    cluster: Option<Option<PathBuf>>,
     listen: Vec<SocketAddr>,
     security: Option<hypha_control::Security>,
 ) -> anyhow::Result<()> {
-    Ok(hypha_control::run(config, &listen, security).await?)
+    let extra = match cluster {
+        Some(kubeconfig) => {
+            let client = hypha_kube::connect(kubeconfig.as_deref()).await?;
+            let source: hypha_control::ExtraSource =
+                Box::new(move |cp, files| Box::pin(hypha_kube::run(client, cp, files)));
+            Some(source)
+        }
+        None => None,
+    };
+    Ok(hypha_control::run(config, &listen, security, extra).await?)
 }
 
 /// A PIN from a file, else from an environment variable (`HYPHA_PKCS11_PIN` by default).

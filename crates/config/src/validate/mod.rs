@@ -31,10 +31,10 @@ pub fn validate(cfg: &Config, diags: &mut Diagnostics) {
     let v = Validator::new(cfg);
     v.mesh(diags);
     v.duplicates(diags);
-    for se in &cfg.service_entries {
+    for se in cfg.service_entries.iter().filter(|r| !r.source.derived) {
         v.service_entry(se, diags);
     }
-    for we in &cfg.workload_entries {
+    for we in cfg.workload_entries.iter().filter(|r| !r.source.derived) {
         v.workload_entry_resource(we, diags);
     }
     for vs in &cfg.virtual_services {
@@ -118,7 +118,7 @@ impl<'a> Validator<'a> {
     fn duplicates(&self, diags: &mut Diagnostics) {
         fn check<T>(kind: &str, items: &[Resource<T>], diags: &mut Diagnostics) {
             let mut seen: HashMap<String, &Source> = HashMap::new();
-            for r in items {
+            for r in items.iter().filter(|r| !r.source.derived) {
                 if let Some(first) = seen.insert(r.key(), &r.source) {
                     diags.error(
                         "duplicate-name",

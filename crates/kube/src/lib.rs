@@ -1,0 +1,53 @@
+//! The Kubernetes source: the control plane reading a cluster as istiod does. Services,
+//! EndpointSlices, Pods, Nodes, Namespaces and the Istio CRDs are watched (`kube-runtime`) and
+//! become the same config model the file source produces (ServiceEntry and WorkloadEntry
+//! resources, Istio objects parsed and validated by `hypha-config`), merged with the files and
+//! pushed through [`hypha_control::ControlPlane`]. Translation never sees a `kube` type.
+//!
+//! - `objects`: slim copies of the objects read (only the fields discovery needs)
+//! - `cluster`: the cluster's state and the registry model it becomes
+//! - `istio`: the Istio kinds watched, and the config assembled with invalid objects left out
+//! - `report`: Events and `status.validationMessages` on invalid objects
+//! - `watch`: the watchers, the debounce, the push
+
+#![forbid(unsafe_code)]
+
+pub mod cluster;
+pub mod istio;
+pub mod objects;
+mod report;
+mod watch;
+
+use std::path::Path;
+
+pub use report::COMPONENT;
+pub use watch::{run, DEBOUNCE_AFTER, DEBOUNCE_MAX};
+
+/// What diagnostics about objects read from the API server name as their file.
+pub const ORIGIN: &str = "kubernetes";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read the kubeconfig {0}: {1}")]
+    Kubeconfig(String, kube::config::KubeconfigError),
+    #[error("no cluster to talk to (neither KUBECONFIG nor in-cluster config): {0}")]
+    Infer(#[from] kube::config::InferConfigError),
+    #[error("cannot make a Kubernetes client: {0}")]
+    Client(#[from] kube::Error),
+}
+
+/// A client for the cluster `kubeconfig` names, else the one `KUBECONFIG` (or
+/// `~/.kube/config`) names, else the pod's own (in-cluster config).
+pub async fn connect(kubeconfig: Option<&Path>) -> Result<kube::Client, Error> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .map_err(|e| Error::Kubeconfig(path.display().to_string(), e))?;
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                .await
+                .map_err(|e| Error::Kubeconfig(path.display().to_string(), e))?
+        }
+        None => kube::Config::infer().await?,
+    };
+    Ok(kube::Client::try_from(config)?)
+}

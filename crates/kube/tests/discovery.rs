@@ -1,0 +1,302 @@
+//! The control plane reading a cluster, driven as a user drives one: manifests applied with
+//! the machine's kubectl to the test API server (whose controllers turn Deployments into
+//! Pods and EndpointSlices), and the mesh the control plane then serves checked: services
+//! with their dual-stack VIPs and pod endpoints, headless and ExternalName Services, scaling,
+//! an invalid VirtualService reported on the object while the rest is served, and watches
+//! that survive the API server closing them and compacting its history.
+
+use std::path::Path;
+use std::time::Duration;
+
+use hypha_apiserver::ApiServer;
+use hypha_config::networking::Resolution;
+use hypha_config::Config;
+use hypha_control::ControlPlane;
+use serde_json::json;
+
+fn kubectl(dir: &Path, args: &[&str]) -> String {
+    hypha_apiserver::kubectl(dir, args).unwrap_or_else(|e| panic!("{e}"))
+}
+
+async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    for _ in 0..200 {
+        if check() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{what}: not within 10 s");
+}
+
+fn crd(kind: &str, plural: &str, group: &str) -> String {
+    format!(
+        "apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata: {{name: {plural}.{group}}}
+spec:
+  group: {group}
+  names: {{kind: {kind}, plural: {plural}}}
+  scope: Namespaced
+  versions:
+  - name: v1
+    served: true
+    storage: true
+    subresources: {{status: {{}}}}
+    schema: {{openAPIV3Schema: {{type: object, x-kubernetes-preserve-unknown-fields: true}}}}
+---
+"
+    )
+}
+
+const APP: &str = "\
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: reviews, namespace: shop}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: reviews, namespace: shop}
+spec:
+  ipFamilyPolicy: PreferDualStack
+  selector: {app: reviews}
+  ports:
+  - {name: http, port: 9080, targetPort: web}
+  - {name: metrics, port: 9090, appProtocol: http}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: reviews, namespace: shop}
+spec:
+  replicas: 2
+  selector: {matchLabels: {app: reviews}}
+  template:
+    metadata: {labels: {app: reviews, version: v1, security.istio.io/tlsMode: istio}}
+    spec:
+      serviceAccountName: reviews
+      containers:
+      - name: reviews
+        image: example/reviews:1
+        ports: [{name: web, containerPort: 8080}, {containerPort: 9090}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: db, namespace: shop}
+spec:
+  clusterIP: None
+  selector: {app: db}
+  ports: [{name: tcp-db, port: 5432}]
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: db, namespace: shop}
+spec:
+  replicas: 1
+  selector: {matchLabels: {app: db}}
+  template:
+    metadata: {labels: {app: db}}
+    spec:
+      containers: [{name: db, image: example/db:1, ports: [{containerPort: 5432}]}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: payments, namespace: shop}
+spec:
+  type: ExternalName
+  externalName: payments.example.com
+  ports: [{name: https, port: 443}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews, namespace: shop}
+spec:
+  host: reviews
+  subsets: [{name: v1, labels: {version: v1}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews, namespace: shop}
+spec:
+  hosts: [reviews]
+  http: [{route: [{destination: {host: reviews, subset: v1}}]}]
+";
+
+const BAD: &str = "\
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: broken, namespace: shop}
+spec:
+  hosts: [ratings]
+  http: [{route: [{destination: {host: ratings, subset: v9}}]}]
+";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mesh_follows_the_cluster() {
+    let api = ApiServer::start().await.unwrap();
+    api.run_controllers();
+    api.put(
+        "",
+        "nodes",
+        json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-1",
+               "labels": {"topology.kubernetes.io/region": "eu", "topology.kubernetes.io/zone": "eu-1"}}}),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = api.write_kubeconfig(dir.path()).unwrap();
+    let manifests = dir.path().join("manifests");
+    std::fs::create_dir(&manifests).unwrap();
+    let crds: String = [
+        ("VirtualService", "virtualservices", "networking.istio.io"),
+        ("DestinationRule", "destinationrules", "networking.istio.io"),
+    ]
+    .iter()
+    .map(|(k, p, g)| crd(k, p, g))
+    .collect();
+    // The CRDs first, as on a cluster: kubectl validates objects against the kinds it knows.
+    std::fs::write(manifests.join("0-crds.yaml"), crds).unwrap();
+    kubectl(
+        dir.path(),
+        &[
+            "apply",
+            "-f",
+            manifests.join("0-crds.yaml").to_str().unwrap(),
+        ],
+    );
+    std::fs::write(manifests.join("1-app.yaml"), APP).unwrap();
+    kubectl(dir.path(), &["apply", "-f", manifests.to_str().unwrap()]);
+
+    let cp = ControlPlane::new(Config::default());
+    let (_files, files) = tokio::sync::watch::channel(Config::default());
+    let client = hypha_kube::connect(Some(&kubeconfig)).await.unwrap();
+    let source = tokio::spawn(hypha_kube::run(client, cp.clone(), files));
+
+    let reviews = "reviews.shop.svc.cluster.local";
+    let endpoints = |host: &str| {
+        cp.current()
+            .registry
+            .service(host, "shop")
+            .map_or(0, |s| s.endpoints.len())
+    };
+    eventually("the reviews pods as endpoints", || endpoints(reviews) == 2).await;
+    let t = cp.current();
+    let s = t.registry.service(reviews, "shop").unwrap();
+    assert_eq!(s.vips.len(), 2, "dual-stack VIPs: {:?}", s.vips);
+    assert!(s.vips[0].is_ipv4() && s.vips[1].is_ipv6());
+    for e in &s.endpoints {
+        assert_eq!(e.addresses.len(), 2, "both families: {:?}", e.addresses);
+        assert_eq!(e.service_account, "reviews");
+        assert_eq!(e.labels["version"], "v1");
+        assert_eq!(e.locality, "eu/eu-1");
+        assert!(e.sidecar, "labelled tlsMode istio");
+        assert_eq!(e.port_for(&s.ports[0]), 8080, "named targetPort resolved");
+        assert!(
+            e.workload_name.starts_with("reviews-"),
+            "{}",
+            e.workload_name
+        );
+    }
+    assert!(s.ports[1].protocol.is_http(), "appProtocol: http");
+    // The pods are workloads too, found by name as a sidecar's own.
+    let pod = &s.endpoints[0].workload_name;
+    assert_eq!(t.registry.workloads_of("shop", pod, &[]).len(), 1);
+    let db = t
+        .registry
+        .service("db.shop.svc.cluster.local", "shop")
+        .unwrap();
+    assert!(db.vips.is_empty(), "headless");
+    assert_eq!(db.resolution, Resolution::None);
+    assert_eq!(db.endpoints.len(), 1);
+    assert!(!db.endpoints[0].sidecar, "no tlsMode label: no sidecar");
+    let payments = t
+        .registry
+        .service("payments.shop.svc.cluster.local", "shop")
+        .unwrap();
+    assert_eq!(payments.resolution, Resolution::Dns);
+    assert_eq!(payments.endpoints[0].addresses, ["payments.example.com"]);
+    assert_eq!(t.cfg.virtual_services.len(), 1);
+    drop(t);
+
+    kubectl(
+        dir.path(),
+        &["scale", "-n", "shop", "deployment/reviews", "--replicas=3"],
+    );
+    eventually("a scaled Deployment's endpoints", || {
+        endpoints(reviews) == 3
+    })
+    .await;
+
+    // An invalid VirtualService: reported on the object, left out, the rest still served.
+    std::fs::write(manifests.join("2-bad.yaml"), BAD).unwrap();
+    kubectl(dir.path(), &["apply", "-f", manifests.to_str().unwrap()]);
+    eventually("validationMessages on the invalid object", || {
+        api.get("networking.istio.io", "virtualservices", "shop", "broken")
+            .and_then(|o| {
+                o.pointer("/status/validationMessages/0/description")
+                    .cloned()
+            })
+            .is_some()
+    })
+    .await;
+    let events = api.list("", "events");
+    assert!(
+        events
+            .iter()
+            .any(|e| e["involvedObject"]["name"] == "broken"
+                && e["type"] == "Warning"
+                && e["message"].as_str().unwrap_or("").contains("spec.")),
+        "{events:?}"
+    );
+    kubectl(
+        dir.path(),
+        &["scale", "-n", "shop", "deployment/reviews", "--replicas=1"],
+    );
+    eventually("changes pushed beside an invalid object", || {
+        endpoints(reviews) == 1
+    })
+    .await;
+    let names: Vec<String> = cp
+        .current()
+        .cfg
+        .virtual_services
+        .iter()
+        .map(|v| v.name.clone())
+        .collect();
+    assert_eq!(names, ["reviews"]);
+    assert_eq!(cp.rejected_changes(), 0);
+
+    // Fixed: the messages go.
+    std::fs::remove_file(manifests.join("2-bad.yaml")).unwrap();
+    kubectl(
+        dir.path(),
+        &["delete", "-n", "shop", "virtualservice", "broken"],
+    );
+
+    // The API server ends every watch and forgets its history: the watches relist (410 Gone)
+    // and nothing is lost.
+    let before = cp.current().version().parse::<u64>().unwrap();
+    api.compact();
+    api.close_watches();
+    kubectl(
+        dir.path(),
+        &["scale", "-n", "shop", "deployment/reviews", "--replicas=2"],
+    );
+    kubectl(dir.path(), &["delete", "-n", "shop", "service", "db"]);
+    eventually("changes made while the watches were down", || {
+        endpoints(reviews) == 2
+            && cp
+                .current()
+                .registry
+                .service("db.shop.svc.cluster.local", "shop")
+                .is_none()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = cp.current().version().parse::<u64>().unwrap();
+    assert!(
+        after - before <= 4,
+        "a relist pushes what changed, not a storm: {before} → {after}"
+    );
+    source.abort();
+}
