@@ -23,10 +23,14 @@ pub(crate) async fn run(
     shared: Shared,
     closed: tokio::sync::watch::Receiver<u64>,
 ) {
+    // Connections end with the server (dropping the set aborts them): a stopped server
+    // answers nothing, even on a client's pooled connection.
+    let mut connections = tokio::task::JoinSet::new();
     while let Ok((stream, _)) = listener.accept().await {
+        while connections.try_join_next().is_some() {}
         let shared = shared.clone();
         let closed = closed.clone();
-        tokio::spawn(async move {
+        connections.spawn(async move {
             let service = hyper::service::service_fn(move |req| {
                 let shared = shared.clone();
                 let closed = closed.clone();

@@ -27,7 +27,7 @@ pub mod der;
 pub use error::CaError;
 pub use issue::{Caller, Issued, DEFAULT_MAX_VALIDITY};
 pub use rate::IssueRate;
-pub use service::{Authenticator, CaService, JoinTokens};
+pub use service::{bearer, AuthError, Authenticator, CaService, JoinTokens, TokenReview};
 pub use signer::{FileSigner, Signer};
 pub use tenants::{parse_revoked, Ca, TenantCa, CONTROL_SERVICE_ACCOUNT, REVOKED_FILE};
 pub use token::{TokenSigner, TokenSignerConfig};

@@ -48,18 +48,56 @@ pub enum AuthError {
     NotAWorkload(String),
     #[error("the client certificate is refused: {0}")]
     Refused(String),
+    #[error("the token review refused the token: {0}")]
+    Review(String),
+    #[error("the token could not be reviewed: {0}")]
+    ReviewUnavailable(String),
 }
 
 /// Establishes who is calling from what the transport and the request's metadata carry.
 ///
 /// `extensions` is where the TLS layer will put the verified peer certificate chain, for the
 /// renewal authenticator (a workload authenticated by its current certificate).
+#[tonic::async_trait]
 pub trait Authenticator: Send + Sync + 'static {
-    fn authenticate(
+    async fn authenticate(
         &self,
         metadata: &MetadataMap,
         extensions: &Extensions,
     ) -> Result<Caller, AuthError>;
+}
+
+/// Checks a bearer token that is not a join token with an authority that knows it: on
+/// Kubernetes, a projected service-account token checked by the `TokenReview` API
+/// (`hypha-kube`), the caller being the namespace and service account the review names.
+#[tonic::async_trait]
+pub trait TokenReview: Send + Sync + 'static {
+    async fn review(&self, token: &str) -> Result<Caller, AuthError>;
+}
+
+impl std::fmt::Debug for dyn TokenReview {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TokenReview")
+    }
+}
+
+/// The bearer token of `authorization: Bearer <token>`.
+pub fn bearer(metadata: &MetadataMap) -> Result<&str, AuthError> {
+    let value = metadata.get("authorization").ok_or(AuthError::Missing)?;
+    let value = value
+        .to_str()
+        .map_err(|_| AuthError::Malformed("authorization is not ASCII"))?;
+    let (scheme, token) = value
+        .split_once(' ')
+        .ok_or(AuthError::Malformed("expected `Bearer <token>`"))?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return Err(AuthError::Malformed("expected the Bearer scheme"));
+    }
+    let token = token.trim();
+    if token.is_empty() {
+        return Err(AuthError::Malformed("empty bearer token"));
+    }
+    Ok(token)
 }
 
 /// Errors loading a join-token directory.
@@ -229,31 +267,25 @@ impl JoinTokens {
     }
 }
 
-impl Authenticator for JoinTokens {
-    fn authenticate(
-        &self,
-        metadata: &MetadataMap,
-        _extensions: &Extensions,
-    ) -> Result<Caller, AuthError> {
-        let value = metadata.get("authorization").ok_or(AuthError::Missing)?;
-        let value = value
-            .to_str()
-            .map_err(|_| AuthError::Malformed("authorization is not ASCII"))?;
-        let (scheme, token) = value
-            .split_once(' ')
-            .ok_or(AuthError::Malformed("expected `Bearer <token>`"))?;
-        if !scheme.eq_ignore_ascii_case("bearer") {
-            return Err(AuthError::Malformed("expected the Bearer scheme"));
-        }
-        let token = token.trim();
-        if token.is_empty() {
-            return Err(AuthError::Malformed("empty bearer token"));
-        }
+impl JoinTokens {
+    /// The workload `token` is the join token of, unless it has expired.
+    pub fn check(&self, token: &str) -> Result<Caller, AuthError> {
         let i = self.find(token.as_bytes()).ok_or(AuthError::UnknownToken)?;
         if self.expires[i].is_some_and(|t| t <= SystemTime::now()) {
             return Err(AuthError::ExpiredToken);
         }
         Ok(self.entries[i].1.clone())
+    }
+}
+
+#[tonic::async_trait]
+impl Authenticator for JoinTokens {
+    async fn authenticate(
+        &self,
+        metadata: &MetadataMap,
+        _extensions: &Extensions,
+    ) -> Result<Caller, AuthError> {
+        self.check(bearer(metadata)?)
     }
 }
 
@@ -328,10 +360,12 @@ impl IstioCertificateService for CaService {
         let caller = self
             .auth
             .authenticate(request.metadata(), request.extensions())
+            .await
             .map_err(|e| {
                 tracing::info!(reason = %e, "CreateCertificate: unauthenticated");
                 match e {
                     AuthError::Refused(_) => Status::permission_denied(e.to_string()),
+                    AuthError::ReviewUnavailable(_) => Status::unavailable(e.to_string()),
                     _ => Status::unauthenticated(e.to_string()),
                 }
             })?;

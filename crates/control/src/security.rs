@@ -164,6 +164,12 @@ impl std::fmt::Debug for Secure {
 }
 
 impl Secure {
+    /// Has the CA check bearer tokens that are no join token with `review` (service-account
+    /// tokens, by TokenReview).
+    pub fn review_tokens_with(&self, review: Arc<dyn hypha_ca::TokenReview>) {
+        self.auth.review_tokens_with(review);
+    }
+
     /// Opens (or creates on first start) the CA's signers under `data_dir`, reads the join
     /// tokens, issues the control plane's certificate and writes `data_dir/root-cert.pem`.
     ///

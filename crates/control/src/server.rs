@@ -465,6 +465,9 @@ pub struct Security {
     pub listen: Vec<SocketAddr>,
     /// The token holding the control plane's own serving key, instead of its memory.
     pub own_key: Option<hypha_keys::pkcs11::TokenConfig>,
+    /// Checks bearer tokens that are no join token: service-account tokens, by TokenReview
+    /// (`hypha-kube`).
+    pub token_review: Option<Arc<dyn hypha_ca::TokenReview>>,
 }
 
 /// A source of config besides the files (the Kubernetes source, `hypha-kube`): it gets the
@@ -520,6 +523,9 @@ pub async fn run(
             })
             .await
             .map_err(|e| RunError::Start(e.to_string()))??;
+            if let Some(review) = &s.token_review {
+                secure.review_tokens_with(review.clone());
+            }
             Some(Arc::new(secure))
         }
         None => None,

@@ -57,6 +57,7 @@ async fn control_starts_with_an_attested_token_ca_and_refuses_an_unapproved_one(
         join_tokens: None,
         listen: vec![],
         own_key: None,
+        token_review: None,
     };
     let own_key = hypha_keys::pkcs11::TokenConfig {
         module: MODULE.into(),

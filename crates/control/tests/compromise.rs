@@ -119,7 +119,7 @@ impl Endpoint {
             ca: self.uri.clone(),
             ca_roots: self.ca_roots.clone(),
             ca_identity: control_plane_id(),
-            token: token.map(str::to_owned),
+            token: token.map(Into::into),
             spiffe_id: format!("spiffe://{TD}/ns/{ns}/sa/{sa}"),
             keys: KeySource::Software(KeyKind::EcdsaP256),
             validity: Duration::from_secs(600),

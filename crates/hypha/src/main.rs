@@ -306,6 +306,16 @@ struct ProxyArgs {
     /// The join token file for the first certificate.
     #[arg(long, env = "HYPHA_JOIN_TOKEN", requires = "ca_root")]
     join_token: Option<PathBuf>,
+    /// On Kubernetes: the pod's projected service-account token (audience `istio-ca`, as
+    /// Istio's sidecar has it, or `hypha-ca`), which the CA checks with TokenReview. Read
+    /// again at every renewal, since the kubelet rotates it.
+    #[arg(
+        long,
+        env = "HYPHA_SERVICE_ACCOUNT_TOKEN",
+        requires = "ca_root",
+        conflicts_with = "join_token"
+    )]
+    service_account_token: Option<PathBuf>,
     /// The mesh's trust domain (SPIFFE IDs are `spiffe://<trust domain>/ns/<ns>/sa/<sa>`).
     #[arg(long, env = "HYPHA_TRUST_DOMAIN", default_value = "cluster.local")]
     trust_domain: String,
@@ -423,6 +433,7 @@ fn main() -> ExitCode {
                 join_tokens,
                 listen: listen_tls,
                 own_key,
+                token_review: None,
             });
             let cluster = kubernetes.then_some(kubeconfig);
             run(control(config, cluster, listen, security))
@@ -711,11 +722,17 @@ async fn control(
     config: Option<PathBuf>,
     cluster: Option<Option<PathBuf>>,
     listen: Vec<SocketAddr>,
-    security: Option<hypha_control::Security>,
+    mut security: Option<hypha_control::Security>,
 ) -> anyhow::Result<()> {
     let extra = match cluster {
         Some(kubeconfig) => {
             let client = hypha_kube::connect(kubeconfig.as_deref()).await?;
+            // The CA takes the pods' service-account tokens, checked by TokenReview.
+            if let Some(s) = &mut security {
+                s.token_review = Some(std::sync::Arc::new(hypha_kube::TokenReviewer::new(
+                    client.clone(),
+                )));
+            }
             let source: hypha_control::ExtraSource =
                 Box::new(move |cp, files| Box::pin(hypha_kube::run(client, cp, files)));
             Some(source)
@@ -856,6 +873,7 @@ async fn proxy(a: ProxyArgs) -> anyhow::Result<()> {
             .map(|ca_root| hypha_proxy::identity::IdentityOptions {
                 ca_root,
                 join_token: a.join_token,
+                service_account_token: a.service_account_token,
                 trust_domain: a.trust_domain,
                 control_plane_namespace: a.control_plane_namespace,
                 key_kind: a.key,

@@ -9,7 +9,7 @@ use boring::x509::X509;
 use hypha_ca::service::pb::istio_certificate_service_client::IstioCertificateServiceClient;
 use hypha_ca::service::pb::IstioCertificateRequest;
 use hypha_ca::service::AuthError;
-use hypha_ca::{Authenticator, Ca, Caller, JoinTokens};
+use hypha_ca::{Authenticator, Ca, Caller, JoinTokens, TokenReview};
 use tonic::metadata::MetadataMap;
 use tonic::Extensions;
 
@@ -92,13 +92,63 @@ pub struct Workload {
     pub ca_roots: Vec<X509>,
     /// Who the CA must be.
     pub ca_identity: Peer,
-    /// The join token for the first certificate (and for renewal if the certificate lapsed).
-    pub token: Option<String>,
+    /// The credential for the first certificate: a join token (used again only if renewal
+    /// by the certificate fails), or a service-account token file (read again for every
+    /// request, and used for every renewal, as Istio's agent does).
+    pub token: Option<Credential>,
     /// The identity asked for: `spiffe://<trust-domain>/ns/<ns>/sa/<sa>`.
     pub spiffe_id: String,
     pub keys: KeySource,
     /// The validity asked for (the CA caps it).
     pub validity: Duration,
+}
+
+/// What a workload presents as `authorization: Bearer` for its first certificate.
+#[derive(Clone)]
+pub enum Credential {
+    /// A join token (`hypha control --join-tokens`).
+    Join(String),
+    /// A projected service-account token the kubelet keeps fresh in this file, checked by
+    /// the CA with Kubernetes' TokenReview.
+    ServiceAccount(std::path::PathBuf),
+}
+
+impl Credential {
+    /// The token as of now.
+    pub async fn read(&self) -> Result<String, IdentityError> {
+        match self {
+            Credential::Join(t) => Ok(t.clone()),
+            Credential::ServiceAccount(path) => tokio::fs::read_to_string(path)
+                .await
+                .map(|t| t.trim().to_owned())
+                .map_err(|source| IdentityError::Read {
+                    path: path.clone(),
+                    source,
+                }),
+        }
+    }
+}
+
+impl std::fmt::Debug for Credential {
+    // Never the token.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Credential::Join(_) => f.write_str("join token"),
+            Credential::ServiceAccount(p) => write!(f, "service-account token {}", p.display()),
+        }
+    }
+}
+
+impl From<String> for Credential {
+    fn from(token: String) -> Credential {
+        Credential::Join(token)
+    }
+}
+
+impl From<&str> for Credential {
+    fn from(token: &str) -> Credential {
+        Credential::Join(token.to_owned())
+    }
 }
 
 impl std::fmt::Debug for Workload {
@@ -114,10 +164,14 @@ impl std::fmt::Debug for Workload {
 }
 
 impl Workload {
-    /// The first certificate, authenticated by the join token.
+    /// The first certificate, authenticated by the token.
     pub async fn bootstrap(&self) -> Result<Identity, IdentityError> {
         let connector = crate::tls::client(None, &self.ca_roots)?;
-        self.request(connector, self.token.as_deref()).await
+        let token = match &self.token {
+            Some(c) => Some(c.read().await?),
+            None => None,
+        };
+        self.request(connector, token.as_deref()).await
     }
 
     /// A new certificate (and key), authenticated by the current one. Keeps the current
@@ -195,8 +249,22 @@ impl Workload {
             tokio::time::sleep(wait).await;
             let mut retry = RETRY_MIN;
             let fresh = loop {
-                let attempt = match self.renew(&current.identity).await {
-                    Err(e) if self.token.is_some() => {
+                let by_service_account = match &self.token {
+                    Some(Credential::ServiceAccount(_)) => match self.bootstrap().await {
+                        Ok(id) => Some(id.with_roots(current.identity.roots().to_vec())),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "renewal by the service-account token failed; trying the certificate");
+                            None
+                        }
+                    },
+                    _ => None,
+                };
+                let attempt = match by_service_account {
+                    Some(attempt) => attempt,
+                    None => self.renew(&current.identity).await,
+                };
+                let attempt = match attempt {
+                    Err(e) if matches!(self.token, Some(Credential::Join(_))) => {
                         tracing::warn!(error = %e, "certificate renewal failed; trying the join token");
                         match self.bootstrap().await {
                             Ok(id) => id.with_roots(current.identity.roots().to_vec()),
@@ -295,6 +363,8 @@ pub fn issue_local_in_token(
 pub struct WorkloadAuth {
     /// Replaced whole when the token directory changes (see [`WorkloadAuth::set_tokens`]).
     tokens: std::sync::RwLock<Option<Arc<JoinTokens>>>,
+    /// Checks bearer tokens that are no join token (service-account tokens on Kubernetes).
+    review: std::sync::OnceLock<Arc<dyn TokenReview>>,
     trust_domain: String,
 }
 
@@ -302,8 +372,14 @@ impl WorkloadAuth {
     pub fn new(tokens: Option<JoinTokens>, trust_domain: impl Into<String>) -> WorkloadAuth {
         WorkloadAuth {
             tokens: std::sync::RwLock::new(tokens.map(Arc::new)),
+            review: std::sync::OnceLock::new(),
             trust_domain: trust_domain.into(),
         }
+    }
+
+    /// Has bearer tokens that are no join token checked by `review` (set once).
+    pub fn review_tokens_with(&self, review: Arc<dyn TokenReview>) {
+        let _ = self.review.set(review);
     }
 
     /// The join tokens from now on (a token directory read again).
@@ -312,21 +388,27 @@ impl WorkloadAuth {
     }
 }
 
+#[tonic::async_trait]
 impl Authenticator for WorkloadAuth {
-    fn authenticate(
+    async fn authenticate(
         &self,
         metadata: &MetadataMap,
         extensions: &Extensions,
     ) -> Result<Caller, AuthError> {
         if metadata.contains_key("authorization") {
+            let token = hypha_ca::bearer(metadata)?;
             let tokens = self
                 .tokens
                 .read()
                 .unwrap_or_else(|e| e.into_inner())
                 .clone();
-            return match tokens {
-                Some(tokens) => tokens.authenticate(metadata, extensions),
+            let joined = match tokens {
+                Some(tokens) => tokens.check(token),
                 None => Err(AuthError::UnknownToken),
+            };
+            return match (joined, self.review.get()) {
+                (Err(AuthError::UnknownToken), Some(review)) => review.review(token).await,
+                (result, _) => result,
             };
         }
         let peer = extensions.get::<PeerInfo>().ok_or(AuthError::Missing)?;

@@ -85,7 +85,7 @@ impl TestCa {
             ca: self.uri.clone(),
             ca_roots: self.ca_roots.clone(),
             ca_identity: Peer::OneOf(Arc::from(vec![id("istio-system", "hypha-control")])),
-            token: token.map(str::to_owned),
+            token: token.map(Into::into),
             spiffe_id: id(ns, sa),
             keys: KeySource::Software(KeyKind::EcdsaP256),
             validity: Duration::from_secs(600),

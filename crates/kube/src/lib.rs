@@ -8,6 +8,7 @@
 //! - `cluster`: the cluster's state and the registry model it becomes
 //! - `istio`: the Istio kinds watched, and the config assembled with invalid objects left out
 //! - `report`: Events and `status.validationMessages` on invalid objects
+//! - `review`: the CA's check of service-account tokens (TokenReview)
 //! - `watch`: the watchers, the debounce, the push
 
 #![forbid(unsafe_code)]
@@ -16,11 +17,13 @@ pub mod cluster;
 pub mod istio;
 pub mod objects;
 mod report;
+mod review;
 mod watch;
 
 use std::path::Path;
 
 pub use report::COMPONENT;
+pub use review::{TokenReviewer, AUDIENCES};
 pub use watch::{run, DEBOUNCE_AFTER, DEBOUNCE_MAX};
 
 /// What diagnostics about objects read from the API server name as their file.

@@ -22,6 +22,9 @@ pub struct IdentityOptions {
     pub ca_root: PathBuf,
     /// The join token for the first certificate.
     pub join_token: Option<PathBuf>,
+    /// A projected service-account token (Kubernetes), read again at every renewal: the
+    /// kubelet rotates it. Instead of `join_token`.
+    pub service_account_token: Option<PathBuf>,
     pub trust_domain: String,
     /// The control plane's namespace (the mesh's root namespace): the control plane must be
     /// `spiffe://<trust domain>/ns/<this>/sa/hypha-control`, nothing less.
@@ -134,9 +137,12 @@ pub async fn bootstrap(
     if ca_roots.is_empty() {
         return Err(IdentityStartError::NoRoot(opts.ca_root.clone()));
     }
-    let token = match &opts.join_token {
-        Some(p) => Some(String::from_utf8_lossy(&read(p)?).trim().to_owned()),
-        None => None,
+    let token = match (&opts.service_account_token, &opts.join_token) {
+        (Some(p), _) => Some(hypha_identity::Credential::ServiceAccount(p.clone())),
+        (None, Some(p)) => Some(hypha_identity::Credential::Join(
+            String::from_utf8_lossy(&read(p)?).trim().to_owned(),
+        )),
+        (None, None) => None,
     };
     let keys = match (&opts.pkcs11, &opts.batch) {
         (None, None) => KeySource::Software(opts.key_kind),

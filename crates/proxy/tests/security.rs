@@ -90,6 +90,7 @@ impl Secured {
         IdentityOptions {
             ca_root: self.root(),
             join_token: Some(write_token(self.data.path(), "presented.token", token)),
+            service_account_token: None,
             trust_domain: TD.into(),
             control_plane_namespace: "istio-system".into(),
             key_kind: self.key_kind,
