@@ -20,6 +20,7 @@ mod controllers;
 mod discovery;
 mod kinds;
 mod patch;
+mod rbac;
 mod select;
 mod serve;
 mod store;
@@ -128,17 +129,22 @@ impl ApiServer {
     }
 
     /// Writes a kubeconfig for this server into `dir` and returns its path (for `KUBECONFIG`
-    /// or `kubectl --kubeconfig`).
+    /// or `kubectl --kubeconfig`). Its user is an administrator.
     pub fn write_kubeconfig(&self, dir: &Path) -> std::io::Result<PathBuf> {
-        let path = dir.join("kubeconfig");
+        self.write_kubeconfig_as(&dir.join("kubeconfig"), "test")
+    }
+
+    /// Writes a kubeconfig at `path` whose user presents `token`: one [`ApiServer::issue_token`]
+    /// issued makes its service account's RBAC roles (applied like any object) all it may do.
+    pub fn write_kubeconfig_as(&self, path: &Path, token: &str) -> std::io::Result<PathBuf> {
         let config = format!(
             "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster: {{server: \"{}\"}}\n\
-             users:\n- name: test\n  user: {{token: test}}\ncontexts:\n- name: test\n  \
+             users:\n- name: test\n  user: {{token: \"{token}\"}}\ncontexts:\n- name: test\n  \
              context: {{cluster: test, user: test, namespace: default}}\ncurrent-context: test\n",
             self.url()
         );
-        std::fs::write(&path, config)?;
-        Ok(path)
+        std::fs::write(path, config)?;
+        Ok(path.to_path_buf())
     }
 
     /// Issues a service-account token, as the kubelet asks the TokenRequest API for one.

@@ -155,6 +155,12 @@ async fn handle(
         .and_then(|a| a.to_str().ok())
         .is_some_and(|a| a.contains("as=APIGroupDiscoveryList") && a.contains("v=v2;"));
     let method = req.method().clone();
+    let bearer = req
+        .headers()
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(|t| t.trim().to_owned());
     let content_type = req
         .headers()
         .get(http::header::CONTENT_TYPE)
@@ -240,6 +246,9 @@ async fn handle(
             "the server could not find the requested resource",
         );
     };
+    if let Some(refused) = authorize(&shared, bearer.as_deref(), &method, &t, param("watch")) {
+        return refused;
+    }
     let selector = match Selector::parse(param("labelSelector"), param("fieldSelector")) {
         Ok(s) => s,
         Err(e) => return failure(StatusCode::BAD_REQUEST, "BadRequest", &e.0),
@@ -301,6 +310,61 @@ async fn handle(
             "the server does not allow this method on the requested resource",
         ),
     }
+}
+
+/// RBAC for requests made with a service-account token the test issued (401 once it has
+/// expired, 403 where no role allows it); `None` lets the request through.
+fn authorize(
+    shared: &Shared,
+    bearer: Option<&str>,
+    method: &Method,
+    t: &Target,
+    watch: Option<&str>,
+) -> Option<Response<Body>> {
+    let state = lock(shared);
+    let token = state
+        .tokens
+        .iter()
+        .find(|(secret, _)| Some(secret.as_str()) == bearer)
+        .map(|(_, t)| t)?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    if token.expires <= now {
+        return Some(failure(
+            StatusCode::UNAUTHORIZED,
+            "Unauthorized",
+            "Unauthorized",
+        ));
+    }
+    let verb = match (method, &t.name) {
+        (&Method::GET, None) if matches!(watch, Some("true" | "1")) => "watch",
+        (&Method::GET, None) => "list",
+        (&Method::GET, Some(_)) => "get",
+        (&Method::POST, _) => "create",
+        (&Method::PUT, _) => "update",
+        (&Method::PATCH, _) => "patch",
+        (&Method::DELETE, _) => "delete",
+        _ => "unknown",
+    };
+    let a = crate::rbac::Attributes {
+        verb,
+        group: &t.kind.group,
+        resource: match &t.subresource {
+            Some(sub) => format!("{}/{sub}", t.kind.resource),
+            None => t.kind.resource.clone(),
+        },
+        namespace: &t.namespace,
+        name: t.name.as_deref(),
+    };
+    if crate::rbac::allowed(&state, &token.namespace, &token.service_account, &a) {
+        return None;
+    }
+    Some(failure(
+        StatusCode::FORBIDDEN,
+        "Forbidden",
+        &crate::rbac::forbidden_message(&token.namespace, &token.service_account, &a),
+    ))
 }
 
 fn key(t: &Target, name: &str) -> crate::store::Key {

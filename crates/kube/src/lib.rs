@@ -26,6 +26,10 @@ pub use report::COMPONENT;
 pub use review::{TokenReviewer, AUDIENCES};
 pub use watch::{run, DEBOUNCE_AFTER, DEBOUNCE_MAX};
 
+/// The control plane's service account, ClusterRole and binding (`manifests/rbac.yaml`): every
+/// permission `hypha control --kubernetes` needs, in one place.
+pub const RBAC: &str = include_str!("../../../manifests/rbac.yaml");
+
 /// What diagnostics about objects read from the API server name as their file.
 pub const ORIGIN: &str = "kubernetes";
 

@@ -5,28 +5,15 @@
 //! an invalid VirtualService reported on the object while the rest is served, and watches
 //! that survive the API server closing them and compacting its history.
 
-use std::path::Path;
+mod common;
+
 use std::time::Duration;
 
-use hypha_apiserver::ApiServer;
+use common::{eventually, TestCluster};
 use hypha_config::networking::Resolution;
 use hypha_config::Config;
 use hypha_control::ControlPlane;
-use serde_json::json;
-
-fn kubectl(dir: &Path, args: &[&str]) -> String {
-    hypha_apiserver::kubectl(dir, args).unwrap_or_else(|e| panic!("{e}"))
-}
-
-async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-    for _ in 0..200 {
-        if check() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("{what}: not within 10 s");
-}
+use serde_json::{json, Value};
 
 fn crd(kind: &str, plural: &str, group: &str) -> String {
     format!(
@@ -135,17 +122,15 @@ spec:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_mesh_follows_the_cluster() {
-    let api = ApiServer::start().await.unwrap();
-    api.run_controllers();
+    let cluster = TestCluster::start().await;
+    let api = &cluster.api;
     api.put(
         "",
         "nodes",
         json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-1",
                "labels": {"topology.kubernetes.io/region": "eu", "topology.kubernetes.io/zone": "eu-1"}}}),
     );
-    let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = api.write_kubeconfig(dir.path()).unwrap();
-    let manifests = dir.path().join("manifests");
+    let manifests = cluster.dir.path().join("manifests");
     std::fs::create_dir(&manifests).unwrap();
     let crds: String = [
         ("VirtualService", "virtualservices", "networking.istio.io"),
@@ -155,22 +140,15 @@ async fn the_mesh_follows_the_cluster() {
     .map(|(k, p, g)| crd(k, p, g))
     .collect();
     // The CRDs first, as on a cluster: kubectl validates objects against the kinds it knows.
-    std::fs::write(manifests.join("0-crds.yaml"), crds).unwrap();
-    kubectl(
-        dir.path(),
-        &[
-            "apply",
-            "-f",
-            manifests.join("0-crds.yaml").to_str().unwrap(),
-        ],
-    );
+    cluster.apply("crds.yaml", &crds);
     std::fs::write(manifests.join("1-app.yaml"), APP).unwrap();
-    kubectl(dir.path(), &["apply", "-f", manifests.to_str().unwrap()]);
+    let apply_all = || cluster.kubectl(&["apply", "-f", manifests.to_str().unwrap()]);
+    apply_all();
 
     let cp = ControlPlane::new(Config::default());
     let (_files, files) = tokio::sync::watch::channel(Config::default());
-    let client = hypha_kube::connect(Some(&kubeconfig)).await.unwrap();
-    let source = tokio::spawn(hypha_kube::run(client, cp.clone(), files));
+    // The control plane with only the permissions of manifests/rbac.yaml.
+    let source = tokio::spawn(hypha_kube::run(cluster.client().await, cp.clone(), files));
 
     let reviews = "reviews.shop.svc.cluster.local";
     let endpoints = |host: &str| {
@@ -218,10 +196,7 @@ async fn the_mesh_follows_the_cluster() {
     assert_eq!(t.cfg.virtual_services.len(), 1);
     drop(t);
 
-    kubectl(
-        dir.path(),
-        &["scale", "-n", "shop", "deployment/reviews", "--replicas=3"],
-    );
+    cluster.kubectl(&["scale", "-n", "shop", "deployment/reviews", "--replicas=3"]);
     eventually("a scaled Deployment's endpoints", || {
         endpoints(reviews) == 3
     })
@@ -229,7 +204,7 @@ async fn the_mesh_follows_the_cluster() {
 
     // An invalid VirtualService: reported on the object, left out, the rest still served.
     std::fs::write(manifests.join("2-bad.yaml"), BAD).unwrap();
-    kubectl(dir.path(), &["apply", "-f", manifests.to_str().unwrap()]);
+    apply_all();
     eventually("validationMessages on the invalid object", || {
         api.get("networking.istio.io", "virtualservices", "shop", "broken")
             .and_then(|o| {
@@ -248,10 +223,7 @@ async fn the_mesh_follows_the_cluster() {
                 && e["message"].as_str().unwrap_or("").contains("spec.")),
         "{events:?}"
     );
-    kubectl(
-        dir.path(),
-        &["scale", "-n", "shop", "deployment/reviews", "--replicas=1"],
-    );
+    cluster.kubectl(&["scale", "-n", "shop", "deployment/reviews", "--replicas=1"]);
     eventually("changes pushed beside an invalid object", || {
         endpoints(reviews) == 1
     })
@@ -266,23 +238,31 @@ async fn the_mesh_follows_the_cluster() {
     assert_eq!(names, ["reviews"]);
     assert_eq!(cp.rejected_changes(), 0);
 
-    // Fixed: the messages go.
-    std::fs::remove_file(manifests.join("2-bad.yaml")).unwrap();
-    kubectl(
-        dir.path(),
-        &["delete", "-n", "shop", "virtualservice", "broken"],
-    );
+    // Fixed: it is served, and its messages go.
+    std::fs::write(
+        manifests.join("2-bad.yaml"),
+        BAD.replace("ratings", "reviews").replace("v9", "v1"),
+    )
+    .unwrap();
+    apply_all();
+    eventually("the fixed object served, its messages gone", || {
+        cp.current().cfg.virtual_services.len() == 2
+            && api
+                .get("networking.istio.io", "virtualservices", "shop", "broken")
+                .is_some_and(|o| {
+                    o.pointer("/status/validationMessages")
+                        .is_none_or(Value::is_null)
+                })
+    })
+    .await;
 
     // The API server ends every watch and forgets its history: the watches relist (410 Gone)
     // and nothing is lost.
     let before = cp.current().version().parse::<u64>().unwrap();
     api.compact();
     api.close_watches();
-    kubectl(
-        dir.path(),
-        &["scale", "-n", "shop", "deployment/reviews", "--replicas=2"],
-    );
-    kubectl(dir.path(), &["delete", "-n", "shop", "service", "db"]);
+    cluster.kubectl(&["scale", "-n", "shop", "deployment/reviews", "--replicas=2"]);
+    cluster.kubectl(&["delete", "-n", "shop", "service", "db"]);
     eventually("changes made while the watches were down", || {
         endpoints(reviews) == 2
             && cp

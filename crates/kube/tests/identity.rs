@@ -5,11 +5,13 @@
 //! deleted pod, an expired token, or when the review cannot be made. The token file is read
 //! again for every request, as the kubelet rotates it.
 
-use std::path::Path;
+mod common;
+
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use boring::x509::X509;
+use common::TestCluster;
 use hypha_apiserver::{ApiServer, Token};
 use hypha_config::{Config, MeshConfig};
 use hypha_control::security::{Secure, ROOT_CERT_FILE};
@@ -39,10 +41,6 @@ spec:
       serviceAccountName: reviews
       containers: [{name: reviews, image: example/reviews:1}]
 ";
-
-fn kubectl(dir: &Path, args: &[&str]) -> String {
-    hypha_apiserver::kubectl(dir, args).unwrap_or_else(|e| panic!("{e}"))
-}
 
 fn now() -> u64 {
     SystemTime::now()
@@ -76,20 +74,17 @@ fn refused(r: &Result<hypha_identity::Identity, IdentityError>, code: tonic::Cod
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sidecars_get_certificates_with_their_service_account_token() {
-    let api = ApiServer::start().await.unwrap();
-    api.run_controllers();
-    let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = api.write_kubeconfig(dir.path()).unwrap();
-    let manifest = dir.path().join("app.yaml");
-    std::fs::write(&manifest, APP).unwrap();
-    kubectl(dir.path(), &["apply", "-f", manifest.to_str().unwrap()]);
-    let (pod, uid) = reviews_pod(&api).await;
+    let cluster = TestCluster::start().await;
+    cluster.apply("app.yaml", APP);
+    let (pod, uid) = reviews_pod(&cluster.api).await;
 
     // The CA as `hypha control --kubernetes --listen-tls` runs it.
-    let ca_dir = dir.path().join("ca");
+    let ca_dir = cluster.dir.path().join("ca");
     let secure = Arc::new(Secure::open(&MeshConfig::default(), &ca_dir, None).unwrap());
-    let client = hypha_kube::connect(Some(&kubeconfig)).await.unwrap();
-    secure.review_tokens_with(Arc::new(hypha_kube::TokenReviewer::new(client)));
+    // As the control plane, with only the permissions of manifests/rbac.yaml.
+    secure.review_tokens_with(Arc::new(hypha_kube::TokenReviewer::new(
+        cluster.client().await,
+    )));
     let cp = ControlPlane::with_mtls(Config::default(), secure.signer_roots().clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let uri = format!("https://{}", listener.local_addr().unwrap());
@@ -98,7 +93,7 @@ async fn sidecars_get_certificates_with_their_service_account_token() {
     let ca_roots =
         X509::stack_from_pem(&std::fs::read(ca_dir.join(ROOT_CERT_FILE)).unwrap()).unwrap();
 
-    let token_file = dir.path().join("istio-token");
+    let token_file = cluster.dir.path().join("istio-token");
     let workload = |sa: &str| Workload {
         ca: uri.clone(),
         ca_roots: ca_roots.clone(),
@@ -117,7 +112,7 @@ async fn sidecars_get_certificates_with_their_service_account_token() {
         audiences: vec![audience.into()],
         expires,
     };
-    let write = |t: Token| std::fs::write(&token_file, api.issue_token(t)).unwrap();
+    let write = |t: Token| std::fs::write(&token_file, cluster.api.issue_token(t)).unwrap();
     let reviews = workload("reviews");
 
     write(token("istio-ca", true, now() + 3600));
@@ -158,12 +153,9 @@ async fn sidecars_get_certificates_with_their_service_account_token() {
 
     // The pod is gone: its token is worth nothing.
     write(token("istio-ca", true, now() + 3600));
-    kubectl(
-        dir.path(),
-        &["scale", "-n", "shop", "deployment/reviews", "--replicas=0"],
-    );
+    cluster.kubectl(&["scale", "-n", "shop", "deployment/reviews", "--replicas=0"]);
     for _ in 0..100 {
-        if api.list("", "pods").is_empty() {
+        if cluster.api.list("", "pods").is_empty() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -174,7 +166,10 @@ async fn sidecars_get_certificates_with_their_service_account_token() {
         "no longer exists",
     );
 
-    // No review can be made: no certificate.
+    // No review can be made (the API server is gone): no certificate.
+    let TestCluster {
+        api, dir: _keep, ..
+    } = cluster;
     drop(api);
     refused(
         &reviews.bootstrap().await,

@@ -1,0 +1,81 @@
+//! A cluster for the Kubernetes source's tests: the test API server with its controllers, a
+//! kubectl for the user (an administrator), and the control plane's own kubeconfig, whose
+//! token is the `hypha-control` service account's: RBAC lets it do what `manifests/rbac.yaml`
+//! grants and nothing else, as on a real cluster.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use hypha_apiserver::{ApiServer, Token};
+
+pub struct TestCluster {
+    pub api: ApiServer,
+    pub dir: tempfile::TempDir,
+    /// The control plane's kubeconfig.
+    pub control: PathBuf,
+}
+
+impl TestCluster {
+    pub async fn start() -> TestCluster {
+        let api = ApiServer::start().await.unwrap();
+        api.run_controllers();
+        let dir = tempfile::tempdir().unwrap();
+        api.write_kubeconfig(dir.path()).unwrap();
+        let rbac = dir.path().join("rbac.yaml");
+        std::fs::write(
+            &rbac,
+            format!(
+                "apiVersion: v1\nkind: Namespace\nmetadata: {{name: istio-system}}\n---\n{}",
+                hypha_kube::RBAC
+            ),
+        )
+        .unwrap();
+        kubectl(dir.path(), &["apply", "-f", rbac.to_str().unwrap()]);
+        let token = api.issue_token(Token {
+            namespace: "istio-system".into(),
+            service_account: "hypha-control".into(),
+            pod: None,
+            audiences: vec!["https://kubernetes.default.svc".into()],
+            expires: u64::MAX,
+        });
+        let control = api
+            .write_kubeconfig_as(&dir.path().join("control.kubeconfig"), &token)
+            .unwrap();
+        TestCluster { api, dir, control }
+    }
+
+    /// kubectl as the cluster's administrator.
+    pub fn kubectl(&self, args: &[&str]) -> String {
+        kubectl(self.dir.path(), args)
+    }
+
+    /// Writes `yaml` to `name` in the test's directory and applies it.
+    pub fn apply(&self, name: &str, yaml: &str) -> PathBuf {
+        let path = self.dir.path().join(name);
+        std::fs::write(&path, yaml).unwrap();
+        self.kubectl(&["apply", "-f", path.to_str().unwrap()]);
+        path
+    }
+
+    /// A client as the control plane.
+    pub async fn client(&self) -> kube::Client {
+        hypha_kube::connect(Some(&self.control)).await.unwrap()
+    }
+}
+
+pub fn kubectl(dir: &Path, args: &[&str]) -> String {
+    hypha_apiserver::kubectl(dir, args).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Polls `check` every 50 ms for up to 10 s.
+pub async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    for _ in 0..200 {
+        if check() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{what}: not within 10 s");
+}
