@@ -29,5 +29,8 @@ pub use issue::{Caller, Issued, DEFAULT_MAX_VALIDITY};
 pub use rate::IssueRate;
 pub use service::{bearer, AuthError, Authenticator, CaService, JoinTokens, TokenReview};
 pub use signer::{FileSigner, Signer};
-pub use tenants::{parse_revoked, Ca, TenantCa, CONTROL_SERVICE_ACCOUNT, REVOKED_FILE};
+pub use tenants::{
+    file_signer_dir, parse_revoked, signer_common_name, Ca, TenantCa, CONTROL_SERVICE_ACCOUNT,
+    REVOKED_FILE,
+};
 pub use token::{TokenSigner, TokenSignerConfig};

@@ -25,8 +25,9 @@ use crate::{der, CaError};
 /// Validity of a generated root certificate.
 pub const ROOT_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
-const KEY_FILE: &str = "ca-key.pem";
-pub(crate) const CERT_FILE: &str = "ca-cert.pem";
+/// A file signer's key (PEM, 0600) and root, in its directory.
+pub const KEY_FILE: &str = "ca-key.pem";
+pub const CERT_FILE: &str = "ca-cert.pem";
 
 /// A CA key holder. Only P-256 ECDSA with SHA-256 for now: the certificate builder stamps that
 /// algorithm into what it asks the signer to sign.

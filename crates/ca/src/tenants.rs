@@ -4,7 +4,7 @@
 //! `hypha_config::MeshConfig`).
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -65,6 +65,23 @@ pub fn parse_revoked(text: &str) -> std::collections::HashSet<String> {
 /// The control plane's service account: `spiffe://<td>/ns/<root namespace>/sa/hypha-control`.
 pub const CONTROL_SERVICE_ACCOUNT: &str = "hypha-control";
 
+/// Where a signer whose key is a file keeps it (its `file.dir`, else `<data_dir>/<name>`);
+/// `None` for a signer whose key is in a token.
+pub fn file_signer_dir(cfg: &hypha_config::mesh::Signer, data_dir: &Path) -> Option<PathBuf> {
+    if cfg.key.pkcs11.is_some() {
+        return None;
+    }
+    Some(match cfg.key.file.as_ref().and_then(|f| f.dir.as_deref()) {
+        Some(d) => Path::new(d).to_path_buf(),
+        None => data_dir.join(&cfg.name),
+    })
+}
+
+/// The common name of a signer's self-made root.
+pub fn signer_common_name(signer: &str) -> String {
+    format!("Hypha mesh CA {signer}")
+}
+
 impl Ca {
     /// A CA over already-opened signers. Every `trust_tenants` entry must name a tenant.
     pub fn new(trust_domain: impl Into<String>, tenants: Vec<TenantCa>) -> Result<Ca, CaError> {
@@ -106,7 +123,7 @@ impl Ca {
                         tenant: t.name.clone(),
                         signer: t.signer.clone(),
                     })?;
-                let common_name = format!("Hypha mesh CA {}", cfg.name);
+                let common_name = signer_common_name(&cfg.name);
                 let signer: Arc<dyn Signer> = if let Some(p) = &cfg.key.pkcs11 {
                     Arc::new(TokenSigner::open_or_create(
                         &TokenSignerConfig::from_mesh(&cfg.name, p)?,
@@ -115,10 +132,7 @@ impl Ca {
                         &common_name,
                     )?)
                 } else {
-                    let dir = match cfg.key.file.as_ref().and_then(|f| f.dir.as_deref()) {
-                        Some(d) => Path::new(d).to_path_buf(),
-                        None => data_dir.join(&cfg.name),
-                    };
+                    let dir = file_signer_dir(cfg, data_dir).unwrap_or_default();
                     Arc::new(FileSigner::open_or_create(
                         &dir,
                         &mesh.trust_domain,

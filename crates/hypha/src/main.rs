@@ -727,11 +727,24 @@ async fn control(
     let extra = match cluster {
         Some(kubeconfig) => {
             let client = hypha_kube::connect(kubeconfig.as_deref()).await?;
-            // The CA takes the pods' service-account tokens, checked by TokenReview.
             if let Some(s) = &mut security {
+                // The CA takes the pods' service-account tokens, checked by TokenReview.
                 s.token_review = Some(std::sync::Arc::new(hypha_kube::TokenReviewer::new(
                     client.clone(),
                 )));
+                // Every replica signs with the same keys (Secrets in the root namespace).
+                let mesh = match &config {
+                    Some(dir) => {
+                        hypha_control::initial_config(Some(dir))
+                            .map_err(|d| {
+                                anyhow::anyhow!("the config has {} error(s)", d.errors().count())
+                            })?
+                            .mesh
+                    }
+                    None => hypha_config::MeshConfig::default(),
+                };
+                std::fs::create_dir_all(&s.data_dir)?;
+                hypha_kube::share_signers(&client, &mesh, &s.data_dir).await?;
             }
             let source: hypha_control::ExtraSource =
                 Box::new(move |cp, files| Box::pin(hypha_kube::run(client, cp, files)));

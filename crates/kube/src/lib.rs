@@ -9,6 +9,7 @@
 //! - `istio`: the Istio kinds watched, and the config assembled with invalid objects left out
 //! - `report`: Events and `status.validationMessages` on invalid objects
 //! - `review`: the CA's check of service-account tokens (TokenReview)
+//! - `signers`: the CA's file signers shared by every replica through Secrets
 //! - `watch`: the watchers, the debounce, the push
 
 #![forbid(unsafe_code)]
@@ -18,12 +19,14 @@ pub mod istio;
 pub mod objects;
 mod report;
 mod review;
+pub mod signers;
 mod watch;
 
 use std::path::Path;
 
 pub use report::COMPONENT;
 pub use review::{TokenReviewer, AUDIENCES};
+pub use signers::share_signers;
 pub use watch::{run, DEBOUNCE_AFTER, DEBOUNCE_MAX};
 
 /// The control plane's service account, ClusterRole and binding (`manifests/rbac.yaml`): every
