@@ -132,9 +132,7 @@ fn deployments(state: &mut State) {
                 .cloned()
                 .unwrap_or_else(|| json!({}));
             labels["pod-template-hash"] = json!(hash);
-            let v4 = format!("10.244.{}.{}", n / 250, n % 250 + 1);
-            let v6 = format!("fd00:10:244::{n:x}");
-            let pod = json!({
+            let mut pod = json!({
                 "apiVersion": "v1", "kind": "Pod",
                 "metadata": {"name": pod_name, "namespace": ns, "labels": labels,
                              "uid": format!("00000000-0000-0000-0000-{uid:012x}"),
@@ -147,10 +145,18 @@ fn deployments(state: &mut State) {
                     "nodeName": "node-1",
                     "containers": template.pointer("/spec/containers").cloned().unwrap_or_else(|| json!([])),
                 },
-                "status": {"phase": "Running", "hostIP": "10.0.0.1", "podIP": v4,
-                           "podIPs": [{"ip": v4}, {"ip": v6}],
-                           "conditions": [{"type": "Ready", "status": "True"}]},
             });
+            let ips = match &state.pod_addresses {
+                Some(choose) => choose(&pod),
+                None => vec![
+                    format!("10.244.{}.{}", n / 250, n % 250 + 1),
+                    format!("fd00:10:244::{n:x}"),
+                ],
+            };
+            pod["status"] = json!({"phase": "Running", "hostIP": "10.0.0.1",
+                                   "podIP": ips.first(),
+                                   "podIPs": ips.iter().map(|ip| json!({"ip": ip})).collect::<Vec<_>>(),
+                                   "conditions": [{"type": "Ready", "status": "True"}]});
             let pk = (String::new(), "pods".to_owned(), ns.clone(), pod_name);
             state.store.record(&pk, "ADDED", pod);
         }
@@ -212,47 +218,60 @@ fn endpoint_slices(state: &mut State) {
             .cloned()
             .unwrap_or_default();
         for family in ["IPv4", "IPv6"] {
-            let endpoints: Vec<Value> = pods
-                .iter()
-                .filter_map(|p| {
-                    let ip = p
-                        .pointer("/status/podIPs")
-                        .and_then(Value::as_array)?
-                        .iter()
-                        .filter_map(|i| i.get("ip")?.as_str())
-                        .find(|ip| ip.contains(':') == (family == "IPv6"))?;
-                    let ready = p.pointer("/status/conditions").and_then(Value::as_array).is_some_and(|c| {
-                        c.iter().any(|c| c["type"] == "Ready" && c["status"] == "True")
+            // As the real controller does, one slice per set of ports: pods whose named
+            // targetPort resolves to different numbers are in different slices.
+            let mut groups: BTreeMap<String, (Vec<Value>, Vec<Value>)> = BTreeMap::new();
+            for p in &pods {
+                let Some(ip) = p
+                    .pointer("/status/podIPs")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|i| i.get("ip")?.as_str())
+                    .find(|ip| ip.contains(':') == (family == "IPv6"))
+                else {
+                    continue;
+                };
+                let ready = p
+                    .pointer("/status/conditions")
+                    .and_then(Value::as_array)
+                    .is_some_and(|c| {
+                        c.iter()
+                            .any(|c| c["type"] == "Ready" && c["status"] == "True")
                     });
-                    let terminating = p.pointer("/metadata/deletionTimestamp").is_some();
-                    Some(json!({"addresses": [ip],
-                                "conditions": {"ready": ready && !terminating, "serving": ready, "terminating": terminating},
-                                "nodeName": p.pointer("/spec/nodeName"),
-                                "targetRef": {"kind": "Pod", "namespace": k.2, "name": p.pointer("/metadata/name"),
-                                              "uid": p.pointer("/metadata/uid")}}))
-                })
-                .collect();
-            if endpoints.is_empty() {
-                continue;
+                let terminating = p.pointer("/metadata/deletionTimestamp").is_some();
+                let slice_ports: Vec<Value> = ports
+                    .iter()
+                    .map(|port| {
+                        json!({"name": port.get("name").cloned().unwrap_or_else(|| json!("")),
+                               "port": target_port(port, p),
+                               "protocol": port.get("protocol").cloned().unwrap_or_else(|| json!("TCP")),
+                               "appProtocol": port.get("appProtocol")})
+                    })
+                    .collect();
+                let group = groups
+                    .entry(Value::Array(slice_ports.clone()).to_string())
+                    .or_insert_with(|| (slice_ports, Vec::new()));
+                group.1.push(json!({"addresses": [ip],
+                            "conditions": {"ready": ready && !terminating, "serving": ready, "terminating": terminating},
+                            "nodeName": p.pointer("/spec/nodeName"),
+                            "targetRef": {"kind": "Pod", "namespace": k.2, "name": p.pointer("/metadata/name"),
+                                          "uid": p.pointer("/metadata/uid")}}));
             }
-            let slice_ports: Vec<Value> = ports
-                .iter()
-                .map(|port| {
-                    let number = pods.iter().find_map(|p| target_port(port, p));
-                    json!({"name": port.get("name").cloned().unwrap_or_else(|| json!("")),
-                           "port": number, "protocol": port.get("protocol").cloned().unwrap_or_else(|| json!("TCP")),
-                           "appProtocol": port.get("appProtocol")})
-                })
-                .collect();
-            let name = format!("{}-{}", k.3, family.to_ascii_lowercase());
-            wanted.insert(
-                ("discovery.k8s.io".into(), "endpointslices".into(), k.2.clone(), name.clone()),
-                json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-                       "metadata": {"name": name, "namespace": k.2,
-                                    "labels": {"kubernetes.io/service-name": k.3,
-                                               "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io"}},
-                       "addressType": family, "endpoints": endpoints, "ports": slice_ports}),
-            );
+            for (i, (slice_ports, endpoints)) in groups.into_values().enumerate() {
+                let mut name = format!("{}-{}", k.3, family.to_ascii_lowercase());
+                if i > 0 {
+                    name.push_str(&format!("-{i}"));
+                }
+                wanted.insert(
+                    ("discovery.k8s.io".into(), "endpointslices".into(), k.2.clone(), name.clone()),
+                    json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                           "metadata": {"name": name, "namespace": k.2,
+                                        "labels": {"kubernetes.io/service-name": k.3,
+                                                   "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io"}},
+                           "addressType": family, "endpoints": endpoints, "ports": slice_ports}),
+                );
+            }
         }
     }
     // Ours that are no longer wanted go; changed ones are rewritten.

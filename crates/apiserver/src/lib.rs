@@ -56,7 +56,14 @@ pub(crate) struct State {
     pub next_uid: u64,
     /// The last address handed out (cluster IPs, pod IPs).
     pub next_ip: u64,
+    /// Where new pods get their addresses (the cluster's network plugin); `None`: one of
+    /// each family from the pod network.
+    pub pod_addresses: Option<PodAddresses>,
 }
+
+/// Chooses a new pod's addresses (primary first) from the pod as the Deployment controller
+/// made it: what a cluster's network plugin does.
+pub type PodAddresses = Arc<dyn Fn(&Value) -> Vec<String> + Send + Sync>;
 
 pub(crate) type Shared = Arc<Mutex<State>>;
 
@@ -107,6 +114,7 @@ impl ApiServer {
             tokens: Vec::new(),
             next_uid: 1,
             next_ip: 0,
+            pod_addresses: None,
         }));
         let (close_watches, closed) = tokio::sync::watch::channel(0);
         let task = tokio::spawn(serve::run(listener, shared.clone(), closed));
@@ -197,6 +205,13 @@ impl ApiServer {
             }
             None => false,
         }
+    }
+
+    /// [`ApiServer::run_controllers`], new pods getting the addresses `addresses` picks (the
+    /// demo's pods are processes on loopback).
+    pub fn run_controllers_with(&self, addresses: PodAddresses) {
+        lock(&self.shared).pod_addresses = Some(addresses);
+        self.run_controllers();
     }
 
     /// Plays the rest of the cluster from now on (see the `controllers` module): Deployments

@@ -110,6 +110,9 @@ pub struct WorkloadEntry {
 pub struct PodRef {
     pub name: String,
     pub addresses: Vec<String>,
+    /// The workload it belongs to (its Deployment, StatefulSet, ...; itself when it has no
+    /// owner): what a proxy in it calls its `WORKLOAD_NAME` and its metrics' workload.
+    pub workload: String,
 }
 
 // ---------------------------------------------------------------------------------------------

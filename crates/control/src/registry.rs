@@ -111,7 +111,10 @@ pub struct Endpoint {
     pub ports: BTreeMap<String, u32>,
     pub weight: Option<u32>,
     pub locality: String,
+    /// The instance's name: a WorkloadEntry's, a pod's.
     pub workload_name: String,
+    /// A pod's workload (its Deployment's name, see `PodRef::workload`); empty elsewhere.
+    pub owner: String,
     /// The endpoint runs a sidecar that speaks the mesh's mutual TLS: a WorkloadEntry, unless
     /// its label `security.istio.io/tlsMode` says otherwise (`istio` marks a ServiceEntry's
     /// inline endpoint as one too).
@@ -143,8 +146,9 @@ pub struct Registry {
     workloads_by_name: HashMap<(String, String), Vec<usize>>,
     /// Address → indexes into `workloads`.
     workloads_by_ip: HashMap<IpAddr, Vec<usize>>,
-    /// (namespace, workload name) → indexes into `services` that have it as an endpoint.
-    services_by_workload: HashMap<(String, String), Vec<usize>>,
+    /// (namespace, workload name) → (index into `services`, index of the workload among that
+    /// service's endpoints), for every service that has it as an endpoint.
+    services_by_workload: HashMap<(String, String), Vec<(usize, usize)>>,
 }
 
 impl Registry {
@@ -234,14 +238,14 @@ impl Registry {
                 }
             }
         }
-        let mut services_by_workload: HashMap<_, Vec<usize>> = HashMap::new();
+        let mut services_by_workload: HashMap<_, Vec<(usize, usize)>> = HashMap::new();
         for (i, s) in services.iter().enumerate() {
-            for e in &s.endpoints {
+            for (j, e) in s.endpoints.iter().enumerate() {
                 let entry = services_by_workload
                     .entry((e.namespace.clone(), e.workload_name.clone()))
                     .or_default();
-                if entry.last() != Some(&i) {
-                    entry.push(i);
+                if entry.last().is_none_or(|&(last, _)| last != i) {
+                    entry.push((i, j));
                 }
             }
         }
@@ -278,14 +282,19 @@ impl Registry {
             .collect()
     }
 
-    /// The services that have `workload` as an endpoint.
-    pub fn services_backed_by(&self, workload: &Endpoint) -> impl Iterator<Item = &Service> {
+    /// The services that have `workload` as an endpoint, each with its own entry for it: that
+    /// entry says which port the workload serves each service port on (a pod's come from its
+    /// EndpointSlice, not from the pod).
+    pub fn services_backed_by(
+        &self,
+        workload: &Endpoint,
+    ) -> impl Iterator<Item = (&Service, &Endpoint)> {
         let key = (workload.namespace.clone(), workload.workload_name.clone());
         self.services_by_workload
             .get(&key)
             .into_iter()
             .flatten()
-            .map(|&i| &self.services[i])
+            .map(|&(i, j)| (&self.services[i], &self.services[i].endpoints[j]))
     }
 
     /// The service `host` (fully qualified) names, as seen from `ns`; wildcard hosts match.
@@ -344,6 +353,11 @@ fn endpoint(
         weight: w.weight,
         locality: w.locality.clone(),
         workload_name: w.pod.as_ref().map_or(name, |p| &p.name).to_string(),
+        owner: w
+            .pod
+            .as_ref()
+            .map(|p| p.workload.clone())
+            .unwrap_or_default(),
         sidecar: w
             .labels
             .get(TLS_MODE_LABEL)

@@ -87,17 +87,30 @@ pub fn authorize_node(
         ));
     }
     let parts: Vec<&str> = proxy.id.split('~').collect();
-    if let [_, _, workload, _] = parts[..] {
-        let (name, ns) = workload.split_once('.').unwrap_or((workload, ""));
-        if ns != proxy.namespace || (!proxy.workload_name.is_empty() && name != proxy.workload_name)
-        {
+    if let [_, _, instance, _] = parts[..] {
+        let (_, ns) = instance.split_once('.').unwrap_or((instance, ""));
+        if ns != proxy.namespace {
             return denied(format!(
-                "node id {} names another workload than {}/{}",
-                proxy.id, proxy.namespace, proxy.workload_name
+                "node id {} names another namespace than {}",
+                proxy.id, proxy.namespace
             ));
         }
     }
-    let known = registry.workloads_of(&proxy.namespace, &proxy.workload_name, &proxy.ips);
+    let instance = proxy.instance();
+    let known = registry.workloads_of(&proxy.namespace, instance, &proxy.ips);
+    // The workload the node names is its instance's (a WorkloadEntry's own name, a pod's
+    // Deployment): it labels the proxy's telemetry, so another one would be a lie.
+    let owner = known
+        .iter()
+        .map(|w| w.owner.as_str())
+        .find(|o| !o.is_empty());
+    let named = proxy.workload_name.as_str();
+    if !named.is_empty() && named != instance && owner != Some(named) {
+        return denied(format!(
+            "node id {} names another workload than {}/{named}",
+            proxy.id, proxy.namespace
+        ));
+    }
     if let Some(w) = known
         .iter()
         .find(|w| w.service_account != proxy.service_account)
@@ -112,8 +125,8 @@ pub fn authorize_node(
     };
     if !known.is_empty() && !known.iter().any(carries) {
         return denied(format!(
-            "workload {}/{} does not carry the labels the node claims",
-            proxy.namespace, proxy.workload_name
+            "workload {}/{instance} does not carry the labels the node claims",
+            proxy.namespace
         ));
     }
     Ok(())

@@ -179,6 +179,26 @@ pub fn write(
     Ok(cfg)
 }
 
+/// Writes only the mesh config into `dir` (`--kubernetes`: the rest is the cluster's) and
+/// validates it.
+pub fn write_mesh_only(
+    dir: &Path,
+    ca_token: Option<&hsm::Token>,
+) -> Result<hypha_config::Config, DemoError> {
+    std::fs::create_dir_all(dir).map_err(|e| DemoError::Io(dir.to_path_buf(), e))?;
+    let yaml = hypha_control::EMBEDDED_CONFIG
+        .iter()
+        .find(|(name, _)| name.ends_with(MESH_FILE))
+        .map_or("", |(_, yaml)| yaml);
+    let yaml = match ca_token {
+        Some(token) => mesh_yaml_with_token(yaml, token),
+        None => yaml.to_owned(),
+    };
+    let path = dir.join(MESH_FILE);
+    std::fs::write(&path, yaml).map_err(|e| DemoError::Io(path.clone(), e))?;
+    validate(dir)
+}
+
 /// Loads and validates `dir`; every error, with file and line, if it is invalid.
 pub fn validate(dir: &Path) -> Result<hypha_config::Config, DemoError> {
     let loaded = hypha_config::load(dir);

@@ -10,6 +10,8 @@
 //! - [`mesh`]: starting the processes and waiting for them; [`process`]: each child, killed
 //!   when dropped; [`pods`]: the pods, their capture and the bypass.
 //! - [`hsm`]: with `--keys pkcs11`, a SoftHSM2 token per process for every private key.
+//! - [`kubernetes`]: with `--kubernetes`, the cluster (the test API server in-process) the
+//!   control plane reads and the sidecars prove their identity to.
 //! - [`traffic`]: the load and the [`Summary`].
 
 #![forbid(unsafe_code)]
@@ -18,6 +20,7 @@ pub mod app;
 pub mod client;
 pub mod config;
 pub mod hsm;
+pub mod kubernetes;
 pub mod mesh;
 pub mod metrics;
 pub mod pods;
@@ -92,6 +95,8 @@ pub struct Options {
     pub serve: bool,
     pub keys: Keys,
     pub placement: Placement,
+    /// Bookinfo on a Kubernetes cluster (the test API server, in-process) instead of files.
+    pub kubernetes: bool,
     /// Where the config, logs (and tokens) go, kept afterwards for the caller to look at;
     /// `None`: a fresh directory under the system's temp dir, removed on success.
     pub dir: Option<PathBuf>,
@@ -146,6 +151,8 @@ pub enum DemoError {
     NotRoot,
     #[error(transparent)]
     Pod(#[from] hypha_pod::PodError),
+    #[error("kubernetes: {0}")]
+    Kubernetes(String),
 }
 
 /// Resolves on Ctrl-C or SIGTERM.
@@ -189,7 +196,15 @@ pub async fn run(opts: Options) -> Result<Summary, DemoError> {
         dir.display()
     ));
     let work = async {
-        let mut mesh = Mesh::start(&opts.exe, dir.clone(), opts.keys, opts.placement, &say).await?;
+        let mut mesh = Mesh::start(
+            &opts.exe,
+            dir.clone(),
+            opts.keys,
+            opts.placement,
+            opts.kubernetes,
+            &say,
+        )
+        .await?;
         let mut summary = traffic::drive(&mesh, opts.requests, opts.concurrency).await;
         if let Some(pods) = &mesh.pods {
             summary.pods = Some(pods.report(&Mesh::productpage_url("/productpage")).await);

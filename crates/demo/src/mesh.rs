@@ -58,6 +58,11 @@ pub struct Mesh {
     control: Option<Proc>,
     /// With `--pods`: the node, the pods and the bypass, removed after every process is gone.
     pub pods: Option<Pods>,
+    /// With `--kubernetes`: the cluster (its API server stops after every process is gone).
+    pub cluster: Option<crate::kubernetes::Cluster>,
+    /// With `--kubernetes`: each workload's pod and the service-account token file its
+    /// sidecar starts with, by workload name.
+    pod_tokens: BTreeMap<String, (String, PathBuf)>,
 }
 
 impl Mesh {
@@ -146,10 +151,13 @@ impl Mesh {
         std::fs::create_dir_all(&dir).map_err(|e| DemoError::Io(dir.clone(), e))?;
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
             .map_err(|e| DemoError::Io(dir.clone(), e))?;
+        // On the cluster the workloads have their pods' service-account tokens instead: only
+        // the clients, outside it, get join tokens.
         let mut accounts: Vec<(&str, &str)> = self
             .plan
             .workloads
             .iter()
+            .filter(|_| self.cluster.is_none())
             .map(|w| (NAMESPACE, w.workload.service_account))
             .collect();
         accounts.push((NAMESPACE, CLIENT_SERVICE_ACCOUNT));
@@ -165,16 +173,44 @@ impl Mesh {
     /// The flags that give a sidecar its identity: the CA's root, its join token, TLS to
     /// the control plane.
     fn identity_args(&self, namespace: &str, service_account: &str) -> Vec<String> {
+        let token = self.token(namespace, service_account);
+        self.credential_args(("--join-token", &token), service_account)
+    }
+
+    /// A pod's sidecar's identity flags: its service-account token instead of a join token.
+    fn pod_identity_args(&self, w: &Planned, token: &Path) -> Vec<String> {
+        let sa = w.workload.service_account;
+        self.credential_args(("--service-account-token", token), sa)
+    }
+
+    /// The CA's root, the credential (`flag file`), the service account, TLS to the control
+    /// plane.
+    fn credential_args(&self, (flag, file): (&str, &Path), service_account: &str) -> Vec<String> {
         vec![
             "--control-plane".into(),
             self.control_url(),
             "--ca-root".into(),
             self.ca_dir().join("root-cert.pem").display().to_string(),
-            "--join-token".into(),
-            self.token(namespace, service_account).display().to_string(),
+            flag.into(),
+            file.display().to_string(),
             "--service-account".into(),
             service_account.into(),
         ]
+    }
+
+    /// With `--kubernetes`: finds workload `i`'s pod (the one of its current Deployment) and
+    /// writes the token the kubelet would mount for its sidecar.
+    async fn pod_token(&mut self, i: usize) -> Result<(), DemoError> {
+        let Some(cluster) = &self.cluster else {
+            return Ok(());
+        };
+        let w = &self.plan.workloads[i];
+        let pod = cluster.pod(w).await?;
+        let path = self.token_dir().join(format!("{}.istio-token", pod.0));
+        cluster.write_token(&w.workload, &pod, &path)?;
+        self.pod_tokens
+            .insert(w.workload.name.to_owned(), (pod.0, path));
+        Ok(())
     }
 
     /// The flags that put a sidecar's workload key in its token, or its RSA operations in
@@ -227,8 +263,14 @@ impl Mesh {
         dir: PathBuf,
         keys: Keys,
         placement: Placement,
+        kubernetes: bool,
         say: &Progress,
     ) -> Result<Mesh, DemoError> {
+        if kubernetes && placement != Placement::Loopback {
+            return Err(DemoError::Kubernetes(
+                "--kubernetes runs on loopback; with --pods it is not done yet".into(),
+            ));
+        }
         let pods = match placement {
             Placement::Loopback => None,
             Placement::Pods => Some(Pods::create(false, say)?),
@@ -253,6 +295,8 @@ impl Mesh {
             workloads: Vec::new(),
             control: None,
             pods,
+            cluster: None,
+            pod_tokens: BTreeMap::new(),
         };
         std::fs::create_dir_all(mesh.log_dir()).map_err(|e| DemoError::Io(mesh.log_dir(), e))?;
         if keys == Keys::Pkcs11 {
@@ -271,21 +315,39 @@ impl Mesh {
                 "keys: sidecars use RSA-2048, signed in batches of 8 (privateKeyProvider.cryptomb)",
             );
         }
-        let cfg = config::write(&mesh.config_dir(), &mesh.plan, mesh.ca_token())?;
-        say(&format!(
-            "config: {} resources from examples/bookinfo, workloads {} ({}), valid",
-            cfg.resource_count(),
-            if mesh.plan.has_pods() {
-                "in their pods"
-            } else {
-                "on loopback"
-            },
-            if mesh.plan.ipv6 {
-                "IPv4 and IPv6"
-            } else {
-                "IPv4 only: ::1 is not available here"
-            },
-        ));
+        let cfg = if kubernetes {
+            let mesh_cfg = config::write_mesh_only(&mesh.config_dir(), mesh.ca_token())?;
+            let cluster =
+                crate::kubernetes::Cluster::start(&mesh.plan, &mesh.dir.join("kube")).await?;
+            say(&format!(
+                "kubernetes: test API server at {}; applied with kubectl (files in {}): the \
+                 control plane's RBAC, Istio's CRDs, bookinfo's Namespace, ServiceAccounts, \
+                 Services and Deployments, and its routing, destinations and security",
+                cluster.api.url(),
+                mesh.dir.join("kube").display()
+            ));
+            say(&format!(
+                "config: the mesh config from a file ({} tenants), everything else from the \
+                 cluster; workloads on loopback ({})",
+                mesh_cfg.mesh.tenants.len(),
+                families(&mesh.plan)
+            ));
+            mesh.cluster = Some(cluster);
+            mesh_cfg
+        } else {
+            let cfg = config::write(&mesh.config_dir(), &mesh.plan, mesh.ca_token())?;
+            say(&format!(
+                "config: {} resources from examples/bookinfo, workloads {} ({}), valid",
+                cfg.resource_count(),
+                if mesh.plan.has_pods() {
+                    "in their pods"
+                } else {
+                    "on loopback"
+                },
+                families(&mesh.plan)
+            ));
+            cfg
+        };
         mesh.write_tokens()?;
         let log_dir = mesh.log_dir();
         if let Some(pods) = &mut mesh.pods {
@@ -316,6 +378,14 @@ impl Mesh {
                 self.token_dir().display().to_string(),
             ]
             .into_iter()
+            // The cluster as its source too, with the control plane's own account.
+            .chain(self.cluster.iter().flat_map(|c| {
+                [
+                    "--kubernetes".to_owned(),
+                    "--kubeconfig".to_owned(),
+                    c.control_kubeconfig.display().to_string(),
+                ]
+            }))
             // Its own serving key in its token too (the same flags as a sidecar's).
             .chain(self.key_args(CONTROL))
             .collect::<Vec<String>>();
@@ -383,7 +453,14 @@ impl Mesh {
             w.ports.app
         ));
         let mut args: Vec<String> = vec!["proxy".into()];
-        args.extend(self.identity_args(NAMESPACE, w.workload.service_account));
+        // On the cluster: its pod's name and service-account token, nothing else.
+        match self.pod_tokens.get(name) {
+            Some((pod, token)) => {
+                args.extend(self.pod_identity_args(w, token));
+                args.extend(["--pod".into(), pod.clone()]);
+            }
+            None => args.extend(self.identity_args(NAMESPACE, w.workload.service_account)),
+        }
         args.extend([
             "--namespace".into(),
             NAMESPACE.into(),
@@ -445,6 +522,17 @@ impl Mesh {
     async fn start_workloads(&mut self, exe: &Path, say: &Progress) -> Result<(), DemoError> {
         // Start them all, then wait for each: they come up in parallel.
         let started = Instant::now();
+        if self.cluster.is_some() {
+            for i in 0..self.plan.workloads.len() {
+                self.pod_token(i).await?;
+            }
+            say(&format!(
+                "pods: {} made by the Deployment controller; each sidecar gets its pod's name and \
+                 a projected service-account token (audience istio-ca, bound to the pod), which \
+                 the CA checks with TokenReview",
+                self.pod_tokens.len()
+            ));
+        }
         let mut pairs = Vec::new();
         for w in &self.plan.workloads {
             pairs.push(self.spawn_workload(exe, w, say)?);
@@ -483,7 +571,16 @@ impl Mesh {
                         ));
                         drop((app, sidecar));
                         self.plan.reallocate(i).map_err(DemoError::Ports)?;
-                        config::write(&self.config_dir(), &self.plan, self.ca_token())?;
+                        match &self.cluster {
+                            // A new container port: the Deployment's pod is replaced.
+                            Some(cluster) => {
+                                cluster.apply_workloads(&self.plan).await?;
+                                self.pod_token(i).await?;
+                            }
+                            None => {
+                                config::write(&self.config_dir(), &self.plan, self.ca_token())?;
+                            }
+                        }
                         (app, sidecar) = self.spawn_workload(exe, &self.plan.workloads[i], say)?;
                         attempt += 1;
                     }
@@ -675,6 +772,15 @@ impl Mesh {
             }
         }
         self.pods.as_mut().map_or(Ok(()), Pods::check_alive)
+    }
+}
+
+/// The address families the workloads have here.
+fn families(plan: &Plan) -> &'static str {
+    if plan.ipv6 {
+        "IPv4 and IPv6"
+    } else {
+        "IPv4 only: ::1 is not available here"
     }
 }
 

@@ -200,6 +200,8 @@ pub struct Summary {
     pub control_key: String,
     /// With `--pods`: the pods, the unmodified client's answer, the bypass's counters.
     pub pods: Option<crate::pods::PodsReport>,
+    /// With `--kubernetes`: the workloads are pods of the cluster.
+    pub kubernetes: bool,
 }
 
 impl Summary {
@@ -262,6 +264,7 @@ pub async fn drive(mesh: &Mesh, pages: usize, concurrency: usize) -> Summary {
     let mut s = Summary {
         elapsed: start.elapsed(),
         concurrency,
+        kubernetes: mesh.cluster.is_some(),
         ..Summary::default()
     };
     let mut latencies = Vec::new();
@@ -677,10 +680,17 @@ impl fmt::Display for Summary {
                 c.errors
             )?;
         }
-        writeln!(
-            f,
-            "Identities: each sidecar's certificate from the mesh CA (join token, then renewal at half life; xDS over mutual TLS)"
-        )?;
+        if self.kubernetes {
+            writeln!(
+                f,
+                "Identities: each sidecar's certificate from the mesh CA (a pod's: its service-account token, checked by TokenReview; the clients outside the cluster: a join token; renewal at half life; xDS over mutual TLS)"
+            )?;
+        } else {
+            writeln!(
+                f,
+                "Identities: each sidecar's certificate from the mesh CA (join token, then renewal at half life; xDS over mutual TLS)"
+            )?;
+        }
         for (signer, key) in &self.signers {
             writeln!(f, "  CA signer {signer:<9} key: {key}")?;
         }

@@ -208,6 +208,7 @@ async fn a_missing_binary_fails_clearly() {
         serve: false,
         keys: hypha_demo::Keys::Software,
         placement: hypha_demo::Placement::Loopback,
+        kubernetes: false,
         dir: None,
         progress: std::sync::Arc::new(|_: &str| {}),
     };

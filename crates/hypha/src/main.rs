@@ -105,6 +105,12 @@ enum Command {
         /// With --pods: iptables capture only, no eBPF bypass.
         #[arg(long, requires = "pods")]
         no_bypass: bool,
+        /// Bookinfo on Kubernetes: a test API server in the demo's process, bookinfo's
+        /// Services, ServiceAccounts, Deployments and Istio config applied with kubectl, the
+        /// control plane reading the cluster, each sidecar starting with nothing but its pod's
+        /// service-account token.
+        #[arg(long, conflicts_with = "pods")]
+        kubernetes: bool,
     },
     /// The node agent for the same-host TCP/IP bypass (root): attach the eBPF sockops +
     /// sk_msg programs to a cgroup v2, serve their counters on /metrics, detach on SIGINT or
@@ -255,9 +261,14 @@ struct ProxyArgs {
     /// The workload's service account.
     #[arg(long, env = "HYPHA_SERVICE_ACCOUNT", default_value = "default")]
     service_account: String,
-    /// The workload's name (its WorkloadEntry).
+    /// The workload's name (its WorkloadEntry; on Kubernetes its Deployment's): the
+    /// `WORKLOAD_NAME` its telemetry carries.
     #[arg(long, env = "HYPHA_WORKLOAD")]
     workload: String,
+    /// On Kubernetes: the pod's name (Istio's `POD_NAME`, from the downward API), which the
+    /// node id carries and the control plane finds the pod by; the workload's name otherwise.
+    #[arg(long, env = "POD_NAME")]
+    pod: Option<String>,
     /// A workload label, `key=value`; repeat for several.
     #[arg(long = "label", value_parser = parse_label)]
     labels: Vec<(String, String)>,
@@ -449,13 +460,14 @@ fn main() -> ExitCode {
             keys,
             pods,
             no_bypass,
+            kubernetes,
         } => {
             let placement = match (pods, no_bypass) {
                 (false, _) => hypha_demo::Placement::Loopback,
                 (true, true) => hypha_demo::Placement::Pods,
                 (true, false) => hypha_demo::Placement::PodsWithBypass,
             };
-            demo(serve, requests, concurrency, keys, placement)
+            demo(serve, requests, concurrency, keys, placement, kubernetes)
         }
         Command::Pod(command) => pod(command),
         Command::Bypass {
@@ -537,6 +549,7 @@ fn demo(
     concurrency: usize,
     keys: hypha_demo::Keys,
     placement: hypha_demo::Placement,
+    kubernetes: bool,
 ) -> ExitCode {
     let exe = match std::env::current_exe() {
         Ok(exe) => exe,
@@ -552,6 +565,7 @@ fn demo(
         serve,
         keys,
         placement,
+        kubernetes,
         dir: None,
         // Not `println!`: a closed stdout (`hypha demo | head`) must not panic the demo.
         progress: std::sync::Arc::new(|line: &str| {
@@ -859,7 +873,7 @@ async fn proxy(a: ProxyArgs) -> anyhow::Result<()> {
         id: a.node_id.unwrap_or_else(|| {
             format!(
                 "sidecar~{ip}~{}.{ns}~{ns}.svc.cluster.local",
-                a.workload,
+                a.pod.as_deref().unwrap_or(&a.workload),
                 ns = a.namespace
             )
         }),

@@ -52,6 +52,16 @@ async fn demo_in(
     requests: usize,
     dir: &Path,
 ) -> (Summary, Vec<String>) {
+    demo_with(placement, false, keys, requests, dir).await
+}
+
+async fn demo_with(
+    placement: Placement,
+    kubernetes: bool,
+    keys: Keys,
+    requests: usize,
+    dir: &Path,
+) -> (Summary, Vec<String>) {
     let _one = ONE_AT_A_TIME.lock().await;
     let lines = Arc::new(Mutex::new(Vec::<String>::new()));
     let sink = lines.clone();
@@ -62,6 +72,7 @@ async fn demo_in(
         serve: false,
         keys,
         placement,
+        kubernetes,
         dir: Some(dir.to_path_buf()),
         progress: Arc::new(move |line: &str| {
             eprintln!("{line}");
@@ -107,6 +118,43 @@ async fn demo_runs_bookinfo_through_the_mesh() {
             ca.join("default/ca-key.pem")
         ]
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_runs_bookinfo_on_kubernetes() {
+    let dir = TempDir::new("hypha-demo-test-kubernetes");
+    let (s, lines) = demo_with(Placement::Loopback, true, Keys::Software, PAGES, &dir.0).await;
+    // The same mesh as from files: routes, faults, retries, identities, refusals, mTLS, and
+    // metrics labelled with the Deployments' names.
+    bookinfo_went_through_the_mesh(&s);
+    all_processes_gone(&lines);
+    assert!(s.kubernetes);
+    assert!(
+        s.to_string()
+            .contains("a pod's: its service-account token, checked by TokenReview"),
+        "{s}"
+    );
+    for want in [
+        "kubernetes: test API server at http://127.0.0.1:",
+        "pods: 6 made by the Deployment controller",
+    ] {
+        assert!(
+            lines.iter().any(|l| l.starts_with(want)),
+            "{want}: {lines:?}"
+        );
+    }
+    // The workloads had nothing but their pods' tokens: join tokens exist for the two
+    // clients (outside the cluster) only, a bound service-account token for each pod.
+    let tokens = names_in(&dir.0.join("tokens"));
+    let (pods, joins): (Vec<&String>, Vec<&String>) =
+        tokens.iter().partition(|n| n.ends_with(".istio-token"));
+    assert_eq!(joins, ["bookinfo.default.token", "guest.default.token"]);
+    assert_eq!(pods.len(), 6, "{pods:?}");
+    // The control plane read the cluster with only its RBAC role, and the mesh from files was
+    // the MeshConfig alone.
+    assert_eq!(names_in(&dir.0.join("config")), ["mesh.yaml"]);
+    let control = std::fs::read_to_string(dir.0.join("logs/control.log")).unwrap();
+    assert!(!control.contains("forbidden"), "{control}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -167,6 +167,7 @@ impl Cluster {
                         pod: Some(PodRef {
                             name: format!("{name}-{id}"),
                             addresses: g.addresses,
+                            workload: String::new(),
                         }),
                         ..Default::default()
                     },
@@ -205,6 +206,7 @@ impl Cluster {
             pod: Some(PodRef {
                 name: name.to_string(),
                 addresses,
+                workload: pod.workload.clone(),
             }),
             ..Default::default()
         }
@@ -224,6 +226,7 @@ mod tests {
             node: Some("n1".into()),
             live,
             uid: "u".into(),
+            workload: "reviews".into(),
         }
     }
 

@@ -33,6 +33,10 @@ pub use watch::{run, DEBOUNCE_AFTER, DEBOUNCE_MAX};
 /// permission `hypha control --kubernetes` needs, in one place.
 pub const RBAC: &str = include_str!("../../../manifests/rbac.yaml");
 
+/// The Istio CRDs Hypha reads, in their smallest form (`manifests/istio-crds.yaml`): for the
+/// Kubernetes demo and the tests; a real cluster has Istio's own.
+pub const ISTIO_CRDS: &str = include_str!("../../../manifests/istio-crds.yaml");
+
 /// What diagnostics about objects read from the API server name as their file.
 pub const ORIGIN: &str = "kubernetes";
 

@@ -165,6 +165,9 @@ pub struct Pod {
     /// Running or about to: not being deleted, not finished.
     pub live: bool,
     pub uid: String,
+    /// Its workload's name, as Istio names it: the Deployment of its ReplicaSet, else its
+    /// controller, else the pod itself.
+    pub workload: String,
 }
 
 impl Pod {
@@ -194,7 +197,36 @@ impl Pod {
             node: spec.and_then(|s| s.node_name.clone()),
             live: p.metadata.deletion_timestamp.is_none() && !finished,
             uid: p.metadata.uid.clone().unwrap_or_default(),
+            workload: workload_of(p),
         }
+    }
+}
+
+/// Istio's workload name of a pod: a ReplicaSet owner named `<deployment>-<pod-template-hash>`
+/// stands for its Deployment; any other controller is the workload; a bare pod is its own.
+fn workload_of(p: &core::Pod) -> String {
+    let owner = p
+        .metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .find(|o| o.controller == Some(true));
+    let Some(owner) = owner else {
+        return p.metadata.name.clone().unwrap_or_default();
+    };
+    let hash = p
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get("pod-template-hash"));
+    match (owner.kind.as_str(), hash) {
+        ("ReplicaSet", Some(hash)) => owner
+            .name
+            .strip_suffix(hash.as_str())
+            .and_then(|n| n.strip_suffix('-'))
+            .unwrap_or(&owner.name)
+            .to_owned(),
+        _ => owner.name.clone(),
     }
 }
 
@@ -210,5 +242,38 @@ pub fn node_locality(n: &core::Node) -> String {
         String::new()
     } else {
         format!("{region}/{zone}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+
+    fn pod(owner: Option<(&str, &str)>) -> core::Pod {
+        core::Pod {
+            metadata: ObjectMeta {
+                name: Some("reviews-v1-7d9f8-x2x".into()),
+                labels: Some([("pod-template-hash".to_string(), "7d9f8".to_string())].into()),
+                owner_references: owner.map(|(kind, name)| {
+                    vec![OwnerReference {
+                        kind: kind.into(),
+                        name: name.into(),
+                        controller: Some(true),
+                        ..Default::default()
+                    }]
+                }),
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_pods_workload_is_named_as_istio_names_it() {
+        let of = |owner| Pod::from_api(&pod(owner)).workload;
+        assert_eq!(of(Some(("ReplicaSet", "reviews-v1-7d9f8"))), "reviews-v1");
+        assert_eq!(of(Some(("StatefulSet", "db"))), "db");
+        assert_eq!(of(None), "reviews-v1-7d9f8-x2x");
     }
 }

@@ -15,26 +15,6 @@ use hypha_config::Config;
 use hypha_control::ControlPlane;
 use serde_json::{json, Value};
 
-fn crd(kind: &str, plural: &str, group: &str) -> String {
-    format!(
-        "apiVersion: apiextensions.k8s.io/v1
-kind: CustomResourceDefinition
-metadata: {{name: {plural}.{group}}}
-spec:
-  group: {group}
-  names: {{kind: {kind}, plural: {plural}}}
-  scope: Namespaced
-  versions:
-  - name: v1
-    served: true
-    storage: true
-    subresources: {{status: {{}}}}
-    schema: {{openAPIV3Schema: {{type: object, x-kubernetes-preserve-unknown-fields: true}}}}
----
-"
-    )
-}
-
 const APP: &str = "\
 apiVersion: v1
 kind: Namespace
@@ -132,15 +112,8 @@ async fn the_mesh_follows_the_cluster() {
     );
     let manifests = cluster.dir.path().join("manifests");
     std::fs::create_dir(&manifests).unwrap();
-    let crds: String = [
-        ("VirtualService", "virtualservices", "networking.istio.io"),
-        ("DestinationRule", "destinationrules", "networking.istio.io"),
-    ]
-    .iter()
-    .map(|(k, p, g)| crd(k, p, g))
-    .collect();
     // The CRDs first, as on a cluster: kubectl validates objects against the kinds it knows.
-    cluster.apply("crds.yaml", &crds);
+    cluster.apply("crds.yaml", hypha_kube::ISTIO_CRDS);
     std::fs::write(manifests.join("1-app.yaml"), APP).unwrap();
     let apply_all = || cluster.kubectl(&["apply", "-f", manifests.to_str().unwrap()]);
     apply_all();

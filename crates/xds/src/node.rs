@@ -69,6 +69,29 @@ impl ProxyInfo {
         }
     }
 
+    /// The proxy's own instance: the name a `sidecar~IP~<name>.<namespace>~...` node id
+    /// carries (on Kubernetes the pod's, `WORKLOAD_NAME` being its Deployment's, as Istio's
+    /// agent sends them), else the workload name; none (`""`, the proxy is then known by its
+    /// addresses) when the proxy names no workload.
+    pub fn instance(&self) -> &str {
+        if self.workload_name.is_empty() {
+            return "";
+        }
+        let mut parts = self.id.split('~');
+        match (
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+        ) {
+            (Some(_), Some(_), Some(name), Some(_), None) => {
+                name.split_once('.').map_or(name, |(name, _)| name)
+            }
+            _ => &self.workload_name,
+        }
+    }
+
     /// Builds the `Node` a proxy with these facts sends (used by Hypha's proxy and tests).
     pub fn to_node(&self) -> Node {
         let mut fields = BTreeMap::new();
@@ -132,5 +155,25 @@ mod tests {
         assert_eq!(bare.namespace, "shop");
         assert_eq!(bare.workload_name, "reviews-v1");
         assert_eq!(bare.ips, vec!["10.0.0.9".parse::<IpAddr>().unwrap()]);
+    }
+
+    #[test]
+    fn a_pod_is_its_instance_and_its_deployment_the_workload() {
+        let pod = ProxyInfo {
+            id: "sidecar~10.0.0.9~reviews-v1-7d9f8-x2x.shop~shop.svc.cluster.local".into(),
+            workload_name: "reviews-v1".into(),
+            ..Default::default()
+        };
+        assert_eq!(pod.instance(), "reviews-v1-7d9f8-x2x");
+        let unnamed = ProxyInfo {
+            workload_name: String::new(),
+            ..pod.clone()
+        };
+        assert_eq!(unnamed.instance(), "", "found by its addresses");
+        let other_id = ProxyInfo {
+            id: "router-1".into(),
+            ..pod
+        };
+        assert_eq!(other_id.instance(), "reviews-v1");
     }
 }

@@ -34,7 +34,7 @@ impl Translation {
     pub(super) fn inbound(&self, proxy: &ProxyInfo) -> Vec<XdsResource> {
         let mine = self
             .registry
-            .workloads_of(&proxy.namespace, &proxy.workload_name, &proxy.ips);
+            .workloads_of(&proxy.namespace, proxy.instance(), &proxy.ips);
         // target port → protocol, from every service port the workload backs.
         let mut ports: BTreeMap<u32, Protocol> = BTreeMap::new();
         let mut loopback = "127.0.0.1";
@@ -45,9 +45,9 @@ impl Translation {
             {
                 loopback = "::1";
             }
-            for s in self.registry.services_backed_by(w) {
+            for (s, entry) in self.registry.services_backed_by(w) {
                 for p in &s.ports {
-                    ports.entry(w.port_for(p)).or_insert(p.protocol);
+                    ports.entry(entry.port_for(p)).or_insert(p.protocol);
                 }
             }
         }
