@@ -71,11 +71,18 @@ fn objects<'a>(
     group: &'a str,
     resource: &'a str,
 ) -> impl Iterator<Item = (&'a Key, &'a Value)> {
+    // The store is ordered by group and resource first: one range, not a scan.
+    let from = (
+        group.to_owned(),
+        resource.to_owned(),
+        String::new(),
+        String::new(),
+    );
     state
         .store
         .objects
-        .iter()
-        .filter(move |((g, r, _, _), _)| g == group && r == resource)
+        .range(from..)
+        .take_while(move |((g, r, _, _), _)| g == group && r == resource)
 }
 
 /// A short stable hash of a pod template (Kubernetes' `pod-template-hash`).
@@ -91,6 +98,19 @@ fn deployments(state: &mut State) {
     let deploys: Vec<(Key, Value)> = objects(state, "apps", "deployments")
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
+    // Pods by their Deployment, (namespace, name), found once for every Deployment.
+    let mut pods_of: BTreeMap<(String, String), Vec<(Key, Value)>> = BTreeMap::new();
+    for (pk, p) in objects(state, "", "pods") {
+        if let Some(owner) = p
+            .pointer("/metadata/ownerReferences/0/name")
+            .and_then(Value::as_str)
+        {
+            pods_of
+                .entry((pk.2.clone(), owner.to_owned()))
+                .or_default()
+                .push((pk.clone(), p.clone()));
+        }
+    }
     for (k, d) in &deploys {
         let ns = &k.2;
         let name = &k.3;
@@ -100,15 +120,9 @@ fn deployments(state: &mut State) {
             .unwrap_or(1) as usize;
         let template = d.pointer("/spec/template").cloned().unwrap_or(Value::Null);
         let hash = template_hash(&template);
-        let owned: Vec<(Key, Value)> = objects(state, "", "pods")
-            .filter(|(pk, p)| {
-                pk.2 == *ns
-                    && p.pointer("/metadata/ownerReferences/0/name")
-                        .and_then(Value::as_str)
-                        == Some(name)
-            })
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
+        let owned = pods_of
+            .remove(&(ns.clone(), name.clone()))
+            .unwrap_or_default();
         // Pods of another template go; then as many as are missing are made.
         let mut current = 0;
         for (pk, p) in owned {
@@ -204,13 +218,21 @@ fn endpoint_slices(state: &mut State) {
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     let mut wanted: BTreeMap<Key, Value> = BTreeMap::new();
+    // Pods by namespace, found once for every Service.
+    let mut in_namespace: BTreeMap<&str, Vec<&Value>> = BTreeMap::new();
+    for (pk, p) in objects(state, "", "pods") {
+        in_namespace.entry(pk.2.as_str()).or_default().push(p);
+    }
     for (k, svc) in &services {
         let Some(selector) = svc.pointer("/spec/selector").and_then(Value::as_object) else {
             continue;
         };
-        let pods: Vec<&Value> = objects(state, "", "pods")
-            .filter(|(pk, p)| pk.2 == k.2 && labels_match(selector, p))
-            .map(|(_, p)| p)
+        let pods: Vec<&Value> = in_namespace
+            .get(k.2.as_str())
+            .into_iter()
+            .flatten()
+            .copied()
+            .filter(|p| labels_match(selector, p))
             .collect();
         let ports: Vec<Value> = svc
             .pointer("/spec/ports")

@@ -35,16 +35,17 @@ pub(crate) struct ControlPlane {
 }
 
 impl ControlPlane {
+    /// `hypha control <source...> --listen addr`: `source` is `--config DIR`, or
+    /// `--kubernetes --kubeconfig FILE`.
     pub(crate) fn spawn(
         bin: &Path,
-        config: &Path,
+        source: &[std::ffi::OsString],
         addr: SocketAddr,
         log_path: &Path,
     ) -> Result<Self> {
         let mut child = Command::new(bin)
             .arg("control")
-            .arg("--config")
-            .arg(config)
+            .args(source)
             .arg("--listen")
             .arg(addr.to_string())
             .env("HYPHA_LOG", "info")

@@ -8,13 +8,21 @@
 //! holds the new route configuration `8080`. The time includes the control plane noticing the
 //! file change (it polls the directory every 100 ms and waits for one quiet poll).
 //!
-//! Parameters (environment): `SERVICES` (1000), `ENDPOINTS_PER_SERVICE` (5), `SUBSCRIBERS`
+//! With `SOURCE=kubernetes` the same mesh is in the test API server instead (in this process,
+//! with its controllers: a Service and two Deployments per service, their pods and
+//! EndpointSlices, the Istio objects), `hypha control --kubernetes` reads it, the changes are
+//! `kubectl apply`s of the VirtualService, and K more are `kubectl scale`s of one Deployment,
+//! timed until every proxy (all watching that service's endpoints) has the new endpoints.
+//!
+//! Parameters (environment): `SOURCE` (`files` or `kubernetes`), `SERVICES` (1000),
+//! `ENDPOINTS_PER_SERVICE` (5), `SUBSCRIBERS`
 //! (1000), `CHANGES` (5), `CHANGE_TIMEOUT_S` (30), `SETUP_TIMEOUT_S` (600),
 //! `CONNECT_PARALLELISM` (64), `HYPHA_BIN` (default: `hypha` next to this benchmark's
 //! `target/<profile>`), `KEEP_BENCH_DIR` (set: keep the config dir and control-plane log).
 
 #![forbid(unsafe_code)]
 
+mod cluster;
 mod control;
 mod measure;
 mod mesh;
@@ -52,6 +60,8 @@ pub(crate) struct Params {
     change_timeout: Duration,
     setup_timeout: Duration,
     connect_parallelism: usize,
+    /// `SOURCE=kubernetes`: the mesh from the test API server instead of files.
+    kubernetes: bool,
 }
 
 impl Params {
@@ -64,6 +74,11 @@ impl Params {
             change_timeout: Duration::from_secs(env_usize("CHANGE_TIMEOUT_S", 30)? as u64),
             setup_timeout: Duration::from_secs(env_usize("SETUP_TIMEOUT_S", 600)? as u64),
             connect_parallelism: env_usize("CONNECT_PARALLELISM", 64)?.max(1),
+            kubernetes: match std::env::var("SOURCE").as_deref() {
+                Ok("kubernetes") => true,
+                Ok("files") | Err(_) => false,
+                Ok(other) => bail!("SOURCE={other:?}: expected files or kubernetes"),
+            },
         };
         if p.services == 0 || p.endpoints == 0 || p.subscribers == 0 {
             bail!("SERVICES, ENDPOINTS_PER_SERVICE and SUBSCRIBERS must be at least 1");
@@ -96,7 +111,8 @@ fn main() -> Result<()> {
 }
 
 struct ChangeResult {
-    timeout_s: u64,
+    /// What changed: `timeout 3s`, `replicas 6`.
+    what: String,
     delivered: usize,
     samples: Vec<Duration>,
     /// From the write until this process read the control plane's `pushed` log line.
@@ -111,21 +127,33 @@ async fn run(p: Params) -> Result<()> {
     let ticks = clock_ticks();
     let dir = BenchDir::create()?;
     let started = Instant::now();
-    dir.generate(&p)?;
+    let cluster = if p.kubernetes {
+        Some(cluster::Cluster::start(&p, dir.root()).await?)
+    } else {
+        dir.generate(&p)?;
+        None
+    };
     let generate_time = started.elapsed();
+    let source: Vec<std::ffi::OsString> = match &cluster {
+        Some(c) => c.control_args(),
+        None => vec!["--config".into(), dir.config().into_os_string()],
+    };
     eprintln!(
-        "control-scale: {} services, {} endpoints, {} subscribers, {} changes; config in {} ({:.0} ms)",
+        "control-scale: {} services, {} endpoints, {} subscribers, {} changes; {} ({:.0} ms)",
         p.services,
         p.services * p.endpoints,
         p.subscribers,
         p.changes,
-        dir.config().display(),
+        match &cluster {
+            Some(c) => format!("in the test API server at {}", c.api.url()),
+            None => format!("config in {}", dir.config().display()),
+        },
         ms(generate_time)
     );
 
     let addr = free_port()?;
     let started = Instant::now();
-    let mut cp = ControlPlane::spawn(&bin, &dir.config(), addr, &dir.log())?;
+    let mut cp = ControlPlane::spawn(&bin, &source, addr, &dir.log())?;
     cp.wait_listening(addr, p.setup_timeout).await?;
     let startup = started.elapsed();
     let pid = cp.pid();
@@ -148,7 +176,10 @@ async fn run(p: Params) -> Result<()> {
         tasks.spawn(subscriber(
             sub,
             uri.clone(),
-            proxy(sub, &p),
+            match &cluster {
+                Some(c) => c.proxy(sub, &p),
+                None => proxy(sub, &p),
+            },
             gate.clone(),
             p.setup_timeout,
             tx.clone(),
@@ -169,6 +200,7 @@ async fn run(p: Params) -> Result<()> {
             Ok(Some(Event::Route {
                 sub, generation, ..
             })) => generation_seen[sub] = generation,
+            Ok(Some(Event::Endpoints { .. })) => {}
             Ok(Some(Event::Failed { sub, error })) => {
                 cp.check_alive()?;
                 bail!("subscriber {sub} failed while connecting: {error}");
@@ -205,83 +237,51 @@ async fn run(p: Params) -> Result<()> {
     let cpu_self_start = cpu_time("self", ticks)?;
     let phase_start = Instant::now();
     let mut changes = Vec::new();
+    let mut scales = Vec::new();
     let mut failures = Vec::new();
+    let mut measuring = Phase {
+        rx: &mut rx,
+        generation_seen: &mut generation_seen,
+        failures: &mut failures,
+        p: &p,
+    };
     for k in 0..p.changes {
-        // Anything still arriving from an earlier change only moves the floor.
-        while let Ok(ev) = rx.try_recv() {
-            match ev {
-                Event::Route {
-                    sub, generation, ..
-                } => generation_seen[sub] = generation.max(generation_seen[sub]),
-                Event::Failed { sub, error } => failures.push((sub, error)),
-                Event::Ready { .. } => {}
-            }
-        }
-        let floor = generation_seen.iter().flatten().copied().max();
         let timeout_s = if k.is_multiple_of(2) { 3 } else { 4 };
-        let t0 = Instant::now();
-        dir.rewrite_virtual_service(timeout_s)?;
-        let mut got: Vec<Option<Duration>> = vec![None; p.subscribers];
-        let mut delivered = 0;
-        let deadline = tokio::time::Instant::from_std(t0 + p.change_timeout);
-        while delivered < p.subscribers {
-            let ev = match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some(ev)) => ev,
-                Ok(None) | Err(_) => break,
-            };
-            match ev {
-                Event::Route {
-                    sub,
-                    at,
-                    generation,
-                } => {
-                    let newer = match (generation, floor) {
-                        (Some(g), Some(f)) => g > f,
-                        _ => true,
-                    };
-                    generation_seen[sub] = generation.max(generation_seen[sub]);
-                    if newer && got[sub].is_none() {
-                        got[sub] = Some(at.saturating_duration_since(t0));
-                        delivered += 1;
-                    }
-                }
-                Event::Failed { sub, error } => failures.push((sub, error)),
-                Event::Ready { .. } => {}
+        let what = format!("timeout {timeout_s}s");
+        let result = match &cluster {
+            Some(c) => {
+                measuring
+                    .measure(
+                        &cp,
+                        Awaited::Route,
+                        what,
+                        c.apply_virtual_service(timeout_s),
+                    )
+                    .await?
             }
-        }
-        let generation = {
-            let log = cp.log();
-            log.generations.iter().find(|g| g.at >= t0).cloned()
+            None => {
+                let write = async { dir.rewrite_virtual_service(timeout_s) };
+                measuring.measure(&cp, Awaited::Route, what, write).await?
+            }
         };
-        let mut samples: Vec<Duration> = got.into_iter().flatten().collect();
-        samples.sort();
-        let result = ChangeResult {
-            timeout_s,
-            delivered,
-            to_generation_log: generation
-                .as_ref()
-                .map(|g| g.at.saturating_duration_since(t0)),
-            update_took_ms: generation.as_ref().map(|g| g.took_ms),
-            generation: generation.as_ref().map(|g| g.generation),
-            samples,
-        };
-        eprintln!(
-            "change {}/{} (timeout {timeout_s}s): {delivered}/{} delivered, p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms; generation {:?} logged after {:?} ms (update took {:?} ms, {} proxies)",
-            k + 1,
-            p.changes,
-            p.subscribers,
-            ms(percentile(&result.samples, 0.50)),
-            ms(percentile(&result.samples, 0.99)),
-            ms(result.samples.last().copied().unwrap_or_default()),
-            result.generation,
-            result.to_generation_log.map(|d| ms(d).round()),
-            result.update_took_ms,
-            generation.as_ref().map_or(0, |g| g.proxies),
-        );
         changes.push(result);
         cp.check_alive()?;
         if k + 1 < p.changes {
             tokio::time::sleep(PAUSE).await;
+        }
+    }
+    // On a cluster, a Deployment scaled up by one pod and back, each time to every proxy.
+    if let Some(c) = &cluster {
+        let base = cluster::replicas_of(&p, cluster::SCALED);
+        for k in 0..p.changes {
+            tokio::time::sleep(PAUSE).await;
+            let replicas = if k.is_multiple_of(2) { base + 1 } else { base };
+            let what = format!("{} replicas {replicas}", cluster::SCALED);
+            let result = measuring
+                .measure(&cp, Awaited::Endpoints, what, c.scale(replicas))
+                .await?;
+            scales.push(result);
+            cp.check_alive()?;
         }
     }
     let phase = phase_start.elapsed();
@@ -298,6 +298,7 @@ async fn run(p: Params) -> Result<()> {
     report(&Report {
         p,
         changes,
+        scales,
         failures,
         mem_started,
         mem_connected,
@@ -317,9 +318,121 @@ async fn run(p: Params) -> Result<()> {
     Ok(())
 }
 
+/// What a change is waited for as, at every proxy.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Awaited {
+    /// A new version of route `8080`, from a generation after the change.
+    Route,
+    /// A new version of the watched endpoints.
+    Endpoints,
+}
+
+/// The change phase's state: the proxies' events and what they have seen so far.
+struct Phase<'a> {
+    rx: &'a mut mpsc::UnboundedReceiver<Event>,
+    generation_seen: &'a mut Vec<Option<u64>>,
+    failures: &'a mut Vec<(usize, String)>,
+    p: &'a Params,
+}
+
+impl Phase<'_> {
+    /// Makes a change (`trigger`), timed from just before it, and waits until every proxy has
+    /// it (or the change timeout).
+    async fn measure(
+        &mut self,
+        cp: &ControlPlane,
+        awaited: Awaited,
+        what: String,
+        trigger: impl std::future::Future<Output = Result<()>>,
+    ) -> Result<ChangeResult> {
+        let p = self.p;
+        // Anything still arriving from an earlier change only moves the floor.
+        while let Ok(ev) = self.rx.try_recv() {
+            match ev {
+                Event::Route {
+                    sub, generation, ..
+                } => self.generation_seen[sub] = generation.max(self.generation_seen[sub]),
+                Event::Failed { sub, error } => self.failures.push((sub, error)),
+                Event::Ready { .. } | Event::Endpoints { .. } => {}
+            }
+        }
+        let floor = self.generation_seen.iter().flatten().copied().max();
+        let t0 = Instant::now();
+        trigger.await?;
+        let mut got: Vec<Option<Duration>> = vec![None; p.subscribers];
+        let mut delivered = 0;
+        let deadline = tokio::time::Instant::from_std(t0 + p.change_timeout);
+        while delivered < p.subscribers {
+            let ev = match tokio::time::timeout_at(deadline, self.rx.recv()).await {
+                Ok(Some(ev)) => ev,
+                Ok(None) | Err(_) => break,
+            };
+            let arrived = match ev {
+                Event::Route {
+                    sub,
+                    at,
+                    generation,
+                } => {
+                    let newer = match (generation, floor) {
+                        (Some(g), Some(f)) => g > f,
+                        _ => true,
+                    };
+                    self.generation_seen[sub] = generation.max(self.generation_seen[sub]);
+                    (awaited == Awaited::Route && newer).then_some((sub, at))
+                }
+                Event::Endpoints { sub, at } => {
+                    (awaited == Awaited::Endpoints).then_some((sub, at))
+                }
+                Event::Failed { sub, error } => {
+                    self.failures.push((sub, error));
+                    None
+                }
+                Event::Ready { .. } => None,
+            };
+            if let Some((sub, at)) = arrived {
+                if got[sub].is_none() {
+                    got[sub] = Some(at.saturating_duration_since(t0));
+                    delivered += 1;
+                }
+            }
+        }
+        let generation = {
+            let log = cp.log();
+            log.generations.iter().find(|g| g.at >= t0).cloned()
+        };
+        let mut samples: Vec<Duration> = got.into_iter().flatten().collect();
+        samples.sort();
+        let result = ChangeResult {
+            what,
+            delivered,
+            to_generation_log: generation
+                .as_ref()
+                .map(|g| g.at.saturating_duration_since(t0)),
+            update_took_ms: generation.as_ref().map(|g| g.took_ms),
+            generation: generation.as_ref().map(|g| g.generation),
+            samples,
+        };
+        eprintln!(
+            "{}: {delivered}/{} delivered, p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms; generation {:?} logged after {:?} ms (update took {:?} ms, {} proxies)",
+            result.what,
+            p.subscribers,
+            ms(percentile(&result.samples, 0.50)),
+            ms(percentile(&result.samples, 0.99)),
+            ms(result.samples.last().copied().unwrap_or_default()),
+            result.generation,
+            result.to_generation_log.map(|d| ms(d).round()),
+            result.update_took_ms,
+            generation.as_ref().map_or(0, |g| g.proxies),
+        );
+        Ok(result)
+    }
+}
+
 struct Report {
     p: Params,
     changes: Vec<ChangeResult>,
+    /// On a cluster: the Deployment scales.
+    scales: Vec<ChangeResult>,
     failures: Vec<(usize, String)>,
     mem_started: Memory,
     mem_connected: Memory,
@@ -340,9 +453,11 @@ struct Report {
 
 fn report(r: &Report) {
     let p = &r.p;
-    let mut all: Vec<Duration> = r.changes.iter().flat_map(|c| c.samples.clone()).collect();
+    // Every change counts: the VirtualService's and, on a cluster, the scales.
+    let every = || r.changes.iter().chain(&r.scales);
+    let mut all: Vec<Duration> = every().flat_map(|c| c.samples.clone()).collect();
     all.sort();
-    let expected = p.subscribers * p.changes;
+    let expected = p.subscribers * (r.changes.len() + r.scales.len());
     let share = if expected == 0 {
         0.0
     } else {
@@ -358,16 +473,17 @@ fn report(r: &Report) {
     let mut md = String::new();
     let _ = writeln!(
         md,
-        "| services | endpoints | subscribers | changes | push p50 / p99 / max (ms) | delivered | control-plane peak RSS (MiB) | control-plane CPU-ms, change phase |"
+        "| source | services | endpoints | subscribers | changes | push p50 / p99 / max (ms) | delivered | control-plane peak RSS (MiB) | control-plane CPU-ms, change phase |"
     );
-    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|");
     let _ = writeln!(
         md,
-        "| {} | {} | {} | {} | {:.0} / {:.0} / {:.0} | {:.1} % | {:.1} | {:.0} |",
+        "| {} | {} | {} | {} | {} | {:.0} / {:.0} / {:.0} | {:.1} % | {:.1} | {:.0} |",
+        if p.kubernetes { "kubernetes" } else { "files" },
         p.services,
         p.services * p.endpoints,
         p.subscribers,
-        p.changes,
+        r.changes.len() + r.scales.len(),
         ms(p50),
         ms(p99),
         ms(max),
@@ -378,16 +494,16 @@ fn report(r: &Report) {
     let _ = writeln!(md);
     let _ = writeln!(
         md,
-        "| change | new timeout | delivered | p50 / p99 / max (ms) | write → `pushed` log (ms) | update took (ms) |"
+        "| change | what | delivered | p50 / p99 / max (ms) | change → `pushed` log (ms) | update took (ms) |"
     );
     let _ = writeln!(md, "|---|---|---|---|---|---|");
-    for (k, c) in r.changes.iter().enumerate() {
+    for (k, c) in every().enumerate() {
         let opt = |v: Option<f64>| v.map_or("—".to_string(), |v| format!("{v:.0}"));
         let _ = writeln!(
             md,
-            "| {} | {}s | {}/{} | {:.0} / {:.0} / {:.0} | {} | {} |",
+            "| {} | {} | {}/{} | {:.0} / {:.0} / {:.0} | {} | {} |",
             k + 1,
-            c.timeout_s,
+            c.what,
             c.delivered,
             p.subscribers,
             ms(percentile(&c.samples, 0.50)),
@@ -430,8 +546,9 @@ fn report(r: &Report) {
         "push_ms": {"p50": r1(ms(p50)), "p99": r1(ms(p99)), "max": r1(ms(max))},
         "delivered_share": share,
         "floor_met": floor_met,
-        "per_change": r.changes.iter().map(|c| json!({
-            "timeout_s": c.timeout_s,
+        "source": if p.kubernetes { "kubernetes" } else { "files" },
+        "per_change": every().map(|c| json!({
+            "change": c.what,
             "delivered": c.delivered,
             "p50_ms": r1(ms(percentile(&c.samples, 0.50))),
             "p99_ms": r1(ms(percentile(&c.samples, 0.99))),

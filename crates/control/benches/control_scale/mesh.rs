@@ -163,6 +163,10 @@ impl BenchDir {
         })
     }
 
+    pub(crate) fn root(&self) -> &std::path::Path {
+        &self.root
+    }
+
     pub(crate) fn config(&self) -> PathBuf {
         self.root.join("config")
     }

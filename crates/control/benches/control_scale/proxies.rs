@@ -25,21 +25,33 @@ pub(crate) enum Event {
         at: Instant,
         generation: Option<u64>,
     },
+    /// Received a new version of the watched endpoints (`Watch::endpoints`).
+    Endpoints {
+        sub: usize,
+        at: Instant,
+    },
     Failed {
         sub: usize,
         error: String,
     },
 }
 
+/// What a proxy subscribes to besides clusters, listeners and route `8080`.
+#[derive(Clone, Default)]
+pub(crate) struct Watch {
+    /// A ClusterLoadAssignment whose changes are reported.
+    pub(crate) endpoints: Option<String>,
+}
+
 /// Proxy `sub` plays workload `svc-i-e`, so that proxies spread over namespaces like the
 /// services and each gets inbound resources of its own.
-pub(crate) fn proxy(sub: usize, p: &Params) -> ProxyInfo {
+pub(crate) fn proxy(sub: usize, p: &Params) -> (ProxyInfo, Watch) {
     let i = sub % p.services;
     let e = (sub / p.services) % p.endpoints;
     let g = i * p.endpoints + e;
     let ns = namespace(i);
     let v4 = endpoint_v4(g);
-    ProxyInfo {
+    let info = ProxyInfo {
         id: format!("sidecar~{v4}~svc-{i}-{e}-p{sub}.{ns}~{ns}.svc.cluster.local"),
         namespace: ns,
         service_account: format!("svc-{i}"),
@@ -50,18 +62,19 @@ pub(crate) fn proxy(sub: usize, p: &Params) -> ProxyInfo {
         ]
         .into(),
         ips: vec![v4.into(), endpoint_v6(g).into()],
-    }
+    };
+    (info, Watch::default())
 }
 
 pub(crate) async fn subscriber(
     sub: usize,
     uri: String,
-    info: ProxyInfo,
+    (info, watch): (ProxyInfo, Watch),
     gate: Arc<Semaphore>,
     connect_timeout: Duration,
     events: mpsc::UnboundedSender<Event>,
 ) {
-    if let Err(e) = run_subscriber(sub, uri, info, gate, connect_timeout, &events).await {
+    if let Err(e) = run_subscriber(sub, uri, (info, watch), gate, connect_timeout, &events).await {
         let _ = events.send(Event::Failed {
             sub,
             error: format!("{e:#}"),
@@ -72,7 +85,7 @@ pub(crate) async fn subscriber(
 pub(crate) async fn run_subscriber(
     sub: usize,
     uri: String,
-    info: ProxyInfo,
+    (info, watch): (ProxyInfo, Watch),
     gate: Arc<Semaphore>,
     connect_timeout: Duration,
     events: &mpsc::UnboundedSender<Event>,
@@ -84,6 +97,10 @@ pub(crate) async fn run_subscriber(
             .await
             .context("connect timed out")??;
     client.subscribe(type_url::ROUTE, [ROUTE_NAME]).await?;
+    if let Some(eds) = &watch.endpoints {
+        client.subscribe(type_url::ENDPOINT, [eds.as_str()]).await?;
+    }
+    let mut endpoints: Option<String> = None;
     let (mut clusters, mut listeners) = (false, false);
     let mut route: Option<String> = None;
     let (mut bytes, mut largest) = (0, 0);
@@ -110,6 +127,19 @@ pub(crate) async fn run_subscriber(
                             at,
                             generation: update.system_version.parse().ok(),
                         });
+                    }
+                }
+            }
+            type_url::ENDPOINT => {
+                let watched = watch.endpoints.as_deref();
+                if let Some(r) = update
+                    .resources
+                    .iter()
+                    .find(|r| Some(r.name.as_str()) == watched)
+                {
+                    if endpoints.as_deref() != Some(r.version.as_str()) {
+                        endpoints = Some(r.version.clone());
+                        let _ = events.send(Event::Endpoints { sub, at });
                     }
                 }
             }
