@@ -9,7 +9,7 @@ use std::sync::Arc;
 use hypha_config::{Config, Diagnostic, Diagnostics, Severity};
 use serde_json::Value;
 
-use crate::cluster::Cluster;
+use crate::cluster::{Cluster, Derived};
 
 /// An Istio kind Hypha reads from the API server.
 #[derive(Debug, Clone, Copy)]
@@ -94,7 +94,12 @@ pub struct Assembled {
 /// belongs to a cluster object. Errors left then (in files) make the whole change invalid, as
 /// for files alone.
 pub fn assemble(files: &Config, cluster: &Cluster) -> Assembled {
-    let derived = cluster.derive(&files.mesh);
+    assemble_with(files, cluster, &cluster.derive(&files.mesh))
+}
+
+/// [`assemble`] with the cluster's registry already derived (it changes less often than the
+/// Istio objects: a VirtualService edit need not derive 10,000 pods again).
+pub fn assemble_with(files: &Config, cluster: &Cluster, derived: &Derived) -> Assembled {
     let origin: Arc<str> = crate::ORIGIN.into();
     let mut invalid: BTreeMap<ObjectKey, Vec<Diagnostic>> = BTreeMap::new();
     loop {

@@ -274,6 +274,8 @@ pub async fn run(client: Client, cp: ControlPlane, mut files: watch::Receiver<Co
     let _abort = AbortOnDrop(tasks);
     let mut reporter = crate::report::Reporter::new(client);
     let mut cluster = Cluster::default();
+    // The registry derived from the cluster and the file config, kept until either changes.
+    let mut derived: Option<std::sync::Arc<crate::cluster::Derived>> = None;
     let mut listed: BTreeSet<Watched> = BTreeSet::new();
     // First and last change since the last push.
     let mut pending: Option<(Instant, Instant)> = None;
@@ -288,7 +290,12 @@ pub async fn run(client: Client, cp: ControlPlane, mut files: watch::Receiver<Co
                     listed.insert(*w);
                 }
                 let now = Instant::now();
-                if cluster.apply(u) || (pending.is_none() && listed.len() == watch_count() && !ready) {
+                let registry = !matches!(&u, Update::Apply(Entry::Istio(..)) | Update::Delete(Entry::Istio(..)) | Update::Replace(Watched::Istio(_), _));
+                let changed = cluster.apply(u);
+                if changed && registry {
+                    derived = None;
+                }
+                if changed || (pending.is_none() && listed.len() == watch_count() && !ready) {
                     pending = Some((pending.map_or(now, |p| p.0), now));
                 }
             }
@@ -298,20 +305,26 @@ pub async fn run(client: Client, cp: ControlPlane, mut files: watch::Receiver<Co
                 }
                 let now = Instant::now();
                 pending = Some((pending.map_or(now, |p| p.0), now));
+                derived = None;
             }
             () = sleep_until(deadline), if ready && deadline.is_some() => {
-                pending = None;
+                let since = pending.take().map(|(first, _)| first.elapsed());
+                let started = Instant::now();
                 let files = files.borrow_and_update().clone();
                 let c = std::mem::take(&mut cluster);
-                let Ok((c, assembled)) = tokio::task::spawn_blocking(move || {
-                    let a = istio::assemble(&files, &c);
-                    (c, a)
+                let cached = derived.clone();
+                let Ok((c, d, assembled)) = tokio::task::spawn_blocking(move || {
+                    let d = cached.unwrap_or_else(|| std::sync::Arc::new(c.derive(&files.mesh)));
+                    let a = istio::assemble_with(&files, &c, &d);
+                    (c, d, a)
                 })
                 .await else {
                     tracing::error!("assembling the cluster's config panicked");
                     return;
                 };
                 cluster = c;
+                derived = Some(d);
+                let assembled_in = started.elapsed();
                 hypha_control::log_diagnostics(&assembled.diagnostics);
                 if assembled.diagnostics.has_errors() {
                     cp.reject();
@@ -323,6 +336,13 @@ pub async fn run(client: Client, cp: ControlPlane, mut files: watch::Receiver<Co
                     let cp2 = cp.clone();
                     let config = assembled.config;
                     let _ = tokio::task::spawn_blocking(move || cp2.update(config)).await;
+                    tracing::info!(
+                        waited_ms = since.map_or(0, |d| d.as_millis() as u64),
+                        assemble_ms = assembled_in.as_millis() as u64,
+                        total_ms = started.elapsed().as_millis() as u64,
+                        left_out = assembled.invalid.len(),
+                        "kubernetes: the cluster's changes pushed"
+                    );
                 }
                 reporter.report(&assembled.invalid, &cluster).await;
             }

@@ -89,6 +89,16 @@ metadata: {name: reviews, namespace: shop}
 spec:
   hosts: [reviews]
   http: [{route: [{destination: {host: reviews, subset: v1}}]}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: db-replicas, namespace: shop}
+spec:
+  hosts: [replicas.db.internal]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports: [{number: 5432, name: tcp-db}]
+  workloadSelector: {labels: {app: db}}
 ";
 
 const BAD: &str = "\
@@ -167,6 +177,13 @@ async fn the_mesh_follows_the_cluster() {
     assert_eq!(payments.resolution, Resolution::Dns);
     assert_eq!(payments.endpoints[0].addresses, ["payments.example.com"]);
     assert_eq!(t.cfg.virtual_services.len(), 1);
+    // A ServiceEntry's workloadSelector selects pods, as WorkloadEntries.
+    let replicas = t.registry.service("replicas.db.internal", "shop").unwrap();
+    assert_eq!(replicas.endpoints.len(), 1);
+    assert_eq!(
+        replicas.endpoints[0].workload_name,
+        db.endpoints[0].workload_name
+    );
     drop(t);
 
     cluster.kubectl(&["scale", "-n", "shop", "deployment/reviews", "--replicas=3"]);

@@ -113,6 +113,8 @@ fn main() -> Result<()> {
 struct ChangeResult {
     /// What changed: `timeout 3s`, `replicas 6`.
     what: String,
+    /// How long making the change took (the file write, or kubectl's run).
+    trigger: Duration,
     delivered: usize,
     samples: Vec<Duration>,
     /// From the write until this process read the control plane's `pushed` log line.
@@ -359,6 +361,7 @@ impl Phase<'_> {
         let floor = self.generation_seen.iter().flatten().copied().max();
         let t0 = Instant::now();
         trigger.await?;
+        let triggered = t0.elapsed();
         let mut got: Vec<Option<Duration>> = vec![None; p.subscribers];
         let mut delivered = 0;
         let deadline = tokio::time::Instant::from_std(t0 + p.change_timeout);
@@ -404,6 +407,7 @@ impl Phase<'_> {
         samples.sort();
         let result = ChangeResult {
             what,
+            trigger: triggered,
             delivered,
             to_generation_log: generation
                 .as_ref()
@@ -494,16 +498,17 @@ fn report(r: &Report) {
     let _ = writeln!(md);
     let _ = writeln!(
         md,
-        "| change | what | delivered | p50 / p99 / max (ms) | change → `pushed` log (ms) | update took (ms) |"
+        "| change | what | made in (ms) | delivered | p50 / p99 / max (ms) | change → `pushed` log (ms) | update took (ms) |"
     );
-    let _ = writeln!(md, "|---|---|---|---|---|---|");
+    let _ = writeln!(md, "|---|---|---|---|---|---|---|");
     for (k, c) in every().enumerate() {
         let opt = |v: Option<f64>| v.map_or("—".to_string(), |v| format!("{v:.0}"));
         let _ = writeln!(
             md,
-            "| {} | {} | {}/{} | {:.0} / {:.0} / {:.0} | {} | {} |",
+            "| {} | {} | {:.0} | {}/{} | {:.0} / {:.0} / {:.0} | {} | {} |",
             k + 1,
             c.what,
+            ms(c.trigger),
             c.delivered,
             p.subscribers,
             ms(percentile(&c.samples, 0.50)),
@@ -549,6 +554,7 @@ fn report(r: &Report) {
         "source": if p.kubernetes { "kubernetes" } else { "files" },
         "per_change": every().map(|c| json!({
             "change": c.what,
+            "made_in_ms": r1(ms(c.trigger)),
             "delivered": c.delivered,
             "p50_ms": r1(ms(percentile(&c.samples, 0.50))),
             "p99_ms": r1(ms(percentile(&c.samples, 0.99))),
