@@ -51,15 +51,27 @@ pub(crate) fn allocate_cluster_ip(state: &mut State, k: &Key, svc: &mut Value) {
 /// EndpointSlices for Services.
 pub(crate) async fn run(shared: Shared) {
     let mut feed = lock(&shared).store.feed.subscribe();
+    // What a controller acts on: a change to anything else (an Istio object, an Event, the
+    // slices it wrote itself) costs no pass over the cluster.
+    let relevant = |e: &crate::store::Event| {
+        matches!(
+            (e.group.as_str(), e.resource.as_str()),
+            ("apps", "deployments") | ("", "pods" | "services")
+        )
+    };
     loop {
         {
             let mut state = lock(&shared);
             deployments(&mut state);
             endpoint_slices(&mut state);
         }
-        match feed.recv().await {
-            Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
-            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        let mut wanted = false;
+        while !wanted {
+            match feed.recv().await {
+                Ok(e) => wanted = relevant(&e),
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => wanted = true,
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            }
         }
         // Take what else arrived with it in one go.
         while feed.try_recv().is_ok() {}

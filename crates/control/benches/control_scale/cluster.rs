@@ -203,7 +203,9 @@ impl Cluster {
         .await
     }
 
-    /// `kubectl scale` of the scaled Deployment.
+    /// `kubectl scale` of the scaled Deployment. (The time to every proxy includes the test
+    /// cluster's controllers making the pod and the EndpointSlice: polling the slice from here
+    /// to split that off was starved by the 1,000 clients sharing this process.)
     pub(crate) async fn scale(&self, replicas: usize) -> Result<()> {
         self.kubectl(vec![
             "scale".into(),
