@@ -277,6 +277,8 @@ pub async fn run(client: Client, cp: ControlPlane, mut files: watch::Receiver<Co
     // The registry derived from the cluster and the file config, kept until either changes.
     let mut derived: Option<std::sync::Arc<crate::cluster::Derived>> = None;
     let mut listed: BTreeSet<Watched> = BTreeSet::new();
+    // Diagnostics logged at the last push: each is logged once, not at every push.
+    let mut logged: BTreeSet<String> = BTreeSet::new();
     // First and last change since the last push.
     let mut pending: Option<(Instant, Instant)> = None;
     loop {
@@ -325,7 +327,16 @@ pub async fn run(client: Client, cp: ControlPlane, mut files: watch::Receiver<Co
                 cluster = c;
                 derived = Some(d);
                 let assembled_in = started.elapsed();
-                hypha_control::log_diagnostics(&assembled.diagnostics);
+                let now: BTreeSet<String> =
+                    assembled.diagnostics.iter().map(ToString::to_string).collect();
+                let mut fresh = hypha_config::Diagnostics::default();
+                for d in assembled.diagnostics.iter() {
+                    if !logged.contains(&d.to_string()) {
+                        fresh.push(d.clone());
+                    }
+                }
+                hypha_control::log_diagnostics(&fresh);
+                logged = now;
                 if assembled.diagnostics.has_errors() {
                     cp.reject();
                     tracing::error!(
