@@ -21,7 +21,9 @@ pub mod yaml;
 use std::collections::BTreeMap;
 
 pub use diag::{Diagnostic, Diagnostics, Severity, Source};
-pub use load::{load, load_cached, load_sources, load_str, parse_objects, LoadCache, Loaded};
+pub use load::{
+    load, load_cached, load_sources, load_str, parse_cached, parse_objects, LoadCache, Loaded,
+};
 pub use mesh::MeshConfig;
 pub use validate::{grpc_code, host_covers, is_valid_cidr, needs_the_ca, protocol_kind, validate};
 

@@ -59,6 +59,14 @@ struct CachedFile {
 
 /// [`load`], reusing what `cache` holds for files that did not change since it was filled.
 pub fn load_cached(path: &Path, cache: &mut LoadCache) -> Loaded {
+    let mut parsed = parse_cached(path, cache);
+    validate(&parsed.config, &mut parsed.diagnostics);
+    parsed
+}
+
+/// [`load_cached`] without the validation: for a caller that validates the files together
+/// with config from elsewhere (a cluster), where a file may refer to what only that has.
+pub fn parse_cached(path: &Path, cache: &mut LoadCache) -> Loaded {
     let mut files = Vec::new();
     let mut diags = Diagnostics::default();
     if let Err(e) = collect_files(path, &mut files) {
@@ -103,7 +111,10 @@ pub fn load_cached(path: &Path, cache: &mut LoadCache) -> Loaded {
     }
     cache.files.retain(|f, _| seen.contains(f));
     loader.diags.extend(diags);
-    loader.finish()
+    Loaded {
+        config: loader.config,
+        diagnostics: loader.diags,
+    }
 }
 
 /// Loads and validates YAML held in memory; `name` stands for the file in diagnostics.

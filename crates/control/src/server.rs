@@ -289,7 +289,7 @@ impl ControlPlane {
     /// Watches `dir` (polling; works on every filesystem and in containers) and applies each
     /// change once it has settled. Invalid changes are logged with every problem and ignored.
     pub async fn watch_dir(&self, dir: PathBuf, poll: Duration) {
-        self.watch_dir_with(dir, poll, |cp, cfg| {
+        self.watch_dir_with(dir, poll, true, |cp, cfg| {
             let cp = cp.clone();
             async move {
                 let _ = tokio::task::spawn_blocking(move || cp.update(cfg)).await;
@@ -299,8 +299,10 @@ impl ControlPlane {
     }
 
     /// [`ControlPlane::watch_dir`], handing each valid config to `apply` (another source
-    /// merges it with its own) instead of installing it.
-    pub async fn watch_dir_with<F, Fut>(&self, dir: PathBuf, poll: Duration, apply: F)
+    /// merges it with its own) instead of installing it. Unless `alone`, the files are only
+    /// parsed here: the other source validates them with its own config, which they may refer
+    /// to (a VirtualService in a file on a Kubernetes Service).
+    pub async fn watch_dir_with<F, Fut>(&self, dir: PathBuf, poll: Duration, alone: bool, apply: F)
     where
         F: Fn(&ControlPlane, Config) -> Fut,
         Fut: std::future::Future<Output = ()>,
@@ -335,7 +337,14 @@ impl ControlPlane {
             last = settled;
             let d = dir.clone();
             let mut c = std::mem::take(&mut cache);
-            let load = move || (hypha_config::load_cached(&d, &mut c), c);
+            let load = move || {
+                let loaded = if alone {
+                    hypha_config::load_cached(&d, &mut c)
+                } else {
+                    hypha_config::parse_cached(&d, &mut c)
+                };
+                (loaded, c)
+            };
             let loaded = match tokio::task::spawn_blocking(load).await {
                 Ok((l, c)) => {
                     cache = c;
@@ -454,6 +463,28 @@ pub fn initial_config(dir: Option<&Path>) -> Result<Config, Diagnostics> {
     loaded.into_result().map(|(cfg, _)| cfg)
 }
 
+/// The files when another source validates them with its own config: parse errors and the
+/// MeshConfig's are fatal, the rest is that source's to judge.
+fn files_for_another_source(dir: &Path) -> Result<Config, RunError> {
+    let mut loaded = hypha_config::parse_cached(dir, &mut LoadCache::default());
+    let mut all = loaded.diagnostics.clone();
+    hypha_config::validate(&loaded.config, &mut all);
+    let mesh_errors = all.iter().filter(|d| {
+        d.severity == Severity::Error
+            && d.resource
+                .as_deref()
+                .is_some_and(|r| r.starts_with("MeshConfig"))
+    });
+    for d in mesh_errors {
+        loaded.diagnostics.push(d.clone());
+    }
+    log_diagnostics(&loaded.diagnostics);
+    loaded
+        .into_result()
+        .map(|(cfg, _)| cfg)
+        .map_err(|d| RunError::Config(d.errors().count()))
+}
+
 /// The secure endpoint's settings (`hypha control --listen-tls`).
 #[derive(Debug, Clone)]
 pub struct Security {
@@ -485,9 +516,12 @@ pub async fn run(
     security: Option<Security>,
     extra: Option<ExtraSource>,
 ) -> Result<(), RunError> {
-    // With another source, no files means an empty mesh config rather than the example.
+    // With another source, no files means an empty mesh config rather than the example, and
+    // files are validated with that source's config (they may refer to it): only their parse
+    // and their MeshConfig, which the CA opens with, must be right on their own.
     let cfg = match (&dir, &extra) {
         (None, Some(_)) => Config::default(),
+        (Some(d), Some(_)) => files_for_another_source(d)?,
         _ => initial_config(dir.as_deref()).map_err(|d| RunError::Config(d.errors().count()))?,
     };
     let (files_tx, files_rx) = watch::channel(cfg.clone());
@@ -584,7 +618,7 @@ pub async fn run(
             tracing::info!("watching {} for changes", d.display());
             let cp = cp.clone();
             tasks.spawn(async move {
-                cp.watch_dir_with(d, Duration::from_millis(100), |_, cfg| {
+                cp.watch_dir_with(d, Duration::from_millis(100), false, |_, cfg| {
                     files_tx.send_replace(cfg);
                     std::future::ready(())
                 })

@@ -121,13 +121,28 @@ pub fn assemble_with(files: &Config, cluster: &Cluster, derived: &Derived) -> As
         cfg.destination_rules.extend(p.destination_rules);
         cfg.authorization_policies.extend(p.authorization_policies);
         cfg.peer_authentications.extend(p.peer_authentications);
+        // A file's object made invalid by the cluster (a route to a Service deleted) is left
+        // out too; the cluster's are not parsed at all.
+        drop_invalid(&mut cfg.service_entries, "ServiceEntry", &invalid);
+        drop_invalid(&mut cfg.workload_entries, "WorkloadEntry", &invalid);
+        drop_invalid(&mut cfg.virtual_services, "VirtualService", &invalid);
+        drop_invalid(&mut cfg.destination_rules, "DestinationRule", &invalid);
+        drop_invalid(
+            &mut cfg.authorization_policies,
+            "AuthorizationPolicy",
+            &invalid,
+        );
+        drop_invalid(
+            &mut cfg.peer_authentications,
+            "PeerAuthentication",
+            &invalid,
+        );
         let mut diags = parsed.diagnostics;
         hypha_config::validate(&cfg, &mut diags);
         let mut left_out = 0;
         for d in diags.iter().filter(|d| d.severity == Severity::Error) {
-            if &*d.file != crate::ORIGIN {
-                continue;
-            }
+            // Only Istio objects are left out: a MeshConfig's error, or a file's own (YAML),
+            // rejects the whole change, as with files alone.
             if let Some(key) = d.resource.as_deref().and_then(object_key) {
                 invalid.entry(key).or_default().push(d.clone());
                 left_out += 1;
@@ -140,6 +155,19 @@ pub fn assemble_with(files: &Config, cluster: &Cluster, derived: &Derived) -> As
                 invalid,
             };
         }
+    }
+}
+
+/// Removes the resources of `kind` that `invalid` names.
+fn drop_invalid<T>(
+    resources: &mut Vec<hypha_config::Resource<T>>,
+    kind: &'static str,
+    invalid: &BTreeMap<ObjectKey, Vec<Diagnostic>>,
+) {
+    if invalid.keys().any(|k| k.0 == kind) {
+        resources.retain(|r| {
+            r.source.derived || !invalid.contains_key(&(kind, r.namespace.clone(), r.name.clone()))
+        });
     }
 }
 

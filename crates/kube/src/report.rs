@@ -49,6 +49,10 @@ impl Reporter {
             for m in messages {
                 tracing::error!("{} {}/{} left out of the mesh: {m}", key.0, key.1, key.2);
             }
+            // A file's object: the log is where it is reported.
+            if !cluster.istio.contains_key(key) {
+                continue;
+            }
             let uid = cluster
                 .istio
                 .get(key)

@@ -129,7 +129,7 @@ async fn the_mesh_follows_the_cluster() {
     apply_all();
 
     let cp = ControlPlane::new(Config::default());
-    let (_files, files) = tokio::sync::watch::channel(Config::default());
+    let (file_config, files) = tokio::sync::watch::channel(Config::default());
     // The control plane with only the permissions of manifests/rbac.yaml.
     let source = tokio::spawn(hypha_kube::run(cluster.client().await, cp.clone(), files));
 
@@ -228,6 +228,35 @@ async fn the_mesh_follows_the_cluster() {
     assert_eq!(names, ["reviews"]);
     assert_eq!(cp.rejected_changes(), 0);
 
+    // Files combine with the cluster: a VirtualService from a file on a Kubernetes Service,
+    // parsed only, as `hypha control --config DIR --kubernetes` hands them over (alone, it
+    // would name no service).
+    let config_dir = cluster.dir.path().join("config");
+    std::fs::create_dir(&config_dir).unwrap();
+    std::fs::write(
+        config_dir.join("ratings.yaml"),
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\n\
+         metadata: {name: from-file, namespace: shop}\n\
+         spec: {hosts: [db], tcp: [{route: [{destination: {host: db}}]}]}\n",
+    )
+    .unwrap();
+    assert!(
+        hypha_config::load(&config_dir).has_errors(),
+        "alone, it is invalid"
+    );
+    let from_file =
+        hypha_config::parse_cached(&config_dir, &mut hypha_config::LoadCache::default());
+    assert!(!from_file.has_errors(), "{:?}", from_file.diagnostics);
+    file_config.send_replace(from_file.config);
+    eventually("a file's VirtualService on a cluster's Service", || {
+        cp.current()
+            .cfg
+            .virtual_services
+            .iter()
+            .any(|v| v.name == "from-file")
+    })
+    .await;
+
     // Fixed: it is served, and its messages go.
     std::fs::write(
         manifests.join("2-bad.yaml"),
@@ -236,7 +265,11 @@ async fn the_mesh_follows_the_cluster() {
     .unwrap();
     apply_all();
     eventually("the fixed object served, its messages gone", || {
-        cp.current().cfg.virtual_services.len() == 2
+        cp.current()
+            .cfg
+            .virtual_services
+            .iter()
+            .any(|v| v.name == "broken")
             && api
                 .get("networking.istio.io", "virtualservices", "shop", "broken")
                 .is_some_and(|o| {
@@ -262,6 +295,14 @@ async fn the_mesh_follows_the_cluster() {
                 .is_none()
     })
     .await;
+    // The file's VirtualService on the deleted Service is left out; the rest moved on.
+    assert!(!cp
+        .current()
+        .cfg
+        .virtual_services
+        .iter()
+        .any(|v| v.name == "from-file"));
+    assert_eq!(cp.rejected_changes(), 0);
     tokio::time::sleep(Duration::from_secs(1)).await;
     let after = cp.current().version().parse::<u64>().unwrap();
     assert!(
