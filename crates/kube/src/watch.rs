@@ -71,26 +71,24 @@ impl Cluster {
                 for e in entries {
                     fresh.put(e);
                 }
-                let changed = match w {
+                match w {
                     Watched::Services => swap(&mut self.services, fresh.services),
                     Watched::Slices => swap(&mut self.slices, fresh.slices),
                     Watched::Pods => swap(&mut self.pods, fresh.pods),
                     Watched::Nodes => swap(&mut self.nodes, fresh.nodes),
                     Watched::Namespaces => swap(&mut self.namespaces, fresh.namespaces),
                     Watched::Istio(kind) => {
-                        let old: BTreeMap<_, _> = self
+                        // Both in key order: compared as they are, nothing copied.
+                        let changed = !self
                             .istio
                             .iter()
                             .filter(|(k, _)| k.0 == kind)
-                            .map(|(k, v)| (k.clone(), v.clone()))
-                            .collect();
-                        let changed = old != fresh.istio;
+                            .eq(fresh.istio.iter());
                         self.istio.retain(|k, _| k.0 != kind);
                         self.istio.extend(fresh.istio);
                         changed
                     }
-                };
-                changed
+                }
             }
         }
     }

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use boring::x509::X509;
-use common::TestCluster;
+use common::{eventually, TestCluster};
 use hypha_apiserver::{ApiServer, Token};
 use hypha_config::{Config, MeshConfig};
 use hypha_control::security::{Secure, ROOT_CERT_FILE};
@@ -51,15 +51,10 @@ fn now() -> u64 {
 
 /// The reviews pod's name and uid, once the Deployment has one.
 async fn reviews_pod(api: &ApiServer) -> (String, String) {
-    for _ in 0..100 {
-        let pods = api.list("", "pods");
-        if let Some(p) = pods.first() {
-            let field = |f: &str| p.pointer(f).and_then(Value::as_str).unwrap().to_owned();
-            return (field("/metadata/name"), field("/metadata/uid"));
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("the Deployment got no pod");
+    eventually("the Deployment's pod", || !api.list("", "pods").is_empty()).await;
+    let p = api.list("", "pods").remove(0);
+    let field = |f: &str| p.pointer(f).and_then(Value::as_str).unwrap().to_owned();
+    (field("/metadata/name"), field("/metadata/uid"))
 }
 
 fn refused(r: &Result<hypha_identity::Identity, IdentityError>, code: tonic::Code, text: &str) {
@@ -154,12 +149,7 @@ async fn sidecars_get_certificates_with_their_service_account_token() {
     // The pod is gone: its token is worth nothing.
     write(token("istio-ca", true, now() + 3600));
     cluster.kubectl(&["scale", "-n", "shop", "deployment/reviews", "--replicas=0"]);
-    for _ in 0..100 {
-        if cluster.api.list("", "pods").is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually("the pod gone", || cluster.api.list("", "pods").is_empty()).await;
     refused(
         &reviews.bootstrap().await,
         tonic::Code::Unauthenticated,
