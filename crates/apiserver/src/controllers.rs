@@ -5,11 +5,12 @@
 //! Services' selectors (the EndpointSlice controller). Each writes only what changed, so they
 //! settle.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use serde_json::{json, Value};
 
-use crate::store::Key;
+use crate::store::{Event, Key};
 use crate::{lock, Shared, State};
 
 /// Gives a Service without one its cluster IPs (IPv4 from `10.96.0.0/16`, IPv6 from
@@ -47,54 +48,169 @@ pub(crate) fn allocate_cluster_ip(state: &mut State, k: &Key, svc: &mut Value) {
     svc["spec"]["ipFamilyPolicy"] = json!(policy);
 }
 
-/// Runs the controllers until the server stops: after every change, Pods for Deployments, then
-/// EndpointSlices for Services.
+/// What the controllers have to look at again: the Deployments and Services named by the
+/// changes since their last pass, or everything (the first pass, or after falling behind the
+/// feed).
+#[derive(Default)]
+struct Dirty {
+    all: bool,
+    /// (namespace, name) of Deployments whose pods may be wrong.
+    deployments: BTreeSet<(String, String)>,
+    /// (namespace, name) of Services whose slices may be wrong.
+    services: BTreeSet<(String, String)>,
+    /// (namespace, labels) of pods that changed: the Services selecting them are redone.
+    pods: Vec<(String, Value)>,
+}
+
+impl Dirty {
+    fn everything() -> Dirty {
+        Dirty {
+            all: true,
+            ..Dirty::default()
+        }
+    }
+
+    /// Notes what `e` may have put out of date; returns whether it is anything.
+    fn note(&mut self, e: &Event) -> bool {
+        let meta = |field: &str| e.meta(field);
+        match (e.group.as_str(), e.resource.as_str()) {
+            ("apps", "deployments") => {
+                self.deployments.insert((meta("namespace"), meta("name")));
+            }
+            ("", "services") => {
+                self.services.insert((meta("namespace"), meta("name")));
+            }
+            ("", "pods") => {
+                if let Some(owner) = e
+                    .object
+                    .pointer("/metadata/ownerReferences/0/name")
+                    .and_then(Value::as_str)
+                {
+                    self.deployments
+                        .insert((meta("namespace"), owner.to_owned()));
+                }
+                let labels = e.object.pointer("/metadata/labels").cloned();
+                self.pods
+                    .push((meta("namespace"), labels.unwrap_or(Value::Null)));
+            }
+            _ => return false,
+        }
+        true
+    }
+
+    /// Whether the Service `k` (with `selector`) is to be redone.
+    fn has_service(&self, k: &Key, selector: Option<&serde_json::Map<String, Value>>) -> bool {
+        self.all
+            || self.services.contains(&(k.2.clone(), k.3.clone()))
+            || selector.is_some_and(|selector| {
+                self.pods.iter().any(|(ns, labels)| {
+                    *ns == k.2 && selector.iter().all(|(key, v)| labels.get(key) == Some(v))
+                })
+            })
+    }
+}
+
+/// Runs the controllers until the server stops: after every change, Pods for the Deployments
+/// it concerns, then EndpointSlices for the Services whose pods or selector it touched (a
+/// scale costs a pass over one namespace, not the cluster).
 pub(crate) async fn run(shared: Shared) {
     let mut feed = lock(&shared).store.feed.subscribe();
-    // What a controller acts on: a change to anything else (an Istio object, an Event, the
-    // slices it wrote itself) costs no pass over the cluster.
-    let relevant = |e: &crate::store::Event| {
-        matches!(
-            (e.group.as_str(), e.resource.as_str()),
-            ("apps", "deployments") | ("", "pods" | "services")
-        )
-    };
+    let mut dirty = Dirty::everything();
     loop {
         {
             let mut state = lock(&shared);
-            deployments(&mut state);
-            endpoint_slices(&mut state);
+            deployments(&mut state, &dirty);
+            // The pods just made or deleted are on the feed already, with whatever changed
+            // since the last wait: their Services' slices are redone in the same pass.
+            let mut then = Dirty {
+                all: dirty.all,
+                ..Dirty::default()
+            };
+            drain(&mut feed, &mut then);
+            then.services.append(&mut dirty.services);
+            then.pods.append(&mut dirty.pods);
+            endpoint_slices(&mut state, &then);
+            // A Deployment changed by someone else before the lock was taken, and not looked
+            // at in this pass, is in the next.
+            let done = std::mem::take(&mut dirty);
+            dirty.deployments = then
+                .deployments
+                .into_iter()
+                .filter(|d| !done.all && !done.deployments.contains(d))
+                .collect();
+            // What this pass wrote itself (slices, Deployments' status) needs no other pass.
+            let mut ours = Dirty::default();
+            drain(&mut feed, &mut ours);
+            dirty.all = ours.all;
         }
-        let mut wanted = false;
+        let mut wanted = dirty.all || !dirty.deployments.is_empty();
         while !wanted {
             match feed.recv().await {
-                Ok(e) => wanted = relevant(&e),
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => wanted = true,
+                Ok(e) => wanted = dirty.note(&e),
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                    dirty = Dirty::everything();
+                    wanted = true;
+                }
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
             }
         }
         // Take what else arrived with it in one go.
-        while feed.try_recv().is_ok() {}
+        drain(&mut feed, &mut dirty);
     }
 }
 
+/// Notes every change waiting on `feed`; having fallen behind it, everything.
+fn drain(feed: &mut tokio::sync::broadcast::Receiver<Arc<Event>>, dirty: &mut Dirty) {
+    loop {
+        match feed.try_recv() {
+            Ok(e) => {
+                dirty.note(&e);
+            }
+            Err(tokio::sync::broadcast::error::TryRecvError::Lagged(_)) => dirty.all = true,
+            Err(_) => return,
+        }
+    }
+}
+
+/// The objects of one kind in namespace `ns`, in name order.
+fn in_namespace<'a>(
+    state: &'a State,
+    group: &'a str,
+    resource: &'a str,
+    ns: &'a str,
+) -> impl Iterator<Item = (&'a Key, &'a Value)> {
+    range(state, group, resource, Some(ns))
+}
+
+/// The objects of one kind.
 fn objects<'a>(
     state: &'a State,
     group: &'a str,
     resource: &'a str,
 ) -> impl Iterator<Item = (&'a Key, &'a Value)> {
-    // The store is ordered by group and resource first: one range, not a scan.
+    range(state, group, resource, None)
+}
+
+fn range<'a>(
+    state: &'a State,
+    group: &'a str,
+    resource: &'a str,
+    ns: Option<&'a str>,
+) -> impl Iterator<Item = (&'a Key, &'a Value)> {
+    // The store is ordered by group, resource and namespace first: one range, not a scan.
     let from = (
         group.to_owned(),
         resource.to_owned(),
-        String::new(),
+        ns.unwrap_or_default().to_owned(),
         String::new(),
     );
     state
         .store
         .objects
         .range(from..)
-        .take_while(move |((g, r, _, _), _)| g == group && r == resource)
+        .take_while(move |((g, r, n, _), _)| {
+            g == group && r == resource && ns.is_none_or(|ns| n == ns)
+        })
 }
 
 /// A short stable hash of a pod template (Kubernetes' `pod-template-hash`).
@@ -106,21 +222,56 @@ fn template_hash(template: &Value) -> String {
     format!("{:08x}", h as u32)
 }
 
-fn deployments(state: &mut State) {
-    let deploys: Vec<(Key, Value)> = objects(state, "apps", "deployments")
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    // Pods by their Deployment, (namespace, name), found once for every Deployment.
-    let mut pods_of: BTreeMap<(String, String), Vec<(Key, Value)>> = BTreeMap::new();
-    for (pk, p) in objects(state, "", "pods") {
+/// A Deployment's pod: its key and its `pod-template-hash`.
+type OwnedPod = (Key, Option<String>);
+
+fn deployments(state: &mut State, dirty: &Dirty) {
+    let deploys: Vec<(Key, Value)> = if dirty.all {
+        objects(state, "apps", "deployments")
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    } else {
+        dirty
+            .deployments
+            .iter()
+            .filter_map(|(ns, name)| {
+                let k: Key = (
+                    "apps".into(),
+                    "deployments".into(),
+                    ns.clone(),
+                    name.clone(),
+                );
+                let d = state.store.objects.get(&k)?.clone();
+                Some((k, d))
+            })
+            .collect()
+    };
+    // Pods by their Deployment, (namespace, name), with their template hash: found once for
+    // every Deployment, in the namespaces looked at.
+    let mut pods_of: BTreeMap<(String, String), Vec<OwnedPod>> = BTreeMap::new();
+    let namespaces: BTreeSet<&str> = deploys.iter().map(|(k, _)| k.2.as_str()).collect();
+    let pods: Box<dyn Iterator<Item = (&Key, &Value)>> = if dirty.all {
+        Box::new(objects(state, "", "pods"))
+    } else {
+        Box::new(
+            namespaces
+                .into_iter()
+                .flat_map(|ns| in_namespace(state, "", "pods", ns)),
+        )
+    };
+    for (pk, p) in pods {
         if let Some(owner) = p
             .pointer("/metadata/ownerReferences/0/name")
             .and_then(Value::as_str)
         {
+            let hash = p
+                .pointer("/metadata/labels/pod-template-hash")
+                .and_then(Value::as_str)
+                .map(str::to_owned);
             pods_of
                 .entry((pk.2.clone(), owner.to_owned()))
                 .or_default()
-                .push((pk.clone(), p.clone()));
+                .push((pk.clone(), hash));
         }
     }
     for (k, d) in &deploys {
@@ -137,14 +288,10 @@ fn deployments(state: &mut State) {
             .unwrap_or_default();
         // Pods of another template go; then as many as are missing are made.
         let mut current = 0;
-        for (pk, p) in owned {
-            let same = p
-                .pointer("/metadata/labels/pod-template-hash")
-                .and_then(Value::as_str)
-                == Some(hash.as_str());
-            if same && current < want {
+        for (pk, pod_hash) in owned {
+            if pod_hash.as_deref() == Some(hash.as_str()) && current < want {
                 current += 1;
-            } else {
+            } else if let Some(p) = state.store.objects.get(&pk).cloned() {
                 state.store.record(&pk, "DELETED", p);
             }
         }
@@ -225,15 +372,35 @@ fn target_port(port: &Value, pod: &Value) -> Option<u64> {
     }
 }
 
-fn endpoint_slices(state: &mut State) {
+fn endpoint_slices(state: &mut State, dirty: &Dirty) {
     let services: Vec<(Key, Value)> = objects(state, "", "services")
+        .filter(|(k, svc)| {
+            dirty.has_service(k, svc.pointer("/spec/selector").and_then(Value::as_object))
+        })
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
+    // The Services whose slices this pass owns: those redone, and those deleted.
+    let mut done: BTreeSet<(&str, &str)> = services
+        .iter()
+        .map(|(k, _)| (k.2.as_str(), k.3.as_str()))
+        .collect();
+    done.extend(
+        dirty
+            .services
+            .iter()
+            .map(|(ns, n)| (ns.as_str(), n.as_str())),
+    );
     let mut wanted: BTreeMap<Key, Value> = BTreeMap::new();
     // Pods by namespace, found once for every Service.
     let mut in_namespace: BTreeMap<&str, Vec<&Value>> = BTreeMap::new();
-    for (pk, p) in objects(state, "", "pods") {
-        in_namespace.entry(pk.2.as_str()).or_default().push(p);
+    let namespaces: BTreeSet<&str> = services.iter().map(|(k, _)| k.2.as_str()).collect();
+    for ns in namespaces {
+        in_namespace.insert(
+            ns,
+            self::in_namespace(state, "", "pods", ns)
+                .map(|(_, p)| p)
+                .collect(),
+        );
     }
     for (k, svc) in &services {
         let Some(selector) = svc.pointer("/spec/selector").and_then(Value::as_object) else {
@@ -310,10 +477,16 @@ fn endpoint_slices(state: &mut State) {
     }
     // Ours that are no longer wanted go; changed ones are rewritten.
     let ours: Vec<(Key, Value)> = objects(state, "discovery.k8s.io", "endpointslices")
-        .filter(|(_, s)| {
-            s.pointer("/metadata/labels/endpointslice.kubernetes.io~1managed-by")
-                .and_then(Value::as_str)
+        .filter(|(k, s)| {
+            let label = |name: &str| {
+                s.pointer(&format!("/metadata/labels/{name}"))
+                    .and_then(Value::as_str)
+            };
+            label("endpointslice.kubernetes.io~1managed-by")
                 == Some("endpointslice-controller.k8s.io")
+                && (dirty.all
+                    || label("kubernetes.io~1service-name")
+                        .is_some_and(|svc| done.contains(&(k.2.as_str(), svc))))
         })
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();

@@ -35,6 +35,7 @@ use serde_json::Value;
 
 pub use kinds::Kind;
 pub use select::Selector;
+pub use store::Event;
 
 /// A service-account token the server issued, as the kubelet's projected volume holds one.
 #[derive(Debug, Clone)]
@@ -222,6 +223,11 @@ impl ApiServer {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .push(task);
+    }
+
+    /// Every change from now on, as watches get them, each with the instant it was recorded.
+    pub fn changes(&self) -> tokio::sync::broadcast::Receiver<Arc<Event>> {
+        lock(&self.shared).store.feed.subscribe()
     }
 
     /// The current resource version.

@@ -19,6 +19,20 @@ pub struct Event {
     /// `ADDED`, `MODIFIED` or `DELETED`.
     pub kind: &'static str,
     pub object: Value,
+    /// When it was recorded (for benchmarks that time the cluster's side of a change).
+    pub at: std::time::Instant,
+}
+
+impl Event {
+    /// The changed object's `metadata.<field>` (`name`, `namespace`), or `""`.
+    pub fn meta(&self, field: &str) -> String {
+        self.object
+            .get("metadata")
+            .and_then(|m| m.get(field))
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned()
+    }
 }
 
 /// How many changes watches can resume from; older resource versions get `410 Gone`.
@@ -64,6 +78,7 @@ impl Store {
             resource: key.1.clone(),
             kind,
             object: object.clone(),
+            at: std::time::Instant::now(),
         });
         self.history.push_back(event.clone());
         if self.history.len() > HISTORY {

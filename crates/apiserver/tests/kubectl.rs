@@ -569,6 +569,21 @@ spec:
         &["scale", "deployment/web", "-n", "shop", "--replicas=3"],
     );
     eventually("three endpoints", || endpoints("ipv4").len() == 3).await;
+    // A pod deleted by hand is replaced, and its slice entry with it.
+    let gone = endpoints("ipv4")[0]["targetRef"]["name"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    kubectl(dir, &["delete", "pod", "-n", "shop", &gone]);
+    eventually("the deleted pod replaced in the slices", || {
+        let eps = endpoints("ipv6");
+        eps.len() == 3
+            && eps
+                .iter()
+                .all(|ep| ep["targetRef"]["name"] != gone.as_str())
+    })
+    .await;
+    assert_eq!(server.list("", "pods").len(), 3);
     kubectl(
         dir,
         &["scale", "deployment/web", "-n", "shop", "--replicas=0"],
@@ -578,4 +593,16 @@ spec:
             && server.list("", "pods").is_empty()
     })
     .await;
+    // A Service deleted takes its slices with it; the pods stay.
+    kubectl(
+        dir,
+        &["scale", "deployment/web", "-n", "shop", "--replicas=1"],
+    );
+    eventually("one endpoint", || endpoints("ipv4").len() == 1).await;
+    kubectl(dir, &["delete", "service", "-n", "shop", "web"]);
+    eventually("the slices gone with their Service", || {
+        server.list("discovery.k8s.io", "endpointslices").is_empty()
+    })
+    .await;
+    assert_eq!(server.list("", "pods").len(), 1);
 }
