@@ -297,6 +297,16 @@ impl Registry {
             .map(|&(i, j)| (&self.services[i], &self.services[i].endpoints[j]))
     }
 
+    /// The index in `services` of the service of exactly this host and namespace.
+    pub fn index_of(&self, host: &str, ns: &str) -> Option<usize> {
+        let from = self
+            .services
+            .partition_point(|s| s.hostname.as_str() < host);
+        (from..self.services.len())
+            .take_while(|&i| self.services[i].hostname == host)
+            .find(|&i| self.services[i].namespace == ns)
+    }
+
     /// The service `host` (fully qualified) names, as seen from `ns`; wildcard hosts match.
     pub fn service(&self, host: &str, ns: &str) -> Option<&Service> {
         let visible = |s: &&Service| s.visibility.visible_to(ns);

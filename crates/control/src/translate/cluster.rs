@@ -26,7 +26,7 @@ use hypha_config::security::MtlsMode;
 use hypha_xds::Resource as XdsResource;
 
 use super::endpoint::{lb_endpoint, load_assignment};
-use super::{lock, ClusterPair, Outbound, Translation, PASSTHROUGH};
+use super::{lock, ClusterKey, ClusterPair, Outbound, Translation, PASSTHROUGH};
 use crate::envoy::{self, any, secs, u32v};
 use crate::registry::{Endpoint, Port, Protocol, Service};
 
@@ -51,16 +51,34 @@ impl Translation {
         if let Some(hit) = lock(&self.clusters).get(&key) {
             return hit.clone();
         }
-        let name = outbound_cluster_name(&s.hostname, port.number, subset);
-        let dr = dr.map(|i| &self.cfg.destination_rules[i].spec);
-        let policy = dr.map(|d| effective_policy(d, port.number, subset));
-        let (c, cla) = self.cluster(&name, s, port, subset, dr, policy.as_ref());
-        let built = (
-            Arc::new(XdsResource::encode(name.clone(), &c)),
-            cla.map(|cla| Arc::new(XdsResource::encode(name, &cla))),
-        );
+        let built = self.carried_cluster(s, &key).unwrap_or_else(|| {
+            let name = outbound_cluster_name(&s.hostname, port.number, subset);
+            let dr = dr.map(|i| &self.cfg.destination_rules[i].spec);
+            let policy = dr.map(|d| effective_policy(d, port.number, subset));
+            let (c, cla) = self.cluster(&name, s, port, subset, dr, policy.as_ref());
+            (
+                Arc::new(XdsResource::encode(name.clone(), &c)),
+                cla.map(|cla| Arc::new(XdsResource::encode(name, &cla))),
+            )
+        });
         lock(&self.clusters).insert(key, built.clone());
         built
+    }
+
+    /// The cluster the generation before built for the same service port, subset and
+    /// DestinationRule, if nothing it was built from changed: the mesh, PeerAuthentications
+    /// and DestinationRules (the same list, so the rule index means the same rule) and the
+    /// service with its endpoints.
+    fn carried_cluster(&self, s: &Service, key: &ClusterKey) -> Option<ClusterPair> {
+        let before = self.before();
+        let before = before.as_ref().filter(|b| b.same_policy)?;
+        let old = before.t.registry.index_of(&s.hostname, &s.namespace)?;
+        if before.t.registry.services[old] != *s {
+            return None;
+        }
+        let old_key = (old, key.1, key.2.clone(), key.3);
+        let hit = lock(&before.t.clusters).get(&old_key).cloned();
+        hit
     }
 
     fn cluster(

@@ -19,6 +19,8 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
 };
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{tcp_proxy, TcpProxy};
 use hypha_config::mesh::{IpFamily, Normalization};
+use hypha_config::networking::VirtualService;
+use hypha_config::Resource;
 use hypha_xds::{Resource as XdsResource, Snapshot};
 
 use super::cluster::passthrough_cluster;
@@ -266,6 +268,10 @@ impl Translation {
             }
         }
         let vs = ctx.virtual_service(&s.hostname);
+        if let Some(carried) = self.carried_routes(service, vs, port) {
+            lock(&self.service_routes).insert((service, port), carried.clone());
+            return carried;
+        }
         let routes = http_routes(ctx, proxy, vs, &s.hostname, port);
         let name = format!("{}:{port}", s.hostname);
         let route_config = XdsResource::encode(
@@ -301,6 +307,39 @@ impl Translation {
             lock(&self.service_routes).insert((service, port), built.clone());
         }
         built
+    }
+}
+
+impl Translation {
+    /// The routes the generation before built for service `service`'s `port`, when they
+    /// depend on nothing that changed: the same services (but endpoints) in the same order,
+    /// mesh and DestinationRules, no rule that depends on the namespace looking, and the same
+    /// VirtualService for the host.
+    fn carried_routes(
+        &self,
+        service: usize,
+        vs: Option<&Resource<VirtualService>>,
+        port: u32,
+    ) -> Option<Arc<ServiceRoutes>> {
+        let before = self.before();
+        let before = before.as_ref().filter(|b| b.same_services)?;
+        let old = &before.t;
+        let hit = lock(&old.service_routes).get(&(service, port)).cloned()?;
+        let ctx = Outbound {
+            cfg: &old.cfg,
+            reg: &old.registry,
+            rules: &old.rules,
+            ns: &old.registry.services[service].namespace,
+        };
+        let old_vs = ctx.virtual_service(&old.registry.services[service].hostname);
+        let same = match (vs, old_vs) {
+            (None, None) => true,
+            (Some(a), Some(b)) => {
+                super::same_resources(std::slice::from_ref(a), std::slice::from_ref(b))
+            }
+            _ => false,
+        };
+        same.then_some(hit)
     }
 }
 

@@ -28,7 +28,7 @@ mod listener;
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use hypha_config::networking::{DestinationRule, VirtualService};
 use hypha_config::{Config, Resource};
@@ -144,6 +144,63 @@ type ClusterKey = (usize, u32, Option<String>, Option<usize>);
 /// A Cluster and, for EDS, its ClusterLoadAssignment.
 type ClusterPair = (Arc<XdsResource>, Option<Arc<XdsResource>>);
 
+/// The generation before this one, and how much of what it built still holds.
+struct Before {
+    t: Arc<Translation>,
+    /// The mesh, PeerAuthentications and DestinationRules are unchanged: an outbound cluster
+    /// depends on nothing else but its service, which is compared cluster by cluster.
+    same_policy: bool,
+    /// Besides, the services are the same but for their endpoints, in the same order, and
+    /// both generations are namespace independent: a service's routes depend on nothing else
+    /// but the VirtualService for its host, which is compared service by service.
+    same_services: bool,
+}
+
+impl Before {
+    fn new(t: &Arc<Translation>, cfg: &Config, registry: &Registry, independent: bool) -> Before {
+        let (old, new) = (&t.cfg, cfg);
+        let same_policy = old.mesh == new.mesh
+            && same_resources(&old.peer_authentications, &new.peer_authentications)
+            && same_resources(&old.destination_rules, &new.destination_rules);
+        let same_services = same_policy
+            && independent
+            && t.namespace_independent
+            && t.registry.services.len() == registry.services.len()
+            && (t.registry.services.iter())
+                .zip(&registry.services)
+                .all(|(a, b)| same_but_endpoints(a, b));
+        Before {
+            t: t.clone(),
+            same_policy,
+            same_services,
+        }
+    }
+}
+
+/// Whether two lists hold the same resources (names, labels, annotations and specs; where
+/// they were read from does not count), in the same order.
+fn same_resources<T: PartialEq>(a: &[Resource<T>], b: &[Resource<T>]) -> bool {
+    a.len() == b.len()
+        && a.iter().zip(b).all(|(a, b)| {
+            a.name == b.name
+                && a.namespace == b.namespace
+                && a.spec == b.spec
+                && a.labels == b.labels
+                && a.annotations == b.annotations
+        })
+}
+
+/// Whether two services are the same but for their endpoints.
+fn same_but_endpoints(a: &Service, b: &Service) -> bool {
+    a.hostname == b.hostname
+        && a.namespace == b.namespace
+        && a.vips == b.vips
+        && a.ports == b.ports
+        && a.location == b.location
+        && a.resolution == b.resolution
+        && a.visibility == b.visibility
+}
+
 /// One validated config generation, ready to produce snapshots for proxies.
 pub struct Translation {
     pub cfg: Arc<Config>,
@@ -160,6 +217,9 @@ pub struct Translation {
     /// The previous generation's shared outbound snapshots, whose unchanged parts new ones
     /// take over (see [`Snapshot::reuse`]); emptied by [`Translation::forget_previous`].
     previous: Mutex<HashMap<String, Arc<Snapshot>>>,
+    /// The generation before, while this one is prepared: what it built is taken over where
+    /// what it was built from is unchanged. Dropped by [`Translation::forget_previous`].
+    before: RwLock<Option<Before>>,
     /// Sidecars have workload certificates (the control plane runs the CA): traffic between
     /// them is mutual TLS as PeerAuthentication and DestinationRules say (see `mtls`).
     mtls: bool,
@@ -197,11 +257,12 @@ impl Translation {
     }
 
     /// Like [`Translation::new`], but what did not change since `previous` keeps its identity,
-    /// so proxy streams can tell at a glance that there is nothing new to push.
+    /// so proxy streams can tell at a glance that there is nothing new to push, and what
+    /// `previous` built from inputs that did not change is taken over rather than built again.
     pub fn after(
         cfg: Arc<Config>,
         version: impl Into<String>,
-        previous: Option<&Translation>,
+        previous: Option<&Arc<Translation>>,
     ) -> Translation {
         let registry = Registry::build(&cfg);
         let rules = RuleIndex::build(&cfg);
@@ -218,6 +279,7 @@ impl Translation {
         let trust = signer_roots
             .as_ref()
             .map(|r| Arc::new(crate::mtls::TrustBundles::from_mesh(&cfg.mesh, r)));
+        let before = previous.map(|p| Before::new(p, &cfg, &registry, namespace_independent));
         let previous = previous
             .map(|p| lock(&p.outbound_cache).clone())
             .unwrap_or_default();
@@ -232,6 +294,7 @@ impl Translation {
             clusters: Mutex::new(HashMap::new()),
             service_routes: Mutex::new(HashMap::new()),
             previous: Mutex::new(previous),
+            before: RwLock::new(before),
             mtls,
             signer_roots,
             trust,
@@ -241,6 +304,12 @@ impl Translation {
     /// Drops the previous generation's shared snapshots once every proxy has its new one.
     pub fn forget_previous(&self) {
         lock(&self.previous).clear();
+        *self.before.write().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    /// The generation before, with what of it still holds; `None` once forgotten.
+    fn before(&self) -> std::sync::RwLockReadGuard<'_, Option<Before>> {
+        self.before.read().unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn version(&self) -> &str {
