@@ -203,9 +203,9 @@ impl Cluster {
         .await
     }
 
-    /// `kubectl scale` of the scaled Deployment. (The time to every proxy includes the test
-    /// cluster's controllers making the pod and the EndpointSlice: polling the slice from here
-    /// to split that off was starved by the 1,000 clients sharing this process.)
+    /// `kubectl scale` of the scaled Deployment. The time to every proxy includes the test
+    /// cluster's controllers making the pod and the EndpointSlice ([`first_changes`] tells
+    /// when, from the API server's own timestamps).
     pub(crate) async fn scale(&self, replicas: usize) -> Result<()> {
         self.kubectl(vec![
             "scale".into(),
@@ -228,4 +228,24 @@ impl Cluster {
         .map_err(|e| anyhow::anyhow!(e))?;
         Ok(())
     }
+}
+
+/// The first change to each kind of the changed service's objects on `feed` (its Service,
+/// Deployments, pods, slices, VirtualService), timed from `t0`, in the order they came.
+pub(crate) fn first_changes(
+    mut feed: tokio::sync::broadcast::Receiver<std::sync::Arc<hypha_apiserver::Event>>,
+    t0: Instant,
+) -> Vec<(String, Duration)> {
+    let ns = namespace(CHANGED_SERVICE);
+    let name = format!("svc-{CHANGED_SERVICE}");
+    let mut first: Vec<(String, Duration)> = Vec::new();
+    while let Ok(e) = feed.try_recv() {
+        let meta = |field: &str| e.meta(field);
+        let n = meta("name");
+        let ours = meta("namespace") == ns && (n == name || n.starts_with(&format!("{name}-")));
+        if ours && !first.iter().any(|(r, _)| *r == e.resource) {
+            first.push((e.resource.clone(), e.at.saturating_duration_since(t0)));
+        }
+    }
+    first
 }

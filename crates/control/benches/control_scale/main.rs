@@ -122,6 +122,9 @@ struct ChangeResult {
     /// The control plane's own time for translating and handing out snapshots.
     update_took_ms: Option<u64>,
     generation: Option<u64>,
+    /// On a cluster: when the changed service's objects first changed in the API server, by
+    /// resource (`virtualservices`, `deployments`, `pods`, `endpointslices`).
+    cluster_side: Vec<(String, Duration)>,
 }
 
 async fn run(p: Params) -> Result<()> {
@@ -246,6 +249,7 @@ async fn run(p: Params) -> Result<()> {
         generation_seen: &mut generation_seen,
         failures: &mut failures,
         p: &p,
+        cluster: cluster.as_ref(),
     };
     for k in 0..p.changes {
         let timeout_s = if k.is_multiple_of(2) { 3 } else { 4 };
@@ -335,6 +339,8 @@ struct Phase<'a> {
     generation_seen: &'a mut Vec<Option<u64>>,
     failures: &'a mut Vec<(usize, String)>,
     p: &'a Params,
+    /// On a cluster: its change feed times the cluster's side of each change.
+    cluster: Option<&'a cluster::Cluster>,
 }
 
 impl Phase<'_> {
@@ -359,6 +365,7 @@ impl Phase<'_> {
             }
         }
         let floor = self.generation_seen.iter().flatten().copied().max();
+        let feed = self.cluster.map(|c| c.api.changes());
         let t0 = Instant::now();
         trigger.await?;
         let triggered = t0.elapsed();
@@ -405,6 +412,9 @@ impl Phase<'_> {
         };
         let mut samples: Vec<Duration> = got.into_iter().flatten().collect();
         samples.sort();
+        let cluster_side = feed
+            .map(|f| cluster::first_changes(f, t0))
+            .unwrap_or_default();
         let result = ChangeResult {
             what,
             trigger: triggered,
@@ -415,6 +425,7 @@ impl Phase<'_> {
             update_took_ms: generation.as_ref().map(|g| g.took_ms),
             generation: generation.as_ref().map(|g| g.generation),
             samples,
+            cluster_side,
         };
         eprintln!(
             "{}: {delivered}/{} delivered, p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms; generation {:?} logged after {:?} ms (update took {:?} ms, {} proxies)",
@@ -428,6 +439,12 @@ impl Phase<'_> {
             result.update_took_ms,
             generation.as_ref().map_or(0, |g| g.proxies),
         );
+        if !result.cluster_side.is_empty() {
+            let side: Vec<String> = (result.cluster_side.iter())
+                .map(|(resource, at)| format!("{resource} +{:.0} ms", ms(*at)))
+                .collect();
+            eprintln!("  in the API server: {}", side.join(", "));
+        }
         Ok(result)
     }
 }
