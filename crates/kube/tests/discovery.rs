@@ -76,14 +76,15 @@ spec:
   externalName: payments.example.com
   ports: [{name: https, port: 443}]
 ---
-apiVersion: networking.istio.io/v1
+# Istio's older versions are served too (the same objects).
+apiVersion: networking.istio.io/v1alpha3
 kind: DestinationRule
 metadata: {name: reviews, namespace: shop}
 spec:
   host: reviews
   subsets: [{name: v1, labels: {version: v1}}]
 ---
-apiVersion: networking.istio.io/v1
+apiVersion: networking.istio.io/v1beta1
 kind: VirtualService
 metadata: {name: reviews, namespace: shop}
 spec:
@@ -176,7 +177,8 @@ async fn the_mesh_follows_the_cluster() {
         .unwrap();
     assert_eq!(payments.resolution, Resolution::Dns);
     assert_eq!(payments.endpoints[0].addresses, ["payments.example.com"]);
-    assert_eq!(t.cfg.virtual_services.len(), 1);
+    assert_eq!(t.cfg.virtual_services.len(), 1, "applied as v1beta1");
+    assert_eq!(t.cfg.destination_rules.len(), 1, "applied as v1alpha3");
     // A ServiceEntry's workloadSelector selects pods, as WorkloadEntries.
     let replicas = t.registry.service("replicas.db.internal", "shop").unwrap();
     assert_eq!(replicas.endpoints.len(), 1);
