@@ -259,6 +259,8 @@ fn deployments(state: &mut State, dirty: &Dirty) {
                 .flat_map(|ns| in_namespace(state, "", "pods", ns)),
         )
     };
+    // A Terminating pod no longer counts (its replacement is made now), nor is it deleted again.
+    let pods = pods.filter(|(_, p)| p.pointer("/metadata/deletionTimestamp").is_none());
     for (pk, p) in pods {
         if let Some(owner) = p
             .pointer("/metadata/ownerReferences/0/name")

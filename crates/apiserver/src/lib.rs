@@ -10,11 +10,14 @@
 //! The controllers of a real cluster (Deployment → Pods → EndpointSlices, the kubelet) are not
 //! here: tests play them through [`ApiServer`]'s methods or with kubectl.
 //!
-//! Not yet: graceful deletion of pods (a Namespace is Terminating for 50 ms, then emptied and
-//! removed), lists continued
-//! from a consistent snapshot (a `continue` page shows the objects as they are now), server-side
-//! apply, JSON patch and protobuf bodies (`kubectl create token` sends one: issue tokens with
-//! [`ApiServer::issue_token`]).
+//! Deletion is graceful where a cluster's is: a deleted pod is Terminating (its
+//! `deletionTimestamp` set, its endpoints not ready) for its grace period, at most the time its
+//! emulated containers take to stop ([`ApiServer::set_pod_shutdown`], 2 s), then removed; a Namespace is Terminating for
+//! 50 ms, then emptied and removed.
+//!
+//! Not yet: lists continued from a consistent snapshot (a `continue` page shows the objects as
+//! they are now), server-side apply, JSON patch and protobuf bodies (`kubectl create token`
+//! sends one: issue tokens with [`ApiServer::issue_token`]).
 
 mod controllers;
 mod discovery;
@@ -60,6 +63,8 @@ pub(crate) struct State {
     /// Where new pods get their addresses (the cluster's network plugin); `None`: one of
     /// each family from the pod network.
     pub pod_addresses: Option<PodAddresses>,
+    /// How long a deleted pod's containers take to stop, at most its grace period.
+    pub pod_shutdown: std::time::Duration,
 }
 
 /// Chooses a new pod's addresses (primary first) from the pod as the Deployment controller
@@ -116,6 +121,7 @@ impl ApiServer {
             next_uid: 1,
             next_ip: 0,
             pod_addresses: None,
+            pod_shutdown: std::time::Duration::from_secs(2),
         }));
         let (close_watches, closed) = tokio::sync::watch::channel(0);
         let task = tokio::spawn(serve::run(listener, shared.clone(), closed));
@@ -213,6 +219,12 @@ impl ApiServer {
     pub fn run_controllers_with(&self, addresses: PodAddresses) {
         lock(&self.shared).pod_addresses = Some(addresses);
         self.run_controllers();
+    }
+
+    /// How long a deleted pod stays Terminating (its containers stopping) before it is removed,
+    /// at most its grace period; 2 s unless set.
+    pub fn set_pod_shutdown(&self, shutdown: std::time::Duration) {
+        lock(&self.shared).pod_shutdown = shutdown;
     }
 
     /// Plays the rest of the cluster from now on (see the `controllers` module): Deployments

@@ -303,7 +303,14 @@ async fn handle(
                 Err(e) => bad(e),
             }
         }
-        (&Method::DELETE, Some(name), None) => delete(&shared, &t, name),
+        (&Method::DELETE, Some(name), None) => {
+            // DeleteOptions' grace period, in the body (kubectl) or the query.
+            let grace = parsed()
+                .ok()
+                .and_then(|o| o.get("gracePeriodSeconds")?.as_u64())
+                .or_else(|| param("gracePeriodSeconds")?.parse().ok());
+            delete(&shared, &t, name, grace)
+        }
         _ => failure(
             StatusCode::METHOD_NOT_ALLOWED,
             "MethodNotAllowed",
@@ -459,7 +466,12 @@ fn parse_continue(token: &str) -> Option<(u64, String, String)> {
 
 /// RFC 3339 UTC, to the second.
 pub(crate) fn now_rfc3339() -> String {
-    let secs = std::time::SystemTime::now()
+    rfc3339(std::time::SystemTime::now())
+}
+
+/// `at` as RFC 3339 in UTC, to the second.
+pub(crate) fn rfc3339(at: std::time::SystemTime) -> String {
+    let secs = at
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     let (days, rem) = (secs / 86_400, secs % 86_400);
@@ -765,7 +777,7 @@ fn scale_of(obj: &Value) -> Value {
            "status": {"replicas": obj.pointer("/status/replicas").cloned().unwrap_or(json!(0)), "selector": labels}})
 }
 
-fn delete(shared: &Shared, t: &Target, name: &str) -> Response<Body> {
+fn delete(shared: &Shared, t: &Target, name: &str, grace: Option<u64>) -> Response<Body> {
     let mut state = lock(shared);
     let k = key(t, name);
     let Some(obj) = state.store.objects.get(&k).cloned() else {
@@ -805,6 +817,47 @@ fn delete(shared: &Shared, t: &Target, name: &str) -> Response<Body> {
             return ok(&shown(&t.kind, &shown_now));
         }
         return ok(&shown(&t.kind, &obj));
+    }
+    // A pod on a node is deleted gracefully: Terminating (a `deletionTimestamp`) until the
+    // kubelet has stopped its containers, then removed. One on no node, one whose containers
+    // have ended, and a grace period of 0 remove it at once (the API server's rules).
+    let running = obj.pointer("/spec/nodeName").is_some_and(|n| n != "")
+        && !matches!(
+            obj.pointer("/status/phase").and_then(Value::as_str),
+            Some("Succeeded" | "Failed")
+        );
+    if k.0.is_empty() && k.1 == "pods" && running {
+        let grace = grace
+            .or_else(|| obj.pointer("/spec/terminationGracePeriodSeconds")?.as_u64())
+            .unwrap_or(30);
+        if grace > 0 && obj.pointer("/metadata/deletionTimestamp").is_none() {
+            let mut terminating = obj;
+            let at = std::time::SystemTime::now() + std::time::Duration::from_secs(grace);
+            terminating["metadata"]["deletionTimestamp"] = json!(rfc3339(at));
+            terminating["metadata"]["deletionGracePeriodSeconds"] = json!(grace);
+            let uid = terminating.pointer("/metadata/uid").cloned();
+            let shown_now = store_object(&mut state, &k, "MODIFIED", terminating);
+            // The kubelet stops the containers (their app draining after SIGTERM), at most
+            // for the grace period.
+            let stop = state
+                .pod_shutdown
+                .min(std::time::Duration::from_secs(grace));
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(stop).await;
+                let mut state = lock(&shared);
+                let same = (state.store.objects.get(&k))
+                    .filter(|p| p.pointer("/metadata/uid").cloned() == uid)
+                    .cloned();
+                if let Some(pod) = same {
+                    state.store.record(&k, "DELETED", pod);
+                }
+            });
+            return ok(&shown(&t.kind, &shown_now));
+        }
+        if grace > 0 {
+            return ok(&shown(&t.kind, &obj));
+        }
     }
     let gone = state.store.record(&k, "DELETED", obj);
     ok(&shown(&t.kind, &gone))

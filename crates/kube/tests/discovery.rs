@@ -194,6 +194,38 @@ async fn the_mesh_follows_the_cluster() {
     })
     .await;
 
+    // A pod deleted gracefully is Terminating first: its endpoint leaves the mesh while the
+    // pod still exists; then the pod goes, and its replacement is an endpoint.
+    api.set_pod_shutdown(Duration::from_secs(4));
+    let pod_names = || -> Vec<String> {
+        (cp.current()
+            .registry
+            .service(reviews, "shop")
+            .unwrap()
+            .endpoints
+            .iter())
+        .map(|e| e.workload_name.clone())
+        .collect()
+    };
+    let victim = pod_names()[0].clone();
+    cluster.kubectl(&["delete", "pod", "-n", "shop", &victim, "--wait=false"]);
+    eventually(
+        "a terminating pod's endpoint gone while the pod is not",
+        || {
+            let terminating = api
+                .get("", "pods", "shop", &victim)
+                .is_some_and(|p| p.pointer("/metadata/deletionTimestamp").is_some());
+            terminating && !pod_names().contains(&victim)
+        },
+    )
+    .await;
+    eventually("the pod removed, its replacement an endpoint", || {
+        api.get("", "pods", "shop", &victim).is_none()
+            && pod_names().len() == 3
+            && !pod_names().contains(&victim)
+    })
+    .await;
+
     // An invalid VirtualService: reported on the object, left out, the rest still served.
     std::fs::write(manifests.join("2-bad.yaml"), BAD).unwrap();
     apply_all();
