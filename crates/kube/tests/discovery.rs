@@ -10,9 +10,11 @@ mod common;
 use std::time::Duration;
 
 use common::{eventually, TestCluster};
+use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use hypha_config::networking::Resolution;
 use hypha_config::Config;
-use hypha_control::ControlPlane;
+use hypha_control::{ControlPlane, ProxyInfo};
+use hypha_xds::{type_url, DeltaClient};
 use serde_json::{json, Value};
 
 const APP: &str = "\
@@ -111,6 +113,29 @@ spec:
   http: [{route: [{destination: {host: ratings, subset: v9}}]}]
 ";
 
+/// The endpoints of ClusterLoadAssignment `name` in the sidecar's updates (acknowledged), once
+/// there are `want` of them, or whatever there are after 10 s.
+async fn sidecar_endpoints(sidecar: &mut DeltaClient, name: &str, want: usize) -> usize {
+    use prost::Message;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut count = 0;
+    while count != want {
+        let Ok(update) = tokio::time::timeout_at(deadline, sidecar.next()).await else {
+            break;
+        };
+        let update = update.unwrap().expect("the stream stays open");
+        sidecar.ack_or_nack(&update, Ok(())).await.unwrap();
+        if update.type_url != type_url::ENDPOINT {
+            continue;
+        }
+        for r in update.resources.iter().filter(|r| r.name == name) {
+            let cla = ClusterLoadAssignment::decode(r.body.value.as_slice()).unwrap();
+            count = cla.endpoints.iter().map(|l| l.lb_endpoints.len()).sum();
+        }
+    }
+    count
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_mesh_follows_the_cluster() {
     let cluster = TestCluster::start().await;
@@ -188,11 +213,31 @@ async fn the_mesh_follows_the_cluster() {
     );
     drop(t);
 
+    // A sidecar of the shop namespace, watching the reviews endpoints.
+    let uri = common::serve(&cp).await;
+    let proxy = ProxyInfo {
+        id: "sidecar~10.0.0.9~client.shop~shop.svc.cluster.local".into(),
+        namespace: "shop".into(),
+        ..Default::default()
+    };
+    let mut sidecar = DeltaClient::connect(uri, proxy.to_node()).await.unwrap();
+    let cla = format!("outbound|9080||{reviews}");
+    sidecar
+        .subscribe(type_url::ENDPOINT, [cla.as_str()])
+        .await
+        .unwrap();
+    assert_eq!(sidecar_endpoints(&mut sidecar, &cla, 2).await, 2);
+
     cluster.kubectl(&["scale", "-n", "shop", "deployment/reviews", "--replicas=3"]);
     eventually("a scaled Deployment's endpoints", || {
         endpoints(reviews) == 3
     })
     .await;
+    assert_eq!(
+        sidecar_endpoints(&mut sidecar, &cla, 3).await,
+        3,
+        "at the sidecar"
+    );
 
     // A pod deleted gracefully is Terminating first: its endpoint leaves the mesh while the
     // pod still exists; then the pod goes, and its replacement is an endpoint.

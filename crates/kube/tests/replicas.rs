@@ -50,10 +50,7 @@ async fn replica(cluster: &TestCluster) -> (ControlPlane, String) {
         let _files = files_tx;
         hypha_kube::run(client, source, files).await;
     });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let uri = format!("http://{}", listener.local_addr().unwrap());
-    let serving = cp.clone();
-    tokio::spawn(async move { serving.serve(listener).await });
+    let uri = common::serve(&cp).await;
     (cp, uri)
 }
 

@@ -146,11 +146,16 @@ impl Cluster {
         for list in &mut pods {
             list.sort();
         }
-        Ok(Cluster {
+        let cluster = Cluster {
             api,
             dir: dir.to_path_buf(),
             pods,
-        })
+        };
+        // kubectl's first run fetches the API's discovery and OpenAPI documents, which a
+        // user's kubectl has cached: fetched now, before the control plane starts (the same
+        // VirtualService, so the changes measured are the same as from a warm kubectl).
+        cluster.apply_virtual_service(INITIAL_TIMEOUT_S).await?;
+        Ok(cluster)
     }
 
     /// `hypha control`'s source flags.

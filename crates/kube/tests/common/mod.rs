@@ -79,3 +79,12 @@ pub async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
     }
     panic!("{what}: not within 10 s");
 }
+
+/// Serves `cp`'s xDS in plaintext on a free loopback port; its URI.
+pub async fn serve(cp: &hypha_control::ControlPlane) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let uri = format!("http://{}", listener.local_addr().unwrap());
+    let serving = cp.clone();
+    tokio::spawn(async move { serving.serve(listener).await });
+    uri
+}
