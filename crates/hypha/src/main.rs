@@ -141,6 +141,37 @@ enum Command {
         #[arg(long, value_parser = |s: &str| s.parse::<hypha_bypass::IpRange>())]
         exclude_outbound_cidr: Vec<hypha_bypass::IpRange>,
     },
+    /// Transparent capture in this network namespace, as Istio's init container sets it up
+    /// (a pod's init container with NET_ADMIN and NET_RAW; root): the TCP the app opens goes
+    /// to the sidecar's outbound port, TCP arriving goes to its inbound port, the sidecar's
+    /// own connections (its group id) are left alone. The lists take the values of Istio's
+    /// `traffic.sidecar.istio.io/*` annotations: comma-separated, `*` for all.
+    Capture {
+        /// The sidecar's `--capture-outbound` port.
+        #[arg(long, default_value_t = 15001)]
+        outbound_port: u16,
+        /// The sidecar's `--capture-inbound` port.
+        #[arg(long, default_value_t = 15006)]
+        inbound_port: u16,
+        /// The sidecar's group id, whose connections are not captured.
+        #[arg(long, default_value_t = hypha_pod::PROXY_GID)]
+        proxy_gid: u32,
+        /// `includeOutboundIPRanges`: the destination CIDRs captured.
+        #[arg(long, default_value = "*")]
+        include_outbound_ip_ranges: String,
+        /// `excludeOutboundIPRanges`: destination CIDRs never captured.
+        #[arg(long, default_value = "")]
+        exclude_outbound_ip_ranges: String,
+        /// `excludeOutboundPorts`: destination ports never captured.
+        #[arg(long, default_value = "")]
+        exclude_outbound_ports: String,
+        /// `includeInboundPorts`: the inbound ports captured (empty: none).
+        #[arg(long, default_value = "*")]
+        include_inbound_ports: String,
+        /// `excludeInboundPorts`: inbound ports never captured.
+        #[arg(long, default_value = "")]
+        exclude_inbound_ports: String,
+    },
     /// Pods on this machine (root): network namespaces on a bridge with an IPv4 and an IPv6
     /// address each, optionally with Istio's transparent capture. Run the app with
     /// `ip netns exec <netns> ...` and its sidecar the same way with group id 1337 and
@@ -470,6 +501,56 @@ fn main() -> ExitCode {
             demo(serve, requests, concurrency, keys, placement, kubernetes)
         }
         Command::Pod(command) => pod(command),
+        Command::Capture {
+            outbound_port,
+            inbound_port,
+            proxy_gid,
+            include_outbound_ip_ranges,
+            exclude_outbound_ip_ranges,
+            exclude_outbound_ports,
+            include_inbound_ports,
+            exclude_inbound_ports,
+        } => {
+            let lists = || -> Result<hypha_pod::Capture, String> {
+                use hypha_pod::annotation_list as list;
+                let capture = hypha_pod::Capture {
+                    outbound_port,
+                    inbound_port,
+                    proxy_gid,
+                    include_outbound_cidrs: list(
+                        "--include-outbound-ip-ranges",
+                        &include_outbound_ip_ranges,
+                    )?,
+                    exclude_outbound_cidrs: list(
+                        "--exclude-outbound-ip-ranges",
+                        &exclude_outbound_ip_ranges,
+                    )?
+                    .unwrap_or_default(),
+                    exclude_outbound_ports: list(
+                        "--exclude-outbound-ports",
+                        &exclude_outbound_ports,
+                    )?
+                    .unwrap_or_default(),
+                    include_inbound_ports: list("--include-inbound-ports", &include_inbound_ports)?,
+                    exclude_inbound_ports: list("--exclude-inbound-ports", &exclude_inbound_ports)?
+                        .unwrap_or_default(),
+                };
+                let cidrs = (capture.include_outbound_cidrs.iter().flatten())
+                    .chain(&capture.exclude_outbound_cidrs);
+                for cidr in cidrs {
+                    hypha_pod::check_cidr(cidr)?;
+                }
+                Ok(capture)
+            };
+            let done = lists().and_then(|c| c.install(None).map_err(|e| e.to_string()));
+            match done {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("hypha capture: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Bypass {
             cgroup,
             metrics,

@@ -187,13 +187,26 @@ fn mesh_in_pods(bypass: bool) {
         addr: ext.ipv4.into(),
         prefix: 30,
     };
-    client
-        .capture(&Capture {
-            exclude_outbound_cidrs: vec![direct.to_string()],
-            ..Capture::default()
-        })
-        .unwrap();
-    server.capture(&Capture::default()).unwrap();
+    // The capture as a pod's init container makes it: `hypha capture` run inside the pod,
+    // with the values of Istio's annotations.
+    let capture = |pod: &Pod, args: &[&str]| {
+        let out = pod
+            .command(hypha)
+            .arg("capture")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "hypha capture: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    capture(
+        &client,
+        &["--exclude-outbound-ip-ranges", &direct.to_string()],
+    );
+    capture(&server, &[]);
     config(&w.join("config"), &client, &server, &ext);
     let attached = cgroup.as_ref().map(|cg| {
         let mut b = Bypass::attach(cg.path()).unwrap();

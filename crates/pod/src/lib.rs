@@ -358,40 +358,7 @@ impl Pod {
     /// Installs `capture`'s rules in the pod (IPv4 and IPv6), and puts the inbound
     /// passthrough source `::6` on its loopback (`127.0.0.6` is there already).
     pub fn capture(&self, capture: &Capture) -> Result<(), PodError> {
-        let ns = self.netns.as_str();
-        match ip(&[
-            "netns",
-            "exec",
-            ns,
-            "ip",
-            "-6",
-            "addr",
-            "add",
-            PASSTHROUGH_SOURCE_V6,
-            "dev",
-            "lo",
-        ]) {
-            Err(PodError::Failed { stderr, .. }) if stderr.contains("File exists") => {}
-            other => {
-                other?;
-            }
-        }
-        for (tool, v6) in [("iptables", false), ("ip6tables", true)] {
-            for rule in capture.rules(v6) {
-                let mut args = vec![
-                    "netns",
-                    "exec",
-                    self.netns.as_str(),
-                    tool,
-                    "-w",
-                    "-t",
-                    "nat",
-                ];
-                args.extend(rule.iter().map(String::as_str));
-                ip(&args)?;
-            }
-        }
-        Ok(())
+        capture.install(Some(&self.netns))
     }
 }
 
@@ -519,6 +486,12 @@ pub struct Capture {
     pub exclude_outbound_ports: Vec<u16>,
     /// Outbound destination CIDRs left alone (each applies to its own family).
     pub exclude_outbound_cidrs: Vec<String>,
+    /// The inbound destination ports captured: `None` for all of them (Istio's `*`), else
+    /// only these (none: no inbound capture).
+    pub include_inbound_ports: Option<Vec<u16>>,
+    /// The outbound destination CIDRs captured: `None` for all (Istio's `*`), else only these
+    /// (each applies to its own family; the exclusions come first).
+    pub include_outbound_cidrs: Option<Vec<String>>,
 }
 
 impl Default for Capture {
@@ -530,6 +503,8 @@ impl Default for Capture {
             exclude_inbound_ports: Vec::new(),
             exclude_outbound_ports: Vec::new(),
             exclude_outbound_cidrs: Vec::new(),
+            include_inbound_ports: None,
+            include_outbound_cidrs: None,
         }
     }
 }
@@ -561,7 +536,16 @@ impl Capture {
                 "-A HYPHA_INBOUND -p tcp --dport {p} -j RETURN"
             )));
         }
-        r.push(words("-A HYPHA_INBOUND -p tcp -j HYPHA_IN_REDIRECT".into()));
+        match &self.include_inbound_ports {
+            None => r.push(words("-A HYPHA_INBOUND -p tcp -j HYPHA_IN_REDIRECT".into())),
+            Some(ports) => {
+                for p in ports {
+                    r.push(words(format!(
+                        "-A HYPHA_INBOUND -p tcp --dport {p} -j HYPHA_IN_REDIRECT"
+                    )));
+                }
+            }
+        }
         // Outbound: every TCP connection the pod opens, but the sidecar's own, loopback and
         // excluded destinations.
         r.push(words("-A OUTPUT -p tcp -j HYPHA_OUTPUT".into()));
@@ -577,18 +561,93 @@ impl Capture {
             )));
         }
         // A CIDR is the user's text: one argument, never split.
-        for cidr in self
-            .exclude_outbound_cidrs
-            .iter()
-            .filter(|c| c.contains(':') == v6)
-        {
+        let to = |cidr: &String, target: &str| {
             let mut rule: Vec<String> = words("-A HYPHA_OUTPUT -d".into());
             rule.push(cidr.clone());
-            rule.extend(words("-j RETURN".into()));
-            r.push(rule);
+            rule.extend(words(format!("-j {target}")));
+            rule
+        };
+        let family = |c: &&String| c.contains(':') == v6;
+        for cidr in self.exclude_outbound_cidrs.iter().filter(family) {
+            r.push(to(cidr, "RETURN"));
         }
-        r.push(words("-A HYPHA_OUTPUT -j HYPHA_REDIRECT".into()));
+        match &self.include_outbound_cidrs {
+            None => r.push(words("-A HYPHA_OUTPUT -j HYPHA_REDIRECT".into())),
+            Some(cidrs) => r.extend(cidrs.iter().filter(family).map(|c| to(c, "HYPHA_REDIRECT"))),
+        }
         r
+    }
+
+    /// Installs the rules (IPv4 and IPv6) in network namespace `netns`, or in the one this
+    /// process is in (a pod's init container, `hypha capture`), and puts the inbound
+    /// passthrough source `::6` on its loopback (`127.0.0.6` is there already).
+    pub fn install(&self, netns: Option<&str>) -> Result<(), PodError> {
+        let inside = |args: &[&str]| match netns {
+            Some(ns) => {
+                let mut all = vec!["netns", "exec", ns];
+                all.extend_from_slice(args);
+                ip(&all)
+            }
+            None => run(args[0], &args[1..]),
+        };
+        match inside(&[
+            "ip",
+            "-6",
+            "addr",
+            "add",
+            PASSTHROUGH_SOURCE_V6,
+            "dev",
+            "lo",
+        ]) {
+            Err(PodError::Failed { stderr, .. }) if stderr.contains("File exists") => {}
+            other => {
+                other?;
+            }
+        }
+        for (tool, v6) in [("iptables", false), ("ip6tables", true)] {
+            for rule in self.rules(v6) {
+                let mut args = vec![tool, "-w", "-t", "nat"];
+                args.extend(rule.iter().map(String::as_str));
+                inside(&args)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A list of Istio's capture annotations (`traffic.sidecar.istio.io/...`): comma-separated
+/// items, `*` for all (`None`), empty for none.
+pub fn annotation_list<T: std::str::FromStr>(
+    what: &str,
+    text: &str,
+) -> Result<Option<Vec<T>>, String> {
+    let text = text.trim();
+    if text == "*" {
+        return Ok(None);
+    }
+    text.split(',')
+        .map(str::trim)
+        .filter(|item| !item.is_empty())
+        .map(|item| {
+            item.parse()
+                .map_err(|_| format!("{what}: {item:?} is not valid"))
+        })
+        .collect::<Result<Vec<T>, String>>()
+        .map(Some)
+}
+
+/// Checks that `cidr` is an address and a prefix length within its family.
+pub fn check_cidr(cidr: &str) -> Result<(), String> {
+    let (addr, len) = cidr.split_once('/').unwrap_or((cidr, ""));
+    let addr: IpAddr = addr
+        .parse()
+        .map_err(|_| format!("{cidr:?} is not a CIDR (address/length)"))?;
+    let max = if addr.is_ipv6() { 128 } else { 32 };
+    match len.parse::<u8>() {
+        Ok(n) if n <= max => Ok(()),
+        _ => Err(format!(
+            "{cidr:?} is not a CIDR (address/length, length at most {max})"
+        )),
     }
 }
 
@@ -626,5 +685,59 @@ mod tests {
         assert!(!v4.iter().any(|r| r.contains("fd00::/8")));
         assert!(v6.contains(&"-A HYPHA_OUTPUT -d fd00::/8 -j RETURN".into()));
         assert!(v6.contains(&"-A HYPHA_OUTPUT -d ::1/128 -j RETURN".into()));
+    }
+
+    #[test]
+    fn included_ranges_and_ports_are_the_only_ones_captured() {
+        let c = Capture {
+            exclude_outbound_cidrs: vec!["10.96.0.10/32".into()],
+            include_outbound_cidrs: Some(vec!["10.96.0.0/12".into(), "fd00:10:96::/112".into()]),
+            include_inbound_ports: Some(vec![8080, 9090]),
+            ..Capture::default()
+        };
+        let v4: Vec<String> = c.rules(false).iter().map(|r| r.join(" ")).collect();
+        let v6: Vec<String> = c.rules(true).iter().map(|r| r.join(" ")).collect();
+        // Outbound: the exclusion first, then only the included range; no catch-all.
+        let tail: Vec<&str> = v4.iter().rev().take(2).rev().map(String::as_str).collect();
+        assert_eq!(
+            tail,
+            [
+                "-A HYPHA_OUTPUT -d 10.96.0.10/32 -j RETURN",
+                "-A HYPHA_OUTPUT -d 10.96.0.0/12 -j HYPHA_REDIRECT"
+            ]
+        );
+        assert!(v6.contains(&"-A HYPHA_OUTPUT -d fd00:10:96::/112 -j HYPHA_REDIRECT".into()));
+        for rules in [&v4, &v6] {
+            assert!(!rules.contains(&"-A HYPHA_OUTPUT -j HYPHA_REDIRECT".into()));
+            assert!(!rules.contains(&"-A HYPHA_INBOUND -p tcp -j HYPHA_IN_REDIRECT".into()));
+            for port in [8080, 9090] {
+                let rule = format!("-A HYPHA_INBOUND -p tcp --dport {port} -j HYPHA_IN_REDIRECT");
+                assert!(rules.contains(&rule));
+            }
+        }
+        // No inbound ports: nothing arriving is captured.
+        let none = Capture {
+            include_inbound_ports: Some(Vec::new()),
+            ..Capture::default()
+        };
+        assert!(!none
+            .rules(false)
+            .iter()
+            .any(|r| r.join(" ").contains("HYPHA_IN_REDIRECT") && r[1] == "HYPHA_INBOUND"));
+    }
+
+    #[test]
+    fn annotation_lists_read_as_istio_writes_them() {
+        assert_eq!(annotation_list::<u16>("ports", "*"), Ok(None));
+        assert_eq!(annotation_list::<u16>("ports", ""), Ok(Some(Vec::new())));
+        assert_eq!(
+            annotation_list::<u16>("ports", "8080, 9090"),
+            Ok(Some(vec![8080, 9090]))
+        );
+        assert!(annotation_list::<u16>("ports", "80,http").is_err());
+        assert!(check_cidr("10.0.0.0/8").is_ok() && check_cidr("fd00::/8").is_ok());
+        for bad in ["10.0.0.0", "10.0.0.0/33", "fd00::/129", "example.com/8"] {
+            assert!(check_cidr(bad).is_err(), "{bad}");
+        }
     }
 }
