@@ -58,8 +58,12 @@ struct Dirty {
     deployments: BTreeSet<(String, String)>,
     /// (namespace, name) of Services whose slices may be wrong.
     services: BTreeSet<(String, String)>,
-    /// (namespace, labels) of pods that changed: the Services selecting them are redone.
-    pods: Vec<(String, Value)>,
+    /// (namespace, name, labels) of pods that changed: the Services selecting them now, and
+    /// those whose slices list them (they may have selected them before), are redone.
+    pods: Vec<(String, String, Value)>,
+    /// Namespaces with a pod that has no owner any more (or never had one): all their
+    /// Deployments are looked at, one of them may have lost a pod.
+    orphans: BTreeSet<String>,
 }
 
 impl Dirty {
@@ -81,17 +85,22 @@ impl Dirty {
                 self.services.insert((meta("namespace"), meta("name")));
             }
             ("", "pods") => {
-                if let Some(owner) = e
+                match e
                     .object
                     .pointer("/metadata/ownerReferences/0/name")
                     .and_then(Value::as_str)
                 {
-                    self.deployments
-                        .insert((meta("namespace"), owner.to_owned()));
-                }
+                    Some(owner) => self
+                        .deployments
+                        .insert((meta("namespace"), owner.to_owned())),
+                    None => self.orphans.insert(meta("namespace")),
+                };
                 let labels = e.object.pointer("/metadata/labels").cloned();
-                self.pods
-                    .push((meta("namespace"), labels.unwrap_or(Value::Null)));
+                self.pods.push((
+                    meta("namespace"),
+                    meta("name"),
+                    labels.unwrap_or(Value::Null),
+                ));
             }
             _ => return false,
         }
@@ -103,7 +112,7 @@ impl Dirty {
         self.all
             || self.services.contains(&(k.2.clone(), k.3.clone()))
             || selector.is_some_and(|selector| {
-                self.pods.iter().any(|(ns, labels)| {
+                self.pods.iter().any(|(ns, _, labels)| {
                     *ns == k.2 && selector.iter().all(|(key, v)| labels.get(key) == Some(v))
                 })
             })
@@ -129,6 +138,7 @@ pub(crate) async fn run(shared: Shared) {
             drain(&mut feed, &mut then);
             then.services.append(&mut dirty.services);
             then.pods.append(&mut dirty.pods);
+            then.orphans.append(&mut dirty.orphans);
             endpoint_slices(&mut state, &then);
             // A Deployment changed by someone else before the lock was taken, and not looked
             // at in this pass, is in the next.
@@ -141,7 +151,9 @@ pub(crate) async fn run(shared: Shared) {
             // What this pass wrote itself (slices, Deployments' status) needs no other pass.
             let mut ours = Dirty::default();
             drain(&mut feed, &mut ours);
-            dirty.all = ours.all;
+            // Having fallen behind the feed before the slices, Deployment changes may have
+            // been missed too: everything again.
+            dirty.all = ours.all || (then.all && !done.all);
         }
         let mut wanted = dirty.all || !dirty.deployments.is_empty();
         while !wanted {
@@ -222,8 +234,8 @@ fn template_hash(template: &Value) -> String {
     format!("{:08x}", h as u32)
 }
 
-/// A Deployment's pod: its key and its `pod-template-hash`.
-type OwnedPod = (Key, Option<String>);
+/// A Deployment's pod: its key, its `pod-template-hash` and its labels.
+type OwnedPod = (Key, Option<String>, Value);
 
 fn deployments(state: &mut State, dirty: &Dirty) {
     let deploys: Vec<(Key, Value)> = if dirty.all {
@@ -231,20 +243,22 @@ fn deployments(state: &mut State, dirty: &Dirty) {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect()
     } else {
-        dirty
-            .deployments
-            .iter()
-            .filter_map(|(ns, name)| {
-                let k: Key = (
-                    "apps".into(),
-                    "deployments".into(),
-                    ns.clone(),
-                    name.clone(),
-                );
-                let d = state.store.objects.get(&k)?.clone();
-                Some((k, d))
-            })
-            .collect()
+        let named = dirty.deployments.iter().filter_map(|(ns, name)| {
+            let k: Key = (
+                "apps".into(),
+                "deployments".into(),
+                ns.clone(),
+                name.clone(),
+            );
+            let d = state.store.objects.get(&k)?.clone();
+            Some((k, d))
+        });
+        let orphaned = (dirty.orphans.iter())
+            .flat_map(|ns| in_namespace(state, "apps", "deployments", ns))
+            .map(|(k, v)| (k.clone(), v.clone()));
+        let mut all: BTreeMap<Key, Value> = named.collect();
+        all.extend(orphaned);
+        all.into_iter().collect()
     };
     // Pods by their Deployment, (namespace, name), with their template hash: found once for
     // every Deployment, in the namespaces looked at.
@@ -273,7 +287,7 @@ fn deployments(state: &mut State, dirty: &Dirty) {
             pods_of
                 .entry((pk.2.clone(), owner.to_owned()))
                 .or_default()
-                .push((pk.clone(), hash));
+                .push((pk.clone(), hash, p["metadata"]["labels"].clone()));
         }
     }
     for (k, d) in &deploys {
@@ -290,7 +304,15 @@ fn deployments(state: &mut State, dirty: &Dirty) {
             .unwrap_or_default();
         // Pods of another template go; then as many as are missing are made.
         let mut current = 0;
-        for (pk, pod_hash) in owned {
+        // A pod relabelled out of the Deployment's selector is no longer its own (the
+        // ReplicaSet controller releases it and makes another), nor deleted by it.
+        let selector = d
+            .pointer("/spec/selector/matchLabels")
+            .and_then(Value::as_object);
+        let selected = |labels: &Value| {
+            selector.is_none_or(|sel| sel.iter().all(|(k, v)| labels.get(k) == Some(v)))
+        };
+        for (pk, pod_hash, _) in owned.into_iter().filter(|(_, _, l)| selected(l)) {
             if pod_hash.as_deref() == Some(hash.as_str()) && current < want {
                 current += 1;
             } else if let Some(p) = state.store.objects.get(&pk).cloned() {
@@ -375,9 +397,29 @@ fn target_port(port: &Value, pod: &Value) -> Option<u64> {
 }
 
 fn endpoint_slices(state: &mut State, dirty: &Dirty) {
+    // The Services whose slices list a changed pod: it may have left their selector.
+    let changed: BTreeSet<(&str, &str)> = (dirty.pods.iter())
+        .map(|(ns, name, _)| (ns.as_str(), name.as_str()))
+        .collect();
+    let namespaces: BTreeSet<&str> = changed.iter().map(|(ns, _)| *ns).collect();
+    let listing: BTreeSet<(String, String)> = (namespaces.into_iter())
+        .flat_map(|ns| in_namespace(state, "discovery.k8s.io", "endpointslices", ns))
+        .filter(|(k, slice)| {
+            (slice["endpoints"].as_array().into_iter().flatten()).any(|ep| {
+                ep.pointer("/targetRef/name")
+                    .and_then(Value::as_str)
+                    .is_some_and(|pod| changed.contains(&(k.2.as_str(), pod)))
+            })
+        })
+        .filter_map(|(k, slice)| {
+            let svc = slice.pointer("/metadata/labels/kubernetes.io~1service-name")?;
+            Some((k.2.clone(), svc.as_str()?.to_owned()))
+        })
+        .collect();
     let services: Vec<(Key, Value)> = objects(state, "", "services")
         .filter(|(k, svc)| {
             dirty.has_service(k, svc.pointer("/spec/selector").and_then(Value::as_object))
+                || listing.contains(&(k.2.clone(), k.3.clone()))
         })
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();

@@ -570,20 +570,63 @@ spec:
     );
     eventually("three endpoints", || endpoints("ipv4").len() == 3).await;
     // A pod deleted by hand is replaced, and its slice entry with it.
-    let gone = endpoints("ipv4")[0]["targetRef"]["name"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    kubectl(dir, &["delete", "pod", "-n", "shop", &gone]);
-    eventually("the deleted pod replaced in the slices", || {
+    let first_pod = || {
+        endpoints("ipv4")[0]["targetRef"]["name"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    // Three endpoints, none of them pod `name`.
+    let replaced = |name: &str| {
         let eps = endpoints("ipv6");
-        eps.len() == 3
-            && eps
-                .iter()
-                .all(|ep| ep["targetRef"]["name"] != gone.as_str())
+        eps.len() == 3 && eps.iter().all(|ep| ep["targetRef"]["name"] != name)
+    };
+    let gone = first_pod();
+    kubectl(dir, &["delete", "pod", "-n", "shop", &gone]);
+    eventually("the deleted pod replaced in the slices", || replaced(&gone)).await;
+    assert_eq!(server.list("", "pods").len(), 3);
+    // A pod relabelled out of the selector leaves the Service's slices, and the Deployment
+    // makes another in its place.
+    let relabel = |name: &str| {
+        kubectl(
+            dir,
+            &[
+                "label",
+                "pod",
+                "-n",
+                "shop",
+                name,
+                "app=debug",
+                "--overwrite",
+            ],
+        );
+    };
+    let moved = first_pod();
+    relabel(&moved);
+    eventually("the relabelled pod out of the slices, replaced", || {
+        replaced(&moved)
     })
     .await;
-    assert_eq!(server.list("", "pods").len(), 3);
+    kubectl(dir, &["delete", "pod", "-n", "shop", &moved]);
+    // A pod of no Deployment (nothing replaces it) relabelled out of the selector leaves the
+    // slices that listed it.
+    server.put(
+        "",
+        "pods",
+        json!({"apiVersion": "v1", "kind": "Pod",
+               "metadata": {"name": "loose", "namespace": "shop", "labels": {"app": "web"}},
+               "spec": {"containers": [{"name": "web", "ports": [{"name": "http", "containerPort": 8080}]}]},
+               "status": {"podIPs": [{"ip": "10.9.9.9"}], "conditions": [{"type": "Ready", "status": "True"}]}}),
+    );
+    let listed = |name: &str| {
+        endpoints("ipv4")
+            .iter()
+            .any(|ep| ep["targetRef"]["name"] == name)
+    };
+    eventually("a pod of no Deployment in the slices", || listed("loose")).await;
+    relabel("loose");
+    eventually("it leaves them once relabelled", || !listed("loose")).await;
+    kubectl(dir, &["delete", "pod", "-n", "shop", "loose"]);
     kubectl(
         dir,
         &["scale", "deployment/web", "-n", "shop", "--replicas=0"],
