@@ -337,6 +337,11 @@ struct ProxyArgs {
     /// Admin listener: /ready, /metrics, /config_dump, /clusters.
     #[arg(long, default_value = "127.0.0.1:15000")]
     admin: Option<SocketAddr>,
+    /// A health listener serving `/healthz/ready` only, for the kubelet's readiness probe
+    /// (Istio's 15021 on the pod's addresses: `--health 0.0.0.0:15021 --health [::]:15021`);
+    /// repeatable.
+    #[arg(long)]
+    health: Vec<SocketAddr>,
     /// JSON access log, one line per request: a file, or `-` for stdout.
     #[arg(long)]
     access_log: Option<PathBuf>,
@@ -975,6 +980,7 @@ async fn proxy(a: ProxyArgs) -> anyhow::Result<()> {
         capture_outbound: a.capture_outbound,
         capture_inbound: a.capture_inbound,
         admin: a.admin,
+        health: a.health,
         access_log: a.access_log,
         identity: a
             .ca_root

@@ -2,7 +2,8 @@
 //! `/metrics` (Prometheus text, Istio's metric names), `/config_dump` (the applied resources,
 //! by type, with versions), `/clusters` (each cluster's endpoints), `/certs` (the workload
 //! certificate: identity, serial, expiry, the trusted roots, and where the key lives; never
-//! the key). Plain HTTP on loopback by default.
+//! the key). Plain HTTP on loopback by default. Health listeners (`serve_health`) serve the
+//! readiness check alone, on addresses the kubelet reaches.
 
 use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
@@ -184,6 +185,22 @@ impl Admin {
 }
 
 /// Serves the admin endpoints until the task is dropped.
+/// A health listener: `/healthz/ready` (and `/ready`) only, nothing else of the admin's.
+pub async fn serve_health(admin: Admin, listener: TcpListener, drain: h::Drain) {
+    h::serve(listener, drain, move |req, _| {
+        let resp = match req.uri().path() {
+            "/ready" | "/healthz/ready" => admin.handle(&req),
+            _ => {
+                let mut r = Response::new(h::full("health: /healthz/ready\n".to_owned()));
+                *r.status_mut() = StatusCode::NOT_FOUND;
+                r
+            }
+        };
+        async move { resp }
+    })
+    .await;
+}
+
 pub async fn serve(admin: Admin, listener: TcpListener, drain: h::Drain) {
     h::serve(listener, drain, move |req, _| {
         let resp = admin.handle(&req);

@@ -68,6 +68,9 @@ pub struct Options {
     pub capture_inbound: Option<u16>,
     /// The admin listener (`/ready`, `/metrics`, `/config_dump`, `/clusters`).
     pub admin: Option<SocketAddr>,
+    /// Health listeners serving `/healthz/ready` only (Istio's 15021, on the pod's addresses,
+    /// for the kubelet's readiness probe; the admin stays on loopback).
+    pub health: Vec<SocketAddr>,
     /// JSON access log, one line per request: a file to append to, or `-` for stdout.
     pub access_log: Option<std::path::PathBuf>,
     /// The workload identity from the control plane's CA; with it, `control_plane` is the
@@ -86,6 +89,7 @@ pub struct Running {
     /// The capture listeners (outbound, then inbound), IPv4 and IPv6.
     pub captured: Vec<SocketAddr>,
     pub admin: Option<SocketAddr>,
+    pub health: Vec<SocketAddr>,
     /// True once the first complete config is applied.
     pub ready: watch::Receiver<bool>,
     pub xds: Arc<xds::XdsStats>,
@@ -201,6 +205,7 @@ pub async fn start(opts: Options) -> Result<Running, StartError> {
         inbound: Vec::new(),
         captured: Vec::new(),
         admin: None,
+        health: Vec::new(),
         ready: ready.clone(),
         xds: stats.clone(),
         config: config.clone(),
@@ -211,17 +216,22 @@ pub async fn start(opts: Options) -> Result<Running, StartError> {
         _admin_drain: admin_trigger,
     };
     let versions = Arc::new(ArcSwap::from_pointee(Vec::new()));
+    let admin = admin::Admin {
+        config: config.clone(),
+        telemetry: telemetry.clone(),
+        ready,
+        versions: versions.clone(),
+        draining: drain.clone(),
+        identity: mesh.as_ref().map(|m| m.store.clone()),
+    };
+    for addr in &opts.health {
+        let (l, local) = bind(*addr).await?;
+        running.health.push(local);
+        tasks.spawn(admin::serve_health(admin.clone(), l, admin_drain.clone()));
+    }
     if let Some(addr) = opts.admin {
         let (l, local) = bind(addr).await?;
         running.admin = Some(local);
-        let admin = admin::Admin {
-            config: config.clone(),
-            telemetry: telemetry.clone(),
-            ready,
-            versions: versions.clone(),
-            draining: drain.clone(),
-            identity: mesh.as_ref().map(|m| m.store.clone()),
-        };
         tasks.spawn(admin::serve(admin, l, admin_drain));
     }
     for addr in &opts.http_proxy {

@@ -245,6 +245,7 @@ async fn mesh() -> Mesh {
     let client = hypha_proxy::start(Options {
         http_proxy: vec!["127.0.0.1:0".parse().unwrap()],
         admin: Some("127.0.0.1:0".parse().unwrap()),
+        health: vec!["127.0.0.1:0".parse().unwrap()],
         ..sidecar(&control_plane, "client", &[("app", "client")])
     })
     .await
@@ -1196,6 +1197,10 @@ async fn drain_finishes_requests_in_flight_and_refuses_new_ones() {
     let m = mesh().await;
     let p = m.client.http_proxy[0];
     let admin_addr = m.client.admin.unwrap();
+    // The health listener: readiness and nothing else of the admin's.
+    let health = m.client.health[0];
+    assert_eq!(admin(health, "/healthz/ready").await.0, 200);
+    assert_eq!(admin(health, "/metrics").await.0, 404);
     // A 500 ms request (split route, no timeout) in flight when the drain starts.
     let in_flight =
         tokio::spawn(
@@ -1207,6 +1212,7 @@ async fn drain_finishes_requests_in_flight_and_refuses_new_ones() {
         tokio::time::sleep(Duration::from_millis(50)).await;
         // While draining: not ready, and no new connections.
         assert_eq!(admin(admin_addr, "/ready").await.0, 503);
+        assert_eq!(admin(health, "/healthz/ready").await.0, 503);
         let refused = match tokio::net::TcpStream::connect(p).await {
             Err(_) => true,
             Ok(mut s) => {

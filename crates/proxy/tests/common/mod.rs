@@ -150,6 +150,7 @@ pub fn sidecar_for(control_plane: &str, node: ProxyInfo) -> Options {
         capture_outbound: None,
         capture_inbound: None,
         admin: None,
+        health: vec![],
         access_log: None,
         identity: None,
         limits: Default::default(),
