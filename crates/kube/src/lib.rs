@@ -9,6 +9,7 @@
 //! - `istio`: the Istio kinds watched, and the config assembled with invalid objects left out
 //! - `report`: Events and `status.validationMessages` on invalid objects
 //! - `review`: the CA's check of service-account tokens (TokenReview)
+//! - `roots`: each namespace's trust bundle in a ConfigMap `istio-ca-root-cert`, as istiod does
 //! - `signers`: the CA's file signers shared by every replica through Secrets
 //! - `watch`: the watchers, the debounce, the push
 
@@ -19,6 +20,7 @@ pub mod istio;
 pub mod objects;
 mod report;
 mod review;
+pub mod roots;
 pub mod signers;
 mod watch;
 

@@ -270,6 +270,7 @@ pub async fn run(client: Client, cp: ControlPlane, mut files: watch::Receiver<Co
     let tasks = spawn_watches(&client, &tx);
     drop(tx);
     let _abort = AbortOnDrop(tasks);
+    let mut roots = crate::roots::Roots::new(client.clone());
     let mut reporter = crate::report::Reporter::new(client);
     let mut cluster = Cluster::default();
     // The registry derived from the cluster and the file config, kept until either changes.
@@ -353,6 +354,14 @@ pub async fn run(client: Client, cp: ControlPlane, mut files: watch::Receiver<Co
                         "kubernetes: the cluster's changes pushed"
                     );
                 }
+                // Where the control plane runs the CA: each namespace's roots for its pods.
+                let t = cp.current();
+                roots
+                    .publish(cluster.namespaces.keys(), |ns| {
+                        t.trust_bundle(ns).map(str::to_owned)
+                    })
+                    .await;
+                drop(t);
                 reporter.report(&assembled.invalid, &cluster).await;
             }
         }

@@ -167,3 +167,46 @@ async fn sidecars_get_certificates_with_their_service_account_token() {
         "reviewed",
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_namespace_gets_its_roots_in_a_config_map() {
+    let cluster = TestCluster::start().await;
+    cluster.apply("app.yaml", APP);
+    let ca_dir = cluster.dir.path().join("ca");
+    let secure = Secure::open(&MeshConfig::default(), &ca_dir, None).unwrap();
+    let cp = ControlPlane::with_mtls(Config::default(), secure.signer_roots().clone());
+    let (_files_tx, files) = tokio::sync::watch::channel(Config::default());
+    // With only the permissions of manifests/rbac.yaml.
+    tokio::spawn(hypha_kube::run(cluster.client().await, cp.clone(), files));
+
+    let published = |ns: &str| {
+        cluster
+            .api
+            .get("", "configmaps", ns, hypha_kube::roots::CONFIGMAP)
+            .and_then(|cm| {
+                cm["data"][hypha_kube::roots::KEY]
+                    .as_str()
+                    .map(str::to_owned)
+            })
+    };
+    eventually("the roots in namespace shop", || {
+        published("shop").is_some()
+    })
+    .await;
+    let bundle = cp.current().trust_bundle("shop").unwrap().to_owned();
+    assert_eq!(published("shop").unwrap(), bundle);
+    let root = std::fs::read_to_string(ca_dir.join(ROOT_CERT_FILE)).unwrap();
+    assert!(
+        bundle.contains(root.trim()),
+        "the CA's root is in the bundle"
+    );
+    // A namespace made later gets them too.
+    cluster.apply(
+        "later.yaml",
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: later}\n",
+    );
+    eventually("the roots in a new namespace", || {
+        published("later").as_deref() == Some(bundle.as_str())
+    })
+    .await;
+}

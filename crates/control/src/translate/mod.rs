@@ -316,6 +316,11 @@ impl Translation {
         &self.version
     }
 
+    /// The roots a workload of namespace `ns` trusts (PEM), when the control plane runs the CA.
+    pub fn trust_bundle(&self, ns: &str) -> Option<&str> {
+        self.trust.as_ref()?.of(ns)
+    }
+
     /// Everything `proxy` should see: the shared outbound snapshot of its namespace plus its
     /// own inbound resources (copy on write, so the shared part is not copied).
     pub fn snapshot(&self, proxy: &ProxyInfo) -> Snapshot {
