@@ -214,9 +214,6 @@ pub struct Translation {
     namespace_independent: bool,
     /// (service index, port) → routes, when namespace independent.
     service_routes: Mutex<HashMap<(usize, u32), Arc<ServiceRoutes>>>,
-    /// The previous generation's shared outbound snapshots, whose unchanged parts new ones
-    /// take over (see [`Snapshot::reuse`]); emptied by [`Translation::forget_previous`].
-    previous: Mutex<HashMap<String, Arc<Snapshot>>>,
     /// The generation before, while this one is prepared: what it built is taken over where
     /// what it was built from is unchanged. Dropped by [`Translation::forget_previous`].
     before: RwLock<Option<Before>>,
@@ -280,9 +277,6 @@ impl Translation {
             .as_ref()
             .map(|r| Arc::new(crate::mtls::TrustBundles::from_mesh(&cfg.mesh, r)));
         let before = previous.map(|p| Before::new(p, &cfg, &registry, namespace_independent));
-        let previous = previous
-            .map(|p| lock(&p.outbound_cache).clone())
-            .unwrap_or_default();
         Translation {
             cfg,
             registry,
@@ -293,7 +287,6 @@ impl Translation {
             outbound_cache: Mutex::new(HashMap::new()),
             clusters: Mutex::new(HashMap::new()),
             service_routes: Mutex::new(HashMap::new()),
-            previous: Mutex::new(previous),
             before: RwLock::new(before),
             mtls,
             signer_roots,
@@ -301,9 +294,8 @@ impl Translation {
         }
     }
 
-    /// Drops the previous generation's shared snapshots once every proxy has its new one.
+    /// Drops the previous generation once every proxy has its new snapshot.
     pub fn forget_previous(&self) {
-        lock(&self.previous).clear();
         *self.before.write().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
@@ -372,7 +364,11 @@ impl Translation {
         let mut snap = Snapshot::new(self.version.clone());
         self.outbound(proxy, &mut snap);
         let mut snap = snap.into_shared();
-        if let Some(previous) = lock(&self.previous).remove(&key) {
+        // The previous generation's snapshot for the same key: its unchanged parts are taken
+        // over (see [`Snapshot::reuse`]).
+        let previous =
+            (self.before().as_ref()).and_then(|b| lock(&b.t.outbound_cache).get(&key).cloned());
+        if let Some(previous) = previous {
             snap.reuse(&previous);
         }
         let snap = Arc::new(snap);
