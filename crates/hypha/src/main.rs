@@ -516,38 +516,20 @@ fn main() -> ExitCode {
             include_inbound_ports,
             exclude_inbound_ports,
         } => {
-            let lists = || -> Result<hypha_pod::Capture, String> {
-                use hypha_pod::annotation_list as list;
-                let capture = hypha_pod::Capture {
-                    outbound_port,
-                    inbound_port,
-                    proxy_gid,
-                    include_outbound_cidrs: list(
-                        "--include-outbound-ip-ranges",
-                        &include_outbound_ip_ranges,
-                    )?,
-                    exclude_outbound_cidrs: list(
-                        "--exclude-outbound-ip-ranges",
-                        &exclude_outbound_ip_ranges,
-                    )?
-                    .unwrap_or_default(),
-                    exclude_outbound_ports: list(
-                        "--exclude-outbound-ports",
-                        &exclude_outbound_ports,
-                    )?
-                    .unwrap_or_default(),
-                    include_inbound_ports: list("--include-inbound-ports", &include_inbound_ports)?,
-                    exclude_inbound_ports: list("--exclude-inbound-ports", &exclude_inbound_ports)?
-                        .unwrap_or_default(),
-                };
-                let cidrs = (capture.include_outbound_cidrs.iter().flatten())
-                    .chain(&capture.exclude_outbound_cidrs);
-                for cidr in cidrs {
-                    hypha_pod::check_cidr(cidr)?;
-                }
-                Ok(capture)
-            };
-            let done = lists().and_then(|c| c.install(None).map_err(|e| e.to_string()));
+            let capture = hypha_pod::Capture {
+                outbound_port,
+                inbound_port,
+                proxy_gid,
+                ..hypha_pod::Capture::default()
+            }
+            .with_annotations(&hypha_pod::Annotations {
+                include_outbound_ip_ranges,
+                exclude_outbound_ip_ranges,
+                exclude_outbound_ports,
+                include_inbound_ports,
+                exclude_inbound_ports,
+            });
+            let done = capture.and_then(|c| c.install(None).map_err(|e| e.to_string()));
             match done {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

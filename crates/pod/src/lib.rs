@@ -615,12 +615,72 @@ impl Capture {
     }
 }
 
+/// The values of Istio's capture annotations (`traffic.sidecar.istio.io/<field>`), as written:
+/// comma-separated, `*` for all. For `hypha capture`'s flags, and the injector's pods.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Annotations {
+    pub include_outbound_ip_ranges: String,
+    pub exclude_outbound_ip_ranges: String,
+    pub exclude_outbound_ports: String,
+    pub include_inbound_ports: String,
+    pub exclude_inbound_ports: String,
+}
+
+impl Default for Annotations {
+    /// Istio's defaults: everything captured, nothing excluded.
+    fn default() -> Annotations {
+        Annotations {
+            include_outbound_ip_ranges: "*".into(),
+            exclude_outbound_ip_ranges: String::new(),
+            exclude_outbound_ports: String::new(),
+            include_inbound_ports: "*".into(),
+            exclude_inbound_ports: String::new(),
+        }
+    }
+}
+
+impl Capture {
+    /// This capture with the lists `a` gives (replacing its own); an error names the list and
+    /// the item that is not a port or a CIDR.
+    pub fn with_annotations(self, a: &Annotations) -> Result<Capture, String> {
+        let capture = Capture {
+            include_outbound_cidrs: annotation_list(
+                "includeOutboundIPRanges",
+                &a.include_outbound_ip_ranges,
+            )?,
+            exclude_outbound_cidrs: annotation_list(
+                "excludeOutboundIPRanges",
+                &a.exclude_outbound_ip_ranges,
+            )?
+            .unwrap_or_default(),
+            exclude_outbound_ports: annotation_list(
+                "excludeOutboundPorts",
+                &a.exclude_outbound_ports,
+            )?
+            .unwrap_or_default(),
+            include_inbound_ports: annotation_list(
+                "includeInboundPorts",
+                &a.include_inbound_ports,
+            )?,
+            exclude_inbound_ports: annotation_list(
+                "excludeInboundPorts",
+                &a.exclude_inbound_ports,
+            )?
+            .unwrap_or_default(),
+            ..self
+        };
+        let cidrs = (capture.include_outbound_cidrs.iter().flatten())
+            .chain(&capture.exclude_outbound_cidrs);
+        for cidr in cidrs {
+            check_cidr(cidr)?;
+        }
+        Ok(capture)
+    }
+}
+
 /// A list of Istio's capture annotations (`traffic.sidecar.istio.io/...`): comma-separated
 /// items, `*` for all (`None`), empty for none.
-pub fn annotation_list<T: std::str::FromStr>(
-    what: &str,
-    text: &str,
-) -> Result<Option<Vec<T>>, String> {
+fn annotation_list<T: std::str::FromStr>(what: &str, text: &str) -> Result<Option<Vec<T>>, String> {
     let text = text.trim();
     if text == "*" {
         return Ok(None);
@@ -637,7 +697,7 @@ pub fn annotation_list<T: std::str::FromStr>(
 }
 
 /// Checks that `cidr` is an address and a prefix length within its family.
-pub fn check_cidr(cidr: &str) -> Result<(), String> {
+fn check_cidr(cidr: &str) -> Result<(), String> {
     let (addr, len) = cidr.split_once('/').unwrap_or((cidr, ""));
     let addr: IpAddr = addr
         .parse()
@@ -739,5 +799,28 @@ mod tests {
         for bad in ["10.0.0.0", "10.0.0.0/33", "fd00::/129", "example.com/8"] {
             assert!(check_cidr(bad).is_err(), "{bad}");
         }
+        // Read into a capture, its own ports kept; a bad CIDR refused by name.
+        let c = Capture {
+            outbound_port: 16001,
+            ..Capture::default()
+        }
+        .with_annotations(&Annotations {
+            exclude_inbound_ports: "15021".into(),
+            include_outbound_ip_ranges: "10.96.0.0/12".into(),
+            ..Annotations::default()
+        })
+        .unwrap();
+        assert_eq!(c.outbound_port, 16001);
+        assert_eq!(c.exclude_inbound_ports, [15021]);
+        assert_eq!(
+            c.include_outbound_cidrs,
+            Some(vec!["10.96.0.0/12".to_owned()])
+        );
+        assert_eq!(c.include_inbound_ports, None);
+        let bad = Capture::default().with_annotations(&Annotations {
+            exclude_outbound_ip_ranges: "10.0.0.0/40".into(),
+            ..Annotations::default()
+        });
+        assert!(bad.unwrap_err().contains("10.0.0.0/40"));
     }
 }
