@@ -21,6 +21,14 @@
 //!     fallback: true       # on a CPU without AVX-512 IFMA, BoringSSL signs (else: refuse)
 //! ```
 //!
+//! and the sidecar's lifecycle, as Istio's injector and sidecar read them:
+//!
+//! ```yaml
+//! concurrency: 2                          # worker threads (0: one per CPU)
+//! terminationDrainDuration: 5s            # how long a stopping sidecar drains
+//! holdApplicationUntilProxyStarts: true   # classic sidecars: the app waits for the proxy
+//! ```
+//!
 //! Istio's other `ProxyConfig` fields are refused by name rather than ignored: Hypha takes
 //! them from its own flags or not at all.
 
@@ -36,8 +44,43 @@ use crate::yaml;
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ProxyConfig {
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub private_key_provider: Option<PrivateKeyProvider>,
+    /// Worker threads; 0 for one per CPU (Istio's default is 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<u32>,
+    /// How long a stopping sidecar lets requests in flight finish (default 5s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub termination_drain_duration: Option<Duration>,
+    /// With the classic (non-native) sidecar: start the app only once the proxy is ready.
+    /// Native sidecars always start, and are ready, before the app.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hold_application_until_proxy_starts: Option<bool>,
+}
+
+impl ProxyConfig {
+    /// This config (a pod's `proxy.istio.io/config`) over `defaults` (the mesh's
+    /// `defaultConfig`): each field set here wins, as Istio merges them.
+    pub fn over(self, defaults: &ProxyConfig) -> ProxyConfig {
+        ProxyConfig {
+            private_key_provider: self
+                .private_key_provider
+                .or_else(|| defaults.private_key_provider.clone()),
+            concurrency: self.concurrency.or(defaults.concurrency),
+            termination_drain_duration: self
+                .termination_drain_duration
+                .or(defaults.termination_drain_duration),
+            hold_application_until_proxy_starts: self
+                .hold_application_until_proxy_starts
+                .or(defaults.hold_application_until_proxy_starts),
+        }
+    }
+
+    /// The drain time a stopping sidecar gives requests in flight.
+    pub fn drain_duration(&self) -> std::time::Duration {
+        self.termination_drain_duration
+            .map_or(std::time::Duration::from_secs(5), |d| d.as_std())
+    }
 }
 
 /// Where the workload's private key lives and who does its operations. Without one, the key

@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
@@ -178,6 +179,28 @@ enum Command {
     /// `hypha proxy --capture-outbound 15001 --capture-inbound 15006`.
     #[command(subcommand)]
     Pod(PodCommand),
+    /// Add the sidecar to the workloads of a YAML file, offline, as the injection webhook
+    /// does (`istioctl kube-inject`): Pods, Deployments, StatefulSets, DaemonSets, Jobs,
+    /// CronJobs; everything else passes through. The output goes to `kubectl apply -f -`.
+    Inject {
+        /// The YAML to inject (`-`: standard input).
+        #[arg(short = 'f', long = "filename")]
+        file: PathBuf,
+        /// Where to write the result (default: standard output).
+        #[arg(short = 'o', long)]
+        output: Option<PathBuf>,
+        #[command(flatten)]
+        settings: InjectArgs,
+    },
+    /// Wait until a sidecar is ready (the classic sidecar's postStart hook for Istio's
+    /// `holdApplicationUntilProxyStarts`).
+    Wait {
+        #[arg(long, default_value = "http://127.0.0.1:15021/healthz/ready")]
+        url: String,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 60)]
+        timeout_secs: u64,
+    },
     /// One of the demo's sample apps (started by `hypha demo`).
     #[command(hide = true)]
     DemoApp {
@@ -191,6 +214,91 @@ enum Command {
         #[arg(long)]
         proxy: Option<SocketAddr>,
     },
+}
+
+/// What every injected pod gets (`hypha inject`, and the webhook of `hypha control`).
+#[derive(clap::Args)]
+struct InjectArgs {
+    /// The image that runs `hypha` (its entrypoint) in the injected containers.
+    #[arg(long, default_value = concat!("hypha:", env!("CARGO_PKG_VERSION")))]
+    image: String,
+    /// The injected containers' imagePullPolicy.
+    #[arg(long)]
+    image_pull_policy: Option<String>,
+    /// The control plane's TLS address, as sidecars reach it.
+    #[arg(long, default_value = "https://hypha.hypha-system.svc:15012")]
+    injected_control_plane: String,
+    /// The mesh's root namespace (the control plane's SPIFFE identity is in it).
+    #[arg(long, default_value = "istio-system")]
+    root_namespace: String,
+    /// The mesh's trust domain.
+    #[arg(long, default_value = "cluster.local")]
+    injected_trust_domain: String,
+    /// Classic sidecars (a container beside the app) for clusters before Kubernetes 1.29,
+    /// instead of native ones.
+    #[arg(long)]
+    classic_sidecar: bool,
+    /// The revision the injected pods belong to.
+    #[arg(long, default_value = "default")]
+    revision: String,
+    /// The mesh's `defaultConfig` (a ProxyConfig file) under each pod's
+    /// `proxy.istio.io/config`.
+    #[arg(long)]
+    default_proxy_config: Option<PathBuf>,
+}
+
+impl InjectArgs {
+    fn settings(&self) -> anyhow::Result<hypha_inject::Settings> {
+        let defaults = match &self.default_proxy_config {
+            None => Default::default(),
+            Some(path) => hypha_config::proxy::load_proxy_config(path).map_err(|diags| {
+                let lines: Vec<String> = diags.iter().map(ToString::to_string).collect();
+                anyhow::anyhow!("invalid proxy config:\n{}", lines.join("\n"))
+            })?,
+        };
+        Ok(hypha_inject::Settings {
+            image: self.image.clone(),
+            image_pull_policy: self.image_pull_policy.clone(),
+            control_plane: self.injected_control_plane.clone(),
+            root_namespace: self.root_namespace.clone(),
+            trust_domain: self.injected_trust_domain.clone(),
+            sidecar: if self.classic_sidecar {
+                hypha_inject::SidecarKind::Classic
+            } else {
+                hypha_inject::SidecarKind::Native
+            },
+            defaults,
+            revision: self.revision.clone(),
+        })
+    }
+}
+
+/// `hypha inject`: the file (or stdin) injected, to `output` (or stdout); skipped objects
+/// said on stderr.
+fn inject(file: &Path, output: Option<&Path>, args: &InjectArgs) -> anyhow::Result<()> {
+    use std::io::Read;
+    let settings = args.settings()?;
+    let mut text = String::new();
+    if file == Path::new("-") {
+        std::io::stdin().read_to_string(&mut text)?;
+    } else {
+        text = std::fs::read_to_string(file)
+            .with_context(|| format!("cannot read {}", file.display()))?;
+    }
+    let (out, notes) = hypha_inject::manifest::inject_yaml(&text, &settings)
+        .with_context(|| format!("cannot inject {}", file.display()))?;
+    for n in &notes {
+        if let Some(why) = &n.skipped {
+            eprintln!("hypha inject: {} left as it is: {why}", n.object);
+        }
+    }
+    match output {
+        Some(path) => {
+            std::fs::write(path, out).with_context(|| format!("cannot write {}", path.display()))?
+        }
+        None => print!("{out}"),
+    }
+    Ok(())
 }
 
 #[derive(Subcommand)]
@@ -303,8 +411,13 @@ struct ProxyArgs {
     /// A workload label, `key=value`; repeat for several.
     #[arg(long = "label", value_parser = parse_label)]
     labels: Vec<(String, String)>,
-    /// The workload's IP addresses; repeat for several.
-    #[arg(long = "ip")]
+    /// Workload labels from a file in the downward API's format (`key="value"` lines; an
+    /// injected sidecar's `/etc/istio/pod/labels`), besides any --label.
+    #[arg(long)]
+    labels_file: Option<PathBuf>,
+    /// The workload's IP addresses; repeat for several, or comma-separated (an injected
+    /// sidecar has the pod's `status.podIPs` in `INSTANCE_IPS`).
+    #[arg(long = "ip", env = "INSTANCE_IPS", value_delimiter = ',')]
     ips: Vec<std::net::IpAddr>,
     /// The xDS node id (default `sidecar~<ip>~<workload>.<namespace>~<namespace>.svc.cluster.local`).
     #[arg(long, env = "HYPHA_NODE_ID")]
@@ -400,13 +513,18 @@ struct ProxyArgs {
     /// `privateKeyProvider.pkcs11` keeps the workload key in a token, like the --pkcs11-* flags.
     #[arg(long, env = "HYPHA_PROXY_CONFIG")]
     proxy_config: Option<PathBuf>,
+    /// The same ProxyConfig as text (YAML or JSON): what an injected sidecar gets in
+    /// `PROXY_CONFIG`, the pod's `proxy.istio.io/config` over the mesh's defaults.
+    #[arg(long, env = "PROXY_CONFIG", conflicts_with = "proxy_config")]
+    proxy_config_text: Option<String>,
     /// Certificate validity to ask for, in seconds (the CA caps it; renewed at half life).
     #[arg(long, default_value_t = 24 * 3600)]
     cert_validity_secs: u64,
-    /// Worker threads (Istio's sidecar concurrency; its default is 2). With 1, the proxy runs
-    /// on a single-threaded runtime, the cheapest per request.
-    #[arg(long, env = "HYPHA_WORKERS", default_value_t = 2)]
-    workers: usize,
+    /// Worker threads (Istio's sidecar concurrency; default: the ProxyConfig's `concurrency`,
+    /// else 2; 0 for one per CPU). With 1, the proxy runs on a single-threaded runtime, the
+    /// cheapest per request.
+    #[arg(long, env = "HYPHA_WORKERS")]
+    workers: Option<usize>,
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -485,10 +603,19 @@ fn main() -> ExitCode {
             let cluster = kubernetes.then_some(kubeconfig);
             run(control(config, cluster, listen, security))
         }
-        Command::Proxy(args) => {
-            let workers = args.workers;
-            run_on(workers, proxy(*args))
-        }
+        Command::Proxy(args) => match proxy_config(&args) {
+            Ok(config) => {
+                let workers = args
+                    .workers
+                    .or(config.concurrency.map(|c| c as usize))
+                    .unwrap_or(2);
+                run_on(workers, proxy(*args, config, workers))
+            }
+            Err(e) => {
+                eprintln!("hypha proxy: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Demo {
             serve,
             requests,
@@ -506,6 +633,28 @@ fn main() -> ExitCode {
             demo(serve, requests, concurrency, keys, placement, kubernetes)
         }
         Command::Pod(command) => pod(command),
+        Command::Inject {
+            file,
+            output,
+            settings,
+        } => match inject(&file, output.as_deref(), &settings) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("hypha inject: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Wait { url, timeout_secs } => {
+            let timeout = std::time::Duration::from_secs(timeout_secs);
+            let every = std::time::Duration::from_millis(200);
+            match hypha_inject::wait::wait_ready(&url, timeout, every) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("hypha wait: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Capture {
             outbound_port,
             inbound_port,
@@ -857,19 +1006,27 @@ struct KeyProviderArgs {
     batch: Option<hypha_keys::batch::BatchConfig>,
 }
 
-fn key_provider(a: &ProxyArgs) -> anyhow::Result<KeyProviderArgs> {
-    use hypha_keys::pkcs11::{PinSource, TokenConfig};
-    let from_file = match &a.proxy_config {
-        None => None,
-        Some(path) => {
-            hypha_config::proxy::load_proxy_config(path)
-                .map_err(|diags| {
-                    let lines: Vec<String> = diags.iter().map(ToString::to_string).collect();
-                    anyhow::anyhow!("invalid proxy config:\n{}", lines.join("\n"))
-                })?
-                .private_key_provider
-        }
+/// The sidecar's `ProxyConfig`: from `--proxy-config` or `PROXY_CONFIG`, else the defaults.
+fn proxy_config(a: &ProxyArgs) -> anyhow::Result<hypha_config::proxy::ProxyConfig> {
+    use hypha_config::proxy::{load_proxy_config, parse_proxy_config};
+    let read = match (&a.proxy_config, &a.proxy_config_text) {
+        (Some(path), _) => load_proxy_config(path),
+        (None, Some(text)) => parse_proxy_config("PROXY_CONFIG".into(), text),
+        (None, None) => return Ok(Default::default()),
     };
+    read.map_err(|diags| {
+        let lines: Vec<String> = diags.iter().map(ToString::to_string).collect();
+        anyhow::anyhow!("invalid proxy config:\n{}", lines.join("\n"))
+    })
+}
+
+fn key_provider(
+    a: &ProxyArgs,
+    config: &hypha_config::proxy::ProxyConfig,
+    workers: usize,
+) -> anyhow::Result<KeyProviderArgs> {
+    use hypha_keys::pkcs11::{PinSource, TokenConfig};
+    let from_file = config.private_key_provider.clone();
     let (file_pkcs11, file_cryptomb) = match from_file {
         Some(p) => (p.pkcs11, p.cryptomb),
         None => (None, None),
@@ -885,7 +1042,7 @@ fn key_provider(a: &ProxyArgs) -> anyhow::Result<KeyProviderArgs> {
                 "two private key providers: cryptomb in --proxy-config and PKCS#11 by --pkcs11-module"
             );
         }
-        let queues = match a.workers {
+        let queues = match workers {
             0 => std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
             n => n,
         };
@@ -931,8 +1088,22 @@ fn key_provider(a: &ProxyArgs) -> anyhow::Result<KeyProviderArgs> {
     }
 }
 
-async fn proxy(a: ProxyArgs) -> anyhow::Result<()> {
-    let keys = key_provider(&a)?;
+async fn proxy(
+    a: ProxyArgs,
+    config: hypha_config::proxy::ProxyConfig,
+    workers: usize,
+) -> anyhow::Result<()> {
+    let keys = key_provider(&a, &config, workers)?;
+    let mut labels: std::collections::BTreeMap<String, String> = match &a.labels_file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read the labels file {}", path.display()))?;
+            hypha_inject::podinfo::parse(&text)
+                .with_context(|| format!("bad labels file {}", path.display()))?
+        }
+        None => Default::default(),
+    };
+    labels.extend(a.labels);
     let ip = a
         .ips
         .first()
@@ -948,7 +1119,7 @@ async fn proxy(a: ProxyArgs) -> anyhow::Result<()> {
         namespace: a.namespace,
         service_account: a.service_account,
         workload_name: a.workload,
-        labels: a.labels.into_iter().collect(),
+        labels,
         ips: a.ips,
     };
     let opts = hypha_proxy::Options {
@@ -980,5 +1151,5 @@ async fn proxy(a: ProxyArgs) -> anyhow::Result<()> {
             }),
         limits: Default::default(),
     };
-    Ok(hypha_proxy::run(opts).await?)
+    Ok(hypha_proxy::run(opts, config.drain_duration()).await?)
 }

@@ -336,11 +336,9 @@ pub async fn start(opts: Options) -> Result<Running, StartError> {
     Ok(running)
 }
 
-/// How long a stopping proxy lets requests in flight finish (Istio's default drain time).
-pub const DRAIN: std::time::Duration = std::time::Duration::from_secs(5);
-
-/// `hypha proxy`: starts, says where it listens, and runs until SIGINT or SIGTERM.
-pub async fn run(opts: Options) -> Result<(), StartError> {
+/// `hypha proxy`: starts, says where it listens, and runs until SIGINT or SIGTERM, then lets
+/// requests in flight finish for at most `drain` (Istio's `terminationDrainDuration`).
+pub async fn run(opts: Options, drain: std::time::Duration) -> Result<(), StartError> {
     let mut running = start(opts.clone()).await?;
     tracing::info!(
         node = %opts.node.id,
@@ -361,10 +359,10 @@ pub async fn run(opts: Options) -> Result<(), StartError> {
         _ = running.tasks.join_next() => {}
     }
     tracing::info!(
-        deadline_s = DRAIN.as_secs(),
+        deadline_ms = drain.as_millis(),
         "proxy draining: no new connections, finishing requests in flight"
     );
-    let left = running.drain(DRAIN).await;
+    let left = running.drain(drain).await;
     tracing::info!(connections_left = left, "proxy stopped");
     Ok(())
 }
