@@ -455,6 +455,10 @@ struct ProxyArgs {
     /// repeatable.
     #[arg(long)]
     health: Vec<SocketAddr>,
+    /// The app's probes to forward from the health listeners, JSON by path (what the
+    /// injector writes: `{"/app-health/web/livez": {"httpGet": {...}}}`).
+    #[arg(long, env = "ISTIO_KUBE_APP_PROBERS")]
+    app_probers: Option<String>,
     /// JSON access log, one line per request: a file, or `-` for stdout.
     #[arg(long)]
     access_log: Option<PathBuf>,
@@ -1088,6 +1092,43 @@ fn key_provider(
     }
 }
 
+/// The injector's probes (`ISTIO_KUBE_APP_PROBERS`) as the proxy runs them.
+fn app_probes(
+    json: &str,
+    app: Option<std::net::IpAddr>,
+) -> anyhow::Result<hypha_proxy::probe::AppProbes> {
+    use hypha_proxy::probe::{Action, AppProbe};
+    let probers = hypha_inject::probes::parse(json).context("bad app probers")?;
+    let mut by_path = std::collections::HashMap::new();
+    for (path, p) in probers {
+        let action = match (p.http_get, p.tcp_socket, p.grpc) {
+            (Some(h), _, _) => Action::Http {
+                port: h.port,
+                path: h.path,
+                https: h.scheme.eq_ignore_ascii_case("https"),
+                host: h.host,
+                headers: h
+                    .http_headers
+                    .into_iter()
+                    .map(|x| (x.name, x.value))
+                    .collect(),
+            },
+            (None, Some(t), _) => Action::Tcp {
+                port: t.port,
+                host: t.host,
+            },
+            (None, None, Some(g)) => Action::Grpc {
+                port: g.port,
+                service: g.service,
+            },
+            (None, None, None) => anyhow::bail!("app prober {path} has no action"),
+        };
+        let timeout = std::time::Duration::from_secs(u64::from(p.timeout_seconds.max(1)));
+        by_path.insert(path, AppProbe { action, timeout });
+    }
+    Ok(hypha_proxy::probe::AppProbes { app, by_path })
+}
+
 async fn proxy(
     a: ProxyArgs,
     config: hypha_config::proxy::ProxyConfig,
@@ -1104,6 +1145,10 @@ async fn proxy(
         None => Default::default(),
     };
     labels.extend(a.labels);
+    let app_probes = match &a.app_probers {
+        None => Default::default(),
+        Some(json) => app_probes(json, a.ips.first().copied())?,
+    };
     let ip = a
         .ips
         .first()
@@ -1134,6 +1179,7 @@ async fn proxy(
         capture_inbound: a.capture_inbound,
         admin: a.admin,
         health: a.health,
+        app_probes,
         access_log: a.access_log,
         identity: a
             .ca_root

@@ -184,23 +184,40 @@ impl Admin {
     }
 }
 
-/// Serves the admin endpoints until the task is dropped.
-/// A health listener: `/healthz/ready` (and `/ready`) only, nothing else of the admin's.
-pub async fn serve_health(admin: Admin, listener: TcpListener, drain: h::Drain) {
+/// A health listener: `/healthz/ready` (and `/ready`), and the app's probes it forwards
+/// (`probes`), nothing else of the admin's.
+pub async fn serve_health(
+    admin: Admin,
+    probes: Arc<crate::probe::AppProbes>,
+    listener: TcpListener,
+    drain: h::Drain,
+) {
     h::serve(listener, drain, move |req, _| {
-        let resp = match req.uri().path() {
-            "/ready" | "/healthz/ready" => admin.handle(&req),
-            _ => {
-                let mut r = Response::new(h::full("health: /healthz/ready\n".to_owned()));
-                *r.status_mut() = StatusCode::NOT_FOUND;
-                r
+        let path = req.uri().path().to_owned();
+        let ready =
+            matches!(path.as_str(), "/ready" | "/healthz/ready").then(|| admin.handle(&req));
+        let probes = probes.clone();
+        async move {
+            if let Some(resp) = ready {
+                return resp;
             }
-        };
-        async move { resp }
+            let (status, body) = match probes.check(&path).await {
+                Some(Ok(())) => (StatusCode::OK, "ok\n".to_owned()),
+                Some(Err(why)) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
+                None => (
+                    StatusCode::NOT_FOUND,
+                    "health: /healthz/ready and /app-health/<container>/<probe>\n".to_owned(),
+                ),
+            };
+            let mut r = Response::new(h::full(body));
+            *r.status_mut() = status;
+            r
+        }
     })
     .await;
 }
 
+/// Serves the admin endpoints until the task is dropped.
 pub async fn serve(admin: Admin, listener: TcpListener, drain: h::Drain) {
     h::serve(listener, drain, move |req, _| {
         let resp = admin.handle(&req);

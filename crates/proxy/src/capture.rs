@@ -36,7 +36,8 @@ pub fn bind_all(port: u16) -> io::Result<Vec<TcpListener>> {
     Ok(out)
 }
 
-fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+/// One listener; an IPv6 one is IPv6-only, so an IPv4 one may share its port.
+pub(crate) fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     if addr.is_ipv6() {
         socket.set_only_v6(true)?;

@@ -23,6 +23,7 @@ pub mod model;
 pub mod origination;
 pub mod outbound;
 mod pool;
+pub mod probe;
 mod rand;
 pub mod request;
 pub mod router;
@@ -71,6 +72,8 @@ pub struct Options {
     /// Health listeners serving `/healthz/ready` only (Istio's 15021, on the pod's addresses,
     /// for the kubelet's readiness probe; the admin stays on loopback).
     pub health: Vec<SocketAddr>,
+    /// The app's probes the health listeners forward (`/app-health/<container>/livez`, ...).
+    pub app_probes: probe::AppProbes,
     /// JSON access log, one line per request: a file to append to, or `-` for stdout.
     pub access_log: Option<std::path::PathBuf>,
     /// The workload identity from the control plane's CA; with it, `control_plane` is the
@@ -224,10 +227,29 @@ pub async fn start(opts: Options) -> Result<Running, StartError> {
         draining: drain.clone(),
         identity: mesh.as_ref().map(|m| m.store.clone()),
     };
+    let probes = Arc::new(opts.app_probes.clone());
     for addr in &opts.health {
-        let (l, local) = bind(*addr).await?;
+        // `[::]` beside `0.0.0.0` on the same port: IPv6-only, and skipped where the pod has
+        // no IPv6.
+        let l = if addr.is_ipv6() && addr.ip().is_unspecified() {
+            match capture::bind(*addr) {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::warn!(%addr, error = %e, "no IPv6 health listener");
+                    continue;
+                }
+            }
+        } else {
+            bind(*addr).await?.0
+        };
+        let local = l.local_addr().map_err(|e| StartError::Bind(*addr, e))?;
         running.health.push(local);
-        tasks.spawn(admin::serve_health(admin.clone(), l, admin_drain.clone()));
+        tasks.spawn(admin::serve_health(
+            admin.clone(),
+            probes.clone(),
+            l,
+            admin_drain.clone(),
+        ));
     }
     if let Some(addr) = opts.admin {
         let (l, local) = bind(addr).await?;

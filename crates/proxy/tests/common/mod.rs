@@ -151,6 +151,7 @@ pub fn sidecar_for(control_plane: &str, node: ProxyInfo) -> Options {
         capture_inbound: None,
         admin: None,
         health: vec![],
+        app_probes: Default::default(),
         access_log: None,
         identity: None,
         limits: Default::default(),
