@@ -155,6 +155,40 @@ pub(crate) async fn run(shared: Shared) {
             // been missed too: everything again.
             dirty.all = ours.all || (then.all && !done.all);
         }
+        // The pods made in this pass go through admission (webhooks are called without the
+        // lock), then are stored; one refused is made again a little later, as the
+        // ReplicaSet controller retries.
+        let pending = std::mem::take(&mut lock(&shared).pending_pods);
+        let mut refused = false;
+        for (pk, pod) in pending {
+            let request = crate::admission::Request {
+                group: "",
+                version: "v1",
+                resource: "pods",
+                kind: "Pod",
+                namespace: &pk.2,
+                namespaced: true,
+                username: "system:serviceaccount:kube-system:replicaset-controller",
+            };
+            match crate::admission::admit(&shared, &request, pod.clone()).await {
+                Ok(admitted) => {
+                    lock(&shared).store.record(&pk, "ADDED", admitted);
+                }
+                Err(r) => {
+                    tracing::warn!(pod = %pk.3, namespace = %pk.2, "pod not created: {}", r.message);
+                    if let Some(owner) = pod
+                        .pointer("/metadata/ownerReferences/0/name")
+                        .and_then(Value::as_str)
+                    {
+                        dirty.deployments.insert((pk.2.clone(), owner.to_owned()));
+                    }
+                    refused = true;
+                }
+            }
+        }
+        if refused {
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        }
         let mut wanted = dirty.all || !dirty.deployments.is_empty();
         while !wanted {
             match feed.recv().await {
@@ -238,6 +272,10 @@ fn template_hash(template: &Value) -> String {
 type OwnedPod = (Key, Option<String>, Value);
 
 fn deployments(state: &mut State, dirty: &Dirty) {
+    let webhooks =
+        state.store.objects.keys().any(|k| {
+            k.0 == "admissionregistration.k8s.io" && k.1 == "mutatingwebhookconfigurations"
+        });
     let deploys: Vec<(Key, Value)> = if dirty.all {
         objects(state, "apps", "deployments")
             .map(|(k, v)| (k.clone(), v.clone()))
@@ -329,6 +367,16 @@ fn deployments(state: &mut State, dirty: &Dirty) {
                 .cloned()
                 .unwrap_or_else(|| json!({}));
             labels["pod-template-hash"] = json!(hash);
+            // The template's spec as it is (init containers, volumes, probes), on the node.
+            let mut spec = template
+                .pointer("/spec")
+                .cloned()
+                .filter(Value::is_object)
+                .unwrap_or_else(|| json!({"containers": []}));
+            spec["nodeName"] = json!("node-1");
+            if spec.get("serviceAccountName").is_none() {
+                spec["serviceAccountName"] = json!("default");
+            }
             let mut pod = json!({
                 "apiVersion": "v1", "kind": "Pod",
                 "metadata": {"name": pod_name, "namespace": ns, "labels": labels,
@@ -336,13 +384,11 @@ fn deployments(state: &mut State, dirty: &Dirty) {
                              "creationTimestamp": crate::serve::now_rfc3339(),
                              "ownerReferences": [{"apiVersion": "apps/v1", "kind": "Deployment", "name": name,
                                                   "uid": d.pointer("/metadata/uid"), "controller": true}]},
-                "spec": {
-                    "serviceAccountName": template.pointer("/spec/serviceAccountName").cloned()
-                        .unwrap_or_else(|| json!("default")),
-                    "nodeName": "node-1",
-                    "containers": template.pointer("/spec/containers").cloned().unwrap_or_else(|| json!([])),
-                },
+                "spec": spec,
             });
+            if let Some(a) = template.pointer("/metadata/annotations") {
+                pod["metadata"]["annotations"] = a.clone();
+            }
             let ips = match &state.pod_addresses {
                 Some(choose) => choose(&pod),
                 None => vec![
@@ -355,7 +401,12 @@ fn deployments(state: &mut State, dirty: &Dirty) {
                                    "podIPs": ips.iter().map(|ip| json!({"ip": ip})).collect::<Vec<_>>(),
                                    "conditions": [{"type": "Ready", "status": "True"}]});
             let pk = (String::new(), "pods".to_owned(), ns.clone(), pod_name);
-            state.store.record(&pk, "ADDED", pod);
+            if webhooks {
+                // Admitted (the injection webhook, say) after this pass, then stored.
+                state.pending_pods.push((pk, pod));
+            } else {
+                state.store.record(&pk, "ADDED", pod);
+            }
         }
         let ready = want as u64;
         if d.pointer("/status/readyReplicas").and_then(Value::as_u64) != Some(ready)

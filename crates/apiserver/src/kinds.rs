@@ -289,6 +289,15 @@ pub fn builtin() -> Vec<Kind> {
             &[],
         ),
         Kind::builtin(
+            "admissionregistration.k8s.io",
+            "v1",
+            "mutatingwebhookconfigurations",
+            "MutatingWebhookConfiguration",
+            false,
+            &[],
+            &[],
+        ),
+        Kind::builtin(
             "authentication.k8s.io",
             "v1",
             "tokenreviews",

@@ -5,7 +5,8 @@
 //! selectors, watch streams with bookmarks and `410 Gone` once the history is compacted,
 //! create / update / JSON merge and strategic merge patch / delete, the `status` and `scale`
 //! subresources, CRDs registered when applied, and TokenReview answered from the tokens the
-//! test issued. Plain HTTP on loopback; any bearer token is accepted.
+//! test issued, mutating admission webhooks called on create (`admission`). Plain HTTP on
+//! loopback; any bearer token is accepted.
 //!
 //! The controllers of a real cluster (Deployment → Pods → EndpointSlices, the kubelet) are not
 //! here: tests play them through [`ApiServer`]'s methods or with kubectl.
@@ -19,6 +20,7 @@
 //! they are now), server-side apply, JSON patch and protobuf bodies (`kubectl create token`
 //! sends one: issue tokens with [`ApiServer::issue_token`]).
 
+mod admission;
 mod controllers;
 mod discovery;
 mod kinds;
@@ -65,6 +67,10 @@ pub(crate) struct State {
     pub pod_addresses: Option<PodAddresses>,
     /// How long a deleted pod's containers take to stop, at most its grace period.
     pub pod_shutdown: std::time::Duration,
+    /// Where Services are served (webhooks' `clientConfig.service`).
+    pub routes: admission::Routes,
+    /// Pods the controllers made, to go through admission before they are stored.
+    pub pending_pods: Vec<(store::Key, Value)>,
 }
 
 /// Chooses a new pod's addresses (primary first) from the pod as the Deployment controller
@@ -122,6 +128,8 @@ impl ApiServer {
             next_ip: 0,
             pod_addresses: None,
             pod_shutdown: std::time::Duration::from_secs(2),
+            routes: Default::default(),
+            pending_pods: Vec::new(),
         }));
         let (close_watches, closed) = tokio::sync::watch::channel(0);
         let task = tokio::spawn(serve::run(listener, shared.clone(), closed));
@@ -160,6 +168,14 @@ impl ApiServer {
         );
         std::fs::write(path, config)?;
         Ok(path.to_path_buf())
+    }
+
+    /// Says where port `port` of Service `namespace/name` is served: the address the server
+    /// calls a webhook whose `clientConfig.service` names it at (a cluster's Service routing).
+    pub fn route_service(&self, namespace: &str, name: &str, port: u16, addr: SocketAddr) {
+        lock(&self.shared)
+            .routes
+            .insert((namespace.to_owned(), name.to_owned(), port), addr);
     }
 
     /// Issues a service-account token, as the kubelet asks the TokenRequest API for one.

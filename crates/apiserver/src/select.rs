@@ -51,6 +51,35 @@ impl Selector {
         Ok(s)
     }
 
+    /// A `metav1.LabelSelector` object (`matchLabels`, `matchExpressions`), as webhooks'
+    /// namespace and object selectors are written; null or `{}` selects everything.
+    pub fn from_object(sel: &Value) -> Result<Selector, Invalid> {
+        let mut s = Selector::default();
+        for (k, v) in sel["matchLabels"].as_object().into_iter().flatten() {
+            let v = v
+                .as_str()
+                .ok_or_else(|| Invalid(format!("matchLabels {k}")))?;
+            s.labels.push(Label::Eq(k.clone(), v.to_owned()));
+        }
+        for e in sel["matchExpressions"].as_array().into_iter().flatten() {
+            let key = e["key"].as_str().unwrap_or_default().to_owned();
+            let values: Vec<String> = e["values"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect();
+            s.labels.push(match e["operator"].as_str() {
+                Some("In") => Label::In(key, values),
+                Some("NotIn") => Label::NotIn(key, values),
+                Some("Exists") => Label::Exists(key),
+                Some("DoesNotExist") => Label::NotExists(key),
+                other => return Err(Invalid(format!("matchExpressions operator {other:?}"))),
+            });
+        }
+        Ok(s)
+    }
+
     pub fn matches(&self, obj: &Value) -> bool {
         let labels = obj.pointer("/metadata/labels");
         let label = |k: &str| labels.and_then(|l| l.get(k)).and_then(Value::as_str);
@@ -145,5 +174,15 @@ mod tests {
         assert!(!yes(None, Some("metadata.name!=p1")));
         assert!(!yes(Some("app=api"), None));
         assert!(Selector::parse(Some("app in web"), None).is_err());
+        let object = |sel: Value| Selector::from_object(&sel).unwrap().matches(&pod);
+        assert!(object(json!({"matchLabels": {"app": "web"}})));
+        assert!(object(json!(null)));
+        assert!(object(json!({"matchExpressions": [
+            {"key": "app", "operator": "In", "values": ["web"]},
+            {"key": "gone", "operator": "DoesNotExist"}]})));
+        assert!(!object(
+            json!({"matchExpressions": [{"key": "v", "operator": "NotIn", "values": ["1"]}]})
+        ));
+        assert!(!object(json!({"matchLabels": {"app": "api"}})));
     }
 }

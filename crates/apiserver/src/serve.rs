@@ -267,7 +267,33 @@ async fn handle(
             Err(e) => bad(e),
         },
         (&Method::POST, None, _) => match parsed() {
-            Ok(obj) => create(&shared, &t, obj),
+            Ok(mut obj) => {
+                // Mutating admission sees the object as sent (a pod's generateName, no name
+                // yet), in the namespace of the request.
+                if t.kind.namespaced {
+                    if let Some(meta) = obj.get_mut("metadata").and_then(Value::as_object_mut) {
+                        meta.entry("namespace")
+                            .or_insert_with(|| Value::String(t.namespace.clone()));
+                    }
+                }
+                let request = crate::admission::Request {
+                    group: &t.kind.group,
+                    version: &t.kind.version,
+                    resource: &t.kind.resource,
+                    kind: &t.kind.kind,
+                    namespace: &t.namespace,
+                    namespaced: t.kind.namespaced,
+                    username: "kubernetes-admin",
+                };
+                match crate::admission::admit(&shared, &request, obj).await {
+                    Ok(obj) => create(&shared, &t, obj),
+                    Err(r) => failure(
+                        StatusCode::from_u16(r.code).unwrap_or(StatusCode::BAD_REQUEST),
+                        r.reason,
+                        &r.message,
+                    ),
+                }
+            }
             Err(e) => bad(e),
         },
         // The object, or its `status` or `scale` where the kind has them.
@@ -534,6 +560,18 @@ fn create(shared: &Shared, t: &Target, mut obj: Value) -> Response<Body> {
         }
     }
     let name = meta["name"].as_str().unwrap_or_default().to_owned();
+    if t.kind.resource == "namespaces" && t.kind.group.is_empty() {
+        // Every namespace is labelled with its name, so selectors can name namespaces.
+        let labels = meta
+            .entry("labels")
+            .or_insert_with(|| Value::Object(Default::default()));
+        if let Some(l) = labels.as_object_mut() {
+            l.insert(
+                "kubernetes.io/metadata.name".into(),
+                Value::String(name.clone()),
+            );
+        }
+    }
     let terminating = state
         .store
         .objects

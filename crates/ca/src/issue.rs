@@ -70,12 +70,15 @@ pub struct Issued {
 /// Checks `csr_pem` for `spiffe_id` and issues a leaf signed by `signer`.
 ///
 /// `requested` of zero means "the maximum"; anything above `max` is capped, not refused.
+/// `dns_names` go on the leaf besides the SPIFFE ID (the control plane's Service names, never
+/// a workload's: the CSR's own names are checked to be the SPIFFE ID alone).
 pub fn issue(
     signer: &dyn Signer,
     csr_pem: &[u8],
     requested: Duration,
     max: Duration,
     spiffe_id: &str,
+    dns_names: &[String],
 ) -> Result<Issued, CaError> {
     let csr = X509Req::from_pem(csr_pem).map_err(|e| CaError::BadCsr(e.to_string()))?;
     let key = csr
@@ -129,11 +132,13 @@ pub fn issue(
     // The subject is empty (identity lives in the SAN), so RFC 5280 wants the SAN critical.
     let (san, ski, aki) = {
         let ctx = b.x509v3_context(Some(ca), None);
+        let mut san = SubjectAlternativeName::new();
+        san.critical().uri(spiffe_id);
+        for name in dns_names {
+            san.dns(name);
+        }
         (
-            SubjectAlternativeName::new()
-                .critical()
-                .uri(spiffe_id)
-                .build(&ctx)?,
+            san.build(&ctx)?,
             SubjectKeyIdentifier::new().build(&ctx)?,
             AuthorityKeyIdentifier::new().keyid(true).build(&ctx)?,
         )

@@ -46,6 +46,9 @@ pub struct Ca {
     /// [`CONTROL_SERVICE_ACCOUNT`] is issued, since proxies take that identity for the
     /// control plane's.
     control_namespace: Option<String>,
+    /// DNS names the control plane's own certificate carries besides its SPIFFE ID: the
+    /// Service names the API server reaches its injection webhook by.
+    control_names: Vec<String>,
     /// Revoked SPIFFE IDs: never issued, renewed or vouched for (see [`Ca::set_revoked`]).
     revoked: std::sync::RwLock<std::sync::Arc<std::collections::HashSet<String>>>,
 }
@@ -98,6 +101,7 @@ impl Ca {
             trust_domain: trust_domain.into(),
             tenants,
             control_namespace: None,
+            control_names: Vec::new(),
             revoked: Default::default(),
         })
     }
@@ -168,6 +172,13 @@ impl Ca {
             .contains(id)
     }
 
+    /// Puts these DNS names on the control plane's own certificates (its Service, for the API
+    /// server calling its webhook over TLS); no other identity gets DNS names.
+    pub fn with_control_names(mut self, names: Vec<String>) -> Ca {
+        self.control_names = names;
+        self
+    }
+
     /// Issues [`CONTROL_SERVICE_ACCOUNT`] in `namespace` only, never in another.
     pub fn with_control_namespace(mut self, namespace: &str) -> Ca {
         self.control_namespace = Some(namespace.to_owned());
@@ -211,12 +222,14 @@ impl Ca {
         let tenant = self
             .tenant_of(&caller.namespace)
             .ok_or_else(|| CaError::NoTenant(caller.namespace.clone()))?;
+        let control = caller.service_account == CONTROL_SERVICE_ACCOUNT;
         let issued = issue(
             tenant.signer.as_ref(),
             csr_pem,
             requested,
             tenant.max_validity,
             &id,
+            if control { &self.control_names } else { &[] },
         )?;
         tracing::info!(identity = %id, tenant = %tenant.name, validity_s = issued.validity.as_secs(), "issued certificate");
         Ok(issued)

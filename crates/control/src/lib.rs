@@ -16,6 +16,6 @@ pub mod translate;
 pub use hypha_xds::ProxyInfo;
 pub use server::{
     initial_config, log_diagnostics, run, ControlPlane, ExtraSource, ExtraTask, Generation,
-    RunError, Security, EMBEDDED_CONFIG,
+    RunError, Security, TlsService, EMBEDDED_CONFIG,
 };
 pub use translate::Translation;

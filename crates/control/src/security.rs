@@ -204,7 +204,19 @@ impl Secure {
         join_tokens: Option<&Path>,
         own_token: Option<Arc<hypha_keys::pkcs11::Token>>,
     ) -> Result<Secure, SecurityError> {
-        let ca = Arc::new(Ca::from_mesh(mesh, data_dir)?);
+        Self::open_named(mesh, data_dir, join_tokens, own_token, Vec::new())
+    }
+
+    /// [`Secure::open_with`], the control plane's certificates carrying `server_names` (DNS)
+    /// besides its SPIFFE ID: the names the API server calls its injection webhook by.
+    pub fn open_named(
+        mesh: &MeshConfig,
+        data_dir: &Path,
+        join_tokens: Option<&Path>,
+        own_token: Option<Arc<hypha_keys::pkcs11::Token>>,
+        server_names: Vec<String>,
+    ) -> Result<Secure, SecurityError> {
+        let ca = Arc::new(Ca::from_mesh(mesh, data_dir)?.with_control_names(server_names));
         ca.set_revoked(read_revoked(data_dir)?);
         let tokens = join_tokens.map(JoinTokens::from_dir).transpose()?;
         if let Some(t) = &tokens {
@@ -329,6 +341,25 @@ impl Secure {
 
     pub fn identity(&self) -> Arc<Credentials> {
         self.own.load()
+    }
+
+    /// The control plane's credentials as they rotate: for other TLS servers of its own (the
+    /// injection webhook).
+    pub fn credentials(&self) -> Store {
+        self.own.clone()
+    }
+
+    /// The root that signed the control plane's certificate (PEM): what a client of its TLS
+    /// servers trusts (the webhook's `caBundle`).
+    pub fn own_root(&self) -> String {
+        self.own
+            .load()
+            .identity
+            .chain()
+            .last()
+            .and_then(|c| c.to_pem().ok())
+            .map(|p| String::from_utf8_lossy(&p).into_owned())
+            .unwrap_or_default()
     }
 
     /// Serves ADS and the CA API over TLS on `listener` until dropped.

@@ -499,6 +499,24 @@ pub struct Security {
     /// Checks bearer tokens that are no join token: service-account tokens, by TokenReview
     /// (`hypha-kube`).
     pub token_review: Option<Arc<dyn hypha_ca::TokenReview>>,
+    /// DNS names on the control plane's certificates besides its SPIFFE ID (its Service's,
+    /// for the injection webhook).
+    pub server_names: Vec<String>,
+    /// More servers on the control plane's credentials, started once the CA is open (the
+    /// injection webhook of `hypha-kube`).
+    pub services: Vec<TlsService>,
+}
+
+/// A server that runs on the control plane's own credentials
+/// ([`crate::security::Secure::credentials`]).
+#[derive(Clone)]
+#[allow(clippy::type_complexity)]
+pub struct TlsService(pub Arc<dyn Fn(Arc<crate::security::Secure>) -> ExtraTask + Send + Sync>);
+
+impl std::fmt::Debug for TlsService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TlsService")
+    }
 }
 
 /// A source of config besides the files (the Kubernetes source, `hypha-kube`): it gets the
@@ -532,17 +550,23 @@ pub async fn run(
             return Err(RunError::Config(needs.errors().count()));
         }
     }
+    let mut security = security;
+    let services = security
+        .as_mut()
+        .map(|s| std::mem::take(&mut s.services))
+        .unwrap_or_default();
     let secure = match &security {
         Some(s) => {
             std::fs::create_dir_all(&s.data_dir)
                 .map_err(|e| RunError::DataDir(s.data_dir.clone(), e))?;
             // A token-held signer waits for its token while the CA opens and issues the
             // control plane's certificate: not on this runtime's threads.
-            let (mesh, data_dir, tokens, own_key) = (
+            let (mesh, data_dir, tokens, own_key, names) = (
                 cfg.mesh.clone(),
                 s.data_dir.clone(),
                 s.join_tokens.clone(),
                 s.own_key.clone(),
+                s.server_names.clone(),
             );
             let secure = tokio::task::spawn_blocking(move || {
                 let own_key = own_key
@@ -553,7 +577,13 @@ pub async fn run(
                             hypha_identity::IdentityError::Key(e),
                         )
                     })?;
-                crate::security::Secure::open_with(&mesh, &data_dir, tokens.as_deref(), own_key)
+                crate::security::Secure::open_named(
+                    &mesh,
+                    &data_dir,
+                    tokens.as_deref(),
+                    own_key,
+                    names,
+                )
             })
             .await
             .map_err(|e| RunError::Start(e.to_string()))??;
@@ -573,6 +603,11 @@ pub async fn run(
         tracing::info!("{line}");
     }
     let mut tasks = tokio::task::JoinSet::new();
+    if let Some(secure) = &secure {
+        for service in services {
+            tasks.spawn((service.0)(secure.clone()));
+        }
+    }
     for addr in listen {
         let l = TcpListener::bind(addr)
             .await

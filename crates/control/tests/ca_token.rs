@@ -58,6 +58,8 @@ async fn control_starts_with_an_attested_token_ca_and_refuses_an_unapproved_one(
         listen: vec![],
         own_key: None,
         token_review: None,
+        server_names: Vec::new(),
+        services: Vec::new(),
     };
     let own_key = hypha_keys::pkcs11::TokenConfig {
         module: MODULE.into(),

@@ -29,50 +29,7 @@ enum Command {
         output: Output,
     },
     /// Run the control plane: watch a config directory and serve Envoy xDS over ADS.
-    Control {
-        /// Directory of Istio YAML (defaults to the embedded bookinfo example, or with
-        /// --kubernetes to nothing but the default MeshConfig).
-        #[arg(long, env = "HYPHA_CONFIG")]
-        config: Option<PathBuf>,
-        /// Read the mesh from a Kubernetes cluster as istiod does (Services, EndpointSlices,
-        /// Pods, Nodes, Namespaces, the Istio CRDs), merged with --config: the cluster of
-        /// --kubeconfig, else of KUBECONFIG (or ~/.kube/config), else the pod's own.
-        #[arg(long)]
-        kubernetes: bool,
-        /// The kubeconfig for --kubernetes.
-        #[arg(long, requires = "kubernetes")]
-        kubeconfig: Option<PathBuf>,
-        /// Address to serve plaintext xDS on (Istio's 15010); repeat for several (IPv4 and
-        /// IPv6). Defaults to 127.0.0.1:15010 unless --listen-tls is given: a mesh on mutual TLS
-        /// opens no plaintext port it did not ask for.
-        #[arg(long)]
-        listen: Vec<SocketAddr>,
-        /// Address to serve xDS and the CA API over TLS on (Istio's 15012); repeatable.
-        /// Needs --data-dir.
-        #[arg(long, requires = "data_dir")]
-        listen_tls: Vec<SocketAddr>,
-        /// Where the CA keeps its signer keys (created on first start, 0600) and writes
-        /// `root-cert.pem`, the root proxies verify the control plane with.
-        #[arg(long, env = "HYPHA_DATA_DIR")]
-        data_dir: Option<PathBuf>,
-        /// Directory of join tokens, `<namespace>.<service account>.token` (0600): the
-        /// credential a workload presents for its first certificate.
-        #[arg(long)]
-        join_tokens: Option<PathBuf>,
-        /// Keep the control plane's own serving key (xDS and the CA API over TLS) in this
-        /// PKCS#11 module's token instead of memory: generated there, never extractable.
-        #[arg(long, requires_all = ["pkcs11_token", "data_dir"])]
-        pkcs11_module: Option<PathBuf>,
-        /// The token's label.
-        #[arg(long)]
-        pkcs11_token: Option<String>,
-        /// A file holding the token's user PIN (first line).
-        #[arg(long)]
-        pkcs11_pin_file: Option<PathBuf>,
-        /// The environment variable holding the token's user PIN.
-        #[arg(long, conflicts_with = "pkcs11_pin_file")]
-        pkcs11_pin_env: Option<String>,
-    },
+    Control(Box<ControlArgs>),
     /// The mesh CA, offline.
     #[command(subcommand)]
     Ca(CaCommand),
@@ -189,6 +146,10 @@ enum Command {
         /// Where to write the result (default: standard output).
         #[arg(short = 'o', long)]
         output: Option<PathBuf>,
+        /// The mesh's config (a directory or file with its MeshConfig): root namespace and
+        /// trust domain (default: Hypha's defaults).
+        #[arg(long)]
+        mesh_config: Option<PathBuf>,
         #[command(flatten)]
         settings: InjectArgs,
     },
@@ -228,12 +189,6 @@ struct InjectArgs {
     /// The control plane's TLS address, as sidecars reach it.
     #[arg(long, default_value = "https://hypha.hypha-system.svc:15012")]
     injected_control_plane: String,
-    /// The mesh's root namespace (the control plane's SPIFFE identity is in it).
-    #[arg(long, default_value = "istio-system")]
-    root_namespace: String,
-    /// The mesh's trust domain.
-    #[arg(long, default_value = "cluster.local")]
-    injected_trust_domain: String,
     /// Classic sidecars (a container beside the app) for clusters before Kubernetes 1.29,
     /// instead of native ones.
     #[arg(long)]
@@ -248,7 +203,8 @@ struct InjectArgs {
 }
 
 impl InjectArgs {
-    fn settings(&self) -> anyhow::Result<hypha_inject::Settings> {
+    /// The settings, for a mesh of `mesh` (its root namespace and trust domain).
+    fn settings(&self, mesh: &hypha_config::MeshConfig) -> anyhow::Result<hypha_inject::Settings> {
         let defaults = match &self.default_proxy_config {
             None => Default::default(),
             Some(path) => hypha_config::proxy::load_proxy_config(path).map_err(|diags| {
@@ -260,8 +216,8 @@ impl InjectArgs {
             image: self.image.clone(),
             image_pull_policy: self.image_pull_policy.clone(),
             control_plane: self.injected_control_plane.clone(),
-            root_namespace: self.root_namespace.clone(),
-            trust_domain: self.injected_trust_domain.clone(),
+            root_namespace: mesh.root_namespace.clone(),
+            trust_domain: mesh.trust_domain.clone(),
             sidecar: if self.classic_sidecar {
                 hypha_inject::SidecarKind::Classic
             } else {
@@ -275,9 +231,18 @@ impl InjectArgs {
 
 /// `hypha inject`: the file (or stdin) injected, to `output` (or stdout); skipped objects
 /// said on stderr.
-fn inject(file: &Path, output: Option<&Path>, args: &InjectArgs) -> anyhow::Result<()> {
+fn inject(
+    file: &Path,
+    output: Option<&Path>,
+    mesh: Option<&Path>,
+    args: &InjectArgs,
+) -> anyhow::Result<()> {
     use std::io::Read;
-    let settings = args.settings()?;
+    let mesh = match mesh {
+        Some(dir) => mesh_of(dir)?,
+        None => hypha_config::MeshConfig::default(),
+    };
+    let settings = args.settings(&mesh)?;
     let mut text = String::new();
     if file == Path::new("-") {
         std::io::stdin().read_to_string(&mut text)?;
@@ -383,6 +348,64 @@ impl CaIdentity {
     fn caller(&self) -> hypha_ca::Caller {
         hypha_ca::Caller::new(self.namespace.clone(), self.service_account.clone())
     }
+}
+
+#[derive(clap::Args)]
+struct ControlArgs {
+    /// Directory of Istio YAML (defaults to the embedded bookinfo example, or with
+    /// --kubernetes to nothing but the default MeshConfig).
+    #[arg(long, env = "HYPHA_CONFIG")]
+    config: Option<PathBuf>,
+    /// Read the mesh from a Kubernetes cluster as istiod does (Services, EndpointSlices,
+    /// Pods, Nodes, Namespaces, the Istio CRDs), merged with --config: the cluster of
+    /// --kubeconfig, else of KUBECONFIG (or ~/.kube/config), else the pod's own.
+    #[arg(long)]
+    kubernetes: bool,
+    /// The kubeconfig for --kubernetes.
+    #[arg(long, requires = "kubernetes")]
+    kubeconfig: Option<PathBuf>,
+    /// Address to serve plaintext xDS on (Istio's 15010); repeat for several (IPv4 and
+    /// IPv6). Defaults to 127.0.0.1:15010 unless --listen-tls is given: a mesh on mutual TLS
+    /// opens no plaintext port it did not ask for.
+    #[arg(long)]
+    listen: Vec<SocketAddr>,
+    /// Address to serve xDS and the CA API over TLS on (Istio's 15012); repeatable.
+    /// Needs --data-dir.
+    #[arg(long, requires = "data_dir")]
+    listen_tls: Vec<SocketAddr>,
+    /// Where the CA keeps its signer keys (created on first start, 0600) and writes
+    /// `root-cert.pem`, the root proxies verify the control plane with.
+    #[arg(long, env = "HYPHA_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Directory of join tokens, `<namespace>.<service account>.token` (0600): the
+    /// credential a workload presents for its first certificate.
+    #[arg(long)]
+    join_tokens: Option<PathBuf>,
+    /// Keep the control plane's own serving key (xDS and the CA API over TLS) in this
+    /// PKCS#11 module's token instead of memory: generated there, never extractable.
+    #[arg(long, requires_all = ["pkcs11_token", "data_dir"])]
+    pkcs11_module: Option<PathBuf>,
+    /// The token's label.
+    #[arg(long)]
+    pkcs11_token: Option<String>,
+    /// A file holding the token's user PIN (first line).
+    #[arg(long)]
+    pkcs11_pin_file: Option<PathBuf>,
+    /// The environment variable holding the token's user PIN.
+    #[arg(long, conflicts_with = "pkcs11_pin_file")]
+    pkcs11_pin_env: Option<String>,
+    /// Serve the sidecar injection webhook here (Istio's 15017), over TLS with the
+    /// control plane's certificate; needs --kubernetes and --data-dir.
+    #[arg(long, requires_all = ["kubernetes", "data_dir"])]
+    webhook: Option<SocketAddr>,
+    /// A DNS name the API server calls the webhook by (its Service's); repeatable.
+    #[arg(long = "webhook-name", default_value = "hypha.hypha-system.svc")]
+    webhook_names: Vec<String>,
+    /// The MutatingWebhookConfiguration whose caBundle the control plane keeps.
+    #[arg(long, default_value = "hypha-sidecar-injector")]
+    webhook_configuration: String,
+    #[command(flatten)]
+    inject: InjectArgs,
 }
 
 #[derive(clap::Args)]
@@ -573,19 +596,24 @@ fn main() -> ExitCode {
         Command::Ca(CaCommand::Revoke { who }) => {
             ca_revoke(who.config.as_deref(), &who.data_dir, &who.caller())
         }
-        Command::Control {
-            config,
-            kubernetes,
-            kubeconfig,
-            listen,
-            listen_tls,
-            data_dir,
-            join_tokens,
-            pkcs11_module,
-            pkcs11_token,
-            pkcs11_pin_file,
-            pkcs11_pin_env,
-        } => {
+        Command::Control(args) => {
+            let ControlArgs {
+                config,
+                kubernetes,
+                kubeconfig,
+                listen,
+                listen_tls,
+                data_dir,
+                join_tokens,
+                pkcs11_module,
+                pkcs11_token,
+                pkcs11_pin_file,
+                pkcs11_pin_env,
+                webhook,
+                webhook_names,
+                webhook_configuration,
+                inject,
+            } = *args;
             let own_key = pkcs11_module.map(|module| hypha_keys::pkcs11::TokenConfig {
                 module,
                 label: pkcs11_token.unwrap_or_default(),
@@ -603,9 +631,17 @@ fn main() -> ExitCode {
                 listen: listen_tls,
                 own_key,
                 token_review: None,
+                server_names: Vec::new(),
+                services: Vec::new(),
             });
             let cluster = kubernetes.then_some(kubeconfig);
-            run(control(config, cluster, listen, security))
+            let webhook = webhook.map(|listen| WebhookArgs {
+                listen,
+                names: webhook_names,
+                configuration: webhook_configuration,
+                inject,
+            });
+            run(control(config, cluster, listen, security, webhook))
         }
         Command::Proxy(args) => match proxy_config(&args) {
             Ok(config) => {
@@ -640,8 +676,9 @@ fn main() -> ExitCode {
         Command::Inject {
             file,
             output,
+            mesh_config,
             settings,
-        } => match inject(&file, output.as_deref(), &settings) {
+        } => match inject(&file, output.as_deref(), mesh_config.as_deref(), &settings) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("hypha inject: {e:#}");
@@ -952,12 +989,28 @@ fn ca_revoke(
     }
 }
 
+/// `hypha control --webhook`'s flags.
+struct WebhookArgs {
+    listen: SocketAddr,
+    names: Vec<String>,
+    configuration: String,
+    inject: InjectArgs,
+}
+
+/// The MeshConfig of a config directory (or file).
+fn mesh_of(dir: &Path) -> anyhow::Result<hypha_config::MeshConfig> {
+    Ok(hypha_control::initial_config(Some(dir))
+        .map_err(|d| anyhow::anyhow!("the config has {} error(s)", d.errors().count()))?
+        .mesh)
+}
+
 /// `cluster`: with --kubernetes, the kubeconfig named (if any).
 async fn control(
     config: Option<PathBuf>,
     cluster: Option<Option<PathBuf>>,
     listen: Vec<SocketAddr>,
     mut security: Option<hypha_control::Security>,
+    webhook: Option<WebhookArgs>,
 ) -> anyhow::Result<()> {
     let extra = match cluster {
         Some(kubeconfig) => {
@@ -969,17 +1022,21 @@ async fn control(
                 )));
                 // Every replica signs with the same keys (Secrets in the root namespace).
                 let mesh = match &config {
-                    Some(dir) => {
-                        hypha_control::initial_config(Some(dir))
-                            .map_err(|d| {
-                                anyhow::anyhow!("the config has {} error(s)", d.errors().count())
-                            })?
-                            .mesh
-                    }
+                    Some(dir) => mesh_of(dir)?,
                     None => hypha_config::MeshConfig::default(),
                 };
                 std::fs::create_dir_all(&s.data_dir)?;
                 hypha_kube::share_signers(&client, &mesh, &s.data_dir).await?;
+                if let Some(w) = webhook {
+                    s.server_names.extend(w.names.iter().cloned());
+                    let hook = hypha_kube::webhook::Webhook {
+                        listen: w.listen,
+                        settings: w.inject.settings(&mesh)?,
+                        configuration: w.configuration,
+                    };
+                    s.services
+                        .push(hypha_kube::webhook::service(client.clone(), hook));
+                }
             }
             let source: hypha_control::ExtraSource =
                 Box::new(move |cp, files| Box::pin(hypha_kube::run(client, cp, files)));

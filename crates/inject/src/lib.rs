@@ -27,6 +27,7 @@ pub mod podinfo;
 pub mod probes;
 mod select;
 pub mod wait;
+pub mod webhooks;
 
 pub use pod::{inject, workload_name, Injected, Outcome, Skip, Target};
 pub use select::{revision_of, selected};
@@ -102,10 +103,7 @@ pub enum InjectError {
     #[error("not a pod: {0}")]
     NotAPod(String),
     #[error("annotation {annotation}: {message}")]
-    Annotation {
-        annotation: &'static str,
-        message: String,
-    },
+    Annotation { annotation: String, message: String },
     #[error("{0}")]
     Manifest(String),
 }

@@ -243,7 +243,7 @@ fn proxy_config(
     let own = parse_proxy_config(ANNOTATION.into(), text).map_err(|diags| {
         let lines: Vec<String> = diags.iter().map(ToString::to_string).collect();
         InjectError::Annotation {
-            annotation: ANNOTATION,
+            annotation: ANNOTATION.into(),
             message: lines.join("; "),
         }
     })?;
@@ -270,12 +270,43 @@ fn capture_args(annotations: &BTreeMap<String, String>) -> Result<Vec<String>, I
         include_inbound_ports: get("includeInboundPorts", "*"),
         exclude_inbound_ports: excluded_inbound,
     };
-    hypha_pod::Capture::default()
-        .with_annotations(&a)
-        .map_err(|message| InjectError::Annotation {
-            annotation: "traffic.sidecar.istio.io/*",
-            message,
-        })?;
+    // Each on its own, so the error names the annotation.
+    let defaults = hypha_pod::Annotations::default();
+    let one = |f: &dyn Fn(&mut hypha_pod::Annotations)| {
+        let mut only = defaults.clone();
+        f(&mut only);
+        only
+    };
+    let checks: [(&str, hypha_pod::Annotations); 5] = [
+        (
+            "includeOutboundIPRanges",
+            one(&|x| x.include_outbound_ip_ranges = a.include_outbound_ip_ranges.clone()),
+        ),
+        (
+            "excludeOutboundIPRanges",
+            one(&|x| x.exclude_outbound_ip_ranges = a.exclude_outbound_ip_ranges.clone()),
+        ),
+        (
+            "excludeOutboundPorts",
+            one(&|x| x.exclude_outbound_ports = a.exclude_outbound_ports.clone()),
+        ),
+        (
+            "includeInboundPorts",
+            one(&|x| x.include_inbound_ports = a.include_inbound_ports.clone()),
+        ),
+        (
+            "excludeInboundPorts",
+            one(&|x| x.exclude_inbound_ports = a.exclude_inbound_ports.clone()),
+        ),
+    ];
+    for (name, only) in checks {
+        hypha_pod::Capture::default()
+            .with_annotations(&only)
+            .map_err(|message| InjectError::Annotation {
+                annotation: format!("traffic.sidecar.istio.io/{name}"),
+                message,
+            })?;
+    }
     Ok([
         "capture",
         "--outbound-port",
@@ -435,7 +466,7 @@ fn resources(annotations: &BTreeMap<String, String>) -> Result<Value, InjectErro
             None => Ok(default.to_owned()),
             Some(v) if quantity(v) => Ok(v.trim().to_owned()),
             Some(v) => Err(InjectError::Annotation {
-                annotation: name,
+                annotation: format!("sidecar.istio.io/{name}"),
                 message: format!("{v:?} is not a Kubernetes quantity"),
             }),
         }

@@ -12,6 +12,7 @@
 //! - `roots`: each namespace's trust bundle in a ConfigMap `istio-ca-root-cert`, as istiod does
 //! - `signers`: the CA's file signers shared by every replica through Secrets
 //! - `watch`: the watchers, the debounce, the push
+//! - `webhook`: the sidecar injection webhook (TLS from the mesh CA, its `caBundle` kept)
 
 #![forbid(unsafe_code)]
 
@@ -23,6 +24,7 @@ mod review;
 pub mod roots;
 pub mod signers;
 mod watch;
+pub mod webhook;
 
 use std::path::Path;
 
