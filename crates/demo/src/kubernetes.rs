@@ -3,7 +3,7 @@
 //! network plugin (here: the demo's plan) puts on loopback, and Services into EndpointSlices.
 //! Bookinfo's Kubernetes manifests (Namespace, ServiceAccounts, Services, Deployments) and its
 //! Istio config are applied with kubectl, as a user would; the control plane reads the cluster
-//! (`hypha control --kubernetes`) with only the permissions of `manifests/rbac.yaml`, and each
+//! (`hypha control --kubernetes`) with only the permissions of `manifests/base/rbac.yaml`, and each
 //! workload's sidecar starts with nothing but its pod's service-account token, which the CA
 //! checks with TokenReview. The kubelet's part, starting each pod's processes, is the demo's.
 //!
@@ -77,7 +77,8 @@ impl Cluster {
             dir: dir.to_path_buf(),
         };
         let platform = format!(
-            "apiVersion: v1\nkind: Namespace\nmetadata: {{name: istio-system}}\n---\n{}---\n{}",
+            "{}\n---\n{}---\n{}",
+            hypha_kube::NAMESPACES,
             hypha_kube::RBAC,
             hypha_kube::ISTIO_CRDS
         );
@@ -85,7 +86,7 @@ impl Cluster {
         cluster.apply("bookinfo.yaml", &manifests(plan)).await?;
         cluster.apply("istio.yaml", &istio_config()).await?;
         let token = cluster.api.issue_token(Token {
-            namespace: "istio-system".into(),
+            namespace: hypha_kube::CONTROL_NAMESPACE.into(),
             service_account: "hypha-control".into(),
             pod: None,
             audiences: vec!["https://kubernetes.default.svc".into()],

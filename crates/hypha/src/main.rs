@@ -20,13 +20,21 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Validate a directory (or file) of Istio YAML, like `istioctl analyze`.
+    /// Validate a directory (or file) of Istio YAML, like `istioctl analyze`; with
+    /// --kubernetes, the cluster's Istio config as the control plane would serve it (with the
+    /// directory's, if given).
     Check {
         /// Directory or file to check.
-        path: PathBuf,
+        #[arg(required_unless_present = "kubernetes")]
+        path: Option<PathBuf>,
         /// Output format.
         #[arg(long, short, value_enum, default_value_t = Output::Human)]
         output: Output,
+        /// Check the cluster of --kubeconfig (else KUBECONFIG, or in-cluster).
+        #[arg(long)]
+        kubernetes: bool,
+        #[arg(long, requires = "kubernetes")]
+        kubeconfig: Option<PathBuf>,
     },
     /// Run the control plane: watch a config directory and serve Envoy xDS over ADS.
     Control(Box<ControlArgs>),
@@ -153,6 +161,29 @@ enum Command {
         #[command(flatten)]
         settings: InjectArgs,
     },
+    /// Print the manifests that install Hypha on a Kubernetes cluster (the same as
+    /// `kubectl apply -k manifests/base`), or apply them: the Istio CRDs, the hypha-system
+    /// namespace, RBAC, the control plane (2 replicas, xDS and CA on 15012, the injection
+    /// webhook), the MutatingWebhookConfiguration and the node agent.
+    Install {
+        #[command(flatten)]
+        target: InstallArgs,
+        /// Apply them with kubectl instead of printing them.
+        #[arg(long)]
+        apply: bool,
+    },
+    /// Remove what `hypha install` made: for a revision, its control plane and webhook only;
+    /// for the default one everything, the Istio CRDs (and with them every Istio object)
+    /// included unless --keep-crds.
+    Uninstall {
+        #[command(flatten)]
+        target: InstallArgs,
+        #[arg(long)]
+        keep_crds: bool,
+        /// Print what would be deleted instead of deleting it.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Wait until a sidecar is ready (the classic sidecar's postStart hook for Istio's
     /// `holdApplicationUntilProxyStarts`).
     Wait {
@@ -175,6 +206,59 @@ enum Command {
         #[arg(long)]
         proxy: Option<SocketAddr>,
     },
+}
+
+/// `hypha install` and `uninstall`: which revision, which image, which cluster.
+#[derive(clap::Args)]
+struct InstallArgs {
+    /// A revision beside the default one (Istio's revision-based upgrade): its own control
+    /// plane and webhook, for namespaces labelled `istio.io/rev=<revision>`.
+    #[arg(long, default_value = "default")]
+    revision: String,
+    /// The image (`hypha` with subcommands) every container runs.
+    #[arg(long, default_value = hypha_kube::install::BASE_IMAGE)]
+    image: String,
+    /// The kubeconfig kubectl uses (default: kubectl's).
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+}
+
+impl InstallArgs {
+    fn install(&self) -> hypha_kube::install::Install {
+        hypha_kube::install::Install {
+            revision: self.revision.clone(),
+            image: self.image.clone(),
+        }
+    }
+}
+
+/// `hypha install` / `hypha uninstall`.
+fn install(target: &InstallArgs, apply: bool, remove: Option<(bool, bool)>) -> anyhow::Result<()> {
+    use hypha_kube::install;
+    let o = target.install();
+    let k = target.kubeconfig.as_deref();
+    match remove {
+        None => {
+            let yaml = install::yaml(&install::objects(&o)?);
+            if apply {
+                print!("{}", install::kubectl(&yaml, &["apply"], k)?);
+            } else {
+                print!("{yaml}");
+            }
+        }
+        Some((keep_crds, dry_run)) => {
+            let yaml = install::yaml(&install::uninstall_objects(&o, keep_crds)?);
+            if dry_run {
+                print!("{yaml}");
+            } else {
+                print!(
+                    "{}",
+                    install::kubectl(&yaml, &["delete", "--ignore-not-found", "--wait=false"], k)?
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 /// What every injected pod gets (`hypha inject`, and the webhook of `hypha control`).
@@ -579,7 +663,16 @@ enum Output {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Check { path, output } => check(&path, output),
+        Command::Check {
+            path,
+            output,
+            kubernetes,
+            kubeconfig,
+        } => match (kubernetes, path) {
+            (true, path) => check_cluster(path.as_deref(), kubeconfig.as_deref(), output),
+            (false, Some(path)) => check(&path, output),
+            (false, None) => ExitCode::FAILURE,
+        },
         Command::Ca(CaCommand::Issue {
             who,
             validity_secs,
@@ -682,6 +775,24 @@ fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("hypha inject: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Install { target, apply } => match install(&target, apply, None) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("hypha install: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Uninstall {
+            target,
+            keep_crds,
+            dry_run,
+        } => match install(&target, false, Some((keep_crds, dry_run))) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("hypha uninstall: {e:#}");
                 ExitCode::FAILURE
             }
         },
@@ -837,15 +948,68 @@ fn demo(
     })
 }
 
+/// `hypha check --kubernetes`: the cluster's objects validated with the files in `path`.
+fn check_cluster(path: Option<&Path>, kubeconfig: Option<&Path>, output: Output) -> ExitCode {
+    let files = match path.map(|p| hypha_control::initial_config(Some(p))) {
+        None => hypha_config::Config::default(),
+        Some(Ok(c)) => c,
+        Some(Err(d)) => {
+            for line in d.into_sorted() {
+                println!("{line}");
+            }
+            return ExitCode::FAILURE;
+        }
+    };
+    let checked = run_value(async move {
+        let client = hypha_kube::connect(kubeconfig.map(Path::to_path_buf).as_deref()).await?;
+        Ok(hypha_kube::check(client, &files).await)
+    });
+    match checked {
+        Some(diags) => report_check("the cluster", None, diags, output),
+        None => ExitCode::FAILURE,
+    }
+}
+
+/// `f` on a runtime: its value, or None (the error said on stderr).
+fn run_value<T>(f: impl std::future::Future<Output = anyhow::Result<T>>) -> Option<T> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .ok()?;
+    match rt.block_on(f) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            eprintln!("hypha: {e:#}");
+            None
+        }
+    }
+}
+
 fn check(path: &std::path::Path, output: Output) -> ExitCode {
     let loaded = hypha_config::load(path);
-    let failed = loaded.has_errors();
-    let diags = loaded.diagnostics.into_sorted();
+    let count = loaded.config.resource_count();
+    report_check(
+        &path.display().to_string(),
+        Some(count),
+        loaded.diagnostics,
+        output,
+    )
+}
+
+/// Prints a check's diagnostics; failure if any is an error.
+fn report_check(
+    what: &str,
+    resources: Option<usize>,
+    diags: hypha_config::Diagnostics,
+    output: Output,
+) -> ExitCode {
+    let failed = diags.has_errors();
+    let diags = diags.into_sorted();
     match output {
         Output::Json => {
             let doc = serde_json::json!({
-                "path": path.display().to_string(),
-                "resources": loaded.config.resource_count(),
+                "path": what,
+                "resources": resources,
                 "errors": diags.iter().filter(|d| d.severity == hypha_config::Severity::Error).count(),
                 "diagnostics": diags,
             });
@@ -859,14 +1023,10 @@ fn check(path: &std::path::Path, output: Output) -> ExitCode {
                 .iter()
                 .filter(|d| d.severity == hypha_config::Severity::Error)
                 .count();
-            if failed {
-                println!("\n{errors} error(s) in {}", path.display());
-            } else {
-                println!(
-                    "✔ {}: {} resources, no errors",
-                    path.display(),
-                    loaded.config.resource_count()
-                );
+            match resources {
+                _ if failed => println!("\n{errors} error(s) in {what}"),
+                Some(n) => println!("✔ {what}: {n} resources, no errors"),
+                None => println!("✔ {what}: no errors"),
             }
         }
     }

@@ -6,6 +6,7 @@
 //!
 //! - `objects`: slim copies of the objects read (only the fields discovery needs)
 //! - `cluster`: the cluster's state and the registry model it becomes
+//! - `install`: `hypha install` / `uninstall`, the manifests of `manifests/base`
 //! - `istio`: the Istio kinds watched, and the config assembled with invalid objects left out
 //! - `report`: Events and `status.validationMessages` on invalid objects
 //! - `review`: the CA's check of service-account tokens (TokenReview)
@@ -17,6 +18,7 @@
 #![forbid(unsafe_code)]
 
 pub mod cluster;
+pub mod install;
 pub mod istio;
 pub mod objects;
 mod report;
@@ -31,15 +33,38 @@ use std::path::Path;
 pub use report::COMPONENT;
 pub use review::{TokenReviewer, AUDIENCES};
 pub use signers::share_signers;
-pub use watch::{run, DEBOUNCE_AFTER, DEBOUNCE_MAX};
+pub use watch::{run, snapshot, DEBOUNCE_AFTER, DEBOUNCE_MAX};
 
-/// The control plane's service account, ClusterRole and binding (`manifests/rbac.yaml`): every
-/// permission `hypha control --kubernetes` needs, in one place.
-pub const RBAC: &str = include_str!("../../../manifests/rbac.yaml");
+/// `hypha check --kubernetes`: the cluster's Istio config (and `files`) validated as the
+/// control plane would serve it; every diagnostic, those of objects it would leave out too.
+pub async fn check(
+    client: kube::Client,
+    files: &hypha_config::Config,
+) -> hypha_config::Diagnostics {
+    let cluster = snapshot(client).await;
+    let assembled = istio::assemble(files, &cluster);
+    let mut diags = assembled.diagnostics;
+    // The objects left out, with what left them out.
+    for d in assembled.invalid.into_values().flatten() {
+        diags.push(d);
+    }
+    diags
+}
 
-/// The Istio CRDs Hypha reads, in their smallest form (`manifests/istio-crds.yaml`): for the
+/// The control plane's service account, ClusterRole and binding (`manifests/base/rbac.yaml`):
+/// every permission `hypha control --kubernetes` needs, in one place.
+pub const RBAC: &str = include_str!("../../../manifests/base/rbac.yaml");
+
+/// Hypha's namespace (`hypha-system`, where the control plane runs) and the mesh's root
+/// namespace (`istio-system`), which [`RBAC`] refers to.
+pub const NAMESPACES: &str = include_str!("../../../manifests/base/namespaces.yaml");
+
+/// The namespace the control plane runs in, as `hypha install` puts it.
+pub const CONTROL_NAMESPACE: &str = "hypha-system";
+
+/// The Istio CRDs Hypha reads, in their smallest form (`manifests/base/istio-crds.yaml`): for the
 /// Kubernetes demo and the tests; a real cluster has Istio's own.
-pub const ISTIO_CRDS: &str = include_str!("../../../manifests/istio-crds.yaml");
+pub const ISTIO_CRDS: &str = include_str!("../../../manifests/base/istio-crds.yaml");
 
 /// What diagnostics about objects read from the API server name as their file.
 pub const ORIGIN: &str = "kubernetes";

@@ -262,6 +262,24 @@ fn watch_count() -> usize {
     5 + istio::KINDS.len()
 }
 
+/// The cluster as it is now: every kind listed once (`hypha check --kubernetes`).
+pub async fn snapshot(client: Client) -> Cluster {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let tasks = spawn_watches(&client, &tx);
+    drop(tx);
+    let _abort = AbortOnDrop(tasks);
+    let mut cluster = Cluster::default();
+    let mut listed: BTreeSet<Watched> = BTreeSet::new();
+    while listed.len() < watch_count() {
+        let Some(u) = rx.recv().await else { break };
+        if let Update::Replace(w, _) = &u {
+            listed.insert(*w);
+        }
+        cluster.apply(u);
+    }
+    cluster
+}
+
 /// Runs the Kubernetes source until `cp` is dropped or the task is: watches the cluster and
 /// pushes, on each debounced change, the config assembled from `files` (the latest valid
 /// file config) and the cluster.

@@ -156,7 +156,7 @@ async fn the_mesh_follows_the_cluster() {
 
     let cp = ControlPlane::new(Config::default());
     let (file_config, files) = tokio::sync::watch::channel(Config::default());
-    // The control plane with only the permissions of manifests/rbac.yaml.
+    // The control plane with only the permissions of manifests/base/rbac.yaml.
     let source = tokio::spawn(hypha_kube::run(cluster.client().await, cp.clone(), files));
 
     let reviews = "reviews.shop.svc.cluster.local";

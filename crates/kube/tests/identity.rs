@@ -76,7 +76,7 @@ async fn sidecars_get_certificates_with_their_service_account_token() {
     // The CA as `hypha control --kubernetes --listen-tls` runs it.
     let ca_dir = cluster.dir.path().join("ca");
     let secure = Arc::new(Secure::open(&MeshConfig::default(), &ca_dir, None).unwrap());
-    // As the control plane, with only the permissions of manifests/rbac.yaml.
+    // As the control plane, with only the permissions of manifests/base/rbac.yaml.
     secure.review_tokens_with(Arc::new(hypha_kube::TokenReviewer::new(
         cluster.client().await,
     )));
@@ -176,7 +176,7 @@ async fn every_namespace_gets_its_roots_in_a_config_map() {
     let secure = Secure::open(&MeshConfig::default(), &ca_dir, None).unwrap();
     let cp = ControlPlane::with_mtls(Config::default(), secure.signer_roots().clone());
     let (_files_tx, files) = tokio::sync::watch::channel(Config::default());
-    // With only the permissions of manifests/rbac.yaml.
+    // With only the permissions of manifests/base/rbac.yaml.
     tokio::spawn(hypha_kube::run(cluster.client().await, cp.clone(), files));
 
     let published = |ns: &str| {

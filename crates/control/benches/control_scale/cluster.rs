@@ -57,7 +57,7 @@ impl Cluster {
     pub(crate) async fn start(p: &Params, dir: &Path) -> Result<Cluster> {
         let api = ApiServer::start().await?;
         api.write_kubeconfig(dir)?;
-        let crds = include_str!("../../../../manifests/istio-crds.yaml");
+        let crds = include_str!("../../../../manifests/base/istio-crds.yaml");
         for crd in objects(crds)? {
             api.put("apiextensions.k8s.io", "customresourcedefinitions", crd);
         }

@@ -1,6 +1,6 @@
 //! A cluster for the Kubernetes source's tests: the test API server with its controllers, a
 //! kubectl for the user (an administrator), and the control plane's own kubeconfig, whose
-//! token is the `hypha-control` service account's: RBAC lets it do what `manifests/rbac.yaml`
+//! token is the `hypha-control` service account's: RBAC lets it do what `manifests/base/rbac.yaml`
 //! grants and nothing else, as on a real cluster.
 
 #![allow(dead_code)]
@@ -26,15 +26,12 @@ impl TestCluster {
         let rbac = dir.path().join("rbac.yaml");
         std::fs::write(
             &rbac,
-            format!(
-                "apiVersion: v1\nkind: Namespace\nmetadata: {{name: istio-system}}\n---\n{}",
-                hypha_kube::RBAC
-            ),
+            format!("{}\n---\n{}", hypha_kube::NAMESPACES, hypha_kube::RBAC),
         )
         .unwrap();
         kubectl(dir.path(), &["apply", "-f", rbac.to_str().unwrap()]);
         let token = api.issue_token(Token {
-            namespace: "istio-system".into(),
+            namespace: hypha_kube::CONTROL_NAMESPACE.into(),
             service_account: "hypha-control".into(),
             pod: None,
             audiences: vec!["https://kubernetes.default.svc".into()],
