@@ -1,7 +1,8 @@
 //! What the rest of a cluster does, played for tests and the demo: Service cluster IPs
 //! allocated when a Service is stored (as the API server's allocator does, dual stack by
 //! `ipFamilyPolicy`), Deployments turned into ready Pods with addresses of both families (the
-//! ReplicaSet controller, the scheduler and the kubelet together), and EndpointSlices from the
+//! ReplicaSet controller, the scheduler and the kubelet together; with the kubelet stand-in,
+//! Pending pods it starts), Jobs run one pod until it succeeds, and EndpointSlices from the
 //! Services' selectors (the EndpointSlice controller). Each writes only what changed, so they
 //! settle.
 
@@ -64,6 +65,8 @@ struct Dirty {
     /// Namespaces with a pod that has no owner any more (or never had one): all their
     /// Deployments are looked at, one of them may have lost a pod.
     orphans: BTreeSet<String>,
+    /// A Job or a Job's pod changed.
+    jobs: bool,
 }
 
 impl Dirty {
@@ -81,10 +84,14 @@ impl Dirty {
             ("apps", "deployments") => {
                 self.deployments.insert((meta("namespace"), meta("name")));
             }
+            ("batch", "jobs") => self.jobs = true,
             ("", "services") => {
                 self.services.insert((meta("namespace"), meta("name")));
             }
             ("", "pods") => {
+                if e.object.pointer("/metadata/ownerReferences/0/kind") == Some(&json!("Job")) {
+                    self.jobs = true;
+                }
                 match e
                     .object
                     .pointer("/metadata/ownerReferences/0/name")
@@ -129,6 +136,10 @@ pub(crate) async fn run(shared: Shared) {
         {
             let mut state = lock(&shared);
             deployments(&mut state, &dirty);
+            if dirty.all || dirty.jobs {
+                let webhooks = has_webhooks(&state);
+                jobs(&mut state, webhooks);
+            }
             // The pods just made or deleted are on the feed already, with whatever changed
             // since the last wait: their Services' slices are redone in the same pass.
             let mut then = Dirty {
@@ -189,7 +200,7 @@ pub(crate) async fn run(shared: Shared) {
         if refused {
             tokio::time::sleep(std::time::Duration::from_millis(500)).await;
         }
-        let mut wanted = dirty.all || !dirty.deployments.is_empty();
+        let mut wanted = dirty.all || dirty.jobs || !dirty.deployments.is_empty();
         while !wanted {
             match feed.recv().await {
                 Ok(e) => wanted = dirty.note(&e),
@@ -272,10 +283,7 @@ fn template_hash(template: &Value) -> String {
 type OwnedPod = (Key, Option<String>, Value);
 
 fn deployments(state: &mut State, dirty: &Dirty) {
-    let webhooks =
-        state.store.objects.keys().any(|k| {
-            k.0 == "admissionregistration.k8s.io" && k.1 == "mutatingwebhookconfigurations"
-        });
+    let webhooks = has_webhooks(state);
     let deploys: Vec<(Key, Value)> = if dirty.all {
         objects(state, "apps", "deployments")
             .map(|(k, v)| (k.clone(), v.clone()))
@@ -358,55 +366,13 @@ fn deployments(state: &mut State, dirty: &Dirty) {
             }
         }
         for _ in current..want {
-            state.next_uid += 1;
-            state.next_ip += 1;
-            let (uid, n) = (state.next_uid, state.next_ip);
-            let pod_name = format!("{name}-{hash}-{uid:05x}");
-            let mut labels = template
-                .pointer("/metadata/labels")
-                .cloned()
-                .unwrap_or_else(|| json!({}));
-            labels["pod-template-hash"] = json!(hash);
-            // The template's spec as it is (init containers, volumes, probes), on the node.
-            let mut spec = template
-                .pointer("/spec")
-                .cloned()
-                .filter(Value::is_object)
-                .unwrap_or_else(|| json!({"containers": []}));
-            spec["nodeName"] = json!("node-1");
-            if spec.get("serviceAccountName").is_none() {
-                spec["serviceAccountName"] = json!("default");
-            }
-            let mut pod = json!({
-                "apiVersion": "v1", "kind": "Pod",
-                "metadata": {"name": pod_name, "namespace": ns, "labels": labels,
-                             "uid": format!("00000000-0000-0000-0000-{uid:012x}"),
-                             "creationTimestamp": crate::serve::now_rfc3339(),
-                             "ownerReferences": [{"apiVersion": "apps/v1", "kind": "Deployment", "name": name,
-                                                  "uid": d.pointer("/metadata/uid"), "controller": true}]},
-                "spec": spec,
-            });
-            if let Some(a) = template.pointer("/metadata/annotations") {
-                pod["metadata"]["annotations"] = a.clone();
-            }
-            let ips = match &state.pod_addresses {
-                Some(choose) => choose(&pod),
-                None => vec![
-                    format!("10.244.{}.{}", n / 250, n % 250 + 1),
-                    format!("fd00:10:244::{n:x}"),
-                ],
+            let owner = Owner {
+                kind: "Deployment",
+                api_version: "apps/v1",
+                name,
+                uid: d.pointer("/metadata/uid"),
             };
-            pod["status"] = json!({"phase": "Running", "hostIP": "10.0.0.1",
-                                   "podIP": ips.first(),
-                                   "podIPs": ips.iter().map(|ip| json!({"ip": ip})).collect::<Vec<_>>(),
-                                   "conditions": [{"type": "Ready", "status": "True"}]});
-            let pk = (String::new(), "pods".to_owned(), ns.clone(), pod_name);
-            if webhooks {
-                // Admitted (the injection webhook, say) after this pass, then stored.
-                state.pending_pods.push((pk, pod));
-            } else {
-                state.store.record(&pk, "ADDED", pod);
-            }
+            make_pod(state, ns, &owner, &template, Some(&hash), webhooks);
         }
         let ready = want as u64;
         if d.pointer("/status/readyReplicas").and_then(Value::as_u64) != Some(ready)
@@ -416,6 +382,176 @@ fn deployments(state: &mut State, dirty: &Dirty) {
             d["status"] = json!({"replicas": ready, "readyReplicas": ready, "availableReplicas": ready,
                                  "updatedReplicas": ready, "observedGeneration": d.pointer("/metadata/generation")});
             state.store.record(k, "MODIFIED", d);
+        }
+    }
+}
+
+/// Whether new pods go through admission webhooks.
+fn has_webhooks(state: &State) -> bool {
+    state
+        .store
+        .objects
+        .keys()
+        .any(|k| k.0 == "admissionregistration.k8s.io" && k.1 == "mutatingwebhookconfigurations")
+}
+
+/// What a new pod's controller is.
+struct Owner<'a> {
+    kind: &'static str,
+    api_version: &'static str,
+    name: &'a str,
+    uid: Option<&'a Value>,
+}
+
+/// Makes a pod of `owner` from `template` on the node: stored, or queued for admission when
+/// there are webhooks. With the kubelet stand-in it is Pending, without addresses; else
+/// Running and ready at once.
+fn make_pod(
+    state: &mut State,
+    ns: &str,
+    owner: &Owner<'_>,
+    template: &Value,
+    hash: Option<&str>,
+    webhooks: bool,
+) {
+    state.next_uid += 1;
+    state.next_ip += 1;
+    let (uid, n) = (state.next_uid, state.next_ip);
+    let name = owner.name;
+    let pod_name = match hash {
+        Some(hash) => format!("{name}-{hash}-{uid:05x}"),
+        None => format!("{name}-{uid:05x}"),
+    };
+    let mut labels = template
+        .pointer("/metadata/labels")
+        .cloned()
+        .unwrap_or_else(|| json!({}));
+    if let Some(hash) = hash {
+        labels["pod-template-hash"] = json!(hash);
+    }
+    // The template's spec as it is (init containers, volumes, probes), on the node.
+    let mut spec = template
+        .pointer("/spec")
+        .cloned()
+        .filter(Value::is_object)
+        .unwrap_or_else(|| json!({"containers": []}));
+    spec["nodeName"] = json!("node-1");
+    if spec.get("serviceAccountName").is_none() {
+        spec["serviceAccountName"] = json!("default");
+    }
+    let mut pod = json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": pod_name, "namespace": ns, "labels": labels,
+                     "uid": format!("00000000-0000-0000-0000-{uid:012x}"),
+                     "creationTimestamp": crate::serve::now_rfc3339(),
+                     "ownerReferences": [{"apiVersion": owner.api_version, "kind": owner.kind, "name": name,
+                                          "uid": owner.uid, "controller": true}]},
+        "spec": spec,
+    });
+    if let Some(a) = template.pointer("/metadata/annotations") {
+        pod["metadata"]["annotations"] = a.clone();
+    }
+    pod["status"] = if state.kubelet {
+        // The kubelet gives the pod its addresses and readiness when it starts it.
+        json!({"phase": "Pending"})
+    } else {
+        let ips = match &state.pod_addresses {
+            Some(choose) => choose(&pod),
+            None => vec![
+                format!("10.244.{}.{}", n / 250, n % 250 + 1),
+                format!("fd00:10:244::{n:x}"),
+            ],
+        };
+        json!({"phase": "Running", "hostIP": "10.0.0.1",
+               "podIP": ips.first(),
+               "podIPs": ips.iter().map(|ip| json!({"ip": ip})).collect::<Vec<_>>(),
+               "conditions": [{"type": "Ready", "status": "True"}]})
+    };
+    let pk = (String::new(), "pods".to_owned(), ns.to_owned(), pod_name);
+    if webhooks {
+        // Admitted (the injection webhook, say) after this pass, then stored.
+        state.pending_pods.push((pk, pod));
+    } else {
+        state.store.record(&pk, "ADDED", pod);
+    }
+}
+
+/// Jobs: one pod at a time until one succeeds (`Complete`), or more than `backoffLimit` (6)
+/// have failed (`Failed`), as the Job controller runs a Job of one completion.
+fn jobs(state: &mut State, webhooks: bool) {
+    let all: Vec<(Key, Value)> = objects(state, "batch", "jobs")
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    for (k, job) in all {
+        let done = job
+            .pointer("/status/conditions")
+            .and_then(Value::as_array)
+            .is_some_and(|c| c.iter().any(|c| c["status"] == "True"));
+        if done {
+            continue;
+        }
+        let (ns, name) = (&k.2, &k.3);
+        let owned: Vec<Value> = in_namespace(state, "", "pods", ns)
+            .filter(|(_, p)| {
+                p.pointer("/metadata/ownerReferences/0/kind") == Some(&json!("Job"))
+                    && p.pointer("/metadata/ownerReferences/0/name") == Some(&json!(name))
+            })
+            .map(|(_, p)| p.clone())
+            .collect();
+        let phase = |p: &Value| {
+            p.pointer("/status/phase")
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+        };
+        let succeeded = owned
+            .iter()
+            .filter(|p| phase(p).as_deref() == Some("Succeeded"))
+            .count();
+        let failed = owned
+            .iter()
+            .filter(|p| phase(p).as_deref() == Some("Failed"))
+            .count();
+        let active = owned.len() - succeeded - failed;
+        let limit = job
+            .pointer("/spec/backoffLimit")
+            .and_then(Value::as_u64)
+            .unwrap_or(6) as usize;
+        let now = crate::serve::now_rfc3339();
+        let condition = if succeeded > 0 {
+            Some(json!({"type": "Complete", "status": "True", "lastTransitionTime": now}))
+        } else if failed > limit {
+            Some(
+                json!({"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded",
+                        "lastTransitionTime": now}),
+            )
+        } else {
+            None
+        };
+        let mut status = json!({"active": active, "succeeded": succeeded, "failed": failed});
+        if let Some(c) = condition {
+            status["conditions"] = json!([c]);
+            status["active"] = json!(0);
+            if succeeded > 0 {
+                status["completionTime"] = json!(now);
+            }
+        } else if active == 0 {
+            let template = job
+                .pointer("/spec/template")
+                .cloned()
+                .unwrap_or(Value::Null);
+            let owner = Owner {
+                kind: "Job",
+                api_version: "batch/v1",
+                name,
+                uid: job.pointer("/metadata/uid"),
+            };
+            make_pod(state, ns, &owner, &template, None, webhooks);
+            status["active"] = json!(1);
+        }
+        if job.get("status") != Some(&status) {
+            let mut job = job.clone();
+            job["status"] = status;
+            state.store.record(&k, "MODIFIED", job);
         }
     }
 }

@@ -24,6 +24,7 @@ mod admission;
 mod controllers;
 mod discovery;
 mod kinds;
+pub mod kubelet;
 mod patch;
 mod rbac;
 mod select;
@@ -71,6 +72,9 @@ pub(crate) struct State {
     pub routes: admission::Routes,
     /// Pods the controllers made, to go through admission before they are stored.
     pub pending_pods: Vec<(store::Key, Value)>,
+    /// A kubelet stand-in runs the pods: new pods are Pending, without addresses, until it
+    /// starts them.
+    pub kubelet: bool,
 }
 
 /// Chooses a new pod's addresses (primary first) from the pod as the Deployment controller
@@ -130,6 +134,7 @@ impl ApiServer {
             pod_shutdown: std::time::Duration::from_secs(2),
             routes: Default::default(),
             pending_pods: Vec::new(),
+            kubelet: false,
         }));
         let (close_watches, closed) = tokio::sync::watch::channel(0);
         let task = tokio::spawn(serve::run(listener, shared.clone(), closed));
@@ -235,6 +240,23 @@ impl ApiServer {
     pub fn run_controllers_with(&self, addresses: PodAddresses) {
         lock(&self.shared).pod_addresses = Some(addresses);
         self.run_controllers();
+    }
+
+    /// Runs the pods scheduled to `config.node_name` with a kubelet stand-in (root; see
+    /// [`kubelet`]): from now on new pods start Pending, get their addresses and readiness
+    /// from it, and a deleted pod is removed when its containers have stopped.
+    pub fn run_kubelet(&self, config: kubelet::KubeletConfig) {
+        {
+            let mut state = lock(&self.shared);
+            state.kubelet = true;
+            // The kubelet removes a deleted pod itself, within its grace period.
+            state.pod_shutdown = std::time::Duration::from_secs(3600);
+        }
+        let task = tokio::spawn(kubelet::run(self.shared.clone(), config));
+        self.controllers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(task);
     }
 
     /// How long a deleted pod stays Terminating (its containers stopping) before it is removed,

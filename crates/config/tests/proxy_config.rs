@@ -101,8 +101,21 @@ privateKeyProvider:
     );
     // Istio fields Hypha does not take from this file are refused by name, never ignored.
     assert_eq!(
-        errors("concurrency: 2\n"),
-        vec![("unknown-field", 1, "concurrency".to_string())]
+        errors("tracing: {sampling: 1}\n"),
+        vec![("unknown-field", 1, "tracing".to_string())]
+    );
+    // The lifecycle fields the injector and the sidecar read.
+    let life = parse_proxy_config(
+        "p".into(),
+        "concurrency: 2\nterminationDrainDuration: 7s\nholdApplicationUntilProxyStarts: true\n",
+    )
+    .unwrap();
+    assert_eq!(life.concurrency, Some(2));
+    assert_eq!(life.drain_duration(), std::time::Duration::from_secs(7));
+    assert_eq!(life.hold_application_until_proxy_starts, Some(true));
+    assert_eq!(
+        errors("concurrency: -1\n"),
+        vec![("invalid-value", 1, "concurrency".to_string())]
     );
     assert_eq!(
         errors("privateKeyProvider:\n  qat:\n    pollDelay: 10ms\n"),
