@@ -358,8 +358,9 @@ pub async fn start(opts: Options) -> Result<Running, StartError> {
     Ok(running)
 }
 
-/// `hypha proxy`: starts, says where it listens, and runs until SIGINT or SIGTERM, then lets
-/// requests in flight finish for at most `drain` (Istio's `terminationDrainDuration`).
+/// `hypha proxy`: starts, says where it listens, and runs until SIGINT or SIGTERM, then stops
+/// accepting, lets requests in flight finish and stays for `drain` (Istio's
+/// `terminationDrainDuration`) before it exits.
 pub async fn run(opts: Options, drain: std::time::Duration) -> Result<(), StartError> {
     let mut running = start(opts.clone()).await?;
     tracing::info!(
@@ -384,7 +385,13 @@ pub async fn run(opts: Options, drain: std::time::Duration) -> Result<(), StartE
         deadline_ms = drain.as_millis(),
         "proxy draining: no new connections, finishing requests in flight"
     );
+    let started = std::time::Instant::now();
     let left = running.drain(drain).await;
+    // The whole drain time, even once every connection has closed (Istio's default): until
+    // every peer has heard from the control plane that this pod is going, the pod must stay
+    // to refuse their connections (which they retry elsewhere); gone, it would leave them
+    // waiting on an address that answers nothing.
+    tokio::time::sleep(drain.saturating_sub(started.elapsed())).await;
     tracing::info!(connections_left = left, "proxy stopped");
     Ok(())
 }
