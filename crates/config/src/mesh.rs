@@ -35,6 +35,10 @@ pub struct MeshConfig {
     /// `meshConfig.pathNormalization`).
     #[serde(default)]
     pub path_normalization: PathNormalization,
+    /// The sidecars' `ProxyConfig` where a pod's `proxy.istio.io/config` says nothing (Istio's
+    /// `meshConfig.defaultConfig`): what the injector gives every pod.
+    #[serde(default)]
+    pub default_config: crate::proxy::ProxyConfig,
 }
 
 impl Default for MeshConfig {
@@ -47,6 +51,7 @@ impl Default for MeshConfig {
             signers: default_signers(),
             tenants: default_tenants(),
             path_normalization: PathNormalization::default(),
+            default_config: crate::proxy::ProxyConfig::default(),
         }
     }
 }

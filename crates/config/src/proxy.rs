@@ -180,16 +180,29 @@ pub fn parse_proxy_config(file: Arc<str>, src: &str) -> Result<ProxyConfig, Diag
         v => v.clone(),
     };
     let cfg = crate::load::deserialize::<ProxyConfig>(&mut diags, &source, value);
+    if let Some(c) = &cfg {
+        check(c, &source, "", &mut diags);
+    }
+    match cfg {
+        Some(c) if !diags.has_errors() => Ok(c),
+        _ => Err(diags),
+    }
+}
+
+/// The checks beyond the shape, for a config at `prefix` of `source` (`""` for a file of its
+/// own, `spec.defaultConfig.` in a MeshConfig).
+pub(crate) fn check(cfg: &ProxyConfig, source: &Source, prefix: &str, diags: &mut Diagnostics) {
+    let cfg = Some(cfg);
     if let Some(p) = cfg
-        .as_ref()
         .and_then(|c| c.private_key_provider.as_ref())
         .and_then(|k| k.pkcs11.as_ref())
     {
-        let path = "privateKeyProvider.pkcs11";
+        let path = format!("{prefix}privateKeyProvider.pkcs11");
+        let path = path.as_str();
         if p.pin_file.is_some() == p.pin_env.is_some() {
             diags.error(
                 "private-key-provider",
-                &source,
+                source,
                 path,
                 "exactly one of `pinFile` and `pinEnv` is required",
             );
@@ -198,7 +211,7 @@ pub fn parse_proxy_config(file: Arc<str>, src: &str) -> Result<ProxyConfig, Diag
             if value.is_empty() {
                 diags.error(
                     "private-key-provider",
-                    &source,
+                    source,
                     format!("{path}.{field}"),
                     format!("`{field}` must not be empty"),
                 );
@@ -207,18 +220,18 @@ pub fn parse_proxy_config(file: Arc<str>, src: &str) -> Result<ProxyConfig, Diag
         if p.threads == Some(0) {
             diags.error(
                 "private-key-provider",
-                &source,
+                source,
                 format!("{path}.threads"),
                 "`threads` must be at least 1",
             );
         }
     }
-    if let Some(k) = cfg.as_ref().and_then(|c| c.private_key_provider.as_ref()) {
+    if let Some(k) = cfg.and_then(|c| c.private_key_provider.as_ref()) {
         if k.pkcs11.is_some() && k.cryptomb.is_some() {
             diags.error(
                 "private-key-provider",
-                &source,
-                "privateKeyProvider",
+                source,
+                format!("{prefix}privateKeyProvider"),
                 "give one provider: `pkcs11` or `cryptomb`, not both",
             );
         }
@@ -227,15 +240,11 @@ pub fn parse_proxy_config(file: Arc<str>, src: &str) -> Result<ProxyConfig, Diag
             if d.is_zero() || d > std::time::Duration::from_secs(1) {
                 diags.error(
                     "private-key-provider",
-                    &source,
-                    "privateKeyProvider.cryptomb.pollDelay",
+                    source,
+                    format!("{prefix}privateKeyProvider.cryptomb.pollDelay"),
                     format!("`pollDelay` must be above 0 and at most 1s, not {delay}"),
                 );
             }
         }
-    }
-    match cfg {
-        Some(c) if !diags.has_errors() => Ok(c),
-        _ => Err(diags),
     }
 }

@@ -814,3 +814,45 @@ spec:
     let loaded = load_str("test.yaml", &good);
     assert!(!loaded.has_errors(), "{:?}", loaded.diagnostics);
 }
+
+#[test]
+fn the_meshs_default_proxy_config_is_checked_as_a_proxy_configs() {
+    let src = "\
+apiVersion: hypha.dev/v1alpha1
+kind: MeshConfig
+metadata: {name: mesh}
+spec:
+  defaultConfig:
+    concurrency: 2
+    terminationDrainDuration: 10s
+    privateKeyProvider:
+      pkcs11: {module: /usr/lib/softhsm/libsofthsm2.so, tokenLabel: mesh}
+";
+    assert_eq!(
+        errors(src),
+        vec![(
+            "private-key-provider",
+            9,
+            7,
+            "spec.defaultConfig.privateKeyProvider.pkcs11".to_string()
+        )]
+    );
+    let good = src.replace("tokenLabel: mesh}", "tokenLabel: mesh, pinEnv: PIN}");
+    let loaded = load_str("test.yaml", &good);
+    assert!(
+        !loaded.has_errors(),
+        "{:?}",
+        loaded.diagnostics.into_sorted()
+    );
+    let d = &loaded.config.mesh.default_config;
+    assert_eq!(d.concurrency, Some(2));
+    assert_eq!(d.drain_duration(), std::time::Duration::from_secs(10));
+    // Unknown ProxyConfig fields are refused there too.
+    let unknown = src.replace("concurrency: 2", "tracing: {}");
+    assert!(
+        errors(&unknown)
+            .iter()
+            .any(|(code, _, _, path)| *code == "unknown-field"
+                && path == "spec.defaultConfig.tracing")
+    );
+}

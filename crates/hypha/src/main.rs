@@ -280,7 +280,7 @@ struct InjectArgs {
     /// The revision the injected pods belong to.
     #[arg(long, default_value = "default")]
     revision: String,
-    /// The mesh's `defaultConfig` (a ProxyConfig file) under each pod's
+    /// A ProxyConfig file over the MeshConfig's `defaultConfig`, under each pod's
     /// `proxy.istio.io/config`.
     #[arg(long)]
     default_proxy_config: Option<PathBuf>,
@@ -289,12 +289,15 @@ struct InjectArgs {
 impl InjectArgs {
     /// The settings, for a mesh of `mesh` (its root namespace and trust domain).
     fn settings(&self, mesh: &hypha_config::MeshConfig) -> anyhow::Result<hypha_inject::Settings> {
+        // The mesh's defaultConfig, under this file's where it gives one.
         let defaults = match &self.default_proxy_config {
-            None => Default::default(),
-            Some(path) => hypha_config::proxy::load_proxy_config(path).map_err(|diags| {
-                let lines: Vec<String> = diags.iter().map(ToString::to_string).collect();
-                anyhow::anyhow!("invalid proxy config:\n{}", lines.join("\n"))
-            })?,
+            None => mesh.default_config.clone(),
+            Some(path) => hypha_config::proxy::load_proxy_config(path)
+                .map_err(|diags| {
+                    let lines: Vec<String> = diags.iter().map(ToString::to_string).collect();
+                    anyhow::anyhow!("invalid proxy config:\n{}", lines.join("\n"))
+                })?
+                .over(&mesh.default_config),
         };
         Ok(hypha_inject::Settings {
             image: self.image.clone(),

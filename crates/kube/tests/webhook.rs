@@ -263,3 +263,120 @@ async fn labelled_namespaces_get_sidecars_from_the_control_planes_webhook() {
     cluster.apply("solo2.yaml", &pod("other", "solo", ""));
     assert!(cluster.api.get("", "pods", "solo", "other").is_some());
 }
+
+/// Revision-based upgrade, as Istio's: a canary control plane's webhook beside the default
+/// one; relabelling a namespace from `istio-injection=enabled` to `istio.io/rev=canary` moves
+/// its new pods to the canary's sidecar.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relabelling_a_namespace_moves_its_pods_to_another_revision() {
+    let cluster = TestCluster::start().await;
+    let ca_dir = cluster.dir.path().join("ca");
+    let names = vec![
+        "hypha.hypha-system.svc".to_owned(),
+        "hypha-canary.hypha-system.svc".to_owned(),
+    ];
+    let secure =
+        Arc::new(Secure::open_named(&MeshConfig::default(), &ca_dir, None, None, names).unwrap());
+    let mut tasks = Vec::new();
+    for (rev, service, image) in [
+        ("default", "hypha", "hypha:1"),
+        ("canary", "hypha-canary", "hypha:2"),
+    ] {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        cluster
+            .api
+            .route_service("hypha-system", service, 443, listener.local_addr().unwrap());
+        let settings = hypha_inject::Settings {
+            image: image.into(),
+            revision: rev.into(),
+            ..hypha_inject::Settings::default()
+        };
+        tasks.push(tokio::spawn(hypha_kube::webhook::serve(
+            listener,
+            secure.credentials(),
+            Arc::new(settings),
+        )));
+        let target = WebhookTarget {
+            name: if rev == "default" {
+                "hypha-sidecar-injector".into()
+            } else {
+                format!("hypha-sidecar-injector-{rev}")
+            },
+            service: service.into(),
+            revision: rev.into(),
+            ..WebhookTarget::default()
+        };
+        tasks.push(tokio::spawn(hypha_kube::webhook::keep_ca_bundle(
+            cluster.client().await,
+            target.name.clone(),
+            secure.own_root(),
+        )));
+        cluster.apply(
+            &format!("injector-{rev}.yaml"),
+            &hypha_inject::manifest::to_yaml(&configuration(&target)),
+        );
+    }
+    eventually("both caBundles written", || {
+        ["hypha-sidecar-injector", "hypha-sidecar-injector-canary"]
+            .iter()
+            .all(|n| {
+                cluster
+                    .api
+                    .get(
+                        "admissionregistration.k8s.io",
+                        "mutatingwebhookconfigurations",
+                        "",
+                        n,
+                    )
+                    .is_some_and(|c| c.pointer("/webhooks/0/clientConfig/caBundle").is_some())
+            })
+    })
+    .await;
+    let sidecar_image = |name: &str| {
+        let p = cluster.api.get("", "pods", "shop", name).unwrap();
+        let proxy = p["spec"]["initContainers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == "istio-proxy")
+            .cloned()
+            .unwrap_or_else(|| panic!("{name} not injected: {p:#}"));
+        let status: Value = serde_json::from_str(
+            p["metadata"]["annotations"]["sidecar.istio.io/status"]
+                .as_str()
+                .unwrap(),
+        )
+        .unwrap();
+        (
+            proxy["image"].as_str().unwrap().to_owned(),
+            status["revision"].as_str().unwrap().to_owned(),
+        )
+    };
+    cluster.apply(
+        "ns.yaml",
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {istio-injection: enabled}}\n",
+    );
+    cluster.apply("before.yaml", &pod("before", "shop", ""));
+    assert_eq!(
+        sidecar_image("before"),
+        ("hypha:1".into(), "default".into())
+    );
+
+    cluster.kubectl(&[
+        "label",
+        "namespace",
+        "shop",
+        "istio.io/rev=canary",
+        "istio-injection-",
+    ]);
+    cluster.apply("after.yaml", &pod("after", "shop", ""));
+    assert_eq!(sidecar_image("after"), ("hypha:2".into(), "canary".into()));
+    // The pod that was there keeps the sidecar it had until it is replaced.
+    assert_eq!(
+        sidecar_image("before"),
+        ("hypha:1".into(), "default".into())
+    );
+    for t in tasks {
+        t.abort();
+    }
+}

@@ -12,6 +12,7 @@ impl Validator<'_> {
             return;
         };
         let m = &self.cfg.mesh;
+        crate::proxy::check(&m.default_config, src, "spec.defaultConfig.", diags);
         if !is_dns_name(&m.trust_domain) {
             diags.error(
                 "invalid-trust-domain",
