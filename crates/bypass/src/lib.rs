@@ -712,20 +712,56 @@ pub fn read_some(s: &mut std::net::TcpStream, buf: &mut [u8]) -> io::Result<usiz
     }
 }
 
-/// `hypha bypass`: attaches to `cgroup`, registers `pods` for the connect-time capture,
-/// serves the counters on `metrics` (`GET /metrics`) until `shutdown` completes, then
-/// detaches.
+/// A pod coming or going while `hypha bypass` runs (the node agent's pod watch on Kubernetes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PodChange {
+    Add(CapturedPod),
+    /// The network namespace it was added with.
+    Remove(PathBuf),
+}
+
+/// `hypha bypass`: attaches to `cgroup`, registers `pods` for the connect-time capture, and
+/// those `changes` bring (added or removed as they come), serves the counters on `metrics`
+/// (`GET /metrics`) until `shutdown` completes, then detaches.
 pub async fn serve(
     cgroup: &Path,
     metrics: Option<SocketAddr>,
     pods: &[CapturedPod],
+    changes: Option<tokio::sync::mpsc::UnboundedReceiver<PodChange>>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), ServeError> {
     let mut bypass = Bypass::attach(cgroup)?;
     for pod in pods {
         bypass.add_pod(pod)?;
     }
-    let bypass = std::sync::Arc::new(bypass);
+    let bypass = std::sync::Arc::new(std::sync::Mutex::new(bypass));
+    // The lock is held for a map update or a metrics read, never across an await.
+    let follow = {
+        let bypass = bypass.clone();
+        async move {
+            let Some(mut changes) = changes else {
+                return std::future::pending::<()>().await;
+            };
+            while let Some(change) = changes.recv().await {
+                let bypass = bypass.clone();
+                // Entering the pod's namespace blocks: off the runtime's thread.
+                let _ = tokio::task::spawn_blocking(move || {
+                    let mut b = bypass
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    let r = match &change {
+                        PodChange::Add(pod) => b.add_pod(pod),
+                        PodChange::Remove(netns) => b.remove_pod(netns),
+                    };
+                    if let Err(e) = r {
+                        tracing::warn!(?change, error = %e, "bypass: pod not (un)registered");
+                    }
+                })
+                .await;
+            }
+            std::future::pending::<()>().await
+        }
+    };
     let listener = match metrics {
         Some(addr) => {
             let l = TcpListener::bind(addr)
@@ -754,10 +790,14 @@ pub async fn serve(
     };
     tokio::select! {
         () = accept => {}
+        () = follow => {}
         () = shutdown => {}
     }
     match std::sync::Arc::try_unwrap(bypass) {
-        Ok(b) => b.detach()?,
+        Ok(b) => b
+            .into_inner()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .detach()?,
         // A metrics answer still holds it: dropping the last reference detaches.
         Err(shared) => drop(shared),
     }
@@ -775,7 +815,10 @@ pub enum ServeError {
 
 /// One HTTP/1.x request on a metrics connection: `GET /metrics` gets the counters, anything
 /// else a 404; a request that does not fit 8 KiB or does not arrive loses its connection.
-async fn answer(mut stream: tokio::net::TcpStream, bypass: &Bypass) -> io::Result<()> {
+async fn answer(
+    mut stream: tokio::net::TcpStream,
+    bypass: &std::sync::Mutex<Bypass>,
+) -> io::Result<()> {
     let mut buf = vec![0u8; 8192];
     let mut n = 0;
     let head = loop {
@@ -798,7 +841,11 @@ async fn answer(mut stream: tokio::net::TcpStream, bypass: &Bypass) -> io::Resul
     };
     let line = head.split(|&b| b == b'\n').next().unwrap_or_default();
     let (status, body) = if line.starts_with(b"GET /metrics ") {
-        match bypass.render_metrics() {
+        let rendered = bypass
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .render_metrics();
+        match rendered {
             Ok(text) => ("200 OK", text),
             Err(e) => ("500 Internal Server Error", format!("{e}\n")),
         }

@@ -106,6 +106,16 @@ enum Command {
         /// most 8).
         #[arg(long, value_parser = |s: &str| s.parse::<hypha_bypass::IpRange>())]
         exclude_outbound_cidr: Vec<hypha_bypass::IpRange>,
+        /// On Kubernetes (the node agent DaemonSet): watch the pods of --node and register
+        /// each injected pod while it runs, with its own capture's exclusions.
+        #[arg(long, requires = "node")]
+        kubernetes: bool,
+        /// This node's name (the DaemonSet gives `spec.nodeName` as NODE_NAME).
+        #[arg(long, env = "NODE_NAME")]
+        node: Option<String>,
+        /// The kubeconfig for --kubernetes (else KUBECONFIG, or in-cluster).
+        #[arg(long, requires = "kubernetes")]
+        kubeconfig: Option<PathBuf>,
     },
     /// Transparent capture in this network namespace, as Istio's init container sets it up
     /// (a pod's init container with NET_ADMIN and NET_RAW; root): the TCP the app opens goes
@@ -849,6 +859,9 @@ fn main() -> ExitCode {
             exclude_outbound_port,
             exclude_inbound_port,
             exclude_outbound_cidr,
+            kubernetes,
+            node,
+            kubeconfig,
         } => run_on(1, async move {
             let pods: Vec<hypha_bypass::CapturedPod> = pods
                 .iter()
@@ -866,7 +879,16 @@ fn main() -> ExitCode {
                     }
                 })
                 .collect();
-            hypha_bypass::serve(&cgroup, Some(metrics), &pods, stop_signal()).await?;
+            let changes = match (kubernetes, node) {
+                (true, Some(node)) => {
+                    let client = hypha_kube::connect(kubeconfig.as_deref()).await?;
+                    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+                    tokio::spawn(hypha_kube::node::watch_pods(client, node, tx));
+                    Some(rx)
+                }
+                _ => None,
+            };
+            hypha_bypass::serve(&cgroup, Some(metrics), &pods, changes, stop_signal()).await?;
             Ok(())
         }),
         Command::DemoApp {

@@ -4,7 +4,9 @@
 //! labels a namespace and applies bookinfo's Deployments with kubectl; each pod comes up with
 //! the webhook's `istio-init` (capture), native `istio-proxy` and the unmodified app, and an
 //! unmodified `curl` in a client pod reaches productpage, which reaches details and reviews,
-//! all over mutual TLS (STRICT: plaintext to an app's port is refused).
+//! all over mutual TLS (STRICT: plaintext to an app's port is refused). The node agent
+//! (`hypha bypass --kubernetes`) registers each injected pod with the eBPF bypass as it
+//! starts, so the connections between the pods' apps and sidecars skip the TCP/IP stack.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -14,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use hypha_apiserver::kubelet::KubeletConfig;
 use hypha_apiserver::{ApiServer, Token};
-use hypha_testkit::privileged;
+use hypha_testkit::{privileged, TestCgroup};
 use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(90);
@@ -148,6 +150,17 @@ fn logged_at(log: &Path, text: &str) -> String {
     line.split_whitespace().next().unwrap().to_owned()
 }
 
+/// The node agent's `/metrics`.
+fn scrape(port: u16) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
 /// `curl` in the pod's network namespace, as its app would call.
 fn curl_in(netns: &str, url: &str) -> (bool, String) {
     let out = Command::new("ip")
@@ -179,6 +192,9 @@ async fn injected_bookinfo_runs_over_mutual_tls() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let node = Arc::new(hypha_pod::Node::create_free(150..=199).unwrap());
+    // Every process below (the pods' containers, the control plane, the node agent) is
+    // started from this one, so they are all in its cgroup, which the bypass attaches to.
+    let cgroup = TestCgroup::enter("kubernetes");
     let api = ApiServer::start().await.unwrap();
     api.run_controllers();
     let mut images: HashMap<String, Vec<String>> = HashMap::new();
@@ -249,16 +265,59 @@ async fn injected_bookinfo_runs_over_mutual_tls() {
             .spawn()
             .unwrap(),
     );
+    // The node agent, with only its own RBAC (the install's).
+    let install = hypha_kube::install::objects(&Default::default()).unwrap();
+    let node_rbac: Vec<Value> = install
+        .iter()
+        .filter(|o| o["metadata"]["name"] == "hypha-node" && o["kind"] != "DaemonSet")
+        .cloned()
+        .collect();
+    assert_eq!(
+        node_rbac.len(),
+        3,
+        "ServiceAccount, ClusterRole, ClusterRoleBinding"
+    );
+    apply(
+        dir,
+        "node-rbac.yaml",
+        &hypha_kube::install::yaml(&node_rbac),
+    );
+    let node_token = api.issue_token(Token {
+        namespace: hypha_kube::CONTROL_NAMESPACE.into(),
+        service_account: "hypha-node".into(),
+        pod: None,
+        audiences: vec!["https://kubernetes.default.svc".into()],
+        expires: u64::MAX,
+    });
+    let node_kubeconfig = api
+        .write_kubeconfig_as(&dir.join("node.kubeconfig"), &node_token)
+        .unwrap();
+    let bypass_metrics = free_port();
+    let log = std::fs::File::create(dir.join("bypass.log")).unwrap();
+    let _bypass = Control(
+        Command::new(exe)
+            .arg("bypass")
+            .arg("--cgroup")
+            .arg(cgroup.path())
+            .args(["--metrics", &format!("127.0.0.1:{bypass_metrics}")])
+            .args(["--kubernetes", "--node", "node-1", "--kubeconfig"])
+            .arg(&node_kubeconfig)
+            .env("HYPHA_LOG", "info")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
     api.route_service(
         "hypha-system",
         "hypha",
         443,
         format!("127.0.0.1:{webhook}").parse().unwrap(),
     );
-    let injector = hypha_kube::install::objects(&Default::default())
-        .unwrap()
-        .into_iter()
+    let injector = install
+        .iter()
         .filter(|o| o["kind"] == "MutatingWebhookConfiguration")
+        .cloned()
         .collect::<Vec<_>>();
     apply(dir, "injector.yaml", &hypha_kube::install::yaml(&injector));
     let deadline = Instant::now() + WAIT;
@@ -355,6 +414,40 @@ async fn injected_bookinfo_runs_over_mutual_tls() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
     assert!(page.contains("details-v1"), "{page}");
+
+    // The node agent registered the pods: their apps' connections were captured at connect
+    // time and their bytes handed from socket to socket.
+    let bypass_log = || std::fs::read_to_string(dir.join("bypass.log")).unwrap_or_default();
+    for a in apps {
+        let pod = pods(&api, a)[0]["metadata"]["name"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert!(
+            bypass_log()
+                .lines()
+                .any(|l| l.contains("pod in the bypass") && l.contains(&format!("bookinfo/{pod}"))),
+            "{a} not registered:\n{}",
+            bypass_log()
+        );
+    }
+    let metrics = scrape(bypass_metrics);
+    for counter in [
+        "hypha_bypass_connects_outbound_total",
+        "hypha_bypass_messages_redirected_total",
+    ] {
+        let value = metrics
+            .lines()
+            .find(|l| l.starts_with(counter))
+            .and_then(|l| l.split_whitespace().last())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0);
+        assert!(
+            value > 0.0,
+            "{counter} is {value}:\n{metrics}\n{}",
+            bypass_log()
+        );
+    }
 
     // STRICT: plaintext from outside the mesh to an app's port is refused.
     let details_ip = pods(&api, "details")[0]["status"]["podIP"]

@@ -29,7 +29,7 @@ mod select;
 pub mod wait;
 pub mod webhooks;
 
-pub use pod::{inject, workload_name, Injected, Outcome, Skip, Target};
+pub use pod::{capture_annotations, inject, workload_name, Injected, Outcome, Skip, Target};
 pub use select::{revision_of, selected};
 
 use hypha_config::proxy::ProxyConfig;

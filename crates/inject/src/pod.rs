@@ -250,9 +250,13 @@ fn proxy_config(
     Ok(own.over(defaults))
 }
 
-/// `hypha capture`'s flags from the pod's annotations, checked now so a bad one fails the
-/// pod's admission rather than its init container.
-fn capture_args(annotations: &BTreeMap<String, String>) -> Result<Vec<String>, InjectError> {
+/// The capture an injected pod has: its `traffic.sidecar.istio.io/*` annotations, Istio's
+/// defaults where it has none, and the sidecar's own inbound ports excluded; each checked, the
+/// error naming the annotation. The init container's flags, and what the node agent's bypass
+/// must leave alone for the pod.
+pub fn capture_annotations(
+    annotations: &BTreeMap<String, String>,
+) -> Result<hypha_pod::Annotations, InjectError> {
     let get = |name: &str, default: &str| {
         annotations
             .get(&format!("traffic.sidecar.istio.io/{name}"))
@@ -307,6 +311,13 @@ fn capture_args(annotations: &BTreeMap<String, String>) -> Result<Vec<String>, I
                 message,
             })?;
     }
+    Ok(a)
+}
+
+/// `hypha capture`'s flags from the pod's annotations, checked now so a bad one fails the
+/// pod's admission rather than its init container.
+fn capture_args(annotations: &BTreeMap<String, String>) -> Result<Vec<String>, InjectError> {
+    let a = capture_annotations(annotations)?;
     Ok([
         "capture",
         "--outbound-port",

@@ -4,6 +4,7 @@
 //! resources, Istio objects parsed and validated by `hypha-config`), merged with the files and
 //! pushed through [`hypha_control::ControlPlane`]. Translation never sees a `kube` type.
 //!
+//! - `node`: the node agent's pod watch, registering injected pods with the eBPF bypass
 //! - `objects`: slim copies of the objects read (only the fields discovery needs)
 //! - `cluster`: the cluster's state and the registry model it becomes
 //! - `install`: `hypha install` / `uninstall`, the manifests of `manifests/base`
@@ -20,6 +21,7 @@
 pub mod cluster;
 pub mod install;
 pub mod istio;
+pub mod node;
 pub mod objects;
 mod report;
 mod review;
