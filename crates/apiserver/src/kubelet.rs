@@ -11,6 +11,7 @@
 //!   `status.podIP`, `status.podIPs`);
 //! - an image is a program ([`KubeletConfig::images`]; `command` replaces it, `args` follow),
 //!   run with the container's `runAsUser`/`runAsGroup` (`setpriv`), output in a log file;
+//! - `postStart` exec hooks, the next container started once the hook has returned;
 //! - init containers in order, each to completion, except native sidecars
 //!   (`restartPolicy: Always`), which are started and, when they have a startup probe, waited
 //!   for until it passes; then the containers; a `Ready` condition kept from every
@@ -204,7 +205,7 @@ async fn run_pod(
             break;
         }
         let cname = c["name"].as_str().unwrap_or_default().to_owned();
-        let mut child = start(config, &netns, &pod, c, &volumes, &dir)?;
+        let mut child = start(config, &netns, &pod, c, &volumes, &dir, None)?;
         if c["restartPolicy"] == "Always" {
             if let Some(probe) = c.get("startupProbe") {
                 if !wait_probe(probe, &netns, &ips[0], &mut stop).await {
@@ -235,7 +236,21 @@ async fn run_pod(
     let mut apps: Vec<Running> = Vec::new();
     if !*stop.borrow() {
         for c in spec["containers"].as_array().into_iter().flatten() {
-            let child = start(config, &netns, &pod, c, &volumes, &dir)?;
+            let child = start(config, &netns, &pod, c, &volumes, &dir, None)?;
+            // The next container starts only once this one's postStart hook has returned.
+            if let Some(hook) = c.pointer("/lifecycle/postStart/exec/command") {
+                let mut h = start(config, &netns, &pod, c, &volumes, &dir, Some(hook))?;
+                match exited(&mut h, &mut stop).await {
+                    Some(s) if !s.success() => {
+                        tracing::warn!(pod = %name, container = ?c["name"], %s, "postStart hook failed");
+                    }
+                    Some(_) => {}
+                    None => {
+                        let _ = h.kill();
+                        let _ = h.wait();
+                    }
+                }
+            }
             if let Some(r) = c.get("readinessProbe") {
                 ready_probes.push(r.clone());
             }
@@ -549,7 +564,8 @@ fn field(pod: &Value, path: &str) -> String {
     }
 }
 
-/// Starts container `c` in the pod.
+/// Starts container `c` in the pod, or, with `exec`, that command in it (a `postStart` hook:
+/// a program named like the image's entrypoint's is that one).
 fn start(
     config: &KubeletConfig,
     netns: &hypha_pod::Pod,
@@ -557,6 +573,7 @@ fn start(
     c: &Value,
     volumes: &HashMap<String, PathBuf>,
     dir: &Path,
+    exec: Option<&Value>,
 ) -> Result<Child, String> {
     let cname = c["name"].as_str().unwrap_or_default();
     let image = c["image"].as_str().unwrap_or_default();
@@ -567,15 +584,30 @@ fn start(
             .filter_map(|s| s.as_str().map(str::to_owned))
             .collect()
     };
-    let mut argv = match c.get("command") {
-        Some(cmd) if cmd.is_array() => strings(cmd),
-        _ => config
-            .images
-            .get(image)
-            .cloned()
-            .ok_or_else(|| format!("container {cname}: no program for image {image:?}"))?,
+    let entrypoint = config.images.get(image);
+    let argv = match exec {
+        Some(cmd) => {
+            let mut argv = strings(cmd);
+            let program = entrypoint.and_then(|e| e.first());
+            if let (Some(first), Some(program)) = (argv.first_mut(), program) {
+                let named = Path::new(program.as_str()).file_name();
+                if !first.contains('/') && named.is_some_and(|n| n == first.as_str()) {
+                    first.clone_from(program);
+                }
+            }
+            argv
+        }
+        None => {
+            let mut argv = match c.get("command") {
+                Some(cmd) if cmd.is_array() => strings(cmd),
+                _ => entrypoint
+                    .cloned()
+                    .ok_or_else(|| format!("container {cname}: no program for image {image:?}"))?,
+            };
+            argv.extend(strings(&c["args"]));
+            argv
+        }
     };
-    argv.extend(strings(&c["args"]));
     // Mount paths → the volumes' directories.
     let mounts: Vec<(String, PathBuf)> = c["volumeMounts"]
         .as_array()
@@ -629,7 +661,10 @@ fn start(
         };
         cmd.env(name, value);
     }
-    let log = dir.join(format!("{cname}.log"));
+    let log = match exec {
+        Some(_) => dir.join(format!("{cname}.poststart.log")),
+        None => dir.join(format!("{cname}.log")),
+    };
     let out = std::fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
     let err = out.try_clone().map_err(|e| e.to_string())?;
     cmd.stdout(out)

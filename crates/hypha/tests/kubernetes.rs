@@ -67,6 +67,15 @@ fn bookinfo() -> String {
              readinessProbe: {{tcpSocket: {{port: http}}, periodSeconds: 1}}\n"
         ));
     }
+    // A pod with a classic sidecar that holds its app until the proxy is ready.
+    out.push_str(
+        "---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {name: classic, namespace: bookinfo}\n\
+         spec:\n  replicas: 1\n  selector: {matchLabels: {app: classic}}\n  template:\n    \
+         metadata:\n      labels: {app: classic}\n      annotations: {sidecar.istio.io/nativeSidecar: \"false\", \
+         proxy.istio.io/config: \"holdApplicationUntilProxyStarts: true\"}\n    spec:\n      containers:\n      \
+         - name: classic\n        image: demo/details\n        ports: [{name: http, containerPort: 9080}]\n        \
+         readinessProbe: {tcpSocket: {port: http}, periodSeconds: 1}\n",
+    );
     // A client: a shell that sleeps, for curl.
     out.push_str(
         "---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {name: client, namespace: bookinfo}\n\
@@ -341,7 +350,7 @@ async fn injected_bookinfo_runs_over_mutual_tls() {
 
     // The user's part: a labelled namespace and plain Deployments.
     apply(dir, "bookinfo.yaml", &bookinfo());
-    let apps = ["productpage", "details", "reviews", "client"];
+    let apps = ["productpage", "details", "reviews", "classic", "client"];
     let deadline = Instant::now() + WAIT;
     loop {
         let all_ready = apps.iter().all(|a| {
@@ -366,19 +375,31 @@ async fn injected_bookinfo_runs_over_mutual_tls() {
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    for a in apps {
-        let p = &pods(&api, a)[0];
-        let inits: Vec<&str> = p["spec"]["initContainers"]
+    let names = |p: &Value, list: &str| -> Vec<String> {
+        p["spec"][list]
             .as_array()
             .unwrap()
             .iter()
-            .map(|c| c["name"].as_str().unwrap())
-            .collect();
-        assert_eq!(inits, ["istio-init", "istio-proxy"], "{a}");
+            .map(|c| c["name"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    for a in apps {
+        let p = &pods(&api, a)[0];
+        if a == "classic" {
+            assert_eq!(names(p, "initContainers"), ["istio-init"]);
+            assert_eq!(names(p, "containers"), ["istio-proxy", "classic"]);
+        } else {
+            assert_eq!(
+                names(p, "initContainers"),
+                ["istio-init", "istio-proxy"],
+                "{a}"
+            );
+        }
     }
 
     // The app started only once its sidecar was ready (the native sidecar's startup probe).
-    for a in ["productpage", "details", "reviews"] {
+    // (The classic sidecar: its postStart hook, `hypha wait`, held the app.)
+    for a in ["productpage", "details", "reviews", "classic"] {
         let pod = pods(&api, a)[0]["metadata"]["name"]
             .as_str()
             .unwrap()

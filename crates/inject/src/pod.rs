@@ -86,6 +86,21 @@ pub fn inject(pod: &Value, target: &Target, settings: &Settings) -> Result<Outco
     }
 
     let config = proxy_config(&annotations, &settings.defaults)?;
+    // Istio's per-pod choice of the sidecar's form.
+    let kind = match annotations
+        .get("sidecar.istio.io/nativeSidecar")
+        .map(String::as_str)
+    {
+        Some("true") => SidecarKind::Native,
+        Some("false") => SidecarKind::Classic,
+        None => settings.sidecar,
+        Some(other) => {
+            return Err(InjectError::Annotation {
+                annotation: "sidecar.istio.io/nativeSidecar".into(),
+                message: format!("{other:?} is neither \"true\" nor \"false\""),
+            })
+        }
+    };
     let capture = capture_args(&annotations)?;
     let workload = target
         .workload
@@ -106,7 +121,7 @@ pub fn inject(pod: &Value, target: &Target, settings: &Settings) -> Result<Outco
             probes::rewrite(c, crate::HEALTH_PORT, &mut probers);
         }
     }
-    let sidecar = sidecar(settings, &annotations, &config, &workload, &probers)?;
+    let sidecar = sidecar(settings, kind, &annotations, &config, &workload, &probers)?;
     let init = capture_container(settings, capture);
     let first_app = spec.containers.first().map(|c| c.name.clone());
 
@@ -114,7 +129,7 @@ pub fn inject(pod: &Value, target: &Target, settings: &Settings) -> Result<Outco
         .as_object_mut()
         .ok_or_else(|| InjectError::NotAPod("its spec is not an object".into()))?;
     let hold = config.hold_application_until_proxy_starts.unwrap_or(false);
-    let (init_names, container_names) = match settings.sidecar {
+    let (init_names, container_names) = match kind {
         SidecarKind::Native => {
             prepend(spec_out, "initContainers", vec![init, sidecar]);
             (vec![crate::INIT_CONTAINER, crate::PROXY_CONTAINER], vec![])
@@ -369,6 +384,7 @@ fn capture_container(settings: &Settings, args: Vec<String>) -> Value {
 /// The sidecar container.
 fn sidecar(
     settings: &Settings,
+    kind: SidecarKind,
     annotations: &BTreeMap<String, String>,
     config: &ProxyConfig,
     workload: &str,
@@ -443,7 +459,7 @@ fn sidecar(
             {"name": "istio-podinfo", "mountPath": "/etc/istio/pod", "readOnly": true},
         ],
     });
-    match settings.sidecar {
+    match kind {
         SidecarKind::Native => {
             // The kubelet starts the next container only when this probe passes: the app
             // never runs before its sidecar is ready.

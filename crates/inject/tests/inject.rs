@@ -368,6 +368,27 @@ fn classic_sidecars_for_older_clusters() {
 }
 
 #[test]
+fn a_pod_chooses_its_sidecars_form() {
+    let mut pod = pod_of(&review());
+    pod["metadata"]["annotations"]["sidecar.istio.io/nativeSidecar"] = json!("false");
+    let done = injected(&pod, &Settings::default()).pod;
+    assert_eq!(
+        container(&done["spec"]["containers"], "istio-proxy")["name"],
+        "istio-proxy"
+    );
+    let classic = Settings {
+        sidecar: SidecarKind::Classic,
+        ..Settings::default()
+    };
+    pod["metadata"]["annotations"]["sidecar.istio.io/nativeSidecar"] = json!("true");
+    let done = injected(&pod, &classic).pod;
+    let proxy = container(&done["spec"]["initContainers"], "istio-proxy");
+    assert_eq!(proxy["restartPolicy"], "Always");
+    pod["metadata"]["annotations"]["sidecar.istio.io/nativeSidecar"] = json!("maybe");
+    assert!(inject(&pod, &target(&review()), &classic).is_err());
+}
+
+#[test]
 fn bad_annotations_fail_the_pod_with_the_reason() {
     let cases = [
         (
