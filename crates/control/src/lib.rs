@@ -15,7 +15,7 @@ pub mod translate;
 
 pub use hypha_xds::ProxyInfo;
 pub use server::{
-    initial_config, log_diagnostics, run, ControlPlane, ExtraSource, ExtraTask, Generation,
-    RunError, Security, TlsService, EMBEDDED_CONFIG,
+    initial_config, log_diagnostics, run, run_with_health, serve_ready, ControlPlane, ExtraSource,
+    ExtraTask, Generation, RunError, Security, TlsService, EMBEDDED_CONFIG,
 };
 pub use translate::Translation;

@@ -76,6 +76,8 @@ struct Inner {
     /// Whether a SPIFFE ID is revoked (set by the CA's secure endpoint): checked for every
     /// xDS stream, so a revoked identity cannot open a new one on a connection it already has.
     revoked: std::sync::OnceLock<Revoked>,
+    /// Whether the config served is the sources' (see [`ControlPlane::set_ready`]).
+    ready: std::sync::atomic::AtomicBool,
 }
 
 /// Whether a SPIFFE ID is revoked.
@@ -106,8 +108,20 @@ impl ControlPlane {
                 rejected: AtomicU64::new(0),
                 subscribers: Mutex::new(Vec::new()),
                 revoked: std::sync::OnceLock::new(),
+                ready: std::sync::atomic::AtomicBool::new(true),
             }),
         }
+    }
+
+    /// Says whether the config served is complete: a source that pushes its first generation
+    /// later (the cluster, once every kind is listed) clears it at start and sets it then.
+    pub fn set_ready(&self, ready: bool) {
+        self.inner.ready.store(ready, Ordering::SeqCst);
+    }
+
+    /// What `/ready` of `hypha control --health` answers.
+    pub fn is_ready(&self) -> bool {
+        self.inner.ready.load(Ordering::SeqCst)
     }
 
     pub fn current(&self) -> Arc<Translation> {
@@ -527,12 +541,70 @@ pub type ExtraSource = Box<dyn FnOnce(ControlPlane, watch::Receiver<Config>) -> 
 /// What an [`ExtraSource`] runs until the control plane stops.
 pub type ExtraTask = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
+/// `/ready` (200 once the config served is the sources', else 503) for a readiness probe; any
+/// other path 404. One request per connection, its head read for at most 10 s.
+pub async fn serve_ready(cp: ControlPlane, listener: TcpListener) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let cp = cp.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 4096];
+            let mut n = 0;
+            let read = async {
+                while n < buf.len() {
+                    let got = stream.read(&mut buf[n..]).await.ok()?;
+                    if got == 0 {
+                        return None;
+                    }
+                    n += got;
+                    if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                        return Some(());
+                    }
+                }
+                None
+            };
+            if tokio::time::timeout(Duration::from_secs(10), read).await != Ok(Some(())) {
+                return;
+            }
+            let (status, body) = if buf.starts_with(b"GET /ready ") {
+                if cp.is_ready() {
+                    ("200 OK", "ready\n")
+                } else {
+                    ("503 Service Unavailable", "not ready\n")
+                }
+            } else {
+                ("404 Not Found", "/ready\n")
+            };
+            let reply = format!(
+                "HTTP/1.1 {status}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = stream.write_all(reply.as_bytes()).await;
+        });
+    }
+}
+
 /// `hypha control`: load, serve on every address, watch the directory (and `extra`).
 pub async fn run(
     dir: Option<PathBuf>,
     listen: &[SocketAddr],
     security: Option<Security>,
     extra: Option<ExtraSource>,
+) -> Result<(), RunError> {
+    run_with_health(dir, listen, security, extra, &[]).await
+}
+
+/// [`run`], with `/ready` served on each of `health` (the Deployment's readiness probe).
+pub async fn run_with_health(
+    dir: Option<PathBuf>,
+    listen: &[SocketAddr],
+    security: Option<Security>,
+    extra: Option<ExtraSource>,
+    health: &[SocketAddr],
 ) -> Result<(), RunError> {
     // With another source, no files means an empty mesh config rather than the example, and
     // files are validated with that source's config (they may refer to it): only their parse
@@ -603,6 +675,20 @@ pub async fn run(
         tracing::info!("{line}");
     }
     let mut tasks = tokio::task::JoinSet::new();
+    // With another source, what is served is complete once that source has pushed.
+    if extra.is_some() {
+        cp.set_ready(false);
+    }
+    for addr in health {
+        let l = TcpListener::bind(addr)
+            .await
+            .map_err(|e| RunError::Bind(*addr, e))?;
+        tracing::info!(
+            "serving /ready on {}",
+            l.local_addr().map_err(|e| RunError::Bind(*addr, e))?
+        );
+        tasks.spawn(serve_ready(cp.clone(), l));
+    }
     if let Some(secure) = &secure {
         for service in services {
             tasks.spawn((service.0)(secure.clone()));

@@ -491,6 +491,10 @@ struct ControlArgs {
     /// The environment variable holding the token's user PIN.
     #[arg(long, conflicts_with = "pkcs11_pin_file")]
     pkcs11_pin_env: Option<String>,
+    /// Serve `/ready` here (plain HTTP, for a readiness probe): 200 once the config served is
+    /// complete (with --kubernetes, once the cluster has been read); repeatable.
+    #[arg(long)]
+    health: Vec<SocketAddr>,
     /// Serve the sidecar injection webhook here (Istio's 15017), over TLS with the
     /// control plane's certificate; needs --kubernetes and --data-dir.
     #[arg(long, requires_all = ["kubernetes", "data_dir"])]
@@ -715,6 +719,7 @@ fn main() -> ExitCode {
                 pkcs11_token,
                 pkcs11_pin_file,
                 pkcs11_pin_env,
+                health,
                 webhook,
                 webhook_names,
                 webhook_configuration,
@@ -747,7 +752,7 @@ fn main() -> ExitCode {
                 configuration: webhook_configuration,
                 inject,
             });
-            run(control(config, cluster, listen, security, webhook))
+            run(control(config, cluster, listen, security, webhook, health))
         }
         Command::Proxy(args) => match proxy_config(&args) {
             Ok(config) => {
@@ -1196,6 +1201,7 @@ async fn control(
     listen: Vec<SocketAddr>,
     mut security: Option<hypha_control::Security>,
     webhook: Option<WebhookArgs>,
+    health: Vec<SocketAddr>,
 ) -> anyhow::Result<()> {
     let extra = match cluster {
         Some(kubeconfig) => {
@@ -1229,7 +1235,7 @@ async fn control(
         }
         None => None,
     };
-    Ok(hypha_control::run(config, &listen, security, extra).await?)
+    Ok(hypha_control::run_with_health(config, &listen, security, extra, &health).await?)
 }
 
 /// A PIN from a file, else from an environment variable (`HYPHA_PKCS11_PIN` by default).

@@ -161,9 +161,14 @@ fn logged_at(log: &Path, text: &str) -> String {
 
 /// The node agent's `/metrics`.
 fn scrape(port: u16) -> String {
+    http_get(port, "/metrics")
+}
+
+/// A plain GET on loopback; the whole answer.
+fn http_get(port: u16, path: &str) -> String {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
         .unwrap();
     let mut out = String::new();
     let _ = s.read_to_string(&mut out);
@@ -252,7 +257,7 @@ async fn injected_bookinfo_runs_over_mutual_tls() {
         .unwrap();
 
     // The control plane as the install runs it, on the node's address.
-    let (xds, webhook) = (free_port(), free_port());
+    let (xds, webhook, ready_port) = (free_port(), free_port(), free_port());
     let log = std::fs::File::create(dir.join("control.log")).unwrap();
     let _control = Control(
         Command::new(exe)
@@ -268,6 +273,7 @@ async fn injected_bookinfo_runs_over_mutual_tls() {
                 &format!("https://{}:{xds}", node.ipv4()),
             ])
             .args(["--image", "hypha:test"])
+            .args(["--health", &format!("127.0.0.1:{ready_port}")])
             .env("HYPHA_LOG", "info")
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -435,6 +441,10 @@ async fn injected_bookinfo_runs_over_mutual_tls() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
     assert!(page.contains("details-v1"), "{page}");
+
+    // The control plane says it is ready: the cluster has been read and pushed.
+    let answer = http_get(ready_port, "/ready");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
 
     // The node agent registered the pods: their apps' connections were captured at connect
     // time and their bytes handed from socket to socket.

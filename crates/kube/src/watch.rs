@@ -364,6 +364,8 @@ pub async fn run(client: Client, cp: ControlPlane, mut files: watch::Receiver<Co
                     let cp2 = cp.clone();
                     let config = assembled.config;
                     let _ = tokio::task::spawn_blocking(move || cp2.update(config)).await;
+                    // The cluster's config is served: ready (the control plane's /ready).
+                    cp.set_ready(true);
                     tracing::info!(
                         waited_ms = since.map_or(0, |d| d.as_millis() as u64),
                         assemble_ms = assembled_in.as_millis() as u64,

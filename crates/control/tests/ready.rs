@@ -1,0 +1,30 @@
+//! `hypha control --health`: `/ready` says whether the config served is complete, as a
+//! Deployment's readiness probe asks it.
+
+use hypha_control::{serve_ready, ControlPlane};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+async fn get(addr: std::net::SocketAddr, path: &str) -> String {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+#[tokio::test]
+async fn ready_once_the_sources_config_is_served() {
+    let cp = ControlPlane::new(hypha_config::Config::default());
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(serve_ready(cp.clone(), l));
+    assert!(get(addr, "/ready").await.starts_with("HTTP/1.1 200"));
+    // Another source that has not pushed yet.
+    cp.set_ready(false);
+    assert!(get(addr, "/ready").await.starts_with("HTTP/1.1 503"));
+    cp.set_ready(true);
+    assert!(get(addr, "/ready").await.starts_with("HTTP/1.1 200"));
+    assert!(get(addr, "/config").await.starts_with("HTTP/1.1 404"));
+}
