@@ -187,7 +187,9 @@ pub(crate) async fn run(shared: Shared) {
                 }
                 Err(r) => {
                     tracing::warn!(pod = %pk.3, namespace = %pk.2, "pod not created: {}", r.message);
-                    if let Some(owner) = pod
+                    if pod.pointer("/metadata/ownerReferences/0/kind") == Some(&json!("Job")) {
+                        dirty.jobs = true;
+                    } else if let Some(owner) = pod
                         .pointer("/metadata/ownerReferences/0/name")
                         .and_then(Value::as_str)
                     {

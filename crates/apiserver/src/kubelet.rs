@@ -68,7 +68,7 @@ pub(crate) async fn run(shared: Shared, config: KubeletConfig) {
     }
     let mut feed = lock(&shared).store.feed.subscribe();
     let mut running: HashMap<Key, tokio::sync::watch::Sender<bool>> = HashMap::new();
-    let mut tasks = tokio::task::JoinSet::new();
+    let mut tasks: tokio::task::JoinSet<Key> = tokio::task::JoinSet::new();
     // The pods there already, then every change.
     let existing: Vec<(Key, Value)> = {
         let state = lock(&shared);
@@ -84,7 +84,7 @@ pub(crate) async fn run(shared: Shared, config: KubeletConfig) {
                 pod: Value,
                 deleted: bool,
                 running: &mut HashMap<_, tokio::sync::watch::Sender<bool>>,
-                tasks: &mut tokio::task::JoinSet<()>| {
+                tasks: &mut tokio::task::JoinSet<Key>| {
         if pod.pointer("/spec/nodeName").and_then(Value::as_str) != Some(&config.node_name) {
             return;
         }
@@ -107,19 +107,48 @@ pub(crate) async fn run(shared: Shared, config: KubeletConfig) {
         running.insert(k.clone(), tx);
         let (shared, config) = (shared.clone(), config.clone());
         tasks.spawn(async move {
-            let name = k.3.clone();
             if let Err(e) = run_pod(&shared, &config, &k, pod, rx).await {
-                tracing::warn!(pod = %name, "kubelet: {e}");
+                tracing::warn!(pod = %k.3, "kubelet: {e}");
             }
+            k
         });
     };
     for (k, pod) in existing {
         seen(k, pod, false, &mut running, &mut tasks);
     }
     loop {
-        let e = match feed.recv().await {
+        let received = tokio::select! {
+            r = feed.recv() => r,
+            Some(Ok(done)) = tasks.join_next() => {
+                // A pod of that name made again later is a new one.
+                running.remove(&done);
+                continue;
+            }
+        };
+        let e = match received {
             Ok(e) => e,
-            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                // Fallen behind: what is there now, and the pods gone meanwhile stopped.
+                let now: Vec<(Key, Value)> = {
+                    let state = lock(&shared);
+                    state
+                        .store
+                        .objects
+                        .iter()
+                        .filter(|(k, _)| k.0.is_empty() && k.1 == "pods")
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect()
+                };
+                for (k, stop) in &running {
+                    if !now.iter().any(|(n, _)| n == k) {
+                        let _ = stop.send(true);
+                    }
+                }
+                for (k, pod) in now {
+                    seen(k, pod, false, &mut running, &mut tasks);
+                }
+                continue;
+            }
             Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
         };
         if !(e.group.is_empty() && e.resource == "pods") {
@@ -156,7 +185,8 @@ async fn run_pod(
 ) -> Result<(), String> {
     let (ns, name) = (k.2.clone(), k.3.clone());
     let node = config.node.clone();
-    let net_name = format!("{ns}-{name}");
+    // A namespace's name has no dot, so `<ns>.<name>` names one pod only.
+    let net_name = format!("{ns}.{name}");
     let netns = tokio::task::spawn_blocking(move || node.pod(&net_name))
         .await
         .map_err(|e| e.to_string())?
@@ -210,7 +240,14 @@ async fn run_pod(
             if let Some(probe) = c.get("startupProbe") {
                 if !wait_probe(probe, &netns, &ips[0], &mut stop).await {
                     sidecars.push(Running { name: cname, child });
-                    break;
+                    if *stop.borrow() {
+                        break;
+                    }
+                    // Never started: the pod's containers are not run without it.
+                    tracing::warn!(pod = %name, container = ?c["name"], "startup probe failed");
+                    update_status(shared, k, |s| s["phase"] = json!("Failed"));
+                    stop_all(&mut sidecars, grace).await;
+                    return Ok(());
                 }
             }
             if let Some(r) = c.get("readinessProbe") {
@@ -237,6 +274,11 @@ async fn run_pod(
     if !*stop.borrow() {
         for c in spec["containers"].as_array().into_iter().flatten() {
             let child = start(config, &netns, &pod, c, &volumes, &dir, None)?;
+            let readiness = c.get("readinessProbe").cloned();
+            apps.push(Running {
+                name: c["name"].as_str().unwrap_or_default().to_owned(),
+                child,
+            });
             // The next container starts only once this one's postStart hook has returned.
             if let Some(hook) = c.pointer("/lifecycle/postStart/exec/command") {
                 let mut h = start(config, &netns, &pod, c, &volumes, &dir, Some(hook))?;
@@ -251,13 +293,9 @@ async fn run_pod(
                     }
                 }
             }
-            if let Some(r) = c.get("readinessProbe") {
-                ready_probes.push(r.clone());
+            if let Some(r) = readiness {
+                ready_probes.push(r);
             }
-            apps.push(Running {
-                name: c["name"].as_str().unwrap_or_default().to_owned(),
-                child,
-            });
         }
         update_status(shared, k, |s| s["phase"] = json!("Running"));
     }
@@ -464,13 +502,17 @@ fn volumes(shared: &Shared, pod: &Value, dir: &Path) -> Result<HashMap<String, P
         for (path, text) in files {
             let p = vdir.join(path);
             std::fs::write(&p, text).map_err(|e| format!("{}: {e}", p.display()))?;
-            if let Some(g) = fs_group {
-                // The pod's fsGroup owns its volumes, readable by the group (as the kubelet
-                // sets them up).
-                let _ = std::os::unix::fs::chown(&p, None, Some(g as u32));
-                use std::os::unix::fs::PermissionsExt;
-                let _ = std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o640));
-            }
+            // As the kubelet sets volumes up: owned by the pod's fsGroup and readable by it,
+            // else readable by every user of the pod (the projected volumes' 0644).
+            use std::os::unix::fs::PermissionsExt;
+            let mode = match fs_group.and_then(|g| u32::try_from(g).ok()) {
+                Some(g) => {
+                    let _ = std::os::unix::fs::chown(&p, None, Some(g));
+                    0o640
+                }
+                None => 0o644,
+            };
+            let _ = std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode));
         }
         out.insert(name.to_owned(), vdir);
     }

@@ -422,7 +422,7 @@ async fn injected_bookinfo_runs_over_mutual_tls() {
     // Through the mesh: curl in the client pod, productpage to details and reviews.
     let client = &pods(&api, "client")[0];
     let netns = format!(
-        "hypha{}-bookinfo-{}",
+        "hypha{}-bookinfo.{}",
         node.index(),
         client["metadata"]["name"].as_str().unwrap()
     );

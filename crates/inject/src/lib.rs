@@ -30,7 +30,7 @@ pub mod wait;
 pub mod webhooks;
 
 pub use pod::{capture_annotations, inject, workload_name, Injected, Outcome, Skip, Target};
-pub use select::{revision_of, selected};
+pub use select::{pod_choice, revision_of, selected};
 
 use hypha_config::proxy::ProxyConfig;
 

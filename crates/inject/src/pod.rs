@@ -157,14 +157,8 @@ pub fn inject(pod: &Value, target: &Target, settings: &Settings) -> Result<Outco
         "revision": settings.revision,
     })
     .to_string();
+    // No pod-wide fsGroup: it would change the group of every volume of the app's too.
     append(spec_out, "volumes", volumes);
-    // The projected token is readable by the sidecar's group.
-    let sc = spec_out
-        .entry("securityContext")
-        .or_insert_with(|| json!({}));
-    if let Some(sc) = sc.as_object_mut() {
-        sc.entry("fsGroup").or_insert(json!(crate::PROXY_GID));
-    }
 
     let meta_out = out
         .as_object_mut()

@@ -15,13 +15,9 @@ pub fn revision_of(
     pod_labels: &BTreeMap<String, String>,
     pod_annotations: &BTreeMap<String, String>,
 ) -> Option<String> {
-    const INJECT: &str = "sidecar.istio.io/inject";
     const REV: &str = "istio.io/rev";
-    let pod_says = pod_labels
-        .get(INJECT)
-        .or_else(|| pod_annotations.get(INJECT))
-        .map(String::as_str);
-    if pod_says == Some("false") {
+    let pod_says = pod_choice(pod_labels, pod_annotations);
+    if pod_says == Some(false) {
         return None;
     }
     let namespace_says = ["istio-injection", "hypha-injection"]
@@ -33,7 +29,26 @@ pub fn revision_of(
     if let Some(rev) = namespace_labels.get(REV).or_else(|| pod_labels.get(REV)) {
         return Some(rev.clone());
     }
-    (pod_says == Some("true")).then(|| "default".to_owned())
+    (pod_says == Some(true)).then(|| "default".to_owned())
+}
+
+/// What the pod itself says, as Istio reads `sidecar.istio.io/inject` (the label, else the
+/// old annotation): `y`, `yes`, `true`, `on` (any case) ask for a sidecar, an empty value
+/// says nothing, any other value refuses one.
+pub fn pod_choice(
+    pod_labels: &BTreeMap<String, String>,
+    pod_annotations: &BTreeMap<String, String>,
+) -> Option<bool> {
+    const INJECT: &str = "sidecar.istio.io/inject";
+    let v = pod_labels
+        .get(INJECT)
+        .or_else(|| pod_annotations.get(INJECT))?
+        .to_ascii_lowercase();
+    match v.as_str() {
+        "" => None,
+        "y" | "yes" | "true" | "on" => Some(true),
+        _ => Some(false),
+    }
 }
 
 /// Whether the injector of `revision` takes this pod.
@@ -91,6 +106,15 @@ mod tests {
             Some("stable")
         );
         assert!(selected("canary", &canary_ns, &none, &none));
+        // Istio's reading of the pod's value: yes/on/True ask, anything else refuses.
+        let yes = map(&[("sidecar.istio.io/inject", "Yes")]);
+        let no = map(&[("sidecar.istio.io/inject", "no")]);
+        let upper = map(&[("sidecar.istio.io/inject", "False")]);
+        assert_eq!(rev(&none, &yes, &none).as_deref(), Some("default"));
+        assert_eq!(rev(&enabled, &no, &none), None);
+        assert_eq!(rev(&enabled, &upper, &none), None);
+        // The label wins over the annotation.
+        assert_eq!(rev(&enabled, &opt_in, &opt_out).as_deref(), Some("default"));
         assert!(!selected("default", &canary_ns, &none, &none));
     }
 }

@@ -72,7 +72,11 @@ pub fn configuration(t: &WebhookTarget) -> Value {
     let mut hooks = vec![
         hook(
             "rev.namespace",
-            vec![is("istio.io/rev", rev), exists("istio-injection")],
+            vec![
+                is("istio.io/rev", rev),
+                exists("istio-injection"),
+                exists("hypha-injection"),
+            ],
             vec![not("sidecar.istio.io/inject", "false")],
         ),
         hook(

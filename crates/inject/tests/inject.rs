@@ -320,7 +320,10 @@ fn a_pod_with_nothing_gets_every_list_it_needs() {
         2
     );
     assert_eq!(patched["spec"]["volumes"].as_array().unwrap().len(), 3);
-    assert_eq!(patched["spec"]["securityContext"]["fsGroup"], 1337);
+    assert!(
+        patched["spec"].get("securityContext").is_none(),
+        "the pod's own security context is left alone"
+    );
     let proxy = container(&patched["spec"]["initContainers"], "istio-proxy");
     assert_eq!(env(proxy, "HYPHA_WORKLOAD").unwrap()["value"], "bare");
     assert!(env(proxy, hypha_inject::APP_PROBERS_ENV).is_none());

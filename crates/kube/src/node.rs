@@ -13,7 +13,7 @@ use futures::StreamExt;
 use hypha_bypass::{CapturedPod, IpRange, PodChange};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::Api;
-use kube::runtime::watcher;
+use kube::runtime::{watcher, WatchStreamExt};
 use kube::Client;
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -21,14 +21,44 @@ use tokio::sync::mpsc::UnboundedSender;
 pub async fn watch_pods(client: Client, node: String, tx: UnboundedSender<PodChange>) {
     let api: Api<Pod> = Api::all(client);
     let config = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
-    let mut events = watcher::watcher(api, config).boxed();
+    let mut events = watcher::watcher(api, config).default_backoff().boxed();
     // Pod uid → the namespace it was registered with.
     let mut registered: HashMap<String, PathBuf> = HashMap::new();
+    // The pods of a relist in progress: those registered and not in it went while the watch
+    // was down.
+    let mut relisted: Option<std::collections::HashSet<String>> = None;
     while let Some(event) = events.next().await {
         let (pod, gone) = match event {
-            Ok(watcher::Event::Apply(p) | watcher::Event::InitApply(p)) => (p, false),
+            Ok(watcher::Event::Init) => {
+                relisted = Some(Default::default());
+                continue;
+            }
+            Ok(watcher::Event::InitDone) => {
+                let listed = relisted.take().unwrap_or_default();
+                let stale: Vec<String> = registered
+                    .keys()
+                    .filter(|uid| !listed.contains(*uid))
+                    .cloned()
+                    .collect();
+                for uid in stale {
+                    if let Some(netns) = registered.remove(&uid) {
+                        if !netns.as_os_str().is_empty()
+                            && tx.send(PodChange::Remove(netns)).is_err()
+                        {
+                            return;
+                        }
+                    }
+                }
+                continue;
+            }
+            Ok(watcher::Event::Apply(p)) => (p, false),
+            Ok(watcher::Event::InitApply(p)) => {
+                if let (Some(set), Some(uid)) = (&mut relisted, &p.metadata.uid) {
+                    set.insert(uid.clone());
+                }
+                (p, false)
+            }
             Ok(watcher::Event::Delete(p)) => (p, true),
-            Ok(_) => continue,
             Err(e) => {
                 tracing::warn!(error = %e, "node agent: watching pods");
                 continue;
@@ -49,6 +79,9 @@ pub async fn watch_pods(client: Client, node: String, tx: UnboundedSender<PodCha
                 .is_some_and(|p| p == "Succeeded" || p == "Failed");
         if ending {
             if let Some(netns) = registered.remove(&uid) {
+                if netns.as_os_str().is_empty() {
+                    continue;
+                }
                 tracing::info!(pod = %name, "node agent: pod leaves the bypass");
                 if tx.send(PodChange::Remove(netns)).is_err() {
                     return;

@@ -24,6 +24,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use kube::api::{Api, PostParams};
 use kube::runtime::watcher;
+use kube::runtime::WatchStreamExt;
 use kube::Client;
 use serde_json::{json, Value};
 
@@ -70,9 +71,16 @@ pub fn review(body: &[u8], settings: &Settings) -> Result<Value, String> {
             namespace: namespace.to_owned(),
             workload: None,
         };
-        let opted_out = ["labels", "annotations"]
-            .iter()
-            .any(|m| pod["metadata"][m]["sidecar.istio.io/inject"] == "false");
+        let strings = |m: &str| -> std::collections::BTreeMap<String, String> {
+            pod["metadata"][m]
+                .as_object()
+                .into_iter()
+                .flatten()
+                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned())))
+                .collect()
+        };
+        let opted_out =
+            hypha_inject::pod_choice(&strings("labels"), &strings("annotations")) == Some(false);
         if !opted_out {
             match hypha_inject::inject(pod, &target, settings) {
                 Ok(Outcome::Injected(done)) => {
@@ -172,7 +180,9 @@ async fn handle(req: Request<hyper::body::Incoming>, settings: &Settings) -> Res
 pub async fn keep_ca_bundle(client: Client, name: String, ca_pem: String) {
     let api: Api<MutatingWebhookConfiguration> = Api::all(client);
     let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
-    let mut events = watcher::watcher(api.clone(), config).boxed();
+    let mut events = watcher::watcher(api.clone(), config)
+        .default_backoff()
+        .boxed();
     while let Some(event) = events.next().await {
         let seen = match event {
             Ok(watcher::Event::Apply(c) | watcher::Event::InitApply(c)) => c,

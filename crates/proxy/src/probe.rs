@@ -77,10 +77,17 @@ impl Action {
                 headers,
             } => {
                 let stream = connect(host.as_deref(), app, *port).await?;
-                let authority = host.clone().unwrap_or_else(|| authority(app, *port));
-                let mut req = http::Request::get(if path.is_empty() { "/" } else { path })
-                    .header(http::header::HOST, authority)
-                    .header(http::header::USER_AGENT, "kube-probe/1.33");
+                // The probe's own Host and User-Agent headers replace the defaults, as the
+                // kubelet's do.
+                let named = |n: &str| headers.iter().any(|(k, _)| k.eq_ignore_ascii_case(n));
+                let mut req = http::Request::get(if path.is_empty() { "/" } else { path });
+                if !named("host") {
+                    let authority = host.clone().unwrap_or_else(|| authority(app, *port));
+                    req = req.header(http::header::HOST, authority);
+                }
+                if !named("user-agent") {
+                    req = req.header(http::header::USER_AGENT, "kube-probe/1.33");
+                }
                 for (k, v) in headers {
                     req = req.header(k.as_str(), v.as_str());
                 }

@@ -167,3 +167,52 @@ async fn the_health_listener_runs_the_apps_probes() {
     );
     drop(silent);
 }
+
+/// A probe's own `Host` header is the one sent (once), as the kubelet sends it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_probes_host_header_replaces_the_default() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut buf = vec![0u8; 4096];
+            let n = s.read(&mut buf).await.unwrap();
+            let head = String::from_utf8_lossy(&buf[..n]).to_ascii_lowercase();
+            let hosts: Vec<&str> = head.lines().filter(|l| l.starts_with("host:")).collect();
+            let status = if hosts == ["host: app.example"] {
+                "200 OK"
+            } else {
+                "400 Bad Request"
+            };
+            let _ = s
+                .write_all(format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\n\r\n").as_bytes())
+                .await;
+        }
+    });
+    let probe = AppProbe {
+        action: Action::Http {
+            port,
+            path: "/".into(),
+            https: false,
+            host: None,
+            headers: vec![("Host".into(), "app.example".into())],
+        },
+        timeout: Duration::from_secs(1),
+    };
+    let p = hypha_proxy::start(hypha_proxy::Options {
+        health: vec!["127.0.0.1:0".parse().unwrap()],
+        app_probes: AppProbes {
+            app: Some("127.0.0.1".parse().unwrap()),
+            by_path: [("/app-health/a/readyz".to_owned(), probe)]
+                .into_iter()
+                .collect(),
+        },
+        ..sidecar("http://127.0.0.1:1", "web", &[("app", "web")])
+    })
+    .await
+    .unwrap();
+    let (s, body) = admin(p.health[0], "/app-health/a/readyz").await;
+    assert_eq!(s, 200, "{body}");
+}
