@@ -50,21 +50,33 @@ fn bookinfo() -> String {
     let mut out = String::from(
         "apiVersion: v1\nkind: Namespace\nmetadata: {name: bookinfo, labels: {istio-injection: enabled}}\n",
     );
-    for (app, role, replicas) in [
-        ("productpage", "productpage", 1),
-        ("details", "details", 1),
-        ("reviews", "reviews-v1", 2),
+    // Bookinfo's four services; ratings speaks gRPC, which reviews v2 calls.
+    for (app, port) in [
+        ("productpage", "http"),
+        ("details", "http"),
+        ("reviews", "http"),
+        ("ratings", "grpc"),
     ] {
         out.push_str(&format!(
             "---\napiVersion: v1\nkind: ServiceAccount\nmetadata: {{name: bookinfo-{app}, namespace: bookinfo}}\n\
              ---\napiVersion: v1\nkind: Service\nmetadata: {{name: {app}, namespace: bookinfo, labels: {{app: {app}}}}}\n\
-             spec: {{selector: {{app: {app}}}, ports: [{{name: http, port: 9080, targetPort: http}}]}}\n\
-             ---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: {app}-v1, namespace: bookinfo}}\n\
-             spec:\n  replicas: {replicas}\n  selector: {{matchLabels: {{app: {app}, version: v1}}}}\n  template:\n    \
-             metadata: {{labels: {{app: {app}, version: v1}}}}\n    spec:\n      serviceAccountName: bookinfo-{app}\n      \
+             spec: {{selector: {{app: {app}}}, ports: [{{name: {port}, port: 9080, targetPort: {port}}}]}}\n"
+        ));
+    }
+    for (app, version, role, port, replicas) in [
+        ("productpage", "v1", "productpage", "http", 1),
+        ("details", "v1", "details", "http", 1),
+        ("reviews", "v1", "reviews-v1", "http", 2),
+        ("reviews", "v2", "reviews-v2", "http", 1),
+        ("ratings", "v1", "ratings", "grpc", 1),
+    ] {
+        out.push_str(&format!(
+            "---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: {app}-{version}, namespace: bookinfo}}\n\
+             spec:\n  replicas: {replicas}\n  selector: {{matchLabels: {{app: {app}, version: {version}}}}}\n  template:\n    \
+             metadata: {{labels: {{app: {app}, version: {version}}}}}\n    spec:\n      serviceAccountName: bookinfo-{app}\n      \
              containers:\n      - name: {app}\n        image: demo/{role}\n        \
-             ports: [{{name: http, containerPort: 9080}}]\n        \
-             readinessProbe: {{tcpSocket: {{port: http}}, periodSeconds: 1}}\n"
+             ports: [{{name: {port}, containerPort: 9080}}]\n        \
+             readinessProbe: {{tcpSocket: {{port: {port}}}, periodSeconds: 1}}\n"
         ));
     }
     // A pod with a classic sidecar that holds its app until the proxy is ready.
@@ -213,7 +225,13 @@ async fn injected_bookinfo_runs_over_mutual_tls() {
     api.run_controllers();
     let mut images: HashMap<String, Vec<String>> = HashMap::new();
     images.insert("hypha:test".into(), vec![exe.into()]);
-    for role in ["productpage", "details", "reviews-v1"] {
+    for role in [
+        "productpage",
+        "details",
+        "reviews-v1",
+        "reviews-v2",
+        "ratings",
+    ] {
         images.insert(
             format!("demo/{role}"),
             vec![
@@ -356,11 +374,18 @@ async fn injected_bookinfo_runs_over_mutual_tls() {
 
     // The user's part: a labelled namespace and plain Deployments.
     apply(dir, "bookinfo.yaml", &bookinfo());
-    let apps = ["productpage", "details", "reviews", "classic", "client"];
+    let apps = [
+        "productpage",
+        "details",
+        "reviews",
+        "ratings",
+        "classic",
+        "client",
+    ];
     let deadline = Instant::now() + WAIT;
     loop {
         let all_ready = apps.iter().all(|a| {
-            let want = if *a == "reviews" { 2 } else { 1 };
+            let want = if *a == "reviews" { 3 } else { 1 };
             let p = pods(&api, a);
             *a == "client" || (p.len() == want && p.iter().all(ready))
         });
@@ -405,7 +430,7 @@ async fn injected_bookinfo_runs_over_mutual_tls() {
 
     // The app started only once its sidecar was ready (the native sidecar's startup probe).
     // (The classic sidecar: its postStart hook, `hypha wait`, held the app.)
-    for a in ["productpage", "details", "reviews", "classic"] {
+    for a in ["productpage", "details", "reviews", "ratings", "classic"] {
         let pod = pods(&api, a)[0]["metadata"]["name"]
             .as_str()
             .unwrap()
@@ -441,6 +466,23 @@ async fn injected_bookinfo_runs_over_mutual_tls() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
     assert!(page.contains("details-v1"), "{page}");
+    // gRPC through the mesh too: reviews v2 asks ratings for its stars.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (ok, text) = curl_in(
+            &netns,
+            "http://reviews.bookinfo.svc.cluster.local:9080/reviews/0",
+        );
+        if ok && text.contains("\"black\"") && text.contains("\"stars\"") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no stars from ratings through the mesh: {text}\n{}",
+            logs(dir)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 
     // The control plane says it is ready: the cluster has been read and pushed.
     let answer = http_get(ready_port, "/ready");
@@ -533,7 +575,7 @@ async fn injected_bookinfo_runs_over_mutual_tls() {
     let deadline = Instant::now() + WAIT;
     loop {
         let now = pods(&api, "reviews");
-        let replaced = now.len() == 2
+        let replaced = now.len() == 3
             && now.iter().all(ready)
             && now.iter().all(|p| p["metadata"]["name"] != victim.as_str());
         if replaced {
