@@ -402,6 +402,13 @@ impl SnapshotSource for ControlPlane {
         if node.id.is_empty() {
             return Err(tonic::Status::invalid_argument("node.id is required"));
         }
+        // Before the sources' first config (the cluster still being read), a proxy would get
+        // an empty mesh and call itself ready: it is asked to come back (its client retries).
+        if !self.is_ready() {
+            return Err(tonic::Status::unavailable(
+                "the control plane is not ready: its config sources are still being read",
+            ));
+        }
         let proxy = ProxyInfo::from_node(node);
         crate::security::authorize_node(&proxy, connection, &self.current().registry)?;
         if let (Some(revoked), Some(id)) = (

@@ -1,5 +1,5 @@
 //! `hypha control --health`: `/ready` says whether the config served is complete, as a
-//! Deployment's readiness probe asks it.
+//! Deployment's readiness probe asks it; until it is, proxies are asked to come back.
 
 use hypha_control::{serve_ready, ControlPlane};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -27,4 +27,20 @@ async fn ready_once_the_sources_config_is_served() {
     cp.set_ready(true);
     assert!(get(addr, "/ready").await.starts_with("HTTP/1.1 200"));
     assert!(get(addr, "/config").await.starts_with("HTTP/1.1 404"));
+}
+
+#[test]
+fn proxies_are_asked_to_come_back_until_ready() {
+    use hypha_xds::SnapshotSource;
+    let cp = ControlPlane::new(hypha_config::Config::default());
+    let node = envoy_types::pb::envoy::config::core::v3::Node {
+        id: "sidecar~10.0.0.1~web-1.shop~shop.svc.cluster.local".into(),
+        ..Default::default()
+    };
+    let none = tonic::Extensions::default();
+    cp.set_ready(false);
+    let refused = cp.watch(&node, &none).expect_err("not ready");
+    assert_eq!(refused.code(), tonic::Code::Unavailable);
+    cp.set_ready(true);
+    assert!(cp.watch(&node, &none).is_ok());
 }

@@ -39,10 +39,10 @@ pub fn wait_ready(url: &str, timeout: Duration, every: Duration) -> Result<(), W
 fn probe(addr: SocketAddr, authority: &str, path: &str) -> std::io::Result<u16> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
     s.set_read_timeout(Some(Duration::from_secs(1)))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n"
-    )?;
+    // One write: a server that answers on the first bytes must not find the rest arriving
+    // after it has closed.
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n");
+    s.write_all(request.as_bytes())?;
     let mut head = [0u8; 12];
     s.read_exact(&mut head)?;
     std::str::from_utf8(&head[9..12])
@@ -63,8 +63,14 @@ mod tests {
         let server = std::thread::spawn(move || {
             for status in ["503 Service Unavailable", "200 OK"] {
                 let (mut c, _) = l.accept().unwrap();
+                // The whole request head, then the answer.
+                let mut head = Vec::new();
                 let mut buf = [0u8; 256];
-                let _ = c.read(&mut buf).unwrap();
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    let n = c.read(&mut buf).unwrap();
+                    assert!(n > 0, "the request ended early");
+                    head.extend_from_slice(&buf[..n]);
+                }
                 write!(c, "HTTP/1.1 {status}\r\ncontent-length: 0\r\n\r\n").unwrap();
             }
         });
