@@ -70,16 +70,7 @@ pub(crate) async fn run(shared: Shared, config: KubeletConfig) {
     let mut running: HashMap<Key, tokio::sync::watch::Sender<bool>> = HashMap::new();
     let mut tasks: tokio::task::JoinSet<Key> = tokio::task::JoinSet::new();
     // The pods there already, then every change.
-    let existing: Vec<(Key, Value)> = {
-        let state = lock(&shared);
-        state
-            .store
-            .objects
-            .iter()
-            .filter(|(k, _)| k.0.is_empty() && k.1 == "pods")
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect()
-    };
+    let existing = pods(&shared);
     let seen = |k: Key,
                 pod: Value,
                 deleted: bool,
@@ -129,16 +120,7 @@ pub(crate) async fn run(shared: Shared, config: KubeletConfig) {
             Ok(e) => e,
             Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
                 // Fallen behind: what is there now, and the pods gone meanwhile stopped.
-                let now: Vec<(Key, Value)> = {
-                    let state = lock(&shared);
-                    state
-                        .store
-                        .objects
-                        .iter()
-                        .filter(|(k, _)| k.0.is_empty() && k.1 == "pods")
-                        .map(|(k, v)| (k.clone(), v.clone()))
-                        .collect()
-                };
+                let now = pods(&shared);
                 for (k, stop) in &running {
                     if !now.iter().any(|(n, _)| n == k) {
                         let _ = stop.send(true);
@@ -168,6 +150,18 @@ pub(crate) async fn run(shared: Shared, config: KubeletConfig) {
             &mut tasks,
         );
     }
+}
+
+/// Every pod in the store.
+fn pods(shared: &Shared) -> Vec<(Key, Value)> {
+    let state = lock(shared);
+    state
+        .store
+        .objects
+        .iter()
+        .filter(|(k, _)| k.0.is_empty() && k.1 == "pods")
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
 }
 
 /// A started container.

@@ -183,6 +183,18 @@ impl ApiServer {
             .insert((namespace.to_owned(), name.to_owned(), port), addr);
     }
 
+    /// A token of service account `namespace/service_account` for the API server itself
+    /// (bound to no pod, never expiring): what a controller running as that account presents.
+    pub fn issue_account_token(&self, namespace: &str, service_account: &str) -> String {
+        self.issue_token(Token {
+            namespace: namespace.into(),
+            service_account: service_account.into(),
+            pod: None,
+            audiences: vec!["https://kubernetes.default.svc".into()],
+            expires: u64::MAX,
+        })
+    }
+
     /// Issues a service-account token, as the kubelet asks the TokenRequest API for one.
     pub fn issue_token(&self, token: Token) -> String {
         let mut state = lock(&self.shared);

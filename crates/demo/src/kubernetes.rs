@@ -85,13 +85,9 @@ impl Cluster {
         cluster.apply("platform.yaml", &platform).await?;
         cluster.apply("bookinfo.yaml", &manifests(plan)).await?;
         cluster.apply("istio.yaml", &istio_config()).await?;
-        let token = cluster.api.issue_token(Token {
-            namespace: hypha_kube::CONTROL_NAMESPACE.into(),
-            service_account: "hypha-control".into(),
-            pod: None,
-            audiences: vec!["https://kubernetes.default.svc".into()],
-            expires: u64::MAX,
-        });
+        let token = cluster
+            .api
+            .issue_account_token(hypha_kube::CONTROL_NAMESPACE, "hypha-control");
         cluster
             .api
             .write_kubeconfig_as(&cluster.control_kubeconfig, &token)

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hypha_apiserver::kubelet::KubeletConfig;
-use hypha_apiserver::{ApiServer, Token};
+use hypha_apiserver::ApiServer;
 use hypha_testkit::{privileged, TestCgroup};
 use serde_json::Value;
 
@@ -263,13 +263,7 @@ async fn injected_bookinfo_runs_over_mutual_tls() {
             hypha_kube::ISTIO_CRDS
         ),
     );
-    let token = api.issue_token(Token {
-        namespace: hypha_kube::CONTROL_NAMESPACE.into(),
-        service_account: "hypha-control".into(),
-        pod: None,
-        audiences: vec!["https://kubernetes.default.svc".into()],
-        expires: u64::MAX,
-    });
+    let token = api.issue_account_token(hypha_kube::CONTROL_NAMESPACE, "hypha-control");
     let control_kubeconfig = api
         .write_kubeconfig_as(&dir.join("control.kubeconfig"), &token)
         .unwrap();
@@ -315,13 +309,7 @@ async fn injected_bookinfo_runs_over_mutual_tls() {
         "node-rbac.yaml",
         &hypha_kube::install::yaml(&node_rbac),
     );
-    let node_token = api.issue_token(Token {
-        namespace: hypha_kube::CONTROL_NAMESPACE.into(),
-        service_account: "hypha-node".into(),
-        pod: None,
-        audiences: vec!["https://kubernetes.default.svc".into()],
-        expires: u64::MAX,
-    });
+    let node_token = api.issue_account_token(hypha_kube::CONTROL_NAMESPACE, "hypha-node");
     let node_kubeconfig = api
         .write_kubeconfig_as(&dir.join("node.kubeconfig"), &node_token)
         .unwrap();

@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use hypha_apiserver::{ApiServer, Token};
+use hypha_apiserver::ApiServer;
 
 pub struct TestCluster {
     pub api: ApiServer,
@@ -30,13 +30,7 @@ impl TestCluster {
         )
         .unwrap();
         kubectl(dir.path(), &["apply", "-f", rbac.to_str().unwrap()]);
-        let token = api.issue_token(Token {
-            namespace: hypha_kube::CONTROL_NAMESPACE.into(),
-            service_account: "hypha-control".into(),
-            pod: None,
-            audiences: vec!["https://kubernetes.default.svc".into()],
-            expires: u64::MAX,
-        });
+        let token = api.issue_account_token(hypha_kube::CONTROL_NAMESPACE, "hypha-control");
         let control = api
             .write_kubeconfig_as(&dir.path().join("control.kubeconfig"), &token)
             .unwrap();
