@@ -17,6 +17,8 @@ pub struct Kind {
     pub short_names: Vec<String>,
     /// Subresources served (`status`, `scale`).
     pub subresources: Vec<&'static str>,
+    /// A custom resource's structural schema (its CRD version's `openAPIV3Schema`).
+    pub schema: Option<std::sync::Arc<Value>>,
 }
 
 impl Kind {
@@ -38,6 +40,7 @@ impl Kind {
             namespaced,
             short_names: short.iter().map(|s| (*s).to_owned()).collect(),
             subresources: subresources.to_vec(),
+            schema: None,
         }
     }
 
@@ -169,6 +172,10 @@ impl Kind {
                     namespaced,
                     short_names: short_names.clone(),
                     subresources: status.into_iter().collect(),
+                    schema: v
+                        .pointer("/schema/openAPIV3Schema")
+                        .cloned()
+                        .map(std::sync::Arc::new),
                 })
             })
             .collect();

@@ -4,7 +4,8 @@
 //! OpenAPI v3 (what kubectl's default validation asks), list with `resourceVersion` and
 //! selectors, watch streams with bookmarks and `410 Gone` once the history is compacted,
 //! create / update / JSON merge and strategic merge patch / delete, the `status` and `scale`
-//! subresources, CRDs registered when applied, and TokenReview answered from the tokens the
+//! subresources, CRDs registered when applied (their custom resources checked against the
+//! structural schema and pruned, `schema`), and TokenReview answered from the tokens the
 //! test issued, mutating admission webhooks called on create (`admission`). Plain HTTP on
 //! loopback; any bearer token is accepted.
 //!
@@ -27,6 +28,7 @@ mod kinds;
 pub mod kubelet;
 mod patch;
 mod rbac;
+mod schema;
 mod select;
 mod serve;
 mod store;

@@ -13,6 +13,7 @@ use crate::discovery::{
     discovery_core, discovery_groups, openapi_doc, openapi_index, resource_list, version,
 };
 use crate::kinds::Kind;
+use crate::schema::{FieldValidation, Refused};
 use crate::select::Selector;
 use crate::tokenreview::token_review;
 use crate::watch::watch;
@@ -99,6 +100,14 @@ fn not_found(kind: &Kind, name: &str) -> Response<Body> {
     )
 }
 
+/// How a create or update is to be done: `fieldValidation` and `dryRun=All` (checked, admitted,
+/// answered, not stored).
+#[derive(Debug, Clone, Copy)]
+struct Write {
+    fields: FieldValidation,
+    dry_run: bool,
+}
+
 /// What the URL names.
 pub(crate) struct Target {
     pub(crate) kind: Kind,
@@ -149,6 +158,10 @@ async fn handle(
     let path = req.uri().path().trim_end_matches('/').to_owned();
     let q = query(&req);
     let param = |k: &str| q.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+    let write = Write {
+        fields: FieldValidation::from_query(param("fieldValidation")),
+        dry_run: param("dryRun") == Some("All"),
+    };
     let aggregated = req
         .headers()
         .get(http::header::ACCEPT)
@@ -286,7 +299,7 @@ async fn handle(
                     username: "kubernetes-admin",
                 };
                 match crate::admission::admit(&shared, &request, obj).await {
-                    Ok(obj) => create(&shared, &t, obj),
+                    Ok(obj) => create(&shared, &t, obj, write),
                     Err(r) => failure(
                         StatusCode::from_u16(r.code).unwrap_or(StatusCode::BAD_REQUEST),
                         r.reason,
@@ -308,7 +321,7 @@ async fn handle(
             }
         }
         (&Method::PUT, Some(name), sub) => match parsed() {
-            Ok(obj) => update(&shared, &t, name, sub, Change::Replace(obj)),
+            Ok(obj) => update(&shared, &t, name, sub, Change::Replace(obj), write),
             Err(e) => bad(e),
         },
         (&Method::PATCH, Some(name), sub) => {
@@ -325,7 +338,7 @@ async fn handle(
                     );
                 };
             match parsed() {
-                Ok(p) => update(&shared, &t, name, sub, how(p)),
+                Ok(p) => update(&shared, &t, name, sub, how(p), write),
                 Err(e) => bad(e),
             }
         }
@@ -519,7 +532,11 @@ pub(crate) fn rfc3339(at: std::time::SystemTime) -> String {
     )
 }
 
-fn create(shared: &Shared, t: &Target, mut obj: Value) -> Response<Body> {
+fn create(shared: &Shared, t: &Target, mut obj: Value, w: Write) -> Response<Body> {
+    let warnings = match checked(&t.kind, &mut obj, w.fields) {
+        Ok(w) => w,
+        Err(r) => return *r,
+    };
     let mut state = lock(shared);
     let Some(meta) = obj.get_mut("metadata").and_then(Value::as_object_mut) else {
         return failure(
@@ -607,12 +624,67 @@ fn create(shared: &Shared, t: &Target, mut obj: Value) -> Response<Body> {
     meta.insert("creationTimestamp".into(), Value::String(now_rfc3339()));
     meta.insert("generation".into(), json!(1));
     let obj = shown(&t.kind, &obj);
+    if w.dry_run {
+        return warned(
+            respond(StatusCode::CREATED, "application/json", &obj),
+            &warnings,
+        );
+    }
     let stored = store_object(&mut state, &k, "ADDED", obj);
-    respond(
-        StatusCode::CREATED,
-        "application/json",
-        &shown(&t.kind, &stored),
+    warned(
+        respond(
+            StatusCode::CREATED,
+            "application/json",
+            &shown(&t.kind, &stored),
+        ),
+        &warnings,
     )
+}
+
+/// A custom resource checked against its schema and pruned (`schema::admit`); the warnings to
+/// send, or the refusal.
+fn checked(
+    kind: &Kind,
+    obj: &mut Value,
+    fields: FieldValidation,
+) -> Result<Vec<String>, Box<Response<Body>>> {
+    let Some(schema) = &kind.schema else {
+        return Ok(Vec::new());
+    };
+    let name = obj
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned();
+    crate::schema::admit(schema, obj, fields).map_err(|refused| {
+        Box::new(match refused {
+            Refused::Strict(unknown) => failure(
+                StatusCode::BAD_REQUEST,
+                "BadRequest",
+                &format!("strict decoding error: {}", unknown.join(", ")),
+            ),
+            Refused::Invalid(problems) => failure(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "Invalid",
+                &format!(
+                    "{} \"{name}\" is invalid: [{}]",
+                    kind.qualified(),
+                    problems.join(", ")
+                ),
+            ),
+        })
+    })
+}
+
+/// `Warning` headers, as kube-apiserver sends them (kubectl prints each).
+fn warned(mut r: Response<Body>, warnings: &[String]) -> Response<Body> {
+    for w in warnings {
+        let text = format!("299 - {:?}", w);
+        if let Ok(v) = http::HeaderValue::from_str(&text) {
+            r.headers_mut().append("warning", v);
+        }
+    }
+    r
 }
 
 /// Stores an object (after the API server's own side effects: CRDs register their kinds).
@@ -704,6 +776,7 @@ fn update(
     name: &str,
     sub: Option<&str>,
     change: Change,
+    w: Write,
 ) -> Response<Body> {
     let mut state = lock(shared);
     let k = key(t, name);
@@ -774,6 +847,10 @@ fn update(
             }
         }
     }
+    let warnings = match checked(&t.kind, &mut new, w.fields) {
+        Ok(w) => w,
+        Err(r) => return *r,
+    };
     if old.get("spec") != new.get("spec") {
         let g = old
             .pointer("/metadata/generation")
@@ -788,12 +865,18 @@ fn update(
             shown(&t.kind, &old)
         });
     }
+    if w.dry_run {
+        return warned(ok(&shown(&t.kind, &new)), &warnings);
+    }
     let stored = store_object(&mut state, &k, "MODIFIED", shown(&t.kind, &new));
-    ok(&if sub == Some("scale") {
-        scale_of(&stored)
-    } else {
-        shown(&t.kind, &stored)
-    })
+    warned(
+        ok(&if sub == Some("scale") {
+            scale_of(&stored)
+        } else {
+            shown(&t.kind, &stored)
+        }),
+        &warnings,
+    )
 }
 
 fn scale_of(obj: &Value) -> Value {

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration as StdDuration;
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// Kubernetes `metadata`, the fields that matter plus the ones `kubectl get -o yaml` emits.
@@ -107,6 +108,17 @@ impl<'de> Deserialize<'de> for Duration {
     }
 }
 
+/// In a schema, a string (its syntax is checked when the config is validated).
+impl JsonSchema for Duration {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Duration".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({"type": "string"})
+    }
+}
+
 impl Serialize for Duration {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.collect_str(self)
@@ -114,7 +126,7 @@ impl Serialize for Duration {
 }
 
 /// `{value: 12.5}`: a percentage as Istio writes it.
-#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Percent {
     #[serde(default)]
@@ -122,7 +134,7 @@ pub struct Percent {
 }
 
 /// `selector: {matchLabels: {...}}` (security resources, DestinationRule).
-#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct WorkloadSelector {
     #[serde(default)]

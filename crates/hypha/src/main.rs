@@ -181,6 +181,9 @@ enum Command {
         /// Apply them with kubectl instead of printing them.
         #[arg(long)]
         apply: bool,
+        /// Leave out the Istio CRDs (a cluster that has Istio's keeps their schemas).
+        #[arg(long)]
+        skip_crds: bool,
     },
     /// Remove what `hypha install` made: for a revision, its control plane and webhook only;
     /// for the default one everything, the Istio CRDs (and with them every Istio object)
@@ -243,13 +246,20 @@ impl InstallArgs {
 }
 
 /// `hypha install` / `hypha uninstall`.
-fn install(target: &InstallArgs, apply: bool, remove: Option<(bool, bool)>) -> anyhow::Result<()> {
+fn install(
+    target: &InstallArgs,
+    apply: bool,
+    skip_crds: bool,
+    remove: Option<(bool, bool)>,
+) -> anyhow::Result<()> {
     use hypha_kube::install;
     let o = target.install();
     let k = target.kubeconfig.as_deref();
     match remove {
         None => {
-            let yaml = install::yaml(&install::objects(&o)?);
+            let mut objects = install::objects(&o)?;
+            objects.retain(|o| !skip_crds || o["kind"] != "CustomResourceDefinition");
+            let yaml = install::yaml(&objects);
             if apply {
                 print!("{}", install::kubectl(&yaml, &["apply"], k)?);
             } else {
@@ -796,7 +806,11 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Install { target, apply } => match install(&target, apply, None) {
+        Command::Install {
+            target,
+            apply,
+            skip_crds,
+        } => match install(&target, apply, skip_crds, None) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("hypha install: {e:#}");
@@ -807,7 +821,7 @@ fn main() -> ExitCode {
             target,
             keep_crds,
             dry_run,
-        } => match install(&target, false, Some((keep_crds, dry_run))) {
+        } => match install(&target, false, false, Some((keep_crds, dry_run))) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("hypha uninstall: {e:#}");

@@ -7,6 +7,7 @@
 //! - `node`: the node agent's pod watch, registering injected pods with the eBPF bypass
 //! - `objects`: slim copies of the objects read (only the fields discovery needs)
 //! - `cluster`: the cluster's state and the registry model it becomes
+//! - `crds`: the Istio CRDs Hypha reads, their schemas derived from its config types
 //! - `install`: `hypha install` / `uninstall`, the manifests of `manifests/base`
 //! - `istio`: the Istio kinds watched, and the config assembled with invalid objects left out
 //! - `report`: Events and `status.validationMessages` on invalid objects
@@ -19,6 +20,7 @@
 #![forbid(unsafe_code)]
 
 pub mod cluster;
+pub mod crds;
 pub mod install;
 pub mod istio;
 pub mod node;
@@ -64,8 +66,8 @@ pub const NAMESPACES: &str = include_str!("../../../manifests/base/namespaces.ya
 /// The namespace the control plane runs in, as `hypha install` puts it.
 pub const CONTROL_NAMESPACE: &str = "hypha-system";
 
-/// The Istio CRDs Hypha reads, in their smallest form (`manifests/base/istio-crds.yaml`): for the
-/// Kubernetes demo and the tests; a real cluster has Istio's own.
+/// The Istio CRDs Hypha reads (`manifests/base/istio-crds.yaml`, [`crds::istio`] written out),
+/// with the schemas of what Hypha accepts.
 pub const ISTIO_CRDS: &str = include_str!("../../../manifests/base/istio-crds.yaml");
 
 /// What diagnostics about objects read from the API server name as their file.
