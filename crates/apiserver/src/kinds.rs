@@ -261,6 +261,15 @@ pub fn builtin() -> Vec<Kind> {
             &[],
         ),
         Kind::builtin(
+            "certificates.k8s.io",
+            "v1",
+            "certificatesigningrequests",
+            "CertificateSigningRequest",
+            false,
+            &["csr"],
+            &["status", "approval"],
+        ),
+        Kind::builtin(
             "coordination.k8s.io",
             "v1",
             "leases",

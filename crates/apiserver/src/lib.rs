@@ -18,8 +18,8 @@
 //! 50 ms, then emptied and removed.
 //!
 //! Not yet: lists continued from a consistent snapshot (a `continue` page shows the objects as
-//! they are now), server-side apply, JSON patch and protobuf bodies (`kubectl create token`
-//! sends one: issue tokens with [`ApiServer::issue_token`]).
+//! they are now), server-side apply, JSON patch and protobuf bodies but those of CSRs and Namespaces
+//! (`protobuf`; `kubectl create token` sends one: issue tokens with [`ApiServer::issue_token`]).
 
 mod admission;
 mod controllers;
@@ -27,6 +27,7 @@ mod discovery;
 mod kinds;
 pub mod kubelet;
 mod patch;
+mod protobuf;
 mod rbac;
 mod schema;
 mod select;

@@ -267,6 +267,9 @@ async fn handle(
         Err(e) => return failure(StatusCode::BAD_REQUEST, "BadRequest", &e.0),
     };
     let parsed = || -> Result<Value, String> {
+        if content_type.starts_with("application/vnd.kubernetes.protobuf") {
+            return crate::protobuf::decode(&body);
+        }
         serde_json::from_slice(&body).map_err(|e| format!("the body is not JSON: {e}"))
     };
     let bad = |e: String| failure(StatusCode::BAD_REQUEST, "BadRequest", &e);
@@ -288,6 +291,12 @@ async fn handle(
                         meta.entry("namespace")
                             .or_insert_with(|| Value::String(t.namespace.clone()));
                     }
+                }
+                // A CSR names who asked for it, whatever its body said.
+                if t.kind.resource == "certificatesigningrequests" && obj["spec"].is_object() {
+                    let (user, groups) = requester(&shared, bearer.as_deref());
+                    obj["spec"]["username"] = user.into();
+                    obj["spec"]["groups"] = groups.into();
                 }
                 let request = crate::admission::Request {
                     group: &t.kind.group,
@@ -403,14 +412,77 @@ fn authorize(
         namespace: &t.namespace,
         name: t.name.as_deref(),
     };
-    if crate::rbac::allowed(&state, &token.namespace, &token.service_account, &a) {
+    if !crate::rbac::allowed(&state, &token.namespace, &token.service_account, &a) {
+        return Some(failure(
+            StatusCode::FORBIDDEN,
+            "Forbidden",
+            &crate::rbac::forbidden_message(&token.namespace, &token.service_account, &a),
+        ));
+    }
+    // Answering a CSR (its status) takes `sign`, approving it `approve`, on its signer: the
+    // signer's name or `<domain>/*` (the certificates API's own authorization).
+    let signer_verb = match (t.kind.resource.as_str(), t.subresource.as_deref(), verb) {
+        ("certificatesigningrequests", Some("status"), "update" | "patch") => "sign",
+        ("certificatesigningrequests", Some("approval"), "update" | "patch") => "approve",
+        _ => return None,
+    };
+    let signer = state
+        .store
+        .objects
+        .get(&key(t, t.name.as_deref().unwrap_or_default()))
+        .and_then(|csr| csr.pointer("/spec/signerName"))
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned();
+    let wildcard = signer
+        .split_once('/')
+        .map(|(domain, _)| format!("{domain}/*"))
+        .unwrap_or_default();
+    let may = |name: &str| {
+        let on = crate::rbac::Attributes {
+            verb: signer_verb,
+            group: "certificates.k8s.io",
+            resource: "signers".into(),
+            namespace: "",
+            name: Some(name),
+        };
+        crate::rbac::allowed(&state, &token.namespace, &token.service_account, &on)
+    };
+    if may(&signer) || may(&wildcard) {
         return None;
     }
     Some(failure(
         StatusCode::FORBIDDEN,
         "Forbidden",
-        &crate::rbac::forbidden_message(&token.namespace, &token.service_account, &a),
+        &format!("user not permitted to {signer_verb} requests with signerName \"{signer}\"",),
     ))
+}
+
+/// Who a request is from, as the API server names users: a service account of a token it
+/// issued, else the administrator.
+fn requester(shared: &Shared, bearer: Option<&str>) -> (String, Vec<String>) {
+    let state = lock(shared);
+    match state
+        .tokens
+        .iter()
+        .find(|(s, _)| Some(s.as_str()) == bearer)
+    {
+        Some((_, t)) => (
+            format!(
+                "system:serviceaccount:{}:{}",
+                t.namespace, t.service_account
+            ),
+            vec![
+                "system:serviceaccounts".into(),
+                format!("system:serviceaccounts:{}", t.namespace),
+                "system:authenticated".into(),
+            ],
+        ),
+        None => (
+            "kubernetes-admin".into(),
+            vec!["system:masters".into(), "system:authenticated".into()],
+        ),
+    }
 }
 
 fn key(t: &Target, name: &str) -> crate::store::Key {
@@ -810,6 +882,15 @@ fn update(
             let mut whole = old.clone();
             change.apply(&mut whole);
             new["status"] = whole.get("status").cloned().unwrap_or(Value::Null);
+        }
+        // A CSR's approval: its conditions only (`kubectl certificate approve/deny`).
+        Some("approval") if t.kind.subresources.contains(&"approval") => {
+            let mut whole = old.clone();
+            change.apply(&mut whole);
+            new["status"]["conditions"] = whole
+                .pointer("/status/conditions")
+                .cloned()
+                .unwrap_or(Value::Null);
         }
         Some(_) => {
             return failure(

@@ -31,6 +31,16 @@ pub enum CaError {
     Revoked(String),
     #[error("namespace {0:?} belongs to no tenant")]
     NoTenant(String),
+    #[error("namespace {namespace:?} belongs to tenant {owner:?}: the signer of tenant {signer:?} does not sign for it")]
+    OtherTenant {
+        namespace: String,
+        owner: String,
+        signer: String,
+    },
+    #[error("{0} is not a workload identity of this mesh (spiffe://<trust domain>/ns/<namespace>/sa/<service account>)")]
+    ForeignIdentity(String),
+    #[error("usage {0:?} is not one a workload certificate has (digital signature, key encipherment, server auth, client auth)")]
+    Usage(String),
     #[error("unknown tenant {0:?}")]
     UnknownTenant(String),
     #[error("tenant {tenant:?} trusts unknown tenant {trusted:?}")]

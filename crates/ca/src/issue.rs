@@ -177,21 +177,23 @@ fn check_key(key: &PKeyRef<Public>) -> Result<bool, CaError> {
     }
 }
 
-/// The CSR's requested SANs must be exactly one URI, equal to `expected`.
-fn check_sans(csr: &X509Req, expected: &str) -> Result<(), CaError> {
-    let no_san = || CaError::NoSan {
-        expected: expected.into(),
-    };
+/// The names a CSR requests: its URI SANs, and its other names described (`DNS:x`).
+type Requested = (Vec<String>, Vec<String>);
+
+/// What a CSR requests; `None` when it requests no SAN at all.
+fn requested_names(csr: &X509Req) -> Result<Option<Requested>, CaError> {
     // The requested extensions are read by placing them in a scratch certificate, whose SAN
     // accessor the library does have (it has none for a CSR).
     let Ok(exts) = csr.extensions() else {
-        return Err(no_san());
+        return Ok(None);
     };
     let mut scratch = X509::builder()?;
     for ext in &exts {
         scratch.append_extension(ext)?;
     }
-    let names = scratch.build().subject_alt_names().ok_or_else(no_san)?;
+    let Some(names) = scratch.build().subject_alt_names() else {
+        return Ok(None);
+    };
     let mut uris = Vec::new();
     let mut others = Vec::new();
     for name in &names {
@@ -200,6 +202,37 @@ fn check_sans(csr: &X509Req, expected: &str) -> Result<(), CaError> {
             None => others.push(describe(name)),
         }
     }
+    Ok(Some((uris, others)))
+}
+
+/// The one identity a CSR asks for: its only SAN, a URI (for a CSR whose requester is not the
+/// identity itself, as with Kubernetes CSRs istiod files for its workloads).
+pub fn requested_identity(csr_pem: &[u8]) -> Result<String, CaError> {
+    let csr = X509Req::from_pem(csr_pem).map_err(|e| CaError::BadCsr(e.to_string()))?;
+    match requested_names(&csr)? {
+        Some((uris, others)) if uris.len() == 1 && others.is_empty() => {
+            Ok(uris.into_iter().next().unwrap_or_default())
+        }
+        Some((uris, others)) => Err(CaError::BadCsr(format!(
+            "it must request exactly one URI SAN (a SPIFFE ID) and no other name; it requests {}",
+            uris.iter()
+                .map(|u| format!("URI:{u}"))
+                .chain(others)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))),
+        None => Err(CaError::BadCsr(
+            "it requests no subject alternative name; expected a SPIFFE ID".into(),
+        )),
+    }
+}
+
+/// The CSR's requested SANs must be exactly one URI, equal to `expected`.
+fn check_sans(csr: &X509Req, expected: &str) -> Result<(), CaError> {
+    let no_san = || CaError::NoSan {
+        expected: expected.into(),
+    };
+    let (uris, others) = requested_names(csr)?.ok_or_else(no_san)?;
     match uris.as_slice() {
         [] if others.is_empty() => Err(no_san()),
         [only] if others.is_empty() => {

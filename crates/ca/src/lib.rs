@@ -31,6 +31,6 @@ pub use service::{bearer, AuthError, Authenticator, CaService, JoinTokens, Token
 pub use signer::{FileSigner, Signer};
 pub use tenants::{
     file_signer_dir, parse_revoked, signer_common_name, Ca, TenantCa, CONTROL_SERVICE_ACCOUNT,
-    REVOKED_FILE,
+    KUBERNETES_USAGES, REVOKED_FILE,
 };
 pub use token::{TokenSigner, TokenSignerConfig};

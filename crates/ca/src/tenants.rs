@@ -53,6 +53,15 @@ pub struct Ca {
     revoked: std::sync::RwLock<std::sync::Arc<std::collections::HashSet<String>>>,
 }
 
+/// The usages (Kubernetes' names) a workload certificate has, and so all a Kubernetes CSR to
+/// a Hypha signer may ask for.
+pub const KUBERNETES_USAGES: [&str; 4] = [
+    "digital signature",
+    "key encipherment",
+    "server auth",
+    "client auth",
+];
+
 /// The deny list in a CA's data directory: one SPIFFE ID per line (`#` starts a comment).
 pub const REVOKED_FILE: &str = "revoked";
 
@@ -233,6 +242,45 @@ impl Ca {
         )?;
         tracing::info!(identity = %id, tenant = %tenant.name, validity_s = issued.validity.as_secs(), "issued certificate");
         Ok(issued)
+    }
+
+    /// Signs a Kubernetes CSR addressed to `tenant`'s signer: the identity is the CSR's (its
+    /// only SAN, a SPIFFE ID of this trust domain), its namespace must be the tenant's, the
+    /// usages those of a workload certificate; then as [`Ca::issue`] (revocation, the reserved
+    /// control-plane identity, the tenant's validity cap).
+    pub fn sign_kubernetes(
+        &self,
+        tenant: &str,
+        csr_pem: &[u8],
+        usages: &[String],
+        requested: Duration,
+    ) -> Result<Issued, CaError> {
+        if let Some(u) = usages
+            .iter()
+            .find(|u| !KUBERNETES_USAGES.contains(&u.as_str()))
+        {
+            return Err(CaError::Usage(u.clone()));
+        }
+        let id = crate::issue::requested_identity(csr_pem)?;
+        let caller = id
+            .strip_prefix("spiffe://")
+            .and_then(|rest| rest.split_once("/ns/"))
+            .filter(|(domain, _)| *domain == self.trust_domain)
+            .and_then(|(_, rest)| rest.split_once("/sa/"))
+            .filter(|(_, sa)| !sa.contains('/'))
+            .map(|(ns, sa)| Caller::new(ns, sa))
+            .ok_or_else(|| CaError::ForeignIdentity(id.clone()))?;
+        let owner = self
+            .tenant_of(&caller.namespace)
+            .ok_or_else(|| CaError::NoTenant(caller.namespace.clone()))?;
+        if owner.name != tenant {
+            return Err(CaError::OtherTenant {
+                namespace: caller.namespace.clone(),
+                owner: owner.name.clone(),
+                signer: tenant.into(),
+            });
+        }
+        self.issue(&caller, csr_pem, requested)
     }
 
     /// Whether `leaf`, a verified certificate for SPIFFE ID `id`, was issued by the signer of

@@ -385,3 +385,73 @@ fn issuing_needs_only_the_signer_seam() {
     assert_eq!(signer.signs.load(std::sync::atomic::Ordering::SeqCst), 1);
     assert!(verifies(&issued.chain, &ca.trust_bundle("t").unwrap()));
 }
+
+/// Kubernetes CSRs: the identity is the CSR's own, so the signer checks it belongs to its
+/// tenant, is of this trust domain, and asks only for a workload certificate's usages.
+#[test]
+fn kubernetes_csrs_are_signed_only_for_the_signers_own_tenant() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new(
+        TD,
+        vec![
+            tenant("a", "team-a", &[], dir.path()),
+            tenant("b", "team-b", &[], dir.path()),
+        ],
+    )
+    .unwrap();
+    let usages: Vec<String> = hypha_ca::KUBERNETES_USAGES.map(String::from).to_vec();
+    let web_a = csr(&p256(), &[San::Uri(&id("team-a", "web"))]);
+    let issued = ca
+        .sign_kubernetes("a", &web_a, &usages, Duration::from_secs(600))
+        .unwrap();
+    assert!(verifies(&issued.chain, &ca.trust_bundle("a").unwrap()));
+    assert!(!verifies(&issued.chain, &ca.trust_bundle("b").unwrap()));
+    assert_eq!(issued.validity, Duration::from_secs(600));
+    let leaf = X509::from_pem(issued.chain[0].as_bytes()).unwrap();
+    let sans: Vec<String> = leaf
+        .subject_alt_names()
+        .unwrap()
+        .iter()
+        .filter_map(|n| n.uri().map(str::to_owned))
+        .collect();
+    assert_eq!(sans, [id("team-a", "web")]);
+
+    let err = ca
+        .sign_kubernetes("b", &web_a, &usages, Duration::ZERO)
+        .unwrap_err();
+    assert!(
+        matches!(&err, CaError::OtherTenant { owner, signer, .. } if owner == "a" && signer == "b"),
+        "{err}"
+    );
+    let err = ca
+        .sign_kubernetes("a", &web_a, &["code signing".into()], Duration::ZERO)
+        .unwrap_err();
+    assert!(
+        matches!(&err, CaError::Usage(u) if u == "code signing"),
+        "{err}"
+    );
+    let foreign = csr(
+        &p256(),
+        &[San::Uri("spiffe://other.domain/ns/team-a/sa/web")],
+    );
+    let err = ca
+        .sign_kubernetes("a", &foreign, &usages, Duration::ZERO)
+        .unwrap_err();
+    assert!(matches!(err, CaError::ForeignIdentity(_)), "{err}");
+    for sans in [
+        vec![San::Uri(&id("team-a", "web")), San::Dns("web.team-a.svc")],
+        vec![San::Dns("web.team-a.svc")],
+        vec![],
+    ] {
+        let err = ca
+            .sign_kubernetes("a", &csr(&p256(), &sans), &usages, Duration::ZERO)
+            .unwrap_err();
+        assert!(matches!(err, CaError::BadCsr(_)), "{err}");
+    }
+    // The control plane's identity stays reserved to the control plane's namespace.
+    let control = csr(&p256(), &[San::Uri(&id("team-a", "hypha-control"))]);
+    let err = ca
+        .sign_kubernetes("a", &control, &usages, Duration::ZERO)
+        .unwrap_err();
+    assert!(matches!(err, CaError::Reserved(_)), "{err}");
+}

@@ -186,6 +186,10 @@ pub struct Tenant {
     /// mutual trust). Authorization policy still decides what is allowed.
     #[serde(default)]
     pub trust_tenants: Vec<String>,
+    /// Kubernetes CSR signer names this tenant's signer answers besides `hypha.dev/<name>`
+    /// (istiod's `K8S_SIGNER`, `caCertificates[].certSigners`).
+    #[serde(default)]
+    pub signer_names: Vec<String>,
 }
 
 impl MeshConfig {
@@ -252,5 +256,6 @@ fn default_tenants() -> Vec<Tenant> {
         namespaces: vec!["*".into()],
         signer: "default".into(),
         trust_tenants: vec![],
+        signer_names: vec![],
     }]
 }

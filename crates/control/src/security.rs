@@ -343,6 +343,11 @@ impl Secure {
         self.own.load()
     }
 
+    /// The mesh CA: for the other ways certificates are asked of it (Kubernetes CSRs).
+    pub fn ca(&self) -> Arc<Ca> {
+        self.ca.clone()
+    }
+
     /// The control plane's credentials as they rotate: for other TLS servers of its own (the
     /// injection webhook).
     pub fn credentials(&self) -> Store {

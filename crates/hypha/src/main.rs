@@ -1232,6 +1232,11 @@ async fn control(
                 };
                 std::fs::create_dir_all(&s.data_dir)?;
                 hypha_kube::share_signers(&client, &mesh, &s.data_dir).await?;
+                // Kubernetes CSRs addressed to the tenants' signers.
+                s.services.push(hypha_kube::csr::service(
+                    client.clone(),
+                    hypha_kube::csr::SignerNames::from_mesh(&mesh),
+                ));
                 if let Some(w) = webhook {
                     s.server_names.extend(w.names.iter().cloned());
                     let hook = hypha_kube::webhook::Webhook {

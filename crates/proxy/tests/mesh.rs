@@ -804,7 +804,7 @@ metadata: {{name: od, namespace: shop}}
 spec:
   host: od
   trafficPolicy:
-    outlierDetection: {{consecutive5xxErrors: 2, interval: 1s, baseEjectionTime: 1s, maxEjectionPercent: 100}}
+    outlierDetection: {{consecutive5xxErrors: 2, interval: 1s, baseEjectionTime: 3s, maxEjectionPercent: 100}}
 ---
 apiVersion: networking.istio.io/v1
 kind: ServiceEntry
@@ -886,8 +886,9 @@ async fn outlier_detection_pool_limits_and_consistent_hash() {
     })
     .await;
 
-    // Outlier detection: two consecutive 5xx eject the failing endpoint for 1 s; after that
-    // it is tried again and ejected again after two more.
+    // Outlier detection: two consecutive 5xx eject the failing endpoint for 3 s (long enough
+    // for a round on a loaded machine); after that it is tried again and ejected again after
+    // two more.
     let od = "http://od.shop.svc.cluster.local:7001";
     let round = |n: usize| async move {
         let mut failed = 0;
@@ -918,10 +919,10 @@ async fn outlier_detection_pool_limits_and_consistent_hash() {
         "{clusters}"
     );
     assert!(
-        start.elapsed() < Duration::from_millis(900),
+        start.elapsed() < Duration::from_millis(2700),
         "the round must fit in the ejection"
     );
-    tokio::time::sleep(Duration::from_millis(1100).saturating_sub(start.elapsed())).await;
+    tokio::time::sleep(Duration::from_millis(3100).saturating_sub(start.elapsed())).await;
     assert_eq!(
         round(60).await,
         2,

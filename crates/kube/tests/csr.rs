@@ -1,0 +1,264 @@
+//! The Kubernetes CSR signer against the test API server, driven by kubectl as an
+//! administrator would (`kubectl apply`, `kubectl certificate approve/deny`), the signer with
+//! the control plane's RBAC only: a request stays pending until approved, an approved one is
+//! signed by its tenant's root (the chain verified with BoringSSL), a denied one never is, a
+//! signer asked for another tenant's namespace or for other usages answers `Failed` with the
+//! reason, and other signers' requests are left alone.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use boring::ec::{EcGroup, EcKey};
+use boring::hash::MessageDigest;
+use boring::nid::Nid;
+use boring::pkey::PKey;
+use boring::stack::Stack;
+use boring::x509::extension::SubjectAlternativeName;
+use boring::x509::store::X509StoreBuilder;
+use boring::x509::{X509Req, X509StoreContext, X509};
+use common::{eventually, TestCluster};
+use hypha_kube::csr::{sign_csrs, SignerNames};
+use serde_json::Value;
+
+const MESH: &str = "\
+apiVersion: hypha.dev/v1alpha1
+kind: MeshConfig
+metadata: {name: mesh}
+spec:
+  signers:
+  - {name: blue, maxCertificateTtl: 24h}
+  - {name: default, maxCertificateTtl: 24h}
+  tenants:
+  - {name: blue, namespaces: [blue], signer: blue, signerNames: [istio.io/blue]}
+  - {name: default, namespaces: ['*'], signer: default}
+";
+
+/// A CSR as istiod makes one for a workload: a P-256 key, one URI SAN.
+fn request(spiffe_id: &str) -> String {
+    let group = EcGroup::from_curve_name(Nid::X9_62_PRIME256V1).unwrap();
+    let key = PKey::from_ec_key(EcKey::generate(&group).unwrap()).unwrap();
+    let mut b = X509Req::builder().unwrap();
+    b.set_pubkey(&key).unwrap();
+    let mut san = SubjectAlternativeName::new();
+    san.uri(spiffe_id);
+    let ext = san.build(&b.x509v3_context(None)).unwrap();
+    let mut exts = Stack::new().unwrap();
+    exts.push(ext).unwrap();
+    b.add_extensions(&exts).unwrap();
+    b.sign(&key, MessageDigest::sha256()).unwrap();
+    base64::engine::general_purpose::STANDARD.encode(b.build().to_pem().unwrap())
+}
+
+fn csr_yaml(name: &str, signer: &str, spiffe_id: &str, usages: &str) -> String {
+    format!(
+        "apiVersion: certificates.k8s.io/v1\nkind: CertificateSigningRequest\nmetadata:\n  name: \
+         {name}\nspec:\n  signerName: {signer}\n  expirationSeconds: 3600\n  usages: [{usages}]\n  \
+         request: {}\n",
+        request(spiffe_id)
+    )
+}
+
+const WORKLOAD: &str = "digital signature, key encipherment, server auth, client auth";
+
+fn verifies(chain: &[X509], root: &str) -> bool {
+    let mut store = X509StoreBuilder::new().unwrap();
+    store
+        .add_cert(X509::from_pem(root.as_bytes()).unwrap())
+        .unwrap();
+    let store = store.build();
+    let mut rest = Stack::new().unwrap();
+    for c in &chain[1..] {
+        rest.push(c.clone()).unwrap();
+    }
+    let mut ctx = X509StoreContext::new().unwrap();
+    ctx.init(&store, &chain[0], &rest, |c| c.verify_cert())
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn approved_csrs_are_signed_by_their_tenants_signer_and_no_others() {
+    let cluster = TestCluster::start().await;
+    let data = tempfile::tempdir().unwrap();
+    let mesh = hypha_config::load_str("mesh.yaml", MESH)
+        .into_result()
+        .unwrap()
+        .0
+        .mesh;
+    let ca = Arc::new(hypha_ca::Ca::from_mesh(&mesh, data.path()).unwrap());
+    let signer = tokio::spawn(sign_csrs(
+        cluster.client().await,
+        ca.clone(),
+        SignerNames::from_mesh(&mesh),
+    ));
+    // A signer name of the tenant's own (istiod's K8S_SIGNER) needs its `sign` permission.
+    cluster.apply(
+        "istio-signer.yaml",
+        "apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRole\nmetadata: {name: sign-istio-blue}\n\
+         rules:\n- {apiGroups: [certificates.k8s.io], resources: [signers], resourceNames: [istio.io/blue], \
+         verbs: [sign]}\n---\napiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRoleBinding\n\
+         metadata: {name: sign-istio-blue}\nroleRef: {apiGroup: rbac.authorization.k8s.io, kind: \
+         ClusterRole, name: sign-istio-blue}\nsubjects:\n- {kind: ServiceAccount, name: hypha-control, \
+         namespace: hypha-system}\n",
+    );
+    let td = ca.trust_domain().to_owned();
+    let id = |ns: &str, sa: &str| format!("spiffe://{td}/ns/{ns}/sa/{sa}");
+    let get = |name: &str| {
+        cluster
+            .api
+            .get(
+                "certificates.k8s.io",
+                "certificatesigningrequests",
+                "",
+                name,
+            )
+            .unwrap()
+    };
+    let certificate = |name: &str| {
+        get(name)
+            .pointer("/status/certificate")
+            .and_then(Value::as_str)
+            .map(|c| base64::engine::general_purpose::STANDARD.decode(c).unwrap())
+    };
+    let failed = |name: &str| -> Option<String> {
+        get(name)
+            .pointer("/status/conditions")?
+            .as_array()?
+            .iter()
+            .find(|c| c["type"] == "Failed")
+            .map(|c| c["message"].as_str().unwrap_or_default().to_owned())
+    };
+
+    cluster.apply(
+        "csrs.yaml",
+        &[
+            csr_yaml("web", "hypha.dev/blue", &id("blue", "web"), WORKLOAD),
+            csr_yaml("istiod-made", "istio.io/blue", &id("blue", "api"), WORKLOAD),
+            csr_yaml("denied", "hypha.dev/blue", &id("blue", "web"), WORKLOAD),
+            csr_yaml(
+                "other-tenant",
+                "hypha.dev/blue",
+                &id("shop", "cart"),
+                WORKLOAD,
+            ),
+            csr_yaml(
+                "code-signing",
+                "hypha.dev/blue",
+                &id("blue", "web"),
+                "digital signature, code signing",
+            ),
+            csr_yaml(
+                "not-ours",
+                "example.com/signer",
+                &id("blue", "web"),
+                WORKLOAD,
+            ),
+        ]
+        .join("---\n"),
+    );
+    // The API server names who asked.
+    assert_eq!(get("web")["spec"]["username"], "kubernetes-admin");
+
+    // Pending: nothing is signed before approval.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(certificate("web"), None);
+
+    for name in [
+        "web",
+        "istiod-made",
+        "other-tenant",
+        "code-signing",
+        "not-ours",
+    ] {
+        cluster.kubectl(&["certificate", "approve", name]);
+    }
+    cluster.kubectl(&["certificate", "deny", "denied"]);
+    eventually("the approved CSRs answered", || {
+        certificate("web").is_some()
+            && certificate("istiod-made").is_some()
+            && failed("other-tenant").is_some()
+            && failed("code-signing").is_some()
+    })
+    .await;
+
+    let blue_root = &ca.trust_bundle("blue").unwrap()[0];
+    let default_root = &ca.trust_bundle("default").unwrap()[0];
+    for (name, sa) in [("web", "web"), ("istiod-made", "api")] {
+        let chain = X509::stack_from_pem(&certificate(name).unwrap()).unwrap();
+        assert!(verifies(&chain, blue_root), "{name}: blue's root");
+        assert!(!verifies(&chain, default_root), "{name}: not default's");
+        let uris: Vec<String> = chain[0]
+            .subject_alt_names()
+            .unwrap()
+            .iter()
+            .filter_map(|n| n.uri().map(str::to_owned))
+            .collect();
+        assert_eq!(uris, [id("blue", sa)]);
+        // expirationSeconds honoured (notBefore is backdated a minute).
+        let lifetime = chain[0].not_before().diff(chain[0].not_after()).unwrap();
+        assert_eq!(
+            i64::from(lifetime.days) * 86_400 + i64::from(lifetime.secs),
+            3660
+        );
+    }
+    let why = failed("other-tenant").unwrap();
+    assert!(why.contains("belongs to tenant \"default\""), "{why}");
+    assert_eq!(certificate("other-tenant"), None);
+    let why = failed("code-signing").unwrap();
+    assert!(why.contains("code signing"), "{why}");
+
+    // Denied and foreign requests stay as they are.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(certificate("denied"), None);
+    assert_eq!(failed("denied"), None);
+    assert_eq!(certificate("not-ours"), None);
+    assert_eq!(failed("not-ours"), None);
+    signer.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_a_signer_may_answer_and_only_an_approver_approve() {
+    let cluster = TestCluster::start().await;
+    cluster.apply(
+        "csr.yaml",
+        &csr_yaml(
+            "web",
+            "hypha.dev/default",
+            "spiffe://cluster.local/ns/a/sa/b",
+            WORKLOAD,
+        ),
+    );
+    cluster.apply(
+        "other.yaml",
+        &csr_yaml(
+            "other",
+            "example.com/signer",
+            "spiffe://cluster.local/ns/a/sa/b",
+            WORKLOAD,
+        ),
+    );
+    let client = cluster.client().await;
+    let api: kube::Api<k8s_openapi::api::certificates::v1::CertificateSigningRequest> =
+        kube::Api::all(client);
+    // The control plane's account may sign for hypha.dev/* but not approve.
+    let mut approved = serde_json::to_value(api.get("web").await.unwrap()).unwrap();
+    approved["status"] = serde_json::json!({"conditions": [{"type": "Approved", "status": "True",
+        "reason": "Test", "message": "self-approved"}]});
+    let err = api
+        .replace_subresource("approval", "web", &Default::default(), &approved)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, kube::Error::Api(e) if e.code == 403),
+        "{err}"
+    );
+    for (name, allowed) in [("web", true), ("other", false)] {
+        let mut csr = api.get(name).await.unwrap();
+        csr.status.get_or_insert_with(Default::default).certificate =
+            Some(k8s_openapi::ByteString(b"not yet".to_vec()));
+        let r = api.replace_status(name, &Default::default(), &csr).await;
+        assert_eq!(r.is_ok(), allowed, "{name}: {r:?}");
+    }
+}
