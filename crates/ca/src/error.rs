@@ -37,6 +37,10 @@ pub enum CaError {
         owner: String,
         signer: String,
     },
+    #[error("{namespace:?} is outside the issuer's namespace {scope:?}")]
+    OutOfScope { namespace: String, scope: String },
+    #[error("{0:?} is not a Service name (<name>.<namespace>.svc, optionally with the cluster's domain)")]
+    NotAServiceName(String),
     #[error("{0} is not a workload identity of this mesh (spiffe://<trust domain>/ns/<namespace>/sa/<service account>)")]
     ForeignIdentity(String),
     #[error("usage {0:?} is not one a workload certificate has (digital signature, key encipherment, server auth, client auth)")]

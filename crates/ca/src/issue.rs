@@ -80,6 +80,54 @@ pub fn issue(
     spiffe_id: &str,
     dns_names: &[String],
 ) -> Result<Issued, CaError> {
+    issue_named(signer, csr_pem, requested, max, &|csr| {
+        check_sans(csr, spiffe_id)?;
+        Ok((vec![spiffe_id.to_owned()], dns_names.to_vec()))
+    })
+}
+
+/// Accepts (or refuses) the URI SANs and DNS names a CSR requests.
+pub type AllowNames<'a> = dyn Fn(&[String], &[String]) -> Result<(), CaError> + 'a;
+
+/// The URI SANs and DNS names a leaf gets for a CSR.
+type LeafNames<'a> = dyn Fn(&X509Req) -> Result<(Vec<String>, Vec<String>), CaError> + 'a;
+
+/// Issues a leaf with the names the CSR requests, once `allow` has accepted them (its URI SANs,
+/// its DNS names); a CSR requesting any other kind of name is refused. For requesters that are
+/// not the identity itself (cert-manager's CertificateRequests), whose names the caller checks.
+pub fn issue_requested(
+    signer: &dyn Signer,
+    csr_pem: &[u8],
+    requested: Duration,
+    max: Duration,
+    allow: &AllowNames<'_>,
+) -> Result<Issued, CaError> {
+    issue_named(signer, csr_pem, requested, max, &|csr| {
+        let names = requested_names(csr)?.unwrap_or_default();
+        if !names.others.is_empty() {
+            return Err(CaError::BadCsr(format!(
+                "it requests names other than URIs and DNS names: {}",
+                names.others.join(", ")
+            )));
+        }
+        if names.uris.is_empty() && names.dns.is_empty() {
+            return Err(CaError::BadCsr(
+                "it requests no subject alternative name".into(),
+            ));
+        }
+        allow(&names.uris, &names.dns)?;
+        Ok((names.uris, names.dns))
+    })
+}
+
+/// The leaf for a CSR whose signature and key pass, with the URI and DNS SANs `names` gives.
+fn issue_named(
+    signer: &dyn Signer,
+    csr_pem: &[u8],
+    requested: Duration,
+    max: Duration,
+    names: &LeafNames<'_>,
+) -> Result<Issued, CaError> {
     let csr = X509Req::from_pem(csr_pem).map_err(|e| CaError::BadCsr(e.to_string()))?;
     let key = csr
         .public_key()
@@ -89,7 +137,7 @@ pub fn issue(
         return Err(CaError::BadSignature);
     }
     let rsa = check_key(&key)?;
-    check_sans(&csr, spiffe_id)?;
+    let (uris, dns_names) = names(&csr)?;
 
     let validity = if requested.is_zero() {
         max
@@ -133,8 +181,11 @@ pub fn issue(
     let (san, ski, aki) = {
         let ctx = b.x509v3_context(Some(ca), None);
         let mut san = SubjectAlternativeName::new();
-        san.critical().uri(spiffe_id);
-        for name in dns_names {
+        san.critical();
+        for uri in &uris {
+            san.uri(uri);
+        }
+        for name in &dns_names {
             san.dns(name);
         }
         (
@@ -177,8 +228,14 @@ fn check_key(key: &PKeyRef<Public>) -> Result<bool, CaError> {
     }
 }
 
-/// The names a CSR requests: its URI SANs, and its other names described (`DNS:x`).
-type Requested = (Vec<String>, Vec<String>);
+/// The names a CSR requests.
+#[derive(Default)]
+struct Requested {
+    uris: Vec<String>,
+    dns: Vec<String>,
+    /// Names of other kinds, described (`email:x`, `IP:...`).
+    others: Vec<String>,
+}
 
 /// What a CSR requests; `None` when it requests no SAN at all.
 fn requested_names(csr: &X509Req) -> Result<Option<Requested>, CaError> {
@@ -194,22 +251,26 @@ fn requested_names(csr: &X509Req) -> Result<Option<Requested>, CaError> {
     let Some(names) = scratch.build().subject_alt_names() else {
         return Ok(None);
     };
-    let mut uris = Vec::new();
-    let mut others = Vec::new();
+    let mut r = Requested::default();
     for name in &names {
-        match name.uri() {
-            Some(uri) => uris.push(uri.to_owned()),
-            None => others.push(describe(name)),
+        match (name.uri(), name.dnsname()) {
+            (Some(uri), _) => r.uris.push(uri.to_owned()),
+            (_, Some(dns)) => r.dns.push(dns.to_owned()),
+            _ => r.others.push(describe(name)),
         }
     }
-    Ok(Some((uris, others)))
+    Ok(Some(r))
 }
 
 /// The one identity a CSR asks for: its only SAN, a URI (for a CSR whose requester is not the
 /// identity itself, as with Kubernetes CSRs istiod files for its workloads).
 pub fn requested_identity(csr_pem: &[u8]) -> Result<String, CaError> {
     let csr = X509Req::from_pem(csr_pem).map_err(|e| CaError::BadCsr(e.to_string()))?;
-    match requested_names(&csr)? {
+    match requested_names(&csr)?.map(|r| {
+        let mut others: Vec<String> = r.dns.iter().map(|d| format!("DNS:{d}")).collect();
+        others.extend(r.others);
+        (r.uris, others)
+    }) {
         Some((uris, others)) if uris.len() == 1 && others.is_empty() => {
             Ok(uris.into_iter().next().unwrap_or_default())
         }
@@ -232,7 +293,12 @@ fn check_sans(csr: &X509Req, expected: &str) -> Result<(), CaError> {
     let no_san = || CaError::NoSan {
         expected: expected.into(),
     };
-    let (uris, others) = requested_names(csr)?.ok_or_else(no_san)?;
+    let Requested { uris, dns, others } = requested_names(csr)?.ok_or_else(no_san)?;
+    let others: Vec<String> = dns
+        .iter()
+        .map(|d| format!("DNS:{d}"))
+        .chain(others)
+        .collect();
     match uris.as_slice() {
         [] if others.is_empty() => Err(no_san()),
         [only] if others.is_empty() => {

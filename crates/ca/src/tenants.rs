@@ -49,6 +49,9 @@ pub struct Ca {
     /// DNS names the control plane's own certificate carries besides its SPIFFE ID: the
     /// Service names the API server reaches its injection webhook by.
     control_names: Vec<String>,
+    /// The cluster's DNS suffix (`cluster.local`): Service names are `<name>.<ns>.svc` or
+    /// `<name>.<ns>.svc.<suffix>`.
+    domain_suffix: String,
     /// Revoked SPIFFE IDs: never issued, renewed or vouched for (see [`Ca::set_revoked`]).
     revoked: std::sync::RwLock<std::sync::Arc<std::collections::HashSet<String>>>,
 }
@@ -61,6 +64,17 @@ pub const KUBERNETES_USAGES: [&str; 4] = [
     "server auth",
     "client auth",
 ];
+
+/// Refuses any usage a workload certificate does not have.
+fn check_usages(usages: &[String]) -> Result<(), CaError> {
+    match usages
+        .iter()
+        .find(|u| !KUBERNETES_USAGES.contains(&u.as_str()))
+    {
+        Some(u) => Err(CaError::Usage(u.clone())),
+        None => Ok(()),
+    }
+}
 
 /// The deny list in a CA's data directory: one SPIFFE ID per line (`#` starts a comment).
 pub const REVOKED_FILE: &str = "revoked";
@@ -111,6 +125,7 @@ impl Ca {
             tenants,
             control_namespace: None,
             control_names: Vec::new(),
+            domain_suffix: "cluster.local".into(),
             revoked: Default::default(),
         })
     }
@@ -164,8 +179,10 @@ impl Ca {
                 max_validity: max,
             });
         }
-        Ok(Ca::new(mesh.trust_domain.clone(), tenants)?
-            .with_control_namespace(&mesh.root_namespace))
+        let mut ca = Ca::new(mesh.trust_domain.clone(), tenants)?
+            .with_control_namespace(&mesh.root_namespace);
+        ca.domain_suffix = mesh.domain_suffix.clone();
+        Ok(ca)
     }
 
     /// Replaces the revoked identities: from now on they get no certificate (by token or by
@@ -255,32 +272,114 @@ impl Ca {
         usages: &[String],
         requested: Duration,
     ) -> Result<Issued, CaError> {
-        if let Some(u) = usages
-            .iter()
-            .find(|u| !KUBERNETES_USAGES.contains(&u.as_str()))
-        {
-            return Err(CaError::Usage(u.clone()));
-        }
+        check_usages(usages)?;
         let id = crate::issue::requested_identity(csr_pem)?;
-        let caller = id
-            .strip_prefix("spiffe://")
+        let caller = self.workload(&id)?;
+        self.check_tenant(tenant, None, &caller.namespace)?;
+        self.issue(&caller, csr_pem, requested)
+    }
+
+    /// Signs a cert-manager CertificateRequest for an issuer of `tenant`'s signer (`scope`: the
+    /// namespace of a namespaced Issuer, `None` for a ClusterIssuer). Each URI it asks for must
+    /// be a workload identity (as [`Ca::sign_kubernetes`]) and each DNS name a Service's
+    /// (`<name>.<ns>.svc`, `.svc.<domain suffix>`, or `*.<ns>.svc...`), all in namespaces of the
+    /// tenant within the scope; usages those of a workload certificate.
+    pub fn sign_for_issuer(
+        &self,
+        tenant: &str,
+        scope: Option<&str>,
+        csr_pem: &[u8],
+        usages: &[String],
+        requested: Duration,
+    ) -> Result<Issued, CaError> {
+        check_usages(usages)?;
+        let t = self
+            .tenants
+            .get(tenant)
+            .ok_or_else(|| CaError::UnknownTenant(tenant.into()))?;
+        let allow = |uris: &[String], dns: &[String]| -> Result<(), CaError> {
+            for id in uris {
+                let caller = self.workload(id)?;
+                caller.spiffe_id(&self.trust_domain)?;
+                if self.is_revoked(id) {
+                    return Err(CaError::Revoked(id.clone()));
+                }
+                if caller.service_account == CONTROL_SERVICE_ACCOUNT {
+                    return Err(CaError::Reserved(id.clone()));
+                }
+                self.check_tenant(tenant, scope, &caller.namespace)?;
+            }
+            for name in dns {
+                let namespace = self
+                    .service_namespace(name)
+                    .ok_or_else(|| CaError::NotAServiceName(name.clone()))?;
+                self.check_tenant(tenant, scope, namespace)?;
+            }
+            Ok(())
+        };
+        let issued = crate::issue::issue_requested(
+            t.signer.as_ref(),
+            csr_pem,
+            requested,
+            t.max_validity,
+            &allow,
+        )?;
+        tracing::info!(%tenant, scope = scope.unwrap_or("cluster"), validity_s = issued.validity.as_secs(), "issued certificate for an issuer");
+        Ok(issued)
+    }
+
+    /// The workload a SPIFFE ID of this trust domain names.
+    fn workload(&self, id: &str) -> Result<Caller, CaError> {
+        id.strip_prefix("spiffe://")
             .and_then(|rest| rest.split_once("/ns/"))
             .filter(|(domain, _)| *domain == self.trust_domain)
             .and_then(|(_, rest)| rest.split_once("/sa/"))
             .filter(|(_, sa)| !sa.contains('/'))
             .map(|(ns, sa)| Caller::new(ns, sa))
-            .ok_or_else(|| CaError::ForeignIdentity(id.clone()))?;
+            .ok_or_else(|| CaError::ForeignIdentity(id.to_owned()))
+    }
+
+    /// The namespace of a Service DNS name (`<name>.<ns>.svc[.<suffix>]`, the name possibly
+    /// `*`); `None` for any other name.
+    fn service_namespace<'a>(&self, name: &'a str) -> Option<&'a str> {
+        let stem = name
+            .strip_suffix(&format!(".svc.{}", self.domain_suffix))
+            .or_else(|| name.strip_suffix(".svc"))?;
+        let (host, namespace) = stem.rsplit_once('.')?;
+        let label = |l: &str| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        };
+        let host_ok = host == "*" || host.split('.').all(label);
+        (host_ok && label(namespace)).then_some(namespace)
+    }
+
+    /// Whether `tenant`'s signer may sign for `namespace` (its tenant's, and within `scope`).
+    fn check_tenant(
+        &self,
+        tenant: &str,
+        scope: Option<&str>,
+        namespace: &str,
+    ) -> Result<(), CaError> {
+        if let Some(scope) = scope.filter(|s| *s != namespace) {
+            return Err(CaError::OutOfScope {
+                namespace: namespace.into(),
+                scope: scope.into(),
+            });
+        }
         let owner = self
-            .tenant_of(&caller.namespace)
-            .ok_or_else(|| CaError::NoTenant(caller.namespace.clone()))?;
+            .tenant_of(namespace)
+            .ok_or_else(|| CaError::NoTenant(namespace.into()))?;
         if owner.name != tenant {
             return Err(CaError::OtherTenant {
-                namespace: caller.namespace.clone(),
+                namespace: namespace.into(),
                 owner: owner.name.clone(),
                 signer: tenant.into(),
             });
         }
-        self.issue(&caller, csr_pem, requested)
+        Ok(())
     }
 
     /// Whether `leaf`, a verified certificate for SPIFFE ID `id`, was issued by the signer of

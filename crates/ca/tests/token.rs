@@ -153,13 +153,13 @@ fn with_keys<T>(
     key_label: &str,
     f: impl FnOnce(&cryptoki::session::Session, &[cryptoki::object::ObjectHandle]) -> T,
 ) -> T {
-    use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+    use cryptoki::context::{CInitializeArgs, CInitializeFlags};
     use cryptoki::error::{Error, RvError};
     use cryptoki::object::{Attribute, ObjectClass};
     use cryptoki::session::UserType;
     use cryptoki::types::AuthPin;
 
-    let p = Pkcs11::new(MODULE).unwrap();
+    let p = hypha_keys::pkcs11::module(std::path::Path::new(MODULE)).unwrap();
     match p.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
         Ok(()) | Err(Error::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
         Err(e) => panic!("{e}"),

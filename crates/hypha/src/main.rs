@@ -1237,6 +1237,8 @@ async fn control(
                     client.clone(),
                     hypha_kube::csr::SignerNames::from_mesh(&mesh),
                 ));
+                // cert-manager CertificateRequests addressed to hypha.dev issuers.
+                s.services.push(hypha_kube::issuer::service(client.clone()));
                 if let Some(w) = webhook {
                     s.server_names.extend(w.names.iter().cloned());
                     let hook = hypha_kube::webhook::Webhook {

@@ -38,6 +38,24 @@ use cryptoki::types::AuthPin;
 
 use crate::{KeyError, KeyFuture, KeyProvider};
 
+/// The PKCS#11 library at `path`, loaded once and kept for the life of the process: a module is
+/// process-wide anyway, and unloading it (`dlclose`, when a token's last thread let go of it)
+/// while the process exits raced the library's own teardown (SoftHSM crashed at exit).
+pub fn module(path: &std::path::Path) -> Result<Pkcs11, KeyError> {
+    static LOADED: std::sync::OnceLock<Mutex<std::collections::HashMap<PathBuf, Pkcs11>>> =
+        std::sync::OnceLock::new();
+    let mut loaded = LOADED
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    if let Some(p) = loaded.get(path) {
+        return Ok(p.clone());
+    }
+    let p = Pkcs11::new(path).map_err(|e| backend(format!("{}: {e}", path.display())))?;
+    loaded.insert(path.to_owned(), p.clone());
+    Ok(p)
+}
+
 /// Where the PIN comes from: never from the command line or the config itself.
 #[derive(Debug, Clone)]
 pub enum PinSource {
@@ -224,8 +242,7 @@ impl Token {
         cfg: &TokenConfig,
         check: impl FnOnce(&TokenInfo) -> Result<(), E>,
     ) -> Result<Arc<Token>, E> {
-        let pkcs11 = Pkcs11::new(&cfg.module)
-            .map_err(|e| backend(format!("{}: {e}", cfg.module.display())))?;
+        let pkcs11 = module(&cfg.module)?;
         match pkcs11.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
             // Another user of the same module in this process initialized it already (the
             // library is process-wide): use it as it is.

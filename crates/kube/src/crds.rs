@@ -12,12 +12,15 @@ use serde_json::{json, Map, Value};
 use hypha_config::networking::{DestinationRule, ServiceEntry, VirtualService, WorkloadEntry};
 use hypha_config::security::{AuthorizationPolicy, PeerAuthentication};
 
-/// One Istio kind: its names, the versions served (the first is stored) and its spec's schema.
+/// One kind: its names, the versions served (the first is stored) and its spec's schema.
 struct Kind {
     group: &'static str,
     kind: &'static str,
     plural: &'static str,
+    /// `""`: none.
     short: &'static str,
+    /// `Namespaced` or `Cluster`.
+    scope: &'static str,
     versions: &'static [&'static str],
     /// `None` for a kind Hypha refuses to serve (its objects are reported, never read).
     spec: Option<fn() -> Value>,
@@ -34,6 +37,7 @@ const KINDS: &[Kind] = &[
         kind: "ServiceEntry",
         plural: "serviceentries",
         short: "se",
+        scope: "Namespaced",
         versions: NETWORKING,
         spec: Some(spec::<ServiceEntry>),
         columns: &[
@@ -47,6 +51,7 @@ const KINDS: &[Kind] = &[
         kind: "WorkloadEntry",
         plural: "workloadentries",
         short: "we",
+        scope: "Namespaced",
         versions: NETWORKING,
         spec: Some(spec::<WorkloadEntry>),
         columns: &[("Address", ".spec.address", "string")],
@@ -56,6 +61,7 @@ const KINDS: &[Kind] = &[
         kind: "VirtualService",
         plural: "virtualservices",
         short: "vs",
+        scope: "Namespaced",
         versions: NETWORKING,
         spec: Some(spec::<VirtualService>),
         columns: &[
@@ -68,6 +74,7 @@ const KINDS: &[Kind] = &[
         kind: "DestinationRule",
         plural: "destinationrules",
         short: "dr",
+        scope: "Namespaced",
         versions: NETWORKING,
         spec: Some(spec::<DestinationRule>),
         columns: &[("Host", ".spec.host", "string")],
@@ -77,6 +84,7 @@ const KINDS: &[Kind] = &[
         kind: "AuthorizationPolicy",
         plural: "authorizationpolicies",
         short: "ap",
+        scope: "Namespaced",
         versions: SECURITY,
         spec: Some(spec::<AuthorizationPolicy>),
         columns: &[("Action", ".spec.action", "string")],
@@ -86,6 +94,7 @@ const KINDS: &[Kind] = &[
         kind: "PeerAuthentication",
         plural: "peerauthentications",
         short: "pa",
+        scope: "Namespaced",
         versions: SECURITY,
         spec: Some(spec::<PeerAuthentication>),
         columns: &[("Mode", ".spec.mtls.mode", "string")],
@@ -95,15 +104,54 @@ const KINDS: &[Kind] = &[
         kind: "RequestAuthentication",
         plural: "requestauthentications",
         short: "ra",
+        scope: "Namespaced",
         versions: SECURITY,
         spec: None,
         columns: &[],
     },
 ];
 
-/// The CRDs, in the order to apply them.
+/// Hypha's own kinds: the cert-manager external issuers (`crate::issuer`).
+const HYPHA: &[Kind] = &[
+    Kind {
+        group: "hypha.dev",
+        kind: "Issuer",
+        plural: "issuers",
+        short: "",
+        scope: "Namespaced",
+        versions: &["v1alpha1"],
+        spec: Some(spec::<crate::issuer::IssuerSpec>),
+        columns: ISSUER_COLUMNS,
+    },
+    Kind {
+        group: "hypha.dev",
+        kind: "ClusterIssuer",
+        plural: "clusterissuers",
+        short: "",
+        scope: "Cluster",
+        versions: &["v1alpha1"],
+        spec: Some(spec::<crate::issuer::IssuerSpec>),
+        columns: ISSUER_COLUMNS,
+    },
+];
+
+const ISSUER_COLUMNS: &[(&str, &str, &str)] = &[
+    ("Tenant", ".spec.tenant", "string"),
+    (
+        "Ready",
+        ".status.conditions[?(@.type==\"Ready\")].status",
+        "string",
+    ),
+];
+
+/// The Istio CRDs, in the order to apply them.
 pub fn istio() -> Vec<Value> {
     KINDS.iter().map(crd).collect()
+}
+
+/// Hypha's own CRDs (`manifests/base/hypha-crds.yaml`).
+pub fn hypha() -> Vec<Value> {
+    HYPHA.iter().map(crd).collect()
 }
 
 fn crd(k: &Kind) -> Value {
@@ -154,13 +202,14 @@ fn crd(k: &Kind) -> Value {
                 "listKind": format!("{}List", k.kind),
                 "plural": k.plural,
                 "singular": k.kind.to_ascii_lowercase(),
-                "shortNames": [k.short],
-                "categories": ["istio-io", match k.group {
-                    "security.istio.io" => "security-istio-io",
-                    _ => "networking-istio-io",
-                }],
+                "shortNames": if k.short.is_empty() { vec![] } else { vec![k.short] },
+                "categories": if k.group.ends_with(".istio.io") {
+                    vec!["istio-io".to_owned(), k.group.replace('.', "-")]
+                } else {
+                    vec!["hypha".to_owned()]
+                },
             },
-            "scope": "Namespaced",
+            "scope": k.scope,
             "versions": versions,
         },
     })

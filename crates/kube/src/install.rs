@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 use hypha_inject::webhooks::{configuration, WebhookTarget};
 
 /// The base's files, in its kustomization's order.
-pub const BASE: [(&str, &str); 6] = [
+pub const BASE: [(&str, &str); 7] = [
     (
         "namespaces.yaml",
         include_str!("../../../manifests/base/namespaces.yaml"),
@@ -23,6 +23,10 @@ pub const BASE: [(&str, &str); 6] = [
     (
         "istio-crds.yaml",
         include_str!("../../../manifests/base/istio-crds.yaml"),
+    ),
+    (
+        "hypha-crds.yaml",
+        include_str!("../../../manifests/base/hypha-crds.yaml"),
     ),
     (
         "rbac.yaml",

@@ -9,6 +9,7 @@
 //! - `cluster`: the cluster's state and the registry model it becomes
 //! - `crds`: the Istio CRDs Hypha reads, their schemas derived from its config types
 //! - `csr`: the Kubernetes CSR signer (approved CSRs to `hypha.dev/<tenant>` signed by its signer)
+//! - `issuer`: the cert-manager external issuer (`Issuer`/`ClusterIssuer` of group `hypha.dev`)
 //! - `install`: `hypha install` / `uninstall`, the manifests of `manifests/base`
 //! - `istio`: the Istio kinds watched, and the config assembled with invalid objects left out
 //! - `report`: Events and `status.validationMessages` on invalid objects
@@ -24,6 +25,7 @@ pub mod cluster;
 pub mod crds;
 pub mod csr;
 pub mod install;
+pub mod issuer;
 pub mod istio;
 pub mod node;
 pub mod objects;

@@ -11,15 +11,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine as _;
-use boring::ec::{EcGroup, EcKey};
-use boring::hash::MessageDigest;
-use boring::nid::Nid;
-use boring::pkey::PKey;
 use boring::stack::Stack;
-use boring::x509::extension::SubjectAlternativeName;
 use boring::x509::store::X509StoreBuilder;
-use boring::x509::{X509Req, X509StoreContext, X509};
-use common::{eventually, TestCluster};
+use boring::x509::{X509StoreContext, X509};
+use common::{csr_base64, eventually, San, TestCluster};
 use hypha_kube::csr::{sign_csrs, SignerNames};
 use serde_json::Value;
 
@@ -36,28 +31,12 @@ spec:
   - {name: default, namespaces: ['*'], signer: default}
 ";
 
-/// A CSR as istiod makes one for a workload: a P-256 key, one URI SAN.
-fn request(spiffe_id: &str) -> String {
-    let group = EcGroup::from_curve_name(Nid::X9_62_PRIME256V1).unwrap();
-    let key = PKey::from_ec_key(EcKey::generate(&group).unwrap()).unwrap();
-    let mut b = X509Req::builder().unwrap();
-    b.set_pubkey(&key).unwrap();
-    let mut san = SubjectAlternativeName::new();
-    san.uri(spiffe_id);
-    let ext = san.build(&b.x509v3_context(None)).unwrap();
-    let mut exts = Stack::new().unwrap();
-    exts.push(ext).unwrap();
-    b.add_extensions(&exts).unwrap();
-    b.sign(&key, MessageDigest::sha256()).unwrap();
-    base64::engine::general_purpose::STANDARD.encode(b.build().to_pem().unwrap())
-}
-
 fn csr_yaml(name: &str, signer: &str, spiffe_id: &str, usages: &str) -> String {
     format!(
         "apiVersion: certificates.k8s.io/v1\nkind: CertificateSigningRequest\nmetadata:\n  name: \
          {name}\nspec:\n  signerName: {signer}\n  expirationSeconds: 3600\n  usages: [{usages}]\n  \
          request: {}\n",
-        request(spiffe_id)
+        csr_base64(&[San::Uri(spiffe_id)])
     )
 }
 

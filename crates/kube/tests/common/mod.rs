@@ -79,3 +79,53 @@ pub async fn serve(cp: &hypha_control::ControlPlane) -> String {
     tokio::spawn(async move { serving.serve(listener).await });
     uri
 }
+
+pub enum San<'a> {
+    Uri(&'a str),
+    Dns(&'a str),
+}
+
+/// A CSR (base64 of its PEM, as CSR objects carry it) for a fresh P-256 key and these names,
+/// as istiod or cert-manager make one.
+pub fn csr_base64(sans: &[San]) -> String {
+    use base64::Engine as _;
+    use boring::ec::{EcGroup, EcKey};
+    use boring::hash::MessageDigest;
+    use boring::nid::Nid;
+    use boring::pkey::PKey;
+    use boring::stack::Stack;
+    use boring::x509::extension::SubjectAlternativeName;
+    use boring::x509::X509Req;
+
+    let group = EcGroup::from_curve_name(Nid::X9_62_PRIME256V1).unwrap();
+    let key = PKey::from_ec_key(EcKey::generate(&group).unwrap()).unwrap();
+    let mut b = X509Req::builder().unwrap();
+    b.set_pubkey(&key).unwrap();
+    let mut san = SubjectAlternativeName::new();
+    for s in sans {
+        match s {
+            San::Uri(u) => san.uri(u),
+            San::Dns(d) => san.dns(d),
+        };
+    }
+    let ext = san.build(&b.x509v3_context(None)).unwrap();
+    let mut exts = Stack::new().unwrap();
+    exts.push(ext).unwrap();
+    b.add_extensions(&exts).unwrap();
+    b.sign(&key, MessageDigest::sha256()).unwrap();
+    base64::engine::general_purpose::STANDARD.encode(b.build().to_pem().unwrap())
+}
+
+/// Whether `leaf` chains to `root` alone, by BoringSSL's verifier.
+pub fn verifies(leaf: &boring::x509::X509, root: &boring::x509::X509) -> bool {
+    use boring::stack::Stack;
+    use boring::x509::store::X509StoreBuilder;
+    use boring::x509::X509StoreContext;
+
+    let mut store = X509StoreBuilder::new().unwrap();
+    store.add_cert(root.clone()).unwrap();
+    let store = store.build();
+    let mut ctx = X509StoreContext::new().unwrap();
+    ctx.init(&store, leaf, &Stack::new().unwrap(), |c| c.verify_cert())
+        .unwrap()
+}

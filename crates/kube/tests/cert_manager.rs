@@ -1,0 +1,309 @@
+//! The cert-manager external issuer against the test API server, with cert-manager's
+//! CertificateRequest kind registered and requests shaped as cert-manager v1 creates them,
+//! approved or denied as its approver does (the `Approved`/`Denied` conditions): nothing is
+//! signed before approval, an Issuer signs its own namespace's names with its tenant's root
+//! (`status.ca`, the chain verified with BoringSSL), a ClusterIssuer its tenant's namespaces, a
+//! name outside either is `Failed` with the reason, a denied request is closed, and issuers say
+//! whether they can sign.
+
+mod common;
+
+use std::sync::Arc;
+
+use base64::Engine as _;
+use boring::x509::X509;
+use common::{csr_base64, eventually, verifies, San, TestCluster};
+use serde_json::Value;
+
+const MESH: &str = "\
+apiVersion: hypha.dev/v1alpha1
+kind: MeshConfig
+metadata: {name: mesh}
+spec:
+  signers:
+  - {name: blue, maxCertificateTtl: 24h}
+  - {name: default, maxCertificateTtl: 24h}
+  tenants:
+  - {name: blue, namespaces: [blue, blue-two], signer: blue}
+  - {name: default, namespaces: ['*'], signer: default}
+";
+
+/// cert-manager's CertificateRequest kind, as its CRD registers it (the schema left open: the
+/// test API server needs the names; cert-manager's own CRD carries the full schema).
+const CERT_MANAGER_CRD: &str = "\
+apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata: {name: certificaterequests.cert-manager.io}
+spec:
+  group: cert-manager.io
+  names: {kind: CertificateRequest, listKind: CertificateRequestList, plural: certificaterequests, singular: certificaterequest, shortNames: [cr, crs], categories: [cert-manager]}
+  scope: Namespaced
+  versions:
+  - name: v1
+    served: true
+    storage: true
+    subresources: {status: {}}
+    schema: {openAPIV3Schema: {type: object, x-kubernetes-preserve-unknown-fields: true}}
+";
+
+/// A CertificateRequest as cert-manager's certificates controller creates it.
+fn certificate_request(ns: &str, name: &str, issuer: (&str, &str, &str), sans: &[San]) -> String {
+    let (group, kind, issuer) = issuer;
+    format!(
+        "apiVersion: cert-manager.io/v1\nkind: CertificateRequest\nmetadata:\n  name: {name}\n  \
+         namespace: {ns}\n  annotations:\n    cert-manager.io/certificate-name: {name}\n    \
+         cert-manager.io/certificate-revision: \"1\"\n    cert-manager.io/private-key-secret-name: \
+         {name}-abcde\nspec:\n  duration: 2h0m0s\n  issuerRef: {{group: {group}, kind: {kind}, name: \
+         {issuer}}}\n  usages: [digital signature, key encipherment, server auth]\n  request: {}\n",
+        csr_base64(sans)
+    )
+}
+
+/// What cert-manager's approver (or `cmctl approve/deny`) writes.
+fn decide(cluster: &TestCluster, ns: &str, name: &str, kind: &str) {
+    let patch = format!(
+        "{{\"status\":{{\"conditions\":[{{\"type\":\"{kind}\",\"status\":\"True\",\"reason\":\
+         \"cert-manager.io\",\"message\":\"{kind} by the test\"}}]}}}}"
+    );
+    cluster.kubectl(&[
+        "patch",
+        "certificaterequest",
+        name,
+        "-n",
+        ns,
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        &patch,
+    ]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cert_manager_requests_are_signed_by_their_issuers_tenant_within_its_scope() {
+    let cluster = TestCluster::start().await;
+    let data = tempfile::tempdir().unwrap();
+    let mesh = hypha_config::load_str("mesh.yaml", MESH)
+        .into_result()
+        .unwrap()
+        .0
+        .mesh;
+    let ca = Arc::new(hypha_ca::Ca::from_mesh(&mesh, data.path()).unwrap());
+    let crds = hypha_kube::install::yaml(&hypha_kube::crds::hypha());
+    cluster.apply("crds.yaml", &format!("{crds}---\n{CERT_MANAGER_CRD}"));
+    let ns = |n: &str| format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: {n}}}\n");
+    cluster.apply(
+        "setup.yaml",
+        &[
+            ns("blue"),
+            ns("blue-two"),
+            ns("shop"),
+            "apiVersion: hypha.dev/v1alpha1\nkind: Issuer\nmetadata: {name: blue, namespace: blue}\nspec: {tenant: blue}\n".into(),
+            "apiVersion: hypha.dev/v1alpha1\nkind: Issuer\nmetadata: {name: lost, namespace: blue}\nspec: {tenant: nope}\n".into(),
+            "apiVersion: hypha.dev/v1alpha1\nkind: ClusterIssuer\nmetadata: {name: blue}\nspec: {tenant: blue}\n".into(),
+            "apiVersion: hypha.dev/v1alpha1\nkind: ClusterIssuer\nmetadata: {name: mesh}\nspec: {tenant: default}\n".into(),
+        ]
+        .join("---\n"),
+    );
+    let issuer = tokio::spawn(hypha_kube::issuer::run(cluster.client().await, ca.clone()));
+    let td = ca.trust_domain().to_owned();
+    let spiffe = |ns: &str, sa: &str| format!("spiffe://{td}/ns/{ns}/sa/{sa}");
+    let hypha = |kind| ("hypha.dev", kind, "");
+    let get = |ns: &str, name: &str| {
+        cluster
+            .api
+            .get("cert-manager.io", "certificaterequests", ns, name)
+            .unwrap()
+    };
+    let ready = |obj: &Value| -> Option<(String, String, String)> {
+        let c = obj
+            .pointer("/status/conditions")?
+            .as_array()?
+            .iter()
+            .find(|c| c["type"] == "Ready")?;
+        let s = |k: &str| c[k].as_str().unwrap_or_default().to_owned();
+        Some((s("status"), s("reason"), s("message")))
+    };
+
+    // The issuers say whether they can sign.
+    eventually("issuers Ready", || {
+        let i = |kind: &str, ns: &str, name: &str| {
+            let resource = if kind == "Issuer" {
+                "issuers"
+            } else {
+                "clusterissuers"
+            };
+            cluster
+                .api
+                .get("hypha.dev", resource, ns, name)
+                .as_ref()
+                .and_then(ready)
+        };
+        i("Issuer", "blue", "blue").is_some_and(|r| r.0 == "True")
+            && i("ClusterIssuer", "", "mesh").is_some_and(|r| r.0 == "True")
+            && i("Issuer", "blue", "lost").is_some_and(|r| r.0 == "False" && r.1 == "UnknownTenant")
+    })
+    .await;
+
+    let with = |kind: &'static str, name: &'static str| {
+        let (g, k, _) = hypha(kind);
+        (g, k, name)
+    };
+    let web_id = spiffe("blue", "web");
+    let requests = [
+        (
+            "blue",
+            "web",
+            with("Issuer", "blue"),
+            vec![San::Dns("web.blue.svc"), San::Uri(&web_id)],
+        ),
+        (
+            "blue",
+            "too-wide",
+            with("Issuer", "blue"),
+            vec![San::Dns("web.blue-two.svc")],
+        ),
+        (
+            "blue",
+            "denied",
+            with("Issuer", "blue"),
+            vec![San::Dns("web.blue.svc")],
+        ),
+        (
+            "blue-two",
+            "cluster-wide",
+            with("ClusterIssuer", "blue"),
+            vec![San::Dns("api.blue-two.svc.cluster.local")],
+        ),
+        (
+            "shop",
+            "other-tenant",
+            with("ClusterIssuer", "blue"),
+            vec![San::Dns("cart.shop.svc")],
+        ),
+        (
+            "shop",
+            "mesh",
+            with("ClusterIssuer", "mesh"),
+            vec![San::Dns("*.shop.svc")],
+        ),
+        (
+            "shop",
+            "public-name",
+            with("ClusterIssuer", "mesh"),
+            vec![San::Dns("shop.example.com")],
+        ),
+        (
+            "shop",
+            "not-ours",
+            ("cert-manager.io", "ClusterIssuer", "letsencrypt"),
+            vec![San::Dns("cart.shop.svc")],
+        ),
+    ];
+    let all: Vec<String> = requests
+        .iter()
+        .map(|(ns, name, issuer, sans)| certificate_request(ns, name, *issuer, sans))
+        .collect();
+    cluster.apply("requests.yaml", &all.join("---\n"));
+
+    // Not approved: pending, nothing signed.
+    eventually("pending", || {
+        ready(&get("blue", "web")).is_some_and(|r| r.0 == "False" && r.1 == "Pending")
+    })
+    .await;
+    assert!(get("blue", "web").pointer("/status/certificate").is_none());
+
+    for (ns, name, _, _) in &requests {
+        let kind = if *name == "denied" {
+            "Denied"
+        } else {
+            "Approved"
+        };
+        decide(&cluster, ns, name, kind);
+    }
+    let closed = |ns: &str, name: &str| {
+        ready(&get(ns, name))
+            .is_some_and(|r| matches!(r.1.as_str(), "Issued" | "Failed" | "Denied"))
+    };
+    eventually("every request closed", || {
+        requests
+            .iter()
+            .filter(|r| r.1 != "not-ours")
+            .all(|(ns, name, _, _)| closed(ns, name))
+    })
+    .await;
+
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let blue_root = X509::from_pem(ca.trust_bundle("blue").unwrap()[0].as_bytes()).unwrap();
+    let default_root = X509::from_pem(ca.trust_bundle("default").unwrap()[0].as_bytes()).unwrap();
+    for (ns, name, root, dns) in [
+        ("blue", "web", &blue_root, "web.blue.svc"),
+        (
+            "blue-two",
+            "cluster-wide",
+            &blue_root,
+            "api.blue-two.svc.cluster.local",
+        ),
+        ("shop", "mesh", &default_root, "*.shop.svc"),
+    ] {
+        let r = get(ns, name);
+        assert_eq!(ready(&r).unwrap().1, "Issued", "{name}: {r}");
+        let pem = |field: &str| b64.decode(r["status"][field].as_str().unwrap()).unwrap();
+        let leaf = X509::from_pem(&pem("certificate")).unwrap();
+        let issuing = X509::from_pem(&pem("ca")).unwrap();
+        assert_eq!(
+            issuing.to_der().unwrap(),
+            root.to_der().unwrap(),
+            "{name}: status.ca"
+        );
+        assert!(verifies(&leaf, root), "{name}");
+        let names: Vec<String> = leaf
+            .subject_alt_names()
+            .unwrap()
+            .iter()
+            .filter_map(|n| n.dnsname().map(str::to_owned))
+            .collect();
+        assert_eq!(names, [dns]);
+        // duration: 2h0m0s, the signer's cap being 24 h (notBefore is backdated a minute).
+        let lifetime = leaf.not_before().diff(leaf.not_after()).unwrap();
+        assert_eq!(
+            i64::from(lifetime.days) * 86_400 + i64::from(lifetime.secs),
+            7260
+        );
+    }
+    let web = get("blue", "web");
+    let leaf = X509::from_pem(
+        &b64.decode(web["status"]["certificate"].as_str().unwrap())
+            .unwrap(),
+    )
+    .unwrap();
+    let uris: Vec<String> = leaf
+        .subject_alt_names()
+        .unwrap()
+        .iter()
+        .filter_map(|n| n.uri().map(str::to_owned))
+        .collect();
+    assert_eq!(uris, [spiffe("blue", "web")]);
+
+    for (ns, name, says) in [
+        ("blue", "too-wide", "outside the issuer's namespace"),
+        ("shop", "other-tenant", "belongs to tenant \"default\""),
+        ("shop", "public-name", "not a Service name"),
+    ] {
+        let r = get(ns, name);
+        let (status, reason, message) = ready(&r).unwrap();
+        assert_eq!(
+            (status.as_str(), reason.as_str()),
+            ("False", "Failed"),
+            "{name}"
+        );
+        assert!(message.contains(says), "{name}: {message}");
+        assert!(r.pointer("/status/certificate").is_none(), "{name}");
+        assert!(r.pointer("/status/failureTime").is_some(), "{name}");
+    }
+    let denied = get("blue", "denied");
+    assert_eq!(ready(&denied).unwrap().1, "Denied");
+    assert!(denied.pointer("/status/certificate").is_none());
+    let foreign = get("shop", "not-ours");
+    assert!(ready(&foreign).is_none(), "{foreign}");
+    issuer.abort();
+}
