@@ -181,7 +181,8 @@ enum Command {
         /// Apply them with kubectl instead of printing them.
         #[arg(long)]
         apply: bool,
-        /// Leave out the Istio CRDs (a cluster that has Istio's keeps their schemas).
+        /// Leave out the CRDs (Istio's and Hypha's issuers': a cluster that has Istio's keeps
+        /// their schemas).
         #[arg(long)]
         skip_crds: bool,
     },
@@ -1232,13 +1233,22 @@ async fn control(
                 };
                 std::fs::create_dir_all(&s.data_dir)?;
                 hypha_kube::share_signers(&client, &mesh, &s.data_dir).await?;
-                // Kubernetes CSRs addressed to the tenants' signers.
+                // Kubernetes CSRs addressed to the tenants' signers, and cert-manager
+                // CertificateRequests to hypha.dev issuers: on the holder of a Lease only.
+                let identity = std::env::var("POD_NAME")
+                    .unwrap_or_else(|_| format!("hypha-control-{}", std::process::id()));
+                let namespace = std::env::var("POD_NAMESPACE")
+                    .unwrap_or_else(|_| hypha_kube::CONTROL_NAMESPACE.to_owned());
                 s.services.push(hypha_kube::csr::service(
                     client.clone(),
                     hypha_kube::csr::SignerNames::from_mesh(&mesh),
+                    hypha_kube::lease::LeaseConfig::new(
+                        &namespace,
+                        "hypha-signers",
+                        &identity,
+                        std::time::Duration::from_secs(15),
+                    ),
                 ));
-                // cert-manager CertificateRequests addressed to hypha.dev issuers.
-                s.services.push(hypha_kube::issuer::service(client.clone()));
                 if let Some(w) = webhook {
                     s.server_names.extend(w.names.iter().cloned());
                     let hook = hypha_kube::webhook::Webhook {

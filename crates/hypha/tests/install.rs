@@ -1,5 +1,5 @@
 //! `hypha install` as a user runs it: the manifests printed, and with `--skip-crds` the same
-//! manifests without the Istio CRDs (for a cluster whose Istio CRDs are to stay).
+//! manifests without the CRDs (for a cluster whose Istio CRDs are to stay).
 
 use std::process::Command;
 
@@ -33,7 +33,7 @@ fn install_prints_the_manifests_and_can_leave_the_crds_out() {
     );
     assert_eq!(
         all.iter().filter(|o| crd(o)).count(),
-        hypha_kube::crds::istio().len()
+        hypha_kube::crds::istio().len() + hypha_kube::crds::hypha().len()
     );
     let without = install(&["--skip-crds"]);
     let rest: Vec<Value> = all.into_iter().filter(|o| !crd(o)).collect();

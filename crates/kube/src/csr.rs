@@ -174,10 +174,28 @@ pub async fn sign_csrs(client: Client, ca: Arc<Ca>, names: SignerNames) {
     }
 }
 
-/// The signer as a task of the control plane's, given its CA ([`hypha_control::TlsService`]).
-pub fn service(client: Client, names: SignerNames) -> hypha_control::TlsService {
+/// The certificate services of the cluster (this CSR signer and the cert-manager issuer,
+/// [`crate::issuer`]) as a task of the control plane's, given its CA
+/// ([`hypha_control::TlsService`]): run by one replica at a time, the holder of `lease`.
+pub fn service(
+    client: Client,
+    names: SignerNames,
+    lease: crate::lease::LeaseConfig,
+) -> hypha_control::TlsService {
     hypha_control::TlsService(Arc::new(move |secure| {
-        let (client, names) = (client.clone(), names.clone());
-        Box::pin(async move { sign_csrs(client, secure.ca(), names).await })
+        let (client, names, lease) = (client.clone(), names.clone(), lease.clone());
+        Box::pin(async move {
+            let ca = secure.ca();
+            crate::lease::while_leader(client.clone(), lease, || {
+                let (client, ca, names) = (client.clone(), ca.clone(), names.clone());
+                async move {
+                    tokio::join!(
+                        sign_csrs(client.clone(), ca.clone(), names),
+                        crate::issuer::run(client, ca)
+                    );
+                }
+            })
+            .await;
+        })
     }))
 }

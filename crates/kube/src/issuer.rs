@@ -375,11 +375,3 @@ async fn handle(client: &Client, ca: &Arc<Ca>, request: DynamicObject) {
         Err(e) => tracing::error!(error = %e, "signing a CertificateRequest"),
     }
 }
-
-/// The issuer as a task of the control plane's, given its CA ([`hypha_control::TlsService`]).
-pub fn service(client: Client) -> hypha_control::TlsService {
-    hypha_control::TlsService(Arc::new(move |secure| {
-        let client = client.clone();
-        Box::pin(async move { run(client, secure.ca()).await })
-    }))
-}

@@ -10,6 +10,7 @@
 //! - `crds`: the Istio CRDs Hypha reads, their schemas derived from its config types
 //! - `csr`: the Kubernetes CSR signer (approved CSRs to `hypha.dev/<tenant>` signed by its signer)
 //! - `issuer`: the cert-manager external issuer (`Issuer`/`ClusterIssuer` of group `hypha.dev`)
+//! - `lease`: leader election on a Lease (the signers run on one replica at a time)
 //! - `install`: `hypha install` / `uninstall`, the manifests of `manifests/base`
 //! - `istio`: the Istio kinds watched, and the config assembled with invalid objects left out
 //! - `report`: Events and `status.validationMessages` on invalid objects
@@ -27,6 +28,7 @@ pub mod csr;
 pub mod install;
 pub mod issuer;
 pub mod istio;
+pub mod lease;
 pub mod node;
 pub mod objects;
 mod report;

@@ -241,3 +241,130 @@ async fn only_a_signer_may_answer_and_only_an_approver_approve() {
         assert_eq!(r.is_ok(), allowed, "{name}: {r:?}");
     }
 }
+
+/// Two replicas behind the signers' Lease; the leader is killed (its task dropped, its Lease not
+/// given back) in the middle of a burst of 200 approved CSRs: the other takes over once the
+/// lease time has passed, and every CSR is answered exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_killed_during_a_burst_loses_no_csr_and_signs_none_twice() {
+    use hypha_kube::lease::{while_leader, LeaseConfig};
+
+    const N: usize = 200;
+    let cluster = TestCluster::start().await;
+    let data = tempfile::tempdir().unwrap();
+    let mesh = hypha_config::load_str("mesh.yaml", MESH)
+        .into_result()
+        .unwrap()
+        .0
+        .mesh;
+    let ca = Arc::new(hypha_ca::Ca::from_mesh(&mesh, data.path()).unwrap());
+    let names = SignerNames::from_mesh(&mesh);
+    let mut feed = cluster.api.changes();
+    let mut replicas = std::collections::BTreeMap::new();
+    for identity in ["replica-a", "replica-b"] {
+        let client = cluster.client().await;
+        let lease = LeaseConfig {
+            retry: Duration::from_millis(300),
+            ..LeaseConfig::new(
+                hypha_kube::CONTROL_NAMESPACE,
+                "hypha-signers",
+                identity,
+                Duration::from_secs(2),
+            )
+        };
+        let (ca, names) = (ca.clone(), names.clone());
+        let task = tokio::spawn(while_leader(client.clone(), lease, move || {
+            sign_csrs(client.clone(), ca.clone(), names.clone())
+        }));
+        replicas.insert(identity, task);
+    }
+    let holder = || {
+        cluster
+            .api
+            .get(
+                "coordination.k8s.io",
+                "leases",
+                hypha_kube::CONTROL_NAMESPACE,
+                "hypha-signers",
+            )
+            .and_then(|l| {
+                l.pointer("/spec/holderIdentity")?
+                    .as_str()
+                    .map(str::to_owned)
+            })
+    };
+    eventually("a leader", || holder().is_some()).await;
+    let first = holder().unwrap();
+
+    let id = format!("spiffe://{}/ns/blue/sa/web", ca.trust_domain());
+    let all: Vec<String> = (0..N)
+        .map(|i| csr_yaml(&format!("burst-{i}"), "hypha.dev/blue", &id, WORKLOAD))
+        .collect();
+    cluster.apply("burst.yaml", &all.join("---\n"));
+    let signed = || {
+        cluster
+            .api
+            .list("certificates.k8s.io", "certificatesigningrequests")
+            .iter()
+            .filter(|c| c.pointer("/status/certificate").is_some())
+            .count()
+    };
+    // Approved as an approving controller does, one after the other.
+    let admin = hypha_kube::connect(Some(&cluster.dir.path().join("kubeconfig")))
+        .await
+        .unwrap();
+    let approving = tokio::spawn(async move {
+        let api: kube::Api<k8s_openapi::api::certificates::v1::CertificateSigningRequest> =
+            kube::Api::all(admin);
+        for i in 0..N {
+            let name = format!("burst-{i}");
+            let mut csr = serde_json::to_value(api.get(&name).await.unwrap()).unwrap();
+            csr["status"] = serde_json::json!({"conditions": [{"type": "Approved",
+                "status": "True", "reason": "AutoApproved", "message": "burst"}]});
+            api.replace_subresource("approval", &name, &Default::default(), &csr)
+                .await
+                .unwrap();
+        }
+    });
+    // Kill the leader once it has signed some of them.
+    eventually("the first signatures", || signed() >= 10).await;
+    replicas[first.as_str()].abort();
+    let at_kill = signed();
+    approving.await.unwrap();
+    for _ in 0..600 {
+        if signed() == N {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(signed(), N, "every CSR signed (at the kill: {at_kill})");
+    assert!(at_kill < N, "the leader was killed mid-burst");
+    let second = holder().unwrap();
+    assert_ne!(second, first, "the other replica took over");
+
+    // Each CSR's certificate was written once and never replaced.
+    let mut certificates: std::collections::BTreeMap<String, std::collections::BTreeSet<String>> =
+        Default::default();
+    while let Ok(event) = feed.try_recv() {
+        if event.resource != "certificatesigningrequests" {
+            continue;
+        }
+        if let Some(c) = event
+            .object
+            .pointer("/status/certificate")
+            .and_then(Value::as_str)
+        {
+            certificates
+                .entry(event.meta("name"))
+                .or_default()
+                .insert(c.to_owned());
+        }
+    }
+    assert_eq!(certificates.len(), N);
+    for (name, seen) in &certificates {
+        assert_eq!(seen.len(), 1, "{name} answered {} times", seen.len());
+    }
+    for task in replicas.values() {
+        task.abort();
+    }
+}
