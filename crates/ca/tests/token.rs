@@ -610,3 +610,43 @@ spec:
     assert_eq!(after.trust_bundle("mesh").unwrap(), vec![new_root]);
     assert!(!verifies(&old_cert, &after.trust_bundle("mesh").unwrap()));
 }
+
+/// The Kubernetes CSR signer and the cert-manager issuer sign through the same token signer:
+/// their certificates chain to the token's root, and the key stays in the token.
+#[test]
+fn kubernetes_csrs_and_issuer_requests_are_signed_in_the_token() {
+    let Some((hsm, _turn)) = setup() else { return };
+    let data = tempfile::tempdir().unwrap();
+    let cfg = mesh(&pkcs11(hsm, TOKEN, "ca-k8s", ALLOW_SOFTHSM));
+    let ca = Ca::from_mesh(&cfg, data.path()).unwrap();
+    let root = ca.trust_bundle("t").unwrap();
+    let usages: Vec<String> = hypha_ca::KUBERNETES_USAGES.map(String::from).to_vec();
+
+    let csr_signed = ca
+        .sign_kubernetes(
+            "t",
+            &csr(&p256(), &[San::Uri(&id("shop", "web"))]),
+            &usages,
+            Duration::from_secs(600),
+        )
+        .unwrap();
+    openssl_verifies(&csr_signed.chain[0], &root[0]);
+    let issuer_signed = ca
+        .sign_for_issuer(
+            "t",
+            Some("shop"),
+            &csr(&p256(), &[San::Dns("web.shop.svc.cluster.local")]),
+            &usages,
+            Duration::ZERO,
+        )
+        .unwrap();
+    openssl_verifies(&issuer_signed.chain[0], &root[0]);
+
+    let (sensitive, extractable, never_extractable, persistent) = key_attributes(TOKEN, "ca-k8s");
+    assert!(sensitive && !extractable && never_extractable && persistent);
+    for f in files(data.path()) {
+        let text =
+            String::from_utf8_lossy(&std::fs::read(data.path().join(&f)).unwrap()).into_owned();
+        assert!(!text.contains("PRIVATE KEY"), "{}", f.display());
+    }
+}

@@ -8,11 +8,9 @@
 
 mod common;
 
-use std::sync::Arc;
-
 use base64::Engine as _;
 use boring::x509::X509;
-use common::{csr_base64, eventually, verifies, San, TestCluster};
+use common::{csr_base64, eventually, mesh_ca, verifies, San, TestCluster};
 use serde_json::Value;
 
 const MESH: &str = "\
@@ -82,12 +80,7 @@ fn decide(cluster: &TestCluster, ns: &str, name: &str, kind: &str) {
 async fn cert_manager_requests_are_signed_by_their_issuers_tenant_within_its_scope() {
     let cluster = TestCluster::start().await;
     let data = tempfile::tempdir().unwrap();
-    let mesh = hypha_config::load_str("mesh.yaml", MESH)
-        .into_result()
-        .unwrap()
-        .0
-        .mesh;
-    let ca = Arc::new(hypha_ca::Ca::from_mesh(&mesh, data.path()).unwrap());
+    let (_, ca) = mesh_ca(MESH, data.path());
     let crds = hypha_kube::install::yaml(&hypha_kube::crds::hypha());
     cluster.apply("crds.yaml", &format!("{crds}---\n{CERT_MANAGER_CRD}"));
     let ns = |n: &str| format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: {n}}}\n");

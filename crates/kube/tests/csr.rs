@@ -7,14 +7,13 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine as _;
 use boring::stack::Stack;
 use boring::x509::store::X509StoreBuilder;
 use boring::x509::{X509StoreContext, X509};
-use common::{csr_base64, eventually, San, TestCluster};
+use common::{csr_base64, eventually, mesh_ca, San, TestCluster};
 use hypha_kube::csr::{sign_csrs, SignerNames};
 use serde_json::Value;
 
@@ -61,12 +60,7 @@ fn verifies(chain: &[X509], root: &str) -> bool {
 async fn approved_csrs_are_signed_by_their_tenants_signer_and_no_others() {
     let cluster = TestCluster::start().await;
     let data = tempfile::tempdir().unwrap();
-    let mesh = hypha_config::load_str("mesh.yaml", MESH)
-        .into_result()
-        .unwrap()
-        .0
-        .mesh;
-    let ca = Arc::new(hypha_ca::Ca::from_mesh(&mesh, data.path()).unwrap());
+    let (mesh, ca) = mesh_ca(MESH, data.path());
     let signer = tokio::spawn(sign_csrs(
         cluster.client().await,
         ca.clone(),
@@ -252,12 +246,7 @@ async fn a_leader_killed_during_a_burst_loses_no_csr_and_signs_none_twice() {
     const N: usize = 200;
     let cluster = TestCluster::start().await;
     let data = tempfile::tempdir().unwrap();
-    let mesh = hypha_config::load_str("mesh.yaml", MESH)
-        .into_result()
-        .unwrap()
-        .0
-        .mesh;
-    let ca = Arc::new(hypha_ca::Ca::from_mesh(&mesh, data.path()).unwrap());
+    let (mesh, ca) = mesh_ca(MESH, data.path());
     let names = SignerNames::from_mesh(&mesh);
     let mut feed = cluster.api.changes();
     let mut replicas = std::collections::BTreeMap::new();
@@ -367,4 +356,179 @@ async fn a_leader_killed_during_a_burst_loses_no_csr_and_signs_none_twice() {
     for task in replicas.values() {
         task.abort();
     }
+}
+
+/// What a stock istiod sets up to get its workloads' certificates from an external Kubernetes
+/// signer (`EXTERNAL_CA=ISTIOD_RA_KUBERNETES_API`, `K8S_SIGNER=istio.io/mesh`): its own RBAC
+/// (create, watch, approve and delete CSRs for that signer), and `hypha-control` allowed to sign
+/// for it. The same YAML is in the README.
+const ISTIOD_RBAC: &str = "\
+apiVersion: v1
+kind: Namespace
+metadata: {name: istio-system}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata: {name: istiod-k8s-signer}
+rules:
+- apiGroups: [certificates.k8s.io]
+  resources: [certificatesigningrequests]
+  verbs: [create, get, list, watch, delete]
+- apiGroups: [certificates.k8s.io]
+  resources: [certificatesigningrequests/approval]
+  verbs: [update]
+- apiGroups: [certificates.k8s.io]
+  resources: [signers]
+  resourceNames: [istio.io/mesh]
+  verbs: [approve]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {name: istiod-k8s-signer}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: istiod-k8s-signer}
+subjects:
+- {kind: ServiceAccount, name: istiod, namespace: istio-system}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata: {name: hypha-sign-istio-mesh}
+rules:
+- apiGroups: [certificates.k8s.io]
+  resources: [signers]
+  resourceNames: [istio.io/mesh]
+  verbs: [sign]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {name: hypha-sign-istio-mesh}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: hypha-sign-istio-mesh}
+subjects:
+- {kind: ServiceAccount, name: hypha-control, namespace: hypha-system}
+";
+
+const ISTIO_MESH: &str = "\
+apiVersion: hypha.dev/v1alpha1
+kind: MeshConfig
+metadata: {name: mesh}
+spec:
+  signers:
+  - {name: mesh, maxCertificateTtl: 24h}
+  tenants:
+  - {name: mesh, namespaces: ['*'], signer: mesh, signerNames: [istio.io/mesh]}
+";
+
+/// istiod as a Kubernetes RA, step by step as it does it for a workload's CSR: create the CSR
+/// (`generateName: csr-workload-`, the workload agent's RSA-2048 request for its SPIFFE ID, the
+/// four usages, `expirationSeconds` from the requested TTL), approve it itself, wait for
+/// `status.certificate`, verify the chain against the root it was given for the signer
+/// (`meshConfig.caCertificates[].certSigners`), then delete the CSR.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stock_istiod_gets_workload_certificates_from_hyphas_signer() {
+    use k8s_openapi::api::certificates::v1::{
+        CertificateSigningRequest, CertificateSigningRequestCondition,
+        CertificateSigningRequestSpec,
+    };
+
+    let cluster = TestCluster::start().await;
+    cluster.apply("istiod-rbac.yaml", ISTIOD_RBAC);
+    let data = tempfile::tempdir().unwrap();
+    let (mesh, ca) = mesh_ca(ISTIO_MESH, data.path());
+    let signer = tokio::spawn(sign_csrs(
+        cluster.client().await,
+        ca.clone(),
+        SignerNames::from_mesh(&mesh),
+    ));
+    // meshConfig.caCertificates: [{pem: <this>, certSigners: [istio.io/mesh]}]
+    let root = ca.trust_bundle("mesh").unwrap()[0].clone();
+
+    let token = cluster.api.issue_account_token("istio-system", "istiod");
+    let kubeconfig = cluster
+        .api
+        .write_kubeconfig_as(&cluster.dir.path().join("istiod.kubeconfig"), &token)
+        .unwrap();
+    let istiod = hypha_kube::connect(Some(&kubeconfig)).await.unwrap();
+    let csrs: kube::Api<CertificateSigningRequest> = kube::Api::all(istiod);
+
+    let key = boring::pkey::PKey::from_rsa(boring::rsa::Rsa::generate(2048).unwrap()).unwrap();
+    let workload = format!("spiffe://{}/ns/shop/sa/web", ca.trust_domain());
+    let request = base64::engine::general_purpose::STANDARD
+        .decode(common::csr_base64_for(&key, &[San::Uri(&workload)]))
+        .unwrap();
+    let usages = [
+        "digital signature",
+        "key encipherment",
+        "server auth",
+        "client auth",
+    ];
+    let csr = CertificateSigningRequest {
+        metadata: kube::api::ObjectMeta {
+            generate_name: Some("csr-workload-".into()),
+            ..Default::default()
+        },
+        spec: CertificateSigningRequestSpec {
+            request: k8s_openapi::ByteString(request),
+            signer_name: "istio.io/mesh".into(),
+            usages: Some(usages.map(String::from).to_vec()),
+            expiration_seconds: Some(86_400),
+            ..Default::default()
+        },
+        status: None,
+    };
+    let mut created = csrs.create(&Default::default(), &csr).await.unwrap();
+    let name = created.metadata.name.clone().unwrap();
+    assert!(name.starts_with("csr-workload-"));
+    assert_eq!(
+        created.spec.username.as_deref(),
+        Some("system:serviceaccount:istio-system:istiod")
+    );
+    let message = format!("CSR ({name}) for the certificate (web) is approved");
+    created
+        .status
+        .get_or_insert_with(Default::default)
+        .conditions
+        .get_or_insert_with(Vec::new)
+        .push(CertificateSigningRequestCondition {
+            type_: "Approved".into(),
+            status: "True".into(),
+            reason: Some(message.clone()),
+            message: Some(message),
+            ..Default::default()
+        });
+    csrs.replace_subresource("approval", &name, &Default::default(), &created)
+        .await
+        .unwrap();
+
+    let mut pem = None;
+    for _ in 0..200 {
+        let now = csrs.get(&name).await.unwrap();
+        if let Some(c) = now.status.and_then(|s| s.certificate) {
+            pem = Some(c.0);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let chain = X509::stack_from_pem(&pem.expect("status.certificate within 10 s")).unwrap();
+    assert!(
+        verifies(&chain, &root),
+        "the chain verifies against the signer's root"
+    );
+    let leaf = &chain[0];
+    let uris: Vec<String> = leaf
+        .subject_alt_names()
+        .unwrap()
+        .iter()
+        .filter_map(|n| n.uri().map(str::to_owned))
+        .collect();
+    assert_eq!(uris, [workload]);
+    assert!(
+        leaf.public_key().unwrap().public_eq(&key),
+        "the workload's own key"
+    );
+    let lifetime = leaf.not_before().diff(leaf.not_after()).unwrap();
+    assert_eq!(
+        i64::from(lifetime.days) * 86_400 + i64::from(lifetime.secs),
+        86_460
+    );
+    csrs.delete(&name, &Default::default()).await.unwrap();
+    signer.abort();
 }

@@ -86,21 +86,28 @@ pub enum San<'a> {
 }
 
 /// A CSR (base64 of its PEM, as CSR objects carry it) for a fresh P-256 key and these names,
-/// as istiod or cert-manager make one.
+/// as cert-manager makes one.
 pub fn csr_base64(sans: &[San]) -> String {
-    use base64::Engine as _;
     use boring::ec::{EcGroup, EcKey};
-    use boring::hash::MessageDigest;
     use boring::nid::Nid;
-    use boring::pkey::PKey;
+
+    let group = EcGroup::from_curve_name(Nid::X9_62_PRIME256V1).unwrap();
+    csr_base64_for(
+        &boring::pkey::PKey::from_ec_key(EcKey::generate(&group).unwrap()).unwrap(),
+        sans,
+    )
+}
+
+/// [`csr_base64`] for a given key.
+pub fn csr_base64_for(key: &boring::pkey::PKey<boring::pkey::Private>, sans: &[San]) -> String {
+    use base64::Engine as _;
+    use boring::hash::MessageDigest;
     use boring::stack::Stack;
     use boring::x509::extension::SubjectAlternativeName;
     use boring::x509::X509Req;
 
-    let group = EcGroup::from_curve_name(Nid::X9_62_PRIME256V1).unwrap();
-    let key = PKey::from_ec_key(EcKey::generate(&group).unwrap()).unwrap();
     let mut b = X509Req::builder().unwrap();
-    b.set_pubkey(&key).unwrap();
+    b.set_pubkey(key).unwrap();
     let mut san = SubjectAlternativeName::new();
     for s in sans {
         match s {
@@ -112,7 +119,7 @@ pub fn csr_base64(sans: &[San]) -> String {
     let mut exts = Stack::new().unwrap();
     exts.push(ext).unwrap();
     b.add_extensions(&exts).unwrap();
-    b.sign(&key, MessageDigest::sha256()).unwrap();
+    b.sign(key, MessageDigest::sha256()).unwrap();
     base64::engine::general_purpose::STANDARD.encode(b.build().to_pem().unwrap())
 }
 
@@ -128,4 +135,15 @@ pub fn verifies(leaf: &boring::x509::X509, root: &boring::x509::X509) -> bool {
     let mut ctx = X509StoreContext::new().unwrap();
     ctx.init(&store, leaf, &Stack::new().unwrap(), |c| c.verify_cert())
         .unwrap()
+}
+
+/// A mesh config's MeshConfig and the CA it makes, its file signers under `dir`.
+pub fn mesh_ca(yaml: &str, dir: &Path) -> (hypha_config::MeshConfig, std::sync::Arc<hypha_ca::Ca>) {
+    let mesh = hypha_config::load_str("mesh.yaml", yaml)
+        .into_result()
+        .unwrap()
+        .0
+        .mesh;
+    let ca = hypha_ca::Ca::from_mesh(&mesh, dir).unwrap();
+    (mesh, std::sync::Arc::new(ca))
 }
