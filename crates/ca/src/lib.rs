@@ -28,7 +28,7 @@ pub use error::CaError;
 pub use issue::{Caller, Issued, DEFAULT_MAX_VALIDITY};
 pub use rate::IssueRate;
 pub use service::{bearer, AuthError, Authenticator, CaService, JoinTokens, TokenReview};
-pub use signer::{FileSigner, Signer};
+pub use signer::{Attested, FileSigner, Signer};
 pub use tenants::{
     file_signer_dir, parse_revoked, signer_common_name, Ca, TenantCa, CONTROL_SERVICE_ACCOUNT,
     KUBERNETES_USAGES, REVOKED_FILE,

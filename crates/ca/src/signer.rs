@@ -37,6 +37,20 @@ pub trait Signer: Send + Sync {
     /// A DER `ECDSA-Sig-Value` over SHA-256 of `tbs` (hashing is the signer's job: a token may
     /// need the hash, `CKM_ECDSA`, rather than the message).
     fn sign(&self, tbs: &[u8]) -> Result<Vec<u8>, CaError>;
+
+    /// The token holding the key and what approved it, for a key in a token.
+    fn attested(&self) -> Option<&Attested> {
+        None
+    }
+}
+
+/// A token a signer's key lives in, as its attestation saw and approved it.
+#[derive(Debug, Clone)]
+pub struct Attested {
+    pub token: crate::attest::TokenInfo,
+    /// The attestor that approved it ([`crate::attest::Attestor::describe`]).
+    pub attestor: String,
+    pub at: std::time::SystemTime,
 }
 
 /// "Sign these bytes" as a closure: how certificate building reaches a key it does not hold.

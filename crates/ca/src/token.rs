@@ -83,6 +83,7 @@ pub struct TokenSigner {
     dir: PathBuf,
     signer: String,
     token: String,
+    attested: crate::signer::Attested,
 }
 
 impl std::fmt::Debug for TokenSigner {
@@ -117,7 +118,7 @@ impl TokenSigner {
         organization: &str,
         common_name: &str,
     ) -> Result<TokenSigner, CaError> {
-        let token = Self::open_token(cfg)?;
+        let (token, attested) = Self::open_token(cfg)?;
         let cert_path = dir.join(CERT_FILE);
         let token_err = |source| CaError::Token {
             signer: cfg.signer.clone(),
@@ -192,11 +193,15 @@ impl TokenSigner {
             dir: dir.into(),
             signer: cfg.signer.clone(),
             token: cfg.token.label.clone(),
+            attested,
         })
     }
 
-    /// The token, opened only if the attestor approves it (before any login).
-    fn open_token(cfg: &TokenSignerConfig) -> Result<Arc<Token>, CaError> {
+    /// The token, opened only if the attestor approves it (before any login), and what
+    /// approved it.
+    fn open_token(
+        cfg: &TokenSignerConfig,
+    ) -> Result<(Arc<Token>, crate::signer::Attested), CaError> {
         let nonce = attest::nonce()?;
         let mut approved = None;
         let opened = Token::open_checked(&cfg.token, |info| {
@@ -211,10 +216,14 @@ impl TokenSigner {
         });
         match opened {
             Ok(token) => {
-                if let Some(info) = approved {
-                    tracing::info!(signer = %cfg.signer, token = %info.label, serial = %info.serial_number, manufacturer = %info.manufacturer_id, attestor = %cfg.attestor.describe(), "token approved by attestation");
-                }
-                Ok(token)
+                let info = approved.unwrap_or_default();
+                tracing::info!(signer = %cfg.signer, token = %info.label, serial = %info.serial_number, manufacturer = %info.manufacturer_id, attestor = %cfg.attestor.describe(), "token approved by attestation");
+                let attested = crate::signer::Attested {
+                    token: info,
+                    attestor: cfg.attestor.describe(),
+                    at: std::time::SystemTime::now(),
+                };
+                Ok((token, attested))
             }
             Err(Open::Refused { serial, reason }) => {
                 Err(CaError::AttestationRefused(Box::new(Refused {
@@ -247,6 +256,10 @@ impl Signer for TokenSigner {
     /// Waits for the token (see the module docs for why every caller may block).
     fn sign(&self, tbs: &[u8]) -> Result<Vec<u8>, CaError> {
         token_sign(&self.key, &self.signer, &self.token, tbs)
+    }
+
+    fn attested(&self) -> Option<&crate::signer::Attested> {
+        Some(&self.attested)
     }
 }
 

@@ -5,6 +5,7 @@
 //! tenant, every tenant names one signer (its own CA and root), and a tenant trusts other
 //! tenants' roots only where `trustTenants` says so. One tenant covering `*` is the default.
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::types::Duration;
@@ -138,7 +139,7 @@ pub struct Pkcs11Key {
 }
 
 /// An attestation policy for a token: exactly one of `allow` and `command`.
-#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Attestation {
     #[serde(default)]
@@ -149,7 +150,7 @@ pub struct Attestation {
 
 /// Tokens the CA may use, by what they report (`C_GetTokenInfo`): a token passes if it matches
 /// every list that is not empty.
-#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AllowList {
     #[serde(default)]
@@ -162,7 +163,7 @@ pub struct AllowList {
 
 /// A program that judges the token (an SGX quote verifier, for instance): given the token's
 /// details and a nonce as JSON on stdin, it approves by exiting 0 with the nonce on stdout.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AttestationCommand {
     /// Absolute path of the program.

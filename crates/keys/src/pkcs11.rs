@@ -95,7 +95,7 @@ pub struct TokenConfig {
 
 /// What a token says about itself (`C_GetTokenInfo`, padding trimmed) and the module it is
 /// reached through: what an attestation policy judges before the token is logged in to.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TokenInfo {
     pub module: PathBuf,
     pub label: String,

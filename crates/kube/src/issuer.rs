@@ -6,7 +6,9 @@
 //! (`Issued`), a refused one `Ready` False (`Failed`) with the reason. A namespaced Issuer signs
 //! only names of its own namespace; both only names of their tenant's namespaces (workload
 //! SPIFFE IDs, Service DNS names). Each issuer's own `Ready` condition says whether its tenant's
-//! signer is there to sign.
+//! signer is there to sign and, under the issuer's `attestation` policy, whether the token
+//! holding the key passes it (`status.signer`: the token's identity; `status.attestation`: the
+//! verdict and its time); an issuer that cannot sign leaves its requests pending, saying why.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,6 +32,85 @@ pub const GROUP: &str = "hypha.dev";
 pub struct IssuerSpec {
     /// The tenant whose signer signs (a tenant of the mesh config).
     pub tenant: String,
+    /// This issuer's own judgement of the token holding the tenant's key (an allow list or a
+    /// command, as a signer's): it signs only while the token passes. A file key never does.
+    #[serde(default)]
+    pub attestation: Option<hypha_config::mesh::Attestation>,
+}
+
+/// What an issuer can do now, and why: its `Ready` condition and what its status says of its
+/// signer and the attestation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Verdict {
+    pub ready: bool,
+    pub reason: &'static str,
+    pub message: String,
+    /// `status.signer` and `status.attestation`.
+    pub status: Value,
+}
+
+/// Judges an issuer: its tenant must exist and, under an attestation policy, the token
+/// holding the tenant's key must pass it (a fresh nonce each time).
+pub fn verdict(ca: &Ca, spec: &IssuerSpec) -> Verdict {
+    let no = |reason, message: String, status| Verdict {
+        ready: false,
+        reason,
+        message,
+        status,
+    };
+    let Some(tenant) = ca.tenant(&spec.tenant) else {
+        let message = format!("The mesh has no tenant {:?}", spec.tenant);
+        return no("UnknownTenant", message, json!({}));
+    };
+    let attested = tenant.signer.attested();
+    let mut status = json!({"signer": {"tenant": spec.tenant,
+        "key": if attested.is_some() { "pkcs11" } else { "file" }}});
+    if let Some(a) = attested {
+        status["signer"]["token"] = json!({"label": a.token.label,
+            "manufacturer": a.token.manufacturer_id, "model": a.token.model,
+            "serialNumber": a.token.serial_number});
+        status["signer"]["attestedBy"] = a.attestor.clone().into();
+    }
+    let signing = format!("Signing with the signer of tenant {:?}", spec.tenant);
+    let Some(policy) = &spec.attestation else {
+        return Verdict {
+            ready: true,
+            reason: "Ready",
+            message: signing,
+            status,
+        };
+    };
+    let Some(attestor) = hypha_ca::attest::from_config(policy) else {
+        let message = "spec.attestation needs exactly one of allow and command".to_owned();
+        return no("InvalidAttestation", message, status);
+    };
+    let outcome = match attested {
+        None => Err(format!(
+            "the key of tenant {:?} is a file, not in a token: there is nothing to attest",
+            spec.tenant
+        )),
+        Some(a) => hypha_ca::attest::nonce()
+            .map_err(|e| e.to_string())
+            .and_then(|nonce| attestor.attest(&a.token, &nonce)),
+    };
+    status["attestation"] = json!({"attestor": attestor.describe(), "time": now(),
+        "verdict": if outcome.is_ok() { "Approved" } else { "Refused" }});
+    match outcome {
+        Ok(()) => Verdict {
+            ready: true,
+            reason: "Ready",
+            message: format!("{signing}; its token passed the {}", attestor.describe()),
+            status,
+        },
+        Err(why) => {
+            status["attestation"]["reason"] = why.clone().into();
+            let message = format!(
+                "Attestation ({}) refused the token: {why}",
+                attestor.describe()
+            );
+            no("AttestationFailed", message, status)
+        }
+    }
 }
 
 fn resource(group: &str, version: &str, kind: &str, plural: &str) -> ApiResource {
@@ -255,21 +336,9 @@ async fn keep_issuers_ready(
     )
     .boxed();
     while let Some((cluster, issuer)) = events.next().await {
-        let tenant = issuer.data["spec"]["tenant"].as_str().unwrap_or_default();
-        let (ready, reason, message) = match ca.tenant(tenant) {
-            Some(_) => (
-                true,
-                "Ready",
-                format!("Signing with the signer of tenant {tenant:?}"),
-            ),
-            None => (
-                false,
-                "UnknownTenant",
-                format!("The mesh has no tenant {tenant:?}"),
-            ),
-        };
+        let v = judge(&ca, &issuer).await;
         let seen = serde_json::to_value(&issuer).unwrap_or_default();
-        if ready_is(&seen, ready, reason, &message) {
+        if ready_is(&seen, v.ready, v.reason, &v.message) {
             continue;
         }
         let mut status = issuer
@@ -277,7 +346,10 @@ async fn keep_issuers_ready(
             .get("status")
             .cloned()
             .unwrap_or_else(|| json!({}));
-        set_ready(&mut status, ready, reason, &message);
+        for (k, x) in v.status.as_object().into_iter().flatten() {
+            status[k] = x.clone();
+        }
+        set_ready(&mut status, v.ready, v.reason, &v.message);
         let api: Api<DynamicObject> = match (cluster, issuer.metadata.namespace.as_deref()) {
             (false, Some(ns)) => Api::namespaced_with(client.clone(), ns, &issuers(false)),
             _ => Api::all_with(client.clone(), &issuers(true)),
@@ -286,6 +358,28 @@ async fn keep_issuers_ready(
         // Requests waiting for this issuer are looked at again.
         let _ = resync.send(());
     }
+}
+
+/// [`verdict`] for an issuer object, off the async runtime (an attestation command may run).
+async fn judge(ca: &Arc<Ca>, issuer: &DynamicObject) -> Verdict {
+    let spec = serde_json::from_value::<IssuerSpec>(issuer.data["spec"].clone());
+    let ca = ca.clone();
+    let judged = tokio::task::spawn_blocking(move || match spec {
+        Ok(spec) => verdict(&ca, &spec),
+        Err(e) => Verdict {
+            ready: false,
+            reason: "InvalidSpec",
+            message: format!("spec: {e}"),
+            status: json!({}),
+        },
+    })
+    .await;
+    judged.unwrap_or_else(|e| Verdict {
+        ready: false,
+        reason: "Internal",
+        message: e.to_string(),
+        status: json!({}),
+    })
 }
 
 async fn sign_requests(
@@ -343,11 +437,8 @@ async fn handle(client: &Client, ca: &Arc<Ca>, request: DynamicObject) {
         true => Api::all_with(client.clone(), &issuers(true)),
         false => Api::namespaced_with(client.clone(), &namespace, &issuers(false)),
     };
-    let tenant = match issuer_api.get_opt(&name).await {
-        Ok(Some(i)) => i.data["spec"]["tenant"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned(),
+    let issuer = match issuer_api.get_opt(&name).await {
+        Ok(Some(i)) => i,
         Ok(None) | Err(_) => {
             let kind = if cluster { "ClusterIssuer" } else { "Issuer" };
             let message = format!("{kind} {name:?} ({GROUP}) not found");
@@ -358,14 +449,20 @@ async fn handle(client: &Client, ca: &Arc<Ca>, request: DynamicObject) {
             return;
         }
     };
-    if ca.tenant(&tenant).is_none() {
-        let message = format!("the issuer's tenant {tenant:?} is not one of the mesh's");
+    // Judged now, not from the issuer's status: nothing is signed for an issuer that cannot.
+    let v = judge(ca, &issuer).await;
+    if !v.ready {
+        let message = format!("The issuer {name:?} cannot sign: {}", v.message);
         if !ready_is(&seen, false, "Pending", &message) {
             set_ready(&mut status, false, "Pending", &message);
             write_status(&api, &request, status).await;
         }
         return;
     }
+    let tenant = issuer.data["spec"]["tenant"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
     let scope = (!cluster).then_some(namespace);
     let ca = ca.clone();
     let answered =

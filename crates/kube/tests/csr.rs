@@ -162,12 +162,7 @@ async fn approved_csrs_are_signed_by_their_tenants_signer_and_no_others() {
         let chain = X509::stack_from_pem(&certificate(name).unwrap()).unwrap();
         assert!(verifies(&chain, blue_root), "{name}: blue's root");
         assert!(!verifies(&chain, default_root), "{name}: not default's");
-        let uris: Vec<String> = chain[0]
-            .subject_alt_names()
-            .unwrap()
-            .iter()
-            .filter_map(|n| n.uri().map(str::to_owned))
-            .collect();
+        let uris = common::uri_sans(&chain[0]);
         assert_eq!(uris, [id("blue", sa)]);
         // expirationSeconds honoured (notBefore is backdated a minute).
         let lifetime = chain[0].not_before().diff(chain[0].not_after()).unwrap();
@@ -513,12 +508,7 @@ async fn a_stock_istiod_gets_workload_certificates_from_hyphas_signer() {
         "the chain verifies against the signer's root"
     );
     let leaf = &chain[0];
-    let uris: Vec<String> = leaf
-        .subject_alt_names()
-        .unwrap()
-        .iter()
-        .filter_map(|n| n.uri().map(str::to_owned))
-        .collect();
+    let uris = common::uri_sans(leaf);
     assert_eq!(uris, [workload]);
     assert!(
         leaf.public_key().unwrap().public_eq(&key),

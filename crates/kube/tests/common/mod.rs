@@ -147,3 +147,12 @@ pub fn mesh_ca(yaml: &str, dir: &Path) -> (hypha_config::MeshConfig, std::sync::
     let ca = hypha_ca::Ca::from_mesh(&mesh, dir).unwrap();
     (mesh, std::sync::Arc::new(ca))
 }
+
+/// The URI SANs of a certificate.
+pub fn uri_sans(cert: &boring::x509::X509Ref) -> Vec<String> {
+    cert.subject_alt_names()
+        .into_iter()
+        .flatten()
+        .filter_map(|n| n.uri().map(str::to_owned))
+        .collect()
+}
