@@ -46,13 +46,7 @@ fn setup() -> Option<(&'static Hsm, MutexGuard<'static, ()>)> {
     let turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
     let hsm = HSM.get_or_init(|| {
         let dir = tempfile::tempdir().unwrap();
-        let tokens = hypha_keys::softhsm::TokenDir::create_in(dir.path()).unwrap();
-        // Before anything loads the module: it reads this once per process.
-        std::env::set_var("SOFTHSM2_CONF", &tokens.conf);
-        for label in [TOKEN, PIN_TOKEN] {
-            tokens.init_token(label, "1234").unwrap();
-        }
-        std::fs::write(dir.path().join("pin"), "1234\n").unwrap();
+        hypha_keys::softhsm::tokens_for_tests(dir.path(), &[TOKEN, PIN_TOKEN]).unwrap();
         Hsm { dir }
     });
     Some((hsm, turn))

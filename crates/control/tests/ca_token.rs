@@ -11,13 +11,9 @@ use hypha_control::Security;
 use hypha_keys::softhsm::MODULE;
 const TOKEN: &str = "hypha-control-ca";
 
-/// A fresh SoftHSM2 token in `dir`, user PIN 1234 (in `dir/pin`).
+/// A fresh SoftHSM2 token in `dir`, user PIN 1234 (in `dir/pin`); this binary has one test.
 fn softhsm(dir: &Path) {
-    let tokens = hypha_keys::softhsm::TokenDir::create_in(dir).unwrap();
-    tokens.init_token(TOKEN, "1234").unwrap();
-    // The library reads its config from the environment; this binary has one test.
-    std::env::set_var("SOFTHSM2_CONF", &tokens.conf);
-    std::fs::write(dir.join("pin"), "1234\n").unwrap();
+    hypha_keys::softhsm::tokens_for_tests(dir, &[TOKEN]).unwrap();
 }
 
 fn mesh_yaml(hsm: &Path, allowed_label: &str) -> String {

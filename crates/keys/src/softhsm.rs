@@ -48,6 +48,20 @@ pub fn available_for_tests() -> bool {
     }
 }
 
+/// For tests: tokens labelled `labels` (user PIN `1234`, also in `dir/pin`) in a new token
+/// directory under `dir`, and `SOFTHSM2_CONF` naming it. The library reads that variable once
+/// per process: call this before anything loads the module. Returns the PIN file.
+pub fn tokens_for_tests(dir: &Path, labels: &[&str]) -> Result<PathBuf, KeyError> {
+    let tokens = TokenDir::create_in(dir)?;
+    std::env::set_var("SOFTHSM2_CONF", &tokens.conf);
+    for label in labels {
+        tokens.init_token(label, "1234")?;
+    }
+    let pin = dir.join("pin");
+    std::fs::write(&pin, "1234\n").map_err(|e| backend(format!("{}: {e}", pin.display())))?;
+    Ok(pin)
+}
+
 /// A SoftHSM2 token directory and the config that points at it.
 #[derive(Debug, Clone)]
 pub struct TokenDir {

@@ -305,12 +305,7 @@ async fn issuers_attest_the_token_and_sign_nothing_when_it_fails() {
         return;
     }
     let hsm = tempfile::tempdir().unwrap();
-    let tokens = hypha_keys::softhsm::TokenDir::create_in(hsm.path()).unwrap();
-    // Before anything loads the module: it reads this once per process.
-    std::env::set_var("SOFTHSM2_CONF", &tokens.conf);
-    tokens.init_token("hypha-issuer", "1234").unwrap();
-    let pin = hsm.path().join("pin");
-    std::fs::write(&pin, "1234\n").unwrap();
+    let pin = hypha_keys::softhsm::tokens_for_tests(hsm.path(), &["hypha-issuer"]).unwrap();
     let mesh = format!(
         "apiVersion: hypha.dev/v1alpha1
 kind: MeshConfig
