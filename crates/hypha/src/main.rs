@@ -516,6 +516,10 @@ struct ControlArgs {
     /// The MutatingWebhookConfiguration whose caBundle the control plane keeps.
     #[arg(long, default_value = "hypha-sidecar-injector")]
     webhook_configuration: String,
+    /// Approve each CSR to Hypha's signers that asks for its requester's own service-account
+    /// identity (Istio's rule); needs `approve` on the signers. Others wait for an approver.
+    #[arg(long, alias = "approve-istio-csrs", requires = "kubernetes")]
+    approve_own_csrs: bool,
     #[command(flatten)]
     inject: InjectArgs,
 }
@@ -734,6 +738,7 @@ fn main() -> ExitCode {
                 webhook,
                 webhook_names,
                 webhook_configuration,
+                approve_own_csrs,
                 inject,
             } = *args;
             let own_key = pkcs11_module.map(|module| hypha_keys::pkcs11::TokenConfig {
@@ -763,7 +768,12 @@ fn main() -> ExitCode {
                 configuration: webhook_configuration,
                 inject,
             });
-            run(control(config, cluster, listen, security, webhook, health))
+            let csrs = CsrArgs {
+                approve_own: approve_own_csrs,
+            };
+            run(control(
+                config, cluster, listen, security, webhook, health, csrs,
+            ))
         }
         Command::Proxy(args) => match proxy_config(&args) {
             Ok(config) => {
@@ -1209,6 +1219,11 @@ fn mesh_of(dir: &Path) -> anyhow::Result<hypha_config::MeshConfig> {
         .mesh)
 }
 
+/// What the control plane does with Kubernetes CSRs besides signing approved ones.
+struct CsrArgs {
+    approve_own: bool,
+}
+
 /// `cluster`: with --kubernetes, the kubeconfig named (if any).
 async fn control(
     config: Option<PathBuf>,
@@ -1217,6 +1232,7 @@ async fn control(
     mut security: Option<hypha_control::Security>,
     webhook: Option<WebhookArgs>,
     health: Vec<SocketAddr>,
+    csrs: CsrArgs,
 ) -> anyhow::Result<()> {
     let extra = match cluster {
         Some(kubeconfig) => {
@@ -1248,6 +1264,7 @@ async fn control(
                         &identity,
                         std::time::Duration::from_secs(15),
                     ),
+                    csrs.approve_own,
                 ));
                 if let Some(w) = webhook {
                     s.server_names.extend(w.names.iter().cloned());

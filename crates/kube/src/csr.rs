@@ -124,6 +124,74 @@ pub fn answer(ca: &Ca, tenant: &str, csr: &CertificateSigningRequest) -> Value {
     status
 }
 
+/// Istio's rule for a workload's own CSR: whether `csr`, pending and addressed to one of
+/// Hypha's signers, asks for exactly the SPIFFE ID of the service account that created it.
+pub fn is_own_identity(
+    csr: &CertificateSigningRequest,
+    names: &SignerNames,
+    trust_domain: &str,
+) -> bool {
+    if next(csr, names) != Next::Pending {
+        return false;
+    }
+    let Some(account) = csr
+        .spec
+        .username
+        .as_deref()
+        .and_then(|u| u.strip_prefix("system:serviceaccount:"))
+        .and_then(|rest| rest.split_once(':'))
+    else {
+        return false;
+    };
+    let own = format!("spiffe://{trust_domain}/ns/{}/sa/{}", account.0, account.1);
+    hypha_ca::issue::requested_identity(&csr.spec.request.0).is_ok_and(|id| id == own)
+}
+
+/// `--approve-own-csrs`: approves each pending CSR to Hypha's signers that asks for its
+/// requester's own identity ([`is_own_identity`]), leaving every other to a person or another
+/// approver; runs until dropped.
+pub async fn approve_own_csrs(client: Client, trust_domain: String, names: SignerNames) {
+    let api: Api<CertificateSigningRequest> = Api::all(client);
+    let mut events = watcher::watcher(api.clone(), watcher::Config::default())
+        .default_backoff()
+        .applied_objects()
+        .boxed();
+    while let Some(event) = events.next().await {
+        let Ok(csr) = event else { continue };
+        if !is_own_identity(&csr, &names, &trust_domain) {
+            continue;
+        }
+        let name = csr.metadata.name.clone().unwrap_or_default();
+        let mut approved = csr;
+        approved
+            .status
+            .get_or_insert_with(Default::default)
+            .conditions
+            .get_or_insert_with(Vec::new)
+            .push(
+                k8s_openapi::api::certificates::v1::CertificateSigningRequestCondition {
+                    type_: "Approved".into(),
+                    status: "True".into(),
+                    reason: Some("HyphaOwnIdentity".into()),
+                    message: Some(
+                        "The request is for its requester's own service account identity".into(),
+                    ),
+                    last_update_time: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                        k8s_openapi::jiff::Timestamp::now(),
+                    )),
+                    ..Default::default()
+                },
+            );
+        match api
+            .replace_subresource("approval", &name, &PostParams::default(), &approved)
+            .await
+        {
+            Ok(_) => tracing::info!(csr = %name, "approved a CSR for its requester's own identity"),
+            Err(e) => tracing::warn!(csr = %name, error = %e, "CSR not approved"),
+        }
+    }
+}
+
 /// Watches the cluster's CSRs and answers those addressed to Hypha's signers; runs until
 /// dropped.
 pub async fn sign_csrs(client: Client, ca: Arc<Ca>, names: SignerNames) {
@@ -177,10 +245,12 @@ pub async fn sign_csrs(client: Client, ca: Arc<Ca>, names: SignerNames) {
 /// The certificate services of the cluster (this CSR signer and the cert-manager issuer,
 /// [`crate::issuer`]) as a task of the control plane's, given its CA
 /// ([`hypha_control::TlsService`]): run by one replica at a time, the holder of `lease`.
+/// With `approve_own`, also [`approve_own_csrs`].
 pub fn service(
     client: Client,
     names: SignerNames,
     lease: crate::lease::LeaseConfig,
+    approve_own: bool,
 ) -> hypha_control::TlsService {
     hypha_control::TlsService(Arc::new(move |secure| {
         let (client, names, lease) = (client.clone(), names.clone(), lease.clone());
@@ -189,9 +259,16 @@ pub fn service(
             crate::lease::while_leader(client.clone(), lease, || {
                 let (client, ca, names) = (client.clone(), ca.clone(), names.clone());
                 async move {
+                    let approver = async {
+                        if approve_own {
+                            let td = ca.trust_domain().to_owned();
+                            approve_own_csrs(client.clone(), td, names.clone()).await;
+                        }
+                    };
                     tokio::join!(
-                        sign_csrs(client.clone(), ca.clone(), names),
-                        crate::issuer::run(client, ca)
+                        sign_csrs(client.clone(), ca.clone(), names.clone()),
+                        crate::issuer::run(client.clone(), ca.clone()),
+                        approver
                     );
                 }
             })

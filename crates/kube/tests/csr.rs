@@ -522,3 +522,97 @@ async fn a_stock_istiod_gets_workload_certificates_from_hyphas_signer() {
     csrs.delete(&name, &Default::default()).await.unwrap();
     signer.abort();
 }
+
+/// `--approve-own-csrs`: a workload's CSR for its own service account's identity is approved
+/// (then signed); one for another identity, or one an administrator made, waits for a person.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn own_identity_csrs_are_approved_and_no_others() {
+    let cluster = TestCluster::start().await;
+    // The approver's grant, on top of the control plane's base RBAC.
+    cluster.apply(
+        "approve.yaml",
+        "apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRole\nmetadata: {name: hypha-approve}\n\
+         rules:\n- {apiGroups: [certificates.k8s.io], resources: [certificatesigningrequests/approval], \
+         verbs: [update]}\n- {apiGroups: [certificates.k8s.io], resources: [signers], resourceNames: \
+         [hypha.dev/*], verbs: [approve]}\n---\napiVersion: rbac.authorization.k8s.io/v1\nkind: \
+         ClusterRoleBinding\nmetadata: {name: hypha-approve}\nroleRef: {apiGroup: \
+         rbac.authorization.k8s.io, kind: ClusterRole, name: hypha-approve}\nsubjects:\n- {kind: \
+         ServiceAccount, name: hypha-control, namespace: hypha-system}\n---\napiVersion: \
+         rbac.authorization.k8s.io/v1\nkind: ClusterRole\nmetadata: {name: csr-creator}\nrules:\n- \
+         {apiGroups: [certificates.k8s.io], resources: [certificatesigningrequests], verbs: [create, \
+         get]}\n---\napiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRoleBinding\nmetadata: \
+         {name: csr-creator}\nroleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: \
+         csr-creator}\nsubjects:\n- {kind: ServiceAccount, name: web, namespace: blue}\n",
+    );
+    let data = tempfile::tempdir().unwrap();
+    let (mesh, ca) = mesh_ca(MESH, data.path());
+    let names = SignerNames::from_mesh(&mesh);
+    let client = cluster.client().await;
+    let td = ca.trust_domain().to_owned();
+    let signing = tokio::spawn(sign_csrs(client.clone(), ca.clone(), names.clone()));
+    let approving = tokio::spawn(hypha_kube::csr::approve_own_csrs(client, td.clone(), names));
+
+    // As the workload blue/web.
+    let token = cluster.api.issue_account_token("blue", "web");
+    let kubeconfig = cluster
+        .api
+        .write_kubeconfig_as(&cluster.dir.path().join("web.kubeconfig"), &token)
+        .unwrap();
+    let web = hypha_kube::connect(Some(&kubeconfig)).await.unwrap();
+    let csrs: kube::Api<k8s_openapi::api::certificates::v1::CertificateSigningRequest> =
+        kube::Api::all(web);
+    for (name, sa) in [("own", "web"), ("someone-else", "db")] {
+        let yaml = csr_yaml(
+            name,
+            "hypha.dev/blue",
+            &format!("spiffe://{td}/ns/blue/sa/{sa}"),
+            WORKLOAD,
+        );
+        let value = hypha_config::yaml::parse_documents(&yaml)
+            .unwrap()
+            .remove(0)
+            .value;
+        csrs.create(&Default::default(), &serde_json::from_value(value).unwrap())
+            .await
+            .unwrap();
+    }
+    // The same identity asked by an administrator is not the requester's own.
+    cluster.apply(
+        "admin.yaml",
+        &csr_yaml(
+            "by-admin",
+            "hypha.dev/blue",
+            &format!("spiffe://{td}/ns/blue/sa/web"),
+            WORKLOAD,
+        ),
+    );
+    let get = |name: &str| {
+        cluster
+            .api
+            .get(
+                "certificates.k8s.io",
+                "certificatesigningrequests",
+                "",
+                name,
+            )
+            .unwrap()
+    };
+    eventually("the own-identity CSR approved and signed", || {
+        get("own").pointer("/status/certificate").is_some()
+    })
+    .await;
+    let reasons: Vec<Value> = get("own")["status"]["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["reason"].clone())
+        .collect();
+    assert_eq!(reasons, [Value::from("HyphaOwnIdentity")]);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for name in ["someone-else", "by-admin"] {
+        let c = get(name);
+        assert!(c.pointer("/status/conditions").is_none(), "{name}: {c}");
+    }
+    signing.abort();
+    approving.abort();
+}
