@@ -124,6 +124,16 @@ pub fn answer(ca: &Ca, tenant: &str, csr: &CertificateSigningRequest) -> Value {
     status
 }
 
+/// Every CSR as it is listed, then as it changes.
+fn csr_events(
+    api: &Api<CertificateSigningRequest>,
+) -> futures::stream::BoxStream<'static, Result<CertificateSigningRequest, watcher::Error>> {
+    watcher::watcher(api.clone(), watcher::Config::default())
+        .default_backoff()
+        .applied_objects()
+        .boxed()
+}
+
 /// Istio's rule for a workload's own CSR: whether `csr`, pending and addressed to one of
 /// Hypha's signers, asks for exactly the SPIFFE ID of the service account that created it.
 pub fn is_own_identity(
@@ -152,10 +162,7 @@ pub fn is_own_identity(
 /// approver; runs until dropped.
 pub async fn approve_own_csrs(client: Client, trust_domain: String, names: SignerNames) {
     let api: Api<CertificateSigningRequest> = Api::all(client);
-    let mut events = watcher::watcher(api.clone(), watcher::Config::default())
-        .default_backoff()
-        .applied_objects()
-        .boxed();
+    let mut events = csr_events(&api);
     while let Some(event) = events.next().await {
         let Ok(csr) = event else { continue };
         if !is_own_identity(&csr, &names, &trust_domain) {
@@ -196,10 +203,7 @@ pub async fn approve_own_csrs(client: Client, trust_domain: String, names: Signe
 /// dropped.
 pub async fn sign_csrs(client: Client, ca: Arc<Ca>, names: SignerNames) {
     let api: Api<CertificateSigningRequest> = Api::all(client);
-    let mut events = watcher::watcher(api.clone(), watcher::Config::default())
-        .default_backoff()
-        .applied_objects()
-        .boxed();
+    let mut events = csr_events(&api);
     while let Some(event) = events.next().await {
         let csr = match event {
             Ok(csr) => csr,

@@ -39,6 +39,19 @@ fn csr_yaml(name: &str, signer: &str, spiffe_id: &str, usages: &str) -> String {
     )
 }
 
+/// The CSR `name` as the API server holds it.
+fn csr_object(cluster: &TestCluster, name: &str) -> Value {
+    cluster
+        .api
+        .get(
+            "certificates.k8s.io",
+            "certificatesigningrequests",
+            "",
+            name,
+        )
+        .unwrap()
+}
+
 const WORKLOAD: &str = "digital signature, key encipherment, server auth, client auth";
 
 fn verifies(chain: &[X509], root: &str) -> bool {
@@ -78,17 +91,7 @@ async fn approved_csrs_are_signed_by_their_tenants_signer_and_no_others() {
     );
     let td = ca.trust_domain().to_owned();
     let id = |ns: &str, sa: &str| format!("spiffe://{td}/ns/{ns}/sa/{sa}");
-    let get = |name: &str| {
-        cluster
-            .api
-            .get(
-                "certificates.k8s.io",
-                "certificatesigningrequests",
-                "",
-                name,
-            )
-            .unwrap()
-    };
+    let get = |name: &str| csr_object(&cluster, name);
     let certificate = |name: &str| {
         get(name)
             .pointer("/status/certificate")
@@ -586,17 +589,7 @@ async fn own_identity_csrs_are_approved_and_no_others() {
             WORKLOAD,
         ),
     );
-    let get = |name: &str| {
-        cluster
-            .api
-            .get(
-                "certificates.k8s.io",
-                "certificatesigningrequests",
-                "",
-                name,
-            )
-            .unwrap()
-    };
+    let get = |name: &str| csr_object(&cluster, name);
     eventually("the own-identity CSR approved and signed", || {
         get("own").pointer("/status/certificate").is_some()
     })
