@@ -5,6 +5,8 @@
 
 #![allow(dead_code)]
 
+pub mod cert_manager;
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
