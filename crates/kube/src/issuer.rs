@@ -49,9 +49,10 @@ pub struct Verdict {
     pub status: Value,
 }
 
-/// Judges an issuer: its tenant must exist and, under an attestation policy, the token
-/// holding the tenant's key must pass it (a fresh nonce each time).
-pub fn verdict(ca: &Ca, spec: &IssuerSpec) -> Verdict {
+/// Judges an issuer: its tenant must exist, its signer sign (with `probe`: a test signature,
+/// so a token gone or failing shows), and, under an attestation policy, the token holding the
+/// tenant's key must pass it (a fresh nonce each time).
+pub fn verdict(ca: &Ca, spec: &IssuerSpec, probe: bool) -> Verdict {
     let no = |reason, message: String, status| Verdict {
         ready: false,
         reason,
@@ -70,6 +71,12 @@ pub fn verdict(ca: &Ca, spec: &IssuerSpec) -> Verdict {
             "manufacturer": a.token.manufacturer_id, "model": a.token.model,
             "serialNumber": a.token.serial_number});
         status["signer"]["attestedBy"] = a.attestor.clone().into();
+    }
+    if probe {
+        if let Err(e) = tenant.signer.sign(b"hypha issuer health check") {
+            let message = format!("The signer of tenant {:?} cannot sign: {e}", spec.tenant);
+            return no("SignerUnavailable", message, status);
+        }
     }
     let signing = format!("Signing with the signer of tenant {:?}", spec.tenant);
     let Some(policy) = &spec.attestation else {
@@ -295,9 +302,18 @@ async fn write_status(api: &Api<DynamicObject>, obj: &DynamicObject, status: Val
 /// Answers every CertificateRequest addressed to a `hypha.dev` issuer and keeps the issuers'
 /// `Ready` conditions; runs until dropped.
 pub async fn run(client: Client, ca: Arc<Ca>) {
+    run_with(client, ca, RECHECK).await;
+}
+
+/// How often every issuer is judged again (its signer probed, its token attested), besides
+/// whenever it changes.
+pub const RECHECK: Duration = Duration::from_secs(30);
+
+/// [`run`], judging the issuers again every `recheck`.
+pub async fn run_with(client: Client, ca: Arc<Ca>, recheck: Duration) {
     let (resync_tx, resync_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
     tokio::select! {
-        () = keep_issuers_ready(client.clone(), ca.clone(), resync_tx) => {}
+        () = keep_issuers_ready(client.clone(), ca.clone(), resync_tx, recheck) => {}
         () = sign_requests(client, ca, resync_rx) => {}
     }
 }
@@ -329,58 +345,99 @@ async fn keep_issuers_ready(
     client: Client,
     ca: Arc<Ca>,
     resync: tokio::sync::mpsc::UnboundedSender<()>,
+    recheck: Duration,
 ) {
     let mut events = futures::stream::select(
         watch(client.clone(), &issuers(false)).map(|o| (false, o)),
         watch(client.clone(), &issuers(true)).map(|o| (true, o)),
     )
     .boxed();
-    while let Some((cluster, issuer)) = events.next().await {
-        let v = judge(&ca, &issuer).await;
-        let seen = serde_json::to_value(&issuer).unwrap_or_default();
-        if ready_is(&seen, v.ready, v.reason, &v.message) {
-            continue;
-        }
-        let mut status = issuer
-            .data
-            .get("status")
-            .cloned()
-            .unwrap_or_else(|| json!({}));
-        for (k, x) in v.status.as_object().into_iter().flatten() {
-            status[k] = x.clone();
-        }
-        set_ready(&mut status, v.ready, v.reason, &v.message);
-        let api: Api<DynamicObject> = match (cluster, issuer.metadata.namespace.as_deref()) {
-            (false, Some(ns)) => Api::namespaced_with(client.clone(), ns, &issuers(false)),
-            _ => Api::all_with(client.clone(), &issuers(true)),
+    let mut ticks = tokio::time::interval(recheck);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let judged: Vec<(bool, DynamicObject)> = tokio::select! {
+            Some(one) = events.next() => vec![one],
+            _ = ticks.tick() => {
+                let mut all = Vec::new();
+                for cluster in [false, true] {
+                    let api: Api<DynamicObject> = Api::all_with(client.clone(), &issuers(cluster));
+                    if let Ok(list) = api.list(&ListParams::default()).await {
+                        all.extend(list.items.into_iter().map(|i| (cluster, i)));
+                    }
+                }
+                all
+            }
+            else => return,
         };
-        write_status(&api, &issuer, status).await;
-        // Requests waiting for this issuer are looked at again.
-        let _ = resync.send(());
+        for (cluster, issuer) in judged {
+            refresh(&client, &ca, cluster, &issuer, &resync).await;
+        }
     }
 }
 
-/// [`verdict`] for an issuer object, off the async runtime (an attestation command may run).
-async fn judge(ca: &Arc<Ca>, issuer: &DynamicObject) -> Verdict {
+/// Judges one issuer and writes its status where the verdict changed.
+async fn refresh(
+    client: &Client,
+    ca: &Arc<Ca>,
+    cluster: bool,
+    issuer: &DynamicObject,
+    resync: &tokio::sync::mpsc::UnboundedSender<()>,
+) {
+    let v = judge(ca, issuer, true).await;
+    let seen = serde_json::to_value(issuer).unwrap_or_default();
+    if ready_is(&seen, v.ready, v.reason, &v.message) {
+        return;
+    }
+    let mut status = issuer
+        .data
+        .get("status")
+        .cloned()
+        .unwrap_or_else(|| json!({}));
+    for (k, x) in v.status.as_object().into_iter().flatten() {
+        status[k] = x.clone();
+    }
+    set_ready(&mut status, v.ready, v.reason, &v.message);
+    let api: Api<DynamicObject> = match (cluster, issuer.metadata.namespace.as_deref()) {
+        (false, Some(ns)) => Api::namespaced_with(client.clone(), ns, &issuers(false)),
+        _ => Api::all_with(client.clone(), &issuers(true)),
+    };
+    write_status(&api, issuer, status).await;
+    // Requests waiting for this issuer are looked at again.
+    let _ = resync.send(());
+}
+
+/// [`verdict`] for an issuer object, off the async runtime (an attestation command may run, a
+/// token may be slow) and within [`JUDGE_TIMEOUT`].
+async fn judge(ca: &Arc<Ca>, issuer: &DynamicObject, probe: bool) -> Verdict {
     let spec = serde_json::from_value::<IssuerSpec>(issuer.data["spec"].clone());
     let ca = ca.clone();
-    let judged = tokio::task::spawn_blocking(move || match spec {
-        Ok(spec) => verdict(&ca, &spec),
+    let judging = tokio::task::spawn_blocking(move || match spec {
+        Ok(spec) => verdict(&ca, &spec, probe),
         Err(e) => Verdict {
             ready: false,
             reason: "InvalidSpec",
             message: format!("spec: {e}"),
             status: json!({}),
         },
-    })
-    .await;
-    judged.unwrap_or_else(|e| Verdict {
+    });
+    let failed = |reason, message: String| Verdict {
         ready: false,
-        reason: "Internal",
-        message: e.to_string(),
+        reason,
+        message,
         status: json!({}),
-    })
+    };
+    match tokio::time::timeout(JUDGE_TIMEOUT, judging).await {
+        Ok(Ok(v)) => v,
+        Ok(Err(e)) => failed("Internal", e.to_string()),
+        Err(_) => failed(
+            "SignerUnavailable",
+            format!("no verdict within {} s", JUDGE_TIMEOUT.as_secs()),
+        ),
+    }
 }
+
+/// How long judging an issuer may take (a token's test signature, an attestation command).
+pub const JUDGE_TIMEOUT: Duration = Duration::from_secs(10);
 
 async fn sign_requests(
     client: Client,
@@ -450,7 +507,8 @@ async fn handle(client: &Client, ca: &Arc<Ca>, request: DynamicObject) {
         }
     };
     // Judged now, not from the issuer's status: nothing is signed for an issuer that cannot.
-    let v = judge(ca, &issuer).await;
+    // Its signature fails the request with the reason if the signer does: no probe here.
+    let v = judge(ca, &issuer, false).await;
     if !v.ready {
         let message = format!("The issuer {name:?} cannot sign: {}", v.message);
         if !ready_is(&seen, false, "Pending", &message) {

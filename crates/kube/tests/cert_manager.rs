@@ -246,3 +246,83 @@ async fn cert_manager_requests_are_signed_by_their_issuers_tenant_within_its_sco
     assert!(ready(&foreign).is_none(), "{foreign}");
     issuer.abort();
 }
+
+/// A signer that can be made to fail, as a token does when it is pulled or its slot fails.
+struct Flaky {
+    inner: hypha_ca::FileSigner,
+    broken: std::sync::atomic::AtomicBool,
+}
+
+impl hypha_ca::Signer for Flaky {
+    fn certificate(&self) -> &X509 {
+        self.inner.certificate()
+    }
+
+    fn sign(&self, tbs: &[u8]) -> Result<Vec<u8>, hypha_ca::CaError> {
+        if self.broken.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(hypha_ca::CaError::Sign("the token is gone".into()));
+        }
+        self.inner.sign(tbs)
+    }
+}
+
+/// An issuer's `Ready` follows its signer's health: judged again periodically, it goes false
+/// (`SignerUnavailable`, with the signer's error) when the signer fails and back when it signs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_issuer_is_not_ready_while_its_signer_cannot_sign() {
+    use std::sync::atomic::Ordering;
+
+    let cluster = TestCluster::start().await;
+    let data = tempfile::tempdir().unwrap();
+    let signer = std::sync::Arc::new(Flaky {
+        inner: hypha_ca::FileSigner::open_or_create(data.path(), "cluster.local", "flaky").unwrap(),
+        broken: false.into(),
+    });
+    let ca = hypha_ca::Ca::new(
+        "cluster.local",
+        vec![hypha_ca::TenantCa {
+            name: "mesh".into(),
+            namespaces: vec!["*".into()],
+            trust_tenants: vec![],
+            signer: signer.clone(),
+            max_validity: std::time::Duration::from_secs(3600),
+        }],
+    )
+    .unwrap();
+    let crds = hypha_kube::install::yaml(&hypha_kube::crds::hypha());
+    cluster.apply("crds.yaml", &format!("{crds}---\n{CERT_MANAGER_CRD}"));
+    cluster.apply(
+        "issuer.yaml",
+        "apiVersion: hypha.dev/v1alpha1\nkind: ClusterIssuer\nmetadata: {name: mesh}\nspec: {tenant: mesh}\n",
+    );
+    let running = tokio::spawn(hypha_kube::issuer::run_with(
+        cluster.client().await,
+        std::sync::Arc::new(ca),
+        std::time::Duration::from_millis(200),
+    ));
+    let ready = || -> (String, String, String) {
+        let issuer = cluster.api.get("hypha.dev", "clusterissuers", "", "mesh");
+        let c = issuer
+            .as_ref()
+            .and_then(|i| {
+                i.pointer("/status/conditions")?
+                    .as_array()?
+                    .iter()
+                    .find(|c| c["type"] == "Ready")
+                    .cloned()
+            })
+            .unwrap_or_default();
+        let s = |k: &str| c[k].as_str().unwrap_or_default().to_owned();
+        (s("status"), s("reason"), s("message"))
+    };
+    eventually("ready", || ready().0 == "True").await;
+    signer.broken.store(true, Ordering::SeqCst);
+    eventually("not ready once its signer fails", || {
+        ready().1 == "SignerUnavailable"
+    })
+    .await;
+    assert!(ready().2.contains("the token is gone"), "{:?}", ready());
+    signer.broken.store(false, Ordering::SeqCst);
+    eventually("ready again", || ready().0 == "True").await;
+    running.abort();
+}
