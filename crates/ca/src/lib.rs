@@ -9,6 +9,7 @@
 //!   token.
 //! - [`issue`]: what a CSR must satisfy and how a leaf certificate is built.
 //! - [`tenants`]: [`Ca`], one signer per tenant, and each tenant's trust bundle.
+//! - [`status`]: `hypha ca status`, each tenant's signer and root from the config and data dir.
 //! - [`service`]: Istio's CA gRPC API over [`Ca`], with caller authentication
 //!   ([`service::Authenticator`], join tokens first) and a per-identity issuance rate
 //!   ([`rate`]).
@@ -19,6 +20,7 @@ pub mod issue;
 pub mod rate;
 pub mod service;
 pub mod signer;
+pub mod status;
 pub mod tenants;
 pub mod token;
 

@@ -455,3 +455,55 @@ fn kubernetes_csrs_are_signed_only_for_the_signers_own_tenant() {
         .unwrap_err();
     assert!(matches!(err, CaError::Reserved(_)), "{err}");
 }
+
+/// `hypha ca status`: each tenant's signer and root, read without opening any key or token.
+#[test]
+fn status_names_each_tenants_signer_and_root_without_opening_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = "apiVersion: hypha.dev/v1alpha1
+kind: MeshConfig
+metadata: {name: mesh}
+spec:
+  signers:
+  - {name: files}
+  - name: vault
+    key: {pkcs11: {module: /nonexistent.so, tokenLabel: tok, pinFile: /nonexistent, keyLabel: ca, attestation: {allow: {labels: [tok]}}}}
+  tenants:
+  - {name: shop, namespaces: [shop], signer: vault, signerNames: [istio.io/shop]}
+  - {name: default, namespaces: ['*'], signer: files, trustTenants: [shop]}
+";
+    let loaded = hypha_config::load_str("mesh.yaml", yaml);
+    assert!(!loaded.has_errors(), "{:?}", loaded.diagnostics);
+    let mesh = loaded.config.mesh;
+    let before = hypha_ca::status::status(&mesh, dir.path());
+    assert_eq!(before.len(), 2);
+    let shop = &before[0];
+    assert_eq!(shop.key, "pkcs11 tok/ca");
+    assert_eq!(shop.signer_names, ["hypha.dev/shop", "istio.io/shop"]);
+    assert!(
+        shop.root.is_none() && before[1].root.is_none(),
+        "no roots yet"
+    );
+    assert!(before[1].key.starts_with("file "), "{}", before[1].key);
+
+    // The file signer's root, once made, is the one the CA signs with.
+    let files =
+        FileSigner::open_or_create(&dir.path().join("files"), TD, "Hypha mesh CA files").unwrap();
+    let after = hypha_ca::status::status(&mesh, dir.path());
+    let root = after[1].root.as_ref().expect("the file signer's root");
+    assert_eq!(
+        root.fingerprint,
+        hypha_ca::signer::fingerprint(files.certificate())
+    );
+    assert!(
+        root.subject.contains("CN=Hypha mesh CA files"),
+        "{}",
+        root.subject
+    );
+    let text = hypha_ca::status::render(&after);
+    assert!(
+        text.contains("tenant shop") && text.contains("none yet"),
+        "{text}"
+    );
+    assert!(text.contains(&root.fingerprint), "{text}");
+}

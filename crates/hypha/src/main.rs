@@ -434,6 +434,20 @@ enum CaCommand {
         #[command(flatten)]
         who: CaIdentity,
     },
+    /// Each tenant's signer: where its key lives, its Kubernetes signer names, and the root it
+    /// signs with (subject, SHA-256 fingerprint, validity), from the config and the data
+    /// directory alone (no key or token is opened).
+    Status {
+        /// Mesh config directory (defaults to the embedded example).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// The CA's data directory (as `hypha control --data-dir`).
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// The CA and the identity a `hypha ca` command is about.
@@ -721,6 +735,28 @@ fn main() -> ExitCode {
         Command::Ca(CaCommand::Revoke { who }) => {
             ca_revoke(who.config.as_deref(), &who.data_dir, &who.caller())
         }
+        Command::Ca(CaCommand::Status {
+            config,
+            data_dir,
+            json,
+        }) => match hypha_control::initial_config(config.as_deref()) {
+            Ok(cfg) => {
+                let statuses = hypha_ca::status::status(&cfg.mesh, &data_dir);
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&statuses).unwrap_or_default()
+                    );
+                } else {
+                    print!("{}", hypha_ca::status::render(&statuses));
+                }
+                ExitCode::SUCCESS
+            }
+            Err(d) => {
+                eprintln!("hypha: the config has {} error(s)", d.errors().count());
+                ExitCode::FAILURE
+            }
+        },
         Command::Control(args) => {
             let ControlArgs {
                 config,
