@@ -40,25 +40,14 @@ pub(crate) fn admit(
     fields: FieldValidation,
 ) -> Result<Vec<String>, Refused> {
     let mut walk = Walk::default();
-    if let (Some(props), Some(root)) = (
-        schema.get("properties").and_then(Value::as_object),
-        obj.as_object_mut(),
-    ) {
+    if let Some(root) = obj.as_object_mut() {
         // apiVersion, kind and metadata are the API server's, whatever the schema says.
-        for (key, value) in root.iter_mut() {
-            if matches!(key.as_str(), "apiVersion" | "kind" | "metadata") {
-                continue;
-            }
-            match props.get(key) {
-                Some(s) => walk.value(s, value, key),
-                None => walk.unknown.push(key.clone()),
-            }
-        }
-        if !preserves(schema) {
-            root.retain(|k, _| {
-                matches!(k.as_str(), "apiVersion" | "kind" | "metadata") || props.contains_key(k)
-            });
-        }
+        let own: Vec<(String, Value)> = ["apiVersion", "kind", "metadata"]
+            .into_iter()
+            .filter_map(|k| Some((k.to_owned(), root.remove(k)?)))
+            .collect();
+        walk.object(schema, root, "");
+        root.extend(own);
     }
     let Walk { unknown, invalid } = walk;
     if !invalid.is_empty() {
@@ -143,14 +132,15 @@ impl Walk {
             .filter_map(Value::as_str)
         {
             if !m.contains_key(r) {
-                self.invalid.push(format!("{path}.{r}: Required value"));
+                self.invalid
+                    .push(format!("{}: Required value", child(path, r)));
             }
         }
         if let Some(props) = schema.get("properties").and_then(Value::as_object) {
             for (k, x) in m.iter_mut() {
                 match props.get(k) {
-                    Some(s) => self.value(s, x, &format!("{path}.{k}")),
-                    None if !preserves(schema) => self.unknown.push(format!("{path}.{k}")),
+                    Some(s) => self.value(s, x, &child(path, k)),
+                    None if !preserves(schema) => self.unknown.push(child(path, k)),
                     None => {}
                 }
             }
@@ -159,13 +149,22 @@ impl Walk {
             }
         } else if let Some(each) = schema.get("additionalProperties").filter(|s| s.is_object()) {
             for (k, x) in m.iter_mut() {
-                self.value(each, x, &format!("{path}.{k}"));
+                self.value(each, x, &child(path, k));
             }
         } else if !preserves(schema) && !m.is_empty() {
             // An object with neither properties nor free fields keeps nothing.
-            self.unknown.extend(m.keys().map(|k| format!("{path}.{k}")));
+            self.unknown.extend(m.keys().map(|k| child(path, k)));
             m.clear();
         }
+    }
+}
+
+/// The path of field `k` of the object at `path` (`""`: the object itself).
+fn child(path: &str, k: &str) -> String {
+    if path.is_empty() {
+        k.to_owned()
+    } else {
+        format!("{path}.{k}")
     }
 }
 

@@ -237,6 +237,14 @@ struct Requested {
     others: Vec<String>,
 }
 
+impl Requested {
+    /// Every name but the URIs, described (`DNS:x`, `email:x`).
+    fn non_uris(&self) -> Vec<String> {
+        let dns = self.dns.iter().map(|d| format!("DNS:{d}"));
+        dns.chain(self.others.iter().cloned()).collect()
+    }
+}
+
 /// What a CSR requests; `None` when it requests no SAN at all.
 fn requested_names(csr: &X509Req) -> Result<Option<Requested>, CaError> {
     // The requested extensions are read by placing them in a scratch certificate, whose SAN
@@ -266,15 +274,11 @@ fn requested_names(csr: &X509Req) -> Result<Option<Requested>, CaError> {
 /// identity itself, as with Kubernetes CSRs istiod files for its workloads).
 pub fn requested_identity(csr_pem: &[u8]) -> Result<String, CaError> {
     let csr = X509Req::from_pem(csr_pem).map_err(|e| CaError::BadCsr(e.to_string()))?;
-    match requested_names(&csr)?.map(|r| {
-        let mut others: Vec<String> = r.dns.iter().map(|d| format!("DNS:{d}")).collect();
-        others.extend(r.others);
-        (r.uris, others)
-    }) {
-        Some((uris, others)) if uris.len() == 1 && others.is_empty() => {
+    match requested_names(&csr)?.map(|r| (r.non_uris(), r.uris)) {
+        Some((others, uris)) if uris.len() == 1 && others.is_empty() => {
             Ok(uris.into_iter().next().unwrap_or_default())
         }
-        Some((uris, others)) => Err(CaError::BadCsr(format!(
+        Some((others, uris)) => Err(CaError::BadCsr(format!(
             "it must request exactly one URI SAN (a SPIFFE ID) and no other name; it requests {}",
             uris.iter()
                 .map(|u| format!("URI:{u}"))
@@ -293,12 +297,8 @@ fn check_sans(csr: &X509Req, expected: &str) -> Result<(), CaError> {
     let no_san = || CaError::NoSan {
         expected: expected.into(),
     };
-    let Requested { uris, dns, others } = requested_names(csr)?.ok_or_else(no_san)?;
-    let others: Vec<String> = dns
-        .iter()
-        .map(|d| format!("DNS:{d}"))
-        .chain(others)
-        .collect();
+    let requested = requested_names(csr)?.ok_or_else(no_san)?;
+    let (others, uris) = (requested.non_uris(), requested.uris);
     match uris.as_slice() {
         [] if others.is_empty() => Err(no_san()),
         [only] if others.is_empty() => {
