@@ -418,25 +418,23 @@ fn all_processes_gone(lines: &[String]) {
     processes_gone(lines, 15);
 }
 
-/// The `count` processes the demo says it started are gone.
+/// The `count` processes the demo says it started are gone, and so is every earlier attempt
+/// at one of them (the demo starts a process again when another program took its port).
 fn processes_gone(lines: &[String], count: usize) {
-    let pids: Vec<u32> = lines
+    let started: Vec<(&str, u32)> = lines
         .iter()
-        .filter(|l| l.starts_with("started "))
         .filter_map(|l| {
-            l.split("pid ")
-                .nth(1)?
-                .split_whitespace()
-                .next()?
-                .parse()
-                .ok()
+            let (name, rest) = l.strip_prefix("started ")?.split_once(" pid ")?;
+            let pid = rest.split_whitespace().next()?.parse().ok()?;
+            Some((name.trim(), pid))
         })
         .collect();
-    assert_eq!(pids.len(), count, "{lines:?}");
-    for pid in pids {
+    let names: std::collections::BTreeSet<&str> = started.iter().map(|(n, _)| *n).collect();
+    assert_eq!(names.len(), count, "{lines:?}");
+    for (name, pid) in started {
         assert!(
             !Path::new(&format!("/proc/{pid}")).exists(),
-            "process {pid} still exists"
+            "{name}: process {pid} still exists"
         );
     }
 }
