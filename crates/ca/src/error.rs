@@ -45,6 +45,8 @@ pub enum CaError {
     ForeignIdentity(String),
     #[error("usage {0:?} is not one a workload certificate has (digital signature, key encipherment, server auth, client auth)")]
     Usage(String),
+    #[error("root rotation: {0}")]
+    Rotation(String),
     #[error("unknown tenant {0:?}")]
     UnknownTenant(String),
     #[error("tenant {tenant:?} trusts unknown tenant {trusted:?}")]

@@ -9,6 +9,7 @@
 //!   token.
 //! - [`issue`]: what a CSR must satisfy and how a leaf certificate is built.
 //! - [`tenants`]: [`Ca`], one signer per tenant, and each tenant's trust bundle.
+//! - [`rotation`]: a signer's root rotated in three phases (`hypha ca rotate`).
 //! - [`status`]: `hypha ca status`, each tenant's signer and root from the config and data dir.
 //! - [`service`]: Istio's CA gRPC API over [`Ca`], with caller authentication
 //!   ([`service::Authenticator`], join tokens first) and a per-identity issuance rate
@@ -18,6 +19,7 @@ pub mod attest;
 pub mod error;
 pub mod issue;
 pub mod rate;
+pub mod rotation;
 pub mod service;
 pub mod signer;
 pub mod status;
@@ -32,7 +34,7 @@ pub use rate::IssueRate;
 pub use service::{bearer, AuthError, Authenticator, CaService, JoinTokens, TokenReview};
 pub use signer::{Attested, FileSigner, Signer};
 pub use tenants::{
-    file_signer_dir, parse_revoked, signer_common_name, Ca, TenantCa, CONTROL_SERVICE_ACCOUNT,
-    KUBERNETES_USAGES, REVOKED_FILE,
+    file_signer_dir, open_signer, parse_revoked, same_cert, signer_common_name, Ca, TenantCa,
+    CONTROL_SERVICE_ACCOUNT, KUBERNETES_USAGES, REVOKED_FILE,
 };
 pub use token::{TokenSigner, TokenSignerConfig};

@@ -8,10 +8,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
+
 use hypha_config::MeshConfig;
 
 use crate::issue::{issue, Caller, Issued};
-use crate::{CaError, FileSigner, Signer, TokenSigner, TokenSignerConfig};
+use crate::rotation::{self, RotationState};
+use crate::{CaError, Signer};
 
 /// One tenant as the CA sees it.
 #[derive(Clone)]
@@ -22,8 +25,19 @@ pub struct TenantCa {
     /// Tenants whose roots this tenant's workloads also trust (one direction).
     pub trust_tenants: Vec<String>,
     pub signer: Arc<dyn Signer>,
+    /// Roots trusted besides the signer's while it rotates (see [`crate::rotation`]): the next
+    /// generation's while it is distributed, the old one's while its certificates run out.
+    pub also_trusted: Vec<boring::x509::X509>,
     /// Cap on issued validity.
     pub max_validity: Duration,
+}
+
+impl TenantCa {
+    /// The roots this tenant's own certificates chain to: the signer's, then any other
+    /// generation's mid-rotation.
+    pub fn own_roots(&self) -> impl Iterator<Item = &boring::x509::X509> {
+        std::iter::once(self.signer.certificate()).chain(&self.also_trusted)
+    }
 }
 
 impl std::fmt::Debug for TenantCa {
@@ -41,7 +55,8 @@ impl std::fmt::Debug for TenantCa {
 #[derive(Debug)]
 pub struct Ca {
     trust_domain: String,
-    tenants: BTreeMap<String, TenantCa>,
+    /// Swapped whole when a signer rotates ([`Ca::set_signer`]).
+    tenants: ArcSwap<BTreeMap<String, TenantCa>>,
     /// The control plane's namespace (the mesh's root namespace): the only one whose
     /// [`CONTROL_SERVICE_ACCOUNT`] is issued, since proxies take that identity for the
     /// control plane's.
@@ -103,6 +118,43 @@ pub fn file_signer_dir(cfg: &hypha_config::mesh::Signer, data_dir: &Path) -> Opt
     })
 }
 
+/// Whether two certificates are the same (their DER).
+pub fn same_cert(a: &boring::x509::X509Ref, b: &boring::x509::X509Ref) -> bool {
+    matches!((a.to_der(), b.to_der()), (Ok(a), Ok(b)) if a == b)
+}
+
+/// A signer as the tenants get it: the key that signs, the other generation's root trusted
+/// mid-rotation, the validity cap.
+type SignerEntry = (Arc<dyn Signer>, Vec<boring::x509::X509>, Duration);
+
+/// The signer config a tenant names.
+pub fn signer_of<'m>(
+    mesh: &'m MeshConfig,
+    tenant: &hypha_config::mesh::Tenant,
+) -> Result<&'m hypha_config::mesh::Signer, CaError> {
+    mesh.signer(&tenant.signer)
+        .ok_or_else(|| CaError::UnknownSigner {
+            tenant: tenant.name.clone(),
+            signer: tenant.signer.clone(),
+        })
+}
+
+/// Opens a signer at the generation its rotation state says signs, with the other
+/// generation's root when one is rotating in or out (blocks on a token).
+pub fn open_signer(
+    mesh: &MeshConfig,
+    cfg: &hypha_config::mesh::Signer,
+    data_dir: &Path,
+) -> Result<(Arc<dyn Signer>, Vec<boring::x509::X509>), CaError> {
+    let state = RotationState::read(&rotation::state_dir(data_dir, &cfg.name))?;
+    let signer = rotation::open_generation(mesh, cfg, data_dir, state.signing(), false)?;
+    let also = match state.also_trusted() {
+        Some(n) => vec![rotation::generation_root(cfg, data_dir, n)?],
+        None => Vec::new(),
+    };
+    Ok((signer, also))
+}
+
 /// The common name of a signer's self-made root.
 pub fn signer_common_name(signer: &str) -> String {
     format!("Hypha mesh CA {signer}")
@@ -122,7 +174,7 @@ impl Ca {
         }
         Ok(Ca {
             trust_domain: trust_domain.into(),
-            tenants,
+            tenants: ArcSwap::from_pointee(tenants),
             control_namespace: None,
             control_names: Vec::new(),
             domain_suffix: "cluster.local".into(),
@@ -139,35 +191,15 @@ impl Ca {
     /// where blocking is allowed (a `spawn_blocking` task, a plain thread), never on an async
     /// runtime's worker (see [`crate::token`]).
     pub fn from_mesh(mesh: &MeshConfig, data_dir: &Path) -> Result<Ca, CaError> {
-        let mut signers: HashMap<&str, (Arc<dyn Signer>, Duration)> = HashMap::new();
+        let mut signers: HashMap<&str, SignerEntry> = HashMap::new();
         let mut tenants = Vec::new();
         for t in &mesh.tenants {
-            let (signer, max) = if let Some(s) = signers.get(t.signer.as_str()) {
+            let (signer, also, max) = if let Some(s) = signers.get(t.signer.as_str()) {
                 s.clone()
             } else {
-                let cfg = mesh
-                    .signer(&t.signer)
-                    .ok_or_else(|| CaError::UnknownSigner {
-                        tenant: t.name.clone(),
-                        signer: t.signer.clone(),
-                    })?;
-                let common_name = signer_common_name(&cfg.name);
-                let signer: Arc<dyn Signer> = if let Some(p) = &cfg.key.pkcs11 {
-                    Arc::new(TokenSigner::open_or_create(
-                        &TokenSignerConfig::from_mesh(&cfg.name, p)?,
-                        &data_dir.join(&cfg.name),
-                        &mesh.trust_domain,
-                        &common_name,
-                    )?)
-                } else {
-                    let dir = file_signer_dir(cfg, data_dir).unwrap_or_default();
-                    Arc::new(FileSigner::open_or_create(
-                        &dir,
-                        &mesh.trust_domain,
-                        &common_name,
-                    )?)
-                };
-                let entry = (signer, cfg.max_certificate_ttl.0);
+                let cfg = signer_of(mesh, t)?;
+                let (signer, also) = open_signer(mesh, cfg, data_dir)?;
+                let entry = (signer, also, cfg.max_certificate_ttl.0);
                 signers.insert(&cfg.name, entry.clone());
                 entry
             };
@@ -176,6 +208,7 @@ impl Ca {
                 namespaces: t.namespaces.clone(),
                 trust_tenants: t.trust_tenants.clone(),
                 signer,
+                also_trusted: also,
                 max_validity: max,
             });
         }
@@ -215,17 +248,39 @@ impl Ca {
         &self.trust_domain
     }
 
-    pub fn tenant(&self, name: &str) -> Option<&TenantCa> {
-        self.tenants.get(name)
+    pub fn tenant(&self, name: &str) -> Option<TenantCa> {
+        self.tenants.load().get(name).cloned()
     }
 
     /// The tenant of a namespace: an exact listing wins over `*`.
-    pub fn tenant_of(&self, namespace: &str) -> Option<&TenantCa> {
+    pub fn tenant_of(&self, namespace: &str) -> Option<TenantCa> {
+        let tenants = self.tenants.load();
         let lists = |t: &&TenantCa, n: &str| t.namespaces.iter().any(|x| x == n);
-        self.tenants
+        tenants
             .values()
             .find(|t| lists(t, namespace))
-            .or_else(|| self.tenants.values().find(|t| lists(t, "*")))
+            .or_else(|| tenants.values().find(|t| lists(t, "*")))
+            .cloned()
+    }
+
+    /// Puts `signer` in `tenants`' hands, trusting `also_trusted` beside its root (a rotation's
+    /// other generation; see [`crate::rotation`]). Certificates issued from now on are its.
+    pub fn set_signer(
+        &self,
+        tenants: &[String],
+        signer: Arc<dyn Signer>,
+        also_trusted: Vec<boring::x509::X509>,
+    ) {
+        self.tenants.rcu(|current| {
+            let mut next = BTreeMap::clone(current);
+            for name in tenants {
+                if let Some(t) = next.get_mut(name) {
+                    t.signer = signer.clone();
+                    t.also_trusted = also_trusted.clone();
+                }
+            }
+            next
+        });
     }
 
     /// Issues a certificate for `caller` from its tenant's signer. See [`crate::issue::issue`].
@@ -294,8 +349,7 @@ impl Ca {
     ) -> Result<Issued, CaError> {
         check_usages(usages)?;
         let t = self
-            .tenants
-            .get(tenant)
+            .tenant(tenant)
             .ok_or_else(|| CaError::UnknownTenant(tenant.into()))?;
         let allow = |uris: &[String], dns: &[String]| -> Result<(), CaError> {
             for id in uris {
@@ -398,14 +452,14 @@ impl Ca {
         let tenant = self
             .tenant_of(namespace)
             .ok_or_else(|| format!("namespace {namespace:?} belongs to no tenant"))?;
-        let key = tenant
-            .signer
-            .certificate()
-            .public_key()
-            .map_err(|e| e.to_string())?;
-        match leaf.verify(&key) {
-            Ok(true) => Ok(()),
-            _ => Err(format!(
+        // Mid-rotation either generation's key may have signed it.
+        let signed = tenant.own_roots().any(|root| {
+            root.public_key()
+                .is_ok_and(|key| leaf.verify(&key).unwrap_or(false))
+        });
+        match signed {
+            true => Ok(()),
+            false => Err(format!(
                 "{id} is not from the signer of tenant {:?}",
                 tenant.name
             )),
@@ -415,30 +469,41 @@ impl Ca {
     /// Every tenant's root, without duplicates: what the CA's own endpoint trusts for
     /// renewals, since workloads of every tenant renew there.
     pub fn all_roots(&self) -> Result<Vec<String>, CaError> {
-        let mut out: Vec<String> = Vec::new();
-        for t in self.tenants.values() {
-            let pem = String::from_utf8_lossy(&t.signer.certificate().to_pem()?).into_owned();
-            if !out.contains(&pem) {
-                out.push(pem);
+        self.all_root_certs()
+            .iter()
+            .map(|r| Ok(String::from_utf8_lossy(&r.to_pem()?).into_owned()))
+            .collect()
+    }
+
+    /// [`Ca::all_roots`] as certificates.
+    pub fn all_root_certs(&self) -> Vec<boring::x509::X509> {
+        let mut out: Vec<boring::x509::X509> = Vec::new();
+        for t in self.tenants.load().values() {
+            for root in t.own_roots() {
+                if !out.iter().any(|r| same_cert(r, root)) {
+                    out.push(root.clone());
+                }
             }
         }
-        Ok(out)
+        out
     }
 
     /// PEM roots a tenant's workloads trust: its own first, then those of the tenants it
     /// trusts, without duplicates (tenants may share a signer).
     pub fn trust_bundle(&self, tenant: &str) -> Result<Vec<String>, CaError> {
-        let t = self
-            .tenants
+        let tenants = self.tenants.load();
+        let t = tenants
             .get(tenant)
             .ok_or_else(|| CaError::UnknownTenant(tenant.into()))?;
         let mut out: Vec<String> = Vec::new();
         let own = std::iter::once(t);
-        let shared = t.trust_tenants.iter().filter_map(|n| self.tenants.get(n));
+        let shared = t.trust_tenants.iter().filter_map(|n| tenants.get(n));
         for s in own.chain(shared) {
-            let pem = String::from_utf8_lossy(&s.signer.certificate().to_pem()?).into_owned();
-            if !out.contains(&pem) {
-                out.push(pem);
+            for root in s.own_roots() {
+                let pem = String::from_utf8_lossy(&root.to_pem()?).into_owned();
+                if !out.contains(&pem) {
+                    out.push(pem);
+                }
             }
         }
         Ok(out)

@@ -371,6 +371,7 @@ fn issuing_needs_only_the_signer_seam() {
             namespaces: vec!["*".into()],
             trust_tenants: vec![],
             signer: signer.clone(),
+            also_trusted: Vec::new(),
             max_validity: Duration::from_secs(3600),
         }],
     )

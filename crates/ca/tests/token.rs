@@ -644,3 +644,59 @@ fn kubernetes_csrs_and_issuer_requests_are_signed_in_the_token() {
         assert!(!text.contains("PRIVATE KEY"), "{}", f.display());
     }
 }
+
+/// `hypha ca rotate` on a token-held signer: the next generation's key is generated in the
+/// same token (label `<keyLabel>.gen1`, sensitive, never extractable), only roots reach the
+/// data directory, the new key signs once the rotation is in phase 2, and the old key stays in
+/// the token for its owner to destroy.
+#[test]
+fn hypha_ca_rotate_makes_the_next_key_in_the_token() {
+    use hypha_ca::rotation::{self, RotationState};
+    let Some((hsm, _turn)) = setup() else { return };
+    let data = tempfile::tempdir().unwrap();
+    let mesh = mesh(&pkcs11(hsm, TOKEN, "gen-ca", ALLOW_SOFTHSM));
+    let ca = Ca::from_mesh(&mesh, data.path()).unwrap();
+    let old_root = ca.trust_bundle("t").unwrap()[0].clone();
+
+    let started = rotation::start(&mesh, data.path(), "t").unwrap();
+    assert_eq!((started.from, started.to), (0, 1));
+    assert_eq!(private_keys(TOKEN, "gen-ca.gen1"), 1);
+    assert_eq!(
+        key_attributes(TOKEN, "gen-ca.gen1"),
+        (true, false, true, true)
+    );
+    // Only certificates and the state on disk: no key bytes.
+    for f in files(data.path()) {
+        let text = std::fs::read_to_string(data.path().join(&f)).unwrap_or_default();
+        assert!(!text.contains("PRIVATE KEY"), "{}", f.display());
+    }
+
+    let dir = data.path().join("vault");
+    let issuing = RotationState::read(&dir)
+        .unwrap()
+        .advance(true, std::time::SystemTime::now(), Duration::from_secs(60))
+        .unwrap();
+    issuing.write(&dir).unwrap();
+    let ca = Ca::from_mesh(&mesh, data.path()).unwrap();
+    let chain = issue(&ca);
+    let bundle = ca.trust_bundle("t").unwrap();
+    assert_eq!(bundle.len(), 2);
+    assert_ne!(chain[1], old_root, "the new key signs");
+    assert_eq!(chain[1], bundle[0]);
+    assert!(verifies(&chain, &bundle));
+    openssl_verifies(&chain[0], &chain[1]);
+
+    // Done: the old root leaves the bundle; the old key is left in the token.
+    let done = issuing
+        .advance(
+            false,
+            std::time::SystemTime::now() + Duration::from_secs(61),
+            Duration::from_secs(60),
+        )
+        .unwrap();
+    done.write(&dir).unwrap();
+    rotation::retire(mesh.signer("vault").unwrap(), data.path(), 0).unwrap();
+    let ca = Ca::from_mesh(&mesh, data.path()).unwrap();
+    assert_eq!(ca.trust_bundle("t").unwrap(), [chain[1].clone()]);
+    assert_eq!(private_keys(TOKEN, "gen-ca"), 1);
+}

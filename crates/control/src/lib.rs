@@ -8,6 +8,7 @@ pub mod authz;
 mod envoy;
 pub mod mtls;
 pub mod registry;
+pub mod rotation;
 mod routes;
 pub mod security;
 pub mod server;

@@ -159,8 +159,9 @@ pub struct Secure {
     /// The token holding the control plane's own key, when it is in one.
     own_token: Option<Arc<hypha_keys::pkcs11::Token>>,
     caller: Caller,
-    roots: Vec<String>,
-    signer_roots: crate::mtls::SignerRoots,
+    /// The mesh config the CA was opened from: its signers rotate (see [`crate::rotation`]).
+    mesh: MeshConfig,
+    rotations: crate::rotation::Rotations,
     /// The data directory (its deny list, `revoked`) and the join-token directory, read
     /// again when they change.
     data_dir: PathBuf,
@@ -227,35 +228,18 @@ impl Secure {
         // Workloads of every tenant renew here: trust every tenant's root.
         let roots = ca.all_roots()?;
         let own = own_identity(&ca, &caller, &roots, own_token.as_ref())?;
-        let root = own
-            .chain()
-            .last()
-            .and_then(|c| c.to_pem().ok())
-            .unwrap_or_default();
-        let path = data_dir.join(ROOT_CERT_FILE);
-        std::fs::write(&path, root).map_err(|e| SecurityError::Write(path.clone(), e))?;
+        let path = write_root_cert(&ca, &caller, data_dir)?;
         // `key` last: the demo reads it to the end of the line.
         tracing::info!(identity = %own.id(), root = %path.display(), key = %own.key_description(), "control plane certificate issued");
         let own = Store::new(Credentials::new(own, ClientCert::Optional)?);
-        let mut signer_roots = crate::mtls::SignerRoots::new();
-        for t in &mesh.tenants {
-            if let Some(tenant) = ca.tenant(&t.name) {
-                let pem = tenant
-                    .signer
-                    .certificate()
-                    .to_pem()
-                    .map_err(hypha_ca::CaError::from)?;
-                signer_roots.insert(t.signer.clone(), String::from_utf8_lossy(&pem).into_owned());
-            }
-        }
         Ok(Secure {
             ca,
             auth,
             own,
             own_token,
             caller,
-            roots,
-            signer_roots,
+            mesh: mesh.clone(),
+            rotations: crate::rotation::Rotations::read(mesh, data_dir),
             data_dir: data_dir.to_path_buf(),
             tokens_dir: join_tokens.map(Path::to_path_buf),
         })
@@ -283,6 +267,9 @@ impl Secure {
         let mut seen = self.fingerprint();
         loop {
             tokio::time::sleep(poll).await;
+            if let Err(e) = self.rotation_step(cp).await {
+                tracing::error!(error = %e, "root rotation step failed; retrying at the next poll");
+            }
             let now = self.fingerprint();
             if now == seen {
                 continue;
@@ -334,9 +321,48 @@ impl Secure {
         out
     }
 
-    /// Each signer's root, which the sidecars' trust bundles (`ROOTCA`) are made of.
-    pub fn signer_roots(&self) -> &crate::mtls::SignerRoots {
-        &self.signer_roots
+    /// Each signer's roots now (two mid-rotation), which the sidecars' trust bundles
+    /// (`ROOTCA`) are made of.
+    pub fn signer_roots(&self) -> crate::mtls::SignerRoots {
+        signer_roots(&self.mesh, &self.ca).unwrap_or_default()
+    }
+
+    /// Each signer's rotation state in force (for `/metrics`).
+    pub fn rotations(&self) -> Vec<(String, hypha_ca::rotation::RotationState)> {
+        self.rotations.states()
+    }
+
+    /// One step of every signer's root rotation (see [`crate::rotation`]), then the control
+    /// plane's own TLS made to trust what the CA's roots are now, and `root-cert.pem` written
+    /// again if they changed.
+    pub async fn rotation_step(
+        &self,
+        cp: &ControlPlane,
+    ) -> Result<Vec<crate::rotation::Step>, SecurityError> {
+        let steps = self
+            .rotations
+            .step(&self.mesh, &self.data_dir, &self.ca, cp)
+            .await?;
+        let roots = self.ca.all_root_certs();
+        let current = self.own.load();
+        let trusted = current.identity.roots();
+        let same = trusted.len() == roots.len()
+            && trusted
+                .iter()
+                .zip(&roots)
+                .all(|(a, b)| hypha_ca::same_cert(a, b));
+        if !same {
+            let count = roots.len();
+            let identity = current.identity.with_roots(roots)?;
+            self.own
+                .replace(Credentials::new(identity, ClientCert::Optional)?);
+            write_root_cert(&self.ca, &self.caller, &self.data_dir)?;
+            tracing::info!(
+                roots = count,
+                "control plane trusts the CA's roots as they are now"
+            );
+        }
+        Ok(steps)
     }
 
     pub fn identity(&self) -> Arc<Credentials> {
@@ -401,10 +427,10 @@ impl Secure {
                 .unwrap_or_default();
             tokio::time::sleep(wait).await;
             // Issuing may wait for a token-held signer: off the async workers.
-            let (ca, caller, roots) = (self.ca.clone(), self.caller.clone(), self.roots.clone());
+            let (ca, caller) = (self.ca.clone(), self.caller.clone());
             let token = self.own_token.clone();
             let reissued =
-                tokio::task::spawn_blocking(move || reissue(&ca, &caller, &roots, token.as_ref()))
+                tokio::task::spawn_blocking(move || reissue(&ca, &caller, token.as_ref()))
                     .await
                     .unwrap_or_else(|e| Err(SecurityError::Task(e.to_string())));
             match reissued {
@@ -421,13 +447,49 @@ impl Secure {
     }
 }
 
+/// Each signer's roots (PEM, the signing one first): what tenants' trust bundles are made of.
+pub(crate) fn signer_roots(
+    mesh: &MeshConfig,
+    ca: &Ca,
+) -> Result<crate::mtls::SignerRoots, SecurityError> {
+    let mut out = crate::mtls::SignerRoots::new();
+    for t in &mesh.tenants {
+        if let Some(tenant) = ca.tenant(&t.name) {
+            let mut pem = String::new();
+            for root in tenant.own_roots() {
+                pem.push_str(&String::from_utf8_lossy(
+                    &root.to_pem().map_err(hypha_ca::CaError::from)?,
+                ));
+            }
+            out.insert(t.signer.clone(), pem);
+        }
+    }
+    Ok(out)
+}
+
+/// `root-cert.pem` in the data directory: the roots the control plane's certificate may chain
+/// to (its tenant's, two mid-rotation), for clients of its TLS servers (`--ca-root`).
+fn write_root_cert(ca: &Ca, caller: &Caller, data_dir: &Path) -> Result<PathBuf, SecurityError> {
+    let mut pem = Vec::new();
+    if let Some(t) = ca.tenant_of(&caller.namespace) {
+        for root in t.own_roots() {
+            pem.extend(root.to_pem().map_err(hypha_ca::CaError::from)?);
+        }
+    }
+    let path = data_dir.join(ROOT_CERT_FILE);
+    let tmp = data_dir.join(format!(".{ROOT_CERT_FILE}.tmp"));
+    std::fs::write(&tmp, pem).map_err(|e| SecurityError::Write(tmp.clone(), e))?;
+    std::fs::rename(&tmp, &path).map_err(|e| SecurityError::Write(path.clone(), e))?;
+    Ok(path)
+}
+
 fn reissue(
     ca: &Ca,
     caller: &Caller,
-    roots: &[String],
     token: Option<&Arc<hypha_keys::pkcs11::Token>>,
 ) -> Result<Credentials, SecurityError> {
-    let own = own_identity(ca, caller, roots, token)?;
+    // Every tenant's roots as they are now (a signer may have rotated since).
+    let own = own_identity(ca, caller, &ca.all_roots()?, token)?;
     Ok(Credentials::new(own, ClientCert::Optional)?)
 }
 

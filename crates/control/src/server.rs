@@ -3,6 +3,7 @@
 //! the snapshots. A config change with errors is reported in full and never replaces the last
 //! good generation.
 
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -78,6 +79,29 @@ struct Inner {
     revoked: std::sync::OnceLock<Revoked>,
     /// Whether the config served is the sources' (see [`ControlPlane::set_ready`]).
     ready: std::sync::atomic::AtomicBool,
+    /// Per node id, the secrets (name → version) its proxy last acknowledged: whether a new
+    /// trust bundle is in force everywhere ([`ControlPlane::trust_acknowledged`]).
+    acked_secrets: Mutex<HashMap<String, HashMap<String, String>>>,
+    /// More of `/metrics` (the CA's rotation gauges), set once by whoever runs the CA.
+    metrics: std::sync::OnceLock<Metrics>,
+}
+
+/// A part of `/metrics` in Prometheus' text format, made when scraped.
+pub type Metrics = Arc<dyn Fn() -> String + Send + Sync>;
+
+/// Whether the proxies connected have acknowledged the trust bundle they were last sent.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TrustAcknowledged {
+    /// Proxies sent a trust bundle.
+    pub proxies: usize,
+    /// Node ids of those that have not acknowledged theirs yet.
+    pub waiting: Vec<String>,
+}
+
+impl TrustAcknowledged {
+    pub fn everywhere(&self) -> bool {
+        self.waiting.is_empty()
+    }
 }
 
 /// Whether a SPIFFE ID is revoked.
@@ -109,6 +133,8 @@ impl ControlPlane {
                 subscribers: Mutex::new(Vec::new()),
                 revoked: std::sync::OnceLock::new(),
                 ready: std::sync::atomic::AtomicBool::new(true),
+                acked_secrets: Mutex::default(),
+                metrics: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -117,6 +143,35 @@ impl ControlPlane {
     /// later (the cluster, once every kind is listed) clears it at start and sets it then.
     pub fn set_ready(&self, ready: bool) {
         self.inner.ready.store(ready, Ordering::SeqCst);
+    }
+
+    /// Adds `more` to `/metrics` of `hypha control --health`. Set once; later calls change
+    /// nothing.
+    pub fn add_metrics(&self, more: Metrics) {
+        let _ = self.inner.metrics.set(more);
+    }
+
+    /// `/metrics` of `hypha control --health`: the config generation, proxies connected,
+    /// changes refused, and what [`ControlPlane::add_metrics`] added.
+    pub fn metrics(&self) -> String {
+        let mut out = format!(
+            "# HELP hypha_control_generation The config generation served.\n\
+             # TYPE hypha_control_generation gauge\n\
+             hypha_control_generation {}\n\
+             # HELP hypha_control_proxies Proxies with an xDS stream open.\n\
+             # TYPE hypha_control_proxies gauge\n\
+             hypha_control_proxies {}\n\
+             # HELP hypha_control_rejected_changes_total Config changes refused for their errors.\n\
+             # TYPE hypha_control_rejected_changes_total counter\n\
+             hypha_control_rejected_changes_total {}\n",
+            self.inner.generation.load(Ordering::SeqCst),
+            self.subscribers(),
+            self.rejected_changes()
+        );
+        if let Some(more) = self.inner.metrics.get() {
+            out.push_str(&more());
+        }
+        out
     }
 
     /// What `/ready` of `hypha control --health` answers.
@@ -204,7 +259,18 @@ impl ControlPlane {
             .subscribers
             .lock()
             .unwrap_or_else(|e| e.into_inner());
+        let before = subs.len();
         subs.retain(|s| !s.tx.is_closed());
+        if subs.len() != before {
+            // What the proxies gone acknowledged goes with them (the subscriber list is always
+            // locked before this map, never after).
+            let live: HashSet<&str> = subs.iter().map(|s| s.proxy.id.as_str()).collect();
+            self.inner
+                .acked_secrets
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .retain(|id, _| live.contains(id.as_str()));
+        }
         subs
     }
 
@@ -236,14 +302,55 @@ impl ControlPlane {
 
     /// Replaces the config with a new validated one and pushes every proxy's new snapshot.
     pub fn update(&self, cfg: Config) -> Generation {
+        self.push(Arc::new(cfg), None)
+    }
+
+    /// Pushes the current config with new signer roots (a signer rotating its root): every
+    /// tenant's trust bundle made again from them.
+    pub fn set_signer_roots(&self, roots: crate::mtls::SignerRoots) -> Generation {
+        let cfg = self.current().cfg.clone();
+        self.push(cfg, Some(Arc::new(roots)))
+    }
+
+    /// Whether every connected proxy has acknowledged the `ROOTCA` bundle its current
+    /// snapshot holds.
+    pub fn trust_acknowledged(&self) -> TrustAcknowledged {
+        let subs = self.live_subscribers();
+        let acked = self
+            .inner
+            .acked_secrets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let mut out = TrustAcknowledged::default();
+        for s in subs.iter() {
+            let snap = s.tx.borrow();
+            let Some(bundle) = snap
+                .resources(hypha_xds::type_url::SECRET)
+                .and_then(|r| r.get(crate::mtls::ROOTCA))
+            else {
+                continue;
+            };
+            out.proxies += 1;
+            let has = acked
+                .get(&s.proxy.id)
+                .and_then(|m| m.get(crate::mtls::ROOTCA));
+            if has != Some(&bundle.version) {
+                out.waiting.push(s.proxy.id.clone());
+            }
+        }
+        out
+    }
+
+    fn push(&self, cfg: Arc<Config>, roots: Option<Arc<crate::mtls::SignerRoots>>) -> Generation {
         let start = Instant::now();
         let number = self.inner.generation.fetch_add(1, Ordering::SeqCst) + 1;
         let resources = cfg.resource_count();
         let previous = self.current();
-        let t = Arc::new(Translation::after(
-            Arc::new(cfg),
+        let t = Arc::new(Translation::after_with_roots(
+            cfg,
             number.to_string(),
             Some(&previous),
+            roots,
         ));
         drop(previous);
         let built = start.elapsed();
@@ -440,6 +547,21 @@ impl SnapshotSource for ControlPlane {
     fn rejection_key(&self, node: &Node, connection: &tonic::Extensions) -> String {
         crate::security::rejection_key(node, connection)
     }
+
+    fn acknowledged(&self, node: &str, type_url: &str, resources: &[(&str, &str)]) {
+        if type_url != hypha_xds::type_url::SECRET {
+            return;
+        }
+        let mut acked = self
+            .inner
+            .acked_secrets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let entry = acked.entry(node.to_owned()).or_default();
+        for (name, version) in resources {
+            entry.insert((*name).to_owned(), (*version).to_owned());
+        }
+    }
 }
 
 /// Logs every diagnostic at its severity.
@@ -579,12 +701,14 @@ pub async fn serve_ready(cp: ControlPlane, listener: TcpListener) {
             }
             let (status, body) = if buf.starts_with(b"GET /ready ") {
                 if cp.is_ready() {
-                    ("200 OK", "ready\n")
+                    ("200 OK", "ready\n".to_owned())
                 } else {
-                    ("503 Service Unavailable", "not ready\n")
+                    ("503 Service Unavailable", "not ready\n".to_owned())
                 }
+            } else if buf.starts_with(b"GET /metrics ") {
+                ("200 OK", cp.metrics())
             } else {
-                ("404 Not Found", "/ready\n")
+                ("404 Not Found", "/ready /metrics\n".to_owned())
             };
             let reply = format!(
                 "HTTP/1.1 {status}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
@@ -734,6 +858,10 @@ pub async fn run_with_health(
         }
         let secure2 = secure.clone();
         tasks.spawn(async move { secure2.rotate_own().await });
+        let secure3 = secure.clone();
+        cp.add_metrics(Arc::new(move || {
+            crate::rotation::metrics(&secure3.rotations())
+        }));
         let (secure, cp) = (secure.clone(), cp.clone());
         tasks.spawn(async move { secure.watch(&cp, Duration::from_secs(1)).await });
     }

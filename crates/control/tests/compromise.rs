@@ -118,6 +118,7 @@ impl Endpoint {
         Workload {
             ca: self.uri.clone(),
             ca_roots: self.ca_roots.clone(),
+            ca_roots_file: None,
             ca_identity: control_plane_id(),
             token: token.map(Into::into),
             spiffe_id: format!("spiffe://{TD}/ns/{ns}/sa/{sa}"),
@@ -191,6 +192,7 @@ async fn a_leaked_tenant_signer_mints_no_other_tenants_identity() {
             namespaces: vec!["*".into()],
             trust_tenants: vec![],
             signer: Arc::new(stolen),
+            also_trusted: Vec::new(),
             max_validity: Duration::from_secs(3600),
         }],
     )

@@ -379,13 +379,16 @@ impl App {
     }
 }
 
+/// What details answers when it fails on purpose.
+pub const DELIBERATE_FAILURE: &str = "details: failing one request in ten on purpose";
+
 /// details: the book, or on every tenth request a deliberate 503.
 fn details(n: u64, path: &str, incoming: &HeaderMap) -> Response<AppBody> {
     if n % 10 == 9 {
         return full(
             StatusCode::SERVICE_UNAVAILABLE,
             "text/plain",
-            "details: failing one request in ten on purpose\n",
+            format!("{DELIBERATE_FAILURE}\n"),
         );
     }
     json_reply(

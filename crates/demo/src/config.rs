@@ -179,6 +179,29 @@ pub fn write(
     Ok(cfg)
 }
 
+/// Sets every signer's `maxCertificateTtl` in `dir`'s mesh config to `ttl` (`--rotate-root`:
+/// certificates renewed every half `ttl`, the old root retired a `ttl` after the switch), and
+/// validates the config again.
+pub fn set_certificate_ttl(dir: &Path, ttl: &str) -> Result<hypha_config::Config, DemoError> {
+    let path = dir.join(MESH_FILE);
+    let yaml = std::fs::read_to_string(&path).map_err(|e| DemoError::Io(path.clone(), e))?;
+    let mut out = String::new();
+    for line in yaml.lines() {
+        match line.split_once("maxCertificateTtl:") {
+            Some((pad, _)) => {
+                let _ = writeln!(out, "{pad}maxCertificateTtl: {ttl}");
+            }
+            None => {
+                let _ = writeln!(out, "{line}");
+            }
+        }
+    }
+    let tmp = dir.join(format!(".{MESH_FILE}.tmp"));
+    std::fs::write(&tmp, out).map_err(|e| DemoError::Io(tmp.clone(), e))?;
+    std::fs::rename(&tmp, &path).map_err(|e| DemoError::Io(path.clone(), e))?;
+    validate(dir)
+}
+
 /// Writes only the mesh config into `dir` (`--kubernetes`: the rest is the cluster's) and
 /// validates it.
 pub fn write_mesh_only(

@@ -13,6 +13,7 @@
 //! - [`kubernetes`]: with `--kubernetes`, the cluster (the test API server in-process) the
 //!   control plane reads and the sidecars prove their identity to.
 //! - [`traffic`]: the load and the [`Summary`].
+//! - [`rotation`]: with `--rotate-root`, a tenant's root rotated while page views flow.
 
 #![forbid(unsafe_code)]
 
@@ -25,6 +26,7 @@ pub mod mesh;
 pub mod metrics;
 pub mod pods;
 pub mod process;
+pub mod rotation;
 pub mod topology;
 pub mod traffic;
 
@@ -97,6 +99,9 @@ pub struct Options {
     pub placement: Placement,
     /// Bookinfo on a Kubernetes cluster (the test API server, in-process) instead of files.
     pub kubernetes: bool,
+    /// After the traffic, rotate this tenant's root while page views keep flowing (every
+    /// certificate then lives [`rotation::CERTIFICATE_TTL`]).
+    pub rotate_root: Option<String>,
     /// Where the config, logs (and tokens) go, kept afterwards for the caller to look at;
     /// `None`: a fresh directory under the system's temp dir, removed on success.
     pub dir: Option<PathBuf>,
@@ -202,10 +207,19 @@ pub async fn run(opts: Options) -> Result<Summary, DemoError> {
             opts.keys,
             opts.placement,
             opts.kubernetes,
+            opts.rotate_root.as_ref().map(|_| rotation::CERTIFICATE_TTL),
             &say,
         )
         .await?;
         let mut summary = traffic::drive(&mesh, opts.requests, opts.concurrency).await;
+        if let Some(tenant) = &opts.rotate_root {
+            say(&format!(
+                "rotation: certificates live {} in this mode (renewed every half of it)",
+                rotation::CERTIFICATE_TTL
+            ));
+            summary.rotation =
+                Some(rotation::run(&mesh, &opts.exe, tenant, opts.concurrency, &say).await?);
+        }
         if let Some(pods) = &mesh.pods {
             summary.pods = Some(pods.report(&Mesh::productpage_url("/productpage")).await);
         }

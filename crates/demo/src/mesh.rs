@@ -63,6 +63,8 @@ pub struct Mesh {
     /// With `--kubernetes`: each workload's pod and the service-account token file its
     /// sidecar starts with, by workload name.
     pod_tokens: BTreeMap<String, (String, PathBuf)>,
+    /// Every signer's `maxCertificateTtl`, when shorter than the example's (`--rotate-root`).
+    certificate_ttl: Option<String>,
 }
 
 impl Mesh {
@@ -95,6 +97,15 @@ impl Mesh {
     /// The control plane's token, which holds every CA signer's key.
     pub fn ca_token(&self) -> Option<&hsm::Token> {
         self.tokens.get(CONTROL)
+    }
+
+    /// Writes the config (from files) and validates it.
+    fn write_config(&self) -> Result<hypha_config::Config, DemoError> {
+        let cfg = config::write(&self.config_dir(), &self.plan, self.ca_token())?;
+        match &self.certificate_ttl {
+            Some(ttl) => config::set_certificate_ttl(&self.config_dir(), ttl),
+            None => Ok(cfg),
+        }
     }
 
     /// Makes a token for every process (`--keys pkcs11`).
@@ -264,6 +275,7 @@ impl Mesh {
         keys: Keys,
         placement: Placement,
         kubernetes: bool,
+        certificate_ttl: Option<&str>,
         say: &Progress,
     ) -> Result<Mesh, DemoError> {
         if kubernetes && placement != Placement::Loopback {
@@ -297,6 +309,7 @@ impl Mesh {
             pods,
             cluster: None,
             pod_tokens: BTreeMap::new(),
+            certificate_ttl: certificate_ttl.map(str::to_owned),
         };
         std::fs::create_dir_all(mesh.log_dir()).map_err(|e| DemoError::Io(mesh.log_dir(), e))?;
         if keys == Keys::Pkcs11 {
@@ -316,7 +329,10 @@ impl Mesh {
             );
         }
         let cfg = if kubernetes {
-            let mesh_cfg = config::write_mesh_only(&mesh.config_dir(), mesh.ca_token())?;
+            let mut mesh_cfg = config::write_mesh_only(&mesh.config_dir(), mesh.ca_token())?;
+            if let Some(ttl) = &mesh.certificate_ttl {
+                mesh_cfg = config::set_certificate_ttl(&mesh.config_dir(), ttl)?;
+            }
             let cluster =
                 crate::kubernetes::Cluster::start(&mesh.plan, &mesh.dir.join("kube")).await?;
             say(&format!(
@@ -335,7 +351,7 @@ impl Mesh {
             mesh.cluster = Some(cluster);
             mesh_cfg
         } else {
-            let cfg = config::write(&mesh.config_dir(), &mesh.plan, mesh.ca_token())?;
+            let cfg = mesh.write_config()?;
             say(&format!(
                 "config: {} resources from examples/bookinfo, workloads {} ({}), valid",
                 cfg.resource_count(),
@@ -578,7 +594,7 @@ impl Mesh {
                                 self.pod_token(i).await?;
                             }
                             None => {
-                                config::write(&self.config_dir(), &self.plan, self.ca_token())?;
+                                self.write_config()?;
                             }
                         }
                         (app, sidecar) = self.spawn_workload(exe, &self.plan.workloads[i], say)?;

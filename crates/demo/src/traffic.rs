@@ -202,6 +202,8 @@ pub struct Summary {
     pub pods: Option<crate::pods::PodsReport>,
     /// With `--kubernetes`: the workloads are pods of the cluster.
     pub kubernetes: bool,
+    /// With `--rotate-root`: the rotation under load.
+    pub rotation: Option<crate::rotation::Report>,
 }
 
 impl Summary {
@@ -753,6 +755,9 @@ impl fmt::Display for Summary {
         }
         if let Some(pods) = &self.pods {
             write!(f, "{pods}")?;
+        }
+        if let Some(rotation) = &self.rotation {
+            write!(f, "{rotation}")?;
         }
         Ok(())
     }

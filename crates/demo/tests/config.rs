@@ -209,6 +209,7 @@ async fn a_missing_binary_fails_clearly() {
         keys: hypha_demo::Keys::Software,
         placement: hypha_demo::Placement::Loopback,
         kubernetes: false,
+        rotate_root: None,
         dir: None,
         progress: std::sync::Arc::new(|_: &str| {}),
     };

@@ -77,6 +77,11 @@ enum Command {
         /// service-account token.
         #[arg(long, conflicts_with = "pods")]
         kubernetes: bool,
+        /// After the traffic, rotate this tenant's root (`hypha ca rotate`) while page views
+        /// keep flowing, and show each phase and what the traffic saw. Certificates live 20 s
+        /// in this mode, so the old root retires within a minute.
+        #[arg(long, value_name = "TENANT")]
+        rotate_root: Option<String>,
     },
     /// The node agent for the same-host TCP/IP bypass (root): attach the eBPF sockops +
     /// sk_msg programs to a cgroup v2, serve their counters on /metrics, detach on SIGINT or
@@ -434,6 +439,22 @@ enum CaCommand {
         #[command(flatten)]
         who: CaIdentity,
     },
+    /// Rotate a tenant's root without downtime: makes the signer's next key (in its token, or
+    /// a key file) and root; a running control plane with this data directory then adds the new
+    /// root to every bundle that trusts the old one, moves issuance to it once every proxy has
+    /// acknowledged its bundle, and drops the old root once the last certificate it signed has
+    /// expired (the signer's maxCertificateTtl after the switch). Tenants sharing the signer
+    /// rotate together. Follow it with `hypha ca status`.
+    Rotate {
+        /// Mesh config directory (defaults to the embedded example).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// The CA's data directory (as `hypha control --data-dir`).
+        #[arg(long)]
+        data_dir: PathBuf,
+        #[arg(long)]
+        tenant: String,
+    },
     /// Each tenant's signer: where its key lives, its Kubernetes signer names, and the root it
     /// signs with (subject, SHA-256 fingerprint, validity), from the config and the data
     /// directory alone (no key or token is opened).
@@ -735,12 +756,17 @@ fn main() -> ExitCode {
         Command::Ca(CaCommand::Revoke { who }) => {
             ca_revoke(who.config.as_deref(), &who.data_dir, &who.caller())
         }
+        Command::Ca(CaCommand::Rotate {
+            config,
+            data_dir,
+            tenant,
+        }) => ca_rotate(config.as_deref(), &data_dir, &tenant),
         Command::Ca(CaCommand::Status {
             config,
             data_dir,
             json,
-        }) => match hypha_control::initial_config(config.as_deref()) {
-            Ok(cfg) => {
+        }) => match ca_config(config.as_deref()) {
+            Some(cfg) => {
                 let statuses = hypha_ca::status::status(&cfg.mesh, &data_dir);
                 if json {
                     println!(
@@ -752,10 +778,7 @@ fn main() -> ExitCode {
                 }
                 ExitCode::SUCCESS
             }
-            Err(d) => {
-                eprintln!("hypha: the config has {} error(s)", d.errors().count());
-                ExitCode::FAILURE
-            }
+            None => ExitCode::FAILURE,
         },
         Command::Control(args) => {
             let ControlArgs {
@@ -832,13 +855,21 @@ fn main() -> ExitCode {
             pods,
             no_bypass,
             kubernetes,
+            rotate_root,
         } => {
             let placement = match (pods, no_bypass) {
                 (false, _) => hypha_demo::Placement::Loopback,
                 (true, true) => hypha_demo::Placement::Pods,
                 (true, false) => hypha_demo::Placement::PodsWithBypass,
             };
-            demo(serve, requests, concurrency, keys, placement, kubernetes)
+            demo(
+                serve,
+                requests,
+                concurrency,
+                keys,
+                (placement, kubernetes),
+                rotate_root,
+            )
         }
         Command::Pod(command) => pod(command),
         Command::Inject {
@@ -1008,8 +1039,8 @@ fn demo(
     requests: usize,
     concurrency: usize,
     keys: hypha_demo::Keys,
-    placement: hypha_demo::Placement,
-    kubernetes: bool,
+    (placement, kubernetes): (hypha_demo::Placement, bool),
+    rotate_root: Option<String>,
 ) -> ExitCode {
     let exe = match std::env::current_exe() {
         Ok(exe) => exe,
@@ -1026,6 +1057,7 @@ fn demo(
         keys,
         placement,
         kubernetes,
+        rotate_root,
         dir: None,
         // Not `println!`: a closed stdout (`hypha demo | head`) must not panic the demo.
         progress: std::sync::Arc::new(|line: &str| {
@@ -1189,6 +1221,18 @@ fn init_tracing() {
         .init();
 }
 
+/// The config a `hypha ca` command reads (the embedded example without `--config`); its
+/// errors counted on stderr.
+fn ca_config(config: Option<&std::path::Path>) -> Option<hypha_config::Config> {
+    match hypha_control::initial_config(config) {
+        Ok(c) => Some(c),
+        Err(d) => {
+            eprintln!("hypha: the config has {} error(s)", d.errors().count());
+            None
+        }
+    }
+}
+
 fn ca_issue(
     config: Option<&std::path::Path>,
     data_dir: &std::path::Path,
@@ -1197,16 +1241,43 @@ fn ca_issue(
     key: hypha_identity::KeyKind,
     out: &std::path::Path,
 ) -> ExitCode {
-    let cfg = match hypha_control::initial_config(config) {
-        Ok(c) => c,
-        Err(d) => {
-            eprintln!("hypha: the config has {} error(s)", d.errors().count());
-            return ExitCode::FAILURE;
-        }
+    let Some(cfg) = ca_config(config) else {
+        return ExitCode::FAILURE;
     };
     match hypha_control::security::issue_files(&cfg.mesh, data_dir, &caller, validity, key, out) {
         Ok(id) => {
             println!("{id}: {}", out.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("hypha: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn ca_rotate(
+    config: Option<&std::path::Path>,
+    data_dir: &std::path::Path,
+    tenant: &str,
+) -> ExitCode {
+    let Some(cfg) = ca_config(config) else {
+        return ExitCode::FAILURE;
+    };
+    match hypha_ca::rotation::start(&cfg.mesh, data_dir, tenant) {
+        Ok(s) => {
+            println!(
+                "signer {} (tenants {}): generation {} -> {}\n  old root {}\n  new root {}\n\
+                 phase 1, distributing: the control plane adds the new root to every trust bundle; \
+                 `hypha ca status --data-dir {}` follows it",
+                s.signer,
+                s.tenants.join(", "),
+                s.from,
+                s.to,
+                s.old_root,
+                s.new_root,
+                data_dir.display()
+            );
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -1221,12 +1292,8 @@ fn ca_revoke(
     data_dir: &std::path::Path,
     caller: &hypha_ca::Caller,
 ) -> ExitCode {
-    let cfg = match hypha_control::initial_config(config) {
-        Ok(c) => c,
-        Err(d) => {
-            eprintln!("hypha: the config has {} error(s)", d.errors().count());
-            return ExitCode::FAILURE;
-        }
+    let Some(cfg) = ca_config(config) else {
+        return ExitCode::FAILURE;
     };
     match hypha_control::security::revoke(&cfg.mesh, data_dir, caller) {
         Ok(id) => {

@@ -213,6 +213,7 @@ fn main() {
             namespaces: vec!["*".into()],
             trust_tenants: vec![],
             signer: Arc::new(signer),
+            also_trusted: Vec::new(),
             max_validity: Duration::from_secs(3600),
         }],
     )

@@ -311,4 +311,21 @@ impl Store {
     pub fn replace(&self, credentials: Credentials) {
         self.0.store(Arc::new(credentials));
     }
+
+    /// Replaces the credentials with what `make` builds from the current ones. If they were
+    /// replaced meanwhile (a renewal racing a trust-bundle update), builds again from the
+    /// newer ones, so neither change is lost.
+    pub fn update<E>(
+        &self,
+        mut make: impl FnMut(&Credentials) -> Result<Credentials, E>,
+    ) -> Result<(), E> {
+        loop {
+            let current = self.0.load_full();
+            let next = Arc::new(make(&current)?);
+            let previous = self.0.compare_and_swap(&current, next);
+            if Arc::ptr_eq(&previous, &current) {
+                return Ok(());
+            }
+        }
+    }
 }

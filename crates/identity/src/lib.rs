@@ -21,8 +21,8 @@ pub use identity::{
     csr_pem, csr_pem_with, csr_pem_with_blocking, spiffe_id, Credentials, Identity, KeyKind, Store,
 };
 pub use workload::{
-    issue_local, issue_local_for, issue_local_in_token, issue_local_with, Credential, KeySource,
-    Workload, WorkloadAuth,
+    issue_local, issue_local_for, issue_local_in_token, issue_local_with, roots_from_file,
+    Credential, KeySource, Workload, WorkloadAuth,
 };
 
 /// Errors building an identity, its TLS contexts, or obtaining one from the CA.

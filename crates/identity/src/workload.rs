@@ -90,6 +90,10 @@ pub struct Workload {
     pub ca: String,
     /// Roots that verify the CA's own certificate.
     pub ca_roots: Vec<X509>,
+    /// Where `ca_roots` came from, read again for every request (the control plane's roots
+    /// rotate; Kubernetes updates a mounted ConfigMap in place). An unreadable or empty file
+    /// leaves `ca_roots` in force.
+    pub ca_roots_file: Option<std::path::PathBuf>,
     /// Who the CA must be.
     pub ca_identity: Peer,
     /// The credential for the first certificate: a join token (used again only if renewal
@@ -163,10 +167,23 @@ impl std::fmt::Debug for Workload {
     }
 }
 
+/// The roots in `file` (PEM), if it reads and holds any; else `fallback`.
+pub fn roots_from_file(file: Option<&std::path::Path>, fallback: &[X509]) -> Vec<X509> {
+    file.and_then(|f| std::fs::read(f).ok())
+        .and_then(|pem| X509::stack_from_pem(&pem).ok())
+        .filter(|roots| !roots.is_empty())
+        .unwrap_or_else(|| fallback.to_vec())
+}
+
 impl Workload {
+    /// The roots that verify the CA now (see [`Workload::ca_roots_file`]).
+    fn current_ca_roots(&self) -> Vec<X509> {
+        roots_from_file(self.ca_roots_file.as_deref(), &self.ca_roots)
+    }
+
     /// The first certificate, authenticated by the token.
     pub async fn bootstrap(&self) -> Result<Identity, IdentityError> {
-        let connector = crate::tls::client(None, &self.ca_roots)?;
+        let connector = crate::tls::client(None, &self.current_ca_roots())?;
         let token = match &self.token {
             Some(c) => Some(c.read().await?),
             None => None,
@@ -177,7 +194,7 @@ impl Workload {
     /// A new certificate (and key), authenticated by the current one. Keeps the current
     /// trusted roots (they may have been updated since the first certificate).
     pub async fn renew(&self, current: &Identity) -> Result<Identity, IdentityError> {
-        let connector = crate::tls::client(Some(current), &self.ca_roots)?;
+        let connector = crate::tls::client(Some(current), &self.current_ca_roots())?;
         let fresh = self.request(connector, None).await?;
         fresh.with_roots(current.roots().to_vec())
     }
@@ -287,7 +304,15 @@ impl Workload {
                 not_after = ?fresh.identity.not_after(),
                 "certificate rotated"
             );
-            store.replace(fresh);
+            // With the roots in force now: a trust bundle may have come while renewing.
+            let updated = store.update(|now| {
+                let roots = now.identity.roots().to_vec();
+                Credentials::new(fresh.identity.with_roots(roots)?, clients)
+            });
+            if let Err(e) = updated {
+                tracing::warn!(error = %e, "the renewed certificate does not take the current trust bundle; keeping the bundle it came with");
+                store.replace(fresh);
+            }
         }
     }
 }

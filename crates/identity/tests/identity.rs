@@ -84,6 +84,7 @@ impl TestCa {
         Workload {
             ca: self.uri.clone(),
             ca_roots: self.ca_roots.clone(),
+            ca_roots_file: None,
             ca_identity: Peer::OneOf(Arc::from(vec![id("istio-system", "hypha-control")])),
             token: token.map(Into::into),
             spiffe_id: id(ns, sa),
@@ -229,6 +230,7 @@ async fn a_workload_checks_who_the_ca_is() {
     let stranger = FileSigner::open_or_create(other_dir.path(), TD, "stranger").unwrap();
     let w = Workload {
         ca_roots: vec![hypha_ca::Signer::certificate(&stranger).clone()],
+        ca_roots_file: None,
         ..ca.workload("default", "web", Some("web-token"))
     };
     match w.bootstrap().await {

@@ -118,6 +118,7 @@ async fn token_keys_serve_handshakes_and_a_slow_token_holds_up_only_new_ones() {
             namespaces: vec!["*".into()],
             trust_tenants: vec![],
             signer: Arc::new(signer),
+            also_trusted: Vec::new(),
             max_validity: Duration::from_secs(3600),
         }],
     )

@@ -269,7 +269,19 @@ pub fn answer(ca: &Ca, tenant: &str, scope: Option<&str>, request: &Value) -> Va
         Ok(issued) => {
             let (leaf, rest) = issued.chain.split_first().expect("a chain has a leaf");
             status["certificate"] = b64.encode(leaf).into();
-            status["ca"] = b64.encode(rest.concat()).into();
+            // The tenant's roots: mid-rotation both generations', so what trusts status.ca
+            // (istio-csr's bundle) takes the new root before it signs and keeps the old one
+            // while its certificates live.
+            let roots: String = ca
+                .tenant(tenant)
+                .map(|t| {
+                    t.own_roots()
+                        .filter_map(|r| r.to_pem().ok())
+                        .map(|p| String::from_utf8_lossy(&p).into_owned())
+                        .collect()
+                })
+                .unwrap_or_else(|| rest.concat());
+            status["ca"] = b64.encode(roots).into();
             let message = format!("Certificate issued by the signer of tenant {tenant:?}");
             set_ready(&mut status, true, "Issued", &message);
         }

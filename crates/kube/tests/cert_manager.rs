@@ -285,6 +285,7 @@ async fn an_issuer_is_not_ready_while_its_signer_cannot_sign() {
             namespaces: vec!["*".into()],
             trust_tenants: vec![],
             signer: signer.clone(),
+            also_trusted: Vec::new(),
             max_validity: std::time::Duration::from_secs(3600),
         }],
     )

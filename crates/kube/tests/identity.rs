@@ -92,6 +92,7 @@ async fn sidecars_get_certificates_with_their_service_account_token() {
     let workload = |sa: &str| Workload {
         ca: uri.clone(),
         ca_roots: ca_roots.clone(),
+        ca_roots_file: None,
         ca_identity: Peer::OneOf(Arc::from(vec![
             "spiffe://cluster.local/ns/istio-system/sa/hypha-control".to_owned(),
         ])),

@@ -1,8 +1,8 @@
 //! The admin listener: `/ready` (200 once the first complete config is applied, else 503),
 //! `/metrics` (Prometheus text, Istio's metric names), `/config_dump` (the applied resources,
 //! by type, with versions), `/clusters` (each cluster's endpoints), `/certs` (the workload
-//! certificate: identity, serial, expiry, the trusted roots, and where the key lives; never
-//! the key). Plain HTTP on loopback by default. Health listeners (`serve_health`) serve the
+//! certificate: identity, serial, expiry, the trusted roots and their SHA-256 fingerprints, the
+//! root its chain ends at, and where the key lives; never the key). Plain HTTP on loopback by default. Health listeners (`serve_health`) serve the
 //! readiness check alone, on addresses the kubelet reaches.
 
 use std::fmt::Write as _;
@@ -128,11 +128,21 @@ impl Admin {
                     .join(", ")
             })
             .collect();
+        // Roots of one signer's generations share a subject: fingerprints tell them apart.
+        let sha256 = |c: &boring::x509::X509Ref| {
+            c.digest(boring::hash::MessageDigest::sha256())
+                .map(|d| d.iter().map(|b| format!("{b:02x}")).collect::<String>())
+                .unwrap_or_default()
+        };
+        let root_sha256: Vec<String> = id.roots().iter().map(|r| sha256(r)).collect();
+        let chain_root = id.chain().last().map(|c| sha256(c)).unwrap_or_default();
         let mut out = serde_json::json!({
             "identity": id.id(),
             "serial": serial,
             "expires_in_s": expires_in_s,
             "roots": roots,
+            "root_sha256": root_sha256,
+            "chain_root_sha256": chain_root,
             "key": id.key_description(),
         })
         .to_string();

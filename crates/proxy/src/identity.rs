@@ -67,6 +67,8 @@ pub struct Mesh {
     /// The batcher signing for the workload key, when there is one.
     pub batcher: Option<Arc<hypha_keys::batch::Batcher>>,
     ca_roots: Vec<X509>,
+    /// `--ca-root`, read again for every connection to the control plane (its roots rotate).
+    ca_roots_file: PathBuf,
     /// Who the control plane must be.
     control_plane: Peer,
 }
@@ -77,8 +79,8 @@ impl Mesh {
         &self,
         uri: &str,
     ) -> Result<tonic::transport::Channel, IdentityError> {
-        let connector =
-            hypha_identity::tls::client(Some(&self.store.load().identity), &self.ca_roots)?;
+        let roots = hypha_identity::roots_from_file(Some(&self.ca_roots_file), &self.ca_roots);
+        let connector = hypha_identity::tls::client(Some(&self.store.load().identity), &roots)?;
         grpc::channel(uri, connector, self.control_plane.clone()).await
     }
 }
@@ -94,18 +96,15 @@ impl Mesh {
             roots = Some(bundle);
         }
         let Some(roots) = roots else { return Ok(()) };
-        let current = self.store.load();
-        let identity = current
-            .identity
-            .with_roots(roots)
+        let count = roots.len();
+        // Over whatever certificate is current when it lands (a renewal may race it).
+        self.store
+            .update(|current| {
+                let identity = current.identity.with_roots(roots.clone())?;
+                Credentials::new(identity, ClientCert::Require)
+            })
             .map_err(|e| e.to_string())?;
-        let credentials =
-            Credentials::new(identity, ClientCert::Require).map_err(|e| e.to_string())?;
-        tracing::info!(
-            roots = credentials.identity.roots().len(),
-            "trust bundle updated"
-        );
-        self.store.replace(credentials);
+        tracing::info!(roots = count, "trust bundle updated");
         Ok(())
     }
 }
@@ -176,6 +175,7 @@ pub async fn bootstrap(
     let workload = Workload {
         ca: control_plane.to_owned(),
         ca_roots: ca_roots.clone(),
+        ca_roots_file: Some(opts.ca_root.clone()),
         ca_identity: control_plane_peer(opts),
         token,
         spiffe_id: format!(
@@ -214,6 +214,7 @@ pub async fn bootstrap(
             token: key_token,
             batcher,
             ca_roots,
+            ca_roots_file: opts.ca_root.clone(),
             control_plane: control_plane_peer(opts),
         },
         rotation,

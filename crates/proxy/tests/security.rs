@@ -235,6 +235,7 @@ async fn xds_over_tls_serves_only_the_node_its_certificate_names() {
     let web = Workload {
         ca: s.uri.clone(),
         ca_roots: ca_roots.clone(),
+        ca_roots_file: None,
         ca_identity: Peer::OneOf(Arc::from(vec![format!(
             "spiffe://{TD}/ns/istio-system/sa/hypha-control"
         )])),

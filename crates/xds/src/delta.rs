@@ -80,8 +80,13 @@ impl TypeState {
             settled.next_back().map(|(_, sent)| sent)
         });
         let Some(error) = &request.error_detail else {
-            if sent.is_some() {
+            if let Some(sent) = &sent {
                 ctx.count_ack();
+                let acked: Vec<(&str, &str)> = sent
+                    .iter()
+                    .map(|(name, version, _)| (name.as_str(), version.as_str()))
+                    .collect();
+                ctx.acknowledged(type_url, &acked);
             }
             return;
         };

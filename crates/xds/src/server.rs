@@ -64,7 +64,14 @@ pub trait SnapshotSource: Send + Sync + 'static {
     fn rejection_key(&self, node: &Node, _connection: &tonic::Extensions) -> String {
         node.id.clone()
     }
+
+    /// The proxy `node` (its id) acknowledged these resources (name, version) of `type_url`:
+    /// for a source that waits until a push is in force everywhere. Ignored by default.
+    fn acknowledged(&self, _node: &str, _type_url: &str, _resources: &[(&str, &str)]) {}
 }
+
+/// Where a stream reports what its proxy acknowledged (see [`SnapshotSource::acknowledged`]).
+pub(crate) type AckSink = Arc<dyn Fn(&str, &[(&str, &str)]) + Send + Sync>;
 
 /// Counters of the xDS server, for metrics and tests.
 #[derive(Debug, Default)]
@@ -169,9 +176,15 @@ pub(crate) struct StreamCtx {
     stats: Arc<AdsStats>,
     rejections: Arc<Rejections>,
     nonce: u64,
+    acks: AckSink,
 }
 
 impl StreamCtx {
+    /// Reports resources the proxy acknowledged to the source.
+    pub(crate) fn acknowledged(&self, type_url: &str, resources: &[(&str, &str)]) {
+        (self.acks)(type_url, resources);
+    }
+
     /// Nonces count up per stream; delta relies on their order.
     pub(crate) fn next_nonce(&mut self) -> u64 {
         self.nonce += 1;
@@ -336,12 +349,17 @@ async fn run_stream<P: Protocol, S: SnapshotSource>(
     info!(node = %node_id, protocol = P::NAME, "xDS stream opened");
 
     let mut snapshot = snapshots.borrow_and_update().clone();
+    let acks: AckSink = {
+        let (source, node) = (source.clone(), node_id.clone());
+        Arc::new(move |type_url, resources| source.acknowledged(&node, type_url, resources))
+    };
     let mut proto = P::new(StreamCtx {
         node_id: node_id.clone(),
         rejection_key,
         stats,
         rejections,
         nonce: 0,
+        acks,
     });
     let mut out = Vec::new();
     let mut handled = proto.on_request(first, &snapshot, &mut out);

@@ -45,6 +45,8 @@ struct TypeState {
     nonce: String,
     /// The resources the last push looked at (see the delta state machine).
     pushed: Option<Resources>,
+    /// What the latest response held (name, version), reported when it is acknowledged.
+    sent: Vec<(String, String)>,
 }
 
 pub(crate) struct Sotw {
@@ -82,6 +84,7 @@ impl Protocol for Sotw {
                 version: request.version_info,
                 nonce: String::new(),
                 pushed: None,
+                sent: Vec::new(),
             };
             let state = self.types.entry(type_url.clone()).or_insert(state);
             push(&mut self.ctx, &type_url, state, snapshot, out);
@@ -95,6 +98,12 @@ impl Protocol for Sotw {
                     .nack(&type_url, &[(None, &state.version)], &error.message);
             } else {
                 self.ctx.count_ack();
+                let acked: Vec<(&str, &str)> = state
+                    .sent
+                    .iter()
+                    .map(|(name, version)| (name.as_str(), version.as_str()))
+                    .collect();
+                self.ctx.acknowledged(&type_url, &acked);
             }
         }
         // Subscription changes count even in stale requests: the client's latest word on
@@ -154,6 +163,10 @@ fn push(
     }
     let nonce = ctx.next_nonce().to_string();
     debug!(node = %ctx.node_id, type_url, resources = resources.len(), version, nonce, "xDS push (sotw)");
+    state.sent = resources
+        .iter()
+        .map(|r| (r.name.clone(), r.version.clone()))
+        .collect();
     ctx.count_response(resources.len());
     out.push(DiscoveryResponse {
         version_info: version.clone(),

@@ -60,6 +60,7 @@ pub fn tenant(name: &str, ns: &str, trust: &[&str], dir: &std::path::Path) -> Te
         namespaces: vec![ns.into()],
         trust_tenants: trust.iter().map(|s| (*s).into()).collect(),
         signer: Arc::new(signer),
+        also_trusted: Vec::new(),
         max_validity: Duration::from_secs(24 * 3600),
     }
 }

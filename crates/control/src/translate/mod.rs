@@ -261,6 +261,17 @@ impl Translation {
         version: impl Into<String>,
         previous: Option<&Arc<Translation>>,
     ) -> Translation {
+        Translation::after_with_roots(cfg, version, previous, None)
+    }
+
+    /// [`Translation::after`] with new signer roots (a rotating signer's), or `previous`'s
+    /// when `None`.
+    pub fn after_with_roots(
+        cfg: Arc<Config>,
+        version: impl Into<String>,
+        previous: Option<&Arc<Translation>>,
+        signer_roots: Option<Arc<crate::mtls::SignerRoots>>,
+    ) -> Translation {
         let registry = Registry::build(&cfg);
         let rules = RuleIndex::build(&cfg);
         let namespace_independent = namespace_independent(&cfg, &registry, &rules);
@@ -272,7 +283,7 @@ impl Translation {
                 .any(|m| !m.source_labels.is_empty())
         });
         let mtls = previous.is_some_and(|p| p.mtls);
-        let signer_roots = previous.and_then(|p| p.signer_roots.clone());
+        let signer_roots = signer_roots.or_else(|| previous.and_then(|p| p.signer_roots.clone()));
         let trust = signer_roots
             .as_ref()
             .map(|r| Arc::new(crate::mtls::TrustBundles::from_mesh(&cfg.mesh, r)));

@@ -19,6 +19,7 @@ pub fn tenant(name: &str, ns: &str, dir: &std::path::Path) -> TenantCa {
         namespaces: vec![ns.into()],
         trust_tenants: vec![],
         signer: Arc::new(signer),
+        also_trusted: Vec::new(),
         max_validity: Duration::from_secs(3600),
     }
 }
