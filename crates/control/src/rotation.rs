@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
@@ -18,9 +19,15 @@ use crate::security::SecurityError;
 use crate::server::ControlPlane;
 
 /// Each signer's rotation state as last put in force.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Rotations {
     applied: Mutex<HashMap<String, RotationState>>,
+    /// Whether this process moves phases on (from files: yes; replicas on a cluster: no, their
+    /// leader does, from every replica's report; see `hypha_kube::rotation`).
+    advance_here: AtomicBool,
+    /// Whether, at the last step, every proxy connected here had acknowledged the bundle of
+    /// the states in force (false from the moment a new state is put in force).
+    acknowledged: AtomicBool,
 }
 
 /// What one step did, for logs and tests.
@@ -45,7 +52,23 @@ impl Rotations {
             .collect();
         Rotations {
             applied: Mutex::new(applied),
+            advance_here: AtomicBool::new(true),
+            acknowledged: AtomicBool::new(false),
         }
+    }
+
+    /// Leaves moving phases on to someone else (a cluster's leader); this process still puts
+    /// in force what it reads and reports whether its proxies acknowledged it.
+    pub fn advance_elsewhere(&self) {
+        self.advance_here.store(false, Ordering::SeqCst);
+    }
+
+    /// The states in force and whether every proxy connected here has acknowledged their
+    /// bundles: this replica's report.
+    pub fn report(&self) -> (Vec<(String, RotationState)>, bool) {
+        // Read in this order: a state put in force clears the flag first.
+        let acknowledged = self.acknowledged.load(Ordering::SeqCst);
+        (self.states(), acknowledged)
     }
 
     /// Each signer's state in force: what `/metrics` reports.
@@ -86,6 +109,8 @@ impl Rotations {
         cp: &ControlPlane,
     ) -> Result<Vec<Step>, SecurityError> {
         let mut steps = Vec::new();
+        // Judged before anything new is put in force, and recorded only if nothing was.
+        let acknowledged = cp.trust_acknowledged().everywhere();
         for cfg in mesh
             .signers
             .iter()
@@ -106,6 +131,7 @@ impl Rotations {
                     .filter(|t| t.signer == cfg.name)
                     .map(|t| t.name.clone())
                     .collect();
+                self.acknowledged.store(false, Ordering::SeqCst);
                 ca.set_signer(&tenants, signer, also);
                 let g = cp.set_signer_roots(crate::security::signer_roots(mesh, ca)?);
                 tracing::info!(signer = %cfg.name, phase = state.phase(), signing = state.signing(), generation = g.number, proxies = g.proxies, "root rotation: state in force, trust bundles pushed");
@@ -127,6 +153,9 @@ impl Rotations {
                 continue;
             }
             let acked = cp.trust_acknowledged();
+            if !self.advance_here.load(Ordering::SeqCst) {
+                continue;
+            }
             let next = state.advance(
                 acked.everywhere(),
                 SystemTime::now(),
@@ -146,6 +175,9 @@ impl Rotations {
                 }
                 None => {}
             }
+        }
+        if !steps.iter().any(|s| matches!(s, Step::Applied { .. })) {
+            self.acknowledged.store(acknowledged, Ordering::SeqCst);
         }
         Ok(steps)
     }

@@ -332,6 +332,17 @@ impl Secure {
         self.rotations.states()
     }
 
+    /// The rotation states in force and whether every proxy connected here acknowledged their
+    /// bundles (a replica's report to its cluster's leader).
+    pub fn rotation_report(&self) -> (Vec<(String, hypha_ca::rotation::RotationState)>, bool) {
+        self.rotations.report()
+    }
+
+    /// Leaves moving rotation phases on to a cluster's leader (see `hypha_kube::rotation`).
+    pub fn rotate_elsewhere(&self) {
+        self.rotations.advance_elsewhere();
+    }
+
     /// One step of every signer's root rotation (see [`crate::rotation`]), then the control
     /// plane's own TLS made to trust what the CA's roots are now, and `root-cert.pem` written
     /// again if they changed.

@@ -648,6 +648,9 @@ pub struct Security {
     /// More servers on the control plane's credentials, started once the CA is open (the
     /// injection webhook of `hypha-kube`).
     pub services: Vec<TlsService>,
+    /// Root rotations are moved on by someone else (a cluster's leader, `hypha_kube::rotation`):
+    /// this control plane only puts in force what it reads, from its first step.
+    pub rotate_elsewhere: bool,
 }
 
 /// A server that runs on the control plane's own credentials
@@ -792,6 +795,9 @@ pub async fn run_with_health(
             .map_err(|e| RunError::Start(e.to_string()))??;
             if let Some(review) = &s.token_review {
                 secure.review_tokens_with(review.clone());
+            }
+            if s.rotate_elsewhere {
+                secure.rotate_elsewhere();
             }
             Some(Arc::new(secure))
         }

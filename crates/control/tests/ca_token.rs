@@ -56,6 +56,7 @@ async fn control_starts_with_an_attested_token_ca_and_refuses_an_unapproved_one(
         token_review: None,
         server_names: Vec::new(),
         services: Vec::new(),
+        rotate_elsewhere: false,
     };
     let own_key = hypha_keys::pkcs11::TokenConfig {
         module: MODULE.into(),

@@ -450,10 +450,19 @@ enum CaCommand {
         #[arg(long)]
         config: Option<PathBuf>,
         /// The CA's data directory (as `hypha control --data-dir`).
-        #[arg(long)]
-        data_dir: PathBuf,
+        #[arg(long, required_unless_present = "kubernetes")]
+        data_dir: Option<PathBuf>,
         #[arg(long)]
         tenant: String,
+        /// The control plane runs on a cluster (`hypha control --kubernetes`): the new
+        /// generation goes to the cluster (the signer's Secret, or its token), every replica
+        /// takes it, and the one holding the Lease `hypha-ca-rotation` moves it on. Run it
+        /// where the token is reachable for a token-held signer (`kubectl exec` into a replica).
+        #[arg(long, conflicts_with = "data_dir")]
+        kubernetes: bool,
+        /// With --kubernetes: the kubeconfig (else $KUBECONFIG, ~/.kube/config, or in-cluster).
+        #[arg(long, requires = "kubernetes")]
+        kubeconfig: Option<PathBuf>,
     },
     /// Each tenant's signer: where its key lives, its Kubernetes signer names, and the root it
     /// signs with (subject, SHA-256 fingerprint, validity), from the config and the data
@@ -760,7 +769,12 @@ fn main() -> ExitCode {
             config,
             data_dir,
             tenant,
-        }) => ca_rotate(config.as_deref(), &data_dir, &tenant),
+            kubernetes,
+            kubeconfig,
+        }) => match (data_dir, kubernetes) {
+            (Some(dir), false) => ca_rotate(config.as_deref(), &dir, &tenant),
+            (_, _) => ca_rotate_in_cluster(config.as_deref(), kubeconfig.as_deref(), &tenant),
+        },
         Command::Ca(CaCommand::Status {
             config,
             data_dir,
@@ -819,6 +833,7 @@ fn main() -> ExitCode {
                 token_review: None,
                 server_names: Vec::new(),
                 services: Vec::new(),
+                rotate_elsewhere: false,
             });
             let cluster = kubernetes.then_some(kubeconfig);
             let webhook = webhook.map(|listen| WebhookArgs {
@@ -1267,15 +1282,9 @@ fn ca_rotate(
     match hypha_ca::rotation::start(&cfg.mesh, data_dir, tenant) {
         Ok(s) => {
             println!(
-                "signer {} (tenants {}): generation {} -> {}\n  old root {}\n  new root {}\n\
-                 phase 1, distributing: the control plane adds the new root to every trust bundle; \
-                 `hypha ca status --data-dir {}` follows it",
-                s.signer,
-                s.tenants.join(", "),
-                s.from,
-                s.to,
-                s.old_root,
-                s.new_root,
+                "{}the control plane adds the new root to every trust bundle; `hypha ca status \
+                 --data-dir {}` follows it",
+                rotation_started(&s),
                 data_dir.display()
             );
             ExitCode::SUCCESS
@@ -1285,6 +1294,48 @@ fn ca_rotate(
             ExitCode::FAILURE
         }
     }
+}
+
+/// What `hypha ca rotate` says it began, up to who carries it on.
+fn rotation_started(s: &hypha_ca::rotation::Started) -> String {
+    format!(
+        "signer {} (tenants {}): generation {} -> {}\n  old root {}\n  new root {}\n\
+         phase 1, distributing: ",
+        s.signer,
+        s.tenants.join(", "),
+        s.from,
+        s.to,
+        s.old_root,
+        s.new_root
+    )
+}
+
+/// `hypha ca rotate --kubernetes`.
+fn ca_rotate_in_cluster(
+    config: Option<&Path>,
+    kubeconfig: Option<&Path>,
+    tenant: &str,
+) -> ExitCode {
+    let Some(cfg) = ca_config(config) else {
+        return ExitCode::FAILURE;
+    };
+    run(async move {
+        let client = hypha_kube::connect(kubeconfig).await?;
+        // The new file key passes through here (0700) on its way to its Secret.
+        let scratch = std::env::temp_dir().join(format!("hypha-ca-rotate-{}", std::process::id()));
+        let started = hypha_kube::rotation::start(&client, &cfg.mesh, tenant, &scratch).await;
+        let _ = std::fs::remove_dir_all(&scratch);
+        let s = started?;
+        println!(
+            "{}every replica adds the new root to every trust bundle; the one holding the Lease \
+             {} moves it on (ConfigMap {} in {})",
+            rotation_started(&s),
+            hypha_kube::rotation::LEASE,
+            hypha_kube::rotation::CONFIGMAP,
+            cfg.mesh.root_namespace
+        );
+        Ok(())
+    })
 }
 
 fn ca_revoke(
@@ -1368,6 +1419,19 @@ async fn control(
                         std::time::Duration::from_secs(15),
                     ),
                     csrs.approve_own,
+                ));
+                // Root rotations: every replica copies and reports, one moves them on.
+                s.rotate_elsewhere = true;
+                s.services.push(hypha_kube::rotation::service(
+                    client.clone(),
+                    mesh.clone(),
+                    s.data_dir.clone(),
+                    hypha_kube::lease::LeaseConfig::new(
+                        &namespace,
+                        hypha_kube::rotation::LEASE,
+                        &identity,
+                        std::time::Duration::from_secs(15),
+                    ),
                 ));
                 if let Some(w) = webhook {
                     s.server_names.extend(w.names.iter().cloned());

@@ -16,6 +16,7 @@
 //! - `report`: Events and `status.validationMessages` on invalid objects
 //! - `review`: the CA's check of service-account tokens (TokenReview)
 //! - `roots`: each namespace's trust bundle in a ConfigMap `istio-ca-root-cert`, as istiod does
+//! - `rotation`: root rotation across replicas (shared state, reports, the leader moves it on)
 //! - `signers`: the CA's file signers shared by every replica through Secrets
 //! - `watch`: the watchers, the debounce, the push
 //! - `webhook`: the sidecar injection webhook (TLS from the mesh CA, its `caBundle` kept)
@@ -34,6 +35,7 @@ pub mod objects;
 mod report;
 mod review;
 pub mod roots;
+pub mod rotation;
 pub mod signers;
 mod watch;
 pub mod webhook;

@@ -7,7 +7,6 @@
 //! the token itself and are left alone.
 
 use std::collections::BTreeMap;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::Path;
 
 use hypha_ca::signer::{CERT_FILE, KEY_FILE};
@@ -92,44 +91,26 @@ pub async fn share_signers(
             Err(e) => return Err(api_err(e)),
         }
     }
+    // A root rotation under way or done: its generations and state (`crate::rotation`).
+    crate::rotation::sync(client, mesh, data_dir).await?;
     Ok(())
 }
 
-/// Writes the Secret's key (0600) and root into `dir` (0700).
+/// Writes the Secret's key (0600) and root into `dir` (0700). The key of generation 0 is gone
+/// once a root rotation retired it (the later generations are `crate::rotation`'s to copy).
 fn take(signer: &str, dir: &Path, secret: &Secret) -> Result<(), ShareError> {
-    let io = |p: &Path, e| ShareError::Io(signer.to_owned(), p.to_path_buf(), e);
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(|e| io(dir, e))?;
+    let data = secret.data.as_ref();
+    if data.and_then(|d| d.get(CERT_FILE)).is_none() {
+        return Err(ShareError::Incomplete(
+            signer.to_owned(),
+            secret.metadata.name.clone().unwrap_or_default(),
+            CERT_FILE,
+        ));
+    }
     for file in [KEY_FILE, CERT_FILE] {
-        let bytes = secret
-            .data
-            .as_ref()
-            .and_then(|d| d.get(file))
-            .ok_or_else(|| {
-                ShareError::Incomplete(
-                    signer.to_owned(),
-                    secret.metadata.name.clone().unwrap_or_default(),
-                    file,
-                )
-            })?;
-        let path = dir.join(file);
-        // Written beside and renamed, so a reader never sees half a key.
-        let tmp = dir.join(format!(".{file}.tmp"));
-        {
-            use std::io::Write;
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)
-                .map_err(|e| io(&tmp, e))?;
-            f.write_all(&bytes.0).map_err(|e| io(&tmp, e))?;
+        if let Some(bytes) = data.and_then(|d| d.get(file)) {
+            crate::rotation::write_if_changed(&dir.join(file), &bytes.0, 0o600, signer)?;
         }
-        std::fs::rename(&tmp, &path).map_err(|e| io(&path, e))?;
     }
     Ok(())
 }
