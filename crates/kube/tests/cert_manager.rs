@@ -31,7 +31,7 @@ spec:
 async fn cert_manager_requests_are_signed_by_their_issuers_tenant_within_its_scope() {
     let cluster = TestCluster::start().await;
     let data = tempfile::tempdir().unwrap();
-    let (_, ca) = mesh_ca(MESH, data.path());
+    let (mesh, ca) = mesh_ca(MESH, data.path());
     let crds = hypha_kube::install::yaml(&hypha_kube::crds::hypha());
     cluster.apply("crds.yaml", &format!("{crds}---\n{CERT_MANAGER_CRD}"));
     let ns = |n: &str| format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: {n}}}\n");
@@ -244,6 +244,32 @@ async fn cert_manager_requests_are_signed_by_their_issuers_tenant_within_its_sco
     assert!(denied.pointer("/status/certificate").is_none());
     let foreign = get("shop", "not-ours");
     assert!(ready(&foreign).is_none(), "{foreign}");
+
+    // Mid-rotation of the blue root, status.ca holds both roots, the signing one first: what
+    // trusts it (istio-csr's bundle) takes the new root before anything is signed by it.
+    let started = hypha_ca::rotation::start(&mesh, data.path(), "blue").unwrap();
+    let cfg = mesh.signer("blue").unwrap();
+    let (signer, also) = hypha_ca::open_signer(&mesh, cfg, data.path()).unwrap();
+    ca.set_signer(&["blue".to_owned()], signer, also);
+    cluster.apply(
+        "rotating.yaml",
+        &certificate_request(
+            "blue",
+            "rotating",
+            with("Issuer", "blue"),
+            &[San::Dns("web.blue.svc")],
+        ),
+    );
+    decide(&cluster, "blue", "rotating", "Approved");
+    eventually("signed mid-rotation", || {
+        ready(&get("blue", "rotating")).is_some_and(|r| r.1 == "Issued")
+    })
+    .await;
+    let r = get("blue", "rotating");
+    let bundle =
+        X509::stack_from_pem(&b64.decode(r["status"]["ca"].as_str().unwrap()).unwrap()).unwrap();
+    let prints: Vec<String> = bundle.iter().map(hypha_ca::signer::fingerprint).collect();
+    assert_eq!(prints, [started.old_root, started.new_root]);
     issuer.abort();
 }
 
