@@ -1,6 +1,7 @@
 //! Parse step: walks a directory tree of YAML files, splits documents, dispatches on
 //! `apiVersion`/`kind`, and deserializes each resource strictly (unknown fields are errors).
-//! Other Kubernetes kinds are skipped with an informational note.
+//! Other Kubernetes kinds are skipped with an informational note, Istio kinds Hypha does not
+//! implement yet with a warning, and a misspelt kind in an Istio group is an error.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -118,6 +119,72 @@ pub fn parse_cached(path: &Path, cache: &mut LoadCache) -> Loaded {
 }
 
 /// Loads and validates YAML held in memory; `name` stands for the file in diagnostics.
+/// The kinds Hypha reads.
+const KINDS_READ: [&str; 7] = [
+    "ServiceEntry",
+    "WorkloadEntry",
+    "VirtualService",
+    "DestinationRule",
+    "AuthorizationPolicy",
+    "PeerAuthentication",
+    "MeshConfig",
+];
+
+/// Istio's kinds (as of 1.28) that Hypha does not implement yet, by group.
+const ISTIO_KINDS_NOT_READ: [(&str, &str); 8] = [
+    ("networking.istio.io", "Gateway"),
+    ("networking.istio.io", "Sidecar"),
+    ("networking.istio.io", "EnvoyFilter"),
+    ("networking.istio.io", "WorkloadGroup"),
+    ("networking.istio.io", "ProxyConfig"),
+    ("telemetry.istio.io", "Telemetry"),
+    ("extensions.istio.io", "WasmPlugin"),
+    ("security.istio.io", "RequestAuthentication"),
+];
+
+fn istio_group(kind: &str) -> &'static str {
+    match kind {
+        "AuthorizationPolicy" | "PeerAuthentication" => "security.istio.io",
+        _ => "networking.istio.io",
+    }
+}
+
+/// The kind Hypha reads (or Istio has) nearest to `kind`: the same ignoring case, or at most
+/// two edits away.
+fn nearest_kind(kind: &str) -> Option<&'static str> {
+    let all = KINDS_READ
+        .iter()
+        .copied()
+        .chain(ISTIO_KINDS_NOT_READ.iter().map(|(_, k)| *k));
+    all.map(|k| {
+        (
+            edit_distance(&kind.to_ascii_lowercase(), &k.to_ascii_lowercase()),
+            k,
+        )
+    })
+    .filter(|(d, _)| *d <= 2)
+    .min_by_key(|(d, _)| *d)
+    .map(|(_, k)| k)
+}
+
+/// Levenshtein distance between two short ASCII strings.
+pub(crate) fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<u8> = b.bytes().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.bytes().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let here = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != *cb))
+                .min(row[j] + 1)
+                .min(here + 1);
+            prev = here;
+        }
+    }
+    row[b.len()]
+}
+
 pub fn load_str(name: &str, src: &str) -> Loaded {
     load_sources([(name, src)])
 }
@@ -217,6 +284,56 @@ impl Loader {
         }
     }
 
+    /// A kind Hypha does not read: an Istio kind it does not implement yet is a warning (what it
+    /// configures does not happen); a near miss of a kind in an Istio group, an error naming
+    /// the kind meant; a kind Hypha reads under another group, a note naming the right one; any
+    /// other kind, a note.
+    fn skipped_kind(&mut self, source: &Source, group: &str, api_version: &str, kind_name: &str) {
+        let istio = group.ends_with(".istio.io") && group != "install.istio.io";
+        let near = nearest_kind(kind_name);
+        let (severity, code, message) = if ISTIO_KINDS_NOT_READ.contains(&(group, kind_name)) {
+            (
+                Severity::Warning,
+                "unimplemented-kind",
+                format!(
+                    "{api_version} {kind_name} is an Istio kind Hypha does not implement yet: \
+                     skipped, so what it configures does not happen"
+                ),
+            )
+        } else if let (true, Some(k)) = (istio || group == "hypha.dev", near) {
+            (
+                Severity::Error,
+                "unknown-kind",
+                format!("{group} has no kind {kind_name:?}; did you mean {k}?"),
+            )
+        } else if istio {
+            (
+                Severity::Warning,
+                "unimplemented-kind",
+                format!("{api_version} {kind_name} is not an Istio kind Hypha knows; skipped"),
+            )
+        } else {
+            let hint = match near {
+                Some(k) if k == kind_name => format!(
+                    " ({k} is read from {}, not from {api_version:?})",
+                    if k == "MeshConfig" {
+                        "hypha.dev"
+                    } else {
+                        istio_group(k)
+                    }
+                ),
+                Some(k) => format!(" (did you mean {k}?)"),
+                None => String::new(),
+            };
+            (
+                Severity::Info,
+                "skipped-kind",
+                format!("{api_version} {kind_name} is not a kind Hypha reads; skipped{hint}"),
+            )
+        };
+        self.diags.at(severity, code, source, "kind", message);
+    }
+
     fn add_document(&mut self, file: &Arc<str>, doc: Arc<Document>) {
         let api_version = doc
             .value
@@ -278,13 +395,7 @@ impl Loader {
             return;
         }
         let Some(kind) = kind else {
-            self.diags.at(
-                Severity::Info,
-                "skipped-kind",
-                &source,
-                "kind",
-                format!("{api_version} {kind_name} is not a kind Hypha reads; skipped"),
-            );
+            self.skipped_kind(&source, group, api_version, kind_name);
             return;
         };
         let versions: &[&str] = match kind {

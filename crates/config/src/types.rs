@@ -101,10 +101,41 @@ impl fmt::Display for Duration {
     }
 }
 
+/// A duration is a string; a bare number gets a hint (`timeout: 3` is a common slip).
 impl<'de> Deserialize<'de> for Duration {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        Duration::parse(&s).map_err(serde::de::Error::custom)
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = Duration;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a duration string such as \"3s\", \"150ms\" or \"1h\"")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Duration, E> {
+                Duration::parse(s).map_err(E::custom)
+            }
+
+            fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<Duration, E> {
+                Err(E::custom(format!(
+                    "durations are strings with a unit: \"{n}s\" for {n} seconds, not the number {n}"
+                )))
+            }
+
+            fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<Duration, E> {
+                Err(E::custom(format!(
+                    "durations are strings with a unit, such as \"3s\", not the number {n}"
+                )))
+            }
+
+            fn visit_f64<E: serde::de::Error>(self, n: f64) -> Result<Duration, E> {
+                Err(E::custom(format!(
+                    "durations are strings with a unit, such as \"1500ms\", not the \
+                     number {n}"
+                )))
+            }
+        }
+        d.deserialize_any(Visitor)
     }
 }
 

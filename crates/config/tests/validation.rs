@@ -420,10 +420,89 @@ spec: {}
         summary,
         vec![
             (Severity::Info, "skipped-kind", 2),
-            (Severity::Info, "skipped-kind", 6),
+            // An Istio kind Hypha does not implement: its effect is missing, said loudly.
+            (Severity::Warning, "unimplemented-kind", 6),
             (Severity::Error, "api-version", 9),
         ]
     );
+}
+
+/// `hypha check` helps with common slips: a kind misspelt in an Istio group (an error naming
+/// the kind meant), an Istio kind under another group, an unknown Istio kind, a duration
+/// written as a number.
+#[test]
+fn common_mistakes_get_a_hint() {
+    let src = "\
+apiVersion: networking.istio.io/v1
+kind: VirtualServce
+metadata: {name: a}
+---
+apiVersion: networking.istio.io/v1
+kind: virtualservice
+metadata: {name: b}
+---
+apiVersion: v1
+kind: DestinationRule
+metadata: {name: c}
+---
+apiVersion: networking.istio.io/v1
+kind: Frobnicator
+metadata: {name: d}
+---
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {name: e}
+---
+apiVersion: install.istio.io/v1alpha1
+kind: IstioOperator
+metadata: {name: f}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: g, namespace: shop}
+spec:
+  hosts: [web]
+  http:
+  - route: [{destination: {host: web}}]
+    timeout: 3
+";
+    let loaded = load_str("test.yaml", src);
+    let all: Vec<_> = loaded.diagnostics.into_sorted();
+    let got: Vec<(Severity, &str, usize, &str)> = all
+        .iter()
+        .map(|d| (d.severity, d.code, d.line, d.message.as_str()))
+        .collect();
+    let find = |line: usize| {
+        got.iter()
+            .find(|g| g.2 == line)
+            .unwrap_or_else(|| panic!("nothing at line {line}: {got:#?}"))
+    };
+    let (sev, code, _, msg) = find(2);
+    assert_eq!((*sev, *code), (Severity::Error, "unknown-kind"));
+    assert!(msg.ends_with("did you mean VirtualService?"), "{msg}");
+    let (sev, _, _, msg) = find(6);
+    assert_eq!(*sev, Severity::Error);
+    assert!(msg.ends_with("did you mean VirtualService?"), "{msg}");
+    let (sev, code, _, msg) = find(10);
+    assert_eq!((*sev, *code), (Severity::Info, "skipped-kind"));
+    assert!(
+        msg.contains("DestinationRule is read from networking.istio.io"),
+        "{msg}"
+    );
+    let (sev, code, _, msg) = find(14);
+    assert_eq!((*sev, *code), (Severity::Warning, "unimplemented-kind"));
+    assert!(msg.contains("not an Istio kind Hypha knows"), "{msg}");
+    let (sev, code, _, _) = find(18);
+    assert_eq!((*sev, *code), (Severity::Warning, "unimplemented-kind"));
+    let (sev, _, _, _) = find(22);
+    assert_eq!(
+        *sev,
+        Severity::Info,
+        "an installer's config is no mesh config"
+    );
+    let (sev, _, _, msg) = find(32);
+    assert_eq!(*sev, Severity::Error);
+    assert!(msg.contains("\"3s\" for 3 seconds"), "{msg}");
 }
 
 #[test]

@@ -702,6 +702,7 @@ pub async fn serve_ready(cp: ControlPlane, listener: TcpListener) {
             if tokio::time::timeout(Duration::from_secs(10), read).await != Ok(Some(())) {
                 return;
             }
+            let mut content_type = "text/plain; charset=utf-8";
             let (status, body) = if buf.starts_with(b"GET /ready ") {
                 if cp.is_ready() {
                     ("200 OK", "ready\n".to_owned())
@@ -709,12 +710,14 @@ pub async fn serve_ready(cp: ControlPlane, listener: TcpListener) {
                     ("503 Service Unavailable", "not ready\n".to_owned())
                 }
             } else if buf.starts_with(b"GET /metrics ") {
+                // Prometheus' text format, which Prometheus 3 requires to be named.
+                content_type = "text/plain; version=0.0.4; charset=utf-8";
                 ("200 OK", cp.metrics())
             } else {
                 ("404 Not Found", "/ready /metrics\n".to_owned())
             };
             let reply = format!(
-                "HTTP/1.1 {status}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                "HTTP/1.1 {status}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
                 body.len()
             );
             let _ = stream.write_all(reply.as_bytes()).await;

@@ -1,5 +1,6 @@
 //! `hypha control --health`: `/ready` says whether the config served is complete, as a
-//! Deployment's readiness probe asks it; until it is, proxies are asked to come back.
+//! Deployment's readiness probe asks it; until it is, proxies are asked to come back. And
+//! `/metrics`, as Prometheus scrapes it.
 
 use hypha_control::{serve_ready, ControlPlane};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -27,6 +28,17 @@ async fn ready_once_the_sources_config_is_served() {
     cp.set_ready(true);
     assert!(get(addr, "/ready").await.starts_with("HTTP/1.1 200"));
     assert!(get(addr, "/config").await.starts_with("HTTP/1.1 404"));
+    // `/metrics` in Prometheus' text format, named as Prometheus 3 requires.
+    let metrics = get(addr, "/metrics").await;
+    assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");
+    assert!(
+        metrics.contains("content-type: text/plain; version=0.0.4; charset=utf-8\r\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("\nhypha_control_generation 1\n"),
+        "{metrics}"
+    );
 }
 
 #[test]

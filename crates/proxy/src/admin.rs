@@ -32,6 +32,9 @@ pub struct Admin {
     pub identity: Option<hypha_identity::Store>,
 }
 
+/// The Content-Type of Prometheus' text exposition format.
+pub const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+
 impl Admin {
     fn handle(&self, req: &Request<Incoming>) -> Response<Body> {
         let (status, body) = match req.uri().path() {
@@ -51,8 +54,18 @@ impl Admin {
                 "admin: /ready /metrics /config_dump /clusters /certs\n".to_owned(),
             ),
         };
+        let content_type = match req.uri().path() {
+            // Prometheus 3 refuses a scrape without its text format's type.
+            "/metrics" | "/stats/prometheus" => PROMETHEUS_TEXT,
+            "/config_dump" | "/certs" if status == StatusCode::OK => "application/json",
+            _ => "text/plain; charset=utf-8",
+        };
         let mut r = Response::new(h::full(body));
         *r.status_mut() = status;
+        r.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static(content_type),
+        );
         r
     }
 

@@ -491,6 +491,15 @@ async fn metrics_and_admin_match_the_traffic() {
     let client_admin = m.client.admin.unwrap();
     let server_admin = m._server.admin.unwrap();
     assert_eq!(admin(client_admin, "/ready").await.0, 200);
+    // Prometheus 3 scrapes only what names its text format; the dumps are JSON.
+    let (_, metrics_type, _) = common::admin_typed(client_admin, "/metrics").await;
+    assert_eq!(metrics_type, "text/plain; version=0.0.4; charset=utf-8");
+    for path in ["/config_dump", "/certs"] {
+        assert_eq!(
+            common::admin_typed(client_admin, path).await.1,
+            "application/json"
+        );
+    }
 
     // Bodies are counted when they end; the client has read them all by now, but the
     // proxy's side of the body may finish an instant later.

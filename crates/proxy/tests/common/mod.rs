@@ -248,14 +248,30 @@ pub async fn request(
 
 /// Plain GET on an admin endpoint.
 pub async fn admin(addr: SocketAddr, path: &str) -> (u16, String) {
+    let (status, _, body) = admin_typed(addr, path).await;
+    (status, body)
+}
+
+/// [`admin`], with the response's Content-Type.
+pub async fn admin_typed(addr: SocketAddr, path: &str) -> (u16, String, String) {
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
     let resp = client
         .get(format!("http://{addr}{path}").parse().unwrap())
         .await
         .unwrap();
     let status = resp.status().as_u16();
+    let content_type = resp
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
     let body = resp.into_body().collect().await.unwrap().to_bytes();
-    (status, String::from_utf8_lossy(&body).into_owned())
+    (
+        status,
+        content_type,
+        String::from_utf8_lossy(&body).into_owned(),
+    )
 }
 
 /// The value of the first sample of `metric` whose labels contain every `want` pair.
