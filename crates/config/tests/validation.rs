@@ -935,3 +935,43 @@ spec:
                 && path == "spec.defaultConfig.tracing")
     );
 }
+
+/// Validation refuses what the sidecar would refuse (NACK), with the reason, rather than let
+/// one proxy's config freeze: a generated hash cookie (`ttl`) and local-origin outlier
+/// counting, until they are implemented.
+#[test]
+fn what_the_sidecar_would_refuse_is_refused_here() {
+    let src = format!(
+        "{SERVICES}apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: web-lb, namespace: shop}}
+spec:
+  host: web
+  trafficPolicy:
+    loadBalancer:
+      consistentHash:
+        httpCookie: {{name: session, ttl: 60s}}
+    outlierDetection:
+      splitExternalLocalOriginErrors: true
+      consecutiveLocalOriginFailures: 3
+"
+    );
+    let got: Vec<String> = errors(&src).into_iter().map(|e| e.3).collect();
+    assert_eq!(
+        got,
+        [
+            "spec.trafficPolicy.loadBalancer.consistentHash.httpCookie.ttl",
+            "spec.trafficPolicy.outlierDetection.splitExternalLocalOriginErrors",
+            "spec.trafficPolicy.outlierDetection.consecutiveLocalOriginFailures",
+        ]
+    );
+    // Without them, the same rule is fine.
+    let fine = src
+        .replace(", ttl: 60s", "")
+        .replace("      splitExternalLocalOriginErrors: true\n", "")
+        .replace(
+            "      consecutiveLocalOriginFailures: 3\n",
+            "      consecutive5xxErrors: 3\n",
+        );
+    assert!(errors(&fine).is_empty(), "{:?}", errors(&fine));
+}

@@ -162,11 +162,60 @@ pub struct TcpRoutes {
     /// names, then `*.` wildcards longest first. `None` when no chain names any, so the
     /// connection is not read before it is proxied.
     pub names: Option<Table>,
-    /// For each rule of `names`, the server name it is and its cluster.
-    pub named: Vec<(String, String)>,
-    /// The cluster of the chain without names: connections no name picks (no ClientHello, no
+    /// For each rule of `names`, the server name it is and its clusters.
+    pub named: Vec<(String, Weighted)>,
+    /// The clusters of the chain without names: connections no name picks (no ClientHello, no
     /// server name, another name).
-    pub default: Option<String>,
+    pub default: Option<Weighted>,
+}
+
+/// A TCP proxy's clusters: one, or several with weights (Envoy's `weighted_clusters`), one
+/// picked per connection in proportion to its weight.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Weighted {
+    clusters: Vec<(String, u32)>,
+    total: u64,
+}
+
+impl Weighted {
+    /// All to `cluster`.
+    pub fn one(cluster: String) -> Weighted {
+        Weighted::new(vec![(cluster, 1)]).expect("one cluster")
+    }
+
+    /// `None` without a cluster, or when every weight is 0.
+    pub fn new(clusters: Vec<(String, u32)>) -> Option<Weighted> {
+        let total = clusters.iter().map(|(_, w)| u64::from(*w)).sum();
+        (total > 0).then_some(Weighted { clusters, total })
+    }
+
+    /// The one cluster, when there is just one.
+    pub fn only(&self) -> Option<&str> {
+        match self.clusters.as_slice() {
+            [(c, _)] => Some(c),
+            _ => None,
+        }
+    }
+
+    /// The clusters and their weights.
+    pub fn clusters(&self) -> &[(String, u32)] {
+        &self.clusters
+    }
+
+    /// A cluster for one connection, in proportion to the weights.
+    pub fn pick(&self) -> &str {
+        if let Some(c) = self.only() {
+            return c;
+        }
+        let mut at = crate::rand::below(self.total);
+        for (c, w) in &self.clusters {
+            if at < u64::from(*w) {
+                return c;
+            }
+            at -= u64::from(*w);
+        }
+        &self.clusters[0].0
+    }
 }
 
 impl PartialEq for TcpRoutes {
@@ -179,10 +228,15 @@ impl PartialEq for TcpRoutes {
 impl TcpRoutes {
     /// Every connection to `cluster`.
     pub fn single(cluster: String) -> TcpRoutes {
+        TcpRoutes::to(Weighted::one(cluster))
+    }
+
+    /// Every connection to one of `clusters`.
+    pub fn to(clusters: Weighted) -> TcpRoutes {
         TcpRoutes {
             names: None,
             named: Vec::new(),
-            default: Some(cluster),
+            default: Some(clusters),
         }
     }
 
@@ -198,10 +252,10 @@ impl TcpRoutes {
                     authority: sni.as_bytes(),
                     headers: &[],
                 })
-                .map(|rule| self.named[rule].1.as_str()),
+                .map(|rule| &self.named[rule].1),
             _ => None,
         };
-        named.or(self.default.as_deref())
+        named.or(self.default.as_ref()).map(Weighted::pick)
     }
 }
 
@@ -372,8 +426,14 @@ pub struct RetryPolicy {
     pub on_gateway_error: bool,
     pub on_connect_failure: bool,
     pub on_reset: bool,
-    /// Status codes retried on (`retriable-status-codes`).
+    /// Status codes retried on (`retriable-status-codes`, and 409 for `retriable-4xx`, the one
+    /// code Envoy puts in that class).
     pub on_status: Vec<u16>,
+    /// `envoy-ratelimited`: a response carrying `x-envoy-ratelimited` is retried.
+    pub on_ratelimited: bool,
+    /// `reset-before-request`: retried when the request never reached the upstream (the
+    /// connection failed), which is safe for any method.
+    pub on_reset_before_request: bool,
     pub base_interval: Duration,
     pub max_interval: Duration,
     /// `refused-stream`: retry when the upstream refuses the HTTP/2 stream. Carried, not

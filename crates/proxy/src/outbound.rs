@@ -463,7 +463,7 @@ pub async fn serve_captured(
         drop(cfg);
         let target = match tcp {
             Some(routes) => match (&routes.names, &routes.default) {
-                (None, Some(cluster)) => Target::Tcp(cluster.clone()),
+                (None, Some(clusters)) => Target::Tcp(clusters.pick().to_owned()),
                 _ => Target::ByName(routes),
             },
             None if http => Target::Http(Arc::new(Mode::Captured { dst })),

@@ -163,7 +163,10 @@ impl Upstreams {
                     (_, None) => false,
                     (Ok(resp), Some(r)) => retriable(r, resp),
                     (Err(Flag::ConnectFailure), Some(r)) => {
-                        r.on_connect_failure || r.on_5xx || r.on_gateway_error
+                        r.on_connect_failure
+                            || r.on_5xx
+                            || r.on_gateway_error
+                            || r.on_reset_before_request
                     }
                     (Err(Flag::Reset), Some(r)) => r.on_reset || r.on_5xx,
                     (Err(Flag::Timeout), Some(r)) => r.on_5xx || r.on_gateway_error,
@@ -478,6 +481,7 @@ fn retriable(r: &RetryPolicy, resp: &Response<Body>) -> bool {
     (r.on_5xx && status >= 500)
         || (r.on_gateway_error && matches!(status, 502..=504))
         || r.on_status.contains(&status)
+        || (r.on_ratelimited && resp.headers().contains_key("x-envoy-ratelimited"))
         || (r.on_grpc_status != 0
             && crate::http::grpc_status(resp.headers()).is_some_and(|g| r.on_grpc(u32::from(g))))
 }
@@ -741,6 +745,8 @@ mod tests {
             on_connect_failure: true,
             on_reset: false,
             on_status: vec![503],
+            on_ratelimited: false,
+            on_reset_before_request: false,
             base_interval: Duration::from_millis(25),
             max_interval: Duration::from_millis(250),
             on_refused_stream: false,

@@ -580,19 +580,23 @@ spec:
     retries:
       attempts: 4
       perTryTimeout: 1s
-      retryOn: gateway-error,refused-stream,unavailable,cancelled,deadline-exceeded,internal,resource-exhausted,http3-post-connect-failure,503
+      retryOn: gateway-error,refused-stream,unavailable,cancelled,deadline-exceeded,internal,resource-exhausted,http3-post-connect-failure,503,retriable-4xx,envoy-ratelimited,reset-before-request,retriable-headers
 "#;
 
 fn features() -> (Translation, ProxyInfo) {
     let loaded = hypha_config::load_str("features.yaml", FEATURES);
     assert!(!loaded.has_errors(), "{:?}", loaded.diagnostics);
     let t = Translation::new(Arc::new(loaded.config), "1");
-    let client = ProxyInfo {
+    (t, lab_client())
+}
+
+/// A sidecar in namespace `lab`.
+fn lab_client() -> ProxyInfo {
+    ProxyInfo {
         id: "sidecar~10.0.0.9~client.lab~lab.svc.cluster.local".into(),
         namespace: "lab".into(),
         ..Default::default()
-    };
-    (t, client)
+    }
 }
 
 /// What the control plane sends for features bookinfo does not use is accepted too, and what
@@ -640,9 +644,13 @@ fn every_control_plane_feature_compiles_and_is_carried() {
     };
     let retry = f.retry.as_ref().unwrap();
     assert!(retry.on_gateway_error && retry.on_refused_stream);
+    assert!(retry.on_ratelimited && retry.on_reset_before_request);
     let grpc: Vec<u32> = (0..17).filter(|c| retry.on_grpc(*c)).collect();
     assert_eq!(grpc, [1, 4, 8, 13, 14]);
-    assert_eq!(retry.on_status, [503]);
+    // 503 from the status list, 409 for retriable-4xx (Envoy's only retriable 4xx).
+    let mut statuses = retry.on_status.clone();
+    statuses.sort_unstable();
+    assert_eq!(statuses, [409, 503]);
     assert_eq!(f.hash, [HashKey::Cookie("session".into())]);
     // No VirtualService: Istio's default retries, which include gRPC `unavailable`.
     let default = &cfg.routes["8080"]
@@ -660,7 +668,8 @@ fn every_control_plane_feature_compiles_and_is_carried() {
 }
 
 /// A DestinationRule cookie with a `ttl` asks Envoy to set the cookie when a request has
-/// none; the proxy sets no cookie, so it refuses the route rather than hash on nothing.
+/// none; the proxy sets no cookie, so it refuses the route rather than hash on nothing, and
+/// validation refuses the rule first.
 #[test]
 fn a_generated_hash_cookie_is_refused_by_name() {
     let yaml = FEATURES.replace(
@@ -668,7 +677,14 @@ fn a_generated_hash_cookie_is_refused_by_name() {
         "httpCookie: {name: session, path: /, ttl: 60s}",
     );
     let loaded = hypha_config::load_str("features.yaml", &yaml);
-    assert!(!loaded.has_errors(), "{:?}", loaded.diagnostics);
+    // Validation refuses what the sidecar would: the config never reaches it.
+    let refusal: Vec<String> = loaded
+        .diagnostics
+        .errors()
+        .map(|d| format!("{} {}", d.path, d.message))
+        .collect();
+    assert_eq!(refusal.len(), 1, "{refusal:?}");
+    assert!(refusal[0].contains("httpCookie.ttl"), "{refusal:?}");
     let t = Translation::new(Arc::new(loaded.config), "1");
     let (_, client) = features();
     let (refused, _) = compile_all(&t.snapshot(&client));
@@ -858,10 +874,12 @@ fn fields_nobody_acts_on_are_refused_by_name() {
         "{e}"
     );
     let e = route_refusal(&route_with(&|ra| {
-        ra.retry_policy.get_or_insert_default().retry_on = "5xx,retriable-4xx".into()
+        ra.retry_policy.get_or_insert_default().retry_on = "5xx,previous-moon-phase".into()
     }));
     assert!(
-        e.contains("route.retry_policy.retry_on: condition \"retriable-4xx\" is not supported"),
+        e.contains(
+            "route.retry_policy.retry_on: condition \"previous-moon-phase\" is not supported"
+        ),
         "{e}"
     );
     // The previous_hosts predicate is what the proxy does; any other is refused.
@@ -1334,4 +1352,86 @@ fn server_names_pick_what_envoys_label_walk_picks() {
         }
         assert_eq!(routes.pick(None), default.as_deref());
     }
+}
+
+/// A VirtualService's weighted `tcp` and `tls` routes reach the sidecar as Envoy's
+/// `weighted_clusters`, and each connection picks a cluster in proportion to the weights (was:
+/// 100 % to the first destination).
+#[test]
+fn weighted_tcp_and_tls_routes_split_connections() {
+    // `api` (HTTP) only so that every resource type is sent.
+    let yaml = r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: api, namespace: lab}
+spec:
+  hosts: [api.lab.svc.cluster.local]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  endpoints: [{address: 10.0.0.1}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: db, namespace: lab}
+spec:
+  hosts: [db.lab.svc.cluster.local]
+  addresses: [240.0.0.2]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports: [{number: 5432, name: tcp, protocol: TCP}, {number: 6443, name: tls, protocol: TLS}]
+  endpoints: [{address: 10.0.0.3, labels: {version: v1}}, {address: 10.0.0.4, labels: {version: v2}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: db, namespace: lab}
+spec:
+  host: db.lab.svc.cluster.local
+  subsets: [{name: v1, labels: {version: v1}}, {name: v2, labels: {version: v2}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: db, namespace: lab}
+spec:
+  hosts: [db.lab.svc.cluster.local]
+  tcp:
+  - match: [{port: 5432}]
+    route:
+    - {destination: {host: db.lab.svc.cluster.local, subset: v1}, weight: 80}
+    - {destination: {host: db.lab.svc.cluster.local, subset: v2}, weight: 20}
+  tls:
+  - match: [{port: 6443, sniHosts: [db.lab.svc.cluster.local]}]
+    route:
+    - {destination: {host: db.lab.svc.cluster.local, subset: v1}, weight: 30}
+    - {destination: {host: db.lab.svc.cluster.local, subset: v2}, weight: 70}
+"#;
+    let loaded = hypha_config::load_str("weighted.yaml", yaml);
+    assert!(!loaded.has_errors(), "{:?}", loaded.diagnostics);
+    let t = Translation::new(Arc::new(loaded.config), "1");
+    let (refused, mut state) = compile_all(&t.snapshot(&lab_client()));
+    assert!(refused.is_empty(), "{}", nack_message(&refused));
+    let cfg = state.assemble().config;
+    let v1 = "outbound|5432|v1|db.lab.svc.cluster.local";
+    let v2 = "outbound|5432|v2|db.lab.svc.cluster.local";
+    // Where 10,000 connections go.
+    let split = |sni: Option<&str>, port: u16| {
+        let routes = &cfg.tcp[&ListenAddr::Vip("240.0.0.2".parse().unwrap(), port)];
+        let mut by = std::collections::BTreeMap::<String, usize>::new();
+        for _ in 0..10_000 {
+            *by.entry(routes.pick(sni).unwrap().to_owned()).or_default() += 1;
+        }
+        by
+    };
+    // 80/20: the standard deviation is 40 connections, so ±300 is far outside chance and far
+    // from "100 % to the first".
+    let tcp = split(None, 5432);
+    assert_eq!(tcp.len(), 2, "{tcp:?}");
+    assert!((7_700..=8_300).contains(&tcp[v1]), "{tcp:?}");
+    assert_eq!(tcp[v1] + tcp[v2], 10_000);
+    let tls = split(Some("db.lab.svc.cluster.local"), 6443);
+    let tls_v2 = tls["outbound|6443|v2|db.lab.svc.cluster.local"];
+    assert!(
+        (6_700..=7_300).contains(&tls_v2),
+        "{tls_v2} of 10,000 to v2"
+    );
 }

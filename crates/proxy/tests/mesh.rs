@@ -1344,3 +1344,82 @@ spec:
     let (s, body, _) = get(p, "http://dns.example.com:7030/resolved", &[]).await;
     assert_eq!((s, body.as_str()), (200, "v2 /resolved -"));
 }
+
+/// An upstream that fails each path's first request as the path says (`/409`: 409 Conflict;
+/// `/limited`: 429 with `x-envoy-ratelimited`; `/429`: 429 alone) and answers 200 after; its
+/// count of requests per path.
+async fn fails_once() -> (SocketAddr, Arc<std::sync::Mutex<HashMap<String, u32>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let seen: Arc<std::sync::Mutex<HashMap<String, u32>>> = Arc::default();
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let counts = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let counts = counts.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                loop {
+                    let mut chunk = [0u8; 4096];
+                    let Ok(n) = s.read(&mut chunk).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                    buf.drain(..end + 4);
+                    let path = head.split(' ').nth(1).unwrap_or("/").to_owned();
+                    let n = {
+                        let mut c = counts.lock().unwrap();
+                        let n = c.entry(path.clone()).or_insert(0);
+                        *n += 1;
+                        *n
+                    };
+                    let first = n == 1;
+                    let (status, extra) = match path.as_str() {
+                        "/409" if first => ("409 Conflict", ""),
+                        "/limited" if first => {
+                            ("429 Too Many Requests", "x-envoy-ratelimited: true\r\n")
+                        }
+                        "/429" if first => ("429 Too Many Requests", ""),
+                        _ => ("200 OK", ""),
+                    };
+                    let reply = format!("HTTP/1.1 {status}\r\n{extra}content-length: 2\r\n\r\nok");
+                    if s.write_all(reply.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// Istio's `retryOn` conditions beyond 5xx, as Envoy acts on them: `retriable-4xx` retries a
+/// 409, `envoy-ratelimited` a response marked `x-envoy-ratelimited`, and nothing else is
+/// retried (a bare 429 reaches the client).
+#[tokio::test]
+async fn retry_on_retriable_4xx_and_envoy_ratelimited() {
+    let (at, seen) = fails_once().await;
+    let yaml = format!(
+        "apiVersion: hypha.dev/v1alpha1\nkind: MeshConfig\nmetadata: {{name: m}}\n\
+         spec: {{trustDomain: cluster.local}}\n{}\
+         ---\napiVersion: networking.istio.io/v1\nkind: VirtualService\n\
+         metadata: {{name: up, namespace: shop}}\nspec:\n  hosts: [up.ext.test]\n  http:\n  \
+         - route: [{{destination: {{host: up.ext.test}}}}]\n    retries: {{attempts: 2, \
+         retryOn: \"retriable-4xx,envoy-ratelimited,reset-before-request,retriable-headers\"}}\n",
+        common::external_service("up.ext.test", 80, "HTTP", at)
+    );
+    let (_cp, client) = common::client_sidecar(&yaml, &[]).await;
+    let proxy = client.http_proxy[0];
+    for (path, want, tries) in [("/409", 200, 2), ("/limited", 200, 2), ("/429", 429, 1)] {
+        let (status, _, _) = get(proxy, &format!("http://up.ext.test{path}"), &[]).await;
+        assert_eq!(status, want, "{path}");
+        assert_eq!(seen.lock().unwrap()[path], tries, "{path}");
+    }
+}

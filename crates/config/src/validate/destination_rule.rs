@@ -269,6 +269,17 @@ fn load_balancer(src: &Source, path: &str, lb: &LoadBalancerSettings, diags: &mu
                 "exactly one of `httpHeaderName`, `httpCookie`, `useSourceIp` or `httpQueryParameterName` is required",
             );
         }
+        if ch.http_cookie.as_ref().is_some_and(|c| c.ttl.is_some()) {
+            // What the sidecar would refuse (NACK) is refused here, with the reason.
+            diags.error(
+                "unsupported",
+                src,
+                format!("{path}.consistentHash.httpCookie.ttl"),
+                "a cookie with `ttl` asks the sidecar to generate one for requests that carry \
+                 none, which Hypha does not do yet (its sidecar would refuse the route); without \
+                 `ttl` the cookie requests carry is hashed",
+            );
+        }
         if ch.ring_hash.is_some() && ch.maglev.is_some() {
             diags.error(
                 "exclusive-fields",
@@ -349,6 +360,26 @@ fn outlier(src: &Source, path: &str, od: &OutlierDetection, diags: &mut Diagnost
                     format!("{v} is outside 0..100"),
                 );
             }
+        }
+    }
+    for (field, set) in [
+        (
+            "splitExternalLocalOriginErrors",
+            od.split_external_local_origin_errors == Some(true),
+        ),
+        (
+            "consecutiveLocalOriginFailures",
+            od.consecutive_local_origin_failures.is_some(),
+        ),
+    ] {
+        if set {
+            diags.error(
+                "unsupported",
+                src,
+                format!("{path}.{field}"),
+                "counting local-origin errors apart is not implemented by Hypha yet (its sidecar \
+                 would refuse the cluster); connect failures, resets and timeouts count with 5xx",
+            );
         }
     }
     if od.interval.is_some_and(|i| i.as_std().is_zero()) {

@@ -153,8 +153,9 @@ impl Translation {
                             });
                     }
                 } else {
-                    let cluster = ctx.tcp_cluster(s, port.number);
-                    let default = tcp_chain(&format!("{}_{}", s.hostname, port.number), &cluster);
+                    let clusters = ctx.tcp_clusters(s, port.number);
+                    let default =
+                        tcp_chain_to(&format!("{}_{}", s.hostname, port.number), &clusters);
                     let mut chains = if port.protocol == Protocol::Tls {
                         ctx.sni_chains(s, port.number)
                     } else {
@@ -345,8 +346,7 @@ impl Translation {
 
 impl Outbound<'_> {
     /// The chains of a TLS service port's VirtualService `tls` routes, in order: each takes the
-    /// server names of its matches that apply to `port`, to its first destination (weighted
-    /// splits use the first destination, as TCP routes do).
+    /// server names of its matches that apply to `port`, to its destinations by weight.
     pub fn sni_chains(&self, s: &Service, port: u32) -> Vec<FilterChain> {
         let mut chains = Vec::new();
         for vs in self.virtual_services_of(&s.hostname) {
@@ -358,15 +358,12 @@ impl Outbound<'_> {
                     .flat_map(|m| &m.sni_hosts)
                     .map(|h| self.cfg.resolve_host(h, &vs.namespace))
                     .collect();
-                let Some(d) = r.route.first() else { continue };
-                if names.is_empty() {
+                let clusters = self.weighted(&r.route, port, &vs.namespace);
+                if names.is_empty() || clusters.is_empty() {
                     continue;
                 }
-                let host = self.cfg.resolve_host(&d.destination.host, &vs.namespace);
-                let p = d.destination.port.map_or(port, |p| p.number);
-                let cluster = self.cluster_for(&host, p, d.destination.subset.as_deref());
                 let name = format!("{}_{port}_tls{i}_{}", s.hostname, vs.name);
-                chains.push(with_server_names(tcp_chain(&name, &cluster), names));
+                chains.push(with_server_names(tcp_chain_to(&name, &clusters), names));
             }
         }
         chains
@@ -433,6 +430,38 @@ pub(super) fn tcp_chain(name: &str, cluster: &str) -> FilterChain {
             config_type: Some(filter::ConfigType::TypedConfig(any(&TcpProxy {
                 stat_prefix: cluster.to_string(),
                 cluster_specifier: Some(tcp_proxy::ClusterSpecifier::Cluster(cluster.to_string())),
+                ..Default::default()
+            }))),
+        }],
+        ..Default::default()
+    }
+}
+
+/// A TCP proxy chain to `clusters` by weight (Envoy's `weighted_clusters`), or to the one.
+pub(super) fn tcp_chain_to(name: &str, clusters: &[(String, u32)]) -> FilterChain {
+    let [(first, _), ..] = clusters else {
+        return tcp_chain(name, BLACKHOLE);
+    };
+    if clusters.len() == 1 {
+        return tcp_chain(name, first);
+    }
+    let weighted = tcp_proxy::WeightedCluster {
+        clusters: clusters
+            .iter()
+            .map(|(c, w)| tcp_proxy::weighted_cluster::ClusterWeight {
+                name: c.clone(),
+                weight: *w,
+                ..Default::default()
+            })
+            .collect(),
+    };
+    FilterChain {
+        name: name.to_string(),
+        filters: vec![Filter {
+            name: envoy::TCP_PROXY.into(),
+            config_type: Some(filter::ConfigType::TypedConfig(any(&TcpProxy {
+                stat_prefix: first.clone(),
+                cluster_specifier: Some(tcp_proxy::ClusterSpecifier::WeightedClusters(weighted)),
                 ..Default::default()
             }))),
         }],

@@ -491,9 +491,10 @@ impl Outbound<'_> {
         outbound_cluster_name(host, port, subset)
     }
 
-    pub fn tcp_cluster(&self, s: &Service, port: u32) -> String {
-        // A TCP VirtualService's first route wins: weighted TCP splits are not expressed per
-        // listener yet, so they use the first destination.
+    /// The clusters a TCP service port's connections go to, with their weights: the
+    /// destinations of the first VirtualService `tcp` route that applies to `port`, else the
+    /// service itself.
+    pub fn tcp_clusters(&self, s: &Service, port: u32) -> Vec<(String, u32)> {
         for vs in self.virtual_services_of(&s.hostname) {
             for r in &vs.spec.tcp {
                 if r.matches.iter().all(|m| m.port.is_some_and(|p| p != port))
@@ -501,14 +502,37 @@ impl Outbound<'_> {
                 {
                     continue;
                 }
-                if let Some(d) = r.route.first() {
-                    let host = self.cfg.resolve_host(&d.destination.host, &vs.namespace);
-                    let p = d.destination.port.map_or(port, |p| p.number);
-                    return self.cluster_for(&host, p, d.destination.subset.as_deref());
+                let clusters = self.weighted(&r.route, port, &vs.namespace);
+                if !clusters.is_empty() {
+                    return clusters;
                 }
             }
         }
-        outbound_cluster_name(&s.hostname, port, None)
+        vec![(outbound_cluster_name(&s.hostname, port, None), 100)]
+    }
+
+    /// A route's destinations as clusters with weights (one destination: all of it).
+    pub fn weighted(
+        &self,
+        route: &[hypha_config::networking::RouteDestination],
+        port: u32,
+        namespace: &str,
+    ) -> Vec<(String, u32)> {
+        route
+            .iter()
+            .map(|d| {
+                let host = self.cfg.resolve_host(&d.destination.host, namespace);
+                let p = d.destination.port.map_or(port, |p| p.number);
+                let weight = match (route.len(), d.weight) {
+                    (1, _) => 100,
+                    (_, w) => u32::try_from(w.unwrap_or(0)).unwrap_or(0),
+                };
+                (
+                    self.cluster_for(&host, p, d.destination.subset.as_deref()),
+                    weight,
+                )
+            })
+            .collect()
     }
 }
 

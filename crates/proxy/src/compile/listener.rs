@@ -34,7 +34,9 @@ use super::{
     FAULT,
 };
 use crate::authz::Authz;
-use crate::model::{EscapedSlashes, Inbound, ListenAddr, Outbound, PathNormalization, TcpRoutes};
+use crate::model::{
+    EscapedSlashes, Inbound, ListenAddr, Outbound, PathNormalization, TcpRoutes, Weighted,
+};
 
 const HCM: &str = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
 const TCP_PROXY: &str =
@@ -192,8 +194,8 @@ fn listener_inner(bytes: &[u8]) -> Result<ListenerParts> {
                         ChainKind::Inline(..) => {
                             return Err("an outbound HTTP listener needs RDS".into());
                         }
-                        ChainKind::Tcp(cluster, _) => {
-                            Outbound::Tcp(Arc::new(TcpRoutes::single(cluster)))
+                        ChainKind::Tcp(clusters, _) => {
+                            Outbound::Tcp(Arc::new(TcpRoutes::to(clusters)))
                         }
                     }
                 }
@@ -214,8 +216,11 @@ fn inbound_chain(chain: &FilterChain) -> Result<Inbound> {
             paths,
         },
         ChainKind::Rds(..) => return Err("an inbound HTTP chain needs an inline route".into()),
-        ChainKind::Tcp(cluster, authz) => Inbound::Tcp {
-            cluster,
+        ChainKind::Tcp(clusters, authz) => Inbound::Tcp {
+            cluster: clusters
+                .only()
+                .ok_or("an inbound TCP chain proxies to one cluster, not several by weight")?
+                .to_owned(),
             authz: Arc::new(authz),
         },
     })
@@ -362,8 +367,8 @@ enum ChainKind {
     /// HTTP, with an inline route table sending everything to this cluster, behind these
     /// RBAC filters.
     Inline(String, Authz, PathNormalization),
-    /// TCP to this cluster, behind these RBAC filters.
-    Tcp(String, Authz),
+    /// TCP to these clusters (one, or several by weight), behind these RBAC filters.
+    Tcp(Weighted, Authz),
 }
 
 /// Authorization runs on inbound chains only: the app's own requests are not checked.
@@ -442,9 +447,24 @@ fn network_filter(name: &str, any: &Any) -> Result<ChainKind> {
             only(&t, "", &["stat_prefix", "cluster_specifier"]).map_err(prefix)?;
             match t.cluster_specifier {
                 Some(tcp_proxy::ClusterSpecifier::Cluster(c)) => {
-                    Ok(ChainKind::Tcp(c, Authz::default()))
+                    Ok(ChainKind::Tcp(Weighted::one(c), Authz::default()))
                 }
-                Some(other) => Err(prefix(unsupported(&variant(&other)))),
+                Some(tcp_proxy::ClusterSpecifier::WeightedClusters(w)) => {
+                    let mut clusters = Vec::new();
+                    for (i, c) in w.clusters.into_iter().enumerate() {
+                        only(
+                            &c,
+                            &format!("weighted_clusters.clusters[{i}]"),
+                            &["name", "weight"],
+                        )
+                        .map_err(prefix)?;
+                        clusters.push((c.name, c.weight));
+                    }
+                    let w = Weighted::new(clusters).ok_or_else(|| {
+                        prefix("weighted_clusters needs a cluster with a weight above 0".into())
+                    })?;
+                    Ok(ChainKind::Tcp(w, Authz::default()))
+                }
                 None => Err(prefix("a TCP proxy needs a cluster".into())),
             }
         }

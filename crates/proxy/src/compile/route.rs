@@ -652,6 +652,8 @@ fn retry_policy(
         on_connect_failure: false,
         on_reset: false,
         on_status: Vec::new(),
+        on_ratelimited: false,
+        on_reset_before_request: false,
         base_interval: base,
         max_interval: backoff
             .and_then(|b| b.max_interval.as_ref())
@@ -671,13 +673,18 @@ fn retry_policy(
             "connect-failure" => out.on_connect_failure = true,
             "reset" => out.on_reset = true,
             // Envoy reads `retriable_status_codes` only with this condition.
-            "retriable-status-codes" => {
-                out.on_status = rp
-                    .retriable_status_codes
+            "retriable-status-codes" => out.on_status.extend(
+                rp.retriable_status_codes
                     .iter()
-                    .filter_map(|c| u16::try_from(*c).ok())
-                    .collect();
-            }
+                    .filter_map(|c| u16::try_from(*c).ok()),
+            ),
+            // Envoy's one retriable 4xx.
+            "retriable-4xx" => out.on_status.push(409),
+            "envoy-ratelimited" => out.on_ratelimited = true,
+            "reset-before-request" => out.on_reset_before_request = true,
+            // Envoy retries on it only when a response matches `retriable_headers`, which
+            // Istio has no field for and the route refuses: never, as here.
+            "retriable-headers" => {}
             // Carried in the model, not yet acted on (see `RetryPolicy`).
             "refused-stream" => out.on_refused_stream = true,
             "cancelled" => out.on_grpc_status |= 1 << 1,
