@@ -82,6 +82,9 @@ pub struct Config {
     /// VIP and port (or any address on a port) → where its connections go, from the TCP and
     /// TLS listeners.
     pub tcp: HashMap<ListenAddr, Arc<TcpRoutes>>,
+    /// The same routes by the service they are for ([`TcpRoutes::service`]): where a local
+    /// service port's connections go.
+    pub tcp_by_service: HashMap<String, Arc<TcpRoutes>>,
     /// Outbound listeners by name (`0.0.0.0_<port>`, `<vip>_<port>`): the address they stand
     /// for and what traffic for it does.
     pub outbound: HashMap<String, (ListenAddr, Outbound)>,
@@ -167,6 +170,10 @@ pub struct TcpRoutes {
     /// The clusters of the chain without names: connections no name picks (no ClientHello, no
     /// server name, another name).
     pub default: Option<Weighted>,
+    /// The service these are for: the stat prefix of the chain without names, which the
+    /// control plane makes the service's own cluster name (`outbound|<port>||<host>`). A local
+    /// port for that service sends its connections through these routes.
+    pub service: Option<String>,
 }
 
 /// A TCP proxy's clusters: one, or several with weights (Envoy's `weighted_clusters`), one
@@ -221,7 +228,7 @@ impl Weighted {
 impl PartialEq for TcpRoutes {
     /// The same names to the same clusters (`names` is compiled from `named`).
     fn eq(&self, other: &TcpRoutes) -> bool {
-        self.named == other.named && self.default == other.default
+        self.named == other.named && self.default == other.default && self.service == other.service
     }
 }
 
@@ -237,6 +244,7 @@ impl TcpRoutes {
             names: None,
             named: Vec::new(),
             default: Some(clusters),
+            service: None,
         }
     }
 

@@ -356,11 +356,26 @@ pub async fn serve(
             {
                 let authority = authority.to_str().unwrap_or_default();
                 let host = authority.rsplit_once(':').map_or(authority, |(h, _)| h);
-                Target::Tcp(format!("outbound|{port}||{host}"))
+                let service = format!("outbound|{port}||{host}");
+                // Through the service's TCP routes (a VirtualService may split or move them),
+                // as a connection to its address would go.
+                let routes = outbound.config.load().tcp_by_service.get(&service).cloned();
+                match routes {
+                    Some(routes) => tcp_target(routes),
+                    None => Target::Tcp(service),
+                }
             }
             _ => Target::Http(mode.clone()),
         };
         spawn(&outbound, stream, peer, &drain, target, open);
+    }
+}
+
+/// Where a connection through `routes` goes: its cluster, or the one the ClientHello picks.
+fn tcp_target(routes: Arc<TcpRoutes>) -> Target {
+    match (&routes.names, &routes.default) {
+        (None, Some(clusters)) => Target::Tcp(clusters.pick().to_owned()),
+        _ => Target::ByName(routes),
     }
 }
 
@@ -462,10 +477,7 @@ pub async fn serve_captured(
         let http = cfg.http_by_port.contains_key(&port);
         drop(cfg);
         let target = match tcp {
-            Some(routes) => match (&routes.names, &routes.default) {
-                (None, Some(clusters)) => Target::Tcp(clusters.pick().to_owned()),
-                _ => Target::ByName(routes),
-            },
+            Some(routes) => tcp_target(routes),
             None if http => Target::Http(Arc::new(Mode::Captured { dst })),
             None => Target::Passthrough(dst),
         };

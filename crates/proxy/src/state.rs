@@ -175,6 +175,11 @@ impl State {
                         for a in std::iter::once(addr).chain(&parts.additional) {
                             config.tcp.insert(a.clone(), routes.clone());
                         }
+                        if let Some(service) = &routes.service {
+                            config
+                                .tcp_by_service
+                                .insert(service.clone(), routes.clone());
+                        }
                     }
                 }
                 config

@@ -1423,3 +1423,57 @@ async fn retry_on_retriable_4xx_and_envoy_ratelimited() {
         assert_eq!(seen.lock().unwrap()[path], tries, "{path}");
     }
 }
+
+/// A TCP server that writes `name` to each connection and closes it.
+async fn says(name: &'static str) -> SocketAddr {
+    use tokio::io::AsyncWriteExt;
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let _ = s.write_all(name.as_bytes()).await;
+            });
+        }
+    });
+    addr
+}
+
+/// A sidecar's local port for a TCP service goes through the service's VirtualService `tcp`
+/// routes, as a connection to the service's address does: split 80/20 between two services
+/// over 400 connections.
+#[tokio::test]
+async fn a_local_tcp_service_port_follows_weighted_tcp_routes() {
+    use tokio::io::AsyncReadExt;
+    let (a, b) = (says("A").await, says("B").await);
+    let yaml = format!(
+        "apiVersion: hypha.dev/v1alpha1\nkind: MeshConfig\nmetadata: {{name: m}}\n\
+         spec: {{trustDomain: cluster.local}}\n{}{}{}\
+         ---\napiVersion: networking.istio.io/v1\nkind: VirtualService\n\
+         metadata: {{name: db, namespace: shop}}\nspec:\n  hosts: [db.ext.test]\n  tcp:\n  \
+         - route:\n    - {{destination: {{host: db-a.ext.test, port: {{number: 9001}}}}, \
+         weight: 80}}\n    - {{destination: {{host: db-b.ext.test, port: {{number: 9002}}}}, \
+         weight: 20}}\n",
+        // Each on a port of its own: TCP services sharing a port without addresses are told
+        // apart by server name.
+        common::external_service("db.ext.test", 9000, "TCP", a),
+        common::external_service("db-a.ext.test", 9001, "TCP", a),
+        common::external_service("db-b.ext.test", 9002, "TCP", b),
+    );
+    let (_cp, client) = common::client_sidecar(&yaml, &["db.ext.test:9000"]).await;
+    let local = client.services[0];
+    let mut by = HashMap::<String, usize>::new();
+    for _ in 0..400 {
+        let mut c = tokio::net::TcpStream::connect(local).await.unwrap();
+        let mut got = String::new();
+        tokio::time::timeout(WAIT, c.read_to_string(&mut got))
+            .await
+            .unwrap()
+            .unwrap();
+        *by.entry(got).or_default() += 1;
+    }
+    // The standard deviation is 8 connections: ±60 is far outside chance.
+    assert_eq!(by.values().sum::<usize>(), 400, "{by:?}");
+    let to_b = by.get("B").copied().unwrap_or(0);
+    assert!((20..=140).contains(&to_b), "{by:?}");
+}

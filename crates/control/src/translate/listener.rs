@@ -24,7 +24,10 @@ use hypha_config::Resource;
 use hypha_xds::{Resource as XdsResource, Snapshot};
 
 use super::cluster::passthrough_cluster;
-use super::{lock, Outbound, Translation, BLACKHOLE, PASSTHROUGH, VIRTUAL_OUTBOUND_PORT};
+use super::{
+    cluster::outbound_cluster_name, lock, Outbound, Translation, BLACKHOLE, PASSTHROUGH,
+    VIRTUAL_OUTBOUND_PORT,
+};
 use crate::envoy::{self, any, boolv, secs, socket};
 use crate::registry::{Protocol, Service};
 use crate::routes::{catch_all, http_routes};
@@ -154,8 +157,11 @@ impl Translation {
                     }
                 } else {
                     let clusters = ctx.tcp_clusters(s, port.number);
-                    let default =
-                        tcp_chain_to(&format!("{}_{}", s.hostname, port.number), &clusters);
+                    let default = tcp_chain_to(
+                        &format!("{}_{}", s.hostname, port.number),
+                        &outbound_cluster_name(&s.hostname, port.number, None),
+                        &clusters,
+                    );
                     let mut chains = if port.protocol == Protocol::Tls {
                         ctx.sni_chains(s, port.number)
                     } else {
@@ -363,7 +369,11 @@ impl Outbound<'_> {
                     continue;
                 }
                 let name = format!("{}_{port}_tls{i}_{}", s.hostname, vs.name);
-                chains.push(with_server_names(tcp_chain_to(&name, &clusters), names));
+                let service = outbound_cluster_name(&s.hostname, port, None);
+                chains.push(with_server_names(
+                    tcp_chain_to(&name, &service, &clusters),
+                    names,
+                ));
             }
         }
         chains
@@ -423,13 +433,25 @@ fn hcm(
 }
 
 pub(super) fn tcp_chain(name: &str, cluster: &str) -> FilterChain {
+    tcp_proxy_chain(
+        name,
+        cluster,
+        tcp_proxy::ClusterSpecifier::Cluster(cluster.to_string()),
+    )
+}
+
+fn tcp_proxy_chain(
+    name: &str,
+    stat_prefix: &str,
+    cluster: tcp_proxy::ClusterSpecifier,
+) -> FilterChain {
     FilterChain {
         name: name.to_string(),
         filters: vec![Filter {
             name: envoy::TCP_PROXY.into(),
             config_type: Some(filter::ConfigType::TypedConfig(any(&TcpProxy {
-                stat_prefix: cluster.to_string(),
-                cluster_specifier: Some(tcp_proxy::ClusterSpecifier::Cluster(cluster.to_string())),
+                stat_prefix: stat_prefix.to_string(),
+                cluster_specifier: Some(cluster),
                 ..Default::default()
             }))),
         }],
@@ -437,36 +459,25 @@ pub(super) fn tcp_chain(name: &str, cluster: &str) -> FilterChain {
     }
 }
 
-/// A TCP proxy chain to `clusters` by weight (Envoy's `weighted_clusters`), or to the one.
-pub(super) fn tcp_chain_to(name: &str, clusters: &[(String, u32)]) -> FilterChain {
-    let [(first, _), ..] = clusters else {
-        return tcp_chain(name, BLACKHOLE);
+/// A TCP proxy chain of service `service` (its own cluster's name: the chain's stat prefix,
+/// by which a sidecar's local port for the service finds the chain) to `clusters` by weight
+/// (Envoy's `weighted_clusters`), or to the one.
+pub(super) fn tcp_chain_to(name: &str, service: &str, clusters: &[(String, u32)]) -> FilterChain {
+    let cluster = match clusters {
+        [] => return tcp_chain(name, BLACKHOLE),
+        [(one, _)] => tcp_proxy::ClusterSpecifier::Cluster(one.clone()),
+        _ => tcp_proxy::ClusterSpecifier::WeightedClusters(tcp_proxy::WeightedCluster {
+            clusters: clusters
+                .iter()
+                .map(|(c, w)| tcp_proxy::weighted_cluster::ClusterWeight {
+                    name: c.clone(),
+                    weight: *w,
+                    ..Default::default()
+                })
+                .collect(),
+        }),
     };
-    if clusters.len() == 1 {
-        return tcp_chain(name, first);
-    }
-    let weighted = tcp_proxy::WeightedCluster {
-        clusters: clusters
-            .iter()
-            .map(|(c, w)| tcp_proxy::weighted_cluster::ClusterWeight {
-                name: c.clone(),
-                weight: *w,
-                ..Default::default()
-            })
-            .collect(),
-    };
-    FilterChain {
-        name: name.to_string(),
-        filters: vec![Filter {
-            name: envoy::TCP_PROXY.into(),
-            config_type: Some(filter::ConfigType::TypedConfig(any(&TcpProxy {
-                stat_prefix: first.clone(),
-                cluster_specifier: Some(tcp_proxy::ClusterSpecifier::WeightedClusters(weighted)),
-                ..Default::default()
-            }))),
-        }],
-        ..Default::default()
-    }
+    tcp_proxy_chain(name, service, cluster)
 }
 
 /// `chain`, taken only for connections whose ClientHello names one of `names`.

@@ -194,8 +194,10 @@ fn listener_inner(bytes: &[u8]) -> Result<ListenerParts> {
                         ChainKind::Inline(..) => {
                             return Err("an outbound HTTP listener needs RDS".into());
                         }
-                        ChainKind::Tcp(clusters, _) => {
-                            Outbound::Tcp(Arc::new(TcpRoutes::to(clusters)))
+                        ChainKind::Tcp(clusters, _, service) => {
+                            let mut routes = TcpRoutes::to(clusters);
+                            routes.service = Some(service);
+                            Outbound::Tcp(Arc::new(routes))
                         }
                     }
                 }
@@ -216,7 +218,7 @@ fn inbound_chain(chain: &FilterChain) -> Result<Inbound> {
             paths,
         },
         ChainKind::Rds(..) => return Err("an inbound HTTP chain needs an inline route".into()),
-        ChainKind::Tcp(clusters, authz) => Inbound::Tcp {
+        ChainKind::Tcp(clusters, authz, _) => Inbound::Tcp {
             cluster: clusters
                 .only()
                 .ok_or("an inbound TCP chain proxies to one cluster, not several by weight")?
@@ -280,17 +282,19 @@ fn tcp_routes(chains: &[FilterChain]) -> Result<TcpRoutes> {
     let mut names = Vec::new();
     let mut clusters = Vec::new();
     let mut default = None;
+    let mut service = None;
     for (i, chain) in chains.iter().enumerate() {
         let at = format!("filter_chains[{i}]");
         let chain_names = server_names(chain, &at)?;
         plain_chain(chain)?;
-        let ChainKind::Tcp(cluster, _) = no_authz(chain_kind(chain)?)? else {
+        let ChainKind::Tcp(cluster, _, prefix) = no_authz(chain_kind(chain)?)? else {
             return Err(format!(
                 "{at}: an outbound listener with several filter chains tells them apart by \
                  server name, so they must be TCP proxies"
             ));
         };
         if chain_names.is_empty() {
+            service = Some(prefix);
             if default.replace(cluster).is_some() {
                 return Err("two outbound filter chains without server names".into());
             }
@@ -308,6 +312,7 @@ fn tcp_routes(chains: &[FilterChain]) -> Result<TcpRoutes> {
         names: Some(table),
         named,
         default,
+        service,
     })
 }
 
@@ -367,14 +372,15 @@ enum ChainKind {
     /// HTTP, with an inline route table sending everything to this cluster, behind these
     /// RBAC filters.
     Inline(String, Authz, PathNormalization),
-    /// TCP to these clusters (one, or several by weight), behind these RBAC filters.
-    Tcp(Weighted, Authz),
+    /// TCP to these clusters (one, or several by weight), behind these RBAC filters; the TCP
+    /// proxy's stat prefix (the service's own cluster, as Istio names it).
+    Tcp(Weighted, Authz, String),
 }
 
 /// Authorization runs on inbound chains only: the app's own requests are not checked.
 fn no_authz(kind: ChainKind) -> Result<ChainKind> {
     match &kind {
-        ChainKind::Inline(_, a, _) | ChainKind::Tcp(_, a) if !a.is_empty() => {
+        ChainKind::Inline(_, a, _) | ChainKind::Tcp(_, a, _) if !a.is_empty() => {
             Err("RBAC filters are only supported on virtualInbound's chains".into())
         }
         _ => Ok(kind),
@@ -420,11 +426,12 @@ fn chain_kind(chain: &FilterChain) -> Result<ChainKind> {
         ));
     };
     match network_filter(&last.name, any)? {
-        ChainKind::Tcp(cluster, _) => Ok(ChainKind::Tcp(
+        ChainKind::Tcp(cluster, _, prefix) => Ok(ChainKind::Tcp(
             cluster,
             Authz {
                 filters: network_rbac,
             },
+            prefix,
         )),
         _ if !network_rbac.is_empty() => Err(prefix(
             "network RBAC before an HTTP connection manager is not supported (HTTP chains \
@@ -446,9 +453,11 @@ fn network_filter(name: &str, any: &Any) -> Result<ChainKind> {
             // `stat_prefix` names stats.
             only(&t, "", &["stat_prefix", "cluster_specifier"]).map_err(prefix)?;
             match t.cluster_specifier {
-                Some(tcp_proxy::ClusterSpecifier::Cluster(c)) => {
-                    Ok(ChainKind::Tcp(Weighted::one(c), Authz::default()))
-                }
+                Some(tcp_proxy::ClusterSpecifier::Cluster(c)) => Ok(ChainKind::Tcp(
+                    Weighted::one(c),
+                    Authz::default(),
+                    t.stat_prefix,
+                )),
                 Some(tcp_proxy::ClusterSpecifier::WeightedClusters(w)) => {
                     let mut clusters = Vec::new();
                     for (i, c) in w.clusters.into_iter().enumerate() {
@@ -463,7 +472,7 @@ fn network_filter(name: &str, any: &Any) -> Result<ChainKind> {
                     let w = Weighted::new(clusters).ok_or_else(|| {
                         prefix("weighted_clusters needs a cluster with a weight above 0".into())
                     })?;
-                    Ok(ChainKind::Tcp(w, Authz::default()))
+                    Ok(ChainKind::Tcp(w, Authz::default(), t.stat_prefix))
                 }
                 None => Err(prefix("a TCP proxy needs a cluster".into())),
             }
