@@ -975,3 +975,81 @@ spec:
         );
     assert!(errors(&fine).is_empty(), "{:?}", errors(&fine));
 }
+
+/// Istio fields Hypha does not act on yet are never accepted in silence: each set one is a
+/// warning naming it (the config still applies, without it).
+#[test]
+fn fields_hypha_ignores_are_named() {
+    let src = format!(
+        "{SERVICES}apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: web-pool, namespace: shop}}
+spec:
+  host: web
+  trafficPolicy:
+    loadBalancer: {{simple: ROUND_ROBIN, warmupDurationSecs: 30s}}
+    connectionPool:
+      tcp: {{tcpKeepalive: {{time: 10s}}, maxConnectionDuration: 1h, idleTimeout: 5m}}
+      http: {{useClientProtocol: true}}
+    outlierDetection: {{minHealthPercent: 50}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: web-routes, namespace: shop}}
+spec:
+  hosts: [web]
+  http:
+  - match: [{{uri: {{prefix: /a}}, statPrefix: a}}]
+    route: [{{destination: {{host: web}}}}]
+    retries: {{attempts: 2, retryRemoteLocalities: true}}
+  - redirect: {{uri: /b, derivePort: FROM_REQUEST_PORT}}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {{name: far, namespace: shop}}
+spec: {{address: 10.9.0.1, network: network-2}}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: ext, namespace: shop}}
+spec:
+  hosts: [ext.example.com]
+  location: MESH_EXTERNAL
+  resolution: DNS
+  ports: [{{number: 443, name: tls, protocol: TLS}}]
+  subjectAltNames: [ext.example.com]
+"
+    );
+    let loaded = load_str("test.yaml", &src);
+    let errors: Vec<String> = loaded
+        .diagnostics
+        .errors()
+        .map(ToString::to_string)
+        .collect();
+    assert!(errors.is_empty(), "{errors:#?}");
+    let warned: Vec<String> = loaded
+        .diagnostics
+        .into_sorted()
+        .into_iter()
+        .filter(|d| d.severity == Severity::Warning && d.code == "unsupported")
+        .map(|d| d.path)
+        .collect();
+    for want in [
+        "spec.trafficPolicy.loadBalancer.warmupDurationSecs",
+        "spec.trafficPolicy.connectionPool.tcp.tcpKeepalive",
+        "spec.trafficPolicy.connectionPool.tcp.maxConnectionDuration",
+        "spec.trafficPolicy.connectionPool.tcp.idleTimeout",
+        "spec.trafficPolicy.connectionPool.http.useClientProtocol",
+        "spec.trafficPolicy.outlierDetection.minHealthPercent",
+        "spec.http[0].match[0].statPrefix",
+        "spec.http[0].retries.retryRemoteLocalities",
+        "spec.http[1].redirect.derivePort",
+        "spec.network",
+        "spec.subjectAltNames",
+    ] {
+        assert!(
+            warned.iter().any(|w| w == want),
+            "{want} not warned: {warned:#?}"
+        );
+    }
+}

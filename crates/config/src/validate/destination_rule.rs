@@ -77,19 +77,15 @@ fn traffic_policy(src: &Source, path: &str, tp: &TrafficPolicy, diags: &mut Diag
     if let Some(t) = &tp.tls {
         tls(src, &format!("{path}.tls"), t, diags);
     }
-    for (field, set) in [
-        ("tunnel", tp.tunnel.is_some()),
-        ("proxyProtocol", tp.proxy_protocol.is_some()),
-    ] {
-        if set {
-            diags.warning(
-                "unsupported",
-                src,
-                format!("{path}.{field}"),
-                format!("`{field}` is not supported by Hypha yet; ignored"),
-            );
-        }
-    }
+    ignored(
+        src,
+        path,
+        &[
+            ("tunnel", tp.tunnel.is_some()),
+            ("proxyProtocol", tp.proxy_protocol.is_some()),
+        ],
+        diags,
+    );
     let mut ports = HashSet::new();
     for (i, pl) in tp.port_level_settings.iter().enumerate() {
         let pp = format!("{path}.portLevelSettings[{i}]");
@@ -248,6 +244,12 @@ fn origination(
 }
 
 fn load_balancer(src: &Source, path: &str, lb: &LoadBalancerSettings, diags: &mut Diagnostics) {
+    ignored(
+        src,
+        path,
+        &[("warmupDurationSecs", lb.warmup_duration_secs.is_some())],
+        diags,
+    );
     if lb.simple.is_some() && lb.consistent_hash.is_some() {
         diags.error(
             "exclusive-fields",
@@ -299,7 +301,49 @@ fn load_balancer(src: &Source, path: &str, lb: &LoadBalancerSettings, diags: &mu
     }
 }
 
+/// A warning for each of Istio's `fields` that is set and that Hypha does not act on yet: never
+/// accepted in silence.
+pub(super) fn ignored(src: &Source, path: &str, fields: &[(&str, bool)], diags: &mut Diagnostics) {
+    for (field, set) in fields {
+        if *set {
+            diags.warning(
+                "unsupported",
+                src,
+                format!("{path}.{field}"),
+                format!("`{field}` is not supported by Hypha yet; ignored"),
+            );
+        }
+    }
+}
+
 fn connection_pool(src: &Source, path: &str, cp: &ConnectionPoolSettings, diags: &mut Diagnostics) {
+    ignored(
+        src,
+        path,
+        &[
+            (
+                "tcp.tcpKeepalive",
+                cp.tcp.as_ref().is_some_and(|t| t.tcp_keepalive.is_some()),
+            ),
+            (
+                "tcp.maxConnectionDuration",
+                cp.tcp
+                    .as_ref()
+                    .is_some_and(|t| t.max_connection_duration.is_some()),
+            ),
+            (
+                "tcp.idleTimeout",
+                cp.tcp.as_ref().is_some_and(|t| t.idle_timeout.is_some()),
+            ),
+            (
+                "http.useClientProtocol",
+                cp.http
+                    .as_ref()
+                    .is_some_and(|h| h.use_client_protocol == Some(true)),
+            ),
+        ],
+        diags,
+    );
     let mut positive = |field: &str, v: Option<i64>| {
         if let Some(v) = v {
             if v <= 0 {
@@ -347,6 +391,12 @@ fn connection_pool(src: &Source, path: &str, cp: &ConnectionPoolSettings, diags:
 }
 
 fn outlier(src: &Source, path: &str, od: &OutlierDetection, diags: &mut Diagnostics) {
+    ignored(
+        src,
+        path,
+        &[("minHealthPercent", od.min_health_percent.is_some())],
+        diags,
+    );
     for (field, v) in [
         ("maxEjectionPercent", od.max_ejection_percent),
         ("minHealthPercent", od.min_health_percent),

@@ -24,6 +24,12 @@ impl Validator<'_> {
 
     pub(super) fn service_entry(&self, r: &Resource<ServiceEntry>, diags: &mut Diagnostics) {
         let (s, src) = (&r.spec, &r.source);
+        super::destination_rule::ignored(
+            src,
+            "spec",
+            &[("subjectAltNames", !s.subject_alt_names.is_empty())],
+            diags,
+        );
         if s.hosts.is_empty() {
             diags.error(
                 "missing-field",
@@ -175,6 +181,7 @@ fn workload(
     ip_required: bool,
     diags: &mut Diagnostics,
 ) {
+    super::destination_rule::ignored(src, path, &[("network", !w.network.is_empty())], diags);
     let ap = format!("{path}.address");
     if w.address.is_empty() {
         diags.error("missing-field", src, &ap, "`address` is required");

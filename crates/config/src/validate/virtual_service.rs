@@ -342,6 +342,12 @@ impl Validator<'_> {
             if let Some(p) = m.port {
                 port(src, &format!("{mp}.port"), p, diags);
             }
+            super::destination_rule::ignored(
+                src,
+                &mp,
+                &[("statPrefix", m.stat_prefix.is_some())],
+                diags,
+            );
             if !m.gateways.is_empty() {
                 diags.warning(
                     "unsupported",
@@ -379,6 +385,7 @@ impl Validator<'_> {
                 port(src, &format!("{rp}.port"), p, diags);
             }
             if let Some(dp) = &rd.derive_port {
+                super::destination_rule::ignored(src, &rp, &[("derivePort", true)], diags);
                 if dp != "FROM_PROTOCOL_DEFAULT" && dp != "FROM_REQUEST_PORT" {
                     diags.error(
                         "invalid-value",
@@ -469,6 +476,15 @@ impl Validator<'_> {
         }
         if let Some(rt) = &r.retries {
             let rp = format!("{path}.retries");
+            super::destination_rule::ignored(
+                src,
+                &rp,
+                &[(
+                    "retryRemoteLocalities",
+                    rt.retry_remote_localities.is_some(),
+                )],
+                diags,
+            );
             if rt.attempts < 0 {
                 diags.error(
                     "invalid-value",
