@@ -349,13 +349,11 @@ pub async fn start(
     }
     let maps: Api<ConfigMap> = Api::namespaced(client.clone(), &mesh.root_namespace);
     ensure_configmap(&maps, &mesh.root_namespace).await?;
-    // What the cluster holds, copied into `scratch` first: the current generation's files
-    // and state.
-    sync(client, mesh, scratch).await?;
+    // This signer alone (no other signer's key comes near `scratch`), its current generation
+    // and state copied from the cluster first.
     let mut local = mesh.clone();
-    if let Some(s) = local.signers.iter_mut().find(|s| s.name == name) {
-        *s = cfg.clone();
-    }
+    local.signers = vec![cfg.clone()];
+    sync(client, &local, scratch).await?;
     let (m, dir, t2) = (local.clone(), scratch.to_path_buf(), tenant.to_owned());
     let started = tokio::task::spawn_blocking(move || rotation::start(&m, &dir, &t2))
         .await
