@@ -159,8 +159,12 @@ pub fn render(statuses: &[TenantStatus]) -> String {
         }
         let r = &s.rotation;
         match &r.state {
-            Some(st) if st.rotation.is_some() => {
-                let rot = st.rotation.as_ref().expect("checked");
+            Some(
+                st @ RotationState {
+                    rotation: Some(rot),
+                    ..
+                },
+            ) => {
                 let what = match r.phase.as_str() {
                     "distributing" => format!(
                         "phase 1 of 3, distributing generation {} (trusted, not signing yet): the \

@@ -8,7 +8,7 @@ mod common;
 use std::time::{Duration, SystemTime};
 
 use boring::x509::X509;
-use common::{csr, id, p256, verifies, San, TD};
+use common::{csr, id, p256, verifies, San};
 use hypha_ca::rotation::{self, Phase, RotationState};
 use hypha_ca::{Ca, CaError, Caller};
 
@@ -227,5 +227,4 @@ fn status_shows_the_phase_and_both_roots() {
     let shop = st.iter().find(|s| s.tenant == "shop").unwrap();
     assert!(shop.rotation.error.is_some());
     assert!(Ca::from_mesh(&mesh, dir.path()).is_err());
-    let _ = TD;
 }

@@ -109,8 +109,9 @@ impl Rotations {
         cp: &ControlPlane,
     ) -> Result<Vec<Step>, SecurityError> {
         let mut steps = Vec::new();
-        // Judged before anything new is put in force, and recorded only if nothing was.
-        let acknowledged = cp.trust_acknowledged().everywhere();
+        // Judged once, before anything new is put in force (a push never takes away a root
+        // another signer is distributing), and recorded only if nothing was.
+        let acked = cp.trust_acknowledged();
         for cfg in mesh
             .signers
             .iter()
@@ -152,7 +153,6 @@ impl Rotations {
                 // Judged at the next step, once the proxies have had the push.
                 continue;
             }
-            let acked = cp.trust_acknowledged();
             if !self.advance_here.load(Ordering::SeqCst) {
                 continue;
             }
@@ -177,7 +177,8 @@ impl Rotations {
             }
         }
         if !steps.iter().any(|s| matches!(s, Step::Applied { .. })) {
-            self.acknowledged.store(acknowledged, Ordering::SeqCst);
+            self.acknowledged
+                .store(acked.everywhere(), Ordering::SeqCst);
         }
         Ok(steps)
     }

@@ -351,18 +351,20 @@ pub async fn serve(
     let (outbound, mode) = (Arc::new(outbound), Arc::new(mode));
     while let Some((stream, peer, open)) = h::accept(&listener, &drain).await {
         let target = match &*mode {
-            Mode::Service { authority, port }
-                if !outbound.config.load().http_by_port.contains_key(port) =>
-            {
-                let authority = authority.to_str().unwrap_or_default();
-                let host = authority.rsplit_once(':').map_or(authority, |(h, _)| h);
-                let service = format!("outbound|{port}||{host}");
-                // Through the service's TCP routes (a VirtualService may split or move them),
-                // as a connection to its address would go.
-                let routes = outbound.config.load().tcp_by_service.get(&service).cloned();
-                match routes {
-                    Some(routes) => tcp_target(routes),
-                    None => Target::Tcp(service),
+            Mode::Service { authority, port } => {
+                let cfg = outbound.config.load();
+                if cfg.http_by_port.contains_key(port) {
+                    Target::Http(mode.clone())
+                } else {
+                    let authority = authority.to_str().unwrap_or_default();
+                    let host = authority.rsplit_once(':').map_or(authority, |(h, _)| h);
+                    let service = format!("outbound|{port}||{host}");
+                    // Through the service's TCP routes (a VirtualService may split or move
+                    // them), as a connection to its address would go.
+                    match cfg.tcp_by_service.get(&service) {
+                        Some(routes) => tcp_target(routes.clone()),
+                        None => Target::Tcp(service),
+                    }
                 }
             }
             _ => Target::Http(mode.clone()),
